@@ -1,0 +1,418 @@
+"""Hardware presets for the course, as data.
+
+One preset per hardware tier. Every value that the paper leaves open (k, reward weights, tags, generations)
+lives here with a one-line reason, never as a literal buried in code. A preset is a frozen dataclass tree;
+``get_preset(name, **overrides)`` returns a validated copy, and ``Preset.from_dict`` / ``load_preset_yaml``
+read the same shape from plain data (unknown keys are an error, not silently ignored).
+
+Memory and step-time figures are *estimates* until a benchmark measures them; ``measured`` says which.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+ComputeDtype = Literal["float32", "float16", "bfloat16"]
+RankingMetric = Literal["ndcg", "f1"]
+
+
+class ConfigError(ValueError):
+    """A preset or override that cannot work; the message says which field and why."""
+
+
+# --------------------------------------------------------------------------------------------- paths
+def project_root() -> Path:
+    """The repo root (``MMRAG_HOME`` overrides), so notebooks run from any working directory."""
+    env = os.environ.get("MMRAG_HOME")
+    return Path(env).resolve() if env else Path(__file__).resolve().parent.parent
+
+
+def data_dir() -> Path:
+    """Where generated data, tiny models and caches go (gitignored)."""
+    return project_root() / "data"
+
+
+def runs_dir() -> Path:
+    """Where training runs and executed notebooks go (gitignored)."""
+    return project_root() / "runs"
+
+
+def shared_data_dir() -> Path | None:
+    """The real benchmark samples in ``../shared/data`` (``MMRAG_SHARED_DATA`` overrides), or None when absent."""
+    env = os.environ.get("MMRAG_SHARED_DATA")
+    path = Path(env) if env else project_root().parent / "shared" / "data"
+    return path if path.is_dir() else None
+
+
+# ------------------------------------------------------------------------------------------- sections
+@dataclass(frozen=True)
+class ModelSettings:
+    model_id: str  # hub id, or "tiny" for the offline miniature built by modeling.build_tiny_vlm
+    load_in_4bit: bool  # NF4 + double quant through bitsandbytes (QLoRA)
+    compute_dtype: ComputeDtype  # 4-bit compute / activation dtype
+    image_size: int  # every image is resized to image_size x image_size: fixed token count, no mRoPE mismatch
+    min_pixels: int  # Qwen-VL processor pixel budget per image
+    max_pixels: int
+    attn_implementation: str = "sdpa"
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int
+    alpha: int
+    dropout: float
+    target_modules: tuple[str, ...]  # language-model projections only
+    freeze_vision: bool = True  # the vision tower stays frozen: cheaper, and judging needs the LM most
+
+
+@dataclass(frozen=True)
+class GRPOSettings:
+    max_steps: int
+    per_device_train_batch_size: int  # completions per device per step (must be a multiple of generations)
+    gradient_accumulation_steps: int
+    num_generations: int  # group size G: rewards are compared within a group
+    max_completion_length: int
+    learning_rate: float
+    beta: float  # KL weight; 0 drops the reference model and saves its memory
+    loss_type: str  # TRL loss: "grpo", "dapo", "dr_grpo", "bnpo"
+    temperature: float = 1.0
+    logging_steps: int = 1
+    save_steps: int = 50
+
+
+@dataclass(frozen=True)
+class Stage1Settings:
+    grpo: GRPOSettings
+    reasoning: bool  # <think> before the verdict; off for cheap judging and for the tiny model
+    weights: Mapping[str, float]  # reward component -> weight
+    positive_fraction: float  # share of gold candidates in the point-wise training set (class balance)
+    balance_classes: bool  # relevance reward re-weights rare positives instead of (or on top of) sampling
+    max_examples: int  # cap on point-wise training examples
+    k: int  # candidates kept for stage 2
+
+
+@dataclass(frozen=True)
+class Stage2Settings:
+    grpo: GRPOSettings
+    reasoning: bool
+    weights: Mapping[str, float]
+    ranking_metric: RankingMetric  # ndcg rewards order; f1 rewards the selected set (= Retrieval-F1)
+    permutations: int  # shuffled copies of each candidate list, against position bias
+    init_from: Literal["stage1", "base"]  # continue from the stage-1 adapter or start from the base model
+    max_examples: int
+    max_prompt_tokens: int  # prompts longer than this are shrunk (fewer candidates) or dropped, never cut
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    world_questions: int  # questions in the synthetic WebQA-format world
+    world_image_size: int  # side of the synthetic images in pixels
+    max_candidates: int  # candidates per question kept in Mini-WebQA (gold always kept)
+    eval_questions: int  # questions evaluated in notebook 05
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    model: ModelSettings
+    lora: LoraSettings
+    stage1: Stage1Settings
+    stage2: Stage2Settings
+    data: DataSettings
+    expected_memory_gb: float  # peak accelerator memory per step
+    expected_seconds_per_step: float
+    measured: bool = False  # False: the two figures above are estimates
+    seed: int = 0
+
+    # -- validation -------------------------------------------------------------------------------
+    def validate(self) -> "Preset":
+        problems: list[str] = []
+        for stage_name in ("stage1", "stage2"):
+            stage = getattr(self, stage_name)
+            g = stage.grpo
+            if g.num_generations < 2:
+                problems.append(f"{stage_name}.grpo.num_generations must be >= 2 (GRPO compares within a group)")
+            global_batch = g.per_device_train_batch_size * g.gradient_accumulation_steps
+            if g.num_generations >= 2 and global_batch % g.num_generations:
+                problems.append(
+                    f"{stage_name}.grpo: per_device_train_batch_size*gradient_accumulation_steps ({global_batch}) "
+                    f"must be a multiple of num_generations ({g.num_generations})"
+                )
+            if g.max_steps < 1 or g.max_completion_length < 1 or g.learning_rate <= 0 or g.beta < 0:
+                problems.append(f"{stage_name}.grpo: max_steps, max_completion_length, learning_rate must be > 0 and beta >= 0")
+            if not stage.weights or any(w < 0 for w in stage.weights.values()):
+                problems.append(f"{stage_name}.weights must be non-empty and non-negative")
+        unknown1 = set(self.stage1.weights) - {"format", "relevance"}
+        unknown2 = set(self.stage2.weights) - {"format", "ranking", "answer"}
+        if unknown1:
+            problems.append(f"stage1.weights has unknown components {sorted(unknown1)}; known: format, relevance")
+        if unknown2:
+            problems.append(f"stage2.weights has unknown components {sorted(unknown2)}; known: format, ranking, answer")
+        if not 0 < self.stage1.positive_fraction < 1:
+            problems.append("stage1.positive_fraction must be in (0, 1)")
+        if self.stage1.k < 1 or self.stage1.k > self.data.max_candidates:
+            problems.append(f"stage1.k ({self.stage1.k}) must be in [1, data.max_candidates={self.data.max_candidates}]")
+        if self.stage2.permutations < 1:
+            problems.append("stage2.permutations must be >= 1")
+        if self.model.compute_dtype not in ("float32", "float16", "bfloat16"):
+            problems.append(f"model.compute_dtype {self.model.compute_dtype!r} is not float32/float16/bfloat16")
+        if self.model.min_pixels > self.model.max_pixels:
+            problems.append("model.min_pixels must be <= model.max_pixels")
+        if self.lora.r < 1 or not self.lora.target_modules:
+            problems.append("lora.r must be >= 1 and lora.target_modules non-empty")
+        if problems:
+            raise ConfigError(f"preset {self.name!r} is invalid:\n  - " + "\n  - ".join(problems))
+        return self
+
+    # -- plain-data round trip ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Preset":
+        return _from_plain(cls, data, "preset").validate()
+
+    def with_overrides(self, **overrides: Any) -> "Preset":
+        """Copy with dotted overrides, e.g. ``with_overrides(**{"stage1.grpo.max_steps": 5, "stage1.k": 3})``."""
+        data = self.to_dict()
+        for dotted, value in overrides.items():
+            node = data
+            parts = dotted.replace("__", ".").split(".")
+            for part in parts[:-1]:
+                if not isinstance(node, dict) or part not in node:
+                    raise ConfigError(f"unknown config key {dotted!r} (no section {part!r})")
+                node = node[part]
+            if not isinstance(node, dict) or parts[-1] not in node:
+                raise ConfigError(f"unknown config key {dotted!r}")
+            node[parts[-1]] = value
+        return Preset.from_dict(data)
+
+
+def _to_plain(obj: Any) -> Any:
+    if is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, Mapping):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return list(obj)
+    return obj
+
+
+def _from_plain(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {sorted(unknown)} in {where}; known: {sorted(known)}")
+    hints = _resolved_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for name, f in known.items():
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+                raise ConfigError(f"missing key {name!r} in {where}")
+            continue
+        value, hint = data[name], hints[name]
+        if is_dataclass(hint):
+            value = _from_plain(hint, value, f"{where}.{name}")
+        elif name == "target_modules":
+            value = tuple(value)
+        elif name == "weights":
+            value = dict(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _resolved_hints(cls: type) -> dict[str, Any]:
+    import typing
+
+    return typing.get_type_hints(cls)
+
+
+# ------------------------------------------------------------------------------------------- presets
+_QWEN_LM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_GPU_MODEL_ID = "Qwen/Qwen2-VL-2B-Instruct"  # 2B class: fits a T4 in 4-bit with room for G completions
+
+_CPU_TINY = Preset(
+    name="cpu-tiny",
+    description="Offline, 2 CPU cores, minutes: a randomly initialised miniature Qwen2-VL (a plumbing check, not a real VLM).",
+    model=ModelSettings(
+        model_id="tiny",  # built locally by modeling.build_tiny_vlm; no download
+        load_in_4bit=True,  # bitsandbytes runs NF4 on the CPU, so CI exercises the real QLoRA path
+        compute_dtype="float32",  # CPUs have no fast fp16 matmul
+        image_size=56,  # 4x4 patches of 14 px -> 4 image tokens after the 2x2 merge: tiny and fixed
+        min_pixels=56 * 56,
+        max_pixels=56 * 56,
+        attn_implementation="eager",
+    ),
+    lora=LoraSettings(r=16, alpha=32, dropout=0.0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")),
+    stage1=Stage1Settings(
+        grpo=GRPOSettings(
+            max_steps=30,  # enough for the sampled reward of the warmed-up miniature to move, ~1 minute
+            per_device_train_batch_size=32,  # 4 prompts x 8 generations: one prompt per step stayed flat in tests
+            gradient_accumulation_steps=1,
+            num_generations=8,
+            max_completion_length=8,  # "<answer>yes</answer>" is a handful of tokens
+            learning_rate=2e-3,  # LoRA on a tiny model tolerates (and needs) a large step
+            beta=0.0,  # no reference model: halves the forward passes on CPU
+            loss_type="dapo",
+            save_steps=10,
+        ),
+        reasoning=False,  # a 0.2M-parameter model cannot reason; GPU presets turn this on
+        weights={"format": 0.2, "relevance": 1.0},  # format is a gate to learn early, relevance is the task
+        positive_fraction=0.5,  # balanced sampling: ~1-2 gold vs 15 distractors otherwise
+        balance_classes=False,  # already balanced by sampling
+        max_examples=512,
+        k=4,  # the synthetic pools have 1-2 gold among ~8: k=4 keeps recall high
+    ),
+    stage2=Stage2Settings(
+        grpo=GRPOSettings(
+            max_steps=20,
+            per_device_train_batch_size=16,  # 4 prompts x 4 generations
+            gradient_accumulation_steps=1,
+            num_generations=4,
+            max_completion_length=24,
+            learning_rate=2e-3,
+            beta=0.0,
+            loss_type="dapo",
+            save_steps=10,
+        ),
+        reasoning=False,  # the miniature writes "<sources>..</sources><answer>..</answer>" only
+        weights={"format": 0.2, "ranking": 0.5, "answer": 1.0},  # the answer is what QA-Acc measures
+        ranking_metric="f1",  # equals Retrieval-F1, the metric the course reports
+        permutations=2,
+        init_from="stage1",
+        max_examples=256,
+        max_prompt_tokens=512,
+    ),
+    data=DataSettings(world_questions=400, world_image_size=56, max_candidates=8, eval_questions=40),
+    expected_memory_gb=0.5,  # host RAM, not GPU
+    expected_seconds_per_step=1.0,
+)
+
+_T4 = Preset(
+    name="colab-t4",
+    description="Colab T4 (16 GB, no bf16): Qwen2-VL-2B in NF4 4-bit with fp16 compute, small images, 4 generations.",
+    model=ModelSettings(
+        model_id=_GPU_MODEL_ID,
+        load_in_4bit=True,
+        compute_dtype="float16",  # T4 (sm75) has no bf16
+        image_size=336,  # 24x24 patches -> 144 image tokens per image: 15 candidates fit in a T4
+        min_pixels=256 * 28 * 28 // 4,
+        max_pixels=336 * 336,
+    ),
+    lora=LoraSettings(r=16, alpha=32, dropout=0.05, target_modules=_QWEN_LM_PROJECTIONS),
+    stage1=Stage1Settings(
+        grpo=GRPOSettings(
+            max_steps=300, per_device_train_batch_size=4, gradient_accumulation_steps=4, num_generations=4,
+            max_completion_length=128, learning_rate=1e-5, beta=0.0, loss_type="dapo", save_steps=50,
+        ),
+        reasoning=True,
+        weights={"format": 0.2, "relevance": 1.0},
+        positive_fraction=0.5,
+        balance_classes=False,
+        max_examples=4000,
+        k=5,
+    ),
+    stage2=Stage2Settings(
+        grpo=GRPOSettings(
+            max_steps=300, per_device_train_batch_size=4, gradient_accumulation_steps=4, num_generations=4,
+            max_completion_length=256, learning_rate=1e-5, beta=0.0, loss_type="dapo", save_steps=50,
+        ),
+        reasoning=True,
+        weights={"format": 0.2, "ranking": 0.5, "answer": 1.0},
+        ranking_metric="f1",
+        permutations=2,
+        init_from="stage1",
+        max_examples=2000,
+        max_prompt_tokens=2048,
+    ),
+    data=DataSettings(world_questions=2000, world_image_size=224, max_candidates=16, eval_questions=300),
+    expected_memory_gb=12.0,
+    expected_seconds_per_step=40.0,
+)
+
+_L4 = replace(
+    _T4,
+    name="l4",
+    description="L4 (24 GB, bf16): Qwen2-VL-2B in NF4 4-bit with bf16 compute, 6 generations.",
+    model=replace(_T4.model, compute_dtype="bfloat16", image_size=448, max_pixels=448 * 448),
+    stage1=replace(_T4.stage1, grpo=replace(_T4.stage1.grpo, per_device_train_batch_size=6, num_generations=6)),
+    stage2=replace(_T4.stage2, grpo=replace(_T4.stage2.grpo, per_device_train_batch_size=6, num_generations=6)),
+    expected_memory_gb=18.0,
+    expected_seconds_per_step=25.0,
+)
+
+_A100 = replace(
+    _T4,
+    name="a100",
+    description="A100 (40-80 GB, bf16): Qwen2.5-VL-3B in NF4 4-bit, bf16 compute, 8 generations, larger images.",
+    model=replace(_T4.model, model_id="Qwen/Qwen2.5-VL-3B-Instruct", compute_dtype="bfloat16", image_size=448, max_pixels=448 * 448),
+    lora=replace(_T4.lora, r=64, alpha=128),
+    stage1=replace(_T4.stage1, grpo=replace(_T4.stage1.grpo, per_device_train_batch_size=8, num_generations=8, gradient_accumulation_steps=2), k=8),
+    stage2=replace(_T4.stage2, grpo=replace(_T4.stage2.grpo, per_device_train_batch_size=8, num_generations=8, gradient_accumulation_steps=2, max_completion_length=384), permutations=3),
+    data=replace(_T4.data, eval_questions=1000),
+    expected_memory_gb=40.0,
+    expected_seconds_per_step=20.0,
+)
+
+PRESETS: dict[str, Preset] = {p.name: p.validate() for p in (_CPU_TINY, _T4, _L4, _A100)}
+
+
+def get_preset(name: str = "cpu-tiny", **overrides: Any) -> Preset:
+    """The named preset, validated, with optional dotted overrides (``"stage1.grpo.max_steps": 5``)."""
+    if isinstance(name, Preset):
+        return name.with_overrides(**overrides) if overrides else name
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    preset = PRESETS[name]
+    return preset.with_overrides(**overrides) if overrides else preset
+
+
+def auto_preset_name() -> str:
+    """Pick the preset for this machine: no CUDA -> cpu-tiny; else by GPU memory and bf16 support."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is always installed with the course
+        return "cpu-tiny"
+    if not torch.cuda.is_available():
+        return "cpu-tiny"
+    total_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
+    if not torch.cuda.is_bf16_supported():
+        return "colab-t4"
+    return "a100" if total_gb >= 35 else "l4"
+
+
+def resolve_preset(name: "str | Preset" = "auto", **overrides: Any) -> Preset:
+    """Like ``get_preset`` but also accepts ``"auto"`` (what the notebooks' parameters cell defaults to)."""
+    if isinstance(name, str) and name == "auto":
+        name = auto_preset_name()
+    return get_preset(name, **overrides)
+
+
+def work_dir(preset: "str | Preset", override: "str | Path | None" = None) -> Path:
+    """Where one course run keeps its world, Mini-WebQA, adapters and reports: ``runs/<preset>`` by default."""
+    name = preset.name if isinstance(preset, Preset) else preset
+    path = Path(override) if override else runs_dir() / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def load_preset_yaml(path: str | Path) -> Preset:
+    """Read a preset written as YAML in the shape of ``Preset.to_dict()``."""
+    import yaml
+
+    with open(path, encoding="utf-8") as fh:
+        return Preset.from_dict(yaml.safe_load(fh))
+
+
+__all__ = [
+    "ConfigError", "DataSettings", "GRPOSettings", "LoraSettings", "ModelSettings", "PRESETS", "Preset",
+    "Stage1Settings", "Stage2Settings", "data_dir", "get_preset", "load_preset_yaml", "project_root",
+    "runs_dir", "shared_data_dir", "auto_preset_name", "resolve_preset", "work_dir",
+]
