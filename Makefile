@@ -1,0 +1,45 @@
+# mmrag-lite: two commands do everything.
+#   make course   set up .venv and run every notebook headless on the cpu-tiny preset
+#   make test     set up .venv and run the test suite (CI runs this through .ci/run)
+# Re-running is fast: the install is skipped while pyproject.toml and this file are unchanged.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# CPU installs pin torch + torchvision: an unpinned torch pulls gigabytes, and torch 2.13.0's CPU wheel cannot
+# load PyPI's torchvision, which the Qwen-VL processors need. On Colab, keep Colab's torch (see README).
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+STAMP  := $(VENV)/.mmrag-installed
+PRESET ?= cpu-tiny
+
+.PHONY: course test test-fast lint clean-runs help
+
+help:
+	@echo "make course  - install into .venv and run the whole course (notebooks 01-05) on PRESET=$(PRESET)"
+	@echo "make test    - install into .venv and run the tests (notebooks included)"
+	@echo "make test-fast - the tests without executing the notebooks"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml Makefile | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[notebooks,dev]"
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	@touch $(STAMP)
+
+course: $(STAMP)
+	$(PY) -m mmrag_lite course --preset $(PRESET)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not notebook"
+
+lint: $(STAMP)
+	$(PY) -m ruff check mmrag_lite tests benchmarks
+
+clean-runs:
+	rm -rf runs

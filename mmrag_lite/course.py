@@ -1,0 +1,154 @@
+"""Run the whole course headless: every numbered notebook in order, one shared run folder.
+
+``make course`` and ``python -m mmrag_lite course`` call ``run_course``. Each notebook is executed with
+papermill, which injects ``preset`` and ``work_dir`` into the notebook's ``parameters`` cell, so CI runs the very
+notebooks a student opens. The executed copies land in ``runs/course-<time>/`` next to the run's artefacts, and
+the summary is read back from those artefacts (funnel, reward logs, results table), not from notebook output.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .config import project_root, runs_dir
+
+
+def notebook_paths(folder: Path | None = None) -> list[Path]:
+    """The numbered course notebooks (``NN_topic.ipynb``), in course order."""
+    folder = folder or project_root() / "notebooks"
+    return sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
+
+
+@dataclass
+class NotebookRun:
+    name: str
+    seconds: float
+    ok: bool
+    output: Path
+    error: str = ""
+
+
+@dataclass
+class CourseReport:
+    preset: str
+    run_dir: Path
+    work_dir: Path
+    notebooks: list[NotebookRun] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.notebooks) and all(nb.ok for nb in self.notebooks)
+
+    @property
+    def seconds(self) -> float:
+        return sum(nb.seconds for nb in self.notebooks)
+
+    def summary(self) -> str:
+        """One screen: each notebook's status and time, then the headline numbers the run wrote to disk."""
+        lines = [f"mmrag-lite course, preset {self.preset!r}: {'OK' if self.ok else 'FAILED'} in {self.seconds:.0f} s"]
+        lines += [
+            f"  {'ok ' if nb.ok else 'ERR'} {nb.name:<36} {nb.seconds:6.1f} s" + (f"  {nb.error}" if nb.error else "")
+            for nb in self.notebooks
+        ]
+        lines.append(f"executed notebooks: {self.run_dir}")
+        lines.append(f"artefacts (data, adapters, reports): {self.work_dir}")
+        lines += headline_numbers(self.work_dir)
+        return "\n".join(lines)
+
+
+def _reward_trend(log_path: Path) -> str | None:
+    try:
+        history = json.loads(log_path.read_text())
+    except (OSError, ValueError):
+        return None
+    rewards = [row["reward"] for row in history if isinstance(row, dict) and "reward" in row]
+    if not rewards:
+        return None
+    return f"mean reward first {rewards[0]:.3f} -> last {rewards[-1]:.3f} over {len(rewards)} logged steps"
+
+
+def headline_numbers(work_dir: Path) -> list[str]:
+    """What a teacher wants to see at a glance, read from the run folder (see docs/CONTRACTS.md)."""
+    lines: list[str] = []
+    funnel = work_dir / "mini_webqa" / "funnel.json"
+    if funnel.is_file():
+        try:
+            data = json.loads(funnel.read_text())
+            steps = data.get("steps", [])
+            start = data.get("input", steps[0].get("before") if steps else None)
+            kept = data.get("output", steps[-1].get("after") if steps else None)
+            lines.append(f"Mini-WebQA funnel: {start} questions in -> {kept} kept")
+            for step in steps:
+                lines.append(f"    {step.get('name', '?'):<28} removed {step.get('removed', '?'):>5}, kept {step.get('after', '?')}")
+        except (OSError, ValueError, AttributeError):
+            lines.append(f"Mini-WebQA funnel: unreadable ({funnel})")
+    for stage in ("stage1", "stage2"):
+        trend = _reward_trend(work_dir / stage / "log_history.json")
+        if trend:
+            lines.append(f"{stage} GRPO: {trend}")
+    results = work_dir / "eval" / "results.md"
+    if results.is_file():
+        lines.append("evaluation (cpu-tiny numbers come from a miniature random model: plumbing, not quality):")
+        lines += ["    " + row for row in results.read_text().strip().splitlines()[:14]]
+    return lines
+
+
+def run_course(
+    preset: str = "cpu-tiny",
+    out_dir: str | Path | None = None,
+    notebooks: Sequence[Path] | None = None,
+    *,
+    timeout_per_cell: int = 900,
+    stop_on_error: bool = True,
+    extra_parameters: dict | None = None,
+) -> CourseReport:
+    """Execute the course notebooks in order with ``preset`` injected; return the report (never raises on a
+    notebook failure: the report says which notebook failed and why)."""
+    import papermill as pm
+
+    run_dir = Path(out_dir) if out_dir else runs_dir() / time.strftime("course-%Y%m%d-%H%M%S")
+    work = run_dir / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    report = CourseReport(preset=preset, run_dir=run_dir, work_dir=work)
+    for path in notebooks or notebook_paths():
+        output = run_dir / path.name
+        start = time.perf_counter()
+        try:
+            pm.execute_notebook(
+                str(path),
+                str(output),
+                parameters={"preset": preset, "work_dir": str(work), **(extra_parameters or {})},
+                cwd=str(path.parent),
+                kernel_name="python3",
+                execution_timeout=timeout_per_cell,
+                progress_bar=False,
+            )
+            report.notebooks.append(NotebookRun(path.name, time.perf_counter() - start, True, output))
+        except Exception as exc:  # papermill wraps the failing cell's traceback
+            message = str(exc).strip().splitlines()
+            report.notebooks.append(
+                NotebookRun(path.name, time.perf_counter() - start, False, output, error=(message[-1] if message else repr(exc))[:300])
+            )
+            if stop_on_error:
+                break
+    return report
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Run every course notebook headless and print a summary.")
+    parser.add_argument("--preset", default="cpu-tiny")
+    parser.add_argument("--out-dir", default=None)
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    report = run_course(args.preset, args.out_dir)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,105 @@
+"""The project's own promises: dependency lists agree, presets validate, notebooks are committed clean."""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmrag_lite import config
+from mmrag_lite.config import PRESETS, ConfigError, Preset, get_preset, resolve_preset
+
+ROOT = Path(__file__).resolve().parent.parent
+TORCH_PINS = {"torch": "==2.14.1", "torchvision": "==0.29.1"}
+
+
+def _split(requirement: str) -> tuple[str, str]:
+    requirement = requirement.split("#")[0].strip()
+    name = re.match(r"[A-Za-z0-9_.\-]+", requirement).group(0)
+    return name.lower().replace("_", "-"), requirement[len(name):].strip()
+
+
+def test_environment_yml_agrees_with_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = dict(_split(r) for r in project["dependencies"])
+    for extra in ("notebooks", "dev", "gpu"):
+        wanted.update(_split(r) for r in project["optional-dependencies"].get(extra, []))
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip_list = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+    declared = dict(_split(r) for r in pip_list if not r.startswith("-e"))
+    assert {k: v for k, v in declared.items() if k not in TORCH_PINS} == wanted
+    assert {k: declared[k] for k in TORCH_PINS} == TORCH_PINS
+
+
+def test_makefile_pins_the_same_torch_as_environment_yml():
+    makefile = (ROOT / "Makefile").read_text()
+    assert "torch==2.14.1 torchvision==0.29.1" in makefile
+
+
+def test_ci_runs_the_readme_test_command():
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+    assert "make test" in (ROOT / "README.md").read_text()
+    assert "make course" in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_validate_and_round_trip(name):
+    preset = PRESETS[name]
+    assert Preset.from_dict(preset.to_dict()) == preset
+
+
+def test_gpu_presets_name_a_hub_model_and_use_4bit():
+    for name in ("colab-t4", "l4", "a100"):
+        preset = PRESETS[name]
+        assert "/" in preset.model.model_id and preset.model.load_in_4bit
+    assert PRESETS["colab-t4"].model.compute_dtype == "float16"  # T4 has no bf16
+
+
+def test_unknown_keys_and_impossible_combinations_are_clear_errors():
+    with pytest.raises(ConfigError, match="unknown config key 'stage1.nope'"):
+        get_preset("cpu-tiny", **{"stage1.nope": 1})
+    with pytest.raises(ConfigError, match="multiple of num_generations"):
+        get_preset("cpu-tiny", **{"stage1.grpo.num_generations": 3})
+    with pytest.raises(ConfigError, match="unknown components"):
+        get_preset("cpu-tiny", **{"stage2.weights": {"format": 1.0, "style": 1.0}})
+    with pytest.raises(ConfigError, match="stage1.k"):
+        get_preset("cpu-tiny", **{"stage1.k": 99})
+    with pytest.raises(ConfigError, match="unknown preset"):
+        get_preset("h100-cluster")
+    data = PRESETS["cpu-tiny"].to_dict()
+    data["lora"]["rank"] = 8
+    with pytest.raises(ConfigError, match="unknown key"):
+        Preset.from_dict(data)
+
+
+def test_overrides_and_yaml_round_trip(tmp_path):
+    preset = get_preset("cpu-tiny", **{"stage1.grpo.max_steps": 3, "stage1.k": 2})
+    assert (preset.stage1.grpo.max_steps, preset.stage1.k) == (3, 2)
+    assert PRESETS["cpu-tiny"].stage1.grpo.max_steps != 3  # the registry is untouched
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(preset.to_dict()))
+    assert config.load_preset_yaml(path) == preset
+
+
+def test_auto_preset_is_cpu_tiny_without_cuda():
+    import torch
+
+    if not torch.cuda.is_available():
+        assert resolve_preset("auto").name == "cpu-tiny"
+
+
+def test_committed_notebooks_have_no_outputs_and_a_parameters_cell():
+    notebooks = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    assert notebooks, "no course notebooks found"
+    for path in notebooks:
+        nb = json.loads(path.read_text())
+        code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+        assert not any(c.get("outputs") or c.get("execution_count") for c in code), f"{path.name} has outputs"
+        params = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
+        assert len(params) == 1, f"{path.name} needs exactly one cell tagged 'parameters'"
+        source = "".join(params[0]["source"])
+        assert 'preset = "auto"' in source and "work_dir = None" in source, path.name
