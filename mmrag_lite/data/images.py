@@ -1,0 +1,192 @@
+"""Random access to WebQA's pixels: ``imgs.tsv`` + ``imgs.lineidx``.
+
+``imgs.tsv`` holds one line per image, ``"<image_id>\\t<base64 of the encoded image>"`` (51 GB for real WebQA), and
+``imgs.lineidx`` one line per image with the byte offset of that image's line. Look-up is O(1):
+
+    offset = lineidx[image_id % 10_000_000];  seek(offset);  readline();  check the id;  base64-decode;  PIL-open
+
+The offsets live in one compact ``numpy.int64`` array (8 bytes per image); the tsv is never read whole.
+Some real images are truncated; ``load_image_bytes`` opens them with ``ImageFile.LOAD_TRUNCATED_IMAGES``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+ID_MODULUS = 10_000_000  # WebQA image ids are 3xxxxxxx; the row in imgs.lineidx is id % 10_000_000
+_TRUNCATED_LOCK = threading.Lock()
+
+
+class ImageStoreError(Exception):
+    """Base class: every message names the image id it is about."""
+
+    def __init__(self, image_id: int, message: str):
+        super().__init__(f"image {image_id}: {message}")
+        self.image_id = image_id
+
+
+class ImageNotFoundError(ImageStoreError, KeyError):
+    """The id has no line in the store (out of range, or the line holds another id)."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return self.args[0]
+
+
+class ImageDecodeError(ImageStoreError):
+    """The line exists but its bytes are not a readable image (bad base64, empty, or not an image)."""
+
+
+def load_image_bytes(data: bytes, image_id: int = -1) -> Image.Image:
+    """Decode encoded image bytes to an RGB ``PIL.Image``, tolerating truncated files; clear error otherwise."""
+    if not data:
+        raise ImageDecodeError(image_id, "empty image bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            try:
+                im.load()
+            except OSError:  # truncated: retry with PIL's tolerance (process-wide flag, so restore it after)
+                with _TRUNCATED_LOCK:
+                    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+                    ImageFile.LOAD_TRUNCATED_IMAGES = True
+                    try:
+                        with Image.open(io.BytesIO(data)) as im2:
+                            im2.load()
+                            return im2.convert("RGB")
+                    finally:
+                        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+            return im.convert("RGB")
+    except ImageStoreError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ImageDecodeError(image_id, f"bytes are not a readable image ({type(exc).__name__}: {exc})") from None
+
+
+def is_truncated(data: bytes) -> bool:
+    """True when the bytes only decode with PIL's truncated-image tolerance (worth re-encoding before storing)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+        return False
+    except Exception:  # noqa: BLE001 - any failure means "not cleanly decodable"
+        return True
+
+
+def read_lineidx(path: str | Path) -> np.ndarray:
+    """The byte offsets of ``imgs.lineidx`` as one int64 array (8 bytes per image, read in one pass)."""
+    raw = Path(path).read_bytes()
+    if not raw.strip():
+        return np.zeros(0, dtype=np.int64)
+    return np.array(raw.split(), dtype=np.int64)
+
+
+class ImageStore:
+    """O(1) access to images by WebQA ``image_id``; use as a context manager (or call ``close``).
+
+    >>> with ImageStore(folder) as store:           # doctest: +SKIP
+    ...     store.get(30174997).size
+    """
+
+    def __init__(self, tsv: str | Path, lineidx: str | Path | None = None):
+        tsv = Path(tsv)
+        if tsv.is_dir():
+            tsv = tsv / "imgs.tsv"
+        lineidx = Path(lineidx) if lineidx else tsv.with_name("imgs.lineidx")
+        for p in (tsv, lineidx):
+            if not p.is_file():
+                raise FileNotFoundError(f"image store file missing: {p}")
+        self.tsv_path, self.lineidx_path = tsv, lineidx
+        self.offsets = read_lineidx(lineidx)
+        self._fh = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def _file(self):
+        if self._fh is None:
+            self._fh = open(self.tsv_path, "rb")  # noqa: SIM115 - held for the store's lifetime, closed by close()
+        return self._fh
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> ImageStore:  # noqa: PYI034
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict:  # an open file handle cannot cross processes; reopen lazily
+        state = dict(self.__dict__)
+        state["_fh"] = None
+        return state
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __repr__(self) -> str:
+        return f"ImageStore({str(self.tsv_path)!r}, {len(self)} images)"
+
+    # -- access ----------------------------------------------------------------------------------
+    def _line(self, image_id: int) -> bytes:
+        row = int(image_id) % ID_MODULUS
+        if row >= len(self.offsets):
+            raise ImageNotFoundError(image_id, f"no line in {self.lineidx_path.name} (row {row} >= {len(self.offsets)})")
+        fh = self._file()
+        fh.seek(int(self.offsets[row]))
+        line = fh.readline()
+        key, sep, payload = line.partition(b"\t")
+        if not sep or key.strip() != str(int(image_id)).encode():
+            raise ImageNotFoundError(
+                image_id, f"the line at offset {int(self.offsets[row])} holds id {key[:20]!r}, not this one"
+            )
+        return payload.rstrip(b"\r\n")
+
+    def get_bytes(self, image_id: int) -> bytes:
+        """The encoded image bytes (PNG/JPEG as stored) of ``image_id``."""
+        payload = self._line(image_id)
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ImageDecodeError(image_id, f"invalid base64 ({exc})") from None
+        if not data:
+            raise ImageDecodeError(image_id, "empty image bytes")
+        return data
+
+    def get(self, image_id: int) -> Image.Image:
+        """The image as RGB; ``ImageNotFoundError`` / ``ImageDecodeError`` name the id on failure."""
+        return load_image_bytes(self.get_bytes(image_id), image_id)
+
+    __getitem__ = get
+
+    def __contains__(self, image_id: object) -> bool:
+        try:
+            self._line(int(image_id))  # type: ignore[arg-type]
+            return True
+        except (ImageNotFoundError, TypeError, ValueError):
+            return False
+
+    def check(self, image_id: int, min_side: int = 1) -> str | None:
+        """None when the image decodes and is at least ``min_side`` px on each side, else the reason."""
+        try:
+            im = self.get(image_id)
+        except ImageStoreError as exc:
+            return str(exc)
+        if min(im.size) < min_side:
+            return f"image {image_id}: too small ({im.size[0]}x{im.size[1]} < {min_side}px)"
+        return None
+
+    def ids(self) -> Iterator[int]:
+        """Every image id in file order (reads the tsv sequentially; for tools, not for training loops)."""
+        with open(self.tsv_path, "rb") as fh:
+            for line in fh:
+                key = line.partition(b"\t")[0]
+                if key.strip():
+                    yield int(key)

@@ -1,0 +1,613 @@
+"""Mini-WebQA: a smaller, cleaner WebQA built by named, documented filters (our choice; the paper's are unknown).
+
+The paper trains on "Mini-WebQA", WebQA with low-quality samples removed, without publishing the filters. Ours are
+listed in ``FILTER_REASONS``; each one is a named step with a one-line reason, switchable in ``MiniWebQAFilters``,
+and its effect is counted in a ``FunnelReport`` (saved as ``funnel.json`` next to the dataset):
+
+    read -> no gold source -> answer misses keyword/fact -> duplicate question -> overlong gold candidate
+         -> broken gold image -> category balance -> split (no near-duplicate leakage) -> trim candidate pools
+
+The output is a ``datasets.DatasetDict`` (train / validation / test) in the schema of docs/CONTRACTS.md, written
+atomically (temporary folder next to the target, then rename). The same code runs on the real WebQA files and on
+the synthetic world (``make_world``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import re
+import shutil
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from .images import ImageStore, ImageStoreError, is_truncated, load_image_bytes
+from .webqa import IMAGE_QCATES, ImageFact, RecordError, TextFact, WebQARecord, find_webqa_json, iter_webqa
+
+SPLITS = ("train", "validation", "test")
+
+FILTER_REASONS: dict[str, str] = {
+    "unreadable": "records that break the WebQA schema cannot be turned into prompts",
+    "no_gold_source": "without a gold source there is nothing to rank and no retrieval reward",
+    "answer_misses_keyword": "an answer that does not state its keyword / fact teaches the model to answer without evidence",
+    "duplicate_question": "the same question twice over-weights it and leaks between splits",
+    "overlong_gold": "a gold candidate longer than the prompt budget cannot be shown whole (overlong distractors are just dropped)",
+    "broken_gold_image": "an empty or undecodable gold image makes the question unanswerable from the pool",
+    "qcate_filter": "keep only the question categories asked for",
+    "category_balance": "cap the largest categories so no single Qcate dominates the reward signal",
+}
+
+
+@dataclass(frozen=True)
+class MiniWebQAFilters:
+    """Which filters run and with what thresholds; every default has its reason in ``FILTER_REASONS``."""
+
+    require_gold: bool = True
+    require_answer_keyword: bool = True
+    min_keyword_recall: float = 0.5  # share of keyword content words the answer must contain
+    drop_duplicates: bool = True
+    max_candidate_words: int | None = 150  # ~200 tokens: a 16-candidate stage-2 prompt stays under ~4k tokens
+    check_images: bool = True  # decode every gold image (and each kept distractor) through the image store
+    min_image_side: int = 8  # smaller than this is a placeholder, not a picture
+    qcates: tuple[str, ...] | None = None  # None keeps every category
+    max_per_qcate: int | None = None  # absolute cap per category (None: no absolute cap)
+    max_qcate_fraction: float | None = 0.4  # no category above this share of the set (real WebQA is ~50% text)
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train / validation / test
+    max_image_side: int = 448  # larger images are downscaled before storing (real WebQA images are ~800 px)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------- text helpers
+_STOPWORDS = frozenset(
+    ["a", "an", "the", "of", "in", "on", "at", "to", "for", "from", "by", "with", "and", "or", "is", "are", "was", "were", "be", "been", "being", "do", "does", "did", "what", "which", "who", "whom", "whose", "when", "where", "why", "how", "there", "this", "that", "these", "those", "it", "its", "as", "into", "than", "then", "so", "such", "can", "could", "would", "should", "will", "shall", "may", "might", "must", "have", "has", "had", "not", "no", "yes", "any", "all", "both", "each", "either", "neither"]
+) - {"no", "yes"}
+_QUESTION_WORDS = frozenset(["what", "which", "who", "whom", "whose", "when", "where", "why", "how"])
+_NUMBER_WORDS = {w: str(i) for i, w in enumerate(
+    ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"])}
+_COLOR_WORDS = frozenset(
+    ["red", "green", "blue", "yellow", "orange", "purple", "black", "white", "gray", "grey", "brown", "pink", "gold", "golden", "silver", "beige", "tan", "violet", "maroon", "navy", "teal", "turquoise", "cream", "ivory", "bronze", "copper"])
+_SHAPE_WORDS = frozenset(
+    ["circle", "circular", "round", "square", "rectangle", "rectangular", "triangle", "triangular", "star", "diamond", "oval", "heart", "hexagon", "octagon", "pentagon", "sphere", "cube", "cylinder", "cone", "pyramid", "arch", "dome", "spiral", "cross"])
+_PUNCT = re.compile(r"[^\w\s.]|(?<!\d)\.|\.(?!\d)")
+
+
+def tokens(text: str) -> list[str]:
+    """Lower-case word tokens; punctuation dropped (decimal points kept), number words as digits, plural 's' cut."""
+    out = []
+    for tok in _PUNCT.sub(" ", text.lower()).split():
+        tok = _NUMBER_WORDS.get(tok, tok)
+        if len(tok) > 3 and tok.endswith("s") and not tok.endswith("ss") and not tok.isdigit():
+            tok = tok[:-1]
+        out.append(tok)
+    return out
+
+
+def content_tokens(text: str) -> list[str]:
+    return [t for t in tokens(text) if t not in _STOPWORDS]
+
+
+def question_key(text: str) -> str:
+    """Exact-duplicate key: case, punctuation and spacing ignored."""
+    return " ".join(tokens(text))
+
+
+def near_dup_key(text: str) -> str:
+    """Near-duplicate key: the sorted set of content words, so rewordings of one question share a key."""
+    return " ".join(sorted(set(content_tokens(text)) - _QUESTION_WORDS))
+
+
+def _fact_text(fact: ImageFact | TextFact) -> str:
+    return fact.caption if isinstance(fact, ImageFact) else fact.fact
+
+
+def answer_mentions_keyword(record: WebQARecord, min_recall: float = 0.5) -> bool:
+    """Does the answer state its evidence? (our rule; the reason is in ``FILTER_REASONS``)
+
+    - with ``Keywords_A``: at least ``min_recall`` of the keyword's content words appear in the answer;
+    - text questions without keywords: the answer adds words beyond the question, and some of them occur in a
+      gold snippet;
+    - image questions without keywords (the public release has none): the answer holds a word of the category's
+      closed vocabulary (yes/no, a colour, a shape, a number); ``Others``/``choose`` only need a non-empty answer.
+    """
+    answer = record.answer.strip()
+    if not answer:
+        return False
+    ans = set(tokens(answer))
+    if record.keywords:
+        kw = set(content_tokens(record.keywords)) or set(tokens(record.keywords))
+        return bool(kw) and len(kw & ans) / len(kw) >= min_recall
+    if record.qcate == "text" or (record.qcate not in IMAGE_QCATES and record.txt_pos):
+        novel = set(content_tokens(answer)) - set(tokens(record.question))
+        gold = set()
+        for f in record.txt_pos + record.img_pos:
+            gold |= set(tokens(_fact_text(f))) | set(tokens(f.title))
+        return bool(novel & gold)
+    vocab = {"YesNo": {"yes", "no"}, "color": _COLOR_WORDS, "shape": _SHAPE_WORDS}.get(record.qcate)
+    if vocab is not None:
+        return bool(ans & vocab)
+    if record.qcate == "number":
+        return any(re.fullmatch(r"\d+(\.\d+)?", t) for t in ans)
+    return True
+
+
+def overlong_ids(record: WebQARecord, max_words: int) -> tuple[list[str], list[str]]:
+    """(gold ids, distractor ids) whose caption / fact is longer than ``max_words`` words."""
+    gold, neg = [], []
+    for fact, is_gold in record.facts():
+        if len(_fact_text(fact).split()) > max_words:
+            (gold if is_gold else neg).append(fact.id)
+    return gold, neg
+
+
+# ------------------------------------------------------------------------------------------ funnel
+@dataclass
+class FunnelStep:
+    name: str
+    reason: str
+    before: int
+    removed: int
+    kept: int
+    examples: list[str] = field(default_factory=list)  # a few removed Guids, to look at
+
+
+@dataclass
+class FunnelReport:
+    """How many questions each filter removed; ``to_dict`` is what ``funnel.json`` holds."""
+
+    source: str
+    steps: list[FunnelStep] = field(default_factory=list)
+    splits: dict[str, int] = field(default_factory=dict)
+    qcates: dict[str, int] = field(default_factory=dict)
+    candidates: dict[str, int] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    read_errors: list[str] = field(default_factory=list)  # the first few, as "record <Guid>: why"
+
+    @property
+    def n_read(self) -> int:
+        return self.steps[0].before if self.steps else 0
+
+    @property
+    def n_kept(self) -> int:
+        return self.steps[-1].kept if self.steps else 0
+
+    def add(self, name: str, before: int, removed: Sequence[str]) -> None:
+        self.steps.append(FunnelStep(name, FILTER_REASONS.get(name, ""), before, len(removed), before - len(removed),
+                                     list(removed[:5])))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON data (tuples become lists), exactly what ``funnel.json`` holds."""
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FunnelReport:
+        data = dict(data)
+        data["steps"] = [FunnelStep(**s) for s in data.get("steps", [])]
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> FunnelReport:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "funnel.json"
+        return cls.from_dict(json.loads(path.read_text()))
+
+    def __str__(self) -> str:
+        lines = [f"Mini-WebQA funnel ({self.source})", f"{'step':<24}{'removed':>9}{'kept':>9}  why"]
+        for s in self.steps:
+            lines.append(f"{s.name:<24}{s.removed:>9}{s.kept:>9}  {s.reason}")
+        if self.splits:
+            lines.append("splits: " + ", ".join(f"{k} {v}" for k, v in self.splits.items()))
+        if self.qcates:
+            lines.append("qcates: " + ", ".join(f"{k} {v}" for k, v in sorted(self.qcates.items())))
+        if self.candidates:
+            lines.append("candidates: " + ", ".join(f"{k} {v}" for k, v in self.candidates.items()))
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------- filter steps
+def filter_records(
+    records: Sequence[WebQARecord],
+    filters: MiniWebQAFilters = MiniWebQAFilters(),
+    store: ImageStore | None = None,
+    report: FunnelReport | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> list[WebQARecord]:
+    """Run the question-level filters in order, recording each step in ``report``; returns the kept records.
+
+    Pure apart from reading images through ``store`` (needed only when ``filters.check_images``).
+    """
+    from tqdm.auto import tqdm
+
+    report = report if report is not None else FunnelReport(source="records")
+    kept = list(records)
+
+    def step(name: str, keep: Callable[[WebQARecord], bool], enabled: bool = True) -> None:
+        nonlocal kept
+        if not enabled:
+            return
+        before = len(kept)
+        new, removed = [], []
+        for r in kept:
+            (new if keep(r) else removed).append(r)
+        kept = new
+        report.add(name, before, [r.guid for r in removed])
+
+    step("no_gold_source", lambda r: bool(r.img_pos or r.txt_pos), filters.require_gold)
+    step("answer_misses_keyword", lambda r: answer_mentions_keyword(r, filters.min_keyword_recall),
+         filters.require_answer_keyword)
+    if filters.drop_duplicates:
+        seen: set[str] = set()
+
+        def first_seen(r: WebQARecord) -> bool:
+            key = question_key(r.question)
+            if key in seen:
+                return False
+            seen.add(key)
+            return True
+
+        step("duplicate_question", first_seen)
+    if filters.max_candidate_words:
+        step("overlong_gold", lambda r: not overlong_ids(r, filters.max_candidate_words)[0])
+    if filters.check_images:
+        if store is None:
+            raise ValueError("check_images=True needs an ImageStore (or pass filters with check_images=False)")
+        bar = tqdm(total=len(kept), desc="check gold images", disable=not progress, mininterval=1.0)
+
+        def gold_images_ok(r: WebQARecord) -> bool:
+            bar.update(1)
+            return all(store.check(f.image_id, filters.min_image_side) is None for f in r.img_pos)
+
+        step("broken_gold_image", gold_images_ok)
+        bar.close()
+    if filters.qcates is not None:
+        allowed = set(filters.qcates)
+        step("qcate_filter", lambda r: r.qcate in allowed)
+    kept = balance_categories(kept, filters, report, seed)
+    return kept
+
+
+def balance_categories(records: Sequence[WebQARecord], filters: MiniWebQAFilters, report: FunnelReport | None = None,
+                       seed: int = 0) -> list[WebQARecord]:
+    """Cap each Qcate at ``min(max_per_qcate, max_qcate_fraction * total)``; which ones stay is seeded.
+
+    The fraction cap needs at least two categories (a one-category set cannot be balanced, only shrunk).
+    """
+    n_cats = len({r.qcate for r in records})
+    fraction_cap = None
+    if filters.max_qcate_fraction is not None and n_cats >= 2:
+        fraction_cap = int(filters.max_qcate_fraction * len(records))
+    caps = [c for c in (filters.max_per_qcate, fraction_cap) if c is not None]
+    if not caps:
+        if report is not None:
+            report.add("category_balance", len(records), [])
+        return list(records)
+    cap = max(1, min(caps))
+    by_cat: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(records):
+        by_cat[r.qcate].append(i)
+    drop: set[int] = set()
+    rng = random.Random(f"balance-{seed}")
+    for cat in sorted(by_cat):
+        idx = by_cat[cat]
+        if len(idx) > cap:
+            chosen = set(rng.sample(idx, cap))
+            drop |= set(idx) - chosen
+    kept = [r for i, r in enumerate(records) if i not in drop]
+    if report is not None:
+        report.add("category_balance", len(records), [records[i].guid for i in sorted(drop)])
+    return kept
+
+
+def split_records(records: Sequence[WebQARecord], fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0,
+                  key: Callable[[str], str] = near_dup_key) -> dict[str, list[WebQARecord]]:
+    """Train / validation / test without leakage: questions sharing a near-duplicate key go to the same split.
+
+    Groups are visited in a seeded order and each goes to the split furthest below its target size.
+    """
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or sum(fractions) <= 0:
+        raise ValueError(f"split fractions must be three non-negative numbers, got {fractions}")
+    groups: dict[str, list[WebQARecord]] = defaultdict(list)
+    for r in records:
+        groups[key(r.question)].append(r)
+    order = sorted(groups)
+    random.Random(f"split-{seed}").shuffle(order)
+    total = sum(fractions)
+    targets = [f / total * len(records) for f in fractions]
+    out: dict[str, list[WebQARecord]] = {s: [] for s in SPLITS}
+    for g in order:
+        deficits = [(targets[i] - len(out[s])) / (targets[i] or 1e-9) if targets[i] > 0 else -1e9
+                    for i, s in enumerate(SPLITS)]
+        best = max(range(3), key=lambda i: (deficits[i], -i))
+        out[SPLITS[best]].extend(groups[g])
+    return out
+
+
+# ------------------------------------------------------------------------------------ candidate pools
+def _image_payload(data: bytes, max_side: int, image_id: int) -> bytes:
+    """Store bytes as they are, unless truncated (re-encode so any reader opens it) or larger than ``max_side``."""
+    if not is_truncated(data):
+        with Image.open(io.BytesIO(data)) as im:
+            if max(im.size) <= max_side:
+                return data
+    im = load_image_bytes(data, image_id)
+    if max(im.size) > max_side:
+        im.thumbnail((max_side, max_side))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _candidate(fact: ImageFact | TextFact, is_gold: bool, image: dict | None) -> dict[str, Any]:
+    if isinstance(fact, ImageFact):
+        return {"id": fact.id, "modality": "image", "title": fact.title, "text": fact.caption, "image": image,
+                "is_gold": is_gold}
+    return {"id": fact.id, "modality": "text", "title": fact.title, "text": fact.fact, "image": None, "is_gold": is_gold}
+
+
+def record_to_row(record: WebQARecord, store: ImageStore | None, max_candidates: int | None = None,
+                  filters: MiniWebQAFilters = MiniWebQAFilters(), seed: int = 0,
+                  counts: Counter | None = None) -> dict[str, Any]:
+    """One Mini-WebQA row: all gold candidates, then seeded distractors up to ``max_candidates``, shuffled.
+
+    Distractors that are overlong or whose image does not decode are skipped (and counted in ``counts``).
+    Images are stored as encoded bytes (``{"bytes": ..., "path": None}``), the form ``datasets.Image`` takes.
+    """
+    counts = counts if counts is not None else Counter()
+    rng = random.Random(f"{seed}:{record.guid}")
+    max_words = filters.max_candidate_words
+    gold, neg = [], []
+    for fact, is_gold in record.facts():
+        (gold if is_gold else neg).append(fact)
+    rng.shuffle(neg)
+    limit = max(len(gold), max_candidates) if max_candidates else len(gold) + len(neg)
+    chosen: list[dict[str, Any]] = []
+    for fact, is_gold in [(f, True) for f in gold] + [(f, False) for f in neg]:
+        if len(chosen) >= limit:
+            counts["trimmed"] += 1
+            continue
+        if not is_gold and max_words and len(_fact_text(fact).split()) > max_words:
+            counts["overlong_distractor"] += 1
+            continue
+        image = None
+        if isinstance(fact, ImageFact) and store is not None:
+            try:
+                data = store.get_bytes(fact.image_id)
+                payload = _image_payload(data, filters.max_image_side, fact.image_id)
+                if filters.check_images and min(load_image_bytes(payload, fact.image_id).size) < filters.min_image_side:
+                    raise ImageStoreError(fact.image_id, "too small")
+                image = {"bytes": payload, "path": None}
+            except ImageStoreError:
+                if is_gold:
+                    raise
+                counts["broken_distractor_image"] += 1
+                continue
+        chosen.append(_candidate(fact, is_gold, image))
+    rng.shuffle(chosen)
+    counts["kept"] += len(chosen)
+    return {
+        "guid": record.guid,
+        "question": record.question,
+        "answer": record.answer,
+        "keywords": record.keywords,
+        "qcate": record.qcate,
+        "topic": record.topic,
+        "candidates": chosen,
+        "gold_ids": [c["id"] for c in chosen if c["is_gold"]],
+    }
+
+
+def mini_webqa_features():
+    """The ``datasets.Features`` of docs/CONTRACTS.md (candidates: a list of structs, ``image`` an Image)."""
+    from datasets import Features, Value
+    from datasets import Image as HFImage
+
+    candidate = {
+        "id": Value("string"), "modality": Value("string"), "title": Value("string"), "text": Value("string"),
+        "image": HFImage(), "is_gold": Value("bool"),
+    }
+    return Features({
+        "guid": Value("string"), "question": Value("string"), "answer": Value("string"),
+        "keywords": Value("string"), "qcate": Value("string"), "topic": Value("string"),
+        "candidates": [candidate], "gold_ids": [Value("string")],
+    })
+
+
+def rows_to_dataset(rows: Iterable[dict[str, Any]], chunk: int = 1000):
+    """A ``datasets.Dataset`` from row dicts, built in chunks so memory stays at one chunk of Python objects."""
+    from datasets import Dataset, concatenate_datasets
+
+    features = mini_webqa_features()
+    parts, buf = [], []
+    for row in rows:
+        buf.append(row)
+        if len(buf) >= chunk:
+            parts.append(Dataset.from_list(buf, features=features))
+            buf = []
+    if buf:
+        parts.append(Dataset.from_list(buf, features=features))
+    if not parts:  # an empty split still has every column
+        parts.append(Dataset.from_dict({name: [] for name in features}, features=features))
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+# ------------------------------------------------------------------------------------------ atomic I/O
+def save_dataset_atomic(dataset_dict, out_dir: str | Path, extra_files: dict[str, str] | None = None,
+                        progress: bool = True) -> Path:
+    """``save_to_disk`` into a temporary folder next to ``out_dir``, then rename; never a half-written dataset.
+
+    An existing ``out_dir`` stays intact until the new one is complete, and is only then replaced.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    if not progress:
+        datasets.disable_progress_bars()
+    try:
+        dataset_dict.save_to_disk(str(tmp))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        from .world import _replace_dir
+
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if was_enabled and not progress:
+            datasets.enable_progress_bars()
+    return out_dir
+
+
+# --------------------------------------------------------------------------------------------- builder
+def _data_settings(settings: Any):
+    from ..config import DataSettings, Preset, resolve_preset
+
+    if settings is None:
+        return resolve_preset("cpu-tiny").data
+    if isinstance(settings, DataSettings):
+        return settings
+    if isinstance(settings, Preset):
+        return settings.data
+    if isinstance(settings, str):
+        return resolve_preset(settings).data
+    raise TypeError(f"settings must be a DataSettings, Preset or preset name, got {type(settings).__name__}")
+
+
+def build_mini_webqa(
+    source_dir: str | Path,
+    out_dir: str | Path | None = None,
+    settings: Any = None,
+    filters: MiniWebQAFilters | None = None,
+    seed: int = 0,
+    max_candidates: int | None = None,
+    progress: bool = True,
+):
+    """Read WebQA (real or synthetic) from ``source_dir``, filter, balance, split, trim pools and save.
+
+    ``settings`` (a ``DataSettings``, ``Preset`` or preset name; default cpu-tiny) gives ``max_candidates``
+    unless passed explicitly. Returns ``(DatasetDict, FunnelReport)``; with ``out_dir`` both are written there
+    (``funnel.json`` beside the dataset), atomically.
+    """
+    from datasets import DatasetDict
+    from tqdm.auto import tqdm
+
+    data = _data_settings(settings)
+    filters = filters or MiniWebQAFilters()
+    max_candidates = max_candidates if max_candidates is not None else data.max_candidates
+    source_dir = Path(source_dir)
+    json_path = find_webqa_json(source_dir)
+    folder = json_path.parent
+    has_images = (folder / "imgs.tsv").is_file() and (folder / "imgs.lineidx").is_file()
+    if filters.check_images and not has_images:
+        raise FileNotFoundError(f"{folder} has no imgs.tsv + imgs.lineidx; pass filters with check_images=False "
+                                "to build a text-only Mini-WebQA (image candidates get image=None)")
+    store = ImageStore(folder) if has_images else None
+    report = FunnelReport(source=str(json_path))
+    report.settings = {"filters": filters.to_dict(), "max_candidates": max_candidates, "seed": seed}
+    try:
+        errors: list[RecordError] = []
+        records = list(tqdm(iter_webqa(json_path, errors), desc="read WebQA", disable=not progress,
+                            mininterval=1.0, unit=" q"))
+        report.steps.append(FunnelStep("unreadable", FILTER_REASONS["unreadable"], len(records) + len(errors),
+                                       len(errors), len(records), [e.guid for e in errors[:5]]))
+        report.read_errors = [str(e) for e in errors[:20]]
+        kept = filter_records(records, filters, store, report, seed=seed, progress=progress)
+        del records
+        parts = split_records(kept, filters.split_fractions, seed=seed)
+        counts: Counter = Counter()
+        splits = {}
+        bar = tqdm(total=len(kept), desc="build rows", disable=not progress, mininterval=1.0, unit=" q")
+
+        def rows(recs: list[WebQARecord]):
+            for r in recs:
+                bar.update(1)
+                yield record_to_row(r, store, max_candidates, filters, seed, counts)
+
+        for name in SPLITS:
+            splits[name] = rows_to_dataset(rows(parts[name]))
+        bar.close()
+        dd = DatasetDict(splits)
+        report.splits = {k: len(v) for k, v in dd.items()}
+        report.qcates = dict(sorted(Counter(r.qcate for r in kept).items()))
+        report.candidates = dict(counts)
+        if out_dir is not None:
+            save_dataset_atomic(dd, out_dir, {"funnel.json": json.dumps(report.to_dict(), indent=2)}, progress=progress)
+        return dd, report
+    finally:
+        if store is not None:
+            store.close()
+
+
+def load_mini_webqa(path: str | Path):
+    """Load a saved Mini-WebQA ``DatasetDict``."""
+    from datasets import load_from_disk
+
+    path = Path(path)
+    if not (path / "dataset_dict.json").is_file():
+        raise FileNotFoundError(f"no Mini-WebQA at {path}: build it with build_mini_webqa or ensure_mini_webqa")
+    return load_from_disk(str(path))
+
+
+def _world_matches(manifest: dict, preset: Any) -> bool:
+    want = {"seed": preset.seed, "n_questions": preset.data.world_questions, "image_size": preset.data.world_image_size}
+    return all(manifest.get(k) == v for k, v in want.items())
+
+
+def ensure_mini_webqa(preset: Any = "auto", work_dir: str | Path | None = None, progress: bool = False,
+                      webqa_dir: str | Path | None = None):
+    """The run's Mini-WebQA: build ``world/`` and ``mini_webqa/`` under the run folder if missing, then load it.
+
+    ``webqa_dir`` builds from real WebQA files instead of the synthetic world. A world or dataset built with other
+    settings (different preset sizes or seed) is rebuilt, so the cache never goes stale silently. A Mini-WebQA
+    that notebook 01 built from real WebQA is kept (later notebooks call this without ``webqa_dir``).
+    """
+    from ..config import resolve_preset
+    from ..config import work_dir as run_dir
+    from .world import make_world, read_world_manifest
+
+    p = resolve_preset(preset)
+    wd = run_dir(p, work_dir)
+    mini, world = wd / "mini_webqa", wd / "world"
+    meta = None
+    if (mini / "funnel.json").is_file() and (mini / "dataset_dict.json").is_file():
+        meta = json.loads((mini / "funnel.json").read_text())
+    if meta is not None:
+        built_from = Path(meta.get("source", "")).parent.resolve()
+        same_sizes = (meta.get("settings", {}).get("max_candidates") == p.data.max_candidates
+                      and meta.get("settings", {}).get("seed") == p.seed)
+        if webqa_dir is not None:
+            fresh = same_sizes and built_from == Path(webqa_dir).resolve()
+        elif built_from != world.resolve():  # notebook 01 built it from real WebQA on purpose: keep it
+            fresh = same_sizes
+        else:
+            manifest = read_world_manifest(world)
+            fresh = same_sizes and manifest is not None and _world_matches(manifest, p)
+        if fresh:
+            return load_mini_webqa(mini)
+    if webqa_dir is None:
+        manifest = read_world_manifest(world)
+        if manifest is None or not _world_matches(manifest, p) or not (world / "imgs.lineidx").is_file():
+            make_world(world, n_questions=p.data.world_questions, seed=p.seed, image_size=p.data.world_image_size,
+                       progress=progress)
+        source = world
+    else:
+        source = Path(webqa_dir)
+    build_mini_webqa(source, mini, settings=p.data, seed=p.seed, progress=progress)
+    return load_mini_webqa(mini)

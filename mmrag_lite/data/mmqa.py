@@ -1,0 +1,201 @@
+"""Reading MultimodalQA (Talmor et al., 2021) as released: ``MMQA_<split>.jsonl.gz`` plus document metadata.
+
+Each question line carries its own candidate pool in ``metadata.image_doc_ids`` / ``metadata.text_doc_ids`` (about
+10 + 10 documents), its gold sources in ``supporting_context`` (``doc_id`` + ``doc_part``), and a list of
+``answers`` (MMQA answers are sets: EM/F1 compare sets of spans). ``MMQA_images.jsonl.gz`` maps image ids to
+``title, url, id, path`` (no pixels here), ``MMQA_texts.jsonl.gz`` maps passage ids to ``title, url, id, text``.
+
+``mmqa_to_rows`` shapes the image+text questions like Mini-WebQA rows so the evaluation code can run on them.
+Offline there are no MMQA pixels: image candidates get ``image=None`` and their title as ``text``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .webqa import RecordError
+
+
+class MMQAFormatError(ValueError):
+    """A line does not follow the MMQA layout; the message names the qid (or line number)."""
+
+
+@dataclass(frozen=True, slots=True)
+class MMQADoc:
+    """Metadata of one image or passage (``text`` is empty for images)."""
+
+    id: str
+    title: str
+    url: str = ""
+    path: str = ""
+    text: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class MMQAQuestion:
+    qid: str
+    question: str
+    answers: tuple[str, ...]
+    answer_modalities: tuple[str, ...]
+    qtype: str  # metadata.type: ImageQ, TextQ, TableQ, Compose(...), ...
+    modalities: tuple[str, ...]
+    image_doc_ids: tuple[str, ...]
+    text_doc_ids: tuple[str, ...]
+    table_id: str
+    supporting: tuple[tuple[str, str], ...]  # (doc_id, doc_part)
+
+    @property
+    def gold_doc_ids(self) -> tuple[str, ...]:
+        """Supporting documents that are in the candidate pool (tables are not candidates here)."""
+        pool = set(self.image_doc_ids) | set(self.text_doc_ids)
+        seen: dict[str, None] = {}
+        for doc_id, _ in self.supporting:
+            if doc_id in pool:
+                seen.setdefault(doc_id)
+        return tuple(seen)
+
+
+def _open(path: str | Path):
+    path = Path(path)
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+
+
+def _iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
+    with _open(path) as fh:
+        for n, line in enumerate(fh, start=1):
+            if line.strip():
+                try:
+                    yield n, json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise MMQAFormatError(f"{Path(path).name} line {n}: invalid JSON ({exc.msg})") from None
+
+
+def parse_mmqa_question(raw: Mapping[str, Any]) -> MMQAQuestion:
+    qid = raw.get("qid", "?") if isinstance(raw, Mapping) else "?"
+    try:
+        meta = raw.get("metadata") or {}
+        answers = raw.get("answers") or []
+        return MMQAQuestion(
+            qid=str(raw["qid"]),
+            question=str(raw["question"]),
+            answers=tuple(str(a["answer"]) for a in answers),
+            answer_modalities=tuple(str(a.get("modality", "")) for a in answers),
+            qtype=str(meta.get("type", "")),
+            modalities=tuple(meta.get("modalities") or ()),
+            image_doc_ids=tuple(meta.get("image_doc_ids") or ()),
+            text_doc_ids=tuple(meta.get("text_doc_ids") or ()),
+            table_id=str(meta.get("table_id") or ""),
+            supporting=tuple((str(s["doc_id"]), str(s.get("doc_part", ""))) for s in raw.get("supporting_context") or ()),
+        )
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise MMQAFormatError(f"MMQA question {qid}: missing or malformed field ({exc!r})") from None
+
+
+def read_mmqa(path: str | Path, strict: bool = False, errors: list[RecordError] | None = None) -> list[MMQAQuestion]:
+    """All questions of an ``MMQA_<split>.jsonl(.gz)`` file; bad lines go to ``errors`` (raise when ``strict``)."""
+    out = []
+    for n, raw in _iter_jsonl(path):
+        try:
+            out.append(parse_mmqa_question(raw))
+        except MMQAFormatError as exc:
+            if strict:
+                raise
+            if errors is not None:
+                qid = raw.get("qid", f"line {n}") if isinstance(raw, Mapping) else f"line {n}"
+                errors.append(RecordError(str(qid), str(exc)))
+    return out
+
+
+def read_mmqa_docs(path: str | Path) -> dict[str, MMQADoc]:
+    """``MMQA_images.jsonl.gz`` or ``MMQA_texts.jsonl.gz`` -> {id: MMQADoc}."""
+    docs = {}
+    for n, raw in _iter_jsonl(path):
+        if not isinstance(raw, Mapping) or "id" not in raw:
+            raise MMQAFormatError(f"{Path(path).name} line {n}: a document needs an 'id'")
+        docs[str(raw["id"])] = MMQADoc(id=str(raw["id"]), title=str(raw.get("title", "")), url=str(raw.get("url", "")),
+                                       path=str(raw.get("path", "")), text=str(raw.get("text", "")))
+    return docs
+
+
+@dataclass
+class MMQAData:
+    questions: list[MMQAQuestion]
+    images: dict[str, MMQADoc]
+    texts: dict[str, MMQADoc]  # empty when MMQA_texts.jsonl.gz is absent
+
+
+def load_mmqa(folder: str | Path, split: str = "dev") -> MMQAData:
+    """Questions of ``split`` plus image (and, when present, passage) metadata from one folder."""
+    folder = Path(folder)
+
+    def find(stem: str) -> Path | None:
+        for suffix in (".jsonl.gz", ".jsonl"):
+            if (folder / f"{stem}{suffix}").is_file():
+                return folder / f"{stem}{suffix}"
+        return None
+
+    qpath = find(f"MMQA_{split}")
+    if qpath is None:
+        raise FileNotFoundError(f"no MMQA_{split}.jsonl(.gz) in {folder} (github.com/allenai/multimodalqa)")
+    ipath, tpath = find("MMQA_images"), find("MMQA_texts")
+    return MMQAData(read_mmqa(qpath), read_mmqa_docs(ipath) if ipath else {}, read_mmqa_docs(tpath) if tpath else {})
+
+
+def is_image_text_question(q: MMQAQuestion) -> bool:
+    """Answerable from the image/text pool alone: no table among the supporting documents."""
+    return bool(q.supporting) and all(part in ("image", "text") for _, part in q.supporting) and bool(q.gold_doc_ids)
+
+
+def mmqa_to_rows(
+    questions: Iterable[MMQAQuestion],
+    images: Mapping[str, MMQADoc],
+    texts: Mapping[str, MMQADoc] | None = None,
+    qtypes: tuple[str, ...] | None = ("ImageQ",),
+    max_candidates: int | None = None,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Image+text MMQA questions as Mini-WebQA-shaped rows (plus an ``answers`` list for set-valued EM/F1).
+
+    ``qtypes=("ImageQ",)`` gives the 230-question dev subset multi-modal RAG papers report on; ``None`` keeps every
+    question whose supporting documents are images or passages. Offline caveat: MMQA pixels are not available, so
+    image candidates carry ``image=None`` and ``text`` = their title; passages carry their text when
+    ``MMQA_texts`` is given, else their id's title is unknown and ``text`` is empty. Pools are trimmed to
+    ``max_candidates`` (gold always kept) and shuffled deterministically.
+    """
+    texts = texts or {}
+    rows = []
+    for q in questions:
+        if qtypes is not None and q.qtype not in qtypes:
+            continue
+        if not is_image_text_question(q):
+            continue
+        gold = set(q.gold_doc_ids)
+        cands = []
+        for doc_id in q.image_doc_ids:
+            doc = images.get(doc_id)
+            title = doc.title if doc else ""
+            cands.append({"id": doc_id, "modality": "image", "title": title, "text": title, "image": None,
+                          "is_gold": doc_id in gold})
+        for doc_id in q.text_doc_ids:
+            doc = texts.get(doc_id)
+            cands.append({"id": doc_id, "modality": "text", "title": doc.title if doc else "",
+                          "text": doc.text if doc else "", "image": None, "is_gold": doc_id in gold})
+        rng = random.Random(f"{seed}:{q.qid}")
+        if max_candidates is not None:
+            golds = [c for c in cands if c["is_gold"]]
+            negs = [c for c in cands if not c["is_gold"]]
+            rng.shuffle(negs)
+            cands = golds + negs[: max(0, max_candidates - len(golds))]
+        rng.shuffle(cands)
+        rows.append({
+            "guid": q.qid, "question": q.question, "answer": q.answers[0] if q.answers else "",
+            "answers": list(q.answers), "keywords": "", "qcate": q.qtype, "topic": "",
+            "candidates": cands, "gold_ids": [c["id"] for c in cands if c["is_gold"]],
+        })
+    return rows

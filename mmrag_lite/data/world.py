@@ -1,0 +1,593 @@
+"""A synthetic world in WebQA's exact file layout, so the real reader and builder run on it unchanged.
+
+Why: the real WebQA pixels are 51 GB and CPU CI has minutes. The world writes ``WebQA_train_val.json`` (Guid-keyed,
+quote-wrapped ``Q``/``A``/``Keywords_A``, ``img_posFacts``/``img_negFacts``/``txt_posFacts``/``txt_negFacts``,
+snippet ids ``<Guid>_<n>``), ``imgs.tsv`` (``id\\tbase64``) and ``imgs.lineidx`` (byte offsets), with image ids
+``30000000 + i`` so that ``id % 10_000_000`` is the line number, as in the real store.
+
+Images are flat scenes: 1-5 copies of one big shape (circle, square, triangle, star, diamond) in one saturated
+colour on a plain light background, drawn once per (shape, colour, count, jitter variant) and reused, so 400k
+images cost seconds. Every question names its gold image's (or snippet's) title, e.g. "the Quiet Garden of Lina";
+distractors carry other titles, and hard distractors show the same kind of scene with a different answer.
+So relevance is learnable from text (title match) and the answer from pixels (or the caption).
+
+Low-quality samples are planted on purpose (rates in ``WorldNoise``) so the Mini-WebQA filters have work: answers
+that miss the fact, broken / empty / truncated images, duplicate and near-duplicate questions, questions without a
+gold source, overlong candidates and a few malformed records. ``world_manifest.json`` lists what was planted.
+Everything is deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import os
+import random
+import shutil
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+from .images import ID_MODULUS
+
+FIRST_IMAGE_ID = 30_000_000
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond")
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 20, 20),
+    "green": (20, 160, 40),
+    "blue": (30, 70, 230),
+    "yellow": (245, 200, 0),
+    "orange": (255, 120, 0),
+    "purple": (130, 30, 180),
+    "black": (20, 20, 20),
+}
+BACKGROUND = (245, 245, 245)
+COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
+ADJECTIVES = (
+    "Quiet", "Sunny", "Old", "Hidden", "Northern", "Silver", "Golden", "Misty", "Windy", "Royal", "Little", "Great",
+    "Eastern", "Western", "Southern", "Ancient", "Bright", "Stony", "Crystal", "Green", "Lonely", "Painted", "Twin",
+    "Upper",
+)
+PLACES = (
+    "Garden", "Harbor", "Museum", "Market", "Tower", "Valley", "Bridge", "Plaza", "Meadow", "Castle", "Library",
+    "Lighthouse", "Orchard", "Chapel", "Station", "Theater", "Abbey", "Fountain", "Quarry", "Mill", "Pier", "Forest",
+    "Lake", "Canyon", "Island", "Village", "Square", "Palace", "Temple", "Observatory", "Vineyard", "Academy",
+)
+NAMES = (
+    "Lina", "Omar", "Kai", "Mira", "Tomas", "Ada", "Yusuf", "Elena", "Ravi", "Sofia", "Jonas", "Amara", "Leo", "Ines",
+    "Hugo", "Nadia", "Felix", "Zara", "Ivan", "Maya", "Oskar", "Lucia", "Emil", "Chen", "Aiko", "Bruno", "Clara",
+    "Dario", "Esme", "Farid", "Greta", "Hana", "Igor", "Juno", "Karim", "Lotte", "Marco", "Nina", "Otto", "Priya",
+    "Quinn", "Rosa", "Sami", "Tara", "Umar", "Vera", "Wim", "Xenia", "Yara", "Zeno", "Alba", "Boris", "Cora", "Dev",
+    "Elif", "Finn", "Gaia", "Hiro", "Ilse", "Jude", "Kofi", "Lea", "Milo", "Noor",
+)
+CITIES = (
+    "Lisbon", "Oslo", "Kyoto", "Lima", "Cairo", "Quebec", "Porto", "Vienna", "Dakar", "Hanoi", "Bergen", "Tunis",
+    "Bruges", "Cusco", "Galway", "Malmo",
+)
+FILLER = (
+    "The site has been described in many travel guides and local histories over the years. "
+    "Visitors often mention the weather, the paths, the old signs and the small shops nearby. "
+)
+QCATE_WEIGHTS: dict[str, float] = {  # flatter than real WebQA (text ~50%, shape ~1.5%) so every category is seen
+    "text": 0.25, "YesNo": 0.15, "Others": 0.12, "choose": 0.12, "number": 0.12, "color": 0.12, "shape": 0.12,
+}
+
+
+@dataclass(frozen=True)
+class WorldNoise:
+    """Rates of planted low-quality samples (per question unless noted); all zero gives a clean world."""
+
+    no_gold: float = 0.02  # question keeps only distractors
+    answer_misses: float = 0.04  # A[0] no longer states the keyword / fact
+    broken_gold_image: float = 0.02  # a gold image's bytes are garbage or empty
+    broken_distractor_image: float = 0.005  # per distractor image
+    truncated_image: float = 0.01  # per image: bytes cut short but still readable with PIL's tolerance
+    duplicate: float = 0.03  # a copy of an earlier question under a new Guid (same text up to case/spacing)
+    near_duplicate: float = 0.03  # an earlier question reworded (same content words, same pool)
+    overlong: float = 0.02  # one candidate gets a ~300-word caption / fact
+    bad_record: float = 0.005  # record that breaks the schema (the reader reports it by Guid)
+
+
+# ------------------------------------------------------------------------------------------- drawing
+def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
+    if shape == "triangle":
+        return [(cx, cy - r), (cx + r * 0.95, cy + r * 0.8), (cx - r * 0.95, cy + r * 0.8)]
+    if shape == "diamond":
+        return [(cx, cy - r), (cx + r * 0.8, cy), (cx, cy + r), (cx - r * 0.8, cy)]
+    if shape == "star":
+        pts = []
+        for k in range(10):
+            ang = -math.pi / 2 + k * math.pi / 5
+            rad = r if k % 2 == 0 else r * 0.45
+            pts.append((cx + rad * math.cos(ang), cy + rad * math.sin(ang)))
+        return pts
+    return None
+
+
+_LAYOUTS: dict[int, tuple[float, list[tuple[float, float]]]] = {  # radius (fraction of side), centres
+    1: (0.34, [(0.5, 0.5)]),
+    2: (0.21, [(0.27, 0.5), (0.73, 0.5)]),
+    3: (0.19, [(0.27, 0.29), (0.73, 0.29), (0.5, 0.73)]),
+    4: (0.18, [(0.27, 0.27), (0.73, 0.27), (0.27, 0.73), (0.73, 0.73)]),
+    5: (0.14, [(0.2, 0.2), (0.8, 0.2), (0.2, 0.8), (0.8, 0.8), (0.5, 0.5)]),
+}
+
+
+def draw_scene(shape: str, color: str, count: int, size: int = 56, variant: int = 0) -> Image.Image:
+    """``count`` big flat ``shape``s in ``color`` on a plain background; ``variant`` jitters positions slightly."""
+    if shape not in SHAPES or color not in COLORS or count not in _LAYOUTS:
+        raise ValueError(f"unknown scene ({shape!r}, {color!r}, {count!r})")
+    jit = random.Random(f"{shape}-{color}-{count}-{variant}")
+    radius, centres = _LAYOUTS[count]
+    im = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(im)
+    r = radius * size
+    fill = COLORS[color]
+    for fx, fy in centres:
+        cx = (fx + jit.uniform(-0.03, 0.03)) * size
+        cy = (fy + jit.uniform(-0.03, 0.03)) * size
+        poly = _shape_polygon(shape, cx, cy, r)
+        if poly is not None:
+            draw.polygon(poly, fill=fill)
+        elif shape == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        else:  # square
+            s = r * 0.85
+            draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
+    return im
+
+
+def encode_image(im: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    if fmt.upper() in ("JPEG", "JPG"):
+        im.save(buf, format="JPEG", quality=90)
+    else:
+        im.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+class _SpriteCache:
+    """Encoded + base64'd scenes, rendered once per (shape, colour, count, variant)."""
+
+    def __init__(self, size: int, fmt: str, variants: int):
+        self.size, self.fmt, self.variants = size, fmt, variants
+        self._b64: dict[tuple, bytes] = {}
+        self._raw: dict[tuple, bytes] = {}
+
+    def raw(self, key: tuple) -> bytes:
+        if key not in self._raw:
+            self._raw[key] = encode_image(draw_scene(*key[:3], size=self.size, variant=key[3]), self.fmt)
+        return self._raw[key]
+
+    def b64(self, key: tuple) -> bytes:
+        if key not in self._b64:
+            self._b64[key] = base64.b64encode(self.raw(key))
+        return self._b64[key]
+
+
+# ------------------------------------------------------------------------------------------- content
+@dataclass
+class _Img:
+    scene: tuple[str, str, int]
+    title: str
+    caption: str
+    payload: str = "ok"  # ok | garbage | empty | truncated
+
+    def fact(self, image_id: int) -> dict[str, Any]:
+        slug = self.title.replace(" ", "_")
+        return {
+            "caption": self.caption,
+            "image_id": image_id,
+            "imgUrl": f"https://example.org/world/images/{slug}.png",
+            "title": self.title,
+            "url": f"https://example.org/world/wiki/File:{slug}.png",
+        }
+
+
+def _plural(shape: str, n: int = 2) -> str:
+    return shape if n == 1 else shape + "s"
+
+
+class _Titles:
+    """Unique "<Adjective> <Place> of <Name>" titles, in a seeded order (suffix "II", "III"... past 49k)."""
+
+    def __init__(self, rng: random.Random):
+        self.n = len(ADJECTIVES) * len(PLACES) * len(NAMES)
+        self.order = list(range(self.n))
+        rng.shuffle(self.order)
+        self.next = 0
+        self.rng = rng
+
+    @staticmethod
+    def compose(adj: str, place: str, name: str, rnd: int = 0) -> str:
+        return f"{adj} {place} of {name}" + ("" if rnd == 0 else " " + "I" * (rnd + 1) if rnd < 3 else f" {rnd + 1}")
+
+    def take(self) -> tuple[str, str, str, int]:
+        i = self.order[self.next % self.n]
+        rnd = self.next // self.n
+        self.next += 1
+        a, rest = divmod(i, len(PLACES) * len(NAMES))
+        p, n = divmod(rest, len(NAMES))
+        return ADJECTIVES[a], PLACES[p], NAMES[n], rnd
+
+
+def _caption(rng: random.Random, title: str, scene: tuple[str, str, int]) -> str:
+    shape, color, count = scene
+    if rng.random() < 0.6:
+        return f"{title}. {COUNT_WORDS[count].capitalize()} {color} {_plural(shape, count)} on a plain background."
+    return f"A picture of the {title}."
+
+
+def _other(rng: random.Random, options, exclude) -> Any:
+    pool = [o for o in options if o != exclude]
+    return rng.choice(pool)
+
+
+def _related_title(rng: random.Random, adj: str, place: str, name: str) -> str:
+    """A hard distractor's title: same place noun, other adjective and name (shares a word, not the title)."""
+    return f"{_other(rng, ADJECTIVES, adj)} {place} of {_other(rng, NAMES, name)}"
+
+
+def _random_title(rng: random.Random) -> str:
+    return f"{rng.choice(ADJECTIVES)} {rng.choice(PLACES)} of {rng.choice(NAMES)}"
+
+
+def _random_scene(rng: random.Random) -> tuple[str, str, int]:
+    return rng.choice(SHAPES), rng.choice(list(COLORS)), rng.randint(1, 5)
+
+
+def _scene_img(rng: random.Random, title: str, scene: tuple[str, str, int]) -> _Img:
+    return _Img(scene, title, _caption(rng, title, scene))
+
+
+def _text_fact_sentence(rng: random.Random, title: str) -> str:
+    kind = rng.randrange(4)
+    if kind == 0:
+        return f"The {title} was founded in {rng.randint(1650, 1990)} by {rng.choice(NAMES)} {rng.choice(NAMES)}son."
+    if kind == 1:
+        return f"The {title} is located in {rng.choice(CITIES)}, close to the old river."
+    if kind == 2:
+        return f"The {title} has {rng.randint(2, 90)} rooms and a small courtyard."
+    return f"The {title} is {rng.randint(12, 240)} metres tall and was restored in {rng.randint(1900, 2020)}."
+
+
+def _question(rng: random.Random, qcate: str, titles: _Titles) -> dict[str, Any]:
+    """One clean question: text, answer, keyword, gold items, hard image distractors (before noise)."""
+    adj, place, name, rnd = titles.take()
+    title = _Titles.compose(adj, place, name, rnd)
+    shape, color, count = _random_scene(rng)
+    gold_imgs: list[_Img] = []
+    hard_imgs: list[_Img] = []
+    gold_txt: list[tuple[str, str]] = []  # (title, fact)
+    hard_txt: list[tuple[str, str]] = []
+    variants: list[str] = []  # rewordings with the same content words (for planted near-duplicates)
+    rel = lambda: _related_title(rng, adj, place, name)
+    keyword = ""
+
+    if qcate == "color":
+        q = f"What color are the {_plural(shape)} in the {title}?"
+        variants = [f"In the {title}, what color are the {_plural(shape)}?"]
+        a = f"The {_plural(shape, count)} in the {title} {'is' if count == 1 else 'are'} {color}."
+        keyword = color
+        gold_imgs.append(_scene_img(rng, title, (shape, color, count)))
+        hard_imgs += [_scene_img(rng, rel(), (shape, _other(rng, COLORS, color), count)) for _ in range(3)]
+    elif qcate == "shape":
+        q = f"What shape are the {color} objects in the {title}?"
+        variants = [f"In the {title}, what shape are the {color} objects?"]
+        a = f"The {color} objects in the {title} are {_plural(shape, count)}."
+        keyword = shape
+        gold_imgs.append(_scene_img(rng, title, (shape, color, count)))
+        hard_imgs += [_scene_img(rng, rel(), (_other(rng, SHAPES, shape), color, count)) for _ in range(3)]
+    elif qcate == "number":
+        if rng.random() < 0.25:  # two gold images: add the counts
+            adj2, place2, name2, rnd2 = titles.take()
+            title2 = _Titles.compose(adj2, place2, name2, rnd2)
+            count2 = rng.randint(1, 5)
+            q = f"How many {_plural(shape)} are there in the {title} and the {title2} together?"
+            variants = [f"In the {title} and the {title2} together, how many {_plural(shape)} are there?"]
+            a = f"There are {count + count2} {_plural(shape)} in the {title} and the {title2} together."
+            keyword = str(count + count2)
+            gold_imgs += [_scene_img(rng, title, (shape, color, count)), _scene_img(rng, title2, (shape, color, count2))]
+        else:
+            q = f"How many {_plural(shape)} are there in the {title}?"
+            variants = [f"In the {title}, how many {_plural(shape)} are there?"]
+            a = f"There {'is' if count == 1 else 'are'} {count} {_plural(shape, count)} in the {title}."
+            keyword = str(count)
+            gold_imgs.append(_scene_img(rng, title, (shape, color, count)))
+        hard_imgs += [_scene_img(rng, rel(), (shape, color, _other(rng, range(1, 6), count))) for _ in range(3)]
+    elif qcate == "YesNo":
+        asked = color if rng.random() < 0.5 else _other(rng, COLORS, color)
+        yes = asked == color
+        q = f"Are the {_plural(shape)} in the {title} {asked}?"
+        variants = [f"In the {title}, are the {_plural(shape)} {asked}?"]
+        a = f"Yes, the {_plural(shape)} in the {title} are {color}." if yes else (
+            f"No, the {_plural(shape)} in the {title} are {color}, not {asked}.")
+        keyword = "yes" if yes else "no"
+        gold_imgs.append(_scene_img(rng, title, (shape, color, count)))
+        hard_imgs += [_scene_img(rng, rel(), (shape, asked if not yes else _other(rng, COLORS, color), count))
+                      for _ in range(3)]
+    elif qcate == "choose":
+        if rng.random() < 0.5:  # two gold images: which has more
+            adj2, place2, name2, rnd2 = titles.take()
+            title2 = _Titles.compose(adj2, place2, name2, rnd2)
+            count2 = _other(rng, range(1, 6), count)
+            more, less = (title, title2) if count > count2 else (title2, title)
+            q = f"Which has more {_plural(shape)}, the {title} or the {title2}?"
+            variants = [f"The {title} or the {title2}: which has more {_plural(shape)}?"]
+            a = f"The {more} has more {_plural(shape)} than the {less}."
+            keyword = more
+            gold_imgs += [_scene_img(rng, title, (shape, color, count)), _scene_img(rng, title2, (shape, color, count2))]
+        else:
+            c2 = _other(rng, COLORS, color)
+            pair = [color, c2] if rng.random() < 0.5 else [c2, color]
+            q = f"Are the {_plural(shape)} in the {title} {pair[0]} or {pair[1]}?"
+            variants = [f"In the {title}, are the {_plural(shape)} {pair[0]} or {pair[1]}?"]
+            a = f"The {_plural(shape, count)} in the {title} {'is' if count == 1 else 'are'} {color}."
+            keyword = color
+            gold_imgs.append(_scene_img(rng, title, (shape, color, count)))
+        hard_imgs += [_scene_img(rng, rel(), (shape, _other(rng, COLORS, color), count)) for _ in range(3)]
+    elif qcate == "Others":
+        q = f"What is shown in the picture of the {title}?"
+        variants = [f"In the picture of the {title}, what is shown?"]
+        a = f"The {title} shows {COUNT_WORDS[count]} {color} {_plural(shape, count)}."
+        keyword = f"{COUNT_WORDS[count]} {color} {_plural(shape, count)}"
+        gold_imgs.append(_scene_img(rng, title, (shape, color, count)))
+        hard_imgs += [_scene_img(rng, rel(), _random_scene(rng)) for _ in range(3)]
+    elif qcate == "text":
+        year, founder, city = rng.randint(1650, 1990), f"{rng.choice(NAMES)} {rng.choice(NAMES)}son", rng.choice(CITIES)
+        if rng.random() < 0.5:
+            q = f"In which year was the {title} founded?"
+            variants = [f"The {title} was founded in which year?"]
+            a = f"The {title} was founded in {year}."
+            gold_txt.append((title, f"The {title} was founded in {year} by {founder}."))
+        else:
+            q = f"Who founded the {title}, and in which city is it?"
+            variants = [f"In which city is the {title}, and who founded it?"]
+            a = f"The {title} was founded by {founder} and is located in {city}."
+            gold_txt += [(title, f"The {title} was founded by {founder} in {year}."),
+                         (title, f"The {title} is located in {city}, close to the old river.")]
+        for _ in range(3):
+            t = rel()
+            hard_txt.append((t, f"The {t} was founded in {rng.randint(1650, 1990)} by {rng.choice(NAMES)} {rng.choice(NAMES)}son."))
+    else:  # pragma: no cover - guarded by QCATE_WEIGHTS
+        raise ValueError(qcate)
+    return {
+        "Q": q, "A": a, "keyword": keyword, "qcate": qcate, "topic": place.lower(), "variants": variants,
+        "gold_imgs": gold_imgs, "hard_imgs": hard_imgs, "gold_txt": gold_txt, "hard_txt": hard_txt,
+    }
+
+
+# --------------------------------------------------------------------------------------------- writer
+class _Writer:
+    """Streams records to the JSON file and images to imgs.tsv / imgs.lineidx, assigning image ids in order."""
+
+    def __init__(self, folder: Path, sprites: _SpriteCache, seed: int):
+        # held open while streaming; closed by close() (or by make_world on failure)
+        self.json = open(folder / "WebQA_train_val.json", "w", encoding="utf-8")  # noqa: SIM115
+        self.tsv = open(folder / "imgs.tsv", "wb")  # noqa: SIM115
+        self.idx = open(folder / "imgs.lineidx", "w", encoding="ascii")  # noqa: SIM115
+        self.sprites = sprites
+        self.offset = 0
+        self.n_images = 0
+        self.n_records = 0
+        self.garbage = random.Random(f"garbage-{seed}")
+        self.json.write("{")
+
+    def image(self, img: _Img) -> int:
+        image_id = FIRST_IMAGE_ID + self.n_images
+        if self.n_images >= ID_MODULUS:
+            raise ValueError("more than 10,000,000 images cannot be indexed by id % 10_000_000")
+        key = (*img.scene, self.n_images % self.sprites.variants)
+        if img.payload == "ok":
+            payload = self.sprites.b64(key)
+        elif img.payload == "truncated":
+            raw = self.sprites.raw(key)
+            payload = base64.b64encode(raw[: max(60, int(len(raw) * 0.6))])
+        elif img.payload == "empty":
+            payload = b""
+        else:  # garbage: valid base64 of bytes that are no image
+            payload = base64.b64encode(bytes(self.garbage.getrandbits(8) for _ in range(64)))
+        line = str(image_id).encode() + b"\t" + payload + b"\n"
+        self.idx.write(f"{self.offset}\n")
+        self.tsv.write(line)
+        self.offset += len(line)
+        self.n_images += 1
+        return image_id
+
+    def record(self, guid: str, record: Any) -> None:
+        sep = "," if self.n_records else ""
+        self.json.write(f"{sep}\n{json.dumps(guid)}: {json.dumps(record, ensure_ascii=False)}")
+        self.n_records += 1
+
+    def close(self) -> None:
+        self.json.write("\n}\n")
+        for fh in (self.json, self.tsv, self.idx):
+            fh.close()
+
+
+def _snippets(guid: str, facts: list[tuple[str, str]], start: int) -> list[dict[str, str]]:
+    out = []
+    for n, (title, fact) in enumerate(facts, start=start):
+        out.append({"fact": fact, "snippet_id": f"{guid}_{n}", "title": title,
+                    "url": f"https://example.org/world/wiki/{title.replace(' ', '_')}"})
+    return out
+
+
+def _guid(rng: random.Random) -> str:
+    return f"{rng.getrandbits(128):032x}"
+
+
+def make_world(
+    out_dir: str | Path,
+    n_questions: int = 400,
+    seed: int = 0,
+    image_size: int = 56,
+    noise: WorldNoise | None = None,
+    image_format: str = "PNG",
+    variants: int = 4,
+    val_fraction: float = 0.12,
+    overwrite: bool = True,
+    progress: bool = True,
+) -> Path:
+    """Write a WebQA-format world (``WebQA_train_val.json``, ``imgs.tsv``, ``imgs.lineidx``) into ``out_dir``.
+
+    Written into a temporary folder next to ``out_dir`` and renamed when complete. Deterministic by ``seed``.
+    ``n_questions`` counts the records in the file (planted duplicates and malformed records included).
+    """
+    from tqdm.auto import tqdm
+
+    noise = noise or WorldNoise()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists (pass overwrite=True to replace it)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    titles = _Titles(random.Random(seed + 1))
+    sprites = _SpriteCache(image_size, image_format, variants)
+    writer = _Writer(tmp, sprites, seed)
+    qcates, weights = zip(*QCATE_WEIGHTS.items())
+    planted: dict[str, int] = {k: 0 for k in asdict(noise)}
+    planted["truncated_image"] = 0
+    recent: list[tuple[dict[str, Any], dict[str, Any]]] = []  # (question dict, record) for planting duplicates
+    try:
+        for i in tqdm(range(n_questions), desc="world", disable=not progress, mininterval=1.0):
+            qrng = random.Random(f"{seed}:{i}")
+            guid = _guid(qrng)
+            split = "val" if qrng.random() < val_fraction else "train"
+            roll = qrng.random()
+            if recent and roll < noise.duplicate + noise.near_duplicate:  # copy an earlier question
+                src_q, src_rec = recent[qrng.randrange(len(recent))]
+                rec = json.loads(json.dumps(src_rec))
+                rec["Guid"], rec["split"] = guid, split
+                if roll < noise.duplicate:
+                    q = src_q["Q"]
+                    rec["Q"] = json.dumps(q.lower() if qrng.random() < 0.5 else "  " + q)
+                    planted["duplicate"] += 1
+                else:
+                    rec["Q"] = json.dumps(src_q["variants"][0])
+                    planted["near_duplicate"] += 1
+                for key in ("txt_posFacts", "txt_negFacts"):
+                    for s in rec[key]:
+                        s["snippet_id"] = guid + "_" + s["snippet_id"].rsplit("_", 1)[1]
+                writer.record(guid, rec)
+                continue
+            qcate = qrng.choices(qcates, weights)[0]
+            qd = _question(qrng, qcate, titles)
+            # easy distractors: random scenes and titles; total images per question 8-12 (~10 on average, ~390k at WebQA size)
+            n_img = qrng.randint(8, 12)
+            imgs_neg = list(qd["hard_imgs"])
+            while len(qd["gold_imgs"]) + len(imgs_neg) < n_img:
+                imgs_neg.append(_scene_img(qrng, _random_title(qrng), _random_scene(qrng)))
+            txt_neg = list(qd["hard_txt"])
+            for _ in range(qrng.randint(3, 6)):
+                t = _random_title(qrng)
+                txt_neg.append((t, _text_fact_sentence(qrng, t)))
+            answer = qd["A"]
+            gold_imgs, gold_txt = list(qd["gold_imgs"]), list(qd["gold_txt"])
+            # ---- plant low-quality samples
+            if qrng.random() < noise.answer_misses:
+                answer = qrng.choice(["It is hard to say from what is shown.", "Nobody seems to know for sure.",
+                                      "That is not mentioned anywhere."])
+                planted["answer_misses"] += 1
+            if qrng.random() < noise.no_gold:
+                imgs_neg = imgs_neg[: max(1, len(imgs_neg) - 1)]
+                gold_imgs, gold_txt = [], []
+                planted["no_gold"] += 1
+            if gold_imgs and qrng.random() < noise.broken_gold_image:
+                gold_imgs[0].payload = qrng.choice(["garbage", "empty"])
+                planted["broken_gold_image"] += 1
+            for im in imgs_neg:
+                if qrng.random() < noise.broken_distractor_image:
+                    im.payload = "garbage"
+                    planted["broken_distractor_image"] += 1
+            for im in gold_imgs + imgs_neg:
+                if im.payload == "ok" and qrng.random() < noise.truncated_image:
+                    im.payload = "truncated"
+                    planted["truncated_image"] += 1
+            long_text = None
+            if qrng.random() < noise.overlong:
+                long_text = (FILLER * 12).strip()
+                planted["overlong"] += 1
+            img_pos = [im.fact(writer.image(im)) for im in gold_imgs]
+            img_neg = [im.fact(writer.image(im)) for im in imgs_neg]
+            txt_pos = _snippets(guid, gold_txt, 0)
+            txt_neg = _snippets(guid, txt_neg, len(gold_txt))
+            if long_text is not None:
+                target = qrng.choice([txt_neg, img_neg, txt_pos or txt_neg])
+                item = target[qrng.randrange(len(target))]
+                if "fact" in item:
+                    item["fact"] = item["fact"] + " " + long_text
+                else:
+                    item["caption"] = item["caption"] + " " + long_text
+            record: dict[str, Any] = {
+                "Guid": guid,
+                "Q": json.dumps(qd["Q"]),  # json.dumps adds the literal quotes WebQA wraps around Q and A
+                "A": [json.dumps(answer)],
+                "Qcate": qcate,
+                "topic": qd["topic"],
+                "split": split,
+                "img_posFacts": img_pos,
+                "img_negFacts": img_neg,
+                "txt_posFacts": txt_pos,
+                "txt_negFacts": txt_neg,
+            }
+            if qd["keyword"]:  # image questions carry the official keyword answer; text questions have none
+                record["Keywords_A"] = json.dumps(qd["keyword"])
+            if qrng.random() < noise.bad_record:
+                broken = qrng.randrange(3)
+                if broken == 0:
+                    del record["Q"]
+                elif broken == 1 and img_neg:
+                    record["img_negFacts"][0]["image_id"] = "not-an-id"
+                else:
+                    record["txt_negFacts"] = "oops"
+                planted["bad_record"] += 1
+            else:
+                recent.append((qd, record))
+                if len(recent) > 64:
+                    recent.pop(0)
+            writer.record(guid, record)
+        writer.close()
+        manifest = {
+            "format": "WebQA_train_val.json + imgs.tsv + imgs.lineidx (synthetic world)",
+            "seed": seed, "n_questions": n_questions, "image_size": image_size, "image_format": image_format,
+            "n_images": writer.n_images, "noise": asdict(noise), "planted": planted,
+        }
+        (tmp / "world_manifest.json").write_text(json.dumps(manifest, indent=2))
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        writer_files = [writer.json, writer.tsv, writer.idx]
+        for fh in writer_files:
+            if not fh.closed:
+                fh.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Swap a completed temporary folder into place; the old target (if any) is removed only afterwards."""
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_world_manifest(world_dir: str | Path) -> dict[str, Any] | None:
+    """What ``make_world`` recorded about a world (None for a real WebQA folder)."""
+    path = Path(world_dir) / "world_manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -1,0 +1,474 @@
+"""Tests for mmrag_lite.data: readers, image store, synthetic world, Mini-WebQA filters and builder."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from mmrag_lite import data as D
+from mmrag_lite.data import (
+    FunnelReport,
+    ImageDecodeError,
+    ImageNotFoundError,
+    ImageStore,
+    MiniWebQAFilters,
+    WebQAFormatError,
+)
+
+NO_IMAGES = MiniWebQAFilters(check_images=False)
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _png(color=(200, 10, 10), size=16) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _jpeg(size=32) -> bytes:
+    """A noisy JPEG: most of its bytes are scan data, so cutting it leaves the headers whole (like real ones)."""
+    import random
+
+    rng = random.Random(0)
+    buf = io.BytesIO()
+    Image.frombytes("RGB", (size, size), bytes(rng.getrandbits(8) for _ in range(size * size * 3))).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def write_store(folder: Path, payloads: dict[int, bytes | str]) -> Path:
+    """imgs.tsv + imgs.lineidx with the given lines (bytes are base64'd; str payloads are written raw)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    offsets, offset = [], 0
+    with open(folder / "imgs.tsv", "wb") as tsv:
+        for image_id, payload in payloads.items():
+            raw = payload.encode() if isinstance(payload, str) else base64.b64encode(payload)
+            line = f"{image_id}\t".encode() + raw + b"\n"
+            offsets.append(offset)
+            tsv.write(line)
+            offset += len(line)
+    (folder / "imgs.lineidx").write_text("".join(f"{o}\n" for o in offsets))
+    return folder
+
+
+def raw_record(guid="g1", q=None, a="The ball is red.", kw="red", qcate="color",
+               img_pos=((30000000, "Ball of Lina", "A red ball."),), img_neg=((30000001, "Box of Omar", "A box."),),
+               txt_pos=(), txt_neg=(("A fact about boxes.", "Boxes"),)) -> dict:
+    q = q if q is not None else f"What color is the ball {guid}?"  # distinct by default: no duplicate filter hits
+    rec = {
+        "Guid": guid, "Q": json.dumps(q), "A": [json.dumps(a)], "Qcate": qcate, "topic": "ball", "split": "train",
+        "img_posFacts": [{"image_id": i, "title": t, "caption": c, "url": "", "imgUrl": ""} for i, t, c in img_pos],
+        "img_negFacts": [{"image_id": i, "title": t, "caption": c, "url": "", "imgUrl": ""} for i, t, c in img_neg],
+        "txt_posFacts": [{"fact": f, "title": t, "snippet_id": f"{guid}_{n}", "url": ""} for n, (f, t) in enumerate(txt_pos)],
+        "txt_negFacts": [{"fact": f, "title": t, "snippet_id": f"{guid}_{n + 10}", "url": ""}
+                         for n, (f, t) in enumerate(txt_neg)],
+    }
+    if kw is not None:
+        rec["Keywords_A"] = json.dumps(kw)
+    return rec
+
+
+def record(**kw) -> D.WebQARecord:
+    raw = raw_record(**kw)
+    return D.parse_record(raw["Guid"], raw)
+
+
+def write_webqa(folder: Path, records: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "WebQA_train_val.json").write_text(json.dumps(records))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    return D.make_world(tmp_path_factory.mktemp("w") / "world", n_questions=400, seed=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def built(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("m") / "mini_webqa"
+    dd, report = D.build_mini_webqa(world, out, settings="cpu-tiny", progress=False)
+    return out, dd, report
+
+
+# ----------------------------------------------------------------------------------------- WebQA reader
+def test_reads_the_real_shared_record(shared_data):
+    path = next((shared_data / "webqa-val").glob("train_record_*.json"))
+    result = D.read_webqa(path, strict=True)
+    assert not result.errors and len(result) == 1
+    r = result.records[0]
+    assert r.guid == "d5c5bcf60dba11ecb1e81171463288e9"
+    assert r.question == "What color is the belly of a Green Tree Frog?"  # literal quotes stripped
+    assert r.answers == ("The belly of a Green Tree Frog is white.",)
+    assert r.keywords == "white" and r.qcate == "color" and r.topic == "frog" and r.split == "train"
+    assert (len(r.img_pos), len(r.img_neg), len(r.txt_pos), len(r.txt_neg)) == (1, 16, 0, 16)
+    assert r.img_pos[0].image_id == 30240126 and isinstance(r.img_pos[0].image_id, int)
+    assert r.gold_ids == ["30240126"]
+    assert all(f.snippet_id.startswith(r.guid + "_") for f in r.txt_neg)
+    assert D.answer_mentions_keyword(r)
+
+
+def test_reads_the_test_layout_with_merged_facts(tmp_path):
+    raw = raw_record(guid="t1")
+    raw["img_Facts"] = raw.pop("img_posFacts") + raw.pop("img_negFacts")
+    raw["txt_Facts"] = raw.pop("txt_negFacts")
+    del raw["txt_posFacts"], raw["A"], raw["Keywords_A"]
+    r = D.parse_record("t1", raw)
+    assert not r.is_labelled and len(r.img_facts) == 2 and len(r.txt_facts) == 1 and r.answers == ()
+    assert r.gold_ids == []
+
+
+def test_one_bad_record_never_loses_the_others(tmp_path):
+    bad = raw_record(guid="bad1")
+    bad["img_negFacts"][0]["image_id"] = "not-an-id"
+    recs = {"g1": raw_record(guid="g1"), "bad1": bad, "g2": raw_record(guid="g2"), "bad2": {"Q": 3}}
+    path = write_webqa(tmp_path, recs) / "WebQA_train_val.json"
+    result = D.read_webqa(path)
+    assert [r.guid for r in result] == ["g1", "g2"]
+    assert [e.guid for e in result.errors] == ["bad1", "bad2"]
+    assert "image_id" in result.errors[0].message
+    with pytest.raises(WebQAFormatError, match="bad1") as exc:
+        D.read_webqa(path, strict=True)
+    assert exc.value.guid == "bad1"
+
+
+def test_streaming_reader_matches_json_load_with_tiny_chunks(world):
+    path = world / "WebQA_train_val.json"
+    streamed = dict(D.iter_raw_records(path, chunk_chars=97))
+    assert streamed == json.loads(path.read_text())
+
+
+def test_broken_json_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "WebQA_train_val.json"
+    path.write_text('{"g1": {"Q": "\\"x\\""}, "g2": {"Q": ')
+    with pytest.raises(WebQAFormatError, match="WebQA_train_val.json"):
+        list(D.iter_raw_records(path))
+    path.write_text("[1, 2]")
+    with pytest.raises(WebQAFormatError, match="keyed by Guid"):
+        list(D.iter_raw_records(path))
+
+
+# ------------------------------------------------------------------------------------------ image store
+def test_image_store_offsets_and_random_access(tmp_path):
+    ids = {30000000 + i: _png((i * 40, 0, 0), 8 + i) for i in range(5)}
+    folder = write_store(tmp_path, ids)
+    with ImageStore(folder) as store:
+        assert len(store) == 5 and store.offsets.dtype.name == "int64"
+        for image_id in [30000004, 30000001, 30000003]:  # out of order: seeks, never scans
+            im = store.get(image_id)
+            assert im.mode == "RGB" and im.size == (8 + image_id % 10, 8 + image_id % 10)
+        assert 30000002 in store and 30000009 not in store
+        assert store.get_bytes(30000000) == ids[30000000]
+    assert store._fh is None  # closed by the context manager
+
+
+def test_image_store_errors_name_the_id(tmp_path):
+    good = _jpeg(48)
+    folder = write_store(tmp_path, {
+        30000000: good,
+        30000001: good[: len(good) * 2 // 3],  # truncated: still readable
+        30000002: b"\x00\x01 not an image at all",
+        30000003: "!!!not base64!!!",
+        30000004: b"",
+    })
+    with ImageStore(folder / "imgs.tsv", folder / "imgs.lineidx") as store:
+        assert store.get(30000001).size == (48, 48)
+        with pytest.raises(ImageDecodeError, match="30000002"):
+            store.get(30000002)
+        with pytest.raises(ImageDecodeError, match="30000003"):
+            store.get(30000003)
+        with pytest.raises(ImageDecodeError, match="30000004.*empty"):
+            store.get(30000004)
+        with pytest.raises(ImageNotFoundError, match="30000099"):  # past the end of lineidx
+            store.get(30000099)
+        with pytest.raises(ImageNotFoundError, match="40000001"):  # row 1 exists but holds another id
+            store.get(40000001)
+        assert store.check(30000000) is None and "30000002" in store.check(30000002)
+        assert "too small" in store.check(30000000, min_side=100)
+
+
+def test_missing_store_files_are_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="imgs"):
+        ImageStore(tmp_path)
+
+
+# --------------------------------------------------------------------------------------- synthetic world
+def test_world_has_the_real_layout(world, shared_data):
+    real = json.loads(next((shared_data / "webqa-val").glob("train_record_*.json")).read_text())
+    real_rec = next(iter(real.values()))
+    synth = json.loads((world / "WebQA_train_val.json").read_text())
+    image_q = next(r for r in synth.values() if r.get("Qcate") == "color" and r.get("img_posFacts") and "Q" in r)
+    assert set(image_q) == set(real_rec)
+    for key, value in real_rec.items():
+        assert type(image_q[key]) is type(value), key
+    for kind in ("img_negFacts", "txt_negFacts"):
+        real_keys = set(real_rec[kind][0]) - {"old_image_id"}  # old_image_id is not in the public release
+        assert set(image_q[kind][0]) == real_keys
+        for key in real_keys:
+            assert type(image_q[kind][0][key]) is type(real_rec[kind][0][key]), (kind, key)
+    for rec in (real_rec, image_q):
+        assert rec["Q"].startswith('"') and rec["Q"].endswith('"') and rec["A"][0].startswith('"')
+        assert rec["Keywords_A"].startswith('"')
+    assert all(s["snippet_id"].startswith(image_q["Guid"] + "_") for s in image_q["txt_negFacts"])
+
+
+def test_world_image_ids_index_lineidx(world):
+    offsets = D.read_lineidx(world / "imgs.lineidx")
+    recs = D.read_webqa(world / "WebQA_train_val.json").records
+    with open(world / "imgs.tsv", "rb") as fh:
+        for fact in [f for r in recs[:20] for f in r.img_pos + r.img_neg]:
+            fh.seek(int(offsets[fact.image_id % 10_000_000]))
+            assert fh.readline().split(b"\t")[0] == str(fact.image_id).encode()
+
+
+def test_world_is_deterministic_and_covers_every_category(world, tmp_path):
+    again = D.make_world(tmp_path / "again", n_questions=400, seed=0, progress=False)
+    other = D.make_world(tmp_path / "other", n_questions=400, seed=1, progress=False)
+    for name in ("WebQA_train_val.json", "imgs.tsv", "imgs.lineidx"):
+        assert (world / name).read_bytes() == (again / name).read_bytes(), name
+    assert (world / "WebQA_train_val.json").read_bytes() != (other / "WebQA_train_val.json").read_bytes()
+    result = D.read_webqa(world / "WebQA_train_val.json")
+    assert {r.qcate for r in result} == set(D.QCATES)
+    planted = D.read_world_manifest(world)["planted"]
+    assert all(planted[k] > 0 for k in ("no_gold", "answer_misses", "broken_gold_image", "duplicate",
+                                        "near_duplicate", "overlong", "bad_record", "truncated_image"))
+    assert len(result.errors) == planted["bad_record"]
+    clean = [r for r in result if r.img_pos or r.txt_pos]
+    assert all(any(f.title.lower() in r.question.lower() for f, g in r.facts() if g) for r in clean)  # gold titles are named
+
+
+def test_world_images_show_the_answer(world):
+    recs = [r for r in D.read_webqa(world / "WebQA_train_val.json") if r.qcate == "color" and r.img_pos]
+    with ImageStore(world) as store:
+        for r in recs[:10]:
+            if not D.answer_mentions_keyword(r) or store.check(r.img_pos[0].image_id):
+                continue
+            colours = {c for _, c in store.get(r.img_pos[0].image_id).getcolors(maxcolors=4096)}
+            assert D.COLORS[r.keywords] in colours
+
+
+def test_world_write_is_atomic(tmp_path, monkeypatch):
+    from mmrag_lite.data import world as W
+
+    target = D.make_world(tmp_path / "world", n_questions=20, progress=False)
+    before = (target / "WebQA_train_val.json").read_bytes()
+    monkeypatch.setattr(W, "_question", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        D.make_world(target, n_questions=20, seed=5, progress=False)
+    assert (target / "WebQA_train_val.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["world"]
+
+
+# ---------------------------------------------------------------------------------------------- filters
+def _run(records, **filters):
+    report = FunnelReport("test")
+    kept = D.filter_records(records, MiniWebQAFilters(check_images=False, max_qcate_fraction=None,
+                                                      **filters), report=report)
+    return [r.guid for r in kept], {s.name: s.removed for s in report.steps}
+
+
+def test_filter_no_gold_source():
+    kept, removed = _run([record(guid="a"), record(guid="b", img_pos=())])
+    assert kept == ["a"] and removed["no_gold_source"] == 1
+    assert _run([record(guid="b", img_pos=())], require_gold=False)[0] == ["b"]
+
+
+def test_filter_answer_misses_keyword():
+    recs = [
+        record(guid="ok"),
+        record(guid="miss", a="Hard to say."),
+        record(guid="yn_ok", qcate="YesNo", kw=None, a="Yes, it is."),  # no Keywords_A: closed vocabulary
+        record(guid="yn_miss", qcate="YesNo", kw=None, a="Maybe."),
+        record(guid="txt_ok", qcate="text", kw=None, q="When was the Mill of Ada built?", a="It was built in 1850.",
+               img_pos=(), txt_pos=(("The Mill of Ada was built in 1850.", "Mill of Ada"),)),
+        record(guid="txt_miss", qcate="text", kw=None, q="When was the Mill of Ada built?", a="Nobody knows.",
+               img_pos=(), txt_pos=(("The Mill of Ada was built in 1850.", "Mill of Ada"),)),
+        record(guid="num_ok", qcate="number", kw=None, a="There are three balls."),  # number words count
+    ]
+    kept, removed = _run(recs)
+    assert kept == ["ok", "yn_ok", "txt_ok", "num_ok"] and removed["answer_misses_keyword"] == 3
+
+
+def test_filter_duplicate_questions():
+    recs = [record(guid="a", q="What color is the ball?"), record(guid="b", q="  what COLOR is the ball"),
+            record(guid="c", q="What color is the box?")]
+    kept, removed = _run(recs)
+    assert kept == ["a", "c"] and removed["duplicate_question"] == 1
+
+
+def test_filter_overlong_candidates():
+    long_text = "word " * 200
+    gold_long = record(guid="g", img_pos=((30000000, "Ball", long_text),))
+    neg_long = record(guid="n", img_neg=((30000001, "Box", long_text), (30000002, "Cup", "A cup.")))
+    kept, removed = _run([gold_long, neg_long], max_candidate_words=150)
+    assert kept == ["n"] and removed["overlong_gold"] == 1
+    row = D.record_to_row(neg_long, None, max_candidates=10, filters=NO_IMAGES)
+    assert "30000001" not in [c["id"] for c in row["candidates"]]  # an overlong distractor is just dropped
+
+
+def test_filter_broken_gold_image(tmp_path):
+    folder = write_store(tmp_path, {30000000: _png(), 30000001: b"garbage", 30000002: _png(size=2)})
+    recs = [record(guid="ok"), record(guid="broken", img_pos=((30000001, "Ball", "x"),), img_neg=()),
+            record(guid="tiny", img_pos=((30000002, "Ball", "x"),), img_neg=()),
+            record(guid="missing", img_pos=((30000007, "Ball", "x"),), img_neg=())]
+    with ImageStore(folder) as store:
+        report = FunnelReport("t")
+        kept = D.filter_records(recs, MiniWebQAFilters(max_qcate_fraction=None), store, report)
+        assert [r.guid for r in kept] == ["ok"]
+        assert {s.name: s.removed for s in report.steps}["broken_gold_image"] == 3
+        # a broken distractor is skipped, not fatal
+        row = D.record_to_row(record(guid="x", img_neg=((30000001, "Box", "x"),)), store, 8, MiniWebQAFilters())
+        assert [c["id"] for c in row["candidates"] if c["modality"] == "image"] == ["30000000"]
+
+
+def test_filter_qcate_and_category_balance():
+    recs = [record(guid=f"c{i}", q=f"What color is ball {i}?") for i in range(6)] + [
+        record(guid=f"n{i}", q=f"How many balls {i}?", qcate="number", kw="3", a="3 balls") for i in range(2)]
+    kept, removed = _run(recs, max_per_qcate=3)
+    assert sum(g.startswith("c") for g in kept) == 3 and sum(g.startswith("n") for g in kept) == 2
+    assert removed["category_balance"] == 3
+    assert _run(recs, max_per_qcate=3)[0] == kept  # seeded
+    assert all(g.startswith("n") for g in _run(recs, qcates=("number",))[0])
+    report = FunnelReport("t")
+    assert len(D.balance_categories(recs, MiniWebQAFilters(max_qcate_fraction=0.5), report)) == 6  # 4 colour + 2
+
+
+def test_split_keeps_near_duplicates_together():
+    recs = []
+    for i in range(60):
+        recs.append(record(guid=f"a{i}", q=f"What color are the stars in the Garden {i}?"))
+        if i % 3 == 0:
+            recs.append(record(guid=f"b{i}", q=f"In the Garden {i}, what color are the stars?"))
+    splits = D.split_records(recs, (0.8, 0.1, 0.1), seed=0)
+    where = {r.guid: name for name, rs in splits.items() for r in rs}
+    assert all(where[f"a{i}"] == where[f"b{i}"] for i in range(0, 60, 3))
+    assert sum(map(len, splits.values())) == len(recs) and all(splits.values())
+    assert D.split_records(recs, seed=0) == splits
+
+
+def test_candidate_pool_keeps_gold_and_is_deterministic():
+    negs = tuple((30000010 + i, f"Box {i}", "A box.") for i in range(12))
+    r = record(img_pos=((30000000, "Ball", "x"), (30000001, "Ball 2", "y")), img_neg=negs)
+    row = D.record_to_row(r, None, max_candidates=5, filters=NO_IMAGES, seed=3)
+    assert len(row["candidates"]) == 5 and sorted(row["gold_ids"]) == ["30000000", "30000001"]
+    assert row == D.record_to_row(r, None, max_candidates=5, filters=NO_IMAGES, seed=3)
+    assert [c["id"] for c in row["candidates"]] != [c["id"] for c in
+                                                   D.record_to_row(r, None, 5, NO_IMAGES, seed=4)["candidates"]]
+    assert len(D.record_to_row(r, None, max_candidates=1, filters=NO_IMAGES)["candidates"]) == 2  # gold always kept
+
+
+# ----------------------------------------------------------------------------------------------- builder
+def test_build_on_the_world_matches_the_contract(built):
+    out, dd, report = built
+    assert set(dd) == {"train", "validation", "test"}
+    assert dd["train"].features == D.mini_webqa_features()
+    assert report.splits == {k: len(v) for k, v in dd.items()} and sum(report.splits.values()) == report.n_kept
+    assert report.n_read == 400 and report.steps[0].name == "unreadable" and report.steps[0].removed > 0
+    assert all(s.removed > 0 for s in report.steps if s.name in (
+        "no_gold_source", "answer_misses_keyword", "duplicate_question", "broken_gold_image"))
+    assert FunnelReport.load(out).to_dict() == report.to_dict()
+    for row in dd["validation"]:
+        ids = [c["id"] for c in row["candidates"]]
+        assert 1 <= len(row["gold_ids"]) and set(row["gold_ids"]) <= set(ids) and len(ids) <= 8
+        assert row["question"][0] != '"' and row["answer"][0] != '"'
+        for c in row["candidates"]:
+            assert (c["image"] is None) == (c["modality"] == "text")
+            if c["image"] is not None:
+                assert c["image"].size == (56, 56)
+    guids = [set(dd[s]["guid"]) for s in dd]
+    assert not (guids[0] & guids[1] or guids[0] & guids[2] or guids[1] & guids[2])
+    keys = {s: {D.near_dup_key(q) for q in dd[s]["question"]} for s in dd}
+    assert not (keys["train"] & keys["validation"] or keys["train"] & keys["test"] or keys["validation"] & keys["test"])
+
+
+def test_build_without_images_and_text_report(tmp_path):
+    folder = write_webqa(tmp_path, {"g1": raw_record(guid="g1"), "g2": raw_record(guid="g2", q="Other q?")})
+    dd, report = D.build_mini_webqa(folder, None, filters=MiniWebQAFilters(check_images=False), progress=False)
+    assert sum(len(v) for v in dd.values()) == 2 and "unreadable" in str(report)
+    with pytest.raises(FileNotFoundError, match="imgs.tsv"):
+        D.build_mini_webqa(folder, None, progress=False)
+
+
+def test_save_is_atomic_on_failure(tmp_path, monkeypatch, built):
+    import datasets
+
+    _, dd, _ = built
+    target = tmp_path / "mini"
+
+    def half_write(self, path, *a, **k):
+        Path(path).mkdir(parents=True)
+        (Path(path) / "half.arrow").write_bytes(b"xx")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(datasets.DatasetDict, "save_to_disk", half_write)
+    with pytest.raises(OSError, match="disk full"):
+        D.save_dataset_atomic(dd, target)
+    assert list(tmp_path.iterdir()) == []  # no target, no temporary left behind
+    monkeypatch.undo()
+    D.save_dataset_atomic(dd, target, {"funnel.json": "{}"}, progress=False)
+    monkeypatch.setattr(datasets.DatasetDict, "save_to_disk", half_write)
+    with pytest.raises(OSError):
+        D.save_dataset_atomic(dd, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mini"]
+    assert len(D.load_mini_webqa(target)["train"]) == len(dd["train"])  # the old one is intact
+
+
+def test_ensure_mini_webqa_builds_once(tmp_path):
+    dd = D.ensure_mini_webqa("cpu-tiny", tmp_path)
+    assert (tmp_path / "world" / "imgs.lineidx").is_file() and (tmp_path / "mini_webqa" / "funnel.json").is_file()
+    stamp = os.path.getmtime(tmp_path / "mini_webqa" / "dataset_dict.json")
+    again = D.ensure_mini_webqa("cpu-tiny", tmp_path)
+    assert os.path.getmtime(tmp_path / "mini_webqa" / "dataset_dict.json") == stamp
+    assert again["train"]["guid"] == dd["train"]["guid"] and len(dd["train"]) > 200
+
+
+# --------------------------------------------------------------------------------------------------- MMQA
+def test_mmqa_reader_on_shared_dev(shared_data):
+    data = D.load_mmqa(shared_data / "mmqa-dev", "dev")
+    assert len(data.questions) == 2441 and len(data.images) == 57058
+    assert sum(q.qtype == "ImageQ" for q in data.questions) == 230
+    q = next(q for q in data.questions if q.qtype == "ImageQ")
+    assert q.answers and set(q.gold_doc_ids) <= set(q.image_doc_ids)
+    rows = D.mmqa_to_rows(data.questions, data.images, data.texts)
+    assert len(rows) == 230
+    for row in rows:
+        assert row["gold_ids"] and set(row["gold_ids"]) <= {c["id"] for c in row["candidates"]}
+        assert all(c["image"] is None for c in row["candidates"])
+        assert row["answers"] and row["answer"] == row["answers"][0]
+    assert all(c["title"] for row in rows for c in row["candidates"] if c["modality"] == "image")
+    trimmed = D.mmqa_to_rows(data.questions, data.images, max_candidates=5)
+    assert all(len(r["candidates"]) <= max(5, len(r["gold_ids"])) for r in trimmed)
+
+
+def test_mmqa_bad_line_is_reported_by_qid(tmp_path):
+    path = tmp_path / "MMQA_dev.jsonl"
+    good = {"qid": "q1", "question": "Q?", "answers": [{"answer": "x"}], "metadata": {"type": "TextQ"},
+            "supporting_context": []}
+    path.write_text(json.dumps(good) + "\n" + json.dumps({"qid": "q2"}) + "\n")
+    errors: list = []
+    assert [q.qid for q in D.read_mmqa(path, errors=errors)] == ["q1"] and errors[0].guid == "q2"
+    with pytest.raises(D.MMQAFormatError, match="q2"):
+        D.read_mmqa(path, strict=True)
+
+
+# ------------------------------------------------------------------------------------------ viz / widgets
+def test_plot_funnel_and_dataset_browser(built):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from mmrag_lite.viz import plot_funnel
+    from mmrag_lite.widgets import dataset_browser
+
+    out, dd, report = built
+    for source in (report, report.to_dict(), out):
+        fig = plot_funnel(source)
+        assert len(fig.axes[0].patches) == 2 * (len(report.steps) + 1)
+    browser = dataset_browser(dd)
+    assert len(browser.grid.children) == len(dd["train"][0]["candidates"])
+    browser.split_picker.value = "test"
+    assert dd["test"][0]["guid"] in browser.header.value
