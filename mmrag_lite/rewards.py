@@ -1,0 +1,349 @@
+"""Rule-based rewards for the two GRPO stages, with TRL's signature ``f(completions, **columns) -> list[float]``.
+
+The paper names the reward *components* (format; stage-1 relevance; stage-2 ranking and answer) but not their
+formulas or weights. Everything below is **our choice**, kept configurable in ``config`` and explained in
+notebook 02. For a completion ``o`` read by ``parsing`` (``parse(o).ok`` = exactly the required tag structure),
+a configurable ``penalty ≤ 0`` for output that cannot be read at all, and the dataset columns of its row:
+
+**Format** (both stages, with or without ``<think>``): all or nothing.
+
+    r_fmt(o) = 1                 if parse(o).ok
+               penalty           otherwise
+
+**Relevance** (stage 1), the verdict ``ŷ ∈ {yes, no}`` against the row's ``label`` ``y``, with class weights
+``w_yes = ρ / max(ρ, 1)``, ``w_no = 1 / max(ρ, 1)`` for a positive weight ``ρ`` (1 = no re-weighting;
+``balance_classes`` sets ``ρ = (1 − π) / π`` from the share of positives ``π``, the balanced-accuracy weighting):
+
+    r_rel(o) = w_y               if ŷ = y
+               0                 if ŷ ≠ y
+               penalty           if no single yes/no verdict can be read
+
+**Ranking** (stage 2), the listed ids ``S = (s_1, s_2, …)`` (order kept, repeats dropped) against the gold ids
+``G``; an id that is not among the row's ``candidate_ids`` ``C`` can never be relevant but still takes its slot:
+
+    f1:    r_rank(o) = 2 |S ∩ G ∩ C| / (|S| + |G|)                       (= WebQA Retrieval-F1)
+    ndcg:  r_rank(o) = Σ_{i ≤ k} [s_i ∈ G ∩ C] / log2(i + 1)  /  Σ_{i ≤ min(k, |G|)} 1 / log2(i + 1)
+           with k = |G| unless configured (listing every candidate must not pay: ids past k earn nothing)
+           penalty when no sources block can be read
+
+**Answer** (stage 2), the text ``â`` inside ``<answer>`` against the row's reference:
+
+    webqa:    r_ans(o) = Acc_WebQA(â, keywords if keywords else answer, qcate)     (see ``metrics``)
+    mmqa_f1:  r_ans(o) = F1_DROP(â, answer)
+    mmqa_em:  r_ans(o) = EM_DROP(â, answer)
+              penalty when no single answer block can be read
+
+**Total** (what GRPO sees, computed by TRL from ``GRPOConfig(reward_weights=...)``): ``r = Σ_c λ_c r_c``.
+
+Every function is pure and never raises on a malformed completion; a missing *column* is a wiring error and
+raises ``ValueError`` at once, naming it. Each function accepts and ignores TRL's extra keyword arguments
+(``prompts``, ``completion_ids``, ``trainer_state``, unrelated columns).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from mmrag_lite import metrics
+from mmrag_lite.parsing import Stage1Parse, Stage2Parse, parse_stage1, parse_stage2
+from mmrag_lite.prompts import DEFAULT_TAGS, NO, YES, Tags
+
+RewardFunc = Callable[..., list[float]]
+
+STAGE_COMPONENTS: dict[int, tuple[str, ...]] = {1: ("format", "relevance"), 2: ("format", "ranking", "answer")}
+RANKING_METRICS = ("f1", "ndcg")
+ANSWER_METRICS = ("webqa", "mmqa_f1", "mmqa_em")
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _column(name: str, columns: Mapping[str, Any], n: int) -> list[Any]:
+    """A dataset column as TRL passes it (one value per completion); a missing or misaligned one is a wiring bug."""
+    if name not in columns:
+        raise ValueError(f"reward needs the dataset column {name!r}, but only {sorted(columns)} were passed")
+    values = columns[name]
+    if values is None or isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+        raise ValueError(f"column {name!r} must be a list with one value per completion, got {type(values).__name__}")
+    if len(values) != n:
+        raise ValueError(f"column {name!r} has {len(values)} values for {n} completions")
+    return list(values)
+
+
+def _optional_column(name: str, columns: Mapping[str, Any], n: int, default: Any) -> list[Any]:
+    return _column(name, columns, n) if columns.get(name) is not None else [default] * n
+
+
+def _check_penalty(penalty: float) -> float:
+    if not isinstance(penalty, (int, float)) or math.isnan(penalty) or penalty > 0:
+        raise ValueError(f"penalty must be a number <= 0 (it is what unreadable output earns), got {penalty!r}")
+    return float(penalty)
+
+
+def _ids(value: Any) -> list[str]:
+    if value is None or isinstance(value, (str, bytes)):
+        return [value] if isinstance(value, str) else []
+    try:
+        return [str(v) for v in value if v is not None]
+    except TypeError:
+        return []
+
+
+# ------------------------------------------------------------------------------------------------- format
+def format_reward(
+    completions: Sequence[Any], *, stage: int, reasoning: bool, penalty: float = 0.0, tags: Tags = DEFAULT_TAGS, **_: Any
+) -> list[float]:
+    """1 for exactly the required structure of ``stage``, else ``penalty``. Stage 2 checks ids when ``candidate_ids`` is passed."""
+    penalty = _check_penalty(penalty)
+    if stage == 1:
+        parses: list[Any] = [parse_stage1(c, reasoning=reasoning, tags=tags) for c in completions]
+    elif stage == 2:
+        cand = _ids_column_or_none("candidate_ids", _, len(completions))
+        parses = [parse_stage2(c, cand[i], reasoning=reasoning, tags=tags) for i, c in enumerate(completions)]
+    else:
+        raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+    return [1.0 if p.ok else penalty for p in parses]
+
+
+def _ids_column_or_none(name: str, columns: Mapping[str, Any], n: int) -> list[list[str] | None]:
+    if columns.get(name) is None:
+        return [None] * n
+    return [_ids(v) if v is not None else None for v in _column(name, columns, n)]
+
+
+# ---------------------------------------------------------------------------------------------- relevance
+def class_weights(positive_weight: float = 1.0) -> dict[str, float]:
+    """``{yes: w_yes, no: w_no}`` scaled so the larger is 1 (rewards stay in [penalty, 1])."""
+    if not positive_weight > 0 or math.isinf(positive_weight):
+        raise ValueError(f"positive_weight must be a positive finite number, got {positive_weight!r}")
+    top = max(positive_weight, 1.0)
+    return {YES: positive_weight / top, NO: 1.0 / top}
+
+
+def balanced_positive_weight(positive_fraction: float) -> float:
+    """ρ = (1 − π) / π: each class then contributes equally in expectation (balanced accuracy)."""
+    if not 0 < positive_fraction < 1:
+        raise ValueError(f"positive_fraction must be in (0, 1), got {positive_fraction!r}")
+    return (1 - positive_fraction) / positive_fraction
+
+
+def relevance_reward(
+    completions: Sequence[Any],
+    label: Sequence[Any] | None = None,
+    *,
+    reasoning: bool = False,
+    positive_weight: float = 1.0,
+    penalty: float = 0.0,
+    tags: Tags = DEFAULT_TAGS,
+    **columns: Any,
+) -> list[float]:
+    """Stage 1: ``w_y`` for the right verdict, 0 for the wrong one, ``penalty`` when none can be read.
+
+    The verdict is read even when the format around it is imperfect (the format reward judges that);
+    a repeated or non yes/no verdict cannot be read. A row whose label is not yes/no earns 0.
+    """
+    penalty = _check_penalty(penalty)
+    labels = _column("label", {"label": label} if label is not None else columns, len(completions))
+    weights = class_weights(positive_weight)
+    out = []
+    for completion, gold in zip(completions, labels):
+        verdict = parse_stage1(completion, reasoning=reasoning, tags=tags).label
+        gold = gold.strip().lower() if isinstance(gold, str) else None
+        if verdict is None:
+            out.append(penalty)
+        elif gold not in weights:
+            out.append(0.0)
+        else:
+            out.append(weights[gold] if verdict == gold else 0.0)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ ranking
+def ranking_score(selected: Sequence[str], gold: Sequence[str], candidates: Sequence[str] | None, *, metric: str = "f1", k: int | None = None) -> float:
+    """The ranking reward of one parsed id list (see the module docstring)."""
+    gold_set = {g for g in gold}
+    if candidates is not None:
+        gold_set &= set(candidates)
+    if not gold_set:
+        return 0.0
+    if metric == "f1":
+        hits = len(set(selected) & gold_set)
+        return 2 * hits / (len(selected) + len(gold_set)) if hits else 0.0
+    if metric == "ndcg":
+        return metrics.ndcg_at_k(selected, gold_set, k if k is not None else len(gold_set))
+    raise ValueError(f"unknown ranking metric {metric!r}; choose one of {RANKING_METRICS}")
+
+
+def ranking_reward(
+    completions: Sequence[Any],
+    candidate_ids: Sequence[Any] | None = None,
+    gold_ids: Sequence[Any] | None = None,
+    *,
+    reasoning: bool = False,
+    metric: str = "f1",
+    k: int | None = None,
+    penalty: float = 0.0,
+    tags: Tags = DEFAULT_TAGS,
+    **columns: Any,
+) -> list[float]:
+    """Stage 2: set-F1 or nDCG of the listed ids against ``gold_ids``; ``penalty`` when no sources block can be read."""
+    penalty = _check_penalty(penalty)
+    if metric not in RANKING_METRICS:
+        raise ValueError(f"unknown ranking metric {metric!r}; choose one of {RANKING_METRICS}")
+    n = len(completions)
+    cols = dict(columns, candidate_ids=candidate_ids, gold_ids=gold_ids)
+    cands = _column("candidate_ids", cols, n)
+    golds = _column("gold_ids", cols, n)
+    out = []
+    for completion, cand, gold in zip(completions, cands, golds):
+        cand_ids = _ids(cand) if cand is not None else None
+        parsed = parse_stage2(completion, cand_ids, reasoning=reasoning, tags=tags)
+        if parsed.source_ids is None:
+            out.append(penalty)
+            continue
+        out.append(ranking_score(parsed.source_ids, _ids(gold), cand_ids, metric=metric, k=k))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- answer
+def answer_reward(
+    completions: Sequence[Any],
+    answer: Sequence[Any] | None = None,
+    *,
+    reasoning: bool = False,
+    metric: str = "webqa",
+    penalty: float = 0.0,
+    tags: Tags = DEFAULT_TAGS,
+    **columns: Any,
+) -> list[float]:
+    """Stage 2: the answer's accuracy against the row's reference; ``penalty`` when no single answer block can be read.
+
+    ``webqa`` uses the optional columns ``keywords`` (preferred when non-empty) and ``qcate`` (default ``text``).
+    """
+    penalty = _check_penalty(penalty)
+    if metric not in ANSWER_METRICS:
+        raise ValueError(f"unknown answer metric {metric!r}; choose one of {ANSWER_METRICS}")
+    n = len(completions)
+    answers = _column("answer", dict(columns, answer=answer), n)
+    parsed = [parse_stage2(c, None, reasoning=reasoning, tags=tags).answer for c in completions]
+    readable = [i for i, a in enumerate(parsed) if a is not None]
+    out = [penalty] * n
+    if not readable:
+        return out
+    if metric == "webqa":
+        keywords = _optional_column("keywords", columns, n, "")
+        qcates = _optional_column("qcate", columns, n, "text")
+        refs = [metrics.qa_reference(answers[i], keywords[i]) for i in readable]
+        qc = [qcates[i] if isinstance(qcates[i], str) else "text" for i in readable]
+        scores = metrics.webqa_accuracy_batch([parsed[i] for i in readable], refs, qc)
+    else:
+        position = 0 if metric == "mmqa_em" else 1
+        scores = []
+        for i in readable:
+            gold = answers[i]
+            gold = [gold] if isinstance(gold, str) else _ids(gold)
+            scores.append(metrics.mmqa_em_f1(parsed[i], gold)[position] if gold else 0.0)
+    for i, s in zip(readable, scores):
+        out[i] = float(s)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ builder
+def _named(name: str, func: Callable[..., list[float]], **bound: Any) -> RewardFunc:
+    """A reward function with its options bound and ``__name__`` = the component (TRL logs ``rewards/<name>/mean``)."""
+
+    def reward(completions: Sequence[Any], **columns: Any) -> list[float]:
+        columns = {k: v for k, v in columns.items() if k not in bound}  # a column never overrides an option
+        return func(completions, **bound, **columns)
+
+    reward.__name__ = reward.__qualname__ = name
+    reward.__doc__ = f"{name} reward ({func.__name__} with {bound})"
+    return reward
+
+
+def build_reward_funcs(
+    stage: int,
+    weights: Mapping[str, float],
+    *,
+    reasoning: bool,
+    ranking_metric: str = "f1",
+    balance_classes: bool = False,
+    positive_fraction: float | None = None,
+    positive_weight: float | None = None,
+    penalty: float = 0.0,
+    ndcg_k: int | None = None,
+    answer_metric: str = "webqa",
+    tags: Tags = DEFAULT_TAGS,
+) -> tuple[list[RewardFunc], list[float]]:
+    """The reward functions of one stage and their weights, in the same order, for ``GRPOTrainer``/``GRPOConfig``.
+
+    ``weights`` maps component → λ (``preset.stageN.weights``); components come back in the canonical order
+    (format, relevance) / (format, ranking, answer). ``balance_classes`` re-weights stage-1 verdicts with
+    ``ρ = positive_weight`` if given, else ``(1 − π)/π`` from ``positive_fraction`` (default 0.5, i.e. no change).
+    """
+    if stage not in STAGE_COMPONENTS:
+        raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+    known = STAGE_COMPONENTS[stage]
+    unknown = [c for c in weights if c not in known]
+    if unknown:
+        raise ValueError(f"unknown reward component(s) {unknown} for stage {stage}; known: {list(known)}")
+    if not weights:
+        raise ValueError(f"weights must name at least one of {list(known)}")
+    for name, w in weights.items():
+        if not isinstance(w, (int, float)) or math.isnan(w) or w < 0:
+            raise ValueError(f"weight of {name!r} must be a number >= 0, got {w!r}")
+    penalty = _check_penalty(penalty)
+    if ranking_metric not in RANKING_METRICS:
+        raise ValueError(f"unknown ranking_metric {ranking_metric!r}; choose one of {RANKING_METRICS}")
+    if answer_metric not in ANSWER_METRICS:
+        raise ValueError(f"unknown answer_metric {answer_metric!r}; choose one of {ANSWER_METRICS}")
+    rho = 1.0
+    if balance_classes:
+        rho = positive_weight if positive_weight is not None else balanced_positive_weight(positive_fraction if positive_fraction is not None else 0.5)
+    class_weights(rho)  # validates
+
+    common = {"reasoning": reasoning, "penalty": penalty, "tags": tags}
+    factories: dict[str, Callable[[], RewardFunc]] = {
+        "format": lambda: _named("format", format_reward, stage=stage, **common),
+        "relevance": lambda: _named("relevance", relevance_reward, positive_weight=rho, **common),
+        "ranking": lambda: _named("ranking", ranking_reward, metric=ranking_metric, k=ndcg_k, **common),
+        "answer": lambda: _named("answer", answer_reward, metric=answer_metric, **common),
+    }
+    names = [c for c in known if c in weights]
+    return [factories[c]() for c in names], [float(weights[c]) for c in names]
+
+
+def reward_funcs_for_preset(preset: Any, stage: int) -> tuple[list[RewardFunc], list[float]]:
+    """``build_reward_funcs`` with every option read from a ``config.Preset``."""
+    settings = preset.stage1 if stage == 1 else preset.stage2
+    kwargs: dict[str, Any] = {"reasoning": settings.reasoning}
+    if stage == 1:
+        kwargs.update(balance_classes=settings.balance_classes, positive_fraction=settings.positive_fraction)
+    else:
+        kwargs.update(ranking_metric=settings.ranking_metric)
+    return build_reward_funcs(stage, settings.weights, **kwargs)
+
+
+def score_completion(
+    completion: Any, row: Mapping[str, Any], *, stage: int, weights: Mapping[str, float], **options: Any
+) -> dict[str, float]:
+    """Every component of one completion for one dataset row, and their weighted total (for tables and the playground)."""
+    funcs, lambdas = build_reward_funcs(stage, weights, **options)
+    columns = {k: [v] for k, v in row.items()}
+    scores = {f.__name__: f([completion], **columns)[0] for f in funcs}
+    scores["total"] = sum(l * scores[f.__name__] for f, l in zip(funcs, lambdas))
+    return scores
+
+
+def explain(completion: Any, *, stage: int, reasoning: bool, candidate_ids: Sequence[str] | None = None, tags: Tags = DEFAULT_TAGS) -> Stage1Parse | Stage2Parse:
+    """The parse behind the scores (what the playground prints under the table)."""
+    if stage == 1:
+        return parse_stage1(completion, reasoning=reasoning, tags=tags)
+    return parse_stage2(completion, candidate_ids, reasoning=reasoning, tags=tags)
+
+
+__all__ = [
+    "ANSWER_METRICS", "RANKING_METRICS", "STAGE_COMPONENTS", "answer_reward", "balanced_positive_weight",
+    "build_reward_funcs", "class_weights", "explain", "format_reward", "ranking_reward", "ranking_score",
+    "relevance_reward", "reward_funcs_for_preset", "score_completion",
+]

@@ -1,0 +1,284 @@
+"""Official WebQA / MultimodalQA metrics: hand-computed cases, a tiny offline BART, and the 4,966 real val questions."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+
+from mmrag_lite import metrics
+from mmrag_lite.metrics import (
+    COLOR_SET,
+    SHAPE_SET,
+    BARTScorer,
+    evaluate_mmqa_submission,
+    evaluate_webqa_submission,
+    mmqa_em_f1,
+    mmqa_normalize_answer,
+    mrr,
+    ndcg_at_k,
+    normalize_for_bart,
+    normalize_webqa_text,
+    precision_at_k,
+    recall_at_k,
+    webqa_accuracy,
+    webqa_fluency,
+    webqa_qa,
+    webqa_retrieval_f1,
+    word_to_num,
+)
+
+EPS = metrics.OFFICIAL_F1_EPS
+
+
+def official_f1(p: float, r: float) -> float:
+    return 2 * p * r / (p + r + EPS)
+
+
+# ------------------------------------------------------------------------------------------ retrieval F1
+def test_retrieval_f1():
+    assert webqa_retrieval_f1([30079629], ["30079629"]) == 1.0  # ints and strings are the same id
+    assert webqa_retrieval_f1(["a", "b"], ["a"]) == pytest.approx(2 / 3)
+    assert webqa_retrieval_f1(["a"], ["a", "b", "c"]) == pytest.approx(0.5)
+    assert webqa_retrieval_f1(["x"], ["a"]) == 0.0
+    assert webqa_retrieval_f1([], ["a"]) == 0.0
+    assert webqa_retrieval_f1(["a", "a"], ["a"]) == 1.0  # a set
+    assert webqa_retrieval_f1(None, ["a"]) == 0.0
+
+
+# ------------------------------------------------------------------------------------------ normalisation
+def test_word_to_num_matches_word2number_on_single_words():
+    assert word_to_num("seven") == 7 and word_to_num("Twenty") == 20 and word_to_num("hundred") == 100
+    assert word_to_num("007") == 7 and word_to_num("point") == 0
+    for bad in ("seventh", "1.5", "dog", "", "²"):
+        with pytest.raises(ValueError):
+            word_to_num(bad)
+
+
+def test_webqa_normalisation_rules():
+    # articles go, punctuation goes but a decimal point stays, number words become digits, lemmas
+    assert normalize_webqa_text("The 2.5 geese, twenty dogs and one point!") == "2.5 geese 20 dog and 1 point"
+    assert normalize_webqa_text("The") == "the"  # a single word keeps its article
+    assert normalize_webqa_text("A") == "a"  # a single character is only lower-cased
+    assert normalize_webqa_text("Seven.") == "7"
+    assert normalize_webqa_text("") == ""
+
+
+def test_closed_vocabularies_are_the_official_ones():
+    assert len(COLOR_SET) == 36 and {"red", "grey", "gray", "yes", "bluere"} <= COLOR_SET
+    assert len(SHAPE_SET) == 69 and {"octogon", "h", "xs", "torus", "round"} <= SHAPE_SET
+
+
+# ------------------------------------------------------------------------------------------------ QA-Acc
+@pytest.mark.parametrize(
+    "cand, ref, qcate, expected",
+    [
+        ("Yes, it does.", "Yes.", "YesNo", official_f1(1, 1)),
+        ("No", "yes", "YesNo", 0.0),
+        ("yes and no", "Yes", "YesNo", official_f1(1 / 2, 1)),  # hedging costs precision
+        ("The flower is red and blue.", "red", "color", official_f1(1 / 2, 1)),
+        ("red red red", "red", "color", official_f1(1, 1)),  # colours are a set: repeats do not count
+        ("The sign is a rectangle", "Rectangular.", "shape", 0.0),  # lemmas differ: both in the list, no overlap
+        ("There are three dogs", "3", "number", official_f1(1, 1)),
+        ("There are 3 or 4 dogs", "3", "number", official_f1(1 / 2, 1)),
+        ("About 2.5 meters", "2.5", "number", 0.0),  # decimals are not integers: dropped on both sides
+        ("A fountain", "fountain", "Others", 1.0),  # recall
+        ("a big fountain in the square", "fountain", "Others", 1.0),
+        ("fountain", "large fountain", "choose", 0.5),
+        ("Paris", "Paris France", "text", 0.5),
+        ("", "red", "color", 0.0),
+        ("blue", "", "color", 0.0),
+    ],
+)
+def test_webqa_accuracy_hand_computed(cand, ref, qcate, expected):
+    assert webqa_accuracy(cand, ref, qcate) == pytest.approx(expected, abs=1e-9)
+
+
+def test_webqa_accuracy_malformed_inputs_score_zero():
+    assert webqa_accuracy(None, "red", "color") == 0.0  # type: ignore[arg-type]
+    assert webqa_accuracy("red", None, "color") == 0.0  # type: ignore[arg-type]
+    assert webqa_accuracy("red", "red", None) == 1.0  # unknown category: recall
+    assert webqa_accuracy("🚗 红色", "红色", "text") == 1.0
+
+
+def test_batch_equals_single_and_uses_the_cache():
+    cands, refs, cats = ["It is red.", "two", "yes"], ["red", "2", "no"], ["color", "number", "YesNo"]
+    assert metrics.webqa_accuracy_batch(cands, refs, cats) == [webqa_accuracy(c, r, q) for c, r, q in zip(cands, refs, cats)]
+    with pytest.raises(ValueError):
+        metrics.webqa_accuracy_batch(["a"], ["a", "b"])
+
+
+# ---------------------------------------------------------------------------------------------- fluency
+class FakeScorer:
+    """s(src -> tgt) = -(number of words of tgt not in src): enough to check the FL arithmetic by hand."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def score(self, srcs, tgts):
+        self.calls += list(zip(srcs, tgts))
+        return [-float(len([w for w in t.split() if w not in s.split()])) for s, t in zip(srcs, tgts)]
+
+
+def test_fluency_arithmetic_with_a_fake_scorer():
+    scorer = FakeScorer()
+    # s(r->c) = -1 (one new word), s(r->r) = 0  ->  exp(-1)
+    assert webqa_fluency("the red car", ["the car"], scorer) == pytest.approx(math.exp(-1))
+    # punctuation is stripped before scoring
+    assert ("the car", "the red car") in scorer.calls
+    # max over references, capped at 1
+    assert webqa_fluency("the car", ["a red car", "the car!"], scorer) == pytest.approx(1.0)
+    assert normalize_for_bart("It's  red, isn't it?") == "Its red isnt it"
+
+
+def test_webqa_qa_is_the_mean_of_products():
+    assert webqa_qa([1.0, 0.5], [0.0, 1.0]) == pytest.approx(0.25)  # not mean(FL) * mean(Acc) = 0.375
+    assert webqa_qa([], []) == 0.0
+    with pytest.raises(ValueError):
+        webqa_qa([1.0], [])
+
+
+def _tiny_bart():
+    torch = pytest.importorskip("torch")
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import BartConfig, BartForConditionalGeneration, PreTrainedTokenizerFast
+
+    words = ["the", "a", "red", "blue", "car", "is", "it", "dog", "cat", "on", "mat", "sat"]
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    torch.manual_seed(0)
+    config = BartConfig(vocab_size=len(vocab), d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+                        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)
+    return BartForConditionalGeneration(config), tokenizer
+
+
+def test_bart_scorer_is_mean_token_log_likelihood():
+    torch = pytest.importorskip("torch")
+    model, tokenizer = _tiny_bart()
+    scorer = BARTScorer(model, tokenizer, device="cpu", batch_size=4)
+    src, tgt = "the red car", "a car is red"
+    [s] = scorer.score([src], [tgt])
+    enc, lab = tokenizer([src], return_tensors="pt"), tokenizer([tgt], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        loss = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=lab).loss
+    assert s == pytest.approx(-loss.item(), rel=1e-5)  # the mean NLL over every target token, BOS/EOS included
+    # padding in a batch changes nothing
+    srcs, tgts = ["the red car", "a dog sat on the mat", "cat"], ["a car is red", "dog", "the cat sat on a mat"]
+    batched = scorer.score(srcs, tgts)
+    single = [scorer.score([s_], [t_])[0] for s_, t_ in zip(srcs, tgts)]
+    assert batched == pytest.approx(single, rel=1e-4, abs=1e-5)
+    # an answer identical to its reference is perfectly fluent; FL stays in [0, 1]
+    assert webqa_fluency("The red car.", ["the red car"], scorer) == pytest.approx(1.0)
+    assert 0.0 <= webqa_fluency("dog dog dog", ["the red car", "a blue car"], scorer) <= 1.0
+
+
+def test_load_bart_scorer_offline_is_none_not_an_error():
+    start = time.perf_counter()
+    assert metrics.load_bart_scorer("facebook/bart-large-cnn", local_files_only=True) is None
+    assert metrics.load_bart_scorer("/nonexistent/bart", local_files_only=True) is None
+    assert time.perf_counter() - start < 30
+
+
+# -------------------------------------------------------------------------------------------------- MMQA
+def test_mmqa_normalisation():
+    assert mmqa_normalize_answer("The Beatles!") == "beatles"
+    assert mmqa_normalize_answer("two-thirds") == "2.0 thirds"
+    assert mmqa_normalize_answer("1,000") == "1000.0"
+    assert mmqa_normalize_answer("3.50") == "3.5"
+
+
+@pytest.mark.parametrize(
+    "pred, gold, em, f1",
+    [
+        ("The Beatles", ["beatles"], 1.0, 1.0),
+        ("two dogs", ["2 dogs"], 1.0, 1.0),
+        ("red car", ["red"], 0.0, round(2 * 0.5 / 1.5, 2)),  # P=1/2, R=1 -> 0.67
+        ("5 cats", ["6 cats"], 0.0, 0.0),  # the number rule: gold has a number the prediction lacks
+        ("cats", ["6 cats"], 0.0, 0.0),
+        (["a", "b"], ["b", "c"], 0.0, 0.5),  # Hungarian: b<->b = 1, a<->c = 0, mean over 2 slots
+        (["b", "c"], ["c", "b"], 1.0, 1.0),  # order of a list answer does not matter
+        (["x"], ["x", "y"], 0.0, 0.5),  # a missing span is a zero slot
+        (["x", "y", "z"], ["x"], 0.0, 0.33),  # max(#gold, #pred) = 3 slots: extra spans cost, rounded to 2 places
+        (None, ["x"], 0.0, 0.0),
+        ("", ["x"], 0.0, 0.0),
+    ],
+)
+def test_mmqa_em_f1_hand_computed(pred, gold, em, f1):
+    assert mmqa_em_f1(pred, gold) == (pytest.approx(em), pytest.approx(f1))
+
+
+def test_mmqa_several_references_take_the_max():
+    assert mmqa_em_f1("red", [["blue"], ["red"]]) == (1.0, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------- ranking
+def test_ranking_metrics_hand_computed():
+    ranked, rel = ["a", "b", "c", "d"], {"b", "d"}
+    assert recall_at_k(ranked, rel, 2) == 0.5
+    assert precision_at_k(ranked, rel, 2) == 0.5
+    assert precision_at_k(["b"], rel, 3) == pytest.approx(1 / 3)
+    assert mrr(ranked, rel) == 0.5
+    assert ndcg_at_k(ranked, rel, 4) == pytest.approx((1 / math.log2(3) + 1 / math.log2(5)) / (1 + 1 / math.log2(3)))
+    assert ndcg_at_k(["b", "d"], rel) == 1.0
+    assert ndcg_at_k(ranked, set()) == 0.0 and mrr(["x"], rel) == 0.0 and recall_at_k([], rel) == 0.0
+
+
+# ------------------------------------------------------------------------------------------------ reports
+def test_evaluate_webqa_submission_tables():
+    refs = {
+        "g1": {"gold_ids": ["1"], "answer": ["The car is red."], "keywords": "red", "qcate": "color"},
+        "g2": {"gold_ids": ["g2_0", "g2_1"], "answer": "Paris is in France", "keywords": "", "qcate": "text"},
+        "g3": {"gold_ids": ["3"], "answer": ["Yes, it is."], "keywords": "Yes", "qcate": "YesNo"},
+    }
+    sub = {"g1": {"sources": [1], "answer": "red"}, "g2": {"sources": ["g2_0"], "answer": "Paris"}}
+    report = evaluate_webqa_submission(sub, refs)
+    assert report.row("color")["acc"] == pytest.approx(1.0, abs=1e-4)
+    assert report.row("text")["n"] == 1 and report.row("text")["retrieval_f1"] == pytest.approx(2 / 3)
+    assert report.row("text")["acc"] == pytest.approx(0.25)  # recall of 'paris' among 4 lemmas (paris be in france)
+    assert report.row("YesNo")["acc"] == 0.0  # missing prediction
+    assert report.overall["n"] == 3 and report.overall["fl"] is None and report.overall["qa"] is None
+    assert any("FL unavailable offline" in n for n in report.notes)
+    assert "| All | 3 |" in report.to_markdown() and "n/a" in report.to_markdown()
+    assert report.to_rows()[0].keys() == {"group", "n", "retrieval_f1", "fl", "acc", "qa"}
+
+
+def test_evaluate_webqa_submission_with_fluency():
+    refs = {"g1": {"gold_ids": ["1"], "answer": ["the car"], "keywords": "car", "qcate": "Others"}}
+    report = evaluate_webqa_submission({"g1": {"sources": ["1"], "answer": "the red car"}}, refs, fluency_scorer=FakeScorer())
+    assert report.overall["fl"] == pytest.approx(math.exp(-1))
+    assert report.overall["qa"] == pytest.approx(math.exp(-1) * 1.0)
+
+
+def test_evaluate_mmqa_submission():
+    refs = {"q1": {"answers": [{"answer": "2 dogs"}], "type": "ImageQ"}, "q2": {"answers": ["red"], "type": "TextQ"},
+            "q3": {"answers": ["x"], "type": "TextQ"}}
+    report = evaluate_mmqa_submission({"q1": "two dogs", "q2": "blue"}, refs)
+    assert report.row("ImageQ")["em"] == 1.0 and report.row("TextQ")["f1"] == 0.0
+    assert report.overall["em"] == pytest.approx(1 / 3)
+
+
+# ------------------------------------------------------------------------------------------- real WebQA val
+def test_all_4966_real_val_questions_score_in_seconds(shared_data):
+    val = shared_data / "webqa-val"
+    if not val.is_dir():
+        pytest.skip("webqa-val not in the shared data")
+    refs = metrics.read_webqa_val_references(val)
+    assert len(refs) == 4966
+    sub = {g: {"sources": [int(s) if s.isdigit() else s for s in r["gold_ids"]], "answer": r["answer"][0]} for g, r in refs.items()}
+    metrics.get_nlp()  # loading spaCy (~3 s) is not scoring
+    start = time.perf_counter()
+    report = evaluate_webqa_submission(sub, refs)
+    elapsed = time.perf_counter() - start
+    print(f"\nscored 4,966 WebQA val questions in {elapsed:.1f} s\n{report.to_markdown()}")
+    assert elapsed < 60, "scoring must take seconds (spaCy in one nlp.pipe pass)"
+    assert report.overall["n"] == 4966 and report.row("image")["n"] == 2511 and report.row("text")["n"] == 2455
+    assert all(r["retrieval_f1"] == 1.0 for r in report.rows)  # gold vs gold
+    assert report.row("text")["acc"] == 1.0  # A vs A (no keywords): full recall
+    # the full answer A against Keywords_A: high but not perfect, by category (values of this implementation)
+    for cat, low in {"color": 0.9, "choose": 0.9, "Others": 0.9, "number": 0.85, "shape": 0.8, "YesNo": 0.6}.items():
+        assert report.row(cat)["acc"] > low, (cat, report.row(cat))

@@ -1,0 +1,192 @@
+"""The parser: the output contract of prompts, read back, with every malformation named."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mmrag_lite.parsing import (
+    MAX_PROBLEMS,
+    PROBLEM_CODES,
+    completion_text,
+    normalize_verdict,
+    parse_stage1,
+    parse_stage2,
+    split_ids,
+)
+from mmrag_lite.prompts import Tags, stage1_target, stage2_target
+
+IDS = ["D1", "D2", "D3", "D4"]
+
+
+# ------------------------------------------------------------------------------------------ completion_text
+def test_completion_text_accepts_trl_shapes():
+    assert completion_text("abc") == "abc"
+    assert completion_text([{"role": "assistant", "content": "abc"}]) == "abc"
+    assert completion_text([{"role": "assistant", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]) == "ab"
+    assert completion_text({"role": "assistant", "content": "x"}) == "x"
+    # a system/user message in the list is not part of the completion
+    assert completion_text([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]) == "a"
+
+
+@pytest.mark.parametrize("bad", [None, 3, 2.5, b"bytes", [], [1, 2], {"content": None}, object()])
+def test_completion_text_non_text_is_none(bad):
+    assert completion_text(bad) is None
+
+
+# ----------------------------------------------------------------------------------------------- stage 1
+@pytest.mark.parametrize("label", ["yes", "no"])
+@pytest.mark.parametrize("reasoning", [True, False])
+def test_stage1_round_trips_the_prompt_contract(label, reasoning):
+    text = stage1_target(label, reasoning=reasoning, think="the caption names the bridge")
+    parsed = parse_stage1(text, reasoning=reasoning)
+    assert parsed.ok, parsed.problems
+    assert parsed.label == label
+    assert parsed.think == ("the caption names the bridge" if reasoning else None)
+
+
+def test_stage1_is_lenient_on_whitespace_and_verdict_case():
+    parsed = parse_stage1("  <think>\n because \n</think>\n\n<answer> Yes. </answer>\n", reasoning=True)
+    assert parsed.ok and parsed.label == "yes" and parsed.think == "because"
+    assert normalize_verdict(" NO ") == "no"
+    assert normalize_verdict("maybe") is None
+
+
+@pytest.mark.parametrize(
+    "text, reasoning, code, label",
+    [
+        ("<answer>yes</answer>", True, "missing_tag", "yes"),  # think required but absent
+        ("<think>x</think><answer>yes</answer>", False, "unexpected_tag", "yes"),
+        ("<answer>yes</answer><answer>no</answer>", False, "repeated_tag", None),  # hedging is unreadable
+        ("<think>a long chain of thought that was cut", True, "unclosed_tag", None),
+        ("<answer>yes", False, "unclosed_tag", None),
+        ("Sure! <answer>yes</answer>", False, "text_outside_tags", "yes"),
+        ("<answer>yes</answer> I hope this helps", False, "text_outside_tags", "yes"),
+        ("<answer>yes</answer><think>x</think>", True, "wrong_order", "yes"),
+        ("<answer>probably</answer>", False, "invalid_verdict", None),
+        ("<answer></answer>", False, "invalid_verdict", None),
+        ("</answer>yes", False, "stray_close_tag", None),
+        ("<answer>yes<answer>no</answer>", False, "nested_tag", None),
+        ("", False, "empty", None),
+        ("   \n", False, "empty", None),
+        ("yes", False, "text_outside_tags", None),
+    ],
+)
+def test_stage1_problems(text, reasoning, code, label):
+    parsed = parse_stage1(text, reasoning=reasoning)
+    assert code in parsed.codes, parsed.problems
+    assert not parsed.ok
+    assert parsed.label == label
+    assert all(p.code in PROBLEM_CODES for p in parsed.problems)
+
+
+def test_stage1_none_is_a_problem_not_an_exception():
+    parsed = parse_stage1(None)
+    assert parsed.codes == ("not_text",) and parsed.label is None
+
+
+def test_stage1_custom_tags():
+    tags = Tags(think="reason", answer="verdict")
+    text = stage1_target("no", reasoning=True, think="t", tags=tags)
+    assert text == "<reason>t</reason><verdict>no</verdict>"
+    assert parse_stage1(text, reasoning=True, tags=tags).label == "no"
+    assert not parse_stage1("<think>t</think><answer>no</answer>", reasoning=True, tags=tags).ok
+
+
+# ----------------------------------------------------------------------------------------------- stage 2
+@pytest.mark.parametrize("reasoning", [True, False])
+def test_stage2_round_trips_the_prompt_contract(reasoning):
+    text = stage2_target(["D2", "D4"], "a red car", reasoning=reasoning, think="D2 shows it")
+    parsed = parse_stage2(text, IDS, reasoning=reasoning)
+    assert parsed.ok, parsed.problems
+    assert parsed.source_ids == ("D2", "D4")
+    assert parsed.answer == "a red car"
+    assert parsed.think == ("D2 shows it" if reasoning else None)
+
+
+def test_stage2_ids_are_lenient_on_separators_and_case():
+    assert split_ids("D2, D5") == ["D2", "D5"]
+    assert split_ids("[D2] [D5];D1\n") == ["D2", "D5", "D1"]
+    parsed = parse_stage2("<sources>d2 ,D1</sources><answer>x</answer>", IDS, reasoning=False)
+    assert parsed.ok and parsed.source_ids == ("D2", "D1")
+
+
+def test_stage2_unknown_and_duplicate_ids():
+    parsed = parse_stage2("<sources>D2, D9, D2, D1</sources><answer>x</answer>", IDS, reasoning=False)
+    assert set(parsed.codes) == {"unknown_id", "duplicate_id"}
+    assert parsed.source_ids == ("D2", "D9", "D1")  # order kept, repeat dropped, the unknown one kept in its slot
+    assert parsed.unknown_ids == ("D9",)
+
+
+def test_stage2_without_candidates_accepts_any_id():
+    parsed = parse_stage2("<sources>30174997, d5bb_1</sources><answer>x</answer>", None, reasoning=False)
+    assert parsed.ok and parsed.source_ids == ("30174997", "d5bb_1")
+
+
+@pytest.mark.parametrize(
+    "text, code",
+    [
+        ("<sources></sources><answer>x</answer>", "empty_sources"),
+        ("<sources>D1</sources><answer>  </answer>", "empty_answer"),
+        ("<answer>x</answer>", "missing_tag"),
+        ("<answer>x</answer><sources>D1</sources>", "wrong_order"),
+        ("<sources>D1</sources><answer>x</answer><answer>y</answer>", "repeated_tag"),
+        ("<sources>D1</sources><answer>x", "unclosed_tag"),
+        ("<sources>D1</sources>\nThe answer is x", "text_outside_tags"),
+    ],
+)
+def test_stage2_problems(text, code):
+    parsed = parse_stage2(text, IDS, reasoning=False)
+    assert code in parsed.codes, parsed.problems
+
+
+def test_stage2_ambiguous_fields_are_none():
+    parsed = parse_stage2("<sources>D1</sources><sources>D2</sources><answer>a</answer><answer>b</answer>", IDS, reasoning=False)
+    assert parsed.source_ids is None and parsed.answer is None
+
+
+# --------------------------------------------------------------------------------------------- pathologies
+def test_enormous_outputs_stay_fast_and_problems_stay_few():
+    cases = [
+        "<answer>" * 20_000,
+        "<think>" + "why " * 25_000,  # 100k characters of reasoning, never closed
+        ("<sources>D1</sources>" * 5_000)[:100_000],
+        "yes " * 25_000,
+        ("<answer>yes</answer>" + "x" * 10) * 3_000,
+    ]
+    start = time.perf_counter()
+    for text in cases:
+        p1 = parse_stage1(text, reasoning=True)
+        p2 = parse_stage2(text, IDS, reasoning=True)
+        assert not p1.ok and not p2.ok
+        assert len(p1.problems) <= MAX_PROBLEMS and len(p2.problems) <= MAX_PROBLEMS
+    assert time.perf_counter() - start < 2.0
+
+
+def test_unicode_is_fine():
+    parsed = parse_stage2("<think>图片 🚗 ünïcødé</think><sources>D1</sources><answer>rouge 红色</answer>", IDS)
+    assert parsed.ok and parsed.answer == "rouge 红色"
+    assert parse_stage1("<answer>ｙｅｓ</answer>", reasoning=False).label is None  # full-width is not "yes"
+
+
+# ------------------------------------------------------------------------------------------------- fuzz
+_pieces = st.sampled_from(["<think>", "</think>", "<answer>", "</answer>", "<sources>", "</sources>", "yes", "no",
+                           "D1", "D2", ", ", " ", "\n", "x", "<", ">", "/", "🚗", "\x00"])
+_texts = st.one_of(st.text(max_size=200), st.lists(_pieces, max_size=30).map("".join))
+_anything = st.one_of(_texts, st.none(), st.integers(), st.lists(st.fixed_dictionaries({"role": st.just("assistant"), "content": _texts}), max_size=2))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_anything, st.booleans())
+def test_parsers_never_raise(completion, reasoning):
+    p1 = parse_stage1(completion, reasoning=reasoning)
+    p2 = parse_stage2(completion, IDS, reasoning=reasoning)
+    assert p1.label in (None, "yes", "no")
+    assert p1.ok == (not p1.problems) and p2.ok == (not p2.problems)
+    if p2.ok:
+        assert p2.source_ids and set(p2.source_ids) <= set(IDS) and p2.answer
+    if p1.ok:
+        assert p1.label is not None

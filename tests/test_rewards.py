@@ -1,0 +1,259 @@
+"""Rewards: hand-computed values, TRL wiring, reward hacks, and a fuzz proving nothing raises and scores stay in range."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mmrag_lite import rewards
+from mmrag_lite.config import get_preset
+from mmrag_lite.prompts import stage1_target, stage2_target
+from mmrag_lite.rewards import (
+    answer_reward,
+    balanced_positive_weight,
+    build_reward_funcs,
+    class_weights,
+    format_reward,
+    ranking_reward,
+    relevance_reward,
+    score_completion,
+)
+
+TRL_EXTRAS = {"prompts": ["p"], "completion_ids": [[1, 2]], "trainer_state": None}
+
+
+def chat(text: str) -> list[dict[str, str]]:
+    return [{"role": "assistant", "content": text}]
+
+
+# ------------------------------------------------------------------------------------------------- format
+def test_format_reward_all_or_nothing():
+    good1 = stage1_target("yes", reasoning=True, think="t")
+    assert format_reward([good1, "<answer>yes</answer>", None, ""], stage=1, reasoning=True) == [1.0, 0.0, 0.0, 0.0]
+    assert format_reward(["<answer>no</answer>", good1], stage=1, reasoning=False) == [1.0, 0.0]
+    good2 = stage2_target(["D1"], "red")
+    assert format_reward([good2, good2 + "!"], stage=2, reasoning=False) == [1.0, 0.0]
+    assert format_reward([good2], stage=2, reasoning=False, penalty=-0.5, candidate_ids=[["D2"]]) == [-0.5]  # unknown id
+
+
+def test_penalty_must_not_be_positive():
+    with pytest.raises(ValueError, match="penalty"):
+        format_reward(["x"], stage=1, reasoning=False, penalty=0.5)
+
+
+# ---------------------------------------------------------------------------------------------- relevance
+def test_relevance_reward_hand_computed():
+    comps = [chat("<answer>yes</answer>"), "<answer>no</answer>", "<answer>yes</answer>", "nonsense", "<answer>NO</answer>"]
+    labels = ["yes", "yes", "no", "no", "no"]
+    assert relevance_reward(comps, label=labels, **TRL_EXTRAS) == [1.0, 0.0, 0.0, 0.0, 1.0]
+    assert relevance_reward(comps, label=labels, penalty=-1.0) == [1.0, 0.0, 0.0, -1.0, 1.0]
+
+
+def test_relevance_class_weights():
+    assert class_weights(1.0) == {"yes": 1.0, "no": 1.0}
+    assert class_weights(4.0) == {"yes": 1.0, "no": 0.25}  # rare positives worth 4x, scaled so the max is 1
+    assert class_weights(0.5) == {"yes": 0.5, "no": 1.0}
+    assert balanced_positive_weight(0.2) == pytest.approx(4.0)
+    r = relevance_reward(["<answer>yes</answer>", "<answer>no</answer>"], label=["yes", "no"], positive_weight=4.0)
+    assert r == [1.0, 0.25]
+    with pytest.raises(ValueError):
+        class_weights(0.0)
+
+
+def test_relevance_reads_verdict_despite_bad_format_but_not_a_hedge():
+    assert relevance_reward(["Sure. <answer>yes</answer>"], label=["yes"]) == [1.0]
+    assert relevance_reward(["<answer>yes</answer><answer>no</answer>"], label=["yes"]) == [0.0]
+    assert relevance_reward(["<answer>yes</answer>"], label=["maybe"]) == [0.0]  # a broken row earns nothing
+
+
+def test_missing_column_is_a_loud_wiring_error():
+    with pytest.raises(ValueError, match="label"):
+        relevance_reward(["<answer>yes</answer>"], prompts=["p"])
+    with pytest.raises(ValueError, match="gold_ids"):
+        ranking_reward(["x"], candidate_ids=[["D1"]])
+    with pytest.raises(ValueError, match="1 values for 2"):
+        relevance_reward(["a", "b"], label=["yes"])
+
+
+# ------------------------------------------------------------------------------------------------ ranking
+CANDS = ["D1", "D2", "D3", "D4", "D5"]
+
+
+def _rank(ids: list[str], gold: list[str], **kw) -> float:
+    return ranking_reward([stage2_target(ids, "x")], candidate_ids=[CANDS], gold_ids=[gold], **kw)[0]
+
+
+def test_ranking_f1_hand_computed():
+    assert _rank(["D2", "D4"], ["D2", "D4"]) == 1.0
+    assert _rank(["D2"], ["D2", "D4"]) == pytest.approx(2 / 3)  # P=1, R=1/2
+    assert _rank(["D2", "D1", "D3"], ["D2"]) == pytest.approx(0.5)  # P=1/3, R=1
+    assert _rank(["D1"], ["D2"]) == 0.0
+    assert _rank(["D9", "D2"], ["D2"]) == pytest.approx(2 / 3)  # the unknown D9 earns nothing, still counts as picked
+    assert _rank(["D2", "D2", "D2"], ["D2"]) == 1.0  # repeating a good id gains nothing
+
+
+def test_ranking_ndcg_hand_computed():
+    # gold {D2, D4}, k = |G| = 2: [D2, D1] -> 1 / (1 + 1/log2 3)
+    assert _rank(["D2", "D1"], ["D2", "D4"], metric="ndcg") == pytest.approx(1 / (1 + 1 / math.log2(3)))
+    assert _rank(["D4", "D2"], ["D2", "D4"], metric="ndcg") == pytest.approx(1.0)
+    assert _rank(["D1", "D2"], ["D2"], metric="ndcg") == 0.0  # k = 1: only the first slot counts
+    assert _rank(["D1", "D2"], ["D2"], metric="ndcg", k=2) == pytest.approx(1 / math.log2(3))
+    assert _rank(["D9", "D2"], ["D2"], metric="ndcg", k=2) == pytest.approx(1 / math.log2(3))  # D9 takes slot 1
+
+
+def test_listing_every_candidate_does_not_pay():
+    everything = ["D1", "D2", "D3", "D4", "D5"]
+    assert _rank(everything, ["D5"]) == pytest.approx(2 / 6)
+    assert _rank(everything, ["D5"], metric="ndcg") == 0.0
+
+
+def test_ranking_unreadable_sources_get_the_penalty():
+    out = ranking_reward(["<answer>x</answer>", None, "<sources>D1</sources><sources>D2</sources><answer>x</answer>"],
+                         candidate_ids=[CANDS] * 3, gold_ids=[["D1"]] * 3, penalty=-0.2)
+    assert out == [-0.2, -0.2, -0.2]
+
+
+# ------------------------------------------------------------------------------------------------- answer
+def test_answer_reward_webqa_uses_keywords_then_answer():
+    comps = [stage2_target(["D1"], "It is red."), stage2_target(["D1"], "blue"), stage2_target(["D1"], "a fountain")]
+    out = answer_reward(comps, answer=["The car is red.", "The car is red.", "A fountain is in front."],
+                        keywords=["red", "red", ""], qcate=["color", "color", "Others"], **TRL_EXTRAS)
+    assert out[0] == pytest.approx(1.0, abs=1e-4) and out[1] == 0.0
+    assert out[2] == pytest.approx(1 / 4)  # recall against the full answer (no keywords): fountain of 4 lemmas
+
+
+def test_answer_reward_qcate_defaults_to_text_recall():
+    out = answer_reward([stage2_target(["D1"], "Paris France")], answer=["Paris"])
+    assert out == [1.0]
+
+
+def test_answer_reward_mmqa():
+    comps = [stage2_target(["D1"], "two dogs"), stage2_target(["D1"], "3 cats")]
+    assert answer_reward(comps, answer=[["2 dogs"], ["4 cats"]], metric="mmqa_em") == [1.0, 0.0]
+    assert answer_reward(comps, answer=["the 2 dogs", "4 cats"], metric="mmqa_f1") == [1.0, 0.0]  # number rule
+
+
+def test_answer_reward_malformed():
+    out = answer_reward([None, "<sources>D1</sources>", "", "<answer></answer>"], answer=["red"] * 4, penalty=-1.0)
+    assert out == [-1.0, -1.0, -1.0, 0.0]  # an empty but present answer is readable: it is just wrong
+
+
+# ------------------------------------------------------------------------------------------------ builder
+def test_build_reward_funcs_names_weights_and_order():
+    funcs, weights = build_reward_funcs(2, {"answer": 1.0, "format": 0.2, "ranking": 0.5}, reasoning=True)
+    assert [f.__name__ for f in funcs] == ["format", "ranking", "answer"]
+    assert weights == [0.2, 0.5, 1.0]
+    funcs, weights = build_reward_funcs(1, {"relevance": 1.0}, reasoning=False)
+    assert [f.__name__ for f in funcs] == ["relevance"] and weights == [1.0]
+
+
+@pytest.mark.parametrize("stage, weights", [(1, {"ranking": 1.0}), (2, {"relevance": 1.0}), (2, {"fromat": 1.0}), (3, {"format": 1.0}), (1, {})])
+def test_build_reward_funcs_rejects_unknown(stage, weights):
+    with pytest.raises(ValueError):
+        build_reward_funcs(stage, weights, reasoning=False)
+
+
+def test_build_reward_funcs_rejects_bad_options():
+    for kw in ({"ranking_metric": "map"}, {"answer_metric": "bleu"}, {"penalty": 1.0}):
+        with pytest.raises(ValueError):
+            build_reward_funcs(2, {"format": 1.0}, reasoning=False, **kw)
+    with pytest.raises(ValueError):
+        build_reward_funcs(1, {"format": -1.0}, reasoning=False)
+
+
+def test_built_funcs_take_trl_keywords_and_ignore_extras():
+    funcs, _ = build_reward_funcs(1, {"format": 0.2, "relevance": 1.0}, reasoning=False, balance_classes=True, positive_fraction=0.2)
+    comps = [chat("<answer>yes</answer>"), chat("<answer>no</answer>")]
+    cols = {"label": ["yes", "no"], "guid": ["g", "g"], "candidate_id": ["1", "2"], "modality": ["image", "text"],
+            "prompts": [[], []], "completion_ids": [[1], [2]], "trainer_state": object(), "images": [[], []]}
+    assert funcs[0](comps, **cols) == [1.0, 1.0]
+    assert funcs[1](comps, **cols) == [1.0, 0.25]
+
+
+def test_reward_funcs_for_every_preset():
+    for name in ("cpu-tiny", "colab-t4", "l4", "a100"):
+        preset = get_preset(name)
+        for stage in (1, 2):
+            funcs, weights = rewards.reward_funcs_for_preset(preset, stage)
+            settings_ = preset.stage1 if stage == 1 else preset.stage2
+            assert [f.__name__ for f in funcs] == [c for c in rewards.STAGE_COMPONENTS[stage] if c in settings_.weights]
+            assert len(weights) == len(funcs)
+
+
+def test_trl_grpo_config_accepts_the_weights(tmp_path):
+    trl = pytest.importorskip("trl")
+    funcs, weights = build_reward_funcs(2, {"format": 0.2, "ranking": 0.5, "answer": 1.0}, reasoning=False)
+    cfg = trl.GRPOConfig(output_dir=str(tmp_path), reward_weights=weights, use_cpu=True, report_to=[])
+    assert list(cfg.reward_weights) == weights
+    assert all(callable(f) and f.__name__ for f in funcs)
+
+
+def test_score_completion_total():
+    row = {"candidate_ids": CANDS, "gold_ids": ["D2"], "answer": "The car is red.", "keywords": "red", "qcate": "color"}
+    s = score_completion(stage2_target(["D2"], "red"), row, stage=2, weights={"format": 0.2, "ranking": 0.5, "answer": 1.0}, reasoning=False)
+    assert s["format"] == 1.0 and s["ranking"] == 1.0 and s["answer"] == pytest.approx(1.0, abs=1e-4)
+    assert s["total"] == pytest.approx(1.7, abs=1e-4)
+
+
+# --------------------------------------------------------------------------------------------- pathologies
+def test_pathologies_score_low_and_fast():
+    funcs, _ = build_reward_funcs(2, {"format": 1, "ranking": 1, "answer": 1}, reasoning=True)
+    comps = [
+        "<answer>" * 20_000,
+        "<think>" + "because " * 12_500,
+        "red " * 25_000,
+        "<think>x</think><sources>" + ", ".join(CANDS * 4000) + "</sources><answer>red</answer>",
+        "<think>x</think><sources>D2</sources><answer>" + "red blue green " * 6000 + "</answer>",
+        "🚗" * 100_000,
+        "",
+        None,
+    ]
+    n = len(comps)
+    cols = {"candidate_ids": [CANDS] * n, "gold_ids": [["D2"]] * n, "answer": ["The car is red."] * n,
+            "keywords": ["red"] * n, "qcate": ["color"] * n}
+    start = time.perf_counter()
+    scores = {f.__name__: f(comps, **cols) for f in funcs}
+    assert time.perf_counter() - start < 10.0
+    assert scores["format"][:3] == [0.0, 0.0, 0.0] and scores["format"][5:] == [0.0, 0.0, 0.0]
+    assert scores["ranking"][3] == pytest.approx(2 / 6)  # spamming every id: repeats collapse, precision falls
+    assert scores["answer"][4] < 0.6  # colour-word spam: F1 over the colour vocabulary, not recall
+    assert all(0.0 <= s <= 1.0 for v in scores.values() for s in v)
+
+
+# ------------------------------------------------------------------------------------------------- fuzz
+_pieces = st.sampled_from(["<think>", "</think>", "<answer>", "</answer>", "<sources>", "</sources>", "yes", "no",
+                           "D1", "D2", "D7", ", ", " ", "\n", "red", "3", "three", "the", ".", "🚗"])
+_texts = st.one_of(st.text(max_size=120), st.lists(_pieces, max_size=25).map("".join))
+_completion = st.one_of(_texts, st.none(), st.integers(), st.lists(st.fixed_dictionaries({"role": st.just("assistant"), "content": _texts}), max_size=2))
+_weird = st.one_of(st.none(), st.integers(), st.text(max_size=10))
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    comps=st.lists(_completion, min_size=1, max_size=4),
+    penalty=st.sampled_from([0.0, -0.5, -1.0]),
+    reasoning=st.booleans(),
+    ranking_metric=st.sampled_from(["f1", "ndcg"]),
+    answer_metric=st.sampled_from(["webqa", "mmqa_f1", "mmqa_em"]),
+    label=st.one_of(st.sampled_from(["yes", "no", "YES"]), _weird),
+    gold=st.one_of(st.lists(st.sampled_from(["D1", "D2", "D3", "D9"]), max_size=3), st.none(), st.text(max_size=5)),
+    answer=st.one_of(st.text(max_size=40), st.lists(st.text(max_size=10), max_size=2), st.none()),
+    qcate=st.one_of(st.sampled_from(["color", "shape", "YesNo", "number", "Others", "choose", "text"]), _weird),
+    balance=st.booleans(),
+)
+def test_rewards_never_raise_and_stay_in_range(comps, penalty, reasoning, ranking_metric, answer_metric, label, gold,
+                                               answer, qcate, balance):
+    n = len(comps)
+    columns = {"label": [label] * n, "candidate_ids": [["D1", "D2", "D3"]] * n, "gold_ids": [gold] * n,
+               "answer": [answer] * n, "keywords": [qcate] * n, "qcate": [qcate] * n, **{k: [v] * n for k, v in TRL_EXTRAS.items()}}
+    for stage, weights in ((1, {"format": 1.0, "relevance": 1.0}), (2, {"format": 1.0, "ranking": 1.0, "answer": 1.0})):
+        funcs, _ = build_reward_funcs(stage, weights, reasoning=reasoning, penalty=penalty, ranking_metric=ranking_metric,
+                                      answer_metric=answer_metric, balance_classes=balance, positive_fraction=0.1)
+        for f in funcs:
+            out = f(comps, **columns)
+            assert len(out) == n
+            assert all(isinstance(x, float) and penalty <= x <= 1.0 for x in out), (f.__name__, out)
