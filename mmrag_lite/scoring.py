@@ -1,0 +1,389 @@
+"""Stage-1 scoring: turn the point-wise judge into a ranker, keep the top-k, and measure what the filter costs.
+
+MMRAG-RFT's first stage judges each (question, candidate) pair on its own and keeps only the best-ranked
+candidates for the list-wise second stage. A judge that *generates* a verdict gives a label, not a score, and
+pays for every generated token. Here the judge is read with **one forward pass** instead:
+
+    score(q, c) = P(yes | prompt(q, c), "<answer>")
+                = exp(z_yes) / (exp(z_yes) + exp(z_no))
+
+where ``z_yes``/``z_no`` are the next-token logits of the first token of ``yes``/``no`` right after the assistant
+prefix ``<answer>`` (the stage-1 no-reasoning format of docs/CONTRACTS.md). The two-way softmax is our choice: it
+ignores the mass the model puts on other tokens, so the score stays a clean relevance probability even for a
+model whose format is still shaky. Scores are comparable across candidates, so ranking and top-k are cheap.
+
+``judge_by_generation`` keeps the generate-and-parse judge for comparison (``benchmarks/bench_scoring.py``).
+``filter_report`` answers the paper's open question "which k?": recall/precision of the gold sources at each k
+against the stage-2 prompt tokens each k saves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import prompts
+from .config import Preset
+
+Scored = dict[str, list[tuple[str, float]]]  # guid -> [(candidate_id, P(yes)), ...] in pool order
+
+DEFAULT_BATCH_SIZE = 32  # prompts per forward pass; the tiny model and a 2B model in 4-bit both fit 32 short prompts
+SCORES_FORMAT_VERSION = 1  # bumped when the JSON layout of saved scores changes
+
+
+# ------------------------------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def _left_padding(processor: Any) -> Iterator[None]:
+    """Left-pad while scoring/generating, so the last position of every row is its real last token."""
+    tok = getattr(processor, "tokenizer", processor)
+    old = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        yield
+    finally:
+        tok.padding_side = old
+
+
+def _prepare_images(images: Sequence[Any], preset: Preset) -> list[Any]:
+    from .modeling import prepare_image
+
+    return [prepare_image(img, preset) for img in images]
+
+
+def _encode(processor: Any, texts: list[str], images: list[list[Any]]) -> Mapping[str, torch.Tensor]:
+    """Tokenise a batch; text-only rows get ``[]`` images (mixed batches), all-text batches get none at all."""
+    if any(images):
+        return processor(text=texts, images=images, padding=True, return_tensors="pt")
+    return processor(text=texts, padding=True, return_tensors="pt")
+
+
+def _model_device(model: Any) -> torch.device:
+    try:
+        return next(p.device for p in model.parameters())
+    except StopIteration:  # pragma: no cover - a model always has parameters
+        return torch.device("cpu")
+
+
+def answer_prefix(tags: prompts.Tags = prompts.DEFAULT_TAGS) -> str:
+    """What the scorer appends after the chat template's assistant header: ``<answer>``."""
+    return tags.open("answer")
+
+
+def yes_no_token_ids(processor: Any, tags: prompts.Tags = prompts.DEFAULT_TAGS) -> tuple[int, int]:
+    """Ids of the first token of ``yes`` and of ``no`` *as the tokenizer writes them right after* ``<answer>``.
+
+    Tokenising ``"<answer>yes"`` and removing the tokens of ``"<answer>"`` gives the id the model would emit;
+    tokenising ``"yes"`` alone could give a different id (e.g. a word-initial variant).
+    """
+    tok = getattr(processor, "tokenizer", processor)
+    prefix = answer_prefix(tags)
+    base = tok(prefix, add_special_tokens=False)["input_ids"]
+    out: list[int] = []
+    for word in (prompts.YES, prompts.NO):
+        ids = tok(prefix + word, add_special_tokens=False)["input_ids"]
+        if ids[: len(base)] != base or len(ids) == len(base):
+            raise ValueError(f"the tokenizer merges {prefix!r} with {word!r}; cannot read P({word}) after the prefix")
+        out.append(ids[len(base)])
+    if out[0] == out[1]:
+        raise ValueError("'yes' and 'no' start with the same token; forward-pass scoring cannot tell them apart")
+    return out[0], out[1]
+
+
+def _stage1_text(processor: Any, question: str, candidate: Mapping[str, Any], *, reasoning: bool) -> str:
+    messages = prompts.stage1_messages(question, candidate, reasoning=reasoning)
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+# ------------------------------------------------------------------------------------------- scoring
+def _score_pairs(
+    model: Any,
+    processor: Any,
+    pairs: Sequence[tuple[str, Mapping[str, Any]]],
+    preset: Preset,
+    *,
+    batch_size: int,
+    progress: bool = False,
+    desc: str = "scoring",
+) -> list[float]:
+    """P(yes) for many (question, candidate) pairs, ``batch_size`` prompts per forward pass."""
+    yes_id, no_id = yes_no_token_ids(processor)
+    prefix = answer_prefix()
+    device = _model_device(model)
+    scores: list[float] = []
+    starts = range(0, len(pairs), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=desc, unit="batch")
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        with torch.inference_mode(), _left_padding(processor):
+            for start in starts:
+                chunk = pairs[start : start + batch_size]
+                texts = [_stage1_text(processor, q, c, reasoning=False) + prefix for q, c in chunk]
+                images = [_prepare_images(prompts.stage1_images(c), preset) for _, c in chunk]
+                enc = {k: v.to(device) for k, v in _encode(processor, texts, images).items()}
+                logits = model(**enc, logits_to_keep=1).logits[:, -1, :].float()
+                two_way = torch.stack([logits[:, yes_id], logits[:, no_id]], dim=-1)
+                scores.extend(torch.softmax(two_way, dim=-1)[:, 0].tolist())
+    finally:
+        if was_training:
+            model.train()
+    return scores
+
+
+def score_candidates(
+    model: Any,
+    processor: Any,
+    question: str,
+    candidates: Sequence[Mapping[str, Any]],
+    preset: Preset,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> list[float]:
+    """P(yes) for each candidate of one question (pool order), from one forward pass per prompt."""
+    return _score_pairs(model, processor, [(question, c) for c in candidates], preset, batch_size=batch_size)
+
+
+def score_split(
+    model: Any,
+    processor: Any,
+    split_ds: Iterable[Mapping[str, Any]],
+    preset: Preset,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_questions: int | None = None,
+    progress: bool = True,
+) -> Scored:
+    """Score every candidate of every question: ``{guid: [(candidate_id, P(yes)), ...]}`` in pool order.
+
+    Pairs from different questions share batches, so small pools still fill the forward passes.
+    """
+    rows = list(split_ds) if max_questions is None else [r for _, r in zip(range(max_questions), split_ds)]
+    pairs = [(r["question"], c) for r in rows for c in r["candidates"]]
+    flat = _score_pairs(model, processor, pairs, preset, batch_size=batch_size, progress=progress)
+    out: Scored = {}
+    it = iter(flat)
+    for r in rows:
+        out[r["guid"]] = [(c["id"], float(next(it))) for c in r["candidates"]]
+    return out
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """One generate-and-parse verdict: the label (``None`` when malformed) and the raw completion."""
+
+    label: str | None
+    completion: str
+
+
+def _parsed_label(parsed: Any) -> str | None:
+    """Read the label out of whatever ``parsing.parse_stage1`` returns (object with ``.label`` or a mapping)."""
+    if parsed is None:
+        return None
+    if isinstance(parsed, Mapping):
+        label = parsed.get("label")
+    else:
+        label = getattr(parsed, "label", None)
+    return label if label in (prompts.YES, prompts.NO) else None
+
+
+def judge_by_generation(
+    model: Any,
+    processor: Any,
+    question: str,
+    candidates: Sequence[Mapping[str, Any]],
+    preset: Preset,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_new_tokens: int | None = None,
+    reasoning: bool | None = None,
+) -> list[Judgement]:
+    """The judge as the policy is trained: greedy-generate a completion, parse the verdict.
+
+    ``max_new_tokens`` defaults to the stage-1 completion length and ``reasoning`` to the preset's, i.e. what the
+    trained judge really writes, so a timing comparison with ``score_candidates`` is fair.
+    """
+    from .parsing import parse_stage1
+
+    reasoning = preset.stage1.reasoning if reasoning is None else reasoning
+    max_new_tokens = max_new_tokens or preset.stage1.grpo.max_completion_length
+    tok = getattr(processor, "tokenizer", processor)
+    device = _model_device(model)
+    out: list[Judgement] = []
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        with torch.inference_mode(), _left_padding(processor):
+            for start in range(0, len(candidates), batch_size):
+                chunk = candidates[start : start + batch_size]
+                texts = [_stage1_text(processor, question, c, reasoning=reasoning) for c in chunk]
+                images = [_prepare_images(prompts.stage1_images(c), preset) for c in chunk]
+                enc = {k: v.to(device) for k, v in _encode(processor, texts, images).items()}
+                gen = model.generate(
+                    **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+                )
+                new = gen[:, enc["input_ids"].shape[1] :]
+                for text in tok.batch_decode(new, skip_special_tokens=True):
+                    out.append(Judgement(_parsed_label(parse_stage1(text, reasoning=reasoning)), text))
+    finally:
+        if was_training:
+            model.train()
+    return out
+
+
+# ------------------------------------------------------------------------------------------- top-k
+def top_k(scored: Scored | Sequence[tuple[str, float]], k: int) -> Any:
+    """The ids of the k best-scored candidates, best first; ties keep pool order (a stable, reproducible cut).
+
+    Accepts one question's ``[(id, score), ...]`` (returns a list) or a whole ``Scored`` dict (returns a dict).
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if isinstance(scored, Mapping):
+        return {guid: top_k(pairs, k) for guid, pairs in scored.items()}
+    ranked = sorted(enumerate(scored), key=lambda item: (-item[1][1], item[0]))
+    return [cid for _, (cid, _) in ranked[:k]]
+
+
+def candidate_token_costs(processor: Any, candidates: Sequence[Mapping[str, Any]], preset: Preset) -> list[int]:
+    """Estimated stage-2 prompt tokens each candidate adds: its id line and text, plus its image tokens.
+
+    Image tokens come from the processor itself (one fixed-size image through the image processor:
+    grid_t*grid_h*grid_w / merge_size**2, plus the vision start/end markers), so the estimate follows the preset.
+    """
+    tok = getattr(processor, "tokenizer", processor)
+    per_image = image_token_count(processor, preset)
+    costs = []
+    for sid, cand in zip(prompts.short_ids(len(candidates)), candidates):
+        text = f"{sid}: " + prompts.describe_candidate(cand) + "\n"
+        n = len(tok(text, add_special_tokens=False)["input_ids"])
+        if cand.get("modality") == "image" and cand.get("image") is not None:
+            n += per_image
+        costs.append(n)
+    return costs
+
+
+def image_token_count(processor: Any, preset: Preset) -> int:
+    """Tokens one image costs in a prompt at the preset's fixed size (placeholders + vision start/end)."""
+    from PIL import Image
+
+    blank = Image.new("RGB", (preset.model.image_size, preset.model.image_size))
+    ip = processor.image_processor
+    grid = ip(images=[_prepare_images([blank], preset)[0]], return_tensors="pt")["image_grid_thw"][0]
+    merge = getattr(ip, "merge_size", 1) or 1
+    return int(grid.prod().item()) // (merge * merge) + 2
+
+
+def filter_report(
+    scored: Scored,
+    split_ds: Iterable[Mapping[str, Any]],
+    ks: Iterable[int] | None = None,
+    *,
+    processor: Any = None,
+    preset: Preset | None = None,
+) -> list[dict[str, float]]:
+    """One row per k: how much gold the top-k filter keeps and how much stage-2 prompt it saves.
+
+    Columns: ``k``, ``recall`` (mean share of a question's gold ids in its top-k), ``precision`` (mean share of the
+    top-k that is gold), ``all_gold`` (share of questions whose gold ids all survive), ``kept`` (mean candidates
+    kept) and, with a processor and preset, ``tokens_full`` / ``tokens_kept`` / ``tokens_saved`` (mean estimated
+    stage-2 candidate tokens for the whole pool vs the top-k) and ``saved_fraction``.
+    """
+    from .metrics import precision_at_k, recall_at_k
+
+    rows_by_guid = {r["guid"]: r for r in split_ds if r["guid"] in scored}
+    if not rows_by_guid:
+        raise ValueError("no question of split_ds has scores; score it first (score_split)")
+    pool_max = max(len(scored[g]) for g in rows_by_guid)
+    ks = list(range(1, pool_max + 1)) if ks is None else list(ks)
+    costs: dict[str, dict[str, int]] = {}
+    if processor is not None and preset is not None:
+        for guid, row in rows_by_guid.items():
+            costs[guid] = dict(zip((c["id"] for c in row["candidates"]), candidate_token_costs(processor, row["candidates"], preset)))
+    report = []
+    for k in ks:
+        rec, prec, allg, kept, full_t, kept_t = [], [], [], [], [], []
+        for guid, row in rows_by_guid.items():
+            ranked = top_k(scored[guid], len(scored[guid]))
+            gold = list(row["gold_ids"])
+            kk = min(k, len(ranked))  # a pool smaller than k keeps everything: precision over what is kept
+            rec.append(recall_at_k(ranked, gold, kk))
+            prec.append(precision_at_k(ranked, gold, kk))
+            allg.append(float(set(gold) <= set(ranked[:k])))
+            kept.append(min(k, len(ranked)))
+            if guid in costs:
+                full_t.append(sum(costs[guid].values()))
+                kept_t.append(sum(costs[guid][cid] for cid in ranked[:k]))
+        n = len(rows_by_guid)
+        entry: dict[str, float] = {
+            "k": k, "recall": sum(rec) / n, "precision": sum(prec) / n, "all_gold": sum(allg) / n, "kept": sum(kept) / n,
+        }
+        if full_t:
+            tf, tk = sum(full_t) / n, sum(kept_t) / n
+            entry.update(tokens_full=tf, tokens_kept=tk, tokens_saved=tf - tk, saved_fraction=(tf - tk) / tf if tf else 0.0)
+        report.append(entry)
+    return report
+
+
+def format_filter_report(report: Sequence[Mapping[str, float]]) -> str:
+    """The filter report as a fixed-width table for a notebook or a log."""
+    cols = [c for c in ("k", "recall", "precision", "all_gold", "kept", "tokens_kept", "tokens_saved", "saved_fraction") if c in report[0]]
+    lines = ["  ".join(f"{c:>14}" for c in cols)]
+    for row in report:
+        lines.append("  ".join(f"{row[c]:>14.0f}" if c == "k" else f"{row[c]:>14.3f}" for c in cols))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- on disk
+def scores_path(work_dir: str | Path, split: str) -> Path:
+    """``<work_dir>/stage1/scores_<split>.json`` (docs/CONTRACTS.md)."""
+    return Path(work_dir) / "stage1" / f"scores_{split}.json"
+
+
+def save_scores(scored: Scored, path: str | Path, *, meta: Mapping[str, Any] | None = None) -> Path:
+    """Write scores as JSON (temporary name, then rename: a crash never leaves half a file).
+
+    Layout: ``{"version", "meta", "questions": {guid: {"candidate_ids": [...], "scores": [...]}}}`` (pool order),
+    which ``pipeline.load_cached_scores`` reads.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "version": SCORES_FORMAT_VERSION,
+        "meta": dict(meta or {}),
+        "questions": {
+            guid: {"candidate_ids": [cid for cid, _ in pairs], "scores": [float(s) for _, s in pairs]}
+            for guid, pairs in scored.items()
+        },
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def load_scores(path: str | Path) -> Scored:
+    """Read scores written by ``save_scores``."""
+    payload = json.loads(Path(path).read_text(encoding="utf-8"))
+    if payload.get("version") != SCORES_FORMAT_VERSION:
+        raise ValueError(f"{path}: scores format {payload.get('version')!r}, expected {SCORES_FORMAT_VERSION}")
+    return {
+        guid: [(str(cid), float(s)) for cid, s in zip(rec["candidate_ids"], rec["scores"], strict=True)]
+        for guid, rec in payload["questions"].items()
+    }
+
+
+__all__ = [
+    "DEFAULT_BATCH_SIZE", "Judgement", "Scored", "answer_prefix", "candidate_token_costs", "filter_report",
+    "format_filter_report", "image_token_count", "judge_by_generation", "load_scores", "save_scores", "score_candidates",
+    "score_split", "scores_path", "top_k", "yes_no_token_ids",
+]

@@ -1,0 +1,681 @@
+"""Stage-1 / stage-2 training sets and the GRPO wiring (TRL ``GRPOTrainer``; no hand-written RL loop).
+
+GRPO (Shao et al. 2024, as used by MMRAG-RFT): for each prompt ``q`` the policy samples a *group* of ``G``
+completions ``o_1..o_G``; each gets a rule-based reward ``r_i = sum_c w_c * r_c(o_i)`` (format, relevance, ranking,
+answer: ``rewards.build_reward_funcs``); the advantage of a completion is its reward relative to its own group,
+
+    A_i = (r_i - mean(r_1..r_G)) / std(r_1..r_G),
+
+and the policy gradient pushes up the tokens of better-than-average completions (clipped ratio, optional KL to a
+reference with weight ``beta``). No value model, no learned reward model: this is what makes it cheap enough for a
+course. Everything GRPO is told comes from the preset (``grpo_config_kwargs``), so a notebook never hides a knob.
+
+Stage 1 trains the point-wise judge on (question, one candidate) rows; stage 2 trains the list-wise reasoner on
+(question, top-k candidates behind D1..Dk) rows, continuing from the stage-1 adapter by default.
+Run folders follow docs/CONTRACTS.md: ``<work_dir>/stage{1,2}/adapter/``, ``log_history.json``, ``checkpoint-*``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import prompts
+from .config import Preset, runs_dir
+
+# Reported per-component reward keys look like "rewards/<name>/mean" in TRL's logs.
+REWARD_KEY = "reward"
+COMPONENT_PREFIX, COMPONENT_SUFFIX = "rewards/", "/mean"
+CHECKPOINTS_KEPT = 2  # checkpoints are for resuming, not for model selection: keep the last two
+REWARD_WINDOW_FRACTION = 0.2  # first/last mean reward averages this share of the logged steps (sampled rewards are noisy)
+
+
+# =============================================================================================== config
+def _stage_settings(preset: Preset, stage: int) -> Any:
+    if stage not in (1, 2):
+        raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+    return preset.stage1 if stage == 1 else preset.stage2
+
+
+def reward_funcs_for(preset: Preset, stage: int) -> tuple[list[Callable[..., list[float]]], list[float]]:
+    """The stage's reward functions and weights, exactly as the preset asks for them (``rewards`` owns the rules)."""
+    from . import rewards
+
+    _stage_settings(preset, stage)  # validates the stage number
+    return rewards.reward_funcs_for_preset(preset, stage)
+
+
+def _on_cpu(preset: Preset) -> bool:
+    """The miniature trains on the CPU (its NF4 path is the CPU one); every other preset is a GPU preset.
+
+    Decided by the preset, not by the machine, so the config is reproducible; ``modeling`` refuses a GPU preset
+    without CUDA with a message pointing to cpu-tiny.
+    """
+    return preset.model.model_id == "tiny"
+
+
+def grpo_config_kwargs(preset: Preset, stage: int, output_dir: str | Path | None = None, *,
+                       max_steps: int | None = None) -> dict[str, Any]:
+    """Everything passed to ``trl.GRPOConfig`` for a stage, derived from the preset (nothing else is set).
+
+    ``output_dir`` defaults to ``runs/<preset>/stage<stage>``; ``max_steps`` overrides the preset's bound.
+    """
+    s = _stage_settings(preset, stage)
+    g = s.grpo
+    cpu = _on_cpu(preset)
+    _, weights = reward_funcs_for(preset, stage)
+    dtype = preset.model.compute_dtype
+    return {
+        "output_dir": str(output_dir if output_dir is not None else runs_dir() / preset.name / f"stage{stage}"),
+        # --- the GRPO knobs of the preset
+        "max_steps": int(max_steps if max_steps is not None else g.max_steps),
+        "per_device_train_batch_size": g.per_device_train_batch_size,
+        "gradient_accumulation_steps": g.gradient_accumulation_steps,
+        "num_generations": g.num_generations,
+        "max_completion_length": g.max_completion_length,
+        "learning_rate": g.learning_rate,
+        "beta": g.beta,
+        "loss_type": g.loss_type,
+        "temperature": g.temperature,
+        "reward_weights": list(weights),
+        # --- hardware: CPU runs in float32; GPUs in the preset's compute dtype (fp16 on a T4, bf16 elsewhere)
+        "use_cpu": cpu,
+        "bf16": (not cpu) and dtype == "bfloat16",
+        "fp16": (not cpu) and dtype == "float16",
+        # memory for compute: needed for a 2B VLM on 16 GB, a pure loss for the miniature
+        "activation_checkpointing": not cpu,
+        "activation_checkpointing_kwargs": None if cpu else {"use_reentrant": False},
+        # --- bookkeeping
+        "logging_steps": g.logging_steps,
+        "save_strategy": "steps",
+        "save_steps": g.save_steps,
+        "save_total_limit": CHECKPOINTS_KEPT,
+        "seed": preset.seed,
+        "data_seed": preset.seed,
+        "report_to": [],  # no wandb/tensorboard: the course plots its own curves from log_history
+        "remove_unused_columns": False,  # the reward functions need label/gold_ids/answer/... columns
+        "dataloader_num_workers": 0,  # PIL images in rows; worker processes cost more than they save here
+    }
+
+
+def grpo_config(preset: Preset, stage: int, output_dir: str | Path | None = None, **kw: Any):
+    """A ``trl.GRPOConfig`` built from ``grpo_config_kwargs``."""
+    from trl import GRPOConfig
+
+    return GRPOConfig(**grpo_config_kwargs(preset, stage, output_dir, **kw))
+
+
+# =============================================================================================== datasets
+def _features(stage: int):
+    """Explicit schema: prompts as message lists, images as a list of ``datasets.Image`` ([] for a snippet)."""
+    from datasets import Features, Image, List, Value
+
+    part = {"type": Value("string"), "text": Value("string")}
+    prompt = List({"role": Value("string"), "content": List(part)})
+    common = {"prompt": prompt, "images": List(Image()), "guid": Value("string")}
+    if stage == 1:
+        return Features({**common, "label": Value("string"), "candidate_id": Value("string"), "modality": Value("string")})
+    return Features({
+        **common, "candidate_ids": List(Value("string")), "gold_ids": List(Value("string")),
+        "source_ids": List(Value("string")), "answer": Value("string"), "keywords": Value("string"),
+        "qcate": Value("string"),
+    })
+
+
+def _with_prepared_image(candidate: Mapping[str, Any], preset: Preset) -> dict[str, Any]:
+    """A copy of the candidate whose image is resized to the preset's fixed square (FEASIBILITY: mRoPE trap)."""
+    from .modeling import prepare_image
+
+    c = dict(candidate)
+    if c.get("image") is not None:
+        c["image"] = prepare_image(c["image"], preset)
+    return c
+
+
+def build_stage1_dataset(split_ds: Iterable[Mapping[str, Any]], preset: Preset, *, seed: int | None = None):
+    """Point-wise GRPO rows (docs/CONTRACTS.md): one question + one candidate, label ``yes``/``no``.
+
+    Why balanced: a pool holds ~1-2 gold among ~8-16 candidates, so an unbalanced set rewards "always no".
+    ``preset.stage1.positive_fraction`` of the rows are gold (as close as the available positives allow), the
+    total is capped at ``preset.stage1.max_examples``, and the rows are shuffled deterministically by ``seed``.
+    """
+    from datasets import Dataset
+
+    s = preset.stage1
+    rng = random.Random(preset.seed if seed is None else seed)
+    pos: list[tuple[Mapping[str, Any], Mapping[str, Any]]] = []
+    neg: list[tuple[Mapping[str, Any], Mapping[str, Any]]] = []
+    for row in split_ds:
+        for cand in row["candidates"]:
+            (pos if cand["is_gold"] else neg).append((row, cand))
+    rng.shuffle(pos)
+    rng.shuffle(neg)
+    f = s.positive_fraction
+    n_pos = min(len(pos), round(s.max_examples * f))
+    n_neg = min(len(neg), s.max_examples - n_pos, round(n_pos * (1 - f) / f) if n_pos else s.max_examples)
+    if n_neg < round(n_pos * (1 - f) / f):  # too few negatives: shrink the positives to keep the fraction
+        n_pos = min(n_pos, round(n_neg * f / (1 - f)))
+    chosen = [(r, c, prompts.YES) for r, c in pos[:n_pos]] + [(r, c, prompts.NO) for r, c in neg[:n_neg]]
+    rng.shuffle(chosen)
+    rows = []
+    for row, cand, label in chosen:
+        cand = _with_prepared_image(cand, preset)
+        rows.append({
+            "prompt": prompts.stage1_messages(row["question"], cand, reasoning=s.reasoning),
+            "images": prompts.stage1_images(cand),
+            "label": label,
+            "guid": row["guid"],
+            "candidate_id": cand["id"],
+            "modality": cand["modality"],
+        })
+    return Dataset.from_list(rows, features=_features(1))
+
+
+@dataclass
+class Stage2BuildReport:
+    """What ``build_stage2_dataset`` did, so a shrunk or dropped prompt is never silent."""
+
+    max_prompt_tokens: int
+    questions_seen: int = 0
+    questions_used: int = 0
+    rows: int = 0
+    questions_without_kept_ids: int = 0  # kept_ids given but this guid missing: skipped
+    questions_shrunk: int = 0  # over max_prompt_tokens: distractors removed until the prompt fit
+    candidates_dropped: int = 0  # total candidates removed by shrinking
+    gold_dropped: int = 0  # gold candidates removed (only after every distractor is gone)
+    questions_dropped_too_long: int = 0  # still over the limit with a single candidate: row dropped
+    rows_dropped_too_long: int = 0  # a permutation over the limit (tokens differ slightly by order): dropped
+    prompt_tokens_max: int = 0
+    prompt_tokens_mean: float = 0.0
+    images_per_prompt_max: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        lines = [
+            (f"stage-2 dataset: {self.rows} rows from {self.questions_used}/{self.questions_seen} questions "
+            f"(prompt tokens mean {self.prompt_tokens_mean:.0f}, max {self.prompt_tokens_max} <= "
+            f"limit {self.max_prompt_tokens}; up to {self.images_per_prompt_max} images per prompt)"),
+        ]
+        if self.questions_shrunk:
+            lines.append(f"  shrunk {self.questions_shrunk} over-long prompts by dropping {self.candidates_dropped} "
+                         f"candidates ({self.gold_dropped} of them gold)")
+        if self.questions_dropped_too_long or self.rows_dropped_too_long:
+            lines.append(f"  dropped {self.questions_dropped_too_long} questions and {self.rows_dropped_too_long} "
+                         f"permuted rows still over {self.max_prompt_tokens} tokens")
+        if self.questions_without_kept_ids:
+            lines.append(f"  skipped {self.questions_without_kept_ids} questions with no stage-1 kept ids")
+        if len(lines) == 1:
+            lines.append("  no prompt needed shrinking; nothing dropped; no prompt was truncated")
+        return "\n".join(lines)
+
+
+def load_processor(preset: Preset) -> Any:
+    """The preset's processor alone (no model weights), with its pixel budget: enough to measure prompts."""
+    from transformers import AutoProcessor
+
+    from . import modeling
+
+    source = modeling.ensure_tiny_vlm(preset) if preset.model.model_id == "tiny" else preset.model.model_id
+    processor = AutoProcessor.from_pretrained(str(source))
+    ip = processor.image_processor
+    ip.size = {"shortest_edge": preset.model.min_pixels, "longest_edge": preset.model.max_pixels}
+    for name in ("min_pixels", "max_pixels"):
+        if hasattr(ip, name):
+            setattr(ip, name, getattr(preset.model, name))
+    return modeling.make_mixed_batch_safe(processor)
+
+
+def prompt_token_count(processor: Any, messages: list[dict[str, Any]], images: Sequence[Any]) -> int:
+    """Tokens of a rendered prompt with image placeholders expanded: what the model really reads."""
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    enc = processor(text=[text], images=[list(images)] if images else None, return_tensors="pt")
+    return int(enc["input_ids"].shape[-1])
+
+
+def _default_shown(row: Mapping[str, Any], k: int) -> list[Mapping[str, Any]]:
+    """Without stage-1 scores: the gold candidates plus the first distractors of the pool, up to k."""
+    cands = list(row["candidates"])
+    gold = [c for c in cands if c["is_gold"]]
+    rest = [c for c in cands if not c["is_gold"]]
+    return (gold + rest)[: max(k, len(gold))]
+
+
+def _fit(question: str, shown: list[Mapping[str, Any]], processor: Any, preset: Preset,
+         report: Stage2BuildReport) -> tuple[list[Mapping[str, Any]], int] | None:
+    """Shrink ``shown`` (best first) until its prompt fits: last distractor first, then last gold. None: cannot fit."""
+    limit = preset.stage2.max_prompt_tokens
+    reasoning = preset.stage2.reasoning
+    shown = list(shown)
+    dropped = 0
+    while True:
+        n = prompt_token_count(processor, prompts.stage2_messages(question, shown, reasoning=reasoning),
+                               prompts.stage2_images(shown))
+        if n <= limit:
+            if dropped:
+                report.questions_shrunk += 1
+                report.candidates_dropped += dropped
+            return shown, n
+        if len(shown) <= 1:
+            report.questions_dropped_too_long += 1
+            return None
+        idx = max((i for i, c in enumerate(shown) if not c["is_gold"]), default=len(shown) - 1)
+        report.gold_dropped += int(shown[idx]["is_gold"])
+        shown.pop(idx)
+        dropped += 1
+
+
+def build_stage2_dataset(
+    split_ds: Iterable[Mapping[str, Any]],
+    preset: Preset,
+    *,
+    kept_ids: Mapping[str, Sequence[str]] | None = None,
+    seed: int | None = None,
+    processor: Any = None,
+) -> tuple[Any, Stage2BuildReport]:
+    """List-wise GRPO rows (docs/CONTRACTS.md) and a report of what had to be shrunk or dropped.
+
+    For each question: the candidates the stage-1 filter kept (``kept_ids[guid]``, best first) or, without a
+    filter, gold + first distractors up to ``preset.stage1.k``. Images are resized to the preset's fixed square
+    (same token count per image, within the pixel budget). Each prompt's length is measured with the processor
+    *up front*; over ``preset.stage2.max_prompt_tokens`` the lowest-ranked distractors go first, then the row —
+    a prompt is never cut through its image tokens. Each question yields ``preset.stage2.permutations`` copies in
+    different orders (``prompts.permutations``), short ids ``D1..Dk`` following the shown order, so ``gold_ids``
+    are the short ids of the gold candidates *after* the permutation. Rows are capped at ``max_examples``.
+    """
+    from datasets import Dataset
+
+    processor = processor if processor is not None else load_processor(preset)
+    s = preset.stage2
+    k = preset.stage1.k
+    base_seed = preset.seed if seed is None else seed
+    report = Stage2BuildReport(max_prompt_tokens=s.max_prompt_tokens)
+    rows: list[dict[str, Any]] = []
+    lengths: list[int] = []
+    for qi, row in enumerate(split_ds):
+        if len(rows) >= s.max_examples:
+            break
+        report.questions_seen += 1
+        by_id = {c["id"]: c for c in row["candidates"]}
+        if kept_ids is not None:
+            if row["guid"] not in kept_ids:
+                report.questions_without_kept_ids += 1
+                continue
+            shown = [by_id[i] for i in kept_ids[row["guid"]] if i in by_id]
+        else:
+            shown = _default_shown(row, k)
+        shown = [_with_prepared_image(c, preset) for c in shown]
+        fitted = _fit(row["question"], shown, processor, preset, report)
+        if fitted is None:
+            continue
+        shown, _ = fitted
+        report.questions_used += 1
+        for order in prompts.permutations(len(shown), s.permutations, seed=base_seed * 1_000_003 + qi):
+            if len(rows) >= s.max_examples:
+                break
+            ordered = [shown[i] for i in order]
+            messages = prompts.stage2_messages(row["question"], ordered, reasoning=s.reasoning)
+            images = prompts.stage2_images(ordered)
+            n = prompt_token_count(processor, messages, images)
+            if n > s.max_prompt_tokens:
+                report.rows_dropped_too_long += 1
+                continue
+            sids = prompts.short_ids(len(ordered))
+            rows.append({
+                "prompt": messages,
+                "images": images,
+                "candidate_ids": sids,
+                "gold_ids": [sid for sid, c in zip(sids, ordered) if c["is_gold"]],
+                "source_ids": [c["id"] for c in ordered],
+                "answer": row["answer"],
+                "keywords": row.get("keywords", "") or "",
+                "qcate": row["qcate"],
+                "guid": row["guid"],
+            })
+            lengths.append(n)
+            report.images_per_prompt_max = max(report.images_per_prompt_max, len(images))
+    report.rows = len(rows)
+    features = _features(2)
+    if not rows:  # every question dropped: still a dataset with the contract's columns
+        return Dataset.from_dict({name: [] for name in features}, features=features), report
+    if lengths:
+        report.prompt_tokens_max = max(lengths)
+        report.prompt_tokens_mean = sum(lengths) / len(lengths)
+    return Dataset.from_list(rows, features=features), report
+
+
+# =============================================================================================== callbacks
+def _transformers_callback_base():
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class RewardCurveCallback(_transformers_callback_base()):  # type: ignore[misc]
+    """Records the total and per-component mean rewards at every log, and can live-plot them in a notebook.
+
+    ``curves`` maps ``"reward"`` and each component name (``format``, ``relevance``, ...) to ``[(step, value)]``.
+    With ``live=True`` (in IPython) one figure with one panel per curve is redrawn every ``plot_every`` logs.
+    """
+
+    def __init__(self, *, live: bool = False, plot_every: int = 1, title: str = "GRPO rewards") -> None:
+        self.curves: dict[str, list[tuple[int, float]]] = {}
+        self.live = live
+        self.plot_every = max(1, plot_every)
+        self.title = title
+        self._n_logs = 0
+        self._handle: Any = None
+
+    @staticmethod
+    def components(logs: Mapping[str, Any]) -> dict[str, float]:
+        """``{"reward": total, "<name>": mean}`` read from one TRL log entry."""
+        out: dict[str, float] = {}
+        if isinstance(logs.get(REWARD_KEY), (int, float)):
+            out[REWARD_KEY] = float(logs[REWARD_KEY])
+        for key, value in logs.items():
+            if key.startswith(COMPONENT_PREFIX) and key.endswith(COMPONENT_SUFFIX) and isinstance(value, (int, float)):
+                out[key[len(COMPONENT_PREFIX):-len(COMPONENT_SUFFIX)]] = float(value)
+        return out
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Mapping[str, Any] | None = None, **kw: Any) -> None:
+        values = self.components(logs or {})
+        if not values:
+            return
+        for name, value in values.items():
+            self.curves.setdefault(name, []).append((int(state.global_step), value))
+        self._n_logs += 1
+        if self.live and self._n_logs % self.plot_every == 0:
+            self._redraw()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self.live and self.curves:
+            self._redraw()
+
+    def figure(self):
+        """A matplotlib figure with one panel per curve (total first), for a notebook or a report."""
+        import matplotlib.pyplot as plt
+
+        names = sorted(self.curves, key=lambda n: (n != REWARD_KEY, n))
+        fig, axes = plt.subplots(1, max(len(names), 1), figsize=(3.2 * max(len(names), 1), 2.6), squeeze=False)
+        for ax, name in zip(axes[0], names):
+            steps, values = zip(*self.curves[name])
+            ax.plot(steps, values, marker=".", lw=1)
+            ax.set_title(name if name != REWARD_KEY else "total (weighted)")
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        fig.suptitle(self.title)
+        fig.tight_layout()
+        return fig
+
+    def _redraw(self) -> None:
+        try:
+            import matplotlib.pyplot as plt
+            from IPython.display import display
+        except ImportError:  # pragma: no cover - live plots are a notebook nicety
+            return
+        fig = self.figure()
+        if self._handle is None:
+            self._handle = display(fig, display_id=True)
+        else:
+            self._handle.update(fig)
+        plt.close(fig)
+
+
+class CudaMemoryCallback(_transformers_callback_base()):  # type: ignore[misc]
+    """On CUDA: a banner with the device at the start, and the peak memory of each step in the log history."""
+
+    def __init__(self) -> None:
+        self.peaks_gb: list[float] = []
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            p = torch.cuda.get_device_properties(0)
+            print(f"[memory] {p.name}: {p.total_memory / 2**30:.1f} GiB; peak memory is logged as memory/peak_gb")
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            self.peaks_gb.append(torch.cuda.max_memory_allocated() / 2**30)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Mapping[str, Any] | None = None, **kw: Any) -> None:
+        if self.peaks_gb and state.log_history:
+            state.log_history[-1]["memory/peak_gb"] = round(max(self.peaks_gb), 3)
+            self.peaks_gb.clear()
+
+
+def _quiet_progress_callback():
+    """transformers' tqdm progress bar, without printing every log dict under it (the reward plot shows them)."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class QuietProgressCallback(ProgressCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: Mapping[str, Any] | None = None, **kw: Any) -> None:
+            if self.training_bar is not None and logs and REWARD_KEY in logs:
+                self.training_bar.set_postfix(reward=f"{logs[REWARD_KEY]:.3f}", refresh=False)
+
+    return QuietProgressCallback
+
+
+# =============================================================================================== training
+@dataclass
+class TrainResult:
+    """What a training run produced: where the adapter is, the log history, and the reward trend."""
+
+    stage: int
+    output_dir: Path
+    adapter_dir: Path
+    global_step: int
+    seconds: float
+    log_history: list[dict[str, Any]]
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    first_reward: float | None = None  # mean reward over the first REWARD_WINDOW_FRACTION of logged steps
+    last_reward: float | None = None  # ... and over the last
+    model: Any = field(default=None, repr=False)  # the trained PeftModel, still in memory (for scoring right away)
+    processor: Any = field(default=None, repr=False)
+
+    def summary(self) -> str:
+        trend = (f"mean reward first {self.first_reward:.3f} -> last {self.last_reward:.3f}"
+                 if self.first_reward is not None and self.last_reward is not None else "no reward logged")
+        return (f"stage {self.stage}: {self.global_step} steps in {self.seconds:.1f}s; {trend}; "
+                f"adapter saved to {self.adapter_dir}")
+
+
+def reward_trend(log_history: Sequence[Mapping[str, Any]], fraction: float = REWARD_WINDOW_FRACTION) -> tuple[float | None, float | None]:
+    """Mean logged reward over the first and last ``fraction`` of steps (at least one step each)."""
+    rewards = [float(e[REWARD_KEY]) for e in log_history if isinstance(e.get(REWARD_KEY), (int, float))]
+    if not rewards:
+        return None, None
+    w = max(1, math.ceil(len(rewards) * fraction))
+    return sum(rewards[:w]) / w, sum(rewards[-w:]) / w
+
+
+def last_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest ``checkpoint-<step>`` folder of a run, or None."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    found = get_last_checkpoint(str(output_dir))
+    return Path(found) if found else None
+
+
+def _atomic_write_json(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _save_adapter(model: Any, adapter_dir: Path) -> None:
+    """Save the LoRA adapter under a temporary name, then swap it in (a crash never leaves half an adapter)."""
+    adapter_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=adapter_dir.name + ".tmp-", dir=adapter_dir.parent))
+    try:
+        model.save_pretrained(str(tmp))
+        if adapter_dir.exists():
+            shutil.rmtree(adapter_dir)
+        os.replace(tmp, adapter_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_trainer(
+    preset: Preset,
+    stage: int,
+    dataset: Any,
+    output_dir: str | Path,
+    *,
+    model: Any = None,
+    processor: Any = None,
+    init_adapter: str | Path | None = None,
+    callbacks: Sequence[Any] = (),
+    max_steps: int | None = None,
+    live_plot: bool = False,
+    quiet_progress: bool = True,
+) -> tuple[Any, RewardCurveCallback]:
+    """A ``GRPOTrainer`` for one stage: model + processor from ``modeling``, LoRA from the preset, rewards by rule.
+
+    With ``init_adapter`` the model continues from a saved (trainable) adapter instead of a fresh LoRA.
+    """
+    from trl import GRPOConfig, GRPOTrainer
+
+    from .modeling import load_model_and_processor, lora_config
+
+    if model is None or processor is None:
+        model, processor = load_model_and_processor(preset, adapter_path=init_adapter, for_training=True)
+        peft_config = None if init_adapter is not None else lora_config(preset)
+    else:
+        peft_config = None if hasattr(model, "peft_config") else lora_config(preset)
+    funcs, _ = reward_funcs_for(preset, stage)
+    args = GRPOConfig(**grpo_config_kwargs(preset, stage, output_dir, max_steps=max_steps))
+    curve = RewardCurveCallback(live=live_plot, title=f"stage {stage} GRPO rewards ({preset.name})")
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=funcs,
+        args=args,
+        train_dataset=dataset,
+        processing_class=processor,
+        peft_config=peft_config,
+        callbacks=[curve, CudaMemoryCallback(), *callbacks],
+    )
+    if quiet_progress:
+        from transformers.trainer_callback import ProgressCallback
+
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(_quiet_progress_callback())
+    return trainer, curve
+
+
+def _train(stage: int, preset: Preset, dataset: Any, work_dir: str | Path, *, init_adapter: str | Path | None,
+           resume: bool | str | Path, callbacks: Sequence[Any], max_steps: int | None, live_plot: bool,
+           model: Any, processor: Any, verbose: bool) -> TrainResult:
+    out = Path(work_dir) / f"stage{stage}"
+    out.mkdir(parents=True, exist_ok=True)
+    trainer, curve = build_trainer(preset, stage, dataset, out, model=model, processor=processor,
+                                   init_adapter=init_adapter, callbacks=callbacks, max_steps=max_steps,
+                                   live_plot=live_plot)
+    checkpoint: str | None = None
+    if resume:
+        found = Path(resume) if isinstance(resume, (str, Path)) else last_checkpoint(out)
+        checkpoint = str(found) if found else None
+        if verbose:
+            print(f"resuming from {checkpoint}" if checkpoint else f"no checkpoint in {out}: starting fresh")
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    seconds = time.perf_counter() - t0
+    adapter_dir = out / "adapter"
+    _save_adapter(trainer.model, adapter_dir)
+    history = list(trainer.state.log_history)
+    _atomic_write_json(out / "log_history.json", history)
+    first, last = reward_trend(history)
+    result = TrainResult(stage=stage, output_dir=out, adapter_dir=adapter_dir, global_step=trainer.state.global_step,
+                         seconds=seconds, log_history=history, curves=curve.curves, first_reward=first,
+                         last_reward=last, model=trainer.model, processor=trainer.processing_class)
+    if verbose:
+        print(result.summary())
+    return result
+
+
+def train_stage1(
+    preset: Preset,
+    dataset: Any,
+    work_dir: str | Path,
+    *,
+    resume: bool | str | Path = False,
+    callbacks: Sequence[Any] = (),
+    max_steps: int | None = None,
+    live_plot: bool = False,
+    model: Any = None,
+    processor: Any = None,
+    verbose: bool = True,
+) -> TrainResult:
+    """Stage 1: GRPO on point-wise rows; saves ``<work_dir>/stage1/adapter/`` and ``log_history.json``.
+
+    ``resume=True`` continues from the newest ``stage1/checkpoint-*`` (or a given checkpoint path); ``max_steps``
+    overrides the preset's bound (the total step count, so resuming to a larger value trains the difference).
+    """
+    return _train(1, preset, dataset, work_dir, init_adapter=None, resume=resume, callbacks=callbacks,
+                  max_steps=max_steps, live_plot=live_plot, model=model, processor=processor, verbose=verbose)
+
+
+def stage2_init_adapter(preset: Preset, work_dir: str | Path) -> Path | None:
+    """The adapter stage 2 starts from: the stage-1 adapter when ``preset.stage2.init_from == "stage1"`` and it exists."""
+    if preset.stage2.init_from != "stage1":
+        return None
+    path = Path(work_dir) / "stage1" / "adapter"
+    return path if (path / "adapter_config.json").is_file() else None
+
+
+def train_stage2(
+    preset: Preset,
+    dataset: Any,
+    work_dir: str | Path,
+    *,
+    init_adapter: str | Path | None = None,
+    resume: bool | str | Path = False,
+    callbacks: Sequence[Any] = (),
+    max_steps: int | None = None,
+    live_plot: bool = False,
+    model: Any = None,
+    processor: Any = None,
+    verbose: bool = True,
+) -> TrainResult:
+    """Stage 2: GRPO on list-wise rows; saves ``<work_dir>/stage2/adapter/`` and ``log_history.json``.
+
+    Starts from ``init_adapter`` when given, else from the stage-1 adapter when the preset says
+    ``init_from="stage1"`` (and it exists; otherwise a fresh LoRA, with a note).
+    """
+    if init_adapter is None and model is None:
+        init_adapter = stage2_init_adapter(preset, work_dir)
+        if verbose and preset.stage2.init_from == "stage1":
+            print(f"stage 2 starts from {init_adapter}" if init_adapter else
+                  "note: no stage-1 adapter found; stage 2 starts from a fresh LoRA on the base model")
+    return _train(2, preset, dataset, work_dir, init_adapter=init_adapter, resume=resume, callbacks=callbacks,
+                  max_steps=max_steps, live_plot=live_plot, model=model, processor=processor, verbose=verbose)
+
+
+__all__ = [
+    "CudaMemoryCallback", "RewardCurveCallback", "Stage2BuildReport", "TrainResult", "build_stage1_dataset",
+    "build_stage2_dataset", "build_trainer", "grpo_config", "grpo_config_kwargs", "last_checkpoint", "load_processor",
+    "prompt_token_count", "reward_funcs_for", "reward_trend", "stage2_init_adapter", "train_stage1", "train_stage2",
+]

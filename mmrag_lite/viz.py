@@ -1,0 +1,177 @@
+"""Matplotlib plots for the course notebooks (each function returns its figure, so notebooks can save or show it)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _funnel_dict(report: Any) -> dict[str, Any]:
+    if hasattr(report, "to_dict"):
+        return report.to_dict()
+    if isinstance(report, (str, Path)):
+        path = Path(report)
+        return json.loads((path / "funnel.json" if path.is_dir() else path).read_text())
+    return dict(report)
+
+
+def plot_funnel(report: Any, ax: Any = None, title: str | None = None):
+    """The Mini-WebQA funnel: questions kept after each filter (bars) and how many it removed (labels).
+
+    ``report`` is a ``data.FunnelReport``, its ``to_dict()``, or a path to ``funnel.json`` / the dataset folder.
+    """
+    import matplotlib.pyplot as plt
+
+    data = _funnel_dict(report)
+    steps = data.get("steps", [])
+    if not steps:
+        raise ValueError("the funnel report has no steps")
+    names = ["read"] + [s["name"] for s in steps]
+    kept = [steps[0]["before"]] + [s["kept"] for s in steps]
+    removed = [0] + [s["removed"] for s in steps]
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.2))
+    else:
+        fig = ax.figure
+    ys = list(range(len(names)))[::-1]
+    ax.barh(ys, kept, color="#4c78a8", label="kept")
+    ax.barh(ys, removed, left=kept, color="#e45756", label="removed")
+    top = max(k + r for k, r in zip(kept, removed)) or 1
+    for y, k, r in zip(ys, kept, removed):
+        ax.text(k + r + top * 0.01, y, f"{k}" + (f"  (-{r})" if r else ""), va="center", fontsize=9)
+    ax.set_yticks(ys)
+    ax.set_yticklabels(names)
+    ax.set_xlim(0, top * 1.2)
+    ax.set_xlabel("questions")
+    splits = data.get("splits") or {}
+    default = "Mini-WebQA funnel" + (" — " + ", ".join(f"{k} {v}" for k, v in splits.items()) if splits else "")
+    ax.set_title(title or default)
+    ax.legend(loc="lower right", frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def _as_float(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def plot_results(table: list[dict[str, Any]], metrics: tuple[str, ...] = ("Retr-F1", "QA-Acc"), ax: Any = None,
+                 title: str = "systems x metrics"):
+    """Grouped bars: one group per system, one bar per metric (cells that are not numbers are skipped)."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+    else:
+        fig = ax.figure
+    width = 0.8 / max(len(metrics), 1)
+    for j, m in enumerate(metrics):
+        vals = [_as_float(r.get(m)) for r in table]
+        xs = [i + j * width for i, v in enumerate(vals) if v is not None]
+        ax.bar(xs, [v for v in vals if v is not None], width=width, label=m)
+    ax.set_xticks([i + width * (len(metrics) - 1) / 2 for i in range(len(table))])
+    ax.set_xticklabels([str(r.get("system", i)) for i, r in enumerate(table)], rotation=10)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title)
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_ablation(rows: list[dict[str, Any]], x: str, ys: tuple[str, ...], ax: Any = None, title: str | None = None):
+    """Lines of ``ys`` against ``x`` (e.g. gold recall and Retr-F1 against k)."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5, 3))
+    else:
+        fig = ax.figure
+    xs = [r[x] for r in rows]
+    for y in ys:
+        ax.plot(xs, [_as_float(r.get(y)) for r in rows], marker="o", label=y)
+    ax.set_xlabel(x)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title or f"ablation over {x}")
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_robustness(rows: list[dict[str, Any]], metrics: tuple[str, ...] = ("Retr-F1", "QA-Acc"), ax: Any = None):
+    """Clean vs attacked metrics, one group per distractor kind."""
+    table = [{"system": r.get("distractor"), **r} for r in rows]
+    return plot_results(table, metrics, ax=ax, title="robustness: clean vs adversarial distractors")
+
+
+# ------------------------------------------------------------------------------ GRPO reward curves, stage-1 k trade-off
+def reward_curves_from_history(log_history: list[dict[str, Any]] | str | Path) -> dict[str, list[tuple[int, float]]]:
+    """``{"reward": [(step, mean)], "<component>": [...]}`` from a trainer's log history (or its log_history.json)."""
+    if isinstance(log_history, (str, Path)):
+        log_history = json.loads(Path(log_history).read_text(encoding="utf-8"))
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for entry in log_history:
+        step = entry.get("step")
+        for key, value in entry.items():
+            if not isinstance(value, (int, float)) or step is None:
+                continue
+            if key == "reward":
+                curves.setdefault("reward", []).append((int(step), float(value)))
+            elif key.startswith("rewards/") and key.endswith("/mean"):
+                curves.setdefault(key[len("rewards/"):-len("/mean")], []).append((int(step), float(value)))
+    return curves
+
+
+def plot_reward_curves(log_history: Any, title: str = "GRPO rewards", smooth: int = 1):
+    """One panel per reward component (total first), each separately scaled: a component can move while the total
+    hides it. ``smooth`` > 1 overlays a running mean over that many logged steps (sampled rewards are noisy)."""
+    import matplotlib.pyplot as plt
+
+    curves = log_history if isinstance(log_history, dict) else reward_curves_from_history(log_history)
+    names = sorted(curves, key=lambda n: (n != "reward", n))
+    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(3.2 * max(len(names), 1), 2.6), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        steps, values = zip(*curves[name])
+        ax.plot(steps, values, marker=".", lw=1, alpha=0.6 if smooth > 1 else 1.0)
+        if smooth > 1 and len(values) >= smooth:
+            run = [sum(values[i - smooth + 1:i + 1]) / smooth for i in range(smooth - 1, len(values))]
+            ax.plot(steps[smooth - 1:], run, lw=2, label=f"mean of {smooth}")
+            ax.legend(fontsize=7)
+        ax.set_title("total (weighted)" if name == "reward" else name)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_k_tradeoff(report: list[dict[str, Any]], *, chosen_k: int | None = None, baseline: list[dict[str, Any]] | None = None,
+                    title: str = "stage-1 filter: which k?"):
+    """Recall@k of the gold sources (left axis) against the share of stage-2 prompt tokens saved (right axis).
+
+    ``report`` is ``scoring.filter_report``'s rows; ``baseline`` (e.g. the zero-shot judge's report) is drawn dashed.
+    """
+    import matplotlib.pyplot as plt
+
+    ks = [r["k"] for r in report]
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    ax.plot(ks, [r["recall"] for r in report], marker="o", label="recall@k (trained)")
+    ax.plot(ks, [r["all_gold"] for r in report], marker=".", lw=1, label="all gold kept")
+    if baseline:
+        ax.plot([r["k"] for r in baseline], [r["recall"] for r in baseline], ls="--", label="recall@k (before)")
+    ax.set_xlabel("k (candidates kept for stage 2)")
+    ax.set_ylabel("share of gold kept")
+    ax.set_ylim(0, 1.05)
+    ax.grid(alpha=0.3)
+    if "saved_fraction" in report[0]:
+        ax2 = ax.twinx()
+        ax2.bar(ks, [r["saved_fraction"] for r in report], alpha=0.2, color="gray", label="prompt tokens saved")
+        ax2.set_ylabel("stage-2 prompt tokens saved")
+        ax2.set_ylim(0, 1.05)
+    if chosen_k is not None:
+        ax.axvline(chosen_k, color="red", lw=1, ls=":", label=f"preset k = {chosen_k}")
+    ax.legend(fontsize=7, loc="center right")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,289 @@
+"""ipywidgets viewers for the notebooks. Each viewer returns a widget; ``display()`` it in a notebook.
+
+Headless runs (papermill, tests) can build the widgets without a front end; nothing here needs a browser.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+from collections.abc import Mapping
+from typing import Any
+
+
+# ----------------------------------------------------------------------------------------- dataset browser
+def _png_bytes(image: Any, size: int = 96) -> bytes | None:
+    """Thumbnail bytes for an ``ipywidgets.Image`` from a PIL image or a ``{"bytes": ...}`` dict."""
+    if image is None:
+        return None
+    from PIL import Image
+
+    if isinstance(image, Mapping):
+        if not image.get("bytes"):
+            return None
+        image = Image.open(io.BytesIO(image["bytes"]))
+    im = image.convert("RGB")
+    scale = max(1, size // max(im.size))  # small synthetic images: enlarge crisply
+    if scale > 1:
+        im = im.resize((im.size[0] * scale, im.size[1] * scale), Image.NEAREST)
+    else:
+        im.thumbnail((size, size))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def example_html(row: Mapping[str, Any]) -> str:
+    """The question block of one Mini-WebQA row as HTML (question, answer, keywords, category, gold ids)."""
+    esc = html.escape
+    return (
+        f"<div style='font-family:sans-serif'>"
+        f"<b>Q</b> ({esc(str(row.get('qcate', '')))}, topic {esc(str(row.get('topic', '')))}): "
+        f"{esc(str(row.get('question', '')))}<br>"
+        f"<b>A</b>: {esc(str(row.get('answer', '')))}"
+        + (f" &nbsp; <b>keywords</b>: {esc(str(row['keywords']))}" if row.get("keywords") else "")
+        + f"<br><small>guid {esc(str(row.get('guid', '')))} · gold: {esc(', '.join(map(str, row.get('gold_ids', []))))}</small>"
+        f"</div>"
+    )
+
+
+def candidate_html(candidate: Mapping[str, Any], max_chars: int = 160) -> str:
+    """One candidate's caption / snippet as HTML; gold candidates are marked ★ and boxed in green."""
+    esc = html.escape
+    text = str(candidate.get("text", ""))
+    if len(text) > max_chars:
+        text = text[: max_chars - 1] + "…"
+    gold = bool(candidate.get("is_gold"))
+    colour = "#2ca02c" if gold else "#bbbbbb"
+    mark = "★ gold" if gold else "distractor"
+    return (
+        f"<div style='border:2px solid {colour};padding:4px;font-size:11px;font-family:sans-serif;"
+        f"width:210px;min-height:60px'><b>{esc(str(candidate.get('id', '')))}</b> [{candidate.get('modality', '')}]"
+        f" <span style='color:{colour}'>{mark}</span><br><i>{esc(str(candidate.get('title', '')))}</i><br>{esc(text)}</div>"
+    )
+
+
+def dataset_browser(dataset: Any, split: str | None = None, thumb: int = 96, columns: int = 4):
+    """Browse Mini-WebQA: pick a split and a question; see the answer and every candidate (gold marked ★).
+
+    ``dataset`` is a ``DatasetDict`` (a split picker is shown), a ``Dataset``, or a list of row dicts.
+    """
+    import ipywidgets as W
+
+    splits = {}
+    if hasattr(dataset, "keys") and not isinstance(dataset, (list, tuple)) and not hasattr(dataset, "features"):
+        splits = {k: dataset[k] for k in list(dataset)}
+    else:
+        splits = {split or "rows": dataset}
+    names = list(splits)
+    split_pick = W.Dropdown(options=names, value=split if split in splits else names[0], description="split")
+    index = W.IntSlider(min=0, max=max(0, len(splits[split_pick.value]) - 1), value=0, description="question",
+                        continuous_update=False)
+    header = W.HTML()
+    grid = W.GridBox(layout=W.Layout(grid_template_columns=f"repeat({columns}, 220px)", grid_gap="6px"))
+
+    def render(*_: Any) -> None:
+        rows = splits[split_pick.value]
+        if len(rows) == 0:
+            header.value, grid.children = "<i>empty split</i>", ()
+            return
+        row = rows[int(index.value)]
+        header.value = example_html(row)
+        cells = []
+        for cand in row["candidates"]:
+            parts = []
+            png = _png_bytes(cand.get("image"), thumb) if cand.get("modality") == "image" else None
+            if png is not None:
+                parts.append(W.Image(value=png, format="png", layout=W.Layout(width=f"{thumb}px")))
+            parts.append(W.HTML(candidate_html(cand)))
+            cells.append(W.VBox(parts))
+        grid.children = tuple(cells)
+
+    def on_split(*_: Any) -> None:
+        index.max = max(0, len(splits[split_pick.value]) - 1)
+        index.value = 0
+        render()
+
+    split_pick.observe(on_split, names="value")
+    index.observe(render, names="value")
+    render()
+    controls = W.HBox([split_pick, index] if len(names) > 1 else [index])
+    box = W.VBox([controls, header, grid])
+    box.render = render  # handy for tests and for re-drawing after a change
+    box.split_picker, box.index_slider, box.header, box.grid = split_pick, index, header, grid
+    return box
+
+
+# ----------------------------------------------------------------------------------------- reward playground
+def reward_table_html(scores: Mapping[str, float], weights: Mapping[str, float], problems: Any = ()) -> str:
+    """Every reward component, its weight and contribution, the weighted total, and what the parser complained about."""
+    esc = html.escape
+    rows = "".join(
+        f"<tr><td>{esc(name)}</td><td>{value:+.3f}</td><td>{weights.get(name, 0.0):g}</td>"
+        f"<td>{weights.get(name, 0.0) * value:+.3f}</td></tr>"
+        for name, value in scores.items() if name != "total"
+    )
+    issues = "".join(f"<li><code>{esc(p.code)}</code> {esc(p.message)}</li>" for p in problems) or "<li>none: well formed</li>"
+    return (
+        "<table style='font-family:monospace;border-collapse:collapse' border=1 cellpadding=3>"
+        "<tr><th>component</th><th>reward</th><th>weight</th><th>weighted</th></tr>"
+        f"{rows}<tr><td><b>total</b></td><td></td><td></td><td><b>{scores.get('total', 0.0):+.3f}</b></td></tr></table>"
+        f"<div style='font-family:sans-serif;font-size:12px'><b>parser problems</b><ul>{issues}</ul></div>"
+    )
+
+
+def reward_playground(
+    stage: int = 2,
+    *,
+    completion: str | None = None,
+    row: Mapping[str, Any] | None = None,
+    weights: Mapping[str, float] | None = None,
+    reasoning: bool = True,
+    **reward_options: Any,
+):
+    """Type a completion, see every reward component and the weighted total update live (``rewards.score_completion``).
+
+    ``row`` holds the dataset columns the rewards read (stage 1: ``label``; stage 2: ``candidate_ids``, ``gold_ids``,
+    ``answer``, ``keywords``, ``qcate``); the text fields let you change them. Builds without a front end.
+    """
+    import ipywidgets as W
+
+    from mmrag_lite import rewards
+    from mmrag_lite.prompts import stage1_target, stage2_target
+
+    if stage == 1:
+        row = dict(row or {"label": "yes"})
+        weights = dict(weights or {"format": 0.2, "relevance": 1.0})
+        completion = completion if completion is not None else stage1_target(row["label"], reasoning=reasoning, think="...")
+        fields = {"label": W.Text(value=str(row.get("label", "")), description="label")}
+    else:
+        row = dict(row or {"candidate_ids": ["D1", "D2", "D3", "D4"], "gold_ids": ["D2"], "answer": "The car is red.",
+                           "keywords": "red", "qcate": "color"})
+        weights = dict(weights or {"format": 0.2, "ranking": 0.5, "answer": 1.0})
+        completion = completion if completion is not None else stage2_target(row["gold_ids"], "red", reasoning=reasoning, think="...")
+        fields = {
+            "candidate_ids": W.Text(value=", ".join(row.get("candidate_ids", [])), description="candidates"),
+            "gold_ids": W.Text(value=", ".join(row.get("gold_ids", [])), description="gold ids"),
+            "answer": W.Text(value=str(row.get("answer", "")), description="answer"),
+            "keywords": W.Text(value=str(row.get("keywords", "")), description="keywords"),
+            "qcate": W.Dropdown(options=["text", "YesNo", "Others", "choose", "number", "color", "shape"],
+                                value=row.get("qcate", "text") or "text", description="qcate"),
+        }
+    text = W.Textarea(value=completion, description="completion", layout=W.Layout(width="95%", height="110px"))
+    think = W.Checkbox(value=reasoning, description="reasoning (<think> required)")
+    out = W.HTML()
+
+    def current_row() -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name, widget in fields.items():
+            v = widget.value
+            values[name] = [s.strip() for s in v.split(",") if s.strip()] if name in ("candidate_ids", "gold_ids") else v
+        return values
+
+    def render(*_: Any) -> None:
+        r = current_row()
+        try:
+            scores = rewards.score_completion(text.value, r, stage=stage, weights=weights, reasoning=think.value, **reward_options)
+            parsed = rewards.explain(text.value, stage=stage, reasoning=think.value, candidate_ids=r.get("candidate_ids"))
+            out.value = reward_table_html(scores, weights, parsed.problems)
+        except ValueError as exc:  # a broken row typed by hand: say so instead of raising in a callback
+            out.value = f"<pre>{html.escape(str(exc))}</pre>"
+
+    for widget in (text, think, *fields.values()):
+        widget.observe(render, names="value")
+    render()
+    box = W.VBox([text, think, W.HBox(list(fields.values())[:3]), W.HBox(list(fields.values())[3:]), out])
+    box.render, box.textarea, box.output, box.fields = render, text, out, fields
+    return box
+
+
+# ----------------------------------------------------------------------------------------- reasoning viewer
+def _field(obj: Any, name: str, default: Any = None) -> Any:
+    return obj.get(name, default) if isinstance(obj, Mapping) else getattr(obj, name, default)
+
+
+def result_html(result: Any, row: Mapping[str, Any] | None = None, *, thumb: int = 64) -> str:
+    """One question through the pipeline, as HTML: every candidate with its stage-1 score, whether it was kept
+    (and as which ``D``-id), cited and gold; then the model's reasoning, sources and answer beside the gold ones.
+
+    ``result`` is a ``pipeline.PipelineResult`` or its ``to_dict()``; ``row`` the Mini-WebQA row (for captions,
+    images and the gold answer). Pure: returns a string, so it works headless and in tests.
+    """
+    import base64
+
+    esc = html.escape
+    scores = dict(_field(result, "scores", {}) or {})
+    kept = [str(i) for i in _field(result, "kept_ids", ())]
+    sources = [str(i) for i in _field(result, "sources", ())]
+    short = {cid: f"D{i + 1}" for i, cid in enumerate(kept)}
+    cands = list(row["candidates"]) if row else [{"id": cid} for cid in kept]
+    gold = {str(g) for g in (row.get("gold_ids", []) if row else [])}
+    order = sorted(cands, key=lambda c: (str(c["id"]) not in short, kept.index(str(c["id"])) if str(c["id"]) in short else 0,
+                                         -(scores.get(str(c["id"])) or 0.0)))
+    lines = []
+    for c in order:
+        cid = str(c["id"])
+        png = _png_bytes(c.get("image"), thumb) if c.get("modality") == "image" else None
+        img = f"<img src='data:image/png;base64,{base64.b64encode(png).decode()}' width={thumb}>" if png else ""
+        s = scores.get(cid)
+        s_txt = "—" if s is None or s != s else f"{s:.3f}"
+        text = str(c.get("text", ""))
+        text = text if len(text) <= 120 else text[:119] + "…"
+        style = "background:#e8f5e9" if cid in gold else ""
+        lines.append(
+            f"<tr style='{style}'><td>{img}</td><td><b>{short.get(cid, '')}</b></td><td><code>{esc(cid)}</code></td>"
+            f"<td>{esc(str(c.get('modality', '')))}</td><td>{esc(text)}</td><td>{s_txt}</td>"
+            f"<td>{'kept' if cid in short else ''}</td><td>{'cited' if cid in sources else ''}</td>"
+            f"<td>{'★ gold' if cid in gold else ''}</td></tr>")
+    think = str(_field(result, "reasoning", "") or "")
+    think_html = (f"<pre style='white-space:pre-wrap'>{esc(think)}</pre>" if think else
+                  "<i>no &lt;think&gt; block (this system was asked to answer without reasoning, or did not write one)</i>")
+    problems = list(_field(result, "problems", ()) or ())
+    gold_answer = esc(str(row.get("answer", ""))) if row else "?"
+    return (
+        "<div style='font-family:sans-serif;font-size:12px'>"
+        f"<b>[{esc(str(_field(result, 'system', '')))}]</b> <b>Q</b>: {esc(str(_field(result, 'question', '')))}<br>"
+        "<table border=1 cellpadding=3 style='border-collapse:collapse;margin:6px 0'>"
+        "<tr><th></th><th>shown as</th><th>id</th><th>modality</th><th>caption / snippet</th><th>stage-1 P(yes)</th>"
+        "<th>top-k</th><th>cited</th><th>gold</th></tr>" + "".join(lines) + "</table>"
+        f"<b>reasoning</b> (the explanation): {think_html}"
+        "<table border=1 cellpadding=3 style='border-collapse:collapse;margin-top:6px'>"
+        "<tr><th></th><th>model</th><th>gold</th></tr>"
+        f"<tr><td>sources</td><td>{esc(', '.join(sources)) or '—'}</td><td>{esc(', '.join(sorted(gold))) or '?'}</td></tr>"
+        f"<tr><td>answer</td><td>{esc(str(_field(result, 'answer', '')))}</td><td>{gold_answer}</td></tr></table>"
+        f"<details><summary>raw completion</summary><pre style='white-space:pre-wrap'>{esc(str(_field(result, 'completion', '')))}</pre></details>"
+        + (f"<small>parser / pipeline notes: {esc('; '.join(map(str, problems)))}</small>" if problems else "")
+        + "</div>"
+    )
+
+
+def reasoning_viewer(predictions: Any, rows: Any, *, thumb: int = 64):
+    """Pick a system and a question; see candidates, stage-1 scores, kept ids, the reasoning, sources and answer
+    next to the gold ones. ``predictions``: ``{system: [PipelineResult, ...]}`` or one list. Builds headless.
+    """
+    import ipywidgets as W
+
+    preds = dict(predictions) if isinstance(predictions, Mapping) else {"predictions": list(predictions)}
+    by_guid = {str(r["guid"]): r for r in rows}
+    names = list(preds)
+    system = W.Dropdown(options=names, value=names[0], description="system")
+    first = preds[names[0]]
+    question = W.Dropdown(options=[(f"{i}: {str(_field(r, 'question', ''))[:60]}", i) for i, r in enumerate(first)],
+                          value=0 if first else None, description="question", layout=W.Layout(width="70%"))
+    out = W.HTML()
+
+    def render(*_: Any) -> None:
+        results = preds[system.value]
+        if not results:
+            out.value = "<i>no predictions</i>"
+            return
+        guid = str(_field(preds[names[0]][int(question.value or 0)], "guid"))
+        match = next((r for r in results if str(_field(r, "guid")) == guid), results[min(int(question.value or 0), len(results) - 1)])
+        out.value = result_html(match, by_guid.get(str(_field(match, "guid"))), thumb=thumb)
+
+    system.observe(render, names="value")
+    question.observe(render, names="value")
+    render()
+    box = W.VBox([W.HBox([system, question]), out])
+    box.render, box.output, box.system_picker, box.question_picker = render, out, system, question
+    return box

@@ -1,0 +1,248 @@
+"""Tests of mmrag_lite.modeling: the tiny offline VLM, NF4 on the CPU, LoRA targets, the GRPO image-batch traps.
+
+Everything runs offline on the CPU (HF_HUB_OFFLINE=1) on a freshly built, *cold* miniature in a temp folder, so
+the tests neither need nor disturb the warmed-up cache under data/models/.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from mmrag_lite import modeling as M
+from mmrag_lite.config import get_preset
+from mmrag_lite.prompts import short_ids, stage1_messages, stage1_target
+
+PRESET = get_preset("cpu-tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return M.build_tiny_vlm(tmp_path_factory.mktemp("tiny") / "tiny-vlm")
+
+
+@pytest.fixture(scope="session")
+def loaded(tiny_dir: Path):
+    return M.load_model_and_processor(PRESET, model_path=tiny_dir, for_training=True)
+
+
+def _img(color: tuple[int, int, int], size: tuple[int, int] = (56, 56)) -> Image.Image:
+    return Image.new("RGB", size, color)
+
+
+# ------------------------------------------------------------------------------------------ tokenizer / template
+def test_tokenizer_makes_tags_and_ids_cheap(tiny_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    ids = tok.encode(stage1_target("yes"), add_special_tokens=False)
+    assert tok.convert_ids_to_tokens(ids) == ["<answer>", "yes", "</answer>"]
+    assert len(tok.encode(stage1_target("no"), add_special_tokens=False)) == 3
+    assert len(tok.encode(" yes", add_special_tokens=False)) == 1
+    for sid in short_ids(16):  # "D7" at the start and " D7" after a comma are single tokens
+        assert len(tok.encode(sid, add_special_tokens=False)) == 1, sid
+        assert len(tok.encode(" " + sid, add_special_tokens=False)) == 1, sid
+    for word in ("red", "blue", "circle", "square", "triangle", "3"):
+        assert len(tok.encode(word, add_special_tokens=False)) == 1, word
+    for special in M.QWEN2VL_SPECIAL_TOKENS:
+        assert len(tok.encode(special, add_special_tokens=False)) == 1
+
+
+def test_chat_template_matches_qwen2vl_layout(loaded) -> None:
+    _, processor = loaded
+    msgs = stage1_messages("What color?", {"modality": "image", "image": _img((255, 0, 0)), "title": "t", "text": "c"},
+                           reasoning=False)
+    text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert text.startswith("<|im_start|>system\n")
+    assert "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Document:" in text
+    assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    no_system = processor.apply_chat_template([msgs[1]], add_generation_prompt=False, tokenize=False)
+    assert no_system.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
+
+
+# ------------------------------------------------------------------------------------------ loading
+def test_tiny_model_loads_offline_in_nf4(loaded, tiny_dir: Path) -> None:
+    import bitsandbytes as bnb
+
+    model, processor = loaded
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    assert model.mmrag_quantized is True
+    four_bit = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert four_bit, "expected bitsandbytes Linear4bit layers on the CPU"
+    assert any("language_model" in n for n in four_bit)
+    assert not isinstance(model.lm_head, bnb.nn.Linear4bit)  # the output head stays full precision
+    assert (tiny_dir / "README.md").read_text().count(M.TINY_LABEL) >= 1
+    # 56x56 image -> 4x4 patches -> 4 image tokens after the 2x2 merge
+    enc = processor(text=["<|vision_start|><|image_pad|><|vision_end|>hi"], images=[[_img((0, 0, 255))]],
+                    return_tensors="pt")
+    assert int((enc["input_ids"] == model.config.image_token_id).sum()) == 4
+
+
+def test_generate_with_mixed_batch(tiny_dir: Path) -> None:
+    model, processor = M.load_model_and_processor(PRESET, model_path=tiny_dir, for_training=False)
+    msgs = [
+        stage1_messages("q?", {"modality": "image", "image": 1, "title": "a", "text": "b"}, reasoning=False),
+        stage1_messages("q?", {"modality": "text", "title": "a", "text": "b"}, reasoning=False),
+    ]
+    texts = [processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in msgs]
+    enc = processor(text=texts, images=[[_img((255, 0, 0))], None], padding=True, return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=3, do_sample=False)
+    assert out.shape[0] == 2 and out.shape[1] == enc["input_ids"].shape[1] + 3
+
+
+def test_ensure_tiny_vlm_is_cached() -> None:
+    first = M.ensure_tiny_vlm(warm=False)
+    import time
+
+    t0 = time.time()
+    again = M.ensure_tiny_vlm(warm=False)
+    assert again == first and time.time() - t0 < 2.0
+    assert first.parent.name == "models" and first.name.startswith("tiny-qwen2vl-")
+    changed = M.tiny_model_dir(warm=False, settings=M.TinyVLMSettings(num_hidden_layers=2))
+    assert changed != first  # a change of build settings means another folder, i.e. a rebuild
+
+
+def test_4bit_fallback_is_explicit(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(M, "can_load_in_4bit", lambda device: (False, "pretend bitsandbytes is missing"))
+    with pytest.warns(RuntimeWarning, match="cannot run here: pretend bitsandbytes is missing"):
+        model, _ = M.load_model_and_processor(PRESET, model_path=tiny_dir, for_training=False)
+    assert model.mmrag_quantized is False
+    assert not any(M.is_4bit_layer(m) for m in model.modules())
+
+
+# ------------------------------------------------------------------------------------------ trap messages
+def test_bf16_on_a_gpu_without_bf16_says_use_float16(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
+    with pytest.raises(M.ModelLoadError, match=r"no bfloat16.*float16.*colab-t4"):
+        M.check_device(get_preset("l4"))
+    M.check_device(get_preset("colab-t4"))  # float16 compute is fine on a T4
+
+
+def test_gpu_preset_without_cuda_points_to_cpu_tiny(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(M.ModelLoadError, match="cpu-tiny"):
+        M.load_model_and_processor(get_preset("colab-t4"))
+
+
+def test_lm_head_dtype_mismatch_is_bridged(tiny_dir: Path) -> None:
+    model, _ = M.load_model_and_processor(PRESET, model_path=tiny_dir, for_training=False)
+    assert model.lm_head.weight.dtype == torch.float32
+    with pytest.raises(RuntimeError):
+        model.lm_head(torch.randn(2, model.config.text_config.hidden_size, dtype=torch.bfloat16))
+    note = M._align_lm_head(model, torch.bfloat16)
+    assert note and "lm_head" in note
+    out = model.lm_head(torch.randn(2, model.config.text_config.hidden_size, dtype=torch.bfloat16))
+    assert out.dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------------------ LoRA / images
+def test_lora_targets_language_model_only(tiny_dir: Path) -> None:
+    import re
+
+    from peft import get_peft_model
+
+    model, _ = M.load_model_and_processor(PRESET, model_path=tiny_dir, for_training=True)
+    peft_model = get_peft_model(model, M.lora_config(PRESET))
+    lora_names = [n for n, _ in peft_model.named_parameters() if "lora_" in n]
+    assert lora_names and all("language_model" in n for n in lora_names)
+    assert not any("visual" in n for n in lora_names)
+    # GPU presets also adapt the MLP; Qwen2.5-VL's vision blocks have gate/up/down_proj too and must not match
+    regex = M.lora_config_kwargs(get_preset("a100"))["target_modules"]
+    assert re.fullmatch(regex, "model.language_model.layers.3.mlp.gate_proj")
+    assert re.fullmatch(regex, "base_model.model.model.language_model.layers.0.self_attn.q_proj")
+    assert not re.fullmatch(regex, "model.visual.blocks.0.mlp.gate_proj")
+    assert not re.fullmatch(regex, "model.visual.blocks.0.attn.qkv")
+
+
+def test_prepare_image_fixed_square_rgb() -> None:
+    img = M.prepare_image(Image.new("L", (91, 40), 128), PRESET)
+    assert img.size == (56, 56) and img.mode == "RGB"
+    assert M.prepare_image(None, PRESET) is None
+    assert [i.size for i in M.prepare_images([_img((1, 2, 3), (10, 30)), None], 28)] == [(28, 28)]
+
+
+def test_mixed_batch_fix_and_save_roundtrip(loaded, tiny_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoProcessor
+
+    _, processor = loaded
+    texts = ["plain text", "<|vision_start|><|image_pad|><|vision_end|>with image"]
+    plain = AutoProcessor.from_pretrained(tiny_dir)
+    with pytest.raises((TypeError, ValueError)):  # the trap, unfixed
+        plain(text=texts, images=[None, [_img((0, 255, 0))]], padding=True, return_tensors="pt")
+    enc = processor(text=texts, images=[None, [_img((0, 255, 0))]], padding=True, return_tensors="pt")
+    assert enc["image_grid_thw"].shape[0] == 1
+    processor.save_pretrained(tmp_path)
+    reloaded = AutoProcessor.from_pretrained(tmp_path)
+    assert type(reloaded).__name__ == type(processor).__name__ == "Qwen2VLProcessor"
+
+
+def test_adapter_roundtrip(tiny_dir: Path, tmp_path: Path) -> None:
+    from peft import PeftModel, get_peft_model
+
+    model, _ = M.load_model_and_processor(PRESET, model_path=tiny_dir, for_training=True)
+    peft_model = get_peft_model(model, M.lora_config(PRESET))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    loaded_model, _ = M.load_model_and_processor(PRESET, model_path=tiny_dir, adapter_path=tmp_path / "adapter",
+                                                 for_training=False)
+    assert isinstance(loaded_model, PeftModel)
+    assert loaded_model.mmrag_quantized is True
+    assert not any(p.requires_grad for p in loaded_model.parameters())
+
+
+# ------------------------------------------------------------------------------------------ one GRPO step
+def test_one_grpo_step_on_mixed_batch_changes_lora(tiny_dir: Path, tmp_path: Path) -> None:
+    """Trap 1 (text-only + image prompts) and trap 2 (0/1/2 images of different original sizes) in ONE batch."""
+    from datasets import Dataset, Features, List, Value
+    from datasets import Image as HFImage
+    from trl import GRPOConfig, GRPOTrainer
+
+    model, processor = M.load_model_and_processor(PRESET, model_path=tiny_dir, for_training=True)
+    raw = [
+        ([], {"modality": "text", "title": "Old Tower", "text": "built in 1900"}),
+        ([_img((255, 0, 0), (80, 40))], {"modality": "image", "image": 1, "title": "Red", "text": "a red disk"}),
+        ([_img((0, 0, 255), (30, 70)), _img((0, 255, 0), (56, 56))], None),
+    ]
+    rows = []
+    for images, cand in raw:
+        if cand is None:  # a two-image prompt (stage-2 like)
+            prompt = [{"role": "user", "content": [{"type": "text", "text": "D1: "}, {"type": "image"},
+                                                    {"type": "text", "text": "D2: "}, {"type": "image"},
+                                                    {"type": "text", "text": "Which is blue?"}]}]
+        else:
+            prompt = stage1_messages("Is it red?", cand, reasoning=False)
+        rows.append({"prompt": prompt, "images": M.prepare_images(images, PRESET)})
+    features = Features({"prompt": [{"role": Value("string"), "content": [{"type": Value("string"),
+                                                                            "text": Value("string")}]}],
+                         "images": List(HFImage())})
+    dataset = Dataset.from_list(rows, features=features)
+
+    def length_reward(completions, **kwargs):  # varies within a group, so advantages are non-zero
+        return [float(len(str(c)) % 7) for c in completions]
+
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "run"), use_cpu=True, bf16=False, fp16=False, report_to=[], max_steps=1,
+        per_device_train_batch_size=12, num_generations=4, max_completion_length=4, learning_rate=5e-2,
+        logging_steps=1, save_strategy="no", temperature=1.0, beta=0.0, seed=0, shuffle_dataset=False,
+    )
+    trainer = GRPOTrainer(model=model, reward_funcs=[length_reward], args=args, train_dataset=dataset,
+                          processing_class=processor, peft_config=M.lora_config(PRESET))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+    assert before
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    after = dict(trainer.model.named_parameters())
+    changed = [n for n, p in before.items() if not torch.equal(p, after[n].detach())]
+    assert changed, "one GRPO step should change the LoRA weights"
+    assert any("rewards/length_reward/mean" in h for h in trainer.state.log_history)

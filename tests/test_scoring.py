@@ -1,0 +1,143 @@
+"""Tests of mmrag_lite.scoring: P(yes) by one forward pass, top-k, the filter report, scores on disk.
+
+Model tests use a *cold* miniature built in a temp folder: they check that scoring reads the right logits and is
+invariant to batching/padding, not what the model knows. The "planted candidate" check needs the warmed-up
+miniature and runs only when its warm-up record shows stage-1 skill above the majority baseline.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from mmrag_lite import modeling, pipeline, prompts, scoring
+from mmrag_lite.config import get_preset
+
+PRESET = get_preset("cpu-tiny")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: on a shared 2-core box two threads contend and a tiny forward pass runs ~30x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _cands() -> list[dict]:
+    return [
+        {"id": "a", "modality": "image", "title": "red tower", "text": "A red tower.", "image": Image.new("RGB", (60, 40), (200, 0, 0)), "is_gold": True},
+        {"id": "b", "modality": "text", "title": "bridge", "text": "Built in 1900.", "image": None, "is_gold": False},
+        {"id": "c", "modality": "text", "title": "lake", "text": "A deep lake with a long name.", "image": None, "is_gold": True},
+        {"id": "d", "modality": "image", "title": "castle", "text": "A grey castle.", "image": Image.new("RGB", (30, 50), (90, 90, 90)), "is_gold": False},
+    ]
+
+
+# ------------------------------------------------------------------------------------------------ pure functions
+def test_top_k_orders_by_score_with_stable_ties() -> None:
+    pairs = [("a", 0.2), ("b", 0.9), ("c", 0.5), ("d", 0.9)]
+    assert scoring.top_k(pairs, 2) == ["b", "d"]  # tie at 0.9 keeps pool order
+    assert scoring.top_k(pairs, 10) == ["b", "d", "c", "a"]
+    assert scoring.top_k({"q1": pairs, "q2": [("x", 0.1)]}, 1) == {"q1": ["b"], "q2": ["x"]}
+    with pytest.raises(ValueError):
+        scoring.top_k(pairs, 0)
+
+
+def test_filter_report_on_a_hand_made_fixture() -> None:
+    split = [
+        {"guid": "q1", "candidates": [{"id": i} for i in "abcd"], "gold_ids": ["a", "c"]},
+        {"guid": "q2", "candidates": [{"id": i} for i in "xyz"], "gold_ids": ["z"]},
+    ]
+    scored = {"q1": [("a", 0.9), ("b", 0.8), ("c", 0.1), ("d", 0.2)], "q2": [("x", 0.1), ("y", 0.2), ("z", 0.3)]}
+    rows = {r["k"]: r for r in scoring.filter_report(scored, split)}
+    assert sorted(rows) == [1, 2, 3, 4]
+    assert rows[1]["recall"] == pytest.approx((0.5 + 1.0) / 2) and rows[1]["precision"] == pytest.approx((1.0 + 1.0) / 2)
+    assert rows[2]["recall"] == pytest.approx(0.75) and rows[2]["precision"] == pytest.approx((0.5 + 0.5) / 2)
+    assert rows[3]["all_gold"] == pytest.approx(0.5)  # q1 ranks c last (4th)
+    assert rows[4]["recall"] == 1.0 and rows[4]["all_gold"] == 1.0 and rows[4]["kept"] == pytest.approx(3.5)
+    assert "tokens_saved" not in rows[1]  # no processor: no token estimate
+    assert "recall" in scoring.format_filter_report(list(rows.values()))
+
+
+def test_scores_round_trip_and_pipeline_reads_them(tmp_path: Path) -> None:
+    scored = {"q1": [("a", 0.25), ("b", 0.75)]}
+    path = scoring.save_scores(scored, scoring.scores_path(tmp_path, "validation"), meta={"preset": "cpu-tiny"})
+    assert path == tmp_path / "stage1" / "scores_validation.json"
+    assert scoring.load_scores(path) == scored
+    assert pipeline.load_cached_scores(tmp_path, "validation") == {"q1": {"a": 0.25, "b": 0.75}}
+
+
+# ------------------------------------------------------------------------------------------------ with a model
+@pytest.fixture(scope="module")
+def cold(tmp_path_factory: pytest.TempPathFactory):
+    folder = modeling.build_tiny_vlm(tmp_path_factory.mktemp("tiny") / "tiny-vlm")
+    return modeling.load_model_and_processor(PRESET, model_path=folder, for_training=False)
+
+
+def test_yes_no_tokens_are_distinct_single_tokens(cold) -> None:
+    _, proc = cold
+    yes, no = scoring.yes_no_token_ids(proc)
+    assert yes != no
+    assert proc.tokenizer.decode([yes]).strip() == "yes" and proc.tokenizer.decode([no]).strip() == "no"
+
+
+def test_forward_pass_score_matches_an_unbatched_reference(cold) -> None:
+    """Batched, left-padded, mixed text/image scoring = the two-way softmax of each prompt's own last logits."""
+    model, proc = cold
+    q = "What colour is the tower?"
+    batched = scoring.score_candidates(model, proc, q, _cands(), PRESET, batch_size=4)
+    yes, no = scoring.yes_no_token_ids(proc)
+    for cand, got in zip(_cands(), batched):
+        text = proc.apply_chat_template(prompts.stage1_messages(q, cand, reasoning=False), add_generation_prompt=True,
+                                        tokenize=False) + scoring.answer_prefix()
+        imgs = [modeling.prepare_image(i, PRESET) for i in prompts.stage1_images(cand)]
+        enc = proc(text=[text], images=[imgs] if imgs else None, return_tensors="pt")
+        with torch.no_grad():
+            logits = model(**enc).logits[0, -1]
+        ref = torch.softmax(torch.stack([logits[yes], logits[no]]), 0)[0].item()
+        assert got == pytest.approx(ref, abs=1e-4)
+    assert scoring.score_candidates(model, proc, q, _cands(), PRESET, batch_size=3) == pytest.approx(batched, abs=1e-4)
+
+
+def test_score_split_filter_report_and_judge(cold) -> None:
+    model, proc = cold
+    split = [{"guid": "q1", "question": "What colour is the tower?", "candidates": _cands(), "gold_ids": ["a", "c"]}]
+    scored = scoring.score_split(model, proc, split, PRESET, progress=False)
+    assert [cid for cid, _ in scored["q1"]] == ["a", "b", "c", "d"] and all(0 <= s <= 1 for _, s in scored["q1"])
+    rows = scoring.filter_report(scored, split, processor=proc, preset=PRESET)
+    assert rows[-1]["tokens_saved"] == 0 and rows[0]["tokens_saved"] > 0
+    per_image = scoring.image_token_count(proc, PRESET)
+    assert per_image == (PRESET.model.image_size // 14) ** 2 // 4 + 2  # 56 px: 4x4 patches, 2x2 merge, + start/end
+    judged = scoring.judge_by_generation(model, proc, split[0]["question"], _cands(), PRESET, max_new_tokens=4)
+    assert len(judged) == 4 and all(j.label in (None, "yes", "no") for j in judged)
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "2026-11-25: the warmed-up miniature (stage-1 greedy acc 0.67 vs majority 0.50) does not rank a planted "
+    "exact-subject text candidate first (P(yes) 0.43 vs ~0.53 for unrelated ones); it has not learned title matching. "
+    "Turn strict once modeling's warm-up teaches it."))
+def test_warmed_up_judge_ranks_a_planted_candidate_first() -> None:
+    """After the warm-up, a candidate that states the question's subject beats unrelated ones."""
+    folder = modeling.tiny_model_dir(warm=True, preset=PRESET)
+    if not (folder / "mmrag_tiny.json").is_file():
+        pytest.skip("the warmed-up miniature is not cached yet (modeling.ensure_tiny_vlm builds it)")
+    warm = modeling.tiny_info(folder).get("warm_up", {})
+    if warm.get("stage1_accuracy", 0.0) <= warm.get("stage1_majority", 1.0) + 0.05:
+        pytest.skip(f"the warm-up left stage-1 at the majority baseline ({warm.get('stage1_accuracy')}): nothing to rank with")
+    model, proc = modeling.load_model_and_processor(PRESET, model_path=folder, for_training=False)
+    q = "In which year was the Southern Plaza of Boris founded?"  # the synthetic world's phrasing
+    cands = [{"id": "gold", "modality": "text", "title": "Southern Plaza of Boris", "is_gold": True, "image": None,
+              "text": "The Southern Plaza of Boris was founded in 1696 by Amara Tar."}]
+    cands += [{"id": t, "modality": "text", "title": t, "text": f"The {t} was founded in 1700 by Noor Wimson.", "image": None,
+               "is_gold": False} for t in ["Golden Harbor of Tara", "Upper Mill of Hugo", "Lonely Lighthouse of Ravi"]]
+    scores = scoring.score_candidates(model, proc, q, cands, PRESET)
+    assert scoring.top_k(list(zip([c["id"] for c in cands], scores)), 1) == ["gold"]

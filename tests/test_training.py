@@ -1,0 +1,260 @@
+"""Tests of mmrag_lite.training: the stage-1/stage-2 GRPO datasets and the GRPOTrainer wiring.
+
+Training tests run a *cold* miniature (built in a temp folder, no warm-up) with tiny batches and 1-3 steps: they
+check the plumbing (LoRA weights move, adapters and logs land where docs/CONTRACTS.md says, resume works), not
+learning. The data are a hand-made Mini-WebQA fixture, so nothing here depends on the synthetic world.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from transformers import TrainerCallback
+
+from mmrag_lite import modeling, prompts, training
+from mmrag_lite.config import get_preset
+
+PRESET = get_preset("cpu-tiny")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: on a shared 2-core box two threads contend and a tiny forward pass runs ~30x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+# Small GRPO batches for speed: 2 prompts x 4 generations, a few tokens; still a mixed text/image batch.
+FAST = {
+    "stage1.grpo.per_device_train_batch_size": 8, "stage1.grpo.num_generations": 4,
+    "stage1.grpo.max_completion_length": 6, "stage1.grpo.save_steps": 1,
+    "stage2.grpo.per_device_train_batch_size": 4, "stage2.grpo.num_generations": 4,
+    "stage2.grpo.max_completion_length": 10,
+}
+COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 30)}
+
+
+def mini_rows(n: int = 12, pool: int = 6) -> list[dict]:
+    """Hand-made Mini-WebQA rows: image and text questions, 1-2 gold per pool, images of varying sizes."""
+    rows = []
+    for q in range(n):
+        image_q = q % 2 == 0
+        colour = list(COLOURS)[q % 3]
+        n_gold = 1 + q % 2
+        cands = []
+        for j in range(pool):
+            gold = j < n_gold
+            if (j % 2 == 0) == image_q or j == 0:
+                cands.append({"id": str(3_000_000 + 100 * q + j), "modality": "image", "title": f"place {q}-{j}",
+                              "text": f"A {colour} building.", "image": Image.new("RGB", (40 + j, 30 + q), COLOURS[colour]),
+                              "is_gold": gold})
+            else:
+                cands.append({"id": f"g{q}_{j}", "modality": "text", "title": f"place {q}-{j}",
+                              "text": f"Built in {1900 + j}.", "image": None, "is_gold": gold})
+        rows.append({"guid": f"g{q}", "question": f"What colour is place {q}?", "answer": colour, "keywords": colour,
+                     "qcate": "color" if image_q else "text", "topic": "t", "candidates": cands,
+                     "gold_ids": [c["id"] for c in cands if c["is_gold"]]})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return modeling.build_tiny_vlm(tmp_path_factory.mktemp("tiny") / "tiny-vlm")
+
+
+def _load(tiny_dir: Path, adapter: Path | None = None):
+    return modeling.load_model_and_processor(PRESET, model_path=tiny_dir, adapter_path=adapter, for_training=True)
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_dir: Path):
+    return _load(tiny_dir)[1]
+
+
+# ------------------------------------------------------------------------------------------------ config
+def test_grpo_config_kwargs_follow_the_preset(tmp_path: Path) -> None:
+    from trl import GRPOConfig
+
+    kw = training.grpo_config_kwargs(PRESET, 1)  # two positional arguments: the API-drift test's call
+    g = PRESET.stage1.grpo
+    assert kw["use_cpu"] and not kw["bf16"] and not kw["fp16"]
+    assert kw["report_to"] == [] and kw["remove_unused_columns"] is False and kw["logging_steps"] == 1
+    assert (kw["max_steps"], kw["num_generations"], kw["learning_rate"]) == (g.max_steps, g.num_generations, g.learning_rate)
+    assert kw["reward_weights"] == [PRESET.stage1.weights["format"], PRESET.stage1.weights["relevance"]]
+    assert training.grpo_config_kwargs(PRESET, 2)["reward_weights"] == [PRESET.stage2.weights[c] for c in ("format", "ranking", "answer")]
+    assert training.grpo_config_kwargs(PRESET, 1, tmp_path, max_steps=3)["max_steps"] == 3
+    t4 = training.grpo_config_kwargs(get_preset("colab-t4"), 1)
+    a100 = training.grpo_config_kwargs(get_preset("a100"), 2)
+    assert t4["fp16"] and not t4["bf16"] and not t4["use_cpu"] and a100["bf16"] and not a100["fp16"]
+    cfg = GRPOConfig(**{**kw, "output_dir": str(tmp_path)})
+    assert cfg.use_cpu and cfg.save_steps == g.save_steps
+    with pytest.raises(ValueError):
+        training.grpo_config_kwargs(PRESET, 3)
+
+
+# ------------------------------------------------------------------------------------------------ stage 1 data
+def test_stage1_dataset_is_balanced_and_follows_the_contract() -> None:
+    rows = mini_rows()
+    ds = training.build_stage1_dataset(rows, PRESET, seed=0)
+    assert set(ds.column_names) == {"prompt", "images", "label", "guid", "candidate_id", "modality"}
+    counts = Counter(ds["label"])
+    n_pos = sum(len(r["gold_ids"]) for r in rows)
+    assert counts["yes"] == n_pos and counts["no"] == n_pos  # positive_fraction 0.5, limited by the positives
+    for row in ds:
+        n_parts = sum(p["type"] == "image" for m in row["prompt"] for p in m["content"])
+        assert n_parts == len(row["images"]) == (1 if row["modality"] == "image" else 0)
+        assert all(im.size == (PRESET.model.image_size,) * 2 for im in row["images"])
+        assert row["prompt"][-1]["role"] == "user"
+    capped = training.build_stage1_dataset(rows, PRESET.with_overrides(**{"stage1.max_examples": 10}), seed=0)
+    assert len(capped) == 10 and Counter(capped["label"]) == {"yes": 5, "no": 5}
+    skewed = training.build_stage1_dataset(rows, PRESET.with_overrides(**{"stage1.positive_fraction": 0.25}), seed=0)
+    assert Counter(skewed["label"])["no"] == 3 * Counter(skewed["label"])["yes"]
+    again = training.build_stage1_dataset(rows, PRESET, seed=0)
+    assert again["candidate_id"] == ds["candidate_id"]  # deterministic by seed
+
+
+# ------------------------------------------------------------------------------------------------ stage 2 data
+def test_stage2_dataset_permutes_and_maps_gold_short_ids(processor) -> None:
+    rows = mini_rows()
+    ds, report = training.build_stage2_dataset(rows, PRESET, processor=processor, seed=0)
+    perms = PRESET.stage2.permutations
+    assert report.rows == len(ds) == len(rows) * perms and report.questions_used == len(rows)
+    by_row = {r["guid"]: r for r in rows}
+    orders: dict[str, set[tuple[str, ...]]] = {}
+    for ex in ds:
+        src = by_row[ex["guid"]]
+        k = len(ex["candidate_ids"])
+        assert ex["candidate_ids"] == prompts.short_ids(k) and k == PRESET.stage1.k
+        gold_src = {sid: cid for sid, cid in zip(ex["candidate_ids"], ex["source_ids"]) if cid in src["gold_ids"]}
+        assert sorted(ex["gold_ids"]) == sorted(gold_src) and set(gold_src.values()) == set(src["gold_ids"])
+        n_parts = sum(p["type"] == "image" for m in ex["prompt"] for p in m["content"])
+        assert n_parts == len(ex["images"]) and all(im.size == (PRESET.model.image_size,) * 2 for im in ex["images"])
+        assert training.prompt_token_count(processor, ex["prompt"], ex["images"]) <= PRESET.stage2.max_prompt_tokens
+        orders.setdefault(ex["guid"], set()).add(tuple(ex["source_ids"]))
+    assert all(len(o) == perms for o in orders.values())  # the copies really are in different orders
+
+
+def test_stage2_dataset_uses_kept_ids_and_counts_missing(processor) -> None:
+    rows = mini_rows(4)
+    kept = {"g0": [rows[0]["candidates"][3]["id"], rows[0]["candidates"][0]["id"]], "g1": [rows[1]["candidates"][5]["id"]]}
+    ds, report = training.build_stage2_dataset(rows, PRESET, processor=processor, kept_ids=kept, seed=0)
+    assert report.questions_without_kept_ids == 2 and report.questions_used == 2
+    assert {frozenset(ex["source_ids"]) for ex in ds if ex["guid"] == "g0"} == {frozenset(kept["g0"])}
+    assert all(ex["gold_ids"] == [] for ex in ds if ex["guid"] == "g1")  # the filter lost the gold: no gold to find
+
+
+def test_stage2_over_long_prompts_shrink_or_drop_never_truncate(processor) -> None:
+    rows = mini_rows(6)
+    full, _ = training.build_stage2_dataset(rows, PRESET, processor=processor, seed=0)
+    lengths = [training.prompt_token_count(processor, ex["prompt"], ex["images"]) for ex in full]
+    limit = min(lengths) - 1  # every full prompt is over: each question must lose candidates
+    tight = PRESET.with_overrides(**{"stage2.max_prompt_tokens": limit})
+    ds, report = training.build_stage2_dataset(rows, tight, processor=processor, seed=0)
+    assert report.questions_shrunk + report.questions_dropped_too_long == len(rows)
+    assert report.candidates_dropped >= report.questions_shrunk and "shrunk" in str(report)
+    for ex in ds:
+        assert len(ex["source_ids"]) < PRESET.stage1.k
+        assert training.prompt_token_count(processor, ex["prompt"], ex["images"]) <= limit
+        n_parts = sum(p["type"] == "image" for m in ex["prompt"] for p in m["content"])
+        assert n_parts == len(ex["images"])  # whole candidates removed, image parts and images together
+    impossible = PRESET.with_overrides(**{"stage2.max_prompt_tokens": 20})
+    none_ds, none_report = training.build_stage2_dataset(rows, impossible, processor=processor, seed=0)
+    assert len(none_ds) == 0 and none_report.questions_dropped_too_long == len(rows) and "dropped" in str(none_report)
+
+
+# ------------------------------------------------------------------------------------------------ callbacks
+def test_reward_curve_callback_reads_components_and_trend() -> None:
+    logs = {"reward": 0.5, "rewards/format/mean": 1.0, "rewards/format/std": 0.0, "rewards/relevance/mean": 0.25, "loss": 0.1}
+    assert training.RewardCurveCallback.components(logs) == {"reward": 0.5, "format": 1.0, "relevance": 0.25}
+    history = [{"reward": r, "step": i} for i, r in enumerate([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])]
+    assert training.reward_trend(history) == pytest.approx((0.15, 0.95))
+    assert training.reward_trend([{"loss": 1.0}]) == (None, None)
+
+
+# ------------------------------------------------------------------------------------------------ GRPO runs
+def _text_length(completions, **_: object) -> list[float]:
+    """A reward with variance even for a cold model (TRL's own tests do the same): GRPO needs non-zero advantages."""
+    return [len(c[-1]["content"] if isinstance(c, list) else c) / 50.0 for c in completions]
+
+
+@pytest.fixture
+def varied_rewards(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The preset's rewards plus ``_text_length``: a cold model scores 0 on all of them, and 0 everywhere trains nothing."""
+    real = training.reward_funcs_for
+
+    def with_length(preset, stage):
+        funcs, weights = real(preset, stage)
+        return [*funcs, _text_length], [*weights, 1.0]
+
+    monkeypatch.setattr(training, "reward_funcs_for", with_length)
+
+
+class _StopAfter(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+        return control
+
+
+def _lora_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float().clone() for k, v in model.named_parameters() if "lora_" in k}
+
+
+def test_stage1_grpo_step_trains_lora_saves_and_resumes(tiny_dir: Path, tmp_path: Path, varied_rewards: None) -> None:
+    preset = PRESET.with_overrides(**FAST)
+    ds = training.build_stage1_dataset(mini_rows(), preset, seed=0)
+    assert len(set(ds["modality"])) == 2  # mixed text/image batches (FEASIBILITY trap 1)
+    model, proc = _load(tiny_dir)
+    # A run of 3 steps "interrupted" after step 2 (as a killed kernel would be, but with the adapter saved).
+    res = training.train_stage1(preset, ds, tmp_path, max_steps=3, model=model, processor=proc, verbose=False,
+                                callbacks=[_StopAfter(2)])
+    out = tmp_path / "stage1"
+    assert res.global_step == 2 and (out / "adapter" / "adapter_config.json").is_file()
+    assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-1", "checkpoint-2"}
+    history = json.loads((out / "log_history.json").read_text())
+    assert any("rewards/relevance/mean" in e for e in history) and set(res.curves) >= {"reward", "format", "relevance"}
+    lora_b = {k: v for k, v in _lora_state(res.model).items() if "lora_B" in k}
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b.values())  # B starts at zero: the step moved it
+    trained = _lora_state(res.model)
+
+    # Resume from checkpoint-2 with a fresh model and finish step 3.
+    model2, proc2 = _load(tiny_dir)
+    res2 = training.train_stage1(preset, ds, tmp_path, max_steps=3, resume=True, model=model2, processor=proc2, verbose=False)
+    assert res2.global_step == 3
+    steps = [e.get("step") for e in res2.log_history if "reward" in e]
+    assert steps == [1, 2, 3]  # the old log history came back with the checkpoint
+    resumed = _lora_state(res2.model)
+    assert any(not torch.equal(trained[k], resumed[k]) for k in trained)
+    reloaded, _ = _load(tiny_dir, adapter=out / "adapter")
+    saved = _lora_state(reloaded)
+    assert all(torch.allclose(saved[k], resumed[k], atol=1e-2) for k in saved)  # the adapter is the resumed one
+
+
+def test_stage2_grpo_step_from_stage1_adapter(tiny_dir: Path, tmp_path: Path, processor, varied_rewards: None) -> None:
+    preset = PRESET.with_overrides(**FAST)
+    s1 = training.build_stage1_dataset(mini_rows(), preset, seed=0)
+    model, proc = _load(tiny_dir)
+    training.train_stage1(preset, s1, tmp_path, max_steps=1, model=model, processor=proc, verbose=False)
+    init = training.stage2_init_adapter(preset, tmp_path)
+    assert init == tmp_path / "stage1" / "adapter"
+    s2, _ = training.build_stage2_dataset(mini_rows(), preset, processor=processor, seed=0)
+    model, proc = _load(tiny_dir, adapter=init)
+    before = _lora_state(model)
+    res = training.train_stage2(preset, s2, tmp_path, max_steps=1, model=model, processor=proc, verbose=False)
+    assert res.global_step == 1 and (tmp_path / "stage2" / "adapter" / "adapter_config.json").is_file()
+    assert set(res.curves) >= {"reward", "format", "ranking", "answer"}
+    after = _lora_state(res.model)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
