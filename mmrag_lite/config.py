@@ -253,18 +253,18 @@ _CPU_TINY = Preset(
     lora=LoraSettings(r=16, alpha=32, dropout=0.0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")),
     stage1=Stage1Settings(
         grpo=GRPOSettings(
-            max_steps=30,  # enough for the sampled reward of the warmed-up miniature to move, ~1 minute
+            max_steps=50,  # ~30 s on one core; measured: total reward 1.29 -> 1.46 (format 0.87 -> 0.99)
             per_device_train_batch_size=32,  # 4 prompts x 8 generations: one prompt per step stayed flat in tests
             gradient_accumulation_steps=1,
             num_generations=8,
             max_completion_length=8,  # "<answer>yes</answer>" is a handful of tokens
-            learning_rate=2e-3,  # LoRA on a tiny model tolerates (and needs) a large step
+            learning_rate=1e-2,  # LoRA on a 1 M-parameter model needs a large step: 2e-3 stayed flat in 50 steps
             beta=0.0,  # no reference model: halves the forward passes on CPU
             loss_type="dapo",
             save_steps=10,
         ),
         reasoning=False,  # a 0.2M-parameter model cannot reason; GPU presets turn this on
-        weights={"format": 0.2, "relevance": 1.0},  # format is a gate to learn early, relevance is the task
+        weights={"format": 1.0, "relevance": 1.0},  # R1-style: format and task rewards summed with equal weight
         positive_fraction=0.5,  # balanced sampling: ~1-2 gold vs 15 distractors otherwise
         balance_classes=False,  # already balanced by sampling
         max_examples=512,
@@ -277,13 +277,13 @@ _CPU_TINY = Preset(
             gradient_accumulation_steps=1,
             num_generations=4,
             max_completion_length=24,
-            learning_rate=2e-3,
+            learning_rate=1e-2,  # as in stage 1
             beta=0.0,
             loss_type="dapo",
             save_steps=10,
         ),
         reasoning=False,  # the miniature writes "<sources>..</sources><answer>..</answer>" only
-        weights={"format": 0.2, "ranking": 0.5, "answer": 1.0},  # the answer is what QA-Acc measures
+        weights={"format": 1.0, "ranking": 1.0, "answer": 1.0},  # R1-style equal weights; each component logged
         ranking_metric="f1",  # equals Retrieval-F1, the metric the course reports
         permutations=2,
         init_from="stage1",
@@ -313,7 +313,7 @@ _T4 = Preset(
             max_completion_length=128, learning_rate=1e-5, beta=0.0, loss_type="dapo", save_steps=50,
         ),
         reasoning=True,
-        weights={"format": 0.2, "relevance": 1.0},
+        weights={"format": 1.0, "relevance": 1.0},
         positive_fraction=0.5,
         balance_classes=False,
         max_examples=4000,
@@ -325,7 +325,7 @@ _T4 = Preset(
             max_completion_length=256, learning_rate=1e-5, beta=0.0, loss_type="dapo", save_steps=50,
         ),
         reasoning=True,
-        weights={"format": 0.2, "ranking": 0.5, "answer": 1.0},
+        weights={"format": 1.0, "ranking": 1.0, "answer": 1.0},
         ranking_metric="f1",
         permutations=2,
         init_from="stage1",
