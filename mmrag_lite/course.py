@@ -61,14 +61,17 @@ class CourseReport:
 
 
 def _reward_trend(log_path: Path) -> str | None:
+    from .training import REWARD_WINDOW_FRACTION, reward_trend
+
     try:
         history = json.loads(log_path.read_text())
     except (OSError, ValueError):
         return None
-    rewards = [row["reward"] for row in history if isinstance(row, dict) and "reward" in row]
-    if not rewards:
+    first, last = reward_trend(history)
+    if first is None:
         return None
-    return f"mean reward first {rewards[0]:.3f} -> last {rewards[-1]:.3f} over {len(rewards)} logged steps"
+    share = f"{REWARD_WINDOW_FRACTION:.0%}"
+    return f"mean reward {first:.3f} (first {share} of steps) -> {last:.3f} (last {share}) over {len(history)} log rows"
 
 
 def headline_numbers(work_dir: Path) -> list[str]:
@@ -78,13 +81,10 @@ def headline_numbers(work_dir: Path) -> list[str]:
     if funnel.is_file():
         try:
             data = json.loads(funnel.read_text())
-            steps = data.get("steps", [])
-            start = data.get("input", steps[0].get("before") if steps else None)
-            kept = data.get("output", steps[-1].get("after") if steps else None)
-            lines.append(f"Mini-WebQA funnel: {start} questions in -> {kept} kept")
-            for step in steps:
-                lines.append(f"    {step.get('name', '?'):<28} removed {step.get('removed', '?'):>5}, kept {step.get('after', '?')}")
-        except (OSError, ValueError, AttributeError):
+            steps = data["steps"]
+            lines.append(f"Mini-WebQA funnel: {steps[0]['before']} questions in -> {steps[-1]['kept']} kept")
+            lines += [f"    {st['name']:<28} removed {st['removed']:>5}, kept {st['kept']}" for st in steps]
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
             lines.append(f"Mini-WebQA funnel: unreadable ({funnel})")
     for stage in ("stage1", "stage2"):
         trend = _reward_trend(work_dir / stage / "log_history.json")

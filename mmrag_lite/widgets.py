@@ -210,6 +210,7 @@ def result_html(result: Any, row: Mapping[str, Any] | None = None, *, thumb: int
     images and the gold answer). Pure: returns a string, so it works headless and in tests.
     """
     import base64
+    import math
 
     esc = html.escape
     scores = dict(_field(result, "scores", {}) or {})
@@ -226,7 +227,7 @@ def result_html(result: Any, row: Mapping[str, Any] | None = None, *, thumb: int
         png = _png_bytes(c.get("image"), thumb) if c.get("modality") == "image" else None
         img = f"<img src='data:image/png;base64,{base64.b64encode(png).decode()}' width={thumb}>" if png else ""
         s = scores.get(cid)
-        s_txt = "—" if s is None or s != s else f"{s:.3f}"
+        s_txt = "—" if s is None or math.isnan(s) else f"{s:.3f}"
         text = str(c.get("text", ""))
         text = text if len(text) <= 120 else text[:119] + "…"
         style = "background:#e8f5e9" if cid in gold else ""

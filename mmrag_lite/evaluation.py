@@ -1,0 +1,598 @@
+"""Experiment orchestration for notebook 05: systems × metrics, ablations, robustness, the paper's reference.
+
+What is measured (definitions live in ``metrics``; this module only orchestrates):
+
+* **Retr-F1** — set F1 of the cited sources against the gold sources, averaged over questions.
+* **QA-Acc** — WebQA's category-aware keyword accuracy (F1 for color/shape/number/YesNo, recall otherwise).
+* **QA-FL** — BARTScore fluency; it needs BART-large-CNN, so offline it is reported as *unavailable*, and so is
+  **QA** = mean(FL_i · Acc_i), which depends on it. We never substitute a made-up number.
+* **MMQA EM / F1** — DROP-style answer metrics on the MultimodalQA dev questions whose pool has images and text.
+  Offline there are no MMQA pixels (and no passage texts), so those candidates are *text-only* (titles/captions):
+  a weaker setting than the paper's; the table says so.
+
+Systems (``pipeline.standard_systems``): zero-shot (all candidates, or the base judge's top-k), stage 1
+only, stage 1 + stage 2, oracle sources.
+Ablations are inference-time and cheap (k, reasoning on/off); the reward-weight ablation needs training runs and
+is run by ``reward_weight_ablation`` (a GPU exercise on cpu-tiny's time budget). Robustness injects adversarial
+distractors (``inject_distractors``) and reports the drop and how often the trap was taken.
+
+Everything lands in ``<work_dir>/eval/``: ``results.md`` (the main table first), ``results.json``,
+one submission and one full-predictions file per system.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from mmrag_lite.config import Preset
+from mmrag_lite.pipeline import (
+    ModelBank,
+    PipelineResult,
+    SystemSpec,
+    atomic_write_json,
+    atomic_write_text,
+    run_pipeline,
+    save_results,
+    standard_systems,
+    submission_from_results,
+    write_submission,
+)
+
+Row = Mapping[str, Any]
+UNAVAILABLE = "unavailable offline"
+NOT_RUN = "—"
+MAIN_COLUMNS = ("system", "Retr-F1", "QA-Acc", "QA-FL", "QA", "MMQA EM", "MMQA F1", "n")
+
+# The paper's reported numbers (PAPER-NOTES §1). Theirs, on their models and the full benchmarks — never ours.
+PAPER_REFERENCE: tuple[dict[str, Any], ...] = (
+    {"source": "MMRAG-RFT paper (arXiv 2512.17194), WebQA test", "metric": "QA-FL", "value": 0.708},
+    {"source": "MMRAG-RFT paper (arXiv 2512.17194), WebQA test", "metric": "QA-Acc", "value": 0.763},
+    {"source": "MMRAG-RFT paper (arXiv 2512.17194), WebQA test", "metric": "QA", "value": 0.583},
+    {"source": "MMRAG-RFT paper (arXiv 2512.17194), MultimodalQA", "metric": "EM gain over previous best", "value": "+4.7"},
+    {"source": "MMRAG-RFT paper (arXiv 2512.17194), MultimodalQA", "metric": "F1 gain over previous best", "value": "+12.7"},
+    {"source": "WebQA official baseline VLP+x101fpn, val image questions", "metric": "Retr-F1 / QA-FL / QA-Acc / QA", "value": "0.680 / 0.465 / 0.451 / 0.242"},
+    {"source": "WebQA official baseline VLP+x101fpn, val text questions", "metric": "Retr-F1 / QA-FL", "value": "0.701 / 0.261"},
+)
+
+
+# ------------------------------------------------------------------------------------------ tables
+def fmt(value: Any, digits: int = 3) -> str:
+    """A cell: floats to ``digits`` places, None → em dash, strings as they are."""
+    if value is None:
+        return NOT_RUN
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        return NOT_RUN if math.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """GitHub markdown for a list of dict rows (pure)."""
+    if not rows:
+        return "(no rows)\n"
+    cols = list(columns) if columns else list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r.get(c)).replace("|", "\\|") for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def paper_reference_table() -> tuple[list[dict[str, Any]], str]:
+    """The paper's (and the official baseline's) reported numbers, as rows and markdown, labelled as theirs."""
+    rows = [dict(r) for r in PAPER_REFERENCE]
+    md = ("**Reported by others, not measured here** (full benchmarks, billion-parameter models):\n\n"
+          + markdown_table(rows, ("source", "metric", "value")))
+    return rows, md
+
+
+# ------------------------------------------------------------------------------------------ metric adapters
+def webqa_references(rows: Iterable[Row]) -> dict[str, dict[str, Any]]:
+    """References in the shape ``metrics.evaluate_webqa_submission`` reads, from Mini-WebQA rows."""
+    return {
+        str(r["guid"]): {"gold_ids": [str(s) for s in r["gold_ids"]], "answer": str(r["answer"]),
+                         "keywords": str(r.get("keywords") or ""), "qcate": str(r.get("qcate") or "text")}
+        for r in rows
+    }
+
+
+def _num(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
+
+def score_webqa(results: Sequence[PipelineResult], rows: Sequence[Row], *, fluency_scorer: Any = None) -> dict[str, Any]:
+    """Retr-F1, QA-Acc, QA-FL, QA (+ per category) of one system's predictions through ``metrics``.
+
+    Questions in ``rows`` without a prediction score 0 (as in the official script).
+    """
+    from mmrag_lite import metrics
+
+    report = metrics.evaluate_webqa_submission(submission_from_results(results), webqa_references(rows),
+                                               fluency_scorer=fluency_scorer)
+    return flatten_webqa_report(report)
+
+
+def flatten_webqa_report(report: Any) -> dict[str, Any]:
+    """The ``All`` row as table columns, plus the per-category rows; FL/QA are ``UNAVAILABLE`` without BART."""
+
+    def cols(r: Mapping[str, Any]) -> dict[str, Any]:
+        fl, qa = _num(r.get("fl")), _num(r.get("qa"))
+        return {"Retr-F1": _num(r.get("retrieval_f1")), "QA-Acc": _num(r.get("acc")),
+                "QA-FL": UNAVAILABLE if fl is None else fl, "QA": UNAVAILABLE if qa is None else qa}
+
+    overall = report.overall
+    out: dict[str, Any] = {"n": int(overall.get("n", 0)), **cols(overall)}
+    out["per_category"] = [{"qcate": r["group"], "n": r["n"], **cols(r)} for r in report.rows]
+    return out
+
+
+def mmqa_references(rows: Iterable[Row]) -> dict[str, dict[str, Any]]:
+    """``{qid: {"answers": [...], "type": ...}}`` for ``metrics.evaluate_mmqa_submission``."""
+    return {str(r["guid"]): {"answers": _gold_answers(r), "type": str(r.get("qtype") or r.get("qcate") or "unknown")} for r in rows}
+
+
+def score_mmqa(results: Sequence[PipelineResult], rows: Sequence[Row]) -> dict[str, Any]:
+    """MMQA EM / F1, ×100 as MultimodalQA and the paper print them."""
+    from mmrag_lite import metrics
+
+    report = metrics.evaluate_mmqa_submission({r.guid: r.answer for r in results}, mmqa_references(rows))
+    overall = report.overall
+    em, f1 = _num(overall.get("em")), _num(overall.get("f1"))
+    return {"MMQA EM": None if em is None else 100 * em, "MMQA F1": None if f1 is None else 100 * f1, "n_mmqa": int(overall.get("n", 0))}
+
+
+def _gold_answers(row: Row) -> list[str]:
+    answers = row.get("answers")
+    if answers:
+        return [str(a.get("answer") if isinstance(a, Mapping) else a) for a in answers]
+    return [str(row["answer"])]
+
+
+# ------------------------------------------------------------------------------------------ robustness
+AttackKind = Literal["conflicting", "lexical"]
+COLORS = ("red", "blue", "green", "yellow", "white", "black", "orange", "purple", "brown", "pink", "gray")
+SHAPES = ("round", "square", "rectangular", "triangular", "oval", "circular", "flat", "pointed")
+_NUM = re.compile(r"\d+(?:\.\d+)?")
+
+
+def wrong_answer_for(row: Row, other_answers: Sequence[str], rng: random.Random) -> str:
+    """A plausible but wrong answer of the right type: flipped yes/no, another colour/shape/number, or another question's answer."""
+    answer = str(row.get("answer") or "")
+    low = answer.lower()
+    qcate = str(row.get("qcate") or "")
+    words = set(re.findall(r"[a-z]+", low))
+    if qcate == "YesNo":
+        return "No" if low.startswith("yes") else "Yes"
+    if qcate == "color":
+        return rng.choice([c for c in COLORS if c not in words])
+    if qcate == "shape":
+        return rng.choice([s for s in SHAPES if s not in words])
+    if qcate == "number":
+        nums = [float(x) for x in _NUM.findall(low)]
+        base = int(nums[0]) if nums else rng.randint(2, 9)
+        return str(base + rng.choice([1, 2, 3, 7]))
+    pool = [a for a in other_answers if a and a.strip().lower() != low]
+    return rng.choice(pool) if pool else "none of the above"
+
+
+def inject_distractors(row: Row, kind: AttackKind, *, wrong_answer: str = "", seed: int = 0, n: int = 1) -> dict[str, Any]:
+    """A copy of ``row`` with ``n`` adversarial, non-gold candidates inserted at random positions (pure).
+
+    * ``conflicting``: looks like a gold document (its title; for an image question, the gold image itself) but
+      its text *states a wrong answer* — does the model trust a confident caption over the evidence?
+    * ``lexical``: copies the question's own words and says nothing useful — does the judge just match words?
+
+    Injected ids start with ``adv-`` so the report can tell when a trap was kept, cited or echoed.
+    """
+    rng = random.Random(f"{seed}-{row['guid']}-{kind}")
+    cands = [dict(c) for c in row["candidates"]]
+    gold = [c for c in cands if c.get("is_gold")] or cands[:1]
+    distractors = [c for c in cands if not c.get("is_gold")] or cands
+    question = str(row["question"]).strip().rstrip("?")
+    for i in range(n):
+        template = gold[i % len(gold)]
+        if kind == "conflicting":
+            text = f"{question}? The answer is {wrong_answer}." if wrong_answer else f"{question}? Not in this document."
+            new = {"id": f"adv-conflicting-{row['guid']}-{i}", "modality": template.get("modality", "text"),
+                   "title": template.get("title", ""), "text": text, "image": template.get("image"), "is_gold": False}
+        elif kind == "lexical":
+            other = distractors[i % len(distractors)]
+            new = {"id": f"adv-lexical-{row['guid']}-{i}", "modality": other.get("modality", "text"),
+                   "title": question, "text": f"{question} {question.lower()}", "image": other.get("image"), "is_gold": False}
+        else:
+            raise ValueError(f"unknown attack kind {kind!r}; choose 'conflicting' or 'lexical'")
+        cands.insert(rng.randint(0, len(cands)), new)
+    out = dict(row)
+    out["candidates"] = cands
+    out["gold_ids"] = list(row["gold_ids"])
+    out["adversarial_answer"] = wrong_answer
+    return out
+
+
+def attack_rows(rows: Sequence[Row], kind: AttackKind, *, seed: int = 0) -> list[dict[str, Any]]:
+    """Inject one ``kind`` distractor into every row; the wrong answer is chosen per question type."""
+    rng = random.Random(seed)
+    answers = [str(r.get("answer") or "") for r in rows]
+    out = []
+    for r in rows:
+        wrong = wrong_answer_for(r, answers, rng) if kind == "conflicting" else ""
+        out.append(inject_distractors(r, kind, wrong_answer=wrong, seed=seed))
+    return out
+
+
+def trap_rates(results: Sequence[PipelineResult], attacked: Sequence[Row]) -> dict[str, float]:
+    """How often the injected document was kept by stage 1, cited in ``<sources>``, and its wrong answer echoed."""
+    by = {str(r["guid"]): r for r in attacked}
+    kept = cited = echoed = 0
+    n_echo = 0
+    for res in results:
+        row = by.get(res.guid)
+        if row is None:
+            continue
+        kept += any(i.startswith("adv-") for i in res.kept_ids)
+        cited += any(str(i).startswith("adv-") for i in res.sources)
+        wrong = str(row.get("adversarial_answer") or "").strip().lower()
+        if wrong:
+            n_echo += 1
+            echoed += bool(re.search(rf"\b{re.escape(wrong)}\b", res.answer.lower()))
+    n = max(len(results), 1)
+    return {"trap kept (top-k)": kept / n, "trap cited": cited / n,
+            "wrong answer echoed": (echoed / n_echo) if n_echo else float("nan")}
+
+
+# ------------------------------------------------------------------------------------------ report
+@dataclass
+class EvalReport:
+    """Everything notebook 05 shows; ``to_dict`` is what ``eval/results.json`` holds."""
+
+    preset: str
+    table: list[dict[str, Any]] = field(default_factory=list)
+    per_category: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    ablations: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    robustness: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    predictions: dict[str, list[PipelineResult]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        ref_rows, _ = paper_reference_table()
+        return {"preset": self.preset, "table": self.table, "per_category": self.per_category, "ablations": self.ablations,
+                "robustness": self.robustness, "notes": self.notes, "timings_s": self.timings,
+                "paper_reference (reported by the paper, not measured here)": ref_rows}
+
+    def markdown(self) -> str:
+        parts = [f"## Results ({self.preset})\n", markdown_table(self.table, MAIN_COLUMNS)]
+        if self.notes:
+            parts.append("\nNotes:\n" + "".join(f"- {n}\n" for n in self.notes))
+        for name, rows in self.ablations.items():
+            parts.append(f"\n### Ablation: {name}\n\n" + markdown_table(rows))
+        if self.robustness:
+            parts.append("\n### Robustness: adversarial distractors\n\n" + markdown_table(self.robustness))
+        for name, rows in self.per_category.items():
+            if rows:
+                parts.append(f"\n### Per question category: {name}\n\n" + markdown_table(rows))
+        parts.append("\n### The paper's reported numbers (reference only)\n\n" + paper_reference_table()[1])
+        return "".join(parts)
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def run_systems(rows: Sequence[Row], preset: Preset, bank: ModelBank, systems: Sequence[SystemSpec], *, split: str | None = None,
+                progress: bool = True, batch_size: int | None = None) -> dict[str, list[PipelineResult]]:
+    """Each system's predictions on the same questions (models are loaded once per weight set by ``bank``)."""
+    return {s.name: run_pipeline(rows, preset, system=s, bank=bank, split=split, progress=progress, batch_size=batch_size) for s in systems}
+
+
+def systems_table(preds: Mapping[str, Sequence[PipelineResult]], rows: Sequence[Row], *, mmqa_preds: Mapping[str, Sequence[PipelineResult]] | None = None,
+                  mmqa_rows: Sequence[Row] = (), fluency_scorer: Any = None) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """One row per system (WebQA columns + MMQA columns) and the per-category breakdowns (pure given predictions)."""
+    table, cats = [], {}
+    for name, res in preds.items():
+        w = score_webqa(res, rows, fluency_scorer=fluency_scorer)
+        cats[name] = w.pop("per_category")
+        row = {"system": name, **w}
+        if mmqa_preds and name in mmqa_preds and mmqa_rows:
+            m = score_mmqa(mmqa_preds[name], mmqa_rows)
+            row["MMQA EM"], row["MMQA F1"] = m["MMQA EM"], m["MMQA F1"]
+        else:
+            row["MMQA EM"] = row["MMQA F1"] = NOT_RUN
+        table.append(row)
+    return table, cats
+
+
+def scores_of(results: Sequence[PipelineResult]) -> dict[str, dict[str, float]]:
+    """The stage-1 scores a filtering run computed, reusable by later runs on the same pools (no re-scoring)."""
+    return {r.guid: dict(r.scores) for r in results if r.scores}
+
+
+def k_ablation(rows: Sequence[Row], preset: Preset, bank: ModelBank, ks: Sequence[int], *, split: str | None = None,
+               answerer: str = "stage2", scores: Mapping[str, Mapping[str, float]] | None = None,
+               reuse: Mapping[int, Sequence[PipelineResult]] | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """Stage-1 top-k with different k (inference only): gold recall of the kept set vs what stage 2 makes of it.
+
+    ``scores`` (from an earlier run) skips the judge; ``reuse[k]`` skips a k already run (e.g. the main table's).
+    """
+    from mmrag_lite import metrics
+
+    gold = {str(r["guid"]): [str(g) for g in r["gold_ids"]] for r in rows}
+    out = []
+    for k in ks:
+        if reuse and k in reuse:
+            res = list(reuse[k])
+        else:
+            spec = SystemSpec(f"k={k}", "stage1", answerer, k=k)  # type: ignore[arg-type]
+            res = run_pipeline(rows, preset, system=spec, bank=bank, split=split, scores=scores, progress=progress)
+        w = score_webqa(res, rows)
+        recall = sum(metrics.recall_at_k(list(r.kept_ids), gold[r.guid]) for r in res) / max(len(res), 1)
+        shown = sum(len(r.kept_ids) for r in res) / max(len(res), 1)
+        out.append({"k": k, "shown (mean)": shown, "gold recall of kept": recall, "Retr-F1": w["Retr-F1"], "QA-Acc": w["QA-Acc"]})
+    return out
+
+
+_FORMAT_CODES = frozenset({"empty", "missing_tag", "repeated_tag", "unclosed_tag", "nested_tag", "stray_close_tag",
+                           "unexpected_tag", "text_outside_tags", "wrong_order", "empty_answer", "empty_sources", "not_text"})
+
+
+def well_formed_rate(results: Sequence[PipelineResult]) -> float:
+    """Share of completions with no structural problem (the same check the format reward pays for)."""
+    ok = sum(not any(p.split(":")[0] in _FORMAT_CODES for p in r.problems) for r in results)
+    return ok / max(len(results), 1)
+
+
+def reasoning_ablation(rows: Sequence[Row], preset: Preset, bank: ModelBank, *, split: str | None = None,
+                       scores: Mapping[str, Mapping[str, float]] | None = None,
+                       reuse: Mapping[bool, Sequence[PipelineResult]] | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """Stage 2 with and without the ``<think>`` block (inference-time: prompt and parser change, weights do not).
+
+    A real ablation retrains stage 2 each way (``--set stage2.reasoning=true``); this one asks what the weights you
+    have do when the format changes under them — the miniature was trained without reasoning, so expect it to break.
+    """
+    out = []
+    for reasoning in (False, True):
+        if reuse and reasoning in reuse:
+            res = list(reuse[reasoning])
+        else:
+            spec = SystemSpec(f"reasoning={'on' if reasoning else 'off'}", "stage1", "stage2", reasoning=reasoning)
+            res = run_pipeline(rows, preset, system=spec, bank=bank, split=split, scores=scores, progress=progress)
+        w = score_webqa(res, rows)
+        think = sum(bool(r.reasoning) for r in res) / max(len(res), 1)
+        out.append({"stage-2 prompt asks for reasoning": "yes" if reasoning else "no",
+                    "trained with reasoning": "yes" if preset.stage2.reasoning else "no",
+                    "well-formed": well_formed_rate(res), "has <think>": think, "Retr-F1": w["Retr-F1"], "QA-Acc": w["QA-Acc"]})
+    return out
+
+
+def robustness_check(rows: Sequence[Row], preset: Preset, bank: ModelBank, *, system: SystemSpec | None = None,
+                     kinds: Sequence[AttackKind] = ("conflicting", "lexical"), clean: Sequence[PipelineResult] | None = None,
+                     seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
+    """Clean vs attacked metrics for one system; the drop is attacked − clean (negative = hurt)."""
+    system = system or _full_system(standard_systems(preset))
+    clean = list(clean) if clean is not None else run_pipeline(rows, preset, system=system, bank=bank, progress=progress)
+    base = score_webqa(clean, rows)
+    out = [{"distractor": "none (clean)", "Retr-F1": base["Retr-F1"], "QA-Acc": base["QA-Acc"], "Δ Retr-F1": 0.0, "Δ QA-Acc": 0.0}]
+    for kind in kinds:
+        attacked = attack_rows(rows, kind, seed=seed)
+        res = run_pipeline(attacked, preset, system=system, bank=bank, progress=progress)  # new pools: scores recomputed
+        w = score_webqa(res, attacked)
+        out.append({"distractor": kind, "Retr-F1": w["Retr-F1"], "QA-Acc": w["QA-Acc"],
+                    "Δ Retr-F1": _delta(w["Retr-F1"], base["Retr-F1"]), "Δ QA-Acc": _delta(w["QA-Acc"], base["QA-Acc"]),
+                    **trap_rates(res, attacked)})
+    return out
+
+
+def _delta(a: Any, b: Any) -> Any:
+    return a - b if isinstance(a, float) and isinstance(b, float) else NOT_RUN
+
+
+REWARD_WEIGHT_GRID: tuple[dict[str, float], ...] = (
+    {"format": 0.2, "ranking": 0.5, "answer": 1.0},  # the preset's default
+    {"format": 0.2, "ranking": 0.0, "answer": 1.0},  # no ranking reward: does citing still improve?
+    {"format": 0.2, "ranking": 1.0, "answer": 0.0},  # ranking only: does answering suffer?
+)
+
+
+def reward_weight_commands(preset_name: str, grid: Sequence[Mapping[str, float]] = REWARD_WEIGHT_GRID) -> list[str]:
+    """Shell commands that run the reward-weight ablation: one stage-2 training + evaluation per weighting.
+
+    Each run gets its own folder but starts from, and filters with, the stage-1 adapter of ``runs/<preset>``.
+    """
+    cmds = []
+    s1 = f"runs/{preset_name}/stage1/adapter"
+    for w in grid:
+        tag = "-".join(f"{k}{v:g}" for k, v in w.items())
+        sets = " ".join(f"--set stage2.weights.{k}={v:g}" for k, v in w.items())
+        wd = f"runs/{preset_name}-weights-{tag}"
+        cmds.append(f"python -m mmrag_lite train-stage2 --preset {preset_name} --work-dir {wd} --init-adapter {s1} {sets} && "
+                    f"python -m mmrag_lite evaluate --preset {preset_name} --work-dir {wd} --stage1-adapter {s1} "
+                    f"--no-ablations --no-robustness {sets}")
+    return cmds
+
+
+def reward_weight_ablation(preset: Preset, work_dir: str | Path, rows: Sequence[Row], dataset: Any,
+                           grid: Sequence[Mapping[str, float]] = REWARD_WEIGHT_GRID, *, progress: bool = True) -> list[dict[str, Any]]:
+    """Train stage 2 once per reward weighting (same data, same seed) and evaluate each (slow: a GPU exercise)."""
+    from mmrag_lite import training
+
+    out = []
+    stage1_adapter = Path(work_dir) / "stage1" / "adapter"
+    for w in grid:
+        tag = "-".join(f"{k}{v:g}" for k, v in w.items())
+        sub = Path(work_dir) / "ablate_weights" / tag
+        p = preset.with_overrides(**{f"stage2.weights.{k}": float(v) for k, v in w.items()})
+        training.train_stage2(p, dataset, sub, init_adapter=stage1_adapter if stage1_adapter.exists() else None)
+        bank = ModelBank(p, sub, adapters={"stage1": stage1_adapter}, verbose=False)
+        res = run_pipeline(rows, p, system=SystemSpec(f"weights {tag}", "stage1", "stage2"), bank=bank, progress=progress)
+        s = score_webqa(res, rows)
+        out.append({"weights": tag, "Retr-F1": s["Retr-F1"], "QA-Acc": s["QA-Acc"]})
+    return out
+
+
+def auto_fluency_scorer(preset: Preset) -> Any:
+    """BARTScore where it is cheap to get: cpu-tiny only uses a cached copy (offline, a download would retry for
+    a minute and its 1.6 GB are not worth it for a plumbing check); GPU presets may download it. None when absent."""
+    from mmrag_lite import metrics
+
+    if preset.model.model_id == "tiny":
+        return metrics.load_bart_scorer(local_files_only=True)
+    return metrics.load_bart_scorer()
+
+
+def load_eval_split(preset: Preset, work_dir: str | Path, split: str = "test", n: int | None = None) -> list[dict[str, Any]]:
+    """The first ``n`` (default ``preset.data.eval_questions``) questions of a Mini-WebQA split, as plain dicts."""
+    from mmrag_lite import data
+
+    ds = data.ensure_mini_webqa(preset, work_dir)[split]
+    n = min(len(ds), n if n is not None else preset.data.eval_questions)
+    return [dict(ds[i]) for i in range(n)]
+
+
+def default_mmqa_questions(preset: Preset, n_webqa: int) -> int:
+    """As many MMQA questions as WebQA ones; on cpu-tiny at most 20 (its long text-only pools cost the most time)."""
+    return min(n_webqa, 20) if preset.model.model_id == "tiny" else n_webqa
+
+
+def load_mmqa_rows(preset: Preset, n: int | None = None) -> tuple[list[dict[str, Any]], str]:
+    """MMQA dev image+text questions as Mini-WebQA-shaped rows (text-only candidates offline), or ``([], reason)``."""
+    from mmrag_lite import data
+    from mmrag_lite.config import shared_data_dir
+
+    root = shared_data_dir()
+    if root is None or not (root / "mmqa-dev").is_dir():
+        return [], "MMQA dev not found (../shared/data/mmqa-dev absent): MMQA columns not run"
+    n = n if n is not None else preset.data.eval_questions
+    mm = data.load_mmqa(root / "mmqa-dev", "dev")
+    rows = data.mmqa_to_rows(mm.questions, mm.images, mm.texts, qtypes=("ImageQ",), max_candidates=preset.data.max_candidates,
+                             seed=preset.seed)[:n]
+    return [dict(r) for r in rows], (f"MMQA: the first {len(rows)} dev ImageQ questions (image+text pools, {preset.data.max_candidates} "
+                                      "candidates each); offline the candidates are text-only (image titles; MMQA pixels and "
+                                      "passage texts are not available here), a weaker setting than the paper's")
+
+
+def evaluate(preset: Preset, work_dir: str | Path, *, split: str = "test", n_questions: int | None = None,
+             systems: Sequence[SystemSpec] | None = None, mmqa: bool = True, ablations: bool = True, robustness: bool = True,
+             ks: Sequence[int] | None = None, fluency_scorer: Any = "auto", bank: ModelBank | None = None,
+             progress: bool = True, write: bool = True) -> EvalReport:
+    """The whole of notebook 05 in one call (the CLI's ``evaluate``): table, ablations, robustness; writes ``eval/``."""
+
+    work_dir = Path(work_dir)
+    t0 = time.perf_counter()
+    report = EvalReport(preset=preset.name)
+    rows = load_eval_split(preset, work_dir, split, n_questions)
+    bank = bank or ModelBank(preset, work_dir)
+    systems = list(systems or standard_systems(preset))
+    if fluency_scorer == "auto":
+        fluency_scorer = auto_fluency_scorer(preset)
+    if fluency_scorer is None:
+        report.notes.append("QA-FL needs BART-large-CNN (BARTScore), which cannot be loaded offline: QA-FL and QA "
+                            "(= mean FL·Acc) are reported as unavailable, never estimated")
+    report.timings["load"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    report.predictions = run_systems(rows, preset, bank, systems, split=split, progress=progress)
+    report.timings["systems"] = time.perf_counter() - t
+    mmqa_preds: dict[str, list[PipelineResult]] = {}
+    mmqa_rows: list[dict[str, Any]] = []
+    if mmqa:
+        t = time.perf_counter()
+        mmqa_rows, note = load_mmqa_rows(preset, default_mmqa_questions(preset, len(rows)))
+        report.notes.append(note)
+        if mmqa_rows:
+            mmqa_preds = run_systems(mmqa_rows, preset, bank, systems, progress=progress)
+        report.timings["mmqa"] = time.perf_counter() - t
+    report.table, report.per_category = systems_table(report.predictions, rows, mmqa_preds=mmqa_preds, mmqa_rows=mmqa_rows,
+                                                      fluency_scorer=fluency_scorer)
+    for row in report.table:
+        row["n"] = f"{row['n']} WebQA" + (f" + {len(mmqa_rows)} MMQA" if mmqa_rows and row["system"] in mmqa_preds else "")
+    if ablations:
+        t = time.perf_counter()
+        full = _full_system(systems)
+        main = report.predictions.get(full.name) if full.filter == "stage1" and full.answerer == "stage2" else None
+        cached = scores_of(main) if main else None
+        max_c = max(len(r["candidates"]) for r in rows)
+        ks = list(ks or sorted({1, 2, preset.stage1.k, max_c}))
+        k_main = full.resolved_k(preset)
+        report.ablations["k (stage-1 top-k, inference only)"] = k_ablation(
+            rows, preset, bank, ks, split=split, scores=cached, reuse={k_main: main} if main and full.reasoning is None else None,
+            progress=progress)
+        report.ablations["reasoning in stage 2 (inference only)"] = reasoning_ablation(
+            rows, preset, bank, split=split, scores=cached,
+            reuse={preset.stage2.reasoning: main} if main and full.k is None and full.reasoning is None else None, progress=progress)
+        report.ablations["reward weights (needs training runs: GPU exercise)"] = [
+            {"weights": "-".join(f"{k}{v:g}" for k, v in w.items()), "status": "not run here", "command": cmd}
+            for w, cmd in zip(REWARD_WEIGHT_GRID, reward_weight_commands(preset.name))]
+        report.timings["ablations"] = time.perf_counter() - t
+    if robustness:
+        t = time.perf_counter()
+        full = _full_system(systems)
+        report.robustness = robustness_check(rows, preset, bank, system=full, clean=report.predictions.get(full.name), progress=progress)
+        report.timings["robustness"] = time.perf_counter() - t
+    report.notes.extend(bank.notes)
+    if preset.model.model_id == "tiny":
+        report.notes.append("cpu-tiny: a randomly initialised ~0.2M-parameter miniature on synthetic data: these numbers "
+                            "check the plumbing, they say nothing about the method")
+    report.timings["total"] = time.perf_counter() - t0
+    if write:
+        write_report(report, work_dir)
+    return report
+
+
+def _full_system(systems: Sequence[SystemSpec]) -> SystemSpec:
+    """The full method among ``systems``: stage-1 filter + stage-2 answerer (else the last system)."""
+    return next((s for s in systems if s.filter == "stage1" and s.answerer == "stage2"), systems[-1])
+
+
+def write_report(report: EvalReport, work_dir: str | Path) -> Path:
+    """``eval/results.md`` + ``results.json`` + per-system submission and predictions (atomic writes)."""
+    out = Path(work_dir) / "eval"
+    for name, res in report.predictions.items():
+        write_submission(res, out / f"submission_{slug(name)}.json")
+        save_results(res, out / f"predictions_{slug(name)}.json")
+    atomic_write_json(out / "results.json", report.to_dict())
+    atomic_write_text(out / "results.md", report.markdown())
+    return out
+
+
+__all__ = [
+    "MAIN_COLUMNS",
+    "PAPER_REFERENCE",
+    "REWARD_WEIGHT_GRID",
+    "UNAVAILABLE",
+    "EvalReport",
+    "attack_rows",
+    "auto_fluency_scorer",
+    "default_mmqa_questions",
+    "evaluate",
+    "inject_distractors",
+    "k_ablation",
+    "load_eval_split",
+    "load_mmqa_rows",
+    "markdown_table",
+    "paper_reference_table",
+    "reasoning_ablation",
+    "reward_weight_ablation",
+    "reward_weight_commands",
+    "robustness_check",
+    "run_systems",
+    "score_mmqa",
+    "score_webqa",
+    "scores_of",
+    "systems_table",
+    "trap_rates",
+    "webqa_references",
+    "well_formed_rate",
+    "write_report",
+    "wrong_answer_for",
+]

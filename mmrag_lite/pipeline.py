@@ -1,0 +1,562 @@
+"""Two-stage inference: score every candidate, keep the top-k, then reason, rank and answer over them.
+
+The paper's inference path, restated:
+
+1. **Stage 1 (point-wise, coarse).** The judge sees (question, one candidate) and gives P(relevant);
+   cost grows linearly with the pool, so it is cheap to run on every candidate.
+2. **Top-k.** Only the ``k`` best-scored candidates go on (``preset.stage1.k``).
+3. **Stage 2 (list-wise, fine).** The reasoner sees the question and the k survivors together behind short
+   ids ``D1..Dk``, writes its reasoning (``<think>``, the explanation), selects/ranks the supporting ids
+   (``<sources>``) and answers (``<answer>``). Short ids are mapped back to WebQA ids for the submission.
+
+The evaluation compares *systems* that differ only in how candidates are chosen and which weights answer
+(``SystemSpec``): zero-shot base model, stage 1 only, stage 1 + stage 2, and an oracle that is handed the
+gold candidates (an upper bound on what better retrieval could buy).
+
+Prompts are never truncated: a stage-2 prompt longer than ``preset.stage2.max_prompt_tokens`` loses its
+lowest-ranked candidates (whole documents, images included) until it fits, and the result says so.
+Cutting tokens would slice through an image's placeholder tokens and break the vision features.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from mmrag_lite import prompts
+from mmrag_lite.config import Preset
+
+Row = Mapping[str, Any]  # one Mini-WebQA row (docs/CONTRACTS.md)
+FilterKind = Literal["all", "base", "stage1", "oracle"]
+ModelKind = Literal["base", "stage1", "stage2"]
+
+
+# ------------------------------------------------------------------------------------------ data types
+@dataclass(frozen=True)
+class SystemSpec:
+    """One inference system: how candidates reach stage 2 and which weights write the answer.
+
+    ``filter``: ``all`` shows every candidate (no stage 1), ``base``/``stage1`` keep the top-k by the base /
+    stage-1 judge's P(yes), ``oracle`` shows exactly the gold candidates. ``answerer``: the weights that write the
+    stage-2 completion. ``k``/``reasoning`` default to the preset's values when None.
+    """
+
+    name: str
+    filter: FilterKind
+    answerer: ModelKind
+    k: int | None = None
+    reasoning: bool | None = None
+    description: str = ""
+
+    def resolved_k(self, preset: Preset) -> int:
+        return int(self.k if self.k is not None else preset.stage1.k)
+
+    def resolved_reasoning(self, preset: Preset) -> bool:
+        return bool(self.reasoning if self.reasoning is not None else preset.stage2.reasoning)
+
+
+def standard_systems(preset: Preset) -> list[SystemSpec]:
+    """The systems of the results table: zero-shot (all candidates, or the base judge's top-k), stage 1 only,
+    stage 1 + stage 2, and the oracle.
+
+    "stage 1 only" answers with the weights stage 2 *starts from* (``preset.stage2.init_from``), so the gap to
+    "stage 1 + stage 2" is exactly what stage-2 RL added, and the gap to zero-shot is what filtering added.
+    """
+    start: ModelKind = "stage1" if preset.stage2.init_from == "stage1" else "base"
+    return [
+        SystemSpec("zero-shot", "all", "base", description="base model, no adapters, every candidate shown"),
+        SystemSpec("zero-shot, base top-k", "base", "base", description="base model judges and answers, no adapters: top-k by its own P(yes)"),
+        SystemSpec("stage 1 only", "stage1", start, description=f"stage-1 top-k, answered by the {start} weights (no stage-2 RL)"),
+        SystemSpec("stage 1 + stage 2", "stage1", "stage2", description="stage-1 top-k, stage-2 reasoner (the full method)"),
+        SystemSpec("oracle sources", "oracle", "stage2", description="gold candidates only, stage-2 reasoner: upper bound"),
+    ]
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    """What the pipeline did for one question; ``to_dict()`` is plain JSON.
+
+    ``kept_ids`` is in prompt order, so the short id ``D{i}`` is ``kept_ids[i-1]``. ``scores`` holds the stage-1
+    P(yes) of every candidate that was scored (empty when the system does not score). ``reasoning`` is the
+    ``<think>`` text: the explanation the paper is about.
+    """
+
+    guid: str
+    question: str
+    system: str
+    scores: dict[str, float]
+    kept_ids: tuple[str, ...]
+    reasoning: str
+    completion: str
+    sources: tuple[str, ...]
+    answer: str
+    problems: tuple[str, ...] = ()
+    short_sources: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for key in ("kept_ids", "sources", "problems", "short_sources"):
+            d[key] = list(d[key])
+        d["scores"] = {k: (None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)) for k, v in self.scores.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PipelineResult:
+        return cls(
+            guid=str(d["guid"]), question=str(d.get("question", "")), system=str(d.get("system", "")),
+            scores={str(k): (float("nan") if v is None else float(v)) for k, v in dict(d.get("scores", {})).items()},
+            kept_ids=tuple(d.get("kept_ids", ())), reasoning=str(d.get("reasoning", "")),
+            completion=str(d.get("completion", "")), sources=tuple(str(s) for s in d.get("sources", ())),
+            answer=str(d.get("answer", "")), problems=tuple(d.get("problems", ())),
+            short_sources=tuple(d.get("short_sources", ())),
+        )
+
+
+@dataclass(frozen=True)
+class Stage2Request:
+    """A rendered stage-2 prompt: messages, images in placeholder order, and the id mapping."""
+
+    guid: str
+    question: str
+    messages: list[dict[str, Any]]
+    images: list[Any]
+    short_ids: tuple[str, ...]
+    source_ids: tuple[str, ...]
+    notes: tuple[str, ...] = ()
+
+
+# -------------------------------------------------------------------------------- pure building blocks
+def top_k_ids(scores: Mapping[str, float], k: int, order: Sequence[str]) -> list[str]:
+    """The k best-scored ids; ties keep pool order (deterministic). Unscored ids rank last."""
+    pos = {cid: i for i, cid in enumerate(order)}
+
+    def key(cid: str) -> tuple[float, int]:
+        s = scores.get(cid, float("-inf"))
+        s = float("-inf") if s is None or (isinstance(s, float) and math.isnan(s)) else float(s)
+        return (-s, pos.get(cid, len(pos)))
+
+    return sorted(order, key=key)[: max(0, k)]
+
+
+def select_candidates(row: Row, spec: SystemSpec, scores: Mapping[str, float] | None, k: int) -> list[dict[str, Any]]:
+    """Candidates shown to stage 2, best first, for one system (pure).
+
+    ``all`` keeps the pool order (no ranking exists); ``oracle`` keeps the gold ones in pool order.
+    """
+    cands = [dict(c) for c in row["candidates"]]
+    if spec.filter == "all":
+        return cands
+    if spec.filter == "oracle":
+        gold = set(row.get("gold_ids") or [c["id"] for c in cands if c.get("is_gold")])
+        return [c for c in cands if c["id"] in gold]
+    if scores is None:
+        raise ValueError(f"system {spec.name!r} filters by {spec.filter} scores but none were given")
+    by_id = {c["id"]: c for c in cands}
+    return [by_id[i] for i in top_k_ids(scores, k, [c["id"] for c in cands])]
+
+
+def build_request(row: Row, candidates: Sequence[Mapping[str, Any]], *, reasoning: bool, image_fn: Callable[[Any], Any] | None = None) -> Stage2Request:
+    """Render the stage-2 prompt for one question over the given candidates (pure apart from image resizing)."""
+    cands = [dict(c) for c in candidates]
+    if image_fn is not None:
+        for c in cands:
+            if c.get("modality") == "image" and c.get("image") is not None:
+                c["image"] = image_fn(c["image"])
+    return Stage2Request(
+        guid=str(row["guid"]), question=str(row["question"]),
+        messages=prompts.stage2_messages(row["question"], cands, reasoning=reasoning),
+        images=prompts.stage2_images(cands),
+        short_ids=tuple(prompts.short_ids(len(cands))), source_ids=tuple(c["id"] for c in cands),
+    )
+
+
+def map_short_ids(short: Sequence[str], request: Stage2Request) -> tuple[str, ...]:
+    """Short ids (``D2``) back to WebQA ids; unknown short ids are dropped (the parser already flagged them)."""
+    table = dict(zip(request.short_ids, request.source_ids))
+    out: list[str] = []
+    for s in short:
+        if s in table and table[s] not in out:
+            out.append(table[s])
+    return tuple(out)
+
+
+def _parsed_fields(parsed: Any) -> tuple[str, list[str], str, list[str]]:
+    """Read think / source ids / answer / problems from whatever ``parsing.parse_stage2`` returns."""
+    get = (lambda k, default=None: parsed.get(k, default)) if isinstance(parsed, Mapping) else (lambda k, default=None: getattr(parsed, k, default))
+    think = get("think") or ""
+    ids = list(get("source_ids") or get("sources") or [])
+    answer = get("answer") or ""
+    problems = [str(p) for p in (get("problems") or [])]
+    return str(think), [str(i) for i in ids], str(answer), problems
+
+
+def parse_completion(completion: str, request: Stage2Request, *, reasoning: bool) -> tuple[str, tuple[str, ...], tuple[str, ...], str, tuple[str, ...]]:
+    """(think, short ids, WebQA ids, answer, problems) for one completion."""
+    from mmrag_lite import parsing
+
+    parsed = parsing.parse_stage2(completion, list(request.short_ids), reasoning=reasoning)
+    think, short, answer, problems = _parsed_fields(parsed)
+    return think, tuple(short), map_short_ids(short, request), answer.strip(), tuple(problems)
+
+
+# ------------------------------------------------------------------------------------------ submission
+def submission_from_results(results: Iterable[PipelineResult]) -> dict[str, dict[str, Any]]:
+    """WebQA submission: ``{guid: {"sources": [...], "answer": "..."}}``; image ids become ints as in WebQA."""
+    sub: dict[str, dict[str, Any]] = {}
+    for r in results:
+        sub[r.guid] = {"sources": [_webqa_id(s) for s in r.sources], "answer": r.answer}
+    return sub
+
+
+def _webqa_id(source_id: str) -> int | str:
+    return int(source_id) if str(source_id).isdigit() else str(source_id)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write to a temporary name in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_json(path: str | Path, payload: Any) -> Path:
+    return atomic_write_text(path, json.dumps(payload, indent=2, ensure_ascii=False, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
+
+
+def write_submission(results: Iterable[PipelineResult], path: str | Path) -> Path:
+    """Write a WebQA-style submission file atomically and return its path."""
+    return atomic_write_json(path, submission_from_results(results))
+
+
+def save_results(results: Iterable[PipelineResult], path: str | Path) -> Path:
+    """Every field of every result, as JSON (what the reasoning viewer and the eval report read back)."""
+    return atomic_write_json(path, [r.to_dict() for r in results])
+
+
+def load_results(path: str | Path) -> list[PipelineResult]:
+    return [PipelineResult.from_dict(d) for d in json.loads(Path(path).read_text(encoding="utf-8"))]
+
+
+# ------------------------------------------------------------------------------------------ models
+class ModelBank:
+    """Loads (model, processor) per weight set lazily and keeps them, so the systems load each at most once.
+
+    ``base`` is the base model; ``stage1``/``stage2`` attach the adapter saved by notebook 03/04 in ``work_dir``.
+    A missing adapter falls back to the base weights with a printed note (recorded in ``notes``), so a student
+    who skipped a notebook still gets a table, clearly labelled.
+    """
+
+    def __init__(self, preset: Preset, work_dir: str | Path, *, loader: Callable[..., tuple[Any, Any]] | None = None,
+                 adapters: Mapping[str, str | Path | None] | None = None, verbose: bool = True) -> None:
+        self.preset = preset
+        self.work_dir = Path(work_dir)
+        self._loader = loader
+        self._adapters = dict(adapters or {})
+        self._cache: dict[str, tuple[Any, Any]] = {}
+        self.notes: list[str] = []
+        self.verbose = verbose
+
+    def adapter_path(self, which: ModelKind) -> Path | None:
+        """Where ``which``'s adapter is (None for base or when it was never trained)."""
+        if which == "base":
+            return None
+        path = Path(self._adapters[which]) if self._adapters.get(which) else self.work_dir / which / "adapter"
+        return path if path.exists() else None
+
+    def resolved(self, which: ModelKind) -> str:
+        """What ``which`` really loads: ``stage2`` or ``base (stage2 adapter missing)``."""
+        if which == "base" or self.adapter_path(which) is not None:
+            return which
+        return f"base ({which} adapter missing)"
+
+    def get(self, which: ModelKind) -> tuple[Any, Any]:
+        key = self.resolved(which)
+        if key.startswith("base"):
+            key_cache = "base"
+            if which != "base":
+                where = self._adapters.get(which) or self.work_dir / which / "adapter"
+                note = f"no {which} adapter in {where}: using the base model instead"
+                if note not in self.notes:
+                    self.notes.append(note)
+                    if self.verbose:
+                        print("note:", note)
+        else:
+            key_cache = which
+        if key_cache not in self._cache:
+            loader = self._loader or _default_loader
+            self._cache[key_cache] = loader(self.preset, adapter_path=None if key_cache == "base" else self.adapter_path(which))
+        return self._cache[key_cache]
+
+
+def _default_loader(preset: Preset, *, adapter_path: Path | None) -> tuple[Any, Any]:
+    from mmrag_lite import modeling
+
+    model, processor = modeling.load_model_and_processor(preset, adapter_path=adapter_path, for_training=False)
+    model.eval()
+    return model, processor
+
+
+def _image_fn(preset: Preset) -> Callable[[Any], Any] | None:
+    """Resize images to the preset's fixed size (fixed token count per image; see FEASIBILITY's mRoPE trap)."""
+    try:
+        from mmrag_lite import modeling
+    except ImportError:  # pragma: no cover
+        return None
+    prep = getattr(modeling, "prepare_image", None)
+    if prep is None:
+        return None
+    return lambda img: prep(img, preset)
+
+
+# ------------------------------------------------------------------------------------------ scoring
+def stage1_scores(model: Any, processor: Any, row: Row, preset: Preset) -> dict[str, float]:
+    """P(yes) for every candidate of one question from the point-wise judge (``scoring.score_candidates``)."""
+    from mmrag_lite import scoring
+
+    out = scoring.score_candidates(model, processor, row["question"], list(row["candidates"]), preset)
+    return {str(c["id"]): float(s) for c, s in zip(row["candidates"], out)}
+
+
+def score_rows(model: Any, processor: Any, rows: Sequence[Row], preset: Preset, *, progress: bool = False) -> dict[str, dict[str, float]]:
+    """``{guid: {candidate id: P(yes)}}`` for many questions (``scoring.score_split``: pairs share batches)."""
+    from mmrag_lite import scoring
+
+    scored = scoring.score_split(model, processor, rows, preset, progress=progress)
+    return {str(g): {str(cid): float(s) for cid, s in pairs} for g, pairs in scored.items()}
+
+
+def load_cached_scores(work_dir: str | Path, split: str) -> dict[str, dict[str, float]]:
+    """Stage-1 scores notebook 03 saved for ``split`` (``{guid: {candidate id: score}}``), or ``{}``."""
+    path = Path(work_dir) / "stage1" / f"scores_{split}.json"
+    if not path.exists():
+        return {}
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    return _normalise_scores(raw)
+
+
+def _normalise_scores(raw: Any) -> dict[str, dict[str, float]]:
+    """Accept ``{guid: {id: s}}``, ``{guid: {"candidate_ids": [...], "scores": [...]}}`` or a list of such records."""
+    out: dict[str, dict[str, float]] = {}
+    items: Iterable[tuple[str, Any]]
+    if isinstance(raw, Mapping) and "questions" in raw and isinstance(raw["questions"], (list, Mapping)):
+        raw = raw["questions"]
+    if isinstance(raw, list):
+        items = [(str(r.get("guid")), r) for r in raw if isinstance(r, Mapping)]
+    elif isinstance(raw, Mapping):
+        items = [(str(k), v) for k, v in raw.items()]
+    else:
+        return {}
+    for guid, rec in items:
+        if isinstance(rec, Mapping) and "candidate_ids" in rec and "scores" in rec:
+            out[guid] = {str(i): float(s) for i, s in zip(rec["candidate_ids"], rec["scores"])}
+        elif isinstance(rec, Mapping) and "scores" in rec and isinstance(rec["scores"], Mapping):
+            out[guid] = {str(i): float(s) for i, s in rec["scores"].items()}
+        elif isinstance(rec, Mapping) and all(isinstance(v, (int, float)) for v in rec.values()):
+            out[guid] = {str(i): float(s) for i, s in rec.items()}
+    return out
+
+
+# ------------------------------------------------------------------------------------------ generation
+def fit_prompt(row: Row, candidates: Sequence[Mapping[str, Any]], processor: Any, *, reasoning: bool, max_tokens: int,
+               image_fn: Callable[[Any], Any] | None = None) -> Stage2Request:
+    """The stage-2 request with the longest prefix of the (best-first) candidates that fits in ``max_tokens``.
+
+    Whole candidates are dropped from the end (the lowest-ranked) — never tokens — so image placeholders stay
+    intact. The prefix length is found by bisection: a handful of processor calls, whatever the pool size.
+    """
+    cands = list(candidates)
+    full = build_request(row, cands, reasoning=reasoning, image_fn=image_fn)
+    n_full = prompt_length(processor, full)
+    if n_full <= max_tokens or len(cands) <= 1:
+        notes = () if n_full <= max_tokens else (f"prompt {n_full} > {max_tokens} tokens with one candidate; sent whole (never truncated)",)
+        return replace(full, notes=notes)
+    lo, hi = 1, len(cands) - 1  # invariant: the answer is in [lo, hi] or 1 if even lo does not fit
+    best: Stage2Request | None = None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        req = build_request(row, cands[:mid], reasoning=reasoning, image_fn=image_fn)
+        if prompt_length(processor, req) <= max_tokens:
+            best, lo = req, mid + 1
+        else:
+            hi = mid - 1
+    if best is None:
+        best = build_request(row, cands[:1], reasoning=reasoning, image_fn=image_fn)
+        note = f"prompt over {max_tokens} tokens even with one candidate; sent whole (never truncated)"
+    else:
+        dropped = [c["id"] for c in cands[len(best.source_ids):]]
+        note = f"prompt too long: dropped {len(dropped)} lowest-ranked candidate(s) {dropped} to fit {max_tokens} tokens"
+    return replace(best, notes=(note,))
+
+
+def _render(processor: Any, messages: list[dict[str, Any]]) -> str:
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _encode(processor: Any, requests: Sequence[Stage2Request]) -> Any:
+    texts = [_render(processor, r.messages) for r in requests]
+    kwargs: dict[str, Any] = {"text": texts, "padding": True, "return_tensors": "pt"}
+    if any(r.images for r in requests):
+        kwargs["images"] = [list(r.images) for r in requests]  # [] for a text-only prompt: accepted by Qwen-VL
+    return processor(**kwargs)
+
+
+def prompt_length(processor: Any, request: Stage2Request) -> int:
+    """Tokens of the rendered prompt, image placeholders expanded (what the model really reads)."""
+    enc = _encode(processor, [request])
+    return int(enc["input_ids"].shape[-1])
+
+
+def generate(model: Any, processor: Any, requests: Sequence[Stage2Request], *, max_new_tokens: int, batch_size: int = 8,
+             progress: bool = True, desc: str = "stage 2") -> list[str]:
+    """Greedy completions for stage-2 requests, batched with left padding (decoder-only generation)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    tok = getattr(processor, "tokenizer", processor)
+    old_side = getattr(tok, "padding_side", "right")
+    tok.padding_side = "left"
+    outs: list[str] = []
+    device = getattr(model, "device", torch.device("cpu"))
+    try:
+        batches = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
+        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            enc = _encode(processor, batch).to(device)
+            with torch.no_grad():
+                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=getattr(tok, "pad_token_id", None))
+            new = gen[:, enc["input_ids"].shape[-1]:]
+            outs.extend(processor.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tok.padding_side = old_side
+    return outs
+
+
+# ------------------------------------------------------------------------------------------ the pipeline
+def run_pipeline(rows: Sequence[Row] | Any, preset: Preset, *, system: SystemSpec | None = None, bank: ModelBank | None = None,
+                 work_dir: str | Path | None = None, split: str | None = None,
+                 scores: Mapping[str, Mapping[str, float]] | None = None, batch_size: int | None = None,
+                 max_new_tokens: int | None = None, progress: bool = True) -> list[PipelineResult]:
+    """Run one system over many questions: (stage-1 scores →) top-k → stage-2 generation → parse → WebQA ids.
+
+    ``scores`` (``{guid: {id: P(yes)}}``) skips the stage-1 forward passes; otherwise, for ``filter="stage1"`` the
+    scores notebook 03 saved for ``split`` are reused when their candidate ids match, and recomputed if not.
+    """
+
+    if system is None:
+        system = next(s for s in standard_systems(preset) if s.name == "stage 1 + stage 2")
+    if bank is None:
+        from mmrag_lite.config import work_dir as _wd
+
+        bank = ModelBank(preset, _wd(preset, work_dir))
+    rows = list(rows)
+    k = system.resolved_k(preset)
+    reasoning = system.resolved_reasoning(preset)
+    image_fn = _image_fn(preset)
+    cached: dict[str, dict[str, float]] = dict(scores or {})
+    if not cached and system.filter == "stage1" and split:
+        cached = load_cached_scores(bank.work_dir, split)
+
+    # stage 1: score (only for filtering systems); pairs of all questions share forward passes
+    all_scores: list[dict[str, float]] = [{} for _ in rows]
+    if system.filter in ("base", "stage1"):
+        todo = []
+        for i, row in enumerate(rows):
+            hit = cached.get(str(row["guid"]))
+            if hit is not None and set(hit) == {c["id"] for c in row["candidates"]}:
+                all_scores[i] = dict(hit)
+            else:
+                todo.append(i)
+        if todo:
+            judge, judge_proc = bank.get(system.filter)  # type: ignore[arg-type]
+            fresh = score_rows(judge, judge_proc, [rows[i] for i in todo], preset, progress=progress)
+            for i in todo:
+                all_scores[i] = fresh[str(rows[i]["guid"])]
+
+    # stage 2: render within budget, generate in batches, parse
+    model, processor = bank.get(system.answerer)
+    requests = [
+        fit_prompt(row, select_candidates(row, system, sc, k), processor, reasoning=reasoning,
+                   max_tokens=preset.stage2.max_prompt_tokens, image_fn=image_fn)
+        for row, sc in zip(rows, all_scores)
+    ]
+    completions = generate(model, processor, requests, max_new_tokens=max_new_tokens or _max_new_tokens(preset, reasoning),
+                           batch_size=batch_size or default_batch_size(preset), progress=progress,
+                           desc=f"stage 2 [{system.name}]")
+    results: list[PipelineResult] = []
+    for row, sc, req, comp in zip(rows, all_scores, requests, completions):
+        think, short, sources, answer, problems = parse_completion(comp, req, reasoning=reasoning)
+        results.append(PipelineResult(
+            guid=str(row["guid"]), question=str(row["question"]), system=system.name, scores=sc,
+            kept_ids=req.source_ids, reasoning=think, completion=comp, sources=sources, answer=answer,
+            problems=tuple(req.notes) + problems, short_sources=short,
+        ))
+    return results
+
+
+def default_batch_size(preset: Preset) -> int:
+    """Prompts per ``generate`` call: the miniature is overhead-bound (bigger is faster); real VLMs are memory-bound."""
+    return 64 if preset.model.model_id == "tiny" else 8
+
+
+def _max_new_tokens(preset: Preset, reasoning: bool) -> int:
+    """As long as training allowed; reasoning needs room to think (training's budget is the same)."""
+    return int(preset.stage2.grpo.max_completion_length)
+
+
+def answer_question(row: Row, preset: Preset, *, system: SystemSpec | None = None, bank: ModelBank | None = None,
+                    work_dir: str | Path | None = None) -> PipelineResult:
+    """The whole two-stage pipeline for one question."""
+    return run_pipeline([row], preset, system=system, bank=bank, work_dir=work_dir, progress=False)[0]
+
+
+__all__ = [
+    "ModelBank",
+    "PipelineResult",
+    "Stage2Request",
+    "SystemSpec",
+    "answer_question",
+    "atomic_write_json",
+    "atomic_write_text",
+    "build_request",
+    "default_batch_size",
+    "fit_prompt",
+    "generate",
+    "load_cached_scores",
+    "load_results",
+    "map_short_ids",
+    "parse_completion",
+    "prompt_length",
+    "run_pipeline",
+    "save_results",
+    "score_rows",
+    "select_candidates",
+    "stage1_scores",
+    "standard_systems",
+    "submission_from_results",
+    "top_k_ids",
+    "write_submission",
+]

@@ -1,0 +1,97 @@
+"""The CLI parses, errors clearly, and its cheap subcommands really run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from mmrag_lite import cli
+
+
+def test_help_lists_every_subcommand():
+    out = subprocess.run([sys.executable, "-m", "mmrag_lite", "--help"], capture_output=True, text=True, check=True).stdout
+    for name in ("build-data", "train-stage1", "train-stage2", "evaluate", "course"):
+        assert name in out
+
+
+@pytest.mark.parametrize("command", ["build-data", "train-stage1", "train-stage2", "evaluate", "course"])
+def test_subcommand_help(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([command, "--help"])
+    assert exc.value.code == 0
+    assert "--preset" in capsys.readouterr().out
+
+
+def test_unknown_preset_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["build-data", "--preset", "tpu-huge"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown preset 'tpu-huge'" in err and "cpu-tiny" in err
+
+
+def test_missing_subcommand_is_an_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([])
+    assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("stage1.grpo.max_steps=5", ("stage1.grpo.max_steps", 5)),
+    ("stage1.grpo.learning_rate=2e-3", ("stage1.grpo.learning_rate", 2e-3)),
+    ("stage2.reasoning=true", ("stage2.reasoning", True)),
+    ("model.model_id=Qwen/Qwen2-VL-2B-Instruct", ("model.model_id", "Qwen/Qwen2-VL-2B-Instruct")),
+])
+def test_parse_override(text, expected):
+    assert cli.parse_override(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["stage1.k", "=3", "stage1..k=3"])
+def test_bad_override_syntax(bad):
+    with pytest.raises(cli.CLIError, match="--set"):
+        cli.parse_override(bad)
+
+
+def test_bad_set_key_and_value_exit_2_with_message(tmp_path, capsys):
+    assert cli.main(["build-data", "--preset", "cpu-tiny", "--work-dir", str(tmp_path), "--set", "stage9.k=3"]) == 2
+    assert "unknown config key 'stage9.k'" in capsys.readouterr().err
+    assert cli.main(["build-data", "--preset", "cpu-tiny", "--work-dir", str(tmp_path), "--set", "stage1.k=99"]) == 2
+    assert "stage1.k" in capsys.readouterr().err  # validation says which field and why
+    assert cli.main(["build-data", "--preset", "cpu-tiny", "--work-dir", str(tmp_path), "--set", "nokey"]) == 2
+    assert "key=value" in capsys.readouterr().err
+
+
+def test_overrides_reach_the_preset(tmp_path):
+    args = cli.build_parser().parse_args(["evaluate", "--preset", "cpu-tiny", "--work-dir", str(tmp_path),
+                                          "--set", "stage1.k=3", "--set", "stage2.grpo.max_steps=2"])
+    preset, wd = cli.resolve(args)
+    assert preset.stage1.k == 3 and preset.stage2.grpo.max_steps == 2 and wd == tmp_path
+
+
+def test_build_data_runs_on_cpu_tiny(tmp_path, capsys):
+    assert cli.main(["build-data", "--preset", "cpu-tiny", "--work-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "train" in out and "test" in out
+    assert (tmp_path / "mini_webqa").is_dir()
+
+
+def test_course_calls_run_course(monkeypatch, capsys):
+    from mmrag_lite import course
+
+    calls = {}
+
+    class Report:
+        ok = True
+
+        def summary(self):
+            return "all good"
+
+    def fake_run_course(preset="cpu-tiny", out_dir=None, **kw):
+        calls.update(preset=preset, out_dir=out_dir)
+        return Report()
+
+    monkeypatch.setattr(course, "run_course", fake_run_course)
+    assert cli.main(["course", "--preset", "cpu-tiny", "--out-dir", "x"]) == 0
+    assert calls == {"preset": "cpu-tiny", "out_dir": "x"} and "all good" in capsys.readouterr().out

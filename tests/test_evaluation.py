@@ -1,0 +1,155 @@
+"""Evaluation orchestration on planted fixtures: hand-made predictions with known metric values, no model."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+
+import pytest
+
+from mmrag_lite import evaluation as E
+from mmrag_lite.pipeline import PipelineResult
+
+
+def _row(guid, qcate, answer, keywords, gold, distractors=("d1", "d2")):
+    cands = [{"id": g, "modality": "text", "title": f"t{g}", "text": f"fact {g}", "image": None, "is_gold": True} for g in gold]
+    cands += [{"id": d, "modality": "text", "title": f"t{d}", "text": f"noise {d}", "image": None, "is_gold": False} for d in distractors]
+    return {"guid": guid, "question": f"question {guid}?", "answer": answer, "keywords": keywords, "qcate": qcate,
+            "topic": "", "candidates": cands, "gold_ids": list(gold)}
+
+
+ROWS = [
+    _row("q1", "color", "The car is red.", "red", ["g1"]),
+    _row("q2", "YesNo", "Yes, it is.", "yes", ["g2", "g3"]),
+    _row("q3", "text", "Paris is the capital", "", ["g4", "g5"]),
+]
+
+
+def _res(guid, sources, answer, system="planted", kept=()):
+    return PipelineResult(guid=guid, question="", system=system, scores={}, kept_ids=tuple(kept), reasoning="",
+                          completion="", sources=tuple(sources), answer=answer)
+
+
+# Known values: q1 perfect (F1 1, acc 1); q2 wrong source, wrong answer (0, 0); q3 one of two gold (F1 2/3), exact answer (1).
+PLANTED = [_res("q1", ["g1"], "red"), _res("q2", ["d1"], "no"), _res("q3", ["g4"], "Paris is the capital")]
+PERFECT = [_res(r["guid"], r["gold_ids"], r["answer"], "perfect") for r in ROWS]
+
+
+def test_score_webqa_planted_values():
+    s = E.score_webqa(PLANTED, ROWS)
+    assert s["n"] == 3
+    assert s["Retr-F1"] == pytest.approx((1 + 0 + 2 / 3) / 3)
+    assert s["QA-Acc"] == pytest.approx(2 / 3, abs=1e-4)
+    assert s["QA-FL"] == E.UNAVAILABLE and s["QA"] == E.UNAVAILABLE  # no BART scorer: never a made-up number
+    cats = {c["qcate"]: c for c in s["per_category"]}
+    assert cats["YesNo"]["QA-Acc"] == 0.0 and cats["color"]["Retr-F1"] == 1.0 and cats["All"]["n"] == 3
+
+
+def test_missing_prediction_scores_zero():
+    s = E.score_webqa(PLANTED[:1], ROWS)
+    assert s["Retr-F1"] == pytest.approx(1 / 3) and s["QA-Acc"] == pytest.approx(1 / 3, abs=1e-4)
+
+
+def test_systems_table_shape_and_markdown():
+    table, cats = E.systems_table({"perfect": PERFECT, "planted": PLANTED}, ROWS)
+    assert [r["system"] for r in table] == ["perfect", "planted"]
+    assert set(E.MAIN_COLUMNS) <= set(table[0])
+    assert table[0]["Retr-F1"] == pytest.approx(1.0) and table[0]["QA-Acc"] == pytest.approx(1.0, abs=1e-4)
+    assert table[1]["MMQA EM"] == E.NOT_RUN
+    md = E.markdown_table(table, E.MAIN_COLUMNS)
+    lines = md.strip().splitlines()
+    assert len(lines) == 4 and lines[0].startswith("| system | Retr-F1 | QA-Acc")
+    assert "| planted | 0.556 | 0.667 | unavailable offline |" in md
+    assert set(cats) == {"perfect", "planted"}
+
+
+def test_mmqa_scores_are_x100():
+    rows = [dict(_row("m1", "ImageQ", "horses", "", ["a"]), answers=["horses"]),
+            dict(_row("m2", "ImageQ", "1976", "", ["b"]), answers=["1976"])]
+    s = E.score_mmqa([_res("m1", [], "Horses"), _res("m2", [], "1975")], rows)
+    assert s["MMQA EM"] == pytest.approx(50.0) and s["MMQA F1"] == pytest.approx(50.0) and s["n_mmqa"] == 2
+
+
+def test_paper_reference_is_labelled_as_theirs():
+    rows, md = E.paper_reference_table()
+    assert any(r["metric"] == "QA-Acc" and r["value"] == 0.763 for r in rows)
+    assert all("paper" in r["source"] or "baseline" in r["source"] for r in rows)
+    assert "not measured here" in md
+    report = E.EvalReport(preset="cpu-tiny", table=[{"system": "x"}])
+    assert "reference only" in report.markdown()
+    assert any("not measured here" in k for k in report.to_dict())
+
+
+# ------------------------------------------------------------------------------------------ robustness
+def test_inject_conflicting_adds_one_non_gold_candidate_stating_the_wrong_answer():
+    row = ROWS[0]
+    before = copy.deepcopy(row)
+    out = E.inject_distractors(row, "conflicting", wrong_answer="blue", seed=1)
+    assert row == before  # input untouched
+    added = [c for c in out["candidates"] if c["id"].startswith("adv-")]
+    assert len(added) == 1 and len(out["candidates"]) == len(row["candidates"]) + 1
+    adv = added[0]
+    assert not adv["is_gold"] and "blue" in adv["text"] and row["question"].rstrip("?") in adv["text"]
+    assert adv["title"] == row["candidates"][0]["title"]  # dressed as the gold document
+    assert out["gold_ids"] == row["gold_ids"] and out["adversarial_answer"] == "blue"
+    assert E.inject_distractors(row, "conflicting", wrong_answer="blue", seed=1) == out  # deterministic
+
+
+def test_inject_lexical_copies_question_words_without_an_answer():
+    out = E.inject_distractors(ROWS[2], "lexical", seed=0)
+    adv = next(c for c in out["candidates"] if c["id"].startswith("adv-"))
+    assert "question q3" in adv["text"] and "Paris" not in adv["text"] and not adv["is_gold"]
+    with pytest.raises(ValueError):
+        E.inject_distractors(ROWS[0], "nonsense")  # type: ignore[arg-type]
+
+
+def test_wrong_answer_has_the_right_type_and_is_wrong():
+    rng = random.Random(0)
+    assert E.wrong_answer_for(ROWS[1], [], rng) == "No"
+    colour = E.wrong_answer_for(ROWS[0], [], rng)
+    assert colour in E.COLORS and colour != "red"
+    num = E.wrong_answer_for({"qcate": "number", "answer": "There are 3 dogs"}, [], rng)
+    assert num.isdigit() and num != "3"
+    other = E.wrong_answer_for(ROWS[2], ["Paris is the capital", "Berlin"], rng)
+    assert other == "Berlin"
+
+
+def test_trap_rates_measure_what_they_say():
+    attacked = E.attack_rows(ROWS, "conflicting", seed=0)
+    adv = {r["guid"]: next(c["id"] for c in r["candidates"] if c["id"].startswith("adv-")) for r in attacked}
+    wrong = {r["guid"]: r["adversarial_answer"] for r in attacked}
+    results = [
+        _res("q1", [adv["q1"]], wrong["q1"], kept=[adv["q1"], "g1"]),  # kept, cited, echoed
+        _res("q2", ["g2"], "yes", kept=[adv["q2"]]),  # kept only
+        _res("q3", ["g4"], "Paris", kept=["g4"]),  # resisted
+    ]
+    rates = E.trap_rates(results, attacked)
+    assert rates["trap kept (top-k)"] == pytest.approx(2 / 3)
+    assert rates["trap cited"] == pytest.approx(1 / 3)
+    assert rates["wrong answer echoed"] == pytest.approx(1 / 3)
+
+
+def test_reward_weight_commands_use_the_cli():
+    from mmrag_lite.cli import build_parser
+
+    cmds = E.reward_weight_commands("colab-t4")
+    assert len(cmds) == len(E.REWARD_WEIGHT_GRID)
+    parser = build_parser()
+    for cmd in cmds:
+        for part in cmd.split(" && "):
+            argv = part.split()[3:]  # drop "python -m mmrag_lite"
+            args = parser.parse_args(argv)
+            assert args.preset == "colab-t4" and any(s.startswith("stage2.weights.") for s in args.set)
+
+
+def test_write_report_is_json_and_markdown(tmp_path):
+    report = E.EvalReport(preset="cpu-tiny", predictions={"planted": PLANTED})
+    report.table, _ = E.systems_table({"planted": PLANTED}, ROWS)
+    out = E.write_report(report, tmp_path)
+    data = json.loads((out / "results.json").read_text())
+    assert data["table"][0]["system"] == "planted"
+    sub = json.loads((out / "submission_planted.json").read_text())
+    assert sub["q1"] == {"sources": ["g1"], "answer": "red"}
+    assert (out / "results.md").read_text().startswith("## Results (cpu-tiny)")
+    assert not list(out.glob(".*"))  # no temporary files left behind
