@@ -48,7 +48,7 @@ from mmrag_lite.pipeline import (
 Row = Mapping[str, Any]
 UNAVAILABLE = "unavailable offline"
 NOT_RUN = "—"
-MAIN_COLUMNS = ("system", "Retr-F1", "QA-Acc", "QA-FL", "QA", "MMQA EM", "MMQA F1", "n")
+MAIN_COLUMNS = ("system", "Retr-F1", "QA-Acc", "QA-FL", "QA", "MMQA EM", "MMQA F1", "n")  # MMQA columns x100, as published
 
 # The paper's reported numbers (PAPER-NOTES §1). Theirs, on their models and the full benchmarks — never ours.
 PAPER_REFERENCE: tuple[dict[str, Any], ...] = (
@@ -509,6 +509,7 @@ def evaluate(preset: Preset, work_dir: str | Path, *, split: str = "test", n_que
         t = time.perf_counter()
         mmqa_rows, note = load_mmqa_rows(preset, default_mmqa_questions(preset, len(rows)))
         report.notes.append(note)
+        report.notes.append("MMQA EM / F1 are x100, as MultimodalQA and the paper print them; the WebQA columns are 0-1")
         if mmqa_rows:
             mmqa_preds = run_systems(mmqa_rows, preset, bank, systems, progress=progress)
         report.timings["mmqa"] = time.perf_counter() - t
@@ -541,7 +542,7 @@ def evaluate(preset: Preset, work_dir: str | Path, *, split: str = "test", n_que
         report.timings["robustness"] = time.perf_counter() - t
     report.notes.extend(bank.notes)
     if preset.model.model_id == "tiny":
-        report.notes.append("cpu-tiny: a randomly initialised ~0.2M-parameter miniature on synthetic data: these numbers "
+        report.notes.append("cpu-tiny: a randomly initialised ~1.2M-parameter miniature on synthetic data: these numbers "
                             "check the plumbing, they say nothing about the method")
     report.timings["total"] = time.perf_counter() - t0
     if write:
