@@ -29,8 +29,6 @@ import logging
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -40,6 +38,7 @@ from typing import Any
 
 import torch
 
+from .atomic import atomic_dir
 from .config import Preset, data_dir, get_preset
 from .prompts import (
     DEFAULT_TAGS,
@@ -557,9 +556,7 @@ def build_tiny_vlm(out_dir: str | Path, settings: TinyVLMSettings = TinyVLMSetti
         eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]], pad_token_id=ids["<|endoftext|>"],
         bos_token_id=ids["<|endoftext|>"], do_sample=False,
     )
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         n_params = sum(p.numel() for p in model.parameters())
@@ -567,12 +564,6 @@ def build_tiny_vlm(out_dir: str | Path, settings: TinyVLMSettings = TinyVLMSetti
                 "warmed_up": False}
         (tmp / "mmrag_tiny.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
         (tmp / "README.md").write_text(_model_card(info), encoding="utf-8")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     logger.info("built tiny VLM (%d parameters) in %s", n_params, out_dir)
     return out_dir
 
@@ -1149,10 +1140,7 @@ def warm_up_tiny_vlm(cold_dir: str | Path, out_dir: str | Path, *, preset: Prese
               f"{report['stage2_accuracy']:.3f} vs majority answer {report['stage2_majority']:.3f} "
               f"(format {report['stage2_format']:.2f})")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         info = json.loads((cold_dir / "mmrag_tiny.json").read_text(encoding="utf-8"))
@@ -1160,12 +1148,6 @@ def warm_up_tiny_vlm(cold_dir: str | Path, out_dir: str | Path, *, preset: Prese
         (tmp / "mmrag_tiny.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
         (tmp / "warmup_history.json").write_text(json.dumps(history, indent=2), encoding="utf-8")
         (tmp / "README.md").write_text(_model_card(info), encoding="utf-8")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return report
 
 

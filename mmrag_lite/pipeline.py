@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from mmrag_lite import prompts
+from mmrag_lite.atomic import write_text_atomic as atomic_write_text
 from mmrag_lite.config import Preset
 
 Row = Mapping[str, Any]  # one Mini-WebQA row (docs/CONTRACTS.md)
@@ -216,21 +215,6 @@ def submission_from_results(results: Iterable[PipelineResult]) -> dict[str, dict
 
 def _webqa_id(source_id: str) -> int | str:
     return int(source_id) if str(source_id).isdigit() else str(source_id)
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write to a temporary name in the same folder, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def atomic_write_json(path: str | Path, payload: Any) -> Path:

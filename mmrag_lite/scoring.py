@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 
 from . import prompts
+from .atomic import write_json_atomic
 from .config import Preset
 
 Scored = dict[str, list[tuple[str, float]]]  # guid -> [(candidate_id, P(yes)), ...] in pool order
@@ -355,8 +355,6 @@ def save_scores(scored: Scored, path: str | Path, *, meta: Mapping[str, Any] | N
     Layout: ``{"version", "meta", "questions": {guid: {"candidate_ids": [...], "scores": [...]}}}`` (pool order),
     which ``pipeline.load_cached_scores`` reads.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "version": SCORES_FORMAT_VERSION,
         "meta": dict(meta or {}),
@@ -365,10 +363,7 @@ def save_scores(scored: Scored, path: str | Path, *, meta: Mapping[str, Any] | N
             for guid, pairs in scored.items()
         },
     }
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(path, payload, indent=1)
 
 
 def load_scores(path: str | Path) -> Scored:

@@ -17,12 +17,8 @@ Run folders follow docs/CONTRACTS.md: ``<work_dir>/stage{1,2}/adapter/``, ``log_
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from . import prompts
+from .atomic import atomic_dir, write_json_atomic
 from .config import Preset, runs_dir
 
 # Reported per-component reward keys look like "rewards/<name>/mean" in TRL's logs.
@@ -518,27 +515,6 @@ def last_checkpoint(output_dir: str | Path) -> Path | None:
     return Path(found) if found else None
 
 
-def _atomic_write_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=str), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _save_adapter(model: Any, adapter_dir: Path) -> None:
-    """Save the LoRA adapter under a temporary name, then swap it in (a crash never leaves half an adapter)."""
-    adapter_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=adapter_dir.name + ".tmp-", dir=adapter_dir.parent))
-    try:
-        model.save_pretrained(str(tmp))
-        if adapter_dir.exists():
-            shutil.rmtree(adapter_dir)
-        os.replace(tmp, adapter_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def build_trainer(
     preset: Preset,
     stage: int,
@@ -604,9 +580,10 @@ def _train(stage: int, preset: Preset, dataset: Any, work_dir: str | Path, *, in
     trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - t0
     adapter_dir = out / "adapter"
-    _save_adapter(trainer.model, adapter_dir)
+    with atomic_dir(adapter_dir) as tmp:  # a crash never leaves half an adapter
+        trainer.model.save_pretrained(str(tmp))
     history = list(trainer.state.log_history)
-    _atomic_write_json(out / "log_history.json", history)
+    write_json_atomic(out / "log_history.json", history, indent=1, default=str)
     first, last = reward_trend(history)
     result = TrainResult(stage=stage, output_dir=out, adapter_dir=adapter_dir, global_step=trainer.state.global_step,
                          seconds=seconds, log_history=history, curves=curve.curves, first_reward=first,

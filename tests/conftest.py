@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# Model tests never reach for the hub: set before transformers / huggingface_hub are first imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 from pathlib import Path
 
 import pytest
@@ -15,3 +21,17 @@ def shared_data() -> Path:
     if path is None:
         pytest.skip("real benchmark samples not found: ../shared/data is absent (set MMRAG_SHARED_DATA to point at them)")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread: on a shared 2-core box two threads contend and a tiny forward pass runs ~30x slower.
+
+    Model-test modules use it for all their tests: ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,16 +1,12 @@
 """Tests of mmrag_lite.modeling: the tiny offline VLM, NF4 on the CPU, LoRA targets, the GRPO image-batch traps.
 
-Everything runs offline on the CPU (HF_HUB_OFFLINE=1) on a freshly built, *cold* miniature in a temp folder, so
-the tests neither need nor disturb the warmed-up cache under data/models/.
+Everything runs offline on the CPU (conftest.py sets HF_HUB_OFFLINE=1) on a freshly built, *cold* miniature in a
+temp folder, so the tests neither need nor disturb the warmed-up cache under data/models/.
 """
 
 from __future__ import annotations
 
 import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
 import warnings
 from pathlib import Path
 

@@ -7,11 +7,6 @@ miniature (built on first use) and asks for a ranking signal on held-out questio
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
 from pathlib import Path
 
 import pytest
@@ -22,15 +17,7 @@ from mmrag_lite import modeling, pipeline, prompts, scoring
 from mmrag_lite.config import get_preset
 
 PRESET = get_preset("cpu-tiny")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared 2-core box two threads contend and a tiny forward pass runs ~30x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cands() -> list[dict]:

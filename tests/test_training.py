@@ -7,11 +7,6 @@ learning. The data are a hand-made Mini-WebQA fixture, so nothing here depends o
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
 import json
 from collections import Counter
 from pathlib import Path
@@ -25,15 +20,8 @@ from mmrag_lite import modeling, prompts, training
 from mmrag_lite.config import get_preset
 
 PRESET = get_preset("cpu-tiny")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared 2-core box two threads contend and a tiny forward pass runs ~30x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 # Small GRPO batches for speed: 2 prompts x 4 generations, a few tokens; still a mixed text/image batch.
 FAST = {
     "stage1.grpo.per_device_train_batch_size": 8, "stage1.grpo.num_generations": 4,
@@ -244,7 +232,8 @@ def test_stage1_grpo_step_trains_lora_saves_and_resumes(tiny_dir: Path, tmp_path
 
 
 def test_stage2_grpo_step_from_stage1_adapter(tiny_dir: Path, tmp_path: Path, processor, varied_rewards: None) -> None:
-    preset = PRESET.with_overrides(**FAST)
+    # the GPU presets continue from stage 1 (cpu-tiny starts from the base model; see config.py)
+    preset = PRESET.with_overrides(**FAST, **{"stage2.init_from": "stage1"})
     s1 = training.build_stage1_dataset(mini_rows(), preset, seed=0)
     model, proc = _load(tiny_dir)
     training.train_stage1(preset, s1, tmp_path, max_steps=1, model=model, processor=proc, verbose=False)
@@ -258,3 +247,12 @@ def test_stage2_grpo_step_from_stage1_adapter(tiny_dir: Path, tmp_path: Path, pr
     assert set(res.curves) >= {"reward", "format", "ranking", "answer"}
     after = _lora_state(res.model)
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_stage2_init_adapter_follows_the_preset(tmp_path: Path) -> None:
+    adapter = tmp_path / "stage1" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    assert training.stage2_init_adapter(PRESET.with_overrides(**{"stage2.init_from": "stage1"}), tmp_path) == adapter
+    assert training.stage2_init_adapter(PRESET.with_overrides(**{"stage2.init_from": "base"}), tmp_path) is None
+    assert training.stage2_init_adapter(PRESET.with_overrides(**{"stage2.init_from": "stage1"}), tmp_path / "none") is None

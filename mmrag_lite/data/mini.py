@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
 import re
-import shutil
-import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,6 +26,7 @@ from typing import Any
 
 from PIL import Image
 
+from ..atomic import atomic_dir
 from .images import ImageStore, ImageStoreError, is_truncated, load_image_bytes
 from .webqa import IMAGE_QCATES, ImageFact, RecordError, TextFact, WebQARecord, find_webqa_json, iter_webqa
 
@@ -451,24 +449,17 @@ def save_dataset_atomic(dataset_dict, out_dir: str | Path, extra_files: dict[str
 
     An existing ``out_dir`` stays intact until the new one is complete, and is only then replaced.
     """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     import datasets
 
+    out_dir = Path(out_dir)
     was_enabled = datasets.is_progress_bar_enabled()
     if not progress:
         datasets.disable_progress_bars()
     try:
-        dataset_dict.save_to_disk(str(tmp))
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        from .world import _replace_dir
-
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_dir(out_dir, create=False) as tmp:  # save_to_disk makes the folder itself
+            dataset_dict.save_to_disk(str(tmp))
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
     finally:
         if was_enabled and not progress:
             datasets.enable_progress_bars()

@@ -23,16 +23,14 @@ import base64
 import io
 import json
 import math
-import os
 import random
-import shutil
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw
 
+from ..atomic import atomic_dir
 from .images import ID_MODULUS
 
 FIRST_IMAGE_ID = 30_000_000
@@ -367,7 +365,7 @@ class _Writer:
     """Streams records to the JSON file and images to imgs.tsv / imgs.lineidx, assigning image ids in order."""
 
     def __init__(self, folder: Path, sprites: _SpriteCache, seed: int):
-        # held open while streaming; closed by close() (or by make_world on failure)
+        # held open while streaming; closed when the ``with`` block ends
         self.json = open(folder / "WebQA_train_val.json", "w", encoding="utf-8")  # noqa: SIM115
         self.tsv = open(folder / "imgs.tsv", "wb")  # noqa: SIM115
         self.idx = open(folder / "imgs.lineidx", "w", encoding="ascii")  # noqa: SIM115
@@ -404,8 +402,12 @@ class _Writer:
         self.json.write(f"{sep}\n{json.dumps(guid)}: {json.dumps(record, ensure_ascii=False)}")
         self.n_records += 1
 
-    def close(self) -> None:
-        self.json.write("\n}\n")
+    def __enter__(self) -> _Writer:  # noqa: PYI034
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is None:  # complete the JSON object; on failure just let go of the files
+            self.json.write("\n}\n")
         for fh in (self.json, self.tsv, self.idx):
             fh.close()
 
@@ -445,17 +447,13 @@ def make_world(
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists (pass overwrite=True to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     titles = _Titles(random.Random(seed + 1))
     sprites = _SpriteCache(image_size, image_format, variants)
-    writer = _Writer(tmp, sprites, seed)
     qcates, weights = zip(*QCATE_WEIGHTS.items())
     planted: dict[str, int] = {k: 0 for k in asdict(noise)}
     planted["truncated_image"] = 0
     recent: list[tuple[dict[str, Any], dict[str, Any]]] = []  # (question dict, record) for planting duplicates
-    try:
+    with atomic_dir(out_dir) as tmp, _Writer(tmp, sprites, seed) as writer:
         for i in tqdm(range(n_questions), desc="world", disable=not progress, mininterval=1.0):
             qrng = random.Random(f"{seed}:{i}")
             guid = _guid(qrng)
@@ -553,38 +551,13 @@ def make_world(
                 if len(recent) > 64:
                     recent.pop(0)
             writer.record(guid, record)
-        writer.close()
         manifest = {
             "format": "WebQA_train_val.json + imgs.tsv + imgs.lineidx (synthetic world)",
             "seed": seed, "n_questions": n_questions, "image_size": image_size, "image_format": image_format,
             "n_images": writer.n_images, "noise": asdict(noise), "planted": planted,
         }
         (tmp / "world_manifest.json").write_text(json.dumps(manifest, indent=2))
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        writer_files = [writer.json, writer.tsv, writer.idx]
-        for fh in writer_files:
-            if not fh.closed:
-                fh.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
-
-
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Swap a completed temporary folder into place; the old target (if any) is removed only afterwards."""
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.replace(target, old)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        if old is not None:
-            os.replace(old, target)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_world_manifest(world_dir: str | Path) -> dict[str, Any] | None:

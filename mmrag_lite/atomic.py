@@ -1,0 +1,89 @@
+"""Atomic writes: readers (and a crash) never see half a folder or half a file.
+
+A folder is written into a temporary sibling and swapped in when complete; a file is written under a temporary
+name in the same folder and renamed. Standard library only, so every module (``data`` included) can use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+def _sibling(target: Path, tag: str) -> Path:
+    """A fresh hidden name next to ``target``: ``.<name>.<tag>-<pid>-<random>``."""
+    return target.parent / f".{target.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+@contextmanager
+def atomic_dir(target: str | Path, *, create: bool = True) -> Iterator[Path]:
+    """Yield a temporary folder next to ``target``; on success swap it in as ``target``.
+
+    On normal exit an existing ``target`` is moved aside, the new folder renamed into place and only then the old
+    one deleted (if the rename fails the old one is put back). On an exception the temporary folder is removed and
+    an existing ``target`` is left untouched. With ``create=False`` the yielded path does not exist yet (for
+    writers that insist on creating their output folder themselves). The folder is made readable by others
+    (``0o755``): caches under it are shared.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(target, "tmp")
+    if create:
+        tmp.mkdir()
+        os.chmod(tmp, 0o755)
+    try:
+        yield tmp
+        _swap_in(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Rename a completed temporary folder to ``target``; the old target (if any) is removed only afterwards."""
+    old = None
+    if target.exists():
+        old = _sibling(target, "old")
+        os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) under a temporary name in the same folder, then rename it to ``path``.
+
+    The file ends up ``0o644`` (as ``Path.write_text`` makes it under the usual umask), not ``mkstemp``'s ``0o600``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            os.fchmod(fh.fileno(), 0o644)
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json_atomic(path: str | Path, payload: Any, **json_kwargs: Any) -> Path:
+    """``json.dumps(payload, **json_kwargs)`` written with ``write_text_atomic``."""
+    return write_text_atomic(path, json.dumps(payload, **json_kwargs))
+
+
+__all__ = ["atomic_dir", "write_json_atomic", "write_text_atomic"]

@@ -1,0 +1,91 @@
+"""Tests of mmrag_lite.atomic: a folder or file is swapped in whole, or not at all."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from mmrag_lite.atomic import atomic_dir, write_json_atomic, write_text_atomic
+
+
+def _names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_atomic_dir_creates_and_replaces(tmp_path):
+    target = tmp_path / "sub" / "out"
+    with atomic_dir(target) as tmp:
+        assert tmp.is_dir() and tmp.parent == target.parent and not target.exists()
+        (tmp / "a.txt").write_text("one")
+    assert (target / "a.txt").read_text() == "one"
+    with atomic_dir(target) as tmp:
+        (tmp / "b.txt").write_text("two")
+    assert _names(target) == ["b.txt"]  # replaced, not merged
+    assert _names(target.parent) == ["out"]  # neither the temporary nor the old folder is left
+
+
+def test_atomic_dir_failure_leaves_target_intact(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "a.txt").write_text("old")
+    with pytest.raises(RuntimeError, match="boom"), atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("half")
+        raise RuntimeError("boom")
+    assert _names(tmp_path) == ["out"]
+    assert (target / "a.txt").read_text() == "old"
+
+
+def test_atomic_dir_without_create_lets_the_writer_make_it(tmp_path):
+    target = tmp_path / "out"
+    with atomic_dir(target, create=False) as tmp:
+        assert not tmp.exists()
+        tmp.mkdir()
+        (tmp / "a.txt").write_text("x")
+    assert _names(target) == ["a.txt"]
+    with pytest.raises(OSError), atomic_dir(target, create=False) as tmp:
+        tmp.mkdir()
+        raise OSError("disk full")
+    assert _names(tmp_path) == ["out"]
+
+
+def test_atomic_dir_restores_the_old_target_when_the_swap_fails(tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "a.txt").write_text("old")
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(src).name.startswith(".out.tmp-"):
+            raise OSError("rename failed")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="rename failed"), atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("new")
+    assert _names(tmp_path) == ["out"]
+    assert (target / "a.txt").read_text() == "old"
+
+
+def test_write_json_atomic_round_trips(tmp_path):
+    import json
+
+    path = tmp_path / "deep" / "x.json"
+    payload = {"a": [1, 2.5, None], "b": "ü"}
+    assert write_json_atomic(path, payload, indent=1, ensure_ascii=False) == path
+    assert json.loads(path.read_text(encoding="utf-8")) == payload
+    write_text_atomic(path, "[]")
+    assert json.loads(path.read_text(encoding="utf-8")) == []
+    assert _names(path.parent) == ["x.json"]  # no temporary file left
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_write_text_atomic_failure_keeps_the_old_file(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text("old")
+    with pytest.raises(TypeError):
+        write_json_atomic(path, {"bad": object()})
+    with pytest.raises(TypeError):
+        write_text_atomic(path, 42)  # type: ignore[arg-type]
+    assert path.read_text() == "old" and _names(tmp_path) == ["x.json"]
