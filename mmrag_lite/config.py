@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 ComputeDtype = Literal["float32", "float16", "bfloat16"]
 RankingMetric = Literal["ndcg", "f1"]
@@ -130,7 +131,7 @@ class Preset:
     seed: int = 0
 
     # -- validation -------------------------------------------------------------------------------
-    def validate(self) -> "Preset":
+    def validate(self) -> Preset:
         problems: list[str] = []
         for stage_name in ("stage1", "stage2"):
             stage = getattr(self, stage_name)
@@ -174,10 +175,10 @@ class Preset:
         return _to_plain(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Preset":
+    def from_dict(cls, data: Mapping[str, Any]) -> Preset:
         return _from_plain(cls, data, "preset").validate()
 
-    def with_overrides(self, **overrides: Any) -> "Preset":
+    def with_overrides(self, **overrides: Any) -> Preset:
         """Copy with dotted overrides, e.g. ``with_overrides(**{"stage1.grpo.max_steps": 5, "stage1.k": 3})``."""
         data = self.to_dict()
         for dotted, value in overrides.items():
@@ -389,14 +390,14 @@ def auto_preset_name() -> str:
     return "a100" if total_gb >= 35 else "l4"
 
 
-def resolve_preset(name: "str | Preset" = "auto", **overrides: Any) -> Preset:
+def resolve_preset(name: str | Preset = "auto", **overrides: Any) -> Preset:
     """Like ``get_preset`` but also accepts ``"auto"`` (what the notebooks' parameters cell defaults to)."""
     if isinstance(name, str) and name == "auto":
         name = auto_preset_name()
     return get_preset(name, **overrides)
 
 
-def work_dir(preset: "str | Preset", override: "str | Path | None" = None) -> Path:
+def work_dir(preset: str | Preset, override: str | Path | None = None) -> Path:
     """Where one course run keeps its world, Mini-WebQA, adapters and reports: ``runs/<preset>`` by default."""
     name = preset.name if isinstance(preset, Preset) else preset
     path = Path(override) if override else runs_dir() / name
@@ -413,7 +414,22 @@ def load_preset_yaml(path: str | Path) -> Preset:
 
 
 __all__ = [
-    "ConfigError", "DataSettings", "GRPOSettings", "LoraSettings", "ModelSettings", "PRESETS", "Preset",
-    "Stage1Settings", "Stage2Settings", "data_dir", "get_preset", "load_preset_yaml", "project_root",
-    "runs_dir", "shared_data_dir", "auto_preset_name", "resolve_preset", "work_dir",
+    "PRESETS",
+    "ConfigError",
+    "DataSettings",
+    "GRPOSettings",
+    "LoraSettings",
+    "ModelSettings",
+    "Preset",
+    "Stage1Settings",
+    "Stage2Settings",
+    "auto_preset_name",
+    "data_dir",
+    "get_preset",
+    "load_preset_yaml",
+    "project_root",
+    "resolve_preset",
+    "runs_dir",
+    "shared_data_dir",
+    "work_dir",
 ]

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from .config import project_root, runs_dir
 
@@ -128,7 +128,7 @@ def run_course(
                 progress_bar=False,
             )
             report.notebooks.append(NotebookRun(path.name, time.perf_counter() - start, True, output))
-        except Exception as exc:  # papermill wraps the failing cell's traceback
+        except Exception as exc:  # noqa: BLE001 - any failure (cell error, dead kernel, timeout) is reported, not raised
             message = str(exc).strip().splitlines()
             report.notebooks.append(
                 NotebookRun(path.name, time.perf_counter() - start, False, output, error=(message[-1] if message else repr(exc))[:300])

@@ -712,7 +712,7 @@ def load_model_and_processor(
         "dtype": dtype,
         "attn_implementation": ms.attn_implementation,
         # one whole 4-bit copy per process on its own GPU: under `accelerate launch` LOCAL_RANK picks it
-        "device_map": {"": int(os.environ.get("LOCAL_RANK", 0))} if device == "cuda" else "cpu",
+        "device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))} if device == "cuda" else "cpu",
     }
     if quantize:
         kwargs["quantization_config"] = bnb_config(preset)

@@ -17,8 +17,9 @@ Messages follow the transformers/TRL conversational format; images travel separa
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 Message = dict[str, Any]
 Candidate = Mapping[str, Any]  # {"id", "modality", "title", "text", "image", "is_gold"}; see docs/CONTRACTS.md
