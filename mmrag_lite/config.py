@@ -258,13 +258,14 @@ _CPU_TINY = Preset(
             per_device_train_batch_size=32,  # 4 prompts x 8 generations: one prompt per step stayed flat in tests
             gradient_accumulation_steps=1,
             num_generations=8,
-            max_completion_length=8,  # "<answer>yes</answer>" is a handful of tokens
+            max_completion_length=16,  # "<think>..</think><answer>yes</answer>": a handful of tokens
             learning_rate=1e-2,  # LoRA on a 1 M-parameter model needs a large step: 2e-3 stayed flat in 50 steps
             beta=0.0,  # no reference model: halves the forward passes on CPU
             loss_type="dapo",
             save_steps=10,
         ),
-        reasoning=False,  # a 1.2M-parameter model cannot reason; GPU presets turn this on
+        reasoning=True,  # the <think> format; the miniature writes no real reasoning, but learning the format is
+        # the part of stage-1 RL it can show on a CPU (its warm-up shows <think> on few examples, see modeling)
         weights={"format": 1.0, "relevance": 1.0},  # R1-style: format and task rewards summed with equal weight
         positive_fraction=0.5,  # balanced sampling: ~1-2 gold vs 15 distractors otherwise
         balance_classes=False,  # already balanced by sampling
