@@ -7,3 +7,16 @@ itself stays cheap, so tests and the CLI start fast.
 """
 
 __version__ = "0.1.0"
+
+
+def _quiet_known_harmless_messages() -> None:
+    """Drop one message every CPU run prints: bitsandbytes looking for an optional hub kernel that it then
+    replaces with its own CPU kernel (docs/modeling.md). Nothing else is filtered."""
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: "kernels-community" not in record.getMessage()
+    )
+
+
+_quiet_known_harmless_messages()
