@@ -363,6 +363,28 @@ def _transformers_callback_base():
     return TrainerCallback
 
 
+def plot_reward_curves(curves: Mapping[str, Sequence[tuple[int, float]]], title: str = "GRPO rewards", smooth: int = 1):
+    """One panel per reward component (total first), each separately scaled: a component can move while the total
+    hides it. ``smooth`` > 1 overlays a running mean over that many logged steps (sampled rewards are noisy)."""
+    import matplotlib.pyplot as plt
+
+    names = sorted(curves, key=lambda n: (n != REWARD_KEY, n))
+    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(3.2 * max(len(names), 1), 2.6), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        steps, values = zip(*curves[name])
+        ax.plot(steps, values, marker=".", lw=1, alpha=0.6 if smooth > 1 else 1.0)
+        if smooth > 1 and len(values) >= smooth:
+            run = [sum(values[i - smooth + 1:i + 1]) / smooth for i in range(smooth - 1, len(values))]
+            ax.plot(steps[smooth - 1:], run, lw=2, label=f"mean of {smooth}")
+            ax.legend(fontsize=7)
+        ax.set_title("total (weighted)" if name == REWARD_KEY else name)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 class RewardCurveCallback(_transformers_callback_base()):  # type: ignore[misc]
     """Records the total and per-component mean rewards at every log, and can live-plot them in a notebook.
 
@@ -405,19 +427,7 @@ class RewardCurveCallback(_transformers_callback_base()):  # type: ignore[misc]
 
     def figure(self):
         """A matplotlib figure with one panel per curve (total first), for a notebook or a report."""
-        import matplotlib.pyplot as plt
-
-        names = sorted(self.curves, key=lambda n: (n != REWARD_KEY, n))
-        fig, axes = plt.subplots(1, max(len(names), 1), figsize=(3.2 * max(len(names), 1), 2.6), squeeze=False)
-        for ax, name in zip(axes[0], names):
-            steps, values = zip(*self.curves[name])
-            ax.plot(steps, values, marker=".", lw=1)
-            ax.set_title(name if name != REWARD_KEY else "total (weighted)")
-            ax.set_xlabel("step")
-            ax.grid(alpha=0.3)
-        fig.suptitle(self.title)
-        fig.tight_layout()
-        return fig
+        return plot_reward_curves(self.curves, title=self.title)
 
     def _redraw(self) -> None:
         try:
@@ -658,6 +668,7 @@ def train_stage2(
 
 __all__ = [
     "CudaMemoryCallback", "RewardCurveCallback", "Stage2BuildReport", "TrainResult", "build_stage1_dataset",
+    "plot_reward_curves",
     "build_stage2_dataset", "build_trainer", "grpo_config", "grpo_config_kwargs", "last_checkpoint", "load_processor",
     "prompt_token_count", "reward_funcs_for", "reward_trend", "stage2_init_adapter", "train_stage1", "train_stage2",
 ]

@@ -107,43 +107,27 @@ def plot_robustness(rows: list[dict[str, Any]], metrics: tuple[str, ...] = ("Ret
 
 # ------------------------------------------------------------------------------ GRPO reward curves, stage-1 k trade-off
 def reward_curves_from_history(log_history: list[dict[str, Any]] | str | Path) -> dict[str, list[tuple[int, float]]]:
-    """``{"reward": [(step, mean)], "<component>": [...]}`` from a trainer's log history (or its log_history.json)."""
+    """``{"reward": [(step, mean)], "<component>": [...]}`` from a trainer's log history (or its log_history.json),
+    read exactly as the live ``training.RewardCurveCallback`` reads each log entry."""
+    from .training import RewardCurveCallback  # lazy: plotting a funnel should not import torch and TRL
+
     if isinstance(log_history, (str, Path)):
         log_history = json.loads(Path(log_history).read_text(encoding="utf-8"))
     curves: dict[str, list[tuple[int, float]]] = {}
     for entry in log_history:
-        step = entry.get("step")
-        for key, value in entry.items():
-            if not isinstance(value, (int, float)) or step is None:
-                continue
-            if key == "reward":
-                curves.setdefault("reward", []).append((int(step), float(value)))
-            elif key.startswith("rewards/") and key.endswith("/mean"):
-                curves.setdefault(key[len("rewards/"):-len("/mean")], []).append((int(step), float(value)))
+        if entry.get("step") is None:
+            continue
+        for name, value in RewardCurveCallback.components(entry).items():
+            curves.setdefault(name, []).append((int(entry["step"]), value))
     return curves
 
 
 def plot_reward_curves(log_history: Any, title: str = "GRPO rewards", smooth: int = 1):
-    """One panel per reward component (total first), each separately scaled: a component can move while the total
-    hides it. ``smooth`` > 1 overlays a running mean over that many logged steps (sampled rewards are noisy)."""
-    import matplotlib.pyplot as plt
+    """Reward curves from a log history, its JSON file, or ready ``{name: [(step, value)]}`` curves (one panel each)."""
+    from .training import plot_reward_curves as plot_curves
 
     curves = log_history if isinstance(log_history, dict) else reward_curves_from_history(log_history)
-    names = sorted(curves, key=lambda n: (n != "reward", n))
-    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(3.2 * max(len(names), 1), 2.6), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        steps, values = zip(*curves[name])
-        ax.plot(steps, values, marker=".", lw=1, alpha=0.6 if smooth > 1 else 1.0)
-        if smooth > 1 and len(values) >= smooth:
-            run = [sum(values[i - smooth + 1:i + 1]) / smooth for i in range(smooth - 1, len(values))]
-            ax.plot(steps[smooth - 1:], run, lw=2, label=f"mean of {smooth}")
-            ax.legend(fontsize=7)
-        ax.set_title("total (weighted)" if name == "reward" else name)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+    return plot_curves(curves, title=title, smooth=smooth)
 
 
 def plot_k_tradeoff(report: list[dict[str, Any]], *, chosen_k: int | None = None, baseline: list[dict[str, Any]] | None = None,
