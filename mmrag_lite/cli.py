@@ -102,18 +102,11 @@ def cmd_train_stage1(args: argparse.Namespace) -> int:
 
 
 def cmd_train_stage2(args: argparse.Namespace) -> int:
-    from mmrag_lite import data, scoring, training
+    from mmrag_lite import data, training
 
     preset, wd = resolve(args)
     ds = data.ensure_mini_webqa(preset, wd)
-    kept = None
-    spath = scoring.scores_path(wd, "train")
-    if spath.exists():
-        kept = scoring.top_k(scoring.load_scores(spath), preset.stage1.k)
-        print(f"stage-2 pools: top-{preset.stage1.k} of the stage-1 scores in {spath}")
-    else:
-        print("note: no stage-1 scores for train (run train-stage1 first): stage-2 pools are built without them")
-    dataset, build_report = training.build_stage2_dataset(ds["train"], preset, kept_ids=kept, seed=preset.seed)
+    dataset, build_report = training.stage2_dataset_for_run(preset, wd, ds["train"])
     print(build_report)
     init = Path(args.init_adapter) if args.init_adapter else (_stage1_adapter(wd) if preset.stage2.init_from == "stage1" else None)
     if args.init_adapter and not init.exists():
@@ -187,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="systems x metrics table, ablations, robustness -> <work-dir>/eval/")
     _common(p)
     p.add_argument("--split", default="test")
-    p.add_argument("--questions", type=int, default=None, help="questions to evaluate (default preset.data.eval_questions)")
+    p.add_argument("--questions", type=int, default=None, help="questions to evaluate (default preset.evaluation.questions)")
     p.add_argument("--stage1-adapter", default=None, help="stage-1 adapter (default <work-dir>/stage1/adapter)")
     p.add_argument("--no-mmqa", action="store_true", help="skip the MultimodalQA columns")
     p.add_argument("--no-ablations", action="store_true")

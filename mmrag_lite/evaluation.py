@@ -12,8 +12,9 @@ What is measured (definitions live in ``metrics``; this module only orchestrates
 
 Systems (``pipeline.standard_systems``): zero-shot (all candidates, or the base judge's top-k), stage 1
 only, stage 1 + stage 2, oracle sources.
-Ablations are inference-time and cheap (k, reasoning on/off); the reward-weight ablation needs training runs and
-is run by ``reward_weight_ablation`` (a GPU exercise on cpu-tiny's time budget). Robustness injects adversarial
+Ablations: k and reasoning on/off at inference time (cheap, same weights), and stage 2 *retrained* per variant
+(no ranking reward, no answer reward, reasoning flipped: ``retrained_stage2_ablation``; about a minute on cpu-tiny,
+opt-in on a GPU). Robustness injects adversarial
 distractors (``inject_distractors``) and reports the drop and how often the trap was taken.
 
 Everything lands in ``<work_dir>/eval/``: ``results.md`` (the main table first), ``results.json``,
@@ -22,6 +23,7 @@ one submission and one full-predictions file per system.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import re
@@ -48,6 +50,7 @@ from mmrag_lite.pipeline import (
 Row = Mapping[str, Any]
 UNAVAILABLE = "unavailable offline"
 NOT_RUN = "—"
+RETRAINED_ABLATION_TITLE = "stage 2 retrained per variant (reward weights, reasoning)"
 MAIN_COLUMNS = ("system", "Retr-F1", "QA-Acc", "QA-FL", "QA", "MMQA EM", "MMQA F1", "n")  # MMQA columns x100, as published
 
 # The paper's reported numbers (PAPER-NOTES §1). Theirs, on their models and the full benchmarks — never ours.
@@ -357,8 +360,8 @@ def reasoning_ablation(rows: Sequence[Row], preset: Preset, bank: ModelBank, *, 
                        reuse: Mapping[bool, Sequence[PipelineResult]] | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """Stage 2 with and without the ``<think>`` block (inference-time: prompt and parser change, weights do not).
 
-    A real ablation retrains stage 2 each way (``--set stage2.reasoning=true``); this one asks what the weights you
-    have do when the format changes under them — the miniature was trained without reasoning, so expect it to break.
+    ``retrained_stage2_ablation`` retrains stage 2 the other way; this one asks what the weights you have do when
+    the format changes under them — a model trained one way may well break.
     """
     out = []
     for reasoning in (False, True):
@@ -397,46 +400,83 @@ def _delta(a: Any, b: Any) -> Any:
     return a - b if isinstance(a, float) and isinstance(b, float) else NOT_RUN
 
 
-REWARD_WEIGHT_GRID: tuple[dict[str, float], ...] = (
-    {"format": 0.2, "ranking": 0.5, "answer": 1.0},  # the preset's default
-    {"format": 0.2, "ranking": 0.0, "answer": 1.0},  # no ranking reward: does citing still improve?
-    {"format": 0.2, "ranking": 1.0, "answer": 0.0},  # ranking only: does answering suffer?
-)
+def stage2_ablation_variants(preset: Preset) -> dict[str, dict[str, Any]]:
+    """The retrained stage-2 variants (our grid; the paper reports none): each changes one thing in the preset.
 
-
-def reward_weight_commands(preset_name: str, grid: Sequence[Mapping[str, float]] = REWARD_WEIGHT_GRID) -> list[str]:
-    """Shell commands that run the reward-weight ablation: one stage-2 training + evaluation per weighting.
-
-    Each run gets its own folder but starts from, and filters with, the stage-1 adapter of ``runs/<preset>``.
+    Dropping the ranking reward asks whether stage 2 still learns to cite the right documents when only the answer
+    pays; dropping the answer reward asks the converse; flipping ``reasoning`` asks what writing ``<think>`` buys.
     """
-    cmds = []
-    s1 = f"runs/{preset_name}/stage1/adapter"
-    for w in grid:
-        tag = "-".join(f"{k}{v:g}" for k, v in w.items())
-        sets = " ".join(f"--set stage2.weights.{k}={v:g}" for k, v in w.items())
-        wd = f"runs/{preset_name}-weights-{tag}"
-        cmds.append(f"python -m mmrag_lite train-stage2 --preset {preset_name} --work-dir {wd} --init-adapter {s1} {sets} && "
-                    f"python -m mmrag_lite evaluate --preset {preset_name} --work-dir {wd} --stage1-adapter {s1} "
-                    f"--no-ablations --no-robustness {sets}")
-    return cmds
+    variants: dict[str, dict[str, Any]] = {}
+    for component in ("ranking", "answer"):
+        if preset.stage2.weights.get(component, 0.0) > 0:
+            variants[f"no {component} reward"] = {f"stage2.weights.{component}": 0.0}
+    flipped = not preset.stage2.reasoning
+    variants[f"reasoning {'on' if flipped else 'off'}"] = {"stage2.reasoning": flipped}
+    return variants
 
 
-def reward_weight_ablation(preset: Preset, work_dir: str | Path, rows: Sequence[Row], dataset: Any,
-                           grid: Sequence[Mapping[str, float]] = REWARD_WEIGHT_GRID, *, progress: bool = True) -> list[dict[str, Any]]:
-    """Train stage 2 once per reward weighting (same data, same seed) and evaluate each (slow: a GPU exercise)."""
+def retrain_ablations_command(preset_name: str) -> str:
+    """The command that runs the retrained ablations on a GPU preset, where they are off by default (hours each)."""
+    return (f"python -m mmrag_lite evaluate --preset {preset_name} --work-dir runs/{preset_name} "
+            "--set evaluation.retrain_ablations=true --no-mmqa --no-robustness")
+
+
+def _changes(overrides: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k.removeprefix('stage2.')}={str(v).lower() if isinstance(v, bool) else f'{v:g}'}"
+                     for k, v in overrides.items()) or "none"
+
+
+def _variant_row(name: str, overrides: Mapping[str, Any], results: Sequence[PipelineResult], rows: Sequence[Row],
+                 history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    from mmrag_lite.training import reward_trend
+
+    first, last = reward_trend(history)
+    s = score_webqa(results, rows)
+    return {"stage 2 variant": name, "changes": _changes(overrides),
+            "train reward first → last": f"{first:.3f} → {last:.3f}" if first is not None else NOT_RUN,
+            "well-formed": well_formed_rate(results), "Retr-F1": s["Retr-F1"], "QA-Acc": s["QA-Acc"]}
+
+
+def retrained_stage2_ablation(preset: Preset, work_dir: str | Path, rows: Sequence[Row], train_split: Any, *,
+                              variants: Mapping[str, Mapping[str, Any]] | None = None,
+                              baseline: Sequence[PipelineResult] | None = None,
+                              scores: Mapping[str, Mapping[str, float]] | None = None,
+                              progress: bool = True) -> list[dict[str, Any]]:
+    """Retrain stage 2 once per variant and evaluate each through the main run's stage-1 filter.
+
+    Every variant gets what the main run (notebook 04) got — the same pools (``training.stage2_dataset_for_run``),
+    seed, steps and starting weights — and differs only in its overrides; it trains in
+    ``<work_dir>/ablations/<variant>/`` (with a ``variant.json`` saying what changed) and is retrained on every call.
+    The first row is the main run itself when ``baseline`` (its predictions on ``rows``) is given. The training
+    reward is each variant's *own* weighted sum, so compare the held-out columns across rows, not that one.
+    With ``preset.evaluation.retrain_ablations`` off (the GPU presets: hours per variant) the variants are listed
+    as not run, with the command that runs them.
+    """
     from mmrag_lite import training
 
-    out = []
-    stage1_adapter = Path(work_dir) / "stage1" / "adapter"
-    for w in grid:
-        tag = "-".join(f"{k}{v:g}" for k, v in w.items())
-        sub = Path(work_dir) / "ablate_weights" / tag
-        p = preset.with_overrides(**{f"stage2.weights.{k}": float(v) for k, v in w.items()})
-        training.train_stage2(p, dataset, sub, init_adapter=stage1_adapter if stage1_adapter.exists() else None)
-        bank = ModelBank(p, sub, adapters={"stage1": stage1_adapter}, verbose=False)
-        res = run_pipeline(rows, p, system=SystemSpec(f"weights {tag}", "stage1", "stage2"), bank=bank, progress=progress)
-        s = score_webqa(res, rows)
-        out.append({"weights": tag, "Retr-F1": s["Retr-F1"], "QA-Acc": s["QA-Acc"]})
+    run = Path(work_dir)
+    variants = stage2_ablation_variants(preset) if variants is None else variants
+    out: list[dict[str, Any]] = []
+    if baseline is not None:
+        log = run / "stage2" / "log_history.json"
+        history = json.loads(log.read_text()) if log.is_file() else []
+        out.append(_variant_row("as the preset (main run)", {}, baseline, rows, history))
+    if not preset.evaluation.retrain_ablations:
+        cmd = retrain_ablations_command(preset.name)
+        return out + [{"stage 2 variant": name, "changes": _changes(ov), "status": "not run: hours per variant on a GPU",
+                       "command": cmd} for name, ov in variants.items()]
+    init = training.stage2_init_adapter(preset, run)
+    processor = training.load_processor(preset)
+    for name, overrides in variants.items():
+        p = preset.with_overrides(**overrides)
+        sub = run / "ablations" / slug(name)
+        atomic_write_json(sub / "variant.json", {"variant": name, "overrides": dict(overrides), "init_adapter": str(init)})
+        dataset, _ = training.stage2_dataset_for_run(p, run, train_split, processor=processor, verbose=False)
+        result = training.train_stage2(p, dataset, sub, init_adapter=init, verbose=False)
+        bank = ModelBank(p, sub, adapters={"stage1": run / "stage1" / "adapter"}, verbose=False)
+        res = run_pipeline(rows, p, system=SystemSpec(name, "stage1", "stage2"), bank=bank, scores=scores, progress=progress)
+        out.append(_variant_row(name, overrides, res, rows, result.log_history))
+        del result, bank  # one variant's models at a time
     return out
 
 
@@ -451,11 +491,11 @@ def auto_fluency_scorer(preset: Preset) -> Any:
 
 
 def load_eval_split(preset: Preset, work_dir: str | Path, split: str = "test", n: int | None = None) -> list[dict[str, Any]]:
-    """The first ``n`` (default ``preset.data.eval_questions``) questions of a Mini-WebQA split, as plain dicts."""
+    """The first ``n`` (default ``preset.evaluation.questions``) questions of a Mini-WebQA split, as plain dicts."""
     from mmrag_lite import data
 
     ds = data.ensure_mini_webqa(preset, work_dir)[split]
-    n = min(len(ds), n if n is not None else preset.data.eval_questions)
+    n = min(len(ds), n if n is not None else preset.evaluation.questions)
     return [dict(ds[i]) for i in range(n)]
 
 
@@ -472,7 +512,7 @@ def load_mmqa_rows(preset: Preset, n: int | None = None) -> tuple[list[dict[str,
     root = shared_data_dir()
     if root is None or not (root / "mmqa-dev").is_dir():
         return [], "MMQA dev not found (../shared/data/mmqa-dev absent): MMQA columns not run"
-    n = n if n is not None else preset.data.eval_questions
+    n = n if n is not None else preset.evaluation.questions
     mm = data.load_mmqa(root / "mmqa-dev", "dev")
     rows = data.mmqa_to_rows(mm.questions, mm.images, mm.texts, qtypes=("ImageQ",), max_candidates=preset.data.max_candidates,
                              seed=preset.seed)[:n]
@@ -531,9 +571,11 @@ def evaluate(preset: Preset, work_dir: str | Path, *, split: str = "test", n_que
         report.ablations["reasoning in stage 2 (inference only)"] = reasoning_ablation(
             rows, preset, bank, split=split, scores=cached,
             reuse={preset.stage2.reasoning: main} if main and full.k is None and full.reasoning is None else None, progress=progress)
-        report.ablations["reward weights (needs training runs: GPU exercise)"] = [
-            {"weights": "-".join(f"{k}{v:g}" for k, v in w.items()), "status": "not run here", "command": cmd}
-            for w, cmd in zip(REWARD_WEIGHT_GRID, reward_weight_commands(preset.name))]
+        from mmrag_lite import data
+
+        report.ablations[RETRAINED_ABLATION_TITLE] = retrained_stage2_ablation(
+            preset, work_dir, rows, data.ensure_mini_webqa(preset, work_dir)["train"], baseline=main, scores=cached,
+            progress=progress)
         report.timings["ablations"] = time.perf_counter() - t
     if robustness:
         t = time.perf_counter()
@@ -569,7 +611,7 @@ def write_report(report: EvalReport, work_dir: str | Path) -> Path:
 __all__ = [
     "MAIN_COLUMNS",
     "PAPER_REFERENCE",
-    "REWARD_WEIGHT_GRID",
+    "RETRAINED_ABLATION_TITLE",
     "UNAVAILABLE",
     "EvalReport",
     "attack_rows",
@@ -583,13 +625,14 @@ __all__ = [
     "markdown_table",
     "paper_reference_table",
     "reasoning_ablation",
-    "reward_weight_ablation",
-    "reward_weight_commands",
+    "retrain_ablations_command",
+    "retrained_stage2_ablation",
     "robustness_check",
     "run_systems",
     "score_mmqa",
     "score_webqa",
     "scores_of",
+    "stage2_ablation_variants",
     "systems_table",
     "trap_rates",
     "webqa_references",

@@ -356,6 +356,22 @@ def build_stage2_dataset(
     return Dataset.from_list(rows, features=features), report
 
 
+def stage2_dataset_for_run(preset: Preset, work_dir: str | Path, train_split: Iterable[Mapping[str, Any]], *,
+                           processor: Any = None, verbose: bool = True) -> tuple[Any, Stage2BuildReport]:
+    """A run's stage-2 training rows: pools are the top-k of the run's saved stage-1 train scores when present.
+
+    The one place the CLI and the retrained ablations build them, so each variant sees exactly the main run's pools.
+    """
+    from . import scoring
+
+    path = scoring.scores_path(work_dir, "train")
+    kept = scoring.top_k(scoring.load_scores(path), preset.stage1.k) if path.is_file() else None
+    if verbose:
+        print(f"stage-2 pools: top-{preset.stage1.k} of the stage-1 scores in {path}" if kept is not None else
+              "note: no stage-1 scores for train (run stage 1 first): stage-2 pools are built without them")
+    return build_stage2_dataset(train_split, preset, kept_ids=kept, seed=preset.seed, processor=processor)
+
+
 # =============================================================================================== callbacks
 def _transformers_callback_base():
     from transformers import TrainerCallback
@@ -669,6 +685,6 @@ def train_stage2(
 __all__ = [
     "CudaMemoryCallback", "RewardCurveCallback", "Stage2BuildReport", "TrainResult", "build_stage1_dataset",
     "plot_reward_curves",
-    "build_stage2_dataset", "build_trainer", "grpo_config", "grpo_config_kwargs", "last_checkpoint", "load_processor",
+    "build_stage2_dataset", "build_trainer", "stage2_dataset_for_run", "grpo_config", "grpo_config_kwargs", "last_checkpoint", "load_processor",
     "prompt_token_count", "reward_funcs_for", "reward_trend", "stage2_init_adapter", "train_stage1", "train_stage2",
 ]

@@ -58,8 +58,8 @@ def _as_float(v: Any) -> float | None:
 
 
 def plot_results(table: list[dict[str, Any]], metrics: tuple[str, ...] = ("Retr-F1", "QA-Acc"), ax: Any = None,
-                 title: str = "systems x metrics"):
-    """Grouped bars: one group per system, one bar per metric (cells that are not numbers are skipped)."""
+                 title: str = "systems x metrics", label: str = "system"):
+    """Grouped bars: one group per row (named by its ``label`` column), one bar per metric (non-numbers skipped)."""
     import matplotlib.pyplot as plt
 
     if ax is None:
@@ -72,7 +72,7 @@ def plot_results(table: list[dict[str, Any]], metrics: tuple[str, ...] = ("Retr-
         xs = [i + j * width for i, v in enumerate(vals) if v is not None]
         ax.bar(xs, [v for v in vals if v is not None], width=width, label=m)
     ax.set_xticks([i + width * (len(metrics) - 1) / 2 for i in range(len(table))])
-    ax.set_xticklabels([str(r.get("system", i)) for i, r in enumerate(table)], rotation=10)
+    ax.set_xticklabels([str(r.get(label, i)) for i, r in enumerate(table)], rotation=10)
     ax.set_ylim(0, 1.05)
     ax.set_title(title)
     ax.legend(frameon=False)
@@ -101,8 +101,7 @@ def plot_ablation(rows: list[dict[str, Any]], x: str, ys: tuple[str, ...], ax: A
 
 def plot_robustness(rows: list[dict[str, Any]], metrics: tuple[str, ...] = ("Retr-F1", "QA-Acc"), ax: Any = None):
     """Clean vs attacked metrics, one group per distractor kind."""
-    table = [{"system": r.get("distractor"), **r} for r in rows]
-    return plot_results(table, metrics, ax=ax, title="robustness: clean vs adversarial distractors")
+    return plot_results(rows, metrics, ax=ax, title="robustness: clean vs adversarial distractors", label="distractor")
 
 
 # ------------------------------------------------------------------------------ GRPO reward curves, stage-1 k trade-off

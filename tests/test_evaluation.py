@@ -130,17 +130,57 @@ def test_trap_rates_measure_what_they_say():
     assert rates["wrong answer echoed"] == pytest.approx(1 / 3)
 
 
-def test_reward_weight_commands_use_the_cli():
-    from mmrag_lite.cli import build_parser
+def test_stage2_ablation_variants_change_one_thing_each():
+    from mmrag_lite.config import get_preset
 
-    cmds = E.reward_weight_commands("colab-t4")
-    assert len(cmds) == len(E.REWARD_WEIGHT_GRID)
-    parser = build_parser()
-    for cmd in cmds:
-        for part in cmd.split(" && "):
-            argv = part.split()[3:]  # drop "python -m mmrag_lite"
-            args = parser.parse_args(argv)
-            assert args.preset == "colab-t4" and any(s.startswith("stage2.weights.") for s in args.set)
+    preset = get_preset("cpu-tiny")
+    variants = E.stage2_ablation_variants(preset)
+    assert list(variants) == ["no ranking reward", "no answer reward", "reasoning on"]  # cpu-tiny trains without
+    base = preset.to_dict()
+    for overrides in variants.values():
+        changed = preset.with_overrides(**overrides).to_dict()
+        diff = [(sec, k) for sec in base for k in (base[sec] if isinstance(base[sec], dict) else {})
+                if base[sec][k] != changed[sec][k]]
+        assert len(diff) == 1 and diff[0][0] == "stage2"
+    assert list(E.stage2_ablation_variants(get_preset("colab-t4")))[-1] == "reasoning off"
+    no_rank = get_preset("cpu-tiny", **{"stage2.weights.ranking": 0.0})
+    assert "no ranking reward" not in E.stage2_ablation_variants(no_rank)  # nothing to drop
+
+
+def test_retrain_ablations_command_turns_them_on_through_the_cli(tmp_path):
+    from mmrag_lite.cli import build_parser, resolve
+
+    argv = E.retrain_ablations_command("colab-t4").split()[3:]  # drop "python -m mmrag_lite"
+    args = build_parser().parse_args(argv)
+    args.work_dir = str(tmp_path)
+    preset, _ = resolve(args)
+    assert args.command == "evaluate" and preset.name == "colab-t4" and preset.evaluation.retrain_ablations
+
+
+def test_gpu_presets_list_the_retrained_variants_without_training(tmp_path):
+    from mmrag_lite.config import get_preset
+
+    preset = get_preset("colab-t4")
+    assert not preset.evaluation.retrain_ablations
+    rows = E.retrained_stage2_ablation(preset, tmp_path, ROWS, None, baseline=PLANTED)
+    assert rows[0]["stage 2 variant"] == "as the preset (main run)"
+    assert rows[0]["Retr-F1"] == pytest.approx((1 + 0 + 2 / 3) / 3) and rows[0]["train reward first → last"] == E.NOT_RUN
+    assert [r["stage 2 variant"] for r in rows[1:]] == list(E.stage2_ablation_variants(preset))
+    assert all(r["status"].startswith("not run") and "retrain_ablations=true" in r["command"] for r in rows[1:])
+    assert not (tmp_path / "ablations").exists()  # nothing was trained
+
+
+def test_plot_results_labels_groups_by_the_given_column():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from mmrag_lite import viz
+
+    rows = [{"variant": "a", "Retr-F1": 0.5, "QA-Acc": E.NOT_RUN}, {"variant": "b", "Retr-F1": 1.0, "QA-Acc": 0.25}]
+    fig = viz.plot_results(rows, ("Retr-F1", "QA-Acc"), label="variant")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b"]
+    assert sorted(round(p.get_height(), 2) for p in ax.patches) == [0.25, 0.5, 1.0]  # the dash cell is skipped
 
 
 def test_write_report_is_json_and_markdown(tmp_path):

@@ -181,12 +181,25 @@ def test_reasoning_viewer_builds_headless(bank):
 def test_evaluate_writes_the_eval_folder(bank, tmp_path):
     from mmrag_lite import evaluation as E
 
-    small = P.ModelBank(PRESET, tmp_path, loader=lambda preset, adapter_path: bank.get("base"), verbose=False)
-    report = E.evaluate(PRESET, tmp_path, n_questions=4, mmqa=False, robustness=True, ks=[1, 2], bank=small,
+    # One-step, small-batch retrainings: the retrained ablation's plumbing, not its numbers.
+    fast = PRESET.with_overrides(**{"stage2.grpo.max_steps": 1, "stage2.grpo.per_device_train_batch_size": 4,
+                                    "stage2.grpo.max_completion_length": 8, "stage2.max_examples": 8})
+    assert fast.evaluation.retrain_ablations
+    small = P.ModelBank(fast, tmp_path, loader=lambda preset, adapter_path: bank.get("base"), verbose=False)
+    report = E.evaluate(fast, tmp_path, n_questions=4, mmqa=False, robustness=True, ks=[1, 2], bank=small,
                         fluency_scorer=None, progress=False)
     assert [r["system"] for r in report.table] == [s.name for s in P.standard_systems(PRESET)]
     assert report.table[0]["QA-FL"] == E.UNAVAILABLE and all(0 <= r["Retr-F1"] <= 1 for r in report.table)
     assert [r["k"] for r in report.ablations["k (stage-1 top-k, inference only)"]] == [1, 2]
+    retrained = report.ablations[E.RETRAINED_ABLATION_TITLE]
+    variants = E.stage2_ablation_variants(fast)
+    assert [r["stage 2 variant"] for r in retrained] == ["as the preset (main run)", *variants]
+    for name, overrides in variants.items():
+        folder = tmp_path / "ablations" / E.slug(name)
+        assert json.loads((folder / "variant.json").read_text())["overrides"] == overrides
+        assert (folder / "stage2" / "adapter" / "adapter_config.json").is_file()
+        assert len(json.loads((folder / "stage2" / "log_history.json").read_text())) >= 1
+    assert all(0 <= r["Retr-F1"] <= 1 and 0 <= r["well-formed"] <= 1 for r in retrained)
     assert [r["distractor"] for r in report.robustness] == ["none (clean)", "conflicting", "lexical"]
     md = (tmp_path / "eval" / "results.md").read_text()
     assert md.startswith("## Results (cpu-tiny)") and "reference only" in md
