@@ -2,9 +2,9 @@
 
     .venv/bin/python benchmarks/bench_scoring.py [--preset cpu-tiny] [--candidates 64] [--repeats 3]
 
-The generate-and-parse judge is timed at the completion lengths a stage-1 judge really uses: the cpu-tiny
-no-reasoning budget (``<answer>yes</answer>``) and the reasoning budget of the GPU presets (``<think>..</think>``
-first), with ``min_new_tokens`` = budget so the miniature writes as much as a reasoning judge would.
+The generate-and-parse judge is timed at the completion budgets stage 1 really trains with: cpu-tiny's (16 tokens,
+``<think></think><answer>yes</answer>`` and little else) and colab-t4's (128 tokens of ``<think>..</think>`` first),
+with ``min_new_tokens`` = budget so the miniature writes as much as a judge with that budget would.
 Uses the cold miniature (no warm-up needed: timing does not depend on what the weights know).
 """
 
@@ -67,8 +67,8 @@ def main() -> None:
     print(f"device: {'cuda' if torch.cuda.is_available() else 'cpu'}, threads {torch.get_num_threads()}, "
           f"{args.candidates} candidates, batch {args.batch_size}")
     print(f"forward-pass P(yes):                 {fwd:8.3f} s  ({1000 * fwd / len(cands):.1f} ms/candidate)")
-    budgets = [("no reasoning (cpu-tiny budget)", preset.stage1.grpo.max_completion_length, False),
-               ("reasoning (colab-t4 budget)", get_preset("colab-t4").stage1.grpo.max_completion_length, True)]
+    budgets = [(f"{name} stage-1 budget", p.stage1.grpo.max_completion_length, p.stage1.reasoning)
+               for name, p in ((preset.name, preset), ("colab-t4", get_preset("colab-t4")))]
     orig_generate = model.generate
     for label, tokens, reasoning in budgets:
         model.generate = lambda *a, _t=tokens, **kw: orig_generate(*a, min_new_tokens=_t, **kw)  # judge uses its budget

@@ -1,7 +1,7 @@
 """mmrag-lite: a notebook-first course reproducing MMRAG-RFT (arXiv 2512.17194) on one GPU, or offline on a CPU.
 
 The package is layered; each module owns one concept and imports only the ones above it in this list:
-atomic, config, data, prompts, parsing, rewards, metrics, modeling, scoring, training, pipeline, evaluation, viz,
+atomic, config, data, prompts, parsing, metrics, rewards, modeling, scoring, training, pipeline, evaluation, viz,
 widgets, cli/course. Import submodules directly (``from mmrag_lite import rewards``): importing the package
 itself stays cheap, so tests and the CLI start fast.
 """

@@ -90,7 +90,7 @@ def cmd_train_stage1(args: argparse.Namespace) -> int:
     result = training.train_stage1(preset, dataset, wd, resume=args.resume)
     adapter = _stage1_adapter(wd)
     print(f"stage 1 trained: adapter {adapter}")
-    if args.no_score or adapter is None:
+    if args.no_score or adapter is None or not training.is_main_process():  # one process scores, not every GPU
         return 0
     model, processor = modeling.load_model_and_processor(preset, adapter_path=adapter, for_training=False)
     for split in args.score_splits:
@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-stage2", help="stage-2 list-wise GRPO over the stage-1 top-k")
     _common(p)
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--init-adapter", default=None, help="start from this adapter (default: <work-dir>/stage1/adapter)")
+    p.add_argument("--init-adapter", default=None, help="start from this adapter (default: <work-dir>/stage1/adapter when stage2.init_from=stage1, else the base model)")
     p.set_defaults(func=cmd_train_stage2)
 
     p = sub.add_parser("evaluate", help="systems x metrics table, ablations, robustness -> <work-dir>/eval/")

@@ -1,6 +1,6 @@
 """Hardware presets for the course, as data.
 
-One preset per hardware tier. Every value that the paper leaves open (k, reward weights, tags, generations)
+One preset per hardware tier. Every value that the paper leaves open (k, reward weights, generations, permutations)
 lives here with a one-line reason, never as a literal buried in code. A preset is a frozen dataclass tree;
 ``get_preset(name, **overrides)`` returns a validated copy, and ``Preset.from_dict`` / ``load_preset_yaml``
 read the same shape from plain data (unknown keys are an error, not silently ignored).
@@ -119,7 +119,7 @@ class DataSettings:
 class EvalSettings:
     questions: int  # held-out Mini-WebQA questions evaluated in notebook 05
     retrain_ablations: bool  # retrain stage 2 once per ablation variant (no ranking / no answer reward, reasoning
-    # flipped): about a minute each on cpu-tiny, hours each on a GPU, where it is opt-in
+    # flipped): about a minute for all three on cpu-tiny, hours each on a GPU, where it is opt-in
 
 
 @dataclass(frozen=True)
@@ -276,7 +276,7 @@ _CPU_TINY = Preset(
         reasoning=True,  # the <think> format; the miniature writes no real reasoning, but learning the format is
         # the part of stage-1 RL it can show on a CPU (its warm-up shows <think> on few examples, see modeling)
         weights={"format": 1.0, "relevance": 1.0},  # R1-style: format and task rewards summed with equal weight
-        positive_fraction=0.5,  # balanced sampling: ~1-2 gold vs 15 distractors otherwise
+        positive_fraction=0.5,  # balanced sampling: ~1-2 gold vs ~6 distractors per pool otherwise
         balance_classes=False,  # already balanced by sampling
         max_examples=512,
         k=4,  # the synthetic pools have 1-2 gold among ~8: k=4 keeps recall high

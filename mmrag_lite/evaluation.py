@@ -53,7 +53,7 @@ NOT_RUN = "—"
 RETRAINED_ABLATION_TITLE = "stage 2 retrained per variant (reward weights, reasoning)"
 MAIN_COLUMNS = ("system", "Retr-F1", "QA-Acc", "QA-FL", "QA", "MMQA EM", "MMQA F1", "n")  # MMQA columns x100, as published
 
-# The paper's reported numbers (PAPER-NOTES §1). Theirs, on their models and the full benchmarks — never ours.
+# The paper's reported numbers (arXiv 2512.17194). Theirs, on their models and the full benchmarks — never ours.
 PAPER_REFERENCE: tuple[dict[str, Any], ...] = (
     {"source": "MMRAG-RFT paper (arXiv 2512.17194), WebQA test", "metric": "QA-FL", "value": 0.708},
     {"source": "MMRAG-RFT paper (arXiv 2512.17194), WebQA test", "metric": "QA-Acc", "value": 0.763},

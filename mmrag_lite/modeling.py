@@ -319,7 +319,7 @@ def _set_pixel_budget(processor: Any, min_pixels: int, max_pixels: int) -> None:
 class TinyVLMSettings:
     """Build settings of the miniature; their hash names its cache folder, so any change rebuilds it."""
 
-    hidden_size: int = 128  # 2x FEASIBILITY's 64: learns the warm-up tasks noticeably faster, still ~1 M params
+    hidden_size: int = 128  # 2x the first probe's 64: learns the warm-up tasks noticeably faster, still ~1 M params
     intermediate_size: int = 256
     num_hidden_layers: int = 3
     num_attention_heads: int = 4  # head_dim 32
@@ -359,6 +359,7 @@ class WarmUpSettings:
     think_fraction: float = 0.3
     max_questions: int = 400
     seed: int = 0
+    version: int = 1  # part of the cache key: bump when the warm-up code changes in a way the settings do not show
 
 
 QWEN2VL_SPECIAL_TOKENS = [

@@ -305,7 +305,7 @@ def _default_loader(preset: Preset, *, adapter_path: Path | None) -> tuple[Any, 
 
 
 def _image_fn(preset: Preset) -> Callable[[Any], Any] | None:
-    """Resize images to the preset's fixed size (fixed token count per image; see FEASIBILITY's mRoPE trap)."""
+    """Resize images to the preset's fixed size (fixed token count per image; the mRoPE trap in docs/modeling.md)."""
     try:
         from mmrag_lite import modeling
     except ImportError:  # pragma: no cover

@@ -18,6 +18,7 @@ Run folders follow docs/CONTRACTS.md: ``<work_dir>/stage{1,2}/adapter/``, ``log_
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 import warnings
@@ -134,7 +135,7 @@ def _features(stage: int):
 
 
 def _with_prepared_image(candidate: Mapping[str, Any], preset: Preset) -> dict[str, Any]:
-    """A copy of the candidate whose image is resized to the preset's fixed square (FEASIBILITY: mRoPE trap)."""
+    """A copy of the candidate whose image is resized to the preset's fixed square (the mRoPE trap, docs/modeling.md)."""
     from .modeling import prepare_image
 
     c = dict(candidate)
@@ -290,7 +291,8 @@ def build_stage2_dataset(
     For each question: the candidates the stage-1 filter kept (``kept_ids[guid]``, best first) or, without a
     filter, gold + first distractors up to ``preset.stage1.k``. Images are resized to the preset's fixed square
     (same token count per image, within the pixel budget). Each prompt's length is measured with the processor
-    *up front*; over ``preset.stage2.max_prompt_tokens`` the lowest-ranked distractors go first, then the row —
+    *up front*; over ``preset.stage2.max_prompt_tokens`` the lowest-ranked distractors go first, then gold
+    candidates, then the row —
     a prompt is never cut through its image tokens. Each question yields ``preset.stage2.permutations`` copies in
     different orders (``prompts.permutations``), short ids ``D1..Dk`` following the shown order, so ``gold_ids``
     are the short ids of the gold candidates *after* the permutation. Rows are capped at ``max_examples``.
@@ -611,10 +613,12 @@ def _train(stage: int, preset: Preset, dataset: Any, work_dir: str | Path, *, in
     trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - t0
     adapter_dir = out / "adapter"
-    with atomic_dir(adapter_dir) as tmp:  # a crash never leaves half an adapter
-        trainer.model.save_pretrained(str(tmp))
     history = list(trainer.state.log_history)
-    write_json_atomic(out / "log_history.json", history, indent=1, default=str)
+    if trainer.is_world_process_zero():  # one writer under `accelerate launch`; the other processes wait below
+        with atomic_dir(adapter_dir) as tmp:  # a crash never leaves half an adapter
+            trainer.model.save_pretrained(str(tmp))
+        write_json_atomic(out / "log_history.json", history, indent=1, default=str)
+    trainer.accelerator.wait_for_everyone()
     first, last = reward_trend(history)
     result = TrainResult(stage=stage, output_dir=out, adapter_dir=adapter_dir, global_step=trainer.state.global_step,
                          seconds=seconds, log_history=history, curves=curve.curves, first_reward=first,
@@ -644,6 +648,11 @@ def train_stage1(
     """
     return _train(1, preset, dataset, work_dir, init_adapter=None, resume=resume, callbacks=callbacks,
                   max_steps=max_steps, live_plot=live_plot, model=model, processor=processor, verbose=verbose)
+
+
+def is_main_process() -> bool:
+    """True on one process per job: the only one under ``accelerate launch`` that scores and writes files."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def stage2_init_adapter(preset: Preset, work_dir: str | Path) -> Path | None:
@@ -684,7 +693,7 @@ def train_stage2(
 
 __all__ = [
     "CudaMemoryCallback", "RewardCurveCallback", "Stage2BuildReport", "TrainResult", "build_stage1_dataset",
-    "plot_reward_curves",
-    "build_stage2_dataset", "build_trainer", "stage2_dataset_for_run", "grpo_config", "grpo_config_kwargs", "last_checkpoint", "load_processor",
-    "prompt_token_count", "reward_funcs_for", "reward_trend", "stage2_init_adapter", "train_stage1", "train_stage2",
+    "build_stage2_dataset", "build_trainer", "grpo_config", "grpo_config_kwargs", "is_main_process",
+    "last_checkpoint", "load_processor", "plot_reward_curves", "prompt_token_count", "reward_funcs_for",
+    "reward_trend", "stage2_dataset_for_run", "stage2_init_adapter", "train_stage1", "train_stage2",
 ]

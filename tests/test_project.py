@@ -103,3 +103,44 @@ def test_committed_notebooks_have_no_outputs_and_a_parameters_cell():
         assert len(params) == 1, f"{path.name} needs exactly one cell tagged 'parameters'"
         source = "".join(params[0]["source"])
         assert 'preset = "auto"' in source and "work_dir = None" in source, path.name
+
+
+def _documented_layers() -> list[set[str]]:
+    """The import order pinned in docs/CONTRACTS.md (``atomic → config → ... → cli/course``), one set per layer."""
+    line = next(ln for ln in (ROOT / "docs" / "CONTRACTS.md").read_text().splitlines() if ln.startswith("atomic →"))
+    return [set(layer.strip().split("/")) for layer in line.split("→")]
+
+
+def _imported_modules(path: Path, package: Path) -> list[tuple[str, int]]:
+    """Top-level ``mmrag_lite`` modules that ``path`` imports anywhere (function-level imports included)."""
+    import ast
+
+    depth = len(path.relative_to(package).parts) - 1  # 0 for mmrag_lite/x.py, 1 for mmrag_lite/data/x.py
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names: list[str] = []
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("mmrag_lite"):
+            parts = node.module.split(".")
+            names = parts[1:2] or [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level > depth:  # relative import that leaves this subpackage
+            names = [node.module.split(".")[0]] if node.module else [a.name for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name.split(".")[1] for a in node.names if a.name.startswith("mmrag_lite.")]
+        found += [(name, node.lineno) for name in names]
+    return found
+
+
+def test_imports_only_point_down_the_documented_layers():
+    layers = _documented_layers()
+    rank = {module: i for i, layer in enumerate(layers) for module in layer}
+    package = ROOT / "mmrag_lite"
+    modules = {p.relative_to(package).parts[0].removesuffix(".py") for p in package.glob("*") if p.name[0] != "_"}
+    assert modules <= set(rank), f"modules missing from docs/CONTRACTS.md's order: {modules - set(rank)}"
+    upward = []
+    for path in package.rglob("*.py"):
+        me = path.relative_to(package).parts[0].removesuffix(".py")
+        if me not in rank:
+            continue
+        upward += [f"{path.relative_to(ROOT)}:{line} imports {name}" for name, line in _imported_modules(path, package)
+                   if name in rank and rank[name] > rank[me]]
+    assert not upward, "imports that point up the documented order:\n" + "\n".join(upward)

@@ -204,7 +204,7 @@ def _lora_state(model) -> dict[str, torch.Tensor]:
 def test_stage1_grpo_step_trains_lora_saves_and_resumes(tiny_dir: Path, tmp_path: Path, varied_rewards: None) -> None:
     preset = PRESET.with_overrides(**FAST)
     ds = training.build_stage1_dataset(mini_rows(), preset, seed=0)
-    assert len(set(ds["modality"])) == 2  # mixed text/image batches (FEASIBILITY trap 1)
+    assert len(set(ds["modality"])) == 2  # mixed text/image batches (a TRL trap, docs/modeling.md)
     model, proc = _load(tiny_dir)
     # A run of 3 steps "interrupted" after step 2 (as a killed kernel would be, but with the adapter saved).
     res = training.train_stage1(preset, ds, tmp_path, max_steps=3, model=model, processor=proc, verbose=False,
@@ -256,3 +256,21 @@ def test_stage2_init_adapter_follows_the_preset(tmp_path: Path) -> None:
     assert training.stage2_init_adapter(PRESET.with_overrides(**{"stage2.init_from": "stage1"}), tmp_path) == adapter
     assert training.stage2_init_adapter(PRESET.with_overrides(**{"stage2.init_from": "base"}), tmp_path) is None
     assert training.stage2_init_adapter(PRESET.with_overrides(**{"stage2.init_from": "stage1"}), tmp_path / "none") is None
+
+
+def test_only_the_main_process_writes_the_adapter_and_log(tiny_dir: Path, tmp_path: Path, varied_rewards: None,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import trl
+
+    monkeypatch.setenv("RANK", "1")
+    assert not training.is_main_process()
+    monkeypatch.setenv("RANK", "0")
+    assert training.is_main_process()
+    # A non-zero rank under `accelerate launch`: it trains its share but leaves the files to rank 0.
+    monkeypatch.setattr(trl.GRPOTrainer, "is_world_process_zero", lambda self: False)
+    preset = PRESET.with_overrides(**FAST)
+    ds = training.build_stage1_dataset(mini_rows(), preset, seed=0)
+    model, proc = _load(tiny_dir)
+    res = training.train_stage1(preset, ds, tmp_path, max_steps=1, model=model, processor=proc, verbose=False)
+    assert res.global_step == 1 and res.log_history
+    assert not (tmp_path / "stage1" / "adapter").exists() and not (tmp_path / "stage1" / "log_history.json").exists()
