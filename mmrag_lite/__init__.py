@@ -10,13 +10,18 @@ __version__ = "0.1.0"
 
 
 def _quiet_known_harmless_messages() -> None:
-    """Drop one message every CPU run prints: bitsandbytes looking for an optional hub kernel that it then
-    replaces with its own CPU kernel (docs/modeling.md). Nothing else is filtered."""
+    """Drop two messages every CPU run prints and no student can act on. Nothing else is filtered.
+
+    bitsandbytes looks for an optional hub kernel that it then replaces with its own CPU kernel (docs/modeling.md);
+    PEFT and TRL 1.16 still call transformers' renamed ``is_gradient_checkpointing`` whenever a model is prepared.
+    """
     import logging
+    import warnings
 
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
         lambda record: "kernels-community" not in record.getMessage()
     )
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 _quiet_known_harmless_messages()

@@ -21,7 +21,6 @@ import math
 import os
 import random
 import time
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,9 +34,6 @@ from .config import Preset, runs_dir
 REWARD_KEY = "reward"
 COMPONENT_PREFIX, COMPONENT_SUFFIX = "rewards/", "/mean"
 CHECKPOINTS_KEPT = 2  # checkpoints are for resuming, not for model selection: keep the last two
-# TRL 1.16 / PEFT still call transformers' renamed `is_gradient_checkpointing`; the warning repeats in every notebook
-# cell that trains and says nothing a student can act on. Only this exact deprecation is silenced.
-warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 REWARD_WINDOW_FRACTION = 0.2  # first/last mean reward averages this share of the logged steps (sampled rewards are noisy)
 
