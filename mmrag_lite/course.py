@@ -60,13 +60,10 @@ class CourseReport:
         return "\n".join(lines)
 
 
-def _reward_trend(log_path: Path) -> str | None:
-    from .training import REWARD_WINDOW_FRACTION, reward_trend
+def _reward_trend(work_dir: Path, stage: int) -> str | None:
+    from .training import REWARD_WINDOW_FRACTION, load_log_history, reward_trend
 
-    try:
-        history = json.loads(log_path.read_text())
-    except (OSError, ValueError):
-        return None
+    history = load_log_history(work_dir, stage)
     first, last = reward_trend(history)
     if first is None:
         return None
@@ -86,10 +83,10 @@ def headline_numbers(work_dir: Path) -> list[str]:
             lines += [f"    {st['name']:<28} removed {st['removed']:>5}, kept {st['kept']}" for st in steps]
         except (OSError, ValueError, KeyError, IndexError, TypeError):
             lines.append(f"Mini-WebQA funnel: unreadable ({funnel})")
-    for stage in ("stage1", "stage2"):
-        trend = _reward_trend(work_dir / stage / "log_history.json")
+    for stage in (1, 2):
+        trend = _reward_trend(work_dir, stage)
         if trend:
-            lines.append(f"{stage} GRPO: {trend}")
+            lines.append(f"stage{stage} GRPO: {trend}")
     results = work_dir / "eval" / "results.md"
     if results.is_file():
         lines.append("evaluation (cpu-tiny numbers come from a miniature random model: plumbing, not quality):")

@@ -23,7 +23,6 @@ one submission and one full-predictions file per system.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
@@ -458,9 +457,7 @@ def retrained_stage2_ablation(preset: Preset, work_dir: str | Path, rows: Sequen
     variants = stage2_ablation_variants(preset) if variants is None else variants
     out: list[dict[str, Any]] = []
     if baseline is not None:
-        log = run / "stage2" / "log_history.json"
-        history = json.loads(log.read_text()) if log.is_file() else []
-        out.append(_variant_row("as the preset (main run)", {}, baseline, rows, history))
+        out.append(_variant_row("as the preset (main run)", {}, baseline, rows, training.load_log_history(run, 2)))
     if not preset.evaluation.retrain_ablations:
         cmd = retrain_ablations_command(preset.name)
         return out + [{"stage 2 variant": name, "changes": _changes(ov), "status": "not run: hours per variant on a GPU",

@@ -17,6 +17,7 @@ Run folders follow docs/CONTRACTS.md: ``<work_dir>/stage{1,2}/adapter/``, ``log_
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -533,6 +534,14 @@ def reward_trend(log_history: Sequence[Mapping[str, Any]], fraction: float = REW
     return sum(rewards[:w]) / w, sum(rewards[-w:]) / w
 
 
+def load_log_history(work_dir: str | Path, stage: int) -> list[dict[str, Any]]:
+    """A run's saved ``stage{N}/log_history.json``; ``[]`` when that stage was never trained (or the file is unreadable)."""
+    try:
+        return json.loads((Path(work_dir) / f"stage{stage}" / "log_history.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+
+
 def last_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest ``checkpoint-<step>`` folder of a run, or None."""
     from transformers.trainer_utils import get_last_checkpoint
@@ -690,6 +699,6 @@ def train_stage2(
 __all__ = [
     "CudaMemoryCallback", "RewardCurveCallback", "Stage2BuildReport", "TrainResult", "build_stage1_dataset",
     "build_stage2_dataset", "build_trainer", "grpo_config", "grpo_config_kwargs", "is_main_process",
-    "last_checkpoint", "load_processor", "plot_reward_curves", "prompt_token_count", "reward_funcs_for",
-    "reward_trend", "stage2_dataset_for_run", "stage2_init_adapter", "train_stage1", "train_stage2",
+    "last_checkpoint", "load_log_history", "load_processor", "plot_reward_curves", "prompt_token_count",
+    "reward_funcs_for", "reward_trend", "stage2_dataset_for_run", "stage2_init_adapter", "train_stage1", "train_stage2",
 ]

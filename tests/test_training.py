@@ -274,3 +274,14 @@ def test_only_the_main_process_writes_the_adapter_and_log(tiny_dir: Path, tmp_pa
     res = training.train_stage1(preset, ds, tmp_path, max_steps=1, model=model, processor=proc, verbose=False)
     assert res.global_step == 1 and res.log_history
     assert not (tmp_path / "stage1" / "adapter").exists() and not (tmp_path / "stage1" / "log_history.json").exists()
+
+
+def test_load_log_history_reads_a_run_and_is_empty_without_one(tmp_path: Path) -> None:
+    history = [{"step": 1, "reward": 0.5}, {"step": 2, "reward": 0.75}]
+    (tmp_path / "stage2").mkdir()
+    (tmp_path / "stage2" / "log_history.json").write_text(json.dumps(history))
+    assert training.load_log_history(tmp_path, 2) == history
+    assert training.reward_trend(training.load_log_history(tmp_path, 2)) == (0.5, 0.75)
+    assert training.load_log_history(tmp_path, 1) == []  # never trained
+    (tmp_path / "stage2" / "log_history.json").write_text("{truncated")
+    assert training.load_log_history(tmp_path, 2) == []  # a half-written file is not a crash
