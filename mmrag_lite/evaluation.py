@@ -462,6 +462,9 @@ def retrained_stage2_ablation(preset: Preset, work_dir: str | Path, rows: Sequen
         cmd = retrain_ablations_command(preset.name)
         return out + [{"stage 2 variant": name, "changes": _changes(ov), "status": "not run: hours per variant on a GPU",
                        "command": cmd} for name, ov in variants.items()]
+    if train_split is None:
+        raise ValueError("retrained_stage2_ablation needs the Mini-WebQA train split to retrain stage 2 on "
+                         "(data.ensure_mini_webqa(preset, work_dir)['train']); got None")
     init = training.stage2_init_adapter(preset, run)
     processor = training.load_processor(preset)
     for name, overrides in variants.items():

@@ -170,6 +170,14 @@ def test_gpu_presets_list_the_retrained_variants_without_training(tmp_path):
     assert not (tmp_path / "ablations").exists()  # nothing was trained
 
 
+def test_retraining_without_a_train_split_is_a_clear_error(tmp_path):
+    from mmrag_lite.config import get_preset
+
+    with pytest.raises(ValueError, match="train split"):
+        E.retrained_stage2_ablation(get_preset("cpu-tiny"), tmp_path, ROWS, None)
+    assert not (tmp_path / "ablations").exists()
+
+
 def test_plot_results_labels_groups_by_the_given_column():
     import matplotlib
 
