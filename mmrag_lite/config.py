@@ -151,8 +151,10 @@ class Preset:
                     f"{stage_name}.grpo: per_device_train_batch_size*gradient_accumulation_steps ({global_batch}) "
                     f"must be a multiple of num_generations ({g.num_generations})"
                 )
-            if g.max_steps < 1 or g.max_completion_length < 1 or g.learning_rate <= 0 or g.beta < 0:
-                problems.append(f"{stage_name}.grpo: max_steps, max_completion_length, learning_rate must be > 0 and beta >= 0")
+            if min(g.max_steps, g.max_completion_length, g.per_device_train_batch_size, g.gradient_accumulation_steps) < 1 \
+                    or g.learning_rate <= 0 or g.beta < 0:
+                problems.append(f"{stage_name}.grpo: max_steps, max_completion_length, per_device_train_batch_size, "
+                                "gradient_accumulation_steps and learning_rate must be > 0, and beta >= 0")
             if not stage.weights or any(w < 0 for w in stage.weights.values()):
                 problems.append(f"{stage_name}.weights must be non-empty and non-negative")
         unknown1 = set(self.stage1.weights) - {"format", "relevance"}
@@ -230,12 +232,69 @@ def _from_plain(cls: type, data: Any, where: str) -> Any:
         value, hint = data[name], hints[name]
         if is_dataclass(hint):
             value = _from_plain(hint, value, f"{where}.{name}")
-        elif name == "target_modules":
-            value = tuple(value)
-        elif name == "weights":
-            value = dict(value)
+        else:
+            value = _coerce(value, hint, f"{where}.{name}")
         kwargs[name] = value
     return cls(**kwargs)
+
+
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """``value`` as the field's declared type, or a ConfigError naming the field.
+
+    Values from YAML or ``--set`` may arrive as text (``"2e-3"``, ``"false"``), so unambiguous text is converted;
+    anything else of the wrong type is an error here, not a ``TypeError`` deep inside training.
+    """
+    import math
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{where} must be {expected}, got {value!r}")
+
+    if origin is typing.Literal:
+        if value not in args:
+            raise bad("one of " + ", ".join(map(repr, args)))
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise bad("true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise bad("a whole number")
+    if hint is float:
+        try:
+            number = float(value) if not isinstance(value, bool) and isinstance(value, (int, float, str)) else None
+        except ValueError:
+            number = None
+        if number is None or not math.isfinite(number):
+            raise bad("a finite number")
+        return number
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise bad("text")
+    if origin is tuple:  # tuple[str, ...]: a list of names
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise bad("a list of names, e.g. [q_proj, v_proj]")
+    if origin in (Mapping, dict) or hint is Mapping:  # Mapping[str, float]: reward component -> weight
+        if not isinstance(value, Mapping):
+            raise bad("a mapping of component -> weight")
+        return {str(k): _coerce(v, args[1] if args else float, f"{where}.{k}") for k, v in value.items()}
+    return value
 
 
 def _resolved_hints(cls: type) -> dict[str, Any]:
@@ -379,7 +438,7 @@ _A100 = replace(
 PRESETS: dict[str, Preset] = {p.name: p.validate() for p in (_CPU_TINY, _T4, _L4, _A100)}
 
 
-def get_preset(name: str = "cpu-tiny", **overrides: Any) -> Preset:
+def get_preset(name: str = "cpu-tiny", /, **overrides: Any) -> Preset:
     """The named preset, validated, with optional dotted overrides (``"stage1.grpo.max_steps": 5``)."""
     if isinstance(name, Preset):
         return name.with_overrides(**overrides) if overrides else name
@@ -403,7 +462,7 @@ def auto_preset_name() -> str:
     return "a100" if total_gb >= 35 else "l4"
 
 
-def resolve_preset(name: str | Preset = "auto", **overrides: Any) -> Preset:
+def resolve_preset(name: str | Preset = "auto", /, **overrides: Any) -> Preset:
     """Like ``get_preset`` but also accepts ``"auto"`` (what the notebooks' parameters cell defaults to)."""
     if isinstance(name, str) and name == "auto":
         name = auto_preset_name()

@@ -61,6 +61,8 @@ def test_bad_set_key_and_value_exit_2_with_message(tmp_path, capsys):
     assert "stage1.k" in capsys.readouterr().err  # validation says which field and why
     assert cli.main(["build-data", "--preset", "cpu-tiny", "--work-dir", str(tmp_path), "--set", "nokey"]) == 2
     assert "key=value" in capsys.readouterr().err
+    assert cli.main(["build-data", "--preset", "cpu-tiny", "--work-dir", str(tmp_path), "--set", "stage1.k=abc"]) == 2
+    assert "stage1.k must be a whole number" in capsys.readouterr().err  # not a TypeError traceback
 
 
 def test_overrides_reach_the_preset(tmp_path):

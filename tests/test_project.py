@@ -76,6 +76,32 @@ def test_unknown_keys_and_impossible_combinations_are_clear_errors():
         Preset.from_dict(data)
 
 
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("stage1.k", "abc", "stage1.k must be a whole number"),
+    ("stage2.permutations", 1.5, "permutations must be a whole number"),
+    ("stage2.weights.ranking", "nan", "weights.ranking must be a finite number"),
+    ("stage1.grpo.beta", None, "beta must be a finite number"),
+    ("stage1.reasoning", "maybe", "reasoning must be true or false"),
+    ("lora.target_modules", "q_proj", "target_modules must be a list of names"),
+    ("stage2.init_from", "stage3", "init_from must be one of 'stage1', 'base'"),
+    ("stage2.ranking_metric", "mrr", "ranking_metric must be one of"),
+    ("stage1.grpo.per_device_train_batch_size", 0, "per_device_train_batch_size"),
+])
+def test_overrides_of_the_wrong_type_are_clear_errors(key, value, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        get_preset("cpu-tiny", **{key: value})
+
+
+def test_overrides_given_as_text_are_read_as_their_field_type():
+    """What ``--set`` and YAML deliver: ``2e-3`` stays text in YAML 1.1, ``false`` must not be a truthy string."""
+    preset = get_preset("cpu-tiny", **{"stage1.k": "3", "stage1.grpo.learning_rate": "2e-3", "stage1.reasoning": "false",
+                                       "evaluation.retrain_ablations": "no", "lora.target_modules": ["q_proj"]})
+    assert preset.stage1.k == 3 and preset.stage1.grpo.learning_rate == 2e-3
+    assert preset.stage1.reasoning is False and preset.evaluation.retrain_ablations is False
+    assert preset.lora.target_modules == ("q_proj",)
+    assert get_preset("cpu-tiny", name="my-run").name == "my-run"  # no clash with get_preset's own argument
+
+
 def test_overrides_and_yaml_round_trip(tmp_path):
     preset = get_preset("cpu-tiny", **{"stage1.grpo.max_steps": 3, "stage1.k": 2})
     assert (preset.stage1.grpo.max_steps, preset.stage1.k) == (3, 2)
