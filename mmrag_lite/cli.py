@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mmrag_lite.config import PRESETS, ConfigError, Preset
+from mmrag_lite.data import SPLITS
 
 
 class CLIError(Exception):
@@ -168,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in the run folder")
     p.add_argument("--no-score", action="store_true", help="skip writing stage1/scores_<split>.json")
-    p.add_argument("--score-splits", nargs="+", default=["train", "test"], help="splits to score (default: train test)")
+    p.add_argument("--score-splits", nargs="+", default=["train", "test"], choices=SPLITS,
+                   help="splits to score (default: train test)")
     p.set_defaults(func=cmd_train_stage1)
 
     p = sub.add_parser("train-stage2", help="stage-2 list-wise GRPO over the stage-1 top-k")
@@ -179,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="systems x metrics table, ablations, robustness -> <work-dir>/eval/")
     _common(p)
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", choices=SPLITS)
     p.add_argument("--questions", type=int, default=None, help="questions to evaluate (default preset.evaluation.questions)")
     p.add_argument("--stage1-adapter", default=None, help="stage-1 adapter (default <work-dir>/stage1/adapter)")
     p.add_argument("--no-mmqa", action="store_true", help="skip the MultimodalQA columns")

@@ -421,8 +421,12 @@ def retrain_ablations_command(preset_name: str) -> str:
 
 
 def _changes(overrides: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k.removeprefix('stage2.')}={str(v).lower() if isinstance(v, bool) else f'{v:g}'}"
-                     for k, v in overrides.items()) or "none"
+    def text(v: Any) -> str:
+        if isinstance(v, bool):
+            return str(v).lower()
+        return f"{v:g}" if isinstance(v, (int, float)) else str(v)
+
+    return ", ".join(f"{k.removeprefix('stage2.')}={text(v)}" for k, v in overrides.items()) or "none"
 
 
 def _variant_row(name: str, overrides: Mapping[str, Any], results: Sequence[PipelineResult], rows: Sequence[Row],
@@ -465,10 +469,11 @@ def retrained_stage2_ablation(preset: Preset, work_dir: str | Path, rows: Sequen
     if train_split is None:
         raise ValueError("retrained_stage2_ablation needs the Mini-WebQA train split to retrain stage 2 on "
                          "(data.ensure_mini_webqa(preset, work_dir)['train']); got None")
-    init = training.stage2_init_adapter(preset, run)
+    presets = {name: preset.with_overrides(**overrides) for name, overrides in variants.items()}  # bad ones fail now,
+    init = training.stage2_init_adapter(preset, run)  # not after hours of training the good ones
     processor = training.load_processor(preset)
     for name, overrides in variants.items():
-        p = preset.with_overrides(**overrides)
+        p = presets[name]
         sub = run / "ablations" / slug(name)
         atomic_write_json(sub / "variant.json", {"variant": name, "overrides": dict(overrides), "init_adapter": str(init)})
         dataset, _ = training.stage2_dataset_for_run(p, run, train_split, processor=processor, verbose=False)
@@ -494,9 +499,15 @@ def load_eval_split(preset: Preset, work_dir: str | Path, split: str = "test", n
     """The first ``n`` (default ``preset.evaluation.questions``) questions of a Mini-WebQA split, as plain dicts."""
     from mmrag_lite import data
 
+    if split not in data.SPLITS:
+        raise ValueError(f"unknown split {split!r}: Mini-WebQA has {', '.join(data.SPLITS)}")
+    n = n if n is not None else preset.evaluation.questions
+    if n < 1:
+        raise ValueError(f"the number of questions to evaluate must be >= 1, got {n}")
     ds = data.ensure_mini_webqa(preset, work_dir)[split]
-    n = min(len(ds), n if n is not None else preset.evaluation.questions)
-    return [dict(ds[i]) for i in range(n)]
+    if len(ds) == 0:
+        raise ValueError(f"the Mini-WebQA {split} split in {work_dir} is empty: nothing to evaluate")
+    return [dict(ds[i]) for i in range(min(len(ds), n))]
 
 
 def default_mmqa_questions(preset: Preset, n_webqa: int) -> int:

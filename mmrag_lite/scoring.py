@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,12 +246,18 @@ def top_k(scored: Scored | Sequence[tuple[str, float]], k: int) -> Any:
     """The ids of the k best-scored candidates, best first; ties keep pool order (a stable, reproducible cut).
 
     Accepts one question's ``[(id, score), ...]`` (returns a list) or a whole ``Scored`` dict (returns a dict).
+    A missing or NaN score (fp16 overflow on a GPU) ranks last, as in ``pipeline.top_k_ids``.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if isinstance(scored, Mapping):
         return {guid: top_k(pairs, k) for guid, pairs in scored.items()}
-    ranked = sorted(enumerate(scored), key=lambda item: (-item[1][1], item[0]))
+
+    def key(item: tuple[int, tuple[str, float | None]]) -> tuple[float, int]:
+        position, (_, score) = item
+        return (-score if score is not None and not math.isnan(score) else math.inf, position)
+
+    ranked = sorted(enumerate(scored), key=key)
     return [cid for _, (cid, _) in ranked[:k]]
 
 

@@ -603,6 +603,9 @@ def build_trainer(
 def _train(stage: int, preset: Preset, dataset: Any, work_dir: str | Path, *, init_adapter: str | Path | None,
            resume: bool | str | Path, callbacks: Sequence[Any], max_steps: int | None, live_plot: bool,
            model: Any, processor: Any, verbose: bool) -> TrainResult:
+    if len(dataset) == 0:  # GRPOTrainer would stop at step 0 and save an untrained adapter as if it had trained
+        raise ValueError(f"the stage-{stage} training set is empty: nothing to train on. For stage 2, read the build "
+                         "report (too-long prompts dropped? stale stage-1 scores whose guids no longer match?)")
     out = Path(work_dir) / f"stage{stage}"
     out.mkdir(parents=True, exist_ok=True)
     trainer, curve = build_trainer(preset, stage, dataset, out, model=model, processor=processor,

@@ -97,3 +97,11 @@ def test_course_calls_run_course(monkeypatch, capsys):
     monkeypatch.setattr(course, "run_course", fake_run_course)
     assert cli.main(["course", "--preset", "cpu-tiny", "--out-dir", "x"]) == 0
     assert calls == {"preset": "cpu-tiny", "out_dir": "x"} and "all good" in capsys.readouterr().out
+
+
+def test_unknown_split_is_refused_by_the_parser():
+    with pytest.raises(SystemExit) as exc:
+        cli.build_parser().parse_args(["evaluate", "--split", "val"])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["train-stage1", "--score-splits", "train", "val"])

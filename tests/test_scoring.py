@@ -39,6 +39,15 @@ def test_top_k_orders_by_score_with_stable_ties() -> None:
         scoring.top_k(pairs, 0)
 
 
+def test_top_k_ranks_nan_and_missing_scores_last_like_the_pipeline() -> None:
+    from mmrag_lite.pipeline import top_k_ids
+
+    pairs = [("a", 0.1), ("b", float("nan")), ("c", 0.9), ("d", None), ("e", 0.5)]
+    assert scoring.top_k(pairs, 2) == ["c", "e"]
+    assert scoring.top_k(pairs, 5) == ["c", "e", "a", "b", "d"]
+    assert scoring.top_k(pairs, 5) == top_k_ids(dict(pairs), 5, [cid for cid, _ in pairs])  # training pools = eval pools
+
+
 def test_filter_report_on_a_hand_made_fixture() -> None:
     split = [
         {"guid": "q1", "candidates": [{"id": i} for i in "abcd"], "gold_ids": ["a", "c"]},

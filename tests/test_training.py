@@ -285,3 +285,11 @@ def test_load_log_history_reads_a_run_and_is_empty_without_one(tmp_path: Path) -
     assert training.load_log_history(tmp_path, 1) == []  # never trained
     (tmp_path / "stage2" / "log_history.json").write_text("{truncated")
     assert training.load_log_history(tmp_path, 2) == []  # a half-written file is not a crash
+
+
+def test_an_empty_training_set_is_refused_before_any_model_loads(tmp_path: Path) -> None:
+    from datasets import Dataset
+
+    with pytest.raises(ValueError, match="stage-2 training set is empty"):
+        training.train_stage2(PRESET, Dataset.from_dict({"prompt": []}), tmp_path, verbose=False)
+    assert not (tmp_path / "stage2").exists()
