@@ -530,11 +530,7 @@ def mmqa_token_f1(prediction: Any, gold: Any) -> float:
 
 # ================================================================================================ ranking
 def _ranked(ranked: Iterable[Any], k: int | None) -> list[str]:
-    seen: list[str] = []
-    for r in ranked or []:
-        s = str(r)
-        if s not in seen:
-            seen.append(s)
+    seen = list(dict.fromkeys(str(r) for r in ranked or []))  # first occurrence of each id, in order (linear)
     return seen if k is None else seen[: max(k, 0)]
 
 

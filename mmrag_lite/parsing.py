@@ -330,13 +330,13 @@ def parse_stage2(
         for token in split_ids(sources_block.content):
             key = token.lower()
             ident = canon.get(key, token) if canon is not None else token
-            if canon is not None and key not in canon and ident not in unknown:
-                unknown.append(ident)
             if ident in seen:
                 sink.add("duplicate_id", f"{ident} is listed more than once")
                 continue
             seen.add(ident)
             ordered.append(ident)
+            if canon is not None and key not in canon:  # once per distinct id: linear in the list's length
+                unknown.append(ident)
         source_ids = tuple(ordered)
         if not ordered:
             sink.add("empty_sources", "the sources block lists no id")

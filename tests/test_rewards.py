@@ -224,6 +224,16 @@ def test_pathologies_score_low_and_fast():
     assert all(0.0 <= s <= 1.0 for v in scores.values() for s in v)
 
 
+def test_listing_many_distinct_unknown_ids_stays_linear():
+    """40,000 distinct made-up ids (~270 KB): list-membership checks made this take seconds; sets keep it instant."""
+    many = "<think>x</think><sources>" + ", ".join(f"X{i}" for i in range(40_000)) + "</sources><answer>red</answer>"
+    cols = {"candidate_ids": [CANDS], "gold_ids": [["D2"]]}
+    start = time.perf_counter()
+    for metric in ("f1", "ndcg"):
+        assert rewards.ranking_reward([many], metric=metric, **cols) == [0.0]
+    assert time.perf_counter() - start < 1.0
+
+
 # ------------------------------------------------------------------------------------------------- fuzz
 _pieces = st.sampled_from(["<think>", "</think>", "<answer>", "</answer>", "<sources>", "</sources>", "yes", "no",
                            "D1", "D2", "D7", ", ", " ", "\n", "red", "3", "three", "the", ".", "🚗"])
