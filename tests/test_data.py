@@ -394,6 +394,16 @@ def test_build_without_images_and_text_report(tmp_path):
         D.build_mini_webqa(folder, None, progress=False)
 
 
+def test_unchecked_broken_gold_images_skip_their_question_not_the_build(world):
+    """With check_images=False the broken_gold_image step does not run; the planted broken gold images must then
+    cost their own questions only, and the report must say which."""
+    dd, report = D.build_mini_webqa(world, None, settings="cpu-tiny", filters=MiniWebQAFilters(check_images=False),
+                                    progress=False)
+    skipped = report.candidates.get("skipped_broken_gold_image", 0)
+    assert skipped >= 1 and sum(len(v) for v in dd.values()) > 300
+    assert sum("skipped" in e for e in report.read_errors) == skipped
+
+
 def test_save_is_atomic_on_failure(tmp_path, monkeypatch, built):
     import datasets
 

@@ -529,7 +529,13 @@ def build_mini_webqa(
         def rows(recs: list[WebQARecord]):
             for r in recs:
                 bar.update(1)
-                yield record_to_row(r, store, max_candidates, filters, seed, counts)
+                try:
+                    row = record_to_row(r, store, max_candidates, filters, seed, counts)
+                except ImageStoreError as exc:  # a broken gold image the broken_gold_image step did not check
+                    counts["skipped_broken_gold_image"] += 1  # (check_images=False): skip it, do not lose the rest
+                    report.read_errors.append(f"{r.guid}: skipped, {exc}")
+                    continue
+                yield row
 
         for name in SPLITS:
             splits[name] = rows_to_dataset(rows(parts[name]))
