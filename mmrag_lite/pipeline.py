@@ -342,6 +342,20 @@ def load_cached_scores(work_dir: str | Path, split: str) -> dict[str, dict[str, 
     return _normalise_scores(raw)
 
 
+def reusable_scores(bank: ModelBank, split: str) -> dict[str, dict[str, float]]:
+    """The saved stage-1 scores of ``split`` when they are the filter ``bank`` would compute, else ``{}``.
+
+    They are the run's own ``stage1/adapter``'s, so they count only when the bank filters with that adapter (not with
+    one passed in ``adapters``) and were written after it (a stage 1 retrained without re-scoring makes them stale).
+    """
+    own, used = bank.work_dir / "stage1" / "adapter", bank.adapter_path("stage1")
+    path = bank.work_dir / "stage1" / f"scores_{split}.json"
+    if used is None or used.resolve() != own.resolve() or not path.is_file():
+        return {}
+    adapter_written = max((f.stat().st_mtime for f in own.iterdir()), default=0.0)
+    return load_cached_scores(bank.work_dir, split) if path.stat().st_mtime >= adapter_written else {}
+
+
 def _normalise_scores(raw: Any) -> dict[str, dict[str, float]]:
     """Accept ``{guid: {id: s}}``, ``{guid: {"candidate_ids": [...], "scores": [...]}}`` or a list of such records."""
     out: dict[str, dict[str, float]] = {}
@@ -447,7 +461,8 @@ def run_pipeline(rows: Sequence[Row] | Any, preset: Preset, *, system: SystemSpe
     """Run one system over many questions: (stage-1 scores →) top-k → stage-2 generation → parse → WebQA ids.
 
     ``scores`` (``{guid: {id: P(yes)}}``) skips the stage-1 forward passes; otherwise, for ``filter="stage1"`` the
-    scores notebook 03 saved for ``split`` are reused when their candidate ids match, and recomputed if not.
+    scores notebook 03 saved for ``split`` are reused when they are still the bank's filter (``reusable_scores``)
+    and their candidate ids match, and recomputed if not.
     """
 
     if system is None:
@@ -462,7 +477,7 @@ def run_pipeline(rows: Sequence[Row] | Any, preset: Preset, *, system: SystemSpe
     image_fn = _image_fn(preset)
     cached: dict[str, dict[str, float]] = dict(scores or {})
     if not cached and system.filter == "stage1" and split:
-        cached = load_cached_scores(bank.work_dir, split)
+        cached = reusable_scores(bank, split)
 
     # stage 1: score (only for filtering systems); pairs of all questions share forward passes
     all_scores: list[dict[str, float]] = [{} for _ in rows]
@@ -534,6 +549,7 @@ __all__ = [
     "map_short_ids",
     "parse_completion",
     "prompt_length",
+    "reusable_scores",
     "run_pipeline",
     "save_results",
     "score_rows",

@@ -188,7 +188,7 @@ class Stage2BuildReport:
     questions_seen: int = 0
     questions_used: int = 0
     rows: int = 0
-    questions_without_kept_ids: int = 0  # kept_ids given but this guid missing: skipped
+    questions_without_kept_ids: int = 0  # kept_ids given but none for this guid (or none in its pool): skipped
     questions_shrunk: int = 0  # over max_prompt_tokens: distractors removed until the prompt fit
     candidates_dropped: int = 0  # total candidates removed by shrinking
     gold_dropped: int = 0  # gold candidates removed (only after every distractor is gone)
@@ -313,6 +313,9 @@ def build_stage2_dataset(
                 report.questions_without_kept_ids += 1
                 continue
             shown = [by_id[i] for i in kept_ids[row["guid"]] if i in by_id]
+            if not shown:  # scores from another build of the pool (stale): no candidate left to show
+                report.questions_without_kept_ids += 1
+                continue
         else:
             shown = _default_shown(row, k)
         shown = [_with_prepared_image(c, preset) for c in shown]

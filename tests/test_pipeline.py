@@ -83,6 +83,26 @@ def test_result_round_trip_and_submission(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["sub.json"]  # atomic: no temp file left
 
 
+def test_saved_scores_are_reused_only_for_the_adapter_that_wrote_them(tmp_path):
+    import os
+
+    adapter = tmp_path / "stage1" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_model.safetensors").write_text("weights")
+    scores = tmp_path / "stage1" / "scores_test.json"
+    scores.write_text(json.dumps({"g": {"a": 0.2, "b": 0.9}}))
+    os.utime(adapter / "adapter_model.safetensors", (1_000, 1_000))
+    os.utime(scores, (2_000, 2_000))
+    own = P.ModelBank(PRESET, tmp_path, verbose=False)
+    assert P.reusable_scores(own, "test") == {"g": {"a": 0.2, "b": 0.9}}
+    assert P.reusable_scores(own, "train") == {}  # never saved
+    other = tmp_path / "other-adapter"
+    other.mkdir()
+    assert P.reusable_scores(P.ModelBank(PRESET, tmp_path, adapters={"stage1": other}, verbose=False), "test") == {}
+    os.utime(adapter / "adapter_model.safetensors", (3_000, 3_000))  # stage 1 retrained after the scores were saved
+    assert P.reusable_scores(own, "test") == {}
+
+
 def test_cached_scores_formats():
     v1 = {"version": 1, "meta": {}, "questions": {"g": {"candidate_ids": ["a", "b"], "scores": [0.1, 0.9]}}}
     assert P._normalise_scores(v1) == {"g": {"a": 0.1, "b": 0.9}}

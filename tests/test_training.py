@@ -139,6 +139,10 @@ def test_stage2_dataset_uses_kept_ids_and_counts_missing(processor) -> None:
     assert report.questions_without_kept_ids == 2 and report.questions_used == 2
     assert {frozenset(ex["source_ids"]) for ex in ds if ex["guid"] == "g0"} == {frozenset(kept["g0"])}
     assert all(ex["gold_ids"] == [] for ex in ds if ex["guid"] == "g1")  # the filter lost the gold: no gold to find
+    stale = dict(kept, g2=["no-such-id"])  # scores from another build of g2's pool
+    ds, report = training.build_stage2_dataset(rows, PRESET, processor=processor, kept_ids=stale, seed=0)
+    assert report.questions_without_kept_ids == 2 and report.questions_used == 2
+    assert all(len(ex["candidate_ids"]) >= 1 for ex in ds) and "g2" not in set(ds["guid"])
 
 
 def test_stage2_over_long_prompts_shrink_or_drop_never_truncate(processor) -> None:
