@@ -30,6 +30,7 @@ from typing import Any, Literal
 from mmrag_lite import prompts
 from mmrag_lite.atomic import write_text_atomic as atomic_write_text
 from mmrag_lite.config import Preset
+from mmrag_lite.data import one_split
 
 Row = Mapping[str, Any]  # one Mini-WebQA row (docs/CONTRACTS.md)
 FilterKind = Literal["all", "base", "stage1", "oracle"]
@@ -471,7 +472,7 @@ def run_pipeline(rows: Sequence[Row] | Any, preset: Preset, *, system: SystemSpe
         from mmrag_lite.config import work_dir as _wd
 
         bank = ModelBank(preset, _wd(preset, work_dir))
-    rows = list(rows)
+    rows = list(one_split(rows, "run_pipeline"))
     k = system.resolved_k(preset)
     reasoning = system.resolved_reasoning(preset)
     image_fn = _image_fn(preset)

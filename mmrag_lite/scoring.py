@@ -32,6 +32,7 @@ import torch
 from . import prompts
 from .atomic import write_json_atomic
 from .config import Preset
+from .data import one_split
 
 Scored = dict[str, list[tuple[str, float]]]  # guid -> [(candidate_id, P(yes)), ...] in pool order
 
@@ -168,6 +169,7 @@ def score_split(
 
     Pairs from different questions share batches, so small pools still fill the forward passes.
     """
+    split_ds = one_split(split_ds, "score_split")
     rows = list(split_ds) if max_questions is None else [r for _, r in zip(range(max_questions), split_ds)]
     pairs = [(r["question"], c) for r in rows for c in r["candidates"]]
     flat = _score_pairs(model, processor, pairs, preset, batch_size=batch_size, progress=progress)
@@ -307,7 +309,7 @@ def filter_report(
     """
     from .metrics import precision_at_k, recall_at_k
 
-    rows_by_guid = {r["guid"]: r for r in split_ds if r["guid"] in scored}
+    rows_by_guid = {r["guid"]: r for r in one_split(split_ds, "filter_report") if r["guid"] in scored}
     if not rows_by_guid:
         raise ValueError("no question of split_ds has scores; score it first (score_split)")
     pool_max = max(len(scored[g]) for g in rows_by_guid)

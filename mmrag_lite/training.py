@@ -30,6 +30,7 @@ from typing import Any
 from . import prompts
 from .atomic import atomic_dir, write_json_atomic
 from .config import Preset, runs_dir
+from .data import one_split
 
 # Reported per-component reward keys look like "rewards/<name>/mean" in TRL's logs.
 REWARD_KEY = "reward"
@@ -154,7 +155,7 @@ def build_stage1_dataset(split_ds: Iterable[Mapping[str, Any]], preset: Preset, 
     rng = random.Random(preset.seed if seed is None else seed)
     pos: list[tuple[Mapping[str, Any], Mapping[str, Any]]] = []
     neg: list[tuple[Mapping[str, Any], Mapping[str, Any]]] = []
-    for row in split_ds:
+    for row in one_split(split_ds, "build_stage1_dataset"):
         for cand in row["candidates"]:
             (pos if cand["is_gold"] else neg).append((row, cand))
     rng.shuffle(pos)
@@ -303,7 +304,7 @@ def build_stage2_dataset(
     report = Stage2BuildReport(max_prompt_tokens=s.max_prompt_tokens)
     rows: list[dict[str, Any]] = []
     lengths: list[int] = []
-    for qi, row in enumerate(split_ds):
+    for qi, row in enumerate(one_split(split_ds, "build_stage2_dataset")):
         if len(rows) >= s.max_examples:
             break
         report.questions_seen += 1

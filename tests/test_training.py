@@ -297,3 +297,13 @@ def test_an_empty_training_set_is_refused_before_any_model_loads(tmp_path: Path)
     with pytest.raises(ValueError, match="stage-2 training set is empty"):
         training.train_stage2(PRESET, Dataset.from_dict({"prompt": []}), tmp_path, verbose=False)
     assert not (tmp_path / "stage2").exists()
+
+
+def test_a_whole_datasetdict_instead_of_one_split_is_a_clear_error() -> None:
+    from datasets import Dataset, DatasetDict
+
+    dd = DatasetDict({"train": Dataset.from_list([{"guid": "g"}]), "test": Dataset.from_list([{"guid": "h"}])})
+    with pytest.raises(TypeError, match=r"build_stage1_dataset takes one split, e\.g\. ds\['train'\].*\['test', 'train'\]"):
+        training.build_stage1_dataset(dd, PRESET)
+    with pytest.raises(TypeError, match="build_stage2_dataset takes one split"):
+        training.build_stage2_dataset(dd, PRESET, processor=object())

@@ -19,7 +19,7 @@ import json
 import random
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,14 @@ from .images import ImageStore, ImageStoreError, is_truncated, load_image_bytes
 from .webqa import IMAGE_QCATES, ImageFact, RecordError, TextFact, WebQARecord, find_webqa_json, iter_webqa
 
 SPLITS = ("train", "validation", "test")
+
+
+def one_split(rows: Any, where: str) -> Any:
+    """``rows`` unchanged, unless it is a whole ``DatasetDict``: then a clear error instead of a ``TypeError`` later
+    (iterating a DatasetDict yields split names, and ``"train"["candidates"]`` is not a helpful message)."""
+    if isinstance(rows, Mapping):
+        raise TypeError(f"{where} takes one split, e.g. ds['train'], not the mapping of splits {sorted(map(str, rows))}")
+    return rows
 
 FILTER_REASONS: dict[str, str] = {
     "unreadable": "records that break the WebQA schema cannot be turned into prompts",
