@@ -344,13 +344,12 @@ def k_ablation(rows: Sequence[Row], preset: Preset, bank: ModelBank, ks: Sequenc
     return out
 
 
-_FORMAT_CODES = frozenset({"empty", "missing_tag", "repeated_tag", "unclosed_tag", "nested_tag", "stray_close_tag",
-                           "unexpected_tag", "text_outside_tags", "wrong_order", "empty_answer", "empty_sources", "not_text"})
-
-
 def well_formed_rate(results: Sequence[PipelineResult]) -> float:
-    """Share of completions with no structural problem (the same check the format reward pays for)."""
-    ok = sum(not any(p.split(":")[0] in _FORMAT_CODES for p in r.problems) for r in results)
+    """Share of completions the format reward would pay: no parser problem at all (unknown and repeated ids
+    included). Prompt-fitting notes that ``run_pipeline`` also records under ``problems`` do not count."""
+    from mmrag_lite.parsing import PROBLEM_CODES
+
+    ok = sum(not any(p.split(":")[0] in PROBLEM_CODES for p in r.problems) for r in results)
     return ok / max(len(results), 1)
 
 

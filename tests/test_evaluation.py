@@ -199,5 +199,34 @@ def test_write_report_is_json_and_markdown(tmp_path):
     assert data["table"][0]["system"] == "planted"
     sub = json.loads((out / "submission_planted.json").read_text())
     assert sub["q1"] == {"sources": ["g1"], "answer": "red"}
+    from mmrag_lite.pipeline import load_results
+
+    assert load_results(out / "predictions_planted.json") == PLANTED  # the full predictions read back unchanged
     assert (out / "results.md").read_text().startswith("## Results (cpu-tiny)")
     assert not list(out.glob(".*"))  # no temporary files left behind
+
+
+def test_well_formed_rate_is_the_format_rewards_test():
+    from dataclasses import replace
+
+    from mmrag_lite import rewards
+    from mmrag_lite.parsing import parse_stage2
+
+    text = "<sources>D1, D7, D1</sources><answer>red</answer>"  # an unknown id and a repeat: format reward 0
+    assert rewards.format_reward([text], stage=2, reasoning=False, candidate_ids=[["D1", "D2"]]) == [0.0]
+    problems = tuple(str(p) for p in parse_stage2(text, ["D1", "D2"], reasoning=False).problems)
+    fitted_only = replace(PLANTED[0], problems=("prompt shrunk: dropped 2 candidates, never truncated",))
+    assert E.well_formed_rate([replace(PLANTED[0], problems=problems)]) == 0.0
+    assert E.well_formed_rate([fitted_only, replace(PLANTED[1], problems=problems)]) == 0.5  # fitting notes are not format
+
+
+def test_k_ablation_rows_on_planted_results():
+    from mmrag_lite.config import get_preset
+
+    kept = [_res("q1", ["g1"], "red", kept=["g1", "d1"]),  # gold 1/1 kept
+            _res("q2", ["d1"], "no", kept=["g2", "d1"]),  # gold 1/2 kept
+            _res("q3", ["g4"], "Paris is the capital", kept=["d1", "d2"])]  # gold 0/2 kept
+    rows = E.k_ablation(ROWS, get_preset("cpu-tiny"), None, [2], reuse={2: kept})
+    assert rows[0]["k"] == 2 and rows[0]["shown (mean)"] == 2.0
+    assert rows[0]["gold recall of kept"] == pytest.approx((1 + 0.5 + 0) / 3)
+    assert rows[0]["Retr-F1"] == pytest.approx((1 + 0 + 2 / 3) / 3)

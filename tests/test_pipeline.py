@@ -143,6 +143,9 @@ def test_standard_systems_end_to_end_give_a_valid_submission(bank, tmp_path):
         report = metrics.evaluate_webqa_submission(json.loads(path.read_text()), refs)
         overall = report.overall
         assert overall["n"] == len(ROWS) and 0.0 <= overall["retrieval_f1"] <= 1.0 and 0.0 <= overall["acc"] <= 1.0
+        # the file round trip (image ids written as ints) keeps every cited id matching its gold id
+        direct = sum(metrics.webqa_retrieval_f1(r.sources, row["gold_ids"]) for r, row in zip(results, ROWS)) / len(ROWS)
+        assert overall["retrieval_f1"] == pytest.approx(direct)
         assert not any("no prediction" in n for n in report.notes)
     assert any("stage2" in n for n in bank.notes)  # the missing adapter was said out loud, not hidden
 

@@ -111,11 +111,21 @@ def test_overrides_and_yaml_round_trip(tmp_path):
     assert config.load_preset_yaml(path) == preset
 
 
-def test_auto_preset_is_cpu_tiny_without_cuda():
+@pytest.mark.parametrize(("cuda", "bf16", "gib", "expected"), [
+    (False, False, 0, "cpu-tiny"),
+    (True, False, 15, "colab-t4"),  # T4: no bf16
+    (True, True, 22, "l4"),
+    (True, True, 80, "a100"),
+])
+def test_auto_preset_follows_the_hardware(monkeypatch, cuda, bf16, gib, expected):
+    import types
+
     import torch
 
-    if not torch.cuda.is_available():
-        assert resolve_preset("auto").name == "cpu-tiny"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *_: types.SimpleNamespace(total_memory=gib * 2**30))
+    assert config.auto_preset_name() == expected and resolve_preset("auto").name == expected
 
 
 def test_committed_notebooks_have_no_outputs_and_a_parameters_cell():

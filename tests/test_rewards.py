@@ -124,6 +124,19 @@ def test_answer_reward_webqa_uses_keywords_then_answer():
                         keywords=["red", "red", ""], qcate=["color", "color", "Others"], **TRL_EXTRAS)
     assert out[0] == pytest.approx(1.0, abs=1e-4) and out[1] == 0.0
     assert out[2] == pytest.approx(1 / 4)  # recall against the full answer (no keywords): fountain of 4 lemmas
+    # Where keyword and full answer disagree, the keyword decides: 1.0 against "fountain", 0.2 against the sentence.
+    said = [stage2_target(["D1"], "a fountain")]
+    long_answer = ["A big fountain near the old church"]
+    assert answer_reward(said, answer=long_answer, keywords=["fountain"], qcate=["Others"]) == [pytest.approx(1.0)]
+    assert answer_reward(said, answer=long_answer, keywords=[""], qcate=["Others"]) == [pytest.approx(0.2)]
+
+
+def test_qa_reference_is_the_keyword_when_annotated_else_the_answer():
+    from mmrag_lite.metrics import qa_reference
+
+    assert qa_reference("A big fountain", "fountain") == "fountain"
+    assert qa_reference(["Full answer", "another"], "  ") == "Full answer"  # blank keywords do not count
+    assert qa_reference(None, None) == ""
 
 
 def test_answer_reward_qcate_defaults_to_text_recall():

@@ -15,6 +15,7 @@ from PIL import Image
 
 from mmrag_lite import modeling, pipeline, prompts, scoring
 from mmrag_lite.config import get_preset
+from mmrag_lite.parsing import parse_stage1
 
 PRESET = get_preset("cpu-tiny")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -114,7 +115,11 @@ def test_score_split_filter_report_and_judge(cold) -> None:
     per_image = scoring.image_token_count(proc, PRESET)
     assert per_image == (PRESET.model.image_size // 14) ** 2 // 4 + 2  # 56 px: 4x4 patches, 2x2 merge, + start/end
     judged = scoring.judge_by_generation(model, proc, split[0]["question"], _cands(), PRESET, max_new_tokens=4)
-    assert len(judged) == 4 and all(j.label in (None, "yes", "no") for j in judged)
+    assert len(judged) == 4
+    assert [j.label for j in judged] == [parse_stage1(j.completion, reasoning=PRESET.stage1.reasoning).label for j in judged]
+    one_by_one = scoring.judge_by_generation(model, proc, split[0]["question"], _cands(), PRESET, max_new_tokens=4,
+                                             batch_size=1)
+    assert [j.completion for j in one_by_one] == [j.completion for j in judged]  # batching (left padding) changes nothing
 
 
 @pytest.mark.slow

@@ -232,7 +232,8 @@ def test_stage1_grpo_step_trains_lora_saves_and_resumes(tiny_dir: Path, tmp_path
     assert any(not torch.equal(trained[k], resumed[k]) for k in trained)
     reloaded, _ = _load(tiny_dir, adapter=out / "adapter")
     saved = _lora_state(reloaded)
-    assert all(torch.allclose(saved[k], resumed[k], atol=1e-2) for k in saved)  # the adapter is the resumed one
+    assert all(torch.allclose(saved[k], resumed[k], atol=1e-6) for k in saved)  # the adapter is the resumed one,
+    assert any(not torch.allclose(saved[k], trained[k], atol=1e-6) for k in saved)  # not the step-2 one
 
 
 def test_stage2_grpo_step_from_stage1_adapter(tiny_dir: Path, tmp_path: Path, processor, varied_rewards: None) -> None:
