@@ -109,11 +109,9 @@ def cmd_train_stage2(args: argparse.Namespace) -> int:
     ds = data.ensure_mini_webqa(preset, wd)
     dataset, build_report = training.stage2_dataset_for_run(preset, wd, ds["train"])
     print(build_report)
-    init = Path(args.init_adapter) if args.init_adapter else (_stage1_adapter(wd) if preset.stage2.init_from == "stage1" else None)
-    if args.init_adapter and not init.exists():
+    init = Path(args.init_adapter) if args.init_adapter else None  # None: train_stage2 follows stage2.init_from
+    if init is not None and not init.exists():
         raise CLIError(f"--init-adapter {init} does not exist")
-    if preset.stage2.init_from == "stage1" and init is None:
-        print("note: stage2.init_from=stage1 but no stage-1 adapter found: starting from the base model")
     training.train_stage2(preset, dataset, wd, init_adapter=init, resume=args.resume)
     print(f"stage 2 trained: adapter {wd / 'stage2' / 'adapter'}")
     return 0

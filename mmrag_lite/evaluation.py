@@ -468,8 +468,9 @@ def retrained_stage2_ablation(preset: Preset, work_dir: str | Path, rows: Sequen
     if train_split is None:
         raise ValueError("retrained_stage2_ablation needs the Mini-WebQA train split to retrain stage 2 on "
                          "(data.ensure_mini_webqa(preset, work_dir)['train']); got None")
-    presets = {name: preset.with_overrides(**overrides) for name, overrides in variants.items()}  # bad ones fail now,
-    init = training.stage2_init_adapter(preset, run)  # not after hours of training the good ones
+    # Every variant's preset is built (and validated) first: a bad override fails now, not after hours of training.
+    presets = {name: preset.with_overrides(**overrides) for name, overrides in variants.items()}
+    init = training.stage2_init_adapter(preset, run)
     processor = training.load_processor(preset)
     for name, overrides in variants.items():
         p = presets[name]

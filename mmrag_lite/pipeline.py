@@ -334,9 +334,13 @@ def score_rows(model: Any, processor: Any, rows: Sequence[Row], preset: Preset, 
     return {str(g): {str(cid): float(s) for cid, s in pairs} for g, pairs in scored.items()}
 
 
+def _scores_file(work_dir: str | Path, split: str) -> Path:
+    return Path(work_dir) / "stage1" / f"scores_{split}.json"  # scoring.scores_path, without importing torch here
+
+
 def load_cached_scores(work_dir: str | Path, split: str) -> dict[str, dict[str, float]]:
     """Stage-1 scores notebook 03 saved for ``split`` (``{guid: {candidate id: score}}``), or ``{}``."""
-    path = Path(work_dir) / "stage1" / f"scores_{split}.json"
+    path = _scores_file(work_dir, split)
     if not path.exists():
         return {}
     raw = json.loads(path.read_text(encoding="utf-8"))
@@ -350,7 +354,7 @@ def reusable_scores(bank: ModelBank, split: str) -> dict[str, dict[str, float]]:
     one passed in ``adapters``) and were written after it (a stage 1 retrained without re-scoring makes them stale).
     """
     own, used = bank.work_dir / "stage1" / "adapter", bank.adapter_path("stage1")
-    path = bank.work_dir / "stage1" / f"scores_{split}.json"
+    path = _scores_file(bank.work_dir, split)
     if used is None or used.resolve() != own.resolve() or not path.is_file():
         return {}
     adapter_written = max((f.stat().st_mtime for f in own.iterdir()), default=0.0)
