@@ -247,7 +247,7 @@ def trap_rates(results: Sequence[PipelineResult], attacked: Sequence[Row]) -> di
         wrong = str(row.get("adversarial_answer") or "").strip().lower()
         if wrong:
             n_echo += 1
-            echoed += bool(re.search(rf"\b{re.escape(wrong)}\b", res.answer.lower()))
+            echoed += bool(re.search(rf"(?<!\w){re.escape(wrong)}(?!\w)", res.answer.lower()))  # \b fails after "."
     n = max(len(results), 1)
     return {"trap kept (top-k)": kept / n, "trap cited": cited / n,
             "wrong answer echoed": (echoed / n_echo) if n_echo else float("nan")}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import json
 import random
 
@@ -230,3 +231,45 @@ def test_k_ablation_rows_on_planted_results():
     assert rows[0]["k"] == 2 and rows[0]["shown (mean)"] == 2.0
     assert rows[0]["gold recall of kept"] == pytest.approx((1 + 0.5 + 0) / 3)
     assert rows[0]["Retr-F1"] == pytest.approx((1 + 0 + 2 / 3) / 3)
+
+
+def test_robustness_check_reports_the_drop_and_the_traps(monkeypatch):
+    """A planted pipeline that is perfect on clean pools and falls for every injected document once attacked."""
+    from mmrag_lite.config import get_preset
+
+    def gullible_pipeline(rows, preset, *, system, bank, progress):
+        out = []
+        for r in rows:
+            adv = [c["id"] for c in r["candidates"] if c["id"].startswith("adv-")]
+            if adv:  # cite the trap and repeat what it says (the lexical trap says no answer: answer "unknown")
+                out.append(_res(r["guid"], adv, r["adversarial_answer"] or "unknown", kept=adv))
+            else:
+                out.append(_res(r["guid"], r["gold_ids"], r["answer"], kept=r["gold_ids"]))
+        return out
+
+    monkeypatch.setattr(E, "run_pipeline", gullible_pipeline)
+    table = E.robustness_check(ROWS, get_preset("cpu-tiny"), bank=None, progress=False)
+    clean, conflicting, lexical = table
+    assert [row["distractor"] for row in table] == ["none (clean)", "conflicting", "lexical"]
+    assert clean["Retr-F1"] == pytest.approx(1.0) and clean["Δ Retr-F1"] == 0.0
+    for attacked in (conflicting, lexical):
+        assert attacked["Retr-F1"] == 0.0 and attacked["Δ Retr-F1"] == pytest.approx(-1.0)
+        assert attacked["trap kept (top-k)"] == 1.0 and attacked["trap cited"] == 1.0
+    assert conflicting["wrong answer echoed"] == 1.0
+    assert conflicting["QA-Acc"] < clean["QA-Acc"]
+    assert math.isnan(lexical["wrong answer echoed"])  # the lexical trap states no answer: nothing to echo
+
+
+def test_robustness_check_reuses_given_clean_results(monkeypatch):
+    from mmrag_lite.config import get_preset
+
+    calls = []
+
+    def counting_pipeline(rows, preset, *, system, bank, progress):
+        calls.append([r["guid"] for r in rows])
+        return [_res(r["guid"], r["gold_ids"], r["answer"]) for r in rows]
+
+    monkeypatch.setattr(E, "run_pipeline", counting_pipeline)
+    table = E.robustness_check(ROWS, get_preset("cpu-tiny"), bank=None, kinds=("lexical",), clean=PLANTED, progress=False)
+    assert len(calls) == 1  # only the attacked pools ran; the clean results were reused
+    assert table[0]["Retr-F1"] == pytest.approx(E.score_webqa(PLANTED, ROWS)["Retr-F1"])

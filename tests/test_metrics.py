@@ -24,6 +24,7 @@ from mmrag_lite.metrics import (
     recall_at_k,
     webqa_accuracy,
     webqa_fluency,
+    webqa_fluency_batch,
     webqa_qa,
     webqa_retrieval_f1,
     word_to_num,
@@ -130,6 +131,21 @@ def test_fluency_arithmetic_with_a_fake_scorer():
     # max over references, capped at 1
     assert webqa_fluency("the car", ["a red car", "the car!"], scorer) == pytest.approx(1.0)
     assert normalize_for_bart("It's  red, isn't it?") == "Its red isnt it"
+
+
+def test_fluency_batch_scores_many_questions_in_one_scorer_call():
+    class CountingScorer(FakeScorer):
+        batches = 0
+
+        def score(self, srcs, tgts):
+            CountingScorer.batches += 1
+            return super().score(srcs, tgts)
+
+    scorer = CountingScorer()
+    out = webqa_fluency_batch(["the red car", "the car", "anything"], [["the car"], ["a red car", "the car"], []], scorer)
+    assert out == pytest.approx([math.exp(-1), 1.0, 0.0])  # a question without references scores 0
+    assert CountingScorer.batches == 1
+    assert webqa_fluency_batch([], [], scorer) == [] and CountingScorer.batches == 1  # nothing to score: no call
 
 
 def test_webqa_qa_is_the_mean_of_products():

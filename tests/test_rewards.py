@@ -111,6 +111,15 @@ def test_listing_every_candidate_does_not_pay():
     assert _rank(everything, ["D5"], metric="ndcg") == 0.0
 
 
+def test_ranking_score_candidates_bound_the_gold_set():
+    # candidates=None: every gold id counts; with candidates, gold the model could not see is not asked for
+    assert rewards.ranking_score(["D2"], ["D2", "D7"], None) == pytest.approx(2 / 3)
+    assert rewards.ranking_score(["D2"], ["D2", "D7"], CANDS) == 1.0
+    assert rewards.ranking_score(["D2"], ["D7"], CANDS) == 0.0  # no visible gold: nothing to earn
+    with pytest.raises(ValueError, match="unknown ranking metric"):
+        rewards.ranking_score(["D2"], ["D2"], None, metric="map")
+
+
 def test_ranking_unreadable_sources_get_the_penalty():
     out = ranking_reward(["<answer>x</answer>", None, "<sources>D1</sources><sources>D2</sources><answer>x</answer>"],
                          candidate_ids=[CANDS] * 3, gold_ids=[["D1"]] * 3, penalty=-0.2)

@@ -308,3 +308,12 @@ def test_a_whole_datasetdict_instead_of_one_split_is_a_clear_error() -> None:
         training.build_stage1_dataset(dd, PRESET)
     with pytest.raises(TypeError, match="build_stage2_dataset takes one split"):
         training.build_stage2_dataset(dd, PRESET, processor=object())
+
+
+def test_last_checkpoint_is_the_highest_step_not_the_latest_name(tmp_path: Path) -> None:
+    assert training.last_checkpoint(tmp_path / "absent") is None
+    assert training.last_checkpoint(tmp_path) is None
+    for step in (2, 10, 9):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    (tmp_path / "checkpoint-final").mkdir()  # not a step: ignored
+    assert training.last_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
