@@ -50,7 +50,9 @@ Row = Mapping[str, Any]
 UNAVAILABLE = "unavailable offline"
 NOT_RUN = "—"
 RETRAINED_ABLATION_TITLE = "stage 2 retrained per variant (reward weights, reasoning)"
-MAIN_COLUMNS = ("system", "Retr-F1", "QA-Acc", "QA-FL", "QA", "MMQA EM", "MMQA F1", "n")  # MMQA columns x100, as published
+# MMQA columns x100, as published. "well-formed" (WebQA completions the format reward would pay) says how far a
+# row's Retr-F1 reflects retrieval rather than format: a completion citing an id that is not shown cites nothing.
+MAIN_COLUMNS = ("system", "Retr-F1", "QA-Acc", "QA-FL", "QA", "MMQA EM", "MMQA F1", "well-formed", "n")
 
 # The paper's reported numbers (arXiv 2512.17194). Theirs, on their models and the full benchmarks — never ours.
 PAPER_REFERENCE: tuple[dict[str, Any], ...] = (
@@ -305,7 +307,7 @@ def systems_table(preds: Mapping[str, Sequence[PipelineResult]], rows: Sequence[
     for name, res in preds.items():
         w = score_webqa(res, rows, fluency_scorer=fluency_scorer)
         cats[name] = w.pop("per_category")
-        row = {"system": name, **w}
+        row = {"system": name, **w, "well-formed": well_formed_rate(res)}
         if mmqa_preds and name in mmqa_preds and mmqa_rows:
             m = score_mmqa(mmqa_preds[name], mmqa_rows)
             row["MMQA EM"], row["MMQA F1"] = m["MMQA EM"], m["MMQA F1"]

@@ -63,6 +63,16 @@ def test_systems_table_shape_and_markdown():
     assert len(lines) == 4 and lines[0].startswith("| system | Retr-F1 | QA-Acc")
     assert "| planted | 0.556 | 0.667 | unavailable offline |" in md
     assert set(cats) == {"perfect", "planted"}
+    assert table[0]["well-formed"] == 1.0
+
+
+def test_systems_table_well_formed_counts_completions_citing_ids_not_shown():
+    from dataclasses import replace
+
+    cites_nothing = [replace(r, problems=("unknown_id: not among the candidates: D3",), sources=()) for r in PERFECT]
+    table, _ = E.systems_table({"half": PERFECT[:1] + cites_nothing[1:], "none": cites_nothing}, ROWS)
+    assert table[0]["well-formed"] == pytest.approx(1 / 3) and table[1]["well-formed"] == 0.0
+    assert table[1]["Retr-F1"] == 0.0  # the column explains the zero: nothing shown was cited
 
 
 def test_mmqa_scores_are_x100():
