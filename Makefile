@@ -11,6 +11,8 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.mmrag-installed
 PRESET ?= cpu-tiny
+# e.g. make course COURSE_ARGS="--set evaluation.retrain_ablations=false" (dotted preset overrides for every notebook)
+COURSE_ARGS ?=
 
 .PHONY: course test test-fast lint clean-runs help
 
@@ -30,7 +32,7 @@ $(STAMP): pyproject.toml Makefile | $(PY)
 	@touch $(STAMP)
 
 course: $(STAMP)
-	$(PY) -m mmrag_lite course --preset $(PRESET)
+	$(PY) -m mmrag_lite course --preset $(PRESET) $(COURSE_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -135,7 +135,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_course(args: argparse.Namespace) -> int:
     from mmrag_lite import course
 
-    report = course.run_course(preset=args.preset, out_dir=args.out_dir)
+    overrides = dict(parse_override(s) for s in (args.set or []))
+    try:
+        report = course.run_course(preset=args.preset, out_dir=args.out_dir, overrides=overrides)
+    except ConfigError as exc:
+        raise CLIError(str(exc)) from None
     print(report.summary() if hasattr(report, "summary") else json.dumps(report, indent=2, default=str))
     return 0 if getattr(report, "ok", True) else 1
 
@@ -191,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("course", help="run every course notebook headless (papermill) and print a summary")
     p.add_argument("--preset", type=_preset_name, default="cpu-tiny")
     p.add_argument("--out-dir", default=None, help="where executed notebooks and the run folder go")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help="dotted preset override passed to every notebook, repeatable "
+                        "(e.g. --set evaluation.retrain_ablations=false on a slow machine)")
     p.set_defaults(func=cmd_course)
     return parser
 

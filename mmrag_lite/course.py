@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from .config import project_root, runs_dir
+from .config import project_root, resolve_preset, runs_dir
 
 
 def _kernel_manager_class() -> type:
@@ -59,6 +60,7 @@ class CourseReport:
     run_dir: Path
     work_dir: Path
     notebooks: list[NotebookRun] = field(default_factory=list)
+    overrides: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -70,7 +72,8 @@ class CourseReport:
 
     def summary(self) -> str:
         """One screen: each notebook's status and time, then the headline numbers the run wrote to disk."""
-        lines = [f"mmrag-lite course, preset {self.preset!r}: {'OK' if self.ok else 'FAILED'} in {self.seconds:.0f} s"]
+        changed = f" with {', '.join(f'{k}={v}' for k, v in self.overrides.items())}" if self.overrides else ""
+        lines = [f"mmrag-lite course, preset {self.preset!r}{changed}: {'OK' if self.ok else 'FAILED'} in {self.seconds:.0f} s"]
         lines += [
             f"  {'ok ' if nb.ok else 'ERR'} {nb.name:<36} {nb.seconds:6.1f} s" + (f"  {nb.error}" if nb.error else "")
             for nb in self.notebooks
@@ -123,15 +126,20 @@ def run_course(
     timeout_per_cell: int = 900,
     stop_on_error: bool = True,
     extra_parameters: dict | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> CourseReport:
-    """Execute the course notebooks in order with ``preset`` injected; return the report (never raises on a
-    notebook failure: the report says which notebook failed and why)."""
+    """Execute the course notebooks in order with ``preset`` (and dotted ``overrides`` of it) injected; return the
+    report. A notebook failure never raises: the report says which notebook failed and why. Bad overrides raise
+    ``ConfigError`` before any notebook starts."""
     import papermill as pm
 
+    overrides = dict(overrides or {})
+    if overrides:
+        resolve_preset(preset, **overrides)  # fail here, naming the field, not inside notebook 01's third cell
     run_dir = Path(out_dir) if out_dir else runs_dir() / time.strftime("course-%Y%m%d-%H%M%S")
     work = run_dir / "work"
     work.mkdir(parents=True, exist_ok=True)
-    report = CourseReport(preset=preset, run_dir=run_dir, work_dir=work)
+    report = CourseReport(preset=preset, run_dir=run_dir, work_dir=work, overrides=overrides)
     for path in notebooks or notebook_paths():
         output = run_dir / path.name
         start = time.perf_counter()
@@ -139,7 +147,7 @@ def run_course(
             pm.execute_notebook(
                 str(path),
                 str(output),
-                parameters={"preset": preset, "work_dir": str(work), **(extra_parameters or {})},
+                parameters={"preset": preset, "work_dir": str(work), "overrides": overrides, **(extra_parameters or {})},
                 cwd=str(path.parent),
                 kernel_name="python3",
                 execution_timeout=timeout_per_cell,

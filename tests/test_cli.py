@@ -90,13 +90,21 @@ def test_course_calls_run_course(monkeypatch, capsys):
         def summary(self):
             return "all good"
 
-    def fake_run_course(preset="cpu-tiny", out_dir=None, **kw):
-        calls.update(preset=preset, out_dir=out_dir)
+    def fake_run_course(preset="cpu-tiny", out_dir=None, overrides=None, **kw):
+        calls.update(preset=preset, out_dir=out_dir, overrides=overrides)
         return Report()
 
     monkeypatch.setattr(course, "run_course", fake_run_course)
     assert cli.main(["course", "--preset", "cpu-tiny", "--out-dir", "x"]) == 0
-    assert calls == {"preset": "cpu-tiny", "out_dir": "x"} and "all good" in capsys.readouterr().out
+    assert calls == {"preset": "cpu-tiny", "out_dir": "x", "overrides": {}} and "all good" in capsys.readouterr().out
+    assert cli.main(["course", "--set", "evaluation.retrain_ablations=false", "--set", "stage1.grpo.max_steps=20"]) == 0
+    assert calls["overrides"] == {"evaluation.retrain_ablations": False, "stage1.grpo.max_steps": 20}
+
+
+def test_course_refuses_a_bad_override_before_running_anything(tmp_path, capsys):
+    assert cli.main(["course", "--out-dir", str(tmp_path / "run"), "--set", "stage1.grpo.max_step=20"]) == 2
+    assert "stage1.grpo.max_step" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # no run folder, no notebook started
 
 
 def test_unknown_split_is_refused_by_the_parser():

@@ -26,19 +26,21 @@ def test_notebook_runs_headless_on_cpu_tiny(path, course_dir):
     assert run.ok, f"{path.name} failed: {run.error} (executed copy: {run.output})"
 
 
-def test_course_kernels_start_without_the_unencrypted_tcp_warning(tmp_path, capfd):
-    """ipykernel >= 7.3 prints a warning per kernel started over plain TCP; the course asks for encryption."""
+def test_course_injects_overrides_and_starts_kernels_without_the_unencrypted_tcp_warning(tmp_path, capfd):
+    """Overrides reach the parameters cell; ipykernel >= 7.3 warns per kernel started over plain TCP, so the
+    course asks for encryption."""
     import nbformat
     import zmq
 
     if not zmq.has("curve"):
         pytest.skip("this pyzmq has no CurveZMQ: kernels cannot be encrypted here, so ipykernel may warn")
     nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "language": "python", "display_name": "Python 3"}})
-    nb.cells = [nbformat.v4.new_code_cell("preset = None\nwork_dir = None", metadata={"tags": ["parameters"]}),
-                nbformat.v4.new_code_cell("print('kernel', 40 + 2)")]
+    nb.cells = [nbformat.v4.new_code_cell("preset = None\nwork_dir = None\noverrides = {}", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("print('kernel', 40 + 2, 'k =', overrides.get('stage1.k'))")]
     path = tmp_path / "00_probe.ipynb"
     nbformat.write(nb, path)
-    report = run_course("cpu-tiny", tmp_path / "run", notebooks=[path])
+    report = run_course("cpu-tiny", tmp_path / "run", notebooks=[path], overrides={"stage1.k": 3})
     assert report.notebooks[0].ok, report.notebooks[0].error
-    assert "kernel 42" in (tmp_path / "run" / path.name).read_text()
+    assert "kernel 42 k = 3" in (tmp_path / "run" / path.name).read_text()  # the overrides reached the notebook
+    assert "preset 'cpu-tiny' with stage1.k=3: OK" in report.summary()
     assert "without encryption" not in capfd.readouterr().err

@@ -139,6 +139,18 @@ def test_committed_notebooks_have_no_outputs_and_a_parameters_cell():
         assert len(params) == 1, f"{path.name} needs exactly one cell tagged 'parameters'"
         source = "".join(params[0]["source"])
         assert 'preset = "auto"' in source and "work_dir = None" in source, path.name
+        assert "config.resolve_preset(preset, **overrides)" in "".join("".join(c["source"]) for c in code), path.name
+
+
+def test_papermill_reads_every_course_parameter():
+    """Papermill skips a parameter it cannot parse (an '=' in its comment does it) and only warns at run time."""
+    import nbformat
+    from papermill.translators import PythonTranslator
+
+    for path in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+        assert {p.name for p in PythonTranslator.inspect(cell)} >= {"preset", "work_dir", "overrides"}, path.name
 
 
 def _documented_layers() -> list[set[str]]:
