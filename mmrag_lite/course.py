@@ -22,8 +22,8 @@ def _kernel_manager_class() -> type:
     """nbclient's kernel manager, asking for CurveZMQ transport encryption where both ends support it.
 
     ipykernel >= 7.3 warns on every kernel start that runs over TCP unencrypted; encrypting (jupyter_client >= 8.9,
-    pyzmq with curve) silences that noise in ``make course`` and is the safer default anyway. Older stacks, such
-    as Colab's, ignore the setting and run as before.
+    pyzmq with curve) silences that noise in ``make course`` and is the safer default anyway. Stacks without
+    those pieces get the plain manager and run as before.
     """
     import zmq
     from jupyter_client.manager import AsyncKernelManager
