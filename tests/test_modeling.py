@@ -230,6 +230,7 @@ def test_one_grpo_step_on_mixed_batch_changes_lora(tiny_dir: Path, tmp_path: Pat
         output_dir=str(tmp_path / "run"), use_cpu=True, bf16=False, fp16=False, report_to=[], max_steps=1,
         per_device_train_batch_size=12, num_generations=4, max_completion_length=4, learning_rate=5e-2,
         logging_steps=1, save_strategy="no", temperature=1.0, beta=0.0, seed=0, shuffle_dataset=False,
+        activation_checkpointing=False,  # the new name: TRL's default sets the deprecated one
     )
     trainer = GRPOTrainer(model=model, reward_funcs=[length_reward], args=args, train_dataset=dataset,
                           processing_class=processor, peft_config=M.lora_config(PRESET))
