@@ -355,6 +355,26 @@ def well_formed_rate(results: Sequence[PipelineResult]) -> float:
     return ok / max(len(results), 1)
 
 
+def slot_table(results: Sequence[PipelineResult], rows: Sequence[Row]) -> list[dict[str, Any]]:
+    """Per prompt slot ``D1..Dn``: how often it held a gold document, and how often the completion cited it.
+
+    A model that reads cites the slots where the gold is; one that learnt a positional shortcut cites the same slot
+    whatever it holds. Slots past the shown list count citations of ids that were never shown (format errors).
+    Shares are over questions with a prediction.
+    """
+    gold = {str(r["guid"]): {str(g) for g in r["gold_ids"]} for r in rows}
+    preds = [res for res in results if res.guid in gold]
+    n_slots = max([len(res.kept_ids) for res in preds] + [int(s[1:]) for res in preds for s in res.short_sources
+                                                          if re.fullmatch(r"D[1-9]\d{0,2}", s)], default=0)
+    table = []
+    for i in range(1, n_slots + 1):
+        slot = f"D{i}"
+        held = sum(i <= len(res.kept_ids) and res.kept_ids[i - 1] in gold[res.guid] for res in preds)
+        cited = sum(slot in res.short_sources for res in preds)
+        table.append({"slot": slot, "gold here": held / max(len(preds), 1), "cited": cited / max(len(preds), 1)})
+    return table
+
+
 def reasoning_ablation(rows: Sequence[Row], preset: Preset, bank: ModelBank, *, split: str | None = None,
                        scores: Mapping[str, Mapping[str, float]] | None = None,
                        reuse: Mapping[bool, Sequence[PipelineResult]] | None = None, progress: bool = True) -> list[dict[str, Any]]:
@@ -645,6 +665,7 @@ __all__ = [
     "score_mmqa",
     "score_webqa",
     "scores_of",
+    "slot_table",
     "stage2_ablation_variants",
     "systems_table",
     "trap_rates",

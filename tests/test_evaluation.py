@@ -283,3 +283,23 @@ def test_robustness_check_reuses_given_clean_results(monkeypatch):
     table = E.robustness_check(ROWS, get_preset("cpu-tiny"), bank=None, kinds=("lexical",), clean=PLANTED, progress=False)
     assert len(calls) == 1  # only the attacked pools ran; the clean results were reused
     assert table[0]["Retr-F1"] == pytest.approx(E.score_webqa(PLANTED, ROWS)["Retr-F1"])
+
+
+def test_slot_table_separates_reading_from_a_positional_shortcut():
+    from dataclasses import replace
+
+    shown = {"q1": ("d1", "g1", "d2"), "q2": ("g2", "d1", "g3"), "q3": ("d2", "d1", "g4")}  # gold in D2 / D1+D3 / D3
+
+    def cites(slots):
+        return [replace(_res(g, [], "x", kept=kept), short_sources=tuple(slots[g])) for g, kept in shown.items()]
+
+    reader = E.slot_table(cites({"q1": ["D2"], "q2": ["D1", "D3"], "q3": ["D3"]}), ROWS)
+    assert [r["slot"] for r in reader] == ["D1", "D2", "D3"]
+    assert [r["gold here"] for r in reader] == pytest.approx([1 / 3, 1 / 3, 2 / 3])
+    assert [r["cited"] for r in reader] == [r["gold here"] for r in reader]  # cites where the gold is
+
+    shortcut = E.slot_table(cites({"q1": ["D2"], "q2": ["D2"], "q3": ["D2", "D4"]}), ROWS)
+    assert [r["slot"] for r in shortcut] == ["D1", "D2", "D3", "D4"]  # D4 was never shown: a format error
+    assert [r["cited"] for r in shortcut] == pytest.approx([0.0, 1.0, 0.0, 1 / 3])
+    assert shortcut[3]["gold here"] == 0.0
+    assert E.slot_table([], ROWS) == []
