@@ -265,6 +265,7 @@ class EvalReport:
     per_category: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     ablations: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     robustness: list[dict[str, Any]] = field(default_factory=list)
+    slots: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # per system: gold vs cited D-slot
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     predictions: dict[str, list[PipelineResult]] = field(default_factory=dict)
@@ -272,7 +273,7 @@ class EvalReport:
     def to_dict(self) -> dict[str, Any]:
         ref_rows, _ = paper_reference_table()
         return {"preset": self.preset, "table": self.table, "per_category": self.per_category, "ablations": self.ablations,
-                "robustness": self.robustness, "notes": self.notes, "timings_s": self.timings,
+                "robustness": self.robustness, "slots": self.slots, "notes": self.notes, "timings_s": self.timings,
                 "paper_reference (reported by the paper, not measured here)": ref_rows}
 
     def markdown(self) -> str:
@@ -286,6 +287,9 @@ class EvalReport:
         for name, rows in self.per_category.items():
             if rows:
                 parts.append(f"\n### Per question category: {name}\n\n" + markdown_table(rows))
+        for name, rows in self.slots.items():
+            if rows:
+                parts.append(f"\n### Where the gold sat vs which slot was cited: {name}\n\n" + markdown_table(rows))
         parts.append("\n### The paper's reported numbers (reference only)\n\n" + paper_reference_table()[1])
         return "".join(parts)
 
@@ -588,6 +592,7 @@ def evaluate(preset: Preset, work_dir: str | Path, *, split: str = "test", n_que
         report.timings["mmqa"] = time.perf_counter() - t
     report.table, report.per_category = systems_table(report.predictions, rows, mmqa_preds=mmqa_preds, mmqa_rows=mmqa_rows,
                                                       fluency_scorer=fluency_scorer)
+    report.slots = {name: slot_table(res, rows) for name, res in report.predictions.items()}
     for row in report.table:
         row["n"] = f"{row['n']} WebQA" + (f" + {len(mmqa_rows)} MMQA" if mmqa_rows and row["system"] in mmqa_preds else "")
     if ablations:

@@ -205,9 +205,11 @@ def test_plot_results_labels_groups_by_the_given_column():
 def test_write_report_is_json_and_markdown(tmp_path):
     report = E.EvalReport(preset="cpu-tiny", predictions={"planted": PLANTED})
     report.table, _ = E.systems_table({"planted": PLANTED}, ROWS)
+    report.slots = {"planted": [{"slot": "D1", "gold here": 1.0, "cited": 0.5}]}
     out = E.write_report(report, tmp_path)
     data = json.loads((out / "results.json").read_text())
-    assert data["table"][0]["system"] == "planted"
+    assert data["table"][0]["system"] == "planted" and data["slots"] == report.slots
+    assert "| D1 | 1.000 | 0.500 |" in (out / "results.md").read_text()
     sub = json.loads((out / "submission_planted.json").read_text())
     assert sub["q1"] == {"sources": ["g1"], "answer": "red"}
     from mmrag_lite.pipeline import load_results

@@ -224,6 +224,10 @@ def test_evaluate_writes_the_eval_folder(bank, tmp_path):
         assert len(json.loads((folder / "stage2" / "log_history.json").read_text())) >= 1
     assert all(0 <= r["Retr-F1"] <= 1 and 0 <= r["well-formed"] <= 1 for r in retrained)
     assert [r["distractor"] for r in report.robustness] == ["none (clean)", "conflicting", "lexical"]
+    assert list(report.slots) == [s.name for s in P.standard_systems(PRESET)]
+    oracle_slots = report.slots["oracle sources"]
+    assert oracle_slots[0]["slot"] == "D1" and oracle_slots[0]["gold here"] == 1.0  # the oracle shows only gold
     md = (tmp_path / "eval" / "results.md").read_text()
+    assert "### Where the gold sat vs which slot was cited: oracle sources" in md
     assert md.startswith("## Results (cpu-tiny)") and "reference only" in md
     assert any("stage1 adapter" in n for n in report.notes)  # the fallback is in the report, not only on stdout
