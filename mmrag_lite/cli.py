@@ -54,13 +54,22 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def overrides_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--set`` options as ``{dotted key: value}``."""
+    return dict(parse_override(s) for s in (args.set or []))
+
+
+def _add_set_option(p: argparse.ArgumentParser, help_example: str = "") -> None:
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help=f"dotted preset override, repeatable (e.g. --set stage1.grpo.max_steps=5){help_example}")
+
+
 def resolve(args: argparse.Namespace) -> tuple[Preset, Path]:
     """The preset with overrides applied, and the run folder (created)."""
     from mmrag_lite.config import resolve_preset, work_dir
 
-    overrides = dict(parse_override(s) for s in (args.set or []))
     try:
-        preset = resolve_preset(args.preset, **overrides)
+        preset = resolve_preset(args.preset, **overrides_of(args))
     except ConfigError as exc:
         raise CLIError(str(exc)) from None
     return preset, work_dir(preset, args.work_dir)
@@ -135,9 +144,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_course(args: argparse.Namespace) -> int:
     from mmrag_lite import course
 
-    overrides = dict(parse_override(s) for s in (args.set or []))
     try:
-        report = course.run_course(preset=args.preset, out_dir=args.out_dir, overrides=overrides)
+        report = course.run_course(preset=args.preset, out_dir=args.out_dir, overrides=overrides_of(args))
     except ConfigError as exc:
         raise CLIError(str(exc)) from None
     print(report.summary() if hasattr(report, "summary") else json.dumps(report, indent=2, default=str))
@@ -154,8 +162,7 @@ def _preset_name(value: str) -> str:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", type=_preset_name, default="auto", help="hardware preset: auto, " + ", ".join(sorted(PRESETS)))
     p.add_argument("--work-dir", default=None, help="run folder (default runs/<preset>)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
-                   help="dotted preset override, repeatable (e.g. --set stage1.grpo.max_steps=5)")
+    _add_set_option(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,9 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("course", help="run every course notebook headless (papermill) and print a summary")
     p.add_argument("--preset", type=_preset_name, default="cpu-tiny")
     p.add_argument("--out-dir", default=None, help="where executed notebooks and the run folder go")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
-                   help="dotted preset override passed to every notebook, repeatable "
-                        "(e.g. --set evaluation.retrain_ablations=false on a slow machine)")
+    _add_set_option(p, "; passed to every notebook (--set evaluation.retrain_ablations=false saves time on a slow machine)")
     p.set_defaults(func=cmd_course)
     return parser
 
