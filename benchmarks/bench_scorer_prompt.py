@@ -30,19 +30,11 @@ VARIANTS = {  # name -> (reasoning prompt?, text appended after the assistant he
 
 
 def score_rows(model, processor, rows, preset, reasoning: bool, prefill: str) -> scoring.Scored:
-    """``scoring._score_pairs`` with the prompt and prefill swapped: one forward pass per question's pool."""
-    yes_id, no_id = scoring.yes_no_token_ids(processor)
-    out: scoring.Scored = {}
-    model.eval()
-    with torch.inference_mode(), scoring._left_padding(processor):
-        for r in rows:
-            texts = [processor.apply_chat_template(prompts.stage1_messages(r["question"], c, reasoning=reasoning),
-                                                   add_generation_prompt=True, tokenize=False) + prefill for c in r["candidates"]]
-            images = [scoring._prepare_images(prompts.stage1_images(c), preset) for c in r["candidates"]]
-            logits = model(**scoring._encode(processor, texts, images), logits_to_keep=1).logits[:, -1, :].float()
-            p_yes = torch.softmax(torch.stack([logits[:, yes_id], logits[:, no_id]], -1), -1)[:, 0].tolist()
-            out[r["guid"]] = [(c["id"], p) for c, p in zip(r["candidates"], p_yes)]
-    return out
+    """The scorer's own forward pass, with the prompt and prefill swapped."""
+    pairs = [(r["question"], c) for r in rows for c in r["candidates"]]
+    flat = iter(scoring._score_pairs(model, processor, pairs, preset, batch_size=scoring.DEFAULT_BATCH_SIZE,
+                                     reasoning_prompt=reasoning, prefill=prefill))
+    return {r["guid"]: [(c["id"], next(flat)) for c in r["candidates"]] for r in rows}
 
 
 def main() -> None:

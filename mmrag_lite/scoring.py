@@ -113,10 +113,16 @@ def _score_pairs(
     batch_size: int,
     progress: bool = False,
     desc: str = "scoring",
+    reasoning_prompt: bool = False,
+    prefill: str | None = None,
 ) -> list[float]:
-    """P(yes) for many (question, candidate) pairs, ``batch_size`` prompts per forward pass."""
+    """P(yes) for many (question, candidate) pairs, ``batch_size`` prompts per forward pass.
+
+    ``reasoning_prompt``/``prefill`` (what follows the assistant header; it must end in ``<answer>``) exist for
+    ``benchmarks/bench_scorer_prompt.py``, which measured the defaults against the alternatives.
+    """
     yes_id, no_id = yes_no_token_ids(processor)
-    prefix = answer_prefix()
+    prefix = answer_prefix() if prefill is None else prefill
     device = _model_device(model)
     scores: list[float] = []
     starts = range(0, len(pairs), batch_size)
@@ -130,7 +136,7 @@ def _score_pairs(
         with torch.inference_mode(), _left_padding(processor):
             for start in starts:
                 chunk = pairs[start : start + batch_size]
-                texts = [_stage1_text(processor, q, c, reasoning=False) + prefix for q, c in chunk]
+                texts = [_stage1_text(processor, q, c, reasoning=reasoning_prompt) + prefix for q, c in chunk]
                 images = [_prepare_images(prompts.stage1_images(c), preset) for _, c in chunk]
                 enc = {k: v.to(device) for k, v in _encode(processor, texts, images).items()}
                 logits = model(**enc, logits_to_keep=1).logits[:, -1, :].float()
