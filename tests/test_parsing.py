@@ -127,20 +127,24 @@ def test_stage2_without_candidates_accepts_any_id():
 
 
 @pytest.mark.parametrize(
-    "text, code",
+    "text, code, source_ids, answer",
     [
-        ("<sources></sources><answer>x</answer>", "empty_sources"),
-        ("<sources>D1</sources><answer>  </answer>", "empty_answer"),
-        ("<answer>x</answer>", "missing_tag"),
-        ("<answer>x</answer><sources>D1</sources>", "wrong_order"),
-        ("<sources>D1</sources><answer>x</answer><answer>y</answer>", "repeated_tag"),
-        ("<sources>D1</sources><answer>x", "unclosed_tag"),
-        ("<sources>D1</sources>\nThe answer is x", "text_outside_tags"),
+        ("<sources></sources><answer>x</answer>", "empty_sources", (), "x"),
+        ("<sources>D1</sources><answer>  </answer>", "empty_answer", ("D1",), ""),
+        ("<answer>x</answer>", "missing_tag", None, "x"),
+        ("<answer>x</answer><sources>D1</sources>", "wrong_order", ("D1",), "x"),
+        ("<sources>D1</sources><answer>x</answer><answer>y</answer>", "repeated_tag", ("D1",), None),
+        ("<sources>D1</sources><answer>x", "unclosed_tag", ("D1",), None),
+        ("<sources>D1</sources>\nThe answer is x", "text_outside_tags", ("D1",), None),
     ],
 )
-def test_stage2_problems(text, code):
+def test_stage2_problems(text, code, source_ids, answer):
+    """Each problem is named, and the fields that are still unambiguous survive it (the ranking reward reads them)."""
     parsed = parse_stage2(text, IDS, reasoning=False)
     assert code in parsed.codes, parsed.problems
+    assert not parsed.ok
+    assert parsed.source_ids == source_ids
+    assert parsed.answer == answer
 
 
 def test_stage2_ambiguous_fields_are_none():
