@@ -41,7 +41,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not notebook"
 
 lint: $(STAMP)
-	$(PY) -m ruff check mmrag_lite tests benchmarks
+	$(PY) -m ruff check mmrag_lite tests benchmarks notebooks
 
 clean-runs:
 	rm -rf runs
