@@ -41,7 +41,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not notebook"
 
 lint: $(STAMP)
-	$(PY) -m ruff check mmrag_lite tests benchmarks notebooks
+	$(PY) -m ruff check
 
 clean-runs:
 	rm -rf runs
