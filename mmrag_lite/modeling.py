@@ -361,6 +361,7 @@ class WarmUpSettings:
     seed: int = 0
     # A fixed torch thread count, not the machine's: the float sums (hence the warm model) depend on it, and with it
     # fixed a rebuild is bit-identical (measured for 1 and 2). Two threads: 0.18 s/step vs 0.24 s on one (2 cores).
+    # Capped at the cores this process may use (more threads than cores contend), see warm_up_threads.
     threads: int = 2
     version: int = 1  # part of the cache key: bump when the warm-up code changes in a way the settings do not show
 
@@ -601,7 +602,8 @@ def _model_card(info: Mapping[str, Any]) -> str:
             "and stage-2 `<sources>..</sources><answer>..</answer>` targets), stopped early on purpose so that GRPO",
             "has room to improve. A pretrained VLM needs no such warm-up.",
             "",
-            f"- steps: {warm.get('steps')}, seconds: {warm.get('seconds'):.1f}, data: {warm.get('data_source')}",
+            (f"- steps: {warm.get('steps')}, seconds: {warm.get('seconds'):.1f} on {warm.get('threads')} torch "
+             f"thread(s), data: {warm.get('data_source')}"),
             (f"- stage-1 held-out greedy accuracy: {warm.get('stage1_accuracy'):.3f} "
             f"(majority baseline {warm.get('stage1_majority'):.3f})"),
             (f"- stage-2 held-out answer accuracy: {warm.get('stage2_accuracy'):.3f} "
@@ -631,6 +633,15 @@ def _data_source() -> str:
     return "standin"
 
 
+def warm_up_threads(settings: WarmUpSettings = WarmUpSettings()) -> int:
+    """Threads the warm-up runs on: ``settings.threads``, never more than the cores this process may use."""
+    try:
+        cores = len(os.sched_getaffinity(0))  # a container's CPU limit, where the OS reports one
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        cores = os.cpu_count() or 1
+    return max(1, min(settings.threads, cores))
+
+
 def tiny_model_dir(warm: bool = True, settings: TinyVLMSettings = TinyVLMSettings(),
                    warm_settings: WarmUpSettings = WarmUpSettings(), preset: Preset | str | None = None) -> Path:
     """Cache folder of the miniature under ``data/models/``, named by a short hash of everything that shapes it."""
@@ -640,7 +651,7 @@ def tiny_model_dir(warm: bool = True, settings: TinyVLMSettings = TinyVLMSetting
         return base
     p = _as_preset(preset or "cpu-tiny")
     warm_key = _short_hash({"warm": asdict(warm_settings), "data": _data_source(), "data_settings": asdict(p.data),
-                            "seed": p.seed, "k": p.stage1.k})
+                            "seed": p.seed, "k": p.stage1.k, "threads": warm_up_threads(warm_settings)})
     return base.parent / f"{base.name}-warm-{warm_key}"
 
 
@@ -1076,7 +1087,7 @@ def warm_up_tiny_vlm(cold_dir: str | Path, out_dir: str | Path, *, preset: Prese
     solved task. Held-out numbers come from the validation split; the test split is never touched.
     """
     threads = torch.get_num_threads()
-    torch.set_num_threads(settings.threads)
+    torch.set_num_threads(warm_up_threads(settings))
     try:
         return _warm_up(cold_dir, out_dir, preset=preset, settings=settings, verbose=verbose)
     finally:
@@ -1156,13 +1167,13 @@ def _warm_up(cold_dir: str | Path, out_dir: str | Path, *, preset: Preset | str,
                 break
     model.eval()
     report = evaluate_tiny(model, processor, va1, va2)
-    report.update({"steps": step, "seconds": time.time() - t0, "data_source": source, "history": history,
-                   "split": val_split, "settings": asdict(settings)})
+    report.update({"steps": step, "seconds": time.time() - t0, "threads": torch.get_num_threads(), "data_source": source,
+                   "history": history, "split": val_split, "settings": asdict(settings)})
     if verbose:
-        print(f"warm-up done in {report['seconds']:.0f}s, {step} steps. Held-out: stage-1 greedy accuracy "
-              f"{report['stage1_accuracy']:.3f} vs majority {report['stage1_majority']:.3f}; stage-2 answer accuracy "
-              f"{report['stage2_accuracy']:.3f} vs majority answer {report['stage2_majority']:.3f} "
-              f"(format {report['stage2_format']:.2f})")
+        print(f"warm-up done in {report['seconds']:.0f}s, {step} steps on {report['threads']} thread(s). Held-out: "
+              f"stage-1 greedy accuracy {report['stage1_accuracy']:.3f} vs majority {report['stage1_majority']:.3f}; "
+              f"stage-2 answer accuracy {report['stage2_accuracy']:.3f} vs majority answer "
+              f"{report['stage2_majority']:.3f} (format {report['stage2_format']:.2f})")
 
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)

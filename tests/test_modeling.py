@@ -107,6 +107,18 @@ def test_ensure_tiny_vlm_is_cached() -> None:
     assert changed != first  # a change of build settings means another folder, i.e. a rebuild
 
 
+def test_warm_up_threads_are_capped_by_the_cores_and_name_the_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The thread count shapes the warm model, so a 1-core machine runs one thread and caches under another name."""
+
+    def folder_with_cores(n: int) -> Path:
+        monkeypatch.setattr(M.os, "sched_getaffinity", lambda pid: set(range(n)), raising=False)
+        assert M.warm_up_threads(M.WarmUpSettings(threads=2)) == min(n, 2)
+        return M.tiny_model_dir(warm=True, preset=PRESET)
+
+    assert folder_with_cores(2) == folder_with_cores(16)  # more cores than threads: the same model
+    assert folder_with_cores(1) != folder_with_cores(2)
+
+
 def test_4bit_fallback_is_explicit(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(M, "can_load_in_4bit", lambda device: (False, "pretend bitsandbytes is missing"))
     with pytest.warns(RuntimeWarning, match="cannot run here: pretend bitsandbytes is missing"):
