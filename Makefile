@@ -13,6 +13,8 @@ STAMP  := $(VENV)/.mmrag-installed
 PRESET ?= cpu-tiny
 # e.g. make course COURSE_ARGS="--set evaluation.retrain_ablations=false" (dotted preset overrides for every notebook)
 COURSE_ARGS ?=
+# Let Python cache the bytecode of what it imports into .venv/ (see the install below).
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: course test test-fast lint clean-runs help
 
@@ -24,10 +26,12 @@ help:
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# --no-compile: pip would byte-compile every file of every wheel (thousands in torch and transformers, about a minute
+# here); Python compiles what is actually imported, once, on first import. That needs bytecode writes, which some
+# machines switch off for every process (PYTHONDONTWRITEBYTECODE): without them each import would recompile.
 $(STAMP): pyproject.toml Makefile | $(PY)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e ".[notebooks,dev]"
+	$(PY) -m pip install --quiet --no-compile --upgrade pip
+	$(PY) -m pip install --quiet --no-compile $(TORCH_SPEC) -e ".[notebooks,dev]"
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	@touch $(STAMP)
 
