@@ -153,6 +153,27 @@ def test_broken_json_file_is_a_clear_error(tmp_path):
         list(D.iter_raw_records(path))
 
 
+def test_cut_or_broken_file_keeps_the_records_before_the_break(tmp_path):
+    records = {f"g{i}": raw_record(guid=f"g{i}") for i in range(30)}
+    text = json.dumps(records)
+    path = tmp_path / "WebQA_train_val.json"
+    path.write_text(text[: int(len(text) * 0.9)])  # a download cut at 90 %
+    with pytest.warns(UserWarning, match="keeping the records before it"):
+        result = D.read_webqa(path)
+    assert 20 <= len(result.records) < 30 and result.records[0].guid == "g0"
+    assert result.errors[-1].guid == f"<file after {result.records[-1].guid}>"
+    with pytest.raises(WebQAFormatError):
+        D.read_webqa(path, strict=True)
+    # a syntax error is reported at its character in the file, inside the record it breaks
+    at = text.index('"g25"') + len('"g25": {"Guid"')
+    path.write_text(text[:at] + "::" + text[at:])
+    with pytest.raises(WebQAFormatError, match=r"record 'g25'") as err:
+        list(D.iter_raw_records(path, chunk_chars=512, max_record_chars=4096))
+    with pytest.raises(json.JSONDecodeError) as whole:  # the position json.loads gives for the whole file
+        json.loads(path.read_text())
+    assert f"character {whole.value.pos} " in str(err.value)
+
+
 # ------------------------------------------------------------------------------------------ image store
 def test_image_store_offsets_and_random_access(tmp_path):
     ids = {30000000 + i: _png((i * 40, 0, 0), 8 + i) for i in range(5)}
@@ -297,6 +318,62 @@ def test_filter_answer_misses_keyword():
     assert kept == ["ok", "yn_ok", "txt_ok", "num_ok"] and removed["answer_misses_keyword"] == 3
 
 
+def test_filter_accepts_how_real_webqa_answers_are_written():
+    """WebQA answers are sentences: a yes/no answer restates the question, a shape answer says "rectangular" for the
+    keyword "Rectangle", a count says "twice" or "no benches", a text answer picks one of the question's options."""
+    pick = (("Lake Ida lies south of Lake Omar.", "Lake Ida"),)
+    recs = [
+        record(guid="yn_sentence", qcate="YesNo", kw="yes", q="Does the Mill of Ada have a red roof?",
+               a="The Mill of Ada has a red roof."),
+        record(guid="yn_negated", qcate="YesNo", kw="no", q="Does the Mill of Ada have a red roof?",
+               a="The Mill of Ada does not have a red roof."),
+        record(guid="yn_refusal", qcate="YesNo", kw="yes", q="Does the Mill of Ada have a red roof?",
+               a="It is hard to say from what is shown."),
+        record(guid="shape_form", qcate="shape", kw="Rectangle", q="What shape are the windows of the Mill?",
+               a="The windows of the Mill are rectangular."),
+        record(guid="shape_sentence", qcate="shape", kw=None, q="What shape is the beak of the Ada finch?",
+               a="The beak of the Ada finch is curved."),
+        record(guid="count_twice", qcate="number", kw="Two", q="How many times does the ring appear on the shirt?",
+               a="The ring appears twice on the shirt."),
+        record(guid="count_none", qcate="number", kw="None", q="How many benches are on the terrace?",
+               a="There are no benches on the terrace."),
+        record(guid="count_wrong", qcate="number", kw="Two", q="How many benches are on the terrace?",
+               a="There are five benches on the terrace."),
+        record(guid="txt_option", qcate="text", kw=None, q="Which lies further south, Lake Ida or Lake Omar?",
+               a="Lake Ida", img_pos=(), txt_pos=pick),
+        record(guid="txt_yes", qcate="text", kw=None, q="Does Lake Ida lie south of Lake Omar?", a="Yes.",
+               img_pos=(), txt_pos=pick),
+        record(guid="txt_unsupported", qcate="text", kw=None, q="Which lies further south, Lake Ida or Lake Omar?",
+               a="Nobody knows.", img_pos=(), txt_pos=pick),
+    ]
+    kept, removed = _run(recs, drop_duplicates=False)
+    assert kept == ["yn_sentence", "yn_negated", "shape_form", "shape_sentence", "count_twice", "count_none",
+                    "txt_option", "txt_yes"]
+    assert removed["answer_misses_keyword"] == 3
+
+
+def test_filter_keeps_real_webqa_val_answers(shared_data):
+    """On the real val questions the answer filter must remove little: their answers are written by annotators
+    from the gold sources (a filter that drops a third of YesNo, as an earlier literal "yes"/"no" check did, is
+    wrong, not strict)."""
+    import csv
+
+    csv.field_size_limit(10**9)
+    path = shared_data / "webqa-val" / "val_image_queries.tsv"
+    rows = list(csv.DictReader(path.open(encoding="utf-8"), delimiter="\t"))
+    dropped: dict[str, list[int]] = {}
+    for r in rows:
+        rec = D.WebQARecord(guid=r["Guid"], question=r["Q"], answers=tuple(json.loads(r["A"])), qcate=r["Qcate"],
+                            topic="", split="val", keywords=r["Keywords_A"],
+                            img_pos=(D.ImageFact(30000000, "t", ""),))
+        n = dropped.setdefault(r["Qcate"], [0, 0])
+        n[0] += 1
+        n[1] += not D.answer_mentions_keyword(rec)
+    assert sum(n for n, _ in dropped.values()) == len(rows) > 2000
+    for qcate, (total, removed) in dropped.items():
+        assert removed <= 0.04 * total, (qcate, removed, total)
+
+
 def test_filter_duplicate_questions():
     recs = [record(guid="a", q="What color is the ball?"), record(guid="b", q="  what COLOR is the ball"),
             record(guid="c", q="What color is the box?")]
@@ -338,7 +415,13 @@ def test_filter_qcate_and_category_balance():
     assert _run(recs, max_per_qcate=3)[0] == kept  # seeded
     assert all(g.startswith("n") for g in _run(recs, qcates=("number",))[0])
     report = FunnelReport("t")
-    assert len(D.balance_categories(recs, MiniWebQAFilters(max_qcate_fraction=0.5), report)) == 6  # 4 colour + 2
+    # the fraction is a share of the balanced set: 6 colour + 2 number at 0.5 gives 2 + 2, not 4 + 2 (4 of 6 = 67%)
+    assert len(D.balance_categories(recs, MiniWebQAFilters(max_qcate_fraction=0.5), report)) == 4
+    mixed = recs + [record(guid=f"s{i}", q=f"What shape is ball {i}?", qcate="shape", kw="round", a="It is round.")
+                    for i in range(3)]  # 6 colour, 3 shape, 2 number
+    kept = D.balance_categories(mixed, MiniWebQAFilters(max_qcate_fraction=0.4))
+    shares = {c: sum(r.qcate == c for r in kept) / len(kept) for c in ("color", "shape", "number")}
+    assert max(shares.values()) <= 0.4 and len(kept) == 3 + 3 + 2  # colour capped at 3 (3 of 8)
 
 
 def test_split_keeps_near_duplicates_together():
@@ -365,6 +448,14 @@ def test_candidate_pool_keeps_gold_and_is_deterministic():
     assert len(D.record_to_row(r, None, max_candidates=1, filters=NO_IMAGES)["candidates"]) == 2  # gold always kept
 
 
+def test_downscaled_images_keep_their_format():
+    big_jpeg, big_png = _jpeg(size=96), _png(size=96)
+    small = D.mini._image_payload(big_jpeg, 48, 1)
+    assert small[:3] == b"\xff\xd8\xff" and Image.open(io.BytesIO(small)).size == (48, 48)
+    assert D.mini._image_payload(big_png, 48, 2)[:4] == b"\x89PNG"
+    assert D.mini._image_payload(_jpeg(size=32), 48, 3) == _jpeg(size=32)  # small enough: stored as it is
+
+
 # ----------------------------------------------------------------------------------------------- builder
 def test_build_on_the_world_matches_the_contract(built):
     out, dd, report = built
@@ -385,8 +476,11 @@ def test_build_on_the_world_matches_the_contract(built):
                 assert c["image"].size == (56, 56)
     guids = [set(dd[s]["guid"]) for s in dd]
     assert not (guids[0] & guids[1] or guids[0] & guids[2] or guids[1] & guids[2])
-    keys = {s: {D.near_dup_key(q) for q in dd[s]["question"]} for s in dd}
-    assert not (keys["train"] & keys["validation"] or keys["train"] & keys["test"] or keys["validation"] & keys["test"])
+    # leakage judged by ground truth, not by the key the split used: the world's planted near-duplicates reword a
+    # question and keep its pool, so a gold image in two splits is a reworded question on both sides
+    gold_images = {s: {i for ids in dd[s]["gold_ids"] for i in ids if "_" not in i} for s in dd}
+    assert not (gold_images["train"] & gold_images["validation"] or gold_images["train"] & gold_images["test"]
+                or gold_images["validation"] & gold_images["test"])
 
 
 def test_build_without_images_and_text_report(tmp_path):
@@ -405,6 +499,8 @@ def test_unchecked_broken_gold_images_skip_their_question_not_the_build(world):
     skipped = report.candidates.get("skipped_broken_gold_image", 0)
     assert skipped >= 1 and sum(len(v) for v in dd.values()) > 300
     assert sum("skipped" in e for e in report.read_errors) == skipped
+    assert report.steps[-1].name == "broken_gold_image" and report.steps[-1].removed == skipped
+    assert report.n_kept == sum(report.splits.values()) == sum(report.qcates.values()) == sum(len(v) for v in dd.values())
 
 
 def test_save_is_atomic_on_failure(tmp_path, monkeypatch, built):
@@ -440,6 +536,19 @@ def test_ensure_mini_webqa_builds_once(tmp_path):
     assert again["train"]["guid"] == dd["train"]["guid"] and len(dd["train"]) > 200
 
 
+def test_ensure_mini_webqa_notices_other_settings_from_another_directory(tmp_path, monkeypatch):
+    """The cache check compares absolute paths: a run folder given relative to one working directory and
+    absolute from another is the same folder, and a change of preset sizes still rebuilds it."""
+    from mmrag_lite.config import get_preset
+
+    monkeypatch.chdir(tmp_path)
+    small = get_preset("cpu-tiny", **{"data.world_questions": 60})
+    first = D.ensure_mini_webqa(small, "run")
+    monkeypatch.chdir(tmp_path.parent)
+    bigger = D.ensure_mini_webqa(get_preset("cpu-tiny", **{"data.world_questions": 90}), tmp_path / "run")
+    assert sum(map(len, bigger.values())) > sum(map(len, first.values()))
+
+
 # --------------------------------------------------------------------------------------------------- MMQA
 def test_mmqa_reader_on_shared_dev(shared_data):
     data = D.load_mmqa(shared_data / "mmqa-dev", "dev")
@@ -467,6 +576,24 @@ def test_mmqa_bad_line_is_reported_by_qid(tmp_path):
     assert [q.qid for q in D.read_mmqa(path, errors=errors)] == ["q1"] and errors[0].guid == "q2"
     with pytest.raises(D.MMQAFormatError, match="q2"):
         D.read_mmqa(path, strict=True)
+
+
+def test_mmqa_cut_json_line_loses_only_itself(tmp_path):
+    good = {"question": "Q?", "answers": [{"answer": "x"}], "metadata": {"type": "TextQ"}, "supporting_context": []}
+    path = tmp_path / "MMQA_dev.jsonl"
+    path.write_text(json.dumps({**good, "qid": "q1"}) + "\n" + json.dumps({**good, "qid": "q2"})[:25] + "\n"
+                    + json.dumps({**good, "qid": "q3"}) + "\n")
+    errors: list = []
+    assert [q.qid for q in D.read_mmqa(path, errors=errors)] == ["q1", "q3"]
+    assert errors[0].guid == "line 2" and "invalid JSON" in errors[0].message
+    with pytest.raises(D.MMQAFormatError, match="line 2"):
+        D.read_mmqa(path, strict=True)
+    docs = tmp_path / "MMQA_images.jsonl"
+    docs.write_text('{"id": "a", "title": "A"}\n{"id": "b", "tit\n{"title": "no id"}\n{"id": "c"}\n')
+    errors = []
+    assert sorted(D.read_mmqa_docs(docs, errors=errors)) == ["a", "c"] and len(errors) == 2
+    with pytest.raises(D.MMQAFormatError, match="line 2"):
+        D.read_mmqa_docs(docs, strict=True)
 
 
 # ------------------------------------------------------------------------------------------ viz / widgets

@@ -65,7 +65,7 @@ class MiniWebQAFilters:
     min_image_side: int = 8  # smaller than this is a placeholder, not a picture
     qcates: tuple[str, ...] | None = None  # None keeps every category
     max_per_qcate: int | None = None  # absolute cap per category (None: no absolute cap)
-    max_qcate_fraction: float | None = 0.4  # no category above this share of the set (real WebQA is ~50% text)
+    max_qcate_fraction: float | None = 0.4  # no category above this share of Mini-WebQA (real WebQA is ~50% text)
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train / validation / test
     max_image_side: int = 448  # larger images are downscaled before storing (real WebQA images are ~800 px)
 
@@ -116,33 +116,72 @@ def _fact_text(fact: ImageFact | TextFact) -> str:
     return fact.caption if isinstance(fact, ImageFact) else fact.fact
 
 
+# Word forms the answer check treats as one word: real WebQA answers say "rectangular" for the keyword "Rectangle",
+# "twice" for "Two", "There are no benches" for "None".
+_WORD_FORMS = {
+    "twice": "2", "once": "1", "none": "0", "single": "1", "double": "2",
+    "rectangular": "rectangle", "circular": "circle", "triangular": "triangle", "spherical": "sphere",
+    "cylindrical": "cylinder", "conical": "cone", "cubic": "cube", "octagonal": "octagon", "hexagonal": "hexagon",
+    "pentagonal": "pentagon", "rounded": "round",
+}
+
+
+def _answer_words(text: str, qcate: str) -> set[str]:
+    """``tokens`` in canonical form; for counting questions a bare "no" (as in "no benches") means 0."""
+    words = {_WORD_FORMS.get(t, t) for t in tokens(text)}
+    if qcate == "number" and "no" in words:
+        words.add("0")
+    return words
+
+
+def _restates_question(question: str, answer: str, adds_a_word: bool) -> bool:
+    """A full-sentence answer that repeats at least half of the question's content words.
+
+    WebQA answers are mostly sentences: "The Durham Cathedral in England has trees outside of it." answers
+    "Does the Durham Cathedral have any trees outside of it?" without ever saying "yes". ``adds_a_word``: the
+    answer must also hold a content word the question does not (the colour, shape or count it was asked for).
+    """
+    q = set(content_tokens(question)) - _QUESTION_WORDS
+    a = set(content_tokens(answer))
+    return bool(q) and len(q & a) / len(q) >= 0.5 and (bool(a - q) or not adds_a_word)
+
+
 def answer_mentions_keyword(record: WebQARecord, min_recall: float = 0.5) -> bool:
     """Does the answer state its evidence? (our rule; the reason is in ``FILTER_REASONS``)
 
-    - with ``Keywords_A``: at least ``min_recall`` of the keyword's content words appear in the answer;
-    - text questions without keywords: the answer adds words beyond the question, and some of them occur in a
-      gold snippet;
+    - ``YesNo``: the answer says yes / no, or is a sentence restating the question (its keyword is the verdict);
+    - with ``Keywords_A``: at least ``min_recall`` of the keyword's content words appear in the answer (word forms
+      such as "rectangular" / "rectangle", "twice" / "2" count as one);
+    - text questions without keywords: the answer adds words beyond the question that occur in a gold snippet, or
+      names words of the question that a gold snippet holds (choosing between options), or is a bare yes / no;
     - image questions without keywords (the public release has none): the answer holds a word of the category's
-      closed vocabulary (yes/no, a colour, a shape, a number); ``Others``/``choose`` only need a non-empty answer.
+      closed vocabulary (a colour, a shape, a number) or restates the question with a word of its own;
+      ``Others``/``choose`` only need a non-empty answer.
     """
     answer = record.answer.strip()
     if not answer:
         return False
-    ans = set(tokens(answer))
+    ans = _answer_words(answer, record.qcate)
+    if record.qcate == "YesNo":
+        return bool(ans & {"yes", "no"}) or _restates_question(record.question, answer, adds_a_word=False)
     if record.keywords:
-        kw = set(content_tokens(record.keywords)) or set(tokens(record.keywords))
+        kw = ({_WORD_FORMS.get(t, t) for t in content_tokens(record.keywords)}
+              or _answer_words(record.keywords, record.qcate))
         return bool(kw) and len(kw & ans) / len(kw) >= min_recall
     if record.qcate == "text" or (record.qcate not in IMAGE_QCATES and record.txt_pos):
-        novel = set(content_tokens(answer)) - set(tokens(record.question))
+        said = set(content_tokens(answer))
+        novel = said - set(tokens(record.question))
         gold = set()
         for f in record.txt_pos + record.img_pos:
             gold |= set(tokens(_fact_text(f))) | set(tokens(f.title))
-        return bool(novel & gold)
-    vocab = {"YesNo": {"yes", "no"}, "color": _COLOR_WORDS, "shape": _SHAPE_WORDS}.get(record.qcate)
+        if novel:
+            return bool(novel & gold) or novel <= {"yes", "no"}
+        return bool(said & gold)  # the answer picks one of the question's options
+    vocab = {"color": _COLOR_WORDS, "shape": _SHAPE_WORDS}.get(record.qcate)
     if vocab is not None:
-        return bool(ans & vocab)
+        return bool(ans & vocab) or _restates_question(record.question, answer, adds_a_word=True)
     if record.qcate == "number":
-        return any(re.fullmatch(r"\d+(\.\d+)?", t) for t in ans)
+        return any(re.fullmatch(r"\d+(\.\d+)?", t) for t in ans) or _restates_question(record.question, answer, adds_a_word=True)
     return True
 
 
@@ -288,14 +327,16 @@ def filter_records(
 
 def balance_categories(records: Sequence[WebQARecord], filters: MiniWebQAFilters, report: FunnelReport | None = None,
                        seed: int = 0) -> list[WebQARecord]:
-    """Cap each Qcate at ``min(max_per_qcate, max_qcate_fraction * total)``; which ones stay is seeded.
+    """Cap each Qcate so that none holds more than ``max_qcate_fraction`` of the *balanced* set (and none more than
+    ``max_per_qcate``); which questions stay is seeded.
 
-    The fraction cap needs at least two categories (a one-category set cannot be balanced, only shrunk).
+    The fraction cap needs at least two categories (a one-category set cannot be balanced, only shrunk); a fraction
+    below 1 / (number of categories) cannot be met, and then every category is cut to the smallest one's size.
     """
-    n_cats = len({r.qcate for r in records})
+    sizes = Counter(r.qcate for r in records)
     fraction_cap = None
-    if filters.max_qcate_fraction is not None and n_cats >= 2:
-        fraction_cap = int(filters.max_qcate_fraction * len(records))
+    if filters.max_qcate_fraction is not None and len(sizes) >= 2:
+        fraction_cap = _fraction_cap(sorted(sizes.values()), filters.max_qcate_fraction)
     caps = [c for c in (filters.max_per_qcate, fraction_cap) if c is not None]
     if not caps:
         if report is not None:
@@ -316,6 +357,23 @@ def balance_categories(records: Sequence[WebQARecord], filters: MiniWebQAFilters
     if report is not None:
         report.add("category_balance", len(records), [records[i].guid for i in sorted(drop)])
     return kept
+
+
+def _fraction_cap(sizes: Sequence[int], fraction: float) -> int:
+    """The largest per-category cap ``c`` with ``c <= fraction * sum(min(n, c) for n in sizes)``.
+
+    ``c / sum(min(n, c))`` never decreases as ``c`` grows (the sum is concave in ``c``), so a binary search finds it.
+    """
+    def fits(c: int) -> bool:
+        return c <= fraction * sum(min(n, c) for n in sizes)
+
+    lo, hi = min(sizes), max(sizes)
+    if not fits(lo):
+        return lo
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
 
 
 def split_records(records: Sequence[WebQARecord], fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0,
@@ -353,7 +411,10 @@ def _image_payload(data: bytes, max_side: int, image_id: int) -> bytes:
     if max(im.size) > max_side:
         im.thumbnail((max_side, max_side))
     buf = io.BytesIO()
-    im.save(buf, format="PNG")
+    if data[:3] == b"\xff\xd8\xff":  # a JPEG stays a JPEG: as PNG a photo takes about four times the space
+        im.convert("RGB").save(buf, format="JPEG", quality=90)
+    else:
+        im.save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -518,7 +579,7 @@ def build_mini_webqa(
         raise FileNotFoundError(f"{folder} has no imgs.tsv + imgs.lineidx; pass filters with check_images=False "
                                 "to build a text-only Mini-WebQA (image candidates get image=None)")
     store = ImageStore(folder) if has_images else None
-    report = FunnelReport(source=str(json_path))
+    report = FunnelReport(source=str(json_path.resolve()))  # absolute: compared later
     report.settings = {"filters": filters.to_dict(), "max_candidates": max_candidates, "seed": seed}
     try:
         errors: list[RecordError] = []
@@ -533,6 +594,7 @@ def build_mini_webqa(
         counts: Counter = Counter()
         splits = {}
         bar = tqdm(total=len(kept), desc="build rows", disable=not progress, mininterval=1.0, unit=" q")
+        skipped: list[str] = []
 
         def rows(recs: list[WebQARecord]):
             for r in recs:
@@ -541,6 +603,7 @@ def build_mini_webqa(
                     row = record_to_row(r, store, max_candidates, filters, seed, counts)
                 except ImageStoreError as exc:  # a broken gold image the broken_gold_image step did not check
                     counts["skipped_broken_gold_image"] += 1  # (check_images=False): skip it, do not lose the rest
+                    skipped.append(r.guid)
                     report.read_errors.append(f"{r.guid}: skipped, {exc}")
                     continue
                 yield row
@@ -549,8 +612,10 @@ def build_mini_webqa(
             splits[name] = rows_to_dataset(rows(parts[name]))
         bar.close()
         dd = DatasetDict(splits)
+        if skipped:  # the funnel ends at what the dataset holds
+            report.add("broken_gold_image", len(kept), skipped)
         report.splits = {k: len(v) for k, v in dd.items()}
-        report.qcates = dict(sorted(Counter(r.qcate for r in kept).items()))
+        report.qcates = dict(sorted(Counter(q for split in dd.values() for q in split["qcate"]).items()))
         report.candidates = dict(counts)
         if out_dir is not None:
             save_dataset_atomic(dd, out_dir, {"funnel.json": json.dumps(report.to_dict(), indent=2)}, progress=progress)

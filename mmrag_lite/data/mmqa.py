@@ -67,13 +67,15 @@ def _open(path: str | Path):
 
 
 def _iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON) per non-empty line; a line that is not JSON comes as an ``MMQAFormatError``, so a
+    reader can record it and go on (one cut line must not lose the file)."""
     with _open(path) as fh:
         for n, line in enumerate(fh, start=1):
             if line.strip():
                 try:
                     yield n, json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise MMQAFormatError(f"{Path(path).name} line {n}: invalid JSON ({exc.msg})") from None
+                    yield n, MMQAFormatError(f"{Path(path).name} line {n}: invalid JSON ({exc.msg})")
 
 
 def parse_mmqa_question(raw: Mapping[str, Any]) -> MMQAQuestion:
@@ -97,30 +99,39 @@ def parse_mmqa_question(raw: Mapping[str, Any]) -> MMQAQuestion:
         raise MMQAFormatError(f"MMQA question {qid}: missing or malformed field ({exc!r})") from None
 
 
-def read_mmqa(path: str | Path, strict: bool = False, errors: list[RecordError] | None = None) -> list[MMQAQuestion]:
-    """All questions of an ``MMQA_<split>.jsonl(.gz)`` file; bad lines go to ``errors`` (raise when ``strict``)."""
+def _parse_doc(raw: Any, name: str, n: int) -> MMQADoc:
+    if not isinstance(raw, Mapping) or "id" not in raw:
+        raise MMQAFormatError(f"{name} line {n}: a document needs an 'id'")
+    return MMQADoc(id=str(raw["id"]), title=str(raw.get("title", "")), url=str(raw.get("url", "")),
+                   path=str(raw.get("path", "")), text=str(raw.get("text", "")))
+
+
+def _read_lines(path: str | Path, parse, strict: bool, errors: list[RecordError] | None) -> list:
+    """``parse(raw, line number)`` over every line; bad lines go to ``errors`` (raise when ``strict``)."""
     out = []
     for n, raw in _iter_jsonl(path):
         try:
-            out.append(parse_mmqa_question(raw))
+            if isinstance(raw, MMQAFormatError):
+                raise raw
+            out.append(parse(raw, n))
         except MMQAFormatError as exc:
             if strict:
                 raise
             if errors is not None:
-                qid = raw.get("qid", f"line {n}") if isinstance(raw, Mapping) else f"line {n}"
-                errors.append(RecordError(str(qid), str(exc)))
+                key = raw.get("qid", raw.get("id")) if isinstance(raw, Mapping) else None
+                errors.append(RecordError(str(key or f"line {n}"), str(exc)))
     return out
 
 
-def read_mmqa_docs(path: str | Path) -> dict[str, MMQADoc]:
-    """``MMQA_images.jsonl.gz`` or ``MMQA_texts.jsonl.gz`` -> {id: MMQADoc}."""
-    docs = {}
-    for n, raw in _iter_jsonl(path):
-        if not isinstance(raw, Mapping) or "id" not in raw:
-            raise MMQAFormatError(f"{Path(path).name} line {n}: a document needs an 'id'")
-        docs[str(raw["id"])] = MMQADoc(id=str(raw["id"]), title=str(raw.get("title", "")), url=str(raw.get("url", "")),
-                                       path=str(raw.get("path", "")), text=str(raw.get("text", "")))
-    return docs
+def read_mmqa(path: str | Path, strict: bool = False, errors: list[RecordError] | None = None) -> list[MMQAQuestion]:
+    """All questions of an ``MMQA_<split>.jsonl(.gz)`` file; bad lines go to ``errors`` (raise when ``strict``)."""
+    return _read_lines(path, lambda raw, n: parse_mmqa_question(raw), strict, errors)
+
+
+def read_mmqa_docs(path: str | Path, strict: bool = False,
+                   errors: list[RecordError] | None = None) -> dict[str, MMQADoc]:
+    """``MMQA_images.jsonl.gz`` or ``MMQA_texts.jsonl.gz`` -> {id: MMQADoc}; bad lines as in ``read_mmqa``."""
+    return {d.id: d for d in _read_lines(path, lambda raw, n: _parse_doc(raw, Path(path).name, n), strict, errors)}
 
 
 @dataclass

@@ -14,6 +14,7 @@ so the real 1 GB file never sits in memory as one parsed tree. A record that doe
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,23 +226,31 @@ def parse_record(guid: str, raw: Mapping[str, Any]) -> WebQARecord:
 
 
 # ------------------------------------------------------------------------------------- streaming
-def iter_raw_records(path: str | Path, chunk_chars: int = 1 << 20) -> Iterator[tuple[str, Any]]:
-    """Yield ``(guid, raw_record)`` from a WebQA JSON file without parsing the whole file at once."""
+def iter_raw_records(path: str | Path, chunk_chars: int = 1 << 20,
+                     max_record_chars: int = 1 << 25) -> Iterator[tuple[str, Any]]:
+    """Yield ``(guid, raw_record)`` from a WebQA JSON file without parsing the whole file at once.
+
+    A value that still does not parse after ``max_record_chars`` more characters is a syntax error, not a record
+    cut by the buffer (real records are under 100 kB), so a broken file never gets read into memory whole.
+    """
     decoder = json.JSONDecoder()
     path = Path(path)
     with open(path, encoding="utf-8") as fh:
         buf = fh.read(chunk_chars)
         pos = 0
+        consumed = 0  # characters of the file before buf[0], for error positions
         eof = len(buf) < chunk_chars
+        where = "at the start of the file"
 
         def fill() -> bool:
-            nonlocal buf, pos, eof
+            nonlocal buf, pos, eof, consumed
             if eof:
                 return False
             more = fh.read(chunk_chars)
             if not more:
                 eof = True
                 return False
+            consumed += pos
             buf = buf[pos:] + more
             pos = 0
             return True
@@ -260,9 +269,10 @@ def iter_raw_records(path: str | Path, chunk_chars: int = 1 << 20) -> Iterator[t
                 try:
                     value, end = decoder.raw_decode(buf, pos)
                 except json.JSONDecodeError as exc:
-                    if fill():
+                    if len(buf) - pos < max_record_chars and fill():
                         continue
-                    raise WebQAFormatError(f"{path.name}: invalid JSON near character {exc.pos}: {exc.msg}") from None
+                    raise WebQAFormatError(f"{path.name}: invalid JSON at character {consumed + exc.pos} "
+                                           f"({where}): {exc.msg}") from None
                 # a number at the very end of the buffer may be cut; strings/objects end with a delimiter
                 if end == len(buf) and not eof and fill():
                     continue
@@ -286,9 +296,12 @@ def iter_raw_records(path: str | Path, chunk_chars: int = 1 << 20) -> Iterator[t
                 raise WebQAFormatError(f"{path.name}: expected ':' after key {key!r}")
             pos += 1
             skip_ws()
+            where = f"in record {key!r}"
             value = decode()
+            where = f"after record {key!r}"
             yield key, value
             if pos > chunk_chars:  # drop what is consumed so the buffer stays small
+                consumed += pos
                 buf = buf[pos:]
                 pos = 0
             skip_ws()
@@ -303,8 +316,26 @@ def iter_raw_records(path: str | Path, chunk_chars: int = 1 << 20) -> Iterator[t
 
 
 def iter_webqa(path: str | Path, errors: list[RecordError] | None = None, strict: bool = False) -> Iterator[WebQARecord]:
-    """Yield typed records one at a time; bad records go to ``errors`` (or raise when ``strict``)."""
-    for guid, raw in iter_raw_records(path):
+    """Yield typed records one at a time; bad records go to ``errors`` (or raise when ``strict``).
+
+    A file that breaks off (cut download, syntax error) keeps the records before the break: the break is one more
+    entry in ``errors``, named by the last record read, and a warning says the rest of the file was not read.
+    """
+    raw_records = iter_raw_records(path)
+    last = None
+    while True:
+        try:
+            guid, raw = next(raw_records)
+        except StopIteration:
+            return
+        except WebQAFormatError as exc:
+            if strict:
+                raise
+            warnings.warn(f"{exc}; keeping the {'records before it' if last else 'nothing'}", stacklevel=2)
+            if errors is not None:
+                errors.append(RecordError(f"<file after {last}>" if last else "<file>", str(exc)))
+            return
+        last = guid
         try:
             yield parse_record(guid, raw)
         except WebQAFormatError as exc:
