@@ -11,6 +11,7 @@ Memory and step-time figures are *estimates* until a benchmark measures them; ``
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, is_dataclass, replace
@@ -122,6 +123,40 @@ class EvalSettings:
     # flipped): about a minute for all three on cpu-tiny, hours each on a GPU, where it is opt-in
 
 
+# ------------------------------------------------------------------------------------- prompt budget
+QWEN_VL_PATCH_SIZE = 14  # Qwen2-VL / Qwen2.5-VL vision patch side in pixels (the miniature uses the same)
+QWEN_VL_MERGE_SIZE = 2  # 2x2 patches merge into one language-model token
+IMAGE_WRAPPER_TOKENS = 2  # <|vision_start|> and <|vision_end|> around each image's <|image_pad|> run
+# Room a stage-2 prompt needs for text besides its images, for the budget check only (an estimate, not a limit):
+PROMPT_TEXT_FIXED_TOKENS = 128  # system prompt, chat template and question; ~100 with Qwen's tokenizer
+PROMPT_TEXT_TOKENS_PER_CANDIDATE = 48  # "D3: Image titled '...': <caption>"; an 8-image prompt measured 216 text tokens
+
+
+def image_tokens(model: ModelSettings) -> int:
+    """Language-model tokens one image costs at the preset's fixed ``image_size`` and pixel budget, wrappers included.
+
+    Mirrors the Qwen2-VL image processor's ``smart_resize`` (sides rounded to multiples of patch x merge, then
+    scaled into ``[min_pixels, max_pixels]``), so a preset can be checked without loading a processor. At 448 px:
+    16x16 merged patches = 256 tokens + 2 wrappers.
+    """
+    factor = QWEN_VL_PATCH_SIZE * QWEN_VL_MERGE_SIZE
+    side = model.image_size  # modeling.prepare_image makes every image this square
+    h = w = max(factor, round(side / factor) * factor)
+    if h * w > model.max_pixels:
+        beta = math.sqrt(side * side / model.max_pixels)
+        h = w = max(factor, math.floor(side / beta / factor) * factor)
+    elif h * w < model.min_pixels:
+        beta = math.sqrt(model.min_pixels / (side * side))
+        h = w = math.ceil(side * beta / factor) * factor
+    return (h // factor) * (w // factor) + IMAGE_WRAPPER_TOKENS
+
+
+def stage2_prompt_tokens_needed(preset: Preset) -> int:
+    """Estimated tokens of a stage-2 prompt showing ``stage1.k`` image candidates (images dominate: text is cheaper)."""
+    k = preset.stage1.k
+    return PROMPT_TEXT_FIXED_TOKENS + k * (image_tokens(preset.model) + PROMPT_TEXT_TOKENS_PER_CANDIDATE)
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str
@@ -179,6 +214,27 @@ class Preset:
             problems.append("lora.r must be >= 1 and lora.target_modules non-empty")
         if problems:
             raise ConfigError(f"preset {self.name!r} is invalid:\n  - " + "\n  - ".join(problems))
+        return self
+
+    def check_prompt_budget(self) -> Preset:
+        """Reject a preset whose ``stage1.k`` image candidates cannot fit ``stage2.max_prompt_tokens`` with room for text.
+
+        Why: stage 2 shrinks an over-long pool below k rather than cut it (``training.build_stage2_dataset``), so a
+        budget too small for k images silently turns every pool into fewer than k candidates. ``get_preset``,
+        ``resolve_preset`` and ``load_preset_yaml`` (what notebooks, the CLI and YAML go through) run this check;
+        ``validate``/``with_overrides`` do not, so a test can build a deliberately tight budget to exercise shrinking.
+        """
+        needed = stage2_prompt_tokens_needed(self)
+        limit = self.stage2.max_prompt_tokens
+        if needed > limit:
+            per_image = image_tokens(self.model)
+            raise ConfigError(
+                f"preset {self.name!r}: stage2.max_prompt_tokens={limit} cannot hold stage1.k={self.stage1.k} image "
+                f"candidates at model.image_size={self.model.image_size} ({per_image} tokens each) plus text: about "
+                f"{needed} tokens needed ({PROMPT_TEXT_FIXED_TOKENS} + k x ({per_image} + "
+                f"{PROMPT_TEXT_TOKENS_PER_CANDIDATE})). Raise stage2.max_prompt_tokens to >= {needed}, lower stage1.k, "
+                "or lower model.image_size / model.max_pixels."
+            )
         return self
 
     # -- plain-data round trip ----------------------------------------------------------------------
@@ -425,31 +481,53 @@ _L4 = replace(
 _A100 = replace(
     _T4,
     name="a100",
-    description="A100 (40-80 GB, bf16): Qwen2.5-VL-3B in NF4 4-bit, bf16 compute, 8 generations, larger images.",
+    description="A100/H100 80 GB (bf16): Qwen2.5-VL-3B in NF4 4-bit, bf16 compute, 8 generations, larger images.",
     model=replace(_T4.model, model_id="Qwen/Qwen2.5-VL-3B-Instruct", compute_dtype="bfloat16", image_size=448, max_pixels=448 * 448),
     lora=replace(_T4.lora, r=64, alpha=128),
     stage1=replace(_T4.stage1, grpo=replace(_T4.stage1.grpo, per_device_train_batch_size=8, num_generations=8, gradient_accumulation_steps=2), k=8),
-    stage2=replace(_T4.stage2, grpo=replace(_T4.stage2.grpo, per_device_train_batch_size=8, num_generations=8, gradient_accumulation_steps=2, max_completion_length=384), permutations=3),
+    stage2=replace(
+        _T4.stage2,
+        grpo=replace(_T4.stage2.grpo, per_device_train_batch_size=8, num_generations=8, gradient_accumulation_steps=2, max_completion_length=384),
+        permutations=3,
+        max_prompt_tokens=3072,  # k=8 images at 448 px are 8 x 258 = 2,064 tokens alone (an 8-image prompt measured 2,280)
+    ),
     evaluation=replace(_T4.evaluation, questions=1000),
-    expected_memory_gb=40.0,
+    expected_memory_gb=44.0,  # estimate, unmeasured: 40 guessed at 2,048 prompt tokens, + the 1.5x longer prompts
     expected_seconds_per_step=20.0,
 )
 
-PRESETS: dict[str, Preset] = {p.name: p.validate() for p in (_CPU_TINY, _T4, _L4, _A100)}
+PRESETS: dict[str, Preset] = {p.name: p.validate().check_prompt_budget() for p in (_CPU_TINY, _T4, _L4, _A100)}
 
 
 def get_preset(name: str = "cpu-tiny", /, **overrides: Any) -> Preset:
     """The named preset, validated, with optional dotted overrides (``"stage1.grpo.max_steps": 5``)."""
     if isinstance(name, Preset):
-        return name.with_overrides(**overrides) if overrides else name
+        return name.with_overrides(**overrides).check_prompt_budget() if overrides else name
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     preset = PRESETS[name]
-    return preset.with_overrides(**overrides) if overrides else preset
+    return preset.with_overrides(**overrides).check_prompt_budget() if overrides else preset
+
+
+def cuda_native_bf16(device: int = 0) -> bool:
+    """Whether CUDA ``device`` computes in bfloat16 natively: compute capability 8.0 (Ampere) or newer.
+
+    Why not ``torch.cuda.is_bf16_supported()``: its default ``including_emulation=True`` merely tries to create a
+    bf16 tensor below capability 8.0, which succeeds on a T4 (7.5), so it answers True where bf16 is emulated
+    (slow) or fails deep in a kernel. Both ``auto_preset_name`` and ``modeling.check_device`` ask this instead.
+    """
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def auto_preset_name() -> str:
-    """Pick the preset for this machine: no CUDA -> cpu-tiny; else by GPU memory and bf16 support."""
+    """Pick the preset for this machine: no CUDA -> cpu-tiny; else the largest preset the GPU can run.
+
+    ``a100`` and ``l4`` need native bf16 (``cuda_native_bf16``) *and* a card at least as large as their own
+    ``expected_memory_gb`` (compared with the card's total memory in GiB); otherwise ``colab-t4`` (fp16). A GPU
+    smaller than even ``colab-t4``'s estimate is an error naming the presets to choose from, not a guess.
+    """
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is always installed with the course
@@ -457,9 +535,17 @@ def auto_preset_name() -> str:
     if not torch.cuda.is_available():
         return "cpu-tiny"
     total_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
-    if not torch.cuda.is_bf16_supported():
+    if cuda_native_bf16(0):
+        for name in ("a100", "l4"):  # largest first
+            if PRESETS[name].expected_memory_gb <= total_gb:
+                return name
+    if PRESETS["colab-t4"].expected_memory_gb <= total_gb:
         return "colab-t4"
-    return "a100" if total_gb >= 35 else "l4"
+    raise ConfigError(
+        f"preset='auto': this GPU has {total_gb:.1f} GiB, less than the smallest GPU preset's estimate (colab-t4, "
+        f"~{PRESETS['colab-t4'].expected_memory_gb:g} GB). Choose explicitly: preset='colab-t4' (may run out of "
+        "memory; lower stage1.k, model.image_size or the GRPO batch through overrides) or preset='cpu-tiny'."
+    )
 
 
 def resolve_preset(name: str | Preset = "auto", /, **overrides: Any) -> Preset:
@@ -482,7 +568,7 @@ def load_preset_yaml(path: str | Path) -> Preset:
     import yaml
 
     with open(path, encoding="utf-8") as fh:
-        return Preset.from_dict(yaml.safe_load(fh))
+        return Preset.from_dict(yaml.safe_load(fh)).check_prompt_budget()
 
 
 __all__ = [
@@ -497,12 +583,15 @@ __all__ = [
     "Stage1Settings",
     "Stage2Settings",
     "auto_preset_name",
+    "cuda_native_bf16",
     "data_dir",
     "get_preset",
+    "image_tokens",
     "load_preset_yaml",
     "project_root",
     "resolve_preset",
     "runs_dir",
     "shared_data_dir",
+    "stage2_prompt_tokens_needed",
     "work_dir",
 ]

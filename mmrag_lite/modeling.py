@@ -13,7 +13,7 @@ Known traps get a clear message instead of a stack trace deep in a forward pass:
 
 * bf16 asked for on a GPU without bf16 (T4)            -> ``ModelLoadError`` saying use float16 / ``colab-t4``;
 * 4-bit asked for where bitsandbytes cannot run it      -> logged warning, full-precision load, ``model.mmrag_quantized = False``;
-* ``prepare_model_for_kbit_training`` leaves ``lm_head`` in float32 while activations are fp16/bf16
+* a float32 ``lm_head`` (``prepare_model_for_kbit_training`` upcasts it) fed fp16/bf16 hidden states
                                                         -> inputs to ``lm_head`` are cast to its dtype (logged);
 * TRL GRPO batches mixing text-only and image prompts  -> ``make_mixed_batch_safe`` (``None`` image lists -> ``[]``);
 * different image counts *and* sizes in one batch       -> ``prepare_image`` resizes every image to one square size.
@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from .atomic import atomic_dir
-from .config import Preset, data_dir, get_preset
+from .config import Preset, cuda_native_bf16, data_dir, get_preset
 from .prompts import (
     DEFAULT_TAGS,
     NO,
@@ -91,40 +91,51 @@ def check_device(preset: Preset | str) -> None:
             f"preset {preset.name!r} loads {ms.model_id} and needs a CUDA GPU, but none is visible. "
             "On a CPU machine use preset='cpu-tiny' (or resolve_preset('auto'), which picks it)."
         )
-    if ms.compute_dtype == "bfloat16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+    # native bf16 (capability >= 8.0), not torch.cuda.is_bf16_supported(), which says True on a T4 (see config)
+    if ms.compute_dtype == "bfloat16" and torch.cuda.is_available() and not cuda_native_bf16(0):
         name = torch.cuda.get_device_name(0)
+        major, minor = torch.cuda.get_device_capability(0)
         raise ModelLoadError(
-            f"preset {preset.name!r} asks for bfloat16 compute, but this GPU ({name}) has no bfloat16 support "
-            "(e.g. a T4, compute capability 7.5). Use float16 instead: preset='colab-t4', or override "
-            "model.compute_dtype='float16'."
+            f"preset {preset.name!r} asks for bfloat16 compute, but this GPU ({name}, compute capability "
+            f"{major}.{minor}) has no bfloat16 support (e.g. a T4, 7.5; bf16 needs 8.0+). Use float16 instead: "
+            "preset='colab-t4', or override model.compute_dtype='float16'."
         )
 
 
 def can_load_in_4bit(device: str) -> tuple[bool, str]:
-    """Whether bitsandbytes can run NF4 on ``device`` ("cuda" or "cpu"), and why not when it cannot."""
+    """Whether bitsandbytes can run NF4 on ``device`` ("cuda" or "cpu"), and why not when it cannot.
+
+    Importing is not enough: when its native CUDA library fails to load, bitsandbytes still imports (with a stand-in)
+    and only raises at first use, i.e. inside ``from_pretrained``. So both devices run a real NF4 round trip
+    (``_nf4_probe``, cached per device) before the loader commits to 4-bit.
+    """
     try:
         import bitsandbytes as bnb  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - ImportError, or a broken native library
         return False, f"bitsandbytes cannot be imported ({type(exc).__name__}: {exc})"
-    if device == "cuda":
-        return (True, "") if torch.cuda.is_available() else (False, "no CUDA device is visible")
-    return _cpu_nf4_probe()
+    if device == "cuda" and not torch.cuda.is_available():
+        return False, "no CUDA device is visible"
+    return _nf4_probe(device)
 
 
-@functools.lru_cache(maxsize=1)
-def _cpu_nf4_probe() -> tuple[bool, str]:
-    """Quantise and dequantise one small matrix in NF4 on the CPU: the honest test (older bitsandbytes are CUDA-only)."""
+@functools.lru_cache(maxsize=4)
+def _nf4_probe(device: str) -> tuple[bool, str]:
+    """Quantise and dequantise one small matrix in NF4 on ``device``: the honest test of a bitsandbytes install.
+
+    On the CPU, older bitsandbytes have no backend; on CUDA, a broken native library imports fine and fails here.
+    """
+    where = "the CPU" if device == "cpu" else device.upper()
     try:
         import bitsandbytes.functional as bnbf
 
-        w = torch.randn(64, 64)
+        w = torch.randn(64, 64, device=device)
         q, state = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
         err = (bnbf.dequantize_4bit(q, state) - w).abs().mean().item()
         if not err < 0.5:
-            return False, f"bitsandbytes NF4 round trip on the CPU is wrong (mean error {err:.3f})"
+            return False, f"bitsandbytes NF4 round trip on {where} is wrong (mean error {err:.3f})"
         return True, ""
     except Exception as exc:  # noqa: BLE001 - any failure means "not on this machine", reported as such
-        return False, f"bitsandbytes cannot run NF4 on the CPU ({type(exc).__name__}: {exc})"
+        return False, f"bitsandbytes cannot run NF4 on {where} ({type(exc).__name__}: {exc})"
 
 
 # =============================================================================================== quantisation / LoRA
@@ -182,12 +193,14 @@ def lora_config(preset: Preset | str):
 
 
 def _align_lm_head(model: torch.nn.Module, compute_dtype: torch.dtype) -> str | None:
-    """Make ``lm_head`` accept activations of the compute dtype; returns a note when it had to.
+    """A safety net: make an ``lm_head`` whose dtype differs from the compute dtype accept hidden states of any dtype.
 
-    ``prepare_model_for_kbit_training`` upcasts every fp16/bf16 parameter to float32, including ``lm_head``, while the
-    4-bit layers still emit fp16/bf16 hidden states. The forward then stops at the last matmul with
-    ``expected mat1 and mat2 to have the same dtype``. Keeping ``lm_head`` in float32 (precise log-probs for the
-    GRPO ratio) and casting its *input* fixes that without touching the quantised layers.
+    On the QLoRA training path there is no mismatch (measured on the miniature with bf16 compute):
+    ``prepare_model_for_kbit_training`` upcasts embeddings, norms and ``lm_head`` to float32 and the 4-bit layers
+    return their input's dtype, so hidden states reach ``lm_head`` in float32. A float32 ``lm_head`` fed half-precision
+    activations by any other path would stop at the last matmul with ``expected mat1 and mat2 to have the same
+    dtype``; casting the head's *input* avoids that without touching the quantised layers. It does not make logits
+    float32 under the Trainer's half-precision autocast; that is TRL's ``GRPOConfig(cast_lm_head_to_fp32=...)``.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None or not hasattr(head, "weight"):

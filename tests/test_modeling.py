@@ -132,9 +132,58 @@ def test_bf16_on_a_gpu_without_bf16_says_use_float16(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (7, 5))
     with pytest.raises(M.ModelLoadError, match=r"no bfloat16.*float16.*colab-t4"):
         M.check_device(get_preset("l4"))
     M.check_device(get_preset("colab-t4"))  # float16 compute is fine on a T4
+
+
+@pytest.mark.parametrize(("gpu", "capability", "bf16_ok"), [
+    ("Tesla T4", (7, 5), False), ("Tesla V100", (7, 0), False), ("NVIDIA L4", (8, 9), True),
+    ("NVIDIA A100-SXM4-80GB", (8, 0), True), ("NVIDIA H100", (9, 0), True),
+])
+def test_bf16_check_uses_compute_capability_not_emulation(monkeypatch: pytest.MonkeyPatch, gpu, capability,
+                                                          bf16_ok) -> None:
+    """torch.cuda.is_bf16_supported() defaults to including_emulation=True and says True on a real T4."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # what a T4 really answers
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: gpu)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
+    if bf16_ok:
+        M.check_device(get_preset("l4"))
+        M.check_device(get_preset("a100"))
+    else:
+        with pytest.raises(M.ModelLoadError, match=rf"{gpu}, compute capability {capability[0]}\.{capability[1]}.*colab-t4"):
+            M.check_device(get_preset("l4"))
+
+
+def test_4bit_on_cuda_needs_a_working_nf4_round_trip(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bitsandbytes whose CUDA library failed to load still imports; the probe must catch it before loading."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    calls: list[str] = []
+
+    def broken(device: str) -> tuple[bool, str]:
+        calls.append(device)
+        return False, "bitsandbytes cannot run NF4 on CUDA (RuntimeError: native library not loaded)"
+
+    monkeypatch.setattr(M, "_nf4_probe", broken)
+    ok, why = M.can_load_in_4bit("cuda")
+    assert (ok, calls) == (False, ["cuda"]) and "NF4 on CUDA" in why
+    monkeypatch.setattr(M, "_nf4_probe", lambda device: (True, ""))
+    assert M.can_load_in_4bit("cuda") == (True, "")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert M.can_load_in_4bit("cuda") == (False, "no CUDA device is visible")
+
+
+def test_nf4_probe_reports_a_library_that_fails_at_first_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    import bitsandbytes.functional as bnbf
+
+    def stand_in(*a, **k):
+        raise RuntimeError("CUDA Setup failed despite GPU being available")
+
+    monkeypatch.setattr(bnbf, "quantize_4bit", stand_in)
+    ok, why = M._nf4_probe.__wrapped__("cpu")  # uncached: the real probe, run on the CPU
+    assert not ok and "RuntimeError: CUDA Setup failed" in why
 
 
 def test_gpu_preset_without_cuda_points_to_cpu_tiny(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -154,7 +203,6 @@ def test_lm_head_dtype_mismatch_is_bridged(tiny_dir: Path) -> None:
     assert out.dtype == torch.float32
 
 
-# ------------------------------------------------------------------------------------------ LoRA / images
 def test_lora_targets_language_model_only(tiny_dir: Path) -> None:
     import re
 

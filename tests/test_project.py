@@ -111,21 +111,70 @@ def test_overrides_and_yaml_round_trip(tmp_path):
     assert config.load_preset_yaml(path) == preset
 
 
-@pytest.mark.parametrize(("cuda", "bf16", "gib", "expected"), [
-    (False, False, 0, "cpu-tiny"),
-    (True, False, 15, "colab-t4"),  # T4: no bf16
-    (True, True, 22, "l4"),
-    (True, True, 80, "a100"),
+@pytest.mark.parametrize(("cuda", "bf16", "capability", "gib", "expected"), [
+    (False, False, (0, 0), 0, "cpu-tiny"),
+    (True, False, (7, 5), 15, "colab-t4"),  # T4: no bf16
+    (True, True, (7, 5), 14.7, "colab-t4"),  # a real Colab T4: is_bf16_supported() says True (emulation)
+    (True, True, (8, 9), 22, "l4"),
+    (True, True, (8, 0), 39.4, "l4"),  # A100 40 GB: below the a100 preset's own memory estimate
+    (True, True, (8, 0), 80, "a100"),
+    (True, True, (9, 0), 79.1, "a100"),  # H100 80 GB
+    (True, True, (8, 6), 16, "colab-t4"),  # bf16 but too small for l4's estimate
 ])
-def test_auto_preset_follows_the_hardware(monkeypatch, cuda, bf16, gib, expected):
+def test_auto_preset_follows_the_hardware(monkeypatch, cuda, bf16, capability, gib, expected):
     import types
 
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: capability)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *_: types.SimpleNamespace(total_memory=gib * 2**30))
     assert config.auto_preset_name() == expected and resolve_preset("auto").name == expected
+    assert config.cuda_native_bf16() is (cuda and capability[0] >= 8)
+    if expected != "cpu-tiny":
+        assert get_preset(expected).expected_memory_gb <= gib  # auto never picks a preset its card cannot hold
+
+
+def test_auto_preset_refuses_a_gpu_smaller_than_every_gpu_preset(monkeypatch):
+    import types
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (8, 6))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *_: types.SimpleNamespace(total_memory=8 * 2**30))
+    with pytest.raises(ConfigError, match=r"8\.0 GiB.*colab-t4.*cpu-tiny"):
+        resolve_preset("auto")
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_fits_k_images_in_its_stage2_prompt(name):
+    """k candidates at the preset's image size, with room for text, fit stage2.max_prompt_tokens (no shrinking)."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    preset = PRESETS[name]
+    m = preset.model
+    h, w = smart_resize(m.image_size, m.image_size, factor=28, min_pixels=m.min_pixels, max_pixels=m.max_pixels)
+    assert config.image_tokens(m) == (h // 14) * (w // 14) // 4 + 2  # the processor's own arithmetic
+    assert preset.check_prompt_budget() is preset
+    assert preset.stage1.k * config.image_tokens(m) < config.stage2_prompt_tokens_needed(preset) <= \
+        preset.stage2.max_prompt_tokens
+
+
+def test_prompt_budget_too_small_for_k_images_is_a_clear_error(tmp_path):
+    assert config.image_tokens(PRESETS["a100"].model) == 258  # 448 px: 16x16 merged patches + 2 wrappers
+    old_a100 = {"stage2.max_prompt_tokens": 2048}  # 8 images alone are 2,064 tokens
+    with pytest.raises(ConfigError, match=r"max_prompt_tokens=2048 cannot hold stage1.k=8 .*258 tokens each"):
+        get_preset("a100", **old_a100)
+    with pytest.raises(ConfigError, match="cannot hold stage1.k=16"):
+        resolve_preset("colab-t4", **{"stage1.k": 16})
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(PRESETS["a100"].with_overrides(**old_a100).to_dict()))
+    with pytest.raises(ConfigError, match="max_prompt_tokens=2048"):
+        config.load_preset_yaml(path)
+    # with_overrides checks structure only, so tests can still build a deliberately tight budget (shrink path)
+    assert PRESETS["cpu-tiny"].with_overrides(**{"stage2.max_prompt_tokens": 20}).stage2.max_prompt_tokens == 20
 
 
 def test_committed_notebooks_have_no_outputs_and_a_parameters_cell():
