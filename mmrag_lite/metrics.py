@@ -53,6 +53,7 @@ import csv
 import json
 import logging
 import math
+import numbers
 import re
 import string
 from collections import Counter, defaultdict
@@ -157,6 +158,11 @@ _nlp: Any = None
 _nlp_name: str | None = None
 _lemma_cache: dict[str, str] = {}
 _LEMMA_CACHE_MAX = 200_000
+# Each text is cut to this many characters before it is normalised: spaCy refuses texts over 1,000,000 characters
+# (error E088), which let one enormous answer take down a whole reward batch or evaluation, and lemmatising even
+# 100,000 characters takes seconds. 10,000 is 20x the longest real WebQA val answer (486 characters), so official
+# scores are unchanged; the official script itself crashes on such texts, so beyond the cap there is nothing to match.
+MAX_LEMMATIZE_CHARS = 10_000
 
 
 def get_nlp() -> Any:
@@ -179,7 +185,11 @@ def get_nlp() -> Any:
 
 
 def _lemmatize_many(texts: Sequence[str]) -> list[str]:
-    """Lemmatise with a cache: answers repeat a lot ("Yes", "No"), and rewards see the same references every epoch."""
+    """Lemmatise with a cache: answers repeat a lot ("Yes", "No"), and rewards see the same references every epoch.
+
+    Texts longer than ``MAX_LEMMATIZE_CHARS`` are cut first, so nothing raises and a huge text stays cheap.
+    """
+    texts = [t[:MAX_LEMMATIZE_CHARS] for t in texts]
     todo = list(dict.fromkeys(t for t in texts if t not in _lemma_cache))
     if todo:
         nlp = get_nlp()
@@ -191,8 +201,11 @@ def _lemmatize_many(texts: Sequence[str]) -> list[str]:
 
 
 def normalize_webqa_many(texts: Sequence[Any]) -> list[str]:
-    """The official ``normalize_text`` over many strings at once (one ``nlp.pipe`` pass); non-strings → ``""``."""
-    pre = [_webqa_pre_lemma(t) if isinstance(t, str) else ("", False) for t in texts]
+    """The official ``normalize_text`` over many strings at once (one ``nlp.pipe`` pass); non-strings → ``""``.
+
+    Each string is first cut to ``MAX_LEMMATIZE_CHARS`` characters (see there), so a huge answer neither raises nor stalls.
+    """
+    pre = [_webqa_pre_lemma(t[:MAX_LEMMATIZE_CHARS]) if isinstance(t, str) else ("", False) for t in texts]
     need = [p for p, lemma in pre if lemma]
     lemmas = iter(_lemmatize_many(need)) if need else iter(())
     return [next(lemmas) if lemma else p for p, lemma in pre]
@@ -217,11 +230,18 @@ def _restrict(bow: list[str], domain: frozenset[str] | str | None) -> list[str]:
     return sorted(domain.intersection(bow))  # a set: repeats of a colour count once, as officially
 
 
+def webqa_bags(cand_norm: str, ref_norm: str, qcate: str | None) -> tuple[list[str], list[str]]:
+    """The bags of words QA-Acc compares (candidate, reference), after the category's restriction.
+
+    Public so the answer reward can see what the metric counts (e.g. how many colours an answer names).
+    """
+    domain = _DOMAINS.get(qcate or "text")
+    return _restrict(cand_norm.split(), domain), _restrict(ref_norm.split(), domain)
+
+
 def webqa_scores_from_normalized(cand_norm: str, ref_norm: str, qcate: str | None) -> dict[str, float]:
     """F1 / recall / precision / accuracy of two *normalised* strings under the rules of ``qcate``."""
-    domain = _DOMAINS.get(qcate or "text")
-    bow_c = _restrict(cand_norm.split(), domain)
-    bow_a = _restrict(ref_norm.split(), domain)
+    bow_c, bow_a = webqa_bags(cand_norm, ref_norm, qcate)
     same = sum((Counter(bow_a) & Counter(bow_c)).values())
     if same == 0:
         return {"f1": 0.0, "recall": 0.0, "precision": 0.0, "acc": 0.0}
@@ -503,14 +523,22 @@ def mmqa_em_f1(prediction: Any, gold_answers: Sequence[Any]) -> tuple[float, flo
 
     ``prediction``: a string or a list of strings (a list answer). ``gold_answers``: the spans of the one reference
     answer (``[a["answer"] for a in qa["answers"]]``), or a list of such lists for several references (max over them).
-    Malformed input (None, non-strings) scores (0, 0).
+    A number (``5``, ``1985.0``) on either side is read as its text (``"5"``): MMQA answers are numbers often, and
+    DROP's normalisation makes ``"1985"`` and ``"1985.0"`` equal. Other malformed input (None, bytes, dicts) scores (0, 0).
     """
     if prediction is None or isinstance(prediction, (bytes, Mapping)):
         return 0.0, 0.0
+    if isinstance(prediction, numbers.Number):
+        prediction = str(prediction)
     if not isinstance(prediction, str):
-        prediction = [p if isinstance(p, str) else str(p) for p in prediction]
-    if isinstance(gold_answers, str):
-        gold_answers = [gold_answers]
+        try:
+            prediction = [p if isinstance(p, str) else str(p) for p in prediction]
+        except TypeError:  # any other non-iterable
+            return 0.0, 0.0
+    if isinstance(gold_answers, (str, numbers.Number)):
+        gold_answers = [str(gold_answers)]
+    elif gold_answers is not None and not hasattr(gold_answers, "__iter__"):
+        return 0.0, 0.0
     refs: list[Any] = list(gold_answers) if gold_answers else []
     if not refs:
         return 0.0, 0.0
@@ -756,6 +784,7 @@ def read_webqa_val_references(webqa_val_dir: str | Path) -> dict[str, dict[str, 
 __all__ = [
     "COLOR_SET",
     "FL_UNAVAILABLE",
+    "MAX_LEMMATIZE_CHARS",
     "NUMBER",
     "SHAPE_SET",
     "WEBQA_CATEGORIES",
@@ -780,6 +809,7 @@ __all__ = [
     "recall_at_k",
     "webqa_accuracy",
     "webqa_accuracy_batch",
+    "webqa_bags",
     "webqa_fluency",
     "webqa_fluency_batch",
     "webqa_qa",

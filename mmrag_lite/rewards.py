@@ -21,17 +21,36 @@ a configurable ``penalty ≤ 0`` for output that cannot be read at all, and the 
 **Ranking** (stage 2), the listed ids ``S = (s_1, s_2, …)`` (order kept, repeats dropped) against the gold ids
 ``G``; an id that is not among the row's ``candidate_ids`` ``C`` can never be relevant but still takes its slot:
 
-    f1:    r_rank(o) = 2 |S ∩ G ∩ C| / (|S| + |G|)                       (= WebQA Retrieval-F1)
+    f1:    r_rank(o) = 2 |S ∩ G ∩ C| / (|S| + |G ∩ C|)
+           (WebQA's Retrieval-F1 when every gold id is shown, i.e. G ⊆ C; otherwise it only asks for the gold the
+           model was shown, since it cannot name a document it never saw; 0 when G ∩ C = ∅)
     ndcg:  r_rank(o) = Σ_{i ≤ k} [s_i ∈ G ∩ C] / log2(i + 1)  /  Σ_{i ≤ min(k, |G|)} 1 / log2(i + 1)
            with k = |G| unless configured (listing every candidate must not pay: ids past k earn nothing)
            penalty when no sources block can be read
 
 **Answer** (stage 2), the text ``â`` inside ``<answer>`` against the row's reference:
 
-    webqa:    r_ans(o) = Acc_WebQA(â, keywords if keywords else answer, qcate)     (see ``metrics``)
+    webqa:    r_ans(o) = Acc_WebQA(â, ref, qcate) · g_choose · g_hedge     ref = keywords if keywords else answer
     mmqa_f1:  r_ans(o) = F1_DROP(â, answer)
     mmqa_em:  r_ans(o) = EM_DROP(â, answer)
               penalty when no single answer block can be read
+
+Two guards close holes that the official metric leaves open (the *metric* in ``metrics`` stays official; only the
+reward is guarded), each a keyword option, on by default:
+
+* ``choose_guard`` — ``choose``/``Others``/``text`` are scored by recall, so pasting the question into the answer
+  names the right option of a ``choose`` question and scores ~1 (0.94 on average over the real val ``choose``
+  questions). With the question known (a ``question`` column, else the ``Question:`` line of TRL's ``prompts``),
+  ``g_choose = 1/2`` when the answer names both options, i.e. both words around an ``or`` of the normalised question
+  (or the ``and`` of a question that opens with "Between"), unless the reference itself names both; otherwise 1.
+  Naming both options is then worth what a coin flip between them is worth in expectation, so committing to the
+  option the evidence supports always pays more. Why 1/2 and not 0: a bag-of-words test cannot tell a copied question
+  from a correct sentence that mentions the other option too ("X is taller than Y"), which keeps half its credit.
+* ``hedge_guard`` — ``color``/``shape``/``YesNo`` are scored by F1 over a closed vocabulary, where "yes or no"
+  earns 0.667 on every YesNo question (more than always answering "yes", 0.46 on real val). When the answer names
+  more vocabulary words ``c`` than the reference ``a``, ``g_hedge = |a| / |c|`` (else 1): hedging over ``m`` options
+  with one right then earns ``2/(m(m+1))`` (1/3 for two), never more in expectation than committing to one at
+  random (``1/m``). ``number`` is left out: a correct answer often carries an incidental number (a year, a count).
 
 **Total** (what GRPO sees, computed by TRL from ``GRPOConfig(reward_weights=...)``): ``r = Σ_c λ_c r_c``.
 
@@ -43,6 +62,8 @@ raises ``ValueError`` at once, naming it. Each function accepts and ignores TRL'
 from __future__ import annotations
 
 import math
+import numbers
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -75,8 +96,9 @@ def _optional_column(name: str, columns: Mapping[str, Any], n: int, default: Any
 
 
 def _check_penalty(penalty: float) -> float:
-    if not isinstance(penalty, (int, float)) or math.isnan(penalty) or penalty > 0:
-        raise ValueError(f"penalty must be a number <= 0 (it is what unreadable output earns), got {penalty!r}")
+    """A finite number ≤ 0: an infinite or NaN penalty would make GRPO's group advantages NaN."""
+    if not isinstance(penalty, (int, float)) or not math.isfinite(penalty) or penalty > 0:
+        raise ValueError(f"penalty must be a finite number <= 0 (it is what unreadable output earns), got {penalty!r}")
     return float(penalty)
 
 
@@ -206,6 +228,61 @@ def ranking_reward(
 
 
 # ------------------------------------------------------------------------------------------------- answer
+HEDGE_GUARD_CATEGORIES = frozenset({"color", "shape", "YesNo"})  # F1 over a closed vocabulary: where hedging paid
+_QUESTION_PREFIX = "Question:"  # how prompts.stage2_messages introduces the question (a test pins the two together)
+
+
+def question_from_prompt(prompt: Any) -> str | None:
+    """The question of a stage-2 prompt (TRL passes the row's ``prompt`` to rewards as ``prompts``): the text after
+    the last ``Question:`` of the last user message (or of a plain-string prompt); ``None`` when there is none."""
+    text = prompt if isinstance(prompt, str) else None
+    if isinstance(prompt, (list, tuple)):
+        for message in reversed(prompt):
+            if isinstance(message, Mapping) and message.get("role") == "user":
+                content = message.get("content")
+                if isinstance(content, str):
+                    text = content
+                elif isinstance(content, (list, tuple)):
+                    text = "".join(p.get("text") or "" for p in content if isinstance(p, Mapping) and isinstance(p.get("text"), str))
+                break
+    if not text or _QUESTION_PREFIX not in text:
+        return None
+    return text.rsplit(_QUESTION_PREFIX, 1)[1].strip() or None
+
+
+_WORD = re.compile(r"\w+")
+_ARTICLES = frozenset({"a", "an", "the"})
+
+
+def _plain(text: str) -> str:
+    """Lower-cased words without punctuation or articles, not lemmatised (spaCy's lemma depends on the context:
+    "sideways" is "sideway" in a question but "sideways" alone, so the choose guard checks both forms)."""
+    return " ".join(w for w in _WORD.findall(text.lower()) if w not in _ARTICLES)
+
+
+def _names_every_option(answer_norm: str, question_norm: str, reference_norm: str) -> bool:
+    """The choose guard's test on normalised texts: the answer holds both words around an ``or`` of the question (or
+    the ``and`` of "between X and Y") that the reference does not hold both of. See the module docstring."""
+    words = question_norm.split()
+    said, ref = set(answer_norm.split()), set(reference_norm.split())
+    joints = [j for j, w in enumerate(words) if w == "or"]
+    if words[:1] == ["between"] and "and" in words:
+        joints.append(words.index("and"))
+    for j in joints:
+        if 0 < j < len(words) - 1:
+            left, right = words[j - 1], words[j + 1]
+            if left in said and right in said and not (left in ref and right in ref):
+                return True
+    return False
+
+
+def _gold_spans(gold: Any) -> list[Any]:
+    """An MMQA reference as a list of spans: a string or a number (``1985.0``) is one span; a list stays a list."""
+    if isinstance(gold, (str, numbers.Number)):
+        return [str(gold)]
+    return _ids(gold)
+
+
 def answer_reward(
     completions: Sequence[Any],
     answer: Sequence[Any] | None = None,
@@ -213,12 +290,17 @@ def answer_reward(
     reasoning: bool = False,
     metric: str = "webqa",
     penalty: float = 0.0,
+    choose_guard: bool = True,
+    hedge_guard: bool = True,
     tags: Tags = DEFAULT_TAGS,
     **columns: Any,
 ) -> list[float]:
     """Stage 2: the answer's accuracy against the row's reference; ``penalty`` when no single answer block can be read.
 
-    ``webqa`` uses the optional columns ``keywords`` (preferred when non-empty) and ``qcate`` (default ``text``).
+    ``webqa`` uses the optional columns ``keywords`` (preferred when non-empty) and ``qcate`` (default ``text``), and
+    for ``choose_guard`` the question (column ``question``, else TRL's ``prompts``; without either the guard is off
+    for that row). ``choose_guard`` and ``hedge_guard`` close the reward hacks the official metric leaves open
+    (module docstring): on by default, because a reward that pays copying the question or hedging teaches exactly that.
     """
     penalty = _check_penalty(penalty)
     if metric not in ANSWER_METRICS:
@@ -231,20 +313,50 @@ def answer_reward(
     if not readable:
         return out
     if metric == "webqa":
-        keywords = _optional_column("keywords", columns, n, "")
-        qcates = _optional_column("qcate", columns, n, "text")
-        refs = [metrics.qa_reference(answers[i], keywords[i]) for i in readable]
-        qc = [qcates[i] if isinstance(qcates[i], str) else "text" for i in readable]
-        scores = metrics.webqa_accuracy_batch([parsed[i] for i in readable], refs, qc)
+        scores = _webqa_answer_scores(
+            [parsed[i] for i in readable], [answers[i] for i in readable], columns, readable, n,
+            choose_guard=choose_guard, hedge_guard=hedge_guard)
     else:
         position = 0 if metric == "mmqa_em" else 1
         scores = []
         for i in readable:
-            gold = answers[i]
-            gold = [gold] if isinstance(gold, str) else _ids(gold)
+            gold = _gold_spans(answers[i])
             scores.append(metrics.mmqa_em_f1(parsed[i], gold)[position] if gold else 0.0)
     for i, s in zip(readable, scores):
         out[i] = float(s)
+    return out
+
+
+def _webqa_answer_scores(said: list[str], answers: list[Any], columns: Mapping[str, Any], rows: list[int], n: int, *,
+                         choose_guard: bool, hedge_guard: bool) -> list[float]:
+    """Official QA-Acc of each readable answer (one spaCy batch for answers, references and questions), then the guards."""
+    keywords = _optional_column("keywords", columns, n, "")
+    qcates = _optional_column("qcate", columns, n, "text")
+    refs = [metrics.qa_reference(a, keywords[i]) for a, i in zip(answers, rows)]
+    qc = [qcates[i] if isinstance(qcates[i], str) else "text" for i in rows]
+    questions: list[str | None] = [None] * len(rows)
+    if choose_guard and "choose" in qc:
+        if columns.get("question") is not None:
+            asked = _column("question", columns, n)
+            questions = [asked[i] if isinstance(asked[i], str) else None for i in rows]
+        elif columns.get("prompts") is not None and hasattr(columns["prompts"], "__len__") and len(columns["prompts"]) == n:
+            questions = [question_from_prompt(columns["prompts"][i]) for i in rows]
+        questions = [q if c == "choose" else None for q, c in zip(questions, qc)]
+    normed = metrics.normalize_webqa_many(said + refs + [q or "" for q in questions])
+    k = len(rows)
+    out = []
+    for j in range(k):
+        cand, ref, question = normed[j], normed[k + j], normed[2 * k + j]
+        score = metrics.webqa_scores_from_normalized(cand, ref, qc[j])["acc"]
+        if score and choose_guard and questions[j] and (
+            _names_every_option(cand, question, ref)
+            or _names_every_option(_plain(said[j]), _plain(questions[j]), _plain(refs[j]))
+        ):
+            score *= 0.5  # both options named: a coin flip's worth (module docstring)
+        if score and hedge_guard and qc[j] in HEDGE_GUARD_CATEGORIES:
+            bag_c, bag_a = metrics.webqa_bags(cand, ref, qc[j])
+            score *= min(1.0, len(bag_a) / len(bag_c))
+        out.append(score)
     return out
 
 
@@ -273,6 +385,8 @@ def build_reward_funcs(
     penalty: float = 0.0,
     ndcg_k: int | None = None,
     answer_metric: str = "webqa",
+    choose_guard: bool = True,
+    hedge_guard: bool = True,
     tags: Tags = DEFAULT_TAGS,
 ) -> tuple[list[RewardFunc], list[float]]:
     """The reward functions of one stage and their weights, in the same order, for ``GRPOTrainer``/``GRPOConfig``.
@@ -280,6 +394,7 @@ def build_reward_funcs(
     ``weights`` maps component → λ (``preset.stageN.weights``); components come back in the canonical order
     (format, relevance) / (format, ranking, answer). ``balance_classes`` re-weights stage-1 verdicts with
     ``ρ = positive_weight`` if given, else ``(1 − π)/π`` from ``positive_fraction`` (default 0.5, i.e. no change).
+    ``choose_guard`` / ``hedge_guard`` are the answer reward's guards against copying the question and hedging.
     """
     if stage not in STAGE_COMPONENTS:
         raise ValueError(f"stage must be 1 or 2, got {stage!r}")
@@ -290,8 +405,8 @@ def build_reward_funcs(
     if not weights:
         raise ValueError(f"weights must name at least one of {list(known)}")
     for name, w in weights.items():
-        if not isinstance(w, (int, float)) or math.isnan(w) or w < 0:
-            raise ValueError(f"weight of {name!r} must be a number >= 0, got {w!r}")
+        if not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:  # inf/NaN would make the total NaN
+            raise ValueError(f"weight of {name!r} must be a finite number >= 0, got {w!r}")
     penalty = _check_penalty(penalty)
     if ranking_metric not in RANKING_METRICS:
         raise ValueError(f"unknown ranking_metric {ranking_metric!r}; choose one of {RANKING_METRICS}")
@@ -307,7 +422,8 @@ def build_reward_funcs(
         "format": lambda: _named("format", format_reward, stage=stage, **common),
         "relevance": lambda: _named("relevance", relevance_reward, positive_weight=rho, **common),
         "ranking": lambda: _named("ranking", ranking_reward, metric=ranking_metric, k=ndcg_k, **common),
-        "answer": lambda: _named("answer", answer_reward, metric=answer_metric, **common),
+        "answer": lambda: _named("answer", answer_reward, metric=answer_metric, choose_guard=choose_guard,
+                                 hedge_guard=hedge_guard, **common),
     }
     names = [c for c in known if c in weights]
     return [factories[c]() for c in names], [float(weights[c]) for c in names]
@@ -343,7 +459,8 @@ def explain(completion: Any, *, stage: int, reasoning: bool, candidate_ids: Sequ
 
 
 __all__ = [
-    "ANSWER_METRICS", "RANKING_METRICS", "STAGE_COMPONENTS", "answer_reward", "balanced_positive_weight",
-    "build_reward_funcs", "class_weights", "explain", "format_reward", "ranking_reward", "ranking_score",
-    "relevance_reward", "reward_funcs_for_preset", "score_completion",
+    "ANSWER_METRICS", "HEDGE_GUARD_CATEGORIES", "RANKING_METRICS", "STAGE_COMPONENTS", "answer_reward",
+    "balanced_positive_weight", "build_reward_funcs", "class_weights", "explain", "format_reward",
+    "question_from_prompt", "ranking_reward", "ranking_score", "relevance_reward", "reward_funcs_for_preset",
+    "score_completion",
 ]

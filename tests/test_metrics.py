@@ -110,6 +110,23 @@ def test_batch_equals_single_and_uses_the_cache():
         metrics.webqa_accuracy_batch(["a"], ["a", "b"])
 
 
+def test_enormous_texts_are_cut_before_spacy_not_raised():
+    """spaCy refuses over 1,000,000 characters (E088); one such answer crashed a batch and a whole evaluation."""
+    huge = "x " * 600_000 + "red"
+    start = time.perf_counter()
+    assert metrics.webqa_accuracy_batch([huge, "red"], ["red", "red"], ["text", "text"]) == [0.0, 1.0]  # past the cap
+    assert webqa_accuracy("red " + huge, "red", "text") == 1.0  # within the cap: scored as usual
+    report = metrics.evaluate_webqa_submission({"g": {"sources": [], "answer": huge}}, {"g": {"answer": "red", "qcate": "text"}})
+    assert report.overall["acc"] == 0.0
+    assert time.perf_counter() - start < 10.0
+
+
+def test_webqa_bags_are_what_the_metric_counts():
+    assert metrics.webqa_bags("yes or no", "yes", "YesNo") == (["no", "yes"], ["yes"])
+    assert metrics.webqa_bags("red red car", "red", "color") == (["red"], ["red"])  # a set, as officially
+    assert metrics.webqa_bags("3 dog and 4", "3", "number") == (["3", "4"], ["3"])
+
+
 # ---------------------------------------------------------------------------------------------- fluency
 class FakeScorer:
     """s(src -> tgt) = -(number of words of tgt not in src): enough to check the FL arithmetic by hand."""
@@ -226,6 +243,14 @@ def test_mmqa_normalisation():
 )
 def test_mmqa_em_f1_hand_computed(pred, gold, em, f1):
     assert mmqa_em_f1(pred, gold) == (pytest.approx(em), pytest.approx(f1))
+
+
+def test_mmqa_em_f1_reads_numbers_as_text():
+    """The docstring promised (0, 0) for non-strings, but a bare number raised TypeError; a number is its text."""
+    assert mmqa_em_f1(5, ["5"]) == (1.0, 1.0)
+    assert mmqa_em_f1(1985.0, ["1985"]) == (1.0, 1.0)
+    assert mmqa_em_f1("1985", 1985.0) == (1.0, 1.0)  # a scalar gold, too
+    assert mmqa_em_f1(object(), ["x"]) == (0.0, 0.0)  # still malformed, still no exception
 
 
 def test_mmqa_several_references_take_the_max():

@@ -164,6 +164,87 @@ def test_answer_reward_malformed():
     assert out == [-1.0, -1.0, -1.0, 0.0]  # an empty but present answer is readable: it is just wrong
 
 
+STACHYS = "Does the Stachys byzantia grow upwards or sideways ?"
+
+
+def test_choose_guard_copying_the_question_earns_a_coin_flip():
+    """Recall-scored `choose` paid a pasted question in full (0.94 on real val); naming both options now earns what
+    a random pick between them earns in expectation (1/2), so committing to the right one always pays more."""
+    said = ["Does the Stachys byzantia grow upwards or sideways ?", "Upwards", "It grows upwards.",
+            "upwards, not sideways", "upwards or sideways"]
+    comps = [stage2_target(["D1"], a) for a in said]
+    cols = {"answer": ["It grows upwards."] * 5, "keywords": ["Upwards."] * 5, "qcate": ["choose"] * 5}
+    assert answer_reward(comps, question=[STACHYS] * 5, **cols) == [0.5, 1.0, 1.0, 0.5, 0.5]
+    assert answer_reward(comps, question=[STACHYS] * 5, choose_guard=False, **cols) == [1.0] * 5  # the hole
+    assert answer_reward(comps, **cols) == [1.0] * 5  # no question known: nothing to check against
+    # a reference that names both options itself ("Minnesota or Mayo ...") never triggers the guard
+    q = "Is the Gonda Building in Rochester , Minnesota or Mayo Clinic Opus Building taller ?"
+    ref = "The Gonda Building in Rochester, Minnesota"
+    assert answer_reward([stage2_target(["D1"], ref)], answer=[ref], keywords=[ref], qcate=["choose"], question=[q]) == [1.0]
+    # "Between X and Y" questions have their options around the "and"
+    q = "Between the Petit Palais and the Hotel de Ville , which has more windows ?"
+    both = [stage2_target(["D1"], "Petit Palais and Hotel de Ville"), stage2_target(["D1"], "The Hotel de Ville")]
+    assert answer_reward(both, answer=["x"] * 2, keywords=["Hotel de Ville"] * 2, qcate=["choose"] * 2,
+                         question=[q] * 2) == [0.5, 1.0]
+
+
+def test_choose_guard_reads_the_question_from_trl_prompts():
+    from mmrag_lite.prompts import stage2_messages
+
+    cand = {"id": "1", "modality": "text", "title": "t", "text": "a fact", "image": None, "is_gold": True}
+    prompt = stage2_messages(STACHYS, [cand], reasoning=True)
+    assert rewards.question_from_prompt(prompt) == STACHYS  # pins the reward to the prompt's "Question:" line
+    assert rewards.question_from_prompt("Question: Red or blue?") == "Red or blue?"
+    assert rewards.question_from_prompt("p") is None and rewards.question_from_prompt(None) is None
+    funcs, _ = build_reward_funcs(2, {"answer": 1.0}, reasoning=False)
+    out = funcs[0]([stage2_target(["D1"], STACHYS), stage2_target(["D1"], "upwards")], prompts=[prompt] * 2,
+                   answer=["x"] * 2, keywords=["Upwards."] * 2, qcate=["choose"] * 2, completion_ids=[[1], [2]])
+    assert out == [0.5, 1.0]
+    funcs, _ = build_reward_funcs(2, {"answer": 1.0}, reasoning=False, choose_guard=False)
+    assert funcs[0]([stage2_target(["D1"], STACHYS)], prompts=[prompt], answer=["x"], keywords=["Upwards."],
+                    qcate=["choose"]) == [1.0]
+
+
+def test_hedge_guard_scales_closed_vocabulary_answers_by_reference_over_answer_words():
+    """Hedging over m options with one right: F1 = 2/(m+1), times 1/m = 2/(m(m+1)) < 1/m, what a random commit earns."""
+    f1 = lambda p, r: 2 * p * r / (p + r + 1e-5)  # the official F1, +1e-5 included
+    said = ["yes or no", "red or blue", "red, blue or green", "yes", "no"]
+    comps = [stage2_target(["D1"], a) for a in said]
+    cols = {"answer": ["x"] * 5, "keywords": ["yes", "red", "red", "yes", "yes"], "qcate": ["YesNo", "color", "color", "YesNo", "YesNo"]}
+    assert answer_reward(comps, **cols) == pytest.approx([f1(1 / 2, 1) / 2, f1(1 / 2, 1) / 2, f1(1 / 3, 1) / 3, f1(1, 1), 0.0])
+    assert answer_reward(comps, hedge_guard=False, **cols) == pytest.approx([f1(1 / 2, 1), f1(1 / 2, 1), f1(1 / 3, 1), f1(1, 1), 0.0])
+    assert answer_reward(comps, **cols)[0] == pytest.approx(1 / 3, abs=1e-4)  # "yes or no": 0.667 before the guard
+    # a two-colour reference: naming both is right, not a hedge; numbers are not guarded (incidental years, counts)
+    assert answer_reward([stage2_target(["D1"], "red and blue")], answer=["x"], keywords=["red and blue"], qcate=["color"]) == [pytest.approx(1.0, abs=1e-4)]
+    assert answer_reward([stage2_target(["D1"], "3 or 4")], answer=["x"], keywords=["3"], qcate=["number"]) == [pytest.approx(f1(1 / 2, 1))]
+
+
+def test_answer_reward_survives_an_enormous_answer():
+    """A 1.2-million-character answer made spaCy raise (E088) and took the whole batch down with it."""
+    comps = [stage2_target(["D1"], "x " * 600_000), stage2_target(["D1"], "red")]
+    start = time.perf_counter()
+    assert answer_reward(comps, answer=["red", "red"], qcate=["text", "text"]) == [0.0, 1.0]
+    assert time.perf_counter() - start < 10.0
+
+
+def test_answer_reward_mmqa_scalar_gold_is_its_text():
+    comp = [stage2_target(["D1"], "1985")]
+    assert answer_reward(comp, answer=[1985.0], metric="mmqa_em") == [1.0]  # was 0: a float was not a span
+    assert answer_reward(comp, answer=[[1985.0]], metric="mmqa_em") == [1.0]
+    assert answer_reward(comp, answer=[1985], metric="mmqa_f1") == [1.0]
+
+
+@pytest.mark.parametrize("bad", [-math.inf, math.inf, math.nan])
+def test_penalty_and_weights_must_be_finite(bad):
+    """An infinite penalty or weight gives GRPO NaN advantages; refuse it at once."""
+    with pytest.raises(ValueError, match="finite"):
+        format_reward(["x"], stage=1, reasoning=False, penalty=bad)
+    with pytest.raises(ValueError, match="finite"):
+        build_reward_funcs(2, {"format": 1.0}, reasoning=False, penalty=bad)
+    with pytest.raises(ValueError, match="finite"):
+        build_reward_funcs(2, {"format": bad}, reasoning=False)
+
+
 # ------------------------------------------------------------------------------------------------ builder
 def test_build_reward_funcs_names_weights_and_order():
     funcs, weights = build_reward_funcs(2, {"answer": 1.0, "format": 0.2, "ranking": 0.5}, reasoning=True)
