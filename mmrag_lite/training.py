@@ -195,6 +195,11 @@ class Stage2BuildReport:
     gold_dropped: int = 0  # gold candidates removed (only after every distractor is gone)
     questions_dropped_too_long: int = 0  # still over the limit with a single candidate: row dropped
     rows_dropped_too_long: int = 0  # a permutation over the limit (tokens differ slightly by order): dropped
+    # No gold among the candidates shown (the stage-1 filter, or shrinking, lost every gold): gold_ids == [], so the
+    # ranking reward is 0 for every readable sources list, i.e. no ranking signal; the answer reward still trains.
+    questions_without_gold: int = 0  # kept (their rows below) unless skip_questions_without_gold=True
+    rows_without_gold: int = 0  # rows with gold_ids == [] in the dataset
+    questions_skipped_without_gold: int = 0  # dropped because skip_questions_without_gold=True
     prompt_tokens_max: int = 0
     prompt_tokens_mean: float = 0.0
     images_per_prompt_max: int = 0
@@ -216,6 +221,14 @@ class Stage2BuildReport:
                          f"permuted rows still over {self.max_prompt_tokens} tokens")
         if self.questions_without_kept_ids:
             lines.append(f"  skipped {self.questions_without_kept_ids} questions with no stage-1 kept ids")
+        kept_without_gold = self.questions_without_gold - self.questions_skipped_without_gold
+        if kept_without_gold:
+            lines.append(f"  {kept_without_gold} questions ({self.rows_without_gold} rows, gold_ids=[]) show no gold "
+                         "candidate (lost by the filter or by shrinking): no ranking signal, they still train the answer "
+                         "(skip_questions_without_gold=True drops them)")
+        if self.questions_skipped_without_gold:
+            lines.append(f"  skipped {self.questions_skipped_without_gold} questions that show no gold candidate "
+                         "(skip_questions_without_gold=True)")
         if len(lines) == 1:
             lines.append("  no prompt needed shrinking; nothing dropped; no prompt was truncated")
         return "\n".join(lines)
@@ -283,6 +296,7 @@ def build_stage2_dataset(
     kept_ids: Mapping[str, Sequence[str]] | None = None,
     seed: int | None = None,
     processor: Any = None,
+    skip_questions_without_gold: bool = False,
 ) -> tuple[Any, Stage2BuildReport]:
     """List-wise GRPO rows (docs/CONTRACTS.md) and a report of what had to be shrunk or dropped.
 
@@ -294,6 +308,11 @@ def build_stage2_dataset(
     a prompt is never cut through its image tokens. Each question yields ``preset.stage2.permutations`` copies in
     different orders (``prompts.permutations``), short ids ``D1..Dk`` following the shown order, so ``gold_ids``
     are the short ids of the gold candidates *after* the permutation. Rows are capped at ``max_examples``.
+
+    A question whose shown candidates hold no gold (the filter missed them all) has ``gold_ids == []``: every
+    readable sources list then earns ranking reward 0, so it carries no ranking signal, but its answer reward still
+    teaches. It is kept by default and counted (``report.questions_without_gold``); ``skip_questions_without_gold``
+    drops it instead (training the ranking only on questions where it can be learned).
     """
     from datasets import Dataset
 
@@ -324,6 +343,12 @@ def build_stage2_dataset(
         if fitted is None:
             continue
         shown, _ = fitted
+        has_gold = any(c["is_gold"] for c in shown)
+        if not has_gold:
+            report.questions_without_gold += 1
+            if skip_questions_without_gold:
+                report.questions_skipped_without_gold += 1
+                continue
         report.questions_used += 1
         for order in prompts.permutations(len(shown), s.permutations, seed=base_seed * 1_000_003 + qi):
             if len(rows) >= s.max_examples:
@@ -348,6 +373,7 @@ def build_stage2_dataset(
                 "guid": row["guid"],
             })
             lengths.append(n)
+            report.rows_without_gold += int(not has_gold)
             report.images_per_prompt_max = max(report.images_per_prompt_max, len(images))
     report.rows = len(rows)
     features = _features(2)
@@ -360,7 +386,8 @@ def build_stage2_dataset(
 
 
 def stage2_dataset_for_run(preset: Preset, work_dir: str | Path, train_split: Iterable[Mapping[str, Any]], *,
-                           processor: Any = None, verbose: bool = True) -> tuple[Any, Stage2BuildReport]:
+                           processor: Any = None, verbose: bool = True,
+                           skip_questions_without_gold: bool = False) -> tuple[Any, Stage2BuildReport]:
     """A run's stage-2 training rows: pools are the top-k of the run's saved stage-1 train scores when present.
 
     The one place the CLI and the retrained ablations build them, so each variant sees exactly the main run's pools.
@@ -372,7 +399,8 @@ def stage2_dataset_for_run(preset: Preset, work_dir: str | Path, train_split: It
     if verbose:
         print(f"stage-2 pools: top-{preset.stage1.k} of the stage-1 scores in {path}" if kept is not None else
               "note: no stage-1 scores for train (run stage 1 first): stage-2 pools are built without them")
-    return build_stage2_dataset(train_split, preset, kept_ids=kept, seed=preset.seed, processor=processor)
+    return build_stage2_dataset(train_split, preset, kept_ids=kept, seed=preset.seed, processor=processor,
+                                skip_questions_without_gold=skip_questions_without_gold)
 
 
 # =============================================================================================== callbacks
@@ -521,12 +549,14 @@ class TrainResult:
     last_reward: float | None = None  # ... and over the last
     model: Any = field(default=None, repr=False)  # the trained PeftModel, still in memory (for scoring right away)
     processor: Any = field(default=None, repr=False)
+    note: str = ""  # e.g. why nothing was trained (a resumed run that had already reached max_steps)
 
     def summary(self) -> str:
         trend = (f"mean reward first {self.first_reward:.3f} -> last {self.last_reward:.3f}"
                  if self.first_reward is not None and self.last_reward is not None else "no reward logged")
-        return (f"stage {self.stage}: {self.global_step} steps in {self.seconds:.1f}s; {trend}; "
-                f"adapter saved to {self.adapter_dir}")
+        done = (f"adapter kept in {self.adapter_dir}" if self.note else f"adapter saved to {self.adapter_dir}")
+        text = f"stage {self.stage}: {self.global_step} steps in {self.seconds:.1f}s; {trend}; {done}"
+        return f"{text} ({self.note})" if self.note else text
 
 
 def reward_trend(log_history: Sequence[Mapping[str, Any]], fraction: float = REWARD_WINDOW_FRACTION) -> tuple[float | None, float | None]:
@@ -557,6 +587,64 @@ def last_checkpoint(output_dir: str | Path) -> Path | None:
     return Path(found) if found else None
 
 
+def keep_trainable_in_float32(model: Any) -> int:
+    """Cast every trainable floating-point parameter (the LoRA A/B matrices) to float32; returns how many moved.
+
+    Why: ``GRPOTrainer.__init__`` casts the trainable parameters of a 4-bit model to bfloat16 (TRL follows the
+    QLoRA paper, whose learning rates were ~1e-4 and above). That hurts here, three ways:
+
+    * at the GPU presets' learning rate 1e-5 an Adam step (~lr per entry) is below half a bf16 ulp of most
+      ``lora_A`` entries (|w| ~ 1e-2, ulp ~ 6e-5), so ~85 % of those updates round away to nothing;
+    * ``colab-t4`` computes in float16 on a card without bf16, and its fp16 ``GradScaler`` expects fp32 master
+      weights;
+    * a resumed run reloads the checkpoint with PEFT's ``load_adapter``, which rebuilds the adapter in float32:
+      an interrupted run would go on in another precision than it started in.
+
+    Standard QLoRA keeps the few adapter weights in float32 (a 2B model's LoRA is ~1 % of its memory) and computes
+    in the compute dtype: PEFT's LoRA layers cast their input to the adapter's dtype and the result back to the
+    base layer's, and under mixed precision the matmuls run in fp16/bf16 anyway. Call it after ``GRPOTrainer`` is
+    built and before ``train()`` creates the optimizer (it is built from these very parameters).
+    """
+    import torch
+
+    moved = 0
+    for param in model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
+            moved += 1
+    return moved
+
+
+def checkpoint_step(checkpoint: str | Path) -> int | None:
+    """The ``global_step`` a checkpoint was saved at (its ``trainer_state.json``), or None when unreadable."""
+    try:
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+        return int(state["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _restore_finished(trainer: Any, checkpoint: str) -> list[dict[str, Any]]:
+    """Put a finished run's checkpoint into ``trainer`` without training: its LoRA weights and its log history.
+
+    Why not ``trainer.train(resume_from_checkpoint=...)``: transformers' loop runs one step before it checks
+    ``max_steps``, so resuming a run that already reached it trains a step too many and overwrites the adapter.
+    The weights are copied into the existing (float32) parameters, so ``TrainResult.model`` is the trained model.
+    """
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+    from transformers import TrainerState
+
+    model = trainer.model
+    loaded = set_peft_model_state_dict(model, load_peft_weights(checkpoint, device="cpu"),
+                                       adapter_name=getattr(model, "active_adapter", "default"))
+    if loaded.unexpected_keys:  # another LoRA layout (rank, targets) than this preset's: refuse, never half-load
+        raise ValueError(f"{checkpoint} does not fit this model's adapter: unexpected {loaded.unexpected_keys[:3]}...")
+    keep_trainable_in_float32(model)
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    return list(trainer.state.log_history)
+
+
 def build_trainer(
     preset: Preset,
     stage: int,
@@ -573,7 +661,8 @@ def build_trainer(
 ) -> tuple[Any, RewardCurveCallback]:
     """A ``GRPOTrainer`` for one stage: model + processor from ``modeling``, LoRA from the preset, rewards by rule.
 
-    With ``init_adapter`` the model continues from a saved (trainable) adapter instead of a fresh LoRA.
+    With ``init_adapter`` the model continues from a saved (trainable) adapter instead of a fresh LoRA. The LoRA
+    weights are trained in float32 whatever the compute dtype (``keep_trainable_in_float32``).
     """
     from trl import GRPOConfig, GRPOTrainer
 
@@ -596,6 +685,7 @@ def build_trainer(
         peft_config=peft_config,
         callbacks=[curve, CudaMemoryCallback(), *callbacks],
     )
+    keep_trainable_in_float32(trainer.model)  # undo TRL's bf16 cast of a 4-bit model's LoRA (see its docstring)
     if quiet_progress:
         from transformers.trainer_callback import ProgressCallback
 
@@ -616,25 +706,40 @@ def _train(stage: int, preset: Preset, dataset: Any, work_dir: str | Path, *, in
                                    init_adapter=init_adapter, callbacks=callbacks, max_steps=max_steps,
                                    live_plot=live_plot)
     checkpoint: str | None = None
+    note = ""
     if resume:
         found = Path(resume) if isinstance(resume, (str, Path)) else last_checkpoint(out)
         checkpoint = str(found) if found else None
+        done_step = checkpoint_step(checkpoint) if checkpoint else None
+        if done_step is not None and done_step >= trainer.args.max_steps:
+            note = (f"{Path(checkpoint).name} already reached max_steps={trainer.args.max_steps}: nothing trained, "
+                    "the saved adapter is kept (raise max_steps to train further)")
         if verbose:
-            print(f"resuming from {checkpoint}" if checkpoint else f"no checkpoint in {out}: starting fresh")
-    t0 = time.perf_counter()
-    trainer.train(resume_from_checkpoint=checkpoint)
-    seconds = time.perf_counter() - t0
+            print(note or (f"resuming from {checkpoint}" if checkpoint else f"no checkpoint in {out}: starting fresh"))
     adapter_dir = out / "adapter"
-    history = list(trainer.state.log_history)
+    t0 = time.perf_counter()
+    if note:  # a finished run: train() would take one step past max_steps and overwrite the adapter
+        history = _restore_finished(trainer, checkpoint)
+        history = load_log_history(work_dir, stage) or history  # the finished run's own log ends with its summary
+        for entry in history:  # the reward curves of the run that did the training
+            for name, value in RewardCurveCallback.components(entry).items():
+                curve.curves.setdefault(name, []).append((int(entry.get("step", 0)), value))
+    else:
+        trainer.train(resume_from_checkpoint=checkpoint)
+        history = list(trainer.state.log_history)
+    seconds = time.perf_counter() - t0
     if trainer.is_world_process_zero():  # one writer under `accelerate launch`; the other processes wait below
-        with atomic_dir(adapter_dir) as tmp:  # a crash never leaves half an adapter
-            trainer.model.save_pretrained(str(tmp))
-        write_json_atomic(out / "log_history.json", history, indent=1, default=str)
+        # a finished run keeps its files; it writes them only when killed after its last checkpoint, before them
+        if not note or not (adapter_dir / "adapter_config.json").is_file():
+            with atomic_dir(adapter_dir) as tmp:  # a crash never leaves half an adapter
+                trainer.model.save_pretrained(str(tmp))
+        if not note or not (out / "log_history.json").is_file():
+            write_json_atomic(out / "log_history.json", history, indent=1, default=str)
     trainer.accelerator.wait_for_everyone()
     first, last = reward_trend(history)
     result = TrainResult(stage=stage, output_dir=out, adapter_dir=adapter_dir, global_step=trainer.state.global_step,
                          seconds=seconds, log_history=history, curves=curve.curves, first_reward=first,
-                         last_reward=last, model=trainer.model, processor=trainer.processing_class)
+                         last_reward=last, model=trainer.model, processor=trainer.processing_class, note=note)
     if verbose:
         print(result.summary())
     return result
@@ -656,7 +761,8 @@ def train_stage1(
     """Stage 1: GRPO on point-wise rows; saves ``<work_dir>/stage1/adapter/`` and ``log_history.json``.
 
     ``resume=True`` continues from the newest ``stage1/checkpoint-*`` (or a given checkpoint path); ``max_steps``
-    overrides the preset's bound (the total step count, so resuming to a larger value trains the difference).
+    overrides the preset's bound (the total step count, so resuming to a larger value trains the difference;
+    resuming a run whose checkpoint already reached it trains nothing and keeps the saved adapter, ``result.note``).
     """
     return _train(1, preset, dataset, work_dir, init_adapter=None, resume=resume, callbacks=callbacks,
                   max_steps=max_steps, live_plot=live_plot, model=model, processor=processor, verbose=verbose)
@@ -705,7 +811,8 @@ def train_stage2(
 
 __all__ = [
     "CudaMemoryCallback", "RewardCurveCallback", "Stage2BuildReport", "TrainResult", "build_stage1_dataset",
-    "build_stage2_dataset", "build_trainer", "grpo_config", "grpo_config_kwargs", "is_main_process",
+    "build_stage2_dataset", "build_trainer", "checkpoint_step", "grpo_config", "grpo_config_kwargs", "is_main_process",
+    "keep_trainable_in_float32",
     "last_checkpoint", "load_log_history", "load_processor", "plot_reward_curves", "prompt_token_count",
     "reward_funcs_for", "reward_trend", "stage2_dataset_for_run", "stage2_init_adapter", "train_stage1", "train_stage2",
 ]

@@ -145,6 +145,28 @@ def test_stage2_dataset_uses_kept_ids_and_counts_missing(processor) -> None:
     assert all(len(ex["candidate_ids"]) >= 1 for ex in ds) and "g2" not in set(ds["guid"])
 
 
+def test_stage2_report_counts_questions_without_gold_and_can_skip_them(processor) -> None:
+    rows = mini_rows(4)
+    gold = [[c["id"] for c in r["candidates"] if c["is_gold"]] for r in rows]
+    other = [[c["id"] for c in r["candidates"] if not c["is_gold"]] for r in rows]
+    # the stage-1 filter kept gold for g0 and g3 but lost every gold of g1 and g2
+    kept = {"g0": gold[0] + other[0][:1], "g1": other[1][:2], "g2": other[2][:1], "g3": gold[3]}
+    ds, report = training.build_stage2_dataset(rows, PRESET, processor=processor, kept_ids=kept, seed=0)
+    no_gold = [ex for ex in ds if ex["gold_ids"] == []]
+    assert {ex["guid"] for ex in no_gold} == {"g1", "g2"} and report.questions_used == 4  # kept by default
+    assert report.questions_without_gold == 2 and report.rows_without_gold == len(no_gold) > 0
+    assert report.questions_skipped_without_gold == 0
+    assert "2 questions" in str(report) and "no gold" in str(report) and "nothing dropped" not in str(report)
+    assert report.to_dict()["questions_without_gold"] == 2
+    ds, report = training.build_stage2_dataset(rows, PRESET, processor=processor, kept_ids=kept, seed=0,
+                                               skip_questions_without_gold=True)
+    assert set(ds["guid"]) == {"g0", "g3"} and all(ex["gold_ids"] for ex in ds)
+    assert (report.questions_without_gold, report.questions_skipped_without_gold, report.rows_without_gold) == (2, 2, 0)
+    assert report.questions_used == 2 and "skipped 2 questions that show no gold" in str(report)
+    _, report = training.build_stage2_dataset(rows, PRESET, processor=processor, seed=0)  # no filter: gold shown
+    assert report.questions_without_gold == 0 and "nothing dropped" in str(report)
+
+
 def test_stage2_over_long_prompts_shrink_or_drop_never_truncate(processor) -> None:
     rows = mini_rows(6)
     full, _ = training.build_stage2_dataset(rows, PRESET, processor=processor, seed=0)
@@ -205,6 +227,30 @@ def _lora_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().clone() for k, v in model.named_parameters() if "lora_" in k}
 
 
+def _lora_dtypes(model) -> set[torch.dtype]:
+    return {p.dtype for n, p in model.named_parameters() if "lora_" in n}
+
+
+def _saved_dtypes(folder: Path) -> set[torch.dtype]:
+    from safetensors.torch import load_file
+
+    return {t.dtype for t in load_file(folder / "adapter_model.safetensors").values()}
+
+
+class _AtTrainBegin(TrainerCallback):
+    """Snapshots what ``train()`` starts from, after it restored a checkpoint: the adapter's state dict and dtypes."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, torch.Tensor] = {}
+        self.dtypes: set[torch.dtype] = set()
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from peft import get_peft_model_state_dict
+
+        self.state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+        self.dtypes = _lora_dtypes(model)
+
+
 def test_stage1_grpo_step_trains_lora_saves_and_resumes(tiny_dir: Path, tmp_path: Path, varied_rewards: None) -> None:
     preset = PRESET.with_overrides(**FAST)
     ds = training.build_stage1_dataset(mini_rows(), preset, seed=0)
@@ -224,8 +270,17 @@ def test_stage1_grpo_step_trains_lora_saves_and_resumes(tiny_dir: Path, tmp_path
 
     # Resume from checkpoint-2 with a fresh model and finish step 3.
     model2, proc2 = _load(tiny_dir)
-    res2 = training.train_stage1(preset, ds, tmp_path, max_steps=3, resume=True, model=model2, processor=proc2, verbose=False)
+    begin = _AtTrainBegin()
+    res2 = training.train_stage1(preset, ds, tmp_path, max_steps=3, resume=True, model=model2, processor=proc2,
+                                 verbose=False, callbacks=[begin])
     assert res2.global_step == 3
+    # the resumed run really starts from checkpoint-2's adapter, not from a fresh LoRA (whose lora_B is all zero)
+    from safetensors.torch import load_file
+
+    ckpt = load_file(out / "checkpoint-2" / "adapter_model.safetensors")
+    assert begin.state.keys() == ckpt.keys()
+    assert all(torch.equal(begin.state[k], ckpt[k]) for k in ckpt)
+    assert any(v.abs().sum() > 0 for k, v in begin.state.items() if "lora_B" in k)
     steps = [e.get("step") for e in res2.log_history if "reward" in e]
     assert steps == [1, 2, 3]  # the old log history came back with the checkpoint
     resumed = _lora_state(res2.model)
@@ -234,6 +289,51 @@ def test_stage1_grpo_step_trains_lora_saves_and_resumes(tiny_dir: Path, tmp_path
     saved = _lora_state(reloaded)
     assert all(torch.allclose(saved[k], resumed[k], atol=1e-6) for k in saved)  # the adapter is the resumed one,
     assert any(not torch.allclose(saved[k], trained[k], atol=1e-6) for k in saved)  # not the step-2 one
+
+
+def test_lora_weights_stay_float32_on_the_4bit_model_through_a_step_and_a_resume(
+        tiny_dir: Path, tmp_path: Path, varied_rewards: None) -> None:
+    # TRL casts a quantized model's trainable weights to bf16 in GRPOTrainer.__init__; build_trainer undoes it
+    preset = PRESET.with_overrides(**FAST)
+    ds = training.build_stage1_dataset(mini_rows(), preset, seed=0)
+    model, proc = _load(tiny_dir)
+    assert getattr(model, "is_loaded_in_4bit", False)  # the QLoRA path, where TRL's cast applies
+    trainer, _ = training.build_trainer(preset, 1, ds, tmp_path / "built", model=model, processor=proc)
+    assert _lora_dtypes(trainer.model) == {torch.float32} and trainer.optimizer is None  # optimizer made in train()
+    model, proc = _load(tiny_dir)
+    res = training.train_stage1(preset, ds, tmp_path, max_steps=1, model=model, processor=proc, verbose=False)
+    assert res.global_step == 1 and _lora_dtypes(res.model) == {torch.float32}
+    out = tmp_path / "stage1"
+    assert _saved_dtypes(out / "adapter") == _saved_dtypes(out / "checkpoint-1") == {torch.float32}
+    model, proc = _load(tiny_dir)
+    begin = _AtTrainBegin()
+    res = training.train_stage1(preset, ds, tmp_path, max_steps=2, resume=True, model=model, processor=proc,
+                                verbose=False, callbacks=[begin])
+    assert res.global_step == 2 and begin.dtypes == {torch.float32} and _lora_dtypes(res.model) == {torch.float32}
+    assert _saved_dtypes(out / "adapter") == {torch.float32}
+
+
+def test_resuming_a_finished_run_trains_nothing_and_keeps_the_adapter(tiny_dir: Path, tmp_path: Path,
+                                                                     varied_rewards: None) -> None:
+    preset = PRESET.with_overrides(**FAST)
+    ds = training.build_stage1_dataset(mini_rows(), preset, seed=0)
+    model, proc = _load(tiny_dir)
+    first = training.train_stage1(preset, ds, tmp_path, max_steps=1, model=model, processor=proc, verbose=False)
+    out = tmp_path / "stage1"
+    adapter = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    log = (out / "log_history.json").read_text()
+    model, proc = _load(tiny_dir)
+    again = training.train_stage1(preset, ds, tmp_path, max_steps=1, resume=True, model=model, processor=proc,
+                                  verbose=False)
+    assert again.global_step == 1 and "already reached max_steps=1" in again.note and "nothing trained" in again.summary()
+    assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-1"}  # no step 2
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    assert (out / "log_history.json").read_text() == log and again.log_history == first.log_history
+    assert again.curves == first.curves
+    trained = _lora_state(first.model)  # the returned model is the trained one, ready for scoring
+    restored = _lora_state(again.model)
+    assert trained.keys() == restored.keys() and all(torch.equal(trained[k], restored[k]) for k in trained)
+    assert _lora_dtypes(again.model) == {torch.float32}
 
 
 def test_stage2_grpo_step_from_stage1_adapter(tiny_dir: Path, tmp_path: Path, processor, varied_rewards: None) -> None:
