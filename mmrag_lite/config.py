@@ -107,6 +107,7 @@ class Stage2Settings:
     init_from: Literal["stage1", "base"]  # continue from the stage-1 adapter or start from the base model
     max_examples: int
     max_prompt_tokens: int  # prompts longer than this are shrunk (fewer candidates) or dropped, never cut
+    answer_guards: bool  # the answer reward's choose_guard + hedge_guard (rewards module docstring)
 
 
 @dataclass(frozen=True)
@@ -417,6 +418,7 @@ _CPU_TINY = Preset(
         # (format reward 0 from the stage-1 adapter); a real VLM keeps both, so the GPU presets continue from stage 1
         max_examples=256,
         max_prompt_tokens=512,
+        answer_guards=True,  # the official QA-Acc pays a pasted question (choose) and "yes or no" (YesNo): never reward that
     ),
     data=DataSettings(world_questions=400, world_image_size=56, max_candidates=8),
     evaluation=EvalSettings(questions=40, retrain_ablations=True),  # 3 extra 20-step stage-2 runs: ~1 min
@@ -460,6 +462,7 @@ _T4 = Preset(
         init_from="stage1",
         max_examples=2000,
         max_prompt_tokens=2048,
+        answer_guards=True,
     ),
     data=DataSettings(world_questions=2000, world_image_size=224, max_candidates=16),
     evaluation=EvalSettings(questions=300, retrain_ablations=False),  # opt in: 3 more stage-2 runs of ~3 h each

@@ -436,7 +436,8 @@ def reward_funcs_for_preset(preset: Any, stage: int) -> tuple[list[RewardFunc], 
     if stage == 1:
         kwargs.update(balance_classes=settings.balance_classes, positive_fraction=settings.positive_fraction)
     else:
-        kwargs.update(ranking_metric=settings.ranking_metric)
+        kwargs.update(ranking_metric=settings.ranking_metric, choose_guard=settings.answer_guards,
+                      hedge_guard=settings.answer_guards)
     return build_reward_funcs(stage, settings.weights, **kwargs)
 
 

@@ -287,6 +287,16 @@ def test_reward_funcs_for_every_preset():
             assert len(weights) == len(funcs)
 
 
+def test_preset_answer_guards_switch_both_guards():
+    hedge = [stage2_target(["D1"], "yes or no")]
+    cols = {"answer": ["Yes."], "keywords": ["yes"], "qcate": ["YesNo"], "candidate_ids": [["D1"]], "gold_ids": [["D1"]]}
+    for guards, expected in ((True, 1 / 3), (False, 2 / 3)):
+        preset = get_preset("cpu-tiny", **{"stage2.answer_guards": guards})
+        funcs, _ = rewards.reward_funcs_for_preset(preset, 2)
+        answer = next(f for f in funcs if f.__name__ == "answer")
+        assert answer(hedge, **cols) == [pytest.approx(expected, abs=1e-4)]
+
+
 def test_trl_grpo_config_accepts_the_weights(tmp_path):
     trl = pytest.importorskip("trl")
     funcs, weights = build_reward_funcs(2, {"format": 0.2, "ranking": 0.5, "answer": 1.0}, reasoning=False)
