@@ -92,7 +92,7 @@ def _stage1_adapter(wd: Path) -> Path | None:
 
 
 def cmd_train_stage1(args: argparse.Namespace) -> int:
-    from mmrag_lite import data, modeling, scoring, training
+    from mmrag_lite import data, modeling, pipeline, scoring, training
 
     preset, wd = resolve(args)
     ds = data.ensure_mini_webqa(preset, wd)
@@ -105,7 +105,7 @@ def cmd_train_stage1(args: argparse.Namespace) -> int:
     model, processor = modeling.load_model_and_processor(preset, adapter_path=adapter, for_training=False)
     for split in args.score_splits:
         scored = scoring.score_split(model, processor, ds[split], preset)
-        path = scoring.save_scores(scored, scoring.scores_path(wd, split), meta={"adapter": str(adapter), "preset": preset.name})
+        path = pipeline.save_stage1_scores(scored, preset, wd, split, adapter)
         print(f"stage-1 scores for {split}: {path}")
     del result
     return 0

@@ -11,29 +11,32 @@ What is measured (definitions live in ``metrics``; this module only orchestrates
   a weaker setting than the paper's; the table says so.
 
 Systems (``pipeline.standard_systems``): zero-shot (all candidates, or the base judge's top-k), stage 1
-only, stage 1 + stage 2, oracle sources.
+only, stage 1 + stage 2, and the oracle filter (every gold candidate guaranteed in the stage-1 top-k).
 Ablations: k and reasoning on/off at inference time (cheap, same weights), and stage 2 *retrained* per variant
 (no ranking reward, no answer reward, reasoning flipped: ``retrained_stage2_ablation``; about a minute on cpu-tiny,
 opt-in on a GPU). Robustness injects adversarial
 distractors (``inject_distractors``) and reports the drop and how often the trap was taken.
 
-Everything lands in ``<work_dir>/eval/``: ``results.md`` (the main table first), ``results.json``,
-one submission and one full-predictions file per system.
+Everything lands in ``<work_dir>/eval/``: ``results.md`` (the main table first), ``results.json`` (strict JSON:
+a missing number is ``null``), one submission and one full-predictions file per system. ``evaluate`` and notebook 05
+assemble the report through the same ``build_report``, so both write the same files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from mmrag_lite.config import Preset
 from mmrag_lite.pipeline import (
+    FILTER_JUDGE,
     ModelBank,
     PipelineResult,
     SystemSpec,
@@ -50,6 +53,8 @@ Row = Mapping[str, Any]
 UNAVAILABLE = "unavailable offline"
 NOT_RUN = "—"
 RETRAINED_ABLATION_TITLE = "stage 2 retrained per variant (reward weights, reasoning)"
+K_ABLATION_TITLE = "k (stage-1 top-k, inference only)"
+REASONING_ABLATION_TITLE = "reasoning in stage 2 (inference only)"
 # MMQA columns x100, as published. "well-formed" (WebQA completions the format reward would pay) says how far a
 # row's Retr-F1 reflects retrieval rather than format: a completion citing an id that is not shown cites nothing.
 MAIN_COLUMNS = ("system", "Retr-F1", "QA-Acc", "QA-FL", "QA", "MMQA EM", "MMQA F1", "well-formed", "n")
@@ -170,24 +175,197 @@ SHAPES = ("round", "square", "rectangular", "triangular", "oval", "circular", "f
 _NUM = re.compile(r"\d+(?:\.\d+)?")
 
 
-def wrong_answer_for(row: Row, other_answers: Sequence[str], rng: random.Random) -> str:
-    """A plausible but wrong answer of the right type: flipped yes/no, another colour/shape/number, or another question's answer."""
+NUMBER_WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve")
+FALLBACK_WRONG = "another question's answer (fallback)"
+# Capitalised words that start a sentence or answer without naming anything.
+_NOT_NAMES = {"the", "a", "an", "yes", "no", "it", "its", "this", "that", "these", "those", "there", "they", "he", "she",
+              "in", "on", "at", "of", "and", "or", "but", "i", "we", "you", "both", "neither", "either"}
+# Words that lead into an option of a "X or Y?" question without being part of it.
+_LEAD_WORDS = {"the", "a", "an", "is", "are", "was", "were", "does", "do", "did", "which", "whether", "between",
+               "either", "who", "what", "has", "have", "more", "less", "fewer"}
+
+
+@dataclass(frozen=True)
+class WrongAnswer:
+    """A conflicting document's answer and how it was made (``how`` is ``FALLBACK_WRONG`` when no rule applied)."""
+
+    text: str
+    how: str
+
+
+def _has_phrase(text: str, phrase: str) -> bool:
+    return bool(phrase) and re.search(rf"(?<!\w){re.escape(phrase)}(?!\w)", text, flags=re.IGNORECASE) is not None
+
+
+def _replace_phrase(text: str, old: str, new: str) -> str:
+    return re.sub(rf"(?<!\w){re.escape(old)}(?!\w)", lambda _: new, text, flags=re.IGNORECASE)
+
+
+def _strip_lead(words: Sequence[str]) -> list[str]:
+    words = list(words)
+    while words and words[0].lower() in _LEAD_WORDS:
+        words.pop(0)
+    return words
+
+
+def choice_options(question: str) -> tuple[str, str] | None:
+    """The two options of a ``choose`` question (``"Which is taller, the A or the B?"`` → ``("A", "B")``), or None.
+
+    The left option is what follows the last comma/colon before the last " or ", the right one what precedes the
+    next comma, both without leading articles and question words. A heuristic: ``other_option_answer`` aligns
+    these with the gold answer before trusting them.
+    """
+    q = question.strip().rstrip("?").strip()
+    cuts = list(re.finditer(r"\s+or\s+", q, flags=re.IGNORECASE))
+    if not cuts:
+        return None
+    left = re.split(r"[,:;]", q[: cuts[-1].start()])[-1].split()
+    right = re.split(r"[,:;]", q[cuts[-1].end():])[0].split()
+    lw, rw = _strip_lead(left), _strip_lead(right)
+    # A named option ("the Tower of London") sheds the lowercase words around it ("more windows on", "taller").
+    if any(w[:1].isupper() for w in lw):
+        while lw and not lw[0][:1].isupper():
+            lw.pop(0)
+    if any(w[:1].isupper() for w in rw):
+        while rw and not rw[-1][:1].isupper():
+            rw.pop()
+    return (" ".join(lw), " ".join(rw)) if lw and rw else None
+
+
+def other_option_answer(question: str, answer: str, keywords: str = "") -> str | None:
+    """The gold answer turned to the *other* option of a ``choose`` question (pure), or None when it cannot be.
+
+    When the answer names both options ("A is taller than B") they are swapped ("B is taller than A"); when it
+    names one, that one is replaced by the other; a bare keyword answer becomes the other option.
+    """
+    q = question.strip().rstrip("?").strip()
+    cuts = list(re.finditer(r"\s+or\s+", q, flags=re.IGNORECASE))
+    opts = choice_options(question)
+    if not cuts or opts is None:
+        return None
+    left_words = q[: cuts[-1].start()].split()
+    right_words = q[cuts[-1].end():].split()
+
+    def longest(words: list[str], suffix: bool) -> str | None:  # the longest stretch next to " or " the answer names
+        for n in range(len(words), 0, -1):
+            part = " ".join(_strip_lead(words[-n:] if suffix else words[:n])).strip(",;:")
+            if part and part.lower() not in _LEAD_WORDS and _has_phrase(answer, part):
+                return part
+        return None
+
+    left, right = longest(left_words, True), longest(right_words, False)
+    if left and right and left.lower() != right.lower():
+        marker = "\x00"
+        out = _replace_phrase(_replace_phrase(answer, left, marker), right, left).replace(marker, right)
+    elif left:
+        out = _replace_phrase(answer, left, opts[1])
+    elif right:
+        out = _replace_phrase(answer, right, opts[0])
+    elif keywords and _has_phrase(opts[0], keywords):
+        out = opts[1]
+    elif keywords and _has_phrase(opts[1], keywords):
+        out = opts[0]
+    else:
+        return None
+    return out if out.strip().lower() != answer.strip().lower() else None
+
+
+def _name_spans(text: str) -> list[tuple[str, str]]:
+    """Runs of capitalised words (``Hiro Ravison``, ``Malmo``), leading non-names (``The``) dropped, each with the
+    word before it (``by``, ``in``): a name after the same word most likely plays the same role."""
+    spans = []
+    for m in re.finditer(r"[A-Z][\w'-]*(?:\s+[A-Z][\w'-]*)*", text):
+        words = m.group(0).split()
+        while words and words[0].lower() in _NOT_NAMES:
+            words.pop(0)
+        if words:
+            before = re.findall(r"[A-Za-z]+", text[: m.start()])
+            spans.append((" ".join(words), before[-1].lower() if before else ""))
+    return spans
+
+
+def perturb_answer(answer: str, question: str, other_answers: Sequence[str], rng: random.Random) -> WrongAnswer | None:
+    """The gold answer with one fact changed, tried in order (None when none applies):
+
+    a number (a year moves by a few years, another number by a few units), a number word (``five`` → ``two``), the
+    names the question does not already contain (each replaced by a name from the other questions' answers,
+    preferably one after the same word: "by X" by another founder, "in Y" by another place), a colour.
+    What the question itself names (the subject) is never changed, so the sentence stays about the same thing.
+    """
+    for m in re.finditer(r"\d+", answer):
+        if _has_phrase(question, m.group(0)):
+            continue
+        value = int(m.group(0))
+        step = rng.choice([1, 2, 3, 5, 10]) if 1000 <= value <= 2100 else rng.choice([1, 2, 3, 7])
+        new = value - step if 1000 <= value <= 2100 and rng.random() < 0.5 else value + step
+        return WrongAnswer(answer[: m.start()] + str(new) + answer[m.end():], "changed number")
+    for m in re.finditer(r"[A-Za-z]+", answer):
+        word = m.group(0)
+        if word.lower() in NUMBER_WORDS and not _has_phrase(question, word):
+            new = rng.choice([w for w in NUMBER_WORDS[:10] if w != word.lower()])
+            new = new.capitalize() if word[0].isupper() else new
+            return WrongAnswer(answer[: m.start()] + new + answer[m.end():], "changed number")
+    names = [(n, b) for n, b in dict.fromkeys(_name_spans(answer)) if not _has_phrase(question, n)]
+    if names:
+        pool = [(n, b) for a in other_answers for n, b in _name_spans(a or "")
+                if not _has_phrase(answer, n) and not _has_phrase(question, n)]
+        pool = list(dict.fromkeys(pool))
+        if pool:
+            out, used = answer, set()
+            for name, before in names:
+                free = [p for p in pool if p[0] not in used] or pool
+                best = ([p for p in free if p[1] == before and len(p[0].split()) == len(name.split())]
+                        or [p for p in free if p[1] == before] or [p for p in free if len(p[0].split()) == len(name.split())]
+                        or free)
+                new = rng.choice(sorted({p[0] for p in best}))
+                used.add(new)
+                out = _replace_phrase(out, name, new)
+            if out != answer:
+                return WrongAnswer(out, "changed name")
+    for m in re.finditer(r"[A-Za-z]+", answer):
+        if m.group(0).lower() in COLORS and not _has_phrase(question, m.group(0)):
+            new = rng.choice([c for c in COLORS if c != m.group(0).lower()])
+            return WrongAnswer(answer[: m.start()] + new + answer[m.end():], "changed colour")
+    return None
+
+
+def conflicting_answer(row: Row, other_answers: Sequence[str], rng: random.Random) -> WrongAnswer:
+    """A plausible but wrong answer of the right type for ``row``, and how it was made.
+
+    YesNo → flipped; color / shape / number → another one; choose → the other option named in the question
+    (``other_option_answer``); text / Others (and a choose question whose options cannot be read) → the gold answer
+    with a year, number, name or colour changed (``perturb_answer``). Only when none of these applies: another
+    question's answer, marked ``FALLBACK_WRONG`` so the report can count it.
+    """
     answer = str(row.get("answer") or "")
     low = answer.lower()
     qcate = str(row.get("qcate") or "")
+    question = str(row.get("question") or "")
     words = set(re.findall(r"[a-z]+", low))
     if qcate == "YesNo":
-        return "No" if low.startswith("yes") else "Yes"
+        return WrongAnswer("No" if low.startswith("yes") else "Yes", "flipped yes/no")
     if qcate == "color":
-        return rng.choice([c for c in COLORS if c not in words])
+        return WrongAnswer(rng.choice([c for c in COLORS if c not in words]), "other colour")
     if qcate == "shape":
-        return rng.choice([s for s in SHAPES if s not in words])
+        return WrongAnswer(rng.choice([s for s in SHAPES if s not in words]), "other shape")
     if qcate == "number":
         nums = [float(x) for x in _NUM.findall(low)]
         base = int(nums[0]) if nums else rng.randint(2, 9)
-        return str(base + rng.choice([1, 2, 3, 7]))
+        return WrongAnswer(str(base + rng.choice([1, 2, 3, 7])), "other number")
+    if qcate == "choose":
+        other = other_option_answer(question, answer, str(row.get("keywords") or ""))
+        if other:
+            return WrongAnswer(other, "other option")
+    changed = perturb_answer(answer, question, other_answers, rng) if answer else None
+    if changed is not None:
+        return changed
     pool = [a for a in other_answers if a and a.strip().lower() != low]
-    return rng.choice(pool) if pool else "none of the above"
+    return WrongAnswer(rng.choice(pool) if pool else "none of the above", FALLBACK_WRONG)
+
+
+def wrong_answer_for(row: Row, other_answers: Sequence[str], rng: random.Random) -> str:
+    """The text of ``conflicting_answer``: a plausible but wrong answer of the right type."""
+    return conflicting_answer(row, other_answers, rng).text
 
 
 def inject_distractors(row: Row, kind: AttackKind, *, wrong_answer: str = "", seed: int = 0, n: int = 1) -> dict[str, Any]:
@@ -225,14 +403,22 @@ def inject_distractors(row: Row, kind: AttackKind, *, wrong_answer: str = "", se
 
 
 def attack_rows(rows: Sequence[Row], kind: AttackKind, *, seed: int = 0) -> list[dict[str, Any]]:
-    """Inject one ``kind`` distractor into every row; the wrong answer is chosen per question type."""
+    """Inject one ``kind`` distractor into every row; the wrong answer is chosen per question type
+    (``conflicting_answer``; how it was made is kept as ``adversarial_answer_how``)."""
     rng = random.Random(seed)
     answers = [str(r.get("answer") or "") for r in rows]
     out = []
     for r in rows:
-        wrong = wrong_answer_for(r, answers, rng) if kind == "conflicting" else ""
-        out.append(inject_distractors(r, kind, wrong_answer=wrong, seed=seed))
+        wrong = conflicting_answer(r, answers, rng) if kind == "conflicting" else WrongAnswer("", "")
+        attacked = inject_distractors(r, kind, wrong_answer=wrong.text, seed=seed)
+        attacked["adversarial_answer_how"] = wrong.how
+        out.append(attacked)
     return out
+
+
+def fallback_share(attacked: Sequence[Row]) -> float:
+    """Share of attacked rows whose conflicting answer is another question's (no rule of the right type applied)."""
+    return sum(r.get("adversarial_answer_how") == FALLBACK_WRONG for r in attacked) / max(len(attacked), 1)
 
 
 def trap_rates(results: Sequence[PipelineResult], attacked: Sequence[Row]) -> dict[str, float]:
@@ -300,8 +486,20 @@ def slug(name: str) -> str:
 
 def run_systems(rows: Sequence[Row], preset: Preset, bank: ModelBank, systems: Sequence[SystemSpec], *, split: str | None = None,
                 progress: bool = True, batch_size: int | None = None) -> dict[str, list[PipelineResult]]:
-    """Each system's predictions on the same questions (models are loaded once per weight set by ``bank``)."""
-    return {s.name: run_pipeline(rows, preset, system=s, bank=bank, split=split, progress=progress, batch_size=batch_size) for s in systems}
+    """Each system's predictions on the same questions (models are loaded once per weight set by ``bank``).
+
+    The stage-1 scores the first system ranked by the stage-1 judge computed are handed to the later ones
+    ("stage 1 + stage 2", the oracle filter): the same judge on the same pools, scored once.
+    """
+    out: dict[str, list[PipelineResult]] = {}
+    stage1: dict[str, dict[str, float]] | None = None
+    for s in systems:
+        shared = stage1 if FILTER_JUDGE.get(s.filter) == "stage1" else None
+        out[s.name] = run_pipeline(rows, preset, system=s, bank=bank, split=split, progress=progress,
+                                   batch_size=batch_size, scores=shared)
+        if shared is None and FILTER_JUDGE.get(s.filter) == "stage1":
+            stage1 = scores_of(out[s.name]) or None
+    return out
 
 
 def systems_table(preds: Mapping[str, Sequence[PipelineResult]], rows: Sequence[Row], *, mmqa_preds: Mapping[str, Sequence[PipelineResult]] | None = None,
@@ -405,7 +603,11 @@ def reasoning_ablation(rows: Sequence[Row], preset: Preset, bank: ModelBank, *, 
 def robustness_check(rows: Sequence[Row], preset: Preset, bank: ModelBank, *, system: SystemSpec | None = None,
                      kinds: Sequence[AttackKind] = ("conflicting", "lexical"), clean: Sequence[PipelineResult] | None = None,
                      seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
-    """Clean vs attacked metrics for one system; the drop is attacked − clean (negative = hurt)."""
+    """Clean vs attacked metrics for one system; the drop is attacked − clean (negative = hurt).
+
+    The conflicting row also says how often its wrong answer had to fall back to another question's
+    (``wrong answer: fallback``): those traps are not "a wrong answer of the right type".
+    """
     system = system or _full_system(standard_systems(preset))
     clean = list(clean) if clean is not None else run_pipeline(rows, preset, system=system, bank=bank, progress=progress)
     base = score_webqa(clean, rows)
@@ -414,9 +616,12 @@ def robustness_check(rows: Sequence[Row], preset: Preset, bank: ModelBank, *, sy
         attacked = attack_rows(rows, kind, seed=seed)
         res = run_pipeline(attacked, preset, system=system, bank=bank, progress=progress)  # new pools: scores recomputed
         w = score_webqa(res, attacked)
-        out.append({"distractor": kind, "Retr-F1": w["Retr-F1"], "QA-Acc": w["QA-Acc"],
-                    "Δ Retr-F1": _delta(w["Retr-F1"], base["Retr-F1"]), "Δ QA-Acc": _delta(w["QA-Acc"], base["QA-Acc"]),
-                    **trap_rates(res, attacked)})
+        row = {"distractor": kind, "Retr-F1": w["Retr-F1"], "QA-Acc": w["QA-Acc"],
+               "Δ Retr-F1": _delta(w["Retr-F1"], base["Retr-F1"]), "Δ QA-Acc": _delta(w["QA-Acc"], base["QA-Acc"]),
+               **trap_rates(res, attacked)}
+        if kind == "conflicting":  # how often no right-typed wrong answer existed (another question's was used)
+            row["wrong answer: fallback"] = fallback_share(attacked)
+        out.append(row)
     return out
 
 
@@ -558,6 +763,71 @@ def load_mmqa_rows(preset: Preset, n: int | None = None) -> tuple[list[dict[str,
                                       "passage texts are not available here), a weaker setting than the paper's")
 
 
+class Stopwatch:
+    """Wall-clock seconds per named step, for the report's ``timings_s``: ``with clock("systems"): ...``.
+
+    ``done()`` adds ``total`` (since the stopwatch was made). Notebook 05 and ``evaluate`` both time with it, so
+    their ``results.json`` carry the same keys.
+    """
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t
+
+    def done(self) -> dict[str, float]:
+        return {**self.timings, "total": time.perf_counter() - self.start}
+
+
+def build_report(preset: Preset, rows: Sequence[Row], predictions: Mapping[str, Sequence[PipelineResult]], *,
+                 fluency_scorer: Any = None, table: Sequence[Mapping[str, Any]] | None = None,
+                 per_category: Mapping[str, list[dict[str, Any]]] | None = None,
+                 mmqa_rows: Sequence[Row] = (), mmqa_preds: Mapping[str, Sequence[PipelineResult]] | None = None,
+                 mmqa_note: str | None = None, ablations: Mapping[str, list[dict[str, Any]]] | None = None,
+                 robustness: Sequence[Mapping[str, Any]] = (), notes: Sequence[str] = (),
+                 timings: Mapping[str, float] | None = None) -> EvalReport:
+    """The one place an ``EvalReport`` is assembled, from results already computed (pure apart from scoring).
+
+    ``evaluate`` (the CLI) and notebook 05 both call it, so ``eval/`` holds the same sections either way: the main
+    table (``systems_table`` unless ``table`` + ``per_category`` from it are given), its ``n`` column saying how many
+    WebQA / MMQA questions each row covers, the slot tables, ablations, robustness, the notes (QA-FL unavailable,
+    ``mmqa_note`` and the MMQA ×100 scale when MMQA was attempted, ``notes`` such as ``ModelBank.notes``, the
+    cpu-tiny caveat) and ``timings`` (e.g. ``Stopwatch.done()``).
+    """
+    if (table is None) != (per_category is None):
+        raise ValueError("build_report: pass both table and per_category (from systems_table) or neither")
+    mmqa_preds = dict(mmqa_preds or {})
+    if table is None:
+        table, per_category = systems_table(predictions, rows, mmqa_preds=mmqa_preds, mmqa_rows=mmqa_rows,
+                                            fluency_scorer=fluency_scorer)
+    report = EvalReport(preset=preset.name, predictions={k: list(v) for k, v in predictions.items()},
+                        per_category=dict(per_category or {}), ablations=dict(ablations or {}),
+                        robustness=[dict(r) for r in robustness], timings=dict(timings or {}))
+    report.table = [dict(r) for r in table]
+    for row in report.table:
+        if isinstance(row.get("n"), int):
+            row["n"] = f"{row['n']} WebQA" + (f" + {len(mmqa_rows)} MMQA" if mmqa_rows and row["system"] in mmqa_preds else "")
+    report.slots = {name: slot_table(res, rows) for name, res in report.predictions.items()}
+    if fluency_scorer is None:
+        report.notes.append("QA-FL needs BART-large-CNN (BARTScore), which cannot be loaded offline: QA-FL and QA "
+                            "(= mean FL·Acc) are reported as unavailable, never estimated")
+    if mmqa_note is not None:
+        report.notes.append(mmqa_note)
+        report.notes.append("MMQA EM / F1 are x100, as MultimodalQA and the paper print them; the WebQA columns are 0-1")
+    report.notes.extend(n for n in notes if n not in report.notes)
+    if preset.model.model_id == "tiny":
+        report.notes.append("cpu-tiny: a randomly initialised ~1.2M-parameter miniature on synthetic data: these numbers "
+                            "check the plumbing, they say nothing about the method")
+    return report
+
+
 def evaluate(preset: Preset, work_dir: str | Path, *, split: str = "test", n_questions: int | None = None,
              systems: Sequence[SystemSpec] | None = None, mmqa: bool = True, ablations: bool = True, robustness: bool = True,
              ks: Sequence[int] | None = None, fluency_scorer: Any = "auto", bank: ModelBank | None = None,
@@ -565,66 +835,51 @@ def evaluate(preset: Preset, work_dir: str | Path, *, split: str = "test", n_que
     """The whole of notebook 05 in one call (the CLI's ``evaluate``): table, ablations, robustness; writes ``eval/``."""
 
     work_dir = Path(work_dir)
-    t0 = time.perf_counter()
-    report = EvalReport(preset=preset.name)
-    rows = load_eval_split(preset, work_dir, split, n_questions)
-    bank = bank or ModelBank(preset, work_dir)
-    systems = list(systems or standard_systems(preset))
-    if fluency_scorer == "auto":
-        fluency_scorer = auto_fluency_scorer(preset)
-    if fluency_scorer is None:
-        report.notes.append("QA-FL needs BART-large-CNN (BARTScore), which cannot be loaded offline: QA-FL and QA "
-                            "(= mean FL·Acc) are reported as unavailable, never estimated")
-    report.timings["load"] = time.perf_counter() - t0
-
-    t = time.perf_counter()
-    report.predictions = run_systems(rows, preset, bank, systems, split=split, progress=progress)
-    report.timings["systems"] = time.perf_counter() - t
+    clock = Stopwatch()
+    with clock("load"):
+        rows = load_eval_split(preset, work_dir, split, n_questions)
+        bank = bank or ModelBank(preset, work_dir)
+        systems = list(systems or standard_systems(preset))
+        if fluency_scorer == "auto":
+            fluency_scorer = auto_fluency_scorer(preset)
+    with clock("systems"):
+        predictions = run_systems(rows, preset, bank, systems, split=split, progress=progress)
     mmqa_preds: dict[str, list[PipelineResult]] = {}
     mmqa_rows: list[dict[str, Any]] = []
+    mmqa_note = None
     if mmqa:
-        t = time.perf_counter()
-        mmqa_rows, note = load_mmqa_rows(preset, default_mmqa_questions(preset, len(rows)))
-        report.notes.append(note)
-        report.notes.append("MMQA EM / F1 are x100, as MultimodalQA and the paper print them; the WebQA columns are 0-1")
-        if mmqa_rows:
-            mmqa_preds = run_systems(mmqa_rows, preset, bank, systems, progress=progress)
-        report.timings["mmqa"] = time.perf_counter() - t
-    report.table, report.per_category = systems_table(report.predictions, rows, mmqa_preds=mmqa_preds, mmqa_rows=mmqa_rows,
-                                                      fluency_scorer=fluency_scorer)
-    report.slots = {name: slot_table(res, rows) for name, res in report.predictions.items()}
-    for row in report.table:
-        row["n"] = f"{row['n']} WebQA" + (f" + {len(mmqa_rows)} MMQA" if mmqa_rows and row["system"] in mmqa_preds else "")
+        with clock("mmqa"):
+            mmqa_rows, mmqa_note = load_mmqa_rows(preset, default_mmqa_questions(preset, len(rows)))
+            if mmqa_rows:
+                mmqa_preds = run_systems(mmqa_rows, preset, bank, systems, progress=progress)
+    ablation_rows: dict[str, list[dict[str, Any]]] = {}
+    full = _full_system(systems)
     if ablations:
-        t = time.perf_counter()
-        full = _full_system(systems)
-        main = report.predictions.get(full.name) if full.filter == "stage1" and full.answerer == "stage2" else None
-        cached = scores_of(main) if main else None
-        max_c = max(len(r["candidates"]) for r in rows)
-        ks = list(ks or sorted({1, 2, preset.stage1.k, max_c}))
-        k_main = full.resolved_k(preset)
-        report.ablations["k (stage-1 top-k, inference only)"] = k_ablation(
-            rows, preset, bank, ks, split=split, scores=cached, reuse={k_main: main} if main and full.reasoning is None else None,
-            progress=progress)
-        report.ablations["reasoning in stage 2 (inference only)"] = reasoning_ablation(
-            rows, preset, bank, split=split, scores=cached,
-            reuse={preset.stage2.reasoning: main} if main and full.k is None and full.reasoning is None else None, progress=progress)
-        from mmrag_lite import data
+        with clock("ablations"):
+            main = predictions.get(full.name) if full.filter == "stage1" and full.answerer == "stage2" else None
+            cached = scores_of(main) if main else None
+            max_c = max(len(r["candidates"]) for r in rows)
+            ks = list(ks or sorted({1, 2, preset.stage1.k, max_c}))
+            k_main = full.resolved_k(preset)
+            ablation_rows[K_ABLATION_TITLE] = k_ablation(
+                rows, preset, bank, ks, split=split, scores=cached,
+                reuse={k_main: main} if main and full.reasoning is None else None, progress=progress)
+            ablation_rows[REASONING_ABLATION_TITLE] = reasoning_ablation(
+                rows, preset, bank, split=split, scores=cached,
+                reuse={preset.stage2.reasoning: main} if main and full.k is None and full.reasoning is None else None,
+                progress=progress)
+            from mmrag_lite import data
 
-        report.ablations[RETRAINED_ABLATION_TITLE] = retrained_stage2_ablation(
-            preset, work_dir, rows, data.ensure_mini_webqa(preset, work_dir)["train"], baseline=main, scores=cached,
-            progress=progress)
-        report.timings["ablations"] = time.perf_counter() - t
+            ablation_rows[RETRAINED_ABLATION_TITLE] = retrained_stage2_ablation(
+                preset, work_dir, rows, data.ensure_mini_webqa(preset, work_dir)["train"], baseline=main, scores=cached,
+                progress=progress)
+    robust: list[dict[str, Any]] = []
     if robustness:
-        t = time.perf_counter()
-        full = _full_system(systems)
-        report.robustness = robustness_check(rows, preset, bank, system=full, clean=report.predictions.get(full.name), progress=progress)
-        report.timings["robustness"] = time.perf_counter() - t
-    report.notes.extend(bank.notes)
-    if preset.model.model_id == "tiny":
-        report.notes.append("cpu-tiny: a randomly initialised ~1.2M-parameter miniature on synthetic data: these numbers "
-                            "check the plumbing, they say nothing about the method")
-    report.timings["total"] = time.perf_counter() - t0
+        with clock("robustness"):
+            robust = robustness_check(rows, preset, bank, system=full, clean=predictions.get(full.name), progress=progress)
+    report = build_report(preset, rows, predictions, fluency_scorer=fluency_scorer, mmqa_rows=mmqa_rows,
+                          mmqa_preds=mmqa_preds, mmqa_note=mmqa_note, ablations=ablation_rows, robustness=robust,
+                          notes=bank.notes, timings=clock.done())
     if write:
         write_report(report, work_dir)
     return report
@@ -647,21 +902,32 @@ def write_report(report: EvalReport, work_dir: str | Path) -> Path:
 
 
 __all__ = [
+    "FALLBACK_WRONG",
+    "K_ABLATION_TITLE",
     "MAIN_COLUMNS",
     "PAPER_REFERENCE",
+    "REASONING_ABLATION_TITLE",
     "RETRAINED_ABLATION_TITLE",
     "UNAVAILABLE",
     "EvalReport",
+    "Stopwatch",
+    "WrongAnswer",
     "attack_rows",
     "auto_fluency_scorer",
+    "build_report",
+    "choice_options",
+    "conflicting_answer",
     "default_mmqa_questions",
     "evaluate",
+    "fallback_share",
     "inject_distractors",
     "k_ablation",
     "load_eval_split",
     "load_mmqa_rows",
     "markdown_table",
+    "other_option_answer",
     "paper_reference_table",
+    "perturb_answer",
     "reasoning_ablation",
     "retrain_ablations_command",
     "retrained_stage2_ablation",

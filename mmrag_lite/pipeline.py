@@ -10,8 +10,16 @@ The paper's inference path, restated:
    (``<sources>``) and answers (``<answer>``). Short ids are mapped back to WebQA ids for the submission.
 
 The evaluation compares *systems* that differ only in how candidates are chosen and which weights answer
-(``SystemSpec``): zero-shot base model, stage 1 only, stage 1 + stage 2, and an oracle that is handed the
-gold candidates (an upper bound on what better retrieval could buy).
+(``SystemSpec``): zero-shot base model, stage 1 only, stage 1 + stage 2, and an *oracle filter*: a perfect stage 1
+whose top-k always holds every gold candidate, padded with the best-scored distractors to the same k and shown in
+the same stage-1 score order. It changes only *which* documents survive, never how many or in what order, so it
+measures the ceiling better retrieval could buy for the stage 2 we trained (on lists of exactly k). Showing stage 2
+only the one or two gold documents would not: it never saw such short lists, and its slot habits (say, citing
+``D3``) would cite nothing there.
+
+Adapters are tied to the base weights they were trained on: ``ModelBank`` refuses an adapter whose
+``adapter_config.json`` names another base (LoRA deltas on other weights are noise), and saved stage-1 scores are
+reused only for the judge identity (adapter content + base) that wrote them (``judge_identity``).
 
 Prompts are never truncated: a stage-2 prompt longer than ``preset.stage2.max_prompt_tokens`` loses its
 lowest-ranked candidates (whole documents, images included) until it fits, and the result says so.
@@ -43,7 +51,8 @@ class SystemSpec:
     """One inference system: how candidates reach stage 2 and which weights write the answer.
 
     ``filter``: ``all`` shows every candidate (no stage 1), ``base``/``stage1`` keep the top-k by the base /
-    stage-1 judge's P(yes), ``oracle`` shows exactly the gold candidates. ``answerer``: the weights that write the
+    stage-1 judge's P(yes), ``oracle`` is a perfect stage-1 filter (every gold candidate plus the stage-1 judge's
+    best-scored distractors up to k, in score order: ``oracle_ids``). ``answerer``: the weights that write the
     stage-2 completion. ``k``/``reasoning`` default to the preset's values when None.
     """
 
@@ -61,9 +70,14 @@ class SystemSpec:
         return bool(self.reasoning if self.reasoning is not None else preset.stage2.reasoning)
 
 
+ORACLE_SYSTEM = "oracle filter (gold in top-k)"
+# Which judge's P(yes) each filtering kind ranks by (the oracle pads the gold with the stage-1 judge's best distractors).
+FILTER_JUDGE: dict[str, ModelKind] = {"base": "base", "stage1": "stage1", "oracle": "stage1"}
+
+
 def standard_systems(preset: Preset) -> list[SystemSpec]:
     """The systems of the results table: zero-shot (all candidates, or the base judge's top-k), stage 1 only,
-    stage 1 + stage 2, and the oracle.
+    stage 1 + stage 2, and the oracle filter (gold guaranteed in the stage-1 top-k).
 
     "stage 1 only" answers with the weights stage 2 *starts from* (``preset.stage2.init_from``), so the gap to
     "stage 1 + stage 2" is exactly what stage-2 RL added, and the gap to zero-shot is what filtering added.
@@ -74,7 +88,9 @@ def standard_systems(preset: Preset) -> list[SystemSpec]:
         SystemSpec("zero-shot, base top-k", "base", "base", description="base model judges and answers, no adapters: top-k by its own P(yes)"),
         SystemSpec("stage 1 only", "stage1", start, description=f"stage-1 top-k, answered by the {start} weights (no stage-2 RL)"),
         SystemSpec("stage 1 + stage 2", "stage1", "stage2", description="stage-1 top-k, stage-2 reasoner (the full method)"),
-        SystemSpec("oracle sources", "oracle", "stage2", description="gold candidates only, stage-2 reasoner: upper bound"),
+        SystemSpec(ORACLE_SYSTEM, "oracle", "stage2",
+                   description="perfect stage-1 filter (every gold in the top-k, padded to k by stage-1 score), stage-2 "
+                               "reasoner: the ceiling of better retrieval"),
     ]
 
 
@@ -144,17 +160,39 @@ def top_k_ids(scores: Mapping[str, float], k: int, order: Sequence[str]) -> list
     return sorted(order, key=key)[: max(0, k)]
 
 
+def oracle_ids(row: Row, scores: Mapping[str, float] | None, k: int) -> list[str]:
+    """A perfect stage-1 filter's top-k (pure): every gold candidate, padded with the best-scored distractors to k.
+
+    The kept ids come in stage-1 score order, exactly as ``top_k_ids`` orders the real filter's, so the oracle row
+    differs from "stage 1 + stage 2" only in *which* documents survive: same list length (the one stage 2 was
+    trained on), same ordering rule. With more gold candidates than k, all of them are kept (the guarantee wins).
+    ``scores`` may be None only when no padding is needed (at least k gold candidates): then pool order.
+    """
+    ids = [str(c["id"]) for c in row["candidates"]]
+    gold = {str(g) for g in (row.get("gold_ids") or [c["id"] for c in row["candidates"] if c.get("is_gold")])}
+    n_pad = max(0, k - len(gold))
+    if scores is None:
+        if n_pad and any(i not in gold for i in ids):
+            raise ValueError("the oracle filter pads the gold candidates to k with the best-scored distractors, "
+                             "but no stage-1 scores were given")
+        ranked = ids
+    else:
+        ranked = top_k_ids(scores, len(ids), ids)
+    keep = gold | set([i for i in ranked if i not in gold][:n_pad])
+    return [i for i in ranked if i in keep]
+
+
 def select_candidates(row: Row, spec: SystemSpec, scores: Mapping[str, float] | None, k: int) -> list[dict[str, Any]]:
     """Candidates shown to stage 2, best first, for one system (pure).
 
-    ``all`` keeps the pool order (no ranking exists); ``oracle`` keeps the gold ones in pool order.
+    ``all`` keeps the pool order (no ranking exists); ``oracle`` is ``oracle_ids`` (gold guaranteed, padded to k).
     """
     cands = [dict(c) for c in row["candidates"]]
     if spec.filter == "all":
         return cands
     if spec.filter == "oracle":
-        gold = set(row.get("gold_ids") or [c["id"] for c in cands if c.get("is_gold")])
-        return [c for c in cands if c["id"] in gold]
+        by_id = {str(c["id"]): c for c in cands}
+        return [by_id[i] for i in oracle_ids(row, scores, k)]
     if scores is None:
         raise ValueError(f"system {spec.name!r} filters by {spec.filter} scores but none were given")
     by_id = {c["id"]: c for c in cands}
@@ -219,7 +257,25 @@ def _webqa_id(source_id: str) -> int | str:
 
 
 def atomic_write_json(path: str | Path, payload: Any) -> Path:
-    return atomic_write_text(path, json.dumps(payload, indent=2, ensure_ascii=False, default=_json_default) + "\n")
+    """Write ``payload`` as strict JSON: NaN/inf become ``null`` (bare ``NaN`` is not JSON; strict parsers reject it)."""
+    text = json.dumps(json_ready(payload), indent=2, ensure_ascii=False, allow_nan=False)
+    return atomic_write_text(path, text + "\n")
+
+
+def json_ready(obj: Any) -> Any:
+    """``obj`` as plain JSON values: ``to_dict()`` objects, tuples, sets and paths converted, NaN/inf as None.
+
+    Missing numbers are NaN in memory (``fmt`` prints them as a dash), but a file must stay valid JSON.
+    """
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
+    if isinstance(obj, Mapping):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [json_ready(v) for v in obj]
+    return json_ready(_json_default(obj))
 
 
 def _json_default(obj: Any) -> Any:
@@ -229,6 +285,8 @@ def _json_default(obj: Any) -> Any:
         return list(obj)
     if isinstance(obj, Path):
         return str(obj)
+    if hasattr(obj, "item") and callable(obj.item):  # a numpy / torch scalar
+        return obj.item()
     raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
 
 
@@ -247,20 +305,104 @@ def load_results(path: str | Path) -> list[PipelineResult]:
 
 
 # ------------------------------------------------------------------------------------------ models
+class AdapterBaseMismatch(ValueError):
+    """An adapter was trained on other base weights than the ones this bank loads (its deltas would be noise)."""
+
+
+def base_key(name: str | Path) -> str:
+    """How two base-model references are compared: a local folder by its resolved path, a hub id as written."""
+    text = str(name)
+    path = Path(text).expanduser()
+    if path.is_absolute() or text.startswith(".") or path.exists():
+        return str(path.resolve())
+    return text
+
+
+def adapter_base(adapter: str | Path) -> str | None:
+    """The base model an adapter was trained on (``base_model_name_or_path`` of its ``adapter_config.json``), or
+    None when it records none (PEFT cannot load such a folder anyway, and says so)."""
+    cfg = Path(adapter) / "adapter_config.json"
+    if not cfg.is_file():
+        return None
+    recorded = json.loads(cfg.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    return str(recorded) if recorded else None
+
+
+def preset_base_model(preset: Preset) -> str:
+    """The base weights a preset loads: its hub id, or the miniature's cache folder (``modeling.tiny_model_dir``,
+    named by a hash of everything that shapes it, so a rebuilt miniature is another folder)."""
+    if preset.model.model_id == "tiny":
+        from mmrag_lite import modeling
+
+        return str(modeling.tiny_model_dir(warm=True, preset=preset))
+    return str(preset.model.model_id)
+
+
+def adapter_fingerprint(adapter: str | Path) -> str:
+    """sha256 of an adapter's own files (``adapter_*``: config and weights): its identity wherever it is copied."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(Path(adapter).glob("adapter_*")):
+        if f.is_file():
+            h.update(f.name.encode() + b"\0")
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+def judge_identity(preset: Preset, adapter: str | Path | None, *, base_model: str | Path | None = None) -> dict[str, Any]:
+    """What a stage-1 score depends on: the judge's adapter (content, not file times) and the base under it.
+
+    Writers of ``stage1/scores_<split>.json`` store it as ``meta["judge"]``; ``reusable_scores`` reuses a file only
+    while it still matches, so a retrained adapter or a rebuilt base recomputes the scores instead of reusing them.
+    """
+    base = base_key(base_model if base_model is not None else preset_base_model(preset))
+    if adapter is None:
+        return {"adapter": None, "adapter_sha256": None, "base": base}
+    return {"adapter": str(Path(adapter).resolve()), "adapter_sha256": adapter_fingerprint(adapter), "base": base}
+
+
+def save_stage1_scores(scored: Any, preset: Preset, work_dir: str | Path, split: str, adapter: str | Path | None, *,
+                       base_model: str | Path | None = None) -> Path:
+    """Write a run's ``stage1/scores_<split>.json`` with the judge that computed them (``meta["judge"]``).
+
+    The one writer notebooks 03/04 and the CLI share, so ``reusable_scores`` can tell stale scores from current ones.
+    """
+    from mmrag_lite import scoring
+
+    meta = {"preset": preset.name, "split": split, "judge": judge_identity(preset, adapter, base_model=base_model)}
+    return scoring.save_scores(scored, scoring.scores_path(work_dir, split), meta=meta)
+
+
+def _same_judge(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Two judge identities agree on the adapter's content and the base (paths may differ: a run folder moves)."""
+    base_a, base_b = a.get("base"), b.get("base")
+    return (a.get("adapter_sha256") == b.get("adapter_sha256") and base_a is not None and base_b is not None
+            and base_key(base_a) == base_key(base_b))
+
+
 class ModelBank:
     """Loads (model, processor) per weight set lazily and keeps them, so the systems load each at most once.
 
     ``base`` is the base model; ``stage1``/``stage2`` attach the adapter saved by notebook 03/04 in ``work_dir``.
     A missing adapter falls back to the base weights with a printed note (recorded in ``notes``), so a student
-    who skipped a notebook still gets a table, clearly labelled.
+    who skipped a notebook still gets a table, clearly labelled. An adapter trained on *other* base weights (its
+    ``adapter_config.json`` names another base, e.g. a miniature rebuilt since) is an error, not a note: its LoRA
+    deltas would be applied to weights they were never trained against. ``base_model`` (a local folder or hub id)
+    overrides the preset's base, e.g. to evaluate adapters against the base they were trained on.
     """
 
     def __init__(self, preset: Preset, work_dir: str | Path, *, loader: Callable[..., tuple[Any, Any]] | None = None,
-                 adapters: Mapping[str, str | Path | None] | None = None, verbose: bool = True) -> None:
+                 adapters: Mapping[str, str | Path | None] | None = None, verbose: bool = True,
+                 base_model: str | Path | None = None) -> None:
         self.preset = preset
         self.work_dir = Path(work_dir)
         self._loader = loader
         self._adapters = dict(adapters or {})
+        self._base_model = None if base_model is None else str(base_model)
+        self._base_cache: str | None = None
         self._cache: dict[str, tuple[Any, Any]] = {}
         self.notes: list[str] = []
         self.verbose = verbose
@@ -271,6 +413,33 @@ class ModelBank:
             return None
         path = Path(self._adapters[which]) if self._adapters.get(which) else self.work_dir / which / "adapter"
         return path if path.exists() else None
+
+    def base_model(self) -> str:
+        """The base weights this bank loads: ``base_model`` when given, else the preset's (``preset_base_model``)."""
+        if self._base_cache is None:
+            self._base_cache = self._base_model if self._base_model is not None else preset_base_model(self.preset)
+        return self._base_cache
+
+    def check_adapter(self, which: ModelKind) -> None:
+        """Raise ``AdapterBaseMismatch`` when ``which``'s adapter was trained on another base than ``base_model()``."""
+        path = self.adapter_path(which)
+        recorded = adapter_base(path) if path is not None else None
+        if recorded is None:
+            return
+        base = self.base_model()
+        if base_key(recorded) != base_key(base):
+            raise AdapterBaseMismatch(
+                f"the {which} adapter in {path} was trained on the base model {recorded!r}, but this run loads "
+                f"{base!r}" + (" (the miniature was rebuilt since: its build or warm-up settings changed)"
+                               if self.preset.model.model_id == "tiny" and self._base_model is None else "")
+                + f". Its LoRA weights would be applied to weights they were never trained on. Retrain {which} "
+                f"(notebook {'03' if which == 'stage1' else '04'}) against this base, or pass the matching base: "
+                f"ModelBank(..., base_model={recorded!r}).")
+
+    def judge_identity(self, which: ModelKind = "stage1") -> dict[str, Any]:
+        """``judge_identity`` of the judge this bank would score with for ``which`` (checked against its base)."""
+        self.check_adapter(which)
+        return judge_identity(self.preset, self.adapter_path(which), base_model=self.base_model())
 
     def resolved(self, which: ModelKind) -> str:
         """What ``which`` really loads: ``stage2`` or ``base (stage2 adapter missing)``."""
@@ -291,16 +460,20 @@ class ModelBank:
                         print("note:", note)
         else:
             key_cache = which
+            self.check_adapter(which)  # before loading: a mismatch fails fast, with what to do
         if key_cache not in self._cache:
             loader = self._loader or _default_loader
-            self._cache[key_cache] = loader(self.preset, adapter_path=None if key_cache == "base" else self.adapter_path(which))
+            extra = {} if self._base_model is None else {"model_path": self._base_model}
+            self._cache[key_cache] = loader(self.preset, adapter_path=None if key_cache == "base" else self.adapter_path(which),
+                                            **extra)
         return self._cache[key_cache]
 
 
-def _default_loader(preset: Preset, *, adapter_path: Path | None) -> tuple[Any, Any]:
+def _default_loader(preset: Preset, *, adapter_path: Path | None, model_path: str | Path | None = None) -> tuple[Any, Any]:
     from mmrag_lite import modeling
 
-    model, processor = modeling.load_model_and_processor(preset, adapter_path=adapter_path, for_training=False)
+    model, processor = modeling.load_model_and_processor(preset, adapter_path=adapter_path, for_training=False,
+                                                         model_path=model_path)
     model.eval()
     return model, processor
 
@@ -351,14 +524,30 @@ def reusable_scores(bank: ModelBank, split: str) -> dict[str, dict[str, float]]:
     """The saved stage-1 scores of ``split`` when they are the filter ``bank`` would compute, else ``{}``.
 
     They are the run's own ``stage1/adapter``'s, so they count only when the bank filters with that adapter (not with
-    one passed in ``adapters``) and were written after it (a stage 1 retrained without re-scoring makes them stale).
+    one passed in ``adapters``). A file that records its judge (``meta["judge"]``, see ``judge_identity``) is reused
+    only while the adapter's content and the base both still match; an older file without it, only when written
+    after the adapter (a stage 1 retrained without re-scoring makes them stale). Either way an adapter trained on
+    another base raises ``AdapterBaseMismatch`` here, before any score is trusted.
     """
     own, used = bank.work_dir / "stage1" / "adapter", bank.adapter_path("stage1")
     path = _scores_file(bank.work_dir, split)
     if used is None or used.resolve() != own.resolve() or not path.is_file():
         return {}
+    bank.check_adapter("stage1")
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    meta = raw.get("meta") if isinstance(raw, Mapping) else None
+    recorded = meta.get("judge") if isinstance(meta, Mapping) else None
+    if isinstance(recorded, Mapping):
+        if _same_judge(recorded, bank.judge_identity("stage1")):
+            return _normalise_scores(raw)
+        note = f"{path} was scored by another stage-1 judge (adapter or base changed): recomputing its scores"
+        if note not in bank.notes:
+            bank.notes.append(note)
+            if bank.verbose:
+                print("note:", note)
+        return {}
     adapter_written = max((f.stat().st_mtime for f in own.iterdir()), default=0.0)
-    return load_cached_scores(bank.work_dir, split) if path.stat().st_mtime >= adapter_written else {}
+    return _normalise_scores(raw) if path.stat().st_mtime >= adapter_written else {}
 
 
 def _normalise_scores(raw: Any) -> dict[str, dict[str, float]]:
@@ -465,9 +654,9 @@ def run_pipeline(rows: Sequence[Row] | Any, preset: Preset, *, system: SystemSpe
                  max_new_tokens: int | None = None, progress: bool = True) -> list[PipelineResult]:
     """Run one system over many questions: (stage-1 scores →) top-k → stage-2 generation → parse → WebQA ids.
 
-    ``scores`` (``{guid: {id: P(yes)}}``) skips the stage-1 forward passes; otherwise, for ``filter="stage1"`` the
-    scores notebook 03 saved for ``split`` are reused when they are still the bank's filter (``reusable_scores``)
-    and their candidate ids match, and recomputed if not.
+    ``scores`` (``{guid: {id: P(yes)}}``) skips the stage-1 forward passes; otherwise, for the ``stage1`` and
+    ``oracle`` filters the scores notebook 03 saved for ``split`` are reused when they are still the bank's filter
+    (``reusable_scores``) and their candidate ids match, and recomputed if not.
     """
 
     if system is None:
@@ -481,12 +670,12 @@ def run_pipeline(rows: Sequence[Row] | Any, preset: Preset, *, system: SystemSpe
     reasoning = system.resolved_reasoning(preset)
     image_fn = _image_fn(preset)
     cached: dict[str, dict[str, float]] = dict(scores or {})
-    if not cached and system.filter == "stage1" and split:
+    if not cached and FILTER_JUDGE.get(system.filter) == "stage1" and split:
         cached = reusable_scores(bank, split)
 
     # stage 1: score (only for filtering systems); pairs of all questions share forward passes
     all_scores: list[dict[str, float]] = [{} for _ in rows]
-    if system.filter in ("base", "stage1"):
+    if system.filter in FILTER_JUDGE:
         todo = []
         for i, row in enumerate(rows):
             hit = cached.get(str(row["guid"]))
@@ -495,7 +684,7 @@ def run_pipeline(rows: Sequence[Row] | Any, preset: Preset, *, system: SystemSpe
             else:
                 todo.append(i)
         if todo:
-            judge, judge_proc = bank.get(system.filter)  # type: ignore[arg-type]
+            judge, judge_proc = bank.get(FILTER_JUDGE[system.filter])
             fresh = score_rows(judge, judge_proc, [rows[i] for i in todo], preset, progress=progress)
             for i in todo:
                 all_scores[i] = fresh[str(rows[i]["guid"])]
@@ -538,25 +727,36 @@ def answer_question(row: Row, preset: Preset, *, system: SystemSpec | None = Non
 
 
 __all__ = [
+    "FILTER_JUDGE",
+    "ORACLE_SYSTEM",
+    "AdapterBaseMismatch",
     "ModelBank",
     "PipelineResult",
     "Stage2Request",
     "SystemSpec",
+    "adapter_base",
+    "adapter_fingerprint",
     "answer_question",
     "atomic_write_json",
     "atomic_write_text",
+    "base_key",
     "build_request",
     "default_batch_size",
     "fit_prompt",
     "generate",
+    "json_ready",
+    "judge_identity",
     "load_cached_scores",
     "load_results",
     "map_short_ids",
+    "oracle_ids",
     "parse_completion",
+    "preset_base_model",
     "prompt_length",
     "reusable_scores",
     "run_pipeline",
     "save_results",
+    "save_stage1_scores",
     "score_rows",
     "select_candidates",
     "stage1_scores",

@@ -16,6 +16,8 @@ Messages follow the transformers/TRL conversational format; images travel separa
 
 from __future__ import annotations
 
+import itertools
+import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -114,9 +116,15 @@ def stage2_images(candidates: Sequence[Candidate]) -> list[Any]:
 def permutations(n: int, count: int, seed: int) -> list[list[int]]:
     """``count`` distinct orders of ``range(n)`` (the identity excluded when possible), deterministic by seed.
 
-    Showing the same pool in several orders keeps the model from learning "the gold one is first".
+    Showing the same pool in several orders keeps the model from learning "the gold one is first". The identity
+    (the order the list came in: stage-1 rank) is excluded whenever ``n > 1`` and at least ``count`` other orders
+    exist; otherwise (n = 2 with count >= 2, say) it is used after the others rather than repeating one, and only when
+    fewer distinct orders exist than asked are orders repeated.
     """
     rng = random.Random(seed)
+    identity = tuple(range(n))
+    total = math.factorial(n) if n <= 12 else None  # None: more orders than anyone asks for
+    skip_identity = n > 1 and (total is None or total - 1 >= count)
     orders: list[list[int]] = []
     seen: set[tuple[int, ...]] = set()
     attempts = 0
@@ -124,12 +132,21 @@ def permutations(n: int, count: int, seed: int) -> list[list[int]]:
         attempts += 1
         order = list(range(n))
         rng.shuffle(order)
-        if tuple(order) in seen:
+        if tuple(order) in seen or (n > 1 and tuple(order) == identity):  # the identity comes last, if at all
             continue
         seen.add(tuple(order))
         orders.append(order)
+    if len(orders) < count and total is not None and total <= 5040:  # unlucky draws or few orders: enumerate the rest
+        rest = [list(o) for o in itertools.permutations(range(n)) if o not in seen and o != identity]
+        rng.shuffle(rest)
+        if not skip_identity:
+            rest.append(list(identity))
+        for order in rest[: count - len(orders)]:
+            seen.add(tuple(order))
+            orders.append(order)
+    distinct = len(orders)
     while len(orders) < count:  # fewer distinct orders exist than asked (tiny n): repeat
-        orders.append(list(orders[len(orders) % max(len(seen), 1)]) if orders else list(range(n)))
+        orders.append(list(orders[len(orders) % distinct]) if distinct else list(range(n)))
     return orders
 
 

@@ -123,7 +123,57 @@ def test_wrong_answer_has_the_right_type_and_is_wrong():
     num = E.wrong_answer_for({"qcate": "number", "answer": "There are 3 dogs"}, [], rng)
     assert num.isdigit() and num != "3"
     other = E.wrong_answer_for(ROWS[2], ["Paris is the capital", "Berlin"], rng)
-    assert other == "Berlin"
+    assert other == "Berlin is the capital"  # a text answer keeps its shape, with the name changed (not a fallback)
+
+
+def test_choose_wrong_answer_is_the_other_option():
+    rng = random.Random(0)
+    row = {"qcate": "choose", "question": "Which has more circles, the Royal Forest of Vera or the Western Lake of Lea?",
+           "answer": "The Western Lake of Lea has more circles than the Royal Forest of Vera.", "keywords": "Western Lake of Lea"}
+    wrong = E.conflicting_answer(row, ["unrelated answer"], rng)
+    assert wrong == E.WrongAnswer("The Royal Forest of Vera has more circles than the Western Lake of Lea.", "other option")
+    short = dict(row, question="Is the Eiffel Tower or the Statue of Liberty taller?", answer="The Eiffel Tower is taller.")
+    assert E.conflicting_answer(short, [], rng).text == "The Statue of Liberty is taller."
+    bare = dict(row, question="Are there more windows on the Tower of London or on Big Ben?", answer="Big Ben", keywords="Big Ben")
+    assert E.conflicting_answer(bare, [], rng).text == "Tower of London"
+    assert E.choice_options("Which is older, the Colosseum or the Parthenon?") == ("Colosseum", "Parthenon")
+    assert E.choice_options("What colour is the car?") is None
+
+
+def test_text_and_others_wrong_answers_change_one_fact():
+    rng = random.Random(0)
+    year = {"qcate": "text", "question": "In which year was the Painted Station of Emil founded?",
+            "answer": "The Painted Station of Emil was founded in 1804.", "keywords": ""}
+    wrong = E.conflicting_answer(year, [], rng)
+    assert wrong.how == "changed number" and wrong.text.startswith("The Painted Station of Emil was founded in ")
+    assert wrong.text != year["answer"] and 1790 <= int(wrong.text.rstrip(".").split()[-1]) <= 1815
+    others = {"qcate": "Others", "question": "What is shown in the picture of the Quiet Lighthouse of Clara?",
+              "answer": "The Quiet Lighthouse of Clara shows five blue squares.", "keywords": "five blue squares"}
+    wrong = E.conflicting_answer(others, [], rng)
+    assert wrong.how == "changed number" and "five" not in wrong.text and wrong.text.endswith(" blue squares.")
+    founder = {"qcate": "text", "question": "Who founded the Golden Castle of Marco, and in which city is it?",
+               "answer": "The Golden Castle of Marco was founded by Hiro Ravison and is located in Malmo.", "keywords": ""}
+    pool = ["The Royal Pier of Elena was founded by Bruno Borisson and is located in Quebec."]
+    wrong = E.conflicting_answer(founder, pool, rng)
+    assert wrong == E.WrongAnswer("The Golden Castle of Marco was founded by Bruno Borisson and is located in Quebec.",
+                                  "changed name")  # the subject (named in the question) stays
+
+
+def test_fallback_wrong_answers_are_marked_and_counted(monkeypatch):
+    from mmrag_lite.config import get_preset
+
+    plain = _row("q4", "text", "it is made of wood", "", ["g6"])  # no number, name, colour or option to change
+    wrong = E.conflicting_answer(plain, ["Paris is the capital"], random.Random(0))
+    assert wrong == E.WrongAnswer("Paris is the capital", E.FALLBACK_WRONG)
+    attacked = E.attack_rows([*ROWS, plain], "conflicting", seed=0)
+    # q3's name (Paris) has no other name to swap with among these answers: a fallback too, and counted as one
+    assert [r["adversarial_answer_how"] for r in attacked] == ["other colour", "flipped yes/no", E.FALLBACK_WRONG, E.FALLBACK_WRONG]
+    assert E.fallback_share(attacked) == pytest.approx(2 / 4)
+    monkeypatch.setattr(E, "run_pipeline", lambda rows, preset, *, system, bank, progress: [
+        _res(r["guid"], r["gold_ids"], r["answer"]) for r in rows])
+    table = E.robustness_check([*ROWS, plain], get_preset("cpu-tiny"), bank=None, progress=False)
+    conflicting = next(r for r in table if r["distractor"] == "conflicting")
+    assert conflicting["wrong answer: fallback"] == pytest.approx(2 / 4)
 
 
 def test_trap_rates_measure_what_they_say():
@@ -200,6 +250,51 @@ def test_plot_results_labels_groups_by_the_given_column():
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b"]
     assert sorted(round(p.get_height(), 2) for p in ax.patches) == [0.25, 0.5, 1.0]  # the dash cell is skipped
+
+
+def _no_constant(name):
+    raise ValueError(f"not JSON: {name}")
+
+
+def test_results_json_is_strict_json(tmp_path):
+    report = E.EvalReport(preset="cpu-tiny", robustness=[{"distractor": "lexical", "wrong answer echoed": float("nan")}])
+    out = E.write_report(report, tmp_path)
+    data = json.loads((out / "results.json").read_text(), parse_constant=_no_constant)  # bare NaN would raise
+    assert data["robustness"][0]["wrong answer echoed"] is None
+    assert "| lexical | — |" in (out / "results.md").read_text()
+
+
+def test_build_report_is_what_evaluate_writes(tmp_path, monkeypatch):
+    """Notebook 05 saves through ``build_report``; ``evaluate`` (the CLI) must write the very same files."""
+    from mmrag_lite.config import get_preset
+    from mmrag_lite.pipeline import ModelBank
+
+    preset = get_preset("cpu-tiny")
+    preds = {"perfect": PERFECT, "planted": PLANTED}
+    monkeypatch.setattr(E, "load_eval_split", lambda *a, **k: [dict(r) for r in ROWS])
+    monkeypatch.setattr(E, "run_systems", lambda rows, *a, **k: preds)
+    bank = ModelBank(preset, tmp_path / "cli", verbose=False)
+    bank.notes.append("no stage2 adapter in somewhere: using the base model instead")
+    cli = E.evaluate(preset, tmp_path / "cli", mmqa=False, ablations=False, robustness=False, fluency_scorer=None,
+                     bank=bank, progress=False)
+    clock = E.Stopwatch()
+    with clock("systems"):
+        pass
+    nb = E.build_report(preset, ROWS, preds, table=None, per_category=None, notes=bank.notes, timings=clock.done())
+    E.write_report(nb, tmp_path / "nb")
+    a = json.loads((tmp_path / "cli" / "eval" / "results.json").read_text(), parse_constant=_no_constant)
+    b = json.loads((tmp_path / "nb" / "eval" / "results.json").read_text(), parse_constant=_no_constant)
+    assert set(a["timings_s"]) >= {"systems", "total"} and set(b["timings_s"]) == {"systems", "total"}
+    a.pop("timings_s"), b.pop("timings_s")
+    assert a == b and cli.table == nb.table
+    assert set(a["slots"]) == {"perfect", "planted"} and a["table"][0]["n"] == "3 WebQA" and any("cpu-tiny" in n for n in a["notes"])
+    assert sorted(p.name for p in (tmp_path / "cli" / "eval").iterdir()) == sorted(p.name for p in (tmp_path / "nb" / "eval").iterdir())
+    with_mmqa = E.build_report(preset, ROWS, preds, mmqa_note="MMQA: none here")
+    assert "MMQA: none here" in with_mmqa.notes and any("x100" in n for n in with_mmqa.notes)
+    table, cats = E.systems_table(preds, ROWS)
+    assert E.build_report(preset, ROWS, preds, table=table, per_category=cats).table == nb.table  # precomputed table
+    with pytest.raises(ValueError, match="both"):
+        E.build_report(preset, ROWS, preds, table=table)
 
 
 def test_write_report_is_json_and_markdown(tmp_path):
