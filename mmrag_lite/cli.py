@@ -64,23 +64,64 @@ def _add_set_option(p: argparse.ArgumentParser, help_example: str = "") -> None:
                    help=f"dotted preset override, repeatable (e.g. --set stage1.grpo.max_steps=5){help_example}")
 
 
-def resolve(args: argparse.Namespace) -> tuple[Preset, Path]:
-    """The preset with overrides applied, and the run folder (created)."""
-    from mmrag_lite.config import resolve_preset, work_dir
+def resolve(args: argparse.Namespace, *, existing: bool = False) -> tuple[Preset, Path]:
+    """The preset with overrides applied, and the run folder (created; with ``existing``, it must already exist)."""
+    from mmrag_lite.config import resolve_preset, runs_dir, work_dir
 
     try:
         preset = resolve_preset(args.preset, **overrides_of(args))
     except ConfigError as exc:
         raise CLIError(str(exc)) from None
+    if existing:
+        folder = Path(args.work_dir) if args.work_dir else runs_dir() / preset.name
+        if not folder.is_dir():
+            raise CLIError(f"no run folder at {folder}: run build-data / train-stage1 / train-stage2 first, or pass "
+                           "the --work-dir of an existing run")
     return preset, work_dir(preset, args.work_dir)
+
+
+def _check_device(preset: Preset) -> None:
+    """Refuse a GPU preset without a GPU (or bf16 on a T4) before any data is built or overwritten."""
+    from mmrag_lite import modeling
+
+    modeling.check_device(preset)
+
+
+def run_data(args: argparse.Namespace, preset: Preset, wd: Path):
+    """The run's Mini-WebQA, as notebook 01 builds it, with two guards a script needs.
+
+    * A run folder whose Mini-WebQA was built with other settings (another preset's folder, say) is refused, not
+      silently rebuilt over the top (``--rebuild`` allows it).
+    * Under ``accelerate launch`` the main process builds first and the others then load what it wrote (several
+      processes building one folder at once race on the atomic rename).
+    """
+    from mmrag_lite import data
+
+    webqa_dir = getattr(args, "webqa_dir", None)
+    if data.mini_webqa_is_current(preset, wd, webqa_dir) is False and not getattr(args, "rebuild", False):
+        raise CLIError(f"{wd / 'mini_webqa'} was built with other settings than preset {preset.name!r}"
+                       + (f" from {webqa_dir}" if webqa_dir else "") + ": pass the preset (and --set overrides) it "
+                       "was built with, another --work-dir, or --rebuild to replace it")
+    with _main_process_first():
+        return data.ensure_mini_webqa(preset, wd, webqa_dir=webqa_dir)
+
+
+def _main_process_first():
+    """``accelerate``'s main-process-first context when launched data-parallel, else nothing to wait for."""
+    import contextlib
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return contextlib.nullcontext()
+    from accelerate import PartialState
+
+    return PartialState().main_process_first()
 
 
 # ------------------------------------------------------------------------------------------ commands
 def cmd_build_data(args: argparse.Namespace) -> int:
-    from mmrag_lite import data
-
     preset, wd = resolve(args)
-    ds = data.ensure_mini_webqa(preset, wd)
+    ds = run_data(args, preset, wd)
     sizes = {name: len(split) for name, split in ds.items()}
     print(f"Mini-WebQA ({preset.name}) in {wd / 'mini_webqa'}: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
     return 0
@@ -92,30 +133,42 @@ def _stage1_adapter(wd: Path) -> Path | None:
 
 
 def cmd_train_stage1(args: argparse.Namespace) -> int:
-    from mmrag_lite import data, modeling, pipeline, scoring, training
+    from mmrag_lite import pipeline, scoring, training
 
     preset, wd = resolve(args)
-    ds = data.ensure_mini_webqa(preset, wd)
+    _check_device(preset)
+    ds = run_data(args, preset, wd)
     dataset = training.build_stage1_dataset(ds["train"], preset, seed=preset.seed)
     result = training.train_stage1(preset, dataset, wd, resume=args.resume)
     adapter = _stage1_adapter(wd)
     print(f"stage 1 trained: adapter {adapter}")
     if args.no_score or adapter is None or not training.is_main_process():  # one process scores, not every GPU
         return 0
-    model, processor = modeling.load_model_and_processor(preset, adapter_path=adapter, for_training=False)
-    for split in args.score_splits:
-        scored = scoring.score_split(model, processor, ds[split], preset)
+    for split in args.score_splits:  # the trained model scores, as in notebook 03 (no second copy in memory)
+        scored = scoring.score_split(result.model, result.processor, ds[split], preset)
         path = pipeline.save_stage1_scores(scored, preset, wd, split, adapter)
         print(f"stage-1 scores for {split}: {path}")
-    del result
     return 0
 
 
 def cmd_train_stage2(args: argparse.Namespace) -> int:
-    from mmrag_lite import data, training
+    from mmrag_lite import pipeline, scoring, training
 
     preset, wd = resolve(args)
-    ds = data.ensure_mini_webqa(preset, wd)
+    _check_device(preset)
+    ds = run_data(args, preset, wd)
+    adapter = _stage1_adapter(wd)
+    if adapter is None:
+        raise CLIError(f"no stage-1 adapter in {wd / 'stage1'}: stage-2 pools are the stage-1 top-k, so run "
+                       "train-stage1 first (with the same --preset / --work-dir)")
+    bank = pipeline.ModelBank(preset, wd)
+    with _main_process_first():  # the main process re-scores when needed; the others then read what it wrote
+        if training.is_main_process() and not pipeline.reusable_scores(bank, "train"):  # missing, or another judge's
+            judge, processor = bank.get("stage1")
+            path = pipeline.save_stage1_scores(scoring.score_split(judge, processor, ds["train"], preset), preset, wd,
+                                               "train", adapter)
+            print(f"stage-1 scores for train (recomputed with {adapter}): {path}")
+    del bank  # the judge is not needed while stage 2 trains
     dataset, build_report = training.stage2_dataset_for_run(preset, wd, ds["train"])
     print(build_report)
     init = Path(args.init_adapter) if args.init_adapter else None  # None: train_stage2 follows stage2.init_from
@@ -130,7 +183,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from mmrag_lite import evaluation
     from mmrag_lite.pipeline import ModelBank
 
-    preset, wd = resolve(args)
+    preset, wd = resolve(args, existing=True)
+    _check_device(preset)
+    if args.stage1_adapter and not (Path(args.stage1_adapter) / "adapter_config.json").is_file():
+        raise CLIError(f"--stage1-adapter {args.stage1_adapter} holds no adapter_config.json (a PEFT adapter folder)")
+    run_data(args, preset, wd)  # refuses a run folder built with other settings instead of rebuilding it
     adapters = {"stage1": args.stage1_adapter} if args.stage1_adapter else None
     bank = ModelBank(preset, wd, adapters=adapters)
     report = evaluation.evaluate(preset, wd, split=args.split, n_questions=args.questions, mmqa=not args.no_mmqa,
@@ -159,10 +216,25 @@ def _preset_name(value: str) -> str:
     return value
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, *, data_options: bool = True) -> None:
     p.add_argument("--preset", type=_preset_name, default="auto", help="hardware preset: auto, " + ", ".join(sorted(PRESETS)))
     p.add_argument("--work-dir", default=None, help="run folder (default runs/<preset>)")
     _add_set_option(p)
+    if data_options:
+        p.add_argument("--webqa-dir", default=None, help="folder with the real WebQA_train_val.json + imgs.tsv + "
+                       "imgs.lineidx (default: the synthetic world, or the Mini-WebQA already in the run folder)")
+        p.add_argument("--rebuild", action="store_true", help="replace a Mini-WebQA the run folder holds that was "
+                       "built with other settings (refused otherwise)")
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("build-data", help="build Mini-WebQA (synthetic world on cpu-tiny) into the run folder")
+    p = sub.add_parser("build-data", help="build Mini-WebQA into the run folder (from --webqa-dir, else a synthetic "
+                                          "world in the real layout)")
     _common(p)
     p.set_defaults(func=cmd_build_data)
 
@@ -189,9 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_stage2)
 
     p = sub.add_parser("evaluate", help="systems x metrics table, ablations, robustness -> <work-dir>/eval/")
-    _common(p)
+    _common(p, data_options=False)
     p.add_argument("--split", default="test", choices=SPLITS)
-    p.add_argument("--questions", type=int, default=None, help="questions to evaluate (default preset.evaluation.questions)")
+    p.add_argument("--questions", type=_positive_int, default=None,
+                   help="questions to evaluate (default preset.evaluation.questions)")
     p.add_argument("--stage1-adapter", default=None, help="stage-1 adapter (default <work-dir>/stage1/adapter)")
     p.add_argument("--no-mmqa", action="store_true", help="skip the MultimodalQA columns")
     p.add_argument("--no-ablations", action="store_true")
@@ -207,13 +281,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message already says what to do: printed without a traceback. The model-side ones are looked up
+    only when their module was imported (importing it here would load torch for ``--help``)."""
+    errors: list[type[BaseException]] = [CLIError, ConfigError]
+    for module, name in (("mmrag_lite.modeling", "ModelLoadError"), ("mmrag_lite.pipeline", "AdapterBaseMismatch")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(list(argv) if argv is not None else None)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return int(func(args) or 0)
-    except CLIError as exc:
+    except Exception as exc:
+        if not isinstance(exc, _user_errors()):
+            raise
         print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

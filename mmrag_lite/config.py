@@ -28,9 +28,16 @@ class ConfigError(ValueError):
 
 # --------------------------------------------------------------------------------------------- paths
 def project_root() -> Path:
-    """The repo root (``MMRAG_HOME`` overrides), so notebooks run from any working directory."""
+    """The repo root of a source checkout (``MMRAG_HOME`` overrides), so notebooks run from any working directory.
+
+    A package installed into site-packages (the Colab pip line) has no checkout around it: then the current
+    directory (``/content`` on Colab), so ``data/`` and ``runs/`` never land inside site-packages.
+    """
     env = os.environ.get("MMRAG_HOME")
-    return Path(env).resolve() if env else Path(__file__).resolve().parent.parent
+    if env:
+        return Path(env).resolve()
+    checkout = Path(__file__).resolve().parent.parent
+    return checkout if (checkout / "pyproject.toml").is_file() else Path.cwd().resolve()
 
 
 def data_dir() -> Path:

@@ -113,7 +113,7 @@ def headline_numbers(work_dir: Path) -> list[str]:
             lines.append(f"stage{stage} GRPO: {trend}")
     results = work_dir / "eval" / "results.md"
     if results.is_file():
-        lines.append("evaluation (cpu-tiny numbers come from a miniature random model: plumbing, not quality):")
+        lines.append(f"evaluation ({results}; its notes say what the numbers can mean, e.g. a miniature's):")
         lines += ["    " + row for row in results.read_text().strip().splitlines()[:14]]
     return lines
 

@@ -113,3 +113,44 @@ def test_unknown_split_is_refused_by_the_parser():
     assert exc.value.code == 2
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["train-stage1", "--score-splits", "train", "val"])
+
+
+def test_build_data_refuses_a_run_folder_built_with_other_settings(tmp_path, capsys):
+    """Pointing a command at another preset's run folder must not rebuild its data over the top."""
+    run = str(tmp_path / "run")
+    assert cli.main(["build-data", "--preset", "cpu-tiny", "--work-dir", run]) == 0
+    other = ["build-data", "--preset", "cpu-tiny", "--work-dir", run, "--set", "data.max_candidates=6"]
+    assert cli.main(other) == 2
+    assert "built with other settings" in capsys.readouterr().err
+    assert cli.main([*other, "--rebuild"]) == 0
+
+
+def test_build_data_from_a_webqa_dir(tmp_path, capsys):
+    from mmrag_lite import data
+
+    source = data.make_world(tmp_path / "webqa", n_questions=60, seed=3, progress=False)
+    assert cli.main(["build-data", "--preset", "cpu-tiny", "--work-dir", str(tmp_path / "run"),
+                     "--webqa-dir", str(source)]) == 0
+    report = data.FunnelReport.load(tmp_path / "run" / "mini_webqa")
+    assert report.source == str((source / "WebQA_train_val.json").resolve()) and report.n_read == 60
+
+
+def test_gpu_preset_without_a_gpu_stops_before_touching_data(tmp_path, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["train-stage1", "--preset", "colab-t4", "--work-dir", str(tmp_path)]) == 2
+    assert "cpu-tiny" in capsys.readouterr().err and not (tmp_path / "mini_webqa").exists()
+
+
+def test_evaluate_and_train_stage2_refuse_what_is_not_there(tmp_path, capsys):
+    assert cli.main(["evaluate", "--preset", "cpu-tiny", "--work-dir", str(tmp_path / "typo")]) == 2
+    assert "no run folder" in capsys.readouterr().err and not (tmp_path / "typo").exists()
+    assert cli.main(["evaluate", "--preset", "cpu-tiny", "--work-dir", str(tmp_path),
+                     "--stage1-adapter", str(tmp_path / "nope")]) == 2
+    assert "adapter_config.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        cli.build_parser().parse_args(["evaluate", "--questions", "0"])
+    assert exc.value.code == 2
+    assert cli.main(["train-stage2", "--preset", "cpu-tiny", "--work-dir", str(tmp_path)]) == 2
+    assert "run train-stage1 first" in capsys.readouterr().err

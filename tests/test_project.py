@@ -252,3 +252,16 @@ def test_imports_only_point_down_the_documented_layers():
         upward += [f"{path.relative_to(ROOT)}:{line} imports {name}" for name, line in _imported_modules(path, package)
                    if name in rank and rank[name] > rank[me]]
     assert not upward, "imports that point up the documented order:\n" + "\n".join(upward)
+
+
+def test_project_root_outside_a_checkout_is_the_working_directory(tmp_path, monkeypatch):
+    """Installed into site-packages (Colab's pip line), data/ and runs/ go to the working directory, not site-packages."""
+    monkeypatch.delenv("MMRAG_HOME", raising=False)
+    assert (config.project_root() / "pyproject.toml").is_file()  # this checkout
+    installed = tmp_path / "site-packages" / "mmrag_lite" / "config.py"
+    installed.parent.mkdir(parents=True)
+    monkeypatch.setattr(config, "__file__", str(installed))
+    monkeypatch.chdir(tmp_path)
+    assert config.project_root() == tmp_path.resolve() and config.runs_dir() == tmp_path.resolve() / "runs"
+    monkeypatch.setenv("MMRAG_HOME", str(tmp_path / "home"))
+    assert config.project_root() == (tmp_path / "home").resolve()

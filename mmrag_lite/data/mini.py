@@ -640,13 +640,38 @@ def _world_matches(manifest: dict, preset: Any) -> bool:
     return all(manifest.get(k) == v for k, v in want.items())
 
 
+def mini_webqa_is_current(preset: Any, work_dir: str | Path, webqa_dir: str | Path | None = None) -> bool | None:
+    """Whether the Mini-WebQA saved in run folder ``work_dir`` is what ``preset`` (and ``webqa_dir``) would build;
+    ``None`` when none is saved. The cache check of ``ensure_mini_webqa``; the CLI asks it before overwriting a run.
+
+    A Mini-WebQA that notebook 01 built from real WebQA counts as current when asked without ``webqa_dir``.
+    """
+    from .world import read_world_manifest
+
+    wd = Path(work_dir)
+    mini, world = wd / "mini_webqa", wd / "world"
+    if not ((mini / "funnel.json").is_file() and (mini / "dataset_dict.json").is_file()):
+        return None
+    meta = json.loads((mini / "funnel.json").read_text())
+    built_from = Path(meta.get("source", "")).parent.resolve()
+    settings = meta.get("settings", {})
+    same_sizes = settings.get("max_candidates") == preset.data.max_candidates and settings.get("seed") == preset.seed
+    if webqa_dir is not None:
+        return same_sizes and built_from == Path(webqa_dir).resolve()
+    if built_from != world.resolve():  # notebook 01 built it from real WebQA on purpose: keep it
+        return same_sizes
+    manifest = read_world_manifest(world)
+    return same_sizes and manifest is not None and _world_matches(manifest, preset)
+
+
 def ensure_mini_webqa(preset: Any = "auto", work_dir: str | Path | None = None, progress: bool = False,
                       webqa_dir: str | Path | None = None):
     """The run's Mini-WebQA: build ``world/`` and ``mini_webqa/`` under the run folder if missing, then load it.
 
     ``webqa_dir`` builds from real WebQA files instead of the synthetic world. A world or dataset built with other
-    settings (different preset sizes or seed) is rebuilt, so the cache never goes stale silently. A Mini-WebQA
-    that notebook 01 built from real WebQA is kept (later notebooks call this without ``webqa_dir``).
+    settings (different preset sizes or seed) is rebuilt (``mini_webqa_is_current``), so the cache never goes stale
+    silently. A Mini-WebQA that notebook 01 built from real WebQA is kept (later notebooks call this without
+    ``webqa_dir``).
     """
     from ..config import resolve_preset
     from ..config import work_dir as run_dir
@@ -655,22 +680,8 @@ def ensure_mini_webqa(preset: Any = "auto", work_dir: str | Path | None = None, 
     p = resolve_preset(preset)
     wd = run_dir(p, work_dir)
     mini, world = wd / "mini_webqa", wd / "world"
-    meta = None
-    if (mini / "funnel.json").is_file() and (mini / "dataset_dict.json").is_file():
-        meta = json.loads((mini / "funnel.json").read_text())
-    if meta is not None:
-        built_from = Path(meta.get("source", "")).parent.resolve()
-        same_sizes = (meta.get("settings", {}).get("max_candidates") == p.data.max_candidates
-                      and meta.get("settings", {}).get("seed") == p.seed)
-        if webqa_dir is not None:
-            fresh = same_sizes and built_from == Path(webqa_dir).resolve()
-        elif built_from != world.resolve():  # notebook 01 built it from real WebQA on purpose: keep it
-            fresh = same_sizes
-        else:
-            manifest = read_world_manifest(world)
-            fresh = same_sizes and manifest is not None and _world_matches(manifest, p)
-        if fresh:
-            return load_mini_webqa(mini)
+    if mini_webqa_is_current(p, wd, webqa_dir):
+        return load_mini_webqa(mini)
     if webqa_dir is None:
         manifest = read_world_manifest(world)
         if manifest is None or not _world_matches(manifest, p) or not (world / "imgs.lineidx").is_file():
