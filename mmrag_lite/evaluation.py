@@ -530,6 +530,8 @@ def k_ablation(rows: Sequence[Row], preset: Preset, bank: ModelBank, ks: Sequenc
     """Stage-1 top-k with different k (inference only): gold recall of the kept set vs what stage 2 makes of it.
 
     ``scores`` (from an earlier run) skips the judge; ``reuse[k]`` skips a k already run (e.g. the main table's).
+    "well-formed" (``well_formed_rate``) tells a row of zeros from a format failure: a model that learnt to cite a
+    slot past k (say ``D4`` when k < 4) cites an id that was never shown, so no completion parses and nothing scores.
     """
     from mmrag_lite import metrics
 
@@ -544,7 +546,8 @@ def k_ablation(rows: Sequence[Row], preset: Preset, bank: ModelBank, ks: Sequenc
         w = score_webqa(res, rows)
         recall = sum(metrics.recall_at_k(list(r.kept_ids), gold[r.guid]) for r in res) / max(len(res), 1)
         shown = sum(len(r.kept_ids) for r in res) / max(len(res), 1)
-        out.append({"k": k, "shown (mean)": shown, "gold recall of kept": recall, "Retr-F1": w["Retr-F1"], "QA-Acc": w["QA-Acc"]})
+        out.append({"k": k, "shown (mean)": shown, "gold recall of kept": recall, "Retr-F1": w["Retr-F1"], "QA-Acc": w["QA-Acc"],
+                    "well-formed": well_formed_rate(res)})
     return out
 
 

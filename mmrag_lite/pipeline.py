@@ -478,8 +478,10 @@ def _default_loader(preset: Preset, *, adapter_path: Path | None, model_path: st
     return model, processor
 
 
-def _image_fn(preset: Preset) -> Callable[[Any], Any] | None:
-    """Resize images to the preset's fixed size (fixed token count per image; the mRoPE trap in docs/modeling.md)."""
+def image_fn(preset: Preset) -> Callable[[Any], Any] | None:
+    """Resize images to the preset's fixed size (fixed token count per image; the mRoPE trap in docs/modeling.md).
+
+    Pass it to ``build_request`` / ``fit_prompt`` to render a prompt exactly as ``run_pipeline`` does."""
     try:
         from mmrag_lite import modeling
     except ImportError:  # pragma: no cover
@@ -668,7 +670,7 @@ def run_pipeline(rows: Sequence[Row] | Any, preset: Preset, *, system: SystemSpe
     rows = list(one_split(rows, "run_pipeline"))
     k = system.resolved_k(preset)
     reasoning = system.resolved_reasoning(preset)
-    image_fn = _image_fn(preset)
+    resize = image_fn(preset)
     cached: dict[str, dict[str, float]] = dict(scores or {})
     if not cached and FILTER_JUDGE.get(system.filter) == "stage1" and split:
         cached = reusable_scores(bank, split)
@@ -693,7 +695,7 @@ def run_pipeline(rows: Sequence[Row] | Any, preset: Preset, *, system: SystemSpe
     model, processor = bank.get(system.answerer)
     requests = [
         fit_prompt(row, select_candidates(row, system, sc, k), processor, reasoning=reasoning,
-                   max_tokens=preset.stage2.max_prompt_tokens, image_fn=image_fn)
+                   max_tokens=preset.stage2.max_prompt_tokens, image_fn=resize)
         for row, sc in zip(rows, all_scores)
     ]
     completions = generate(model, processor, requests, max_new_tokens=max_new_tokens or _max_new_tokens(preset, reasoning),
@@ -744,6 +746,7 @@ __all__ = [
     "default_batch_size",
     "fit_prompt",
     "generate",
+    "image_fn",
     "json_ready",
     "judge_identity",
     "load_cached_scores",

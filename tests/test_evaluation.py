@@ -338,6 +338,22 @@ def test_k_ablation_rows_on_planted_results():
     assert rows[0]["k"] == 2 and rows[0]["shown (mean)"] == 2.0
     assert rows[0]["gold recall of kept"] == pytest.approx((1 + 0.5 + 0) / 3)
     assert rows[0]["Retr-F1"] == pytest.approx((1 + 0 + 2 / 3) / 3)
+    assert rows[0]["well-formed"] == 1.0  # no parser problem recorded
+
+
+def test_k_ablation_reports_the_well_formed_rate():
+    """Zeros at small k must be readable: a completion citing a slot that was not shown is malformed, not just wrong."""
+    from dataclasses import replace
+
+    from mmrag_lite.config import get_preset
+
+    bad = ("unknown_id: D4",)
+    kept = [replace(_res("q1", [], "", kept=["g1"]), problems=bad),
+            _res("q2", ["d1"], "no", kept=["d1"]),
+            replace(_res("q3", [], "", kept=["g4"]), problems=bad)]
+    rows = E.k_ablation(ROWS, get_preset("cpu-tiny"), None, [1], reuse={1: kept})
+    assert list(rows[0]) == ["k", "shown (mean)", "gold recall of kept", "Retr-F1", "QA-Acc", "well-formed"]
+    assert rows[0]["well-formed"] == pytest.approx(1 / 3)
 
 
 def test_robustness_check_reports_the_drop_and_the_traps(monkeypatch):

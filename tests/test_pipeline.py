@@ -199,6 +199,16 @@ def test_long_prompts_lose_whole_candidates_never_image_tokens(bank):
     assert len(one.source_ids) == 1 and "never truncated" in one.notes[0]
 
 
+def test_image_fn_resizes_like_run_pipeline():
+    """The public ``image_fn`` is what ``run_pipeline`` hands ``fit_prompt``: every image at the preset's square size."""
+    resize = P.image_fn(PRESET)
+    assert resize is not None
+    size = PRESET.model.image_size
+    assert resize(Image.new("RGB", (40, 30))).size == (size, size)
+    req = P.build_request(ROWS[0], ROWS[0]["candidates"], reasoning=False, image_fn=resize)
+    assert req.images and all(img.size == (size, size) for img in req.images)
+
+
 def test_adapters_are_loaded_when_present(tmp_path):
     from peft import get_peft_model
 
