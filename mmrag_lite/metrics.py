@@ -389,7 +389,8 @@ def load_bart_scorer(checkpoint: str = "facebook/bart-large-cnn", *, device: str
     except Exception as exc:  # noqa: BLE001 - not cached (or not a local path): try the hub if there is one
         logger.debug("no local copy of %s: %s", checkpoint, exc)
     if local_only or not _hub_reachable():
-        logger.warning("%s (no cached copy of %s and the model hub is unreachable)", FL_UNAVAILABLE, checkpoint)
+        why = "no download asked for (local_files_only)" if local_only else "the model hub is unreachable"
+        logger.warning("%s (no cached copy of %s and %s)", FL_UNAVAILABLE, checkpoint, why)
         return None
     try:
         return BARTScorer.from_pretrained(checkpoint, device=device, **kwargs)
