@@ -16,6 +16,7 @@ from PIL import Image
 
 from mmrag_lite import modeling as M
 from mmrag_lite.config import get_preset
+from mmrag_lite.modeling import loading
 from mmrag_lite.prompts import short_ids, stage1_messages, stage1_target
 
 PRESET = get_preset("cpu-tiny")
@@ -111,7 +112,7 @@ def test_warm_up_threads_are_capped_by_the_cores_and_name_the_cache(monkeypatch:
     """The thread count shapes the warm model, so a 1-core machine runs one thread and caches under another name."""
 
     def folder_with_cores(n: int) -> Path:
-        monkeypatch.setattr(M.os, "sched_getaffinity", lambda pid: set(range(n)), raising=False)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(n)), raising=False)
         assert M.warm_up_threads(M.WarmUpSettings(threads=2)) == min(n, 2)
         return M.tiny_model_dir(warm=True, preset=PRESET)
 
@@ -120,7 +121,7 @@ def test_warm_up_threads_are_capped_by_the_cores_and_name_the_cache(monkeypatch:
 
 
 def test_4bit_fallback_is_explicit(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(M, "can_load_in_4bit", lambda device: (False, "pretend bitsandbytes is missing"))
+    monkeypatch.setattr(loading, "can_load_in_4bit", lambda device: (False, "pretend bitsandbytes is missing"))
     with pytest.warns(RuntimeWarning, match="cannot run here: pretend bitsandbytes is missing"):
         model, _ = M.load_model_and_processor(PRESET, model_path=tiny_dir, for_training=False)
     assert model.mmrag_quantized is False
@@ -166,10 +167,10 @@ def test_4bit_on_cuda_needs_a_working_nf4_round_trip(monkeypatch: pytest.MonkeyP
         calls.append(device)
         return False, "bitsandbytes cannot run NF4 on CUDA (RuntimeError: native library not loaded)"
 
-    monkeypatch.setattr(M, "_nf4_probe", broken)
+    monkeypatch.setattr(loading, "_nf4_probe", broken)
     ok, why = M.can_load_in_4bit("cuda")
     assert (ok, calls) == (False, ["cuda"]) and "NF4 on CUDA" in why
-    monkeypatch.setattr(M, "_nf4_probe", lambda device: (True, ""))
+    monkeypatch.setattr(loading, "_nf4_probe", lambda device: (True, ""))
     assert M.can_load_in_4bit("cuda") == (True, "")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert M.can_load_in_4bit("cuda") == (False, "no CUDA device is visible")
@@ -182,7 +183,7 @@ def test_nf4_probe_reports_a_library_that_fails_at_first_use(monkeypatch: pytest
         raise RuntimeError("CUDA Setup failed despite GPU being available")
 
     monkeypatch.setattr(bnbf, "quantize_4bit", stand_in)
-    ok, why = M._nf4_probe.__wrapped__("cpu")  # uncached: the real probe, run on the CPU
+    ok, why = loading._nf4_probe.__wrapped__("cpu")  # uncached: the real probe, run on the CPU
     assert not ok and "RuntimeError: CUDA Setup failed" in why
 
 
@@ -197,7 +198,7 @@ def test_lm_head_dtype_mismatch_is_bridged(tiny_dir: Path) -> None:
     assert model.lm_head.weight.dtype == torch.float32
     with pytest.raises(RuntimeError):
         model.lm_head(torch.randn(2, model.config.text_config.hidden_size, dtype=torch.bfloat16))
-    note = M._align_lm_head(model, torch.bfloat16)
+    note = loading._align_lm_head(model, torch.bfloat16)
     assert note and "lm_head" in note
     out = model.lm_head(torch.randn(2, model.config.text_config.hidden_size, dtype=torch.bfloat16))
     assert out.dtype == torch.float32

@@ -1,0 +1,127 @@
+"""What every part of ``modeling`` shares: the error type, dtypes, and how images and the processor are prepared.
+
+The processor fixes live here because both the loader and the miniature's warm-up feed the same processor:
+
+* TRL GRPO batches mixing text-only and image prompts  -> ``make_mixed_batch_safe`` (``None`` image lists -> ``[]``);
+* different image counts *and* sizes in one batch       -> ``prepare_image`` resizes every image to one square size.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..config import Preset, get_preset
+
+logger = logging.getLogger(__name__)
+
+TINY_LABEL = "a randomly initialised miniature for checking the plumbing"
+
+
+class ModelLoadError(RuntimeError):
+    """A model/processor that cannot be loaded as asked; the message says why and what to use instead."""
+
+
+# =============================================================================================== errors / dtypes
+_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """``"bfloat16"`` -> ``torch.bfloat16`` (presets store dtypes as strings so they stay plain data)."""
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ModelLoadError(f"unknown compute dtype {name!r}; use one of {sorted(_DTYPES)}") from None
+
+
+def as_preset(preset: Preset | str) -> Preset:
+    return get_preset(preset) if isinstance(preset, str) else preset
+
+
+# =============================================================================================== images / processor
+def prepare_image(img: Any, preset: Preset | str | int) -> Any:
+    """Resize to the preset's fixed ``image_size`` square, RGB.
+
+    Why: TRL GRPO batches whose prompts have *different image counts and different image sizes* crash in Qwen2-VL's
+    ``get_rope_index`` (``shape mismatch: value tensor of shape [3, 150] cannot be broadcast ... [3, 148]``). One size
+    for every image gives every image the same number of tokens, avoids it, and makes memory predictable.
+    """
+    from PIL import Image
+
+    size = preset if isinstance(preset, int) else as_preset(preset).model.image_size
+    if img is None:
+        return None
+    if not isinstance(img, Image.Image):
+        img = Image.fromarray(img) if hasattr(img, "__array__") else img
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BICUBIC)
+    return img
+
+
+def prepare_images(images: Sequence[Any] | None, preset: Preset | str | int) -> list[Any]:
+    return [prepare_image(im, preset) for im in (images or []) if im is not None]
+
+
+def _none_images_as_empty(images: Any) -> Any:
+    if isinstance(images, (list, tuple)) and any(x is None for x in images) and any(
+        isinstance(x, (list, tuple)) or x is None for x in images
+    ):
+        return [[] if x is None else x for x in images]
+    return images
+
+
+class _MixedBatchSafe:
+    """Mixin for a processor class: turns ``None`` entries of a batched ``images`` list into ``[]``.
+
+    Why: TRL marks a text-only prompt with ``None`` in the per-prompt image list; the Qwen2-VL processor rejects it
+    (``TypeError: only a single or a list of entries is supported but got type=<class 'NoneType'>``) but accepts
+    ``[]``. WebQA mixes text snippets and images, so stage 1 meets this in its first batch.
+    """
+
+    _mmrag_mixed_batch_safe = True
+
+    def __call__(self, *args: Any, **kwargs: Any):  # type: ignore[override]
+        if "images" in kwargs:
+            images = _none_images_as_empty(kwargs["images"])
+            if isinstance(images, list) and images and all(isinstance(x, list) and not x for x in images):
+                images = None  # a batch of text-only prompts: no image inputs at all
+            kwargs["images"] = images
+        return super().__call__(*args, **kwargs)  # type: ignore[misc]
+
+
+_SAFE_CLASSES: dict[type, type] = {}
+
+
+def make_mixed_batch_safe(processor: Any) -> Any:
+    """Make ``processor`` accept mixed text-only/image batches (trap 1), in place; returns it.
+
+    The instance's class is swapped for a subclass *with the same name*, so it is still a ``ProcessorMixin`` (TRL's
+    check), ``save_pretrained`` still writes the original ``processor_class`` and ``AutoProcessor.from_pretrained``
+    reloads it without any custom code (``load_model_and_processor`` re-applies the fix).
+    """
+    cls = type(processor)
+    if getattr(cls, "_mmrag_mixed_batch_safe", False):
+        return processor
+    safe = _SAFE_CLASSES.get(cls)
+    if safe is None:
+        safe = type(cls.__name__, (_MixedBatchSafe, cls), {"__module__": cls.__module__, "__doc__": cls.__doc__})
+        _SAFE_CLASSES[cls] = safe
+    processor.__class__ = safe
+    return processor
+
+
+def set_pixel_budget(processor: Any, min_pixels: int, max_pixels: int) -> None:
+    ip = getattr(processor, "image_processor", None)
+    if ip is None:
+        return
+    ip.size = {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}
+    for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+        if hasattr(ip, name):
+            setattr(ip, name, int(value))
+
+

@@ -1,0 +1,296 @@
+"""Loading the model and processor for a preset: 4-bit NF4 + LoRA (QLoRA) on CUDA, the miniature on the CPU.
+
+Known traps get a clear message instead of a stack trace deep in a forward pass:
+
+* bf16 asked for on a GPU without bf16 (T4)            -> ``ModelLoadError`` saying use float16 / ``colab-t4``;
+* 4-bit asked for where bitsandbytes cannot run it      -> logged warning, full-precision load, ``model.mmrag_quantized = False``;
+* a float32 ``lm_head`` (``prepare_model_for_kbit_training`` upcasts it) fed fp16/bf16 hidden states
+                                                        -> inputs to ``lm_head`` are cast to its dtype (logged).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import Preset, cuda_native_bf16
+from .cache import ensure_tiny_vlm
+from .common import ModelLoadError, as_preset, make_mixed_batch_safe, set_pixel_budget, torch_dtype
+
+logger = logging.getLogger(__name__)
+
+
+# =============================================================================================== device
+def check_device(preset: Preset | str) -> None:
+    """Fail early, with advice, when the preset cannot run on this machine (before any download)."""
+    preset = as_preset(preset)
+    ms = preset.model
+    if ms.model_id != "tiny" and not torch.cuda.is_available():
+        raise ModelLoadError(
+            f"preset {preset.name!r} loads {ms.model_id} and needs a CUDA GPU, but none is visible. "
+            "On a CPU machine use preset='cpu-tiny' (or resolve_preset('auto'), which picks it)."
+        )
+    # native bf16 (capability >= 8.0), not torch.cuda.is_bf16_supported(), which says True on a T4 (see config)
+    if ms.compute_dtype == "bfloat16" and torch.cuda.is_available() and not cuda_native_bf16(0):
+        name = torch.cuda.get_device_name(0)
+        major, minor = torch.cuda.get_device_capability(0)
+        raise ModelLoadError(
+            f"preset {preset.name!r} asks for bfloat16 compute, but this GPU ({name}, compute capability "
+            f"{major}.{minor}) has no bfloat16 support (e.g. a T4, 7.5; bf16 needs 8.0+). Use float16 instead: "
+            "preset='colab-t4', or override model.compute_dtype='float16'."
+        )
+
+
+def can_load_in_4bit(device: str) -> tuple[bool, str]:
+    """Whether bitsandbytes can run NF4 on ``device`` ("cuda" or "cpu"), and why not when it cannot.
+
+    Importing is not enough: when its native CUDA library fails to load, bitsandbytes still imports (with a stand-in)
+    and only raises at first use, i.e. inside ``from_pretrained``. So both devices run a real NF4 round trip
+    (``_nf4_probe``, cached per device) before the loader commits to 4-bit.
+    """
+    try:
+        import bitsandbytes as bnb  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a broken native library
+        return False, f"bitsandbytes cannot be imported ({type(exc).__name__}: {exc})"
+    if device == "cuda" and not torch.cuda.is_available():
+        return False, "no CUDA device is visible"
+    return _nf4_probe(device)
+
+
+@functools.lru_cache(maxsize=4)
+def _nf4_probe(device: str) -> tuple[bool, str]:
+    """Quantise and dequantise one small matrix in NF4 on ``device``: the honest test of a bitsandbytes install.
+
+    On the CPU, older bitsandbytes have no backend; on CUDA, a broken native library imports fine and fails here.
+    """
+    where = "the CPU" if device == "cpu" else device.upper()
+    try:
+        import bitsandbytes.functional as bnbf
+
+        w = torch.randn(64, 64, device=device)
+        q, state = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+        err = (bnbf.dequantize_4bit(q, state) - w).abs().mean().item()
+        if not err < 0.5:
+            return False, f"bitsandbytes NF4 round trip on {where} is wrong (mean error {err:.3f})"
+        return True, ""
+    except Exception as exc:  # noqa: BLE001 - any failure means "not on this machine", reported as such
+        return False, f"bitsandbytes cannot run NF4 on {where} ({type(exc).__name__}: {exc})"
+
+
+# =============================================================================================== quantisation / LoRA
+def bnb_config_kwargs(preset: Preset | str) -> dict[str, Any]:
+    """The ``BitsAndBytesConfig`` arguments for a preset: NF4 + double quantisation (QLoRA), compute in the preset dtype."""
+    preset = as_preset(preset)
+    return {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",  # normal-float 4: optimal for normally distributed weights
+        "bnb_4bit_use_double_quant": True,  # quantise the quantisation constants too: ~0.4 bit/param saved
+        "bnb_4bit_compute_dtype": torch_dtype(preset.model.compute_dtype),
+    }
+
+
+def bnb_config(preset: Preset | str):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(**bnb_config_kwargs(preset))
+
+
+def lm_target_modules_regex(names: Iterable[str]) -> str:
+    """A PEFT ``target_modules`` regex matching the given projections in the LANGUAGE model only.
+
+    PEFT ``fullmatch``es a string against each module's full name. Qwen2-VL / Qwen2.5-VL in transformers 5 name them
+    ``model.language_model.layers.<i>.self_attn.q_proj`` / ``...mlp.gate_proj``; the vision tower lives under
+    ``model.visual`` (Qwen2.5-VL's vision MLP also has ``gate_proj``/``up_proj``/``down_proj``), so matching on
+    the bare names would put adapters into the vision tower too.
+    """
+    alternatives = "|".join(sorted(set(names)))
+    return rf".*language_model\.layers\.\d+\.(?:self_attn|mlp)\.(?:{alternatives})"
+
+
+def lora_config_kwargs(preset: Preset | str) -> dict[str, Any]:
+    """The ``peft.LoraConfig`` arguments for a preset (LoRA on the language model's projections only)."""
+    preset = as_preset(preset)
+    lo = preset.lora
+    targets: str | list[str] = (
+        lm_target_modules_regex(lo.target_modules) if lo.freeze_vision else list(lo.target_modules)
+    )
+    return {
+        "r": lo.r,
+        "lora_alpha": lo.alpha,
+        "lora_dropout": lo.dropout,
+        "target_modules": targets,
+        "bias": "none",
+        "task_type": "CAUSAL_LM",
+    }
+
+
+def lora_config(preset: Preset | str):
+    """A ``peft.LoraConfig`` for ``GRPOTrainer(peft_config=...)``."""
+    from peft import LoraConfig
+
+    return LoraConfig(**lora_config_kwargs(preset))
+
+
+def _align_lm_head(model: torch.nn.Module, compute_dtype: torch.dtype) -> str | None:
+    """A safety net: make an ``lm_head`` whose dtype differs from the compute dtype accept hidden states of any dtype.
+
+    On the QLoRA training path there is no mismatch (measured on the miniature with bf16 compute):
+    ``prepare_model_for_kbit_training`` upcasts embeddings, norms and ``lm_head`` to float32 and the 4-bit layers
+    return their input's dtype, so hidden states reach ``lm_head`` in float32. A float32 ``lm_head`` fed half-precision
+    activations by any other path would stop at the last matmul with ``expected mat1 and mat2 to have the same
+    dtype``; casting the head's *input* avoids that without touching the quantised layers. It does not make logits
+    float32 under the Trainer's half-precision autocast; that is TRL's ``GRPOConfig(cast_lm_head_to_fp32=...)``.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or not hasattr(head, "weight"):
+        return None
+    if head.weight.dtype == compute_dtype or getattr(head, "_mmrag_cast_hook", False):
+        return None
+
+    def _cast_input(module: torch.nn.Module, args: tuple) -> tuple:
+        if args and torch.is_tensor(args[0]) and args[0].dtype != module.weight.dtype:
+            return (args[0].to(module.weight.dtype),) + tuple(args[1:])
+        return args
+
+    head.register_forward_pre_hook(_cast_input)
+    head._mmrag_cast_hook = True
+    note = (
+        f"lm_head is {head.weight.dtype} (prepare_model_for_kbit_training upcasts it) while the 4-bit layers compute in "
+        f"{compute_dtype}: hidden states are cast to {head.weight.dtype} before lm_head."
+    )
+    logger.info(note)
+    return note
+
+
+def _disable_cpu_4bit_packing(model: torch.nn.Module) -> str | None:
+    """Keep bitsandbytes' CPU inference fast path off for a model that will be trained.
+
+    On CPUs with AVX512-BF16, ``Linear4bit`` re-packs its weight *in place* the first time it runs in eval mode
+    without gradients, and from then on computes through ``gemv_4bit``, a kernel meant for inference only. A model
+    that is evaluated before (or between) training steps would then train through that inference kernel. Turning
+    the fast path off costs nothing noticeable at the miniature's size and keeps training on the standard path.
+    """
+    changed = 0
+    for module in model.modules():
+        if is_4bit_layer(module) and getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    if changed:
+        note = f"bitsandbytes' AVX512-BF16 CPU inference packing disabled on {changed} Linear4bit layers (training model)"
+        logger.info(note)
+        return note
+    return None
+
+
+
+# =============================================================================================== loading
+def load_model_and_processor(
+    preset: Preset | str,
+    *,
+    adapter_path: str | Path | None = None,
+    for_training: bool = True,
+    model_path: str | Path | None = None,
+) -> tuple[Any, Any]:
+    """Model + processor for a preset: 4-bit NF4 on CUDA for GPU presets, the miniature (NF4 on CPU) for cpu-tiny.
+
+    ``adapter_path`` loads a saved LoRA adapter on top (trainable when ``for_training``). ``model_path`` overrides
+    where the weights come from (a local folder); by default the hub id, or ``ensure_tiny_vlm()`` for ``"tiny"``.
+    The returned model carries ``mmrag_quantized`` (bool), ``mmrag_preset`` and ``mmrag_source``.
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    preset = as_preset(preset)
+    ms = preset.model
+    tiny = ms.model_id == "tiny"
+    check_device(preset)
+    source = str(model_path) if model_path else (str(ensure_tiny_vlm(preset)) if tiny else ms.model_id)
+    device = "cuda" if (torch.cuda.is_available() and not tiny) else "cpu"
+    dtype = torch_dtype(ms.compute_dtype)
+
+    quantize = ms.load_in_4bit
+    if quantize:
+        ok, why = can_load_in_4bit(device)
+        if not ok:
+            msg = (f"preset {preset.name!r} asks for 4-bit NF4 but it cannot run here: {why}. Loading in "
+                   f"{ms.compute_dtype} instead (model.mmrag_quantized = False); memory use will be ~4x higher.")
+            logger.warning(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            quantize = False
+
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "attn_implementation": ms.attn_implementation,
+        # one whole 4-bit copy per process on its own GPU: under `accelerate launch` LOCAL_RANK picks it
+        "device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))} if device == "cuda" else "cpu",
+    }
+    if quantize:
+        kwargs["quantization_config"] = bnb_config(preset)
+    model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)  # trust_remote_code never
+
+    notes: list[str] = []
+    if quantize and for_training:
+        from peft import prepare_model_for_kbit_training
+
+        # Gradient checkpointing trades compute for memory: worth it on a GPU, pointless for the miniature.
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=not tiny,
+            gradient_checkpointing_kwargs={"use_reentrant": False} if not tiny else None,
+        )
+    if quantize:
+        note = _align_lm_head(model, dtype)
+        if note:
+            notes.append(note)
+        if device == "cpu" and for_training:
+            note = _disable_cpu_4bit_packing(model)
+            if note:
+                notes.append(note)
+
+    processor = AutoProcessor.from_pretrained(source)
+    set_pixel_budget(processor, ms.min_pixels, ms.max_pixels)
+    make_mixed_batch_safe(processor)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    tokenizer.padding_side = "left"  # decoder-only batched generation; TRL pads its own batches
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    if adapter_path is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=for_training)
+    if not for_training:
+        model.eval()
+        model.requires_grad_(False)  # inference only: no autograd bookkeeping
+    for target in {id(model): model, id(getattr(model, "base_model", model)): getattr(model, "base_model", model)}.values():
+        try:
+            target.mmrag_quantized = quantize
+            target.mmrag_preset = preset.name
+            target.mmrag_source = source
+            target.mmrag_notes = notes
+        except Exception:  # noqa: BLE001, S110 # pragma: no cover - attribute assignment on exotic wrappers
+            pass
+    return model, processor
+
+
+def count_parameters(model: torch.nn.Module) -> dict[str, int]:
+    """Total and trainable parameters (4-bit layers count their packed storage, as PEFT's printout does)."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable}
+
+
+def is_4bit_layer(module: torch.nn.Module) -> bool:
+    try:
+        import bitsandbytes as bnb
+
+        return isinstance(module, bnb.nn.Linear4bit)
+    except ImportError:
+        return False
+
+
