@@ -20,7 +20,8 @@ Known traps get a clear message instead of a stack trace deep in a forward pass:
 
 Where each part lives: ``loading`` (presets -> model + processor, quantisation, LoRA), ``common`` (errors, dtypes,
 image and processor preparation), ``tiny`` (the miniature's build), ``warmup`` (its supervised warm-up) and
-``cache`` (its folders under ``data/models/``).
+``cache`` (its folders under ``data/models/``); ``architectures`` counts the GPU presets' models at real size on
+the meta device (no download, no GPU): parameters, 4-bit share, LoRA, and the weights + optimizer memory floor.
 """
 
 from .cache import ensure_tiny_vlm, tiny_info, tiny_model_dir

@@ -1,0 +1,165 @@
+"""The GPU presets' models at their real size, from their published configs: no weights, no download, no GPU.
+
+Built on PyTorch's ``meta`` device (shapes only, no memory), the real module tree answers what a CPU can answer about
+a 2-3B model: how many parameters each part has, which layers bitsandbytes turns into 4-bit (transformers' own rule,
+the one ``from_pretrained(quantization_config=...)`` applies), where LoRA goes, and what weights, adapters and
+optimizer cost. That is a *floor* under a preset's memory: activations, the logits, generation's KV cache and the
+allocator's slack come on top, and only a GPU can measure them.
+
+Bytes per parameter on the QLoRA training path (QLoRA: Dettmers et al. 2023):
+
+* a 4-bit NF4 weight: 0.5 byte, plus one absmax per block of 64 weights (float32, or with double quantisation an
+  8-bit code plus one float32 per 256 blocks);
+* every other parameter (embeddings, the tied ``lm_head``, norms, biases, the vision patch embedding): float32,
+  because ``prepare_model_for_kbit_training`` upcasts everything that is not 4-bit;
+* a LoRA parameter: float32 weight + gradient + AdamW's two moments = 16 bytes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..config import Preset
+from .common import ModelLoadError, as_preset
+from .loading import bnb_config, is_4bit_layer, lora_config_kwargs
+
+# The hub's config.json of each GPU preset's model, architecture fields only (tokens ids and dtypes left out).
+PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
+    "Qwen/Qwen2-VL-2B-Instruct": {
+        "architecture": "qwen2_vl",
+        "parameters": 2_208_985_600,  # the hub's count for this checkpoint: the built skeleton must reproduce it
+        "text": {"vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+                 "num_attention_heads": 12, "num_key_value_heads": 2, "max_position_embeddings": 32768,
+                 "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+                 "tie_word_embeddings": True},
+        "vision": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "in_channels": 3,
+                   "hidden_size": 1536, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
+    },
+    "Qwen/Qwen2.5-VL-3B-Instruct": {
+        "architecture": "qwen2_5_vl",
+        "parameters": 3_754_622_976,
+        "text": {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+                 "num_attention_heads": 16, "num_key_value_heads": 2, "max_position_embeddings": 128000,
+                 "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+                 "tie_word_embeddings": True},
+        "vision": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "in_channels": 3,
+                   "out_hidden_size": 2048, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                   "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2,
+                   "hidden_act": "silu"},
+    },
+}
+
+_GB = 1024**3  # GiB, as the presets and nvidia-smi count
+
+
+def _classes(architecture: str) -> tuple[type, type]:
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
+
+    return {"qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
+            "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)}[architecture]
+
+
+def real_size_config(model_id: str):
+    """The transformers config of a GPU preset's model, rebuilt from ``PUBLISHED_CONFIGS`` (offline)."""
+    if model_id not in PUBLISHED_CONFIGS:
+        raise ModelLoadError(f"no published config recorded for {model_id!r}; known: {sorted(PUBLISHED_CONFIGS)}")
+    spec = PUBLISHED_CONFIGS[model_id]
+    config_cls, _ = _classes(spec["architecture"])
+    return config_cls(text_config=dict(spec["text"]), vision_config=dict(spec["vision"]),
+                      tie_word_embeddings=spec["text"]["tie_word_embeddings"])
+
+
+def skeleton(config: Any, preset: Preset | str | None = None) -> torch.nn.Module:
+    """The model's module tree on the ``meta`` device; with a 4-bit ``preset``, its Linear layers swapped for
+    ``Linear4bit`` by transformers' own rule (what stays full precision: tied weights, the output embedding)."""
+    from transformers import AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    if preset is not None and as_preset(preset).model.load_in_4bit:
+        from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+        from transformers.quantizers.base import HfQuantizer
+
+
+        keep = HfQuantizer.get_modules_to_not_convert(model, None, getattr(model, "_keep_in_fp32_modules", None))
+        model = replace_with_bnb_linear(model, modules_to_not_convert=keep, quantization_config=bnb_config(preset))
+    return model
+
+
+def nf4_bytes(numel: int, double_quant: bool = True, blocksize: int = 64) -> float:
+    """Storage of ``numel`` weights in NF4: 4 bits each plus the per-block absmax (see the module docstring)."""
+    blocks = numel / blocksize
+    absmax = blocks * 1 + (blocks / 256) * 4 if double_quant else blocks * 4
+    return numel / 2 + absmax
+
+
+def lora_targets(model: torch.nn.Module, preset: Preset | str) -> dict[str, tuple[int, int]]:
+    """Module name -> (in, out) features of every layer the preset's LoRA adapts (PEFT fullmatches the regex)."""
+    targets = lora_config_kwargs(preset)["target_modules"]
+    if isinstance(targets, str):
+        hit = lambda name: re.fullmatch(targets, name) is not None
+    else:
+        hit = lambda name: name.split(".")[-1] in targets
+    return {name: (m.in_features, m.out_features) for name, m in model.named_modules()
+            if hit(name) and hasattr(m, "in_features")}
+
+
+@dataclass(frozen=True)
+class MemoryFloor:
+    """What weights, LoRA adapters and AdamW state of a preset's model take on the GPU: a lower bound, in GiB."""
+
+    preset: str
+    model_id: str
+    parameters: int
+    vision_parameters: int
+    quantized_parameters: int  # in Linear4bit layers
+    full_precision_parameters: int  # float32 after prepare_model_for_kbit_training
+    lora_modules: int
+    lora_parameters: int
+    weights_gb: float
+    lora_and_optimizer_gb: float
+    expected_memory_gb: float  # the preset's own estimate of the whole step
+
+    @property
+    def floor_gb(self) -> float:
+        return self.weights_gb + self.lora_and_optimizer_gb
+
+    def as_row(self) -> dict[str, Any]:
+        return {"preset": self.preset, "model": self.model_id, "parameters (B)": round(self.parameters / 1e9, 3),
+                "4-bit (B)": round(self.quantized_parameters / 1e9, 3),
+                "float32 (M)": round(self.full_precision_parameters / 1e6, 1),
+                "LoRA modules": self.lora_modules, "LoRA (M)": round(self.lora_parameters / 1e6, 2),
+                "weights GiB": round(self.weights_gb, 2), "LoRA+AdamW GiB": round(self.lora_and_optimizer_gb, 2),
+                "floor GiB": round(self.floor_gb, 2), "preset estimate GiB": self.expected_memory_gb}
+
+
+def memory_floor(preset: Preset | str, config: Any | None = None) -> MemoryFloor:
+    """Count a preset's model (its published config, or ``config``) and price it on the QLoRA training path."""
+    preset = as_preset(preset)
+    model = skeleton(config if config is not None else real_size_config(preset.model.model_id), preset)
+    quantized = sum(m.weight.numel() for m in model.modules() if is_4bit_layer(m))
+    total = sum(p.numel() for p in model.parameters())  # shared (tied) parameters once
+    vision = sum(p.numel() for p in model.model.visual.parameters())
+    targets = lora_targets(model, preset)
+    lora = sum(preset.lora.r * (i + o) for i, o in targets.values())
+    double_quant = True  # bnb_config_kwargs: bnb_4bit_use_double_quant
+    weights = (nf4_bytes(quantized, double_quant) if preset.model.load_in_4bit else 0) + 4 * (total - quantized)
+    return MemoryFloor(
+        preset=preset.name, model_id=preset.model.model_id, parameters=total, vision_parameters=vision,
+        quantized_parameters=quantized, full_precision_parameters=total - quantized, lora_modules=len(targets),
+        lora_parameters=lora, weights_gb=weights / _GB, lora_and_optimizer_gb=16 * lora / _GB,
+        expected_memory_gb=preset.expected_memory_gb,
+    )
+
+
+__all__ = ["PUBLISHED_CONFIGS", "MemoryFloor", "lora_targets", "memory_floor", "nf4_bytes", "real_size_config",
+           "skeleton"]

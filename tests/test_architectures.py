@@ -1,0 +1,144 @@
+"""The GPU presets' real-size models, checked on the CPU: skeletons on the meta device and tiny models of both
+families through the same 4-bit + LoRA + GRPO path (the parts of the GPU path a CPU can run)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmrag_lite import modeling as M
+from mmrag_lite.config import PRESETS, get_preset
+from mmrag_lite.modeling import architectures as A
+from mmrag_lite.prompts import stage1_messages
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+PRESET = get_preset("cpu-tiny")
+GPU_PRESETS = [name for name, p in PRESETS.items() if p.model.model_id != "tiny"]
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen25_tied(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    settings = M.TinyVLMSettings(architecture="qwen2_5_vl", tie_word_embeddings=True)
+    return M.build_tiny_vlm(tmp_path_factory.mktemp("tiny25") / "tiny-qwen25vl", settings)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return M.build_tiny_vlm(tmp_path_factory.mktemp("tiny2") / "tiny-qwen2vl")
+
+
+# ------------------------------------------------------------------------------------------ real-size skeletons
+@pytest.mark.parametrize("model_id", sorted(A.PUBLISHED_CONFIGS))
+def test_published_configs_rebuild_the_hub_parameter_count(model_id: str) -> None:
+    model = A.skeleton(A.real_size_config(model_id))
+    assert all(p.device.type == "meta" for p in model.parameters())  # shapes only: no memory, no download
+    assert sum(p.numel() for p in model.parameters()) == A.PUBLISHED_CONFIGS[model_id]["parameters"]
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight  # both checkpoints tie them
+
+
+def test_every_gpu_preset_has_a_recorded_architecture() -> None:
+    assert GPU_PRESETS and {PRESETS[n].model.model_id for n in GPU_PRESETS} <= set(A.PUBLISHED_CONFIGS)
+    with pytest.raises(M.ModelLoadError, match="no published config"):
+        A.real_size_config("someone/unknown-vl")
+
+
+@pytest.mark.parametrize("name", GPU_PRESETS)
+def test_real_size_lora_adapts_every_language_layer_and_nothing_in_the_vision_tower(name: str) -> None:
+    preset = get_preset(name)
+    config = A.real_size_config(preset.model.model_id)
+    targets = A.lora_targets(A.skeleton(config), preset)
+    layers = config.text_config.num_hidden_layers
+    assert len(targets) == layers * len(preset.lora.target_modules)
+    assert all(".language_model.layers." in t for t in targets) and not any("visual" in t for t in targets)
+
+
+@pytest.mark.parametrize("name", GPU_PRESETS)
+def test_gpu_preset_estimates_sit_above_their_weight_and_optimizer_floor(name: str) -> None:
+    floor = A.memory_floor(name)
+    assert floor.quantized_parameters > 0.85 * floor.parameters  # 4-bit: every Linear but the tied lm_head
+    assert 0 < floor.floor_gb < floor.expected_memory_gb
+    assert floor.full_precision_parameters >= 151936 * 1536  # the float32 embedding (tied lm_head) is in it
+
+
+def test_nf4_bytes_by_hand() -> None:
+    n = 64 * 256  # 256 blocks of 64: one float32 second-level constant with double quantisation
+    assert A.nf4_bytes(n, double_quant=True) == n / 2 + 256 * 1 + 1 * 4
+    assert A.nf4_bytes(n, double_quant=False) == n / 2 + 256 * 4
+
+
+# ------------------------------------------------------------------------------------------ the skeleton vs the loader
+def _names(model: torch.nn.Module, only_4bit: bool) -> set[str]:
+    # loaded models may be wrapped; compare names relative to the ConditionalGeneration module
+    return {n for n, m in model.named_modules() if not only_4bit or M.is_4bit_layer(m)}
+
+
+@pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_qwen25_tied"])
+def test_skeleton_quantizes_exactly_what_from_pretrained_quantizes(fixture: str, request: pytest.FixtureRequest) -> None:
+    """The memory floor's 4-bit rule is transformers' own: checked against a real 4-bit load of both families."""
+    from transformers import AutoConfig
+
+    folder = request.getfixturevalue(fixture)
+    loaded, _ = M.load_model_and_processor(PRESET, model_path=folder, for_training=False)
+    skeleton = A.skeleton(AutoConfig.from_pretrained(folder), PRESET)
+    assert _names(skeleton, only_4bit=True) == _names(loaded, only_4bit=True) != set()
+    floor = A.memory_floor(PRESET, config=AutoConfig.from_pretrained(folder))
+    assert floor.parameters == sum(p.numel() for p in skeleton.parameters())
+
+
+@pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_qwen25_tied"])
+def test_lora_count_matches_what_peft_builds(fixture: str, request: pytest.FixtureRequest) -> None:
+    from peft import get_peft_model
+    from transformers import AutoConfig
+
+    folder = request.getfixturevalue(fixture)
+    model, _ = M.load_model_and_processor(PRESET, model_path=folder, for_training=True)
+    peft_model = get_peft_model(model, M.lora_config(PRESET))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert trainable == A.memory_floor(PRESET, config=AutoConfig.from_pretrained(folder)).lora_parameters
+
+
+# ------------------------------------------------------------------------------------------ the a100 family, tied
+def test_qwen25vl_with_tied_embeddings_trains_one_grpo_step_in_4bit(tiny_qwen25_tied: Path, tmp_path: Path) -> None:
+    """Qwen2.5-VL (the a100 preset's family) with a tied lm_head, as both hub checkpoints have: NF4 load, LoRA on the
+    language model only, one GRPO step on a mixed text/image batch; the head stays tied and float32."""
+    from datasets import Dataset, Features, List, Value
+    from datasets import Image as HFImage
+    from PIL import Image
+    from trl import GRPOConfig, GRPOTrainer
+
+    model, processor = M.load_model_and_processor(PRESET, model_path=tiny_qwen25_tied, for_training=True)
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration" and model.mmrag_quantized
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
+    assert model.lm_head.weight.dtype == torch.float32
+    cands = [({"modality": "text", "title": "Old Tower", "text": "built in 1900"}, []),
+             ({"modality": "image", "image": 1, "title": "Red", "text": "a red disk"}, [Image.new("RGB", (80, 40), "red")])]
+    rows = [{"prompt": stage1_messages("Is it red?", c, reasoning=False), "images": M.prepare_images(ims, PRESET)}
+            for c, ims in cands]
+    features = Features({"prompt": [{"role": Value("string"), "content": [{"type": Value("string"),
+                                                                            "text": Value("string")}]}],
+                         "images": List(HFImage())})
+
+    def length_reward(completions, **kwargs):  # varies within a group, so advantages are non-zero
+        return [float(len(str(c)) % 7) for c in completions]
+
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "run"), use_cpu=True, bf16=False, fp16=False, report_to=[], max_steps=1,
+        per_device_train_batch_size=8, num_generations=4, max_completion_length=4, learning_rate=5e-2,
+        logging_steps=1, save_strategy="no", beta=0.0, seed=0, shuffle_dataset=False, activation_checkpointing=False,
+    )
+    trainer = GRPOTrainer(model=model, reward_funcs=[length_reward], args=args,
+                          train_dataset=Dataset.from_list(rows, features=features), processing_class=processor,
+                          peft_config=M.lora_config(PRESET))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+    assert before and all("language_model" in n for n in before)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    after = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(p, after[n].detach()) for n, p in before.items())
+    base = trainer.model.get_base_model()
+    assert base.lm_head.weight is base.model.language_model.embed_tokens.weight  # still tied after training
