@@ -7,6 +7,15 @@ from pathlib import Path
 from typing import Any
 
 
+def _fig_ax(ax: Any, figsize: tuple[float, float]) -> tuple[Any, Any]:
+    """The axes to draw on: the caller's, or a new figure of ``figsize``."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        return plt.subplots(figsize=figsize)
+    return ax.figure, ax
+
+
 def _funnel_dict(report: Any) -> dict[str, Any]:
     if hasattr(report, "to_dict"):
         return report.to_dict()
@@ -21,7 +30,6 @@ def plot_funnel(report: Any, ax: Any = None, title: str | None = None):
 
     ``report`` is a ``data.FunnelReport``, its ``to_dict()``, or a path to ``funnel.json`` / the dataset folder.
     """
-    import matplotlib.pyplot as plt
 
     data = _funnel_dict(report)
     steps = data.get("steps", [])
@@ -30,10 +38,7 @@ def plot_funnel(report: Any, ax: Any = None, title: str | None = None):
     names = ["read"] + [s["name"] for s in steps]
     kept = [steps[0]["before"]] + [s["kept"] for s in steps]
     removed = [0] + [s["removed"] for s in steps]
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.2))
-    else:
-        fig = ax.figure
+    fig, ax = _fig_ax(ax, (8, 0.45 * len(names) + 1.2))
     ys = list(range(len(names)))[::-1]
     ax.barh(ys, kept, color="#4c78a8", label="kept")
     ax.barh(ys, removed, left=kept, color="#e45756", label="removed")
@@ -60,12 +65,8 @@ def _as_float(v: Any) -> float | None:
 def plot_results(table: list[dict[str, Any]], metrics: tuple[str, ...] = ("Retr-F1", "QA-Acc"), ax: Any = None,
                  title: str = "systems x metrics", label: str = "system"):
     """Grouped bars: one group per row (named by its ``label`` column), one bar per metric (non-numbers skipped)."""
-    import matplotlib.pyplot as plt
 
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(7, 3.2))
-    else:
-        fig = ax.figure
+    fig, ax = _fig_ax(ax, (7, 3.2))
     width = 0.8 / max(len(metrics), 1)
     for j, m in enumerate(metrics):
         vals = [_as_float(r.get(m)) for r in table]
@@ -82,12 +83,8 @@ def plot_results(table: list[dict[str, Any]], metrics: tuple[str, ...] = ("Retr-
 
 def plot_ablation(rows: list[dict[str, Any]], x: str, ys: tuple[str, ...], ax: Any = None, title: str | None = None):
     """Lines of ``ys`` against ``x`` (e.g. gold recall and Retr-F1 against k)."""
-    import matplotlib.pyplot as plt
 
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(5, 3))
-    else:
-        fig = ax.figure
+    fig, ax = _fig_ax(ax, (5, 3))
     xs = [r[x] for r in rows]
     for y in ys:
         ax.plot(xs, [_as_float(r.get(y)) for r in rows], marker="o", label=y)
@@ -156,5 +153,32 @@ def plot_k_tradeoff(report: list[dict[str, Any]], *, chosen_k: int | None = None
         ax.axvline(chosen_k, color="red", lw=1, ls=":", label=f"preset k = {chosen_k}")
     ax.legend(fontsize=7, loc="center right")
     ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_memory_floor(floors: list[Any], ax: Any = None, title: str | None = None):
+    """Stacked bars of what weights, float32 parameters and LoRA + AdamW take per preset, against its estimate.
+
+    ``floors`` are ``modeling.architectures.MemoryFloor``s. The gap between a bar and its marker is what only a GPU
+    can measure: activations, logits, the KV cache of generation and the allocator's slack.
+    """
+    if not floors:
+        raise ValueError("plot_memory_floor needs at least one MemoryFloor (one per GPU preset)")
+    fig, ax = _fig_ax(ax, (8, 0.7 * len(floors) + 2.2))
+    labels = [f"{f.preset}\n{f.model_id.split('/')[-1]}" for f in floors]
+    parts = [("4-bit weights (NF4)", [f.quantized_gb for f in floors], "#4c72b0"),
+             ("float32 (embeddings, norms, biases)", [f.full_precision_gb for f in floors], "#dd8452"),
+             ("LoRA + gradients + AdamW", [f.lora_and_optimizer_gb for f in floors], "#55a868")]
+    left = [0.0] * len(floors)
+    for name, values, colour in parts:
+        ax.barh(labels, values, left=left, label=name, color=colour)
+        left = [a + b for a, b in zip(left, values)]
+    ax.scatter([f.expected_memory_gb for f in floors], labels, marker="|", s=400, color="black",
+               label="estimate of a whole step (unmeasured)", zorder=3)
+    ax.set_xlabel("GiB")
+    ax.invert_yaxis()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, fontsize=8, frameon=False)
+    ax.set_title(title or "Counted floor (no GPU needed) vs the presets' estimates")
     fig.tight_layout()
     return fig

@@ -142,3 +142,21 @@ def test_qwen25vl_with_tied_embeddings_trains_one_grpo_step_in_4bit(tiny_qwen25_
     assert any(not torch.equal(p, after[n].detach()) for n, p in before.items())
     base = trainer.model.get_base_model()
     assert base.lm_head.weight is base.model.language_model.embed_tokens.weight  # still tied after training
+
+
+def test_memory_floor_plot_stacks_the_three_parts_and_marks_the_estimate() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from mmrag_lite import viz
+
+    floors = [A.memory_floor(name) for name in GPU_PRESETS]
+    fig = viz.plot_memory_floor(floors)
+    ax = fig.axes[0]
+    assert len(ax.patches) == 3 * len(floors)  # 4-bit, float32, LoRA+AdamW per preset
+    widths = sorted(round(p.get_width(), 6) for p in ax.patches)
+    assert widths == sorted(round(w, 6) for f in floors
+                            for w in (f.quantized_gb, f.full_precision_gb, f.lora_and_optimizer_gb))
+    assert abs(sum(p.get_width() for p in ax.patches) - sum(f.floor_gb for f in floors)) < 1e-9
+    with pytest.raises(ValueError, match="at least one"):
+        viz.plot_memory_floor([])

@@ -125,9 +125,14 @@ class MemoryFloor:
     full_precision_parameters: int  # float32 after prepare_model_for_kbit_training
     lora_modules: int
     lora_parameters: int
-    weights_gb: float
+    quantized_gb: float  # the 4-bit layers' NF4 storage
+    full_precision_gb: float  # float32: the embedding (and tied lm_head), norms, biases, patch embedding
     lora_and_optimizer_gb: float
     expected_memory_gb: float  # the preset's own estimate of the whole step
+
+    @property
+    def weights_gb(self) -> float:
+        return self.quantized_gb + self.full_precision_gb
 
     @property
     def floor_gb(self) -> float:
@@ -152,11 +157,11 @@ def memory_floor(preset: Preset | str, config: Any | None = None) -> MemoryFloor
     targets = lora_targets(model, preset)
     lora = sum(preset.lora.r * (i + o) for i, o in targets.values())
     double_quant = True  # bnb_config_kwargs: bnb_4bit_use_double_quant
-    weights = (nf4_bytes(quantized, double_quant) if preset.model.load_in_4bit else 0) + 4 * (total - quantized)
     return MemoryFloor(
         preset=preset.name, model_id=preset.model.model_id, parameters=total, vision_parameters=vision,
         quantized_parameters=quantized, full_precision_parameters=total - quantized, lora_modules=len(targets),
-        lora_parameters=lora, weights_gb=weights / _GB, lora_and_optimizer_gb=16 * lora / _GB,
+        lora_parameters=lora, quantized_gb=nf4_bytes(quantized, double_quant) / _GB,
+        full_precision_gb=4 * (total - quantized) / _GB, lora_and_optimizer_gb=16 * lora / _GB,
         expected_memory_gb=preset.expected_memory_gb,
     )
 
