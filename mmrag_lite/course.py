@@ -19,24 +19,32 @@ from .config import project_root, resolve_preset, runs_dir
 
 
 def _kernel_manager_class() -> type:
-    """nbclient's kernel manager, asking for CurveZMQ transport encryption where both ends support it.
+    """nbclient's kernel manager, quieter: transport encryption where supported, and no interrupt at shutdown.
 
-    ipykernel >= 7.3 warns on every kernel start that runs over TCP unencrypted; encrypting (jupyter_client >= 8.9,
-    pyzmq with curve) silences that noise in ``make course`` and is the safer default anyway. Stacks without
-    those pieces get the plain manager and run as before.
+    * ipykernel >= 7.3 warns on every kernel start that runs over TCP unencrypted; encrypting (jupyter_client >= 8.9,
+      pyzmq with curve) silences that noise in ``make course`` and is the safer default anyway. Stacks without
+      those pieces run unencrypted as before.
+    * jupyter_client sends SIGINT before every shutdown request, so that a busy kernel can take it; a finished
+      notebook's kernel is idle, and the signal only makes ipykernel print "KeyboardInterrupt caught in kernel"
+      now and then. A kernel that does not exit still gets SIGTERM, then SIGKILL (``shutdown_wait_time``).
     """
     import zmq
     from jupyter_client.manager import AsyncKernelManager
 
-    if not zmq.has("curve") or not AsyncKernelManager.class_traits().get("transport_encryption"):
-        return AsyncKernelManager
+    encrypt = zmq.has("curve") and bool(AsyncKernelManager.class_traits().get("transport_encryption"))
 
-    class EncryptedKernelManager(AsyncKernelManager):
+    class CourseKernelManager(AsyncKernelManager):
         def __init__(self, **kwargs: object) -> None:
             super().__init__(**kwargs)
-            self.transport_encryption = "auto"  # provisions keys only when the kernelspec declares support
+            if encrypt:
+                self.transport_encryption = "auto"  # provisions keys only when the kernelspec declares support
 
-    return EncryptedKernelManager
+        async def _async_interrupt_kernel(self) -> None:
+            if self.shutting_down:
+                return
+            await super()._async_interrupt_kernel()
+
+    return CourseKernelManager
 
 
 def notebook_paths(folder: Path | None = None) -> list[Path]:

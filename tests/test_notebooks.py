@@ -44,3 +44,26 @@ def test_course_injects_overrides_and_starts_kernels_without_the_unencrypted_tcp
     assert "kernel 42 k = 3" in (tmp_path / "run" / path.name).read_text()  # the overrides reached the notebook
     assert "preset 'cpu-tiny' with stage1.k=3: OK" in report.summary()
     assert "without encryption" not in capfd.readouterr().err
+
+
+def test_kernel_shutdown_sends_no_interrupt_but_a_real_interrupt_still_does(monkeypatch):
+    """jupyter_client interrupts before every shutdown, which makes an idle ipykernel print "KeyboardInterrupt caught
+    in kernel" into the course log now and then; the course's manager skips that one, and only that one."""
+    import asyncio
+
+    from jupyter_client.manager import AsyncKernelManager
+
+    from mmrag_lite.course import _kernel_manager_class
+
+    sent: list[str] = []
+
+    async def record(self):
+        sent.append("SIGINT")
+
+    monkeypatch.setattr(AsyncKernelManager, "_async_interrupt_kernel", record)
+    km = _kernel_manager_class()()
+    asyncio.run(km._async_interrupt_kernel())
+    assert sent == ["SIGINT"]  # a running cell can still be interrupted
+    km.shutting_down = True
+    asyncio.run(km._async_interrupt_kernel())
+    assert sent == ["SIGINT"]  # but not on the way out
