@@ -25,7 +25,7 @@ import torch
 
 from ..config import Preset
 from .common import ModelLoadError, as_preset
-from .loading import bnb_config, is_4bit_layer, lora_config_kwargs
+from .loading import bnb_config, bnb_config_kwargs, is_4bit_layer, lora_config_kwargs
 
 # The hub's config.json of each GPU preset's model, architecture fields only (tokens ids and dtypes left out).
 PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
@@ -88,7 +88,6 @@ def skeleton(config: Any, preset: Preset | str | None = None) -> torch.nn.Module
     if preset is not None and as_preset(preset).model.load_in_4bit:
         from transformers.integrations.bitsandbytes import replace_with_bnb_linear
         from transformers.quantizers.base import HfQuantizer
-
 
         keep = HfQuantizer.get_modules_to_not_convert(model, None, getattr(model, "_keep_in_fp32_modules", None))
         model = replace_with_bnb_linear(model, modules_to_not_convert=keep, quantization_config=bnb_config(preset))
@@ -156,7 +155,7 @@ def memory_floor(preset: Preset | str, config: Any | None = None) -> MemoryFloor
     vision = sum(p.numel() for p in model.model.visual.parameters())
     targets = lora_targets(model, preset)
     lora = sum(preset.lora.r * (i + o) for i, o in targets.values())
-    double_quant = True  # bnb_config_kwargs: bnb_4bit_use_double_quant
+    double_quant = bnb_config_kwargs(preset)["bnb_4bit_use_double_quant"]
     return MemoryFloor(
         preset=preset.name, model_id=preset.model.model_id, parameters=total, vision_parameters=vision,
         quantized_parameters=quantized, full_precision_parameters=total - quantized, lora_modules=len(targets),
