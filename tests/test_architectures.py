@@ -18,6 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PRESET = get_preset("cpu-tiny")
 GPU_PRESETS = [name for name, p in PRESETS.items() if p.model.model_id != "tiny"]
+ONE_PRESET_PER_MODEL = sorted({PRESETS[n].model.model_id: n for n in GPU_PRESETS}.values())
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +161,31 @@ def test_memory_floor_plot_stacks_the_three_parts_and_marks_the_estimate() -> No
     assert abs(sum(p.get_width() for p in ax.patches) - sum(f.floor_gb for f in floors)) < 1e-9
     with pytest.raises(ValueError, match="at least one"):
         viz.plot_memory_floor([])
+
+
+def test_real_size_config_can_take_another_tokenizers_ids_without_changing_shape() -> None:
+    processor = M.build_tiny_processor()
+    ids = M.special_token_ids(processor.tokenizer)
+    for model_id, spec in A.PUBLISHED_CONFIGS.items():
+        config = A.real_size_config(model_id, token_ids=ids)
+        assert config.image_token_id == ids["image_token_id"] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        assert config.text_config.eos_token_id == ids["eos_token_id"]
+        assert sum(p.numel() for p in A.skeleton(config).parameters()) == spec["parameters"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ONE_PRESET_PER_MODEL)
+def test_gpu_preset_benchmark_runs_its_cpu_smoke(name: str, tmp_path: Path) -> None:
+    """benchmarks/bench_gpu_preset.py is what a lent GPU runs; its --smoke checks the script's own plumbing here
+    (random weights of the preset's architecture, shrunk, through the 4-bit loader and one GRPO step)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_gpu_preset.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu_preset", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = bench.main(["--smoke", "--preset", name, "--out", str(tmp_path / "report.json")])
+    assert report["smoke"] is True and report["quantized_4bit"] is True and report["steps"] == 1
+    assert report["model"] == get_preset(name).model.model_id and report["seconds_per_step"] > 0
+    assert report["peak_allocated_gib"] is None  # no CUDA here: no memory figure is invented
+    assert (tmp_path / "report.json").is_file()

@@ -45,7 +45,16 @@ from .loading import (
     lora_config,
     lora_config_kwargs,
 )
-from .tiny import QWEN2VL_CHAT_TEMPLATE, QWEN2VL_SPECIAL_TOKENS, TinyVLMSettings, build_tiny_tokenizer, build_tiny_vlm
+from .tiny import (
+    QWEN2VL_CHAT_TEMPLATE,
+    QWEN2VL_SPECIAL_TOKENS,
+    TinyVLMSettings,
+    build_tiny_processor,
+    build_tiny_tokenizer,
+    build_tiny_vlm,
+    generation_config,
+    special_token_ids,
+)
 from .warmup import WarmUpSettings, completion_loss, evaluate_tiny, greedy_generate, warm_up_threads, warm_up_tiny_vlm
 
 __all__ = [
@@ -57,6 +66,7 @@ __all__ = [
     "WarmUpSettings",
     "bnb_config",
     "bnb_config_kwargs",
+    "build_tiny_processor",
     "build_tiny_tokenizer",
     "build_tiny_vlm",
     "can_load_in_4bit",
@@ -65,6 +75,7 @@ __all__ = [
     "count_parameters",
     "ensure_tiny_vlm",
     "evaluate_tiny",
+    "generation_config",
     "greedy_generate",
     "is_4bit_layer",
     "lm_target_modules_regex",
@@ -74,6 +85,7 @@ __all__ = [
     "make_mixed_batch_safe",
     "prepare_image",
     "prepare_images",
+    "special_token_ids",
     "tiny_info",
     "tiny_model_dir",
     "torch_dtype",

@@ -17,15 +17,20 @@ Bytes per parameter on the QLoRA training path (QLoRA: Dettmers et al. 2023):
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..atomic import atomic_dir
 from ..config import Preset
 from .common import ModelLoadError, as_preset
 from .loading import bnb_config, bnb_config_kwargs, is_4bit_layer, lora_config_kwargs
+from .tiny import TinyVLMSettings, build_tiny_processor, generation_config, special_token_ids
 
 # The hub's config.json of each GPU preset's model, architecture fields only (tokens ids and dtypes left out).
 PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
@@ -68,14 +73,52 @@ def _classes(architecture: str) -> tuple[type, type]:
             "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)}[architecture]
 
 
-def real_size_config(model_id: str):
-    """The transformers config of a GPU preset's model, rebuilt from ``PUBLISHED_CONFIGS`` (offline)."""
+def real_size_config(model_id: str, *, token_ids: Mapping[str, int] | None = None,
+                     text: Mapping[str, Any] | None = None, vision: Mapping[str, Any] | None = None):
+    """The transformers config of a GPU preset's model, rebuilt from ``PUBLISHED_CONFIGS`` (offline).
+
+    ``token_ids`` (``tiny.special_token_ids``) points the special tokens at another tokenizer's ids; ``text`` and
+    ``vision`` override fields (a shrunken copy of the architecture, for a CPU smoke test).
+    """
     if model_id not in PUBLISHED_CONFIGS:
         raise ModelLoadError(f"no published config recorded for {model_id!r}; known: {sorted(PUBLISHED_CONFIGS)}")
     spec = PUBLISHED_CONFIGS[model_id]
     config_cls, _ = _classes(spec["architecture"])
-    return config_cls(text_config=dict(spec["text"]), vision_config=dict(spec["vision"]),
-                      tie_word_embeddings=spec["text"]["tie_word_embeddings"])
+    ids = dict(token_ids or {})
+    text_config = {**spec["text"], **{k: ids[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in ids},
+                   **(text or {})}
+    return config_cls(text_config=text_config, vision_config={**spec["vision"], **(vision or {})}, **ids,
+                      tie_word_embeddings=text_config["tie_word_embeddings"])
+
+
+def build_random_real_size_model(model_id: str, out_dir: str | Path, *, dtype: torch.dtype = torch.float16,
+                                 device: str = "cpu", text: Mapping[str, Any] | None = None,
+                                 vision: Mapping[str, Any] | None = None, seed: int = 0) -> Path:
+    """A GPU preset's model at full size with *random* weights and the miniature's tokenizer, saved for
+    ``load_model_and_processor(preset, model_path=out_dir)``.
+
+    Memory and step time depend on the shapes, not on the weights' values, so this measures a preset on a GPU with
+    no download. Its completions are random tokens that rarely stop early: every generation runs to
+    ``max_completion_length``, the slow end of a real run. ``device="cuda"`` initialises on the GPU (seconds, not
+    minutes, for 2-3 B parameters); ``text``/``vision`` shrink it for a CPU smoke test.
+    """
+    spec = PUBLISHED_CONFIGS.get(model_id, {})
+    processor = build_tiny_processor(TinyVLMSettings(architecture=spec.get("architecture", "qwen2_vl")))
+    config = real_size_config(model_id, token_ids=special_token_ids(processor.tokenizer), text=text, vision=vision)
+    _, model_cls = _classes(spec["architecture"])
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = model_cls._from_config(config, dtype=dtype).eval()
+    model.generation_config = generation_config(processor.tokenizer)
+    with atomic_dir(Path(out_dir)) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        info = {"label": f"{model_id} architecture with RANDOM weights and a tiny tokenizer: for memory and time only",
+                "model_id": model_id, "parameters": sum(p.numel() for p in model.parameters()),
+                "text_overrides": dict(text or {}), "vision_overrides": dict(vision or {}), "dtype": str(dtype)}
+        (tmp / "mmrag_random_real_size.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+    del model
+    return Path(out_dir)
 
 
 def skeleton(config: Any, preset: Preset | str | None = None) -> torch.nn.Module:
@@ -165,5 +208,5 @@ def memory_floor(preset: Preset | str, config: Any | None = None) -> MemoryFloor
     )
 
 
-__all__ = ["PUBLISHED_CONFIGS", "MemoryFloor", "lora_targets", "memory_floor", "nf4_bytes", "real_size_config",
-           "skeleton"]
+__all__ = ["PUBLISHED_CONFIGS", "MemoryFloor", "build_random_real_size_model", "lora_targets", "memory_floor",
+           "nf4_bytes", "real_size_config", "skeleton"]

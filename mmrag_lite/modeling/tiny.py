@@ -198,31 +198,58 @@ def build_tiny_tokenizer(settings: TinyVLMSettings = TinyVLMSettings()):
     return fast
 
 
+def _family(architecture: str) -> str:
+    return {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL"}[architecture]
+
+
+def build_tiny_processor(settings: TinyVLMSettings = TinyVLMSettings()):
+    """The miniature's processor: the locally trained tokenizer, Qwen2-VL's chat template, a fixed pixel budget."""
+    import transformers
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    pixels = settings.image_size * settings.image_size
+    image_processor = Qwen2VLImageProcessor(
+        min_pixels=pixels, max_pixels=pixels, patch_size=settings.patch_size, merge_size=settings.merge_size
+    )
+    video_processor = Qwen2VLVideoProcessor(patch_size=settings.patch_size, merge_size=settings.merge_size)
+    return getattr(transformers, f"{_family(settings.architecture)}Processor")(
+        image_processor=image_processor, tokenizer=build_tiny_tokenizer(settings), video_processor=video_processor,
+        chat_template=QWEN2VL_CHAT_TEMPLATE,
+    )
+
+
+def special_token_ids(tokenizer: Any) -> dict[str, int]:
+    """The config fields that name special tokens, for a model that reads ``tokenizer``'s ids."""
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN2VL_SPECIAL_TOKENS}
+    return {"image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
+            "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"],
+            "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]}
+
+
+def generation_config(tokenizer: Any):
+    """Greedy by default; a turn ends at ``<|im_end|>`` (or ``<|endoftext|>``)."""
+    from transformers import GenerationConfig
+
+    ids = special_token_ids(tokenizer)
+    return GenerationConfig(eos_token_id=[ids["eos_token_id"], ids["bos_token_id"]], pad_token_id=ids["pad_token_id"],
+                            bos_token_id=ids["bos_token_id"], do_sample=False)
+
+
 def build_tiny_vlm(out_dir: str | Path, settings: TinyVLMSettings = TinyVLMSettings()) -> Path:
     """Build the randomly initialised miniature Qwen2-VL + processor and ``save_pretrained`` them into ``out_dir``.
 
     Written to a temporary folder and renamed when complete, so a crash never leaves half a model behind.
     """
     import transformers
-    from transformers import GenerationConfig, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
-    family = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL"}[settings.architecture]
-    config_cls, model_cls, processor_cls = (getattr(transformers, f"{family}{part}")
-                                            for part in ("Config", "ForConditionalGeneration", "Processor"))
+    family = _family(settings.architecture)
+    config_cls, model_cls = (getattr(transformers, f"{family}{part}") for part in ("Config", "ForConditionalGeneration"))
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tiny_tokenizer(settings)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN2VL_SPECIAL_TOKENS}
-    pixels = settings.image_size * settings.image_size
-    image_processor = Qwen2VLImageProcessor(
-        min_pixels=pixels, max_pixels=pixels, patch_size=settings.patch_size, merge_size=settings.merge_size
-    )
-    video_processor = Qwen2VLVideoProcessor(patch_size=settings.patch_size, merge_size=settings.merge_size)
-    processor = processor_cls(
-        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
-        chat_template=QWEN2VL_CHAT_TEMPLATE,
-    )
+    processor = build_tiny_processor(settings)
+    tokenizer = processor.tokenizer
+    token_ids = special_token_ids(tokenizer)
 
     head_dim = settings.hidden_size // settings.num_attention_heads
     if sum(settings.mrope_section) * 2 != head_dim:
@@ -233,7 +260,7 @@ def build_tiny_vlm(out_dir: str | Path, settings: TinyVLMSettings = TinyVLMSetti
         "num_hidden_layers": settings.num_hidden_layers, "num_attention_heads": settings.num_attention_heads,
         "num_key_value_heads": settings.num_key_value_heads, "max_position_embeddings": 4096,
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(settings.mrope_section)},
-        "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"],
+        **{k: token_ids[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
         "tie_word_embeddings": settings.tie_word_embeddings,
     }
     vision_config = {
@@ -246,19 +273,11 @@ def build_tiny_vlm(out_dir: str | Path, settings: TinyVLMSettings = TinyVLMSetti
         vision_config.update(hidden_size=settings.vision_embed_dim, intermediate_size=2 * settings.vision_embed_dim,
                              out_hidden_size=settings.hidden_size, window_size=112,
                              fullatt_block_indexes=[settings.vision_depth - 1])
-    config = config_cls(
-        text_config=text_config, vision_config=vision_config,
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-        tie_word_embeddings=settings.tie_word_embeddings,
-    )
+    config = config_cls(text_config=text_config, vision_config=vision_config, **token_ids,
+                        tie_word_embeddings=settings.tie_word_embeddings)
     torch.manual_seed(settings.seed)
     model = model_cls(config).eval()
-    model.generation_config = GenerationConfig(
-        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]], pad_token_id=ids["<|endoftext|>"],
-        bos_token_id=ids["<|endoftext|>"], do_sample=False,
-    )
+    model.generation_config = generation_config(tokenizer)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)

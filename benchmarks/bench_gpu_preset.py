@@ -1,0 +1,147 @@
+"""Peak GPU memory and seconds per step of a GPU preset's stage-1 GRPO, on its real-size architecture.
+
+    python benchmarks/bench_gpu_preset.py --preset colab-t4 --steps 3 --out results.json   # on a CUDA machine
+    .venv/bin/python benchmarks/bench_gpu_preset.py --smoke                                 # CPU: the plumbing only
+
+The model is the preset's architecture at full size with RANDOM weights and the miniature's tokenizer
+(``modeling.architectures.build_random_real_size_model``), so nothing is downloaded; shapes, not weight values, set
+memory and time. It goes through the course's own path: ``load_model_and_processor`` (NF4 + double quantisation,
+``prepare_model_for_kbit_training``, gradient checkpointing), the preset's synthetic Mini-WebQA at its image size,
+``training.build_stage1_dataset`` and ``training.train_stage1`` (TRL ``GRPOTrainer`` + LoRA). Random weights rarely
+emit an end token, so every completion runs to ``max_completion_length``: the slow end of a real step.
+
+Reported: seconds per optimizer step (median of the steps after the first, which pays for warm-up), CUDA peak
+allocated / reserved memory over the training steps, and the counted floor (``architectures.memory_floor``) beside
+them. ``--smoke`` runs one step of a shrunken copy of the architecture on the CPU under ``cpu-tiny`` settings, to check
+the script itself (its figures mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+from transformers import TrainerCallback
+
+from mmrag_lite import config, data, modeling, training
+from mmrag_lite.modeling import architectures
+
+# A CPU-sized copy of the architecture for --smoke: widths that bitsandbytes' CPU 4-bit kernel accepts (multiples of 64)
+SMOKE_TEXT = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "vocab_size": 4096,
+              "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]}}
+SMOKE_VISION = {"qwen2_vl": {"depth": 2, "embed_dim": 64, "num_heads": 2, "hidden_size": 128},
+                "qwen2_5_vl": {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2,
+                               "out_hidden_size": 128, "fullatt_block_indexes": [1]}}
+
+
+class StepClock(TrainerCallback):
+    """Wall time of every optimizer step, and CUDA peak memory from the first step on (loading excluded)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._t0 = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.seconds.append(time.perf_counter() - self._t0)
+
+
+def run(preset_name: str, steps: int, work: Path, smoke: bool) -> dict:
+    gpu = config.get_preset(preset_name)
+    model_id = gpu.model.model_id
+    arch = architectures.PUBLISHED_CONFIGS[model_id]["architecture"]
+    if smoke:  # cpu-tiny's sizes and device, the GPU preset's architecture shrunk
+        preset = config.get_preset("cpu-tiny")
+        text, vision, device, dtype = SMOKE_TEXT, SMOKE_VISION[arch], "cpu", torch.float32
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("no CUDA GPU visible: run with --smoke to check the script on a CPU")
+        preset = gpu
+        text = vision = None
+        device, dtype = "cuda", modeling.torch_dtype(gpu.model.compute_dtype)
+    g = preset.stage1.grpo
+    per_step = g.per_device_train_batch_size * g.gradient_accumulation_steps
+    preset = preset.with_overrides(**{"stage1.grpo.max_steps": steps, "stage1.grpo.save_steps": steps + 1,
+                                      "stage1.max_examples": max(2 * steps * per_step // g.num_generations, 16)})
+
+    t0 = time.perf_counter()
+    folder = architectures.build_random_real_size_model(model_id, work / "model", dtype=dtype, device=device,
+                                                        text=text, vision=vision)
+    built = time.perf_counter() - t0
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    t0 = time.perf_counter()
+    model, processor = modeling.load_model_and_processor(preset, model_path=folder, for_training=True)
+    loaded = time.perf_counter() - t0
+    weights_gib = torch.cuda.memory_allocated() / 1024**3 if device == "cuda" else None
+
+    t0 = time.perf_counter()
+    ds = data.ensure_mini_webqa(preset, work / "run")
+    rows = training.build_stage1_dataset(ds["train"], preset)
+    prepared = time.perf_counter() - t0
+
+    clock = StepClock()
+    result = training.train_stage1(preset, rows, work / "run", model=model, processor=processor, callbacks=[clock],
+                                   verbose=False)
+    after_first = clock.seconds[1:] or clock.seconds
+    floor = architectures.memory_floor(gpu)
+    report = {
+        "preset": gpu.name, "model": model_id, "smoke": smoke, "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+        "weights": "random (shapes as published; tiny tokenizer)", "compute_dtype": preset.model.compute_dtype,
+        "quantized_4bit": bool(getattr(model, "mmrag_quantized", False)), "steps": result.global_step,
+        "completions_per_step": per_step, "max_completion_length": g.max_completion_length,
+        "image_size": preset.model.image_size, "stage1_rows": len(rows),
+        "seconds_per_step": statistics.median(after_first) if after_first else None,
+        "step_seconds": [round(s, 2) for s in clock.seconds],
+        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 1024**3 if device == "cuda" else None,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 1024**3 if device == "cuda" else None,
+        "loaded_model_gib": weights_gib, "counted_floor_gib": floor.floor_gb,
+        "preset_estimate_gib": gpu.expected_memory_gb, "preset_estimate_seconds_per_step": gpu.expected_seconds_per_step,
+        "seconds": {"build_random_model": round(built, 1), "load_4bit": round(loaded, 1),
+                    "data": round(prepared, 1), "train": round(result.seconds, 1)},
+        "torch": torch.__version__,
+    }
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="colab-t4", choices=[n for n, p in config.PRESETS.items() if p.model.model_id != "tiny"])
+    ap.add_argument("--steps", type=int, default=3, help="optimizer steps (the first is reported but not in the median)")
+    ap.add_argument("--out", type=Path, help="also write the report here as JSON")
+    ap.add_argument("--work", type=Path, help="scratch folder (default: a temporary one, removed afterwards)")
+    ap.add_argument("--smoke", action="store_true", help="CPU: a shrunken copy, one step; checks the script only")
+    args = ap.parse_args(argv)
+    steps = 1 if args.smoke else args.steps
+    with tempfile.TemporaryDirectory(prefix="mmrag-gpu-bench-") as tmp:
+        report = run(args.preset, steps, args.work or Path(tmp), args.smoke)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n", encoding="utf-8")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Wheels the lent GPU machine's image lacks (or holds at another version), for benchmarks/bench_gpu_preset.py.
+# Run here, in the repo root; they land in .whl/ (git-ignored) and travel with the working tree when a device
+# call names .whl in `carry` (about 60 MB of the 64 MiB a call may carry; the repo itself is under 1 MB).
+# The image's Python is 3.12; versions are the ones this course pins and tests (FEASIBILITY / pyproject.toml).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rm -rf .whl && mkdir -p .whl
+python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+  --platform manylinux2014_x86_64 -d .whl \
+  bitsandbytes==0.50.2 trl==1.16.0 peft==0.21.2 transformers==5.24.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+du -ch .whl/*.whl | tail -1
+# Then, on the device (one call; the install line is the device README's):
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+#     && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 \
+#     && python3 benchmarks/bench_gpu_preset.py --preset colab-t4 --steps 3 --out $OUT/colab-t4.json \
+#     && python3 benchmarks/bench_gpu_preset.py --preset a100 --steps 3 --out $OUT/a100.json
