@@ -67,8 +67,8 @@ class StepClock(TrainerCallback):
 
 
 def run(preset_name: str, steps: int, work: Path, smoke: bool) -> dict:
-    gpu = config.get_preset(preset_name)
-    model_id = gpu.model.model_id
+    gpu_preset = config.get_preset(preset_name)
+    model_id = gpu_preset.model.model_id
     arch = architectures.PUBLISHED_CONFIGS[model_id]["architecture"]
     if smoke:  # cpu-tiny's sizes and device, the GPU preset's architecture shrunk
         preset = config.get_preset("cpu-tiny")
@@ -76,13 +76,13 @@ def run(preset_name: str, steps: int, work: Path, smoke: bool) -> dict:
     else:
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA GPU visible: run with --smoke to check the script on a CPU")
-        preset = gpu
+        preset = gpu_preset
         text = vision = None
-        device, dtype = "cuda", modeling.torch_dtype(gpu.model.compute_dtype)
-    g = preset.stage1.grpo
-    per_step = g.per_device_train_batch_size * g.gradient_accumulation_steps
+        device, dtype = "cuda", modeling.torch_dtype(gpu_preset.model.compute_dtype)
+    grpo = preset.stage1.grpo
+    per_step = grpo.per_device_train_batch_size * grpo.gradient_accumulation_steps
     preset = preset.with_overrides(**{"stage1.grpo.max_steps": steps, "stage1.grpo.save_steps": steps + 1,
-                                      "stage1.max_examples": max(2 * steps * per_step // g.num_generations, 16)})
+                                      "stage1.max_examples": max(2 * steps * per_step // grpo.num_generations, 16)})
 
     t0 = time.perf_counter()
     folder = architectures.build_random_real_size_model(model_id, work / "model", dtype=dtype, device=device,
@@ -104,19 +104,20 @@ def run(preset_name: str, steps: int, work: Path, smoke: bool) -> dict:
     result = training.train_stage1(preset, rows, work / "run", model=model, processor=processor, callbacks=[clock],
                                    verbose=False)
     after_first = clock.seconds[1:] or clock.seconds
-    floor = architectures.memory_floor(gpu)
+    floor = architectures.memory_floor(gpu_preset)
     report = {
-        "preset": gpu.name, "model": model_id, "smoke": smoke, "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+        "preset": gpu_preset.name, "model": model_id, "smoke": smoke, "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
         "weights": "random (shapes as published; tiny tokenizer)", "compute_dtype": preset.model.compute_dtype,
         "quantized_4bit": bool(getattr(model, "mmrag_quantized", False)), "steps": result.global_step,
-        "completions_per_step": per_step, "max_completion_length": g.max_completion_length,
+        "completions_per_step": per_step, "max_completion_length": grpo.max_completion_length,
         "image_size": preset.model.image_size, "stage1_rows": len(rows),
         "seconds_per_step": statistics.median(after_first) if after_first else None,
         "step_seconds": [round(s, 2) for s in clock.seconds],
         "peak_allocated_gib": torch.cuda.max_memory_allocated() / 1024**3 if device == "cuda" else None,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 1024**3 if device == "cuda" else None,
         "loaded_model_gib": weights_gib, "counted_floor_gib": floor.floor_gb,
-        "preset_estimate_gib": gpu.expected_memory_gb, "preset_estimate_seconds_per_step": gpu.expected_seconds_per_step,
+        "preset_estimate_gib": gpu_preset.expected_memory_gb,
+        "preset_estimate_seconds_per_step": gpu_preset.expected_seconds_per_step,
         "seconds": {"build_random_model": round(built, 1), "load_4bit": round(loaded, 1),
                     "data": round(prepared, 1), "train": round(result.seconds, 1)},
         "torch": torch.__version__,

@@ -30,7 +30,6 @@ def plot_funnel(report: Any, ax: Any = None, title: str | None = None):
 
     ``report`` is a ``data.FunnelReport``, its ``to_dict()``, or a path to ``funnel.json`` / the dataset folder.
     """
-
     data = _funnel_dict(report)
     steps = data.get("steps", [])
     if not steps:
@@ -65,7 +64,6 @@ def _as_float(v: Any) -> float | None:
 def plot_results(table: list[dict[str, Any]], metrics: tuple[str, ...] = ("Retr-F1", "QA-Acc"), ax: Any = None,
                  title: str = "systems x metrics", label: str = "system"):
     """Grouped bars: one group per row (named by its ``label`` column), one bar per metric (non-numbers skipped)."""
-
     fig, ax = _fig_ax(ax, (7, 3.2))
     width = 0.8 / max(len(metrics), 1)
     for j, m in enumerate(metrics):
@@ -83,7 +81,6 @@ def plot_results(table: list[dict[str, Any]], metrics: tuple[str, ...] = ("Retr-
 
 def plot_ablation(rows: list[dict[str, Any]], x: str, ys: tuple[str, ...], ax: Any = None, title: str | None = None):
     """Lines of ``ys`` against ``x`` (e.g. gold recall and Retr-F1 against k)."""
-
     fig, ax = _fig_ax(ax, (5, 3))
     xs = [r[x] for r in rows]
     for y in ys:
@@ -157,7 +154,7 @@ def plot_k_tradeoff(report: list[dict[str, Any]], *, chosen_k: int | None = None
     return fig
 
 
-def plot_memory_floor(floors: list[Any], ax: Any = None, title: str | None = None):
+def plot_memory_floor(floors: list[Any], ax: Any = None, title: str | None = None) -> Any:
     """Stacked bars of what weights, float32 parameters and LoRA + AdamW take per preset, against its estimate.
 
     ``floors`` are ``modeling.architectures.MemoryFloor``s. The gap between a bar and its marker is what only a GPU

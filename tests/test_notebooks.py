@@ -67,3 +67,27 @@ def test_kernel_shutdown_sends_no_interrupt_but_a_real_interrupt_still_does(monk
     km.shutting_down = True
     asyncio.run(km._async_interrupt_kernel())
     assert sent == ["SIGINT"]  # but not on the way out
+
+
+def test_the_shutdown_path_itself_sends_no_interrupt(monkeypatch):
+    """Drive jupyter_client's own shutdown with the kernel-side steps stubbed: it asks to shut down, sends no SIGINT."""
+    import asyncio
+
+    from jupyter_client.manager import AsyncKernelManager
+
+    from mmrag_lite.course import _kernel_manager_class
+
+    calls: list[str] = []
+
+    async def step(name, *a, **k):
+        calls.append(name)
+
+    monkeypatch.setattr(AsyncKernelManager, "has_kernel", property(lambda self: True))
+    monkeypatch.setattr(AsyncKernelManager, "_async_signal_kernel", lambda self, sig: step(f"signal {int(sig)}"))
+    for name in ("_async_request_shutdown", "_async_finish_shutdown", "_async_cleanup_resources"):
+        monkeypatch.setattr(AsyncKernelManager, name, lambda self, *a, _n=name, **k: step(_n))
+    km = _kernel_manager_class()()
+    km._owns_kernel = True
+    km.kernel_spec  # noqa: B018 - resolved before the stubs matter (the interrupt reads its interrupt_mode)
+    asyncio.run(km._async_shutdown_kernel())
+    assert calls == ["_async_request_shutdown", "_async_finish_shutdown", "_async_cleanup_resources"]

@@ -22,15 +22,18 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..atomic import atomic_dir
 from ..config import Preset
-from .common import ModelLoadError, as_preset
+from .common import ModelLoadError, as_preset, torch_dtype
 from .loading import bnb_config, bnb_config_kwargs, is_4bit_layer, lora_config_kwargs
 from .tiny import TinyVLMSettings, build_tiny_processor, generation_config, special_token_ids
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 # The hub's config.json of each GPU preset's model, architecture fields only (tokens ids and dtypes left out).
 PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
@@ -58,7 +61,7 @@ PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
     },
 }
 
-_GB = 1024**3  # GiB, as the presets and nvidia-smi count
+_GIB = 1024**3  # the presets' *_gb figures and nvidia-smi count GiB
 
 
 def _classes(architecture: str) -> tuple[type, type]:
@@ -74,7 +77,7 @@ def _classes(architecture: str) -> tuple[type, type]:
 
 
 def real_size_config(model_id: str, *, token_ids: Mapping[str, int] | None = None,
-                     text: Mapping[str, Any] | None = None, vision: Mapping[str, Any] | None = None):
+                     text: Mapping[str, Any] | None = None, vision: Mapping[str, Any] | None = None) -> PretrainedConfig:
     """The transformers config of a GPU preset's model, rebuilt from ``PUBLISHED_CONFIGS`` (offline).
 
     ``token_ids`` (``tiny.special_token_ids``) points the special tokens at another tokenizer's ids; ``text`` and
@@ -102,10 +105,11 @@ def build_random_real_size_model(model_id: str, out_dir: str | Path, *, dtype: t
     ``max_completion_length``, the slow end of a real run. ``device="cuda"`` initialises on the GPU (seconds, not
     minutes, for 2-3 B parameters); ``text``/``vision`` shrink it for a CPU smoke test.
     """
-    spec = PUBLISHED_CONFIGS.get(model_id, {})
-    processor = build_tiny_processor(TinyVLMSettings(architecture=spec.get("architecture", "qwen2_vl")))
+    real_size_config(model_id)  # an unknown id fails here, before any work
+    architecture = PUBLISHED_CONFIGS[model_id]["architecture"]
+    processor = build_tiny_processor(TinyVLMSettings(architecture=architecture))
     config = real_size_config(model_id, token_ids=special_token_ids(processor.tokenizer), text=text, vision=vision)
-    _, model_cls = _classes(spec["architecture"])
+    _, model_cls = _classes(architecture)
     torch.manual_seed(seed)
     with torch.device(device):
         model = model_cls._from_config(config, dtype=dtype).eval()
@@ -147,12 +151,12 @@ def nf4_bytes(numel: int, double_quant: bool = True, blocksize: int = 64) -> flo
 def lora_targets(model: torch.nn.Module, preset: Preset | str) -> dict[str, tuple[int, int]]:
     """Module name -> (in, out) features of every layer the preset's LoRA adapts (PEFT fullmatches the regex)."""
     targets = lora_config_kwargs(preset)["target_modules"]
-    if isinstance(targets, str):
-        hit = lambda name: re.fullmatch(targets, name) is not None
-    else:
-        hit = lambda name: name.split(".")[-1] in targets
+
+    def adapted(name: str) -> bool:  # PEFT's rule: a regex is fullmatched, a list matches the last name part
+        return re.fullmatch(targets, name) is not None if isinstance(targets, str) else name.split(".")[-1] in targets
+
     return {name: (m.in_features, m.out_features) for name, m in model.named_modules()
-            if hit(name) and hasattr(m, "in_features")}
+            if adapted(name) and hasattr(m, "in_features")}
 
 
 @dataclass(frozen=True)
@@ -168,7 +172,8 @@ class MemoryFloor:
     lora_modules: int
     lora_parameters: int
     quantized_gb: float  # the 4-bit layers' NF4 storage
-    full_precision_gb: float  # float32: the embedding (and tied lm_head), norms, biases, patch embedding
+    full_precision_gb: float  # the rest: float32 on the 4-bit path (embedding and tied lm_head, norms, biases, patch
+    # embedding); every weight in the compute dtype for a preset that does not load in 4-bit
     lora_and_optimizer_gb: float
     expected_memory_gb: float  # the preset's own estimate of the whole step
 
@@ -198,12 +203,14 @@ def memory_floor(preset: Preset | str, config: Any | None = None) -> MemoryFloor
     vision = sum(p.numel() for p in model.model.visual.parameters())
     targets = lora_targets(model, preset)
     lora = sum(preset.lora.r * (i + o) for i, o in targets.values())
-    double_quant = bnb_config_kwargs(preset)["bnb_4bit_use_double_quant"]
+    quantized_bytes = nf4_bytes(quantized, bnb_config_kwargs(preset)["bnb_4bit_use_double_quant"])
+    # the 4-bit path upcasts the rest to float32; without 4-bit, prepare_model_for_kbit_training never runs
+    rest_bytes = (4 if preset.model.load_in_4bit else torch_dtype(preset.model.compute_dtype).itemsize) * (total - quantized)
     return MemoryFloor(
         preset=preset.name, model_id=preset.model.model_id, parameters=total, vision_parameters=vision,
         quantized_parameters=quantized, full_precision_parameters=total - quantized, lora_modules=len(targets),
-        lora_parameters=lora, quantized_gb=nf4_bytes(quantized, double_quant) / _GB,
-        full_precision_gb=4 * (total - quantized) / _GB, lora_and_optimizer_gb=16 * lora / _GB,
+        lora_parameters=lora, quantized_gb=quantized_bytes / _GIB, full_precision_gb=rest_bytes / _GIB,
+        lora_and_optimizer_gb=16 * lora / _GIB,
         expected_memory_gb=preset.expected_memory_gb,
     )
 

@@ -17,10 +17,7 @@ from typing import Any
 from ..config import Preset, data_dir
 from .common import as_preset
 from .tiny import TinyVLMSettings, build_tiny_vlm, tokenizer_corpus
-from .warmup import WarmUpSettings, warm_up_threads, warm_up_tiny_vlm
-
-# The warm-up's data: the course's own Mini-WebQA (part of the cache key; an early version had a stand-in)
-_WARMUP_DATA = "mmrag_lite.data"
+from .warmup import WARMUP_DATA_SOURCE, WarmUpSettings, warm_up_threads, warm_up_tiny_vlm
 
 
 def _short_hash(obj: Any) -> str:
@@ -35,11 +32,11 @@ def tiny_model_dir(warm: bool = True, settings: TinyVLMSettings = TinyVLMSetting
                    warm_settings: WarmUpSettings = WarmUpSettings(), preset: Preset | str | None = None) -> Path:
     """Cache folder of the miniature under ``data/models/``, named by a short hash of everything that shapes it."""
     build_key = _short_hash({"settings": asdict(settings), "corpus": _corpus_hash()})
-    base = data_dir() / "models" / f"tiny-qwen2vl-{build_key}"
+    base = data_dir() / "models" / f"tiny-{settings.architecture.replace('_', '')}-{build_key}"
     if not warm:
         return base
     p = as_preset(preset or "cpu-tiny")
-    warm_key = _short_hash({"warm": asdict(warm_settings), "data": _WARMUP_DATA, "data_settings": asdict(p.data),
+    warm_key = _short_hash({"warm": asdict(warm_settings), "data": WARMUP_DATA_SOURCE, "data_settings": asdict(p.data),
                             "seed": p.seed, "k": p.stage1.k, "threads": warm_up_threads(warm_settings)})
     return base.parent / f"{base.name}-warm-{warm_key}"
 
@@ -82,7 +79,6 @@ def ensure_tiny_vlm(preset: Preset | str | None = None, *, warm: bool = True,
             if not _is_complete(target):
                 warm_up_tiny_vlm(cold, target, preset=preset or "cpu-tiny", settings=warm_settings)
     return target
-
 
 
 def tiny_info(folder: str | Path | None = None) -> dict[str, Any]:

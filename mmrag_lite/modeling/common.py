@@ -38,6 +38,7 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def as_preset(preset: Preset | str) -> Preset:
+    """A preset given by name or as itself (every public function here takes either)."""
     return get_preset(preset) if isinstance(preset, str) else preset
 
 
@@ -116,6 +117,7 @@ def make_mixed_batch_safe(processor: Any) -> Any:
 
 
 def set_pixel_budget(processor: Any, min_pixels: int, max_pixels: int) -> None:
+    """Point a Qwen-VL processor's image resizing at the preset's pixel budget (both spellings it reads)."""
     ip = getattr(processor, "image_processor", None)
     if ip is None:
         return

@@ -16,13 +16,17 @@ import os
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..config import Preset, cuda_native_bf16
 from .cache import ensure_tiny_vlm
 from .common import ModelLoadError, as_preset, make_mixed_batch_safe, set_pixel_budget, torch_dtype
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +100,8 @@ def bnb_config_kwargs(preset: Preset | str) -> dict[str, Any]:
     }
 
 
-def bnb_config(preset: Preset | str):
+def bnb_config(preset: Preset | str) -> BitsAndBytesConfig:
+    """A ``transformers.BitsAndBytesConfig`` for ``from_pretrained(quantization_config=...)``."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(**bnb_config_kwargs(preset))
@@ -131,7 +136,7 @@ def lora_config_kwargs(preset: Preset | str) -> dict[str, Any]:
     }
 
 
-def lora_config(preset: Preset | str):
+def lora_config(preset: Preset | str) -> LoraConfig:
     """A ``peft.LoraConfig`` for ``GRPOTrainer(peft_config=...)``."""
     from peft import LoraConfig
 
@@ -187,7 +192,6 @@ def _disable_cpu_4bit_packing(model: torch.nn.Module) -> str | None:
         logger.info(note)
         return note
     return None
-
 
 
 # =============================================================================================== loading
@@ -286,6 +290,7 @@ def count_parameters(model: torch.nn.Module) -> dict[str, int]:
 
 
 def is_4bit_layer(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a bitsandbytes ``Linear4bit`` (False where bitsandbytes is not installed)."""
     try:
         import bitsandbytes as bnb
 

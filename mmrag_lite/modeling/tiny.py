@@ -1,6 +1,7 @@
 """The tiny offline VLM: a randomly initialised miniature Qwen2-VL with a tokenizer trained here, for CPUs and tests.
 
-It is a real ``Qwen2VLForConditionalGeneration`` built from a small config, with a byte-level BPE trained with
+It is a real ``Qwen2VLForConditionalGeneration`` (or, with ``TinyVLMSettings.architecture``, a Qwen2.5-VL) built from
+a small config, with a byte-level BPE trained with
 ``tokenizers`` on the course's prompts and the synthetic world's words, Qwen2-VL's special tokens and chat template,
 saved with ``save_pretrained`` so that the same ``from_pretrained`` path loads it as loads a hub model. It checks the
 plumbing; it is not a vision-language model (``TINY_LABEL`` says so wherever it appears).
@@ -14,7 +15,7 @@ import random
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -33,6 +34,9 @@ from ..prompts import (
     stage2_target,
 )
 from .common import TINY_LABEL, ModelLoadError
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig, PreTrainedTokenizerFast, ProcessorMixin
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +60,10 @@ class TinyVLMSettings:
     seed: int = 0
     version: int = 1  # bump when the build code changes in a way the settings do not show
     # The GPU presets' families: colab-t4/l4 load Qwen2-VL, a100 Qwen2.5-VL (window attention and a SwiGLU MLP in
-    # the vision tower); both tie lm_head to the input embeddings. The course's miniature keeps the first build.
+    # the vision tower); both tie lm_head to the input embeddings. The course's miniature is an untied Qwen2-VL;
+    # tests build the other variants to run the GPU presets' families through the same 4-bit + LoRA path.
     architecture: Literal["qwen2_vl", "qwen2_5_vl"] = "qwen2_vl"
     tie_word_embeddings: bool = False
-
-
 
 
 QWEN2VL_SPECIAL_TOKENS = [
@@ -156,7 +159,7 @@ def tokenizer_corpus() -> list[str]:
     return lines
 
 
-def build_tiny_tokenizer(settings: TinyVLMSettings = TinyVLMSettings()):
+def build_tiny_tokenizer(settings: TinyVLMSettings = TinyVLMSettings()) -> PreTrainedTokenizerFast:
     """A byte-level BPE (a few hundred merges) with Qwen2-VL's special tokens, trained here in ~1 s."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -202,7 +205,7 @@ def _family(architecture: str) -> str:
     return {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL"}[architecture]
 
 
-def build_tiny_processor(settings: TinyVLMSettings = TinyVLMSettings()):
+def build_tiny_processor(settings: TinyVLMSettings = TinyVLMSettings()) -> ProcessorMixin:
     """The miniature's processor: the locally trained tokenizer, Qwen2-VL's chat template, a fixed pixel budget."""
     import transformers
     from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
@@ -226,7 +229,7 @@ def special_token_ids(tokenizer: Any) -> dict[str, int]:
             "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]}
 
 
-def generation_config(tokenizer: Any):
+def generation_config(tokenizer: Any) -> GenerationConfig:
     """Greedy by default; a turn ends at ``<|im_end|>`` (or ``<|endoftext|>``)."""
     from transformers import GenerationConfig
 
@@ -236,7 +239,8 @@ def generation_config(tokenizer: Any):
 
 
 def build_tiny_vlm(out_dir: str | Path, settings: TinyVLMSettings = TinyVLMSettings()) -> Path:
-    """Build the randomly initialised miniature Qwen2-VL + processor and ``save_pretrained`` them into ``out_dir``.
+    """Build the randomly initialised miniature (Qwen2-VL, or ``settings.architecture``) + processor and
+    ``save_pretrained`` them into ``out_dir``.
 
     Written to a temporary folder and renamed when complete, so a crash never leaves half a model behind.
     """
@@ -291,6 +295,7 @@ def build_tiny_vlm(out_dir: str | Path, settings: TinyVLMSettings = TinyVLMSetti
 
 
 def model_card(info: Mapping[str, Any]) -> str:
+    """The ``README.md`` saved beside the miniature: what it is (a plumbing check), how it was built and warmed up."""
     warm = info.get("warm_up")
     family, cls = {"qwen2_5_vl": ("Qwen2.5-VL", "Qwen2_5_VLForConditionalGeneration")}.get(
         (info.get("settings") or {}).get("architecture", "qwen2_vl"), ("Qwen2-VL", "Qwen2VLForConditionalGeneration"))

@@ -12,6 +12,7 @@ import math
 import os
 import random
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -77,11 +78,8 @@ def warm_up_threads(settings: WarmUpSettings = WarmUpSettings()) -> int:
     return max(1, min(settings.threads, cores))
 
 
-
 # =============================================================================================== warm-up data
-def _warmup_dataset(preset: Preset, work: Path):
-    """Mini-WebQA of the preset's synthetic world (built under ``work`` if missing), and where it came from."""
-    return ensure_mini_webqa(preset, work), "mmrag_lite.data"
+WARMUP_DATA_SOURCE = "mmrag_lite.data"  # the course's own Mini-WebQA (in the cache key; an early version had a stand-in)
 
 
 @dataclass
@@ -263,7 +261,6 @@ def evaluate_tiny(model: Any, processor: Any, s1: Sequence[_Example], s2: Sequen
     Stage 2 counts an answer right when it contains the question's keyword (WebQA's QA-Acc idea, without the
     lemmatiser), and the baseline always answers the most frequent keyword.
     """
-    from collections import Counter
 
     gen1 = greedy_generate(model, processor, s1, max_new_tokens=6)
     acc1 = sum((_extract("answer", g) or "") == e.label for g, e in zip(gen1, s1)) / max(len(s1), 1)
@@ -313,7 +310,7 @@ def _warm_up(cold_dir: str | Path, out_dir: str | Path, *, preset: Preset | str,
     torch.manual_seed(settings.seed)
     rng = random.Random(settings.seed)
     work = out_dir.parent / "_warmup_data" / out_dir.name
-    ds, source = _warmup_dataset(preset, work)
+    ds, source = ensure_mini_webqa(preset, work), WARMUP_DATA_SOURCE
     train_rows = list(ds["train"].select(range(min(len(ds["train"]), settings.max_questions))))
     val_split = "validation" if "validation" in ds else "train"
     val_rows = list(ds[val_split].select(range(min(len(ds[val_split]), 80))))
