@@ -11,9 +11,9 @@ memory and time. It goes through the course's own path: ``load_model_and_process
 emit an end token, so every completion runs to ``max_completion_length``: the slow end of a real step.
 
 Reported: seconds per optimizer step (median of the steps after the first, which pays for warm-up), CUDA peak
-allocated / reserved memory over the training steps, and the counted floor (``architectures.memory_floor``) beside
-them. ``--smoke`` runs one step of a shrunken copy of the architecture on the CPU under ``cpu-tiny`` settings, to check
-the script itself (its figures mean nothing).
+allocated / reserved memory of the training steps (as ``training.CudaMemoryCallback`` logs them), and the counted
+floor (``architectures.memory_floor``) beside them. ``--smoke`` runs one step of a shrunken copy of the architecture
+on the CPU under ``cpu-tiny`` settings, to check the script itself (its figures mean nothing).
 """
 
 from __future__ import annotations
@@ -44,16 +44,11 @@ SMOKE_VISION = {"qwen2_vl": {"depth": 2, "embed_dim": 64, "num_heads": 2, "hidde
 
 
 class StepClock(TrainerCallback):
-    """Wall time of every optimizer step, and CUDA peak memory from the first step on (loading excluded)."""
+    """Wall time of every optimizer step (CUDA synchronised, so queued kernels are counted in their own step)."""
 
     def __init__(self) -> None:
         self.seconds: list[float] = []
         self._t0 = 0.0
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
 
     def on_step_begin(self, args, state, control, **kwargs):
         if torch.cuda.is_available():
@@ -64,6 +59,12 @@ class StepClock(TrainerCallback):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.seconds.append(time.perf_counter() - self._t0)
+
+
+def _logged_peak(log_history: list[dict], key: str) -> float | None:
+    """The largest per-step CUDA peak that ``training.CudaMemoryCallback`` logged (None off CUDA)."""
+    values = [e[key] for e in log_history if isinstance(e.get(key), (int, float))]
+    return max(values) if values else None
 
 
 def run(preset_name: str, steps: int, work: Path, smoke: bool) -> dict:
@@ -113,8 +114,8 @@ def run(preset_name: str, steps: int, work: Path, smoke: bool) -> dict:
         "image_size": preset.model.image_size, "stage1_rows": len(rows),
         "seconds_per_step": statistics.median(after_first) if after_first else None,
         "step_seconds": [round(s, 2) for s in clock.seconds],
-        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 1024**3 if device == "cuda" else None,
-        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 1024**3 if device == "cuda" else None,
+        "peak_allocated_gib": _logged_peak(result.log_history, "memory/peak_gb"),
+        "peak_reserved_gib": _logged_peak(result.log_history, "memory/reserved_gb"),
         "loaded_model_gib": weights_gib, "counted_floor_gib": floor.floor_gb,
         "preset_estimate_gib": gpu_preset.expected_memory_gb,
         "preset_estimate_seconds_per_step": gpu_preset.expected_seconds_per_step,

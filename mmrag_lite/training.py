@@ -491,17 +491,22 @@ class RewardCurveCallback(_transformers_callback_base()):  # type: ignore[misc]
 
 
 class CudaMemoryCallback(_transformers_callback_base()):  # type: ignore[misc]
-    """On CUDA: a banner with the device at the start, and the peak memory of each step in the log history."""
+    """On CUDA: a banner with the device at the start, and the peak memory of each step in the log history.
+
+    ``memory/peak_gb`` is what tensors held at most (``max_memory_allocated``); ``memory/reserved_gb`` what PyTorch's
+    caching allocator held from the card (``max_memory_reserved``: what nvidia-smi shows and what runs out first).
+    """
 
     def __init__(self) -> None:
-        self.peaks_gb: list[float] = []
+        self.peaks_gb: list[tuple[float, float]] = []
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         import torch
 
         if torch.cuda.is_available():
             p = torch.cuda.get_device_properties(0)
-            print(f"[memory] {p.name}: {p.total_memory / 2**30:.1f} GiB; peak memory is logged as memory/peak_gb")
+            print(f"[memory] {p.name}: {p.total_memory / 2**30:.1f} GiB; peak memory is logged as memory/peak_gb "
+                  "(tensors) and memory/reserved_gb (allocator)")
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         import torch
@@ -513,11 +518,12 @@ class CudaMemoryCallback(_transformers_callback_base()):  # type: ignore[misc]
         import torch
 
         if torch.cuda.is_available():
-            self.peaks_gb.append(torch.cuda.max_memory_allocated() / 2**30)
+            self.peaks_gb.append((torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30))
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Mapping[str, Any] | None = None, **kw: Any) -> None:
         if self.peaks_gb and state.log_history:
-            state.log_history[-1]["memory/peak_gb"] = round(max(self.peaks_gb), 3)
+            state.log_history[-1]["memory/peak_gb"] = round(max(a for a, _ in self.peaks_gb), 3)
+            state.log_history[-1]["memory/reserved_gb"] = round(max(r for _, r in self.peaks_gb), 3)
             self.peaks_gb.clear()
 
 

@@ -417,3 +417,32 @@ def test_last_checkpoint_is_the_highest_step_not_the_latest_name(tmp_path: Path)
         (tmp_path / f"checkpoint-{step}").mkdir()
     (tmp_path / "checkpoint-final").mkdir()  # not a step: ignored
     assert training.last_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+
+
+def test_cuda_memory_callback_logs_the_steps_peak_tensors_and_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per log row: the largest per-step peak since the last row, for tensors and for the caching allocator."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from mmrag_lite.training import CudaMemoryCallback
+
+    peaks = iter([(1.0, 2.0), (3.0, 2.5)])
+    current: dict[str, float] = {}
+
+    def next_step() -> None:
+        current["a"], current["r"] = (v * 2**30 for v in next(peaks))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: next_step())
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: current["a"])
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda *a: current["r"])
+    cb, state = CudaMemoryCallback(), SimpleNamespace(log_history=[{"loss": 1.0}])
+    for _ in range(2):
+        cb.on_step_begin(None, state, None)
+        cb.on_step_end(None, state, None)
+    cb.on_log(None, state, None)
+    assert state.log_history[-1] == {"loss": 1.0, "memory/peak_gb": 3.0, "memory/reserved_gb": 2.5}
+    state.log_history.append({"loss": 0.5})
+    cb.on_log(None, state, None)  # no step since the last row: nothing new to report
+    assert "memory/peak_gb" not in state.log_history[-1]
