@@ -89,8 +89,6 @@ def run(preset_name: str, steps: int, work: Path, smoke: bool) -> dict:
     folder = architectures.build_random_real_size_model(model_id, work / "model", dtype=dtype, device=device,
                                                         text=text, vision=vision)
     built = time.perf_counter() - t0
-    if device == "cuda":
-        torch.cuda.empty_cache()
     t0 = time.perf_counter()
     model, processor = modeling.load_model_and_processor(preset, model_path=folder, for_training=True)
     loaded = time.perf_counter() - t0

@@ -17,6 +17,7 @@ Bytes per parameter on the QLoRA training path (QLoRA: Dettmers et al. 2023):
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 from collections.abc import Mapping
@@ -122,6 +123,9 @@ def build_random_real_size_model(model_id: str, out_dir: str | Path, *, dtype: t
                 "text_overrides": dict(text or {}), "vision_overrides": dict(vision or {}), "dtype": str(dtype)}
         (tmp / "mmrag_random_real_size.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     del model
+    gc.collect()  # free the random copy before anything measures memory
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return Path(out_dir)
 
 
