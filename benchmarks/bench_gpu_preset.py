@@ -34,13 +34,16 @@ from transformers import TrainerCallback
 from mmrag_lite import config, data, modeling, training
 from mmrag_lite.modeling import architectures
 
-# A CPU-sized copy of the architecture for --smoke: widths that bitsandbytes' CPU 4-bit kernel accepts (multiples of 64)
-SMOKE_TEXT = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "vocab_size": 4096,
-              "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]}}
-SMOKE_VISION = {"qwen2_vl": {"depth": 2, "embed_dim": 64, "num_heads": 2, "hidden_size": 128},
-                "qwen2_5_vl": {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2,
-                               "out_hidden_size": 128, "fullatt_block_indexes": [1]}}
+
+def smoke_fields(architecture: str) -> tuple[dict, dict]:
+    """--smoke: the published architecture at the miniature's size (widths bitsandbytes' CPU 4-bit kernel accepts);
+    the published fields it does not set (tied embeddings, rope theta, ...) stay."""
+    settings = modeling.TinyVLMSettings(architecture=architecture)
+    tokenizer = modeling.build_tiny_processor(settings).tokenizer
+    text, vision = modeling.miniature_config_fields(settings, vocab_size=len(tokenizer),
+                                                    token_ids=modeling.special_token_ids(tokenizer))
+    text.pop("tie_word_embeddings")
+    return text, vision
 
 
 class StepClock(TrainerCallback):
@@ -73,7 +76,7 @@ def run(preset_name: str, steps: int, work: Path, smoke: bool) -> dict:
     arch = architectures.PUBLISHED_CONFIGS[model_id]["architecture"]
     if smoke:  # cpu-tiny's sizes and device, the GPU preset's architecture shrunk
         preset = config.get_preset("cpu-tiny")
-        text, vision, device, dtype = SMOKE_TEXT, SMOKE_VISION[arch], "cpu", torch.float32
+        (text, vision), device, dtype = smoke_fields(arch), "cpu", torch.float32
     else:
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA GPU visible: run with --smoke to check the script on a CPU")

@@ -53,6 +53,7 @@ from .tiny import (
     build_tiny_tokenizer,
     build_tiny_vlm,
     generation_config,
+    miniature_config_fields,
     special_token_ids,
 )
 from .warmup import WarmUpSettings, completion_loss, evaluate_tiny, greedy_generate, warm_up_threads, warm_up_tiny_vlm
@@ -83,6 +84,7 @@ __all__ = [
     "lora_config",
     "lora_config_kwargs",
     "make_mixed_batch_safe",
+    "miniature_config_fields",
     "prepare_image",
     "prepare_images",
     "special_token_ids",

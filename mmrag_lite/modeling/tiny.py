@@ -238,6 +238,36 @@ def generation_config(tokenizer: Any) -> GenerationConfig:
                             bos_token_id=ids["bos_token_id"], do_sample=False)
 
 
+def miniature_config_fields(settings: TinyVLMSettings, *, vocab_size: int,
+                            token_ids: Mapping[str, int]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The text and vision config fields of a model at the miniature's size, in ``settings.architecture``'s names.
+
+    Also used to shrink a GPU preset's published architecture to this size (the GPU benchmark's CPU smoke test).
+    """
+    head_dim = settings.hidden_size // settings.num_attention_heads
+    if sum(settings.mrope_section) * 2 != head_dim:
+        raise ModelLoadError(f"mrope_section {settings.mrope_section} must sum to head_dim/2 = {head_dim // 2}")
+    text_config = {
+        "vocab_size": vocab_size, "hidden_size": settings.hidden_size, "intermediate_size": settings.intermediate_size,
+        "num_hidden_layers": settings.num_hidden_layers, "num_attention_heads": settings.num_attention_heads,
+        "num_key_value_heads": settings.num_key_value_heads, "max_position_embeddings": 4096,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(settings.mrope_section)},
+        **{k: token_ids[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
+        "tie_word_embeddings": settings.tie_word_embeddings,
+    }
+    vision_config = {
+        "depth": settings.vision_depth, "num_heads": settings.vision_num_heads, "patch_size": settings.patch_size,
+        "spatial_merge_size": settings.merge_size, "in_channels": 3, "temporal_patch_size": 2,
+    }
+    if settings.architecture == "qwen2_vl":
+        vision_config.update(embed_dim=settings.vision_embed_dim, hidden_size=settings.hidden_size)
+    else:  # Qwen2.5-VL names the vision width hidden_size and the merger's output out_hidden_size
+        vision_config.update(hidden_size=settings.vision_embed_dim, intermediate_size=2 * settings.vision_embed_dim,
+                             out_hidden_size=settings.hidden_size, window_size=112,
+                             fullatt_block_indexes=[settings.vision_depth - 1])
+    return text_config, vision_config
+
+
 def build_tiny_vlm(out_dir: str | Path, settings: TinyVLMSettings = TinyVLMSettings()) -> Path:
     """Build the randomly initialised miniature (Qwen2-VL, or ``settings.architecture``) + processor and
     ``save_pretrained`` them into ``out_dir``.
@@ -255,28 +285,8 @@ def build_tiny_vlm(out_dir: str | Path, settings: TinyVLMSettings = TinyVLMSetti
     tokenizer = processor.tokenizer
     token_ids = special_token_ids(tokenizer)
 
-    head_dim = settings.hidden_size // settings.num_attention_heads
-    if sum(settings.mrope_section) * 2 != head_dim:
-        raise ModelLoadError(f"mrope_section {settings.mrope_section} must sum to head_dim/2 = {head_dim // 2}")
     vocab = len(tokenizer)
-    text_config = {
-        "vocab_size": vocab, "hidden_size": settings.hidden_size, "intermediate_size": settings.intermediate_size,
-        "num_hidden_layers": settings.num_hidden_layers, "num_attention_heads": settings.num_attention_heads,
-        "num_key_value_heads": settings.num_key_value_heads, "max_position_embeddings": 4096,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(settings.mrope_section)},
-        **{k: token_ids[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
-        "tie_word_embeddings": settings.tie_word_embeddings,
-    }
-    vision_config = {
-        "depth": settings.vision_depth, "num_heads": settings.vision_num_heads, "patch_size": settings.patch_size,
-        "spatial_merge_size": settings.merge_size, "in_channels": 3, "temporal_patch_size": 2,
-    }
-    if settings.architecture == "qwen2_vl":
-        vision_config.update(embed_dim=settings.vision_embed_dim, hidden_size=settings.hidden_size)
-    else:  # Qwen2.5-VL names the vision width hidden_size and the merger's output out_hidden_size
-        vision_config.update(hidden_size=settings.vision_embed_dim, intermediate_size=2 * settings.vision_embed_dim,
-                             out_hidden_size=settings.hidden_size, window_size=112,
-                             fullatt_block_indexes=[settings.vision_depth - 1])
+    text_config, vision_config = miniature_config_fields(settings, vocab_size=vocab, token_ids=token_ids)
     config = config_cls(text_config=text_config, vision_config=vision_config, **token_ids,
                         tie_word_embeddings=settings.tie_word_embeddings)
     torch.manual_seed(settings.seed)
