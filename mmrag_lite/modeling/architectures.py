@@ -31,7 +31,7 @@ from ..atomic import atomic_dir
 from ..config import Preset
 from .common import ModelLoadError, as_preset, torch_dtype
 from .loading import bnb_config, bnb_config_kwargs, is_4bit_layer, lora_config_kwargs
-from .tiny import TinyVLMSettings, build_tiny_processor, generation_config, special_token_ids
+from .tiny import TinyVLMSettings, build_tiny_processor, family_classes, generation_config, special_token_ids
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -65,18 +65,6 @@ PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
 _GIB = 1024**3  # the presets' *_gb figures and nvidia-smi count GiB
 
 
-def _classes(architecture: str) -> tuple[type, type]:
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-    )
-
-    return {"qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
-            "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)}[architecture]
-
-
 def real_size_config(model_id: str, *, token_ids: Mapping[str, int] | None = None,
                      text: Mapping[str, Any] | None = None, vision: Mapping[str, Any] | None = None) -> PretrainedConfig:
     """The transformers config of a GPU preset's model, rebuilt from ``PUBLISHED_CONFIGS`` (offline).
@@ -87,7 +75,7 @@ def real_size_config(model_id: str, *, token_ids: Mapping[str, int] | None = Non
     if model_id not in PUBLISHED_CONFIGS:
         raise ModelLoadError(f"no published config recorded for {model_id!r}; known: {sorted(PUBLISHED_CONFIGS)}")
     spec = PUBLISHED_CONFIGS[model_id]
-    config_cls, _ = _classes(spec["architecture"])
+    config_cls, _, _ = family_classes(spec["architecture"])
     ids = dict(token_ids or {})
     text_config = {**spec["text"], **{k: ids[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in ids},
                    **(text or {})}
@@ -110,7 +98,7 @@ def build_random_real_size_model(model_id: str, out_dir: str | Path, *, dtype: t
     architecture = PUBLISHED_CONFIGS[model_id]["architecture"]
     processor = build_tiny_processor(TinyVLMSettings(architecture=architecture))
     config = real_size_config(model_id, token_ids=special_token_ids(processor.tokenizer), text=text, vision=vision)
-    _, model_cls = _classes(architecture)
+    _, model_cls, _ = family_classes(architecture)
     torch.manual_seed(seed)
     with torch.device(device):
         model = model_cls._from_config(config, dtype=dtype).eval()

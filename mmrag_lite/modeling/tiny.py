@@ -201,13 +201,16 @@ def build_tiny_tokenizer(settings: TinyVLMSettings = TinyVLMSettings()) -> PreTr
     return fast
 
 
-def _family(architecture: str) -> str:
-    return {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL"}[architecture]
+def family_classes(architecture: str) -> tuple[type, type, type]:
+    """The transformers config, model and processor classes of a Qwen-VL family (``TinyVLMSettings.architecture``)."""
+    import transformers
+
+    family = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL"}[architecture]
+    return tuple(getattr(transformers, f"{family}{part}") for part in ("Config", "ForConditionalGeneration", "Processor"))
 
 
 def build_tiny_processor(settings: TinyVLMSettings = TinyVLMSettings()) -> ProcessorMixin:
     """The miniature's processor: the locally trained tokenizer, Qwen2-VL's chat template, a fixed pixel budget."""
-    import transformers
     from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     pixels = settings.image_size * settings.image_size
@@ -215,7 +218,8 @@ def build_tiny_processor(settings: TinyVLMSettings = TinyVLMSettings()) -> Proce
         min_pixels=pixels, max_pixels=pixels, patch_size=settings.patch_size, merge_size=settings.merge_size
     )
     video_processor = Qwen2VLVideoProcessor(patch_size=settings.patch_size, merge_size=settings.merge_size)
-    return getattr(transformers, f"{_family(settings.architecture)}Processor")(
+    _, _, processor_cls = family_classes(settings.architecture)
+    return processor_cls(
         image_processor=image_processor, tokenizer=build_tiny_tokenizer(settings), video_processor=video_processor,
         chat_template=QWEN2VL_CHAT_TEMPLATE,
     )
@@ -274,10 +278,7 @@ def build_tiny_vlm(out_dir: str | Path, settings: TinyVLMSettings = TinyVLMSetti
 
     Written to a temporary folder and renamed when complete, so a crash never leaves half a model behind.
     """
-    import transformers
-
-    family = _family(settings.architecture)
-    config_cls, model_cls = (getattr(transformers, f"{family}{part}") for part in ("Config", "ForConditionalGeneration"))
+    config_cls, model_cls, _ = family_classes(settings.architecture)
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
