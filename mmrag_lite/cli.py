@@ -153,6 +153,7 @@ def cmd_train_stage1(args: argparse.Namespace) -> int:
 
 def cmd_train_stage2(args: argparse.Namespace) -> int:
     from mmrag_lite import pipeline, scoring, training
+    from mmrag_lite.modeling import release_memory
 
     preset, wd = resolve(args)
     _check_device(preset)
@@ -168,7 +169,9 @@ def cmd_train_stage2(args: argparse.Namespace) -> int:
             path = pipeline.save_stage1_scores(scoring.score_split(judge, processor, ds["train"], preset), preset, wd,
                                                "train", adapter)
             print(f"stage-1 scores for train (recomputed with {adapter}): {path}")
-    del bank  # the judge is not needed while stage 2 trains
+            del judge, processor  # a local name would keep the 4-bit judge on the GPU through stage 2
+    del bank
+    release_memory()  # the judge is not needed while stage 2 trains
     dataset, build_report = training.stage2_dataset_for_run(preset, wd, ds["train"])
     print(build_report)
     init = Path(args.init_adapter) if args.init_adapter else None  # None: train_stage2 follows stage2.init_from

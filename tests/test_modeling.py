@@ -204,6 +204,22 @@ def test_lm_head_dtype_mismatch_is_bridged(tiny_dir: Path) -> None:
     assert out.dtype == torch.float32
 
 
+def test_fp16_inference_keeps_the_training_run_float32_residual(tiny_dir: Path) -> None:
+    """colab-t4 computes in fp16: loaded for inference, the non-4-bit weights stay float32 as in training."""
+    fp16 = PRESET.with_overrides(**{"model.compute_dtype": "float16"})
+    model, processor = M.load_model_and_processor(fp16, model_path=tiny_dir, for_training=False)
+    assert model.mmrag_quantized and any("fp16 4-bit inference" in n for n in model.mmrag_notes)
+    kinds = {(type(p).__name__, p.dtype) for p in model.parameters()}
+    assert ("Parameter", torch.float16) not in kinds and ("Params4bit", torch.uint8) in kinds
+    msgs = stage1_messages("q?", {"modality": "image", "image": 1, "title": "a", "text": "b"}, reasoning=False)
+    text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    with torch.no_grad():
+        logits = model(**processor(text=[text], images=[[_img((0, 255, 0))]], return_tensors="pt")).logits
+    assert logits.dtype == torch.float32 and bool(torch.isfinite(logits).all())
+    trained, _ = M.load_model_and_processor(fp16, model_path=tiny_dir, for_training=True)
+    assert {p.dtype for p in trained.parameters() if type(p).__name__ != "Params4bit"} == {torch.float32}  # the same
+
+
 def test_lora_targets_language_model_only(tiny_dir: Path) -> None:
     import re
 

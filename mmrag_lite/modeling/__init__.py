@@ -31,6 +31,7 @@ from .common import (
     make_mixed_batch_safe,
     prepare_image,
     prepare_images,
+    release_memory,
     torch_dtype,
 )
 from .loading import (
@@ -87,6 +88,7 @@ __all__ = [
     "miniature_config_fields",
     "prepare_image",
     "prepare_images",
+    "release_memory",
     "special_token_ids",
     "tiny_info",
     "tiny_model_dir",

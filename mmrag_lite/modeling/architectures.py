@@ -17,7 +17,6 @@ Bytes per parameter on the QLoRA training path (QLoRA: Dettmers et al. 2023):
 
 from __future__ import annotations
 
-import gc
 import json
 import re
 from collections.abc import Mapping
@@ -29,7 +28,7 @@ import torch
 
 from ..atomic import atomic_dir
 from ..config import Preset
-from .common import ModelLoadError, as_preset, torch_dtype
+from .common import ModelLoadError, as_preset, release_memory, torch_dtype
 from .loading import bnb_config, bnb_config_kwargs, is_4bit_layer, lora_config_kwargs
 from .tiny import TinyVLMSettings, build_tiny_processor, family_classes, generation_config, special_token_ids
 
@@ -111,9 +110,7 @@ def build_random_real_size_model(model_id: str, out_dir: str | Path, *, dtype: t
                 "text_overrides": dict(text or {}), "vision_overrides": dict(vision or {}), "dtype": str(dtype)}
         (tmp / "mmrag_random_real_size.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     del model
-    gc.collect()  # free the random copy before anything measures memory
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    release_memory()  # free the random copy before anything measures memory
     return Path(out_dir)
 
 

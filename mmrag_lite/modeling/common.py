@@ -42,6 +42,16 @@ def as_preset(preset: Preset | str) -> Preset:
     return get_preset(preset) if isinstance(preset, str) else preset
 
 
+def release_memory() -> None:
+    """Collect dropped models now and hand CUDA's cached blocks back, so the next model load has the memory
+    (``del`` alone leaves a 4-bit model's GPU memory with PyTorch's caching allocator until the process exits)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 # =============================================================================================== images / processor
 def prepare_image(img: Any, preset: Preset | str | int) -> Any:
     """Resize to the preset's fixed ``image_size`` square, RGB.

@@ -194,6 +194,33 @@ def _disable_cpu_4bit_packing(model: torch.nn.Module) -> str | None:
     return None
 
 
+def _upcast_for_fp16_inference(model: torch.nn.Module) -> str | None:
+    """Give an fp16 4-bit model used for inference the float32 non-4-bit weights its training run had.
+
+    ``prepare_model_for_kbit_training`` upcasts embeddings, norms and ``lm_head`` to float32 for training, so the
+    residual stream runs in float32 while the 4-bit matmuls compute in fp16. Loaded for inference without it, the
+    whole model would run in fp16, where Qwen2(-VL) activations are known to overflow (NaN logits, "!!!!" output;
+    transformers#33294), and the same adapter would score differently in training and evaluation. bf16 has
+    float32's range and needs none of this.
+    """
+    moved = 0
+    for param in model.parameters():
+        if param.dtype == torch.float16 and not _is_4bit_param(param):
+            param.data = param.data.float()
+            moved += 1
+    if not moved:
+        return None
+    note = (f"fp16 4-bit inference: {moved} non-4-bit tensors (embeddings, norms, lm_head) kept in float32, as in "
+            "training, so activations cannot overflow fp16")
+    logger.info(note)
+    return note
+
+
+def _is_4bit_param(param: torch.Tensor) -> bool:
+    """Whether ``param`` is bitsandbytes' packed 4-bit weight (``Params4bit``)."""
+    return type(param).__name__ == "Params4bit"
+
+
 # =============================================================================================== loading
 def load_model_and_processor(
     preset: Preset | str,
@@ -247,6 +274,10 @@ def load_model_and_processor(
             model, use_gradient_checkpointing=not tiny,
             gradient_checkpointing_kwargs={"use_reentrant": False} if not tiny else None,
         )
+    if quantize and not for_training and dtype == torch.float16:
+        note = _upcast_for_fp16_inference(model)
+        if note:
+            notes.append(note)
     if quantize:
         note = _align_lm_head(model, dtype)
         if note:
