@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -435,6 +436,20 @@ def test_split_keeps_near_duplicates_together():
     assert all(where[f"a{i}"] == where[f"b{i}"] for i in range(0, 60, 3))
     assert sum(map(len, splits.values())) == len(recs) and all(splits.values())
     assert D.split_records(recs, seed=0) == splits
+
+
+def test_split_keeps_planted_copies_together(tmp_path):
+    """Ground truth from the world's manifest, not the splitter's own key: the check could fail."""
+    world = D.make_world(tmp_path / "noisy", n_questions=300, seed=1, progress=False,
+                         noise=D.WorldNoise(near_duplicate=0.2, duplicate=0.05))
+    copies = D.read_world_manifest(world)["copies"]
+    kinds = Counter(c["kind"] for c in copies.values())
+    assert kinds["near_duplicate"] > 30 and kinds["duplicate"] > 5
+    recs = D.filter_records(D.read_webqa(world / "WebQA_train_val.json").records,
+                            MiniWebQAFilters(check_images=False, drop_duplicates=False))
+    assert D.split_leaks(D.split_records(recs, seed=0), copies) == []
+    exact = D.split_leaks(D.split_records(recs, seed=0, key=D.question_key), copies)
+    assert exact and all(copies[c]["kind"] == "near_duplicate" for c, _ in exact)  # exact keys miss only rewordings
 
 
 def test_candidate_pool_keeps_gold_and_is_deterministic():

@@ -35,6 +35,7 @@ from .mini import (
     record_to_row,
     rows_to_dataset,
     save_dataset_atomic,
+    split_leaks,
     split_records,
 )
 from .mmqa import (
@@ -124,6 +125,7 @@ __all__ = [
     "record_to_row",
     "rows_to_dataset",
     "save_dataset_atomic",
+    "split_leaks",
     "split_records",
     "strip_quotes",
 ]

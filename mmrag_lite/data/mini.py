@@ -400,6 +400,18 @@ def split_records(records: Sequence[WebQARecord], fractions: Sequence[float] = (
     return out
 
 
+def split_leaks(splits: Mapping[str, Sequence[WebQARecord]], copies: Mapping[str, Mapping[str, str]]) -> list[tuple[str, str]]:
+    """(copy, original) Guid pairs that sit in different splits (pure).
+
+    ``copies`` is ground truth from outside the splitter, e.g. the synthetic world's manifest (``make_world`` records
+    which question each planted duplicate copies): checking a split with the key that made it would prove nothing.
+    Pairs with a side missing from every split (removed by a filter) are not leaks.
+    """
+    where = {r.guid: name for name, rs in splits.items() for r in rs}
+    return [(copy, info["of"]) for copy, info in copies.items()
+            if copy in where and info["of"] in where and where[copy] != where[info["of"]]]
+
+
 # ------------------------------------------------------------------------------------ candidate pools
 def _image_payload(data: bytes, max_side: int, image_id: int) -> bytes:
     """Store bytes as they are, unless truncated (re-encode so any reader opens it) or larger than ``max_side``."""

@@ -13,7 +13,8 @@ So relevance is learnable from text (title match) and the answer from pixels (or
 
 Low-quality samples are planted on purpose (rates in ``WorldNoise``) so the Mini-WebQA filters have work: answers
 that miss the fact, broken / empty / truncated images, duplicate and near-duplicate questions, questions without a
-gold source, overlong candidates and a few malformed records. ``world_manifest.json`` lists what was planted.
+gold source, overlong candidates and a few malformed records. ``world_manifest.json`` lists what was planted and,
+for each planted copy, the question it copies (ground truth for checking that a split keeps them together).
 Everything is deterministic for a given seed.
 """
 
@@ -453,6 +454,7 @@ def make_world(
     planted: dict[str, int] = {k: 0 for k in asdict(noise)}
     planted["truncated_image"] = 0
     recent: list[tuple[dict[str, Any], dict[str, Any]]] = []  # (question dict, record) for planting duplicates
+    copies: dict[str, dict[str, str]] = {}  # planted copy's Guid -> {"of": original's Guid, "kind": ...}: ground truth
     with atomic_dir(out_dir) as tmp, _Writer(tmp, sprites, seed) as writer:
         for i in tqdm(range(n_questions), desc="world", disable=not progress, mininterval=1.0):
             qrng = random.Random(f"{seed}:{i}")
@@ -470,6 +472,7 @@ def make_world(
                 else:
                     rec["Q"] = json.dumps(src_q["variants"][0])
                     planted["near_duplicate"] += 1
+                copies[guid] = {"of": src_rec["Guid"], "kind": "duplicate" if roll < noise.duplicate else "near_duplicate"}
                 for key in ("txt_posFacts", "txt_negFacts"):
                     for s in rec[key]:
                         s["snippet_id"] = guid + "_" + s["snippet_id"].rsplit("_", 1)[1]
@@ -554,7 +557,7 @@ def make_world(
         manifest = {
             "format": "WebQA_train_val.json + imgs.tsv + imgs.lineidx (synthetic world)",
             "seed": seed, "n_questions": n_questions, "image_size": image_size, "image_format": image_format,
-            "n_images": writer.n_images, "noise": asdict(noise), "planted": planted,
+            "n_images": writer.n_images, "noise": asdict(noise), "planted": planted, "copies": copies,
         }
         (tmp / "world_manifest.json").write_text(json.dumps(manifest, indent=2))
     return out_dir
