@@ -368,7 +368,23 @@ def wrong_answer_for(row: Row, other_answers: Sequence[str], rng: random.Random)
     return conflicting_answer(row, other_answers, rng).text
 
 
-def inject_distractors(row: Row, kind: AttackKind, *, wrong_answer: str = "", seed: int = 0, n: int = 1) -> dict[str, Any]:
+STATEMENT_HOWS = frozenset({"changed number", "changed name", "changed colour"})  # perturb_answer: whole sentences
+
+
+def conflicting_text(question: str, wrong: WrongAnswer | str) -> str:
+    """What a conflicting document says (pure). A wrong *sentence* (the gold answer with one fact changed) stands
+    alone, as a fact would; a short wrong answer ("No", "green") needs its question to mean anything, so it is
+    stated as the answer to it (which also shares the question's words: the table reports which it was)."""
+    how = wrong.how if isinstance(wrong, WrongAnswer) else ""
+    text = (wrong.text if isinstance(wrong, WrongAnswer) else wrong).strip()
+    if not text:
+        return f"{question.strip().rstrip('?')}? Not in this document."
+    sentence = text.rstrip(".!? ")
+    return f"{sentence}." if how in STATEMENT_HOWS else f"{question.strip().rstrip('?')}? The answer is {sentence}."
+
+
+def inject_distractors(row: Row, kind: AttackKind, *, wrong_answer: WrongAnswer | str = "", seed: int = 0,
+                       n: int = 1) -> dict[str, Any]:
     """A copy of ``row`` with ``n`` adversarial, non-gold candidates inserted at random positions (pure).
 
     * ``conflicting``: looks like a gold document (its title; for an image question, the gold image itself) but
@@ -385,7 +401,7 @@ def inject_distractors(row: Row, kind: AttackKind, *, wrong_answer: str = "", se
     for i in range(n):
         template = gold[i % len(gold)]
         if kind == "conflicting":
-            text = f"{question}? The answer is {wrong_answer}." if wrong_answer else f"{question}? Not in this document."
+            text = conflicting_text(question, wrong_answer)
             new = {"id": f"adv-conflicting-{row['guid']}-{i}", "modality": template.get("modality", "text"),
                    "title": template.get("title", ""), "text": text, "image": template.get("image"), "is_gold": False}
         elif kind == "lexical":
@@ -398,7 +414,7 @@ def inject_distractors(row: Row, kind: AttackKind, *, wrong_answer: str = "", se
     out = dict(row)
     out["candidates"] = cands
     out["gold_ids"] = list(row["gold_ids"])
-    out["adversarial_answer"] = wrong_answer
+    out["adversarial_answer"] = wrong_answer.text if isinstance(wrong_answer, WrongAnswer) else wrong_answer
     return out
 
 
@@ -410,7 +426,7 @@ def attack_rows(rows: Sequence[Row], kind: AttackKind, *, seed: int = 0) -> list
     out = []
     for r in rows:
         wrong = conflicting_answer(r, answers, rng) if kind == "conflicting" else WrongAnswer("", "")
-        attacked = inject_distractors(r, kind, wrong_answer=wrong.text, seed=seed)
+        attacked = inject_distractors(r, kind, wrong_answer=wrong, seed=seed)
         attacked["adversarial_answer_how"] = wrong.how
         out.append(attacked)
     return out
@@ -580,6 +596,33 @@ def slot_table(results: Sequence[PipelineResult], rows: Sequence[Row]) -> list[d
     return table
 
 
+SHORTCUT_SHARE = 0.8  # a slot cited in at least this share of questions, whatever it holds, is a positional habit
+
+
+def positional_shortcut_note(slots: Mapping[str, Sequence[Mapping[str, Any]]], share: float = SHORTCUT_SHARE) -> str:
+    """One paragraph when a system cites one slot in at least ``share`` of questions (pure; "" otherwise).
+
+    Such a model's Retr-F1 is mostly the share of questions whose gold happens to sit in that slot, so comparing
+    two systems' Retr-F1 then compares where each one's filter puts the gold, not what the model read.
+    """
+    habits = {}
+    for name, table in slots.items():
+        top = max(table, key=lambda r: r["cited"], default=None)
+        if top is not None and top["cited"] >= share:
+            habits[name] = (top["slot"], top["cited"], top["gold here"])
+    if not habits:
+        return ""
+    parts = [f"{name!r} cites {slot} in {cited:.0%} of questions (gold sits there in {gold:.0%})"
+             for name, (slot, cited, gold) in habits.items()]
+    text = "Positional habit: " + "; ".join(parts) + ". "
+    if len(habits) > 1 and len({slot for slot, _, _ in habits.values()}) == 1:
+        text += ("These systems cite the same slot whatever it holds, so the Retr-F1 gap between them measures how "
+                 "often each one's filter puts a gold document in that slot, not what the model read.")
+    else:
+        text += "Its Retr-F1 tracks how often the gold sits in that slot, not what the model read."
+    return text
+
+
 def reasoning_ablation(rows: Sequence[Row], preset: Preset, bank: ModelBank, *, split: str | None = None,
                        scores: Mapping[str, Mapping[str, float]] | None = None,
                        reuse: Mapping[bool, Sequence[PipelineResult]] | None = None, progress: bool = True) -> list[dict[str, Any]]:
@@ -689,6 +732,7 @@ def retrained_stage2_ablation(preset: Preset, work_dir: str | Path, rows: Sequen
     as not run, with the command that runs them.
     """
     from mmrag_lite import training
+    from mmrag_lite.modeling import release_memory
 
     run = Path(work_dir)
     variants = stage2_ablation_variants(preset) if variants is None else variants
@@ -711,11 +755,13 @@ def retrained_stage2_ablation(preset: Preset, work_dir: str | Path, rows: Sequen
         sub = run / "ablations" / slug(name)
         atomic_write_json(sub / "variant.json", {"variant": name, "overrides": dict(overrides), "init_adapter": str(init)})
         dataset, _ = training.stage2_dataset_for_run(p, run, train_split, processor=processor, verbose=False)
-        result = training.train_stage2(p, dataset, sub, init_adapter=init, verbose=False)
+        history = training.train_stage2(p, dataset, sub, init_adapter=init, verbose=False).log_history
+        release_memory()  # the trained model goes before the bank loads the saved adapter: one model at a time
         bank = ModelBank(p, sub, adapters={"stage1": run / "stage1" / "adapter"}, verbose=False)
         res = run_pipeline(rows, p, system=SystemSpec(name, "stage1", "stage2"), bank=bank, scores=scores, progress=progress)
-        out.append(_variant_row(name, overrides, res, rows, result.log_history))
-        del result, bank  # one variant's models at a time
+        out.append(_variant_row(name, overrides, res, rows, history))
+        del bank
+        release_memory()
     return out
 
 
@@ -818,6 +864,9 @@ def build_report(preset: Preset, rows: Sequence[Row], predictions: Mapping[str, 
         if isinstance(row.get("n"), int):
             row["n"] = f"{row['n']} WebQA" + (f" + {len(mmqa_rows)} MMQA" if mmqa_rows and row["system"] in mmqa_preds else "")
     report.slots = {name: slot_table(res, rows) for name, res in report.predictions.items()}
+    habit = positional_shortcut_note(report.slots)
+    if habit:
+        report.notes.append(habit)
     if fluency_scorer is None:
         report.notes.append("QA-FL needs BART-large-CNN (BARTScore), which cannot be loaded offline: QA-FL and QA "
                             "(= mean FL·Acc) are reported as unavailable, never estimated")
@@ -911,6 +960,8 @@ __all__ = [
     "PAPER_REFERENCE",
     "REASONING_ABLATION_TITLE",
     "RETRAINED_ABLATION_TITLE",
+    "SHORTCUT_SHARE",
+    "STATEMENT_HOWS",
     "UNAVAILABLE",
     "EvalReport",
     "Stopwatch",
@@ -920,6 +971,7 @@ __all__ = [
     "build_report",
     "choice_options",
     "conflicting_answer",
+    "conflicting_text",
     "default_mmqa_questions",
     "evaluate",
     "fallback_share",
@@ -931,6 +983,7 @@ __all__ = [
     "other_option_answer",
     "paper_reference_table",
     "perturb_answer",
+    "positional_shortcut_note",
     "reasoning_ablation",
     "retrain_ablations_command",
     "retrained_stage2_ablation",

@@ -107,6 +107,18 @@ def test_inject_conflicting_adds_one_non_gold_candidate_stating_the_wrong_answer
     assert E.inject_distractors(row, "conflicting", wrong_answer="blue", seed=1) == out  # deterministic
 
 
+def test_conflicting_text_states_a_changed_fact_alone_and_a_short_answer_with_its_question():
+    q = "In which year was the Little Orchard of Tomas founded?"
+    changed = E.WrongAnswer("The Little Orchard of Tomas was founded in 1941.", "changed number")
+    assert E.conflicting_text(q, changed) == "The Little Orchard of Tomas was founded in 1941."  # reads like the gold fact
+    assert E.conflicting_text(q, E.WrongAnswer("No.", "flipped yes/no")) == f"{q} The answer is No."  # one period
+    assert E.conflicting_text(q, E.WrongAnswer("Paris is big", E.FALLBACK_WRONG)).endswith("The answer is Paris is big.")
+    assert E.conflicting_text(q, "") == f"{q} Not in this document."
+    row = dict(ROWS[2], question=q, answer="The Little Orchard of Tomas was founded in 1936.", qcate="text")
+    adv = next(c for c in E.attack_rows([row], "conflicting", seed=0)[0]["candidates"] if c["id"].startswith("adv-"))
+    assert "1936" not in adv["text"] and q.rstrip("?") not in adv["text"] and not adv["text"].endswith("..")
+
+
 def test_inject_lexical_copies_question_words_without_an_answer():
     out = E.inject_distractors(ROWS[2], "lexical", seed=0)
     adv = next(c for c in out["candidates"] if c["id"].startswith("adv-"))
@@ -416,3 +428,10 @@ def test_slot_table_separates_reading_from_a_positional_shortcut():
     assert [r["cited"] for r in shortcut] == pytest.approx([0.0, 1.0, 0.0, 1 / 3])
     assert shortcut[3]["gold here"] == 0.0
     assert E.slot_table([], ROWS) == []
+
+    assert E.positional_shortcut_note({"reader": reader}) == ""
+    note = E.positional_shortcut_note({"full": shortcut})
+    assert "'full' cites D2 in 100% of questions (gold sits there in 33%)" in note
+    both = E.positional_shortcut_note({"full": shortcut, "oracle": shortcut, "reader": reader})
+    assert "'reader'" not in both and "same slot" in both
+    assert "same slot" not in E.positional_shortcut_note({"full": shortcut}, share=1.0)
