@@ -186,7 +186,9 @@ class Stage2BuildReport:
     """What ``build_stage2_dataset`` did, so a shrunk or dropped prompt is never silent."""
 
     max_prompt_tokens: int
-    questions_seen: int = 0
+    max_examples: int = 0  # the row cap (preset.stage2.max_examples)
+    split_questions: int | None = None  # questions in the split given (None: it has no length)
+    questions_seen: int = 0  # read before the row cap was reached
     questions_used: int = 0
     rows: int = 0
     questions_without_kept_ids: int = 0  # kept_ids given but none for this guid (or none in its pool): skipped
@@ -209,10 +211,13 @@ class Stage2BuildReport:
 
     def __str__(self) -> str:
         lines = [
-            (f"stage-2 dataset: {self.rows} rows from {self.questions_used}/{self.questions_seen} questions "
+            (f"stage-2 dataset: {self.rows} rows from {self.questions_used} questions "
             f"(prompt tokens mean {self.prompt_tokens_mean:.0f}, max {self.prompt_tokens_max} <= "
             f"limit {self.max_prompt_tokens}; up to {self.images_per_prompt_max} images per prompt)"),
         ]
+        if self.split_questions is not None and self.questions_seen < self.split_questions:
+            lines.append(f"  read the first {self.questions_seen} of the split's {self.split_questions} questions: "
+                         f"max_examples={self.max_examples} rows reached (raise stage2.max_examples to use more)")
         if self.questions_shrunk:
             lines.append(f"  shrunk {self.questions_shrunk} over-long prompts by dropping {self.candidates_dropped} "
                          f"candidates ({self.gold_dropped} of them gold)")
@@ -320,10 +325,12 @@ def build_stage2_dataset(
     s = preset.stage2
     k = preset.stage1.k
     base_seed = preset.seed if seed is None else seed
-    report = Stage2BuildReport(max_prompt_tokens=s.max_prompt_tokens)
+    split_ds = one_split(split_ds, "build_stage2_dataset")
+    report = Stage2BuildReport(max_prompt_tokens=s.max_prompt_tokens, max_examples=s.max_examples,
+                               split_questions=len(split_ds) if hasattr(split_ds, "__len__") else None)
     rows: list[dict[str, Any]] = []
     lengths: list[int] = []
-    for qi, row in enumerate(one_split(split_ds, "build_stage2_dataset")):
+    for qi, row in enumerate(split_ds):
         if len(rows) >= s.max_examples:
             break
         report.questions_seen += 1
@@ -565,13 +572,38 @@ class TrainResult:
         return f"{text} ({self.note})" if self.note else text
 
 
-def reward_trend(log_history: Sequence[Mapping[str, Any]], fraction: float = REWARD_WINDOW_FRACTION) -> tuple[float | None, float | None]:
-    """Mean logged reward over the first and last ``fraction`` of steps (at least one step each)."""
-    rewards = [float(e[REWARD_KEY]) for e in log_history if isinstance(e.get(REWARD_KEY), (int, float))]
-    if not rewards:
+def reward_trend(log_history: Sequence[Mapping[str, Any]], fraction: float = REWARD_WINDOW_FRACTION,
+                 key: str = REWARD_KEY) -> tuple[float | None, float | None]:
+    """Mean logged ``key`` (default: the total reward) over the first and last ``fraction`` of steps (at least one
+    step each): a window, because one GRPO step's mean reward is noisy."""
+    values = [float(e[key]) for e in log_history if isinstance(e.get(key), (int, float))]
+    if not values:
         return None, None
-    w = max(1, math.ceil(len(rewards) * fraction))
-    return sum(rewards[:w]) / w, sum(rewards[-w:]) / w
+    w = max(1, math.ceil(len(values) * fraction))
+    return sum(values[:w]) / w, sum(values[-w:]) / w
+
+
+def component_trends(log_history: Sequence[Mapping[str, Any]],
+                     fraction: float = REWARD_WINDOW_FRACTION) -> dict[str, tuple[float, float]]:
+    """``reward_trend`` of every reward component TRL logged (``rewards/<name>/mean``) and of the total:
+    which component moved is the question a rising total cannot answer."""
+    names = list(dict.fromkeys(k.split("/")[1] for e in log_history for k in e
+                               if k.startswith("rewards/") and k.endswith("/mean")))
+    out: dict[str, tuple[float, float]] = {}
+    for name in [*names, "total"]:
+        first, last = reward_trend(log_history, fraction, REWARD_KEY if name == "total" else f"rewards/{name}/mean")
+        if first is not None and last is not None:
+            out[name] = (first, last)
+    return out
+
+
+def describe_trends(log_history: Sequence[Mapping[str, Any]], fraction: float = REWARD_WINDOW_FRACTION) -> str:
+    """``component_trends`` as lines a notebook prints under its reward curves."""
+    trends = component_trends(log_history, fraction)
+    if not trends:
+        return "no reward logged"
+    lines = [f"{name:>10}: first {first:.3f} -> last {last:.3f}" for name, (first, last) in trends.items()]
+    return "\n".join([*lines, f"(means over the first / last {fraction:.0%} of logged steps)"])
 
 
 def load_log_history(work_dir: str | Path, stage: int) -> list[dict[str, Any]]:
@@ -817,7 +849,7 @@ def train_stage2(
 
 __all__ = [
     "CudaMemoryCallback", "RewardCurveCallback", "Stage2BuildReport", "TrainResult", "build_stage1_dataset",
-    "build_stage2_dataset", "build_trainer", "checkpoint_step", "grpo_config", "grpo_config_kwargs", "is_main_process",
+    "build_stage2_dataset", "build_trainer", "checkpoint_step", "component_trends", "describe_trends", "grpo_config", "grpo_config_kwargs", "is_main_process",
     "keep_trainable_in_float32",
     "last_checkpoint", "load_log_history", "load_processor", "plot_reward_curves", "prompt_token_count",
     "reward_funcs_for", "reward_trend", "stage2_dataset_for_run", "stage2_init_adapter", "train_stage1", "train_stage2",

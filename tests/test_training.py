@@ -130,6 +130,11 @@ def test_stage2_dataset_permutes_and_maps_gold_short_ids(processor) -> None:
         assert training.prompt_token_count(processor, ex["prompt"], ex["images"]) <= PRESET.stage2.max_prompt_tokens
         orders.setdefault(ex["guid"], set()).add(tuple(ex["source_ids"]))
     assert all(len(o) == perms for o in orders.values())  # the copies really are in different orders
+    assert "max_examples" not in str(report)  # every question was read
+    capped = PRESET.with_overrides(**{"stage2.max_examples": 2 * perms})
+    _, cap_report = training.build_stage2_dataset(rows, capped, processor=processor, seed=0)
+    assert cap_report.questions_used == 2 and cap_report.split_questions == len(rows)
+    assert f"read the first 2 of the split's {len(rows)} questions: max_examples={2 * perms}" in str(cap_report)
 
 
 def test_stage2_dataset_uses_kept_ids_and_counts_missing(processor) -> None:
@@ -193,6 +198,15 @@ def test_reward_curve_callback_reads_components_and_trend() -> None:
     history = [{"reward": r, "step": i} for i, r in enumerate([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])]
     assert training.reward_trend(history) == pytest.approx((0.15, 0.95))
     assert training.reward_trend([{"loss": 1.0}]) == (None, None)
+    per_component = [{"reward": 1.0 + i, "rewards/format/mean": i / 9, "rewards/relevance/mean": 0.5, "step": i}
+                     for i in range(10)]
+    trends = training.component_trends(per_component)
+    assert list(trends) == ["format", "relevance", "total"]
+    assert trends["format"] == pytest.approx((1 / 18, 17 / 18)) and trends["relevance"] == (0.5, 0.5)
+    assert trends["total"] == pytest.approx((1.5, 9.5)) and training.component_trends([]) == {}
+    text = training.describe_trends(per_component)
+    assert "    format: first 0.056 -> last 0.944" in text and "first / last 20%" in text
+    assert training.describe_trends([]) == "no reward logged"
 
 
 # ------------------------------------------------------------------------------------------------ GRPO runs
