@@ -390,7 +390,9 @@ def load_bart_scorer(checkpoint: str = "facebook/bart-large-cnn", *, device: str
         logger.debug("no local copy of %s: %s", checkpoint, exc)
     if local_only or not _hub_reachable():
         why = "no download asked for (local_files_only)" if local_only else "the model hub is unreachable"
-        logger.warning("%s (no cached copy of %s and %s)", FL_UNAVAILABLE, checkpoint, why)
+        # a caller that chose not to download expects None (and reports it): a warning would only repeat it
+        logger.log(logging.INFO if local_only else logging.WARNING, "%s (no cached copy of %s and %s)",
+                   FL_UNAVAILABLE, checkpoint, why)
         return None
     try:
         return BARTScorer.from_pretrained(checkpoint, device=device, **kwargs)
