@@ -47,6 +47,22 @@ def test_score_webqa_planted_values():
     assert cats["YesNo"]["QA-Acc"] == 0.0 and cats["color"]["Retr-F1"] == 1.0 and cats["All"]["n"] == 3
 
 
+def test_reasoning_ablation_reports_each_prompt_with_its_scores():
+    from dataclasses import replace
+
+    from mmrag_lite.config import get_preset
+
+    thinking = [replace(r, reasoning="because the gold says so") for r in PERFECT]
+    rows = E.reasoning_ablation(ROWS, get_preset("cpu-tiny"), None, reuse={False: PLANTED, True: thinking}, progress=False)
+    off, on = rows
+    assert off["stage-2 prompt asks for reasoning"] == "no" and on["stage-2 prompt asks for reasoning"] == "yes"
+    assert off["trained with reasoning"] == on["trained with reasoning"] == "no"  # cpu-tiny trains without <think>
+    assert off["has <think>"] == 0.0 and on["has <think>"] == 1.0
+    assert off["Retr-F1"] == pytest.approx(5 / 9) and off["QA-Acc"] == pytest.approx(2 / 3, abs=1e-4)
+    assert on["Retr-F1"] == 1.0 and on["QA-Acc"] == pytest.approx(1.0, abs=1e-4)
+    assert off["well-formed"] == on["well-formed"] == 1.0
+
+
 def test_missing_prediction_scores_zero():
     s = E.score_webqa(PLANTED[:1], ROWS)
     assert s["Retr-F1"] == pytest.approx(1 / 3) and s["QA-Acc"] == pytest.approx(1 / 3, abs=1e-4)

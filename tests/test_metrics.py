@@ -103,9 +103,17 @@ def test_webqa_accuracy_malformed_inputs_score_zero():
     assert webqa_accuracy("🚗 红色", "红色", "text") == 1.0
 
 
-def test_batch_equals_single_and_uses_the_cache():
+def test_batch_equals_single_and_uses_the_cache(monkeypatch):
     cands, refs, cats = ["It is red.", "two", "yes"], ["red", "2", "no"], ["color", "number", "YesNo"]
-    assert metrics.webqa_accuracy_batch(cands, refs, cats) == [webqa_accuracy(c, r, q) for c, r, q in zip(cands, refs, cats)]
+    batch = metrics.webqa_accuracy_batch(cands, refs, cats)
+    assert batch == pytest.approx([1.0, 1.0, 0.0], abs=1e-4)  # "two" -> 2; yes vs no
+    assert batch == [webqa_accuracy(c, r, q) for c, r, q in zip(cands, refs, cats)]
+
+    def no_spacy():
+        raise AssertionError("lemmatised again: the cache did not serve these texts")
+
+    monkeypatch.setattr(metrics, "get_nlp", no_spacy)
+    assert metrics.webqa_accuracy_batch(cands, refs, cats) == batch
     with pytest.raises(ValueError):
         metrics.webqa_accuracy_batch(["a"], ["a", "b"])
 
@@ -205,9 +213,37 @@ def test_bart_scorer_is_mean_token_log_likelihood():
     batched = scorer.score(srcs, tgts)
     single = [scorer.score([s_], [t_])[0] for s_, t_ in zip(srcs, tgts)]
     assert batched == pytest.approx(single, rel=1e-4, abs=1e-5)
-    # an answer identical to its reference is perfectly fluent; FL stays in [0, 1]
+    # an answer identical to its reference is perfectly fluent (the arithmetic: test_fluency_is_the_best_reference...)
     assert webqa_fluency("The red car.", ["the red car"], scorer) == pytest.approx(1.0)
-    assert 0.0 <= webqa_fluency("dog dog dog", ["the red car", "a blue car"], scorer) <= 1.0
+
+
+class _MissingWordsScorer:
+    """s(src -> tgt) = minus the target words the source lacks: a reference scores 0 against itself."""
+
+    def score(self, srcs, tgts):
+        return [-float(sum(w not in s.split() for w in t.split())) for s, t in zip(srcs, tgts)]
+
+
+class _ShortIsLikelyScorer:
+    """s(src -> tgt) = minus the target's length: a short answer beats its own reference."""
+
+    def score(self, srcs, tgts):
+        return [-float(len(t.split())) for t in tgts]
+
+
+def test_fluency_is_the_best_reference_ratio_capped_at_one():
+    scorer = _MissingWordsScorer()
+    assert webqa_fluency("dog dog dog", ["the red car", "a blue car"], scorer) == pytest.approx(math.exp(-3))
+    assert webqa_fluency("the red car is big", "the red car", scorer) == pytest.approx(math.exp(-2))
+    assert webqa_fluency("blue car", ["the red car", "a blue car"], scorer) == 1.0  # max over references
+    assert webqa_fluency("car", ["the red car"], _ShortIsLikelyScorer()) == 1.0  # exp(2), capped
+    assert webqa_fluency("car", [], scorer) == 0.0
+
+
+def test_mmqa_token_f1_by_hand():
+    assert metrics.mmqa_token_f1("red car", "red") == 0.67  # P 1/2, R 1: 2/3, rounded to 2 places as DROP does
+    assert metrics.mmqa_token_f1("the red car", "a red car") == 1.0  # articles are not tokens that count
+    assert metrics.mmqa_token_f1("blue", "red") == 0.0
 
 
 def test_load_bart_scorer_offline_is_none_not_an_error():

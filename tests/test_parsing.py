@@ -168,6 +168,8 @@ def test_enormous_outputs_stay_fast_and_problems_stay_few():
         assert not p1.ok and not p2.ok
         assert len(p1.problems) <= MAX_PROBLEMS and len(p2.problems) <= MAX_PROBLEMS
     assert time.perf_counter() - start < 2.0
+    distinct = "".join(f"<answer>yes</answer>junk{i} " for i in range(50))  # 50 different messages, and a repeated tag
+    assert len(parse_stage1(distinct, reasoning=False).problems) == MAX_PROBLEMS
 
 
 def test_unicode_is_fine():

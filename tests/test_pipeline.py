@@ -73,6 +73,9 @@ def test_oracle_filter_keeps_every_gold_padded_to_k_in_score_order():
         assert kept == [i for i in P.top_k_ids(scores, len(ids), ids) if i in kept]  # stage-1 score order
         shown = P.select_candidates(row, P.SystemSpec("o", "oracle", "stage2"), scores, k)
         assert [c["id"] for c in shown] == kept
+    # by hand: distractors 3002 .3, q0_3 .4, 3004 .5, q0_5 .6; gold 3000 and q0_1 tie at .05 (pool order)
+    assert P.oracle_ids(row, scores, 3) == ["q0_5", "3000", "q0_1"]
+    assert P.oracle_ids(row, scores, 4) == ["q0_5", "3004", "3000", "q0_1"]
     assert set(P.oracle_ids(row, scores, 1)) == gold  # more gold than k: the guarantee wins
     with pytest.raises(ValueError, match="scores"):
         P.oracle_ids(row, None, 4)  # padding needs the judge's ranking
@@ -210,7 +213,7 @@ def test_image_fn_resizes_like_run_pipeline():
 
 
 def test_adapters_are_loaded_when_present(tmp_path):
-    from peft import get_peft_model
+    from peft import PeftModel, get_peft_model
 
     from mmrag_lite import modeling
 
@@ -219,6 +222,7 @@ def test_adapters_are_loaded_when_present(tmp_path):
     peft_model.save_pretrained(str(tmp_path / "stage1" / "adapter"))
     b = P.ModelBank(PRESET, tmp_path, verbose=False)
     assert b.resolved("stage1") == "stage1" and b.resolved("stage2") == "base (stage2 adapter missing)"
+    assert isinstance(b.get("stage1")[0], PeftModel) and not isinstance(b.get("base")[0], PeftModel)
     res = P.answer_question(ROWS[2], PRESET, system=P.SystemSpec("s1", "stage1", "stage1"), bank=b)
     assert len(res.kept_ids) == PRESET.stage1.k and not b.notes
 

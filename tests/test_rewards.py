@@ -284,7 +284,22 @@ def test_reward_funcs_for_every_preset():
             funcs, weights = rewards.reward_funcs_for_preset(preset, stage)
             settings_ = preset.stage1 if stage == 1 else preset.stage2
             assert [f.__name__ for f in funcs] == [c for c in rewards.STAGE_COMPONENTS[stage] if c in settings_.weights]
-            assert len(weights) == len(funcs)
+            assert weights == [settings_.weights[f.__name__] for f in funcs]
+
+
+def test_preset_reward_options_reach_the_reward_functions():
+    """Every preset uses f1 and sampling-balanced classes, so the other options need a preset that asks for them."""
+    cited, cols = [stage2_target(["D1", "D2"], "x")], {"candidate_ids": [["D1", "D2", "D3"]], "gold_ids": [["D2"]]}
+    for metric, expected in (("f1", 2 / 3), ("ndcg", 0.0)):  # nDCG@|G|=1: the first id is not gold
+        funcs, _ = rewards.reward_funcs_for_preset(get_preset("cpu-tiny", **{"stage2.ranking_metric": metric}), 2)
+        assert next(f for f in funcs if f.__name__ == "ranking")(cited, **cols) == [pytest.approx(expected)]
+    funcs, _ = build_reward_funcs(2, {"ranking": 1.0}, reasoning=False, ranking_metric="ndcg", ndcg_k=2)
+    assert funcs[0](cited, **cols) == [pytest.approx(1 / math.log2(3))]  # gold at rank 2 of an ideal 1
+    skewed = get_preset("cpu-tiny", **{"stage1.balance_classes": True, "stage1.positive_fraction": 0.2})
+    funcs, _ = rewards.reward_funcs_for_preset(skewed, 1)
+    relevance = next(f for f in funcs if f.__name__ == "relevance")
+    said = [stage1_target(v, reasoning=skewed.stage1.reasoning) for v in ("no", "yes")]
+    assert relevance(said, label=["no", "yes"]) == [pytest.approx(0.25), 1.0]  # rho = 4: a right "no" pays 1/4
 
 
 def test_preset_answer_guards_switch_both_guards():
@@ -304,6 +319,14 @@ def test_trl_grpo_config_accepts_the_weights(tmp_path):
                          activation_checkpointing=False)
     assert list(cfg.reward_weights) == weights
     assert all(callable(f) and f.__name__ for f in funcs)
+
+
+def test_explain_shows_the_parse_behind_the_scores():
+    parsed = rewards.explain("<sources>d2</sources><answer>x</answer>", stage=2, reasoning=False, candidate_ids=["D1", "D2"])
+    assert parsed.source_ids == ("D2",) and parsed.answer == "x" and parsed.ok
+    verdict = rewards.explain("<answer>yes</answer>", stage=1, reasoning=True)
+    assert verdict.label == "yes" and not verdict.ok  # the verdict is readable; the format is not right
+    assert [p.code for p in verdict.problems] == ["missing_tag"]
 
 
 def test_score_completion_total():
@@ -334,7 +357,8 @@ def test_pathologies_score_low_and_fast():
     assert time.perf_counter() - start < 10.0
     assert scores["format"][:3] == [0.0, 0.0, 0.0] and scores["format"][5:] == [0.0, 0.0, 0.0]
     assert scores["ranking"][3] == pytest.approx(2 / 6)  # spamming every id: repeats collapse, precision falls
-    assert scores["answer"][4] < 0.6  # colour-word spam: F1 over the colour vocabulary, not recall
+    # colour-word spam: F1 over the colour vocabulary (P 1/3, R 1), then the hedge guard keeps 1 of its 3 colours
+    assert scores["answer"][4] == pytest.approx(0.5 / 3, abs=1e-4)
     assert all(0.0 <= s <= 1.0 for v in scores.values() for s in v)
 
 

@@ -7,13 +7,14 @@ miniature (built on first use) and asks for a ranking signal on held-out questio
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from mmrag_lite import modeling, pipeline, prompts, scoring
+from mmrag_lite import config, modeling, pipeline, prompts, scoring
 from mmrag_lite.config import get_preset
 from mmrag_lite.parsing import parse_stage1
 
@@ -71,6 +72,10 @@ def test_scores_round_trip_and_pipeline_reads_them(tmp_path: Path) -> None:
     assert path == tmp_path / "stage1" / "scores_validation.json"
     assert scoring.load_scores(path) == scored
     assert pipeline.load_cached_scores(tmp_path, "validation") == {"q1": {"a": 0.25, "b": 0.75}}
+    old = json.loads(path.read_text(encoding="utf-8")) | {"version": 0}  # written by an older layout
+    path.write_text(json.dumps(old), encoding="utf-8")
+    with pytest.raises(ValueError, match="scores format 0"):
+        scoring.load_scores(path)
 
 
 # ------------------------------------------------------------------------------------------------ with a model
@@ -85,6 +90,14 @@ def test_yes_no_tokens_are_distinct_single_tokens(cold) -> None:
     yes, no = scoring.yes_no_token_ids(proc)
     assert yes != no
     assert proc.tokenizer.decode([yes]).strip() == "yes" and proc.tokenizer.decode([no]).strip() == "no"
+
+
+def test_an_image_costs_its_processor_tokens_in_the_stage2_estimate(cold) -> None:
+    _, processor = cold
+    image, text_only = _cands()[0], dict(_cands()[0], image=None)
+    with_image, without = scoring.candidate_token_costs(processor, [image, text_only], PRESET)
+    assert with_image - without == scoring.image_token_count(processor, PRESET) == 6  # (56/14)^2 / 2^2 + 2 wrappers
+    assert scoring.image_token_count(processor, PRESET) == config.image_tokens(PRESET.model)  # processor vs formula
 
 
 def test_forward_pass_score_matches_an_unbatched_reference(cold) -> None:
