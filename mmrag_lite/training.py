@@ -702,6 +702,7 @@ def build_trainer(
     With ``init_adapter`` the model continues from a saved (trainable) adapter instead of a fresh LoRA. The LoRA
     weights are trained in float32 whatever the compute dtype (``keep_trainable_in_float32``).
     """
+    from transformers.trainer_callback import ProgressCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from .modeling import load_model_and_processor, lora_config
@@ -724,9 +725,9 @@ def build_trainer(
         callbacks=[curve, CudaMemoryCallback(), *callbacks],
     )
     keep_trainable_in_float32(trainer.model)  # undo TRL's bf16 cast of a 4-bit model's LoRA (see its docstring)
-    if quiet_progress:
-        from transformers.trainer_callback import ProgressCallback
-
+    if quiet_progress and any(type(cb) is ProgressCallback for cb in trainer.callback_handler.callbacks):
+        # a terminal: tqdm, without the log dicts. In a notebook transformers shows its own table instead, which is
+        # saved in its final state with the notebook; a second (tqdm widget) bar would only duplicate it.
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(_quiet_progress_callback())
     return trainer, curve

@@ -220,6 +220,25 @@ def test_fp16_inference_keeps_the_training_run_float32_residual(tiny_dir: Path) 
     assert {p.dtype for p in trained.parameters() if type(p).__name__ != "Params4bit"} == {torch.float32}  # the same
 
 
+def test_miniature_progress_off_is_scoped_and_restores_the_setting() -> None:
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.is_progress_bar_enabled()
+    try:
+        hf_logging.enable_progress_bar()
+        with M.miniature_progress_off():
+            assert not hf_logging.is_progress_bar_enabled()
+        assert hf_logging.is_progress_bar_enabled()
+        with M.miniature_progress_off(active=False):  # a real checkpoint keeps its bar
+            assert hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        with M.miniature_progress_off():
+            pass
+        assert not hf_logging.is_progress_bar_enabled()  # a user's own "off" stays off
+    finally:
+        (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
+
+
 def test_lora_targets_language_model_only(tiny_dir: Path) -> None:
     import re
 

@@ -327,6 +327,24 @@ def test_lora_weights_stay_float32_on_the_4bit_model_through_a_step_and_a_resume
     assert _saved_dtypes(out / "adapter") == {torch.float32}
 
 
+def test_one_progress_display_in_a_terminal_and_in_a_notebook(tiny_dir: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformers.trainer
+    from transformers.utils.notebook import NotebookProgressCallback
+
+    preset = PRESET.with_overrides(**FAST)
+    ds = training.build_stage1_dataset(mini_rows(), preset, seed=0)
+
+    def progress_kinds() -> list[str]:
+        model, proc = _load(tiny_dir)
+        trainer, _ = training.build_trainer(preset, 1, ds, tmp_path / "built", model=model, processor=proc)
+        return [type(cb).__name__ for cb in trainer.callback_handler.callbacks if "Progress" in type(cb).__name__]
+
+    assert progress_kinds() == ["QuietProgressCallback"]  # tqdm without the log dicts
+    monkeypatch.setattr(transformers.trainer, "DEFAULT_PROGRESS_CALLBACK", NotebookProgressCallback)  # as in Jupyter
+    assert progress_kinds() == ["NotebookProgressCallback"]  # its saved table, no second bar
+
+
 def test_resuming_a_finished_run_trains_nothing_and_keeps_the_adapter(tiny_dir: Path, tmp_path: Path,
                                                                      varied_rewards: None) -> None:
     preset = PRESET.with_overrides(**FAST)

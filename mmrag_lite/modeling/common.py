@@ -9,7 +9,8 @@ The processor fixes live here because both the loader and the miniature's warm-u
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -40,6 +41,25 @@ def torch_dtype(name: str) -> torch.dtype:
 def as_preset(preset: Preset | str) -> Preset:
     """A preset given by name or as itself (every public function here takes either)."""
     return get_preset(preset) if isinstance(preset, str) else preset
+
+
+@contextmanager
+def miniature_progress_off(active: bool = True) -> Iterator[None]:
+    """transformers' "Loading weights" / "Writing model shards" bars off while a miniature loads or saves.
+
+    They take milliseconds there and, repeated at every load, bury a notebook's useful bars. A real checkpoint
+    keeps them (``active=False``): minutes of loading deserve a progress bar. The previous setting is restored.
+    """
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    if active and was_on:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if active and was_on:
+            hf_logging.enable_progress_bar()
 
 
 def release_memory() -> None:

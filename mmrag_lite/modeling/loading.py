@@ -22,7 +22,14 @@ import torch
 
 from ..config import Preset, cuda_native_bf16
 from .cache import ensure_tiny_vlm
-from .common import ModelLoadError, as_preset, make_mixed_batch_safe, set_pixel_budget, torch_dtype
+from .common import (
+    ModelLoadError,
+    as_preset,
+    make_mixed_batch_safe,
+    miniature_progress_off,
+    set_pixel_budget,
+    torch_dtype,
+)
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -263,7 +270,8 @@ def load_model_and_processor(
     }
     if quantize:
         kwargs["quantization_config"] = bnb_config(preset)
-    model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)  # trust_remote_code never
+    with miniature_progress_off(tiny):
+        model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)  # trust_remote_code never
 
     notes: list[str] = []
     if quantize and for_training:

@@ -33,7 +33,7 @@ from ..prompts import (
     stage1_target,
     stage2_target,
 )
-from .common import TINY_LABEL, ModelLoadError
+from .common import TINY_LABEL, ModelLoadError, miniature_progress_off
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig, PreTrainedTokenizerFast, ProcessorMixin
@@ -294,7 +294,8 @@ def build_tiny_vlm(out_dir: str | Path, settings: TinyVLMSettings = TinyVLMSetti
     model = model_cls(config).eval()
     model.generation_config = generation_config(tokenizer)
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
+        with miniature_progress_off():
+            model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         n_params = sum(p.numel() for p in model.parameters())
         info = {"label": TINY_LABEL, "settings": asdict(settings), "parameters": n_params, "vocab_size": vocab,

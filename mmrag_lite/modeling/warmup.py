@@ -35,7 +35,7 @@ from ..prompts import (
     stage2_messages,
     stage2_target,
 )
-from .common import as_preset, prepare_image, set_pixel_budget
+from .common import as_preset, miniature_progress_off, prepare_image, set_pixel_budget
 from .tiny import model_card
 
 
@@ -319,7 +319,8 @@ def _warm_up(cold_dir: str | Path, out_dir: str | Path, *, preset: Preset | str,
 
     processor = AutoProcessor.from_pretrained(cold_dir)
     set_pixel_budget(processor, preset.model.min_pixels, preset.model.max_pixels)
-    model = AutoModelForImageTextToText.from_pretrained(cold_dir, dtype=torch.float32)
+    with miniature_progress_off():
+        model = AutoModelForImageTextToText.from_pretrained(cold_dir, dtype=torch.float32)
     model.train()
     pad_id = processor.tokenizer.pad_token_id
 
@@ -382,7 +383,8 @@ def _warm_up(cold_dir: str | Path, out_dir: str | Path, *, preset: Preset | str,
               f"{report['stage2_majority']:.3f} (format {report['stage2_format']:.2f})")
 
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
+        with miniature_progress_off():
+            model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         info = json.loads((cold_dir / "mmrag_tiny.json").read_text(encoding="utf-8"))
         info.update({"warmed_up": True, "warm_up": {k: v for k, v in report.items() if k != "history"}})
