@@ -154,3 +154,28 @@ def test_evaluate_and_train_stage2_refuse_what_is_not_there(tmp_path, capsys):
     assert exc.value.code == 2
     assert cli.main(["train-stage2", "--preset", "cpu-tiny", "--work-dir", str(tmp_path)]) == 2
     assert "run train-stage1 first" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_readme_cli_journey_runs_end_to_end(tmp_path, capsys):
+    """build-data -> train-stage1 -> train-stage2 -> evaluate, as the README lists them (one GRPO step each)."""
+    import json
+
+    small = ["--preset", "cpu-tiny", "--work-dir", str(tmp_path)]
+    for key, value in {"stage1.grpo.max_steps": 1, "stage1.grpo.per_device_train_batch_size": 8,
+                       "stage1.grpo.max_completion_length": 6, "stage2.grpo.max_steps": 1,
+                       "stage2.grpo.per_device_train_batch_size": 4, "stage2.grpo.max_completion_length": 10,
+                       "stage2.max_examples": 8, "evaluation.questions": 3}.items():
+        small += ["--set", f"{key}={value}"]
+    assert cli.main(["build-data", *small]) == 0
+    assert cli.main(["train-stage1", *small]) == 0
+    assert (tmp_path / "stage1" / "adapter" / "adapter_config.json").is_file()
+    assert all((tmp_path / "stage1" / f"scores_{split}.json").is_file() for split in ("train", "test"))  # the defaults
+    assert cli.main(["train-stage2", *small]) == 0
+    out = capsys.readouterr().out
+    assert "stage-2 dataset: 8 rows" in out and (tmp_path / "stage2" / "adapter" / "adapter_config.json").is_file()
+    assert cli.main(["evaluate", *small, "--no-mmqa", "--no-ablations", "--no-robustness", "--quiet"]) == 0
+    report = json.loads((tmp_path / "eval" / "results.json").read_text())
+    systems = [row["system"] for row in report["table"]]
+    assert len(systems) == 5 and systems[-1].startswith("oracle") and all(row["n"] == "3 WebQA" for row in report["table"])
+    assert not any("adapter missing" in note for note in report["notes"])  # both trained adapters were used
