@@ -63,8 +63,9 @@ def miniature_progress_off(active: bool = True) -> Iterator[None]:
 
 
 def release_memory() -> None:
-    """Collect dropped models now and hand CUDA's cached blocks back, so the next model load has the memory
-    (``del`` alone leaves a 4-bit model's GPU memory with PyTorch's caching allocator until the process exits)."""
+    """Collect dropped models now and hand CUDA's cached blocks back before the next model loads: ``del`` drops
+    a name, but reference cycles can keep a model alive until the collector runs, and freed blocks stay reserved
+    in PyTorch's caching allocator (fragmented, and counted against the card by ``nvidia-smi``)."""
     import gc
 
     gc.collect()
