@@ -429,16 +429,23 @@ def build_reward_funcs(
     return [factories[c]() for c in names], [float(weights[c]) for c in names]
 
 
+def preset_reward_options(preset: Any, stage: int) -> dict[str, Any]:
+    """The ``build_reward_funcs`` / ``score_completion`` options a ``config.Preset`` sets for one stage (weights aside),
+    so training, the worked examples and the playground score a completion the same way."""
+    settings = preset.stage1 if stage == 1 else preset.stage2
+    options: dict[str, Any] = {"reasoning": settings.reasoning}
+    if stage == 1:
+        options.update(balance_classes=settings.balance_classes, positive_fraction=settings.positive_fraction)
+    else:
+        options.update(ranking_metric=settings.ranking_metric, choose_guard=settings.answer_guards,
+                       hedge_guard=settings.answer_guards)
+    return options
+
+
 def reward_funcs_for_preset(preset: Any, stage: int) -> tuple[list[RewardFunc], list[float]]:
     """``build_reward_funcs`` with every option read from a ``config.Preset``."""
     settings = preset.stage1 if stage == 1 else preset.stage2
-    kwargs: dict[str, Any] = {"reasoning": settings.reasoning}
-    if stage == 1:
-        kwargs.update(balance_classes=settings.balance_classes, positive_fraction=settings.positive_fraction)
-    else:
-        kwargs.update(ranking_metric=settings.ranking_metric, choose_guard=settings.answer_guards,
-                      hedge_guard=settings.answer_guards)
-    return build_reward_funcs(stage, settings.weights, **kwargs)
+    return build_reward_funcs(stage, settings.weights, **preset_reward_options(preset, stage))
 
 
 def score_completion(
@@ -462,6 +469,7 @@ def explain(completion: Any, *, stage: int, reasoning: bool, candidate_ids: Sequ
 __all__ = [
     "ANSWER_METRICS", "HEDGE_GUARD_CATEGORIES", "RANKING_METRICS", "STAGE_COMPONENTS", "answer_reward",
     "balanced_positive_weight", "build_reward_funcs", "class_weights", "explain", "format_reward",
-    "question_from_prompt", "ranking_reward", "ranking_score", "relevance_reward", "reward_funcs_for_preset",
+    "preset_reward_options", "question_from_prompt", "ranking_reward", "ranking_score", "relevance_reward",
+    "reward_funcs_for_preset",
     "score_completion",
 ]

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import html
 import io
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+from .data.webqa import QCATES as QCATE_OPTIONS
 
 
 # ----------------------------------------------------------------------------------------- dataset browser
@@ -58,7 +60,7 @@ def candidate_html(candidate: Mapping[str, Any], max_chars: int = 160) -> str:
     mark = "★ gold" if gold else "distractor"
     return (
         f"<div style='border:2px solid {colour};padding:4px;font-size:11px;font-family:sans-serif;"
-        f"width:210px;min-height:60px'><b>{esc(str(candidate.get('id', '')))}</b> [{candidate.get('modality', '')}]"
+        f"width:210px;min-height:60px'><b>{esc(str(candidate.get('id', '')))}</b> [{esc(str(candidate.get('modality', '')))}]"
         f" <span style='color:{colour}'>{mark}</span><br><i>{esc(str(candidate.get('title', '')))}</i><br>{esc(text)}</div>"
     )
 
@@ -115,8 +117,10 @@ def dataset_browser(dataset: Any, split: str | None = None, thumb: int = 96, col
 
 
 # ----------------------------------------------------------------------------------------- reward playground
-def reward_table_html(scores: Mapping[str, float], weights: Mapping[str, float], problems: Any = ()) -> str:
-    """Every reward component, its weight and contribution, the weighted total, and what the parser complained about."""
+def reward_table_html(scores: Mapping[str, float], weights: Mapping[str, float], problems: Any = (),
+                      row_notes: Sequence[str] = ()) -> str:
+    """Every reward component, its weight and contribution, the weighted total, what the parser complained about,
+    and ``row_notes`` about the row itself (e.g. gold ids no completion can cite)."""
     esc = html.escape
     rows = "".join(
         f"<tr><td>{esc(name)}</td><td>{value:+.3f}</td><td>{weights.get(name, 0.0):g}</td>"
@@ -124,6 +128,7 @@ def reward_table_html(scores: Mapping[str, float], weights: Mapping[str, float],
         for name, value in scores.items() if name != "total"
     )
     issues = "".join(f"<li><code>{esc(p.code)}</code> {esc(p.message)}</li>" for p in problems) or "<li>none: well formed</li>"
+    issues += "".join(f"<li><b>row</b>: {esc(note)}</li>" for note in row_notes)
     return (
         "<table style='font-family:monospace;border-collapse:collapse' border=1 cellpadding=3>"
         "<tr><th>component</th><th>reward</th><th>weight</th><th>weighted</th></tr>"
@@ -166,15 +171,15 @@ def reward_playground(
             "gold_ids": W.Text(value=", ".join(row.get("gold_ids", [])), description="gold ids"),
             "answer": W.Text(value=str(row.get("answer", "")), description="answer"),
             "keywords": W.Text(value=str(row.get("keywords", "")), description="keywords"),
-            "qcate": W.Dropdown(options=["text", "YesNo", "Others", "choose", "number", "color", "shape"],
-                                value=row.get("qcate", "text") or "text", description="qcate"),
+            "qcate": W.Dropdown(options=list(dict.fromkeys([*QCATE_OPTIONS, str(row.get("qcate") or "text")])),
+                                value=str(row.get("qcate") or "text"), description="qcate"),
         }
     text = W.Textarea(value=completion, description="completion", layout=W.Layout(width="95%", height="110px"))
     think = W.Checkbox(value=reasoning, description="reasoning (<think> required)")
     out = W.HTML()
 
     def current_row() -> dict[str, Any]:
-        values: dict[str, Any] = {}
+        values: dict[str, Any] = dict(row)  # columns without a text field (e.g. the question the guard reads) stay
         for name, widget in fields.items():
             v = widget.value
             values[name] = [s.strip() for s in v.split(",") if s.strip()] if name in ("candidate_ids", "gold_ids") else v
@@ -185,7 +190,9 @@ def reward_playground(
         try:
             scores = rewards.score_completion(text.value, r, stage=stage, weights=weights, reasoning=think.value, **reward_options)
             parsed = rewards.explain(text.value, stage=stage, reasoning=think.value, candidate_ids=r.get("candidate_ids"))
-            out.value = reward_table_html(scores, weights, parsed.problems)
+            unseen = [g for g in r.get("gold_ids", []) if g not in r.get("candidate_ids", [])]
+            row_notes = [f"gold ids not among the candidates, so no completion can cite them: {', '.join(unseen)}"] if unseen else []
+            out.value = reward_table_html(scores, weights, parsed.problems, row_notes)
         except ValueError as exc:  # a broken row typed by hand: say so instead of raising in a callback
             out.value = f"<pre>{html.escape(str(exc))}</pre>"
 
@@ -217,10 +224,17 @@ def result_html(result: Any, row: Mapping[str, Any] | None = None, *, thumb: int
     kept = [str(i) for i in _field(result, "kept_ids", ())]
     sources = [str(i) for i in _field(result, "sources", ())]
     short = {cid: f"D{i + 1}" for i, cid in enumerate(kept)}
-    cands = list(row["candidates"]) if row else [{"id": cid} for cid in kept]
+    cands = list(row["candidates"]) if row else []
+    known = {str(c["id"]) for c in cands}
+    cands += [{"id": cid, "text": "(not in this row's pool)"} for cid in kept if cid not in known]  # e.g. an injected trap
     gold = {str(g) for g in (row.get("gold_ids", []) if row else [])}
+
+    def score_of(cid: str) -> float:  # NaN or missing scores sort last, as in scoring.top_k
+        s = scores.get(cid)
+        return float("-inf") if s is None or math.isnan(s) else float(s)
+
     order = sorted(cands, key=lambda c: (str(c["id"]) not in short, kept.index(str(c["id"])) if str(c["id"]) in short else 0,
-                                         -(scores.get(str(c["id"])) or 0.0)))
+                                         -score_of(str(c["id"]))))
     lines = []
     for c in order:
         cid = str(c["id"])
@@ -246,12 +260,12 @@ def result_html(result: Any, row: Mapping[str, Any] | None = None, *, thumb: int
         f"<b>[{esc(str(_field(result, 'system', '')))}]</b> <b>Q</b>: {esc(str(_field(result, 'question', '')))}<br>"
         "<table border=1 cellpadding=3 style='border-collapse:collapse;margin:6px 0'>"
         "<tr><th></th><th>shown as</th><th>id</th><th>modality</th><th>caption / snippet</th><th>stage-1 P(yes)</th>"
-        "<th>top-k</th><th>cited</th><th>gold</th></tr>" + "".join(lines) + "</table>"
+        "<th>kept</th><th>cited</th><th>gold</th></tr>" + "".join(lines) + "</table>"
         f"<b>reasoning</b> (the explanation): {think_html}"
         "<table border=1 cellpadding=3 style='border-collapse:collapse;margin-top:6px'>"
         "<tr><th></th><th>model</th><th>gold</th></tr>"
         f"<tr><td>sources</td><td>{esc(', '.join(sources)) or '—'}</td><td>{esc(', '.join(sorted(gold))) or '?'}</td></tr>"
-        f"<tr><td>answer</td><td>{esc(str(_field(result, 'answer', '')))}</td><td>{gold_answer}</td></tr></table>"
+        f"<tr><td>answer</td><td>{esc(str(_field(result, 'answer', '') or '')) or '—'}</td><td>{gold_answer}</td></tr></table>"
         f"<details><summary>raw completion</summary><pre style='white-space:pre-wrap'>{esc(str(_field(result, 'completion', '')))}</pre></details>"
         + (f"<small>parser / pipeline notes: {esc('; '.join(map(str, problems)))}</small>" if problems else "")
         + "</div>"
@@ -268,19 +282,26 @@ def reasoning_viewer(predictions: Any, rows: Any, *, thumb: int = 64):
     by_guid = {str(r["guid"]): r for r in rows}
     names = list(preds)
     system = W.Dropdown(options=names, value=names[0], description="system")
-    first = preds[names[0]]
-    question = W.Dropdown(options=[(f"{i}: {str(_field(r, 'question', ''))[:60]}", i) for i, r in enumerate(first)],
-                          value=0 if first else None, description="question", layout=W.Layout(width="70%"))
+    # every question any system answered, in first-seen order: systems may cover different questions
+    questions: dict[str, str] = {}
+    for results in preds.values():
+        for r in results:
+            questions.setdefault(str(_field(r, "guid")), str(_field(r, "question", "") or ""))
+    guids = list(questions)
+    question = W.Dropdown(options=[(f"{i}: {questions[g][:60]}", g) for i, g in enumerate(guids)],
+                          value=guids[0] if guids else None, description="question", layout=W.Layout(width="70%"))
     out = W.HTML()
 
     def render(*_: Any) -> None:
-        results = preds[system.value]
-        if not results:
+        if question.value is None:
             out.value = "<i>no predictions</i>"
             return
-        guid = str(_field(preds[names[0]][int(question.value or 0)], "guid"))
-        match = next((r for r in results if str(_field(r, "guid")) == guid), results[min(int(question.value or 0), len(results) - 1)])
-        out.value = result_html(match, by_guid.get(str(_field(match, "guid"))), thumb=thumb)
+        match = next((r for r in preds[system.value] if str(_field(r, "guid")) == question.value), None)
+        if match is None:  # never another question's result in its place
+            out.value = (f"<i>{html.escape(str(system.value))} has no prediction for this question: "
+                         f"{html.escape(questions[question.value])}</i>")
+            return
+        out.value = result_html(match, by_guid.get(question.value), thumb=thumb)
 
     system.observe(render, names="value")
     question.observe(render, names="value")

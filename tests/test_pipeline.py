@@ -369,3 +369,29 @@ def test_permutations_exclude_the_identity_when_possible():
     assert permutations(4, 3, 7) == permutations(4, 3, 7)  # deterministic by seed
     assert sorted(map(tuple, permutations(2, 2, 0))) == [(0, 1), (1, 0)]  # too few other orders: identity last
     assert permutations(1, 2, 0) == [[0], [0]]
+
+
+def test_reasoning_viewer_never_shows_another_questions_result():
+    from mmrag_lite.widgets import reasoning_viewer, result_html
+
+    def res(guid, system, scores=None, kept=()):
+        return P.PipelineResult(guid=guid, question=f"question {guid}", system=system, scores=scores or {},
+                                kept_ids=tuple(kept), reasoning="", completion="", sources=(), answer="")
+
+    full = [res(r["guid"], "full") for r in ROWS]
+    viewer = reasoning_viewer({"empty": [], "partial": [res("q1", "partial")], "full": full}, ROWS)
+    assert [guid for _, guid in viewer.question_picker.options] == ["q1", "q0", "q2"]  # every system's questions
+    viewer.question_picker.value = "q0"
+    assert "question q0" in viewer.output.value  # "empty" is picked: it says so, it does not crash
+    assert "empty has no prediction for this question" in viewer.output.value
+    viewer.system_picker.value = "partial"
+    assert "partial has no prediction" in viewer.output.value and "question q1" not in viewer.output.value
+    viewer.system_picker.value = "full"
+    assert "[full]" in viewer.output.value and "question q0" in viewer.output.value
+
+    ids = [c["id"] for c in ROWS[0]["candidates"]]
+    scores = {ids[0]: 0.2, ids[1]: float("nan"), ids[2]: 0.9, ids[3]: 0.5}
+    page = result_html(res("q0", "s", scores, kept=["adv-x", ids[2]]), ROWS[0])
+    order = [page.index(f"<code>{cid}</code>") for cid in ("adv-x", ids[2], ids[3], ids[0], ids[1])]
+    assert order == sorted(order)  # kept ones in D-order, then by score, NaN with the unscored at the end
+    assert "(not in this row&#x27;s pool)" in page  # a kept id the row lacks (an injected trap) still gets its line

@@ -405,3 +405,22 @@ def test_rewards_never_raise_and_stay_in_range(comps, penalty, reasoning, rankin
             out = f(comps, **columns)
             assert len(out) == n
             assert all(isinstance(x, float) and penalty <= x <= 1.0 for x in out), (f.__name__, out)
+
+
+def test_playground_scores_the_row_as_score_completion_does():
+    pytest.importorskip("ipywidgets")
+    from mmrag_lite.widgets import reward_playground
+
+    q = "Does the plant grow upwards or sideways?"
+    row = {"candidate_ids": ["D1", "D2"], "gold_ids": ["D2"], "answer": "Upwards.", "keywords": "Upwards.",
+           "qcate": "choose", "question": q}
+    weights = {"format": 1.0, "ranking": 1.0, "answer": 1.0}
+    pasted = stage2_target(["D2"], q)  # the question pasted as the answer: the choose guard keeps half
+    expected = score_completion(pasted, row, stage=2, weights=weights, reasoning=False)
+    assert expected["answer"] == pytest.approx(0.5, abs=1e-4)
+    pg = reward_playground(2, row=row, weights=weights, completion=pasted, reasoning=False)
+    assert f"<td>answer</td><td>{expected['answer']:+.3f}</td>" in pg.output.value  # the question reached the guard
+    pg.fields["gold_ids"].value = "D9"
+    assert "gold ids not among the candidates, so no completion can cite them: D9" in pg.output.value
+    odd = reward_playground(2, row=dict(row, qcate="Other"), weights=weights, completion=pasted)
+    assert odd.fields["qcate"].value == "Other"  # an unlisted category is shown, not a TraitError
