@@ -850,8 +850,8 @@ def train_stage2(
 
 __all__ = [
     "CudaMemoryCallback", "RewardCurveCallback", "Stage2BuildReport", "TrainResult", "build_stage1_dataset",
-    "build_stage2_dataset", "build_trainer", "checkpoint_step", "component_trends", "describe_trends", "grpo_config", "grpo_config_kwargs", "is_main_process",
-    "keep_trainable_in_float32",
+    "build_stage2_dataset", "build_trainer", "checkpoint_step", "component_trends", "describe_trends", "grpo_config",
+    "grpo_config_kwargs", "is_main_process", "keep_trainable_in_float32",
     "last_checkpoint", "load_log_history", "load_processor", "plot_reward_curves", "prompt_token_count",
     "reward_funcs_for", "reward_trend", "stage2_dataset_for_run", "stage2_init_adapter", "train_stage1", "train_stage2",
 ]

@@ -219,6 +219,8 @@ def result_html(result: Any, row: Mapping[str, Any] | None = None, *, thumb: int
     import base64
     import math
 
+    from mmrag_lite.pipeline import top_k_ids
+
     esc = html.escape
     scores = dict(_field(result, "scores", {}) or {})
     kept = [str(i) for i in _field(result, "kept_ids", ())]
@@ -226,15 +228,12 @@ def result_html(result: Any, row: Mapping[str, Any] | None = None, *, thumb: int
     short = {cid: f"D{i + 1}" for i, cid in enumerate(kept)}
     cands = list(row["candidates"]) if row else []
     known = {str(c["id"]) for c in cands}
-    cands += [{"id": cid, "text": "(not in this row's pool)"} for cid in kept if cid not in known]  # e.g. an injected trap
+    missing = "(not in this row's pool)" if row else ""  # e.g. an injected trap viewed against the clean row
+    cands += [{"id": cid, "text": missing} for cid in kept if cid not in known]
     gold = {str(g) for g in (row.get("gold_ids", []) if row else [])}
-
-    def score_of(cid: str) -> float:  # NaN or missing scores sort last, as in scoring.top_k
-        s = scores.get(cid)
-        return float("-inf") if s is None or math.isnan(s) else float(s)
-
-    order = sorted(cands, key=lambda c: (str(c["id"]) not in short, kept.index(str(c["id"])) if str(c["id"]) in short else 0,
-                                         -score_of(str(c["id"]))))
+    # kept ones in D-order, then the rest as the stage-1 filter ranks them (NaN and unscored last)
+    ranked = {cid: i for i, cid in enumerate(top_k_ids(scores, len(cands), [str(c["id"]) for c in cands]))}
+    order = sorted(cands, key=lambda c: (0, kept.index(str(c["id"]))) if str(c["id"]) in short else (1, ranked[str(c["id"])]))
     lines = []
     for c in order:
         cid = str(c["id"])

@@ -468,11 +468,12 @@ def make_world(
                 if roll < noise.duplicate:
                     q = src_q["Q"]
                     rec["Q"] = json.dumps(q.lower() if qrng.random() < 0.5 else "  " + q)
-                    planted["duplicate"] += 1
+                    kind = "duplicate"
                 else:
                     rec["Q"] = json.dumps(src_q["variants"][0])
-                    planted["near_duplicate"] += 1
-                copies[guid] = {"of": src_rec["Guid"], "kind": "duplicate" if roll < noise.duplicate else "near_duplicate"}
+                    kind = "near_duplicate"
+                planted[kind] += 1
+                copies[guid] = {"of": src_rec["Guid"], "kind": kind}
                 for key in ("txt_posFacts", "txt_negFacts"):
                     for s in rec[key]:
                         s["snippet_id"] = guid + "_" + s["snippet_id"].rsplit("_", 1)[1]
