@@ -194,17 +194,6 @@ class Judgement:
     completion: str
 
 
-def _parsed_label(parsed: Any) -> str | None:
-    """Read the label out of whatever ``parsing.parse_stage1`` returns (object with ``.label`` or a mapping)."""
-    if parsed is None:
-        return None
-    if isinstance(parsed, Mapping):
-        label = parsed.get("label")
-    else:
-        label = getattr(parsed, "label", None)
-    return label if label in (prompts.YES, prompts.NO) else None
-
-
 def judge_by_generation(
     model: Any,
     processor: Any,
@@ -242,7 +231,7 @@ def judge_by_generation(
                 )
                 new = gen[:, enc["input_ids"].shape[1] :]
                 for text in tok.batch_decode(new, skip_special_tokens=True):
-                    out.append(Judgement(_parsed_label(parse_stage1(text, reasoning=reasoning)), text))
+                    out.append(Judgement(parse_stage1(text, reasoning=reasoning).label, text))
     finally:
         if was_training:
             model.train()

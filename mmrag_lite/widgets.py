@@ -14,17 +14,27 @@ from .data.webqa import QCATES as QCATE_OPTIONS
 
 
 # ----------------------------------------------------------------------------------------- dataset browser
+NO_PIXELS_HTML = "<small style='color:#888'>(image candidate without pixels)</small>"
+
+
 def _png_bytes(image: Any, size: int = 96) -> bytes | None:
-    """Thumbnail bytes for an ``ipywidgets.Image`` from a PIL image or a ``{"bytes": ...}`` dict."""
+    """Thumbnail bytes for an ``ipywidgets.Image`` from a PIL image or a ``{"bytes": ...}`` dict.
+
+    ``None`` when there is nothing to draw (no pixels, or bytes PIL cannot decode): a viewer shows
+    ``NO_PIXELS_HTML`` instead of failing on one bad image.
+    """
     if image is None:
         return None
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    if isinstance(image, Mapping):
-        if not image.get("bytes"):
-            return None
-        image = Image.open(io.BytesIO(image["bytes"]))
-    im = image.convert("RGB")
+    try:
+        if isinstance(image, Mapping):
+            if not image.get("bytes"):
+                return None
+            image = Image.open(io.BytesIO(image["bytes"]))
+        im = image.convert("RGB")
+    except (OSError, UnidentifiedImageError):
+        return None
     scale = max(1, size // max(im.size))  # small synthetic images: enlarge crisply
     if scale > 1:
         im = im.resize((im.size[0] * scale, im.size[1] * scale), Image.NEAREST)
@@ -97,6 +107,8 @@ def dataset_browser(dataset: Any, split: str | None = None, thumb: int = 96, col
             png = _png_bytes(cand.get("image"), thumb) if cand.get("modality") == "image" else None
             if png is not None:
                 parts.append(W.Image(value=png, format="png", layout=W.Layout(width=f"{thumb}px")))
+            elif cand.get("modality") == "image":
+                parts.append(W.HTML(NO_PIXELS_HTML))
             parts.append(W.HTML(candidate_html(cand)))
             cells.append(W.VBox(parts))
         grid.children = tuple(cells)
@@ -238,7 +250,8 @@ def result_html(result: Any, row: Mapping[str, Any] | None = None, *, thumb: int
     for c in order:
         cid = str(c["id"])
         png = _png_bytes(c.get("image"), thumb) if c.get("modality") == "image" else None
-        img = f"<img src='data:image/png;base64,{base64.b64encode(png).decode()}' width={thumb}>" if png else ""
+        img = (f"<img src='data:image/png;base64,{base64.b64encode(png).decode()}' width={thumb}>" if png
+               else NO_PIXELS_HTML if c.get("modality") == "image" else "")
         s = scores.get(cid)
         s_txt = "—" if s is None or math.isnan(s) else f"{s:.3f}"
         text = str(c.get("text", ""))

@@ -627,3 +627,10 @@ def test_plot_funnel_and_dataset_browser(built):
     assert len(browser.grid.children) == len(dd["train"][0]["candidates"])
     browser.split_picker.value = "test"
     assert dd["test"][0]["guid"] in browser.header.value
+    from mmrag_lite.widgets import NO_PIXELS_HTML
+
+    row = dd["test"][0]
+    image = next(i for i, c in enumerate(row["candidates"]) if c["modality"] == "image")
+    row["candidates"][image]["image"] = None  # an image candidate whose pixels are missing
+    cell = dataset_browser([row]).grid.children[image]
+    assert [w.value for w in cell.children if getattr(w, "value", None) == NO_PIXELS_HTML] == [NO_PIXELS_HTML]

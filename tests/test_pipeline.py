@@ -395,3 +395,10 @@ def test_reasoning_viewer_never_shows_another_questions_result():
     order = [page.index(f"<code>{cid}</code>") for cid in ("adv-x", ids[2], ids[3], ids[0], ids[1])]
     assert order == sorted(order)  # kept ones in D-order, then by score, NaN with the unscored at the end
     assert "(not in this row&#x27;s pool)" in page  # a kept id the row lacks (an injected trap) still gets its line
+    from mmrag_lite.widgets import NO_PIXELS_HTML
+
+    image_ids = [c["id"] for c in ROWS[0]["candidates"] if c["modality"] == "image"]
+    assert image_ids and NO_PIXELS_HTML not in page
+    broken = dict(ROWS[0], candidates=[dict(c, image={"bytes": b"not a png"}) if c["id"] == image_ids[0] else c
+                                       for c in ROWS[0]["candidates"]])
+    assert result_html(res("q0", "s", scores), broken).count(NO_PIXELS_HTML) == 1  # undecodable: a label, no crash

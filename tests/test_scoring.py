@@ -135,6 +135,38 @@ def test_score_split_filter_report_and_judge(cold) -> None:
     assert [j.completion for j in one_by_one] == [j.completion for j in judged]  # batching (left padding) changes nothing
 
 
+class _ScriptedGenerator:
+    """Wraps a model so ``generate`` writes fixed completions: the judge's parsing can then be checked exactly."""
+
+    def __init__(self, model, tokenizer, completions: list[str]) -> None:
+        self.model, self.tokenizer, self.completions = model, tokenizer, list(completions)
+        self.training = False
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def generate(self, input_ids, max_new_tokens, pad_token_id, **_):
+        batch, self.completions = self.completions[: len(input_ids)], self.completions[len(input_ids):]
+        ids = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in batch]
+        width = max(map(len, ids))
+        new = torch.tensor([row + [pad_token_id] * (width - len(row)) for row in ids])
+        return torch.cat([input_ids, new], dim=1)
+
+
+def test_judge_by_generation_reads_each_verdict_in_candidate_order(cold) -> None:
+    model, proc = cold
+    scripted = ["<think>red, as asked</think><answer>yes</answer>", "<think>a date</think><answer> No </answer>",
+                "<think>unsure</think><answer>maybe</answer>", "<answer>yes</answer>"]  # last: no reasoning block
+    stub = _ScriptedGenerator(model, proc.tokenizer, scripted)
+    judged = scoring.judge_by_generation(stub, proc, "What colour is the tower?", _cands(), PRESET, batch_size=3,
+                                         reasoning=True)
+    assert [j.completion for j in judged] == scripted  # two batches, decoded back in order, padding dropped
+    # an unknown verdict has no label; a missing <think> is a format fault, not a verdict fault: the label stands
+    assert [j.label for j in judged] == ["yes", "no", None, "yes"]
+    stub = _ScriptedGenerator(model, proc.tokenizer, ["<answer>no</answer>"] * 4)
+    assert [j.label for j in scoring.judge_by_generation(stub, proc, "q?", _cands(), PRESET, reasoning=False)] == ["no"] * 4
+
+
 @pytest.mark.slow
 def test_warmed_up_judge_ranks_gold_snippets_above_distractors(tmp_path) -> None:
     """After the warm-up, held-out gold snippets outrank distractor snippets (AUC well above chance).
