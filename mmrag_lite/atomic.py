@@ -7,11 +7,12 @@ name in the same folder and renamed. Standard library only, so every module (``d
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -81,9 +82,37 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
-def write_json_atomic(path: str | Path, payload: Any, **json_kwargs: Any) -> Path:
-    """``json.dumps(payload, **json_kwargs)`` written with ``write_text_atomic``."""
-    return write_text_atomic(path, json.dumps(payload, **json_kwargs))
+def json_ready(obj: Any, default: Callable[[Any], Any] | None = None) -> Any:
+    """``obj`` as plain JSON values: ``to_dict()`` objects, tuples, sets, paths and numpy/torch scalars converted,
+    NaN/inf as ``None``.
+
+    Missing numbers are NaN in memory (an fp16 overflow, a metric with nothing to average), but a file must stay
+    valid JSON: a bare ``NaN`` is rejected by strict parsers. ``default`` handles anything else (else TypeError).
+    """
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
+    if isinstance(obj, Mapping):
+        return {k: json_ready(v, default) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [json_ready(v, default) for v in obj]
+    if hasattr(obj, "to_dict"):
+        return json_ready(obj.to_dict(), default)
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item") and callable(obj.item):  # a numpy / torch scalar
+        return json_ready(obj.item(), default)
+    if default is not None:
+        return json_ready(default(obj))
+    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
 
 
-__all__ = ["atomic_dir", "write_json_atomic", "write_text_atomic"]
+def write_json_atomic(path: str | Path, payload: Any, *, indent: int | None = 2,
+                      default: Callable[[Any], Any] | None = None) -> Path:
+    """``payload`` as strict JSON (``json_ready``: NaN/inf become ``null``), UTF-8, written with ``write_text_atomic``."""
+    text = json.dumps(json_ready(payload, default), indent=indent, ensure_ascii=False, allow_nan=False)
+    return write_text_atomic(path, text + "\n")
+
+
+__all__ = ["atomic_dir", "json_ready", "write_json_atomic", "write_text_atomic"]

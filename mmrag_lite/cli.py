@@ -17,7 +17,6 @@ training subcommands run data-parallel (see docs/multi-gpu.md).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -208,8 +207,8 @@ def cmd_course(args: argparse.Namespace) -> int:
         report = course.run_course(preset=args.preset, out_dir=args.out_dir, overrides=overrides_of(args))
     except ConfigError as exc:
         raise CLIError(str(exc)) from None
-    print(report.summary() if hasattr(report, "summary") else json.dumps(report, indent=2, default=str))
-    return 0 if getattr(report, "ok", True) else 1
+    print(report.summary())
+    return 0 if report.ok else 1
 
 
 # ------------------------------------------------------------------------------------------ parser

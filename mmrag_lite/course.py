@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,19 +171,3 @@ def run_course(
             if stop_on_error:
                 break
     return report
-
-
-def main(argv: Iterable[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Run every course notebook headless and print a summary.")
-    parser.add_argument("--preset", default="cpu-tiny")
-    parser.add_argument("--out-dir", default=None)
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    report = run_course(args.preset, args.out_dir)
-    print(report.summary())
-    return 0 if report.ok else 1
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

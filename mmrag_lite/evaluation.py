@@ -34,14 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from mmrag_lite.atomic import write_json_atomic, write_text_atomic
 from mmrag_lite.config import Preset
 from mmrag_lite.pipeline import (
     FILTER_JUDGE,
     ModelBank,
     PipelineResult,
     SystemSpec,
-    atomic_write_json,
-    atomic_write_text,
     run_pipeline,
     save_results,
     standard_systems,
@@ -753,7 +752,7 @@ def retrained_stage2_ablation(preset: Preset, work_dir: str | Path, rows: Sequen
     for name, overrides in variants.items():
         p = presets[name]
         sub = run / "ablations" / slug(name)
-        atomic_write_json(sub / "variant.json", {"variant": name, "overrides": dict(overrides), "init_adapter": str(init)})
+        write_json_atomic(sub / "variant.json", {"variant": name, "overrides": dict(overrides), "init_adapter": str(init)})
         dataset, _ = training.stage2_dataset_for_run(p, run, train_split, processor=processor, verbose=False)
         history = training.train_stage2(p, dataset, sub, init_adapter=init, verbose=False).log_history
         release_memory()  # the trained model goes before the bank loads the saved adapter: one model at a time
@@ -948,8 +947,8 @@ def write_report(report: EvalReport, work_dir: str | Path) -> Path:
     for name, res in report.predictions.items():
         write_submission(res, out / f"submission_{slug(name)}.json")
         save_results(res, out / f"predictions_{slug(name)}.json")
-    atomic_write_json(out / "results.json", report.to_dict())
-    atomic_write_text(out / "results.md", report.markdown())
+    write_json_atomic(out / "results.json", report.to_dict())
+    write_text_atomic(out / "results.md", report.markdown())
     return out
 
 

@@ -554,11 +554,6 @@ def mmqa_em_f1(prediction: Any, gold_answers: Sequence[Any]) -> tuple[float, flo
     return max(p[0] for p in pairs), max(p[1] for p in pairs)
 
 
-def mmqa_token_f1(prediction: Any, gold: Any) -> float:
-    """The F1 half of ``mmqa_em_f1`` (a reward-friendly shortcut)."""
-    return mmqa_em_f1(prediction, gold if not isinstance(gold, str) else [gold])[1]
-
-
 # ================================================================================================ ranking
 def _ranked(ranked: Iterable[Any], k: int | None) -> list[str]:
     seen = list(dict.fromkeys(str(r) for r in ranked or []))  # first occurrence of each id, in order (linear)
@@ -800,7 +795,6 @@ __all__ = [
     "load_bart_scorer",
     "mmqa_em_f1",
     "mmqa_normalize_answer",
-    "mmqa_token_f1",
     "mrr",
     "ndcg_at_k",
     "normalize_for_bart",

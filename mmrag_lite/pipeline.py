@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mmrag_lite import prompts
-from mmrag_lite.atomic import write_text_atomic as atomic_write_text
+from mmrag_lite.atomic import write_json_atomic
 from mmrag_lite.config import Preset
 from mmrag_lite.data import one_split
 
@@ -224,23 +224,14 @@ def map_short_ids(short: Sequence[str], request: Stage2Request) -> tuple[str, ..
     return tuple(out)
 
 
-def _parsed_fields(parsed: Any) -> tuple[str, list[str], str, list[str]]:
-    """Read think / source ids / answer / problems from whatever ``parsing.parse_stage2`` returns."""
-    get = (lambda k, default=None: parsed.get(k, default)) if isinstance(parsed, Mapping) else (lambda k, default=None: getattr(parsed, k, default))
-    think = get("think") or ""
-    ids = list(get("source_ids") or get("sources") or [])
-    answer = get("answer") or ""
-    problems = [str(p) for p in (get("problems") or [])]
-    return str(think), [str(i) for i in ids], str(answer), problems
-
-
 def parse_completion(completion: str, request: Stage2Request, *, reasoning: bool) -> tuple[str, tuple[str, ...], tuple[str, ...], str, tuple[str, ...]]:
     """(think, short ids, WebQA ids, answer, problems) for one completion."""
     from mmrag_lite import parsing
 
     parsed = parsing.parse_stage2(completion, list(request.short_ids), reasoning=reasoning)
-    think, short, answer, problems = _parsed_fields(parsed)
-    return think, tuple(short), map_short_ids(short, request), answer.strip(), tuple(problems)
+    short = tuple(parsed.source_ids or ())
+    return (parsed.think or "", short, map_short_ids(short, request), (parsed.answer or "").strip(),
+            tuple(str(p) for p in parsed.problems))
 
 
 # ------------------------------------------------------------------------------------------ submission
@@ -256,48 +247,14 @@ def _webqa_id(source_id: str) -> int | str:
     return int(source_id) if str(source_id).isdigit() else str(source_id)
 
 
-def atomic_write_json(path: str | Path, payload: Any) -> Path:
-    """Write ``payload`` as strict JSON: NaN/inf become ``null`` (bare ``NaN`` is not JSON; strict parsers reject it)."""
-    text = json.dumps(json_ready(payload), indent=2, ensure_ascii=False, allow_nan=False)
-    return atomic_write_text(path, text + "\n")
-
-
-def json_ready(obj: Any) -> Any:
-    """``obj`` as plain JSON values: ``to_dict()`` objects, tuples, sets and paths converted, NaN/inf as None.
-
-    Missing numbers are NaN in memory (``fmt`` prints them as a dash), but a file must stay valid JSON.
-    """
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, (str, int, bool)) or obj is None:
-        return obj
-    if isinstance(obj, Mapping):
-        return {k: json_ready(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set)):
-        return [json_ready(v) for v in obj]
-    return json_ready(_json_default(obj))
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "to_dict"):
-        return obj.to_dict()
-    if isinstance(obj, (set, tuple)):
-        return list(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "item") and callable(obj.item):  # a numpy / torch scalar
-        return obj.item()
-    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
-
-
 def write_submission(results: Iterable[PipelineResult], path: str | Path) -> Path:
     """Write a WebQA-style submission file atomically and return its path."""
-    return atomic_write_json(path, submission_from_results(results))
+    return write_json_atomic(path, submission_from_results(results))
 
 
 def save_results(results: Iterable[PipelineResult], path: str | Path) -> Path:
     """Every field of every result, as JSON (what the reasoning viewer and the eval report read back)."""
-    return atomic_write_json(path, [r.to_dict() for r in results])
+    return write_json_atomic(path, [r.to_dict() for r in results])
 
 
 def load_results(path: str | Path) -> list[PipelineResult]:
@@ -478,100 +435,60 @@ def _default_loader(preset: Preset, *, adapter_path: Path | None, model_path: st
     return model, processor
 
 
-def image_fn(preset: Preset) -> Callable[[Any], Any] | None:
+def image_fn(preset: Preset) -> Callable[[Any], Any]:
     """Resize images to the preset's fixed size (fixed token count per image; the mRoPE trap in docs/modeling.md).
 
     Pass it to ``build_request`` / ``fit_prompt`` to render a prompt exactly as ``run_pipeline`` does."""
-    try:
-        from mmrag_lite import modeling
-    except ImportError:  # pragma: no cover
-        return None
-    prep = getattr(modeling, "prepare_image", None)
-    if prep is None:
-        return None
-    return lambda img: prep(img, preset)
+    from mmrag_lite import modeling
+
+    return lambda img: modeling.prepare_image(img, preset)
 
 
 # ------------------------------------------------------------------------------------------ scoring
-def stage1_scores(model: Any, processor: Any, row: Row, preset: Preset) -> dict[str, float]:
-    """P(yes) for every candidate of one question from the point-wise judge (``scoring.score_candidates``)."""
-    from mmrag_lite import scoring
-
-    out = scoring.score_candidates(model, processor, row["question"], list(row["candidates"]), preset)
-    return {str(c["id"]): float(s) for c, s in zip(row["candidates"], out)}
-
-
 def score_rows(model: Any, processor: Any, rows: Sequence[Row], preset: Preset, *, progress: bool = False) -> dict[str, dict[str, float]]:
     """``{guid: {candidate id: P(yes)}}`` for many questions (``scoring.score_split``: pairs share batches)."""
     from mmrag_lite import scoring
 
-    scored = scoring.score_split(model, processor, rows, preset, progress=progress)
-    return {str(g): {str(cid): float(s) for cid, s in pairs} for g, pairs in scored.items()}
+    return _as_lookup(scoring.score_split(model, processor, rows, preset, progress=progress))
 
 
-def _scores_file(work_dir: str | Path, split: str) -> Path:
-    return Path(work_dir) / "stage1" / f"scores_{split}.json"  # scoring.scores_path, without importing torch here
+def _as_lookup(scored: Mapping[str, Sequence[tuple[str, float]]]) -> dict[str, dict[str, float]]:
+    return {str(guid): {str(cid): float(s) for cid, s in pairs} for guid, pairs in scored.items()}
 
 
 def load_cached_scores(work_dir: str | Path, split: str) -> dict[str, dict[str, float]]:
     """Stage-1 scores notebook 03 saved for ``split`` (``{guid: {candidate id: score}}``), or ``{}``."""
-    path = _scores_file(work_dir, split)
-    if not path.exists():
-        return {}
-    raw = json.loads(path.read_text(encoding="utf-8"))
-    return _normalise_scores(raw)
+    from mmrag_lite import scoring
+
+    path = scoring.scores_path(work_dir, split)
+    return _as_lookup(scoring.load_scores(path)) if path.is_file() else {}
 
 
 def reusable_scores(bank: ModelBank, split: str) -> dict[str, dict[str, float]]:
     """The saved stage-1 scores of ``split`` when they are the filter ``bank`` would compute, else ``{}``.
 
     They are the run's own ``stage1/adapter``'s, so they count only when the bank filters with that adapter (not with
-    one passed in ``adapters``). A file that records its judge (``meta["judge"]``, see ``judge_identity``) is reused
-    only while the adapter's content and the base both still match; an older file without it, only when written
-    after the adapter (a stage 1 retrained without re-scoring makes them stale). Either way an adapter trained on
-    another base raises ``AdapterBaseMismatch`` here, before any score is trusted.
+    one passed in ``adapters``), and only while the judge the file records (``meta["judge"]``, see
+    ``judge_identity``) still matches the adapter's content and the base; a file that records no judge is recomputed,
+    never trusted. An adapter trained on another base raises ``AdapterBaseMismatch`` here, before any score is read.
     """
+    from mmrag_lite import scoring
+
     own, used = bank.work_dir / "stage1" / "adapter", bank.adapter_path("stage1")
-    path = _scores_file(bank.work_dir, split)
+    path = scoring.scores_path(bank.work_dir, split)
     if used is None or used.resolve() != own.resolve() or not path.is_file():
         return {}
     bank.check_adapter("stage1")
-    raw = json.loads(path.read_text(encoding="utf-8"))
-    meta = raw.get("meta") if isinstance(raw, Mapping) else None
-    recorded = meta.get("judge") if isinstance(meta, Mapping) else None
-    if isinstance(recorded, Mapping):
-        if _same_judge(recorded, bank.judge_identity("stage1")):
-            return _normalise_scores(raw)
-        note = f"{path} was scored by another stage-1 judge (adapter or base changed): recomputing its scores"
-        if note not in bank.notes:
-            bank.notes.append(note)
-            if bank.verbose:
-                print("note:", note)
-        return {}
-    adapter_written = max((f.stat().st_mtime for f in own.iterdir()), default=0.0)
-    return _normalise_scores(raw) if path.stat().st_mtime >= adapter_written else {}
-
-
-def _normalise_scores(raw: Any) -> dict[str, dict[str, float]]:
-    """Accept ``{guid: {id: s}}``, ``{guid: {"candidate_ids": [...], "scores": [...]}}`` or a list of such records."""
-    out: dict[str, dict[str, float]] = {}
-    items: Iterable[tuple[str, Any]]
-    if isinstance(raw, Mapping) and "questions" in raw and isinstance(raw["questions"], (list, Mapping)):
-        raw = raw["questions"]
-    if isinstance(raw, list):
-        items = [(str(r.get("guid")), r) for r in raw if isinstance(r, Mapping)]
-    elif isinstance(raw, Mapping):
-        items = [(str(k), v) for k, v in raw.items()]
-    else:
-        return {}
-    for guid, rec in items:
-        if isinstance(rec, Mapping) and "candidate_ids" in rec and "scores" in rec:
-            out[guid] = {str(i): float(s) for i, s in zip(rec["candidate_ids"], rec["scores"])}
-        elif isinstance(rec, Mapping) and "scores" in rec and isinstance(rec["scores"], Mapping):
-            out[guid] = {str(i): float(s) for i, s in rec["scores"].items()}
-        elif isinstance(rec, Mapping) and all(isinstance(v, (int, float)) for v in rec.values()):
-            out[guid] = {str(i): float(s) for i, s in rec.items()}
-    return out
+    scored, meta = scoring.load_scores_and_meta(path)
+    recorded = meta.get("judge")
+    if isinstance(recorded, Mapping) and _same_judge(recorded, bank.judge_identity("stage1")):
+        return _as_lookup(scored)
+    note = f"{path} was scored by another (or an unrecorded) stage-1 judge: recomputing its scores"
+    if note not in bank.notes:
+        bank.notes.append(note)
+        if bank.verbose:
+            print("note:", note)
+    return {}
 
 
 # ------------------------------------------------------------------------------------------ generation
@@ -739,15 +656,12 @@ __all__ = [
     "adapter_base",
     "adapter_fingerprint",
     "answer_question",
-    "atomic_write_json",
-    "atomic_write_text",
     "base_key",
     "build_request",
     "default_batch_size",
     "fit_prompt",
     "generate",
     "image_fn",
-    "json_ready",
     "judge_identity",
     "load_cached_scores",
     "load_results",
@@ -762,7 +676,6 @@ __all__ = [
     "save_stage1_scores",
     "score_rows",
     "select_candidates",
-    "stage1_scores",
     "standard_systems",
     "submission_from_results",
     "top_k_ids",

@@ -33,6 +33,7 @@ from . import prompts
 from .atomic import write_json_atomic
 from .config import Preset
 from .data import one_split
+from .modeling import prepare_images
 
 Scored = dict[str, list[tuple[str, float]]]  # guid -> [(candidate_id, P(yes)), ...] in pool order
 
@@ -51,12 +52,6 @@ def _left_padding(processor: Any) -> Iterator[None]:
         yield
     finally:
         tok.padding_side = old
-
-
-def _prepare_images(images: Sequence[Any], preset: Preset) -> list[Any]:
-    from .modeling import prepare_image
-
-    return [prepare_image(img, preset) for img in images]
 
 
 def _encode(processor: Any, texts: list[str], images: list[list[Any]]) -> Mapping[str, torch.Tensor]:
@@ -137,7 +132,7 @@ def _score_pairs(
             for start in starts:
                 chunk = pairs[start : start + batch_size]
                 texts = [_stage1_text(processor, q, c, reasoning=reasoning_prompt) + prefix for q, c in chunk]
-                images = [_prepare_images(prompts.stage1_images(c), preset) for _, c in chunk]
+                images = [prepare_images(prompts.stage1_images(c), preset) for _, c in chunk]
                 enc = {k: v.to(device) for k, v in _encode(processor, texts, images).items()}
                 logits = model(**enc, logits_to_keep=1).logits[:, -1, :].float()
                 two_way = torch.stack([logits[:, yes_id], logits[:, no_id]], dim=-1)
@@ -224,7 +219,7 @@ def judge_by_generation(
             for start in range(0, len(candidates), batch_size):
                 chunk = candidates[start : start + batch_size]
                 texts = [_stage1_text(processor, question, c, reasoning=reasoning) for c in chunk]
-                images = [_prepare_images(prompts.stage1_images(c), preset) for c in chunk]
+                images = [prepare_images(prompts.stage1_images(c), preset) for c in chunk]
                 enc = {k: v.to(device) for k, v in _encode(processor, texts, images).items()}
                 gen = model.generate(
                     **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
@@ -282,7 +277,7 @@ def image_token_count(processor: Any, preset: Preset) -> int:
 
     blank = Image.new("RGB", (preset.model.image_size, preset.model.image_size))
     ip = processor.image_processor
-    grid = ip(images=[_prepare_images([blank], preset)[0]], return_tensors="pt")["image_grid_thw"][0]
+    grid = ip(images=[prepare_images([blank], preset)[0]], return_tensors="pt")["image_grid_thw"][0]
     merge = getattr(ip, "merge_size", 1) or 1
     return int(grid.prod().item()) // (merge * merge) + 2
 
@@ -356,8 +351,8 @@ def scores_path(work_dir: str | Path, split: str) -> Path:
 def save_scores(scored: Scored, path: str | Path, *, meta: Mapping[str, Any] | None = None) -> Path:
     """Write scores as JSON (temporary name, then rename: a crash never leaves half a file).
 
-    Layout: ``{"version", "meta", "questions": {guid: {"candidate_ids": [...], "scores": [...]}}}`` (pool order),
-    which ``pipeline.load_cached_scores`` reads.
+    Layout: ``{"version", "meta", "questions": {guid: {"candidate_ids": [...], "scores": [...]}}}`` (pool order);
+    a NaN score (fp16 overflow) is written as ``null`` and read back as NaN, so the file stays strict JSON.
     """
     payload = {
         "version": SCORES_FORMAT_VERSION,
@@ -370,19 +365,28 @@ def save_scores(scored: Scored, path: str | Path, *, meta: Mapping[str, Any] | N
     return write_json_atomic(path, payload, indent=1)
 
 
-def load_scores(path: str | Path) -> Scored:
-    """Read scores written by ``save_scores``."""
+def load_scores_and_meta(path: str | Path) -> tuple[Scored, dict[str, Any]]:
+    """Scores written by ``save_scores`` and the ``meta`` they were saved with (which judge computed them)."""
     payload = json.loads(Path(path).read_text(encoding="utf-8"))
-    if payload.get("version") != SCORES_FORMAT_VERSION:
-        raise ValueError(f"{path}: scores format {payload.get('version')!r}, expected {SCORES_FORMAT_VERSION}")
-    return {
-        guid: [(str(cid), float(s)) for cid, s in zip(rec["candidate_ids"], rec["scores"], strict=True)]
+    version = payload.get("version") if isinstance(payload, Mapping) else None
+    if version != SCORES_FORMAT_VERSION:
+        raise ValueError(f"{path}: scores format {version!r}, expected {SCORES_FORMAT_VERSION}; "
+                         "score the split again (notebook 03, or `python -m mmrag_lite train-stage1`)")
+    scored = {
+        guid: [(str(cid), math.nan if s is None else float(s))
+               for cid, s in zip(rec["candidate_ids"], rec["scores"], strict=True)]
         for guid, rec in payload["questions"].items()
     }
+    return scored, dict(payload.get("meta") or {})
+
+
+def load_scores(path: str | Path) -> Scored:
+    """Read scores written by ``save_scores``."""
+    return load_scores_and_meta(path)[0]
 
 
 __all__ = [
     "DEFAULT_BATCH_SIZE", "Judgement", "Scored", "answer_prefix", "candidate_token_costs", "filter_report",
-    "format_filter_report", "image_token_count", "judge_by_generation", "load_scores", "save_scores", "score_candidates",
+    "format_filter_report", "image_token_count", "judge_by_generation", "load_scores", "load_scores_and_meta", "save_scores", "score_candidates",
     "score_split", "scores_path", "top_k", "yes_no_token_ids",
 ]

@@ -25,12 +25,15 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import prompts
 from .atomic import atomic_dir, write_json_atomic
 from .config import Preset, runs_dir
 from .data import one_split
+
+if TYPE_CHECKING:
+    from trl import GRPOConfig
 
 # Reported per-component reward keys look like "rewards/<name>/mean" in TRL's logs.
 REWARD_KEY = "reward"
@@ -108,7 +111,7 @@ def grpo_config_kwargs(preset: Preset, stage: int, output_dir: str | Path | None
     }
 
 
-def grpo_config(preset: Preset, stage: int, output_dir: str | Path | None = None, **kw: Any):
+def grpo_config(preset: Preset, stage: int, output_dir: str | Path | None = None, **kw: Any) -> GRPOConfig:
     """A ``trl.GRPOConfig`` built from ``grpo_config_kwargs``."""
     from trl import GRPOConfig
 
@@ -699,21 +702,27 @@ def build_trainer(
 ) -> tuple[Any, RewardCurveCallback]:
     """A ``GRPOTrainer`` for one stage: model + processor from ``modeling``, LoRA from the preset, rewards by rule.
 
-    With ``init_adapter`` the model continues from a saved (trainable) adapter instead of a fresh LoRA. The LoRA
+    With ``init_adapter`` the model continues from a saved (trainable) adapter instead of a fresh LoRA; a ``model``
+    passed in comes with its processor and already carries whatever adapter it should continue from. The LoRA
     weights are trained in float32 whatever the compute dtype (``keep_trainable_in_float32``).
     """
     from transformers.trainer_callback import ProgressCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     from .modeling import load_model_and_processor, lora_config
 
+    if (model is None) != (processor is None):
+        raise ValueError("pass model and processor together (or neither, to load both from the preset)")
+    if model is not None and init_adapter is not None:
+        raise ValueError("init_adapter is loaded only with the preset's model: load the adapter onto the model you "
+                         "pass (modeling.load_model_and_processor(..., adapter_path=...)) or pass no model")
     if model is None or processor is None:
         model, processor = load_model_and_processor(preset, adapter_path=init_adapter, for_training=True)
         peft_config = None if init_adapter is not None else lora_config(preset)
     else:
         peft_config = None if hasattr(model, "peft_config") else lora_config(preset)
     funcs, _ = reward_funcs_for(preset, stage)
-    args = GRPOConfig(**grpo_config_kwargs(preset, stage, output_dir, max_steps=max_steps))
+    args = grpo_config(preset, stage, output_dir, max_steps=max_steps)
     curve = RewardCurveCallback(live=live_plot, title=f"stage {stage} GRPO rewards ({preset.name})")
     trainer = GRPOTrainer(
         model=model,

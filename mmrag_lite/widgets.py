@@ -12,7 +12,6 @@ from typing import Any
 
 from .data.webqa import QCATES as QCATE_OPTIONS
 
-
 # ----------------------------------------------------------------------------------------- dataset browser
 NO_PIXELS_HTML = "<small style='color:#888'>(image candidate without pixels)</small>"
 

@@ -73,8 +73,10 @@ def test_write_json_atomic_round_trips(tmp_path):
 
     path = tmp_path / "deep" / "x.json"
     payload = {"a": [1, 2.5, None], "b": "ü"}
-    assert write_json_atomic(path, payload, indent=1, ensure_ascii=False) == path
-    assert json.loads(path.read_text(encoding="utf-8")) == payload
+    assert write_json_atomic(path, payload, indent=1) == path
+    assert json.loads(path.read_text(encoding="utf-8")) == payload and "ü" in path.read_text(encoding="utf-8")
+    write_json_atomic(path, {"when": object()}, default=lambda obj: "custom")  # how training writes odd log values
+    assert json.loads(path.read_text(encoding="utf-8")) == {"when": "custom"}
     write_text_atomic(path, "[]")
     assert json.loads(path.read_text(encoding="utf-8")) == []
     assert _names(path.parent) == ["x.json"]  # no temporary file left

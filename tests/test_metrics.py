@@ -240,10 +240,10 @@ def test_fluency_is_the_best_reference_ratio_capped_at_one():
     assert webqa_fluency("car", [], scorer) == 0.0
 
 
-def test_mmqa_token_f1_by_hand():
-    assert metrics.mmqa_token_f1("red car", "red") == 0.67  # P 1/2, R 1: 2/3, rounded to 2 places as DROP does
-    assert metrics.mmqa_token_f1("the red car", "a red car") == 1.0  # articles are not tokens that count
-    assert metrics.mmqa_token_f1("blue", "red") == 0.0
+def test_mmqa_f1_by_hand():
+    assert metrics.mmqa_em_f1("red car", ["red"]) == (0.0, 0.67)  # P 1/2, R 1: 2/3, rounded to 2 places as DROP does
+    assert metrics.mmqa_em_f1("the red car", ["a red car"]) == (1.0, 1.0)  # articles are not tokens that count
+    assert metrics.mmqa_em_f1("blue", ["red"]) == (0.0, 0.0)
 
 
 def test_load_bart_scorer_offline_is_none_not_an_error():

@@ -109,29 +109,27 @@ def test_result_round_trip_and_submission(tmp_path):
 
 
 def test_saved_scores_are_reused_only_for_the_adapter_that_wrote_them(tmp_path):
-    import os
+    from mmrag_lite import scoring
 
-    adapter = tmp_path / "stage1" / "adapter"
-    adapter.mkdir(parents=True)
-    (adapter / "adapter_model.safetensors").write_text("weights")
-    scores = tmp_path / "stage1" / "scores_test.json"
-    scores.write_text(json.dumps({"g": {"a": 0.2, "b": 0.9}}))
-    os.utime(adapter / "adapter_model.safetensors", (1_000, 1_000))
-    os.utime(scores, (2_000, 2_000))
+    adapter = _fake_adapter(tmp_path / "stage1" / "adapter", P.preset_base_model(PRESET))
+    P.save_stage1_scores({"g": [("a", 0.2), ("b", 0.9)]}, PRESET, tmp_path, "test", adapter)
     own = P.ModelBank(PRESET, tmp_path, verbose=False)
     assert P.reusable_scores(own, "test") == {"g": {"a": 0.2, "b": 0.9}}
     assert P.reusable_scores(own, "train") == {}  # never saved
-    other = tmp_path / "other-adapter"
-    other.mkdir()
+    other = _fake_adapter(tmp_path / "other-adapter", P.preset_base_model(PRESET))
     assert P.reusable_scores(P.ModelBank(PRESET, tmp_path, adapters={"stage1": other}, verbose=False), "test") == {}
-    os.utime(adapter / "adapter_model.safetensors", (3_000, 3_000))  # stage 1 retrained after the scores were saved
-    assert P.reusable_scores(own, "test") == {}
+    scoring.save_scores({"g": [("a", 0.2)]}, scoring.scores_path(tmp_path, "test"))  # no judge recorded
+    assert P.reusable_scores(own, "test") == {} and any("unrecorded" in n for n in own.notes)
 
 
-def test_cached_scores_formats():
-    v1 = {"version": 1, "meta": {}, "questions": {"g": {"candidate_ids": ["a", "b"], "scores": [0.1, 0.9]}}}
-    assert P._normalise_scores(v1) == {"g": {"a": 0.1, "b": 0.9}}
-    assert P._normalise_scores({"g": {"a": 0.2}}) == {"g": {"a": 0.2}}
+def test_saved_scores_stay_strict_json_with_a_nan_score(tmp_path):
+    from mmrag_lite import scoring
+
+    path = scoring.save_scores({"g": [("a", float("nan")), ("b", 0.9)]}, scoring.scores_path(tmp_path, "test"))
+    json.loads(path.read_text(), parse_constant=_no_constant)  # a bare NaN would raise here
+    back = P.load_cached_scores(tmp_path, "test")["g"]
+    assert math.isnan(back["a"]) and back["b"] == 0.9
+    assert P.top_k_ids(back, 1, ["a", "b"]) == ["b"]  # the overflowed candidate ranks last, as before saving
 
 
 # ------------------------------------------------------------------------------------------ with the tiny model
@@ -287,7 +285,9 @@ def _no_constant(name):
 
 def test_written_json_is_strict_nan_becomes_null(tmp_path):
     payload = {"echoed": float("nan"), "inf": float("inf"), "rows": [{"x": (1.5, float("nan"))}], "p": tmp_path}
-    path = P.atomic_write_json(tmp_path / "r.json", payload)
+    from mmrag_lite.atomic import write_json_atomic
+
+    path = write_json_atomic(tmp_path / "r.json", payload)
     data = json.loads(path.read_text(), parse_constant=_no_constant)  # a bare NaN would raise here
     assert data == {"echoed": None, "inf": None, "rows": [{"x": [1.5, None]}], "p": str(tmp_path)}
 

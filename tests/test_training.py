@@ -386,6 +386,13 @@ def test_stage2_grpo_step_from_stage1_adapter(tiny_dir: Path, tmp_path: Path, pr
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_build_trainer_refuses_arguments_it_would_ignore(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="together"):
+        training.build_trainer(PRESET, 1, [], tmp_path, model=object())  # a model without its processor
+    with pytest.raises(ValueError, match="init_adapter"):
+        training.build_trainer(PRESET, 2, [], tmp_path, model=object(), processor=object(), init_adapter=tmp_path)
+
+
 def test_stage2_init_adapter_follows_the_preset(tmp_path: Path) -> None:
     adapter = tmp_path / "stage1" / "adapter"
     adapter.mkdir(parents=True)
