@@ -135,6 +135,9 @@ class EvalSettings:
 QWEN_VL_PATCH_SIZE = 14  # Qwen2-VL / Qwen2.5-VL vision patch side in pixels (the miniature uses the same)
 QWEN_VL_MERGE_SIZE = 2  # 2x2 patches merge into one language-model token
 IMAGE_WRAPPER_TOKENS = 2  # <|vision_start|> and <|vision_end|> around each image's <|image_pad|> run
+
+# the named reward components of each stage; a preset's weights may name only these (rewards builds them)
+STAGE_COMPONENTS: dict[int, tuple[str, ...]] = {1: ("format", "relevance"), 2: ("format", "ranking", "answer")}
 # Room a stage-2 prompt needs for text besides its images, for the budget check only (an estimate, not a limit):
 PROMPT_TEXT_FIXED_TOKENS = 128  # system prompt, chat template and question; ~100 with Qwen's tokenizer
 PROMPT_TEXT_TOKENS_PER_CANDIDATE = 48  # "D3: Image titled '...': <caption>"; an 8-image prompt measured 216 text tokens
@@ -200,12 +203,10 @@ class Preset:
                                 "gradient_accumulation_steps and learning_rate must be > 0, and beta >= 0")
             if not stage.weights or any(w < 0 for w in stage.weights.values()):
                 problems.append(f"{stage_name}.weights must be non-empty and non-negative")
-        unknown1 = set(self.stage1.weights) - {"format", "relevance"}
-        unknown2 = set(self.stage2.weights) - {"format", "ranking", "answer"}
-        if unknown1:
-            problems.append(f"stage1.weights has unknown components {sorted(unknown1)}; known: format, relevance")
-        if unknown2:
-            problems.append(f"stage2.weights has unknown components {sorted(unknown2)}; known: format, ranking, answer")
+        for stage_name, weights, known in (("stage1", self.stage1.weights, STAGE_COMPONENTS[1]),
+                                           ("stage2", self.stage2.weights, STAGE_COMPONENTS[2])):
+            if unknown := sorted(set(weights) - set(known)):
+                problems.append(f"{stage_name}.weights has unknown components {unknown}; known: {', '.join(known)}")
         if not 0 < self.stage1.positive_fraction < 1:
             problems.append("stage1.positive_fraction must be in (0, 1)")
         if self.stage1.k < 1 or self.stage1.k > self.data.max_candidates:
@@ -583,6 +584,7 @@ def load_preset_yaml(path: str | Path) -> Preset:
 
 __all__ = [
     "PRESETS",
+    "STAGE_COMPONENTS",
     "ConfigError",
     "DataSettings",
     "EvalSettings",

@@ -555,6 +555,21 @@ def mmqa_em_f1(prediction: Any, gold_answers: Sequence[Any]) -> tuple[float, flo
 
 
 # ================================================================================================ ranking
+def top_k_ids(scores: Mapping[str, float | None], k: int, order: Sequence[str]) -> list[str]:
+    """The k best-scored ids of ``order``, best first: the stage-1 filter's one ranking rule.
+
+    Ties keep pool order (a stable, reproducible cut); a missing or NaN score (an fp16 overflow on a GPU) ranks last.
+    """
+    pos = {cid: i for i, cid in enumerate(order)}
+
+    def key(cid: str) -> tuple[float, int]:
+        s = scores.get(cid)
+        s = -math.inf if s is None or math.isnan(s) else float(s)
+        return (-s, pos[cid])
+
+    return sorted(order, key=key)[: max(0, k)]
+
+
 def _ranked(ranked: Iterable[Any], k: int | None) -> list[str]:
     seen = list(dict.fromkeys(str(r) for r in ranked or []))  # first occurrence of each id, in order (linear)
     return seen if k is None else seen[: max(k, 0)]
@@ -804,6 +819,7 @@ __all__ = [
     "qa_reference",
     "read_webqa_val_references",
     "recall_at_k",
+    "top_k_ids",
     "webqa_accuracy",
     "webqa_accuracy_batch",
     "webqa_bags",

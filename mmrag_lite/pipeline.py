@@ -39,6 +39,7 @@ from mmrag_lite import prompts
 from mmrag_lite.atomic import write_json_atomic
 from mmrag_lite.config import Preset
 from mmrag_lite.data import one_split
+from mmrag_lite.metrics import top_k_ids
 
 Row = Mapping[str, Any]  # one Mini-WebQA row (docs/CONTRACTS.md)
 FilterKind = Literal["all", "base", "stage1", "oracle"]
@@ -148,18 +149,6 @@ class Stage2Request:
 
 
 # -------------------------------------------------------------------------------- pure building blocks
-def top_k_ids(scores: Mapping[str, float], k: int, order: Sequence[str]) -> list[str]:
-    """The k best-scored ids; ties keep pool order (deterministic). Unscored ids rank last."""
-    pos = {cid: i for i, cid in enumerate(order)}
-
-    def key(cid: str) -> tuple[float, int]:
-        s = scores.get(cid, float("-inf"))
-        s = float("-inf") if s is None or (isinstance(s, float) and math.isnan(s)) else float(s)
-        return (-s, pos.get(cid, len(pos)))
-
-    return sorted(order, key=key)[: max(0, k)]
-
-
 def oracle_ids(row: Row, scores: Mapping[str, float] | None, k: int) -> list[str]:
     """A perfect stage-1 filter's top-k (pure): every gold candidate, padded with the best-scored distractors to k.
 
@@ -615,7 +604,7 @@ def run_pipeline(rows: Sequence[Row] | Any, preset: Preset, *, system: SystemSpe
                    max_tokens=preset.stage2.max_prompt_tokens, image_fn=resize)
         for row, sc in zip(rows, all_scores)
     ]
-    completions = generate(model, processor, requests, max_new_tokens=max_new_tokens or _max_new_tokens(preset, reasoning),
+    completions = generate(model, processor, requests, max_new_tokens=max_new_tokens or preset.stage2.grpo.max_completion_length,
                            batch_size=batch_size or default_batch_size(preset), progress=progress,
                            desc=f"stage 2 [{system.name}]")
     results: list[PipelineResult] = []
@@ -632,11 +621,6 @@ def run_pipeline(rows: Sequence[Row] | Any, preset: Preset, *, system: SystemSpe
 def default_batch_size(preset: Preset) -> int:
     """Prompts per ``generate`` call: the miniature is overhead-bound (bigger is faster); real VLMs are memory-bound."""
     return 64 if preset.model.model_id == "tiny" else 8
-
-
-def _max_new_tokens(preset: Preset, reasoning: bool) -> int:
-    """As long as training allowed; reasoning needs room to think (training's budget is the same)."""
-    return int(preset.stage2.grpo.max_completion_length)
 
 
 def answer_question(row: Row, preset: Preset, *, system: SystemSpec | None = None, bank: ModelBank | None = None,

@@ -9,7 +9,8 @@ Stage 2 (list-wise reasoner) sees the question and the top-k survivors, each beh
 
     <think> which documents support the answer and how </think><sources>D2, D5</sources><answer>red</answer>
 
-Tags are data (``Tags``) so a course exercise can rename them; ``parsing`` reads the same ``Tags``.
+Tags are data (``Tags``) so a course exercise can rename them: the prompt builders, ``parsing`` and ``rewards`` all
+take the same ``Tags``, so a renamed tag is what the prompt asks for and what the reward checks.
 Messages follow the transformers/TRL conversational format; images travel separately, in the order of the
 ``{"type": "image"}`` parts.
 """
@@ -41,21 +42,28 @@ class Tags:
     def close(self, name: str) -> str:
         return f"</{getattr(self, name)}>"
 
+    def fields(self) -> dict[str, str]:
+        """``think_open``, ``think_close``, ... for filling the prompt templates below."""
+        return {f"{name}_{end}": getattr(self, end)(name) for name in ("think", "answer", "sources")
+                for end in ("open", "close")}
+
 
 DEFAULT_TAGS = Tags()
 
+# templates: {reasoning} takes the hint (or ""), the tag fields come from ``Tags.fields``
 STAGE1_SYSTEM = (
     "You judge whether a document helps answer a question. "
-    "{reasoning}Then give your verdict as <answer>yes</answer> or <answer>no</answer>."
+    "{reasoning}Then give your verdict as {answer_open}yes{answer_close} or {answer_open}no{answer_close}."
 )
-STAGE1_REASONING_HINT = "First think briefly inside <think></think>. "
+STAGE1_REASONING_HINT = "First think briefly inside {think_open}{think_close}. "
 
 STAGE2_SYSTEM = (
     "You answer a question using the documents D1..D{k}. {reasoning}"
-    "List the ids of the documents that support the answer, most useful first, inside <sources></sources>, "
-    "separated by commas. Then give a short answer inside <answer></answer>."
+    "List the ids of the documents that support the answer, most useful first, inside {sources_open}{sources_close}, "
+    "separated by commas. Then give a short answer inside {answer_open}{answer_close}."
 )
-STAGE2_REASONING_HINT = "First reason inside <think></think> about which documents matter and why. "
+STAGE2_REASONING_HINT = "First reason inside {think_open}{think_close} about which documents matter and why. "
+QUESTION_PREFIX = "Question:"  # introduces the question in both prompts; rewards finds the question after it
 
 
 def _text(text: str) -> dict[str, str]:
@@ -75,13 +83,30 @@ def _has_image(candidate: Candidate) -> bool:
     return candidate.get("modality") == "image" and candidate.get("image") is not None
 
 
-def stage1_messages(question: str, candidate: Candidate, *, reasoning: bool = True) -> list[Message]:
+def _system(template: str, hint: str, reasoning: bool, tags: Tags, **extra: Any) -> str:
+    fields = tags.fields()
+    return template.format(reasoning=hint.format(**fields) if reasoning else "", **fields, **extra)
+
+
+def stage1_system(*, reasoning: bool = True, tags: Tags = DEFAULT_TAGS) -> str:
+    """The stage-1 system prompt: what to judge and the format to write."""
+    return _system(STAGE1_SYSTEM, STAGE1_REASONING_HINT, reasoning, tags)
+
+
+def stage2_system(k: int, *, reasoning: bool = True, tags: Tags = DEFAULT_TAGS) -> str:
+    """The stage-2 system prompt for ``k`` documents D1..Dk."""
+    return _system(STAGE2_SYSTEM, STAGE2_REASONING_HINT, reasoning, tags, k=k)
+
+
+def stage1_messages(question: str, candidate: Candidate, *, reasoning: bool = True,
+                    tags: Tags = DEFAULT_TAGS) -> list[Message]:
     """Point-wise prompt: one question, one candidate (its image part first, then its text)."""
-    system = STAGE1_SYSTEM.format(reasoning=STAGE1_REASONING_HINT if reasoning else "")
+    system = stage1_system(reasoning=reasoning, tags=tags)
     content: list[dict[str, str]] = []
     if _has_image(candidate):
         content.append({"type": "image"})
-    content.append(_text(f"Document: {describe_candidate(candidate)}\nQuestion: {question}\nDoes the document help?"))
+    content.append(_text(f"Document: {describe_candidate(candidate)}\n{QUESTION_PREFIX} {question}\n"
+                         "Does the document help?"))
     return [{"role": "system", "content": [_text(system)]}, {"role": "user", "content": content}]
 
 
@@ -95,17 +120,18 @@ def short_ids(k: int) -> list[str]:
     return [f"D{i}" for i in range(1, k + 1)]
 
 
-def stage2_messages(question: str, candidates: Sequence[Candidate], *, reasoning: bool = True) -> list[Message]:
+def stage2_messages(question: str, candidates: Sequence[Candidate], *, reasoning: bool = True,
+                    tags: Tags = DEFAULT_TAGS) -> list[Message]:
     """List-wise prompt: every candidate behind its short id, images inline where they belong."""
     ids = short_ids(len(candidates))
-    system = STAGE2_SYSTEM.format(k=len(candidates), reasoning=STAGE2_REASONING_HINT if reasoning else "")
+    system = stage2_system(len(candidates), reasoning=reasoning, tags=tags)
     content: list[dict[str, str]] = []
     for sid, cand in zip(ids, candidates):
         content.append(_text(f"{sid}: "))
         if _has_image(cand):
             content.append({"type": "image"})
         content.append(_text(describe_candidate(cand) + "\n"))
-    content.append(_text(f"Question: {question}"))
+    content.append(_text(f"{QUESTION_PREFIX} {question}"))
     return [{"role": "system", "content": [_text(system)]}, {"role": "user", "content": content}]
 
 
@@ -166,6 +192,7 @@ def stage2_target(source_ids: Sequence[str], answer: str, *, reasoning: bool = F
 
 
 __all__ = [
-    "DEFAULT_TAGS", "NO", "YES", "Tags", "describe_candidate", "permutations", "short_ids", "stage1_images",
-    "stage1_messages", "stage1_target", "stage2_images", "stage2_messages", "stage2_target",
+    "DEFAULT_TAGS", "NO", "QUESTION_PREFIX", "YES", "Tags", "describe_candidate", "permutations", "short_ids", "stage1_images",
+    "stage1_messages", "stage1_system", "stage1_target", "stage2_images", "stage2_messages", "stage2_system",
+    "stage2_target",
 ]

@@ -68,12 +68,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from mmrag_lite import metrics
+from mmrag_lite.config import STAGE_COMPONENTS
 from mmrag_lite.parsing import Stage1Parse, Stage2Parse, parse_stage1, parse_stage2
-from mmrag_lite.prompts import DEFAULT_TAGS, NO, YES, Tags
+from mmrag_lite.prompts import DEFAULT_TAGS, NO, QUESTION_PREFIX, YES, Tags
 
 RewardFunc = Callable[..., list[float]]
 
-STAGE_COMPONENTS: dict[int, tuple[str, ...]] = {1: ("format", "relevance"), 2: ("format", "ranking", "answer")}
 RANKING_METRICS = ("f1", "ndcg")
 ANSWER_METRICS = ("webqa", "mmqa_f1", "mmqa_em")
 
@@ -113,14 +113,15 @@ def _ids(value: Any) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------- format
 def format_reward(
-    completions: Sequence[Any], *, stage: int, reasoning: bool, penalty: float = 0.0, tags: Tags = DEFAULT_TAGS, **_: Any
+    completions: Sequence[Any], *, stage: int, reasoning: bool, penalty: float = 0.0, tags: Tags = DEFAULT_TAGS,
+    **columns: Any,
 ) -> list[float]:
     """1 for exactly the required structure of ``stage``, else ``penalty``. Stage 2 checks ids when ``candidate_ids`` is passed."""
     penalty = _check_penalty(penalty)
     if stage == 1:
         parses: list[Any] = [parse_stage1(c, reasoning=reasoning, tags=tags) for c in completions]
     elif stage == 2:
-        cand = _ids_column_or_none("candidate_ids", _, len(completions))
+        cand = _ids_column_or_none("candidate_ids", columns, len(completions))
         parses = [parse_stage2(c, cand[i], reasoning=reasoning, tags=tags) for i, c in enumerate(completions)]
     else:
         raise ValueError(f"stage must be 1 or 2, got {stage!r}")
@@ -229,7 +230,6 @@ def ranking_reward(
 
 # ------------------------------------------------------------------------------------------------- answer
 HEDGE_GUARD_CATEGORIES = frozenset({"color", "shape", "YesNo"})  # F1 over a closed vocabulary: where hedging paid
-_QUESTION_PREFIX = "Question:"  # how prompts.stage2_messages introduces the question (a test pins the two together)
 
 
 def question_from_prompt(prompt: Any) -> str | None:
@@ -245,9 +245,9 @@ def question_from_prompt(prompt: Any) -> str | None:
                 elif isinstance(content, (list, tuple)):
                     text = "".join(p.get("text") or "" for p in content if isinstance(p, Mapping) and isinstance(p.get("text"), str))
                 break
-    if not text or _QUESTION_PREFIX not in text:
+    if not text or QUESTION_PREFIX not in text:
         return None
-    return text.rsplit(_QUESTION_PREFIX, 1)[1].strip() or None
+    return text.rsplit(QUESTION_PREFIX, 1)[1].strip() or None
 
 
 _WORD = re.compile(r"\w+")

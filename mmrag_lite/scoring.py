@@ -31,8 +31,9 @@ import torch
 
 from . import prompts
 from .atomic import write_json_atomic
-from .config import Preset
+from .config import IMAGE_WRAPPER_TOKENS, Preset
 from .data import one_split
+from .metrics import top_k_ids
 from .modeling import prepare_images
 
 Scored = dict[str, list[tuple[str, float]]]  # guid -> [(candidate_id, P(yes)), ...] in pool order
@@ -234,23 +235,17 @@ def judge_by_generation(
 
 
 # ------------------------------------------------------------------------------------------- top-k
-def top_k(scored: Scored | Sequence[tuple[str, float]], k: int) -> Any:
-    """The ids of the k best-scored candidates, best first; ties keep pool order (a stable, reproducible cut).
+def top_k(scored: Scored | Sequence[tuple[str, float]], k: int) -> list[str] | dict[str, list[str]]:
+    """The ids of the k best-scored candidates, best first (``metrics.top_k_ids``: ties keep pool order, a missing or
+    NaN score ranks last, exactly as the pipeline filters).
 
     Accepts one question's ``[(id, score), ...]`` (returns a list) or a whole ``Scored`` dict (returns a dict).
-    A missing or NaN score (fp16 overflow on a GPU) ranks last, as in ``pipeline.top_k_ids``.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if isinstance(scored, Mapping):
-        return {guid: top_k(pairs, k) for guid, pairs in scored.items()}
-
-    def key(item: tuple[int, tuple[str, float | None]]) -> tuple[float, int]:
-        position, (_, score) = item
-        return (-score if score is not None and not math.isnan(score) else math.inf, position)
-
-    ranked = sorted(enumerate(scored), key=key)
-    return [cid for _, (cid, _) in ranked[:k]]
+        return {guid: top_k_ids(dict(pairs), k, [cid for cid, _ in pairs]) for guid, pairs in scored.items()}
+    return top_k_ids(dict(scored), k, [cid for cid, _ in scored])
 
 
 def candidate_token_costs(processor: Any, candidates: Sequence[Mapping[str, Any]], preset: Preset) -> list[int]:
@@ -279,7 +274,7 @@ def image_token_count(processor: Any, preset: Preset) -> int:
     ip = processor.image_processor
     grid = ip(images=[prepare_images([blank], preset)[0]], return_tensors="pt")["image_grid_thw"][0]
     merge = getattr(ip, "merge_size", 1) or 1
-    return int(grid.prod().item()) // (merge * merge) + 2
+    return int(grid.prod().item()) // (merge * merge) + IMAGE_WRAPPER_TOKENS
 
 
 def filter_report(

@@ -230,7 +230,7 @@ def result_html(result: Any, row: Mapping[str, Any] | None = None, *, thumb: int
     import base64
     import math
 
-    from mmrag_lite.pipeline import top_k_ids
+    from mmrag_lite.metrics import top_k_ids
 
     esc = html.escape
     scores = dict(_field(result, "scores", {}) or {})

@@ -96,6 +96,20 @@ def test_stage1_custom_tags():
     assert not parse_stage1("<think>t</think><answer>no</answer>", reasoning=True, tags=tags).ok
 
 
+def test_renamed_tags_reach_the_prompts_too():
+    """A renamed tag is what the system prompt asks for, not only what the parser reads."""
+    from mmrag_lite.prompts import stage1_messages, stage2_messages
+
+    tags = Tags(think="reason", answer="verdict", sources="docs")
+    cand = {"id": "a", "modality": "text", "title": "t", "text": "x"}
+    s1 = stage1_messages("q?", cand, reasoning=True, tags=tags)[0]["content"][0]["text"]
+    s2 = stage2_messages("q?", [cand], reasoning=True, tags=tags)[0]["content"][0]["text"]
+    assert "<verdict>yes</verdict>" in s1 and "<reason></reason>" in s1 and "<answer>" not in s1
+    assert "<docs></docs>" in s2 and "<verdict></verdict>" in s2 and "<think>" not in s2
+    default = stage2_messages("q?", [cand], reasoning=False)[0]["content"][0]["text"]
+    assert "<sources></sources>" in default and "<think>" not in default  # no hint without reasoning
+
+
 # ----------------------------------------------------------------------------------------------- stage 2
 @pytest.mark.parametrize("reasoning", [True, False])
 def test_stage2_round_trips_the_prompt_contract(reasoning):

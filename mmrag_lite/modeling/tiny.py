@@ -24,13 +24,11 @@ from ..data import world
 from ..prompts import (
     DEFAULT_TAGS,
     NO,
-    STAGE1_REASONING_HINT,
-    STAGE1_SYSTEM,
-    STAGE2_REASONING_HINT,
-    STAGE2_SYSTEM,
     YES,
     short_ids,
+    stage1_system,
     stage1_target,
+    stage2_system,
     stage2_target,
 )
 from .common import TINY_LABEL, ModelLoadError, miniature_progress_off
@@ -119,9 +117,8 @@ def tokenizer_corpus() -> list[str]:
     wv = _world_vocabulary()
     lines: list[str] = ["You are a helpful assistant."] + wv["filler"] * 20
     for reasoning in (True, False):
-        lines.append(STAGE1_SYSTEM.format(reasoning=STAGE1_REASONING_HINT if reasoning else ""))
-        for k in range(1, 17):
-            lines.append(STAGE2_SYSTEM.format(k=k, reasoning=STAGE2_REASONING_HINT if reasoning else ""))
+        lines.append(stage1_system(reasoning=reasoning))
+        lines.extend(stage2_system(k, reasoning=reasoning) for k in range(1, 17))
     vocab = _COLOURS + _SHAPES + _NUMBER_WORDS + _COMMON_WORDS
     ids = short_ids(16)
     questions = [
