@@ -71,11 +71,12 @@ def resolve(args: argparse.Namespace, *, existing: bool = False) -> tuple[Preset
         preset = resolve_preset(args.preset, **overrides_of(args))
     except ConfigError as exc:
         raise CLIError(str(exc)) from None
-    if existing:
-        folder = Path(args.work_dir) if args.work_dir else runs_dir() / preset.name
-        if not folder.is_dir():
-            raise CLIError(f"no run folder at {folder}: run build-data / train-stage1 / train-stage2 first, or pass "
-                           "the --work-dir of an existing run")
+    folder = Path(args.work_dir) if args.work_dir else runs_dir() / preset.name
+    if folder.exists() and not folder.is_dir():
+        raise CLIError(f"--work-dir {folder} is a file, not a run folder: pass a folder")
+    if existing and not folder.is_dir():
+        raise CLIError(f"no run folder at {folder}: run build-data / train-stage1 / train-stage2 first, or pass "
+                       "the --work-dir of an existing run")
     return preset, work_dir(preset, args.work_dir)
 
 
@@ -119,16 +120,23 @@ def _main_process_first():
 
 # ------------------------------------------------------------------------------------------ commands
 def cmd_build_data(args: argparse.Namespace) -> int:
+    from mmrag_lite.course import funnel_lines
+
     preset, wd = resolve(args)
     ds = run_data(args, preset, wd)
     sizes = {name: len(split) for name, split in ds.items()}
     print(f"Mini-WebQA ({preset.name}) in {wd / 'mini_webqa'}: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
+    print("\n".join(funnel_lines(wd)))
     return 0
+
+
+def _is_adapter(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file()
 
 
 def _stage1_adapter(wd: Path) -> Path | None:
     path = wd / "stage1" / "adapter"
-    return path if path.exists() else None
+    return path if _is_adapter(path) else None
 
 
 def cmd_train_stage1(args: argparse.Namespace) -> int:
@@ -156,6 +164,10 @@ def cmd_train_stage2(args: argparse.Namespace) -> int:
 
     preset, wd = resolve(args)
     _check_device(preset)
+    init = Path(args.init_adapter) if args.init_adapter else None  # None: train_stage2 follows stage2.init_from
+    if init is not None and not _is_adapter(init):  # checked before minutes of re-scoring, not after
+        raise CLIError(f"--init-adapter {init} holds no adapter_config.json (a PEFT adapter folder, e.g. "
+                       "<work-dir>/stage1/adapter)")
     ds = run_data(args, preset, wd)
     adapter = _stage1_adapter(wd)
     if adapter is None:
@@ -173,9 +185,6 @@ def cmd_train_stage2(args: argparse.Namespace) -> int:
     release_memory()  # the judge is not needed while stage 2 trains
     dataset, build_report = training.stage2_dataset_for_run(preset, wd, ds["train"])
     print(build_report)
-    init = Path(args.init_adapter) if args.init_adapter else None  # None: train_stage2 follows stage2.init_from
-    if init is not None and not init.exists():
-        raise CLIError(f"--init-adapter {init} does not exist")
     training.train_stage2(preset, dataset, wd, init_adapter=init, resume=args.resume)
     print(f"stage 2 trained: adapter {wd / 'stage2' / 'adapter'}")
     return 0
@@ -187,7 +196,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     preset, wd = resolve(args, existing=True)
     _check_device(preset)
-    if args.stage1_adapter and not (Path(args.stage1_adapter) / "adapter_config.json").is_file():
+    if args.stage1_adapter and not _is_adapter(Path(args.stage1_adapter)):
         raise CLIError(f"--stage1-adapter {args.stage1_adapter} holds no adapter_config.json (a PEFT adapter folder)")
     run_data(args, preset, wd)  # refuses a run folder built with other settings instead of rebuilding it
     adapters = {"stage1": args.stage1_adapter} if args.stage1_adapter else None
@@ -229,6 +238,9 @@ def _common(p: argparse.ArgumentParser, *, data_options: bool = True) -> None:
                        "built with other settings (refused otherwise)")
 
 
+RESUME_HELP = "resume from the last checkpoint in the run folder (an interrupted run with the same settings)"
+
+
 def _positive_int(value: str) -> int:
     try:
         n = int(value)
@@ -239,44 +251,51 @@ def _positive_int(value: str) -> int:
     return n
 
 
+def _subcommand(sub: Any, name: str, summary: str) -> argparse.ArgumentParser:
+    """A subcommand whose ``--help`` page opens with the line ``python -m mmrag_lite --help`` shows for it."""
+    return sub.add_parser(name, help=summary, description=summary[:1].upper() + summary[1:] + ".")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mmrag_lite", description="mmrag-lite: build data, train stage 1 / stage 2, evaluate, or run the whole course headless.",
+    parser = argparse.ArgumentParser(prog="python -m mmrag_lite", description=(__doc__ or "").replace("``", ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("build-data", help="build Mini-WebQA into the run folder (from --webqa-dir, else a synthetic "
+    p = _subcommand(sub, "build-data", "build Mini-WebQA into the run folder (from --webqa-dir, else a synthetic "
                                           "world in the real layout)")
     _common(p)
     p.set_defaults(func=cmd_build_data)
 
-    p = sub.add_parser("train-stage1", help="stage-1 point-wise GRPO, then score the splits with the new judge")
+    p = _subcommand(sub, "train-stage1", "stage-1 point-wise GRPO, then score the splits with the new judge")
     _common(p)
-    p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in the run folder")
+    p.add_argument("--resume", action="store_true", help=RESUME_HELP)
     p.add_argument("--no-score", action="store_true", help="skip writing stage1/scores_<split>.json")
     p.add_argument("--score-splits", nargs="+", default=["train", "test"], choices=SPLITS,
                    help="splits to score (default: train test)")
     p.set_defaults(func=cmd_train_stage1)
 
-    p = sub.add_parser("train-stage2", help="stage-2 list-wise GRPO over the stage-1 top-k")
+    p = _subcommand(sub, "train-stage2", "stage-2 list-wise GRPO over the stage-1 top-k")
     _common(p)
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume", action="store_true", help=RESUME_HELP)
     p.add_argument("--init-adapter", default=None, help="start from this adapter (default: <work-dir>/stage1/adapter when stage2.init_from=stage1, else the base model)")
     p.set_defaults(func=cmd_train_stage2)
 
-    p = sub.add_parser("evaluate", help="systems x metrics table, ablations, robustness -> <work-dir>/eval/")
+    p = _subcommand(sub, "evaluate", "systems x metrics table, ablations, robustness -> <work-dir>/eval/")
     _common(p, data_options=False)
-    p.add_argument("--split", default="test", choices=SPLITS)
+    p.add_argument("--split", default="test", choices=SPLITS, help="Mini-WebQA split to evaluate (default: test)")
     p.add_argument("--questions", type=_positive_int, default=None,
                    help="questions to evaluate (default preset.evaluation.questions)")
     p.add_argument("--stage1-adapter", default=None, help="stage-1 adapter (default <work-dir>/stage1/adapter)")
     p.add_argument("--no-mmqa", action="store_true", help="skip the MultimodalQA columns")
-    p.add_argument("--no-ablations", action="store_true")
-    p.add_argument("--no-robustness", action="store_true")
+    p.add_argument("--no-ablations", action="store_true", help="skip the ablation tables (k, reasoning, reward "
+                   "weights)")
+    p.add_argument("--no-robustness", action="store_true", help="skip the conflicting/misleading-distractor check")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("course", help="run every course notebook headless (papermill) and print a summary")
-    p.add_argument("--preset", type=_preset_name, default="cpu-tiny")
+    p = _subcommand(sub, "course", "run every course notebook headless (papermill) and print a summary")
+    p.add_argument("--preset", type=_preset_name, default="cpu-tiny",
+                   help="hardware preset (default cpu-tiny: the course's offline miniature, minutes on a CPU)")
     p.add_argument("--out-dir", default=None, help="where executed notebooks and the run folder go")
     _add_set_option(p, "; passed to every notebook (--set evaluation.retrain_ablations=false saves time on a slow machine)")
     p.set_defaults(func=cmd_course)
@@ -286,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message already says what to do: printed without a traceback. The model-side ones are looked up
     only when their module was imported (importing it here would load torch for ``--help``)."""
-    errors: list[type[BaseException]] = [CLIError, ConfigError]
+    # FileNotFoundError / NotADirectoryError: the readers and the course raise them naming the path and what to do
+    errors: list[type[BaseException]] = [CLIError, ConfigError, FileNotFoundError, NotADirectoryError]
     for module, name in (("mmrag_lite.modeling", "ModelLoadError"), ("mmrag_lite.pipeline", "AdapterBaseMismatch")):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))

@@ -47,10 +47,16 @@ def _kernel_manager_class() -> type:
     return CourseKernelManager
 
 
+def notebooks_dir() -> Path:
+    """The checkout's ``notebooks/`` next to this package, whatever ``MMRAG_HOME`` says (that moves data and runs,
+    not the course); an installed package without a checkout looks under ``project_root()``."""
+    here = Path(__file__).resolve().parent.parent / "notebooks"
+    return here if here.is_dir() else project_root() / "notebooks"
+
+
 def notebook_paths(folder: Path | None = None) -> list[Path]:
     """The numbered course notebooks (``NN_topic.ipynb``), in course order."""
-    folder = folder or project_root() / "notebooks"
-    return sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
+    return sorted(p for p in (folder or notebooks_dir()).glob("[0-9][0-9]_*.ipynb"))
 
 
 @dataclass
@@ -103,18 +109,31 @@ def _reward_trend(work_dir: Path, stage: int) -> str | None:
     return f"mean reward {first:.3f} (first {share} of steps) -> {last:.3f} (last {share}) over {len(history)} log rows"
 
 
+LOSSY_STEP_SHARE = 0.5  # a filter step that removes more than this share of what reaches it gets a warning line
+
+
+def funnel_lines(work_dir: Path) -> list[str]:
+    """The run's Mini-WebQA funnel, one line per filter step, with a warning under a step that removed most of what
+    reached it (a truncated imgs.tsv or a wrong folder looks like that, not like cleaning)."""
+    funnel = work_dir / "mini_webqa" / "funnel.json"
+    if not funnel.is_file():
+        return []
+    try:
+        steps = json.loads(funnel.read_text())["steps"]
+        lines = [f"Mini-WebQA funnel: {steps[0]['before']} questions in -> {steps[-1]['kept']} kept"]
+        for st in steps:
+            lines.append(f"    {st['name']:<28} removed {st['removed']:>5}, kept {st['kept']}")
+            if st["before"] and st["removed"] > LOSSY_STEP_SHARE * st["before"]:
+                lines.append(f"    WARNING: {st['name']} removed {st['removed']} of {st['before']} questions: check the "
+                             "source files (truncated imgs.tsv? wrong folder?) before training on what is left")
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return [f"Mini-WebQA funnel: unreadable ({funnel})"]
+    return lines
+
+
 def headline_numbers(work_dir: Path) -> list[str]:
     """What a teacher wants to see at a glance, read from the run folder (see docs/CONTRACTS.md)."""
-    lines: list[str] = []
-    funnel = work_dir / "mini_webqa" / "funnel.json"
-    if funnel.is_file():
-        try:
-            data = json.loads(funnel.read_text())
-            steps = data["steps"]
-            lines.append(f"Mini-WebQA funnel: {steps[0]['before']} questions in -> {steps[-1]['kept']} kept")
-            lines += [f"    {st['name']:<28} removed {st['removed']:>5}, kept {st['kept']}" for st in steps]
-        except (OSError, ValueError, KeyError, IndexError, TypeError):
-            lines.append(f"Mini-WebQA funnel: unreadable ({funnel})")
+    lines = funnel_lines(work_dir)
     for stage in (1, 2):
         trend = _reward_trend(work_dir, stage)
         if trend:
@@ -144,11 +163,17 @@ def run_course(
     overrides = dict(overrides or {})
     if overrides:
         resolve_preset(preset, **overrides)  # fail here, naming the field, not inside notebook 01's third cell
+    paths = list(notebooks) if notebooks is not None else notebook_paths()
+    if not paths:
+        raise FileNotFoundError(f"no course notebooks (NN_topic.ipynb) in {notebooks_dir()}: run the course from a "
+                                "clone of the repository")
     run_dir = Path(out_dir) if out_dir else runs_dir() / time.strftime("course-%Y%m%d-%H%M%S")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NotADirectoryError(f"the course's output folder {run_dir} is a file: pass another --out-dir")
     work = run_dir / "work"
     work.mkdir(parents=True, exist_ok=True)
     report = CourseReport(preset=preset, run_dir=run_dir, work_dir=work, overrides=overrides)
-    for path in notebooks or notebook_paths():
+    for path in paths:
         output = run_dir / path.name
         start = time.perf_counter()
         try:

@@ -30,7 +30,7 @@ import random
 import re
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -890,7 +890,7 @@ def evaluate(preset: Preset, work_dir: str | Path, *, split: str = "test", n_que
     with clock("load"):
         rows = load_eval_split(preset, work_dir, split, n_questions)
         bank = bank or ModelBank(preset, work_dir)
-        systems = list(systems or standard_systems(preset))
+        systems = [label_missing_adapters(s, bank) for s in systems or standard_systems(preset)]
         if fluency_scorer == "auto":
             fluency_scorer = auto_fluency_scorer(preset)
     with clock("systems"):
@@ -936,6 +936,16 @@ def evaluate(preset: Preset, work_dir: str | Path, *, split: str = "test", n_que
     return report
 
 
+def label_missing_adapters(system: SystemSpec, bank: ModelBank) -> SystemSpec:
+    """``system`` renamed when an adapter it needs was never trained, so its row does not pass for a trained system:
+    "stage 1 + stage 2 (no stage2 adapter: base model)". The bank falls back to the base model either way."""
+    needed = dict.fromkeys(k for k in (FILTER_JUDGE.get(system.filter), system.answerer) if k in ("stage1", "stage2"))
+    missing = [k for k in needed if bank.adapter_path(k) is None]
+    if not missing:
+        return system
+    return replace(system, name=f"{system.name} (no {' or '.join(missing)} adapter: base model)")
+
+
 def _full_system(systems: Sequence[SystemSpec]) -> SystemSpec:
     """The full method among ``systems``: stage-1 filter + stage-2 answerer (else the last system)."""
     return next((s for s in systems if s.filter == "stage1" and s.answerer == "stage2"), systems[-1])
@@ -976,6 +986,7 @@ __all__ = [
     "fallback_share",
     "inject_distractors",
     "k_ablation",
+    "label_missing_adapters",
     "load_eval_split",
     "load_mmqa_rows",
     "markdown_table",

@@ -354,11 +354,11 @@ class ModelBank:
         self.verbose = verbose
 
     def adapter_path(self, which: ModelKind) -> Path | None:
-        """Where ``which``'s adapter is (None for base or when it was never trained)."""
+        """Where ``which``'s adapter is (None for base or when it was never trained: no ``adapter_config.json``)."""
         if which == "base":
             return None
         path = Path(self._adapters[which]) if self._adapters.get(which) else self.work_dir / which / "adapter"
-        return path if path.exists() else None
+        return path if (path / "adapter_config.json").is_file() else None
 
     def base_model(self) -> str:
         """The base weights this bank loads: ``base_model`` when given, else the preset's (``preset_base_model``)."""

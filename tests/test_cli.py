@@ -21,7 +21,9 @@ def test_subcommand_help(command, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main([command, "--help"])
     assert exc.value.code == 0
-    assert "--preset" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--preset" in out
+    assert out.split("\n\n")[1].strip().endswith(".")  # the subcommand's own description, not just its usage
 
 
 def test_unknown_preset_is_a_clear_error(capsys):
@@ -75,8 +77,41 @@ def test_overrides_reach_the_preset(tmp_path):
 def test_build_data_runs_on_cpu_tiny(tmp_path, capsys):
     assert cli.main(["build-data", "--preset", "cpu-tiny", "--work-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "train" in out and "test" in out
+    assert "train" in out and "test" in out and "Mini-WebQA funnel" in out and "WARNING" not in out
     assert (tmp_path / "mini_webqa").is_dir()
+
+
+def test_a_filter_step_that_removes_most_questions_is_flagged(tmp_path):
+    import json
+
+    from mmrag_lite.course import funnel_lines
+
+    steps = [{"name": "unreadable", "before": 400, "removed": 2, "kept": 398},
+             {"name": "broken_gold_image", "before": 398, "removed": 258, "kept": 140}]  # a truncated imgs.tsv
+    (tmp_path / "mini_webqa").mkdir()
+    (tmp_path / "mini_webqa" / "funnel.json").write_text(json.dumps({"steps": steps}))
+    lines = funnel_lines(tmp_path)
+    assert lines[0] == "Mini-WebQA funnel: 400 questions in -> 140 kept"
+    assert [line.split(":")[0].strip() for line in lines if "WARNING" in line] == ["WARNING"]
+    assert "broken_gold_image removed 258 of 398" in lines[-1]
+
+
+def test_paths_that_are_files_are_clear_errors(tmp_path, capsys):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    assert cli.main(["build-data", "--preset", "cpu-tiny", "--work-dir", str(a_file)]) == 2
+    assert "is a file, not a run folder" in capsys.readouterr().err
+    assert cli.main(["course", "--out-dir", str(a_file)]) == 2
+    assert "is a file" in capsys.readouterr().err and a_file.read_text() == "mine"
+
+
+def test_course_finds_its_notebooks_wherever_mmrag_home_points(tmp_path, monkeypatch):
+    from mmrag_lite import course
+
+    monkeypatch.setenv("MMRAG_HOME", str(tmp_path))  # data and runs move; the course's notebooks do not
+    assert [p.name[:3] for p in course.notebook_paths()] == ["01_", "02_", "03_", "04_", "05_"]
+    with pytest.raises(FileNotFoundError, match="no course notebooks"):
+        course.run_course(out_dir=tmp_path / "run", notebooks=[])
 
 
 def test_course_calls_run_course(monkeypatch, capsys):
@@ -154,6 +189,13 @@ def test_evaluate_and_train_stage2_refuse_what_is_not_there(tmp_path, capsys):
     assert exc.value.code == 2
     assert cli.main(["train-stage2", "--preset", "cpu-tiny", "--work-dir", str(tmp_path)]) == 2
     assert "run train-stage1 first" in capsys.readouterr().err
+    (tmp_path / "stage1" / "adapter").mkdir(parents=True)  # an empty adapter folder (a crashed save) is no adapter
+    assert cli.main(["train-stage2", "--preset", "cpu-tiny", "--work-dir", str(tmp_path)]) == 2
+    assert "run train-stage1 first" in capsys.readouterr().err
+    fresh = tmp_path / "fresh"
+    assert cli.main(["train-stage2", "--preset", "cpu-tiny", "--work-dir", str(fresh), "--init-adapter",
+                     str(tmp_path / "stage1" / "adapter")]) == 2
+    assert "--init-adapter" in capsys.readouterr().err and not (fresh / "mini_webqa").exists()  # refused up front
 
 
 @pytest.mark.slow

@@ -451,3 +451,21 @@ def test_slot_table_separates_reading_from_a_positional_shortcut():
     both = E.positional_shortcut_note({"full": shortcut, "oracle": shortcut, "reader": reader})
     assert "'reader'" not in both and "same slot" in both
     assert "same slot" not in E.positional_shortcut_note({"full": shortcut}, share=1.0)
+
+
+def test_rows_of_untrained_systems_say_they_ran_the_base_model(tmp_path):
+    """``evaluate`` before training must not print base-model numbers under a trained system's name."""
+    from mmrag_lite.config import get_preset
+    from mmrag_lite.pipeline import ModelBank, standard_systems
+
+    preset = get_preset("cpu-tiny")
+    (tmp_path / "stage1" / "adapter").mkdir(parents=True)  # an empty folder (a crashed save) is no adapter
+    names = [E.label_missing_adapters(s, ModelBank(preset, tmp_path, verbose=False)).name for s in standard_systems(preset)]
+    assert names == ["zero-shot", "zero-shot, base top-k", "stage 1 only (no stage1 adapter: base model)",
+                     "stage 1 + stage 2 (no stage1 or stage2 adapter: base model)",
+                     "oracle filter (gold in top-k) (no stage1 or stage2 adapter: base model)"]
+    for stage in ("stage1", "stage2"):
+        (tmp_path / stage / "adapter").mkdir(parents=True, exist_ok=True)
+        (tmp_path / stage / "adapter" / "adapter_config.json").write_text("{}")
+    bank = ModelBank(preset, tmp_path, verbose=False)
+    assert [E.label_missing_adapters(s, bank) for s in standard_systems(preset)] == standard_systems(preset)
