@@ -230,6 +230,17 @@ def _restrict(bow: list[str], domain: frozenset[str] | str | None) -> list[str]:
     return sorted(domain.intersection(bow))  # a set: repeats of a colour count once, as officially
 
 
+_QCATE_BY_LOWER = {name.lower(): name for name in _DOMAINS}
+
+
+def canonical_qcate(qcate: str | None) -> str | None:
+    """WebQA's spelling of a question category (``"color"``, ``"YesNo"``, ...), matched case-insensitively; ``None``
+    counts as ``text``. ``None`` back for a category WebQA does not have (the caller decides: the metric raises)."""
+    if qcate is None:
+        return "text"
+    return _QCATE_BY_LOWER.get(qcate.strip().lower()) if isinstance(qcate, str) else None
+
+
 def webqa_bags(cand_norm: str, ref_norm: str, qcate: str | None) -> tuple[list[str], list[str]]:
     """The bags of words QA-Acc compares (candidate, reference), after the category's restriction.
 
@@ -259,11 +270,21 @@ def webqa_accuracy(candidate: str, reference: str, qcate: str | None = "text") -
 def webqa_accuracy_batch(
     candidates: Sequence[Any], references: Sequence[Any], qcates: Sequence[str | None] | None = None
 ) -> list[float]:
-    """``webqa_accuracy`` for many pairs, lemmatised in one batch; non-string inputs score 0."""
+    """``webqa_accuracy`` for many pairs, lemmatised in one batch; non-string answers score 0.
+
+    An unknown category raises instead of silently scoring by the ``text`` rule (``"Color"`` is read as ``color``).
+    """
+    if any(isinstance(x, str) for x in (candidates, references, qcates)):
+        raise TypeError("webqa_accuracy_batch takes lists (one entry per question); for one answer use webqa_accuracy")
     if qcates is None:
         qcates = ["text"] * len(candidates)
     if not len(candidates) == len(references) == len(qcates):
         raise ValueError(f"lengths differ: {len(candidates)} candidates, {len(references)} references, {len(qcates)} qcates")
+    canonical = [canonical_qcate(q) for q in qcates]
+    if None in canonical:
+        bad = qcates[canonical.index(None)]
+        raise ValueError(f"unknown WebQA question category {bad!r}; WebQA has {', '.join(_DOMAINS)}")
+    qcates = canonical
     normed = normalize_webqa_many(list(candidates) + list(references))
     n = len(candidates)
     out = []
@@ -284,10 +305,18 @@ def qa_reference(answer: Any, keywords: Any) -> str:
     return answer if isinstance(answer, str) else ""
 
 
+def _id_set(sources: Any) -> set[str]:
+    """Source ids as strings; a single id (``"30079629"`` or ``30079629``) is one id, not a sequence of characters."""
+    if sources is None:
+        return set()
+    if isinstance(sources, (str, int)):
+        sources = [sources]
+    return {str(s).strip() for s in sources if s is not None}
+
+
 def webqa_retrieval_f1(predicted_sources: Iterable[Any], gold_sources: Iterable[Any]) -> float:
     """Set F1 of source ids, compared as strings (``30079629 == "30079629"``); 0 without overlap or without gold."""
-    pred = {str(s).strip() for s in (predicted_sources or []) if s is not None}
-    gold = {str(s).strip() for s in (gold_sources or []) if s is not None}
+    pred, gold = _id_set(predicted_sources), _id_set(gold_sources)
     hit = len(pred & gold)
     if hit == 0:
         return 0.0
@@ -804,6 +833,7 @@ __all__ = [
     "YESNO_SET",
     "BARTScorer",
     "EvaluationReport",
+    "canonical_qcate",
     "evaluate_mmqa_submission",
     "evaluate_webqa_submission",
     "get_nlp",

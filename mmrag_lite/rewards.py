@@ -68,7 +68,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from mmrag_lite import metrics
-from mmrag_lite.config import STAGE_COMPONENTS
+from mmrag_lite.config import STAGE_COMPONENTS, Preset, get_preset
 from mmrag_lite.parsing import Stage1Parse, Stage2Parse, parse_stage1, parse_stage2
 from mmrag_lite.prompts import DEFAULT_TAGS, NO, QUESTION_PREFIX, YES, Tags
 
@@ -333,7 +333,7 @@ def _webqa_answer_scores(said: list[str], answers: list[Any], columns: Mapping[s
     keywords = _optional_column("keywords", columns, n, "")
     qcates = _optional_column("qcate", columns, n, "text")
     refs = [metrics.qa_reference(a, keywords[i]) for a, i in zip(answers, rows)]
-    qc = [qcates[i] if isinstance(qcates[i], str) else "text" for i in rows]
+    qc = [metrics.canonical_qcate(qcates[i]) or "text" for i in rows]  # a category WebQA lacks: the text rule
     questions: list[str | None] = [None] * len(rows)
     if choose_guard and "choose" in qc:
         if columns.get("question") is not None:
@@ -429,10 +429,17 @@ def build_reward_funcs(
     return [factories[c]() for c in names], [float(weights[c]) for c in names]
 
 
-def preset_reward_options(preset: Any, stage: int) -> dict[str, Any]:
-    """The ``build_reward_funcs`` / ``score_completion`` options a ``config.Preset`` sets for one stage (weights aside),
-    so training, the worked examples and the playground score a completion the same way."""
-    settings = preset.stage1 if stage == 1 else preset.stage2
+def _stage_settings(preset: Preset | str, stage: int) -> tuple[Preset, Any]:
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    if stage not in STAGE_COMPONENTS:
+        raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+    return preset, preset.stage1 if stage == 1 else preset.stage2
+
+
+def preset_reward_options(preset: Preset | str, stage: int) -> dict[str, Any]:
+    """The ``build_reward_funcs`` / ``score_completion`` options a ``config.Preset`` (or preset name) sets for one
+    stage (weights aside), so training, the worked examples and the playground score a completion the same way."""
+    preset, settings = _stage_settings(preset, stage)
     options: dict[str, Any] = {"reasoning": settings.reasoning}
     if stage == 1:
         options.update(balance_classes=settings.balance_classes, positive_fraction=settings.positive_fraction)
@@ -442,9 +449,9 @@ def preset_reward_options(preset: Any, stage: int) -> dict[str, Any]:
     return options
 
 
-def reward_funcs_for_preset(preset: Any, stage: int) -> tuple[list[RewardFunc], list[float]]:
-    """``build_reward_funcs`` with every option read from a ``config.Preset``."""
-    settings = preset.stage1 if stage == 1 else preset.stage2
+def reward_funcs_for_preset(preset: Preset | str, stage: int) -> tuple[list[RewardFunc], list[float]]:
+    """``build_reward_funcs`` with every option read from a ``config.Preset`` (or preset name)."""
+    preset, settings = _stage_settings(preset, stage)
     return build_reward_funcs(stage, settings.weights, **preset_reward_options(preset, stage))
 
 
@@ -461,6 +468,8 @@ def score_completion(
 
 def explain(completion: Any, *, stage: int, reasoning: bool, candidate_ids: Sequence[str] | None = None, tags: Tags = DEFAULT_TAGS) -> Stage1Parse | Stage2Parse:
     """The parse behind the scores (what the playground prints under the table)."""
+    if stage not in STAGE_COMPONENTS:
+        raise ValueError(f"stage must be 1 or 2, got {stage!r}")
     if stage == 1:
         return parse_stage1(completion, reasoning=reasoning, tags=tags)
     return parse_stage2(completion, candidate_ids, reasoning=reasoning, tags=tags)

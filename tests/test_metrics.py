@@ -359,3 +359,20 @@ def test_all_4966_real_val_questions_score_in_seconds(shared_data):
     # the full answer A against Keywords_A: high but not perfect, by category (values of this implementation)
     for cat, low in {"color": 0.9, "choose": 0.9, "Others": 0.9, "number": 0.85, "shape": 0.8, "YesNo": 0.6}.items():
         assert report.row(cat)["acc"] > low, (cat, report.row(cat))
+
+
+def test_category_names_are_read_case_insensitively_and_unknown_ones_refused():
+    assert metrics.webqa_accuracy("It is red.", "The car is red and blue", "Color") == pytest.approx(
+        metrics.webqa_accuracy("It is red.", "The car is red and blue", "color"))  # F1 over colours, not recall
+    assert metrics.webqa_accuracy("yes", "Yes, it is.", "yesno") == pytest.approx(1.0, abs=1e-4)
+    assert metrics.webqa_accuracy("yes", "yes", None) == 1.0  # None is the text rule
+    with pytest.raises(ValueError, match="unknown WebQA question category 'colour'"):
+        metrics.webqa_accuracy("red", "red", "colour")
+    with pytest.raises(TypeError, match="lists"):
+        metrics.webqa_accuracy_batch("red", "red")  # type: ignore[arg-type]
+
+
+def test_a_single_source_id_is_one_id_not_its_characters():
+    assert metrics.webqa_retrieval_f1("123", ["123"]) == 1.0
+    assert metrics.webqa_retrieval_f1(123, ["123"]) == 1.0
+    assert metrics.webqa_retrieval_f1("123", ["1", "2", "3"]) == 0.0

@@ -138,6 +138,10 @@ def test_answer_reward_webqa_uses_keywords_then_answer():
     long_answer = ["A big fountain near the old church"]
     assert answer_reward(said, answer=long_answer, keywords=["fountain"], qcate=["Others"]) == [pytest.approx(1.0)]
     assert answer_reward(said, answer=long_answer, keywords=[""], qcate=["Others"]) == [pytest.approx(0.2)]
+    # a category WebQA lacks scores by the text rule (rewards never raise); a differently cased one is read as WebQA's
+    assert answer_reward(said, answer=long_answer, keywords=[""], qcate=["sports"]) == [pytest.approx(0.2)]
+    assert answer_reward(comps[:1], answer=["The car is red and blue."], keywords=[""], qcate=["Color"]) == \
+        answer_reward(comps[:1], answer=["The car is red and blue."], keywords=[""], qcate=["color"])
 
 
 def test_qa_reference_is_the_keyword_when_annotated_else_the_answer():
@@ -424,3 +428,14 @@ def test_playground_scores_the_row_as_score_completion_does():
     assert "gold ids not among the candidates, so no completion can cite them: D9" in pg.output.value
     odd = reward_playground(2, row=dict(row, qcate="Other"), weights=weights, completion=pasted)
     assert odd.fields["qcate"].value == "Other"  # an unlisted category is shown, not a TraitError
+
+
+def test_preset_helpers_take_a_name_and_refuse_an_unknown_stage():
+    funcs, weights = rewards.reward_funcs_for_preset("cpu-tiny", 2)
+    assert [f.__name__ for f in funcs] == ["format", "ranking", "answer"] and len(weights) == 3
+    assert rewards.preset_reward_options("cpu-tiny", 1) == rewards.preset_reward_options(get_preset("cpu-tiny"), 1)
+    for bad in ("1", 5):
+        with pytest.raises(ValueError, match="stage must be 1 or 2"):
+            rewards.explain("<answer>yes</answer>", stage=bad, reasoning=False)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="stage must be 1 or 2"):
+            rewards.reward_funcs_for_preset("cpu-tiny", bad)  # type: ignore[arg-type]
