@@ -139,6 +139,16 @@ def test_bf16_on_a_gpu_without_bf16_says_use_float16(monkeypatch: pytest.MonkeyP
     M.check_device(get_preset("colab-t4"))  # float16 compute is fine on a T4
 
 
+def test_a_gpu_preset_on_a_cpu_says_what_to_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(M.ModelLoadError, match=r"needs a CUDA GPU.*preset='cpu-tiny'"):
+        M.check_device(get_preset("colab-t4"))
+    typo = get_preset("cpu-tiny").with_overrides(**{"model.model_id": "tinyy"})
+    with pytest.raises(M.ModelLoadError, match=r"model.model_id was overridden.*'tiny'"):
+        M.check_device(typo)  # not "use preset='cpu-tiny'" to someone who already does
+    M.check_device(get_preset("cpu-tiny"))
+
+
 @pytest.mark.parametrize(("gpu", "capability", "bf16_ok"), [
     ("Tesla T4", (7, 5), False), ("Tesla V100", (7, 0), False), ("NVIDIA L4", (8, 9), True),
     ("NVIDIA A100-SXM4-80GB", (8, 0), True), ("NVIDIA H100", (9, 0), True),
