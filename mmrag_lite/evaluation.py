@@ -730,7 +730,7 @@ def retrained_stage2_ablation(preset: Preset, work_dir: str | Path, rows: Sequen
     With ``preset.evaluation.retrain_ablations`` off (the GPU presets: hours per variant) the variants are listed
     as not run, with the command that runs them.
     """
-    from mmrag_lite import training
+    from mmrag_lite import modeling, training
     from mmrag_lite.modeling import release_memory
 
     run = Path(work_dir)
@@ -748,7 +748,7 @@ def retrained_stage2_ablation(preset: Preset, work_dir: str | Path, rows: Sequen
     # Every variant's preset is built (and validated) first: a bad override fails now, not after hours of training.
     presets = {name: preset.with_overrides(**overrides) for name, overrides in variants.items()}
     init = training.stage2_init_adapter(preset, run)
-    processor = training.load_processor(preset)
+    processor = modeling.load_processor(preset)
     for name, overrides in variants.items():
         p = presets[name]
         sub = run / "ablations" / slug(name)

@@ -512,22 +512,18 @@ def fit_prompt(row: Row, candidates: Sequence[Mapping[str, Any]], processor: Any
     return replace(best, notes=(note,))
 
 
-def _render(processor: Any, messages: list[dict[str, Any]]) -> str:
-    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
 def _encode(processor: Any, requests: Sequence[Stage2Request]) -> Any:
-    texts = [_render(processor, r.messages) for r in requests]
-    kwargs: dict[str, Any] = {"text": texts, "padding": True, "return_tensors": "pt"}
-    if any(r.images for r in requests):
-        kwargs["images"] = [list(r.images) for r in requests]  # [] for a text-only prompt: accepted by Qwen-VL
-    return processor(**kwargs)
+    from mmrag_lite.modeling import encode_prompts
+
+    texts = [processor.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True) for r in requests]
+    return encode_prompts(processor, texts, [r.images for r in requests])
 
 
 def prompt_length(processor: Any, request: Stage2Request) -> int:
     """Tokens of the rendered prompt, image placeholders expanded (what the model really reads)."""
-    enc = _encode(processor, [request])
-    return int(enc["input_ids"].shape[-1])
+    from mmrag_lite.modeling import prompt_token_count
+
+    return prompt_token_count(processor, request.messages, request.images)
 
 
 def generate(model: Any, processor: Any, requests: Sequence[Stage2Request], *, max_new_tokens: int, batch_size: int = 8,

@@ -34,7 +34,7 @@ from .atomic import write_json_atomic
 from .config import IMAGE_WRAPPER_TOKENS, Preset
 from .data import one_split
 from .metrics import top_k_ids
-from .modeling import prepare_images
+from .modeling import encode_prompts, prepare_images
 
 Scored = dict[str, list[tuple[str, float]]]  # guid -> [(candidate_id, P(yes)), ...] in pool order
 
@@ -53,13 +53,6 @@ def _left_padding(processor: Any) -> Iterator[None]:
         yield
     finally:
         tok.padding_side = old
-
-
-def _encode(processor: Any, texts: list[str], images: list[list[Any]]) -> Mapping[str, torch.Tensor]:
-    """Tokenise a batch; text-only rows get ``[]`` images (mixed batches), all-text batches get none at all."""
-    if any(images):
-        return processor(text=texts, images=images, padding=True, return_tensors="pt")
-    return processor(text=texts, padding=True, return_tensors="pt")
 
 
 def _model_device(model: Any) -> torch.device:
@@ -134,7 +127,7 @@ def _score_pairs(
                 chunk = pairs[start : start + batch_size]
                 texts = [_stage1_text(processor, q, c, reasoning=reasoning_prompt) + prefix for q, c in chunk]
                 images = [prepare_images(prompts.stage1_images(c), preset) for _, c in chunk]
-                enc = {k: v.to(device) for k, v in _encode(processor, texts, images).items()}
+                enc = {k: v.to(device) for k, v in encode_prompts(processor, texts, images).items()}
                 logits = model(**enc, logits_to_keep=1).logits[:, -1, :].float()
                 two_way = torch.stack([logits[:, yes_id], logits[:, no_id]], dim=-1)
                 scores.extend(torch.softmax(two_way, dim=-1)[:, 0].tolist())
@@ -221,7 +214,7 @@ def judge_by_generation(
                 chunk = candidates[start : start + batch_size]
                 texts = [_stage1_text(processor, question, c, reasoning=reasoning) for c in chunk]
                 images = [prepare_images(prompts.stage1_images(c), preset) for c in chunk]
-                enc = {k: v.to(device) for k, v in _encode(processor, texts, images).items()}
+                enc = {k: v.to(device) for k, v in encode_prompts(processor, texts, images).items()}
                 gen = model.generate(
                     **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
                 )

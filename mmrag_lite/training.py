@@ -242,29 +242,6 @@ class Stage2BuildReport:
         return "\n".join(lines)
 
 
-def load_processor(preset: Preset) -> Any:
-    """The preset's processor alone (no model weights), with its pixel budget: enough to measure prompts."""
-    from transformers import AutoProcessor
-
-    from . import modeling
-
-    source = modeling.ensure_tiny_vlm(preset) if preset.model.model_id == "tiny" else preset.model.model_id
-    processor = AutoProcessor.from_pretrained(str(source))
-    ip = processor.image_processor
-    ip.size = {"shortest_edge": preset.model.min_pixels, "longest_edge": preset.model.max_pixels}
-    for name in ("min_pixels", "max_pixels"):
-        if hasattr(ip, name):
-            setattr(ip, name, getattr(preset.model, name))
-    return modeling.make_mixed_batch_safe(processor)
-
-
-def prompt_token_count(processor: Any, messages: list[dict[str, Any]], images: Sequence[Any]) -> int:
-    """Tokens of a rendered prompt with image placeholders expanded: what the model really reads."""
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    enc = processor(text=[text], images=[list(images)] if images else None, return_tensors="pt")
-    return int(enc["input_ids"].shape[-1])
-
-
 def _default_shown(row: Mapping[str, Any], k: int) -> list[Mapping[str, Any]]:
     """Without stage-1 scores: the gold candidates plus the first distractors of the pool, up to k."""
     cands = list(row["candidates"])
@@ -276,6 +253,8 @@ def _default_shown(row: Mapping[str, Any], k: int) -> list[Mapping[str, Any]]:
 def _fit(question: str, shown: list[Mapping[str, Any]], processor: Any, preset: Preset,
          report: Stage2BuildReport) -> tuple[list[Mapping[str, Any]], int] | None:
     """Shrink ``shown`` (best first) until its prompt fits: last distractor first, then last gold. None: cannot fit."""
+    from .modeling import prompt_token_count
+
     limit = preset.stage2.max_prompt_tokens
     reasoning = preset.stage2.reasoning
     shown = list(shown)
@@ -324,7 +303,10 @@ def build_stage2_dataset(
     """
     from datasets import Dataset
 
-    processor = processor if processor is not None else load_processor(preset)
+    from .modeling import load_processor, prompt_token_count
+
+    if processor is None:
+        processor = load_processor(preset)
     s = preset.stage2
     k = preset.stage1.k
     base_seed = preset.seed if seed is None else seed
@@ -500,6 +482,18 @@ class RewardCurveCallback(_transformers_callback_base()):  # type: ignore[misc]
         plt.close(fig)
 
 
+def curves_from_history(log_history: Sequence[Mapping[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """``{"reward": [(step, mean)], "<component>": [...]}`` from a trainer's log history, read entry by entry exactly
+    as the live ``RewardCurveCallback`` reads each log (entries without a step are skipped)."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for entry in log_history:
+        if entry.get("step") is None:
+            continue
+        for name, value in RewardCurveCallback.components(entry).items():
+            curves.setdefault(name, []).append((int(entry["step"]), value))
+    return curves
+
+
 class CudaMemoryCallback(_transformers_callback_base()):  # type: ignore[misc]
     """On CUDA: a banner with the device at the start, and the peak memory of each step in the log history.
 
@@ -590,11 +584,12 @@ def component_trends(log_history: Sequence[Mapping[str, Any]],
                      fraction: float = REWARD_WINDOW_FRACTION) -> dict[str, tuple[float, float]]:
     """``reward_trend`` of every reward component TRL logged (``rewards/<name>/mean``) and of the total:
     which component moved is the question a rising total cannot answer."""
-    names = list(dict.fromkeys(k.split("/")[1] for e in log_history for k in e
-                               if k.startswith("rewards/") and k.endswith("/mean")))
+    names = list(dict.fromkeys(k[len(COMPONENT_PREFIX):-len(COMPONENT_SUFFIX)] for e in log_history for k in e
+                               if k.startswith(COMPONENT_PREFIX) and k.endswith(COMPONENT_SUFFIX)))
     out: dict[str, tuple[float, float]] = {}
     for name in [*names, "total"]:
-        first, last = reward_trend(log_history, fraction, REWARD_KEY if name == "total" else f"rewards/{name}/mean")
+        key = REWARD_KEY if name == "total" else f"{COMPONENT_PREFIX}{name}{COMPONENT_SUFFIX}"
+        first, last = reward_trend(log_history, fraction, key)
         if first is not None and last is not None:
             out[name] = (first, last)
     return out
@@ -769,9 +764,7 @@ def _train(stage: int, preset: Preset, dataset: Any, work_dir: str | Path, *, in
     if note:  # a finished run: train() would take one step past max_steps and overwrite the adapter
         history = _restore_finished(trainer, checkpoint)
         history = load_log_history(work_dir, stage) or history  # the finished run's own log ends with its summary
-        for entry in history:  # the reward curves of the run that did the training
-            for name, value in RewardCurveCallback.components(entry).items():
-                curve.curves.setdefault(name, []).append((int(entry.get("step", 0)), value))
+        curve.curves = curves_from_history(history)  # the reward curves of the run that did the training
     else:
         trainer.train(resume_from_checkpoint=checkpoint)
         history = list(trainer.state.log_history)
@@ -859,8 +852,9 @@ def train_stage2(
 
 __all__ = [
     "CudaMemoryCallback", "RewardCurveCallback", "Stage2BuildReport", "TrainResult", "build_stage1_dataset",
-    "build_stage2_dataset", "build_trainer", "checkpoint_step", "component_trends", "describe_trends", "grpo_config",
-    "grpo_config_kwargs", "is_main_process", "keep_trainable_in_float32",
-    "last_checkpoint", "load_log_history", "load_processor", "plot_reward_curves", "prompt_token_count",
-    "reward_funcs_for", "reward_trend", "stage2_dataset_for_run", "stage2_init_adapter", "train_stage1", "train_stage2",
+    "build_stage2_dataset", "build_trainer", "checkpoint_step", "component_trends", "curves_from_history",
+    "describe_trends", "grpo_config", "grpo_config_kwargs", "is_main_process", "keep_trainable_in_float32",
+    "last_checkpoint", "load_log_history", "plot_reward_curves",
+    "reward_funcs_for", "reward_trend", "stage2_dataset_for_run", "stage2_init_adapter", "train_stage1",
+    "train_stage2",
 ]

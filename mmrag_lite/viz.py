@@ -100,19 +100,13 @@ def plot_robustness(rows: list[dict[str, Any]], metrics: tuple[str, ...] = ("Ret
 
 # ------------------------------------------------------------------------------ GRPO reward curves, stage-1 k trade-off
 def reward_curves_from_history(log_history: list[dict[str, Any]] | str | Path) -> dict[str, list[tuple[int, float]]]:
-    """``{"reward": [(step, mean)], "<component>": [...]}`` from a trainer's log history (or its log_history.json),
-    read exactly as the live ``training.RewardCurveCallback`` reads each log entry."""
-    from .training import RewardCurveCallback  # lazy: plotting a funnel should not import torch and TRL
+    """``{"reward": [(step, mean)], "<component>": [...]}`` from a trainer's log history or its log_history.json
+    (``training.curves_from_history``)."""
+    from .training import curves_from_history  # lazy: plotting a funnel should not import torch and TRL
 
     if isinstance(log_history, (str, Path)):
         log_history = json.loads(Path(log_history).read_text(encoding="utf-8"))
-    curves: dict[str, list[tuple[int, float]]] = {}
-    for entry in log_history:
-        if entry.get("step") is None:
-            continue
-        for name, value in RewardCurveCallback.components(entry).items():
-            curves.setdefault(name, []).append((int(entry["step"]), value))
-    return curves
+    return curves_from_history(log_history)
 
 
 def plot_reward_curves(log_history: Any, title: str = "GRPO rewards", smooth: int = 1):

@@ -127,7 +127,7 @@ def test_stage2_dataset_permutes_and_maps_gold_short_ids(processor) -> None:
         assert sorted(ex["gold_ids"]) == sorted(gold_src) and set(gold_src.values()) == set(src["gold_ids"])
         n_parts = sum(p["type"] == "image" for m in ex["prompt"] for p in m["content"])
         assert n_parts == len(ex["images"]) and all(im.size == (PRESET.model.image_size,) * 2 for im in ex["images"])
-        assert training.prompt_token_count(processor, ex["prompt"], ex["images"]) <= PRESET.stage2.max_prompt_tokens
+        assert modeling.prompt_token_count(processor, ex["prompt"], ex["images"]) <= PRESET.stage2.max_prompt_tokens
         orders.setdefault(ex["guid"], set()).add(tuple(ex["source_ids"]))
     assert all(len(o) == perms for o in orders.values())  # the copies really are in different orders
     assert "max_examples" not in str(report)  # every question was read
@@ -175,7 +175,7 @@ def test_stage2_report_counts_questions_without_gold_and_can_skip_them(processor
 def test_stage2_over_long_prompts_shrink_or_drop_never_truncate(processor) -> None:
     rows = mini_rows(6)
     full, _ = training.build_stage2_dataset(rows, PRESET, processor=processor, seed=0)
-    lengths = [training.prompt_token_count(processor, ex["prompt"], ex["images"]) for ex in full]
+    lengths = [modeling.prompt_token_count(processor, ex["prompt"], ex["images"]) for ex in full]
     limit = min(lengths) - 1  # every full prompt is over: each question must lose candidates
     tight = PRESET.with_overrides(**{"stage2.max_prompt_tokens": limit})
     ds, report = training.build_stage2_dataset(rows, tight, processor=processor, seed=0)
@@ -183,7 +183,7 @@ def test_stage2_over_long_prompts_shrink_or_drop_never_truncate(processor) -> No
     assert report.candidates_dropped >= report.questions_shrunk and "shrunk" in str(report)
     for ex in ds:
         assert len(ex["source_ids"]) < PRESET.stage1.k
-        assert training.prompt_token_count(processor, ex["prompt"], ex["images"]) <= limit
+        assert modeling.prompt_token_count(processor, ex["prompt"], ex["images"]) <= limit
         n_parts = sum(p["type"] == "image" for m in ex["prompt"] for p in m["content"])
         assert n_parts == len(ex["images"])  # whole candidates removed, image parts and images together
     impossible = PRESET.with_overrides(**{"stage2.max_prompt_tokens": 20})

@@ -147,6 +147,20 @@ def make_mixed_batch_safe(processor: Any) -> Any:
     return processor
 
 
+def encode_prompts(processor: Any, texts: Sequence[str], images: Sequence[Sequence[Any]]) -> Any:
+    """Tokenise rendered prompts as one padded batch: text-only rows get ``[]`` images in a mixed batch, an all-text
+    batch gets no ``images`` at all (the Qwen-VL processor refuses a list of empty lists)."""
+    if any(images):
+        return processor(text=list(texts), images=[list(i) for i in images], padding=True, return_tensors="pt")
+    return processor(text=list(texts), padding=True, return_tensors="pt")
+
+
+def prompt_token_count(processor: Any, messages: list[dict[str, Any]], images: Sequence[Any]) -> int:
+    """Tokens of a rendered prompt with image placeholders expanded: what the model really reads."""
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return int(encode_prompts(processor, [text], [list(images)])["input_ids"].shape[-1])
+
+
 def set_pixel_budget(processor: Any, min_pixels: int, max_pixels: int) -> None:
     """Point a Qwen-VL processor's image resizing at the preset's pixel budget (both spellings it reads)."""
     ip = getattr(processor, "image_processor", None)

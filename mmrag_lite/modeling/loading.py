@@ -245,7 +245,7 @@ def load_model_and_processor(
     where the weights come from (a local folder); by default the hub id, or ``ensure_tiny_vlm()`` for ``"tiny"``.
     The returned model carries ``mmrag_quantized`` (bool), ``mmrag_preset`` and ``mmrag_source``.
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     preset = as_preset(preset)
     ms = preset.model
@@ -298,14 +298,7 @@ def load_model_and_processor(
             if note:
                 notes.append(note)
 
-    processor = AutoProcessor.from_pretrained(source)
-    set_pixel_budget(processor, ms.min_pixels, ms.max_pixels)
-    make_mixed_batch_safe(processor)
-    tokenizer = getattr(processor, "tokenizer", processor)
-    tokenizer.padding_side = "left"  # decoder-only batched generation; TRL pads its own batches
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-
+    processor = load_processor(preset, source)
     if adapter_path is not None:
         from peft import PeftModel
 
@@ -322,6 +315,25 @@ def load_model_and_processor(
         except Exception:  # noqa: BLE001, S110 # pragma: no cover - attribute assignment on exotic wrappers
             pass
     return model, processor
+
+
+def load_processor(preset: Preset | str, source: str | Path | None = None) -> Any:
+    """The preset's processor alone (no weights: enough to render and measure prompts): its pixel budget, safe with
+    mixed text-only / image batches, left padding for batched generation (TRL pads its own batches)."""
+    from transformers import AutoProcessor
+
+    preset = as_preset(preset)
+    ms = preset.model
+    if source is None:
+        source = ensure_tiny_vlm(preset) if ms.model_id == "tiny" else ms.model_id
+    processor = AutoProcessor.from_pretrained(str(source))
+    set_pixel_budget(processor, ms.min_pixels, ms.max_pixels)
+    make_mixed_batch_safe(processor)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return processor
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
