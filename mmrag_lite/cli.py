@@ -95,15 +95,17 @@ def run_data(args: argparse.Namespace, preset: Preset, wd: Path):
     * Under ``accelerate launch`` the main process builds first and the others then load what it wrote (several
       processes building one folder at once race on the atomic rename).
     """
-    from mmrag_lite import data
+    from mmrag_lite import data, training
 
     webqa_dir = getattr(args, "webqa_dir", None)
-    if data.mini_webqa_is_current(preset, wd, webqa_dir) is False and not getattr(args, "rebuild", False):
+    rebuild = bool(getattr(args, "rebuild", False))
+    if data.mini_webqa_is_current(preset, wd, webqa_dir) is False and not rebuild:
         raise CLIError(f"{wd / 'mini_webqa'} was built with other settings than preset {preset.name!r}"
-                       + (f" from {webqa_dir}" if webqa_dir else "") + ": pass the preset (and --set overrides) it "
-                       "was built with, another --work-dir, or --rebuild to replace it")
-    with _main_process_first():
-        return data.ensure_mini_webqa(preset, wd, webqa_dir=webqa_dir)
+                       + (f" from {webqa_dir}" if webqa_dir else "") + ", or its source files changed since: pass "
+                       "the preset (and --set overrides) it was built with, another --work-dir, or --rebuild to "
+                       "replace it")
+    with _main_process_first():  # --rebuild: the main process rebuilds; the others then load what it wrote
+        return data.ensure_mini_webqa(preset, wd, webqa_dir=webqa_dir, force=rebuild and training.is_main_process())
 
 
 def _main_process_first():
@@ -234,8 +236,8 @@ def _common(p: argparse.ArgumentParser, *, data_options: bool = True) -> None:
     if data_options:
         p.add_argument("--webqa-dir", default=None, help="folder with the real WebQA_train_val.json + imgs.tsv + "
                        "imgs.lineidx (default: the synthetic world, or the Mini-WebQA already in the run folder)")
-        p.add_argument("--rebuild", action="store_true", help="replace a Mini-WebQA the run folder holds that was "
-                       "built with other settings (refused otherwise)")
+        p.add_argument("--rebuild", action="store_true", help="rebuild the run folder's Mini-WebQA (and its synthetic "
+                       "world) even when it looks current; without it, one built with other settings is refused")
 
 
 RESUME_HELP = "resume from the last checkpoint in the run folder (an interrupted run with the same settings)"

@@ -11,8 +11,11 @@ Memory and step-time figures are *estimates* until a benchmark measures them; ``
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
+import re
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
@@ -20,6 +23,13 @@ from typing import Any, Literal
 
 ComputeDtype = Literal["float32", "float16", "bfloat16"]
 RankingMetric = Literal["ndcg", "f1"]
+# The loss types the pinned TRL's GRPOConfig supports (trl 1.16: grpo_config.py, loss_type's help); anything else
+# passes GRPOConfig and fails with "Unknown loss type" only inside the first training step.
+LossType = Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"]
+# transformers' attention backends (modeling_utils: "eager" + ALL_ATTENTION_FUNCTIONS); sdpa is its default
+AttnImplementation = Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"]
+GRPO_LOSS_TYPES: tuple[str, ...] = typing.get_args(LossType)
+ATTN_IMPLEMENTATIONS: tuple[str, ...] = typing.get_args(AttnImplementation)
 
 
 class ConfigError(ValueError):
@@ -66,7 +76,7 @@ class ModelSettings:
     image_size: int  # every image is resized to image_size x image_size: fixed token count, no mRoPE mismatch
     min_pixels: int  # Qwen-VL processor pixel budget per image
     max_pixels: int
-    attn_implementation: str = "sdpa"
+    attn_implementation: AttnImplementation = "sdpa"
 
 
 @dataclass(frozen=True)
@@ -87,7 +97,7 @@ class GRPOSettings:
     max_completion_length: int
     learning_rate: float
     beta: float  # KL weight; 0 drops the reference model and saves its memory
-    loss_type: str  # TRL loss: "grpo", "dapo", "dr_grpo", "bnpo"
+    loss_type: LossType  # TRL loss: "dapo" (the presets), "grpo", "dr_grpo", "bnpo", ... (GRPO_LOSS_TYPES)
     temperature: float = 1.0
     logging_steps: int = 1
     save_steps: int = 50
@@ -141,6 +151,38 @@ STAGE_COMPONENTS: dict[int, tuple[str, ...]] = {1: ("format", "relevance"), 2: (
 # Room a stage-2 prompt needs for text besides its images, for the budget check only (an estimate, not a limit):
 PROMPT_TEXT_FIXED_TOKENS = 128  # system prompt, chat template and question; ~100 with Qwen's tokenizer
 PROMPT_TEXT_TOKENS_PER_CANDIDATE = 48  # "D3: Image titled '...': <caption>"; an 8-image prompt measured 216 text tokens
+# The smallest image side the Qwen-VL processor makes: one 2x2 merge of 14 px patches (smart_resize's ``factor``).
+MIN_IMAGE_SIDE = QWEN_VL_PATCH_SIZE * QWEN_VL_MERGE_SIZE
+# A preset name becomes the run folder runs/<name>: a plain folder name, never a path (no "/", "..", leading ".").
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _model_problems(model: ModelSettings) -> list[str]:
+    """What makes ``model``'s image settings unusable (the pixel arithmetic of ``image_tokens`` divides by them)."""
+    problems = []
+    floor, area = MIN_IMAGE_SIDE, MIN_IMAGE_SIDE * MIN_IMAGE_SIDE
+    if model.image_size < floor:
+        problems.append(f"model.image_size={model.image_size!r} must be >= {floor} px (one {QWEN_VL_MERGE_SIZE}x"
+                        f"{QWEN_VL_MERGE_SIZE} merge of {QWEN_VL_PATCH_SIZE} px patches, the smallest image the "
+                        "processor makes)")
+    for key in ("min_pixels", "max_pixels"):
+        if getattr(model, key) < area:
+            problems.append(f"model.{key}={getattr(model, key)!r} must be >= {area} ({floor}x{floor} px, one image token)")
+    if model.min_pixels > model.max_pixels:
+        problems.append(f"model.min_pixels={model.min_pixels!r} must be <= model.max_pixels={model.max_pixels!r}")
+    return problems
+
+
+def check_preset_name(name: Any) -> str:
+    """``name`` if it is a plain folder name (it becomes ``runs/<name>``), else a ConfigError."""
+    if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name):
+        raise ConfigError(_name_problem(name))
+    return name
+
+
+def _name_problem(name: Any) -> str:
+    return (f"name={name!r} must be a plain folder name (it becomes runs/<name>): a letter or digit, then letters, "
+            "digits, '-', '_' or '.' (so no '/', '\\', '.' or '..')")
 
 
 def image_tokens(model: ModelSettings) -> int:
@@ -150,6 +192,8 @@ def image_tokens(model: ModelSettings) -> int:
     scaled into ``[min_pixels, max_pixels]``), so a preset can be checked without loading a processor. At 448 px:
     16x16 merged patches = 256 tokens + 2 wrappers.
     """
+    if problems := _model_problems(model):  # a ConfigError here, not a ZeroDivisionError below
+        raise ConfigError("model settings are invalid:\n  - " + "\n  - ".join(problems))
     factor = QWEN_VL_PATCH_SIZE * QWEN_VL_MERGE_SIZE
     side = model.image_size  # modeling.prepare_image makes every image this square
     h = w = max(factor, round(side / factor) * factor)
@@ -185,42 +229,70 @@ class Preset:
 
     # -- validation -------------------------------------------------------------------------------
     def validate(self) -> Preset:
+        """``self``, or one ConfigError listing every problem as ``key=value must be <allowed range>``."""
         problems: list[str] = []
+
+        def at_least(key: str, value: Any, low: float, why: str = "") -> None:
+            if value < low:
+                problems.append(f"{key}={value!r} must be >= {low:g}{why}")
+
+        def positive(key: str, value: Any, why: str = "") -> None:
+            if not value > 0:
+                problems.append(f"{key}={value!r} must be > 0{why}")
+
+        if not _PLAIN_NAME.fullmatch(self.name):
+            problems.append(_name_problem(self.name))
+        problems += _literal_problems(self, "")
         for stage_name in ("stage1", "stage2"):
             stage = getattr(self, stage_name)
-            g = stage.grpo
-            if g.num_generations < 2:
-                problems.append(f"{stage_name}.grpo.num_generations must be >= 2 (GRPO compares within a group)")
+            g, at = stage.grpo, f"{stage_name}.grpo"
+            at_least(f"{at}.num_generations", g.num_generations, 2, " (GRPO compares completions within a group)")
+            for key in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+                        "max_completion_length", "logging_steps", "save_steps"):
+                at_least(f"{at}.{key}", getattr(g, key), 1)
             global_batch = g.per_device_train_batch_size * g.gradient_accumulation_steps
-            if g.num_generations >= 2 and global_batch % g.num_generations:
+            if g.num_generations >= 2 and global_batch >= 1 and global_batch % g.num_generations:
                 problems.append(
-                    f"{stage_name}.grpo: per_device_train_batch_size*gradient_accumulation_steps ({global_batch}) "
+                    f"{at}: per_device_train_batch_size*gradient_accumulation_steps ({global_batch}) "
                     f"must be a multiple of num_generations ({g.num_generations})"
                 )
-            if min(g.max_steps, g.max_completion_length, g.per_device_train_batch_size, g.gradient_accumulation_steps) < 1 \
-                    or g.learning_rate <= 0 or g.beta < 0:
-                problems.append(f"{stage_name}.grpo: max_steps, max_completion_length, per_device_train_batch_size, "
-                                "gradient_accumulation_steps and learning_rate must be > 0, and beta >= 0")
-            if not stage.weights or any(w < 0 for w in stage.weights.values()):
-                problems.append(f"{stage_name}.weights must be non-empty and non-negative")
-        for stage_name, weights, known in (("stage1", self.stage1.weights, STAGE_COMPONENTS[1]),
-                                           ("stage2", self.stage2.weights, STAGE_COMPONENTS[2])):
-            if unknown := sorted(set(weights) - set(known)):
+            positive(f"{at}.learning_rate", g.learning_rate)
+            at_least(f"{at}.beta", g.beta, 0, " (0 drops the reference model)")
+            positive(f"{at}.temperature", g.temperature, " (sampling temperature; 1.0 samples the model as it is)")
+            at_least(f"{stage_name}.max_examples", stage.max_examples, 1)
+            known = STAGE_COMPONENTS[1 if stage_name == "stage1" else 2]
+            if not stage.weights:
+                problems.append(f"{stage_name}.weights={{}} must name at least one of {', '.join(known)}")
+            if negative := {k: w for k, w in stage.weights.items() if w < 0}:
+                problems.append(f"{stage_name}.weights {negative} must be >= 0")
+            elif stage.weights and not any(w > 0 for w in stage.weights.values()):
+                problems.append(f"{stage_name}.weights={dict(stage.weights)}: at least one reward component must have "
+                                "a positive weight (all zero gives every completion the same reward: nothing to learn)")
+            if unknown := sorted(set(stage.weights) - set(known)):
                 problems.append(f"{stage_name}.weights has unknown components {unknown}; known: {', '.join(known)}")
         if not 0 < self.stage1.positive_fraction < 1:
-            problems.append("stage1.positive_fraction must be in (0, 1)")
+            problems.append(f"stage1.positive_fraction={self.stage1.positive_fraction!r} must be in (0, 1)")
+        at_least("data.max_candidates", self.data.max_candidates, 1)
         if self.stage1.k < 1 or self.stage1.k > self.data.max_candidates:
-            problems.append(f"stage1.k ({self.stage1.k}) must be in [1, data.max_candidates={self.data.max_candidates}]")
-        if self.stage2.permutations < 1:
-            problems.append("stage2.permutations must be >= 1")
-        if self.evaluation.questions < 1:
-            problems.append("evaluation.questions must be >= 1")
-        if self.model.compute_dtype not in ("float32", "float16", "bfloat16"):
-            problems.append(f"model.compute_dtype {self.model.compute_dtype!r} is not float32/float16/bfloat16")
-        if self.model.min_pixels > self.model.max_pixels:
-            problems.append("model.min_pixels must be <= model.max_pixels")
-        if self.lora.r < 1 or not self.lora.target_modules:
-            problems.append("lora.r must be >= 1 and lora.target_modules non-empty")
+            problems.append(f"stage1.k={self.stage1.k!r} must be in [1, data.max_candidates={self.data.max_candidates}]")
+        at_least("stage2.permutations", self.stage2.permutations, 1)
+        at_least("stage2.max_prompt_tokens", self.stage2.max_prompt_tokens, 1)
+        at_least("evaluation.questions", self.evaluation.questions, 1)
+        at_least("data.world_questions", self.data.world_questions, 1)
+        at_least("data.world_image_size", self.data.world_image_size, MIN_IMAGE_SIDE,
+                 f" px (one merged {MIN_IMAGE_SIDE} px patch; a smaller synthetic scene shows nothing)")
+        problems += _model_problems(self.model)
+        at_least("lora.r", self.lora.r, 1)
+        positive("lora.alpha", self.lora.alpha, " (the LoRA update is scaled by alpha / r)")
+        if not 0 <= self.lora.dropout < 1:
+            problems.append(f"lora.dropout={self.lora.dropout!r} must be in [0, 1)")
+        if not self.lora.target_modules or not all(self.lora.target_modules):
+            problems.append(f"lora.target_modules={list(self.lora.target_modules)!r} must name at least one module, "
+                            "e.g. [q_proj, v_proj]")
+        at_least("expected_memory_gb", self.expected_memory_gb, 0)
+        at_least("expected_seconds_per_step", self.expected_seconds_per_step, 0)
+        if not 0 <= self.seed < 2**32:
+            problems.append(f"seed={self.seed!r} must be in [0, 2**32 - 1] (numpy's seed range)")
         if problems:
             raise ConfigError(f"preset {self.name!r} is invalid:\n  - " + "\n  - ".join(problems))
         return self
@@ -255,19 +327,64 @@ class Preset:
         return _from_plain(cls, data, "preset").validate()
 
     def with_overrides(self, **overrides: Any) -> Preset:
-        """Copy with dotted overrides, e.g. ``with_overrides(**{"stage1.grpo.max_steps": 5, "stage1.k": 3})``."""
+        """Copy with dotted overrides, e.g. ``with_overrides(**{"stage1.grpo.max_steps": 5, "stage1.k": 3})``.
+
+        ``__`` also separates (``stage1__k=3``), for callers that want plain keyword arguments.
+        """
         data = self.to_dict()
         for dotted, value in overrides.items():
-            node = data
+            node: Any = data
             parts = dotted.replace("__", ".").split(".")
-            for part in parts[:-1]:
-                if not isinstance(node, dict) or part not in node:
-                    raise ConfigError(f"unknown config key {dotted!r} (no section {part!r})")
-                node = node[part]
-            if not isinstance(node, dict) or parts[-1] not in node:
-                raise ConfigError(f"unknown config key {dotted!r}")
+            for i, part in enumerate(parts):
+                where = ".".join(parts[:i]) or None  # the section being looked into; None: the top level
+                if not isinstance(node, dict):
+                    raise ConfigError(f"unknown config key {dotted!r}: {where!r} is a value, not a section")
+                if part not in node:
+                    raise ConfigError(_unknown_key_message(dotted, value, parts[:i], part, node, data))
+                if i < len(parts) - 1:
+                    node = node[part]
             node[parts[-1]] = value
         return Preset.from_dict(data)
+
+
+def _dotted_keys(node: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Every dotted key of a ``to_dict()`` tree: sections and their values (weights' components included)."""
+    keys = []
+    for key, value in node.items():
+        keys.append(prefix + key)
+        if isinstance(value, Mapping):
+            keys += _dotted_keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def _unknown_key_message(dotted: str, value: Any, section: list[str], part: str, node: Mapping[str, Any],
+                         data: Mapping[str, Any]) -> str:
+    """``unknown config key ...``, with the section's valid keys and the closest known key(s)."""
+    where = ".".join(section)
+    head = f"unknown config key {dotted!r}" + (f" (no {part!r} in section {where!r})" if section else "")
+    all_keys = _dotted_keys(data)
+    flat = {k.replace(".", "_"): k for k in all_keys}
+    if "." not in dotted and dotted in flat:  # get_preset(name, stage1_k=3): underscores where dots belong
+        key = flat[dotted]
+        return (f"{head}; did you mean {key!r}? Dotted keys are not Python names: pass them as "
+                f"get_preset(name, **{{{key!r}: {value!r}}}) or with double underscores "
+                f"({key.replace('.', '__')}={value!r})")
+    close = difflib.get_close_matches(dotted.replace("__", "."), all_keys, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{head}; keys of {('section ' + repr(where)) if section else 'a preset'}: {', '.join(sorted(node))}{hint}"
+
+
+def _literal_problems(obj: Any, prefix: str) -> list[str]:
+    """Fields declared as a ``Literal`` holding another value (a preset built in code skips ``_coerce``)."""
+    problems = []
+    hints = _resolved_hints(type(obj))
+    for f in fields(obj):
+        value, hint = getattr(obj, f.name), hints[f.name]
+        if is_dataclass(value):
+            problems += _literal_problems(value, f"{prefix}{f.name}.")
+        elif typing.get_origin(hint) is Literal and value not in typing.get_args(hint):
+            problems.append(f"{prefix}{f.name}={value!r} must be one of {', '.join(map(repr, typing.get_args(hint)))}")
+    return problems
 
 
 def _to_plain(obj: Any) -> Any:
@@ -312,9 +429,6 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     Values from YAML or ``--set`` may arrive as text (``"2e-3"``, ``"false"``), so unambiguous text is converted;
     anything else of the wrong type is an error here, not a ``TypeError`` deep inside training.
     """
-    import math
-    import typing
-
     origin, args = typing.get_origin(hint), typing.get_args(hint)
 
     def bad(expected: str) -> ConfigError:
@@ -363,8 +477,6 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
 
 
 def _resolved_hints(cls: type) -> dict[str, Any]:
-    import typing
-
     return typing.get_type_hints(cls)
 
 
@@ -515,7 +627,14 @@ def get_preset(name: str = "cpu-tiny", /, **overrides: Any) -> Preset:
     if isinstance(name, Preset):
         return name.with_overrides(**overrides).check_prompt_budget() if overrides else name
     if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        if name == "auto":
+            raise ConfigError("unknown preset 'auto': get_preset takes a preset name; "
+                              "resolve_preset('auto', **overrides) picks one for this machine's hardware "
+                              f"(or choose one of {sorted(PRESETS)})")
+        close = difflib.get_close_matches(str(name), list(PRESETS), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"unknown preset {name!r}; {hint}choose one of {sorted(PRESETS)} (or 'auto' through "
+                          "resolve_preset)")
     preset = PRESETS[name]
     return preset.with_overrides(**overrides).check_prompt_budget() if overrides else preset
 
@@ -569,7 +688,7 @@ def resolve_preset(name: str | Preset = "auto", /, **overrides: Any) -> Preset:
 def work_dir(preset: str | Preset, override: str | Path | None = None) -> Path:
     """Where one course run keeps its world, Mini-WebQA, adapters and reports: ``runs/<preset>`` by default."""
     name = preset.name if isinstance(preset, Preset) else preset
-    path = Path(override) if override else runs_dir() / name
+    path = Path(override) if override else runs_dir() / check_preset_name(name)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -583,6 +702,8 @@ def load_preset_yaml(path: str | Path) -> Preset:
 
 
 __all__ = [
+    "ATTN_IMPLEMENTATIONS",
+    "GRPO_LOSS_TYPES",
     "PRESETS",
     "STAGE_COMPONENTS",
     "ConfigError",
@@ -595,6 +716,7 @@ __all__ = [
     "Stage1Settings",
     "Stage2Settings",
     "auto_preset_name",
+    "check_preset_name",
     "cuda_native_bf16",
     "data_dir",
     "get_preset",

@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -26,6 +27,10 @@ NO_IMAGES = MiniWebQAFilters(check_images=False)
 
 
 # ------------------------------------------------------------------------------------------- helpers
+def _names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
 def _png(color=(200, 10, 10), size=16) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (size, size), color).save(buf, format="PNG")
@@ -175,6 +180,28 @@ def test_cut_or_broken_file_keeps_the_records_before_the_break(tmp_path):
     assert f"character {whole.value.pos} " in str(err.value)
 
 
+def test_cut_file_warning_points_at_the_callers_line(tmp_path):
+    """The reader warns from inside a generator: the warning must name the line that called the reader (here),
+    not tqdm's loop or the builder, and say how many records it keeps."""
+    text = json.dumps({f"g{i}": raw_record(guid=f"g{i}") for i in range(30)})
+    path = tmp_path / "WebQA_train_val.json"
+    path.write_text(text[: int(len(text) * 0.9)])
+    for read in (lambda: D.read_webqa(path), lambda: list(D.iter_webqa(path)),
+                 lambda: D.build_mini_webqa(tmp_path, None, filters=NO_IMAGES, progress=True)):
+        with pytest.warns(UserWarning, match="keeping the records before it") as caught:
+            read()
+        assert [Path(w.filename).name for w in caught] == [Path(__file__).name]  # not tqdm/std.py
+        assert re.search(r"before it \(2\d\), the rest of the file is not read", str(caught[0].message))
+
+
+def test_file_broken_before_its_first_record_is_an_error_not_an_empty_read(tmp_path):
+    path = tmp_path / "WebQA_train_val.json"
+    for text in ("[1, 2]", "", json.dumps({"g0": raw_record(guid="g0")})[:200]):
+        path.write_text(text)
+        with pytest.raises(WebQAFormatError, match="WebQA_train_val.json"):
+            D.read_webqa(path)  # not strict: still nothing to keep, so no "keeping ..." warning and an empty list
+
+
 # ------------------------------------------------------------------------------------------ image store
 def test_image_store_offsets_and_random_access(tmp_path):
     ids = {30000000 + i: _png((i * 40, 0, 0), 8 + i) for i in range(5)}
@@ -287,6 +314,29 @@ def test_world_write_is_atomic(tmp_path, monkeypatch):
         D.make_world(target, n_questions=20, seed=5, progress=False)
     assert (target / "WebQA_train_val.json").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["world"]
+
+
+def test_make_world_replaces_only_an_empty_folder_or_a_world(tmp_path):
+    """A folder with the student's own files (a real WebQA download, say) or a file is refused, never deleted."""
+    mine = tmp_path / "webqa"
+    mine.mkdir()
+    (mine / "WebQA_train_val.json").write_text("the real download")
+    with pytest.raises(FileExistsError, match=f"{mine}.*not a synthetic world"):
+        D.make_world(mine, n_questions=5, progress=False)
+    assert _names(mine) == ["WebQA_train_val.json"] and (mine / "WebQA_train_val.json").read_text() == "the real download"
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    with pytest.raises(NotADirectoryError, match=f"{notes} is a file"):
+        D.make_world(notes, n_questions=5, progress=False)
+    assert notes.read_text() == "mine"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    first = (D.make_world(empty, n_questions=5, progress=False) / "WebQA_train_val.json").read_bytes()
+    again = D.make_world(empty, n_questions=5, seed=1, progress=False)  # a previous world is replaced
+    assert (again / "WebQA_train_val.json").read_bytes() != first
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        D.make_world(empty, n_questions=5, overwrite=False, progress=False)
+    assert _names(tmp_path) == ["empty", "notes.txt", "webqa"]  # no temporary or old-copy litter
 
 
 # ---------------------------------------------------------------------------------------------- filters
@@ -518,6 +568,77 @@ def test_unchecked_broken_gold_images_skip_their_question_not_the_build(world):
     assert report.n_kept == sum(report.splits.values()) == sum(report.qcates.values()) == sum(len(v) for v in dd.values())
 
 
+def _test_layout(guid: str) -> dict:
+    raw = raw_record(guid=guid)
+    raw["img_Facts"] = raw.pop("img_posFacts") + raw.pop("img_negFacts")
+    raw["txt_Facts"] = raw.pop("txt_negFacts")
+    del raw["txt_posFacts"], raw["A"], raw["Keywords_A"]
+    return raw
+
+
+def _unusable_sources(root: Path) -> list[tuple[Path, type, str]]:
+    """(source, error, message pattern): each leaves no question, or is not a training source at all."""
+    def folder(name: str, text: str, file: str = "WebQA_train_val.json") -> Path:
+        (root / name).mkdir(parents=True)
+        (root / name / file).write_text(text)
+        return root / name
+
+    cut = json.dumps({"g0": raw_record(guid="g0")})
+    return [
+        (folder("broken", json.dumps({"a": {"Q": 3}, "b": {**raw_record(guid="b"), "txt_negFacts": "oops"}})),
+         D.MiniWebQABuildError, r"'unreadable' removed the last 2.*record a: .*'Q' must be a string"),
+        (folder("empty", "{}"), D.MiniWebQABuildError, "holds no WebQA records"),
+        (folder("list", "[1, 2]"), WebQAFormatError, r"list/WebQA_train_val.json.*keyed by Guid"),
+        (folder("cut", cut[: len(cut) // 2]), WebQAFormatError, r"cut/WebQA_train_val.json.*invalid JSON"),
+        (folder("test_only", json.dumps({"t1": _test_layout("t1")}), "WebQA_test.json"), D.MiniWebQABuildError,
+         r"WebQA_test.json is WebQA's test file.*needs WebQA_train_val.json"),
+        (folder("test_layout", json.dumps({f"t{i}": _test_layout(f"t{i}") for i in range(3)})),
+         D.MiniWebQABuildError, r"'no_gold_source' removed the last 3.*test-layout.*needs WebQA_train_val.json"),
+        (write_webqa(root / "no_answers", {f"g{i}": raw_record(guid=f"g{i}", a="Hard to say.") for i in range(4)}),
+         D.MiniWebQABuildError, r"'answer_misses_keyword' removed the last 4"),
+        (D.make_world(root / "world0", n_questions=0, progress=False), D.MiniWebQABuildError,
+         "holds no WebQA records.*world_questions"),
+        (write_webqa(root / "too_few", {"g1": raw_record(guid="g1"), "g2": raw_record(guid="g2")}),
+         D.MiniWebQABuildError, "empty test split: only 2 question"),
+    ]
+
+
+def test_build_refuses_a_source_without_usable_questions(tmp_path):
+    """An empty Mini-WebQA used to be saved (and then cached as current) and to crash later in datasets with an
+    IndexError; now the build says why, and writes nothing: a Mini-WebQA already there stays as it was."""
+    good = write_webqa(tmp_path / "good", {f"g{i}": raw_record(guid=f"g{i}") for i in range(10)})
+    out = tmp_path / "out" / "mini_webqa"
+    D.build_mini_webqa(good, out, filters=NO_IMAGES, progress=False)
+    stamp = (out / "dataset_dict.json").stat().st_mtime_ns
+    sources = _unusable_sources(tmp_path / "sources")
+    for source, error, pattern in sources:
+        with pytest.raises(error, match=pattern):
+            D.build_mini_webqa(source, out, filters=NO_IMAGES, progress=False)
+        with pytest.raises(error, match=pattern):
+            D.build_mini_webqa(source, tmp_path / "out" / "new", filters=NO_IMAGES, progress=False)
+    assert _names(tmp_path / "out") == ["mini_webqa"]  # nothing new, no temporary left behind
+    assert (out / "dataset_dict.json").stat().st_mtime_ns == stamp and len(D.load_mini_webqa(out)["train"]) == 8
+    too_few = sources[-1][0]  # in memory an empty split is no crash: only saving one is refused
+    assert sum(map(len, D.build_mini_webqa(too_few, None, filters=NO_IMAGES, progress=False)[0].values())) == 2
+
+
+def test_a_fixed_source_is_rebuilt_after_a_refused_build(tmp_path, world):
+    """A broken source leaves no cache behind; once the file is fixed the next call builds it."""
+    from mmrag_lite.config import get_preset
+
+    source = tmp_path / "webqa"
+    source.mkdir()
+    for name in ("imgs.tsv", "imgs.lineidx"):
+        (source / name).write_bytes((world / name).read_bytes())
+    (source / "WebQA_train_val.json").write_text((world / "WebQA_train_val.json").read_text()[:300])
+    preset, run = get_preset("cpu-tiny"), tmp_path / "run"
+    with pytest.raises(WebQAFormatError, match="webqa/WebQA_train_val.json"):
+        D.ensure_mini_webqa(preset, run, webqa_dir=source)
+    assert D.mini_webqa_is_current(preset, run, source) is None and not (run / "mini_webqa").exists()
+    (source / "WebQA_train_val.json").write_bytes((world / "WebQA_train_val.json").read_bytes())
+    assert len(D.ensure_mini_webqa(preset, run, webqa_dir=source)["train"]) > 200
+
+
 def test_save_is_atomic_on_failure(tmp_path, monkeypatch, built):
     import datasets
 
@@ -542,13 +663,62 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch, built):
     assert len(D.load_mini_webqa(target)["train"]) == len(dd["train"])  # the old one is intact
 
 
+def _stamps(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.is_file()}
+
+
 def test_ensure_mini_webqa_builds_once(tmp_path):
+    """The course reuses its cache when nothing changed (world and Mini-WebQA untouched); ``force`` rebuilds both."""
+    from mmrag_lite.config import get_preset
+
     dd = D.ensure_mini_webqa("cpu-tiny", tmp_path)
     assert (tmp_path / "world" / "imgs.lineidx").is_file() and (tmp_path / "mini_webqa" / "funnel.json").is_file()
-    stamp = os.path.getmtime(tmp_path / "mini_webqa" / "dataset_dict.json")
+    world, mini = _stamps(tmp_path / "world"), _stamps(tmp_path / "mini_webqa")
+    assert D.mini_webqa_is_current(get_preset("cpu-tiny"), tmp_path) is True
     again = D.ensure_mini_webqa("cpu-tiny", tmp_path)
-    assert os.path.getmtime(tmp_path / "mini_webqa" / "dataset_dict.json") == stamp
+    assert _stamps(tmp_path / "world") == world and _stamps(tmp_path / "mini_webqa") == mini
     assert again["train"]["guid"] == dd["train"]["guid"] and len(dd["train"]) > 200
+    forced = D.ensure_mini_webqa("cpu-tiny", tmp_path, force=True)
+    assert _stamps(tmp_path / "world")["imgs.tsv"] != world["imgs.tsv"]
+    assert _stamps(tmp_path / "mini_webqa")["dataset_dict.json"] != mini["dataset_dict.json"]
+    assert forced["train"]["guid"] == dd["train"]["guid"]  # same seed, same data
+
+
+def test_ensure_mini_webqa_notices_changed_source_files(tmp_path, world):
+    """A cut imgs.tsv later restored, or a re-downloaded question file, changes size or mtime: the cache key."""
+    import shutil
+
+    from mmrag_lite.config import get_preset
+
+    source = shutil.copytree(world, tmp_path / "webqa")
+    preset, run = get_preset("cpu-tiny"), tmp_path / "run"
+    mini = run / "mini_webqa"
+    D.ensure_mini_webqa(preset, run, webqa_dir=source)
+    stamp = (mini / "dataset_dict.json").stat().st_mtime_ns
+    D.ensure_mini_webqa(preset, run, webqa_dir=source)
+    assert (mini / "dataset_dict.json").stat().st_mtime_ns == stamp  # nothing changed: reused
+    tsv = (source / "imgs.tsv").read_bytes()
+    (source / "imgs.tsv").write_bytes(tsv[: len(tsv) // 2])
+    assert D.mini_webqa_is_current(preset, run, source) is False
+    (source / "imgs.tsv").write_bytes(tsv)  # restored: same bytes, but the build read the cut file
+    assert D.mini_webqa_is_current(preset, run, source) is False
+    D.ensure_mini_webqa(preset, run, webqa_dir=source)
+    assert (mini / "dataset_dict.json").stat().st_mtime_ns != stamp
+    assert D.mini_webqa_is_current(preset, run, source) is True
+    recorded = FunnelReport.load(mini).settings["source_files"]  # in funnel.json, beside the build settings
+    assert recorded == D.source_fingerprint(source / "WebQA_train_val.json")
+    assert sorted(recorded) == ["WebQA_train_val.json", "imgs.lineidx", "imgs.tsv"]
+    # asked without webqa_dir (notebooks 03-05): a changed real source is rebuilt from itself, not from a world
+    os.utime(source / "WebQA_train_val.json", ns=(1, 1))
+    assert D.mini_webqa_is_current(preset, run) is False
+    D.ensure_mini_webqa(preset, run)
+    assert FunnelReport.load(mini).source == str((source / "WebQA_train_val.json").resolve())
+    assert D.mini_webqa_is_current(preset, run) is True and not (run / "world").exists()
+    # a build that recorded no fingerprint (an older version) is not current
+    funnel = json.loads((mini / "funnel.json").read_text())
+    del funnel["settings"]["source_files"]
+    (mini / "funnel.json").write_text(json.dumps(funnel))
+    assert D.mini_webqa_is_current(preset, run, source) is False
 
 
 def test_ensure_mini_webqa_notices_other_settings_from_another_directory(tmp_path, monkeypatch):

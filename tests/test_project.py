@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import tomllib
@@ -109,6 +110,109 @@ def test_overrides_and_yaml_round_trip(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(preset.to_dict()))
     assert config.load_preset_yaml(path) == preset
+
+
+def test_grpo_loss_type_is_one_trl_supports():
+    """A loss type TRL does not know used to pass the preset and fail with "Unknown loss type" after a step."""
+    with pytest.raises(ConfigError, match=r"stage1\.grpo\.loss_type must be one of 'grpo', .*'dapo'.*got 'bogus'"):
+        get_preset("cpu-tiny", **{"stage1.grpo.loss_type": "bogus"})
+    built_in_code = dataclasses.replace(PRESETS["cpu-tiny"], stage2=dataclasses.replace(
+        PRESETS["cpu-tiny"].stage2, grpo=dataclasses.replace(PRESETS["cpu-tiny"].stage2.grpo, loss_type="bogus")))
+    with pytest.raises(ConfigError, match=r"stage2\.grpo\.loss_type='bogus' must be one of"):
+        built_in_code.validate()  # no _coerce on this path: validate checks every Literal field itself
+    for loss_type in config.GRPO_LOSS_TYPES:
+        assert get_preset("cpu-tiny", **{"stage1.grpo.loss_type": loss_type}).stage1.grpo.loss_type == loss_type
+    from trl import GRPOConfig
+
+    help_text = next(f.metadata["help"] for f in dataclasses.fields(GRPOConfig) if f.name == "loss_type")
+    supported = re.search(r"Supported values are (.*?)\. ", help_text).group(1)
+    assert set(config.GRPO_LOSS_TYPES) == set(re.findall(r"'(\w+)'", supported))  # the pinned TRL's own list
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("stage1.grpo.temperature", 0, "stage1.grpo.temperature=0.0 must be > 0"),
+    ("stage2.grpo.temperature", -1, "stage2.grpo.temperature=-1.0 must be > 0"),
+    ("stage1.max_examples", 0, "stage1.max_examples=0 must be >= 1"),
+    ("stage2.max_examples", -5, "stage2.max_examples=-5 must be >= 1"),
+    ("stage1.grpo.save_steps", 0, "stage1.grpo.save_steps=0 must be >= 1"),
+    ("stage2.grpo.logging_steps", 0, "stage2.grpo.logging_steps=0 must be >= 1"),
+    ("lora.dropout", 1.0, "lora.dropout=1.0 must be in [0, 1)"),
+    ("lora.dropout", -0.1, "lora.dropout=-0.1 must be in [0, 1)"),
+    ("lora.alpha", 0, "lora.alpha=0 must be > 0"),
+    ("lora.r", 0, "lora.r=0 must be >= 1"),
+    ("lora.target_modules", [], "lora.target_modules=[] must name at least one module"),
+    ("stage1.weights", {"format": 0.0, "relevance": 0.0}, "at least one reward component must have a positive weight"),
+    ("stage2.weights", {"format": 0, "ranking": 0, "answer": 0}, "stage2.weights={'format': 0.0, 'ranking': 0.0"),
+    ("model.attn_implementation", "bogus",
+     ("attn_implementation must be one of 'eager', 'sdpa', 'flash_attention_2', 'flash_attention_3', 'flex_attention', "
+      "got 'bogus'")),
+])
+def test_out_of_range_values_are_errors_naming_key_value_and_range(key, value, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        get_preset("cpu-tiny", **{key: value})
+
+
+def test_attn_implementations_are_ones_transformers_accepts():
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    assert set(config.ATTN_IMPLEMENTATIONS) <= {"eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()}
+    assert "sdpa" in config.ATTN_IMPLEMENTATIONS and "eager" in config.ATTN_IMPLEMENTATIONS  # default, cpu-tiny's
+    assert get_preset("colab-t4", **{"model.attn_implementation": "flash_attention_2"}).model.attn_implementation == \
+        "flash_attention_2"
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("model.image_size", 0, "model.image_size=0 must be >= 28 px"),
+    ("model.image_size", 27, "model.image_size=27 must be >= 28 px"),
+    ("model.min_pixels", 0, "model.min_pixels=0 must be >= 784"),
+    ("model.max_pixels", 0, "model.max_pixels=0 must be >= 784"),
+    ("data.world_image_size", 0, "data.world_image_size=0 must be >= 28 px"),
+    ("data.world_questions", 0, "data.world_questions=0 must be >= 1"),
+    ("data.world_questions", -3, "data.world_questions=-3 must be >= 1"),
+])
+def test_image_sizes_and_world_size_are_checked_before_the_token_arithmetic(key, value, message):
+    """``image_tokens`` (run by the prompt-budget check) divided by these: a ZeroDivisionError, not a ConfigError."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        get_preset("cpu-tiny", **{key: value})
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        resolve_preset("colab-t4", **{key: value})
+    assert get_preset("cpu-tiny", **{"model.image_size": 28}).model.image_size == 28  # the bound itself is fine
+    with pytest.raises(ConfigError, match="model.image_size=0"):  # a bare ModelSettings, never validated
+        config.image_tokens(dataclasses.replace(PRESETS["cpu-tiny"].model, image_size=0, min_pixels=0, max_pixels=0))
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "a/b", "..", ".", ".hidden", "a\\b", "/abs", "", "-flag", "x y"])
+def test_preset_name_must_be_a_plain_folder_name(name, tmp_path, monkeypatch):
+    """``--set name=...`` names the run folder runs/<name>: it must not escape runs/."""
+    monkeypatch.setenv("MMRAG_HOME", str(tmp_path))
+    with pytest.raises(ConfigError, match=re.escape(f"name={name!r} must be a plain folder name")):
+        get_preset("cpu-tiny", name=name)
+    with pytest.raises(ConfigError, match="plain folder name"):
+        config.work_dir(name)
+    assert not any(tmp_path.rglob("*"))  # nothing created
+    assert config.work_dir(get_preset("cpu-tiny", name="my-run_2.b")) == tmp_path / "runs" / "my-run_2.b"
+
+
+def test_unknown_keys_and_presets_say_what_would_work():
+    with pytest.raises(ConfigError, match=r"unknown config key 'stage1.kk'.*keys of section 'stage1': balance_classes, "
+                                          r"grpo, k, max_examples.*did you mean 'stage1.k'\?"):
+        PRESETS["cpu-tiny"].with_overrides(**{"stage1.kk": 3})
+    with pytest.raises(ConfigError, match=re.escape("""did you mean 'stage1.k'? Dotted keys are not Python names: """
+                                                    """pass them as get_preset(name, **{'stage1.k': 3})""")):
+        get_preset("cpu-tiny", stage1_k=3)
+    assert get_preset("cpu-tiny", stage1__k=3).stage1.k == 3  # the double-underscore spelling the hint offers works
+    with pytest.raises(ConfigError, match=r"did you mean 'stage1\.grpo\.max_steps'"):
+        get_preset("cpu-tiny", stage1_grpo_max_steps=3)
+    with pytest.raises(ConfigError, match=r"keys of section 'stage2\.weights': answer, format, ranking"):
+        get_preset("cpu-tiny", **{"stage2.weights.style": 1.0})
+    with pytest.raises(ConfigError, match=r"keys of a preset: data, description.*did you mean 'stage1\.k'"):
+        get_preset("cpu-tiny", **{"stgae1.k": 3})
+    with pytest.raises(ConfigError, match=r"'stage1\.k' is a value, not a section"):
+        get_preset("cpu-tiny", **{"stage1.k.x": 3})
+    with pytest.raises(ConfigError, match=re.escape("resolve_preset('auto'")):
+        get_preset("auto")
+    with pytest.raises(ConfigError, match="did you mean 'cpu-tiny'"):
+        get_preset("cpu_tiny")
 
 
 @pytest.mark.parametrize(("cuda", "bf16", "capability", "gib", "expected"), [

@@ -9,7 +9,8 @@ and its effect is counted in a ``FunnelReport`` (saved as ``funnel.json`` next t
 
 The output is a ``datasets.DatasetDict`` (train / validation / test) in the schema of docs/CONTRACTS.md, written
 atomically (temporary folder next to the target, then rename). The same code runs on the real WebQA files and on
-the synthetic world (``make_world``).
+the synthetic world (``make_world``). A source that leaves a split empty is refused (``MiniWebQABuildError``) before
+anything is written; ``funnel.json`` records a fingerprint of the source files, so a changed source is rebuilt.
 """
 
 from __future__ import annotations
@@ -28,9 +29,28 @@ from PIL import Image
 
 from ..atomic import atomic_dir
 from .images import ImageStore, ImageStoreError, is_truncated, load_image_bytes
-from .webqa import IMAGE_QCATES, ImageFact, RecordError, TextFact, WebQARecord, find_webqa_json, iter_webqa
+from .webqa import (
+    IMAGE_QCATES,
+    ImageFact,
+    RecordError,
+    TextFact,
+    WebQAFormatError,
+    WebQARecord,
+    find_webqa_json,
+    iter_webqa,
+)
 
 SPLITS = ("train", "validation", "test")
+SOURCE_FILES = ("imgs.tsv", "imgs.lineidx")  # read beside the question file; their fingerprint is part of the cache key
+
+
+class MiniWebQABuildError(ValueError):
+    """The source cannot give a usable Mini-WebQA (nothing survives the filters, a split would be empty, the test file
+    was given); nothing was written. ``report`` holds the funnel so far (``None`` when the file was refused unread)."""
+
+    def __init__(self, message: str, report: FunnelReport | None = None):
+        super().__init__(message)
+        self.report = report
 
 
 def one_split(rows: Any, where: str) -> Any:
@@ -548,6 +568,55 @@ def save_dataset_atomic(dataset_dict, out_dir: str | Path, extra_files: dict[str
 
 
 # --------------------------------------------------------------------------------------------- builder
+def source_fingerprint(json_path: str | Path) -> dict[str, dict[str, int]]:
+    """Size and ``mtime_ns`` of the question file and the image store beside it (those that exist).
+
+    The cache key of a saved Mini-WebQA: a re-download, a cut file or a restored one changes it, and taking it reads
+    no data (WebQA is 51 GB).
+    """
+    json_path = Path(json_path)
+    out = {}
+    for path in (json_path, *(json_path.parent / name for name in SOURCE_FILES)):
+        if path.is_file():
+            st = path.stat()
+            out[path.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return out
+
+
+def _nothing_left(report: FunnelReport, json_path: Path, unlabelled: bool) -> MiniWebQABuildError:
+    """Why no question is left, named by the funnel step that removed the last ones, and what to check."""
+    if report.n_read == 0:
+        return MiniWebQABuildError(
+            f"{json_path} holds no WebQA records, so there is nothing to build Mini-WebQA from: check that the file "
+            "is complete (download it again) or, for a synthetic world, that it has n_questions > 0 "
+            "(data.world_questions)", report)
+    step = next(s for s in report.steps if s.kept == 0)
+    message = (f"no question of {json_path} survives the Mini-WebQA filters: step {step.name!r} removed the last "
+               f"{step.before} ({step.reason})")
+    if step.name == "unreadable":
+        message += ("; first errors: " + "; ".join(report.read_errors[:3]) + ". Check that the file is "
+                    "WebQA_train_val.json as released (or written by make_world), not a cut or edited copy")
+    elif step.name == "no_gold_source" and unlabelled:
+        message += (": these are test-layout records (img_Facts / txt_Facts, no answers, no gold facts); "
+                    "a training source needs WebQA_train_val.json")
+    else:
+        message += (f"; e.g. {', '.join(step.examples)}. Check the source, or switch that filter off or loosen it "
+                    "in MiniWebQAFilters")
+    return MiniWebQABuildError(message, report)
+
+
+def _refuse_empty_splits(sizes: Mapping[str, int], report: FunnelReport, json_path: Path,
+                         fractions: Sequence[float]) -> None:
+    """A saved empty split cannot be loaded (``datasets`` fails with an IndexError), so refuse to save one."""
+    empty = [name for name in SPLITS if not sizes.get(name)]
+    if empty:
+        raise MiniWebQABuildError(
+            f"Mini-WebQA from {json_path} would have an empty {' and '.join(empty)} split: only "
+            f"{sum(sizes.values())} question(s) survive the filters (split fractions {tuple(fractions)}). Build from "
+            "a larger source (for the synthetic world: more data.world_questions) or give every split a non-zero "
+            "fraction; nothing was written", report)
+
+
 def _data_settings(settings: Any):
     from ..config import DataSettings, Preset, resolve_preset
 
@@ -575,7 +644,11 @@ def build_mini_webqa(
 
     ``settings`` (a ``DataSettings``, ``Preset`` or preset name; default cpu-tiny) gives ``max_candidates``
     unless passed explicitly. Returns ``(DatasetDict, FunnelReport)``; with ``out_dir`` both are written there
-    (``funnel.json`` beside the dataset), atomically.
+    (``funnel.json`` beside the dataset, with the source files' fingerprint), atomically.
+
+    Raises ``MiniWebQABuildError`` when no question survives, when a split to be saved would be empty (it could not
+    be loaded), or for ``WebQA_test.json`` (no answers, no gold facts); ``WebQAFormatError`` for a file that is not
+    WebQA at all. Either way nothing is written and an existing ``out_dir`` stays as it was.
     """
     from datasets import DatasetDict
     from tqdm.auto import tqdm
@@ -585,6 +658,11 @@ def build_mini_webqa(
     max_candidates = max_candidates if max_candidates is not None else data.max_candidates
     source_dir = Path(source_dir)
     json_path = find_webqa_json(source_dir)
+    if json_path.name == "WebQA_test.json":
+        raise MiniWebQABuildError(
+            f"{json_path} is WebQA's test file (no answers, no gold facts): a training source needs "
+            f"WebQA_train_val.json; put it in {json_path.parent} (github.com/WebQnA/WebQA) or build a synthetic "
+            "world with make_world")
     folder = json_path.parent
     has_images = (folder / "imgs.tsv").is_file() and (folder / "imgs.lineidx").is_file()
     if filters.check_images and not has_images:
@@ -592,17 +670,28 @@ def build_mini_webqa(
                                 "to build a text-only Mini-WebQA (image candidates get image=None)")
     store = ImageStore(folder) if has_images else None
     report = FunnelReport(source=str(json_path.resolve()))  # absolute: compared later
-    report.settings = {"filters": filters.to_dict(), "max_candidates": max_candidates, "seed": seed}
+    report.settings = {"filters": filters.to_dict(), "max_candidates": max_candidates, "seed": seed,
+                       "source_files": source_fingerprint(json_path)}  # before reading: a change meanwhile shows
     try:
         errors: list[RecordError] = []
-        records = list(tqdm(iter_webqa(json_path, errors), desc="read WebQA", disable=not progress,
-                            mininterval=1.0, unit=" q"))
+        try:
+            records = list(tqdm(iter_webqa(json_path, errors), desc="read WebQA", disable=not progress,
+                                mininterval=1.0, unit=" q"))
+        except WebQAFormatError as exc:  # the whole file, not one record: nothing to build from
+            raise WebQAFormatError(f"cannot build Mini-WebQA from {json_path}: {exc}. Check that it is "
+                                   "WebQA_train_val.json as released (download it again if it was cut) or a world "
+                                   "written by make_world") from None
         report.steps.append(FunnelStep("unreadable", FILTER_REASONS["unreadable"], len(records) + len(errors),
                                        len(errors), len(records), [e.guid for e in errors[:5]]))
         report.read_errors = [str(e) for e in errors[:20]]
+        unlabelled = bool(records) and not any(r.is_labelled for r in records)
         kept = filter_records(records, filters, store, report, seed=seed, progress=progress)
         del records
+        if not kept:
+            raise _nothing_left(report, json_path, unlabelled)
         parts = split_records(kept, filters.split_fractions, seed=seed)
+        if out_dir is not None:  # cheap check first; the rows below may still skip a few
+            _refuse_empty_splits({k: len(v) for k, v in parts.items()}, report, json_path, filters.split_fractions)
         counts: Counter = Counter()
         splits = {}
         bar = tqdm(total=len(kept), desc="build rows", disable=not progress, mininterval=1.0, unit=" q")
@@ -627,6 +716,10 @@ def build_mini_webqa(
         if skipped:  # the funnel ends at what the dataset holds
             report.add("broken_gold_image", len(kept), skipped)
         report.splits = {k: len(v) for k, v in dd.items()}
+        if report.n_kept == 0:
+            raise _nothing_left(report, json_path, unlabelled)
+        if out_dir is not None:
+            _refuse_empty_splits(report.splits, report, json_path, filters.split_fractions)
         report.qcates = dict(sorted(Counter(q for split in dd.values() for q in split["qcate"]).items()))
         report.candidates = dict(counts)
         if out_dir is not None:
@@ -652,11 +745,23 @@ def _world_matches(manifest: dict, preset: Any) -> bool:
     return all(manifest.get(k) == v for k, v in want.items())
 
 
+def _saved_source(mini: Path) -> tuple[Path, dict[str, Any]] | None:
+    """(question file, build settings) that ``funnel.json`` in ``mini`` records; None without a readable one."""
+    try:
+        meta = json.loads((mini / "funnel.json").read_text())
+        return Path(meta["source"]), dict(meta.get("settings") or {})
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def mini_webqa_is_current(preset: Any, work_dir: str | Path, webqa_dir: str | Path | None = None) -> bool | None:
     """Whether the Mini-WebQA saved in run folder ``work_dir`` is what ``preset`` (and ``webqa_dir``) would build;
     ``None`` when none is saved. The cache check of ``ensure_mini_webqa``; the CLI asks it before overwriting a run.
 
-    A Mini-WebQA that notebook 01 built from real WebQA counts as current when asked without ``webqa_dir``.
+    Current means: same ``max_candidates`` and seed, and source files unchanged since the build (size and
+    ``mtime_ns`` as recorded in ``funnel.json``; a build that recorded none is not current). A Mini-WebQA that
+    notebook 01 built from real WebQA counts as current when asked without ``webqa_dir``, unless its source files
+    changed (if they are gone there is nothing to compare with, or to rebuild from, and it is kept).
     """
     from .world import read_world_manifest
 
@@ -664,26 +769,31 @@ def mini_webqa_is_current(preset: Any, work_dir: str | Path, webqa_dir: str | Pa
     mini, world = wd / "mini_webqa", wd / "world"
     if not ((mini / "funnel.json").is_file() and (mini / "dataset_dict.json").is_file()):
         return None
-    meta = json.loads((mini / "funnel.json").read_text())
-    built_from = Path(meta.get("source", "")).parent.resolve()
-    settings = meta.get("settings", {})
+    saved = _saved_source(mini)
+    if saved is None:
+        return False
+    source, settings = saved
+    built_from = source.parent.resolve()
     same_sizes = settings.get("max_candidates") == preset.data.max_candidates and settings.get("seed") == preset.seed
+    unchanged = settings.get("source_files") == source_fingerprint(source)
     if webqa_dir is not None:
-        return same_sizes and built_from == Path(webqa_dir).resolve()
+        asked = Path(webqa_dir).resolve()
+        return same_sizes and unchanged and asked in (built_from, source.resolve())
     if built_from != world.resolve():  # notebook 01 built it from real WebQA on purpose: keep it
-        return same_sizes
+        return same_sizes and (unchanged or not source.is_file())
     manifest = read_world_manifest(world)
-    return same_sizes and manifest is not None and _world_matches(manifest, preset)
+    return same_sizes and unchanged and manifest is not None and _world_matches(manifest, preset)
 
 
 def ensure_mini_webqa(preset: Any = "auto", work_dir: str | Path | None = None, progress: bool = False,
-                      webqa_dir: str | Path | None = None):
+                      webqa_dir: str | Path | None = None, force: bool = False):
     """The run's Mini-WebQA: build ``world/`` and ``mini_webqa/`` under the run folder if missing, then load it.
 
     ``webqa_dir`` builds from real WebQA files instead of the synthetic world. A world or dataset built with other
-    settings (different preset sizes or seed) is rebuilt (``mini_webqa_is_current``), so the cache never goes stale
-    silently. A Mini-WebQA that notebook 01 built from real WebQA is kept (later notebooks call this without
-    ``webqa_dir``).
+    settings (different preset sizes or seed) or from source files that changed since is rebuilt
+    (``mini_webqa_is_current``), so the cache never goes stale silently. A Mini-WebQA that notebook 01 built from
+    real WebQA is kept (later notebooks call this without ``webqa_dir``), and rebuilt from that same folder when it
+    must be. ``force`` rebuilds unconditionally (the run's synthetic world too, when that is the source).
     """
     from ..config import resolve_preset
     from ..config import work_dir as run_dir
@@ -692,15 +802,19 @@ def ensure_mini_webqa(preset: Any = "auto", work_dir: str | Path | None = None, 
     p = resolve_preset(preset)
     wd = run_dir(p, work_dir)
     mini, world = wd / "mini_webqa", wd / "world"
-    if mini_webqa_is_current(p, wd, webqa_dir):
+    if not force and mini_webqa_is_current(p, wd, webqa_dir):
         return load_mini_webqa(mini)
-    if webqa_dir is None:
+    saved = _saved_source(mini) if webqa_dir is None else None
+    if webqa_dir is not None:
+        source = Path(webqa_dir)
+    elif saved is not None and saved[0].parent.resolve() != world.resolve() and saved[0].is_file():
+        source = saved[0]  # notebook 01's real WebQA: rebuild from it, never swap in the synthetic world
+    else:
         manifest = read_world_manifest(world)
-        if manifest is None or not _world_matches(manifest, p) or not (world / "imgs.lineidx").is_file():
+        if (force or manifest is None or not _world_matches(manifest, p)
+                or not (world / "imgs.lineidx").is_file()):
             make_world(world, n_questions=p.data.world_questions, seed=p.seed, image_size=p.data.world_image_size,
                        progress=progress)
         source = world
-    else:
-        source = Path(webqa_dir)
     build_mini_webqa(source, mini, settings=p.data, seed=p.seed, progress=progress)
     return load_mini_webqa(mini)

@@ -8,12 +8,14 @@ literal double quotes (``"\\"What color ...?\\""``); image facts carry an intege
 
 The reader streams the top-level object record by record (``json.JSONDecoder.raw_decode`` over a sliding buffer),
 so the real 1 GB file never sits in memory as one parsed tree. A record that does not fit the schema becomes a
-``RecordError`` naming its Guid; the other records are still returned (``strict=True`` raises instead).
+``RecordError`` naming its Guid; the other records are still returned (``strict=True`` raises instead). A file that
+is not a WebQA file at all (a JSON list, broken before its first record) is a ``WebQAFormatError`` naming the file.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -315,27 +317,42 @@ def iter_raw_records(path: str | Path, chunk_chars: int = 1 << 20,
             raise WebQAFormatError(f"{path.name}: expected ',' or '}}' after record {key!r}")
 
 
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside this package and tqdm.
+
+    The reader warns from inside a generator, so a fixed level lands in whoever advances it (tqdm's loop, the
+    builder, ``read_webqa``) instead of the line the user wrote.
+    """
+    frame, level = sys._getframe(2), 2  # the function that wants to warn is level 1
+    while frame is not None and str(frame.f_globals.get("__name__", "")).startswith(("mmrag_lite.data", "tqdm")):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def iter_webqa(path: str | Path, errors: list[RecordError] | None = None, strict: bool = False) -> Iterator[WebQARecord]:
     """Yield typed records one at a time; bad records go to ``errors`` (or raise when ``strict``).
 
     A file that breaks off (cut download, syntax error) keeps the records before the break: the break is one more
-    entry in ``errors``, named by the last record read, and a warning says the rest of the file was not read.
+    entry in ``errors``, named by the last record read, and a warning says the rest of the file was not read. A
+    file that breaks before its first record (not a Guid-keyed object, cut inside the first record) has nothing to
+    keep: that is a ``WebQAFormatError`` naming the file, strict or not.
     """
     raw_records = iter_raw_records(path)
-    last = None
+    last, n_read = None, 0
     while True:
         try:
             guid, raw = next(raw_records)
         except StopIteration:
             return
         except WebQAFormatError as exc:
-            if strict:
+            if strict or last is None:
                 raise
-            warnings.warn(f"{exc}; keeping the {'records before it' if last else 'nothing'}", stacklevel=2)
+            warnings.warn(f"{exc}; keeping the records before it ({n_read}), the rest of the file is not read",
+                          stacklevel=_caller_stacklevel())
             if errors is not None:
-                errors.append(RecordError(f"<file after {last}>" if last else "<file>", str(exc)))
+                errors.append(RecordError(f"<file after {last}>", str(exc)))
             return
-        last = guid
+        last, n_read = guid, n_read + 1
         try:
             yield parse_record(guid, raw)
         except WebQAFormatError as exc:

@@ -425,6 +425,22 @@ def _guid(rng: random.Random) -> str:
     return f"{rng.getrandbits(128):032x}"
 
 
+def _check_world_target(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an ``out_dir`` whose replacement would lose something that ``make_world`` did not write."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir} is a file, not a folder: make_world writes a folder there; pass a "
+                                 "folder path (new, empty, or holding a previous world)")
+    names = sorted(p.name for p in out_dir.iterdir())
+    if names and "world_manifest.json" not in names:
+        raise FileExistsError(f"{out_dir} holds files that are not a synthetic world (no world_manifest.json; e.g. "
+                              f"{names[0]!r}): make_world would delete them; pass a new or empty folder, or move "
+                              "those files away first")
+    if not overwrite:
+        raise FileExistsError(f"{out_dir} exists (pass overwrite=True to replace it)")
+
+
 def make_world(
     out_dir: str | Path,
     n_questions: int = 400,
@@ -441,13 +457,14 @@ def make_world(
 
     Written into a temporary folder next to ``out_dir`` and renamed when complete. Deterministic by ``seed``.
     ``n_questions`` counts the records in the file (planted duplicates and malformed records included).
+    ``overwrite`` replaces only an empty folder or a previous world (one with ``world_manifest.json``): any other
+    folder (a real WebQA download, say) or a file at ``out_dir`` is refused, never deleted.
     """
     from tqdm.auto import tqdm
 
     noise = noise or WorldNoise()
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists (pass overwrite=True to replace it)")
+    _check_world_target(out_dir, overwrite)
     titles = _Titles(random.Random(seed + 1))
     sprites = _SpriteCache(image_size, image_format, variants)
     qcates, weights = zip(*QCATE_WEIGHTS.items())
