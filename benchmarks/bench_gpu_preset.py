@@ -129,7 +129,7 @@ def run(preset_name: str, steps: int, work: Path, smoke: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="colab-t4", choices=[n for n, p in config.PRESETS.items() if p.model.model_id != "tiny"])
+    ap.add_argument("--preset", default="colab-t4", choices=[n for n, p in config.PRESETS.items() if not p.model.is_miniature])
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps (the first is reported but not in the median)")
     ap.add_argument("--out", type=Path, help="also write the report here as JSON")
     ap.add_argument("--work", type=Path, help="scratch folder (default: a temporary one, removed afterwards)")

@@ -59,7 +59,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     preset = get_preset(args.preset)
     torch.manual_seed(0)
-    folder = modeling.ensure_tiny_vlm(preset, warm=False) if preset.model.model_id == "tiny" else None
+    folder = modeling.ensure_tiny_vlm(preset, warm=False) if preset.model.is_miniature else None
     model, proc = modeling.load_model_and_processor(preset, model_path=folder, for_training=False)
     cands = candidates(args.candidates)
     q = "What color is place 3?"

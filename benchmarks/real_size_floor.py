@@ -23,7 +23,7 @@ from mmrag_lite.modeling import architectures
 def main() -> None:
     rows = []
     for preset in PRESETS.values():
-        if preset.model.model_id == "tiny":
+        if preset.model.is_miniature:
             continue
         t0 = time.perf_counter()
         floor = architectures.memory_floor(preset)

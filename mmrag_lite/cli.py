@@ -20,10 +20,13 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmrag_lite.config import PRESETS, ConfigError, Preset
 from mmrag_lite.data import SPLITS
+
+if TYPE_CHECKING:
+    from datasets import DatasetDict
 
 
 class CLIError(Exception):
@@ -87,7 +90,7 @@ def _check_device(preset: Preset) -> None:
     modeling.check_device(preset)
 
 
-def run_data(args: argparse.Namespace, preset: Preset, wd: Path):
+def run_data(args: argparse.Namespace, preset: Preset, wd: Path) -> DatasetDict:
     """The run's Mini-WebQA, as notebook 01 builds it, with two guards a script needs.
 
     * A run folder whose Mini-WebQA was built with other settings (another preset's folder, say) is refused, not

@@ -78,6 +78,11 @@ class ModelSettings:
     max_pixels: int
     attn_implementation: AttnImplementation = "sdpa"
 
+    @property
+    def is_miniature(self) -> bool:
+        """The offline miniature (built locally, trained on the CPU), not a hub model that needs a GPU."""
+        return self.model_id == MINIATURE_MODEL_ID
+
 
 @dataclass(frozen=True)
 class LoraSettings:
@@ -139,12 +144,16 @@ class EvalSettings:
     questions: int  # held-out Mini-WebQA questions evaluated in notebook 05
     retrain_ablations: bool  # retrain stage 2 once per ablation variant (no ranking / no answer reward, reasoning
     # flipped): about a minute for all three on cpu-tiny, hours each on a GPU, where it is opt-in
+    generation_batch_size: int = 8  # stage-2 prompts per generate call: memory-bound on a real VLM
+    mmqa_questions: int = 0  # MMQA dev questions evaluated; 0: as many as WebQA questions
 
 
 # ------------------------------------------------------------------------------------- prompt budget
 QWEN_VL_PATCH_SIZE = 14  # Qwen2-VL / Qwen2.5-VL vision patch side in pixels (the miniature uses the same)
 QWEN_VL_MERGE_SIZE = 2  # 2x2 patches merge into one language-model token
 IMAGE_WRAPPER_TOKENS = 2  # <|vision_start|> and <|vision_end|> around each image's <|image_pad|> run
+
+MINIATURE_MODEL_ID = "tiny"  # model_id of the offline miniature (modeling.build_tiny_vlm) instead of a hub id
 
 # the named reward components of each stage; a preset's weights may name only these (rewards builds them)
 STAGE_COMPONENTS: dict[int, tuple[str, ...]] = {1: ("format", "relevance"), 2: ("format", "ranking", "answer")}
@@ -278,6 +287,8 @@ class Preset:
         at_least("stage2.permutations", self.stage2.permutations, 1)
         at_least("stage2.max_prompt_tokens", self.stage2.max_prompt_tokens, 1)
         at_least("evaluation.questions", self.evaluation.questions, 1)
+        at_least("evaluation.generation_batch_size", self.evaluation.generation_batch_size, 1)
+        at_least("evaluation.mmqa_questions", self.evaluation.mmqa_questions, 0, " (0: as many as WebQA questions)")
         at_least("data.world_questions", self.data.world_questions, 1)
         at_least("data.world_image_size", self.data.world_image_size, MIN_IMAGE_SIDE,
                  f" px (one merged {MIN_IMAGE_SIDE} px patch; a smaller synthetic scene shows nothing)")
@@ -488,7 +499,7 @@ _CPU_TINY = Preset(
     name="cpu-tiny",
     description="Offline, 2 CPU cores, minutes: a randomly initialised miniature Qwen2-VL (a plumbing check, not a real VLM).",
     model=ModelSettings(
-        model_id="tiny",  # built locally by modeling.build_tiny_vlm; no download
+        model_id=MINIATURE_MODEL_ID,  # built locally by modeling.build_tiny_vlm; no download
         load_in_4bit=True,  # bitsandbytes runs NF4 on the CPU, so CI exercises the real QLoRA path
         compute_dtype="float32",  # CPUs have no fast fp16 matmul
         image_size=56,  # 4x4 patches of 14 px -> 4 image tokens after the 2x2 merge: tiny and fixed
@@ -541,7 +552,9 @@ _CPU_TINY = Preset(
         answer_guards=True,  # the official QA-Acc pays a pasted question (choose) and "yes or no" (YesNo): never reward that
     ),
     data=DataSettings(world_questions=400, world_image_size=56, max_candidates=8),
-    evaluation=EvalSettings(questions=40, retrain_ablations=True),  # 3 extra 20-step stage-2 runs: ~1 min
+    # 3 extra 20-step stage-2 runs: ~1 min; the miniature is overhead-bound, so big generation batches are faster;
+    # MMQA's long text-only pools cost the most time, so 20 of them
+    evaluation=EvalSettings(questions=40, retrain_ablations=True, generation_batch_size=64, mmqa_questions=20),
     expected_memory_gb=0.5,  # host RAM, not GPU
     expected_seconds_per_step=1.0,
 )
@@ -622,7 +635,7 @@ _A100 = replace(
 PRESETS: dict[str, Preset] = {p.name: p.validate().check_prompt_budget() for p in (_CPU_TINY, _T4, _L4, _A100)}
 
 
-def get_preset(name: str = "cpu-tiny", /, **overrides: Any) -> Preset:
+def get_preset(name: str | Preset = "cpu-tiny", /, **overrides: Any) -> Preset:
     """The named preset, validated, with optional dotted overrides (``"stage1.grpo.max_steps": 5``)."""
     if isinstance(name, Preset):
         return name.with_overrides(**overrides).check_prompt_budget() if overrides else name

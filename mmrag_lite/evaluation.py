@@ -769,7 +769,7 @@ def auto_fluency_scorer(preset: Preset) -> Any:
     a minute and its 1.6 GB are not worth it for a plumbing check); GPU presets may download it. None when absent."""
     from mmrag_lite import metrics
 
-    if preset.model.model_id == "tiny":
+    if preset.model.is_miniature:
         return metrics.load_bart_scorer(local_files_only=True)
     return metrics.load_bart_scorer()
 
@@ -790,8 +790,9 @@ def load_eval_split(preset: Preset, work_dir: str | Path, split: str = "test", n
 
 
 def default_mmqa_questions(preset: Preset, n_webqa: int) -> int:
-    """As many MMQA questions as WebQA ones; on cpu-tiny at most 20 (its long text-only pools cost the most time)."""
-    return min(n_webqa, 20) if preset.model.model_id == "tiny" else n_webqa
+    """As many MMQA questions as WebQA ones, at most ``preset.evaluation.mmqa_questions`` when that is set."""
+    cap = preset.evaluation.mmqa_questions
+    return min(n_webqa, cap) if cap else n_webqa
 
 
 def load_mmqa_rows(preset: Preset, n: int | None = None) -> tuple[list[dict[str, Any]], str]:
@@ -873,7 +874,7 @@ def build_report(preset: Preset, rows: Sequence[Row], predictions: Mapping[str, 
         report.notes.append(mmqa_note)
         report.notes.append("MMQA EM / F1 are x100, as MultimodalQA and the paper print them; the WebQA columns are 0-1")
     report.notes.extend(n for n in notes if n not in report.notes)
-    if preset.model.model_id == "tiny":
+    if preset.model.is_miniature:
         report.notes.append("cpu-tiny: a randomly initialised ~1.2M-parameter miniature on synthetic data: these numbers "
                             "check the plumbing, they say nothing about the method")
     return report

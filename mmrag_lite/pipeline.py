@@ -277,7 +277,7 @@ def adapter_base(adapter: str | Path) -> str | None:
 def preset_base_model(preset: Preset) -> str:
     """The base weights a preset loads: its hub id, or the miniature's cache folder (``modeling.tiny_model_dir``,
     named by a hash of everything that shapes it, so a rebuilt miniature is another folder)."""
-    if preset.model.model_id == "tiny":
+    if preset.model.is_miniature:
         from mmrag_lite import modeling
 
         return str(modeling.tiny_model_dir(warm=True, preset=preset))
@@ -377,7 +377,7 @@ class ModelBank:
             raise AdapterBaseMismatch(
                 f"the {which} adapter in {path} was trained on the base model {recorded!r}, but this run loads "
                 f"{base!r}" + (" (the miniature was rebuilt since: its build or warm-up settings changed)"
-                               if self.preset.model.model_id == "tiny" and self._base_model is None else "")
+                               if self.preset.model.is_miniature and self._base_model is None else "")
                 + f". Its LoRA weights would be applied to weights they were never trained on. Retrain {which} "
                 f"(notebook {'03' if which == 'stage1' else '04'}) against this base, or pass the matching base: "
                 f"ModelBank(..., base_model={recorded!r}).")
@@ -615,8 +615,8 @@ def run_pipeline(rows: Sequence[Row] | Any, preset: Preset, *, system: SystemSpe
 
 
 def default_batch_size(preset: Preset) -> int:
-    """Prompts per ``generate`` call: the miniature is overhead-bound (bigger is faster); real VLMs are memory-bound."""
-    return 64 if preset.model.model_id == "tiny" else 8
+    """Prompts per ``generate`` call (``preset.evaluation.generation_batch_size``)."""
+    return preset.evaluation.generation_batch_size
 
 
 def answer_question(row: Row, preset: Preset, *, system: SystemSpec | None = None, bank: ModelBank | None = None,

@@ -230,6 +230,7 @@ def ranking_reward(
 
 # ------------------------------------------------------------------------------------------------- answer
 HEDGE_GUARD_CATEGORIES = frozenset({"color", "shape", "YesNo"})  # F1 over a closed vocabulary: where hedging paid
+CHOOSE_BOTH_FACTOR = 0.5  # a "choose" answer naming both options is worth a coin flip (module docstring)
 
 
 def question_from_prompt(prompt: Any) -> str | None:
@@ -352,7 +353,7 @@ def _webqa_answer_scores(said: list[str], answers: list[Any], columns: Mapping[s
             _names_every_option(cand, question, ref)
             or _names_every_option(_plain(said[j]), _plain(questions[j]), _plain(refs[j]))
         ):
-            score *= 0.5  # both options named: a coin flip's worth (module docstring)
+            score *= CHOOSE_BOTH_FACTOR
         if score and hedge_guard and qc[j] in HEDGE_GUARD_CATEGORIES:
             bag_c, bag_a = metrics.webqa_bags(cand, ref, qc[j])
             score *= min(1.0, len(bag_a) / len(bag_c))

@@ -33,6 +33,8 @@ from .config import Preset, runs_dir
 from .data import one_split
 
 if TYPE_CHECKING:
+    from datasets import Dataset
+    from matplotlib.figure import Figure
     from trl import GRPOConfig
 
 # Reported per-component reward keys look like "rewards/<name>/mean" in TRL's logs.
@@ -64,7 +66,7 @@ def _on_cpu(preset: Preset) -> bool:
     Decided by the preset, not by the machine, so the config is reproducible; ``modeling`` refuses a GPU preset
     without CUDA with a message pointing to cpu-tiny.
     """
-    return preset.model.model_id == "tiny"
+    return preset.model.is_miniature
 
 
 def grpo_config_kwargs(preset: Preset, stage: int, output_dir: str | Path | None = None, *,
@@ -145,7 +147,7 @@ def _with_prepared_image(candidate: Mapping[str, Any], preset: Preset) -> dict[s
     return c
 
 
-def build_stage1_dataset(split_ds: Iterable[Mapping[str, Any]], preset: Preset, *, seed: int | None = None):
+def build_stage1_dataset(split_ds: Iterable[Mapping[str, Any]], preset: Preset, *, seed: int | None = None) -> Dataset:
     """Point-wise GRPO rows (docs/CONTRACTS.md): one question + one candidate, label ``yes``/``no``.
 
     Why balanced: a pool holds ~1-2 gold among ~8-16 candidates, so an unbalanced set rewards "always no".
@@ -402,7 +404,8 @@ def _transformers_callback_base():
     return TrainerCallback
 
 
-def plot_reward_curves(curves: Mapping[str, Sequence[tuple[int, float]]], title: str = "GRPO rewards", smooth: int = 1):
+def plot_reward_curves(curves: Mapping[str, Sequence[tuple[int, float]]], title: str = "GRPO rewards",
+                       smooth: int = 1) -> Figure:
     """One panel per reward component (total first), each separately scaled: a component can move while the total
     hides it. ``smooth`` > 1 overlays a running mean over that many logged steps (sampled rewards are noisy)."""
     import matplotlib.pyplot as plt
@@ -464,7 +467,7 @@ class RewardCurveCallback(_transformers_callback_base()):  # type: ignore[misc]
         if self.live and self.curves:
             self._redraw()
 
-    def figure(self):
+    def figure(self) -> Figure:
         """A matplotlib figure with one panel per curve (total first), for a notebook or a report."""
         return plot_reward_curves(self.curves, title=self.title)
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def _fig_ax(ax: Any, figsize: tuple[float, float]) -> tuple[Any, Any]:
@@ -25,7 +28,7 @@ def _funnel_dict(report: Any) -> dict[str, Any]:
     return dict(report)
 
 
-def plot_funnel(report: Any, ax: Any = None, title: str | None = None):
+def plot_funnel(report: Any, ax: Any = None, title: str | None = None) -> Figure:
     """The Mini-WebQA funnel: questions kept after each filter (bars) and how many it removed (labels).
 
     ``report`` is a ``data.FunnelReport``, its ``to_dict()``, or a path to ``funnel.json`` / the dataset folder.
@@ -62,7 +65,7 @@ def _as_float(v: Any) -> float | None:
 
 
 def plot_results(table: list[dict[str, Any]], metrics: tuple[str, ...] = ("Retr-F1", "QA-Acc"), ax: Any = None,
-                 title: str = "systems x metrics", label: str = "system"):
+                 title: str = "systems x metrics", label: str = "system") -> Figure:
     """Grouped bars: one group per row (named by its ``label`` column), one bar per metric (non-numbers skipped)."""
     fig, ax = _fig_ax(ax, (7, 3.2))
     width = 0.8 / max(len(metrics), 1)
@@ -79,7 +82,8 @@ def plot_results(table: list[dict[str, Any]], metrics: tuple[str, ...] = ("Retr-
     return fig
 
 
-def plot_ablation(rows: list[dict[str, Any]], x: str, ys: tuple[str, ...], ax: Any = None, title: str | None = None):
+def plot_ablation(rows: list[dict[str, Any]], x: str, ys: tuple[str, ...], ax: Any = None,
+                  title: str | None = None) -> Figure:
     """Lines of ``ys`` against ``x`` (e.g. gold recall and Retr-F1 against k)."""
     fig, ax = _fig_ax(ax, (5, 3))
     xs = [r[x] for r in rows]
@@ -93,7 +97,8 @@ def plot_ablation(rows: list[dict[str, Any]], x: str, ys: tuple[str, ...], ax: A
     return fig
 
 
-def plot_robustness(rows: list[dict[str, Any]], metrics: tuple[str, ...] = ("Retr-F1", "QA-Acc"), ax: Any = None):
+def plot_robustness(rows: list[dict[str, Any]], metrics: tuple[str, ...] = ("Retr-F1", "QA-Acc"),
+                    ax: Any = None) -> Figure:
     """Clean vs attacked metrics, one group per distractor kind."""
     return plot_results(rows, metrics, ax=ax, title="robustness: clean vs adversarial distractors", label="distractor")
 
@@ -109,7 +114,7 @@ def reward_curves_from_history(log_history: list[dict[str, Any]] | str | Path) -
     return curves_from_history(log_history)
 
 
-def plot_reward_curves(log_history: Any, title: str = "GRPO rewards", smooth: int = 1):
+def plot_reward_curves(log_history: Any, title: str = "GRPO rewards", smooth: int = 1) -> Figure:
     """Reward curves from a log history, its JSON file, or ready ``{name: [(step, value)]}`` curves (one panel each)."""
     from .training import plot_reward_curves as plot_curves
 
@@ -118,7 +123,7 @@ def plot_reward_curves(log_history: Any, title: str = "GRPO rewards", smooth: in
 
 
 def plot_k_tradeoff(report: list[dict[str, Any]], *, chosen_k: int | None = None, baseline: list[dict[str, Any]] | None = None,
-                    title: str = "stage-1 filter: which k?"):
+                    title: str = "stage-1 filter: which k?") -> Figure:
     """Recall@k of the gold sources (left axis) against the share of stage-2 prompt tokens saved (right axis).
 
     ``report`` is ``scoring.filter_report``'s rows; ``baseline`` (e.g. the zero-shot judge's report) is drawn dashed.

@@ -8,9 +8,12 @@ from __future__ import annotations
 import html
 import io
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .data.webqa import QCATES as QCATE_OPTIONS
+
+if TYPE_CHECKING:
+    from ipywidgets import VBox
 
 # ----------------------------------------------------------------------------------------- dataset browser
 NO_PIXELS_HTML = "<small style='color:#888'>(image candidate without pixels)</small>"
@@ -74,7 +77,7 @@ def candidate_html(candidate: Mapping[str, Any], max_chars: int = 160) -> str:
     )
 
 
-def dataset_browser(dataset: Any, split: str | None = None, thumb: int = 96, columns: int = 4):
+def dataset_browser(dataset: Any, split: str | None = None, thumb: int = 96, columns: int = 4) -> VBox:
     """Browse Mini-WebQA: pick a split and a question; see the answer and every candidate (gold marked ★).
 
     ``dataset`` is a ``DatasetDict`` (a split picker is shown), a ``Dataset``, or a list of row dicts.
@@ -156,7 +159,7 @@ def reward_playground(
     weights: Mapping[str, float] | None = None,
     reasoning: bool = True,
     **reward_options: Any,
-):
+) -> VBox:
     """Type a completion, see every reward component and the weighted total update live (``rewards.score_completion``).
 
     ``row`` holds the dataset columns the rewards read (stage 1: ``label``; stage 2: ``candidate_ids``, ``gold_ids``,
@@ -283,7 +286,7 @@ def result_html(result: Any, row: Mapping[str, Any] | None = None, *, thumb: int
     )
 
 
-def reasoning_viewer(predictions: Any, rows: Any, *, thumb: int = 64):
+def reasoning_viewer(predictions: Any, rows: Any, *, thumb: int = 64) -> VBox:
     """Pick a system and a question; see candidates, stage-1 scores, kept ids, the reasoning, sources and answer
     next to the gold ones. ``predictions``: ``{system: [PipelineResult, ...]}`` or one list. Builds headless.
     """

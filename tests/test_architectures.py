@@ -17,7 +17,7 @@ from mmrag_lite.prompts import stage1_messages
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PRESET = get_preset("cpu-tiny")
-GPU_PRESETS = [name for name, p in PRESETS.items() if p.model.model_id != "tiny"]
+GPU_PRESETS = [name for name, p in PRESETS.items() if not p.model.is_miniature]
 ONE_PRESET_PER_MODEL = sorted({PRESETS[n].model.model_id: n for n in GPU_PRESETS}.values())
 
 

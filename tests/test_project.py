@@ -369,3 +369,17 @@ def test_project_root_outside_a_checkout_is_the_working_directory(tmp_path, monk
     assert config.project_root() == tmp_path.resolve() and config.runs_dir() == tmp_path.resolve() / "runs"
     monkeypatch.setenv("MMRAG_HOME", str(tmp_path / "home"))
     assert config.project_root() == (tmp_path / "home").resolve()
+
+
+def test_miniature_and_generation_knobs_are_preset_data():
+    from mmrag_lite import evaluation, pipeline
+
+    tiny = get_preset("cpu-tiny")
+    assert tiny.model.is_miniature and not any(get_preset(n).model.is_miniature for n in ("colab-t4", "l4", "a100"))
+    assert pipeline.default_batch_size(tiny) == tiny.evaluation.generation_batch_size == 64
+    assert pipeline.default_batch_size(get_preset("l4")) == 8
+    assert evaluation.default_mmqa_questions(tiny, 40) == 20 and evaluation.default_mmqa_questions(tiny, 5) == 5
+    assert evaluation.default_mmqa_questions(get_preset("a100"), 300) == 300  # 0: as many as WebQA questions
+    assert evaluation.default_mmqa_questions(tiny.with_overrides(**{"evaluation.mmqa_questions": 0}), 40) == 40
+    with pytest.raises(ConfigError, match="evaluation.generation_batch_size=0"):
+        tiny.with_overrides(**{"evaluation.generation_batch_size": 0})

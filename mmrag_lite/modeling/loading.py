@@ -43,7 +43,7 @@ def check_device(preset: Preset | str) -> None:
     """Fail early, with advice, when the preset cannot run on this machine (before any download)."""
     preset = as_preset(preset)
     ms = preset.model
-    if ms.model_id != "tiny" and not torch.cuda.is_available():
+    if not ms.is_miniature and not torch.cuda.is_available():
         changed = preset.name == "cpu-tiny"  # the miniature's preset, pointed at another model by an override
         raise ModelLoadError(
             f"preset {preset.name!r} loads {ms.model_id} and needs a CUDA GPU, but none is visible. "
@@ -249,7 +249,7 @@ def load_model_and_processor(
 
     preset = as_preset(preset)
     ms = preset.model
-    tiny = ms.model_id == "tiny"
+    tiny = ms.is_miniature
     check_device(preset)
     source = str(model_path) if model_path else (str(ensure_tiny_vlm(preset)) if tiny else ms.model_id)
     device = "cuda" if (torch.cuda.is_available() and not tiny) else "cpu"
@@ -325,7 +325,7 @@ def load_processor(preset: Preset | str, source: str | Path | None = None) -> An
     preset = as_preset(preset)
     ms = preset.model
     if source is None:
-        source = ensure_tiny_vlm(preset) if ms.model_id == "tiny" else ms.model_id
+        source = ensure_tiny_vlm(preset) if ms.is_miniature else ms.model_id
     processor = AutoProcessor.from_pretrained(str(source))
     set_pixel_budget(processor, ms.min_pixels, ms.max_pixels)
     make_mixed_batch_safe(processor)
