@@ -441,6 +441,133 @@ def _check_world_target(out_dir: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{out_dir} exists (pass overwrite=True to replace it)")
 
 
+# the shape of a question's pool: ~10 images per question on average (~390k at WebQA size), a few snippets
+IMAGES_PER_QUESTION = (8, 12)  # gold + hard + easy distractor images, inclusive range
+EASY_SNIPPETS_PER_QUESTION = (3, 6)  # random-title text distractors on top of the hard ones, inclusive range
+OVERLONG_FILLER_REPEATS = 12  # the planted overlong caption / fact: FILLER this many times (~300 words)
+DUPLICATE_SOURCE_WINDOW = 64  # a planted duplicate copies one of the last this-many clean questions
+_MISSED_ANSWERS = ("It is hard to say from what is shown.", "Nobody seems to know for sure.",
+                   "That is not mentioned anywhere.")
+
+
+def _copy_record(qrng: random.Random, guid: str, split: str, duplicate: bool,
+                 recent: list[tuple[dict[str, Any], dict[str, Any]]]) -> tuple[dict[str, Any], str, str]:
+    """A planted copy of an earlier question under a new Guid: ``(record, kind, original's Guid)``.
+
+    A duplicate keeps the text up to case and spacing; a near-duplicate is reworded (same content words, same pool).
+    """
+    src_q, src_rec = recent[qrng.randrange(len(recent))]
+    rec = json.loads(json.dumps(src_rec))
+    rec["Guid"], rec["split"] = guid, split
+    if duplicate:
+        q = src_q["Q"]
+        rec["Q"] = json.dumps(q.lower() if qrng.random() < 0.5 else "  " + q)
+        kind = "duplicate"
+    else:
+        rec["Q"] = json.dumps(src_q["variants"][0])
+        kind = "near_duplicate"
+    for key in ("txt_posFacts", "txt_negFacts"):
+        for snippet in rec[key]:
+            snippet["snippet_id"] = guid + "_" + snippet["snippet_id"].rsplit("_", 1)[1]
+    return rec, kind, src_rec["Guid"]
+
+
+def _distractors(qrng: random.Random, qd: dict[str, Any]) -> tuple[list[_Img], list[tuple[str, str]]]:
+    """The question's hard distractors (same scene type, other answer) topped up with easy ones (random scenes)."""
+    n_img = qrng.randint(*IMAGES_PER_QUESTION)
+    imgs_neg = list(qd["hard_imgs"])
+    while len(qd["gold_imgs"]) + len(imgs_neg) < n_img:
+        imgs_neg.append(_scene_img(qrng, _random_title(qrng), _random_scene(qrng)))
+    txt_neg = list(qd["hard_txt"])
+    for _ in range(qrng.randint(*EASY_SNIPPETS_PER_QUESTION)):
+        t = _random_title(qrng)
+        txt_neg.append((t, _text_fact_sentence(qrng, t)))
+    return imgs_neg, txt_neg
+
+
+def _plant_pool_noise(qrng: random.Random, noise: WorldNoise, planted: dict[str, int], answer: str,
+                      gold_imgs: list[_Img], gold_txt: list[Any], imgs_neg: list[_Img]
+                      ) -> tuple[str, list[_Img], list[Any], list[_Img], bool]:
+    """Low-quality samples for the cleaning to find: an answer that misses the fact, no gold, broken and truncated
+    images, an overlong candidate (returned as a flag: it is planted once the facts exist). Counts in ``planted``."""
+    if qrng.random() < noise.answer_misses:
+        answer = qrng.choice(_MISSED_ANSWERS)
+        planted["answer_misses"] += 1
+    if qrng.random() < noise.no_gold:
+        imgs_neg = imgs_neg[: max(1, len(imgs_neg) - 1)]
+        gold_imgs, gold_txt = [], []
+        planted["no_gold"] += 1
+    if gold_imgs and qrng.random() < noise.broken_gold_image:
+        gold_imgs[0].payload = qrng.choice(["garbage", "empty"])
+        planted["broken_gold_image"] += 1
+    for im in imgs_neg:
+        if qrng.random() < noise.broken_distractor_image:
+            im.payload = "garbage"
+            planted["broken_distractor_image"] += 1
+    for im in gold_imgs + imgs_neg:
+        if im.payload == "ok" and qrng.random() < noise.truncated_image:
+            im.payload = "truncated"
+            planted["truncated_image"] += 1
+    overlong = qrng.random() < noise.overlong
+    if overlong:
+        planted["overlong"] += 1
+    return answer, gold_imgs, gold_txt, imgs_neg, overlong
+
+
+def _make_overlong(qrng: random.Random, img_neg: list[dict], txt_pos: list[dict], txt_neg: list[dict]) -> None:
+    """Append ~300 words of filler to one candidate's caption or fact."""
+    target = qrng.choice([txt_neg, img_neg, txt_pos or txt_neg])
+    item = target[qrng.randrange(len(target))]
+    long_text = (FILLER * OVERLONG_FILLER_REPEATS).strip()
+    if "fact" in item:
+        item["fact"] = item["fact"] + " " + long_text
+    else:
+        item["caption"] = item["caption"] + " " + long_text
+
+
+def _break_record(qrng: random.Random, record: dict[str, Any]) -> None:
+    """Break the schema in one of three ways the reader must report by Guid (missing Q, bad image id, bad facts)."""
+    broken = qrng.randrange(3)
+    if broken == 0:
+        del record["Q"]
+    elif broken == 1 and record["img_negFacts"]:
+        record["img_negFacts"][0]["image_id"] = "not-an-id"
+    else:
+        record["txt_negFacts"] = "oops"
+
+
+def _new_record(qrng: random.Random, guid: str, split: str, titles: _Titles, writer: _Writer, noise: WorldNoise,
+                planted: dict[str, int]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A fresh question of a random category with its pool and planted noise: ``(question dict, WebQA record)``."""
+    qcates, weights = zip(*QCATE_WEIGHTS.items())
+    qcate = qrng.choices(qcates, weights)[0]
+    qd = _question(qrng, qcate, titles)
+    imgs_neg, txt_neg = _distractors(qrng, qd)
+    answer, gold_imgs, gold_txt, imgs_neg, overlong = _plant_pool_noise(
+        qrng, noise, planted, qd["A"], list(qd["gold_imgs"]), list(qd["gold_txt"]), imgs_neg)
+    img_pos = [im.fact(writer.image(im)) for im in gold_imgs]
+    img_neg = [im.fact(writer.image(im)) for im in imgs_neg]
+    txt_pos = _snippets(guid, gold_txt, 0)
+    txt_neg = _snippets(guid, txt_neg, len(gold_txt))
+    if overlong:
+        _make_overlong(qrng, img_neg, txt_pos, txt_neg)
+    record: dict[str, Any] = {
+        "Guid": guid,
+        "Q": json.dumps(qd["Q"]),  # json.dumps adds the literal quotes WebQA wraps around Q and A
+        "A": [json.dumps(answer)],
+        "Qcate": qcate,
+        "topic": qd["topic"],
+        "split": split,
+        "img_posFacts": img_pos,
+        "img_negFacts": img_neg,
+        "txt_posFacts": txt_pos,
+        "txt_negFacts": txt_neg,
+    }
+    if qd["keyword"]:  # image questions carry the official keyword answer; text questions have none
+        record["Keywords_A"] = json.dumps(qd["keyword"])
+    return qd, record
+
+
 def make_world(
     out_dir: str | Path,
     n_questions: int = 400,
@@ -455,10 +582,11 @@ def make_world(
 ) -> Path:
     """Write a WebQA-format world (``WebQA_train_val.json``, ``imgs.tsv``, ``imgs.lineidx``) into ``out_dir``.
 
-    Written into a temporary folder next to ``out_dir`` and renamed when complete. Deterministic by ``seed``.
-    ``n_questions`` counts the records in the file (planted duplicates and malformed records included).
-    ``overwrite`` replaces only an empty folder or a previous world (one with ``world_manifest.json``): any other
-    folder (a real WebQA download, say) or a file at ``out_dir`` is refused, never deleted.
+    Written into a temporary folder next to ``out_dir`` and renamed when complete. Deterministic by ``seed``: each
+    question draws from its own ``Random(f"{seed}:{i}")``. ``n_questions`` counts the records in the file (planted
+    duplicates and malformed records included). ``overwrite`` replaces only an empty folder or a previous world (one
+    with ``world_manifest.json``): any other folder (a real WebQA download, say) or a file at ``out_dir`` is refused,
+    never deleted.
     """
     from tqdm.auto import tqdm
 
@@ -467,7 +595,6 @@ def make_world(
     _check_world_target(out_dir, overwrite)
     titles = _Titles(random.Random(seed + 1))
     sprites = _SpriteCache(image_size, image_format, variants)
-    qcates, weights = zip(*QCATE_WEIGHTS.items())
     planted: dict[str, int] = {k: 0 for k in asdict(noise)}
     planted["truncated_image"] = 0
     recent: list[tuple[dict[str, Any], dict[str, Any]]] = []  # (question dict, record) for planting duplicates
@@ -478,99 +605,19 @@ def make_world(
             guid = _guid(qrng)
             split = "val" if qrng.random() < val_fraction else "train"
             roll = qrng.random()
-            if recent and roll < noise.duplicate + noise.near_duplicate:  # copy an earlier question
-                src_q, src_rec = recent[qrng.randrange(len(recent))]
-                rec = json.loads(json.dumps(src_rec))
-                rec["Guid"], rec["split"] = guid, split
-                if roll < noise.duplicate:
-                    q = src_q["Q"]
-                    rec["Q"] = json.dumps(q.lower() if qrng.random() < 0.5 else "  " + q)
-                    kind = "duplicate"
-                else:
-                    rec["Q"] = json.dumps(src_q["variants"][0])
-                    kind = "near_duplicate"
+            if recent and roll < noise.duplicate + noise.near_duplicate:
+                record, kind, original = _copy_record(qrng, guid, split, roll < noise.duplicate, recent)
                 planted[kind] += 1
-                copies[guid] = {"of": src_rec["Guid"], "kind": kind}
-                for key in ("txt_posFacts", "txt_negFacts"):
-                    for s in rec[key]:
-                        s["snippet_id"] = guid + "_" + s["snippet_id"].rsplit("_", 1)[1]
-                writer.record(guid, rec)
-                continue
-            qcate = qrng.choices(qcates, weights)[0]
-            qd = _question(qrng, qcate, titles)
-            # easy distractors: random scenes and titles; total images per question 8-12 (~10 on average, ~390k at WebQA size)
-            n_img = qrng.randint(8, 12)
-            imgs_neg = list(qd["hard_imgs"])
-            while len(qd["gold_imgs"]) + len(imgs_neg) < n_img:
-                imgs_neg.append(_scene_img(qrng, _random_title(qrng), _random_scene(qrng)))
-            txt_neg = list(qd["hard_txt"])
-            for _ in range(qrng.randint(3, 6)):
-                t = _random_title(qrng)
-                txt_neg.append((t, _text_fact_sentence(qrng, t)))
-            answer = qd["A"]
-            gold_imgs, gold_txt = list(qd["gold_imgs"]), list(qd["gold_txt"])
-            # ---- plant low-quality samples
-            if qrng.random() < noise.answer_misses:
-                answer = qrng.choice(["It is hard to say from what is shown.", "Nobody seems to know for sure.",
-                                      "That is not mentioned anywhere."])
-                planted["answer_misses"] += 1
-            if qrng.random() < noise.no_gold:
-                imgs_neg = imgs_neg[: max(1, len(imgs_neg) - 1)]
-                gold_imgs, gold_txt = [], []
-                planted["no_gold"] += 1
-            if gold_imgs and qrng.random() < noise.broken_gold_image:
-                gold_imgs[0].payload = qrng.choice(["garbage", "empty"])
-                planted["broken_gold_image"] += 1
-            for im in imgs_neg:
-                if qrng.random() < noise.broken_distractor_image:
-                    im.payload = "garbage"
-                    planted["broken_distractor_image"] += 1
-            for im in gold_imgs + imgs_neg:
-                if im.payload == "ok" and qrng.random() < noise.truncated_image:
-                    im.payload = "truncated"
-                    planted["truncated_image"] += 1
-            long_text = None
-            if qrng.random() < noise.overlong:
-                long_text = (FILLER * 12).strip()
-                planted["overlong"] += 1
-            img_pos = [im.fact(writer.image(im)) for im in gold_imgs]
-            img_neg = [im.fact(writer.image(im)) for im in imgs_neg]
-            txt_pos = _snippets(guid, gold_txt, 0)
-            txt_neg = _snippets(guid, txt_neg, len(gold_txt))
-            if long_text is not None:
-                target = qrng.choice([txt_neg, img_neg, txt_pos or txt_neg])
-                item = target[qrng.randrange(len(target))]
-                if "fact" in item:
-                    item["fact"] = item["fact"] + " " + long_text
-                else:
-                    item["caption"] = item["caption"] + " " + long_text
-            record: dict[str, Any] = {
-                "Guid": guid,
-                "Q": json.dumps(qd["Q"]),  # json.dumps adds the literal quotes WebQA wraps around Q and A
-                "A": [json.dumps(answer)],
-                "Qcate": qcate,
-                "topic": qd["topic"],
-                "split": split,
-                "img_posFacts": img_pos,
-                "img_negFacts": img_neg,
-                "txt_posFacts": txt_pos,
-                "txt_negFacts": txt_neg,
-            }
-            if qd["keyword"]:  # image questions carry the official keyword answer; text questions have none
-                record["Keywords_A"] = json.dumps(qd["keyword"])
-            if qrng.random() < noise.bad_record:
-                broken = qrng.randrange(3)
-                if broken == 0:
-                    del record["Q"]
-                elif broken == 1 and img_neg:
-                    record["img_negFacts"][0]["image_id"] = "not-an-id"
-                else:
-                    record["txt_negFacts"] = "oops"
-                planted["bad_record"] += 1
+                copies[guid] = {"of": original, "kind": kind}
             else:
-                recent.append((qd, record))
-                if len(recent) > 64:
-                    recent.pop(0)
+                qd, record = _new_record(qrng, guid, split, titles, writer, noise, planted)
+                if qrng.random() < noise.bad_record:
+                    _break_record(qrng, record)
+                    planted["bad_record"] += 1
+                else:
+                    recent.append((qd, record))
+                    if len(recent) > DUPLICATE_SOURCE_WINDOW:
+                        recent.pop(0)
             writer.record(guid, record)
         manifest = {
             "format": "WebQA_train_val.json + imgs.tsv + imgs.lineidx (synthetic world)",
