@@ -278,6 +278,33 @@ def _fit(question: str, shown: list[Mapping[str, Any]], processor: Any, preset: 
         dropped += 1
 
 
+def _pool_shown(row: Mapping[str, Any], kept_ids: Mapping[str, Sequence[str]] | None, k: int) -> list[Any]:
+    """The candidates stage 2 sees for ``row``, best first: the stage-1 filter's kept ones, or without a filter gold +
+    first distractors up to k. Empty when the filter has no scores for the question, or only ids the pool lacks
+    (scores from another build of the pool: stale)."""
+    if kept_ids is None:
+        return _default_shown(row, k)
+    by_id = {c["id"]: c for c in row["candidates"]}
+    return [by_id[i] for i in kept_ids.get(row["guid"], ()) if i in by_id]
+
+
+def _stage2_row(row: Mapping[str, Any], ordered: Sequence[Mapping[str, Any]], messages: list[dict[str, Any]],
+                images: list[Any]) -> dict[str, Any]:
+    """One list-wise GRPO row (docs/CONTRACTS.md): short ids follow the shown order, gold ids are short ids."""
+    sids = prompts.short_ids(len(ordered))
+    return {
+        "prompt": messages,
+        "images": images,
+        "candidate_ids": sids,
+        "gold_ids": [sid for sid, c in zip(sids, ordered) if c["is_gold"]],
+        "source_ids": [c["id"] for c in ordered],
+        "answer": row["answer"],
+        "keywords": row.get("keywords", "") or "",
+        "qcate": row["qcate"],
+        "guid": row["guid"],
+    }
+
+
 def build_stage2_dataset(
     split_ds: Iterable[Mapping[str, Any]],
     preset: Preset,
@@ -321,17 +348,10 @@ def build_stage2_dataset(
         if len(rows) >= s.max_examples:
             break
         report.questions_seen += 1
-        by_id = {c["id"]: c for c in row["candidates"]}
-        if kept_ids is not None:
-            if row["guid"] not in kept_ids:
-                report.questions_without_kept_ids += 1
-                continue
-            shown = [by_id[i] for i in kept_ids[row["guid"]] if i in by_id]
-            if not shown:  # scores from another build of the pool (stale): no candidate left to show
-                report.questions_without_kept_ids += 1
-                continue
-        else:
-            shown = _default_shown(row, k)
+        shown = _pool_shown(row, kept_ids, k)
+        if not shown:
+            report.questions_without_kept_ids += 1
+            continue
         shown = [_with_prepared_image(c, preset) for c in shown]
         fitted = _fit(row["question"], shown, processor, preset, report)
         if fitted is None:
@@ -354,18 +374,7 @@ def build_stage2_dataset(
             if n > s.max_prompt_tokens:
                 report.rows_dropped_too_long += 1
                 continue
-            sids = prompts.short_ids(len(ordered))
-            rows.append({
-                "prompt": messages,
-                "images": images,
-                "candidate_ids": sids,
-                "gold_ids": [sid for sid, c in zip(sids, ordered) if c["is_gold"]],
-                "source_ids": [c["id"] for c in ordered],
-                "answer": row["answer"],
-                "keywords": row.get("keywords", "") or "",
-                "qcate": row["qcate"],
-                "guid": row["guid"],
-            })
+            rows.append(_stage2_row(row, ordered, messages, images))
             lengths.append(n)
             report.rows_without_gold += int(not has_gold)
             report.images_per_prompt_max = max(report.images_per_prompt_max, len(images))
