@@ -468,7 +468,10 @@ def reusable_scores(bank: ModelBank, split: str) -> dict[str, dict[str, float]]:
     if used is None or used.resolve() != own.resolve() or not path.is_file():
         return {}
     bank.check_adapter("stage1")
-    scored, meta = scoring.load_scores_and_meta(path)
+    try:
+        scored, meta = scoring.load_scores_and_meta(path)
+    except (ValueError, KeyError, TypeError):  # an older layout or a damaged file: score again, never guess
+        scored, meta = {}, {}
     recorded = meta.get("judge")
     if isinstance(recorded, Mapping) and _same_judge(recorded, bank.judge_identity("stage1")):
         return _as_lookup(scored)

@@ -120,6 +120,8 @@ def test_saved_scores_are_reused_only_for_the_adapter_that_wrote_them(tmp_path):
     assert P.reusable_scores(P.ModelBank(PRESET, tmp_path, adapters={"stage1": other}, verbose=False), "test") == {}
     scoring.save_scores({"g": [("a", 0.2)]}, scoring.scores_path(tmp_path, "test"))  # no judge recorded
     assert P.reusable_scores(own, "test") == {} and any("unrecorded" in n for n in own.notes)
+    scoring.scores_path(tmp_path, "test").write_text(json.dumps({"g": {"a": 0.2}}))  # an older layout
+    assert P.reusable_scores(own, "test") == {}  # recomputed, not read with a guess and not an error
 
 
 def test_saved_scores_stay_strict_json_with_a_nan_score(tmp_path):
