@@ -101,7 +101,7 @@ def json_ready(obj: Any, default: Callable[[Any], Any] | None = None) -> Any:
         return json_ready(obj.to_dict(), default)
     if isinstance(obj, Path):
         return str(obj)
-    if hasattr(obj, "item") and callable(obj.item):  # a numpy / torch scalar
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "size", 1) in (1, ()):  # numpy / torch scalar
         return json_ready(obj.item(), default)
     if default is not None:
         return json_ready(default(obj))

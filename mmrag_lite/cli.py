@@ -103,10 +103,11 @@ def run_data(args: argparse.Namespace, preset: Preset, wd: Path) -> DatasetDict:
     webqa_dir = getattr(args, "webqa_dir", None)
     rebuild = bool(getattr(args, "rebuild", False))
     if data.mini_webqa_is_current(preset, wd, webqa_dir) is False and not rebuild:
+        fix = ("--rebuild to replace it" if hasattr(args, "rebuild") else
+               f"rebuild it first (build-data --rebuild with the same --preset and --work-dir {wd})")
         raise CLIError(f"{wd / 'mini_webqa'} was built with other settings than preset {preset.name!r}"
                        + (f" from {webqa_dir}" if webqa_dir else "") + ", or its source files changed since: pass "
-                       "the preset (and --set overrides) it was built with, another --work-dir, or --rebuild to "
-                       "replace it")
+                       f"the preset (and --set overrides) it was built with, another --work-dir, or {fix}")
     with _main_process_first():  # --rebuild: the main process rebuilds; the others then load what it wrote
         return data.ensure_mini_webqa(preset, wd, webqa_dir=webqa_dir, force=rebuild and training.is_main_process())
 
@@ -310,8 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message already says what to do: printed without a traceback. The model-side ones are looked up
     only when their module was imported (importing it here would load torch for ``--help``)."""
-    # FileNotFoundError / NotADirectoryError: the readers and the course raise them naming the path and what to do
-    errors: list[type[BaseException]] = [CLIError, ConfigError, FileNotFoundError, NotADirectoryError]
+    # the file errors and the data builder's refusals: raised naming the path and what to do
+    from mmrag_lite.data import MiniWebQABuildError, WebQAFormatError
+
+    errors: list[type[BaseException]] = [CLIError, ConfigError, FileNotFoundError, NotADirectoryError,
+                                         FileExistsError, MiniWebQABuildError, WebQAFormatError]
     for module, name in (("mmrag_lite.modeling", "ModelLoadError"), ("mmrag_lite.pipeline", "AdapterBaseMismatch")):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))

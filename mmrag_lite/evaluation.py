@@ -681,8 +681,10 @@ def stage2_ablation_variants(preset: Preset) -> dict[str, dict[str, Any]]:
     pays; dropping the answer reward asks the converse; flipping ``reasoning`` asks what writing ``<think>`` buys.
     """
     variants: dict[str, dict[str, Any]] = {}
+    weights = preset.stage2.weights
     for component in ("ranking", "answer"):
-        if preset.stage2.weights.get(component, 0.0) > 0:
+        others_pay = any(w > 0 for name, w in weights.items() if name != component)  # else nothing left to learn
+        if weights.get(component, 0.0) > 0 and others_pay:
             variants[f"no {component} reward"] = {f"stage2.weights.{component}": 0.0}
     flipped = not preset.stage2.reasoning
     variants[f"reasoning {'on' if flipped else 'off'}"] = {"stage2.reasoning": flipped}

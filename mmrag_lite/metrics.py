@@ -235,8 +235,8 @@ _QCATE_BY_LOWER = {name.lower(): name for name in _DOMAINS}
 
 def canonical_qcate(qcate: str | None) -> str | None:
     """WebQA's spelling of a question category (``"color"``, ``"YesNo"``, ...), matched case-insensitively; ``None``
-    counts as ``text``. ``None`` back for a category WebQA does not have (the caller decides: the metric raises)."""
-    if qcate is None:
+    or an empty string counts as ``text``. ``None`` back for a category WebQA does not have (the metric raises)."""
+    if qcate is None or (isinstance(qcate, str) and not qcate.strip()):  # a record without a Qcate: the text rule
         return "text"
     return _QCATE_BY_LOWER.get(qcate.strip().lower()) if isinstance(qcate, str) else None
 
@@ -722,7 +722,8 @@ def evaluate_webqa_submission(
         cands.append(answer if isinstance(answer, str) else None)
         gold_answer = _ref_field(ref, "answer", "A", default="")
         accrefs.append(qa_reference(gold_answer, _ref_field(ref, "keywords", "Keywords_A", default="")))
-        qcates.append(_ref_field(ref, "qcate", "Qcate", default="text"))
+        qcate = _ref_field(ref, "qcate", "Qcate", default="text")
+        qcates.append(canonical_qcate(qcate) or qcate)  # "Color" groups with color; an unknown one raises below
         fl_refs.append(list(gold_answer) if isinstance(gold_answer, (list, tuple)) else [gold_answer])
         sources = sub.get("sources")
         retr.append(webqa_retrieval_f1(sources if isinstance(sources, (list, tuple)) else [],

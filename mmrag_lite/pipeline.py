@@ -446,11 +446,15 @@ def _as_lookup(scored: Mapping[str, Sequence[tuple[str, float]]]) -> dict[str, d
 
 
 def load_cached_scores(work_dir: str | Path, split: str) -> dict[str, dict[str, float]]:
-    """Stage-1 scores notebook 03 saved for ``split`` (``{guid: {candidate id: score}}``), or ``{}``."""
+    """Stage-1 scores notebook 03 saved for ``split`` (``{guid: {candidate id: score}}``), or ``{}`` when there are
+    none readable (no file, an older layout, a damaged file: score the split again)."""
     from mmrag_lite import scoring
 
     path = scoring.scores_path(work_dir, split)
-    return _as_lookup(scoring.load_scores(path)) if path.is_file() else {}
+    try:
+        return _as_lookup(scoring.load_scores(path)) if path.is_file() else {}
+    except (ValueError, KeyError, TypeError):
+        return {}
 
 
 def reusable_scores(bank: ModelBank, split: str) -> dict[str, dict[str, float]]:

@@ -196,7 +196,7 @@ class Stage2BuildReport:
     questions_seen: int = 0  # read before the row cap was reached
     questions_used: int = 0
     rows: int = 0
-    questions_without_kept_ids: int = 0  # kept_ids given but none for this guid (or none in its pool): skipped
+    questions_without_kept_ids: int = 0  # no candidate to show (no kept ids for this guid, none in its pool): skipped
     questions_shrunk: int = 0  # over max_prompt_tokens: distractors removed until the prompt fit
     candidates_dropped: int = 0  # total candidates removed by shrinking
     gold_dropped: int = 0  # gold candidates removed (only after every distractor is gone)
@@ -230,7 +230,8 @@ class Stage2BuildReport:
             lines.append(f"  dropped {self.questions_dropped_too_long} questions and {self.rows_dropped_too_long} "
                          f"permuted rows still over {self.max_prompt_tokens} tokens")
         if self.questions_without_kept_ids:
-            lines.append(f"  skipped {self.questions_without_kept_ids} questions with no stage-1 kept ids")
+            lines.append(f"  skipped {self.questions_without_kept_ids} questions with no candidate to show (no stage-1 "
+                         "kept ids for them, or none of their ids in the pool)")
         kept_without_gold = self.questions_without_gold - self.questions_skipped_without_gold
         if kept_without_gold:
             lines.append(f"  {kept_without_gold} questions ({self.rows_without_gold} rows, gold_ids=[]) show no gold "

@@ -105,6 +105,16 @@ def test_paths_that_are_files_are_clear_errors(tmp_path, capsys):
     assert "is a file" in capsys.readouterr().err and a_file.read_text() == "mine"
 
 
+def test_a_source_the_builder_refuses_is_a_one_line_error(tmp_path, capsys):
+    test_only = tmp_path / "webqa"
+    test_only.mkdir()
+    (test_only / "WebQA_test.json").write_text("{}")
+    assert cli.main(["build-data", "--preset", "cpu-tiny", "--work-dir", str(tmp_path / "run"),
+                     "--webqa-dir", str(test_only)]) == 2
+    err = capsys.readouterr().err
+    assert "needs WebQA_train_val.json" in err and "Traceback" not in err
+
+
 def test_course_finds_its_notebooks_wherever_mmrag_home_points(tmp_path, monkeypatch):
     from mmrag_lite import course
 

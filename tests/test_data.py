@@ -714,11 +714,12 @@ def test_ensure_mini_webqa_notices_changed_source_files(tmp_path, world):
     D.ensure_mini_webqa(preset, run)
     assert FunnelReport.load(mini).source == str((source / "WebQA_train_val.json").resolve())
     assert D.mini_webqa_is_current(preset, run) is True and not (run / "world").exists()
-    # a build that recorded no fingerprint (an older version) is not current
+    # a build that recorded no fingerprint (an older version) cannot be checked: its run folder stays usable
     funnel = json.loads((mini / "funnel.json").read_text())
     del funnel["settings"]["source_files"]
     (mini / "funnel.json").write_text(json.dumps(funnel))
-    assert D.mini_webqa_is_current(preset, run, source) is False
+    assert D.mini_webqa_is_current(preset, run, source) is True
+    assert D.mini_webqa_is_current(preset.with_overrides(**{"data.max_candidates": 6}), run, source) is False
 
 
 def test_ensure_mini_webqa_notices_other_settings_from_another_directory(tmp_path, monkeypatch):

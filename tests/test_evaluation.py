@@ -469,3 +469,15 @@ def test_rows_of_untrained_systems_say_they_ran_the_base_model(tmp_path):
         (tmp_path / stage / "adapter" / "adapter_config.json").write_text("{}")
     bank = ModelBank(preset, tmp_path, verbose=False)
     assert [E.label_missing_adapters(s, bank) for s in standard_systems(preset)] == standard_systems(preset)
+
+
+def test_ablation_variants_never_leave_stage_two_without_a_paid_reward():
+    from mmrag_lite.config import get_preset
+
+    assert list(E.stage2_ablation_variants(get_preset("cpu-tiny"))) == ["no ranking reward", "no answer reward",
+                                                                      "reasoning on"]
+    only_ranking = get_preset("cpu-tiny", **{"stage2.weights": {"format": 0, "ranking": 1, "answer": 0}})
+    variants = E.stage2_ablation_variants(only_ranking)
+    assert list(variants) == ["reasoning on"]  # zeroing the one paid reward would be an invalid preset
+    for overrides in variants.values():
+        only_ranking.with_overrides(**overrides)  # every variant is a valid preset

@@ -366,6 +366,11 @@ def test_category_names_are_read_case_insensitively_and_unknown_ones_refused():
         metrics.webqa_accuracy("It is red.", "The car is red and blue", "color"))  # F1 over colours, not recall
     assert metrics.webqa_accuracy("yes", "Yes, it is.", "yesno") == pytest.approx(1.0, abs=1e-4)
     assert metrics.webqa_accuracy("yes", "yes", None) == 1.0  # None is the text rule
+    assert metrics.webqa_accuracy("red", "red car", "") == metrics.webqa_accuracy("red", "red car", "text")  # no Qcate
+    refs = {"g1": {"gold_ids": ["1"], "answer": "The car is red and blue", "qcate": "Color"},
+            "g2": {"gold_ids": ["2"], "answer": "blue", "qcate": "color"}}
+    report = evaluate_webqa_submission({"g1": {"sources": ["1"], "answer": "red"}, "g2": {"sources": ["2"], "answer": "blue"}}, refs)
+    assert report.row("color")["n"] == 2 and "Color" not in [r["group"] for r in report.rows]  # WebQA's spelling
     with pytest.raises(ValueError, match="unknown WebQA question category 'colour'"):
         metrics.webqa_accuracy("red", "red", "colour")
     with pytest.raises(TypeError, match="lists"):

@@ -132,6 +132,8 @@ def test_saved_scores_stay_strict_json_with_a_nan_score(tmp_path):
     back = P.load_cached_scores(tmp_path, "test")["g"]
     assert math.isnan(back["a"]) and back["b"] == 0.9
     assert P.top_k_ids(back, 1, ["a", "b"]) == ["b"]  # the overflowed candidate ranks last, as before saving
+    path.write_text(json.dumps({"g": {"a": 0.2}}))  # an older layout: nothing readable, score again
+    assert P.load_cached_scores(tmp_path, "test") == {}
 
 
 # ------------------------------------------------------------------------------------------ with the tiny model

@@ -759,7 +759,7 @@ def mini_webqa_is_current(preset: Any, work_dir: str | Path, webqa_dir: str | Pa
     ``None`` when none is saved. The cache check of ``ensure_mini_webqa``; the CLI asks it before overwriting a run.
 
     Current means: same ``max_candidates`` and seed, and source files unchanged since the build (size and
-    ``mtime_ns`` as recorded in ``funnel.json``; a build that recorded none is not current). A Mini-WebQA that
+    ``mtime_ns`` as recorded in ``funnel.json``; a build from before that was recorded is taken as it is). A Mini-WebQA that
     notebook 01 built from real WebQA counts as current when asked without ``webqa_dir``, unless its source files
     changed (if they are gone there is nothing to compare with, or to rebuild from, and it is kept).
     """
@@ -775,7 +775,8 @@ def mini_webqa_is_current(preset: Any, work_dir: str | Path, webqa_dir: str | Pa
     source, settings = saved
     built_from = source.parent.resolve()
     same_sizes = settings.get("max_candidates") == preset.data.max_candidates and settings.get("seed") == preset.seed
-    unchanged = settings.get("source_files") == source_fingerprint(source)
+    # a build from before fingerprints were recorded cannot be checked: kept, as it was then
+    unchanged = "source_files" not in settings or settings["source_files"] == source_fingerprint(source)
     if webqa_dir is not None:
         asked = Path(webqa_dir).resolve()
         return same_sizes and unchanged and asked in (built_from, source.resolve())
