@@ -82,6 +82,12 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
+def _one_element(obj: Any) -> bool:
+    """Whether ``.item()`` can read ``obj``: torch counts elements with ``numel()``, numpy with ``size``."""
+    count = obj.numel() if callable(getattr(obj, "numel", None)) else getattr(obj, "size", 1)
+    return count == 1
+
+
 def json_ready(obj: Any, default: Callable[[Any], Any] | None = None) -> Any:
     """``obj`` as plain JSON values: ``to_dict()`` objects, tuples, sets, paths and numpy/torch scalars converted,
     NaN/inf as ``None``.
@@ -101,7 +107,7 @@ def json_ready(obj: Any, default: Callable[[Any], Any] | None = None) -> Any:
         return json_ready(obj.to_dict(), default)
     if isinstance(obj, Path):
         return str(obj)
-    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "size", 1) in (1, ()):  # numpy / torch scalar
+    if callable(getattr(obj, "item", None)) and _one_element(obj):  # a numpy / torch scalar (or 1-element array)
         return json_ready(obj.item(), default)
     if default is not None:
         return json_ready(default(obj))

@@ -78,9 +78,12 @@ def test_write_json_atomic_round_trips(tmp_path):
     write_json_atomic(path, {"when": object()}, default=lambda obj: "custom")  # how training writes odd log values
     assert json.loads(path.read_text(encoding="utf-8")) == {"when": "custom"}
     import numpy as np
+    import torch
 
-    write_json_atomic(path, {"one": np.float32(0.5), "many": np.array([1.0, 2.0])}, default=str)  # a log's odd values
-    assert json.loads(path.read_text(encoding="utf-8")) == {"one": 0.5, "many": "[1. 2.]"}
+    payload = {"one": np.float32(0.5), "many": np.array([1.0, 2.0]), "t": torch.tensor(0.25), "tt": torch.ones(2)}
+    write_json_atomic(path, payload, default=str)  # a log's odd values
+    assert json.loads(path.read_text(encoding="utf-8")) == {"one": 0.5, "many": "[1. 2.]", "t": 0.25,
+                                                            "tt": "tensor([1., 1.])"}
     write_text_atomic(path, "[]")
     assert json.loads(path.read_text(encoding="utf-8")) == []
     assert _names(path.parent) == ["x.json"]  # no temporary file left
