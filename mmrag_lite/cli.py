@@ -136,13 +136,11 @@ def cmd_build_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _is_adapter(path: Path) -> bool:
-    return (path / "adapter_config.json").is_file()
-
-
 def _stage1_adapter(wd: Path) -> Path | None:
+    from mmrag_lite.training import is_adapter_dir
+
     path = wd / "stage1" / "adapter"
-    return path if _is_adapter(path) else None
+    return path if is_adapter_dir(path) else None
 
 
 def cmd_train_stage1(args: argparse.Namespace) -> int:
@@ -171,7 +169,7 @@ def cmd_train_stage2(args: argparse.Namespace) -> int:
     preset, wd = resolve(args)
     _check_device(preset)
     init = Path(args.init_adapter) if args.init_adapter else None  # None: train_stage2 follows stage2.init_from
-    if init is not None and not _is_adapter(init):  # checked before minutes of re-scoring, not after
+    if init is not None and not training.is_adapter_dir(init):  # checked before minutes of re-scoring, not after
         raise CLIError(f"--init-adapter {init} holds no adapter_config.json (a PEFT adapter folder, e.g. "
                        "<work-dir>/stage1/adapter)")
     ds = run_data(args, preset, wd)
@@ -199,10 +197,11 @@ def cmd_train_stage2(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from mmrag_lite import evaluation
     from mmrag_lite.pipeline import ModelBank
+    from mmrag_lite.training import is_adapter_dir
 
     preset, wd = resolve(args, existing=True)
     _check_device(preset)
-    if args.stage1_adapter and not _is_adapter(Path(args.stage1_adapter)):
+    if args.stage1_adapter and not is_adapter_dir(args.stage1_adapter):
         raise CLIError(f"--stage1-adapter {args.stage1_adapter} holds no adapter_config.json (a PEFT adapter folder)")
     run_data(args, preset, wd)  # refuses a run folder built with other settings instead of rebuilding it
     adapters = {"stage1": args.stage1_adapter} if args.stage1_adapter else None

@@ -358,7 +358,9 @@ class ModelBank:
         if which == "base":
             return None
         path = Path(self._adapters[which]) if self._adapters.get(which) else self.work_dir / which / "adapter"
-        return path if (path / "adapter_config.json").is_file() else None
+        from mmrag_lite.training import is_adapter_dir
+
+        return path if is_adapter_dir(path) else None
 
     def base_model(self) -> str:
         """The base weights this bank loads: ``base_model`` when given, else the preset's (``preset_base_model``)."""

@@ -784,7 +784,7 @@ def _train(stage: int, preset: Preset, dataset: Any, work_dir: str | Path, *, in
     seconds = time.perf_counter() - t0
     if trainer.is_world_process_zero():  # one writer under `accelerate launch`; the other processes wait below
         # a finished run keeps its files; it writes them only when killed after its last checkpoint, before them
-        if not note or not (adapter_dir / "adapter_config.json").is_file():
+        if not note or not is_adapter_dir(adapter_dir):
             with atomic_dir(adapter_dir) as tmp:  # a crash never leaves half an adapter
                 trainer.model.save_pretrained(str(tmp))
         if not note or not (out / "log_history.json").is_file():
@@ -827,12 +827,17 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def is_adapter_dir(path: str | Path) -> bool:
+    """Whether ``path`` holds a saved PEFT adapter: an empty or half-written folder (a crashed save) is none."""
+    return (Path(path) / "adapter_config.json").is_file()
+
+
 def stage2_init_adapter(preset: Preset, work_dir: str | Path) -> Path | None:
     """The adapter stage 2 starts from: the stage-1 adapter when ``preset.stage2.init_from == "stage1"`` and it exists."""
     if preset.stage2.init_from != "stage1":
         return None
     path = Path(work_dir) / "stage1" / "adapter"
-    return path if (path / "adapter_config.json").is_file() else None
+    return path if is_adapter_dir(path) else None
 
 
 def train_stage2(
@@ -866,7 +871,7 @@ def train_stage2(
 __all__ = [
     "CudaMemoryCallback", "RewardCurveCallback", "Stage2BuildReport", "TrainResult", "build_stage1_dataset",
     "build_stage2_dataset", "build_trainer", "checkpoint_step", "component_trends", "curves_from_history",
-    "describe_trends", "grpo_config", "grpo_config_kwargs", "is_main_process", "keep_trainable_in_float32",
+    "describe_trends", "grpo_config", "grpo_config_kwargs", "is_adapter_dir", "is_main_process", "keep_trainable_in_float32",
     "last_checkpoint", "load_log_history", "plot_reward_curves",
     "reward_funcs_for", "reward_trend", "stage2_dataset_for_run", "stage2_init_adapter", "train_stage1",
     "train_stage2",
