@@ -36,6 +36,7 @@ number, numbers and number words → ``str(float)``, articles dropped), split in
       EM = 1 if the normalised span sets are equal (and equally many), else 0
       F1 = mean over max(#gold, #pred) slots of the token-set F1 of a one-to-one (Hungarian) span alignment,
            where a pair scores 0 when the gold span has numbers and the prediction shares none; rounded to 2 decimals
+           by numpy (``round(np.mean(...), 2)``, as the official ``list_f1``)
 
 Both are reported ×100 in papers; here they are on a 0–1 scale.
 
@@ -93,28 +94,20 @@ _DOMAINS: dict[str, frozenset[str] | str | None] = {
     "text": None, "Others": None, "choose": None,
 }
 
-# word2number (w2n.word_to_num) as the official scripts call it, restricted to what they ever pass it: a single
-# whitespace-free word. Re-implemented here (a 20-line table) rather than adding the dependency.
-_W2N: dict[str, int] = {
-    "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9,
-    "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13, "fourteen": 14, "fifteen": 15, "sixteen": 16,
-    "seventeen": 17, "eighteen": 18, "nineteen": 19, "twenty": 20, "thirty": 30, "forty": 40, "fifty": 50,
-    "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90, "hundred": 100, "thousand": 1000,
-    "million": 1_000_000, "billion": 1_000_000_000,
-}
+def word_to_num(text: str) -> int | float:
+    """``w2n.word_to_num`` from word2number, the library both official scripts call: digits → int, number words →
+    their value (``"one hundred"`` → 100, ``"point"`` → 0). Any failure is a ``ValueError``.
 
+    word2number itself raises ``IndexError`` or ``TypeError`` on a few malformed phrases
+    (``"thousand\ttwenty-five"``); MultimodalQA's script crashes there, so no official result exists to match and the
+    token is kept as text, as for any other non-number.
+    """
+    from word2number import w2n
 
-def word_to_num(word: str) -> int:
-    """``w2n.word_to_num`` on one word: digit strings → int, a number word → its value, ``"point"`` → 0, else ValueError."""
-    text = word.replace("-", " ").lower()
-    if text.isdigit():
-        return int(text)  # may itself raise ValueError for e.g. '²', as w2n does
-    words = [w for w in text.split() if w in _W2N or w == "point"]
-    if not words:
-        raise ValueError(f"no number word in {word!r}")
-    if len(words) > 1:  # never reached by the metrics (they pass single words); w2n would sum them
-        raise ValueError(f"more than one number word in {word!r}")
-    return 0 if words[0] == "point" else _W2N[words[0]]
+    try:
+        return w2n.word_to_num(text)
+    except (ValueError, IndexError, TypeError) as exc:
+        raise ValueError(f"not a number word: {text!r} ({exc})") from None
 
 
 def _to_num(word: str) -> str:
@@ -486,7 +479,7 @@ def _is_number(text: str) -> bool:
 def _mmqa_normalize_number(text: str) -> str:
     if _is_number(text):
         return str(float(text))
-    try:  # word numbers: an addition of MultimodalQA over DROP ("point" becomes 0.0 there too)
+    try:  # word numbers, an addition of MultimodalQA over DROP, on the whole token: "one\xa0hundred" is 100.0
         return str(float(word_to_num(text)))
     except ValueError:
         return text
@@ -542,11 +535,13 @@ def _align_bags(pred: list[set[str]], gold: list[set[str]]) -> list[float]:
 
 
 def _mmqa_pair(prediction: str | Sequence[str], gold: str | Sequence[str]) -> tuple[float, float]:
+    import numpy as np
+
     pred_norm, pred_bags = _answer_to_bags(prediction)
     gold_norm, gold_bags = _answer_to_bags(gold)
     em = 1.0 if set(pred_norm) == set(gold_norm) and len(pred_norm) == len(gold_norm) else 0.0
     slots = _align_bags(pred_bags, gold_bags)
-    f1 = round(sum(slots) / len(slots), 2) if slots else 0.0
+    f1 = float(np.round(np.mean(slots), 2)) if slots else 0.0  # numpy's rounding, as the official list_f1 does
     return em, f1
 
 
@@ -599,14 +594,25 @@ def top_k_ids(scores: Mapping[str, float | None], k: int, order: Sequence[str]) 
     return sorted(order, key=key)[: max(0, k)]
 
 
-def _ranked(ranked: Iterable[Any], k: int | None) -> list[str]:
-    seen = list(dict.fromkeys(str(r) for r in ranked or []))  # first occurrence of each id, in order (linear)
-    return seen if k is None else seen[: max(k, 0)]
+def _ranked(ranked: Iterable[Any], k: int | None) -> list[str | None]:
+    """The first k ranks as string ids; a repeat of an id already ranked is ``None``: it holds its rank, earns nothing.
+
+    Cutting before de-duplicating keeps ranks honest: in ``[d2, d2, d9]`` the gold ``d9`` is third, not in the top 2.
+    """
+    ids = [str(r).strip() for r in (ranked or [])]
+    if k is not None:
+        ids = ids[: max(k, 0)]
+    seen: set[str] = set()
+    out: list[str | None] = []
+    for r in ids:
+        out.append(None if r in seen else r)
+        seen.add(r)
+    return out
 
 
 def recall_at_k(ranked: Sequence[Any], relevant: Iterable[Any], k: int | None = None) -> float:
     """Share of the relevant ids found in the top k (0 when nothing is relevant)."""
-    rel = {str(r) for r in relevant}
+    rel = _id_set(relevant)
     return len(set(_ranked(ranked, k)) & rel) / len(rel) if rel else 0.0
 
 
@@ -614,12 +620,12 @@ def precision_at_k(ranked: Sequence[Any], relevant: Iterable[Any], k: int | None
     """Share of the top k that is relevant (the denominator is k, or the list length when k is None)."""
     top = _ranked(ranked, k)
     denom = k if k is not None else len(top)
-    return len(set(top) & {str(r) for r in relevant}) / denom if denom and denom > 0 else 0.0
+    return len(set(top) & _id_set(relevant)) / denom if denom and denom > 0 else 0.0
 
 
 def ndcg_at_k(ranked: Sequence[Any], relevant: Iterable[Any], k: int | None = None) -> float:
     """Binary-relevance nDCG@k: rank i (1-based) earns 1/log2(i+1) when relevant; IDCG puts all relevant first."""
-    rel = {str(r) for r in relevant}
+    rel = _id_set(relevant)
     if not rel:
         return 0.0
     top = _ranked(ranked, k)
@@ -631,7 +637,7 @@ def ndcg_at_k(ranked: Sequence[Any], relevant: Iterable[Any], k: int | None = No
 
 def mrr(ranked: Sequence[Any], relevant: Iterable[Any]) -> float:
     """Reciprocal rank of the first relevant id (0 when none is ranked)."""
-    rel = {str(r) for r in relevant}
+    rel = _id_set(relevant)
     for i, r in enumerate(_ranked(ranked, None)):
         if r in rel:
             return 1.0 / (i + 1)

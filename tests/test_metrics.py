@@ -289,6 +289,22 @@ def test_mmqa_em_f1_reads_numbers_as_text():
     assert mmqa_em_f1(object(), ["x"]) == (0.0, 0.0)  # still malformed, still no exception
 
 
+def test_mmqa_number_words_inside_one_token_read_as_word2number_does():
+    """The official tokeniser splits on spaces and hyphens only; a no-break space, tab or newline stays inside the
+    token and w2n.word_to_num reads the whole phrase (the official script gives EM 1 here)."""
+    assert mmqa_normalize_answer("one\xa0hundred") == "100.0"
+    assert mmqa_em_f1("twenty\nfive", ["25"]) == (1.0, 1.0)
+    assert mmqa_normalize_answer("five\tsix") == "11.0"  # w2n adds two units; the official script does too
+    assert mmqa_normalize_answer("thousand\ttwenty") == "thousand twenty"  # w2n raises IndexError: kept as text
+
+
+def test_mmqa_f1_rounds_like_numpy():
+    """Slot F1s 0.4 and 0.25 average to 0.325: the official round(np.mean(...), 2) gives 0.32, Python's round of
+    the float sum gives 0.33."""
+    pred, gold = ["p", "q"], ["p g0 g1 g2", "q h0 h1 h2 h3 h4 h5"]
+    assert mmqa_em_f1(pred, gold) == (0.0, 0.32)
+
+
 def test_mmqa_several_references_take_the_max():
     assert mmqa_em_f1("red", [["blue"], ["red"]]) == (1.0, 1.0)
 
@@ -303,6 +319,21 @@ def test_ranking_metrics_hand_computed():
     assert ndcg_at_k(ranked, rel, 4) == pytest.approx((1 / math.log2(3) + 1 / math.log2(5)) / (1 + 1 / math.log2(3)))
     assert ndcg_at_k(["b", "d"], rel) == 1.0
     assert ndcg_at_k(ranked, set()) == 0.0 and mrr(["x"], rel) == 0.0 and recall_at_k([], rel) == 0.0
+
+
+def test_ranking_metrics_cut_at_k_before_dropping_repeats():
+    """A repeated id holds its rank and earns nothing: in [d2, d2, d9] the gold d9 is third, outside the top 2."""
+    ranked, rel = ["d2", "d2", "d9"], {"d2", "d9"}
+    assert recall_at_k(ranked, rel, 2) == 0.5
+    assert precision_at_k(ranked, rel, 2) == 0.5
+    assert ndcg_at_k(ranked, rel, 2) == pytest.approx(1 / (1 + 1 / math.log2(3)))
+    assert recall_at_k(ranked, rel, 3) == 1.0 and mrr(["x", "x", "d9"], rel) == pytest.approx(1 / 3)
+
+
+def test_ranking_metrics_read_a_single_id_as_one_id():
+    """As webqa_retrieval_f1 does: a bare string is one id, not its characters; ints and strings match."""
+    assert recall_at_k(["abc"], "abc", 1) == 1.0 and mrr(["abc"], "abc") == 1.0 and ndcg_at_k(["abc"], "abc", 1) == 1.0
+    assert recall_at_k([30079629], ["30079629"], 1) == 1.0 and precision_at_k(["7"], 7, 1) == 1.0
 
 
 # ------------------------------------------------------------------------------------------------ reports
