@@ -13,7 +13,8 @@ def _quiet_known_harmless_messages() -> None:
     """Drop two messages every CPU run prints and no student can act on. Nothing else is filtered.
 
     bitsandbytes looks for an optional hub kernel that it then replaces with its own CPU kernel (docs/modeling.md);
-    PEFT and TRL 1.16 still call transformers' renamed ``is_gradient_checkpointing`` whenever a model is prepared.
+    PEFT and TRL 1.16 still call transformers' renamed ``is_gradient_checkpointing`` whenever a model is prepared, and
+    ``gradient_checkpointing_enable`` / ``_disable`` around every generation of a GPU run (renamed in transformers 5).
     """
     import logging
     import warnings
@@ -21,7 +22,8 @@ def _quiet_known_harmless_messages() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
         lambda record: "kernels-community" not in record.getMessage()
     )
-    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing(_enable|_disable)?` is deprecated",
+                            category=FutureWarning)
 
 
 _quiet_known_harmless_messages()

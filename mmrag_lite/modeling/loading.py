@@ -162,6 +162,8 @@ def _align_lm_head(model: torch.nn.Module, compute_dtype: torch.dtype) -> str | 
     activations by any other path would stop at the last matmul with ``expected mat1 and mat2 to have the same
     dtype``; casting the head's *input* avoids that without touching the quantised layers. It does not make logits
     float32 under the Trainer's half-precision autocast; that is TRL's ``GRPOConfig(cast_lm_head_to_fp32=...)``.
+    TRL 1.16's GRPO loss never calls ``lm_head``: its chunked log-prob reads ``lm_head.weight`` and casts both sides
+    to the autocast dtype itself, so there the hook is idle.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None or not hasattr(head, "weight"):
@@ -178,7 +180,8 @@ def _align_lm_head(model: torch.nn.Module, compute_dtype: torch.dtype) -> str | 
     head._mmrag_cast_hook = True
     note = (
         f"lm_head is {head.weight.dtype} (prepare_model_for_kbit_training upcasts it) while the 4-bit layers compute in "
-        f"{compute_dtype}: hidden states are cast to {head.weight.dtype} before lm_head."
+        f"{compute_dtype}: a call of lm_head casts its input to {head.weight.dtype}. (TRL's training loss reads "
+        "lm_head.weight itself and computes in the autocast dtype.)"
     )
     logger.info(note)
     return note
