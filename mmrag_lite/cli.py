@@ -156,14 +156,15 @@ def cmd_train_stage1(args: argparse.Namespace) -> int:
     if args.no_score or adapter is None or not training.is_main_process():  # one process scores, not every GPU
         return 0
     for split in args.score_splits:  # the trained model scores, as in notebook 03 (no second copy in memory)
-        scored = scoring.score_split(result.model, result.processor, ds[split], preset)
+        scored = scoring.score_split(result.model, result.processor, ds[split], preset,
+                                     max_questions=scoring.questions_to_score(preset, split))
         path = pipeline.save_stage1_scores(scored, preset, wd, split, adapter)
         print(f"stage-1 scores for {split}: {path}")
     return 0
 
 
 def cmd_train_stage2(args: argparse.Namespace) -> int:
-    from mmrag_lite import pipeline, scoring, training
+    from mmrag_lite import pipeline, training
     from mmrag_lite.modeling import release_memory
 
     preset, wd = resolve(args)
@@ -179,13 +180,9 @@ def cmd_train_stage2(args: argparse.Namespace) -> int:
                        "train-stage1 first (with the same --preset / --work-dir)")
     bank = pipeline.ModelBank(preset, wd)
     with _main_process_first():  # the main process re-scores when needed; the others then read what it wrote
-        if training.is_main_process() and not pipeline.reusable_scores(bank, "train"):  # missing, or another judge's
-            judge, processor = bank.get("stage1")
-            path = pipeline.save_stage1_scores(scoring.score_split(judge, processor, ds["train"], preset), preset, wd,
-                                               "train", adapter)
-            print(f"stage-1 scores for train (recomputed with {adapter}): {path}")
-            del judge, processor  # a local name would keep the 4-bit judge on the GPU through stage 2
-    del bank
+        if training.is_main_process():  # missing, another judge's, or too few questions: scored again
+            pipeline.ensure_stage1_scores(bank, ds["train"], "train")
+    del bank  # with it the 4-bit judge leaves the GPU before stage 2
     release_memory()  # the judge is not needed while stage 2 trains
     dataset, build_report = training.stage2_dataset_for_run(preset, wd, ds["train"])
     print(build_report)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from mmrag_lite import data
 from mmrag_lite.atomic import write_json_atomic, write_text_atomic
 from mmrag_lite.config import Preset
 from mmrag_lite.pipeline import (
@@ -462,6 +463,7 @@ class EvalReport:
     """Everything notebook 05 shows; ``to_dict`` is what ``eval/results.json`` holds."""
 
     preset: str
+    data_source: str | None = None  # data.mini_webqa_source: "synthetic world" or "WebQA files"
     table: list[dict[str, Any]] = field(default_factory=list)
     per_category: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     ablations: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
@@ -473,12 +475,13 @@ class EvalReport:
 
     def to_dict(self) -> dict[str, Any]:
         ref_rows, _ = paper_reference_table()
-        return {"preset": self.preset, "table": self.table, "per_category": self.per_category, "ablations": self.ablations,
+        return {"preset": self.preset, "data_source": self.data_source, "table": self.table, "per_category": self.per_category, "ablations": self.ablations,
                 "robustness": self.robustness, "slots": self.slots, "notes": self.notes, "timings_s": self.timings,
                 "paper_reference (reported by the paper, not measured here)": ref_rows}
 
     def markdown(self) -> str:
-        parts = [f"## Results ({self.preset})\n", markdown_table(self.table, MAIN_COLUMNS)]
+        on = f", Mini-WebQA from the {self.data_source}" if self.data_source else ""
+        parts = [f"## Results ({self.preset}{on})\n", markdown_table(self.table, MAIN_COLUMNS)]
         if self.notes:
             parts.append("\nNotes:\n" + "".join(f"- {n}\n" for n in self.notes))
         for name, rows in self.ablations.items():
@@ -778,8 +781,6 @@ def auto_fluency_scorer(preset: Preset) -> Any:
 
 def load_eval_split(preset: Preset, work_dir: str | Path, split: str = "test", n: int | None = None) -> list[dict[str, Any]]:
     """The first ``n`` (default ``preset.evaluation.questions``) questions of a Mini-WebQA split, as plain dicts."""
-    from mmrag_lite import data
-
     if split not in data.SPLITS:
         raise ValueError(f"unknown split {split!r}: Mini-WebQA has {', '.join(data.SPLITS)}")
     n = n if n is not None else preset.evaluation.questions
@@ -799,7 +800,6 @@ def default_mmqa_questions(preset: Preset, n_webqa: int) -> int:
 
 def load_mmqa_rows(preset: Preset, n: int | None = None) -> tuple[list[dict[str, Any]], str]:
     """MMQA dev image+text questions as Mini-WebQA-shaped rows (text-only candidates offline), or ``([], reason)``."""
-    from mmrag_lite import data
     from mmrag_lite.config import shared_data_dir
 
     root = shared_data_dir()
@@ -843,14 +843,15 @@ def build_report(preset: Preset, rows: Sequence[Row], predictions: Mapping[str, 
                  mmqa_rows: Sequence[Row] = (), mmqa_preds: Mapping[str, Sequence[PipelineResult]] | None = None,
                  mmqa_note: str | None = None, ablations: Mapping[str, list[dict[str, Any]]] | None = None,
                  robustness: Sequence[Mapping[str, Any]] = (), notes: Sequence[str] = (),
-                 timings: Mapping[str, float] | None = None) -> EvalReport:
+                 timings: Mapping[str, float] | None = None, data_source: str | None = None) -> EvalReport:
     """The one place an ``EvalReport`` is assembled, from results already computed (pure apart from scoring).
 
     ``evaluate`` (the CLI) and notebook 05 both call it, so ``eval/`` holds the same sections either way: the main
     table (``systems_table`` unless ``table`` + ``per_category`` from it are given), its ``n`` column saying how many
     WebQA / MMQA questions each row covers, the slot tables, ablations, robustness, the notes (QA-FL unavailable,
     ``mmqa_note`` and the MMQA ×100 scale when MMQA was attempted, ``notes`` such as ``ModelBank.notes``, the
-    cpu-tiny caveat) and ``timings`` (e.g. ``Stopwatch.done()``).
+    cpu-tiny caveat, the synthetic-data caveat), ``timings`` (e.g. ``Stopwatch.done()``) and ``data_source``
+    (``data.mini_webqa_source``: what the Mini-WebQA was built from, shown in the title).
     """
     if (table is None) != (per_category is None):
         raise ValueError("build_report: pass both table and per_category (from systems_table) or neither")
@@ -858,7 +859,7 @@ def build_report(preset: Preset, rows: Sequence[Row], predictions: Mapping[str, 
     if table is None:
         table, per_category = systems_table(predictions, rows, mmqa_preds=mmqa_preds, mmqa_rows=mmqa_rows,
                                             fluency_scorer=fluency_scorer)
-    report = EvalReport(preset=preset.name, predictions={k: list(v) for k, v in predictions.items()},
+    report = EvalReport(preset=preset.name, data_source=data_source, predictions={k: list(v) for k, v in predictions.items()},
                         per_category=dict(per_category or {}), ablations=dict(ablations or {}),
                         robustness=[dict(r) for r in robustness], timings=dict(timings or {}))
     report.table = [dict(r) for r in table]
@@ -877,8 +878,11 @@ def build_report(preset: Preset, rows: Sequence[Row], predictions: Mapping[str, 
         report.notes.append("MMQA EM / F1 are x100, as MultimodalQA and the paper print them; the WebQA columns are 0-1")
     report.notes.extend(n for n in notes if n not in report.notes)
     if preset.model.is_miniature:
-        report.notes.append("cpu-tiny: a randomly initialised ~1.2M-parameter miniature on synthetic data: these numbers "
-                            "check the plumbing, they say nothing about the method")
+        report.notes.append("cpu-tiny: a randomly initialised ~1.2M-parameter miniature: these numbers check the "
+                            "plumbing, they say nothing about the method")
+    if data_source == "synthetic world":
+        report.notes.append("Mini-WebQA was built from the synthetic world (coloured shapes; notebook 01 without "
+                            "webqa_dir), not from WebQA: whatever the model, these numbers say nothing about WebQA")
     return report
 
 
@@ -922,8 +926,6 @@ def evaluate(preset: Preset, work_dir: str | Path, *, split: str = "test", n_que
                 rows, preset, bank, split=split, scores=cached,
                 reuse={preset.stage2.reasoning: main} if main and full.k is None and full.reasoning is None else None,
                 progress=progress)
-            from mmrag_lite import data
-
             ablation_rows[RETRAINED_ABLATION_TITLE] = retrained_stage2_ablation(
                 preset, work_dir, rows, data.ensure_mini_webqa(preset, work_dir)["train"], baseline=main, scores=cached,
                 progress=progress)
@@ -933,7 +935,7 @@ def evaluate(preset: Preset, work_dir: str | Path, *, split: str = "test", n_que
             robust = robustness_check(rows, preset, bank, system=full, clean=predictions.get(full.name), progress=progress)
     report = build_report(preset, rows, predictions, fluency_scorer=fluency_scorer, mmqa_rows=mmqa_rows,
                           mmqa_preds=mmqa_preds, mmqa_note=mmqa_note, ablations=ablation_rows, robustness=robust,
-                          notes=bank.notes, timings=clock.done())
+                          notes=bank.notes, timings=clock.done(), data_source=data.mini_webqa_source(work_dir))
     if write:
         write_report(report, work_dir)
     return report

@@ -489,6 +489,28 @@ def reusable_scores(bank: ModelBank, split: str) -> dict[str, dict[str, float]]:
     return {}
 
 
+def ensure_stage1_scores(bank: ModelBank, split_ds: Any, split: str) -> Path:
+    """The run's ``stage1/scores_<split>.json``, brought up to date: kept while ``reusable_scores`` accepts it and it
+    covers the questions the run reads (``scoring.questions_to_score``), else scored again with the bank's stage-1
+    judge. The one refresher notebook 04 and ``train-stage2`` share."""
+    from mmrag_lite import scoring
+
+    n = scoring.questions_to_score(bank.preset, split)
+    guids = split_ds["guid"] if hasattr(split_ds, "column_names") else [r["guid"] for r in split_ds]  # no image decode
+    needed = [str(g) for g in list(guids)[:n]]
+    path = scoring.scores_path(bank.work_dir, split)
+    current = reusable_scores(bank, split)
+    if current and all(g in current for g in needed):
+        return path
+    judge, processor = bank.get("stage1")
+    scored = scoring.score_split(judge, processor, split_ds, bank.preset, max_questions=n, progress=bank.verbose)
+    path = save_stage1_scores(scored, bank.preset, bank.work_dir, split, bank.adapter_path("stage1"),
+                              base_model=bank.base_model())
+    if bank.verbose:
+        print(f"stage-1 scores for {split} ({len(scored)} questions, judge {bank.adapter_path('stage1')}): {path}")
+    return path
+
+
 # ------------------------------------------------------------------------------------------ generation
 def fit_prompt(row: Row, candidates: Sequence[Mapping[str, Any]], processor: Any, *, reasoning: bool, max_tokens: int,
                image_fn: Callable[[Any], Any] | None = None) -> Stage2Request:
@@ -648,6 +670,7 @@ __all__ = [
     "base_key",
     "build_request",
     "default_batch_size",
+    "ensure_stage1_scores",
     "fit_prompt",
     "generate",
     "image_fn",

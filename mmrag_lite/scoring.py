@@ -150,6 +150,22 @@ def score_candidates(
     return _score_pairs(model, processor, [(question, c) for c in candidates], preset, batch_size=batch_size)
 
 
+# Stage 2 reads the train split in order until it has stage2.max_examples rows, stage2.permutations per question, and
+# notebook 05 evaluates the first evaluation.questions of test: scoring the rest would cost hours on real WebQA
+# (~30k train questions x 16 candidates) for nothing. Twice stage 2's need leaves room for the questions it drops.
+TRAIN_SCORING_HEADROOM = 2
+
+
+def questions_to_score(preset: Preset, split: str) -> int | None:
+    """How many of ``split``'s first questions a run reads through its stage-1 scores (None: all of them)."""
+    if split == "train":
+        s = preset.stage2
+        return TRAIN_SCORING_HEADROOM * math.ceil(s.max_examples / s.permutations)
+    if split == "test":
+        return preset.evaluation.questions
+    return None
+
+
 def score_split(
     model: Any,
     processor: Any,
@@ -375,6 +391,6 @@ def load_scores(path: str | Path) -> Scored:
 
 __all__ = [
     "DEFAULT_BATCH_SIZE", "Judgement", "Scored", "answer_prefix", "candidate_token_costs", "filter_report",
-    "format_filter_report", "image_token_count", "judge_by_generation", "load_scores", "load_scores_and_meta", "save_scores", "score_candidates",
-    "score_split", "scores_path", "top_k", "yes_no_token_ids",
+    "format_filter_report", "image_token_count", "judge_by_generation", "load_scores", "load_scores_and_meta",
+    "questions_to_score", "save_scores", "score_candidates", "score_split", "scores_path", "top_k", "yes_no_token_ids",
 ]

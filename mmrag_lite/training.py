@@ -231,7 +231,8 @@ class Stage2BuildReport:
                          f"permuted rows still over {self.max_prompt_tokens} tokens")
         if self.questions_without_kept_ids:
             lines.append(f"  skipped {self.questions_without_kept_ids} questions with no candidate to show (no stage-1 "
-                         "kept ids for them, or none of their ids in the pool)")
+                         "kept ids for them: stage 1 scores only the train questions stage 2 is expected to read, "
+                         "scoring.questions_to_score; or none of their ids in the pool)")
         kept_without_gold = self.questions_without_gold - self.questions_skipped_without_gold
         if kept_without_gold:
             lines.append(f"  {kept_without_gold} questions ({self.rows_without_gold} rows, gold_ids=[]) show no gold "

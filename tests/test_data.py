@@ -722,6 +722,28 @@ def test_ensure_mini_webqa_notices_changed_source_files(tmp_path, world):
     assert D.mini_webqa_is_current(preset.with_overrides(**{"data.max_candidates": 6}), run, source) is False
 
 
+def test_mini_webqa_source_says_synthetic_world_or_webqa_files(tmp_path, world, built):
+    """Results must say what the data was: a world's manifest marks it; a folder without one is WebQA's files."""
+    import shutil
+
+    assert D.mini_webqa_source(built[0].parent) == "synthetic world"
+    assert FunnelReport.load(built[0]).settings["synthetic_world"] is True
+    source = shutil.copytree(world, tmp_path / "webqa", ignore=shutil.ignore_patterns("world_manifest.json"))
+    run = tmp_path / "run"
+    D.build_mini_webqa(source, run / "mini_webqa", settings="cpu-tiny", progress=False)
+    assert D.mini_webqa_source(run) == "WebQA files"
+    assert D.mini_webqa_source(tmp_path / "nothing here") is None
+    # a build from before the flag was recorded: judged by the manifest beside its source, unknown once that is gone
+    funnel = json.loads((run / "mini_webqa" / "funnel.json").read_text())
+    del funnel["settings"]["synthetic_world"]
+    (run / "mini_webqa" / "funnel.json").write_text(json.dumps(funnel))
+    assert D.mini_webqa_source(run) == "WebQA files"
+    (source / "world_manifest.json").write_text(json.dumps({"n_questions": 1}))
+    assert D.mini_webqa_source(run) == "synthetic world"
+    (source / "WebQA_train_val.json").unlink()
+    assert D.mini_webqa_source(run) is None
+
+
 def test_ensure_mini_webqa_notices_other_settings_from_another_directory(tmp_path, monkeypatch):
     """The cache check compares absolute paths: a run folder given relative to one working directory and
     absolute from another is the same folder, and a change of preset sizes still rebuilds it."""

@@ -301,6 +301,7 @@ def test_build_report_is_what_evaluate_writes(tmp_path, monkeypatch):
     preds = {"perfect": PERFECT, "planted": PLANTED}
     monkeypatch.setattr(E, "load_eval_split", lambda *a, **k: [dict(r) for r in ROWS])
     monkeypatch.setattr(E, "run_systems", lambda rows, *a, **k: preds)
+    monkeypatch.setattr(E.data, "mini_webqa_source", lambda work_dir: "synthetic world")
     bank = ModelBank(preset, tmp_path / "cli", verbose=False)
     bank.notes.append("no stage2 adapter in somewhere: using the base model instead")
     cli = E.evaluate(preset, tmp_path / "cli", mmqa=False, ablations=False, robustness=False, fluency_scorer=None,
@@ -308,7 +309,8 @@ def test_build_report_is_what_evaluate_writes(tmp_path, monkeypatch):
     clock = E.Stopwatch()
     with clock("systems"):
         pass
-    nb = E.build_report(preset, ROWS, preds, table=None, per_category=None, notes=bank.notes, timings=clock.done())
+    nb = E.build_report(preset, ROWS, preds, table=None, per_category=None, notes=bank.notes, timings=clock.done(),
+                        data_source="synthetic world")
     E.write_report(nb, tmp_path / "nb")
     a = json.loads((tmp_path / "cli" / "eval" / "results.json").read_text(), parse_constant=_no_constant)
     b = json.loads((tmp_path / "nb" / "eval" / "results.json").read_text(), parse_constant=_no_constant)
@@ -316,6 +318,9 @@ def test_build_report_is_what_evaluate_writes(tmp_path, monkeypatch):
     a.pop("timings_s"), b.pop("timings_s")
     assert a == b and cli.table == nb.table
     assert set(a["slots"]) == {"perfect", "planted"} and a["table"][0]["n"] == "3 WebQA" and any("cpu-tiny" in n for n in a["notes"])
+    assert a["data_source"] == "synthetic world" and any("say nothing about WebQA" in n for n in a["notes"])
+    assert (tmp_path / "cli" / "eval" / "results.md").read_text().startswith(
+        "## Results (cpu-tiny, Mini-WebQA from the synthetic world)")
     assert sorted(p.name for p in (tmp_path / "cli" / "eval").iterdir()) == sorted(p.name for p in (tmp_path / "nb" / "eval").iterdir())
     with_mmqa = E.build_report(preset, ROWS, preds, mmqa_note="MMQA: none here")
     assert "MMQA: none here" in with_mmqa.notes and any("x100" in n for n in with_mmqa.notes)

@@ -282,7 +282,7 @@ def test_evaluate_writes_the_eval_folder(bank, tmp_path):
     assert f"### Where the gold sat vs which slot was cited: {names[-1]}" in md
     strict = json.loads((tmp_path / "eval" / "results.json").read_text(), parse_constant=_no_constant)
     assert "slots" in strict and "timings_s" in strict
-    assert md.startswith("## Results (cpu-tiny)") and "reference only" in md
+    assert md.startswith("## Results (cpu-tiny, Mini-WebQA from the synthetic world)") and "reference only" in md
     assert any("stage1 adapter" in n for n in report.notes)  # the fallback is in the report, not only on stdout
 
 
@@ -362,6 +362,33 @@ def test_saved_scores_are_keyed_on_the_judge_adapter_and_base(tmp_path):
     scores.write_text(json.dumps({"g": {"a": 0.2, "b": 0.9}}))
     with pytest.raises(P.AdapterBaseMismatch):
         P.reusable_scores(bank, "test")
+
+
+def test_ensure_stage1_scores_scores_what_the_run_reads_and_reuses_it(tmp_path, monkeypatch):
+    """Only the train questions stage 2 can read are scored (hours saved on real WebQA); a file that is current and
+    covers them is reused; asking for more (a larger stage2.max_examples) scores again."""
+    from mmrag_lite import scoring
+
+    preset = PRESET.with_overrides(**{"stage2.max_examples": 4, "stage2.permutations": 2, "evaluation.questions": 3})
+    assert scoring.questions_to_score(preset, "train") == scoring.TRAIN_SCORING_HEADROOM * 2
+    assert scoring.questions_to_score(preset, "test") == 3 and scoring.questions_to_score(preset, "validation") is None
+    rows = synthetic_rows(6)
+    calls: list[int | None] = []
+
+    def fake_score_split(model, processor, split_ds, preset, *, max_questions=None, **kw):
+        calls.append(max_questions)
+        return {r["guid"]: [(c["id"], 0.5) for c in r["candidates"]] for r in list(split_ds)[:max_questions]}
+
+    monkeypatch.setattr(scoring, "score_split", fake_score_split)
+    _fake_adapter(tmp_path / "stage1" / "adapter", P.preset_base_model(preset))
+    bank = P.ModelBank(preset, tmp_path, loader=_recording_loader([]), verbose=False)
+    path = P.ensure_stage1_scores(bank, rows, "train")
+    assert calls == [4] and sorted(scoring.load_scores(path)) == ["q0", "q1", "q2", "q3"]
+    assert P.ensure_stage1_scores(bank, rows, "train") == path and calls == [4]  # current and covering: reused
+    more = P.ModelBank(preset.with_overrides(**{"stage2.max_examples": 8}), tmp_path, loader=_recording_loader([]),
+                       verbose=False)
+    P.ensure_stage1_scores(more, rows, "train")
+    assert calls == [4, 8] and len(scoring.load_scores(path)) == 6  # all six: fewer than asked for
 
 
 # ------------------------------------------------------------------------------------------ prompt orders

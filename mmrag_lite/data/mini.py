@@ -671,7 +671,8 @@ def build_mini_webqa(
     store = ImageStore(folder) if has_images else None
     report = FunnelReport(source=str(json_path.resolve()))  # absolute: compared later
     report.settings = {"filters": filters.to_dict(), "max_candidates": max_candidates, "seed": seed,
-                       "source_files": source_fingerprint(json_path)}  # before reading: a change meanwhile shows
+                       "source_files": source_fingerprint(json_path),  # before reading: a change meanwhile shows
+                       "synthetic_world": _is_world(folder)}
     try:
         errors: list[RecordError] = []
         try:
@@ -752,6 +753,30 @@ def _saved_source(mini: Path) -> tuple[Path, dict[str, Any]] | None:
         return Path(meta["source"]), dict(meta.get("settings") or {})
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _is_world(folder: Path) -> bool:
+    from .world import read_world_manifest
+
+    return read_world_manifest(folder) is not None
+
+
+def mini_webqa_source(work_dir: str | Path) -> str | None:
+    """What run folder ``work_dir``'s Mini-WebQA was built from: ``"synthetic world"``, ``"WebQA files"``, or None.
+
+    A results table must carry this: numbers on the synthetic world's coloured shapes say nothing about WebQA.
+    A build from before ``funnel.json`` recorded it is judged by the world manifest beside its source, if still there.
+    """
+    saved = _saved_source(Path(work_dir) / "mini_webqa")
+    if saved is None:
+        return None
+    source, settings = saved
+    synthetic = settings.get("synthetic_world")
+    if synthetic is None:
+        if not source.is_file():
+            return None
+        synthetic = _is_world(source.parent)
+    return "synthetic world" if synthetic else "WebQA files"
 
 
 def mini_webqa_is_current(preset: Any, work_dir: str | Path, webqa_dir: str | Path | None = None) -> bool | None:
