@@ -599,6 +599,8 @@ def _ranked(ranked: Iterable[Any], k: int | None) -> list[str | None]:
 
     Cutting before de-duplicating keeps ranks honest: in ``[d2, d2, d9]`` the gold ``d9`` is third, not in the top 2.
     """
+    if isinstance(ranked, (str, int)):  # one id, as in _id_set
+        ranked = [ranked]
     ids = [str(r).strip() for r in (ranked or [])]
     if k is not None:
         ids = ids[: max(k, 0)]

@@ -459,6 +459,12 @@ def load_cached_scores(work_dir: str | Path, split: str) -> dict[str, dict[str, 
         return {}
 
 
+def _own_stage1_judge(bank: ModelBank) -> Path | None:
+    """The run's own ``stage1/adapter`` when it is the bank's stage-1 filter (the judge of ``stage1/scores_*``)."""
+    used = bank.adapter_path("stage1")
+    return used if used is not None and used.resolve() == (bank.work_dir / "stage1" / "adapter").resolve() else None
+
+
 def reusable_scores(bank: ModelBank, split: str) -> dict[str, dict[str, float]]:
     """The saved stage-1 scores of ``split`` when they are the filter ``bank`` would compute, else ``{}``.
 
@@ -469,9 +475,8 @@ def reusable_scores(bank: ModelBank, split: str) -> dict[str, dict[str, float]]:
     """
     from mmrag_lite import scoring
 
-    own, used = bank.work_dir / "stage1" / "adapter", bank.adapter_path("stage1")
     path = scoring.scores_path(bank.work_dir, split)
-    if used is None or used.resolve() != own.resolve() or not path.is_file():
+    if _own_stage1_judge(bank) is None or not path.is_file():
         return {}
     bank.check_adapter("stage1")
     try:
@@ -495,6 +500,11 @@ def ensure_stage1_scores(bank: ModelBank, split_ds: Any, split: str) -> Path:
     judge. The one refresher notebook 04 and ``train-stage2`` share."""
     from mmrag_lite import scoring
 
+    judge_adapter = _own_stage1_judge(bank)
+    if judge_adapter is None:
+        raise ValueError(f"the run's stage-1 scores are its own judge's: {bank.work_dir / 'stage1' / 'adapter'} holds "
+                         f"no adapter, or the bank filters with another ({bank.adapter_path('stage1')}); train stage 1 "
+                         "in this run folder first")
     n = scoring.questions_to_score(bank.preset, split)
     guids = split_ds["guid"] if hasattr(split_ds, "column_names") else [r["guid"] for r in split_ds]  # no image decode
     needed = [str(g) for g in list(guids)[:n]]
@@ -504,10 +514,9 @@ def ensure_stage1_scores(bank: ModelBank, split_ds: Any, split: str) -> Path:
         return path
     judge, processor = bank.get("stage1")
     scored = scoring.score_split(judge, processor, split_ds, bank.preset, max_questions=n, progress=bank.verbose)
-    path = save_stage1_scores(scored, bank.preset, bank.work_dir, split, bank.adapter_path("stage1"),
-                              base_model=bank.base_model())
+    path = save_stage1_scores(scored, bank.preset, bank.work_dir, split, judge_adapter, base_model=bank.base_model())
     if bank.verbose:
-        print(f"stage-1 scores for {split} ({len(scored)} questions, judge {bank.adapter_path('stage1')}): {path}")
+        print(f"stage-1 scores for {split} ({len(scored)} questions, judge {judge_adapter}): {path}")
     return path
 
 

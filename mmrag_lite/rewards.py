@@ -183,7 +183,8 @@ def relevance_reward(
 
 # ------------------------------------------------------------------------------------------------ ranking
 def ranking_score(selected: Sequence[str], gold: Sequence[str], candidates: Sequence[str] | None, *, metric: str = "f1", k: int | None = None) -> float:
-    """The ranking reward of one parsed id list (see the module docstring)."""
+    """The ranking reward of one parsed id list (see the module docstring); a repeated id counts once."""
+    selected = list(dict.fromkeys(selected))
     gold_set = {g for g in gold}
     if candidates is not None:
         gold_set &= set(candidates)

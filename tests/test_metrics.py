@@ -334,6 +334,7 @@ def test_ranking_metrics_read_a_single_id_as_one_id():
     """As webqa_retrieval_f1 does: a bare string is one id, not its characters; ints and strings match."""
     assert recall_at_k(["abc"], "abc", 1) == 1.0 and mrr(["abc"], "abc") == 1.0 and ndcg_at_k(["abc"], "abc", 1) == 1.0
     assert recall_at_k([30079629], ["30079629"], 1) == 1.0 and precision_at_k(["7"], 7, 1) == 1.0
+    assert recall_at_k("abc", ["abc"], 1) == 1.0 and mrr(30079629, "30079629") == 1.0  # on the ranked side too
 
 
 # ------------------------------------------------------------------------------------------------ reports

@@ -389,6 +389,12 @@ def test_ensure_stage1_scores_scores_what_the_run_reads_and_reuses_it(tmp_path, 
                        verbose=False)
     P.ensure_stage1_scores(more, rows, "train")
     assert calls == [4, 8] and len(scoring.load_scores(path)) == 6  # all six: fewer than asked for
+    other = _fake_adapter(tmp_path / "elsewhere" / "adapter", P.preset_base_model(preset))
+    for stranger in (P.ModelBank(preset, tmp_path, adapters={"stage1": other}, verbose=False),
+                     P.ModelBank(preset, tmp_path / "untrained", verbose=False)):
+        with pytest.raises(ValueError, match="train stage 1 in this run folder"):
+            P.ensure_stage1_scores(stranger, rows, "train")  # never the run's file with another judge's scores
+    assert calls == [4, 8]
 
 
 # ------------------------------------------------------------------------------------------ prompt orders

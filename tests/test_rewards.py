@@ -116,6 +116,9 @@ def test_ranking_score_candidates_bound_the_gold_set():
     assert rewards.ranking_score(["D2"], ["D2", "D7"], None) == pytest.approx(2 / 3)
     assert rewards.ranking_score(["D2"], ["D2", "D7"], CANDS) == 1.0
     assert rewards.ranking_score(["D2"], ["D7"], CANDS) == 0.0  # no visible gold: nothing to earn
+    # repeats dropped, as the module docstring says, also when called on an unparsed list
+    assert rewards.ranking_score(["D2", "D2", "D9"], ["D2", "D9"], None, metric="ndcg") == 1.0
+    assert rewards.ranking_score(["D2", "D2"], ["D2"], None) == 1.0
     with pytest.raises(ValueError, match="unknown ranking metric"):
         rewards.ranking_score(["D2"], ["D2"], None, metric="map")
 
