@@ -475,7 +475,8 @@ class EvalReport:
 
     def to_dict(self) -> dict[str, Any]:
         ref_rows, _ = paper_reference_table()
-        return {"preset": self.preset, "data_source": self.data_source, "table": self.table, "per_category": self.per_category, "ablations": self.ablations,
+        return {"preset": self.preset, "data_source": self.data_source, "table": self.table,
+                "per_category": self.per_category, "ablations": self.ablations,
                 "robustness": self.robustness, "slots": self.slots, "notes": self.notes, "timings_s": self.timings,
                 "paper_reference (reported by the paper, not measured here)": ref_rows}
 
@@ -859,7 +860,8 @@ def build_report(preset: Preset, rows: Sequence[Row], predictions: Mapping[str, 
     if table is None:
         table, per_category = systems_table(predictions, rows, mmqa_preds=mmqa_preds, mmqa_rows=mmqa_rows,
                                             fluency_scorer=fluency_scorer)
-    report = EvalReport(preset=preset.name, data_source=data_source, predictions={k: list(v) for k, v in predictions.items()},
+    report = EvalReport(preset=preset.name, data_source=data_source,
+                        predictions={k: list(v) for k, v in predictions.items()},
                         per_category=dict(per_category or {}), ablations=dict(ablations or {}),
                         robustness=[dict(r) for r in robustness], timings=dict(timings or {}))
     report.table = [dict(r) for r in table]
