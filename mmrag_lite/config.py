@@ -129,7 +129,7 @@ class Stage2Settings:
     init_from: Literal["stage1", "base"]  # continue from the stage-1 adapter or start from the base model
     max_examples: int
     max_prompt_tokens: int  # prompts longer than this are shrunk (fewer candidates) or dropped, never cut
-    answer_guards: bool  # the answer reward's choose_guard + hedge_guard (rewards module docstring)
+    answer_guards: bool  # the answer reward's choose_guard + hedge_guard + length_guard (rewards module docstring)
 
 
 @dataclass(frozen=True)
@@ -549,7 +549,7 @@ _CPU_TINY = Preset(
         # (format reward 0 from the stage-1 adapter); a real VLM keeps both, so the GPU presets continue from stage 1
         max_examples=256,
         max_prompt_tokens=512,
-        answer_guards=True,  # the official QA-Acc pays a pasted question (choose) and "yes or no" (YesNo): never reward that
+        answer_guards=True,  # the official QA-Acc pays a pasted question (choose), "yes or no" (YesNo) and padding: never reward that
     ),
     data=DataSettings(world_questions=400, world_image_size=56, max_candidates=8),
     # 3 extra 20-step stage-2 runs: ~1 min; the miniature is overhead-bound, so big generation batches are faster;

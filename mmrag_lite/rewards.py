@@ -30,12 +30,12 @@ a configurable ``penalty ≤ 0`` for output that cannot be read at all, and the 
 
 **Answer** (stage 2), the text ``â`` inside ``<answer>`` against the row's reference:
 
-    webqa:    r_ans(o) = Acc_WebQA(â, ref, qcate) · g_choose · g_hedge     ref = keywords if keywords else answer
+    webqa:    r_ans(o) = Acc_WebQA(â, ref, qcate) · g_choose · g_hedge · g_len     ref = keywords if keywords else answer
     mmqa_f1:  r_ans(o) = F1_DROP(â, answer)
     mmqa_em:  r_ans(o) = EM_DROP(â, answer)
               penalty when no single answer block can be read
 
-Two guards close holes that the official metric leaves open (the *metric* in ``metrics`` stays official; only the
+Three guards close holes that the official metric leaves open (the *metric* in ``metrics`` stays official; only the
 reward is guarded), each a keyword option, on by default:
 
 * ``choose_guard`` — ``choose``/``Others``/``text`` are scored by recall, so pasting the question into the answer
@@ -51,6 +51,12 @@ reward is guarded), each a keyword option, on by default:
   more vocabulary words ``c`` than the reference ``a``, ``g_hedge = |a| / |c|`` (else 1): hedging over ``m`` options
   with one right then earns ``2/(m(m+1))`` (1/3 for two), never more in expectation than committing to one at
   random (``1/m``). ``number`` is left out: a correct answer often carries an incidental number (a year, a count).
+* ``length_guard`` — recall alone cannot see padding: pasting the question and every candidate's caption into the
+  answer of a ``text`` question contains the reference's words and scores ~1, more than a correct sentence. The
+  official QA multiplies Acc by fluency (BARTScore against the reference), which punishes that; the reward has no FL
+  (BART cannot be loaded offline, and it would cost a forward pass per completion), so for ``choose``/``Others``/``text``
+  ``g_len = min(1, ρ · |A| / |â|)``: words beyond ``ρ = 2`` times the full reference answer's (``A``, normalised, also
+  when the keyword is what Acc reads) dilute the score. An answer as long as the reference, or shorter, is untouched.
 
 **Total** (what GRPO sees, computed by TRL from ``GRPOConfig(reward_weights=...)``): ``r = Σ_c λ_c r_c``.
 
@@ -232,6 +238,8 @@ def ranking_reward(
 # ------------------------------------------------------------------------------------------------- answer
 HEDGE_GUARD_CATEGORIES = frozenset({"color", "shape", "YesNo"})  # F1 over a closed vocabulary: where hedging paid
 CHOOSE_BOTH_FACTOR = 0.5  # a "choose" answer naming both options is worth a coin flip (module docstring)
+LENGTH_GUARD_CATEGORIES = frozenset({"choose", "Others", "text"})  # recall: where padding paid
+LENGTH_GUARD_RATIO = 2.0  # answers up to twice the reference answer's length keep their whole score
 
 
 def question_from_prompt(prompt: Any) -> str | None:
@@ -294,6 +302,7 @@ def answer_reward(
     penalty: float = 0.0,
     choose_guard: bool = True,
     hedge_guard: bool = True,
+    length_guard: bool = True,
     tags: Tags = DEFAULT_TAGS,
     **columns: Any,
 ) -> list[float]:
@@ -301,8 +310,9 @@ def answer_reward(
 
     ``webqa`` uses the optional columns ``keywords`` (preferred when non-empty) and ``qcate`` (default ``text``), and
     for ``choose_guard`` the question (column ``question``, else TRL's ``prompts``; without either the guard is off
-    for that row). ``choose_guard`` and ``hedge_guard`` close the reward hacks the official metric leaves open
-    (module docstring): on by default, because a reward that pays copying the question or hedging teaches exactly that.
+    for that row). ``choose_guard``, ``hedge_guard`` and ``length_guard`` close the reward hacks the official metric
+    leaves open (module docstring): on by default, because a reward that pays copying the question, hedging or padding
+    teaches exactly that.
     """
     penalty = _check_penalty(penalty)
     if metric not in ANSWER_METRICS:
@@ -317,7 +327,7 @@ def answer_reward(
     if metric == "webqa":
         scores = _webqa_answer_scores(
             [parsed[i] for i in readable], [answers[i] for i in readable], columns, readable, n,
-            choose_guard=choose_guard, hedge_guard=hedge_guard)
+            choose_guard=choose_guard, hedge_guard=hedge_guard, length_guard=length_guard)
     else:
         position = 0 if metric == "mmqa_em" else 1
         scores = []
@@ -330,7 +340,7 @@ def answer_reward(
 
 
 def _webqa_answer_scores(said: list[str], answers: list[Any], columns: Mapping[str, Any], rows: list[int], n: int, *,
-                         choose_guard: bool, hedge_guard: bool) -> list[float]:
+                         choose_guard: bool, hedge_guard: bool, length_guard: bool) -> list[float]:
     """Official QA-Acc of each readable answer (one spaCy batch for answers, references and questions), then the guards."""
     keywords = _optional_column("keywords", columns, n, "")
     qcates = _optional_column("qcate", columns, n, "text")
@@ -344,11 +354,13 @@ def _webqa_answer_scores(said: list[str], answers: list[Any], columns: Mapping[s
         elif columns.get("prompts") is not None and hasattr(columns["prompts"], "__len__") and len(columns["prompts"]) == n:
             questions = [question_from_prompt(columns["prompts"][i]) for i in rows]
         questions = [q if c == "choose" else None for q, c in zip(questions, qc)]
-    normed = metrics.normalize_webqa_many(said + refs + [q or "" for q in questions])
+    full = [metrics.qa_reference(a, "") if length_guard and c in LENGTH_GUARD_CATEGORIES else ""
+            for a, c in zip(answers, qc)]  # the whole reference answer: the length a fluent answer has
+    normed = metrics.normalize_webqa_many(said + refs + [q or "" for q in questions] + full)
     k = len(rows)
     out = []
     for j in range(k):
-        cand, ref, question = normed[j], normed[k + j], normed[2 * k + j]
+        cand, ref, question, full_ref = normed[j], normed[k + j], normed[2 * k + j], normed[3 * k + j]
         score = metrics.webqa_scores_from_normalized(cand, ref, qc[j])["acc"]
         if score and choose_guard and questions[j] and (
             _names_every_option(cand, question, ref)
@@ -358,6 +370,8 @@ def _webqa_answer_scores(said: list[str], answers: list[Any], columns: Mapping[s
         if score and hedge_guard and qc[j] in HEDGE_GUARD_CATEGORIES:
             bag_c, bag_a = metrics.webqa_bags(cand, ref, qc[j])
             score *= min(1.0, len(bag_a) / len(bag_c))
+        if score and full[j]:
+            score *= min(1.0, LENGTH_GUARD_RATIO * max(1, len(full_ref.split())) / max(1, len(cand.split())))
         out.append(score)
     return out
 
@@ -389,6 +403,7 @@ def build_reward_funcs(
     answer_metric: str = "webqa",
     choose_guard: bool = True,
     hedge_guard: bool = True,
+    length_guard: bool = True,
     tags: Tags = DEFAULT_TAGS,
 ) -> tuple[list[RewardFunc], list[float]]:
     """The reward functions of one stage and their weights, in the same order, for ``GRPOTrainer``/``GRPOConfig``.
@@ -396,7 +411,8 @@ def build_reward_funcs(
     ``weights`` maps component → λ (``preset.stageN.weights``); components come back in the canonical order
     (format, relevance) / (format, ranking, answer). ``balance_classes`` re-weights stage-1 verdicts with
     ``ρ = positive_weight`` if given, else ``(1 − π)/π`` from ``positive_fraction`` (default 0.5, i.e. no change).
-    ``choose_guard`` / ``hedge_guard`` are the answer reward's guards against copying the question and hedging.
+    ``choose_guard`` / ``hedge_guard`` / ``length_guard`` are the answer reward's guards against copying the question,
+    hedging and padding.
     """
     if stage not in STAGE_COMPONENTS:
         raise ValueError(f"stage must be 1 or 2, got {stage!r}")
@@ -425,7 +441,7 @@ def build_reward_funcs(
         "relevance": lambda: _named("relevance", relevance_reward, positive_weight=rho, **common),
         "ranking": lambda: _named("ranking", ranking_reward, metric=ranking_metric, k=ndcg_k, **common),
         "answer": lambda: _named("answer", answer_reward, metric=answer_metric, choose_guard=choose_guard,
-                                 hedge_guard=hedge_guard, **common),
+                                 hedge_guard=hedge_guard, length_guard=length_guard, **common),
     }
     names = [c for c in known if c in weights]
     return [factories[c]() for c in names], [float(weights[c]) for c in names]
@@ -447,7 +463,7 @@ def preset_reward_options(preset: Preset | str, stage: int) -> dict[str, Any]:
         options.update(balance_classes=settings.balance_classes, positive_fraction=settings.positive_fraction)
     else:
         options.update(ranking_metric=settings.ranking_metric, choose_guard=settings.answer_guards,
-                       hedge_guard=settings.answer_guards)
+                       hedge_guard=settings.answer_guards, length_guard=settings.answer_guards)
     return options
 
 
@@ -478,7 +494,7 @@ def explain(completion: Any, *, stage: int, reasoning: bool, candidate_ids: Sequ
 
 
 __all__ = [
-    "ANSWER_METRICS", "HEDGE_GUARD_CATEGORIES", "RANKING_METRICS", "STAGE_COMPONENTS", "answer_reward",
+    "ANSWER_METRICS", "HEDGE_GUARD_CATEGORIES", "LENGTH_GUARD_CATEGORIES", "LENGTH_GUARD_RATIO", "RANKING_METRICS", "STAGE_COMPONENTS", "answer_reward",
     "balanced_positive_weight", "build_reward_funcs", "class_weights", "explain", "format_reward",
     "preset_reward_options", "question_from_prompt", "ranking_reward", "ranking_score", "relevance_reward",
     "reward_funcs_for_preset",

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mmrag_lite import rewards
+from mmrag_lite import metrics, rewards
 from mmrag_lite.config import get_preset
 from mmrag_lite.prompts import stage1_target, stage2_target
 from mmrag_lite.rewards import (
@@ -181,9 +181,11 @@ def test_choose_guard_copying_the_question_earns_a_coin_flip():
             "upwards, not sideways", "upwards or sideways"]
     comps = [stage2_target(["D1"], a) for a in said]
     cols = {"answer": ["It grows upwards."] * 5, "keywords": ["Upwards."] * 5, "qcate": ["choose"] * 5}
-    assert answer_reward(comps, question=[STACHYS] * 5, **cols) == [0.5, 1.0, 1.0, 0.5, 0.5]
-    assert answer_reward(comps, question=[STACHYS] * 5, choose_guard=False, **cols) == [1.0] * 5  # the hole
-    assert answer_reward(comps, **cols) == [1.0] * 5  # no question known: nothing to check against
+    assert answer_reward(comps, question=[STACHYS] * 5, length_guard=False, **cols) == [0.5, 1.0, 1.0, 0.5, 0.5]
+    assert answer_reward(comps, question=[STACHYS] * 5, choose_guard=False, length_guard=False, **cols) == [1.0] * 5  # the hole
+    assert answer_reward(comps, length_guard=False, **cols) == [1.0] * 5  # no question known: nothing to check against
+    # with the length guard too, the pasted question (7 words against the 3 of "it grow upwards") loses a bit more
+    assert answer_reward(comps, question=[STACHYS] * 5, **cols) == pytest.approx([0.5 * 6 / 7, 1.0, 1.0, 0.5, 0.5])
     # a reference that names both options itself ("Minnesota or Mayo ...") never triggers the guard
     q = "Is the Gonda Building in Rochester , Minnesota or Mayo Clinic Opus Building taller ?"
     ref = "The Gonda Building in Rochester, Minnesota"
@@ -192,7 +194,7 @@ def test_choose_guard_copying_the_question_earns_a_coin_flip():
     q = "Between the Petit Palais and the Hotel de Ville , which has more windows ?"
     both = [stage2_target(["D1"], "Petit Palais and Hotel de Ville"), stage2_target(["D1"], "The Hotel de Ville")]
     assert answer_reward(both, answer=["x"] * 2, keywords=["Hotel de Ville"] * 2, qcate=["choose"] * 2,
-                         question=[q] * 2) == [0.5, 1.0]
+                         question=[q] * 2, length_guard=False) == [0.5, 1.0]
 
 
 def test_choose_guard_reads_the_question_from_trl_prompts():
@@ -203,13 +205,38 @@ def test_choose_guard_reads_the_question_from_trl_prompts():
     assert rewards.question_from_prompt(prompt) == STACHYS  # pins the reward to the prompt's "Question:" line
     assert rewards.question_from_prompt("Question: Red or blue?") == "Red or blue?"
     assert rewards.question_from_prompt("p") is None and rewards.question_from_prompt(None) is None
-    funcs, _ = build_reward_funcs(2, {"answer": 1.0}, reasoning=False)
+    funcs, _ = build_reward_funcs(2, {"answer": 1.0}, reasoning=False, length_guard=False)
     out = funcs[0]([stage2_target(["D1"], STACHYS), stage2_target(["D1"], "upwards")], prompts=[prompt] * 2,
                    answer=["x"] * 2, keywords=["Upwards."] * 2, qcate=["choose"] * 2, completion_ids=[[1], [2]])
     assert out == [0.5, 1.0]
-    funcs, _ = build_reward_funcs(2, {"answer": 1.0}, reasoning=False, choose_guard=False)
+    funcs, _ = build_reward_funcs(2, {"answer": 1.0}, reasoning=False, choose_guard=False, length_guard=False)
     assert funcs[0]([stage2_target(["D1"], STACHYS)], prompts=[prompt], answer=["x"], keywords=["Upwards."],
                     qcate=["choose"]) == [1.0]
+
+
+def test_length_guard_stops_paying_a_pasted_prompt_on_recall_categories():
+    """Recall cannot see padding: the question and every caption pasted into a `text` answer held the reference's
+    words and scored 1, more than a correct sentence. Beyond twice the reference answer's length the score thins."""
+    ref = "The Golden Castle was founded by Hiro Ravison in Malmo."  # normalised: 8 words (articles, '.' dropped)
+    paste = ("Who founded the Golden Castle and where is it? Golden Castle history: founded by Hiro Ravison, a "
+             "merchant. Malmo harbour at dusk. The castle in Malmo seen from the water, with boats and gulls. "
+             "Lina Berg painted the castle gate in Oslo in 1901.")
+    said = [paste, ref, "Hiro Ravison; Malmo", "It was founded by Lina Berg in Oslo."]
+    comps = [stage2_target(["D1"], a) for a in said]
+    cols = {"answer": [ref] * 4, "keywords": [""] * 4, "qcate": ["text"] * 4}
+    unguarded = answer_reward(comps, length_guard=False, **cols)
+    guarded = answer_reward(comps, **cols)
+    assert unguarded[0] == pytest.approx(1.0) and guarded[0] < 0.5 < guarded[1]  # the paste now loses to the sentence
+    n_paste = len(metrics.normalize_webqa_text(paste).split())
+    n_ref = len(metrics.normalize_webqa_text(ref).split())
+    assert guarded[0] == pytest.approx(min(1.0, rewards.LENGTH_GUARD_RATIO * n_ref / n_paste))
+    assert guarded[1:] == unguarded[1:]  # as long as the reference, or shorter: untouched
+    # the allowance follows the full answer, also when the keyword is what Acc reads; colour (F1) is not guarded
+    kw = answer_reward([stage2_target(["D1"], "The forest of Vera lies closer to the old town")], answer=[
+        "The Royal Forest of Vera is closer."], keywords=["Vera"], qcate=["choose"])
+    assert kw == [1.0]
+    spam = stage2_target(["D1"], "the car in the picture that was parked on the street is red")
+    assert answer_reward([spam], answer=["red"], keywords=["red"], qcate=["color"]) == [pytest.approx(1.0, abs=1e-4)]
 
 
 def test_hedge_guard_scales_closed_vocabulary_answers_by_reference_over_answer_words():
@@ -419,8 +446,8 @@ def test_playground_scores_the_row_as_score_completion_does():
     from mmrag_lite.widgets import reward_playground
 
     q = "Does the plant grow upwards or sideways?"
-    row = {"candidate_ids": ["D1", "D2"], "gold_ids": ["D2"], "answer": "Upwards.", "keywords": "Upwards.",
-           "qcate": "choose", "question": q}
+    row = {"candidate_ids": ["D1", "D2"], "gold_ids": ["D2"], "answer": "The plant grows upwards, towards the light.",
+           "keywords": "Upwards.", "qcate": "choose", "question": q}
     weights = {"format": 1.0, "ranking": 1.0, "answer": 1.0}
     pasted = stage2_target(["D2"], q)  # the question pasted as the answer: the choose guard keeps half
     expected = score_completion(pasted, row, stage=2, weights=weights, reasoning=False)
