@@ -450,13 +450,21 @@ def _as_lookup(scored: Mapping[str, Sequence[tuple[str, float]]]) -> dict[str, d
 def load_cached_scores(work_dir: str | Path, split: str) -> dict[str, dict[str, float]]:
     """Stage-1 scores notebook 03 saved for ``split`` (``{guid: {candidate id: score}}``), or ``{}`` when there are
     none readable (no file, an older layout, a damaged file: score the split again)."""
+    return _as_lookup(_read_saved_scores(work_dir, split)[0])
+
+
+def _read_saved_scores(work_dir: str | Path, split: str) -> tuple[Any, dict[str, Any]]:
+    """(scores, meta) of a run's ``stage1/scores_<split>.json``; ``({}, {})`` without a readable one (no file, an
+    older layout, a damaged file): the caller scores again, never guesses."""
     from mmrag_lite import scoring
 
     path = scoring.scores_path(work_dir, split)
+    if not path.is_file():
+        return {}, {}
     try:
-        return _as_lookup(scoring.load_scores(path)) if path.is_file() else {}
+        return scoring.load_scores_and_meta(path)
     except (ValueError, KeyError, TypeError):
-        return {}
+        return {}, {}
 
 
 def _own_stage1_judge(bank: ModelBank) -> Path | None:
@@ -479,10 +487,7 @@ def reusable_scores(bank: ModelBank, split: str) -> dict[str, dict[str, float]]:
     if _own_stage1_judge(bank) is None or not path.is_file():
         return {}
     bank.check_adapter("stage1")
-    try:
-        scored, meta = scoring.load_scores_and_meta(path)
-    except (ValueError, KeyError, TypeError):  # an older layout or a damaged file: score again, never guess
-        scored, meta = {}, {}
+    scored, meta = _read_saved_scores(bank.work_dir, split)
     recorded = meta.get("judge")
     if isinstance(recorded, Mapping) and _same_judge(recorded, bank.judge_identity("stage1")):
         return _as_lookup(scored)
