@@ -41,11 +41,16 @@ reward is guarded), each a keyword option, on by default:
 * ``choose_guard`` — ``choose``/``Others``/``text`` are scored by recall, so pasting the question into the answer
   names the right option of a ``choose`` question and scores ~1 (0.94 on average over the real val ``choose``
   questions). With the question known (a ``question`` column, else the ``Question:`` line of TRL's ``prompts``),
-  ``g_choose = 1/2`` when the answer names both options, i.e. both words around an ``or`` of the normalised question
-  (or the ``and`` of a question that opens with "Between"), unless the reference itself names both; otherwise 1.
-  Naming both options is then worth what a coin flip between them is worth in expectation, so committing to the
-  option the evidence supports always pays more. Why 1/2 and not 0: a bag-of-words test cannot tell a copied question
-  from a correct sentence that mentions the other option too ("X is taller than Y"), which keeps half its credit.
+  ``g_choose = 1/2`` when the answer names both options of the question and the reference does not, otherwise 1.
+  The options are the two words around an ``or`` of the normalised question (or the ``and`` of a question that
+  opens with "Between"), and the two spans beside it (up to ``OPTION_SPAN_WORDS`` words, cut at , ; : ?), of which
+  an answer names one when it holds at least half of the span's own words — so dropping the word next to the ``or``
+  does not slip past. "The reference does not" means: the whole reference answer names only one option; or it names
+  both in a sentence ("X is taller than Y", while Acc reads the keyword "X") and the answer joins them with ``or``.
+  So a sentence that says what the reference says is never halved (none of the 502 real val references), and
+  naming both options is worth what a coin flip between them is worth in expectation: committing to the option the
+  evidence supports pays more (``benchmarks/bench_choose_guard.py``). Why 1/2 and not 0: a bag-of-words test cannot
+  tell a hedge from a correct sentence that mentions the other option too ("upwards, not sideways").
 * ``hedge_guard`` — ``color``/``shape``/``YesNo`` are scored by F1 over a closed vocabulary, where "yes or no"
   earns 0.667 on every YesNo question (more than always answering "yes", 0.46 on real val). When the answer names
   more vocabulary words ``c`` than the reference ``a``, ``g_hedge = |a| / |c|`` (else 1): hedging over ``m`` options
@@ -67,10 +72,11 @@ raises ``ValueError`` at once, naming it. Each function accepts and ignores TRL'
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from mmrag_lite import metrics
@@ -238,6 +244,11 @@ def ranking_reward(
 # ------------------------------------------------------------------------------------------------- answer
 HEDGE_GUARD_CATEGORIES = frozenset({"color", "shape", "YesNo"})  # F1 over a closed vocabulary: where hedging paid
 CHOOSE_BOTH_FACTOR = 0.5  # a "choose" answer naming both options is worth a coin flip (module docstring)
+OPTION_SPAN_WORDS = 4  # a "choose" option: at most this many words beside its "or", cut at , ; : ?
+# Words that do not say which option a span is: they never count towards naming one.
+_OPTION_FILLER = frozenset({"a", "an", "the", "of", "in", "on", "at", "to", "for", "with", "by", "from", "and", "is",
+                            "are", "was", "were", "be", "it", "its", "this", "that", "than", "more", "less", "which",
+                            "what", "who", "does", "do", "did", "has", "have", "between"})
 LENGTH_GUARD_CATEGORIES = frozenset({"choose", "Others", "text"})  # recall: where padding paid
 LENGTH_GUARD_RATIO = 2.0  # answers up to twice the reference answer's length keep their whole score
 
@@ -270,19 +281,60 @@ def _plain(text: str) -> str:
     return " ".join(w for w in _WORD.findall(text.lower()) if w not in _ARTICLES)
 
 
-def _names_every_option(answer_norm: str, question_norm: str, reference_norm: str) -> bool:
-    """The choose guard's test on normalised texts: the answer holds both words around an ``or`` of the question (or
-    the ``and`` of "between X and Y") that the reference does not hold both of. See the module docstring."""
+_OPTION_TOKEN = re.compile(r"\w+|[,;:?]")
+_OPTION_BREAKS = frozenset(",;:?")
+
+
+def option_spans(question: str) -> list[tuple[str, str]]:
+    """The two options beside each ``or`` of a ``choose`` question (and the ``and`` of "Between X and Y"): up to
+    ``OPTION_SPAN_WORDS`` words on each side, cut at the , ; : ? with which WebQA's writers set the options off."""
+    tokens = _OPTION_TOKEN.findall(question.lower())
+    joints = [j for j, t in enumerate(tokens) if t == "or"]
+    if tokens[:1] == ["between"] and "and" in tokens:
+        joints.append(tokens.index("and"))
+
+    def words(side: Iterable[str]) -> list[str]:  # the nearest words up to a break, nearest first
+        return list(itertools.takewhile(lambda t: t not in _OPTION_BREAKS, side))[:OPTION_SPAN_WORDS]
+
+    spans = [(" ".join(words(reversed(tokens[:j]))[::-1]), " ".join(words(tokens[j + 1:]))) for j in joints]
+    return [(left, right) for left, right in spans if left and right]
+
+
+def _names_option(said: set[str], own_words: set[str]) -> bool:
+    """An answer names an option when it holds at least half of the option's own words."""
+    return bool(own_words) and 2 * len(own_words & said) >= len(own_words)
+
+
+def _hedges_between_options(answer_norm: str, question_norm: str, acc_reference_norm: str, whole_reference_norm: str,
+                            spans: Sequence[tuple[str, str]] = ()) -> bool:
+    """The choose guard's test on texts normalised alike (``spans`` from ``option_spans``; ``acc_reference_norm`` what
+    Acc reads, the keyword when there is one; ``whole_reference_norm`` the whole reference answer). An option pair is
+    the two words around an ``or`` (or the ``and`` of "between X and Y"), or the own words of two option spans (those
+    the other option lacks, fillers aside). The answer hedges when it names both options of a pair and either the whole
+    reference names only one of them, or the answer joins them with the ``or`` while Acc's reference names one and the
+    whole reference does not join them itself ("X is taller than Y" names both; "X or Y" is a hedge)."""
     words = question_norm.split()
-    said, ref = set(answer_norm.split()), set(reference_norm.split())
+    said, acc_ref = set(answer_norm.split()), set(acc_reference_norm.split())
+    whole_ref = acc_ref | set(whole_reference_norm.split())
+    joiners = {"or"}
     joints = [j for j, w in enumerate(words) if w == "or"]
     if words[:1] == ["between"] and "and" in words:
+        joiners.add("and")
         joints.append(words.index("and"))
-    for j in joints:
-        if 0 < j < len(words) - 1:
-            left, right = words[j - 1], words[j + 1]
-            if left in said and right in said and not (left in ref and right in ref):
-                return True
+    options = [({words[j - 1]}, {words[j + 1]}) for j in joints if 0 < j < len(words) - 1]
+    for left, right in spans:
+        left_words, right_words = set(left.split()), set(right.split())
+        options.append((left_words - right_words - _OPTION_FILLER, right_words - left_words - _OPTION_FILLER))
+
+    def names_one(bag: set[str], left: set[str], right: set[str]) -> bool:
+        return bool(left & bag) != bool(right & bag)
+
+    for left, right in options:
+        if not (_names_option(said, left) and _names_option(said, right)):
+            continue
+        whole_joins = joiners & whole_ref and not names_one(whole_ref, left, right)
+        if names_one(whole_ref, left, right) or (joiners & said and names_one(acc_ref, left, right) and not whole_joins):
+            return True
     return False
 
 
@@ -354,24 +406,30 @@ def _webqa_answer_scores(said: list[str], answers: list[Any], columns: Mapping[s
         elif columns.get("prompts") is not None and hasattr(columns["prompts"], "__len__") and len(columns["prompts"]) == n:
             questions = [question_from_prompt(columns["prompts"][i]) for i in rows]
         questions = [q if c == "choose" else None for q, c in zip(questions, qc)]
-    full = [metrics.qa_reference(a, "") if length_guard and c in LENGTH_GUARD_CATEGORIES else ""
-            for a, c in zip(answers, qc)]  # the whole reference answer: the length a fluent answer has
-    normed = metrics.normalize_webqa_many(said + refs + [q or "" for q in questions] + full)
+    # the whole reference answer: the length a fluent answer has, and (with the keyword) what the reference names
+    whole = [metrics.qa_reference(a, "") if (length_guard and c in LENGTH_GUARD_CATEGORIES) or q else ""
+             for a, c, q in zip(answers, qc, questions)]
+    spans = [option_spans(q) if q else [] for q in questions]
+    normed = metrics.normalize_webqa_many(
+        said + refs + [q or "" for q in questions] + whole + [text for pairs in spans for pair in pairs for text in pair])
     k = len(rows)
+    normed_span_texts = iter(normed[4 * k:])
+    normed_spans = [[(next(normed_span_texts), next(normed_span_texts)) for _ in pairs] for pairs in spans]
     out = []
     for j in range(k):
-        cand, ref, question, full_ref = normed[j], normed[k + j], normed[2 * k + j], normed[3 * k + j]
+        cand, ref, question, whole_ref = normed[j], normed[k + j], normed[2 * k + j], normed[3 * k + j]
         score = metrics.webqa_scores_from_normalized(cand, ref, qc[j])["acc"]
         if score and choose_guard and questions[j] and (
-            _names_every_option(cand, question, ref)
-            or _names_every_option(_plain(said[j]), _plain(questions[j]), _plain(refs[j]))
+            _hedges_between_options(cand, question, ref, whole_ref, normed_spans[j])
+            or _hedges_between_options(_plain(said[j]), _plain(questions[j]), _plain(refs[j]), _plain(whole[j]),
+                                       [(_plain(left), _plain(right)) for left, right in spans[j]])
         ):
             score *= CHOOSE_BOTH_FACTOR
         if score and hedge_guard and qc[j] in HEDGE_GUARD_CATEGORIES:
             bag_c, bag_a = metrics.webqa_bags(cand, ref, qc[j])
             score *= min(1.0, len(bag_a) / len(bag_c))
-        if score and full[j]:
-            score *= min(1.0, LENGTH_GUARD_RATIO * max(1, len(full_ref.split())) / max(1, len(cand.split())))
+        if score and length_guard and qc[j] in LENGTH_GUARD_CATEGORIES and whole[j]:
+            score *= min(1.0, LENGTH_GUARD_RATIO * max(1, len(whole_ref.split())) / max(1, len(cand.split())))
         out.append(score)
     return out
 

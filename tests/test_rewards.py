@@ -214,6 +214,62 @@ def test_choose_guard_reads_the_question_from_trl_prompts():
                     qcate=["choose"]) == [1.0]
 
 
+def test_option_spans_read_the_options_beside_or():
+    assert rewards.option_spans("Is the Royal Forest of Vera or Lake of Lea larger ?") == [
+        ("royal forest of vera", "lake of lea larger")]  # at most OPTION_SPAN_WORDS words a side
+    assert rewards.option_spans("Which flower grows in a mass ; Hydrangea or Crocus ?") == [("hydrangea", "crocus")]
+    assert rewards.option_spans("Between the Petit Palais and the Hotel de Ville , which has more windows ?") == [
+        ("between the petit palais", "the hotel de ville")]
+    assert rewards.option_spans("Is it red , blue , or green ?") == []  # nothing between the comma and the "or"
+    assert rewards.option_spans("What colour is the car ?") == []
+
+
+def test_choose_guard_catches_a_hedge_that_drops_the_word_next_to_or():
+    """The audit's bypass: the words around "or" are "vera" and "lake"; dropping one of them named both options
+    while escaping the word test. The option spans' own words catch it; a committed answer stays whole."""
+    q = "Is the Royal Forest of Vera or Lake of Lea larger ?"
+    said = ["The Royal Forest or Lake of Lea is larger", "Forest of Vera or Lea is larger", "Lake of Lea is larger",
+            "The Royal Forest of Vera is larger"]
+    comps = [stage2_target(["D1"], a) for a in said]
+    cols = {"answer": ["Lake of Lea is larger."] * 4, "keywords": [""] * 4, "qcate": ["choose"] * 4}
+    unguarded = answer_reward(comps, choose_guard=False, **cols)
+    guarded = answer_reward(comps, question=[q] * 4, **cols)
+    assert guarded[:2] == pytest.approx([u / 2 for u in unguarded[:2]]) and guarded[:2] != [0.0, 0.0]
+    assert guarded[2:] == unguarded[2:] and guarded[2] == 1.0  # committing to either option: no guard
+
+
+def test_choose_guard_spares_sentences_that_say_what_the_reference_says():
+    """Real WebQA references often name both options ("X has more ... than Y") while Acc reads a keyword naming one:
+    such a sentence is no hedge, and a second "or" inside the question ("slits or gills") is no choice; but the two
+    options joined by "or" still are."""
+    q = ("From which stadium can you see more skyscrapers while sitting in the stands , Busan Sajik Baseball "
+         "Stadium or the Sydney football stadium ?")
+    ref = "You can see more skyscrapers while sitting in the stands of Busan Sajik Baseball Stadium than in Sydney football stadium."
+    said = [ref, "Busan Sajik Baseball Stadium or Sydney football stadium", "Busan Sajik Baseball Stadium"]
+    comps = [stage2_target(["D1"], a) for a in said]
+    cols = {"answer": [ref] * 3, "keywords": ["Busan Sajik Baseball Stadium"] * 3, "qcate": ["choose"] * 3}
+    assert answer_reward(comps, question=[q] * 3, **cols) == [1.0, 0.5, 1.0]
+    q = "Which car appears to have wider slits or gills on it ' s hood ; 2016Acura NSX or 2019 Alpha Romeo Giulia ?"
+    ref = "The 2016 Acura NSX appears to have wider slits or gills on its hood, compared to the 2019 Alpha Romeo Giulia."
+    assert answer_reward([stage2_target(["D1"], ref)], answer=[ref], keywords=["2016Acura NSX"], qcate=["choose"],
+                         question=[q]) == answer_reward([stage2_target(["D1"], ref)], answer=[ref],
+                                                        keywords=["2016Acura NSX"], qcate=["choose"])
+
+
+def test_choose_guard_never_halves_the_real_val_references(shared_data):
+    """The reference sentence of every real val `choose` question, as the answer, keeps its whole reward (the word
+    test alone halved 172 of the 502)."""
+    val = shared_data / "webqa-val"
+    if not val.is_dir():
+        pytest.skip("webqa-val not in the shared data")
+    refs = [r for r in metrics.read_webqa_val_references(val).values() if r["qcate"] == "choose"]
+    comps = [stage2_target(["D1"], r["answer"][0]) for r in refs]
+    cols = {"answer": [r["answer"][0] for r in refs], "keywords": [r["keywords"] for r in refs],
+            "qcate": ["choose"] * len(refs)}
+    guarded = answer_reward(comps, question=[r["question"] for r in refs], **cols)
+    assert len(refs) == 502 and guarded == answer_reward(comps, choose_guard=False, **cols)
+
+
 def test_length_guard_stops_paying_a_pasted_prompt_on_recall_categories():
     """Recall cannot see padding: the question and every caption pasted into a `text` answer held the reference's
     words and scored 1, more than a correct sentence. Beyond twice the reference answer's length the score thins."""
