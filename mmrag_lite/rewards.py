@@ -49,13 +49,16 @@ reward is guarded), each a keyword option, on by default:
   both in a sentence ("X is taller than Y", while Acc reads the keyword "X") and the answer joins them with ``or``.
   So a sentence that says what the reference says is never halved (none of the 502 real val references), and
   naming both options is worth what a coin flip between them is worth in expectation: committing to the option the
-  evidence supports pays more (``benchmarks/bench_choose_guard.py``). Why 1/2 and not 0: a bag-of-words test cannot
+  evidence supports pays more (``benchmarks/bench_answer_guards.py``). Why 1/2 and not 0: a bag-of-words test cannot
   tell a hedge from a correct sentence that mentions the other option too ("upwards, not sideways").
-* ``hedge_guard`` — ``color``/``shape``/``YesNo`` are scored by F1 over a closed vocabulary, where "yes or no"
-  earns 0.667 on every YesNo question (more than always answering "yes", 0.46 on real val). When the answer names
-  more vocabulary words ``c`` than the reference ``a``, ``g_hedge = |a| / |c|`` (else 1): hedging over ``m`` options
-  with one right then earns ``2/(m(m+1))`` (1/3 for two), never more in expectation than committing to one at
-  random (``1/m``). ``number`` is left out: a correct answer often carries an incidental number (a year, a count).
+* ``hedge_guard`` — ``color``/``shape``/``YesNo`` are scored by F1 over a closed vocabulary and ``number`` by F1 over
+  numbers, where "yes or no" earns 0.667 on every YesNo question (more than always answering "yes", 0.46 on real
+  val) and "3 or 4" 0.667 against a coin flip's 0.5. With ``c`` the distinct vocabulary words (or numbers) of the
+  answer and ``h`` those the reference holds, ``g_hedge = |h| / |c|``: hedging over ``m`` options with one right
+  then earns ``2/(m(m+1))`` (1/3 for two), never more in expectation than committing to one at random (``1/m``).
+  "The reference" is the keyword and the whole reference answer (a sentence's incidental "gold medalist" is no
+  guess) and, for ``number``, the question too (a year the question states is context): so a reference sentence is
+  never lowered (none of the 1,340 real val ones of these categories).
 * ``length_guard`` — recall alone cannot see padding: pasting the question and every candidate's caption into the
   answer of a ``text`` question contains the reference's words and scores ~1, more than a correct sentence. The
   official QA multiplies Acc by fluency (BARTScore against the reference), which punishes that; the reward has no FL
@@ -242,7 +245,7 @@ def ranking_reward(
 
 
 # ------------------------------------------------------------------------------------------------- answer
-HEDGE_GUARD_CATEGORIES = frozenset({"color", "shape", "YesNo"})  # F1 over a closed vocabulary: where hedging paid
+HEDGE_GUARD_CATEGORIES = frozenset({"color", "shape", "YesNo", "number"})  # F1 over a closed vocabulary or numbers
 CHOOSE_BOTH_FACTOR = 0.5  # a "choose" answer naming both options is worth a coin flip (module docstring)
 OPTION_SPAN_WORDS = 4  # a "choose" option: at most this many words beside its "or", cut at , ; : ?
 # Words that do not say which option a span is: they never count towards naming one.
@@ -398,18 +401,21 @@ def _webqa_answer_scores(said: list[str], answers: list[Any], columns: Mapping[s
     qcates = _optional_column("qcate", columns, n, "text")
     refs = [metrics.qa_reference(a, keywords[i]) for a, i in zip(answers, rows)]
     qc = [metrics.canonical_qcate(qcates[i]) or "text" for i in rows]  # a category WebQA lacks: the text rule
+    # the question: for the choose guard, and for the numbers a number question states itself (context, not a guess)
+    wants_question = [(choose_guard and c == "choose") or (hedge_guard and c == "number") for c in qc]
     questions: list[str | None] = [None] * len(rows)
-    if choose_guard and "choose" in qc:
+    if any(wants_question):
         if columns.get("question") is not None:
             asked = _column("question", columns, n)
             questions = [asked[i] if isinstance(asked[i], str) else None for i in rows]
         elif columns.get("prompts") is not None and hasattr(columns["prompts"], "__len__") and len(columns["prompts"]) == n:
             questions = [question_from_prompt(columns["prompts"][i]) for i in rows]
-        questions = [q if c == "choose" else None for q, c in zip(questions, qc)]
-    # the whole reference answer: the length a fluent answer has, and (with the keyword) what the reference names
-    whole = [metrics.qa_reference(a, "") if (length_guard and c in LENGTH_GUARD_CATEGORIES) or q else ""
-             for a, c, q in zip(answers, qc, questions)]
-    spans = [option_spans(q) if q else [] for q in questions]
+        questions = [q if wanted else None for q, wanted in zip(questions, wants_question)]
+    # the whole reference answer: the length a fluent answer has, and (with the keyword) all that the reference says
+    whole = [metrics.qa_reference(a, "") if (length_guard and c in LENGTH_GUARD_CATEGORIES)
+             or (hedge_guard and c in HEDGE_GUARD_CATEGORIES) or (choose_guard and c == "choose") else ""
+             for a, c in zip(answers, qc)]
+    spans = [option_spans(q) if q and c == "choose" else [] for q, c in zip(questions, qc)]
     normed = metrics.normalize_webqa_many(
         said + refs + [q or "" for q in questions] + whole + [text for pairs in spans for pair in pairs for text in pair])
     k = len(rows)
@@ -419,15 +425,17 @@ def _webqa_answer_scores(said: list[str], answers: list[Any], columns: Mapping[s
     for j in range(k):
         cand, ref, question, whole_ref = normed[j], normed[k + j], normed[2 * k + j], normed[3 * k + j]
         score = metrics.webqa_scores_from_normalized(cand, ref, qc[j])["acc"]
-        if score and choose_guard and questions[j] and (
+        if score and choose_guard and qc[j] == "choose" and questions[j] and (
             _hedges_between_options(cand, question, ref, whole_ref, normed_spans[j])
             or _hedges_between_options(_plain(said[j]), _plain(questions[j]), _plain(refs[j]), _plain(whole[j]),
                                        [(_plain(left), _plain(right)) for left, right in spans[j]])
         ):
             score *= CHOOSE_BOTH_FACTOR
         if score and hedge_guard and qc[j] in HEDGE_GUARD_CATEGORIES:
-            bag_c, bag_a = metrics.webqa_bags(cand, ref, qc[j])
-            score *= min(1.0, len(bag_a) / len(bag_c))
+            named = set(metrics.webqa_bags(cand, ref, qc[j])[0])  # not empty: the score is not 0
+            context = f"{ref} {whole_ref} {question if qc[j] == 'number' else ''}"
+            held = set(metrics.webqa_bags(context, context, qc[j])[0])
+            score *= len(named & held) / len(named)
         if score and length_guard and qc[j] in LENGTH_GUARD_CATEGORIES and whole[j]:
             score *= min(1.0, LENGTH_GUARD_RATIO * max(1, len(whole_ref.split())) / max(1, len(cand.split())))
         out.append(score)

@@ -295,18 +295,51 @@ def test_length_guard_stops_paying_a_pasted_prompt_on_recall_categories():
     assert answer_reward([spam], answer=["red"], keywords=["red"], qcate=["color"]) == [pytest.approx(1.0, abs=1e-4)]
 
 
-def test_hedge_guard_scales_closed_vocabulary_answers_by_reference_over_answer_words():
+def test_hedge_guard_scales_an_answer_by_the_share_of_its_words_the_reference_holds():
     """Hedging over m options with one right: F1 = 2/(m+1), times 1/m = 2/(m(m+1)) < 1/m, what a random commit earns."""
     f1 = lambda p, r: 2 * p * r / (p + r + 1e-5)  # the official F1, +1e-5 included
-    said = ["yes or no", "red or blue", "red, blue or green", "yes", "no"]
+    said = ["yes or no", "red or blue", "red, blue or green", "yes", "no", "3 or 4"]
     comps = [stage2_target(["D1"], a) for a in said]
-    cols = {"answer": ["x"] * 5, "keywords": ["yes", "red", "red", "yes", "yes"], "qcate": ["YesNo", "color", "color", "YesNo", "YesNo"]}
-    assert answer_reward(comps, **cols) == pytest.approx([f1(1 / 2, 1) / 2, f1(1 / 2, 1) / 2, f1(1 / 3, 1) / 3, f1(1, 1), 0.0])
-    assert answer_reward(comps, hedge_guard=False, **cols) == pytest.approx([f1(1 / 2, 1), f1(1 / 2, 1), f1(1 / 3, 1), f1(1, 1), 0.0])
+    cols = {"answer": ["x"] * 6, "keywords": ["yes", "red", "red", "yes", "yes", "3"],
+            "qcate": ["YesNo", "color", "color", "YesNo", "YesNo", "number"]}
+    half = f1(1 / 2, 1)
+    assert answer_reward(comps, **cols) == pytest.approx([half / 2, half / 2, f1(1 / 3, 1) / 3, f1(1, 1), 0.0, half / 2])
+    assert answer_reward(comps, hedge_guard=False, **cols) == pytest.approx([half, half, f1(1 / 3, 1), f1(1, 1), 0.0, half])
     assert answer_reward(comps, **cols)[0] == pytest.approx(1 / 3, abs=1e-4)  # "yes or no": 0.667 before the guard
-    # a two-colour reference: naming both is right, not a hedge; numbers are not guarded (incidental years, counts)
+    # a two-colour reference: naming both is right, not a hedge
     assert answer_reward([stage2_target(["D1"], "red and blue")], answer=["x"], keywords=["red and blue"], qcate=["color"]) == [pytest.approx(1.0, abs=1e-4)]
-    assert answer_reward([stage2_target(["D1"], "3 or 4")], answer=["x"], keywords=["3"], qcate=["number"]) == [pytest.approx(f1(1 / 2, 1))]
+
+
+def test_hedge_guard_spares_what_the_whole_reference_or_a_number_question_says():
+    """Acc reads the keyword, but a word the whole reference answer holds is no guess ("the gold medalist wore a white
+    jacket": gold is a colour), and neither is a number the question states (a year); a colour the question names
+    still counts, since colour questions rarely name one and a hedge could lean on it."""
+    f1 = lambda p, r: 2 * p * r / (p + r + 1e-5)
+    medal = "The men's gymnastics gold medalist wore a white jacket at the 2016 Summer Olympics."
+    assert answer_reward([stage2_target(["D1"], medal)], answer=[medal], keywords=["White."], qcate=["color"]) == [
+        pytest.approx(f1(1 / 2, 1))]  # the official F1 of the reference sentence against its keyword, not halved
+    said = ["The 1901 church has 3 towers", "3 or 4 towers"]
+    comps = [stage2_target(["D1"], a) for a in said]
+    cols = {"answer": ["It has 3 towers."] * 2, "keywords": ["3"] * 2, "qcate": ["number"] * 2,
+            "question": ["How many towers does the 1901 church have ?"] * 2}
+    assert answer_reward(comps, **cols) == pytest.approx([f1(1 / 2, 1), f1(1 / 2, 1) / 2])
+    q = "What color is the stripe on the blue flag ?"
+    assert answer_reward([stage2_target(["D1"], "white or blue")], answer=["The stripe is white."], keywords=["white"],
+                         qcate=["color"], question=[q]) == [pytest.approx(f1(1 / 2, 1) / 2)]
+
+
+def test_hedge_guard_never_lowers_the_real_val_references(shared_data):
+    """Each real val reference sentence of the guarded categories, as the answer, keeps its official score (the first
+    guard, reading only the keyword, halved 6 colour and 7 shape references)."""
+    val = shared_data / "webqa-val"
+    if not val.is_dir():
+        pytest.skip("webqa-val not in the shared data")
+    refs = [r for r in metrics.read_webqa_val_references(val).values() if r["qcate"] in rewards.HEDGE_GUARD_CATEGORIES]
+    comps = [stage2_target(["D1"], r["answer"][0]) for r in refs]
+    cols = {"answer": [r["answer"][0] for r in refs], "keywords": [r["keywords"] for r in refs],
+            "qcate": [r["qcate"] for r in refs], "question": [r["question"] for r in refs]}
+    assert len(refs) == 179 + 74 + 828 + 259
+    assert answer_reward(comps, **cols) == answer_reward(comps, hedge_guard=False, **cols)
 
 
 def test_answer_reward_survives_an_enormous_answer():

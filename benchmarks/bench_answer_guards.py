@@ -1,14 +1,17 @@
-"""Does hedging between the options of a ``choose`` question pay more than committing? Real WebQA val questions.
+"""Does hedging pay more than committing? The answer reward's guards on the real WebQA val questions.
 
-    .venv/bin/python benchmarks/bench_choose_guard.py [--webqa-val DIR]   (default: ../shared/data/webqa-val)
+    .venv/bin/python benchmarks/bench_answer_guards.py [--webqa-val DIR]   (default: ../shared/data/webqa-val)
 
+Two tables. First, ``choose``:
 ``choose`` is scored by recall, so an answer that names both options holds the reference's words. ``choose_guard``
 (``rewards`` module docstring) halves such answers. This script takes the val ``choose`` questions whose reference
 names exactly one of the two options (an ``option_spans`` span found verbatim in it), writes for each an honest
 committed sentence of both kinds (the reference, and the reference with the option swapped for the other one) and
 four hedges, and prints the mean answer reward without and with the guard, plus how often each hedge beats
 committing at random (the mean of the right and the swapped sentence), the bar a reward must set.
-The length guard stays on, as in the presets. Takes about half a minute (spaCy).
+Second, ``number``: the val questions whose keyword is one number n; the hedge "n or n+1" against committing to n or
+to n+1 at random, without and with ``hedge_guard``; and the reference sentence itself, which no guard may lower.
+The length guard stays on, as in the presets. Takes about ten seconds (spaCy).
 """
 
 from __future__ import annotations
@@ -47,14 +50,17 @@ def committed_and_hedged(question: str, answer: str) -> dict[str, str] | None:
     return None
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--webqa-val", type=Path, default=(shared_data_dir() or Path("../shared/data")) / "webqa-val")
-    args = ap.parse_args()
-    if not (args.webqa_val / "val_text_queries.tsv").exists():
-        sys.exit(f"no WebQA val references under {args.webqa_val} (see ../shared/data/README.md)")
-    started = time.perf_counter()
-    refs = metrics.read_webqa_val_references(args.webqa_val)
+def columns(refs: list[dict]) -> dict[str, list]:
+    """The dataset columns the answer reward reads, for these references."""
+    return {"answer": [r["answer"][0] for r in refs], "keywords": [r["keywords"] for r in refs],
+            "qcate": [r["qcate"] for r in refs], "question": [r["question"] for r in refs]}
+
+
+def mean(xs: list[float]) -> str:
+    return f"{sum(xs) / len(xs):.3f}"
+
+
+def choose_table(refs: dict[str, dict]) -> None:
     cases = []
     for ref in refs.values():
         if ref["qcate"] == "choose":
@@ -66,10 +72,8 @@ def main() -> None:
     scores: dict[tuple[str, bool], list[float]] = {}
     for kind in cases[0][1]:
         completions = [stage2_target(["D1"], answers[kind]) for _, answers in cases]
-        columns = {"answer": [r["answer"][0] for r, _ in cases], "keywords": [r["keywords"] for r, _ in cases],
-                   "qcate": ["choose"] * len(cases), "question": [r["question"] for r, _ in cases]}
         for guard in (False, True):
-            scores[kind, guard] = rewards.answer_reward(completions, choose_guard=guard, **columns)
+            scores[kind, guard] = rewards.answer_reward(completions, choose_guard=guard, **columns([r for r, _ in cases]))
     print("| answer | reward, no choose_guard | beats committing | reward, choose_guard | beats committing |")
     print("|---|---|---|---|---|")
     for kind in cases[0][1]:
@@ -78,11 +82,43 @@ def main() -> None:
             s = scores[kind, guard]
             coin = [(a + b) / 2 for a, b in zip(scores["right sentence", guard], scores["swapped sentence", guard])]
             beats = sum(x > c + 1e-9 for x, c in zip(s, coin))
-            cells += [f"{sum(s) / len(s):.3f}", "" if "sentence" in kind else f"{beats} of {len(s)}"]
+            cells += [mean(s), "" if "sentence" in kind else f"{beats} of {len(s)}"]
         print(f"| {kind} | " + " | ".join(cells) + " |")
     for guard in (False, True):
         coin = [(a + b) / 2 for a, b in zip(scores["right sentence", guard], scores["swapped sentence", guard])]
-        print(f"committing at random, choose_guard={guard}: {sum(coin) / len(coin):.3f}")
+        print(f"committing at random, choose_guard={guard}: {mean(coin)}")
+
+
+def number_table(refs: dict[str, dict]) -> None:
+    chosen = [r for r in refs.values() if r["qcate"] == "number" and re.fullmatch(r"\s*\d+\.?\s*", r["keywords"])]
+    n_number = sum(r["qcate"] == "number" for r in refs.values())
+    print(f"\n{len(chosen)} of {n_number} val number questions have a single number n as their keyword")
+    answers = {"reference sentence": [r["answer"][0] for r in chosen]}
+    answers["commit to n"] = [r["keywords"].strip(" .") for r in chosen]
+    answers["commit to n+1"] = [str(int(n) + 1) for n in answers["commit to n"]]
+    answers["hedge: 'n or n+1'"] = [f"{a} or {b}" for a, b in zip(answers["commit to n"], answers["commit to n+1"])]
+    scores = {(kind, guard): rewards.answer_reward([stage2_target(["D1"], a) for a in said], hedge_guard=guard,
+                                                   **columns(chosen))
+              for kind, said in answers.items() for guard in (False, True)}
+    print("| answer | reward, no hedge_guard | reward, hedge_guard |")
+    print("|---|---|---|")
+    for kind in answers:
+        print(f"| {kind} | {mean(scores[kind, False])} | {mean(scores[kind, True])} |")
+    for guard in (False, True):
+        coin = [(a + b) / 2 for a, b in zip(scores["commit to n", guard], scores["commit to n+1", guard])]
+        print(f"committing to n or n+1 at random, hedge_guard={guard}: {mean(coin)}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--webqa-val", type=Path, default=(shared_data_dir() or Path("../shared/data")) / "webqa-val")
+    args = ap.parse_args()
+    if not (args.webqa_val / "val_text_queries.tsv").exists():
+        sys.exit(f"no WebQA val references under {args.webqa_val} (see ../shared/data/README.md)")
+    started = time.perf_counter()
+    refs = metrics.read_webqa_val_references(args.webqa_val)
+    choose_table(refs)
+    number_table(refs)
     print(f"{time.perf_counter() - started:.1f} s")
 
 
