@@ -9,9 +9,11 @@ names exactly one of the two options (an ``option_spans`` span found verbatim in
 committed sentence of both kinds (the reference, and the reference with the option swapped for the other one) and
 four hedges, and prints the mean answer reward without and with the guard, plus how often each hedge beats
 committing at random (the mean of the right and the swapped sentence), the bar a reward must set.
-Second, ``number``: the val questions whose keyword is one number n; the hedge "n or n+1" against committing to n or
-to n+1 at random, without and with ``hedge_guard``; and the reference sentence itself, which no guard may lower.
-The length guard stays on, as in the presets. Takes about ten seconds (spaCy).
+Second, the same for the either-or questions WebQA files under ``text`` and ``Others``. Third, ``number``: the val
+questions whose keyword is one number n; the hedge "n or n+1" against committing to n or to n+1 at random, without
+and with ``hedge_guard``; and the reference sentence itself, which no guard may lower. The length guard stays on in
+these three, as in the presets. Fourth, ``length_guard`` on the val ``text`` questions: sentences around the
+reference, and a paste. Takes under a minute (spaCy).
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ def committed_and_hedged(question: str, answer: str) -> dict[str, str] | None:
             "hedge: question less the word before 'or'": " ".join(words[:joint - 1] + words[joint:]),
             "hedge: question less the word after 'or'": " ".join(words[:joint + 1] + words[joint + 2:]),
             "hedge: 'X or Y'": f"{left} or {right}",
+            "hedge: 'X and Y'": f"{left} and {right}",
+            "hedge: 'X, Y'": f"{left}, {right}",
         }
     return None
 
@@ -60,15 +64,15 @@ def mean(xs: list[float]) -> str:
     return f"{sum(xs) / len(xs):.3f}"
 
 
-def choose_table(refs: dict[str, dict]) -> None:
+def choose_table(refs: dict[str, dict], categories: tuple[str, ...]) -> None:
     cases = []
     for ref in refs.values():
-        if ref["qcate"] == "choose":
+        if ref["qcate"] in categories:
             answers = committed_and_hedged(ref["question"], ref["answer"][0])
             if answers is not None:
                 cases.append((ref, answers))
-    n_choose = sum(r["qcate"] == "choose" for r in refs.values())
-    print(f"{len(cases)} of {n_choose} val choose questions have a reference that names exactly one option")
+    n_asked = sum(r["qcate"] in categories for r in refs.values())
+    print(f"\n{len(cases)} of {n_asked} val {'/'.join(categories)} questions have a reference that names exactly one option")
     scores: dict[tuple[str, bool], list[float]] = {}
     for kind in cases[0][1]:
         completions = [stage2_target(["D1"], answers[kind]) for _, answers in cases]
@@ -109,6 +113,27 @@ def number_table(refs: dict[str, dict]) -> None:
         print(f"committing to n or n+1 at random, hedge_guard={guard}: {mean(coin)}")
 
 
+def length_table(refs: dict[str, dict]) -> None:
+    chosen = [r for r in refs.values() if r["qcate"] == "text"]
+    print(f"\nlength_guard on the {len(chosen)} val text questions (the reference A is what Acc reads)")
+    others = [chosen[(i * 7 + j) % len(chosen)]["answer"][0] for i in range(len(chosen)) for j in (1, 2, 3)]
+    answers = {
+        "reference sentence": [r["answer"][0] for r in chosen],
+        "It is REF.": [f"It is {r['answer'][0].rstrip('. ')}." for r in chosen],
+        "Based on the images, REF": [f"Based on the images, {r['answer'][0]}" for r in chosen],
+        "the question, then REF": [f"{r['question'].rstrip(' ?')} : {r['answer'][0]}" for r in chosen],
+        "paste: question, REF, 3 other answers": [" ".join([r["question"], r["answer"][0], *others[3 * i:3 * i + 3]])
+                                                  for i, r in enumerate(chosen)],
+    }
+    print("| answer | reward, no length_guard | reward, length_guard | lowered |")
+    print("|---|---|---|---|")
+    for kind, said in answers.items():
+        completions = [stage2_target(["D1"], a) for a in said]
+        off = rewards.answer_reward(completions, length_guard=False, **columns(chosen))
+        on = rewards.answer_reward(completions, **columns(chosen))
+        print(f"| {kind} | {mean(off)} | {mean(on)} | {sum(a < b - 1e-9 for a, b in zip(on, off))} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--webqa-val", type=Path, default=(shared_data_dir() or Path("../shared/data")) / "webqa-val")
@@ -117,8 +142,10 @@ def main() -> None:
         sys.exit(f"no WebQA val references under {args.webqa_val} (see ../shared/data/README.md)")
     started = time.perf_counter()
     refs = metrics.read_webqa_val_references(args.webqa_val)
-    choose_table(refs)
+    choose_table(refs, ("choose",))
+    choose_table(refs, ("text", "Others"))
     number_table(refs)
+    length_table(refs)
     print(f"{time.perf_counter() - started:.1f} s")
 
 

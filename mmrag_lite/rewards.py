@@ -39,18 +39,20 @@ Three guards close holes that the official metric leaves open (the *metric* in `
 reward is guarded), each a keyword option, on by default:
 
 * ``choose_guard`` — ``choose``/``Others``/``text`` are scored by recall, so pasting the question into the answer
-  names the right option of a ``choose`` question and scores ~1 (0.94 on average over the real val ``choose``
-  questions). With the question known (a ``question`` column, else the ``Question:`` line of TRL's ``prompts``),
-  ``g_choose = 1/2`` when the answer names both options of the question and the reference does not, otherwise 1.
-  The options are the two words around an ``or`` of the normalised question (or the ``and`` of a question that
-  opens with "Between"), and the two spans beside it (up to ``OPTION_SPAN_WORDS`` words, cut at , ; : ?), of which
-  an answer names one when it holds at least half of the span's own words — so dropping the word next to the ``or``
-  does not slip past. "The reference does not" means: the whole reference answer names only one option; or it names
-  both in a sentence ("X is taller than Y", while Acc reads the keyword "X") and the answer joins them with ``or``.
-  So a sentence that says what the reference says is never halved (none of the 502 real val references), and
-  naming both options is worth what a coin flip between them is worth in expectation: committing to the option the
-  evidence supports pays more (``benchmarks/bench_answer_guards.py``). Why 1/2 and not 0: a bag-of-words test cannot
-  tell a hedge from a correct sentence that mentions the other option too ("upwards, not sideways").
+  names the right option of an either-or question and scores ~1 (0.94 on average over the real val ``choose``
+  questions; WebQA files some either-or questions under ``text`` and ``Others``, so the guard reads all three). With
+  the question known (a ``question`` column, else the ``Question:`` line of TRL's ``prompts``), ``g_choose = 1/2``
+  when the answer names both options of the question and the reference does not, otherwise 1. The options are the
+  two words around an ``or`` of the normalised question (or the ``and`` of a question that opens with "Between"),
+  and the two spans beside it (up to ``OPTION_SPAN_WORDS`` words, cut at , ; : ?), of which an answer names one when
+  it holds at least half of the span's own words — so dropping the word next to the ``or`` does not slip past. "The
+  reference does not" means: the whole reference answer names only one option; or it names both in a sentence ("X is
+  taller than Y", while Acc reads the keyword "X") and the answer sets them side by side as alternatives ("X or Y",
+  "X and Y", "X, Y"). So a sentence that says what the reference says is never halved (none of the 3,626 real val
+  recall references), and naming both options is worth what a coin flip between them is worth in expectation:
+  committing to the option the evidence supports pays more (``benchmarks/bench_answer_guards.py``). Why 1/2 and not
+  0: a bag-of-words test cannot tell a hedge from a correct sentence that mentions the other option too ("upwards,
+  not sideways"), which keeps half its credit.
 * ``hedge_guard`` — ``color``/``shape``/``YesNo`` are scored by F1 over a closed vocabulary and ``number`` by F1 over
   numbers, where "yes or no" earns 0.667 on every YesNo question (more than always answering "yes", 0.46 on real
   val) and "3 or 4" 0.667 against a coin flip's 0.5. With ``c`` the distinct vocabulary words (or numbers) of the
@@ -63,8 +65,11 @@ reward is guarded), each a keyword option, on by default:
   answer of a ``text`` question contains the reference's words and scores ~1, more than a correct sentence. The
   official QA multiplies Acc by fluency (BARTScore against the reference), which punishes that; the reward has no FL
   (BART cannot be loaded offline, and it would cost a forward pass per completion), so for ``choose``/``Others``/``text``
-  ``g_len = min(1, ρ · |A| / |â|)``: words beyond ``ρ = 2`` times the full reference answer's (``A``, normalised, also
-  when the keyword is what Acc reads) dilute the score. An answer as long as the reference, or shorter, is untouched.
+  ``g_len = min(1, (ρ · |A| + s) / |â|)``: words beyond ``ρ = 2`` times the full reference answer's (``A``, normalised,
+  also when the keyword is what Acc reads) plus ``s = 4`` dilute the score. The slack keeps a sentence around a
+  one-word answer whole ("It is Ether.", "Based on the images, ..."); an answer as long as the reference, or shorter,
+  is untouched. Restating the question costs (a statement of the question plus the answer keeps 0.62 on average over
+  the real val ``text`` questions); not counting the question's words would spare it but pay a pasted prompt ~0.7.
 
 **Total** (what GRPO sees, computed by TRL from ``GRPOConfig(reward_weights=...)``): ``r = Σ_c λ_c r_c``.
 
@@ -246,14 +251,16 @@ def ranking_reward(
 
 # ------------------------------------------------------------------------------------------------- answer
 HEDGE_GUARD_CATEGORIES = frozenset({"color", "shape", "YesNo", "number"})  # F1 over a closed vocabulary or numbers
-CHOOSE_BOTH_FACTOR = 0.5  # a "choose" answer naming both options is worth a coin flip (module docstring)
-OPTION_SPAN_WORDS = 4  # a "choose" option: at most this many words beside its "or", cut at , ; : ?
+RECALL_CATEGORIES = frozenset({"choose", "Others", "text"})  # scored by recall: where naming both options and padding paid
+CHOOSE_BOTH_FACTOR = 0.5  # an answer naming both options of a question is worth a coin flip (module docstring)
+OPTION_SPAN_WORDS = 4  # an option: at most this many words beside its "or", cut at , ; : ?
 # Words that do not say which option a span is: they never count towards naming one.
 _OPTION_FILLER = frozenset({"a", "an", "the", "of", "in", "on", "at", "to", "for", "with", "by", "from", "and", "is",
                             "are", "was", "were", "be", "it", "its", "this", "that", "than", "more", "less", "which",
                             "what", "who", "does", "do", "did", "has", "have", "between"})
-LENGTH_GUARD_CATEGORIES = frozenset({"choose", "Others", "text"})  # recall: where padding paid
-LENGTH_GUARD_RATIO = 2.0  # answers up to twice the reference answer's length keep their whole score
+_JOINERS = frozenset({"or", "and", "vs", "versus", "both"})  # what may stand between two options set side by side
+LENGTH_GUARD_RATIO = 2.0  # answers up to twice the reference answer's length, plus the slack, keep their whole score
+LENGTH_GUARD_SLACK = 4  # words a sentence adds around a short answer ("It is ...", "Based on the images, ...")
 
 
 def question_from_prompt(prompt: Any) -> str | None:
@@ -308,35 +315,49 @@ def _names_option(said: set[str], own_words: set[str]) -> bool:
     return bool(own_words) and 2 * len(own_words & said) >= len(own_words)
 
 
+def _joins_options(tokens: Sequence[str], left: set[str], right: set[str], shared: set[str]) -> bool:
+    """Two options joined as alternatives: an "or" anywhere, or the two side by side with at most two words between
+    them, each a joiner or a word both options share ("X, Y", "X and Y", "pump organ and Wurlitzer organ")."""
+    if "or" in tokens:
+        return True
+    sides = [(i, t in left) for i, t in enumerate(tokens) if t in left or t in right]
+    return any(
+        left_a != left_b and j - i <= 3 and all(t in _JOINERS or t in shared for t in tokens[i + 1:j])
+        for (i, left_a), (j, left_b) in itertools.pairwise(sides)
+    )
+
+
 def _hedges_between_options(answer_norm: str, question_norm: str, acc_reference_norm: str, whole_reference_norm: str,
                             spans: Sequence[tuple[str, str]] = ()) -> bool:
     """The choose guard's test on texts normalised alike (``spans`` from ``option_spans``; ``acc_reference_norm`` what
     Acc reads, the keyword when there is one; ``whole_reference_norm`` the whole reference answer). An option pair is
     the two words around an ``or`` (or the ``and`` of "between X and Y"), or the own words of two option spans (those
     the other option lacks, fillers aside). The answer hedges when it names both options of a pair and either the whole
-    reference names only one of them, or the answer joins them with the ``or`` while Acc's reference names one and the
-    whole reference does not join them itself ("X is taller than Y" names both; "X or Y" is a hedge)."""
+    reference names only one of them, or the answer joins them as alternatives while Acc's reference names one and the
+    whole reference does not join them itself ("X is taller than Y" names both; "X or Y" and "X, Y" are hedges)."""
     words = question_norm.split()
-    said, acc_ref = set(answer_norm.split()), set(acc_reference_norm.split())
-    whole_ref = acc_ref | set(whole_reference_norm.split())
-    joiners = {"or"}
+    said_tokens, whole_tokens = answer_norm.split(), whole_reference_norm.split()
+    said, acc_ref = set(said_tokens), set(acc_reference_norm.split())
+    whole_ref = acc_ref | set(whole_tokens)
     joints = [j for j, w in enumerate(words) if w == "or"]
     if words[:1] == ["between"] and "and" in words:
-        joiners.add("and")
         joints.append(words.index("and"))
-    options = [({words[j - 1]}, {words[j + 1]}) for j in joints if 0 < j < len(words) - 1]
+    options = [({words[j - 1]}, {words[j + 1]}, set()) for j in joints if 0 < j < len(words) - 1]
     for left, right in spans:
         left_words, right_words = set(left.split()), set(right.split())
-        options.append((left_words - right_words - _OPTION_FILLER, right_words - left_words - _OPTION_FILLER))
+        options.append((left_words - right_words - _OPTION_FILLER, right_words - left_words - _OPTION_FILLER,
+                        left_words & right_words))
 
     def names_one(bag: set[str], left: set[str], right: set[str]) -> bool:
         return bool(left & bag) != bool(right & bag)
 
-    for left, right in options:
+    for left, right, shared in options:
         if not (_names_option(said, left) and _names_option(said, right)):
             continue
-        whole_joins = joiners & whole_ref and not names_one(whole_ref, left, right)
-        if names_one(whole_ref, left, right) or (joiners & said and names_one(acc_ref, left, right) and not whole_joins):
+        if names_one(whole_ref, left, right):
+            return True
+        whole_joins = not names_one(whole_ref, left, right) and _joins_options(whole_tokens, left, right, shared)
+        if names_one(acc_ref, left, right) and not whole_joins and _joins_options(said_tokens, left, right, shared):
             return True
     return False
 
@@ -401,8 +422,8 @@ def _webqa_answer_scores(said: list[str], answers: list[Any], columns: Mapping[s
     qcates = _optional_column("qcate", columns, n, "text")
     refs = [metrics.qa_reference(a, keywords[i]) for a, i in zip(answers, rows)]
     qc = [metrics.canonical_qcate(qcates[i]) or "text" for i in rows]  # a category WebQA lacks: the text rule
-    # the question: for the choose guard, and for the numbers a number question states itself (context, not a guess)
-    wants_question = [(choose_guard and c == "choose") or (hedge_guard and c == "number") for c in qc]
+    # the question: the options of a recall question, and the numbers a number question states (context, not a guess)
+    wants_question = [(choose_guard and c in RECALL_CATEGORIES) or (hedge_guard and c == "number") for c in qc]
     questions: list[str | None] = [None] * len(rows)
     if any(wants_question):
         if columns.get("question") is not None:
@@ -412,10 +433,10 @@ def _webqa_answer_scores(said: list[str], answers: list[Any], columns: Mapping[s
             questions = [question_from_prompt(columns["prompts"][i]) for i in rows]
         questions = [q if wanted else None for q, wanted in zip(questions, wants_question)]
     # the whole reference answer: the length a fluent answer has, and (with the keyword) all that the reference says
-    whole = [metrics.qa_reference(a, "") if (length_guard and c in LENGTH_GUARD_CATEGORIES)
-             or (hedge_guard and c in HEDGE_GUARD_CATEGORIES) or (choose_guard and c == "choose") else ""
-             for a, c in zip(answers, qc)]
-    spans = [option_spans(q) if q and c == "choose" else [] for q, c in zip(questions, qc)]
+    guarded = [((choose_guard or length_guard) and c in RECALL_CATEGORIES) or (hedge_guard and c in HEDGE_GUARD_CATEGORIES)
+               for c in qc]
+    whole = [metrics.qa_reference(a, "") if g else "" for a, g in zip(answers, guarded)]
+    spans = [option_spans(q) if q and choose_guard and c in RECALL_CATEGORIES else [] for q, c in zip(questions, qc)]
     normed = metrics.normalize_webqa_many(
         said + refs + [q or "" for q in questions] + whole + [text for pairs in spans for pair in pairs for text in pair])
     k = len(rows)
@@ -425,7 +446,7 @@ def _webqa_answer_scores(said: list[str], answers: list[Any], columns: Mapping[s
     for j in range(k):
         cand, ref, question, whole_ref = normed[j], normed[k + j], normed[2 * k + j], normed[3 * k + j]
         score = metrics.webqa_scores_from_normalized(cand, ref, qc[j])["acc"]
-        if score and choose_guard and qc[j] == "choose" and questions[j] and (
+        if score and choose_guard and qc[j] in RECALL_CATEGORIES and questions[j] and (
             _hedges_between_options(cand, question, ref, whole_ref, normed_spans[j])
             or _hedges_between_options(_plain(said[j]), _plain(questions[j]), _plain(refs[j]), _plain(whole[j]),
                                        [(_plain(left), _plain(right)) for left, right in spans[j]])
@@ -436,8 +457,9 @@ def _webqa_answer_scores(said: list[str], answers: list[Any], columns: Mapping[s
             context = f"{ref} {whole_ref} {question if qc[j] == 'number' else ''}"
             held = set(metrics.webqa_bags(context, context, qc[j])[0])
             score *= len(named & held) / len(named)
-        if score and length_guard and qc[j] in LENGTH_GUARD_CATEGORIES and whole[j]:
-            score *= min(1.0, LENGTH_GUARD_RATIO * max(1, len(whole_ref.split())) / max(1, len(cand.split())))
+        if score and length_guard and qc[j] in RECALL_CATEGORIES and whole[j]:
+            allowance = LENGTH_GUARD_RATIO * max(1, len(whole_ref.split())) + LENGTH_GUARD_SLACK
+            score *= min(1.0, allowance / max(1, len(cand.split())))
         out.append(score)
     return out
 
@@ -560,9 +582,25 @@ def explain(completion: Any, *, stage: int, reasoning: bool, candidate_ids: Sequ
 
 
 __all__ = [
-    "ANSWER_METRICS", "HEDGE_GUARD_CATEGORIES", "LENGTH_GUARD_CATEGORIES", "LENGTH_GUARD_RATIO", "RANKING_METRICS", "STAGE_COMPONENTS", "answer_reward",
-    "balanced_positive_weight", "build_reward_funcs", "class_weights", "explain", "format_reward",
-    "preset_reward_options", "question_from_prompt", "ranking_reward", "ranking_score", "relevance_reward",
+    "ANSWER_METRICS",
+    "HEDGE_GUARD_CATEGORIES",
+    "LENGTH_GUARD_RATIO",
+    "LENGTH_GUARD_SLACK",
+    "RANKING_METRICS",
+    "RECALL_CATEGORIES",
+    "STAGE_COMPONENTS",
+    "answer_reward",
+    "balanced_positive_weight",
+    "build_reward_funcs",
+    "class_weights",
+    "explain",
+    "format_reward",
+    "option_spans",
+    "preset_reward_options",
+    "question_from_prompt",
+    "ranking_reward",
+    "ranking_score",
+    "relevance_reward",
     "reward_funcs_for_preset",
     "score_completion",
 ]

@@ -184,8 +184,8 @@ def test_choose_guard_copying_the_question_earns_a_coin_flip():
     assert answer_reward(comps, question=[STACHYS] * 5, length_guard=False, **cols) == [0.5, 1.0, 1.0, 0.5, 0.5]
     assert answer_reward(comps, question=[STACHYS] * 5, choose_guard=False, length_guard=False, **cols) == [1.0] * 5  # the hole
     assert answer_reward(comps, length_guard=False, **cols) == [1.0] * 5  # no question known: nothing to check against
-    # with the length guard too, the pasted question (7 words against the 3 of "it grow upwards") loses a bit more
-    assert answer_reward(comps, question=[STACHYS] * 5, **cols) == pytest.approx([0.5 * 6 / 7, 1.0, 1.0, 0.5, 0.5])
+    # the length guard leaves these alone: 7 words at most, within 2 x 3 ("it grow upwards") + LENGTH_GUARD_SLACK
+    assert answer_reward(comps, question=[STACHYS] * 5, **cols) == [0.5, 1.0, 1.0, 0.5, 0.5]
     # a reference that names both options itself ("Minnesota or Mayo ...") never triggers the guard
     q = "Is the Gonda Building in Rochester , Minnesota or Mayo Clinic Opus Building taller ?"
     ref = "The Gonda Building in Rochester, Minnesota"
@@ -256,37 +256,71 @@ def test_choose_guard_spares_sentences_that_say_what_the_reference_says():
                                                         keywords=["2016Acura NSX"], qcate=["choose"])
 
 
+def test_choose_guard_sees_options_set_side_by_side_without_or():
+    """When the reference sentence names both options ("X has more ... compared to Y") and Acc reads the keyword X,
+    "X and Y" or "X, Y" hedges as well as "X or Y" does; the comparative sentence stays whole. (Real val question.)"""
+    q = ("On which organ , are more round visible stop knobs installed ; Western Cottage pump organ or Wurlitzer "
+         "Model 44 Electrostatic Reed Organ ?")
+    ref = ("The Western Cottage pump organ has more round visible stop knobs installed compared to the Wurlitzer "
+           "Model 44 Electrostatic Reed Organ.")
+    said = [ref, "Western Cottage pump organ or Wurlitzer Model 44 Electrostatic Reed Organ",
+            "Western Cottage pump organ and Wurlitzer Model 44 Electrostatic Reed Organ",
+            "Western Cottage pump organ, Wurlitzer Model 44 Electrostatic Reed Organ", "The Western Cottage pump organ"]
+    comps = [stage2_target(["D1"], a) for a in said]
+    cols = {"answer": [ref] * 5, "keywords": ["Western Cottage pump organ"] * 5, "qcate": ["choose"] * 5}
+    assert answer_reward(comps, choose_guard=False, **cols) == [1.0] * 5  # the hole: every hedge scores like the answer
+    assert answer_reward(comps, question=[q] * 5, **cols) == [1.0, 0.5, 0.5, 0.5, 1.0]
+
+
+def test_choose_guard_also_reads_options_of_text_and_others_questions():
+    """WebQA files some either-or questions under `text` or `Others`; recall pays a hedge there just as well."""
+    q = "Which is located further south ; Hyde Park or Vanderbilt University ?"
+    said = ["Hyde Park or Vanderbilt University", "Vanderbilt University", "Hyde Park"]
+    comps = [stage2_target(["D1"], a) for a in said]
+    for qcate in ("text", "Others"):
+        cols = {"answer": ["Vanderbilt University"] * 3, "keywords": [""] * 3, "qcate": [qcate] * 3}
+        assert answer_reward(comps, question=[q] * 3, **cols) == [0.5, 1.0, 0.0]
+        assert answer_reward(comps, question=[q] * 3, choose_guard=False, **cols) == [1.0, 1.0, 0.0]
+
+
 def test_choose_guard_never_halves_the_real_val_references(shared_data):
-    """The reference sentence of every real val `choose` question, as the answer, keeps its whole reward (the word
-    test alone halved 172 of the 502)."""
+    """The reference sentence of every real val recall question (`choose`, `text`, `Others`), as the answer, keeps its
+    whole reward (the first guard, reading only the words around "or", halved 172 of the 502 `choose` ones)."""
     val = shared_data / "webqa-val"
     if not val.is_dir():
         pytest.skip("webqa-val not in the shared data")
-    refs = [r for r in metrics.read_webqa_val_references(val).values() if r["qcate"] == "choose"]
+    refs = [r for r in metrics.read_webqa_val_references(val).values() if r["qcate"] in rewards.RECALL_CATEGORIES]
     comps = [stage2_target(["D1"], r["answer"][0]) for r in refs]
     cols = {"answer": [r["answer"][0] for r in refs], "keywords": [r["keywords"] for r in refs],
-            "qcate": ["choose"] * len(refs)}
+            "qcate": [r["qcate"] for r in refs]}
     guarded = answer_reward(comps, question=[r["question"] for r in refs], **cols)
-    assert len(refs) == 502 and guarded == answer_reward(comps, choose_guard=False, **cols)
+    assert len(refs) == 502 + 2455 + 669 and guarded == answer_reward(comps, choose_guard=False, **cols)
 
 
 def test_length_guard_stops_paying_a_pasted_prompt_on_recall_categories():
     """Recall cannot see padding: the question and every caption pasted into a `text` answer held the reference's
-    words and scored 1, more than a correct sentence. Beyond twice the reference answer's length the score thins."""
+    words and scored 1, more than a correct sentence. Beyond twice the reference answer's length (plus a few words of
+    sentence) the score thins."""
     ref = "The Golden Castle was founded by Hiro Ravison in Malmo."  # normalised: 8 words (articles, '.' dropped)
     paste = ("Who founded the Golden Castle and where is it? Golden Castle history: founded by Hiro Ravison, a "
              "merchant. Malmo harbour at dusk. The castle in Malmo seen from the water, with boats and gulls. "
-             "Lina Berg painted the castle gate in Oslo in 1901.")
-    said = [paste, ref, "Hiro Ravison; Malmo", "It was founded by Lina Berg in Oslo."]
+             "Lina Berg painted the castle gate in Oslo in 1901. The Silver Tower of Bergen at night. "
+             "A ferry leaves the old port of Malmo in winter.")  # the question and the k = 5 captions shown
+    said = [paste, ref, "Hiro Ravison; Malmo", "It was founded by Lina Berg in Oslo.",
+            "Based on the images, the Golden Castle was founded by Hiro Ravison in Malmo."]
     comps = [stage2_target(["D1"], a) for a in said]
-    cols = {"answer": [ref] * 4, "keywords": [""] * 4, "qcate": ["text"] * 4}
+    cols = {"answer": [ref] * 5, "keywords": [""] * 5, "qcate": ["text"] * 5}
     unguarded = answer_reward(comps, length_guard=False, **cols)
     guarded = answer_reward(comps, **cols)
     assert unguarded[0] == pytest.approx(1.0) and guarded[0] < 0.5 < guarded[1]  # the paste now loses to the sentence
     n_paste = len(metrics.normalize_webqa_text(paste).split())
     n_ref = len(metrics.normalize_webqa_text(ref).split())
-    assert guarded[0] == pytest.approx(min(1.0, rewards.LENGTH_GUARD_RATIO * n_ref / n_paste))
-    assert guarded[1:] == unguarded[1:]  # as long as the reference, or shorter: untouched
+    allowance = rewards.LENGTH_GUARD_RATIO * n_ref + rewards.LENGTH_GUARD_SLACK
+    assert guarded[0] == pytest.approx(min(1.0, allowance / n_paste))
+    assert guarded[1:] == unguarded[1:]  # within the allowance ("Based on the images, " + the reference): untouched
+    # a one-word reference still leaves room for a sentence around it
+    short = [stage2_target(["D1"], a) for a in ("Ether", "It is Ether.", "Based on the images, it is ether.")]
+    assert answer_reward(short, answer=["Ether"] * 3, qcate=["text"] * 3) == [1.0, 1.0, 1.0]
     # the allowance follows the full answer, also when the keyword is what Acc reads; colour (F1) is not guarded
     kw = answer_reward([stage2_target(["D1"], "The forest of Vera lies closer to the old town")], answer=[
         "The Royal Forest of Vera is closer."], keywords=["Vera"], qcate=["choose"])
