@@ -429,8 +429,9 @@ def _webqa_answer_scores(said: list[str], answers: list[Any], columns: Mapping[s
         if columns.get("question") is not None:
             asked = _column("question", columns, n)
             questions = [asked[i] if isinstance(asked[i], str) else None for i in rows]
-        elif columns.get("prompts") is not None and hasattr(columns["prompts"], "__len__") and len(columns["prompts"]) == n:
-            questions = [question_from_prompt(columns["prompts"][i]) for i in rows]
+        elif columns.get("prompts") is not None:  # a misaligned prompts column would switch the guards off unseen
+            prompts = _column("prompts", columns, n)
+            questions = [question_from_prompt(prompts[i]) for i in rows]
         questions = [q if wanted else None for q, wanted in zip(questions, wants_question)]
     # the whole reference answer: the length a fluent answer has, and (with the keyword) all that the reference says
     guarded = [((choose_guard or length_guard) and c in RECALL_CATEGORIES) or (hedge_guard and c in HEDGE_GUARD_CATEGORIES)

@@ -23,7 +23,10 @@ from mmrag_lite.rewards import (
     score_completion,
 )
 
-TRL_EXTRAS = {"prompts": ["p"], "completion_ids": [[1, 2]], "trainer_state": None}
+
+def trl_extras(n: int) -> dict:
+    """What TRL passes a reward besides the dataset columns: one prompt and one completion's ids per completion."""
+    return {"prompts": ["p"] * n, "completion_ids": [[1, 2]] * n, "trainer_state": None}
 
 
 def chat(text: str) -> list[dict[str, str]]:
@@ -49,7 +52,7 @@ def test_penalty_must_not_be_positive():
 def test_relevance_reward_hand_computed():
     comps = [chat("<answer>yes</answer>"), "<answer>no</answer>", "<answer>yes</answer>", "nonsense", "<answer>NO</answer>"]
     labels = ["yes", "yes", "no", "no", "no"]
-    assert relevance_reward(comps, label=labels, **TRL_EXTRAS) == [1.0, 0.0, 0.0, 0.0, 1.0]
+    assert relevance_reward(comps, label=labels, **trl_extras(len(comps))) == [1.0, 0.0, 0.0, 0.0, 1.0]
     assert relevance_reward(comps, label=labels, penalty=-1.0) == [1.0, 0.0, 0.0, -1.0, 1.0]
 
 
@@ -133,7 +136,7 @@ def test_ranking_unreadable_sources_get_the_penalty():
 def test_answer_reward_webqa_uses_keywords_then_answer():
     comps = [stage2_target(["D1"], "It is red."), stage2_target(["D1"], "blue"), stage2_target(["D1"], "a fountain")]
     out = answer_reward(comps, answer=["The car is red.", "The car is red.", "A fountain is in front."],
-                        keywords=["red", "red", ""], qcate=["color", "color", "Others"], **TRL_EXTRAS)
+                        keywords=["red", "red", ""], qcate=["color", "color", "Others"], **trl_extras(3))
     assert out[0] == pytest.approx(1.0, abs=1e-4) and out[1] == 0.0
     assert out[2] == pytest.approx(1 / 4)  # recall against the full answer (no keywords): fountain of 4 lemmas
     # Where keyword and full answer disagree, the keyword decides: 1.0 against "fountain", 0.2 against the sentence.
@@ -212,6 +215,9 @@ def test_choose_guard_reads_the_question_from_trl_prompts():
     funcs, _ = build_reward_funcs(2, {"answer": 1.0}, reasoning=False, choose_guard=False, length_guard=False)
     assert funcs[0]([stage2_target(["D1"], STACHYS)], prompts=[prompt], answer=["x"], keywords=["Upwards."],
                     qcate=["choose"]) == [1.0]
+    with pytest.raises(ValueError, match="'prompts' has 1 values for 2 completions"):  # would switch the guard off unseen
+        rewards.answer_reward([stage2_target(["D1"], STACHYS)] * 2, prompts=[prompt], answer=["x"] * 2,
+                              keywords=["Upwards."] * 2, qcate=["choose"] * 2)
 
 
 def test_option_spans_read_the_options_beside_or():
@@ -554,7 +560,7 @@ def test_rewards_never_raise_and_stay_in_range(comps, penalty, reasoning, rankin
                                                answer, qcate, balance):
     n = len(comps)
     columns = {"label": [label] * n, "candidate_ids": [["D1", "D2", "D3"]] * n, "gold_ids": [gold] * n,
-               "answer": [answer] * n, "keywords": [qcate] * n, "qcate": [qcate] * n, **{k: [v] * n for k, v in TRL_EXTRAS.items()}}
+               "answer": [answer] * n, "keywords": [qcate] * n, "qcate": [qcate] * n, **trl_extras(n)}
     for stage, weights in ((1, {"format": 1.0, "relevance": 1.0}), (2, {"format": 1.0, "ranking": 1.0, "answer": 1.0})):
         funcs, _ = build_reward_funcs(stage, weights, reasoning=reasoning, penalty=penalty, ranking_metric=ranking_metric,
                                       answer_metric=answer_metric, balance_classes=balance, positive_fraction=0.1)
