@@ -541,6 +541,9 @@ _pieces = st.sampled_from(["<think>", "</think>", "<answer>", "</answer>", "<sou
 _texts = st.one_of(st.text(max_size=120), st.lists(_pieces, max_size=25).map("".join))
 _completion = st.one_of(_texts, st.none(), st.integers(), st.lists(st.fixed_dictionaries({"role": st.just("assistant"), "content": _texts}), max_size=2))
 _weird = st.one_of(st.none(), st.integers(), st.text(max_size=10))
+_question_words = st.sampled_from(["or", "and", "between", "Between", ",", ";", ":", "?", "red", "blue", "3", "the",
+                                   "taller", "upwards", "sideways", "X", "🚗", "", " "])
+_question = st.one_of(_weird, st.lists(_question_words, max_size=16).map(" ".join))
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -554,13 +557,15 @@ _weird = st.one_of(st.none(), st.integers(), st.text(max_size=10))
     gold=st.one_of(st.lists(st.sampled_from(["D1", "D2", "D3", "D9"]), max_size=3), st.none(), st.text(max_size=5)),
     answer=st.one_of(st.text(max_size=40), st.lists(st.text(max_size=10), max_size=2), st.none()),
     qcate=st.one_of(st.sampled_from(["color", "shape", "YesNo", "number", "Others", "choose", "text"]), _weird),
+    question=_question,
     balance=st.booleans(),
 )
 def test_rewards_never_raise_and_stay_in_range(comps, penalty, reasoning, ranking_metric, answer_metric, label, gold,
-                                               answer, qcate, balance):
+                                               answer, qcate, question, balance):
     n = len(comps)
     columns = {"label": [label] * n, "candidate_ids": [["D1", "D2", "D3"]] * n, "gold_ids": [gold] * n,
-               "answer": [answer] * n, "keywords": [qcate] * n, "qcate": [qcate] * n, **trl_extras(n)}
+               "answer": [answer] * n, "keywords": [qcate] * n, "qcate": [qcate] * n, "question": [question] * n,
+               **trl_extras(n)}
     for stage, weights in ((1, {"format": 1.0, "relevance": 1.0}), (2, {"format": 1.0, "ranking": 1.0, "answer": 1.0})):
         funcs, _ = build_reward_funcs(stage, weights, reasoning=reasoning, penalty=penalty, ranking_metric=ranking_metric,
                                       answer_metric=answer_metric, balance_classes=balance, positive_fraction=0.1)
@@ -568,6 +573,24 @@ def test_rewards_never_raise_and_stay_in_range(comps, penalty, reasoning, rankin
             out = f(comps, **columns)
             assert len(out) == n
             assert all(isinstance(x, float) and penalty <= x <= 1.0 for x in out), (f.__name__, out)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    question=_question,
+    said=st.lists(st.lists(_question_words, max_size=10).map(" ".join), min_size=1, max_size=4),
+    reference=st.lists(_question_words, max_size=10).map(" ".join),
+    keyword=st.one_of(st.just(""), st.lists(_question_words, max_size=3).map(" ".join)),
+    qcate=st.sampled_from(["color", "shape", "YesNo", "number", "Others", "choose", "text"]),
+)
+def test_answer_guards_never_raise_or_raise_a_score(question, said, reference, keyword, qcate):
+    """Well-formed answers made of the question's own words, so the option tests really run: every guard only lowers."""
+    comps = [stage2_target(["D1"], a) for a in said]
+    cols = {"answer": [reference] * len(said), "keywords": [keyword] * len(said), "qcate": [qcate] * len(said),
+            "question": [question] * len(said)}
+    guarded = answer_reward(comps, **cols)
+    unguarded = answer_reward(comps, choose_guard=False, hedge_guard=False, length_guard=False, **cols)
+    assert all(0.0 <= g <= u + 1e-12 <= 1.0 + 1e-12 for g, u in zip(guarded, unguarded)), (guarded, unguarded)
 
 
 def test_playground_scores_the_row_as_score_completion_does():
