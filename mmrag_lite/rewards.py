@@ -296,7 +296,7 @@ _OPTION_BREAKS = frozenset(",;:?")
 
 
 def option_spans(question: str) -> list[tuple[str, str]]:
-    """The two options beside each ``or`` of a ``choose`` question (and the ``and`` of "Between X and Y"): up to
+    """The two options beside each ``or`` of an either-or question (and the ``and`` of "Between X and Y"): up to
     ``OPTION_SPAN_WORDS`` words on each side, cut at the , ; : ? with which WebQA's writers set the options off."""
     tokens = _OPTION_TOKEN.findall(question.lower())
     joints = [j for j, t in enumerate(tokens) if t == "or"]
@@ -356,8 +356,9 @@ def _hedges_between_options(answer_norm: str, question_norm: str, acc_reference_
             continue
         if names_one(whole_ref, left, right):
             return True
-        whole_joins = not names_one(whole_ref, left, right) and _joins_options(whole_tokens, left, right, shared)
-        if names_one(acc_ref, left, right) and not whole_joins and _joins_options(said_tokens, left, right, shared):
+        # the whole reference names both (or neither): only alternatives set side by side, as the reference does not
+        if (names_one(acc_ref, left, right) and _joins_options(said_tokens, left, right, shared)
+                and not _joins_options(whole_tokens, left, right, shared)):
             return True
     return False
 
@@ -385,10 +386,10 @@ def answer_reward(
     """Stage 2: the answer's accuracy against the row's reference; ``penalty`` when no single answer block can be read.
 
     ``webqa`` uses the optional columns ``keywords`` (preferred when non-empty) and ``qcate`` (default ``text``), and
-    for ``choose_guard`` the question (column ``question``, else TRL's ``prompts``; without either the guard is off
-    for that row). ``choose_guard``, ``hedge_guard`` and ``length_guard`` close the reward hacks the official metric
-    leaves open (module docstring): on by default, because a reward that pays copying the question, hedging or padding
-    teaches exactly that.
+    the question (column ``question``, else TRL's ``prompts``; without either, ``choose_guard`` is off for that row
+    and a number the question states counts as a guess). ``choose_guard``, ``hedge_guard`` and ``length_guard`` close
+    the reward hacks the official metric leaves open (module docstring): on by default, because a reward that pays
+    copying the question, hedging or padding teaches exactly that.
     """
     penalty = _check_penalty(penalty)
     if metric not in ANSWER_METRICS:
