@@ -41,9 +41,12 @@ def committed_and_hedged(question: str, answer: str) -> dict[str, str] | None:
         wrong_span = left if right_span == right else right
         words = question.split()
         joint = words.index("or") if "or" in words else words.index("and")
+        swapped = re.sub(re.escape(right_span), wrong_span, answer, flags=re.IGNORECASE)
         return {
             "right sentence": answer,
-            "swapped sentence": re.sub(re.escape(right_span), wrong_span, answer, flags=re.IGNORECASE),
+            "swapped sentence": swapped,
+            "right sentence, not the other option": f"{answer.rstrip('. ')}, not {wrong_span}.",
+            "swapped sentence, not the right option": f"{swapped.rstrip('. ')}, not {right_span}.",
             "hedge: copy the question": question,
             "hedge: question less the word before 'or'": " ".join(words[:joint - 1] + words[joint:]),
             "hedge: question less the word after 'or'": " ".join(words[:joint + 1] + words[joint + 2:]),

@@ -50,9 +50,12 @@ reward is guarded), each a keyword option, on by default:
   taller than Y", while Acc reads the keyword "X") and the answer sets them side by side as alternatives ("X or Y",
   "X and Y", "X, Y"). So a sentence that says what the reference says is never halved (none of the 3,626 real val
   recall references), and naming both options is worth what a coin flip between them is worth in expectation:
-  committing to the option the evidence supports pays more (``benchmarks/bench_answer_guards.py``). Why 1/2 and not
-  0: a bag-of-words test cannot tell a hedge from a correct sentence that mentions the other option too ("upwards,
-  not sideways"), which keeps half its credit.
+  committing to the option the evidence supports pays more (``benchmarks/bench_answer_guards.py``). An option that a
+  text denies ("upwards, not sideways"; also "rather than", "instead of", "n't") is neither named nor scored there: on
+  questions with options, Acc reads what the answer affirms against what the reference affirms (never more than the
+  official Acc), so a contrast pays when right and not when wrong (recall alone paid "sideways, not upwards" in full).
+  Why 1/2 and not 0: a bag-of-words test cannot tell a hedge from a correct sentence that compares with the other
+  option ("X is taller than Y" where the reference names only X), which keeps half its credit.
 * ``hedge_guard`` — ``color``/``shape``/``YesNo`` are scored by F1 over a closed vocabulary and ``number`` by F1 over
   numbers, where "yes or no" earns 0.667 on every YesNo question (more than always answering "yes", 0.46 on real
   val) and "3 or 4" 0.667 against a coin flip's 0.5. With ``c`` the distinct vocabulary words (or numbers) of the
@@ -84,6 +87,7 @@ import itertools
 import math
 import numbers
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -293,6 +297,28 @@ def _plain(text: str) -> str:
 
 _OPTION_TOKEN = re.compile(r"\w+|[,;:?]")
 _OPTION_BREAKS = frozenset(",;:?")
+# A denial and the rest of its clause: "upwards, not sideways", "rather than sideways", "it isn't sideways".
+_DENIAL = re.compile(r"(?:\b(?:not|never|rather than|instead of)\b|n't\b)([^,.;:!?]*)", re.IGNORECASE)
+
+
+def _denied_text(text: str) -> str:
+    """The clauses a text denies (what follows a "not", "rather than", ... up to the next punctuation)."""
+    return " ".join(m.group(1) for m in _DENIAL.finditer(text))
+
+
+def _affirmed(text_norm: str, denied_norm: str, option_words: set[str]) -> str:
+    """``text_norm`` less one occurrence of each option word per denial of it: "upwards, not sideways" names and
+    answers upwards only (the scores count words, not their places)."""
+    denied = Counter(w for w in denied_norm.split() if w in option_words)
+    if not denied:
+        return text_norm
+    kept = []
+    for word in text_norm.split():
+        if denied[word] > 0:
+            denied[word] -= 1
+        else:
+            kept.append(word)
+    return " ".join(kept)
 
 
 def option_spans(question: str) -> list[tuple[str, str]]:
@@ -439,21 +465,32 @@ def _webqa_answer_scores(said: list[str], answers: list[Any], columns: Mapping[s
                for c in qc]
     whole = [metrics.qa_reference(a, "") if g else "" for a, g in zip(answers, guarded)]
     spans = [option_spans(q) if q and choose_guard and c in RECALL_CATEGORIES else [] for q, c in zip(questions, qc)]
+    # what the answer and the references deny, where the question has options: a denied option is not named
+    denials = [[_denied_text(t) for t in (said[j], refs[j], whole[j])] if spans[j] else ["", "", ""] for j in range(len(rows))]
     normed = metrics.normalize_webqa_many(
-        said + refs + [q or "" for q in questions] + whole + [text for pairs in spans for pair in pairs for text in pair])
+        said + refs + [q or "" for q in questions] + whole + [d for row in denials for d in row]
+        + [text for pairs in spans for pair in pairs for text in pair])
     k = len(rows)
-    normed_span_texts = iter(normed[4 * k:])
+    normed_denials = [normed[4 * k + 3 * j: 4 * k + 3 * j + 3] for j in range(k)]
+    normed_span_texts = iter(normed[7 * k:])
     normed_spans = [[(next(normed_span_texts), next(normed_span_texts)) for _ in pairs] for pairs in spans]
     out = []
     for j in range(k):
         cand, ref, question, whole_ref = normed[j], normed[k + j], normed[2 * k + j], normed[3 * k + j]
         score = metrics.webqa_scores_from_normalized(cand, ref, qc[j])["acc"]
-        if score and choose_guard and qc[j] in RECALL_CATEGORIES and questions[j] and (
-            _hedges_between_options(cand, question, ref, whole_ref, normed_spans[j])
-            or _hedges_between_options(_plain(said[j]), _plain(questions[j]), _plain(refs[j]), _plain(whole[j]),
-                                       [(_plain(left), _plain(right)) for left, right in spans[j]])
-        ):
-            score *= CHOOSE_BOTH_FACTOR
+        if spans[j]:  # from here on, what each text affirms; never more than the official score
+            option_words = {w for pair in normed_spans[j] for span in pair for w in span.split()} - _OPTION_FILLER
+            cand, ref, whole_ref = (_affirmed(text, denied, option_words)
+                                    for text, denied in zip((cand, ref, whole_ref), normed_denials[j]))
+            score = min(score, metrics.webqa_scores_from_normalized(cand, ref, qc[j])["acc"])
+        if score and choose_guard and qc[j] in RECALL_CATEGORIES and questions[j]:
+            plain_spans = [(_plain(left), _plain(right)) for left, right in spans[j]]
+            plain_options = {w for pair in plain_spans for span in pair for w in span.split()} - _OPTION_FILLER
+            plain_said, plain_ref, plain_whole = (_affirmed(_plain(t), _plain(_denied_text(t)), plain_options)
+                                                  for t in (said[j], refs[j], whole[j]))
+            if (_hedges_between_options(cand, question, ref, whole_ref, normed_spans[j])
+                    or _hedges_between_options(plain_said, _plain(questions[j]), plain_ref, plain_whole, plain_spans)):
+                score *= CHOOSE_BOTH_FACTOR
         if score and hedge_guard and qc[j] in HEDGE_GUARD_CATEGORIES:
             named = set(metrics.webqa_bags(cand, ref, qc[j])[0])  # not empty: the score is not 0
             context = f"{ref} {whole_ref} {question if qc[j] == 'number' else ''}"

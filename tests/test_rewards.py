@@ -181,7 +181,7 @@ def test_choose_guard_copying_the_question_earns_a_coin_flip():
     """Recall-scored `choose` paid a pasted question in full (0.94 on real val); naming both options now earns what
     a random pick between them earns in expectation (1/2), so committing to the right one always pays more."""
     said = ["Does the Stachys byzantia grow upwards or sideways ?", "Upwards", "It grows upwards.",
-            "upwards, not sideways", "upwards or sideways"]
+            "upwards or sideways", "sideways and upwards"]
     comps = [stage2_target(["D1"], a) for a in said]
     cols = {"answer": ["It grows upwards."] * 5, "keywords": ["Upwards."] * 5, "qcate": ["choose"] * 5}
     assert answer_reward(comps, question=[STACHYS] * 5, length_guard=False, **cols) == [0.5, 1.0, 1.0, 0.5, 0.5]
@@ -198,6 +198,23 @@ def test_choose_guard_copying_the_question_earns_a_coin_flip():
     both = [stage2_target(["D1"], "Petit Palais and Hotel de Ville"), stage2_target(["D1"], "The Hotel de Ville")]
     assert answer_reward(both, answer=["x"] * 2, keywords=["Hotel de Ville"] * 2, qcate=["choose"] * 2,
                          question=[q] * 2, length_guard=False) == [0.5, 1.0]
+
+
+def test_choose_guard_reads_an_option_the_answer_denies_as_not_named():
+    """Recall cannot read "not": "sideways, not upwards" holds the keyword and scored 1 while wrong. An option named
+    only in a denied clause ("not", "rather than", "instead of", "n't") counts neither as named nor as said, so the
+    contrast pays when right and not when wrong; the metric itself stays official."""
+    said = ["It grows upwards, not sideways.", "upwards rather than sideways", "It doesn't grow sideways, it grows upwards",
+            "sideways, not upwards", "It grows sideways instead of upwards.", "It does not grow upwards."]
+    comps = [stage2_target(["D1"], a) for a in said]
+    cols = {"answer": ["It grows upwards."] * 6, "keywords": ["Upwards."] * 6, "qcate": ["choose"] * 6}
+    assert answer_reward(comps, choose_guard=False, **cols) == [1.0] * 6  # the metric's view: all six "right"
+    assert answer_reward(comps, question=[STACHYS] * 6, **cols) == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    assert metrics.webqa_accuracy("sideways, not upwards", "Upwards.", "choose") == 1.0  # the official metric unchanged
+    # a reference that denies an option: the reward never pays more than the metric ("upwards" holds 1 of its 3 words)
+    short = [stage2_target(["D1"], "upwards")]
+    ref = {"answer": ["upwards, not sideways"], "qcate": ["choose"]}
+    assert answer_reward(short, question=[STACHYS], **ref) == answer_reward(short, choose_guard=False, **ref) == [1 / 3]
 
 
 def test_choose_guard_reads_the_question_from_trl_prompts():
@@ -530,7 +547,7 @@ _texts = st.one_of(st.text(max_size=120), st.lists(_pieces, max_size=25).map("".
 _completion = st.one_of(_texts, st.none(), st.integers(), st.lists(st.fixed_dictionaries({"role": st.just("assistant"), "content": _texts}), max_size=2))
 _weird = st.one_of(st.none(), st.integers(), st.text(max_size=10))
 _question_words = st.sampled_from(["or", "and", "between", "Between", ",", ";", ":", "?", "red", "blue", "3", "the",
-                                   "taller", "upwards", "sideways", "X", "🚗", "", " "])
+                                   "taller", "upwards", "sideways", "X", "🚗", "", " ", "not", "rather than", "isn't"])
 _question = st.one_of(_weird, st.lists(_question_words, max_size=16).map(" ".join))
 
 
