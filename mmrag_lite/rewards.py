@@ -321,18 +321,29 @@ def _affirmed(text_norm: str, denied_norm: str, option_words: set[str]) -> str:
     return " ".join(kept)
 
 
+def _option_joints(words: Sequence[str]) -> list[int]:
+    """Where an either-or question sets its options apart: each ``or``, and the ``and`` of "Between X and Y"."""
+    joints = [j for j, w in enumerate(words) if w == "or"]
+    if words[:1] == ["between"] and "and" in words:
+        joints.append(words.index("and"))
+    return joints
+
+
+def _option_words(spans: Sequence[tuple[str, str]]) -> set[str]:
+    """Every word that can say which option a text means (``_affirmed`` drops the denied ones)."""
+    return {w for pair in spans for span in pair for w in span.split()} - _OPTION_FILLER
+
+
 def option_spans(question: str) -> list[tuple[str, str]]:
     """The two options beside each ``or`` of an either-or question (and the ``and`` of "Between X and Y"): up to
     ``OPTION_SPAN_WORDS`` words on each side, cut at the , ; : ? with which WebQA's writers set the options off."""
     tokens = _OPTION_TOKEN.findall(question.lower())
-    joints = [j for j, t in enumerate(tokens) if t == "or"]
-    if tokens[:1] == ["between"] and "and" in tokens:
-        joints.append(tokens.index("and"))
 
     def words(side: Iterable[str]) -> list[str]:  # the nearest words up to a break, nearest first
         return list(itertools.takewhile(lambda t: t not in _OPTION_BREAKS, side))[:OPTION_SPAN_WORDS]
 
-    spans = [(" ".join(words(reversed(tokens[:j]))[::-1]), " ".join(words(tokens[j + 1:]))) for j in joints]
+    spans = [(" ".join(words(reversed(tokens[:j]))[::-1]), " ".join(words(tokens[j + 1:])))
+             for j in _option_joints(tokens)]
     return [(left, right) for left, right in spans if left and right]
 
 
@@ -365,10 +376,7 @@ def _hedges_between_options(answer_norm: str, question_norm: str, acc_reference_
     said_tokens, whole_tokens = answer_norm.split(), whole_reference_norm.split()
     said, acc_ref = set(said_tokens), set(acc_reference_norm.split())
     whole_ref = acc_ref | set(whole_tokens)
-    joints = [j for j, w in enumerate(words) if w == "or"]
-    if words[:1] == ["between"] and "and" in words:
-        joints.append(words.index("and"))
-    options = [({words[j - 1]}, {words[j + 1]}, set()) for j in joints if 0 < j < len(words) - 1]
+    options = [({words[j - 1]}, {words[j + 1]}, set()) for j in _option_joints(words) if 0 < j < len(words) - 1]
     for left, right in spans:
         left_words, right_words = set(left.split()), set(right.split())
         options.append((left_words - right_words - _OPTION_FILLER, right_words - left_words - _OPTION_FILLER,
@@ -479,14 +487,13 @@ def _webqa_answer_scores(said: list[str], answers: list[Any], columns: Mapping[s
         cand, ref, question, whole_ref = normed[j], normed[k + j], normed[2 * k + j], normed[3 * k + j]
         score = metrics.webqa_scores_from_normalized(cand, ref, qc[j])["acc"]
         if spans[j]:  # from here on, what each text affirms; never more than the official score
-            option_words = {w for pair in normed_spans[j] for span in pair for w in span.split()} - _OPTION_FILLER
+            option_words = _option_words(normed_spans[j])
             cand, ref, whole_ref = (_affirmed(text, denied, option_words)
                                     for text, denied in zip((cand, ref, whole_ref), normed_denials[j]))
             score = min(score, metrics.webqa_scores_from_normalized(cand, ref, qc[j])["acc"])
         if score and choose_guard and qc[j] in RECALL_CATEGORIES and questions[j]:
             plain_spans = [(_plain(left), _plain(right)) for left, right in spans[j]]
-            plain_options = {w for pair in plain_spans for span in pair for w in span.split()} - _OPTION_FILLER
-            plain_said, plain_ref, plain_whole = (_affirmed(_plain(t), _plain(_denied_text(t)), plain_options)
+            plain_said, plain_ref, plain_whole = (_affirmed(_plain(t), _plain(_denied_text(t)), _option_words(plain_spans))
                                                   for t in (said[j], refs[j], whole[j]))
             if (_hedges_between_options(cand, question, ref, whole_ref, normed_spans[j])
                     or _hedges_between_options(plain_said, _plain(questions[j]), plain_ref, plain_whole, plain_spans)):
