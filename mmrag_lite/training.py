@@ -718,7 +718,7 @@ def build_trainer(
     from transformers.trainer_callback import ProgressCallback
     from trl import GRPOTrainer
 
-    from .modeling import load_model_and_processor, lora_config
+    from .modeling import load_model_and_processor, lora_config, make_model_mixed_batch_safe
 
     if (model is None) != (processor is None):
         raise ValueError("pass model and processor together (or neither, to load both from the preset)")
@@ -730,6 +730,7 @@ def build_trainer(
         peft_config = None if init_adapter is not None else lora_config(preset)
     else:
         peft_config = None if hasattr(model, "peft_config") else lora_config(preset)
+    make_model_mixed_batch_safe(model)  # a model passed in may come from elsewhere (idempotent)
     funcs, _ = reward_funcs_for(preset, stage)
     args = grpo_config(preset, stage, output_dir, max_steps=max_steps)
     curve = RewardCurveCallback(live=live_plot, title=f"stage {stage} GRPO rewards ({preset.name})")

@@ -16,6 +16,8 @@ Known traps get a clear message instead of a stack trace deep in a forward pass:
 * a float32 ``lm_head`` (``prepare_model_for_kbit_training`` upcasts it) fed fp16/bf16 hidden states
                                                         -> inputs to ``lm_head`` are cast to its dtype (logged);
 * TRL GRPO batches mixing text-only and image prompts  -> ``make_mixed_batch_safe`` (``None`` image lists -> ``[]``);
+* a GRPO micro-batch of text-only rows cut from a batch with images (TRL hands the model *empty* ``pixel_values``)
+                                                        -> ``make_model_mixed_batch_safe`` (empty vision inputs -> none);
 * different image counts *and* sizes in one batch       -> ``prepare_image`` resizes every image to one square size.
 
 Where each part lives: ``loading`` (presets -> model + processor, quantisation, LoRA), ``common`` (errors, dtypes,
@@ -30,6 +32,7 @@ from .common import (
     ModelLoadError,
     encode_prompts,
     make_mixed_batch_safe,
+    make_model_mixed_batch_safe,
     miniature_progress_off,
     prepare_image,
     prepare_images,
@@ -91,6 +94,7 @@ __all__ = [
     "lora_config",
     "lora_config_kwargs",
     "make_mixed_batch_safe",
+    "make_model_mixed_batch_safe",
     "miniature_config_fields",
     "miniature_progress_off",
     "prepare_image",

@@ -3,6 +3,8 @@
 The processor fixes live here because both the loader and the miniature's warm-up feed the same processor:
 
 * TRL GRPO batches mixing text-only and image prompts  -> ``make_mixed_batch_safe`` (``None`` image lists -> ``[]``);
+* a GRPO micro-batch of text-only rows cut from a batch with images (TRL hands the model *empty* ``pixel_values``)
+                                                        -> ``make_model_mixed_batch_safe`` (empty vision inputs -> none);
 * different image counts *and* sizes in one batch       -> ``prepare_image`` resizes every image to one square size.
 """
 
@@ -145,6 +147,36 @@ def make_mixed_batch_safe(processor: Any) -> Any:
         _SAFE_CLASSES[cls] = safe
     processor.__class__ = safe
     return processor
+
+
+_VISION_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+
+
+def _drop_empty_vision_inputs(module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
+    empty = [k for k in _VISION_INPUTS if isinstance(kwargs.get(k), torch.Tensor) and kwargs[k].shape[0] == 0]
+    if not empty:
+        return None
+    return args, {**kwargs, **dict.fromkeys(empty)}
+
+
+def make_model_mixed_batch_safe(model: torch.nn.Module) -> torch.nn.Module:
+    """Let ``model`` read a batch whose vision inputs are empty tensors as a batch without images, in place.
+
+    Why: TRL cuts each generation batch into micro-batches of ``per_device_train_batch_size`` rows and slices
+    ``pixel_values`` / ``image_grid_thw`` to match; a micro-batch of text-only rows gets *empty* tensors rather than
+    none, and Qwen2-VL's vision tower fails on them (``torch.cat(): expected a non-empty list of Tensors``). It takes
+    gradient accumulation to meet it (every GPU preset), which is why the first real-size run on a GPU found it. A
+    forward pre-hook on each module that takes ``pixel_values`` turns the empty tensors into ``None``; idempotent.
+    """
+    import inspect
+
+    for module in model.modules():
+        if getattr(module, "_mmrag_empty_vision_safe", False) or not hasattr(module, "get_image_features"):
+            continue
+        if "pixel_values" in inspect.signature(module.forward).parameters:
+            module.register_forward_pre_hook(_drop_empty_vision_inputs, with_kwargs=True)
+            module._mmrag_empty_vision_safe = True
+    return model
 
 
 def encode_prompts(processor: Any, texts: Sequence[str], images: Sequence[Sequence[Any]]) -> Any:

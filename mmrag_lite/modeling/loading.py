@@ -26,6 +26,7 @@ from .common import (
     ModelLoadError,
     as_preset,
     make_mixed_batch_safe,
+    make_model_mixed_batch_safe,
     miniature_progress_off,
     set_pixel_budget,
     torch_dtype,
@@ -278,6 +279,7 @@ def load_model_and_processor(
         kwargs["quantization_config"] = bnb_config(preset)
     with miniature_progress_off(tiny):
         model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)  # trust_remote_code never
+    make_model_mixed_batch_safe(model)
 
     notes: list[str] = []
     if quantize and for_training:
