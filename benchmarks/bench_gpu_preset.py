@@ -1,14 +1,17 @@
-"""Peak GPU memory and seconds per step of a GPU preset's stage-1 GRPO, on its real-size architecture.
+"""Peak GPU memory and seconds per step of a GPU preset's stage-1 (or stage-2) GRPO, on its real-size architecture.
 
     python benchmarks/bench_gpu_preset.py --preset colab-t4 --steps 3 --out results.json   # on a CUDA machine
+    python benchmarks/bench_gpu_preset.py --preset colab-t4 --stage 2 --steps 3            # stage 2: k candidates
     .venv/bin/python benchmarks/bench_gpu_preset.py --smoke                                 # CPU: the plumbing only
 
 The model is the preset's architecture at full size with RANDOM weights and the miniature's tokenizer
 (``modeling.architectures.build_random_real_size_model``), so nothing is downloaded; shapes, not weight values, set
 memory and time. It goes through the course's own path: ``load_model_and_processor`` (NF4 + double quantisation,
 ``prepare_model_for_kbit_training``, gradient checkpointing), the preset's synthetic Mini-WebQA at its image size,
-``training.build_stage1_dataset`` and ``training.train_stage1`` (TRL ``GRPOTrainer`` + LoRA). Random weights rarely
-emit an end token, so every completion runs to ``max_completion_length``: the slow end of a real step.
+``training.build_stage1_dataset`` and ``training.train_stage1`` (TRL ``GRPOTrainer`` + LoRA); with ``--stage 2``,
+``training.build_stage2_dataset`` (gold + distractors up to the preset's k, every image at the preset's size, the
+preset's prompt cap) and ``training.train_stage2`` from a fresh LoRA of the same size as stage 1's. Random weights
+rarely emit an end token, so every completion runs to ``max_completion_length``: the slow end of a real step.
 
 Reported: seconds per optimizer step (median of the steps after the first, which pays for warm-up), CUDA peak
 allocated / reserved memory of the training steps (as ``training.CudaMemoryCallback`` logs them), and the counted
@@ -70,7 +73,7 @@ def _logged_peak(log_history: list[dict], key: str) -> float | None:
     return max(values) if values else None
 
 
-def run(preset_name: str, steps: int, work: Path, smoke: bool) -> dict:
+def run(preset_name: str, steps: int, work: Path, smoke: bool, stage: int = 1) -> dict:
     gpu_preset = config.get_preset(preset_name)
     model_id = gpu_preset.model.model_id
     arch = architectures.PUBLISHED_CONFIGS[model_id]["architecture"]
@@ -83,10 +86,11 @@ def run(preset_name: str, steps: int, work: Path, smoke: bool) -> dict:
         preset = gpu_preset
         text = vision = None
         device, dtype = "cuda", modeling.torch_dtype(gpu_preset.model.compute_dtype)
-    grpo = preset.stage1.grpo
+    settings = preset.stage1 if stage == 1 else preset.stage2
+    grpo = settings.grpo
     per_step = grpo.per_device_train_batch_size * grpo.gradient_accumulation_steps
-    preset = preset.with_overrides(**{"stage1.grpo.max_steps": steps, "stage1.grpo.save_steps": steps + 1,
-                                      "stage1.max_examples": max(2 * steps * per_step // grpo.num_generations, 16)})
+    preset = preset.with_overrides(**{f"stage{stage}.grpo.max_steps": steps, f"stage{stage}.grpo.save_steps": steps + 1,
+                                      f"stage{stage}.max_examples": max(2 * steps * per_step // grpo.num_generations, 16)})
 
     t0 = time.perf_counter()
     folder = architectures.build_random_real_size_model(model_id, work / "model", dtype=dtype, device=device,
@@ -99,20 +103,26 @@ def run(preset_name: str, steps: int, work: Path, smoke: bool) -> dict:
 
     t0 = time.perf_counter()
     ds = data.ensure_mini_webqa(preset, work / "run")
-    rows = training.build_stage1_dataset(ds["train"], preset)
+    build_report = None
+    if stage == 1:
+        rows = training.build_stage1_dataset(ds["train"], preset)
+    else:
+        rows, build_report = training.build_stage2_dataset(ds["train"], preset, processor=processor)
     prepared = time.perf_counter() - t0
 
     clock = StepClock()
-    result = training.train_stage1(preset, rows, work / "run", model=model, processor=processor, callbacks=[clock],
-                                   verbose=False)
+    train = training.train_stage1 if stage == 1 else training.train_stage2
+    result = train(preset, rows, work / "run", model=model, processor=processor, callbacks=[clock], verbose=False)
     after_first = clock.seconds[1:] or clock.seconds
     floor = architectures.memory_floor(gpu_preset)
     report = {
         "preset": gpu_preset.name, "model": model_id, "smoke": smoke, "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
         "weights": "random (shapes as published; tiny tokenizer)", "compute_dtype": preset.model.compute_dtype,
-        "quantized_4bit": bool(getattr(model, "mmrag_quantized", False)), "steps": result.global_step,
+        "quantized_4bit": bool(getattr(model, "mmrag_quantized", False)), "stage": stage, "steps": result.global_step,
         "completions_per_step": per_step, "max_completion_length": grpo.max_completion_length,
-        "image_size": preset.model.image_size, "stage1_rows": len(rows),
+        "image_size": preset.model.image_size, "rows": len(rows),
+        "prompt_tokens_max": build_report.prompt_tokens_max if build_report else None,
+        "images_per_prompt_max": build_report.images_per_prompt_max if build_report else None,
         "seconds_per_step": statistics.median(after_first) if after_first else None,
         "step_seconds": [round(s, 2) for s in clock.seconds],
         "peak_allocated_gib": _logged_peak(result.log_history, "memory/peak_gb"),
@@ -130,6 +140,7 @@ def run(preset_name: str, steps: int, work: Path, smoke: bool) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="colab-t4", choices=[n for n, p in config.PRESETS.items() if not p.model.is_miniature])
+    ap.add_argument("--stage", type=int, choices=(1, 2), default=1, help="which GRPO stage to time")
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps (the first is reported but not in the median)")
     ap.add_argument("--out", type=Path, help="also write the report here as JSON")
     ap.add_argument("--work", type=Path, help="scratch folder (default: a temporary one, removed afterwards)")
@@ -137,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     steps = 1 if args.smoke else args.steps
     with tempfile.TemporaryDirectory(prefix="mmrag-gpu-bench-") as tmp:
-        report = run(args.preset, steps, args.work or Path(tmp), args.smoke)
+        report = run(args.preset, steps, args.work or Path(tmp), args.smoke, args.stage)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Wheels the lent GPU machine's image lacks (or holds at another version), for benchmarks/bench_gpu_preset.py.
 # Run here, in the repo root; they land in .whl/ (git-ignored) and travel with the working tree when a device
-# call names .whl in `carry` (about 60 MB of the 64 MiB a call may carry; the repo itself is under 1 MB).
+# call names .whl in `carry` (about 23 MB of the 64 MiB a call may carry; the repo itself is under 1 MB).
 # The image's Python is 3.12; versions are the ones this course pins and tests (FEASIBILITY / pyproject.toml).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,9 +10,25 @@ python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3
   --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 -d .whl \
   bitsandbytes==0.50.2 trl==1.16.0 peft==0.21.2 transformers==5.24.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+# bitsandbytes ships a library per CUDA / ROCm / XPU version (43 MB); the GPU image's torch is CUDA 13, so keep the CPU
+# and CUDA 13.x libraries alone (7 MB; RECORD rewritten to match). What a call carries is capped at 64 MiB.
+python3 - <<'PY'
+import glob, os, re, zipfile
+(src,) = glob.glob(".whl/bitsandbytes-*.whl")
+drop = re.compile(r"bitsandbytes/libbitsandbytes_(cuda1[12]\d|rocm\d+|xpu\d+)\.so")
+with zipfile.ZipFile(src) as zin, zipfile.ZipFile(src + ".slim", "w", zipfile.ZIP_DEFLATED) as zout:
+    for item in zin.infolist():
+        if drop.fullmatch(item.filename):
+            continue
+        data = zin.read(item)
+        if item.filename.endswith(".dist-info/RECORD"):
+            data = b"".join(l for l in data.splitlines(keepends=True) if not drop.match(l.decode().split(",")[0]))
+        zout.writestr(item, data)
+os.replace(src + ".slim", src)
+PY
 du -ch .whl/*.whl | tail -1
 # Then, on the device (one call; the install line is the device README's):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
 #     && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 \
-#     && python3 benchmarks/bench_gpu_preset.py --preset colab-t4 --steps 3 --out $OUT/colab-t4.json \
-#     && python3 benchmarks/bench_gpu_preset.py --preset a100 --steps 3 --out $OUT/a100.json
+#     && python3 benchmarks/bench_gpu_preset.py --preset colab-t4 --steps 4 --out $OUT/colab-t4.json \
+#     && python3 benchmarks/bench_gpu_preset.py --preset colab-t4 --stage 2 --steps 2 --out $OUT/colab-t4-stage2.json
