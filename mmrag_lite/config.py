@@ -5,7 +5,9 @@ lives here with a one-line reason, never as a literal buried in code. A preset i
 ``get_preset(name, **overrides)`` returns a validated copy, and ``Preset.from_dict`` / ``load_preset_yaml``
 read the same shape from plain data (unknown keys are an error, not silently ignored).
 
-Memory and step-time figures are *estimates* until a benchmark measures them; ``measured`` says which.
+Memory and step-time figures are *estimates* until a benchmark measures them on the preset's own card; ``measured``
+says which. What a GPU did measure (an H100 running the presets' real-size architectures) sits beside the estimates
+it informed (``modeling.architectures.MEASURED_STEPS``).
 """
 
 from __future__ import annotations
@@ -599,8 +601,13 @@ _T4 = Preset(
     ),
     data=DataSettings(world_questions=2000, world_image_size=224, max_candidates=16),
     evaluation=EvalSettings(questions=300, retrain_ablations=False),  # opt in: 3 more stage-2 runs of ~3 h each
+    # Measured on an H100 (benchmarks/RESULTS.md, modeling.architectures.MEASURED_STEPS; real-size random weights,
+    # completions always full length): allocator peak 3.6 GiB in stage 1, 8.9 GiB in stage 2 at 950-token prompts.
+    # 12 leaves room for prompts up to stage2.max_prompt_tokens; not yet measured on a T4 itself.
     expected_memory_gb=12.0,
-    expected_seconds_per_step=40.0,
+    # estimate: the H100 took 20 s (stage 1) / 31 s (stage 2) a step; a step is mostly token-by-token generation,
+    # whose per-token overhead a slower card does not multiply by its 10x smaller bandwidth, so ~2x the H100's
+    expected_seconds_per_step=60.0,
 )
 
 _L4 = replace(
@@ -610,8 +617,8 @@ _L4 = replace(
     model=replace(_T4.model, compute_dtype="bfloat16", image_size=448, max_pixels=448 * 448),
     stage1=replace(_T4.stage1, grpo=replace(_T4.stage1.grpo, per_device_train_batch_size=6, num_generations=6)),
     stage2=replace(_T4.stage2, grpo=replace(_T4.stage2.grpo, per_device_train_batch_size=6, num_generations=6)),
-    expected_memory_gb=18.0,
-    expected_seconds_per_step=25.0,
+    expected_memory_gb=18.0,  # estimate: colab-t4's measured peaks, 1.5x the completions and larger images
+    expected_seconds_per_step=60.0,  # estimate: 1.5x colab-t4's work on a card with about twice a T4's compute
 )
 
 _A100 = replace(
@@ -628,8 +635,10 @@ _A100 = replace(
         max_prompt_tokens=3072,  # k=8 images at 448 px are 8 x 258 = 2,064 tokens alone (an 8-image prompt measured 2,280)
     ),
     evaluation=replace(_T4.evaluation, questions=1000),
-    expected_memory_gb=44.0,  # estimate, unmeasured: 40 guessed at 2,048 prompt tokens, + the 1.5x longer prompts
-    expected_seconds_per_step=20.0,
+    # estimate: stage 1 measured 10.3 GiB (allocator peak) on an H100; stage 2 (3,072-token prompts, 384-token
+    # completions, 8 per micro-batch) is unmeasured: 40 guessed at 2,048 prompt tokens, + the 1.5x longer prompts
+    expected_memory_gb=44.0,
+    expected_seconds_per_step=40.0,  # estimate: stage 1 measured 28 s a step on an H100; an A100 is slower
 )
 
 PRESETS: dict[str, Preset] = {p.name: p.validate().check_prompt_budget() for p in (_CPU_TINY, _T4, _L4, _A100)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -153,11 +154,12 @@ def plot_k_tradeoff(report: list[dict[str, Any]], *, chosen_k: int | None = None
     return fig
 
 
-def plot_memory_floor(floors: list[Any], ax: Any = None, title: str | None = None) -> Any:
+def plot_memory_floor(floors: list[Any], ax: Any = None, title: str | None = None, measured: Sequence[Any] = ()) -> Any:
     """Stacked bars of what weights, float32 parameters and LoRA + AdamW take per preset, against its estimate.
 
     ``floors`` are ``modeling.architectures.MemoryFloor``s. The gap between a bar and its marker is what only a GPU
-    can measure: activations, logits, the KV cache of generation and the allocator's slack.
+    can measure: activations, logits, the KV cache of generation and the allocator's slack. ``measured``
+    (``architectures.MeasuredStep``s) adds what a GPU did measure: each stage's peak held by the allocator.
     """
     if not floors:
         raise ValueError("plot_memory_floor needs at least one MemoryFloor (one per GPU preset)")
@@ -171,7 +173,14 @@ def plot_memory_floor(floors: list[Any], ax: Any = None, title: str | None = Non
         ax.barh(labels, values, left=left, label=name, color=colour)
         left = [a + b for a, b in zip(left, values)]
     ax.scatter([f.expected_memory_gb for f in floors], labels, marker="|", s=400, color="black",
-               label="estimate of a whole step (unmeasured)", zorder=3)
+               label="the preset's estimate of a whole step", zorder=3)
+    row = {f.preset: label for f, label in zip(floors, labels)}
+    for stage, marker in ((1, "o"), (2, "D")):
+        points = [(m.peak_reserved_gb, row[m.preset]) for m in measured if m.stage == stage and m.preset in row]
+        if points:
+            devices = sorted({m.device.replace("NVIDIA ", "").split()[0] for m in measured if m.stage == stage})
+            ax.scatter(*zip(*points), marker=marker, s=50, facecolor="white", edgecolor="crimson", linewidth=1.5,
+                       zorder=4, label=f"measured peak, stage {stage} ({', '.join(devices)}, random weights)")
     ax.set_xlabel("GiB")
     ax.invert_yaxis()
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, fontsize=8, frameon=False)

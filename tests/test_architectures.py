@@ -167,6 +167,31 @@ def test_memory_floor_plot_stacks_the_three_parts_and_marks_the_estimate() -> No
     assert abs(sum(p.get_width() for p in ax.patches) - sum(f.floor_gb for f in floors)) < 1e-9
     with pytest.raises(ValueError, match="at least one"):
         viz.plot_memory_floor([])
+    fig = viz.plot_memory_floor(floors, measured=A.MEASURED_STEPS)
+    marked = sorted(x for c in fig.axes[0].collections[1:] for x, _ in c.get_offsets())  # [0]: the estimates
+    assert marked == sorted(m.peak_reserved_gb for m in A.MEASURED_STEPS)
+
+
+# ------------------------------------------------------------------------------------------ measured on a GPU
+@pytest.mark.parametrize("step", A.MEASURED_STEPS, ids=lambda m: f"{m.preset}-stage{m.stage}")
+def test_measured_steps_are_their_benchmark_reports_and_the_estimates_cover_them(step: A.MeasuredStep) -> None:
+    import json
+
+    report = json.loads((Path(__file__).resolve().parent.parent / step.report).read_text())
+    # the first report (a100, stage 1) predates bench_gpu_preset.py's --stage option, which defaults to 1
+    assert (report["preset"], report.get("stage", 1), report["device"]) == (step.preset, step.stage, step.device)
+    assert report["smoke"] is False and report["quantized_4bit"] is True and report["steps"] >= 2
+    assert report["peak_allocated_gib"] == step.peak_allocated_gb
+    assert report["peak_reserved_gib"] == step.peak_reserved_gb
+    assert round(report["loaded_model_gib"], 3) == step.loaded_model_gb
+    assert round(report["seconds_per_step"], 2) == step.seconds_per_step
+    assert report.get("prompt_tokens_max") == step.prompt_tokens_max
+    floor = A.memory_floor(step.preset)
+    # the count without a GPU agrees with the 4-bit model the GPU loaded (the LoRA is added later, by TRL)
+    assert abs(floor.weights_gb - step.loaded_model_gb) < 0.03 * step.loaded_model_gb
+    assert floor.floor_gb < step.peak_allocated_gb <= step.peak_reserved_gb <= get_preset(step.preset).expected_memory_gb
+    assert A.measured_steps(step.preset) and all(m.preset == step.preset for m in A.measured_steps(step.preset))
+    assert step.as_row()["peak held GiB"] == step.peak_reserved_gb
 
 
 def test_real_size_config_can_take_another_tokenizers_ids_without_changing_shape() -> None:
@@ -180,8 +205,8 @@ def test_real_size_config_can_take_another_tokenizers_ids_without_changing_shape
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ONE_PRESET_PER_MODEL)
-def test_gpu_preset_benchmark_runs_its_cpu_smoke(name: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("name", "stage"), [*((n, 1) for n in ONE_PRESET_PER_MODEL), ("colab-t4", 2)])
+def test_gpu_preset_benchmark_runs_its_cpu_smoke(name: str, stage: int, tmp_path: Path) -> None:
     """benchmarks/bench_gpu_preset.py is what a lent GPU runs; its --smoke checks the script's own plumbing here
     (random weights of the preset's architecture, shrunk, through the 4-bit loader and one GRPO step)."""
     import importlib.util
@@ -190,8 +215,9 @@ def test_gpu_preset_benchmark_runs_its_cpu_smoke(name: str, tmp_path: Path) -> N
     spec = importlib.util.spec_from_file_location("bench_gpu_preset", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    report = bench.main(["--smoke", "--preset", name, "--out", str(tmp_path / "report.json")])
+    report = bench.main(["--smoke", "--preset", name, "--stage", str(stage), "--out", str(tmp_path / "report.json")])
     assert report["smoke"] is True and report["quantized_4bit"] is True and report["steps"] == 1
+    assert report["stage"] == stage and (report["prompt_tokens_max"] is None) == (stage == 1)
     assert report["model"] == get_preset(name).model.model_id and report["seconds_per_step"] > 0
     assert report["peak_allocated_gib"] is None  # no CUDA here: no memory figure is invented
     assert (tmp_path / "report.json").is_file()

@@ -4,7 +4,7 @@ Built on PyTorch's ``meta`` device (shapes only, no memory), the real module tre
 a 2-3B model: how many parameters each part has, which layers bitsandbytes turns into 4-bit (transformers' own rule,
 the one ``from_pretrained(quantization_config=...)`` applies), where LoRA goes, and what weights, adapters and
 optimizer cost. That is a *floor* under a preset's memory: activations, the logits, generation's KV cache and the
-allocator's slack come on top, and only a GPU can measure them.
+allocator's slack come on top, and only a GPU can measure them: ``MEASURED_STEPS`` holds what one measured.
 
 Bytes per parameter on the QLoRA training path (QLoRA: Dettmers et al. 2023):
 
@@ -204,5 +204,48 @@ def memory_floor(preset: Preset | str, config: Any | None = None) -> MemoryFloor
     )
 
 
-__all__ = ["PUBLISHED_CONFIGS", "MemoryFloor", "build_random_real_size_model", "lora_targets", "memory_floor",
-           "nf4_bytes", "real_size_config", "skeleton"]
+@dataclass(frozen=True)
+class MeasuredStep:
+    """One GRPO step of a GPU preset as ``benchmarks/bench_gpu_preset.py`` measured it on a real GPU, in GiB.
+
+    The model is the preset's architecture at full size with random weights, so every completion runs to
+    ``max_completion_length``: the long, memory-heavy end of a real step. ``report`` is the benchmark's own JSON
+    (under ``benchmarks/gpu/``); a test keeps these figures equal to it.
+    """
+
+    preset: str
+    stage: int
+    device: str
+    date: str
+    loaded_model_gb: float  # the 4-bit model on the GPU before training (compare MemoryFloor.weights_gb)
+    peak_allocated_gb: float  # tensors, the largest of the steps
+    peak_reserved_gb: float  # what PyTorch's allocator held: what the card must have
+    seconds_per_step: float  # median of the steps after the first
+    prompt_tokens_max: int | None  # longest prompt of the run (stage 2; None where not recorded)
+    report: str  # the JSON report, relative to the repository root
+
+    def as_row(self) -> dict[str, Any]:
+        return {"preset": self.preset, "stage": self.stage, "GPU": self.device, "loaded 4-bit GiB": self.loaded_model_gb,
+                "peak tensors GiB": self.peak_allocated_gb, "peak held GiB": self.peak_reserved_gb,
+                "s / step": self.seconds_per_step, "longest prompt": self.prompt_tokens_max or "-"}
+
+
+_H100 = "NVIDIA H100 80GB HBM3"
+MEASURED_STEPS: tuple[MeasuredStep, ...] = (
+    MeasuredStep("colab-t4", 1, _H100, "2026-11-27", 1.859, 3.274, 3.576, 20.25, None,
+                 "benchmarks/gpu/h100-2026-11-27/colab-t4-stage1.json"),
+    MeasuredStep("colab-t4", 2, _H100, "2026-11-27", 1.859, 6.097, 8.855, 30.59, 950,
+                 "benchmarks/gpu/h100-2026-11-27/colab-t4-stage2.json"),
+    MeasuredStep("a100", 1, _H100, "2026-11-27", 2.833, 8.532, 10.254, 28.01, None,
+                 "benchmarks/gpu/h100-2026-11-27/a100-stage1.json"),
+)
+
+
+def measured_steps(preset: Preset | str) -> list[MeasuredStep]:
+    """The GPU measurements of one preset (empty for a preset no GPU has run yet)."""
+    name = as_preset(preset).name
+    return [m for m in MEASURED_STEPS if m.preset == name]
+
+
+__all__ = ["MEASURED_STEPS", "PUBLISHED_CONFIGS", "MeasuredStep", "MemoryFloor", "build_random_real_size_model",
+           "lora_targets", "measured_steps", "memory_floor", "nf4_bytes", "real_size_config", "skeleton"]
