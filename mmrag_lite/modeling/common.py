@@ -10,6 +10,7 @@ The processor fixes live here because both the loader and the miniature's warm-u
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -168,8 +169,6 @@ def make_model_mixed_batch_safe(model: torch.nn.Module) -> torch.nn.Module:
     gradient accumulation to meet it (every GPU preset), which is why the first real-size run on a GPU found it. A
     forward pre-hook on each module that takes ``pixel_values`` turns the empty tensors into ``None``; idempotent.
     """
-    import inspect
-
     for module in model.modules():
         if getattr(module, "_mmrag_empty_vision_safe", False) or not hasattr(module, "get_image_features"):
             continue
