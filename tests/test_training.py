@@ -438,6 +438,17 @@ def test_build_trainer_refuses_arguments_it_would_ignore(tmp_path: Path) -> None
         training.build_trainer(PRESET, 2, [], tmp_path, model=object(), processor=object(), init_adapter=tmp_path)
 
 
+def test_build_trainer_makes_a_model_from_elsewhere_read_empty_vision_inputs(tiny_dir: Path, processor,
+                                                                             tmp_path: Path) -> None:
+    from transformers import AutoModelForImageTextToText
+
+    raw = AutoModelForImageTextToText.from_pretrained(tiny_dir)  # not through the course's loader
+    assert not any(getattr(m, "_mmrag_empty_vision_safe", False) for m in raw.modules())
+    ds = training.build_stage1_dataset(mini_rows(), PRESET.with_overrides(**FAST), seed=0)
+    trainer, _ = training.build_trainer(PRESET.with_overrides(**FAST), 1, ds, tmp_path, model=raw, processor=processor)
+    assert any(getattr(m, "_mmrag_empty_vision_safe", False) for m in trainer.model.modules())
+
+
 def test_stage2_init_adapter_follows_the_preset(tmp_path: Path) -> None:
     adapter = tmp_path / "stage1" / "adapter"
     adapter.mkdir(parents=True)
