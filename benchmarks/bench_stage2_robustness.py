@@ -4,8 +4,9 @@
         [--variant "NAME: key=value key=value" ...]
 
 A 20-step stage-2 curve of the miniature is a sample: GRPO's sampling and the candidate permutations change with
-the preset's seed while the warm model stays fixed (the course's own unless ``--warm-seed`` says otherwise). Every run reads one finished course run's
-Mini-WebQA train split and stage-1 train scores (``make course`` writes them), so each variant sees the same pools.
+the preset's seed while the warm model stays fixed (the course's own unless ``--warm-seed`` says otherwise). Every
+run reads one finished course run's Mini-WebQA train split and stage-1 train scores (``make course`` writes them),
+so each variant sees the same pools.
 Each variant is dotted preset overrides (``stage2.grpo.max_steps=40``); the default compares the preset alone.
 It prints the mean reward and its components over the first and last 20 % of steps (``training.reward_trend``).
 """
@@ -23,13 +24,17 @@ sys.path.insert(0, str(ROOT))
 
 import torch
 
-from mmrag_lite import data, modeling, training
+from mmrag_lite import data, modeling, scoring, training
 from mmrag_lite.cli import parse_override
 from mmrag_lite.config import get_preset
 
 
+def has_stage1_scores(work_dir: Path) -> bool:
+    return scoring.scores_path(work_dir, "train").is_file()
+
+
 def newest_course_run() -> Path | None:
-    runs = sorted(p for p in (ROOT / "runs").glob("course-*/work") if (p / "stage1").is_dir())
+    runs = sorted(p for p in (ROOT / "runs").glob("course-*/work") if has_stage1_scores(p))
     return runs[-1] if runs else None
 
 
@@ -43,11 +48,11 @@ def main() -> None:
     ap.add_argument("--run", type=Path, default=None, help="a finished course run's work folder (default: newest)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--warm-seed", type=int, default=0,
-                    help="warm-up seed of the miniature (0: the course's; another stands in for another CPU's rounding)")
+                    help="the miniature's warm-up seed (0: the course's; others stand in for another CPU's rounding)")
     ap.add_argument("--variant", action="append", default=[], metavar="'NAME: key=value ...'")
     args = ap.parse_args()
     run = args.run or newest_course_run()
-    if run is None or not (run / "stage1").is_dir():
+    if run is None or not has_stage1_scores(run):
         sys.exit("no finished course run with stage-1 scores: run `make course` first, or pass --run <work folder>")
     variants = [parse_variant(v) for v in args.variant] or [("the preset", {})]
     torch.set_num_threads(1)
