@@ -25,9 +25,8 @@ from mmrag_lite.config import get_preset
 
 
 def trend(history: list[dict], key: str) -> str:
-    rows = [e[key] for e in history if key in e]
-    n = max(1, -(-len(rows) // 5))
-    return f"{sum(rows[:n]) / n:.3f} -> {sum(rows[-n:]) / n:.3f}"
+    first, last = training.reward_trend(history, key=key)
+    return f"{first:.3f} -> {last:.3f}"
 
 
 def main() -> None:
