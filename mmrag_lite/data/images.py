@@ -65,7 +65,9 @@ def load_image_bytes(data: bytes, image_id: int = -1) -> Image.Image:
             return im.convert("RGB")
     except ImageStoreError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        # DecompressionBombError is a plain Exception: a corrupt header claiming giant dimensions must fail like any
+        # other unreadable image (one bad image never aborts a build), not escape as a crash
         raise ImageDecodeError(image_id, f"bytes are not a readable image ({type(exc).__name__}: {exc})") from None
 
 

@@ -112,7 +112,8 @@ def tokens(text: str) -> list[str]:
     out = []
     for tok in _PUNCT.sub(" ", text.lower()).split():
         tok = _NUMBER_WORDS.get(tok, tok)
-        if len(tok) > 3 and tok.endswith("s") and not tok.endswith("ss") and not tok.isdigit():
+        # stopwords keep their "s" ("does" must stay a stopword, not become a content word "doe")
+        if len(tok) > 3 and tok.endswith("s") and not tok.endswith("ss") and not tok.isdigit() and tok not in _STOPWORDS:
             tok = tok[:-1]
         out.append(tok)
     return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,14 +69,21 @@ def _open(path: str | Path):
 
 def _iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
     """(line number, parsed JSON) per non-empty line; a line that is not JSON comes as an ``MMQAFormatError``, so a
-    reader can record it and go on (one cut line must not lose the file)."""
+    reader can record it and go on (one cut line must not lose the file). A file that ends early (a cut download:
+    gzip's end-of-stream missing, bytes that stop mid-character) yields one last ``MMQAFormatError`` after the lines
+    read before the cut."""
+    n = 0
     with _open(path) as fh:
-        for n, line in enumerate(fh, start=1):
-            if line.strip():
-                try:
-                    yield n, json.loads(line)
-                except json.JSONDecodeError as exc:
-                    yield n, MMQAFormatError(f"{Path(path).name} line {n}: invalid JSON ({exc.msg})")
+        try:
+            for n, line in enumerate(fh, start=1):
+                if line.strip():
+                    try:
+                        yield n, json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        yield n, MMQAFormatError(f"{Path(path).name} line {n}: invalid JSON ({exc.msg})")
+        except (EOFError, UnicodeDecodeError, gzip.BadGzipFile, zlib.error) as exc:
+            yield n + 1, MMQAFormatError(f"{Path(path).name} line {n + 1}: the file ends early or is corrupt "
+                                         f"({type(exc).__name__}: {exc}); the lines before it are kept")
 
 
 def parse_mmqa_question(raw: Mapping[str, Any]) -> MMQAQuestion:
