@@ -298,13 +298,35 @@ def qa_reference(answer: Any, keywords: Any) -> str:
     return answer if isinstance(answer, str) else ""
 
 
-def _id_set(sources: Any) -> set[str]:
-    """Source ids as strings; a single id (``"30079629"`` or ``30079629``) is one id, not a sequence of characters."""
+def _id_str(source: Any) -> str | None:
+    """One id as a string, so every spelling of WebQA image id 30079629 matches: ``"30079629"``, ``30079629``,
+    ``numpy.int64(30079629)`` and ``30079629.0`` (an id column with gaps reads as floats); ``None``/NaN is no id."""
+    if source is None:
+        return None
+    if isinstance(source, numbers.Integral) and not isinstance(source, bool):
+        return str(int(source))
+    if isinstance(source, numbers.Real) and not isinstance(source, bool):
+        value = float(source)
+        if math.isnan(value):
+            return None
+        return str(int(value)) if value.is_integer() else str(value)
+    return str(source).strip()
+
+
+def _id_list(sources: Any) -> list[str]:
+    """Source ids as strings, in order; a single id is one id, not a sequence of characters; anything that is not
+    an id or a collection of ids (a mapping, an arbitrary object) is no ids rather than an error."""
     if sources is None:
-        return set()
-    if isinstance(sources, (str, int)):
-        sources = [sources]
-    return {str(s).strip() for s in sources if s is not None}
+        return []
+    if isinstance(sources, (str, bytes, numbers.Number)):
+        sources = [sources.decode() if isinstance(sources, bytes) else sources]
+    elif isinstance(sources, Mapping) or not isinstance(sources, Iterable):
+        return []
+    return [i for i in map(_id_str, sources) if i is not None]
+
+
+def _id_set(sources: Any) -> set[str]:
+    return set(_id_list(sources))
 
 
 def webqa_retrieval_f1(predicted_sources: Iterable[Any], gold_sources: Iterable[Any]) -> float:
@@ -599,9 +621,7 @@ def _ranked(ranked: Iterable[Any], k: int | None) -> list[str | None]:
 
     Cutting before de-duplicating keeps ranks honest: in ``[d2, d2, d9]`` the gold ``d9`` is third, not in the top 2.
     """
-    if isinstance(ranked, (str, int)):  # one id, as in _id_set
-        ranked = [ranked]
-    ids = [str(r).strip() for r in (ranked or [])]
+    ids = _id_list(ranked)
     if k is not None:
         ids = ids[: max(k, 0)]
     seen: set[str] = set()
@@ -734,8 +754,7 @@ def evaluate_webqa_submission(
         qcates.append(canonical_qcate(qcate) or qcate)  # "Color" groups with color; an unknown one raises below
         fl_refs.append(list(gold_answer) if isinstance(gold_answer, (list, tuple)) else [gold_answer])
         sources = sub.get("sources")
-        retr.append(webqa_retrieval_f1(sources if isinstance(sources, (list, tuple)) else [],
-                                       _ref_field(ref, "gold_ids", "sources", "gold_sources", default=[])))
+        retr.append(webqa_retrieval_f1(sources, _ref_field(ref, "gold_ids", "sources", "gold_sources", default=[])))
     acc = webqa_accuracy_batch(cands, accrefs, qcates)
     notes: list[str] = []
     if fluency_scorer is not None:

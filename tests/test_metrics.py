@@ -48,6 +48,18 @@ def test_retrieval_f1():
     assert webqa_retrieval_f1(None, ["a"]) == 0.0
 
 
+def test_retrieval_f1_reads_every_spelling_of_an_id():
+    """numpy ints (ids from an array) and integral floats (an id column with gaps) are the same id; NaN is none."""
+    import numpy as np
+
+    assert webqa_retrieval_f1(np.int64(30079629), ["30079629"]) == 1.0
+    assert webqa_retrieval_f1([np.int64(30079629)], [30079629]) == 1.0
+    assert webqa_retrieval_f1([30079629.0, float("nan")], ["30079629"]) == 1.0
+    assert webqa_retrieval_f1([1.5], ["1.5"]) == 1.0 and webqa_retrieval_f1([1.5], ["1"]) == 0.0
+    assert webqa_retrieval_f1({"a": 1}, ["a"]) == 0.0 and webqa_retrieval_f1(object(), ["a"]) == 0.0  # not ids
+    assert recall_at_k([np.int64(5), 7.0], ["5", "7"], 2) == 1.0 and mrr(["x", 3.0], ["3"]) == 0.5
+
+
 # ------------------------------------------------------------------------------------------ normalisation
 def test_word_to_num_matches_word2number_on_single_words():
     assert word_to_num("seven") == 7 and word_to_num("Twenty") == 20 and word_to_num("hundred") == 100
@@ -354,6 +366,9 @@ def test_evaluate_webqa_submission_tables():
     assert any("FL unavailable offline" in n for n in report.notes)
     assert "| All | 3 |" in report.to_markdown() and "n/a" in report.to_markdown()
     assert report.to_rows()[0].keys() == {"group", "n", "retrieval_f1", "fl", "acc", "qa"}
+    one_id = evaluate_webqa_submission({"g1": {"sources": 1, "answer": "red"}, "g2": {"sources": "g2_0"}}, refs)
+    assert one_id.row("color")["retrieval_f1"] == 1.0  # a bare id is one source, as in webqa_retrieval_f1
+    assert one_id.row("text")["retrieval_f1"] == pytest.approx(2 / 3)
 
 
 def test_evaluate_webqa_submission_with_fluency():
