@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -752,6 +753,19 @@ def build_trainer(
     return trainer, curve
 
 
+def _clear_stale_checkpoints(out: Path, *, verbose: bool) -> None:
+    """A fresh run replaces the folder's earlier run: delete its ``checkpoint-*``. Left there, a later ``resume``
+    would take the newest step number, which can be the old run's (rotation removes old checkpoints only after the
+    new run has saved twice), and silently continue or "finish" the wrong run."""
+    if not is_main_process():  # one writer under `accelerate launch`; a fresh run's processes never read them
+        return
+    stale = [p for p in out.glob("checkpoint-*") if p.is_dir()]
+    for folder in stale:
+        shutil.rmtree(folder)
+    if stale and verbose:
+        print(f"a fresh run: removed {len(stale)} checkpoint(s) of an earlier run in {out} (resume=True continues a run)")
+
+
 def _train(stage: int, preset: Preset, dataset: Any, work_dir: str | Path, *, init_adapter: str | Path | None,
            resume: bool | str | Path, callbacks: Sequence[Any], max_steps: int | None, live_plot: bool,
            model: Any, processor: Any, verbose: bool) -> TrainResult:
@@ -760,6 +774,8 @@ def _train(stage: int, preset: Preset, dataset: Any, work_dir: str | Path, *, in
                          "report (too-long prompts dropped? stale stage-1 scores whose guids no longer match?)")
     out = Path(work_dir) / f"stage{stage}"
     out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        _clear_stale_checkpoints(out, verbose=verbose)
     trainer, curve = build_trainer(preset, stage, dataset, out, model=model, processor=processor,
                                    init_adapter=init_adapter, callbacks=callbacks, max_steps=max_steps,
                                    live_plot=live_plot)
@@ -816,7 +832,8 @@ def train_stage1(
 ) -> TrainResult:
     """Stage 1: GRPO on point-wise rows; saves ``<work_dir>/stage1/adapter/`` and ``log_history.json``.
 
-    ``resume=True`` continues from the newest ``stage1/checkpoint-*`` (or a given checkpoint path); ``max_steps``
+    ``resume=True`` continues from the newest ``stage1/checkpoint-*`` (or a given checkpoint path; a fresh run first
+    removes the checkpoints an earlier run left in the folder, so they are always this run's); ``max_steps``
     overrides the preset's bound (the total step count, so resuming to a larger value trains the difference;
     resuming a run whose checkpoint already reached it trains nothing and keeps the saved adapter, ``result.note``).
     """

@@ -413,6 +413,21 @@ def test_resuming_a_finished_run_trains_nothing_and_keeps_the_adapter(tiny_dir: 
     assert _lora_dtypes(again.model) == {torch.float32}
 
 
+def test_a_fresh_run_removes_an_earlier_runs_checkpoints(tiny_dir: Path, tmp_path: Path, varied_rewards: None) -> None:
+    # an earlier, longer run left checkpoint-7; had a rerun been interrupted before saving twice, resume would take
+    # the highest step, the old run's, and silently "finish" it (found by an audit)
+    out = tmp_path / "stage1"
+    stale = out / "checkpoint-7"
+    stale.mkdir(parents=True)
+    (stale / "trainer_state.json").write_text(json.dumps({"global_step": 7}))
+    preset = PRESET.with_overrides(**FAST)
+    ds = training.build_stage1_dataset(mini_rows(), preset, seed=0)
+    model, proc = _load(tiny_dir)
+    training.train_stage1(preset, ds, tmp_path, max_steps=1, model=model, processor=proc, verbose=False)
+    assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-1"}
+    assert training.last_checkpoint(out) == out / "checkpoint-1"
+
+
 def test_stage2_grpo_step_from_stage1_adapter(tiny_dir: Path, tmp_path: Path, processor, varied_rewards: None) -> None:
     # the GPU presets continue from stage 1 (cpu-tiny starts from the base model; see config.py)
     preset = PRESET.with_overrides(**FAST, **{"stage2.init_from": "stage1"})
