@@ -203,6 +203,26 @@ def test_gpu_preset_without_cuda_points_to_cpu_tiny(monkeypatch: pytest.MonkeyPa
         M.load_model_and_processor(get_preset("colab-t4"))
 
 
+def test_a_prompt_cut_through_its_image_tokens_says_so(tiny_dir: Path) -> None:
+    model, processor = M.load_model_and_processor(PRESET, model_path=tiny_dir, for_training=False)
+    msgs = stage1_messages("q?", {"modality": "image", "image": 1, "title": "a", "text": "b"}, reasoning=False)
+    text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    enc = processor(text=[text], images=[[_img((0, 0, 255))]], return_tensors="pt")
+    image_id = model.config.image_token_id
+    first = int((enc["input_ids"][0] == image_id).nonzero()[0])
+    with torch.no_grad():
+        model(**enc)  # whole prompt: fine
+        cut = {**enc, "input_ids": enc["input_ids"][:, : first + 1], "attention_mask": enc["attention_mask"][:, : first + 1]}
+        with pytest.raises(M.ImageTokenMismatchError, match=r"holds? 1 image tokens.*cut through.*Never truncate"):
+            model(**cut)  # what a max_length with truncation does to an image prompt
+        extra = enc["input_ids"].clone()
+        extra[0, -1] = image_id  # a placeholder token in plain text
+        with pytest.raises(M.ImageTokenMismatchError, match="holds the image placeholder token"):
+            model(**{**enc, "input_ids": extra})
+        out = model.generate(**enc, max_new_tokens=3, do_sample=False)  # decode steps (no pixel_values) pass
+    assert out.shape[1] == enc["input_ids"].shape[1] + 3
+
+
 def test_lm_head_dtype_mismatch_is_bridged(tiny_dir: Path) -> None:
     model, _ = M.load_model_and_processor(PRESET, model_path=tiny_dir, for_training=False)
     assert model.lm_head.weight.dtype == torch.float32

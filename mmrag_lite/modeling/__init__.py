@@ -18,6 +18,9 @@ Known traps get a clear message instead of a stack trace deep in a forward pass:
 * TRL GRPO batches mixing text-only and image prompts  -> ``make_mixed_batch_safe`` (``None`` image lists -> ``[]``);
 * a GRPO micro-batch of text-only rows cut from a batch with images (TRL hands the model *empty* ``pixel_values``)
                                                         -> ``make_model_mixed_batch_safe`` (empty vision inputs -> none);
+* a prompt cut through its image tokens (or a placeholder token in plain text)
+                                                        -> the same hook raises ``ImageTokenMismatchError`` naming the
+                                                           cause and the fix, before Qwen-VL's opaque feature mismatch;
 * different image counts *and* sizes in one batch       -> ``prepare_image`` resizes every image to one square size.
 
 Where each part lives: ``loading`` (presets -> model + processor, quantisation, LoRA), ``common`` (errors, dtypes,
@@ -29,7 +32,9 @@ the meta device (no download, no GPU): parameters, 4-bit share, LoRA, and the we
 from .cache import ensure_tiny_vlm, tiny_info, tiny_model_dir
 from .common import (
     TINY_LABEL,
+    ImageTokenMismatchError,
     ModelLoadError,
+    check_image_tokens,
     encode_prompts,
     make_mixed_batch_safe,
     make_model_mixed_batch_safe,
@@ -70,6 +75,7 @@ __all__ = [
     "QWEN2VL_CHAT_TEMPLATE",
     "QWEN2VL_SPECIAL_TOKENS",
     "TINY_LABEL",
+    "ImageTokenMismatchError",
     "ModelLoadError",
     "TinyVLMSettings",
     "WarmUpSettings",
@@ -80,6 +86,7 @@ __all__ = [
     "build_tiny_vlm",
     "can_load_in_4bit",
     "check_device",
+    "check_image_tokens",
     "completion_loss",
     "count_parameters",
     "encode_prompts",

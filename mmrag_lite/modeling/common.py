@@ -5,6 +5,9 @@ The processor fixes live here because both the loader and the miniature's warm-u
 * TRL GRPO batches mixing text-only and image prompts  -> ``make_mixed_batch_safe`` (``None`` image lists -> ``[]``);
 * a GRPO micro-batch of text-only rows cut from a batch with images (TRL hands the model *empty* ``pixel_values``)
                                                         -> ``make_model_mixed_batch_safe`` (empty vision inputs -> none);
+* a prompt cut through its image tokens (or a placeholder token in plain text)
+                                                        -> the same hook raises ``ImageTokenMismatchError`` naming the
+                                                           cause and the fix, before Qwen-VL's opaque feature mismatch;
 * different image counts *and* sizes in one batch       -> ``prepare_image`` resizes every image to one square size.
 """
 
@@ -153,7 +156,44 @@ def make_mixed_batch_safe(processor: Any) -> Any:
 _VISION_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 
+class ImageTokenMismatchError(ValueError):
+    """The prompts hold another number of image placeholder tokens than their images give features."""
+
+
+def check_image_tokens(config: Any, input_ids: Any, image_grid_thw: Any) -> None:
+    """Raise ``ImageTokenMismatchError`` with the cause and the fix when ``input_ids`` hold another number of image
+    placeholder tokens than ``image_grid_thw`` gives features (one per ``spatial_merge_size``² patches).
+
+    Why: a prompt cut through its image tokens (a tokenizer ``max_length``/``truncation``, a trainer's prompt
+    length limit) leaves fewer placeholders than features, and Qwen-VL then fails deep in the forward pass with
+    "Image features and image tokens do not match", which names neither the cause nor the fix.
+    """
+    token_id = getattr(config, "image_token_id", None)
+    vision = getattr(config, "vision_config", None)
+    merge = getattr(vision, "spatial_merge_size", None)
+    if not isinstance(input_ids, torch.Tensor) or not isinstance(image_grid_thw, torch.Tensor) or token_id is None \
+            or not merge or image_grid_thw.numel() == 0:
+        return
+    features = int(image_grid_thw.prod(-1).sum()) // (merge * merge)
+    tokens = int((input_ids == token_id).sum())
+    if tokens < features:
+        raise ImageTokenMismatchError(
+            f"the prompts hold {tokens} image tokens but their {image_grid_thw.shape[0]} image(s) give {features} "
+            "features: a prompt was cut through its image tokens (truncation, or a max prompt length shorter than "
+            "the prompt). Never truncate a multimodal prompt: drop or shrink candidates instead "
+            "(training.build_stage2_dataset does, under stage2.max_prompt_tokens), or lower the pixel budget "
+            "(model.image_size / max_pixels)")
+    if tokens > features:
+        raise ImageTokenMismatchError(
+            f"the inputs hold {tokens} image tokens but their {image_grid_thw.shape[0]} image(s) give only {features} "
+            "features: text outside the images holds the image placeholder token (a document or a generated "
+            "completion with '<|image_pad|>' in it), or an image is missing from the batch")
+
+
 def _drop_empty_vision_inputs(module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
+    if kwargs.get("pixel_values") is not None:  # the image-token check, before the vision tower's opaque error
+        check_image_tokens(getattr(module, "config", None), kwargs.get("input_ids", args[0] if args else None),
+                           kwargs.get("image_grid_thw"))
     empty = [k for k in _VISION_INPUTS if isinstance(kwargs.get(k), torch.Tensor) and kwargs[k].shape[0] == 0]
     if not empty:
         return None
