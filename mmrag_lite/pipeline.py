@@ -120,7 +120,7 @@ class PipelineResult:
         d = asdict(self)
         for key in ("kept_ids", "sources", "problems", "short_sources"):
             d[key] = list(d[key])
-        d["scores"] = {k: (None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)) for k, v in self.scores.items()}
+        d["scores"] = {k: (None if v is None or math.isnan(float(v)) else float(v)) for k, v in self.scores.items()}
         return d
 
     @classmethod
@@ -159,6 +159,7 @@ def oracle_ids(row: Row, scores: Mapping[str, float] | None, k: int) -> list[str
     """
     ids = [str(c["id"]) for c in row["candidates"]]
     gold = {str(g) for g in (row.get("gold_ids") or [c["id"] for c in row["candidates"] if c.get("is_gold")])}
+    gold &= set(ids)  # a gold source missing from the pool cannot be shown; it must not shorten the list either
     n_pad = max(0, k - len(gold))
     if scores is None:
         if n_pad and any(i not in gold for i in ids):
@@ -177,6 +178,10 @@ def select_candidates(row: Row, spec: SystemSpec, scores: Mapping[str, float] | 
     ``all`` keeps the pool order (no ranking exists); ``oracle`` is ``oracle_ids`` (gold guaranteed, padded to k).
     """
     cands = [dict(c) for c in row["candidates"]]
+    ids = [str(c["id"]) for c in cands]
+    if len(set(ids)) != len(ids):  # scores, kept ids and citations are keyed by id: a repeat would show one twice
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        raise ValueError(f"question {row.get('guid')!r}: candidate ids must be unique, repeated: {repeated}")
     if spec.filter == "all":
         return cands
     if spec.filter == "oracle":
@@ -233,7 +238,10 @@ def submission_from_results(results: Iterable[PipelineResult]) -> dict[str, dict
 
 
 def _webqa_id(source_id: str) -> int | str:
-    return int(source_id) if str(source_id).isdigit() else str(source_id)
+    """WebQA writes image ids as ints; only a plain ASCII number that reads back the same becomes one ("0123" and
+    "²" stay strings, so they still match their gold and never crash ``int``)."""
+    s = str(source_id)
+    return int(s) if s.isascii() and s.isdigit() and str(int(s)) == s else s
 
 
 def write_submission(results: Iterable[PipelineResult], path: str | Path) -> Path:
@@ -548,12 +556,13 @@ def fit_prompt(row: Row, candidates: Sequence[Mapping[str, Any]], processor: Any
             best, lo = req, mid + 1
         else:
             hi = mid - 1
+    still_over = best is None
     if best is None:
         best = build_request(row, cands[:1], reasoning=reasoning, image_fn=image_fn)
-        note = f"prompt over {max_tokens} tokens even with one candidate; sent whole (never truncated)"
-    else:
-        dropped = [c["id"] for c in cands[len(best.source_ids):]]
-        note = f"prompt too long: dropped {len(dropped)} lowest-ranked candidate(s) {dropped} to fit {max_tokens} tokens"
+    dropped = [c["id"] for c in cands[len(best.source_ids):]]
+    note = f"prompt too long: dropped {len(dropped)} lowest-ranked candidate(s) {dropped} to fit {max_tokens} tokens"
+    if still_over:
+        note += "; still over with one candidate, sent whole (never truncated)"
     return replace(best, notes=(note,))
 
 

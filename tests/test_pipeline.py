@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -56,6 +57,9 @@ def test_select_candidates_per_filter():
     assert [c["id"] for c in top] == ids[::-1][:2]
     with pytest.raises(ValueError):
         P.select_candidates(row, P.SystemSpec("s", "stage1", "base"), None, 2)
+    twice = {**row, "candidates": row["candidates"] + [dict(row["candidates"][2], title="another document")]}
+    with pytest.raises(ValueError, match=r"unique, repeated: \['3002'\]"):  # one would be shown twice, one lost
+        P.select_candidates(twice, P.SystemSpec("s", "stage1", "base"), scores, 2)
 
 
 def test_oracle_filter_keeps_every_gold_padded_to_k_in_score_order():
@@ -79,6 +83,8 @@ def test_oracle_filter_keeps_every_gold_padded_to_k_in_score_order():
     assert set(P.oracle_ids(row, scores, 1)) == gold  # more gold than k: the guarantee wins
     with pytest.raises(ValueError, match="scores"):
         P.oracle_ids(row, None, 4)  # padding needs the judge's ranking
+    absent = {**row, "gold_ids": [*row["gold_ids"], "not_in_the_pool"]}  # gold the pool lacks cannot be shown
+    assert P.oracle_ids(absent, scores, 3) == P.oracle_ids(row, scores, 3)  # and does not shorten the list
     assert P.ORACLE_SYSTEM in [s.name for s in P.standard_systems(PRESET)]
     assert next(s for s in P.standard_systems(PRESET) if s.filter == "oracle").name == P.ORACLE_SYSTEM
 
@@ -103,6 +109,9 @@ def test_result_round_trip_and_submission(tmp_path):
     assert back.sources == r.sources and math.isnan(back.scores["g_1"])
     sub = P.submission_from_results([r])
     assert sub == {"g": {"sources": [30174997, "g_1"], "answer": "red"}}  # image ids are ints, as in WebQA
+    odd = P.PipelineResult(**{**r.__dict__, "sources": ("0123", "²", "١٢٣"), "scores": {"a": np.float32("nan")}})
+    assert P.submission_from_results([odd])["g"]["sources"] == ["0123", "²", "١٢٣"]  # only plain numbers become ints
+    assert odd.to_dict()["scores"] == {"a": None}  # a numpy NaN too
     path = P.write_submission([r], tmp_path / "eval" / "sub.json")
     assert json.loads(path.read_text()) == json.loads(json.dumps(sub))
     assert [p.name for p in path.parent.iterdir()] == ["sub.json"]  # atomic: no temp file left
@@ -202,6 +211,8 @@ def test_long_prompts_lose_whole_candidates_never_image_tokens(bank):
     assert int((enc["input_ids"] == image_token).sum()) == per_image * len(fitted.images)
     one = P.fit_prompt(row, row["candidates"], processor, reasoning=False, max_tokens=5)
     assert len(one.source_ids) == 1 and "never truncated" in one.notes[0]
+    dropped = [c["id"] for c in row["candidates"][1:]]
+    assert f"dropped {len(dropped)} lowest-ranked candidate(s) {dropped}" in one.notes[0]  # and says which
 
 
 def test_image_fn_resizes_like_run_pipeline():
