@@ -263,20 +263,21 @@ def _fit(question: str, shown: list[Mapping[str, Any]], processor: Any, preset: 
     limit = preset.stage2.max_prompt_tokens
     reasoning = preset.stage2.reasoning
     shown = list(shown)
-    dropped = 0
+    dropped = gold_dropped = 0
     while True:
         n = prompt_token_count(processor, prompts.stage2_messages(question, shown, reasoning=reasoning),
                                prompts.stage2_images(shown))
         if n <= limit:
-            if dropped:
+            if dropped:  # counted only for questions that fit: a dropped question's losses are not a kept one's
                 report.questions_shrunk += 1
                 report.candidates_dropped += dropped
+                report.gold_dropped += gold_dropped
             return shown, n
         if len(shown) <= 1:
             report.questions_dropped_too_long += 1
             return None
         idx = max((i for i, c in enumerate(shown) if not c["is_gold"]), default=len(shown) - 1)
-        report.gold_dropped += int(shown[idx]["is_gold"])
+        gold_dropped += int(shown[idx]["is_gold"])
         shown.pop(idx)
         dropped += 1
 

@@ -187,6 +187,13 @@ def test_stage2_over_long_prompts_shrink_or_drop_never_truncate(processor) -> No
         assert modeling.prompt_token_count(processor, ex["prompt"], ex["images"]) <= limit
         n_parts = sum(p["type"] == "image" for m in ex["prompt"] for p in m["content"])
         assert n_parts == len(ex["images"])  # whole candidates removed, image parts and images together
+    # a question dropped whole does not count its lost gold against the questions that were kept
+    long_gold = {**rows[1], "guid": "long", "candidates": [  # both gold snippets far over any budget
+        dict(c, text="word " * 2000) if c["is_gold"] else c for c in rows[1]["candidates"]]}
+    roomy = PRESET.with_overrides(**{"stage2.max_prompt_tokens": max(lengths)})
+    _, mixed = training.build_stage2_dataset([long_gold, rows[2]], roomy, processor=processor, seed=0)
+    assert len(long_gold["gold_ids"]) == 2 and mixed.questions_dropped_too_long == 1
+    assert mixed.questions_shrunk == 0 and mixed.gold_dropped == 0
     impossible = PRESET.with_overrides(**{"stage2.max_prompt_tokens": 20})
     none_ds, none_report = training.build_stage2_dataset(rows, impossible, processor=processor, seed=0)
     assert len(none_ds) == 0 and none_report.questions_dropped_too_long == len(rows) and "dropped" in str(none_report)
