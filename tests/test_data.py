@@ -536,6 +536,21 @@ def test_candidate_pool_keeps_gold_and_is_deterministic():
     assert len(D.record_to_row(r, None, max_candidates=1, filters=NO_IMAGES)["candidates"]) == 2  # gold always kept
 
 
+def test_candidate_pool_holds_each_id_once_and_gold_wins():
+    """Scores, kept ids and citations are keyed by id: an image listed twice (or as gold and as a distractor) is
+    one candidate, the gold one."""
+    from collections import Counter as Counts
+
+    r = record(img_pos=((30000000, "Ball", "x"),),
+               img_neg=((30000000, "Ball again", "x"), (30000002, "Box", "y"), (30000002, "Box", "y")))
+    counts: Counts = Counts()
+    row = D.record_to_row(r, None, max_candidates=8, filters=NO_IMAGES, counts=counts)
+    ids = [c["id"] for c in row["candidates"]]
+    assert sorted(ids) == ["30000000", "30000002", f"{r.guid}_10"] and row["gold_ids"] == ["30000000"]
+    assert next(c for c in row["candidates"] if c["id"] == "30000000")["title"] == "Ball"
+    assert counts["duplicate_candidate"] == 2
+
+
 def test_downscaled_images_keep_their_format():
     big_jpeg, big_png = _jpeg(size=96), _png(size=96)
     small = D.mini._image_payload(big_jpeg, 48, 1)

@@ -463,7 +463,8 @@ def record_to_row(record: WebQARecord, store: ImageStore | None, max_candidates:
                   counts: Counter | None = None) -> dict[str, Any]:
     """One Mini-WebQA row: all gold candidates, then seeded distractors up to ``max_candidates``, shuffled.
 
-    Distractors that are overlong or whose image does not decode are skipped (and counted in ``counts``).
+    Distractors that are overlong or whose image does not decode are skipped (and counted in ``counts``), and so is
+    a fact whose id the row already holds (a gold one wins): scores, kept ids and citations are keyed by id.
     Images are stored as encoded bytes (``{"bytes": ..., "path": None}``), the form ``datasets.Image`` takes.
     """
     counts = counts if counts is not None else Counter()
@@ -475,7 +476,11 @@ def record_to_row(record: WebQARecord, store: ImageStore | None, max_candidates:
     rng.shuffle(neg)
     limit = max(len(gold), max_candidates) if max_candidates else len(gold) + len(neg)
     chosen: list[dict[str, Any]] = []
+    ids: set[str] = set()
     for fact, is_gold in [(f, True) for f in gold] + [(f, False) for f in neg]:
+        if fact.id in ids:
+            counts["duplicate_candidate"] += 1
+            continue
         if len(chosen) >= limit:
             counts["trimmed"] += 1
             continue
@@ -496,6 +501,7 @@ def record_to_row(record: WebQARecord, store: ImageStore | None, max_candidates:
                 counts["broken_distractor_image"] += 1
                 continue
         chosen.append(_candidate(fact, is_gold, image))
+        ids.add(fact.id)
     rng.shuffle(chosen)
     counts["kept"] += len(chosen)
     return {
