@@ -66,8 +66,12 @@ def _add_set_option(p: argparse.ArgumentParser, help_example: str = "") -> None:
                    help=f"dotted preset override, repeatable (e.g. --set stage1.grpo.max_steps=5){help_example}")
 
 
-def resolve(args: argparse.Namespace, *, existing: bool = False) -> tuple[Preset, Path]:
-    """The preset with overrides applied, and the run folder (created; with ``existing``, it must already exist)."""
+def resolve(args: argparse.Namespace, *, existing: bool = False, needs_device: bool = False) -> tuple[Preset, Path]:
+    """The preset with overrides applied, and the run folder (created; with ``existing``, it must already exist).
+
+    ``needs_device``: refuse a GPU preset without a GPU (or bf16 on a T4) first, so a refused command leaves no
+    empty run folder behind and builds or overwrites no data.
+    """
     from mmrag_lite.config import resolve_preset, runs_dir, work_dir
 
     try:
@@ -80,14 +84,11 @@ def resolve(args: argparse.Namespace, *, existing: bool = False) -> tuple[Preset
     if existing and not folder.is_dir():
         raise CLIError(f"no run folder at {folder}: run build-data / train-stage1 / train-stage2 first, or pass "
                        "the --work-dir of an existing run")
+    if needs_device:
+        from mmrag_lite import modeling
+
+        modeling.check_device(preset)
     return preset, work_dir(preset, args.work_dir)
-
-
-def _check_device(preset: Preset) -> None:
-    """Refuse a GPU preset without a GPU (or bf16 on a T4) before any data is built or overwritten."""
-    from mmrag_lite import modeling
-
-    modeling.check_device(preset)
 
 
 def run_data(args: argparse.Namespace, preset: Preset, wd: Path) -> DatasetDict:
@@ -146,8 +147,7 @@ def _stage1_adapter(wd: Path) -> Path | None:
 def cmd_train_stage1(args: argparse.Namespace) -> int:
     from mmrag_lite import pipeline, scoring, training
 
-    preset, wd = resolve(args)
-    _check_device(preset)
+    preset, wd = resolve(args, needs_device=True)
     ds = run_data(args, preset, wd)
     dataset = training.build_stage1_dataset(ds["train"], preset, seed=preset.seed)
     result = training.train_stage1(preset, dataset, wd, resume=args.resume)
@@ -167,8 +167,7 @@ def cmd_train_stage2(args: argparse.Namespace) -> int:
     from mmrag_lite import pipeline, training
     from mmrag_lite.modeling import release_memory
 
-    preset, wd = resolve(args)
-    _check_device(preset)
+    preset, wd = resolve(args, needs_device=True)
     init = Path(args.init_adapter) if args.init_adapter else None  # None: train_stage2 follows stage2.init_from
     if init is not None and not training.is_adapter_dir(init):  # checked before minutes of re-scoring, not after
         raise CLIError(f"--init-adapter {init} holds no adapter_config.json (a PEFT adapter folder, e.g. "
@@ -196,10 +195,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from mmrag_lite.pipeline import ModelBank
     from mmrag_lite.training import is_adapter_dir
 
-    preset, wd = resolve(args, existing=True)
-    _check_device(preset)
+    preset, wd = resolve(args, existing=True, needs_device=True)
     if args.stage1_adapter and not is_adapter_dir(args.stage1_adapter):
         raise CLIError(f"--stage1-adapter {args.stage1_adapter} holds no adapter_config.json (a PEFT adapter folder)")
+    if not (args.stage1_adapter or is_adapter_dir(wd / "stage1" / "adapter")) and not args.allow_untrained:
+        raise CLIError(f"no stage-1 adapter in {wd / 'stage1'}: every system but zero-shot would silently use the base "
+                       "model. Run train-stage1 and train-stage2 first (same --preset / --work-dir), pass "
+                       "--stage1-adapter, or --allow-untrained to evaluate the untrained base model on purpose")
     run_data(args, preset, wd)  # refuses a run folder built with other settings instead of rebuilding it
     adapters = {"stage1": args.stage1_adapter} if args.stage1_adapter else None
     bank = ModelBank(preset, wd, adapters=adapters)
@@ -293,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "weights)")
     p.add_argument("--no-robustness", action="store_true", help="skip the conflicting/misleading-distractor check")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--allow-untrained", action="store_true", help="evaluate even without a stage-1 adapter (every "
+                   "system then uses the base model; a baseline, not the method)")
     p.set_defaults(func=cmd_evaluate)
 
     p = _subcommand(sub, "course", "run every course notebook headless (papermill) and print a summary")

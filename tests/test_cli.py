@@ -184,8 +184,8 @@ def test_gpu_preset_without_a_gpu_stops_before_touching_data(tmp_path, monkeypat
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert cli.main(["train-stage1", "--preset", "colab-t4", "--work-dir", str(tmp_path)]) == 2
-    assert "cpu-tiny" in capsys.readouterr().err and not (tmp_path / "mini_webqa").exists()
+    assert cli.main(["train-stage1", "--preset", "colab-t4", "--work-dir", str(tmp_path / "new")]) == 2
+    assert "cpu-tiny" in capsys.readouterr().err and not (tmp_path / "new").exists()  # no empty run folder left
 
 
 def test_evaluate_and_train_stage2_refuse_what_is_not_there(tmp_path, capsys):
@@ -197,6 +197,8 @@ def test_evaluate_and_train_stage2_refuse_what_is_not_there(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.build_parser().parse_args(["evaluate", "--questions", "0"])
     assert exc.value.code == 2
+    assert cli.main(["evaluate", "--preset", "cpu-tiny", "--work-dir", str(tmp_path)]) == 2  # nothing trained yet
+    assert "--allow-untrained" in capsys.readouterr().err and not (tmp_path / "mini_webqa").exists()
     assert cli.main(["train-stage2", "--preset", "cpu-tiny", "--work-dir", str(tmp_path)]) == 2
     assert "run train-stage1 first" in capsys.readouterr().err
     (tmp_path / "stage1" / "adapter").mkdir(parents=True)  # an empty adapter folder (a crashed save) is no adapter
