@@ -75,6 +75,7 @@ class CourseReport:
     work_dir: Path
     notebooks: list[NotebookRun] = field(default_factory=list)
     overrides: dict[str, Any] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)  # not run: an earlier notebook failed
 
     @property
     def ok(self) -> bool:
@@ -92,9 +93,14 @@ class CourseReport:
             f"  {'ok ' if nb.ok else 'ERR'} {nb.name:<36} {nb.seconds:6.1f} s" + (f"  {nb.error}" if nb.error else "")
             for nb in self.notebooks
         ]
+        lines += [f"  --- {name:<36}  not run: an earlier notebook failed" for name in self.skipped]
         lines.append(f"executed notebooks: {self.run_dir}")
         lines.append(f"artefacts (data, adapters, reports): {self.work_dir}")
-        lines += headline_numbers(self.work_dir)
+        if self.ok:
+            lines += headline_numbers(self.work_dir)
+        else:  # a reused folder still holds an earlier run's files: never show them as this run's numbers
+            failed = next(nb for nb in self.notebooks if not nb.ok)
+            lines.append(f"no headline numbers: the run failed; the traceback is in {failed.output}")
         return "\n".join(lines)
 
 
@@ -161,8 +167,9 @@ def run_course(
     import papermill as pm
 
     overrides = dict(overrides or {})
-    if overrides:
-        resolve_preset(preset, **overrides)  # fail here, naming the field, not inside notebook 01's third cell
+    # fail here, naming the field (or the GPU that fits no preset), not inside notebook 01's third cell; "auto" is
+    # resolved once, so every notebook and the summary name the preset that ran
+    preset = resolve_preset(preset, **overrides).name
     paths = list(notebooks) if notebooks is not None else notebook_paths()
     if not paths:
         raise FileNotFoundError(f"no course notebooks (NN_topic.ipynb) in {notebooks_dir()}: run the course from a "
@@ -173,7 +180,7 @@ def run_course(
     work = run_dir / "work"
     work.mkdir(parents=True, exist_ok=True)
     report = CourseReport(preset=preset, run_dir=run_dir, work_dir=work, overrides=overrides)
-    for path in paths:
+    for i, path in enumerate(paths):
         output = run_dir / path.name
         start = time.perf_counter()
         try:
@@ -189,10 +196,24 @@ def run_course(
             )
             report.notebooks.append(NotebookRun(path.name, time.perf_counter() - start, True, output))
         except Exception as exc:  # noqa: BLE001 - any failure (cell error, dead kernel, timeout) is reported, not raised
-            message = str(exc).strip().splitlines()
             report.notebooks.append(
-                NotebookRun(path.name, time.perf_counter() - start, False, output, error=(message[-1] if message else repr(exc))[:300])
-            )
+                NotebookRun(path.name, time.perf_counter() - start, False, output, error=describe_failure(exc)))
             if stop_on_error:
+                report.skipped = [p.name for p in paths[i + 1:]]
                 break
     return report
+
+
+def describe_failure(exc: BaseException, limit: int = 400) -> str:
+    """One line for the summary: the error's type and message (every line of it, joined) and, for a cell error, which
+    cell; the executed notebook holds the full traceback."""
+    from papermill.exceptions import PapermillExecutionError
+
+    if isinstance(exc, PapermillExecutionError):
+        where = f" (cell [{exc.exec_count}], index {exc.cell_index})"
+        what = f"{exc.ename}: {exc.evalue}"
+    else:
+        where, what = "", f"{type(exc).__name__}: {exc}"
+    lines = [line.strip() for line in str(what).strip().splitlines() if line.strip()]
+    text = " | ".join(lines) or repr(exc)
+    return (text if len(text) <= limit else text[: limit - 3] + "...") + where

@@ -5,6 +5,9 @@ The notebooks share one run folder, as in ``make course``: notebook 03 trains th
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from mmrag_lite.course import notebook_paths, run_course
@@ -44,6 +47,31 @@ def test_course_injects_overrides_and_starts_kernels_without_the_unencrypted_tcp
     assert "kernel 42 k = 3" in (tmp_path / "run" / path.name).read_text()  # the overrides reached the notebook
     assert "preset 'cpu-tiny' with stage1.k=3: OK" in report.summary()
     assert "without encryption" not in capfd.readouterr().err
+
+
+def test_a_failed_course_names_the_error_and_cell_lists_what_did_not_run_and_shows_no_stale_numbers(tmp_path):
+    import nbformat
+
+    def notebook(name: str, code: str) -> Path:
+        nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "language": "python",
+                                                               "display_name": "Python 3"}})
+        nb.cells = [nbformat.v4.new_code_cell("preset = None\nwork_dir = None\noverrides = {}",
+                                              metadata={"tags": ["parameters"]}), nbformat.v4.new_code_cell(code)]
+        nbformat.write(nb, tmp_path / name)
+        return tmp_path / name
+
+    paths = [notebook("00_ok.ipynb", "x = 1"), notebook("01_fail.ipynb", "raise ValueError('first line\\nsecond line')"),
+             notebook("02_later.ipynb", "y = 2")]
+    stale = tmp_path / "run" / "work" / "eval"
+    stale.mkdir(parents=True)
+    (stale / "results.md").write_text("| system | Retr-F1 |\n| an earlier run | 0.999 |\n")  # a reused run folder
+    report = run_course("cpu-tiny", tmp_path / "run", notebooks=paths)
+    summary = report.summary()
+    assert not report.ok and [nb.ok for nb in report.notebooks] == [True, False] and report.skipped == ["02_later.ipynb"]
+    # both lines of the message, and the cell in the executed copy (papermill's injected parameters cell counts)
+    assert re.search(r"ValueError: first line \| second line \(cell \[\d+\], index 2\)", summary)
+    assert "02_later.ipynb" in summary and "not run" in summary
+    assert "0.999" not in summary and f"traceback is in {tmp_path / 'run' / '01_fail.ipynb'}" in summary
 
 
 def test_kernel_shutdown_sends_no_interrupt_but_a_real_interrupt_still_does(monkeypatch):
