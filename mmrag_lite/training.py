@@ -423,7 +423,7 @@ def plot_reward_curves(curves: Mapping[str, Sequence[tuple[int, float]]], title:
     hides it. ``smooth`` > 1 overlays a running mean over that many logged steps (sampled rewards are noisy)."""
     import matplotlib.pyplot as plt
 
-    names = sorted(curves, key=lambda n: (n != REWARD_KEY, n))
+    names = sorted((n for n in curves if curves[n]), key=lambda n: (n != REWARD_KEY, n))  # nothing logged yet: no panel
     fig, axes = plt.subplots(1, max(len(names), 1), figsize=(3.2 * max(len(names), 1), 2.6), squeeze=False)
     for ax, name in zip(axes[0], names):
         steps, values = zip(*curves[name])

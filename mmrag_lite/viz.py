@@ -86,6 +86,9 @@ def plot_results(table: list[dict[str, Any]], metrics: tuple[str, ...] = ("Retr-
 def plot_ablation(rows: list[dict[str, Any]], x: str, ys: tuple[str, ...], ax: Any = None,
                   title: str | None = None) -> Figure:
     """Lines of ``ys`` against ``x`` (e.g. gold recall and Retr-F1 against k)."""
+    missing = [i for i, r in enumerate(rows) if x not in r]
+    if not rows or missing:  # checked before a figure exists: a failed call leaves no open figure behind
+        raise ValueError(f"plot_ablation needs rows that all hold {x!r}" + (f"; rows {missing} do not" if missing else ""))
     fig, ax = _fig_ax(ax, (5, 3))
     xs = [r[x] for r in rows]
     for y in ys:
@@ -131,6 +134,8 @@ def plot_k_tradeoff(report: list[dict[str, Any]], *, chosen_k: int | None = None
     """
     import matplotlib.pyplot as plt
 
+    if not report:
+        raise ValueError("plot_k_tradeoff needs scoring.filter_report rows (one per k); got none: were any questions scored?")
     ks = [r["k"] for r in report]
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
     ax.plot(ks, [r["recall"] for r in report], marker="o", label="recall@k (trained)")

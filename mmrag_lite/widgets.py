@@ -90,6 +90,8 @@ def dataset_browser(dataset: Any, split: str | None = None, thumb: int = 96, col
     else:
         splits = {split or "rows": dataset}
     names = list(splits)
+    if not names:
+        raise ValueError("dataset_browser needs a DatasetDict with at least one split, a Dataset or a list of rows")
     split_pick = W.Dropdown(options=names, value=split if split in splits else names[0], description="split")
     index = W.IntSlider(min=0, max=max(0, len(splits[split_pick.value]) - 1), value=0, description="question",
                         continuous_update=False)
@@ -173,13 +175,14 @@ def reward_playground(
     if stage == 1:
         row = dict(row or {"label": "yes"})
         weights = dict(weights or {"format": 0.2, "relevance": 1.0})
-        completion = completion if completion is not None else stage1_target(row["label"], reasoning=reasoning, think="...")
+        completion = completion if completion is not None else stage1_target(str(row.get("label", "yes")), reasoning=reasoning, think="...")
         fields = {"label": W.Text(value=str(row.get("label", "")), description="label")}
     else:
         row = dict(row or {"candidate_ids": ["D1", "D2", "D3", "D4"], "gold_ids": ["D2"], "answer": "The car is red.",
                            "keywords": "red", "qcate": "color"})
         weights = dict(weights or {"format": 0.2, "ranking": 0.5, "answer": 1.0})
-        completion = completion if completion is not None else stage2_target(row["gold_ids"], "red", reasoning=reasoning, think="...")
+        completion = completion if completion is not None else stage2_target(list(row.get("gold_ids", [])), "red",
+                                                                              reasoning=reasoning, think="...")
         fields = {
             "candidate_ids": W.Text(value=", ".join(row.get("candidate_ids", [])), description="candidates"),
             "gold_ids": W.Text(value=", ".join(row.get("gold_ids", [])), description="gold ids"),
@@ -293,6 +296,7 @@ def reasoning_viewer(predictions: Any, rows: Any, *, thumb: int = 64) -> VBox:
     import ipywidgets as W
 
     preds = dict(predictions) if isinstance(predictions, Mapping) else {"predictions": list(predictions)}
+    preds = preds or {"predictions": []}  # no system yet: the viewer says "no predictions" rather than failing
     by_guid = {str(r["guid"]): r for r in rows}
     names = list(preds)
     system = W.Dropdown(options=names, value=names[0], description="system")

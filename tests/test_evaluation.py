@@ -280,6 +280,25 @@ def test_plot_results_labels_groups_by_the_given_column():
     assert sorted(round(p.get_height(), 2) for p in ax.patches) == [0.25, 0.5, 1.0]  # the dash cell is skipped
 
 
+def test_plots_refuse_empty_input_before_opening_a_figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mmrag_lite import training, viz
+
+    plt.close("all")
+    with pytest.raises(ValueError, match="filter_report"):
+        viz.plot_k_tradeoff([])
+    with pytest.raises(ValueError, match="rows \\[1\\] do not"):
+        viz.plot_ablation([{"k": 1, "Retr-F1": 0.5}, {"Retr-F1": 0.4}], "k", ("Retr-F1",))
+    assert plt.get_fignums() == []  # no half-drawn figure left open by a refused call
+    fig = training.plot_reward_curves({"reward": [], "format": [(1, 0.5), (2, 0.75)]})  # nothing logged yet: no panel
+    assert [ax.get_title() for ax in fig.axes] == ["format"]
+    plt.close(fig)
+
+
 def _no_constant(name):
     raise ValueError(f"not JSON: {name}")
 

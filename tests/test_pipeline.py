@@ -431,6 +431,8 @@ def test_reasoning_viewer_never_shows_another_questions_result():
                                 kept_ids=tuple(kept), reasoning="", completion="", sources=(), answer="")
 
     full = [res(r["guid"], "full") for r in ROWS]
+    for nothing in ({}, []):  # no system has run yet: a message, not an IndexError
+        assert "no predictions" in reasoning_viewer(nothing, ROWS).output.value.lower()
     viewer = reasoning_viewer({"empty": [], "partial": [res("q1", "partial")], "full": full}, ROWS)
     assert [guid for _, guid in viewer.question_picker.options] == ["q1", "q0", "q2"]  # every system's questions
     viewer.question_picker.value = "q0"

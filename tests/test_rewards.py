@@ -615,6 +615,9 @@ def test_playground_scores_the_row_as_score_completion_does():
     assert "gold ids not among the candidates, so no completion can cite them: D9" in pg.output.value
     odd = reward_playground(2, row=dict(row, qcate="Other"), weights=weights, completion=pasted)
     assert odd.fields["qcate"].value == "Other"  # an unlisted category is shown, not a TraitError
+    partial = reward_playground(2, row={"candidate_ids": ["D1"]})  # columns left out: empty fields, no KeyError
+    assert partial.fields["gold_ids"].value == "" and "<td>format</td>" in partial.output.value
+    assert "<td>relevance</td>" in reward_playground(1, row={}).output.value
 
 
 def test_preset_helpers_take_a_name_and_refuse_an_unknown_stage():
