@@ -108,6 +108,29 @@ def test_ensure_tiny_vlm_is_cached() -> None:
     assert changed != first  # a change of build settings means another folder, i.e. a rebuild
 
 
+def test_the_warm_cache_key_holds_the_image_settings_and_a_damaged_folder_is_rebuilt(tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from mmrag_lite.modeling import cache
+
+    bigger = PRESET.with_overrides(**{"model.image_size": 112, "model.min_pixels": 112 * 112,
+                                      "model.max_pixels": 112 * 112})  # 16 image tokens per picture instead of 4
+    assert M.tiny_model_dir(preset=bigger) != M.tiny_model_dir(preset=PRESET)
+    cold = M.ensure_tiny_vlm(warm=False)
+    copy = shutil.copytree(cold, tmp_path / "copy")
+    assert cache._is_complete(copy)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a cut file: its header no longer reads
+    assert not cache._is_complete(copy)
+    weights.unlink()
+    assert not cache._is_complete(copy)
+    info = json.loads((copy / "mmrag_tiny.json").read_text())
+    (copy / "mmrag_tiny.json").write_text(json.dumps({**info, "warm_up": {"steps": 120, "stopped_by": "time"}}))
+    with pytest.warns(RuntimeWarning, match="only 120 steps.*time guard"):
+        cache._warn_if_cut_short(copy)
+
+
 def test_warm_up_threads_are_capped_by_the_cores_and_name_the_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     """The thread count shapes the warm model, so a 1-core machine runs one thread and caches under another name."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -36,13 +37,34 @@ def tiny_model_dir(warm: bool = True, settings: TinyVLMSettings = TinyVLMSetting
     if not warm:
         return base
     p = as_preset(preset or "cpu-tiny")
-    warm_key = _short_hash({"warm": asdict(warm_settings), "data": WARMUP_DATA_SOURCE, "data_settings": asdict(p.data),
-                            "seed": p.seed, "k": p.stage1.k, "threads": warm_up_threads(warm_settings)})
-    return base.parent / f"{base.name}-warm-{warm_key}"
+    key: dict[str, Any] = {"warm": asdict(warm_settings), "data": WARMUP_DATA_SOURCE, "data_settings": asdict(p.data),
+                           "seed": p.seed, "k": p.stage1.k, "threads": warm_up_threads(warm_settings)}
+    images = _image_settings(p)
+    if images != _image_settings(as_preset("cpu-tiny")):  # image tokens per picture shape the warm model; cpu-tiny's
+        key["images"] = images  # own settings keep the key they always had, so existing caches stay valid
+    return base.parent / f"{base.name}-warm-{_short_hash(key)}"
+
+
+def _image_settings(preset: Preset) -> dict[str, int]:
+    return {"image_size": preset.model.image_size, "min_pixels": preset.model.min_pixels,
+            "max_pixels": preset.model.max_pixels}
+
+_MODEL_FILES = ("mmrag_tiny.json", "config.json", "model.safetensors", "tokenizer.json", "processor_config.json")
 
 
 def _is_complete(folder: Path) -> bool:
-    return (folder / "mmrag_tiny.json").is_file() and (folder / "config.json").is_file()
+    """Every file loading needs is there and the weights' header reads: a folder damaged after the build (a deleted
+    or cut file; the atomic rename rules out a half-written one) is rebuilt, not loaded into an opaque error."""
+    if not all((folder / name).is_file() for name in _MODEL_FILES):
+        return False
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as fh:
+            fh.keys()
+    except Exception:  # noqa: BLE001 - any unreadable header means "rebuild"
+        return False
+    return True
 
 
 @contextlib.contextmanager
@@ -78,7 +100,22 @@ def ensure_tiny_vlm(preset: Preset | str | None = None, *, warm: bool = True,
         with _folder_lock(target):
             if not _is_complete(target):
                 warm_up_tiny_vlm(cold, target, preset=preset or "cpu-tiny", settings=warm_settings)
+    _warn_if_cut_short(target)
     return target
+
+
+def _warn_if_cut_short(folder: Path) -> None:
+    """A warm-up that the time guard stopped (a very busy machine) is cached like any other, so say so on every use:
+    it is another, less trained model than the one the course's figures come from."""
+    try:
+        warm = json.loads((folder / "mmrag_tiny.json").read_text(encoding="utf-8")).get("warm_up", {})
+    except (OSError, ValueError):
+        return
+    if warm.get("stopped_by") == "time":
+        warnings.warn(f"the miniature in {folder} was warmed up for only {warm.get('steps')} steps: the time guard "
+                      f"(WarmUpSettings.max_seconds) stopped it on a busy machine. Delete the folder and re-run when "
+                      "the machine is idle to get the fully warmed model the course's figures come from",
+                      RuntimeWarning, stacklevel=3)
 
 
 def tiny_info(folder: str | Path | None = None) -> dict[str, Any]:

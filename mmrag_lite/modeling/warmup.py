@@ -54,7 +54,8 @@ class WarmUpSettings:
     eval_every: int = 20
     eval_items: int = 64  # balanced items from half of the validation questions, for the early-stopping check
     target_accuracy: float = 0.65  # stop once stage-1 accuracy reaches this: above majority (0.5), far from solved
-    max_seconds: float = 600.0  # guard for a very busy machine (the cached result records steps and seconds)
+    max_seconds: float = 600.0  # guard for a very busy machine: the cached result records steps, seconds and
+    # stopped_by="time", and ensure_tiny_vlm warns on every use of such a (less trained, not reproducible) model
     # Stage-1 items shown with the reasoning prompt, and how many of those get the (empty) <think></think> block.
     # The miniature cannot read instructions, so it learns the reasoning format only as often as it is shown:
     # it starts GRPO writing it ~30% of the time, a gap RL closes visibly on a CPU. No reasoning text is taught.
@@ -63,7 +64,7 @@ class WarmUpSettings:
     max_questions: int = 400
     seed: int = 0
     # A fixed torch thread count, not the machine's: the float sums (hence the warm model) depend on it, and with it
-    # fixed a rebuild is bit-identical (measured for 1 and 2). Two threads: 0.18 s/step vs 0.24 s on one (2 cores).
+    # fixed a rebuild is bit-identical (measured for 1 and 2; unless the max_seconds guard cuts it short). Two threads: 0.18 s/step vs 0.24 s on one (2 cores).
     # Capped at the cores this process may use (more threads than cores contend), see warm_up_threads.
     threads: int = 2
     version: int = 1  # part of the cache key: bump when the warm-up code changes in a way the settings do not show
@@ -345,6 +346,7 @@ def _warm_up(cold_dir: str | Path, out_dir: str | Path, *, preset: Preset | str,
     history: list[dict[str, float]] = []
     losses: dict[int, list[float]] = {1: [], 2: []}
     step, acc = 0, 0.0
+    stopped_by = "max_steps"
     for step in range(1, settings.max_steps + 1):
         kind = 2 if (tr2 and settings.stage2_every and step % settings.stage2_every == 0) else 1
         if kind == 2:
@@ -370,12 +372,16 @@ def _warm_up(cold_dir: str | Path, out_dir: str | Path, *, preset: Preset | str,
             if verbose:
                 print(f"  step {step:4d}  loss stage-1 {l1:.3f} stage-2 {l2:.3f}  stage-1 val acc {acc:.3f}  "
                       f"({time.time() - t0:.0f}s)")
-            if acc >= settings.target_accuracy or time.time() - t0 > settings.max_seconds:
+            if acc >= settings.target_accuracy:
+                stopped_by = "target accuracy"
+                break
+            if time.time() - t0 > settings.max_seconds:
+                stopped_by = "time"  # not bit-identical to an idle machine's model: ensure_tiny_vlm warns on every use
                 break
     model.eval()
     report = evaluate_tiny(model, processor, va1, va2)
     report.update({"steps": step, "seconds": time.time() - t0, "threads": torch.get_num_threads(), "data_source": source,
-                   "history": history, "split": val_split, "settings": asdict(settings)})
+                   "history": history, "split": val_split, "settings": asdict(settings), "stopped_by": stopped_by})
     if verbose:
         print(f"warm-up done in {report['seconds']:.0f}s, {step} steps on {report['threads']} thread(s). Held-out: "
               f"stage-1 greedy accuracy {report['stage1_accuracy']:.3f} vs majority {report['stage1_majority']:.3f}; "
