@@ -11,7 +11,8 @@ reference with weight ``beta``). No value model, no learned reward model: this i
 course. Everything GRPO is told comes from the preset (``grpo_config_kwargs``), so a notebook never hides a knob.
 
 Stage 1 trains the point-wise judge on (question, one candidate) rows; stage 2 trains the list-wise reasoner on
-(question, top-k candidates behind D1..Dk) rows, continuing from the stage-1 adapter by default.
+(question, top-k candidates behind D1..Dk) rows, continuing from the stage-1 adapter on the GPU presets
+(``stage2.init_from``; ``cpu-tiny`` starts from the warmed base model).
 Run folders follow docs/CONTRACTS.md: ``<work_dir>/stage{1,2}/adapter/``, ``log_history.json``, ``checkpoint-*``.
 """
 
