@@ -49,6 +49,7 @@ def _image_settings(preset: Preset) -> dict[str, int]:
     return {"image_size": preset.model.image_size, "min_pixels": preset.model.min_pixels,
             "max_pixels": preset.model.max_pixels}
 
+
 _MODEL_FILES = ("mmrag_tiny.json", "config.json", "model.safetensors", "tokenizer.json", "processor_config.json")
 
 

@@ -64,8 +64,9 @@ class WarmUpSettings:
     max_questions: int = 400
     seed: int = 0
     # A fixed torch thread count, not the machine's: the float sums (hence the warm model) depend on it, and with it
-    # fixed a rebuild is bit-identical (measured for 1 and 2; unless the max_seconds guard cuts it short). Two threads: 0.18 s/step vs 0.24 s on one (2 cores).
-    # Capped at the cores this process may use (more threads than cores contend), see warm_up_threads.
+    # fixed a rebuild is bit-identical (measured for 1 and 2; unless the max_seconds guard cuts it short). Two
+    # threads: 0.18 s/step vs 0.24 s on one (2 cores). Capped at the cores this process may use (more threads than
+    # cores contend), see warm_up_threads.
     threads: int = 2
     version: int = 1  # part of the cache key: bump when the warm-up code changes in a way the settings do not show
 
