@@ -46,8 +46,9 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise CLIError(f"--set: bad key {key!r} in {text!r} (dotted path like stage1.k)")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise CLIError(f"--set {key}: cannot read value {raw!r}: {exc}") from None
+    except yaml.YAMLError as exc:  # one line, not YAML's multi-line report with a caret under the column
+        why = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
+        raise CLIError(f"--set {key}: cannot read value {raw!r} ({why}); lists look like [1, 2]") from None
     if isinstance(value, str):  # YAML 1.1 reads "2e-3" as a string; a learning rate is a number
         try:
             value = float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "infinity") else value

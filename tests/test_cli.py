@@ -65,6 +65,9 @@ def test_bad_set_key_and_value_exit_2_with_message(tmp_path, capsys):
     assert "key=value" in capsys.readouterr().err
     assert cli.main(["build-data", "--preset", "cpu-tiny", "--work-dir", str(tmp_path), "--set", "stage1.k=abc"]) == 2
     assert "stage1.k must be a whole number" in capsys.readouterr().err  # not a TypeError traceback
+    assert cli.main(["build-data", "--preset", "cpu-tiny", "--work-dir", str(tmp_path), "--set", "stage1.k=[1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot read value '[1'" in err and len(err.splitlines()) == 1  # one line, not YAML's report
 
 
 def test_overrides_reach_the_preset(tmp_path):
