@@ -35,6 +35,7 @@ def atomic_dir(target: str | Path, *, create: bool = True) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_orphans(target)
     tmp = _sibling(target, "tmp")
     if create:
         tmp.mkdir()
@@ -45,6 +46,27 @@ def atomic_dir(target: str | Path, *, create: bool = True) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # someone else's process, or a platform without signals: assume alive
+        return True
+    return True
+
+
+def _remove_orphans(target: Path) -> None:
+    """Delete the temporary siblings of ``target`` that a killed writer left (their process is gone): a kernel
+    interrupted mid-build must not leave a model-sized folder behind for good. A live writer's are never touched
+    (on this machine: the check is by process id, so writers on other hosts sharing the folder are out of scope)."""
+    for sibling in target.parent.glob(f".{target.name}.*-*-*"):
+        tag, _, rest = sibling.name[len(target.name) + 2:].partition("-")
+        pid = rest.split("-", 1)[0]
+        if tag in ("tmp", "old") and pid.isdigit() and sibling.is_dir() and not _pid_alive(int(pid)):
+            shutil.rmtree(sibling, ignore_errors=True)
 
 
 def _swap_in(tmp: Path, target: Path) -> None:

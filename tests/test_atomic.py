@@ -26,6 +26,24 @@ def test_atomic_dir_creates_and_replaces(tmp_path):
     assert _names(target.parent) == ["out"]  # neither the temporary nor the old folder is left
 
 
+def test_atomic_dir_removes_what_a_killed_writer_left_but_not_a_live_ones(tmp_path):
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead_pid = int(gone.stdout)  # that process has exited
+    target = tmp_path / "model"
+    orphans = [tmp_path / f".model.tmp-{dead_pid}-abcd1234", tmp_path / f".model.old-{dead_pid}-abcd1234"]
+    live = tmp_path / f".model.tmp-{os.getpid()}-feedbeef"  # a writer still at work (this very process)
+    other = tmp_path / f".modelx.tmp-{dead_pid}-abcd1234"  # another target's: not ours to judge
+    for folder in [*orphans, live, other]:
+        folder.mkdir()
+        (folder / "weights.bin").write_bytes(b"x" * 10)
+    with atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("one")
+    assert _names(tmp_path) == sorted([live.name, other.name, "model"])
+
+
 def test_atomic_dir_failure_leaves_target_intact(tmp_path):
     target = tmp_path / "out"
     target.mkdir()
