@@ -85,6 +85,26 @@ def _swap_in(tmp: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextmanager
+def folder_lock(folder: str | Path) -> Iterator[None]:
+    """An exclusive lock beside ``folder`` so that parallel callers (tests, notebooks, two kernels on one run folder)
+    build it once, not twice: the second waits, then finds it built. The atomic rename alone keeps each folder
+    whole, but two builders racing to rename onto one target can fail."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no lock, the atomic rename still keeps the folder whole
+        yield
+        return
+    with open(folder.parent / f".{folder.name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write ``text`` (UTF-8) under a temporary name in the same folder, then rename it to ``path``.
 
@@ -143,4 +163,4 @@ def write_json_atomic(path: str | Path, payload: Any, *, indent: int | None = 2,
     return write_text_atomic(path, text + "\n")
 
 
-__all__ = ["atomic_dir", "json_ready", "write_json_atomic", "write_text_atomic"]
+__all__ = ["atomic_dir", "folder_lock", "json_ready", "write_json_atomic", "write_text_atomic"]

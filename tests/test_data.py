@@ -722,6 +722,35 @@ def test_ensure_mini_webqa_builds_once(tmp_path):
     assert forced["train"]["guid"] == dd["train"]["guid"]  # same seed, same data
 
 
+def test_two_callers_on_one_run_folder_build_it_once(tmp_path, monkeypatch):
+    """Two kernels on one run folder: without the lock both built, and racing renames onto one target can fail."""
+    import threading
+
+    builds = []
+    real = D.mini.build_mini_webqa
+
+    def counted(*args, **kw):
+        builds.append(threading.get_ident())
+        return real(*args, **kw)
+
+    monkeypatch.setattr(D.mini, "build_mini_webqa", counted)
+    results, errors = [], []
+
+    def call():
+        try:
+            results.append(D.ensure_mini_webqa("cpu-tiny", tmp_path))
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 2 and len(builds) == 1
+    assert results[0]["train"]["guid"] == results[1]["train"]["guid"]
+
+
 def test_ensure_mini_webqa_notices_changed_source_files(tmp_path, world):
     """A cut imgs.tsv later restored, or a re-downloaded question file, changes size or mtime: the cache key."""
     import shutil

@@ -27,7 +27,7 @@ from typing import Any
 
 from PIL import Image
 
-from ..atomic import atomic_dir
+from ..atomic import atomic_dir, folder_lock
 from .images import ImageStore, ImageStoreError, is_truncated, load_image_bytes
 from .webqa import (
     IMAGE_QCATES,
@@ -837,17 +837,19 @@ def ensure_mini_webqa(preset: Any = "auto", work_dir: str | Path | None = None, 
     mini, world = wd / "mini_webqa", wd / "world"
     if not force and mini_webqa_is_current(p, wd, webqa_dir):
         return load_mini_webqa(mini)
-    saved = _saved_source(mini) if webqa_dir is None else None
-    if webqa_dir is not None:
-        source = Path(webqa_dir)
-    elif saved is not None and saved[0].parent.resolve() != world.resolve() and saved[0].is_file():
-        source = saved[0]  # notebook 01's real WebQA: rebuild from it, never swap in the synthetic world
-    else:
-        manifest = read_world_manifest(world)
-        if (force or manifest is None or not _world_matches(manifest, p)
-                or not (world / "imgs.lineidx").is_file()):
-            make_world(world, n_questions=p.data.world_questions, seed=p.seed, image_size=p.data.world_image_size,
-                       progress=progress)
-        source = world
-    build_mini_webqa(source, mini, settings=p.data, seed=p.seed, progress=progress)
+    with folder_lock(mini):  # two kernels on one run folder: the second waits, then finds the first one's build
+        if force or not mini_webqa_is_current(p, wd, webqa_dir):
+            saved = _saved_source(mini) if webqa_dir is None else None
+            if webqa_dir is not None:
+                source = Path(webqa_dir)
+            elif saved is not None and saved[0].parent.resolve() != world.resolve() and saved[0].is_file():
+                source = saved[0]  # notebook 01's real WebQA: rebuild from it, never swap in the synthetic world
+            else:
+                manifest = read_world_manifest(world)
+                if (force or manifest is None or not _world_matches(manifest, p)
+                        or not (world / "imgs.lineidx").is_file()):
+                    make_world(world, n_questions=p.data.world_questions, seed=p.seed,
+                               image_size=p.data.world_image_size, progress=progress)
+                source = world
+            build_mini_webqa(source, mini, settings=p.data, seed=p.seed, progress=progress)
     return load_mini_webqa(mini)

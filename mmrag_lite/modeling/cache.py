@@ -7,7 +7,6 @@ half a model behind.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import warnings
@@ -15,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..atomic import folder_lock
 from ..config import Preset, data_dir
 from .common import as_preset
 from .tiny import TinyVLMSettings, build_tiny_vlm, tokenizer_corpus
@@ -68,37 +68,20 @@ def _is_complete(folder: Path) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def _folder_lock(folder: Path):
-    """An exclusive lock beside ``folder`` so that parallel callers (tests, notebooks) build it once, not twice."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: no lock, the atomic rename still keeps the folder whole
-        yield
-        return
-    with open(folder.parent / f".{folder.name}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def ensure_tiny_vlm(preset: Preset | str | None = None, *, warm: bool = True,
                     settings: TinyVLMSettings = TinyVLMSettings(),
                     warm_settings: WarmUpSettings = WarmUpSettings()) -> Path:
     """The miniature's folder, built (and warmed up when ``warm``) if missing. Second call: instant."""
     cold = tiny_model_dir(warm=False, settings=settings)
     if not _is_complete(cold):
-        with _folder_lock(cold):
+        with folder_lock(cold):
             if not _is_complete(cold):
                 build_tiny_vlm(cold, settings)
     if not warm:
         return cold
     target = tiny_model_dir(warm=True, settings=settings, warm_settings=warm_settings, preset=preset)
     if not _is_complete(target):
-        with _folder_lock(target):
+        with folder_lock(target):
             if not _is_complete(target):
                 warm_up_tiny_vlm(cold, target, preset=preset or "cpu-tiny", settings=warm_settings)
     _warn_if_cut_short(target)
