@@ -1,7 +1,7 @@
 # mmrag-lite: two commands do everything.
 #   make course   set up .venv and run every notebook headless on the cpu-tiny preset
 #   make test     set up .venv and run the test suite (CI runs this through .ci/run)
-# Re-running is fast: the install is skipped while pyproject.toml and this file are unchanged.
+# Re-running is fast: the install is skipped while pyproject.toml, this file and TORCH_SPEC are unchanged.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -10,13 +10,15 @@ PY     := $(VENV)/bin/python
 # load PyPI's torchvision, which the Qwen-VL processors need. On Colab, keep Colab's torch (see README).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.mmrag-installed
+# the torch spec the install used: `make test TORCH_SPEC=...` with another one reinstalls (the file changes only then)
+SPEC   := $(VENV)/.torch-spec
 PRESET ?= cpu-tiny
 # e.g. make course COURSE_ARGS="--set evaluation.retrain_ablations=false" (dotted preset overrides for every notebook)
 COURSE_ARGS ?=
 # Let Python cache the bytecode of what it imports into .venv/ (see the install below).
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: course test test-fast lint clean-runs help
+.PHONY: course test test-fast lint clean-runs help FORCE
 
 help:
 	@echo "make course  - install into .venv and run the whole course (notebooks 01-05) on PRESET=$(PRESET)"
@@ -29,7 +31,10 @@ $(PY):
 # --no-compile: pip would byte-compile every file of every wheel (thousands in torch and transformers, about a minute
 # here); Python compiles what is actually imported, once, on first import. That needs bytecode writes, which some
 # machines switch off for every process (PYTHONDONTWRITEBYTECODE): without them each import would recompile.
-$(STAMP): pyproject.toml Makefile | $(PY)
+$(SPEC): FORCE | $(PY)
+	@echo '$(TORCH_SPEC)' | cmp -s - $@ || echo '$(TORCH_SPEC)' > $@
+
+$(STAMP): pyproject.toml Makefile $(SPEC) | $(PY)
 	$(PY) -m pip install --quiet --no-compile --upgrade pip
 	$(PY) -m pip install --quiet --no-compile $(TORCH_SPEC) -e ".[notebooks,dev]"
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
