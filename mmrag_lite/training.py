@@ -721,7 +721,7 @@ def build_trainer(
     from transformers.trainer_callback import ProgressCallback
     from trl import GRPOTrainer
 
-    from .modeling import load_model_and_processor, lora_config, make_model_mixed_batch_safe
+    from .modeling import freeze_vision_tower, load_model_and_processor, lora_config, make_model_mixed_batch_safe
 
     if (model is None) != (processor is None):
         raise ValueError("pass model and processor together (or neither, to load both from the preset)")
@@ -734,6 +734,8 @@ def build_trainer(
     else:
         peft_config = None if hasattr(model, "peft_config") else lora_config(preset)
     make_model_mixed_batch_safe(model)  # a model passed in may come from elsewhere (idempotent)
+    if preset.lora.freeze_vision:
+        freeze_vision_tower(model)  # the same: no vision backward under gradient checkpointing (idempotent)
     funcs, _ = reward_funcs_for(preset, stage)
     args = grpo_config(preset, stage, output_dir, max_steps=max_steps)
     curve = RewardCurveCallback(live=live_plot, title=f"stage {stage} GRPO rewards ({preset.name})")

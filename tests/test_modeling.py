@@ -246,6 +246,31 @@ def test_a_prompt_cut_through_its_image_tokens_says_so(tiny_dir: Path) -> None:
     assert out.shape[1] == enc["input_ids"].shape[1] + 3
 
 
+def test_the_frozen_vision_tower_records_no_graph_under_the_gpu_presets_input_grad_hooks(tiny_dir: Path) -> None:
+    """Gradient checkpointing (every GPU preset) makes transformers and TRL call enable_input_require_grads, which
+    hooks Qwen-VL's patch_embed too: without freeze_vision_tower every micro-batch backpropagated the vision blocks."""
+    from peft import get_peft_model
+
+    model, processor = M.load_model_and_processor(PRESET, model_path=tiny_dir, for_training=True)
+    assert any("vision tower runs under no_grad" in n for n in model.mmrag_notes)
+    model.enable_input_require_grads()  # what the GPU path's checkpointing switches on
+    model = get_peft_model(model, M.lora_config(PRESET))
+    visual = next(m.visual for m in model.modules() if isinstance(getattr(m, "visual", None), torch.nn.Module))
+    seen: list[bool] = []
+    visual.register_forward_hook(lambda mod, args, out: seen.append(
+        any(t.requires_grad for t in (out if isinstance(out, (tuple, list)) else [getattr(out, "pooler_output", out)])
+            if isinstance(t, torch.Tensor))))
+    msgs = stage1_messages("q?", {"modality": "image", "image": 1, "title": "a", "text": "b"}, reasoning=False)
+    text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    enc = processor(text=[text], images=[[_img((0, 0, 255))]], return_tensors="pt")
+    model(**enc, labels=enc["input_ids"]).loss.backward()
+    assert seen == [False]  # no graph through the frozen tower
+    lora = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora and all(g is not None for g in lora)  # the language model's LoRA still learns
+    wrapped = visual.forward
+    assert M.freeze_vision_tower(model) and visual.forward is wrapped  # idempotent: found again, not wrapped twice
+
+
 def test_lm_head_dtype_mismatch_is_bridged(tiny_dir: Path) -> None:
     model, _ = M.load_model_and_processor(PRESET, model_path=tiny_dir, for_training=False)
     assert model.lm_head.weight.dtype == torch.float32

@@ -31,11 +31,13 @@ the meta device (no download, no GPU): parameters, 4-bit share, LoRA, and the we
 
 from .cache import ensure_tiny_vlm, tiny_info, tiny_model_dir
 from .common import (
+    GREEDY_DECODING,
     TINY_LABEL,
     ImageTokenMismatchError,
     ModelLoadError,
     check_image_tokens,
     encode_prompts,
+    freeze_vision_tower,
     make_mixed_batch_safe,
     make_model_mixed_batch_safe,
     miniature_progress_off,
@@ -72,6 +74,7 @@ from .tiny import (
 from .warmup import WarmUpSettings, completion_loss, evaluate_tiny, greedy_generate, warm_up_threads, warm_up_tiny_vlm
 
 __all__ = [
+    "GREEDY_DECODING",
     "QWEN2VL_CHAT_TEMPLATE",
     "QWEN2VL_SPECIAL_TOKENS",
     "TINY_LABEL",
@@ -92,6 +95,7 @@ __all__ = [
     "encode_prompts",
     "ensure_tiny_vlm",
     "evaluate_tiny",
+    "freeze_vision_tower",
     "generation_config",
     "greedy_generate",
     "is_4bit_layer",

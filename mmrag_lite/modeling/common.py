@@ -8,7 +8,9 @@ The processor fixes live here because both the loader and the miniature's warm-u
 * a prompt cut through its image tokens (or a placeholder token in plain text)
                                                         -> the same hook raises ``ImageTokenMismatchError`` naming the
                                                            cause and the fix, before Qwen-VL's opaque feature mismatch;
-* different image counts *and* sizes in one batch       -> ``prepare_image`` resizes every image to one square size.
+* different image counts *and* sizes in one batch       -> ``prepare_image`` resizes every image to one square size;
+* a frozen vision tower backpropagated anyway (gradient checkpointing hooks every sub-model's input layer)
+                                                        -> ``freeze_vision_tower`` runs it under ``torch.no_grad``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,12 @@ from ..config import Preset, get_preset
 logger = logging.getLogger(__name__)
 
 TINY_LABEL = "a randomly initialised miniature for checking the plumbing"
+
+
+# Greedy decoding as the policy was trained to write: unset generate() fields come from the checkpoint's
+# generation_config.json, and a hub Qwen-VL may set a repetition penalty there that TRL's GRPO sampling does not use
+# (TRL passes repetition_penalty=1.0), so evaluation would read another policy than the one trained.
+GREEDY_DECODING: dict[str, Any] = {"do_sample": False, "repetition_penalty": 1.0}
 
 
 class ModelLoadError(RuntimeError):
@@ -216,6 +224,25 @@ def make_model_mixed_batch_safe(model: torch.nn.Module) -> torch.nn.Module:
             module.register_forward_pre_hook(_drop_empty_vision_inputs, with_kwargs=True)
             module._mmrag_empty_vision_safe = True
     return model
+
+
+def freeze_vision_tower(model: torch.nn.Module) -> bool:
+    """Run the vision tower under ``torch.no_grad`` (in place, idempotent); True when one was found.
+
+    Why: with gradient checkpointing on (every GPU preset), transformers and TRL call ``enable_input_require_grads``,
+    which hooks the input layer of *every* sub-model, Qwen-VL's ``patch_embed`` included. The image features then
+    require grad and each micro-batch recomputes and backpropagates all vision blocks (and keeps their inputs) for
+    gradients nothing uses: LoRA sits on the language model only. TRL toggles checkpointing around generation and
+    re-adds the hooks, so removing them once is not enough; a frozen tower that never records a graph is.
+    """
+    for module in model.modules():
+        visual = getattr(module, "visual", None)
+        if isinstance(visual, torch.nn.Module):
+            if not getattr(visual, "_mmrag_no_grad", False):
+                visual.forward = torch.no_grad()(visual.forward)
+                visual._mmrag_no_grad = True
+            return True
+    return False
 
 
 def encode_prompts(processor: Any, texts: Sequence[str], images: Sequence[Sequence[Any]]) -> Any:

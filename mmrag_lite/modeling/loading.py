@@ -25,6 +25,7 @@ from .cache import ensure_tiny_vlm
 from .common import (
     ModelLoadError,
     as_preset,
+    freeze_vision_tower,
     make_mixed_batch_safe,
     make_model_mixed_batch_safe,
     miniature_progress_off,
@@ -303,6 +304,8 @@ def load_model_and_processor(
             if note:
                 notes.append(note)
 
+    if for_training and preset.lora.freeze_vision and freeze_vision_tower(model):
+        notes.append("vision tower runs under no_grad (frozen; LoRA on the language model only)")
     processor = load_processor(preset, source)
     if adapter_path is not None:
         from peft import PeftModel
