@@ -586,6 +586,8 @@ def generate(model: Any, processor: Any, requests: Sequence[Stage2Request], *, m
     import torch
     from tqdm.auto import tqdm
 
+    from mmrag_lite.modeling import GREEDY_DECODING
+
     tok = getattr(processor, "tokenizer", processor)
     old_side = getattr(tok, "padding_side", "right")
     tok.padding_side = "left"
@@ -596,8 +598,8 @@ def generate(model: Any, processor: Any, requests: Sequence[Stage2Request], *, m
         for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
             enc = _encode(processor, batch).to(device)
             with torch.no_grad():
-                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=getattr(tok, "pad_token_id", None))
+                gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=getattr(tok, "pad_token_id", None),
+                                     **GREEDY_DECODING)
             new = gen[:, enc["input_ids"].shape[-1]:]
             outs.extend(processor.batch_decode(new, skip_special_tokens=True))
     finally:

@@ -34,7 +34,7 @@ from .atomic import write_json_atomic
 from .config import IMAGE_WRAPPER_TOKENS, Preset
 from .data import one_split
 from .metrics import top_k_ids
-from .modeling import encode_prompts, prepare_images
+from .modeling import GREEDY_DECODING, encode_prompts, prepare_images
 
 Scored = dict[str, list[tuple[str, float]]]  # guid -> [(candidate_id, P(yes)), ...] in pool order
 
@@ -232,7 +232,7 @@ def judge_by_generation(
                 images = [prepare_images(prompts.stage1_images(c), preset) for c in chunk]
                 enc = {k: v.to(device) for k, v in encode_prompts(processor, texts, images).items()}
                 gen = model.generate(
-                    **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+                    **enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **GREEDY_DECODING
                 )
                 new = gen[:, enc["input_ids"].shape[1] :]
                 for text in tok.batch_decode(new, skip_special_tokens=True):

@@ -154,6 +154,17 @@ def bank(tmp_path_factory):
     return b
 
 
+def test_stage2_generation_ignores_a_checkpoints_repetition_penalty(bank):
+    model, processor = bank.get("base")
+    requests = [P.build_request(row, row["candidates"][:3], reasoning=False) for row in ROWS[:2]]
+    plain = P.generate(model, processor, requests, max_new_tokens=12, progress=False)
+    model.generation_config.repetition_penalty = 50.0  # a hub config's value must not reach evaluation's decoding
+    try:
+        assert P.generate(model, processor, requests, max_new_tokens=12, progress=False) == plain
+    finally:
+        model.generation_config.repetition_penalty = 1.0
+
+
 def test_standard_systems_end_to_end_give_a_valid_submission(bank, tmp_path):
     from mmrag_lite import metrics
 

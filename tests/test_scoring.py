@@ -135,6 +135,20 @@ def test_score_split_filter_report_and_judge(cold) -> None:
     assert [j.completion for j in one_by_one] == [j.completion for j in judged]  # batching (left padding) changes nothing
 
 
+def test_greedy_judging_ignores_a_checkpoints_repetition_penalty(cold) -> None:
+    """A hub checkpoint's generation_config may set a repetition penalty TRL's sampling never used; evaluation must
+    decode the policy as trained (GREEDY_DECODING), whatever the checkpoint says."""
+    model, proc = cold
+    question = "What colour is the tower?"
+    plain = [j.completion for j in scoring.judge_by_generation(model, proc, question, _cands(), PRESET, max_new_tokens=6)]
+    model.generation_config.repetition_penalty = 50.0  # would change nearly every greedy token if applied
+    try:
+        penalised = scoring.judge_by_generation(model, proc, question, _cands(), PRESET, max_new_tokens=6)
+    finally:
+        model.generation_config.repetition_penalty = 1.0
+    assert [j.completion for j in penalised] == plain
+
+
 class _ScriptedGenerator:
     """Wraps a model so ``generate`` writes fixed completions: the judge's parsing can then be checked exactly."""
 
