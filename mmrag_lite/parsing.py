@@ -284,12 +284,12 @@ def parse_stage1(completion: Any, *, reasoning: bool = True, tags: Tags = DEFAUL
 
 
 # ----------------------------------------------------------------------------------------------- stage 2
-_ID_SPLIT = re.compile(r"[,;\s]+")
+_ID_SPLIT = re.compile(r"[,;\s]+|(?<=[\])}>])(?=[\[({<])")  # also between brackets: "[D1][D2]" is two ids
 _ID_STRIP = "[](){}<>'\"`.:*#"
 
 
 def split_ids(raw: str) -> list[str]:
-    """``"D2, D5"`` / ``"[D2] [D5]"`` / ``"D2;D5"`` → ``["D2", "D5"]`` (order kept, repeats kept)."""
+    """``"D2, D5"`` / ``"[D2] [D5]"`` / ``"[D2][D5]"`` / ``"D2;D5"`` → ``["D2", "D5"]`` (order kept, repeats kept)."""
     out = []
     for token in _ID_SPLIT.split(raw):
         token = token.strip(_ID_STRIP)

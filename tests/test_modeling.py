@@ -417,3 +417,14 @@ def test_one_grpo_step_on_mixed_batch_changes_lora(tiny_dir: Path, tmp_path: Pat
     changed = [n for n, p in before.items() if not torch.equal(p, after[n].detach())]
     assert changed, "one GRPO step should change the LoRA weights"
     assert any("rewards/length_reward/mean" in h for h in trainer.state.log_history)
+
+
+def test_a_short_warm_up_saves_a_complete_model_and_drops_its_data(tiny_dir: Path, tmp_path: Path) -> None:
+    from mmrag_lite.modeling import cache
+
+    out = tmp_path / "models" / "warm"
+    report = M.warm_up_tiny_vlm(tiny_dir, out, settings=M.WarmUpSettings(max_steps=2, eval_every=1, max_questions=8),
+                                verbose=False)
+    assert report["steps"] <= 2 and report["stopped_by"] in {"max_steps", "target accuracy"}
+    assert cache._is_complete(out) and M.tiny_info(out)["warmed_up"]
+    assert not (tmp_path / "models" / "_warmup_data").exists()  # the warm-up's own Mini-WebQA went with it

@@ -124,6 +124,7 @@ def test_stage2_round_trips_the_prompt_contract(reasoning):
 def test_stage2_ids_are_lenient_on_separators_and_case():
     assert split_ids("D2, D5") == ["D2", "D5"]
     assert split_ids("[D2] [D5];D1\n") == ["D2", "D5", "D1"]
+    assert split_ids("[D2][D5](D1)") == ["D2", "D5", "D1"]  # brackets side by side still separate the ids
     parsed = parse_stage2("<sources>d2 ,D1</sources><answer>x</answer>", IDS, reasoning=False)
     assert parsed.ok and parsed.source_ids == ("D2", "D1")
 

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -398,5 +399,16 @@ def _warm_up(cold_dir: str | Path, out_dir: str | Path, *, preset: Preset | str,
         (tmp / "mmrag_tiny.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
         (tmp / "warmup_history.json").write_text(json.dumps(history, indent=2), encoding="utf-8")
         (tmp / "README.md").write_text(model_card(info), encoding="utf-8")
+    _remove_warm_up_data(work)
     return report
+
+
+def _remove_warm_up_data(work: Path) -> None:
+    """The warm-up's own Mini-WebQA is only needed while it runs: once the model is saved, its folder goes (and the
+    ``_warmup_data`` parent with its last child), so the cache holds models, not a copy of the data per warm model."""
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        work.parent.rmdir()
+    except OSError:  # another warm-up's data is still there (or the folder is gone already)
+        pass
 
