@@ -363,11 +363,6 @@ def conflicting_answer(row: Row, other_answers: Sequence[str], rng: random.Rando
     return WrongAnswer(rng.choice(pool) if pool else "none of the above", FALLBACK_WRONG)
 
 
-def wrong_answer_for(row: Row, other_answers: Sequence[str], rng: random.Random) -> str:
-    """The text of ``conflicting_answer``: a plausible but wrong answer of the right type."""
-    return conflicting_answer(row, other_answers, rng).text
-
-
 STATEMENT_HOWS = frozenset({"changed number", "changed name", "changed colour"})  # perturb_answer: whole sentences
 
 
@@ -1016,5 +1011,4 @@ __all__ = [
     "webqa_references",
     "well_formed_rate",
     "write_report",
-    "wrong_answer_for",
 ]

@@ -145,12 +145,12 @@ def test_inject_lexical_copies_question_words_without_an_answer():
 
 def test_wrong_answer_has_the_right_type_and_is_wrong():
     rng = random.Random(0)
-    assert E.wrong_answer_for(ROWS[1], [], rng) == "No"
-    colour = E.wrong_answer_for(ROWS[0], [], rng)
+    assert E.conflicting_answer(ROWS[1], [], rng).text == "No"
+    colour = E.conflicting_answer(ROWS[0], [], rng).text
     assert colour in E.COLORS and colour != "red"
-    num = E.wrong_answer_for({"qcate": "number", "answer": "There are 3 dogs"}, [], rng)
+    num = E.conflicting_answer({"qcate": "number", "answer": "There are 3 dogs"}, [], rng).text
     assert num.isdigit() and num != "3"
-    other = E.wrong_answer_for(ROWS[2], ["Paris is the capital", "Berlin"], rng)
+    other = E.conflicting_answer(ROWS[2], ["Paris is the capital", "Berlin"], rng).text
     assert other == "Berlin is the capital"  # a text answer keeps its shape, with the name changed (not a fallback)
 
 
