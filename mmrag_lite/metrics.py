@@ -604,7 +604,9 @@ def mmqa_em_f1(prediction: Any, gold_answers: Sequence[Any]) -> tuple[float, flo
 def top_k_ids(scores: Mapping[str, float | None], k: int, order: Sequence[str]) -> list[str]:
     """The k best-scored ids of ``order``, best first: the stage-1 filter's one ranking rule.
 
-    Ties keep pool order (a stable, reproducible cut); a missing or NaN score (an fp16 overflow on a GPU) ranks last.
+    Ties keep pool order (a stable cut for given scores); a missing or NaN score (an fp16 overflow on a GPU) ranks
+    last. Two identical prompts scored in differently padded batches can differ in the 7th decimal (the float sums
+    differ), so exact duplicate candidates may swap places between two scoring runs; distinct ones do not tie.
     """
     pos = {cid: i for i, cid in enumerate(order)}
 

@@ -8,7 +8,10 @@ pays for every generated token. Here the judge is read with **one forward pass**
                 = exp(z_yes) / (exp(z_yes) + exp(z_no))
 
 where ``z_yes``/``z_no`` are the next-token logits of the first token of ``yes``/``no`` right after the assistant
-prefix ``<answer>`` (the stage-1 no-reasoning format of docs/CONTRACTS.md). The two-way softmax is our choice: it
+prefix ``<answer>`` (the stage-1 no-reasoning format of docs/CONTRACTS.md); where ``Yes``/``YES`` (``No``/``NO``)
+start with tokens of their own, ``z_yes`` (``z_no``) is the log-sum-exp over them, as the parser reads them all as
+the same verdict. Where a tokenizer merges the tag's ``>`` with the word (Qwen2's ``>yes``), the prompt ends with
+``<answer`` and the verdict tokens are ``>yes``/``>no`` (``verdict_readout``). The two-way softmax is our choice: it
 ignores the mass the model puts on other tokens, so the score stays a clean relevance probability even for a
 model whose format is still shaky. Scores are comparable across candidates, so ranking and top-k are cheap.
 
@@ -67,24 +70,83 @@ def answer_prefix(tags: prompts.Tags = prompts.DEFAULT_TAGS) -> str:
     return tags.open("answer")
 
 
-def yes_no_token_ids(processor: Any, tags: prompts.Tags = prompts.DEFAULT_TAGS) -> tuple[int, int]:
-    """Ids of the first token of ``yes`` and of ``no`` *as the tokenizer writes them right after* ``<answer>``.
+VERDICT_CASE_VARIANTS = {prompts.YES: ("Yes", "YES"), prompts.NO: ("No", "NO")}  # the parser reads these as yes/no
 
-    Tokenising ``"<answer>yes"`` and removing the tokens of ``"<answer>"`` gives the id the model would emit;
-    tokenising ``"yes"`` alone could give a different id (e.g. a word-initial variant).
+
+@dataclass(frozen=True)
+class VerdictReadout:
+    """Where the scorer reads the verdict: the prompt ends with ``prefill`` (token ids ``prefill_ids``); the next
+    token is one of ``yes_ids`` (``yes_ids[0]``: lower-case ``yes``) or one of ``no_ids``."""
+
+    prefill: str
+    prefill_ids: tuple[int, ...]
+    yes_ids: tuple[int, ...]
+    no_ids: tuple[int, ...]
+
+    @property
+    def yes_id(self) -> int:
+        return self.yes_ids[0]
+
+    @property
+    def no_id(self) -> int:
+        return self.no_ids[0]
+
+
+def verdict_readout(processor: Any, prefix: str | None = None) -> VerdictReadout:
+    """The first token where ``prefix + "yes"`` and ``prefix + "no"`` part, and the text before it.
+
+    Usually that is ``<answer>`` then ``yes`` / ``no``. But a tokenizer may merge the tag's last character with the
+    word: Qwen2's pre-tokenizer makes ``>yes`` one piece (``[^\\r\\n\\p{L}\\p{N}]?\\p{L}+``), and where its BPE
+    has that merge the verdict token is ``>yes``, after a prompt that ends with ``<answer``. Reading the first
+    token that differs covers both, and tokenising ``"yes"`` alone (a word-initial variant) is never assumed.
+    ``Yes`` / ``YES`` (and ``No`` / ``NO``) count too where they start with a token of their own after the same
+    prefill: the parser, hence the relevance reward, reads them as the same verdict.
     """
     tok = getattr(processor, "tokenizer", processor)
-    prefix = answer_prefix(tags)
-    base = tok(prefix, add_special_tokens=False)["input_ids"]
-    out: list[int] = []
-    for word in (prompts.YES, prompts.NO):
-        ids = tok(prefix + word, add_special_tokens=False)["input_ids"]
-        if ids[: len(base)] != base or len(ids) == len(base):
-            raise ValueError(f"the tokenizer merges {prefix!r} with {word!r}; cannot read P({word}) after the prefix")
-        out.append(ids[len(base)])
-    if out[0] == out[1]:
-        raise ValueError("'yes' and 'no' start with the same token; forward-pass scoring cannot tell them apart")
-    return out[0], out[1]
+    prefix = answer_prefix() if prefix is None else prefix
+
+    def ids(word: str) -> list[int]:
+        return tok(prefix + word, add_special_tokens=False)["input_ids"]
+
+    yes, no = ids(prompts.YES), ids(prompts.NO)
+    n = 0
+    while n < min(len(yes), len(no)) and yes[n] == no[n]:
+        n += 1
+    if n == len(yes) or n == len(no):
+        raise ValueError(f"after {prefix!r} one of 'yes'/'no' adds no token of its own; forward-pass scoring cannot "
+                         "tell them apart")
+    prefill = tok.decode(yes[:n])
+    if not prefix.startswith(prefill) or tok(prefill, add_special_tokens=False)["input_ids"] != yes[:n]:
+        raise ValueError(f"the tokenizer does not split {prefix!r} + 'yes'/'no' at a text boundary (shared tokens "
+                         f"decode to {prefill!r}); forward-pass scoring needs a prefill that ends where the verdict starts")
+    firsts: dict[str, list[int]] = {prompts.YES: [yes[n]], prompts.NO: [no[n]]}
+    for verdict, variants in VERDICT_CASE_VARIANTS.items():
+        for word in variants:
+            v = ids(word)
+            if len(v) > n and v[:n] == yes[:n] and v[n] not in firsts[verdict]:
+                firsts[verdict].append(v[n])
+    all_yes, all_no = set(firsts[prompts.YES]), set(firsts[prompts.NO])  # a variant that starts like the other
+    yes_ids = [yes[n]] + [t for t in firsts[prompts.YES][1:] if t not in all_no]  # verdict decides nothing: dropped
+    no_ids = [no[n]] + [t for t in firsts[prompts.NO][1:] if t not in all_yes]
+    return VerdictReadout(prefill, tuple(yes[:n]), tuple(yes_ids), tuple(no_ids))
+
+
+def yes_no_token_ids(processor: Any, tags: prompts.Tags = prompts.DEFAULT_TAGS) -> tuple[int, int]:
+    """Ids of the tokens the scorer compares: the first token of ``yes`` and of ``no`` as the tokenizer writes them
+    after ``<answer>`` (``verdict_readout``)."""
+    r = verdict_readout(processor, answer_prefix(tags))
+    return r.yes_id, r.no_id
+
+
+def _check_prompt_end(input_ids: torch.Tensor, readout: VerdictReadout) -> None:
+    """Left-padded prompts must all end with the prefill's tokens, or the last logits are not the verdict's."""
+    n = len(readout.prefill_ids)
+    want = torch.tensor(readout.prefill_ids, device=input_ids.device)
+    bad = [i for i in range(input_ids.shape[0]) if not torch.equal(input_ids[i, -n:], want)]
+    if bad:
+        raise ValueError(f"{len(bad)} scoring prompt(s) do not end with the tokens of {readout.prefill!r} (the chat "
+                         "template's assistant header tokenises into them): the verdict logits would be read at the "
+                         "wrong place")
 
 
 def _stage1_text(processor: Any, question: str, candidate: Mapping[str, Any], *, reasoning: bool) -> str:
@@ -110,8 +172,8 @@ def _score_pairs(
     ``reasoning_prompt``/``prefill`` (what follows the assistant header; it must end in ``<answer>``) exist for
     ``benchmarks/bench_scorer_prompt.py``, which measured the defaults against the alternatives.
     """
-    yes_id, no_id = yes_no_token_ids(processor)
-    prefix = answer_prefix() if prefill is None else prefill
+    readout = verdict_readout(processor, prefill)
+    yes_ids, no_ids = list(readout.yes_ids), list(readout.no_ids)
     device = _model_device(model)
     scores: list[float] = []
     starts = range(0, len(pairs), batch_size)
@@ -125,11 +187,12 @@ def _score_pairs(
         with torch.inference_mode(), _left_padding(processor):
             for start in starts:
                 chunk = pairs[start : start + batch_size]
-                texts = [_stage1_text(processor, q, c, reasoning=reasoning_prompt) + prefix for q, c in chunk]
+                texts = [_stage1_text(processor, q, c, reasoning=reasoning_prompt) + readout.prefill for q, c in chunk]
                 images = [prepare_images(prompts.stage1_images(c), preset) for _, c in chunk]
                 enc = {k: v.to(device) for k, v in encode_prompts(processor, texts, images).items()}
+                _check_prompt_end(enc["input_ids"], readout)
                 logits = model(**enc, logits_to_keep=1).logits[:, -1, :].float()
-                two_way = torch.stack([logits[:, yes_id], logits[:, no_id]], dim=-1)
+                two_way = torch.stack([logits[:, yes_ids].logsumexp(-1), logits[:, no_ids].logsumexp(-1)], dim=-1)
                 scores.extend(torch.softmax(two_way, dim=-1)[:, 0].tolist())
     finally:
         if was_training:
@@ -299,13 +362,15 @@ def filter_report(
     Columns: ``k``, ``recall`` (mean share of a question's gold ids in its top-k), ``precision`` (mean share of the
     top-k that is gold), ``all_gold`` (share of questions whose gold ids all survive), ``kept`` (mean candidates
     kept) and, with a processor and preset, ``tokens_full`` / ``tokens_kept`` / ``tokens_saved`` (mean estimated
-    stage-2 candidate tokens for the whole pool vs the top-k) and ``saved_fraction``.
+    stage-2 candidate tokens for the whole pool vs the top-k) and ``saved_fraction``. A question without gold ids or
+    without candidates has no recall to measure and is left out of every column.
     """
     from .metrics import precision_at_k, recall_at_k
 
-    rows_by_guid = {r["guid"]: r for r in one_split(split_ds, "filter_report") if r["guid"] in scored}
+    rows_by_guid = {r["guid"]: r for r in one_split(split_ds, "filter_report")
+                    if r["guid"] in scored and scored[r["guid"]] and list(r["gold_ids"])}
     if not rows_by_guid:
-        raise ValueError("no question of split_ds has scores; score it first (score_split)")
+        raise ValueError("no question of split_ds has scores, candidates and gold ids; score it first (score_split)")
     pool_max = max(len(scored[g]) for g in rows_by_guid)
     ks = list(range(1, pool_max + 1)) if ks is None else list(ks)
     costs: dict[str, dict[str, int]] = {}
@@ -390,7 +455,8 @@ def load_scores(path: str | Path) -> Scored:
 
 
 __all__ = [
-    "DEFAULT_BATCH_SIZE", "Judgement", "Scored", "answer_prefix", "candidate_token_costs", "filter_report",
-    "format_filter_report", "image_token_count", "judge_by_generation", "load_scores", "load_scores_and_meta",
-    "questions_to_score", "save_scores", "score_candidates", "score_split", "scores_path", "top_k", "yes_no_token_ids",
+    "DEFAULT_BATCH_SIZE", "Judgement", "Scored", "VerdictReadout", "answer_prefix", "candidate_token_costs",
+    "filter_report", "format_filter_report", "image_token_count", "judge_by_generation", "load_scores",
+    "load_scores_and_meta", "questions_to_score", "save_scores", "score_candidates", "score_split", "scores_path", "top_k",
+    "verdict_readout", "yes_no_token_ids",
 ]

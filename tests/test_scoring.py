@@ -78,6 +78,49 @@ def test_scores_round_trip_and_pipeline_reads_them(tmp_path: Path) -> None:
         scoring.load_scores(path)
 
 
+def _qwen2_style_tokenizer(corpus: list[str]):
+    """A byte-level BPE with Qwen2's pre-tokenizer regex and *no* added tag tokens, as the hub tokenizer has them:
+    ``>yes`` is one pre-token, and trained on this corpus the BPE merges it into one token."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    qwen2 = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(qwen2), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, min_frequency=2, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def test_the_verdict_is_read_where_yes_and_no_part_even_when_the_tag_merges_with_the_word() -> None:
+    merging = _qwen2_style_tokenizer(["<answer>yes</answer> <answer>no</answer>"] * 50)
+    assert merging.tokenize("<answer>yes") == ["<answer", ">yes"]  # the case a fixed "<answer>" prefix cannot score
+    r = scoring.verdict_readout(merging)
+    assert len(r.yes_ids) == len(r.no_ids) == 1  # no ">Yes" token here: only the lower-case forms are read
+    assert r.prefill == "<answer" and (merging.decode([r.yes_id]), merging.decode([r.no_id])) == (">yes", ">no")
+    assert scoring.yes_no_token_ids(merging) == (r.yes_id, r.no_id)
+    splitting = _qwen2_style_tokenizer(["yes no answer yes no"] * 50 + ["<", ">"])
+    r = scoring.verdict_readout(splitting)
+    assert r.prefill == "<answer>" and (splitting.decode([r.yes_id]), splitting.decode([r.no_id])) == ("yes", "no")
+    ends_right = torch.tensor([[0, *r.prefill_ids], [9, *r.prefill_ids]])
+    scoring._check_prompt_end(ends_right, r)
+    with pytest.raises(ValueError, match="do not end with the tokens of '<answer>'"):
+        scoring._check_prompt_end(torch.tensor([[*r.prefill_ids, 0]]), r)
+
+
+def test_filter_report_leaves_out_questions_without_gold_or_candidates() -> None:
+    split = [{"guid": "q1", "gold_ids": ["a"], "candidates": [{"id": "a"}, {"id": "b"}]},
+             {"guid": "empty", "gold_ids": ["x"], "candidates": []},
+             {"guid": "no-gold", "gold_ids": [], "candidates": [{"id": "c"}]}]
+    scored = {"q1": [("a", 0.2), ("b", 0.9)], "empty": [], "no-gold": [("c", 0.5)]}
+    rows = scoring.filter_report(scored, split)
+    assert [(r["k"], r["recall"], r["all_gold"]) for r in rows] == [(1, 0.0, 0.0), (2, 1.0, 1.0)]
+    with pytest.raises(ValueError, match="no question"):
+        scoring.filter_report({"empty": []}, split[1:2])
+
+
 # ------------------------------------------------------------------------------------------------ with a model
 @pytest.fixture(scope="module")
 def cold(tmp_path_factory: pytest.TempPathFactory):
@@ -88,7 +131,7 @@ def cold(tmp_path_factory: pytest.TempPathFactory):
 def test_yes_no_tokens_are_distinct_single_tokens(cold) -> None:
     _, proc = cold
     yes, no = scoring.yes_no_token_ids(proc)
-    assert yes != no
+    assert yes != no and scoring.verdict_readout(proc).prefill == "<answer>"  # the miniature's tags are single tokens
     assert proc.tokenizer.decode([yes]).strip() == "yes" and proc.tokenizer.decode([no]).strip() == "no"
 
 
@@ -105,7 +148,9 @@ def test_forward_pass_score_matches_an_unbatched_reference(cold) -> None:
     model, proc = cold
     q = "What colour is the tower?"
     batched = scoring.score_candidates(model, proc, q, _cands(), PRESET, batch_size=4)
-    yes, no = scoring.yes_no_token_ids(proc)
+    r = scoring.verdict_readout(proc)
+    yes, no = list(r.yes_ids), list(r.no_ids)
+    assert len(yes) > 1 and len(no) > 1  # "Yes"/"No" are tokens of the miniature too: their mass counts
     for cand, got in zip(_cands(), batched):
         text = proc.apply_chat_template(prompts.stage1_messages(q, cand, reasoning=False), add_generation_prompt=True,
                                         tokenize=False) + scoring.answer_prefix()
@@ -113,7 +158,8 @@ def test_forward_pass_score_matches_an_unbatched_reference(cold) -> None:
         enc = proc(text=[text], images=[imgs] if imgs else None, return_tensors="pt")
         with torch.no_grad():
             logits = model(**enc).logits[0, -1]
-        ref = torch.softmax(torch.stack([logits[yes], logits[no]]), 0)[0].item()
+        p = torch.softmax(logits, 0)
+        ref = (p[yes].sum() / (p[yes].sum() + p[no].sum())).item()  # P(any yes form) vs P(any no form)
         assert got == pytest.approx(ref, abs=1e-4)
     assert scoring.score_candidates(model, proc, q, _cands(), PRESET, batch_size=3) == pytest.approx(batched, abs=1e-4)
 
