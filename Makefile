@@ -25,8 +25,12 @@ help:
 	@echo "make test    - install into .venv and run the tests (notebooks included)"
 	@echo "make test-fast - the tests without executing the notebooks"
 
+# Python 3.11+ first (pip would only refuse the project after the venv exists), and no half-made venv left behind
+# (Debian/Ubuntu without python3-venv fail midway): a failed first try is repaired by re-running, e.g. with PYTHON=...
 $(PY):
-	$(PYTHON) -m venv $(VENV)
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "mmrag-lite needs Python 3.11+; $(PYTHON) is $$($(PYTHON) -V 2>&1). Try: make $(MAKECMDGOALS) PYTHON=python3.11"; exit 1; }
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); echo "could not make $(VENV) (on Debian/Ubuntu: apt install python3-venv)"; exit 1; }
 
 # --no-compile: pip would byte-compile every file of every wheel (thousands in torch and transformers, about a minute
 # here); Python compiles what is actually imported, once, on first import. That needs bytecode writes, which some
@@ -35,6 +39,8 @@ $(SPEC): FORCE | $(PY)
 	@echo '$(TORCH_SPEC)' | cmp -s - $@ || echo '$(TORCH_SPEC)' > $@
 
 $(STAMP): pyproject.toml Makefile $(SPEC) | $(PY)
+	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "$(VENV) was made with Python $$($(PY) -V 2>&1); mmrag-lite needs 3.11+: rm -rf $(VENV) and re-run"; exit 1; }
 	$(PY) -m pip install --quiet --no-compile --upgrade pip
 	$(PY) -m pip install --quiet --no-compile $(TORCH_SPEC) -e ".[notebooks,dev]"
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null

@@ -168,16 +168,15 @@ def cmd_train_stage2(args: argparse.Namespace) -> int:
     from mmrag_lite import pipeline, training
     from mmrag_lite.modeling import release_memory
 
-    preset, wd = resolve(args, needs_device=True)
     init = Path(args.init_adapter) if args.init_adapter else None  # None: train_stage2 follows stage2.init_from
-    if init is not None and not training.is_adapter_dir(init):  # checked before minutes of re-scoring, not after
+    if init is not None and not training.is_adapter_dir(init):  # checked before any folder, data or scoring
         raise CLIError(f"--init-adapter {init} holds no adapter_config.json (a PEFT adapter folder, e.g. "
                        "<work-dir>/stage1/adapter)")
-    ds = run_data(args, preset, wd)
-    adapter = _stage1_adapter(wd)
-    if adapter is None:
+    preset, wd = resolve(args, existing=True, needs_device=True)  # stage 2 continues a stage-1 run folder
+    if _stage1_adapter(wd) is None:  # before the run's data is built or checked: that can take minutes
         raise CLIError(f"no stage-1 adapter in {wd / 'stage1'}: stage-2 pools are the stage-1 top-k, so run "
                        "train-stage1 first (with the same --preset / --work-dir)")
+    ds = run_data(args, preset, wd)
     bank = pipeline.ModelBank(preset, wd)
     with _main_process_first():  # the main process re-scores when needed; the others then read what it wrote
         if training.is_main_process():  # missing, another judge's, or too few questions: scored again

@@ -203,14 +203,16 @@ def test_evaluate_and_train_stage2_refuse_what_is_not_there(tmp_path, capsys):
     assert cli.main(["evaluate", "--preset", "cpu-tiny", "--work-dir", str(tmp_path)]) == 2  # nothing trained yet
     assert "--allow-untrained" in capsys.readouterr().err and not (tmp_path / "mini_webqa").exists()
     assert cli.main(["train-stage2", "--preset", "cpu-tiny", "--work-dir", str(tmp_path)]) == 2
-    assert "run train-stage1 first" in capsys.readouterr().err
+    assert "run train-stage1 first" in capsys.readouterr().err and not (tmp_path / "mini_webqa").exists()  # no data built
     (tmp_path / "stage1" / "adapter").mkdir(parents=True)  # an empty adapter folder (a crashed save) is no adapter
     assert cli.main(["train-stage2", "--preset", "cpu-tiny", "--work-dir", str(tmp_path)]) == 2
     assert "run train-stage1 first" in capsys.readouterr().err
     fresh = tmp_path / "fresh"
     assert cli.main(["train-stage2", "--preset", "cpu-tiny", "--work-dir", str(fresh), "--init-adapter",
                      str(tmp_path / "stage1" / "adapter")]) == 2
-    assert "--init-adapter" in capsys.readouterr().err and not (fresh / "mini_webqa").exists()  # refused up front
+    assert "--init-adapter" in capsys.readouterr().err and not fresh.exists()  # refused before any folder is made
+    assert cli.main(["train-stage2", "--preset", "cpu-tiny", "--work-dir", str(fresh)]) == 2
+    assert "no run folder" in capsys.readouterr().err and not fresh.exists()
 
 
 @pytest.mark.slow
