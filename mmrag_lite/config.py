@@ -98,12 +98,12 @@ class LoraSettings:
 @dataclass(frozen=True)
 class GRPOSettings:
     max_steps: int
-    per_device_train_batch_size: int  # completions per device per step (must be a multiple of generations)
+    per_device_train_batch_size: int  # completions per micro-batch; a step samples this x accumulation (a multiple of G)
     gradient_accumulation_steps: int
     num_generations: int  # group size G: rewards are compared within a group
     max_completion_length: int
     learning_rate: float
-    beta: float  # KL weight; 0 drops the reference model and saves its memory
+    beta: float  # KL weight; 0 skips the reference log-prob pass (with LoRA the reference is the base, adapter off)
     loss_type: LossType  # TRL loss: "dapo" (the presets), "grpo", "dr_grpo", "bnpo", ... (GRPO_LOSS_TYPES)
     temperature: float = 1.0
     logging_steps: int = 1

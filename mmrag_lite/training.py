@@ -644,14 +644,15 @@ def keep_trainable_in_float32(model: Any) -> int:
     """Cast every trainable floating-point parameter (the LoRA A/B matrices) to float32; returns how many moved.
 
     Why: ``GRPOTrainer.__init__`` casts the trainable parameters of a 4-bit model to bfloat16 (TRL follows the
-    QLoRA paper, whose learning rates were ~1e-4 and above). That hurts here, three ways:
+    QLoRA paper, whose learning rates were ~1e-4 and above). That hurts here, two ways:
 
     * at the GPU presets' learning rate 1e-5 an Adam step (~lr per entry) is below half a bf16 ulp of most
       ``lora_A`` entries (|w| ~ 1e-2, ulp ~ 6e-5), so ~85 % of those updates round away to nothing;
     * ``colab-t4`` computes in float16 on a card without bf16, and its fp16 ``GradScaler`` expects fp32 master
       weights;
-    * a resumed run reloads the checkpoint with PEFT's ``load_adapter``, which rebuilds the adapter in float32:
-      an interrupted run would go on in another precision than it started in.
+
+    A resumed run is built the same way, so it goes on in float32 too: ``Trainer`` reloads the checkpoint with PEFT's
+    ``load_adapter``, which copies the saved weights into the existing parameters and keeps their dtype.
 
     Standard QLoRA keeps the few adapter weights in float32 (a 2B model's LoRA is ~1 % of its memory) and computes
     in the compute dtype: PEFT's LoRA layers cast their input to the adapter's dtype and the result back to the
