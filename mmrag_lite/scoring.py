@@ -191,7 +191,7 @@ def _score_pairs(
                 images = [prepare_images(prompts.stage1_images(c), preset) for _, c in chunk]
                 enc = {k: v.to(device) for k, v in encode_prompts(processor, texts, images).items()}
                 _check_prompt_end(enc["input_ids"], readout)
-                logits = model(**enc, logits_to_keep=1).logits[:, -1, :].float()
+                logits = model(**enc, logits_to_keep=1, use_cache=False).logits[:, -1, :].float()
                 two_way = torch.stack([logits[:, yes_ids].logsumexp(-1), logits[:, no_ids].logsumexp(-1)], dim=-1)
                 scores.extend(torch.softmax(two_way, dim=-1)[:, 0].tolist())
     finally:

@@ -250,3 +250,15 @@ def test_warmed_up_judge_ranks_gold_snippets_above_distractors(tmp_path) -> None
     assert len(gold) >= 5 and len(other) >= 5
     auc = sum((g > o) + 0.5 * (g == o) for g in gold for o in other) / (len(gold) * len(other))
     assert auc > 0.6, f"gold snippets do not outrank distractors after the warm-up (AUC {auc:.2f})"
+
+
+def test_scoring_builds_no_kv_cache(cold) -> None:
+    """One forward pass reads one position: a KV cache would only take GPU memory (a 2B model, 32 prompts a batch)."""
+    model, proc = cold
+    seen: list[object] = []
+    hook = model.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw.get("use_cache")), with_kwargs=True)
+    try:
+        scoring.score_candidates(model, proc, "What colour is the tower?", _cands(), PRESET, batch_size=2)
+    finally:
+        hook.remove()
+    assert seen == [False, False]
