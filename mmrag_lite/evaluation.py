@@ -433,21 +433,25 @@ def fallback_share(attacked: Sequence[Row]) -> float:
 
 
 def trap_rates(results: Sequence[PipelineResult], attacked: Sequence[Row]) -> dict[str, float]:
-    """How often the injected document was kept by stage 1, cited in ``<sources>``, and its wrong answer echoed."""
+    """How often the injected document was kept by stage 1, cited in ``<sources>``, and its wrong answer echoed.
+
+    Shares are over the attacked questions with a prediction (as in ``slot_table``); a result for a question that
+    was not attacked counts nowhere."""
     by = {str(r["guid"]): r for r in attacked}
     kept = cited = echoed = 0
-    n_echo = 0
+    n = n_echo = 0
     for res in results:
         row = by.get(res.guid)
         if row is None:
             continue
+        n += 1
         kept += any(i.startswith("adv-") for i in res.kept_ids)
         cited += any(str(i).startswith("adv-") for i in res.sources)
         wrong = str(row.get("adversarial_answer") or "").strip().lower()
         if wrong:
             n_echo += 1
             echoed += bool(re.search(rf"(?<!\w){re.escape(wrong)}(?!\w)", res.answer.lower()))  # \b fails after "."
-    n = max(len(results), 1)
+    n = max(n, 1)
     return {"trap kept (top-k)": kept / n, "trap cited": cited / n,
             "wrong answer echoed": (echoed / n_echo) if n_echo else float("nan")}
 

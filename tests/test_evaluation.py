@@ -214,6 +214,7 @@ def test_trap_rates_measure_what_they_say():
         _res("q3", ["g4"], "Paris", kept=["g4"]),  # resisted
     ]
     rates = E.trap_rates(results, attacked)
+    assert E.trap_rates([*results, _res("not-attacked", [], "")], attacked) == rates  # counts nowhere
     assert rates["trap kept (top-k)"] == pytest.approx(2 / 3)
     assert rates["trap cited"] == pytest.approx(1 / 3)
     assert rates["wrong answer echoed"] == pytest.approx(1 / 3)
