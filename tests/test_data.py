@@ -911,3 +911,19 @@ def test_plot_funnel_and_dataset_browser(built):
     row["candidates"][image]["image"] = None  # an image candidate whose pixels are missing
     cell = dataset_browser([row]).grid.children[image]
     assert [w.value for w in cell.children if getattr(w, "value", None) == NO_PIXELS_HTML] == [NO_PIXELS_HTML]
+
+
+def test_mmqa_rows_keep_every_gold_document_when_trimmed():
+    """``max_candidates`` trims distractors only (the shared-dev test checks sizes; CI has no ../shared)."""
+    images = {f"i{n}": D.MMQADoc(id=f"i{n}", title=f"image {n}") for n in range(12)}
+    qs = [D.MMQAQuestion(qid=f"q{j}", question="Which one?", answers=("x",), answer_modalities=("image",), qtype="ImageQ",
+                         modalities=("image",), image_doc_ids=tuple(images), text_doc_ids=("t1",), table_id="",
+                         supporting=((f"i{11 - j}", "image"), ("i3", "image")))
+          for j in range(6)]
+    for cap in (1, 3, 5):
+        for q, row in zip(qs, D.mmqa_to_rows(qs, images, max_candidates=cap)):
+            ids = {c["id"] for c in row["candidates"]}
+            assert set(q.gold_doc_ids) <= ids and sorted(row["gold_ids"]) == sorted(q.gold_doc_ids)
+            assert len(row["candidates"]) == max(cap, len(q.gold_doc_ids))
+    full = D.mmqa_to_rows(qs[:1], images)[0]
+    assert len(full["candidates"]) == 13 and next(c for c in full["candidates"] if c["id"] == "t1")["text"] == ""

@@ -406,6 +406,26 @@ def test_all_4966_real_val_questions_score_in_seconds(shared_data):
     # the full answer A against Keywords_A: high but not perfect, by category (values of this implementation)
     for cat, low in {"color": 0.9, "choose": 0.9, "Others": 0.9, "number": 0.85, "shape": 0.8, "YesNo": 0.6}.items():
         assert report.row(cat)["acc"] > low, (cat, report.row(cat))
+    # ... and not perfect: a reader that lost Keywords_A would score A against itself, 1.0 everywhere (measured
+    # 2026-11-27: YesNo 0.682, shape 0.872, number 0.901, Others 0.943, choose 0.944, color 0.955)
+    assert report.row("YesNo")["acc"] < 0.75 and report.row("image")["acc"] < 0.9
+
+
+def test_val_references_read_keywords_answers_and_gold(tmp_path):
+    """The reader of the shared val TSVs, on a three-question copy of their layout (CI has no ../shared)."""
+    (tmp_path / "val_image_queries.tsv").write_text(
+        "Guid\tQcate\tQ\tA\tKeywords_A\n"
+        'g1\tYesNo\tIs it red ?\t"[""Yes, it is red.""]"\tYes\n'
+        'g2\tcolor\tWhat colour ?\t"[""It is blue.""]"\t blue \n', encoding="utf-8")
+    (tmp_path / "val_text_queries.tsv").write_text(
+        "Guid\tQcate\tQ\tA\n" 'g3\ttext\tWho ?\t"[""Ada, the first programmer.""]"\n', encoding="utf-8")
+    (tmp_path / "val_gold_sources.tsv").write_text("Guid\tsource_id\ng1\t30079629\ng3\td5bb-1\ng3\td5bb-2\n",
+                                                   encoding="utf-8")
+    refs = metrics.read_webqa_val_references(tmp_path)
+    assert refs["g1"] == {"qcate": "YesNo", "question": "Is it red ?", "answer": ["Yes, it is red."], "keywords": "Yes",
+                          "gold_ids": ["30079629"]}
+    assert refs["g2"]["keywords"] == "blue" and refs["g2"]["gold_ids"] == []
+    assert refs["g3"]["keywords"] == "" and refs["g3"]["gold_ids"] == ["d5bb-1", "d5bb-2"]
 
 
 def test_category_names_are_read_case_insensitively_and_unknown_ones_refused():
@@ -428,3 +448,15 @@ def test_a_single_source_id_is_one_id_not_its_characters():
     assert metrics.webqa_retrieval_f1("123", ["123"]) == 1.0
     assert metrics.webqa_retrieval_f1(123, ["123"]) == 1.0
     assert metrics.webqa_retrieval_f1("123", ["1", "2", "3"]) == 0.0
+
+
+def test_edge_cases_of_the_ranking_and_set_metrics():
+    """Cases a plausible one-line slip gets wrong (each found surviving a mutation run)."""
+    assert webqa_retrieval_f1(["a"], []) == 0.0  # no gold: nothing to retrieve, no credit
+    assert metrics.recall_at_k(["a"], []) == 0.0
+    assert metrics.ndcg_at_k(["a", "b"], {"a", "b", "c"}, 2) == pytest.approx(1.0)  # k < |gold|: ideal is k hits
+    assert metrics.ndcg_at_k(["x", "a"], {"a", "b", "c"}, 2) < 1.0
+    assert metrics.top_k_ids({"a": 1.0}, 0, ["a"]) == []
+    assert metrics.mmqa_em_f1("red", [["red"], ["blue"]]) == (1.0, 1.0)  # the best reference counts, first or last
+    assert metrics.mmqa_em_f1("red", [["blue"], ["red"]]) == (1.0, 1.0)
+    assert metrics.mmqa_em_f1(["x", "x"], ["x"])[0] == 0.0  # EM needs as many spans as the gold

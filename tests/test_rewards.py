@@ -130,6 +130,8 @@ def test_ranking_unreadable_sources_get_the_penalty():
     out = ranking_reward(["<answer>x</answer>", None, "<sources>D1</sources><sources>D2</sources><answer>x</answer>"],
                          candidate_ids=[CANDS] * 3, gold_ids=[["D1"]] * 3, penalty=-0.2)
     assert out == [-0.2, -0.2, -0.2]
+    empty = ranking_reward(["<sources></sources><answer>x</answer>"], candidate_ids=[CANDS], gold_ids=[["D1"]], penalty=-0.2)
+    assert empty == [0.0]  # an empty list is readable: it cites nothing and earns 0, not the penalty
 
 
 # ------------------------------------------------------------------------------------------------- answer
@@ -167,6 +169,16 @@ def test_answer_reward_mmqa():
     comps = [stage2_target(["D1"], "two dogs"), stage2_target(["D1"], "3 cats")]
     assert answer_reward(comps, answer=[["2 dogs"], ["4 cats"]], metric="mmqa_em") == [1.0, 0.0]
     assert answer_reward(comps, answer=["the 2 dogs", "4 cats"], metric="mmqa_f1") == [1.0, 0.0]  # number rule
+    partial = [stage2_target(["D1"], "red car")]
+    assert answer_reward(partial, answer=[["red"]], metric="mmqa_em") == [0.0]  # EM and F1 differ where it is partial
+    assert answer_reward(partial, answer=[["red"]], metric="mmqa_f1") == [pytest.approx(2 / 3, abs=0.01)]
+
+
+def test_all_or_nothing_format_and_a_label_in_capitals():
+    comps = ["<sources>D1, D1</sources><answer>x</answer>", "<sources></sources><answer>x</answer>",
+             "<sources>D1</sources><answer>x</answer>"]
+    assert format_reward(comps, stage=2, reasoning=False, candidate_ids=[["D1", "D2"]] * 3) == [0.0, 0.0, 1.0]
+    assert relevance_reward(["<answer>yes</answer>", "<answer>no</answer>"], label=["YES", "No"]) == [1.0, 1.0]
 
 
 def test_answer_reward_malformed():

@@ -62,6 +62,7 @@ def test_filter_report_on_a_hand_made_fixture() -> None:
     assert rows[2]["recall"] == pytest.approx(0.75) and rows[2]["precision"] == pytest.approx((0.5 + 0.5) / 2)
     assert rows[3]["all_gold"] == pytest.approx(0.5)  # q1 ranks c last (4th)
     assert rows[4]["recall"] == 1.0 and rows[4]["all_gold"] == 1.0 and rows[4]["kept"] == pytest.approx(3.5)
+    assert rows[4]["precision"] == pytest.approx((2 / 4 + 1 / 3) / 2)  # a pool smaller than k: over what is kept
     assert "tokens_saved" not in rows[1]  # no processor: no token estimate
     assert "recall" in scoring.format_filter_report(list(rows.values()))
 
@@ -171,6 +172,8 @@ def test_score_split_filter_report_and_judge(cold) -> None:
     assert [cid for cid, _ in scored["q1"]] == ["a", "b", "c", "d"] and all(0 <= s <= 1 for _, s in scored["q1"])
     rows = scoring.filter_report(scored, split, processor=proc, preset=PRESET)
     assert rows[-1]["tokens_saved"] == 0 and rows[0]["tokens_saved"] > 0
+    assert rows[-1]["saved_fraction"] == 0
+    assert rows[0]["saved_fraction"] == pytest.approx(rows[0]["tokens_saved"] / rows[0]["tokens_full"])
     per_image = scoring.image_token_count(proc, PRESET)
     assert per_image == (PRESET.model.image_size // 14) ** 2 // 4 + 2  # 56 px: 4x4 patches, 2x2 merge, + start/end
     judged = scoring.judge_by_generation(model, proc, split[0]["question"], _cands(), PRESET, max_new_tokens=4)
