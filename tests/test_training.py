@@ -563,3 +563,64 @@ def test_cuda_memory_callback_logs_the_steps_peak_tensors_and_allocator(monkeypa
     state.log_history.append({"loss": 0.5})
     cb.on_log(None, state, None)  # no step since the last row: nothing new to report
     assert "memory/peak_gb" not in state.log_history[-1]
+
+
+# ------------------------------------------------------------------------- what the model trains on (mutation run)
+def test_stage1_class_balance_arithmetic_and_order() -> None:
+    """The positive share, the shrink when negatives run out, and a shuffled order (GRPO batches mix both labels)."""
+    rows = mini_rows()
+    quarter = PRESET.with_overrides(**{"stage1.positive_fraction": 0.25, "stage1.max_examples": 8})
+    assert Counter(training.build_stage1_dataset(rows, quarter, seed=0)["label"]) == {"yes": 2, "no": 6}
+    scarce = mini_rows(pool=2)  # 18 gold, 6 distractors: the positives shrink to keep half and half
+    assert Counter(training.build_stage1_dataset(scarce, PRESET, seed=0)["label"]) == {"yes": 6, "no": 6}
+    labels = training.build_stage1_dataset(rows, PRESET, seed=0)["label"]
+    assert "no" in labels[: len(labels) // 2] and "yes" in labels[len(labels) // 2:]
+
+
+def _order(ex: dict, row: dict, k: int) -> tuple[int, ...]:
+    shown = [c["id"] for c in training._default_shown(row, k)]
+    return tuple(shown.index(s) for s in ex["source_ids"])
+
+
+def test_stage2_orders_differ_between_questions_and_the_row_cap_holds(processor) -> None:
+    rows = mini_rows()
+    ds, _ = training.build_stage2_dataset(rows, PRESET, processor=processor, seed=0)
+    by_row = {r["guid"]: r for r in rows}
+    first: dict[str, tuple[int, ...]] = {}
+    for ex in ds:
+        first.setdefault(ex["guid"], _order(ex, by_row[ex["guid"]], PRESET.stage1.k))
+    assert len(set(first.values())) > 1  # each question draws its own orders: no slot is the gold's by habit
+    perms = PRESET.stage2.permutations
+    capped = PRESET.with_overrides(**{"stage2.max_examples": perms + 1})
+    assert len(training.build_stage2_dataset(rows, capped, processor=processor, seed=0)[0]) == perms + 1
+
+
+def test_stage2_shows_every_gold_and_shrinks_distractors_first(processor) -> None:
+    rows = mini_rows(4)
+    k1 = PRESET.with_overrides(**{"stage1.k": 1})
+    ds, _ = training.build_stage2_dataset(rows, k1, processor=processor, seed=0)
+    assert all(len(ex["gold_ids"]) == len(rows[int(ex["guid"][1:])]["gold_ids"]) for ex in ds)  # k < gold: all shown
+    row = rows[0]
+    gold = [c["id"] for c in row["candidates"] if c["is_gold"]]
+    other = [c["id"] for c in row["candidates"] if not c["is_gold"]]
+    kept = {"g0": other[:3] + gold}  # stage 1 ranked the gold last
+    full, _ = training.build_stage2_dataset([row], PRESET, processor=processor, kept_ids=kept, seed=0)
+    exact = modeling.prompt_token_count(processor, full[0]["prompt"], full[0]["images"])
+    at_limit = PRESET.with_overrides(**{"stage2.max_prompt_tokens": exact})
+    _, report = training.build_stage2_dataset([row], at_limit, processor=processor, kept_ids=kept, seed=0)
+    assert report.questions_shrunk == 0  # a prompt exactly at the limit fits
+    tight = PRESET.with_overrides(**{"stage2.max_prompt_tokens": exact - 1})
+    ds, report = training.build_stage2_dataset([row], tight, processor=processor, kept_ids=kept, seed=0)
+    assert report.questions_shrunk == 1 and report.gold_dropped == 0
+    assert all(set(gold) <= set(ex["source_ids"]) and len(ex["source_ids"]) == 3 for ex in ds)
+
+
+def test_stage2_pools_from_saved_scores_hold_k_candidates(processor, tmp_path: Path) -> None:
+    from mmrag_lite import scoring
+
+    rows = mini_rows(4)
+    scored = {r["guid"]: [(c["id"], 1.0 - j / 10) for j, c in enumerate(r["candidates"])] for r in rows}
+    scoring.save_scores(scored, scoring.scores_path(tmp_path, "train"), meta={"preset": PRESET.name})
+    ds, _ = training.stage2_dataset_for_run(PRESET, tmp_path, rows, processor=processor)
+    k = PRESET.stage1.k
+    assert all(sorted(ex["source_ids"]) == sorted(c for c, _ in scored[ex["guid"]][:k]) for ex in ds)
