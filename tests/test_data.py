@@ -468,6 +468,8 @@ def test_filter_broken_gold_image(tmp_path):
         kept = D.filter_records(recs, MiniWebQAFilters(max_qcate_fraction=None), store, report)
         assert [r.guid for r in kept] == ["ok"]
         assert {s.name: s.removed for s in report.steps}["broken_gold_image"] == 3
+        second = record(guid="second", img_pos=((30000000, "Ball", "x"), (30000001, "Ball", "y")), img_neg=())
+        assert D.filter_records([second], MiniWebQAFilters(max_qcate_fraction=None), store) == []  # every gold checked
         # a broken distractor is skipped, not fatal
         row = D.record_to_row(record(guid="x", img_neg=((30000001, "Box", "x"),)), store, 8, MiniWebQAFilters())
         assert [c["id"] for c in row["candidates"] if c["modality"] == "image"] == ["30000000"]
@@ -489,6 +491,12 @@ def test_filter_qcate_and_category_balance():
     kept = D.balance_categories(mixed, MiniWebQAFilters(max_qcate_fraction=0.4))
     shares = {c: sum(r.qcate == c for r in kept) / len(kept) for c in ("color", "shape", "number")}
     assert max(shares.values()) <= 0.4 and len(kept) == 3 + 3 + 2  # colour capped at 3 (3 of 8)
+    both = D.balance_categories(recs, MiniWebQAFilters(max_per_qcate=2, max_qcate_fraction=0.9))
+    assert Counter(r.qcate for r in both) == {"color": 2, "number": 2}  # the tighter of the two caps wins
+    sizes_3_3_10 = [record(guid=f"{c}{i}", q=f"{c} question {i}?", qcate=c) for c, n in
+                    (("color", 3), ("number", 3), ("text", 10)) for i in range(n)]
+    at_share = D.balance_categories(sizes_3_3_10, MiniWebQAFilters(max_qcate_fraction=0.4))
+    assert Counter(r.qcate for r in at_share)["text"] == 4  # 4 of 10 is exactly 0.4: allowed
 
 
 def test_split_keeps_near_duplicates_together():
@@ -579,6 +587,8 @@ def test_build_on_the_world_matches_the_contract(built):
                 assert c["image"].size == (56, 56)
     guids = [set(dd[s]["guid"]) for s in dd]
     assert not (guids[0] & guids[1] or guids[0] & guids[2] or guids[1] & guids[2])
+    first_gold = Counter(next(i for i, c in enumerate(r["candidates"]) if c["is_gold"]) for r in dd["train"])
+    assert len(first_gold) >= 4 and first_gold[0] < 0.5 * len(dd["train"])  # pools are shuffled: no gold slot
     # leakage judged by ground truth, not by the key the split used: the world's planted near-duplicates reword a
     # question and keep its pool, so a gold image in two splits is a reworded question on both sides
     gold_images = {s: {i for ids in dd[s]["gold_ids"] for i in ids if "_" not in i} for s in dd}
