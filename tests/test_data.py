@@ -161,6 +161,15 @@ def test_streaming_reader_matches_json_load_with_tiny_chunks(world):
     assert streamed == json.loads(path.read_text())
 
 
+def test_streaming_reader_reads_records_cut_at_any_chunk_edge(tmp_path):
+    """Every chunk size from 2 to 63 characters: a record cut anywhere (inside a bare ``image_id`` number, a string,
+    between keys) reads the same as ``json.load``."""
+    path = write_webqa(tmp_path, {"g1": raw_record(guid="g1"), "g2": raw_record(guid="g2", q="Another one?")})
+    whole = json.loads(path.joinpath("WebQA_train_val.json").read_text())
+    for chunk in range(2, 64):
+        assert dict(D.iter_raw_records(path / "WebQA_train_val.json", chunk_chars=chunk)) == whole, chunk
+
+
 def test_broken_json_file_is_a_clear_error(tmp_path):
     path = tmp_path / "WebQA_train_val.json"
     path.write_text('{"g1": {"Q": "\\"x\\""}, "g2": {"Q": ')
@@ -223,7 +232,9 @@ def test_image_store_offsets_and_random_access(tmp_path):
         for image_id in [30000004, 30000001, 30000003]:  # out of order: seeks, never scans
             im = store.get(image_id)
             assert im.mode == "RGB" and im.size == (8 + image_id % 10, 8 + image_id % 10)
-        assert 30000002 in store and 30000009 not in store
+        assert 30000002 in store and 30000009 not in store and 30000005 not in store  # one past the last row
+        with pytest.raises(D.ImageNotFoundError, match="30000005"):
+            store.get(30000005)
         assert store.get_bytes(30000000) == ids[30000000]
     assert store._fh is None  # closed by the context manager
 

@@ -506,3 +506,26 @@ def test_ablation_variants_never_leave_stage_two_without_a_paid_reward():
     assert list(variants) == ["reasoning on"]  # zeroing the one paid reward would be an invalid preset
     for overrides in variants.values():
         only_ranking.with_overrides(**overrides)  # every variant is a valid preset
+
+
+def test_slot_table_k_ablation_and_attacks_measure_what_they_name():
+    """Found unguarded by a mutation run: shares over the questions, recall of the *kept* set, traps anywhere."""
+    rows = ROWS
+    res = [PipelineResult(guid="q1", question="", system="s", scores={}, kept_ids=("g1", "d1"), reasoning="",
+                          completion="", sources=(), answer="red", short_sources=("D2",)),
+           PipelineResult(guid="q2", question="", system="s", scores={}, kept_ids=("d1", "g2"), reasoning="",
+                          completion="", sources=("g2",), answer="yes", short_sources=("D2",))]
+    stray = PipelineResult(guid="elsewhere", question="", system="s", scores={}, kept_ids=("x",), reasoning="",
+                           completion="", sources=(), answer="", short_sources=("D1",))
+    table = E.slot_table(res, rows)
+    assert E.slot_table([*res, stray], rows) == table  # a result for another question counts nowhere
+    assert table == [{"slot": "D1", "gold here": 0.5, "cited": 0.0}, {"slot": "D2", "gold here": 0.5, "cited": 1.0}]
+    from mmrag_lite.config import get_preset
+
+    ablation = E.k_ablation(rows[:2], get_preset("cpu-tiny"), None, [2], reuse={2: res}, progress=False)
+    assert ablation[0]["gold recall of kept"] == pytest.approx((1 + 0.5) / 2)  # kept ids, not cited ones
+    many = [_row(f"m{i}", "color", "red", "red", ["g"], distractors=("d1", "d2", "d3", "d4")) for i in range(12)]
+    positions = {[c["id"] for c in a["candidates"]].index(next(c["id"] for c in a["candidates"]
+                                                               if c["id"].startswith("adv-")))
+                 for a in E.attack_rows(many, "lexical")}
+    assert len(positions) > 1  # the trap lands anywhere, not always in slot D1

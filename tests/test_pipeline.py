@@ -467,3 +467,23 @@ def test_reasoning_viewer_never_shows_another_questions_result():
     broken = dict(ROWS[0], candidates=[dict(c, image={"bytes": b"not a png"}) if c["id"] == image_ids[0] else c
                                        for c in ROWS[0]["candidates"]])
     assert result_html(res("q0", "s", scores), broken).count(NO_PIXELS_HTML) == 1  # undecodable: a label, no crash
+
+
+def test_orders_follow_the_seed_images_sit_under_their_id_and_results_round_trip(tmp_path):
+    """Found unguarded by a mutation run."""
+    from PIL import Image
+
+    from mmrag_lite import pipeline as P
+    from mmrag_lite import prompts
+
+    assert prompts.permutations(5, 3, seed=1) != prompts.permutations(5, 3, seed=2)
+    img = {"id": "a", "modality": "image", "title": "t", "text": "x", "image": Image.new("RGB", (8, 8))}
+    txt = {"id": "b", "modality": "text", "title": "t", "text": "y", "image": None}
+    parts = prompts.stage2_messages("q?", [txt, img])[1]["content"]
+    labels = [p.get("text", p["type"]) for p in parts]
+    assert labels[labels.index("D2: ") + 1] == "image"  # the picture follows its own id, not the one before
+    assert prompts.stage2_images([dict(img, image=None), txt]) == []  # no pixels: no placeholder, no image
+    res = P.PipelineResult(guid="g", question="q", system="s", scores={"a": 0.5}, kept_ids=("a",), reasoning="r",
+                           completion="c", sources=("a",), answer="x", short_sources=("D1",))
+    again = P.load_results(P.save_results([res], tmp_path / "r.json"))[0]
+    assert again == res and again.short_sources == ("D1",)
