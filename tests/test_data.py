@@ -948,3 +948,12 @@ def test_mmqa_rows_keep_every_gold_document_when_trimmed():
             assert len(row["candidates"]) == max(cap, len(q.gold_doc_ids))
     full = D.mmqa_to_rows(qs[:1], images)[0]
     assert len(full["candidates"]) == 13 and next(c for c in full["candidates"] if c["id"] == "t1")["text"] == ""
+
+
+def test_filter_limits_are_inclusive():
+    """Exactly the allowed keyword recall, and a fact exactly at the word limit, both pass (mutation run)."""
+    half = record(guid="h", qcate="Others", kw="red square", a="It is red.")
+    assert D.answer_mentions_keyword(half, 0.5) and not D.answer_mentions_keyword(half, 0.51)
+    words = " ".join(["word"] * 12)
+    at_limit = record(guid="l", img_pos=((30000000, "Ball", words),), img_neg=())
+    assert D.overlong_ids(at_limit, 12) == ([], []) and D.overlong_ids(at_limit, 11) == (["30000000"], [])
