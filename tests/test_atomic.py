@@ -116,3 +116,17 @@ def test_write_text_atomic_failure_keeps_the_old_file(tmp_path):
     with pytest.raises(TypeError):
         write_text_atomic(path, 42)  # type: ignore[arg-type]
     assert path.read_text() == "old" and _names(tmp_path) == ["x.json"]
+
+
+def test_an_interrupt_leaves_no_temporary_folder_and_a_swapped_folder_is_readable_by_all(tmp_path: Path) -> None:
+    """Ctrl-C in a notebook is a KeyboardInterrupt: the model-sized temp folder must go with it (mutation run)."""
+    import stat
+
+    target = tmp_path / "model"
+    with pytest.raises(KeyboardInterrupt), atomic_dir(target) as tmp:
+        (tmp / "weights").write_bytes(b"x")
+        raise KeyboardInterrupt
+    assert not tmp.exists() and not target.exists() and list(tmp_path.iterdir()) == []
+    with atomic_dir(target) as tmp:
+        (tmp / "weights").write_bytes(b"x")
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o755  # shared caches: others may read them

@@ -238,3 +238,30 @@ def test_the_readme_cli_journey_runs_end_to_end(tmp_path, capsys):
     systems = [row["system"] for row in report["table"]]
     assert len(systems) == 5 and systems[-1].startswith("oracle") and all(row["n"] == "3 WebQA" for row in report["table"])
     assert not any("adapter missing" in note for note in report["notes"])  # both trained adapters were used
+
+
+def test_cli_details_a_mutation_run_found_unguarded(tmp_path, monkeypatch, capsys):
+    from mmrag_lite import course, data
+
+    assert cli.build_parser().parse_args(["build-data"]).preset == "auto"  # the default passes its own type check
+    assert cli.parse_override("description=a=b") == ("description", "a=b")  # only the first "=" splits
+    assert cli.parse_override("description=inf")[1] == "inf"  # not turned into a float
+    failed = course.CourseReport("cpu-tiny", tmp_path, tmp_path, notebooks=[
+        course.NotebookRun("01_x.ipynb", 1.0, ok=False, output=tmp_path / "01_x.ipynb", error="boom")])
+    monkeypatch.setattr(course, "run_course", lambda **_: failed)
+    assert cli.main(["course", "--preset", "cpu-tiny"]) == 1  # a failed course must fail CI
+    assert not course.CourseReport("cpu-tiny", tmp_path, tmp_path).ok  # nothing ran: not OK
+
+    def bad_file(*_a, **_k):
+        raise data.WebQAFormatError("WebQA_train_val.json: invalid JSON at character 7")
+
+    monkeypatch.setattr(data, "ensure_mini_webqa", bad_file)
+    assert cli.main(["build-data", "--preset", "cpu-tiny", "--work-dir", str(tmp_path / "w")]) == 2
+    assert "invalid JSON at character 7" in capsys.readouterr().err  # one line, no traceback
+    wd = tmp_path / "run"
+    (wd / "stage1" / "adapter").mkdir(parents=True)  # an empty adapter folder is no adapter
+    assert cli.main(["evaluate", "--preset", "cpu-tiny", "--work-dir", str(wd)]) == 2
+    (tmp_path / "nb").mkdir()
+    for name in ("02_b.ipynb", "01_a.ipynb", "notes.ipynb"):
+        (tmp_path / "nb" / name).write_text("{}")
+    assert [p.name for p in course.notebook_paths(tmp_path / "nb")] == ["01_a.ipynb", "02_b.ipynb"]

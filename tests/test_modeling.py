@@ -428,3 +428,42 @@ def test_a_short_warm_up_saves_a_complete_model_and_drops_its_data(tiny_dir: Pat
     assert report["steps"] <= 2 and report["stopped_by"] in {"max_steps", "target accuracy"}
     assert cache._is_complete(out) and M.tiny_info(out)["warmed_up"]
     assert not (tmp_path / "models" / "_warmup_data").exists()  # the warm-up's own Mini-WebQA went with it
+
+
+def test_the_cache_keys_warns_and_rebuilds_as_promised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found unguarded by a mutation run; works on copies, never on the shared cache under data/models."""
+    import json
+    import shutil
+
+    from mmrag_lite.modeling import cache
+
+    assert M.tiny_model_dir(preset=PRESET.with_overrides(seed=1)) != M.tiny_model_dir(preset=PRESET)
+    before = M.tiny_model_dir(warm=False)
+    monkeypatch.setattr(cache, "tokenizer_corpus", lambda: ["another corpus"])
+    assert M.tiny_model_dir(warm=False) != before  # a changed tokenizer corpus is another model
+    monkeypatch.undo()
+    cold = M.ensure_tiny_vlm(warm=False)
+    copy = shutil.copytree(cold, tmp_path / "copy")
+    (copy / "tokenizer.json").unlink()
+    assert not cache._is_complete(copy)  # one missing file is enough
+
+    cold_copy, warm = shutil.copytree(cold, tmp_path / "cold"), tmp_path / "warm"
+    calls: list[Path] = []
+
+    def fake_warm_up(cold_dir, target, **_):
+        calls.append(target)
+        shutil.rmtree(target, ignore_errors=True)  # the real one swaps the new folder in atomically
+        shutil.copytree(cold_dir, target)
+
+    monkeypatch.setattr(cache, "tiny_model_dir", lambda warm=True, **_: warm_dir if warm else cold_copy)
+    monkeypatch.setattr(cache, "warm_up_tiny_vlm", fake_warm_up)
+    warm_dir = warm
+    assert M.ensure_tiny_vlm(PRESET) == warm and calls == [warm]
+    info = json.loads((warm / "mmrag_tiny.json").read_text())
+    (warm / "mmrag_tiny.json").write_text(json.dumps({**info, "warm_up": {"steps": 9, "stopped_by": "time"}}))
+    with pytest.warns(RuntimeWarning, match="time guard"):  # said on every use, not only by the helper
+        M.ensure_tiny_vlm(PRESET)
+    weights = warm / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # damaged after the build
+    M.ensure_tiny_vlm(PRESET)
+    assert calls == [warm, warm]  # rebuilt, not loaded into an opaque error

@@ -386,3 +386,16 @@ def test_miniature_and_generation_knobs_are_preset_data():
     assert evaluation.default_mmqa_questions(tiny.with_overrides(**{"evaluation.mmqa_questions": 0}), 40) == 40
     with pytest.raises(ConfigError, match="evaluation.generation_batch_size=0"):
         tiny.with_overrides(**{"evaluation.generation_batch_size": 0})
+
+
+def test_k_beyond_the_pool_and_non_square_images_are_handled():
+    """Found unguarded by a mutation run: an impossible k is refused; a wide image still becomes the preset's square."""
+    from PIL import Image
+
+    from mmrag_lite.config import ConfigError, get_preset
+    from mmrag_lite.modeling import prepare_image
+
+    with pytest.raises(ConfigError, match=r"data\.max_candidates"):
+        get_preset("cpu-tiny", **{"stage1.k": 99})
+    side = get_preset("cpu-tiny").model.image_size
+    assert prepare_image(Image.new("RGB", (side, 10)), get_preset("cpu-tiny")).size == (side, side)
