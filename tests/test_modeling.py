@@ -447,7 +447,7 @@ def test_the_cache_keys_warns_and_rebuilds_as_promised(tmp_path: Path, monkeypat
     (copy / "tokenizer.json").unlink()
     assert not cache._is_complete(copy)  # one missing file is enough
 
-    cold_copy, warm = shutil.copytree(cold, tmp_path / "cold"), tmp_path / "warm"
+    cold_copy, warm_dir = shutil.copytree(cold, tmp_path / "cold"), tmp_path / "warm_dir"
     calls: list[Path] = []
 
     def fake_warm_up(cold_dir, target, **_):
@@ -457,13 +457,12 @@ def test_the_cache_keys_warns_and_rebuilds_as_promised(tmp_path: Path, monkeypat
 
     monkeypatch.setattr(cache, "tiny_model_dir", lambda warm=True, **_: warm_dir if warm else cold_copy)
     monkeypatch.setattr(cache, "warm_up_tiny_vlm", fake_warm_up)
-    warm_dir = warm
-    assert M.ensure_tiny_vlm(PRESET) == warm and calls == [warm]
-    info = json.loads((warm / "mmrag_tiny.json").read_text())
-    (warm / "mmrag_tiny.json").write_text(json.dumps({**info, "warm_up": {"steps": 9, "stopped_by": "time"}}))
+    assert M.ensure_tiny_vlm(PRESET) == warm_dir and calls == [warm_dir]
+    info = json.loads((warm_dir / "mmrag_tiny.json").read_text())
+    (warm_dir / "mmrag_tiny.json").write_text(json.dumps({**info, "warm_up": {"steps": 9, "stopped_by": "time"}}))
     with pytest.warns(RuntimeWarning, match="time guard"):  # said on every use, not only by the helper
         M.ensure_tiny_vlm(PRESET)
-    weights = warm / "model.safetensors"
+    weights = warm_dir / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # damaged after the build
     M.ensure_tiny_vlm(PRESET)
-    assert calls == [warm, warm]  # rebuilt, not loaded into an opaque error
+    assert calls == [warm_dir, warm_dir]  # rebuilt, not loaded into an opaque error
