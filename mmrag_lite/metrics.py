@@ -573,7 +573,8 @@ def mmqa_em_f1(prediction: Any, gold_answers: Sequence[Any]) -> tuple[float, flo
     ``prediction``: a string or a list of strings (a list answer). ``gold_answers``: the spans of the one reference
     answer (``[a["answer"] for a in qa["answers"]]``), or a list of such lists for several references (max over them).
     A number (``5``, ``1985.0``) on either side is read as its text (``"5"``): MMQA answers are numbers often, and
-    DROP's normalisation makes ``"1985"`` and ``"1985.0"`` equal. Other malformed input (None, bytes, dicts) scores (0, 0).
+    DROP's normalisation makes ``"1985"`` and ``"1985.0"`` equal. Other malformed input (None, bytes, dicts) scores (0, 0),
+    and so does an empty reference (the official functions give EM 1 and F1 NaN there; its loader never scores one).
     """
     if prediction is None or isinstance(prediction, (bytes, Mapping)):
         return 0.0, 0.0
@@ -801,14 +802,18 @@ def evaluate_mmqa_submission(
     """Score MultimodalQA predictions ``{qid: answer or [answers]}``; ``references[qid]`` = ``{"answers": [...], "type": ...}``.
 
     ``answers`` may be the raw MMQA list of answer dicts (their ``answer`` field is used) or plain strings.
-    Rows: one per question type, then ``All``; EM and F1 on a 0–1 scale (papers print ×100).
+    Rows: one per question type, then ``All``; EM and F1 on a 0–1 scale (papers print ×100). A question without a
+    gold answer is left out of every row, as the official ``evaluate.py`` leaves it out ("No annotation").
     """
     per_question: dict[str, dict[str, Any]] = {}
     groups: dict[str, list[str]] = defaultdict(list)
-    missing = 0
+    missing = unannotated = 0
     for qid, ref in references.items():
         answers = [a.get("answer") if isinstance(a, Mapping) else a for a in (ref.get("answers") or [])]
         answers = [str(a) for a in answers if a is not None]
+        if not answers:
+            unannotated += 1
+            continue
         if qid not in predictions:
             missing += 1
             em, f1 = 0.0, 0.0
@@ -826,7 +831,9 @@ def evaluate_mmqa_submission(
     ]
     notes = ["EM and F1 on a 0-1 scale (MultimodalQA and the paper report x100)"]
     if missing:
-        notes.append(f"{missing} of {len(references)} questions have no prediction and score 0")
+        notes.append(f"{missing} of {len(groups['All'])} questions have no prediction and score 0")
+    if unannotated:
+        notes.append(f"{unannotated} questions without a gold answer left out, as the official script leaves them out")
     return EvaluationReport("MultimodalQA", ["group", "n", "em", "f1"], rows, per_question, notes)
 
 
