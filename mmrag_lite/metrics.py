@@ -356,6 +356,9 @@ class BARTScorer:
 
     Wraps any seq2seq LM with its tokenizer, so tests can use a tiny random BART and the course the real
     ``facebook/bart-large-cnn``. Target length counts every target token (BOS/EOS included), as the original.
+    Matches the official ``BARTScorer.score`` pair for pair (a differential check, ``benchmarks/RESULTS.md``); the
+    log-softmax runs in float32 whatever the model's dtype (the official stays in it: equal for bart-large-cnn's
+    float32), and a pair's score moves in the ~6th decimal with the padding of the batch it shares.
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, device: str | None = None, max_length: int = 1024, batch_size: int = 4):
@@ -469,8 +472,10 @@ def webqa_fluency_batch(candidates: Sequence[str], references: Sequence[Sequence
         if start == end:
             out.append(0.0)
             continue
-        ratios = [math.exp(scores[j] - scores[j + 1]) for j in range(start, end, 2)]
-        out.append(min(1.0, max(ratios)))
+        # exp of the log-ratio capped at 0 first: the same min(1, .), and no OverflowError when a reference scores
+        # itself far below the candidate (where the official exp(a) / exp(b) reads 0/0 or inf/inf)
+        ratios = [math.exp(min(scores[j] - scores[j + 1], 0.0)) for j in range(start, end, 2)]
+        out.append(max(ratios))
     return out
 
 

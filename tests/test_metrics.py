@@ -252,6 +252,21 @@ def test_fluency_is_the_best_reference_ratio_capped_at_one():
     assert webqa_fluency("car", [], scorer) == 0.0
 
 
+class _FixedScorer:
+    """Fixed s(r -> c), s(r -> r): log-ratios no real model reaches, where exp alone over- or underflows."""
+
+    def __init__(self, to_candidate: float, to_itself: float) -> None:
+        self.pair = [to_candidate, to_itself]
+
+    def score(self, srcs, tgts):
+        return self.pair * (len(srcs) // 2)
+
+
+def test_fluency_never_overflows_on_extreme_scores():
+    assert webqa_fluency("a", ["b"], _FixedScorer(-1.0, -800.0)) == 1.0  # exp(799) would raise OverflowError
+    assert webqa_fluency("a", ["b"], _FixedScorer(-900.0, -800.0)) == pytest.approx(math.exp(-100))
+
+
 def test_mmqa_f1_by_hand():
     assert metrics.mmqa_em_f1("red car", ["red"]) == (0.0, 0.67)  # P 1/2, R 1: 2/3, rounded to 2 places as DROP does
     assert metrics.mmqa_em_f1("the red car", ["a red car"]) == (1.0, 1.0)  # articles are not tokens that count
