@@ -49,6 +49,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     except yaml.YAMLError as exc:  # one line, not YAML's multi-line report with a caret under the column
         why = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
         raise CLIError(f"--set {key}: cannot read value {raw!r} ({why}); lists look like [1, 2]") from None
+    if isinstance(value, dict) and any(v is None and ":" in str(k) for k, v in value.items()):
+        # YAML reads {format:1.0} as the key "format:1.0" with no value: a colon needs a space after it
+        raise CLIError(f"--set {key}: write a space after each colon in {raw.strip()!r}, "
+                       f"e.g. --set '{key}={{format: 1.0, relevance: 3.0}}'")
     if isinstance(value, str):  # YAML 1.1 reads "2e-3" as a string; a learning rate is a number
         try:
             value = float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "infinity") else value

@@ -45,6 +45,7 @@ def test_missing_subcommand_is_an_error(capsys):
     ("stage1.grpo.learning_rate=2e-3", ("stage1.grpo.learning_rate", 2e-3)),
     ("stage2.reasoning=true", ("stage2.reasoning", True)),
     ("model.model_id=Qwen/Qwen2-VL-2B-Instruct", ("model.model_id", "Qwen/Qwen2-VL-2B-Instruct")),
+    ("stage1.weights={format: 1, relevance: 3}", ("stage1.weights", {"format": 1, "relevance": 3})),
 ])
 def test_parse_override(text, expected):
     assert cli.parse_override(text) == expected
@@ -54,6 +55,12 @@ def test_parse_override(text, expected):
 def test_bad_override_syntax(bad):
     with pytest.raises(cli.CLIError, match="--set"):
         cli.parse_override(bad)
+
+
+def test_a_mapping_without_spaces_after_its_colons_is_refused_with_the_fix():
+    """YAML reads {format:1.0} as one key with no value, which the preset would only call "not a number"."""
+    with pytest.raises(cli.CLIError, match="space after each colon"):
+        cli.parse_override("stage1.weights={format:1.0,relevance:3.0}")
 
 
 def test_bad_set_key_and_value_exit_2_with_message(tmp_path, capsys):
