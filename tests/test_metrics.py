@@ -401,7 +401,6 @@ def test_evaluate_mmqa_submission():
     assert report.overall["em"] == pytest.approx(1 / 3)
 
 
-
 def test_evaluate_mmqa_submission_leaves_out_unannotated_questions_as_the_official_script():
     """The official loader skips a question with no answers; scoring it 0 would lower every mean it joins."""
     refs = {"q1": {"answers": ["red"], "type": "TextQ"}, "q2": {"answers": [], "type": "TextQ"},
@@ -411,6 +410,7 @@ def test_evaluate_mmqa_submission_leaves_out_unannotated_questions_as_the_offici
     assert report.overall["em"] == 0.0  # q1 has no prediction: 0, as officially
     assert any("2 questions without a gold answer left out" in n for n in report.notes)
     assert any("1 of 1 questions have no prediction" in n for n in report.notes)
+
 
 # ------------------------------------------------------------------------------------------- real WebQA val
 def test_all_4966_real_val_questions_score_in_seconds(shared_data):
