@@ -411,4 +411,3 @@ def _remove_warm_up_data(work: Path) -> None:
         work.parent.rmdir()
     except OSError:  # another warm-up's data is still there (or the folder is gone already)
         pass
-
