@@ -3,6 +3,7 @@
     python benchmarks/bench_gpu_preset.py --preset colab-t4 --steps 3 --out results.json   # on a CUDA machine
     python benchmarks/bench_gpu_preset.py --preset colab-t4 --stage 2 --steps 3            # stage 2: k candidates
     .venv/bin/python benchmarks/bench_gpu_preset.py --smoke                                 # CPU: the plumbing only
+    bash benchmarks/gpu_session.sh     # on the lent GPU: several presets in one call (--world-questions 400)
 
 The model is the preset's architecture at full size with RANDOM weights and the miniature's tokenizer
 (``modeling.architectures.build_random_real_size_model``), so nothing is downloaded; shapes, not weight values, set
@@ -73,7 +74,7 @@ def _logged_peak(log_history: list[dict], key: str) -> float | None:
     return max(values) if values else None
 
 
-def run(preset_name: str, steps: int, work: Path, smoke: bool, stage: int = 1) -> dict:
+def run(preset_name: str, steps: int, work: Path, smoke: bool, stage: int = 1, world_questions: int | None = None) -> dict:
     gpu_preset = config.get_preset(preset_name)
     model_id = gpu_preset.model.model_id
     arch = architectures.PUBLISHED_CONFIGS[model_id]["architecture"]
@@ -91,6 +92,8 @@ def run(preset_name: str, steps: int, work: Path, smoke: bool, stage: int = 1) -
     per_step = grpo.per_device_train_batch_size * grpo.gradient_accumulation_steps
     preset = preset.with_overrides(**{f"stage{stage}.grpo.max_steps": steps, f"stage{stage}.grpo.save_steps": steps + 1,
                                       f"stage{stage}.max_examples": max(2 * steps * per_step // grpo.num_generations, 16)})
+    if world_questions:  # a smaller world builds faster; a step's cost depends on the preset's sizes, not on it
+        preset = preset.with_overrides(**{"data.world_questions": world_questions})
 
     t0 = time.perf_counter()
     folder = architectures.build_random_real_size_model(model_id, work / "model", dtype=dtype, device=device,
@@ -120,7 +123,7 @@ def run(preset_name: str, steps: int, work: Path, smoke: bool, stage: int = 1) -
         "weights": "random (shapes as published; tiny tokenizer)", "compute_dtype": preset.model.compute_dtype,
         "quantized_4bit": bool(getattr(model, "mmrag_quantized", False)), "stage": stage, "steps": result.global_step,
         "completions_per_step": per_step, "max_completion_length": grpo.max_completion_length,
-        "image_size": preset.model.image_size, "rows": len(rows),
+        "image_size": preset.model.image_size, "world_questions": preset.data.world_questions, "rows": len(rows),
         "prompt_tokens_max": build_report.prompt_tokens_max if build_report else None,
         "images_per_prompt_max": build_report.images_per_prompt_max if build_report else None,
         "seconds_per_step": statistics.median(after_first) if after_first else None,
@@ -144,11 +147,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps (the first is reported but not in the median)")
     ap.add_argument("--out", type=Path, help="also write the report here as JSON")
     ap.add_argument("--work", type=Path, help="scratch folder (default: a temporary one, removed afterwards)")
+    ap.add_argument("--world-questions", type=int, help="synthetic world size (default: the preset's); smaller builds faster")
     ap.add_argument("--smoke", action="store_true", help="CPU: a shrunken copy, one step; checks the script only")
     args = ap.parse_args(argv)
     steps = 1 if args.smoke else args.steps
     with tempfile.TemporaryDirectory(prefix="mmrag-gpu-bench-") as tmp:
-        report = run(args.preset, steps, args.work or Path(tmp), args.smoke, args.stage)
+        report = run(args.preset, steps, args.work or Path(tmp), args.smoke, args.stage, args.world_questions)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

@@ -27,8 +27,5 @@ with zipfile.ZipFile(src) as zin, zipfile.ZipFile(src + ".slim", "w", zipfile.ZI
 os.replace(src + ".slim", src)
 PY
 du -ch .whl/*.whl | tail -1
-# Then, on the device (one call; the install line is the device README's):
-#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-#     && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 \
-#     && python3 benchmarks/bench_gpu_preset.py --preset colab-t4 --steps 4 --out $OUT/colab-t4.json \
-#     && python3 benchmarks/bench_gpu_preset.py --preset colab-t4 --stage 2 --steps 2 --out $OUT/colab-t4-stage2.json
+# Then, on the device (one call, carry [".whl"]): bash benchmarks/gpu_session.sh
+# (it installs these with the device README's line and runs benchmarks/bench_gpu_preset.py for several presets)

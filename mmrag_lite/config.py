@@ -603,10 +603,11 @@ _T4 = Preset(
     data=DataSettings(world_questions=2000, world_image_size=224, max_candidates=16),
     evaluation=EvalSettings(questions=300, retrain_ablations=False),  # opt in: 3 more stage-2 runs of ~3 h each
     # Measured on an H100 (benchmarks/RESULTS.md, modeling.architectures.MEASURED_STEPS; real-size random weights,
-    # completions always full length): allocator peak 3.6 GiB in stage 1, 8.9 GiB in stage 2 at 950-token prompts.
-    # 12 leaves room for prompts up to stage2.max_prompt_tokens; not yet measured on a T4 itself.
+    # completions always full length): allocator peak 3.8 GiB in stage 1, 8.0 GiB in stage 2 at 801-token prompts
+    # (8.9 at 950, before the vision-tower fix). 12 leaves room for prompts up to stage2.max_prompt_tokens; not yet
+    # measured on a T4 itself.
     expected_memory_gb=12.0,
-    # estimate: the H100 took 20 s (stage 1) / 31 s (stage 2) a step; a step is mostly token-by-token generation,
+    # estimate: the H100 took 16 s (stage 1) / 29 s (stage 2) a step; a step is mostly token-by-token generation,
     # whose per-token overhead a slower card does not multiply by its 10x smaller bandwidth, so ~2x the H100's
     expected_seconds_per_step=60.0,
 )
@@ -618,8 +619,11 @@ _L4 = replace(
     model=replace(_T4.model, compute_dtype="bfloat16", image_size=448, max_pixels=448 * 448),
     stage1=replace(_T4.stage1, grpo=replace(_T4.stage1.grpo, per_device_train_batch_size=6, num_generations=6)),
     stage2=replace(_T4.stage2, grpo=replace(_T4.stage2.grpo, per_device_train_batch_size=6, num_generations=6)),
-    expected_memory_gb=18.0,  # estimate: colab-t4's measured peaks, 1.5x the completions and larger images
-    expected_seconds_per_step=60.0,  # estimate: 1.5x colab-t4's work on a card with about twice a T4's compute
+    # H100, real-size random weights: allocator peak 5.1 GiB in stage 1, 14.1 GiB in stage 2 at 1,249-token prompts;
+    # 18 leaves room for prompts up to the 2,048-token cap (not measured there, nor on an L4 itself)
+    expected_memory_gb=18.0,
+    # estimate: the H100 took 18 s (stage 1) / 31 s (stage 2) a step; an L4 has about twice a T4's compute
+    expected_seconds_per_step=60.0,
 )
 
 _A100 = replace(
@@ -636,10 +640,13 @@ _A100 = replace(
         max_prompt_tokens=3072,  # k=8 images at 448 px are 8 x 258 = 2,064 tokens alone (an 8-image prompt measured 2,280)
     ),
     evaluation=replace(_T4.evaluation, questions=1000),
-    # estimate: stage 1 measured 10.3 GiB (allocator peak) on an H100; stage 2 (3,072-token prompts, 384-token
-    # completions, 8 per micro-batch) is unmeasured: 40 guessed at 2,048 prompt tokens, + the 1.5x longer prompts
-    expected_memory_gb=44.0,
-    expected_seconds_per_step=40.0,  # estimate: stage 1 measured 28 s a step on an H100; an A100 is slower
+    # H100, real-size random weights: allocator peak 10.3 GiB in stage 1, 18.5 GiB in stage 2 at 1,818-token
+    # prompts (6 images). 32 leaves room for 8-image prompts up to the 3,072-token cap, which were not measured
+    # (it was 44 before stage 2 was measured: a guess)
+    expected_memory_gb=32.0,
+    # estimate: the H100 took 28 s (stage 1) / 64 s (stage 2) a step; an A100 is slower (was 40 before stage 2 was
+    # measured)
+    expected_seconds_per_step=90.0,
 )
 
 PRESETS: dict[str, Preset] = {p.name: p.validate().check_prompt_budget() for p in (_CPU_TINY, _T4, _L4, _A100)}

@@ -223,21 +223,29 @@ class MeasuredStep:
     seconds_per_step: float  # median of the steps after the first
     prompt_tokens_max: int | None  # longest prompt of the run (stage 2; None where not recorded)
     report: str  # the JSON report, relative to the repository root
+    note: str = ""  # what sets this run apart from the current code, if anything
 
     def as_row(self) -> dict[str, Any]:
         return {"preset": self.preset, "stage": self.stage, "GPU": self.device, "loaded 4-bit GiB": self.loaded_model_gb,
                 "peak tensors GiB": self.peak_allocated_gb, "peak held GiB": self.peak_reserved_gb,
-                "s / step": self.seconds_per_step, "longest prompt": self.prompt_tokens_max or "-"}
+                "s / step": self.seconds_per_step, "longest prompt": self.prompt_tokens_max or "-",
+                "note": self.note or "-"}
 
 
 _H100 = "NVIDIA H100 80GB HBM3"
+_AFTER_FIX = "benchmarks/gpu/h100-2026-11-27-after-vision-fix"
+# The current code's figures. The earlier colab-t4 runs (benchmarks/gpu/h100-2026-11-27/) predate the vision-tower
+# fix (freeze_vision_tower's no_grad) and are kept there and in benchmarks/RESULTS.md for the comparison.
 MEASURED_STEPS: tuple[MeasuredStep, ...] = (
-    MeasuredStep("colab-t4", 1, _H100, "2026-11-27", 1.859, 3.274, 3.576, 20.25, None,
-                 "benchmarks/gpu/h100-2026-11-27/colab-t4-stage1.json"),
-    MeasuredStep("colab-t4", 2, _H100, "2026-11-27", 1.859, 6.097, 8.855, 30.59, 950,
-                 "benchmarks/gpu/h100-2026-11-27/colab-t4-stage2.json"),
+    MeasuredStep("colab-t4", 1, _H100, "2026-11-27", 1.859, 3.139, 3.84, 15.96, None,
+                 f"{_AFTER_FIX}/colab-t4-stage1.json"),
+    MeasuredStep("colab-t4", 2, _H100, "2026-11-27", 1.859, 5.264, 7.998, 29.17, 801,
+                 f"{_AFTER_FIX}/colab-t4-stage2.json"),
+    MeasuredStep("l4", 1, _H100, "2026-11-27", 1.859, 4.276, 5.1, 17.73, None, f"{_AFTER_FIX}/l4-stage1.json"),
+    MeasuredStep("l4", 2, _H100, "2026-11-27", 1.859, 9.612, 14.068, 31.27, 1249, f"{_AFTER_FIX}/l4-stage2.json"),
     MeasuredStep("a100", 1, _H100, "2026-11-27", 2.833, 8.532, 10.254, 28.01, None,
-                 "benchmarks/gpu/h100-2026-11-27/a100-stage1.json"),
+                 "benchmarks/gpu/h100-2026-11-27/a100-stage1.json", note="before the vision-tower fix"),
+    MeasuredStep("a100", 2, _H100, "2026-11-27", 2.833, 14.868, 18.525, 64.04, 1818, f"{_AFTER_FIX}/a100-stage2.json"),
 )
 
 
