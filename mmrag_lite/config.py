@@ -629,7 +629,7 @@ _L4 = replace(
 _A100 = replace(
     _T4,
     name="a100",
-    description="A100/H100 80 GB (bf16): Qwen2.5-VL-3B in NF4 4-bit, bf16 compute, 8 generations, larger images.",
+    description="A100 40/80 GB or H100 (bf16): Qwen2.5-VL-3B in NF4 4-bit, bf16 compute, 8 generations, larger images.",
     model=replace(_T4.model, model_id="Qwen/Qwen2.5-VL-3B-Instruct", compute_dtype="bfloat16", image_size=448, max_pixels=448 * 448),
     lora=replace(_T4.lora, r=64, alpha=128),
     stage1=replace(_T4.stage1, grpo=replace(_T4.stage1.grpo, per_device_train_batch_size=8, num_generations=8, gradient_accumulation_steps=2), k=8),
