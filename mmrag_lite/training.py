@@ -692,8 +692,11 @@ def _restore_finished(trainer: Any, checkpoint: str) -> list[dict[str, Any]]:
     model = trainer.model
     loaded = set_peft_model_state_dict(model, load_peft_weights(checkpoint, device="cpu"),
                                        adapter_name=getattr(model, "active_adapter", "default"))
-    if loaded.unexpected_keys:  # another LoRA layout (rank, targets) than this preset's: refuse, never half-load
-        raise ValueError(f"{checkpoint} does not fit this model's adapter: unexpected {loaded.unexpected_keys[:3]}...")
+    missing = [k for k in loaded.missing_keys if "lora_" in k]  # the base weights are never in an adapter file
+    if loaded.unexpected_keys or missing:  # another LoRA layout (rank, targets) than this preset's: never half-load
+        odd = loaded.unexpected_keys[:3] or missing[:3]
+        raise ValueError(f"{checkpoint} does not fit this model's adapter ({'unexpected' if loaded.unexpected_keys else 'missing'} "
+                         f"{odd}...): was it trained with another preset's LoRA rank or target modules?")
     keep_trainable_in_float32(model)
     trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
     return list(trainer.state.log_history)
@@ -792,26 +795,27 @@ def _train(stage: int, preset: Preset, dataset: Any, work_dir: str | Path, *, in
         done_step = checkpoint_step(checkpoint) if checkpoint else None
         if done_step is not None and done_step >= trainer.args.max_steps:
             note = (f"{Path(checkpoint).name} already reached max_steps={trainer.args.max_steps}: nothing trained, "
-                    "the saved adapter is kept (raise max_steps to train further)")
+                    "the checkpoint's adapter is restored (raise max_steps to train further)")
         if verbose:
             print(note or (f"resuming from {checkpoint}" if checkpoint else f"no checkpoint in {out}: starting fresh"))
     adapter_dir = out / "adapter"
     t0 = time.perf_counter()
     if note:  # a finished run: train() would take one step past max_steps and overwrite the adapter
         history = _restore_finished(trainer, checkpoint)
-        history = load_log_history(work_dir, stage) or history  # the finished run's own log ends with its summary
-        curve.curves = curves_from_history(history)  # the reward curves of the run that did the training
+        saved = load_log_history(work_dir, stage)
+        if saved and saved[-1].get("step") == done_step:  # this run's own log, which ends with its summary
+            history = saved
     else:
         trainer.train(resume_from_checkpoint=checkpoint)
         history = list(trainer.state.log_history)
+    curve.curves = curves_from_history(history)  # every step of the run, also those before a resume
     seconds = time.perf_counter() - t0
     if trainer.is_world_process_zero():  # one writer under `accelerate launch`; the other processes wait below
-        # a finished run keeps its files; it writes them only when killed after its last checkpoint, before them
-        if not note or not is_adapter_dir(adapter_dir):
-            with atomic_dir(adapter_dir) as tmp:  # a crash never leaves half an adapter
-                trainer.model.save_pretrained(str(tmp))
-        if not note or not (out / "log_history.json").is_file():
-            write_json_atomic(out / "log_history.json", history, indent=1, default=str)
+        # Written on the finished path too: the folder's adapter and log may be an earlier run's (a fresh run
+        # replaces them only when it ends) or missing (killed after its last checkpoint, before writing them).
+        with atomic_dir(adapter_dir) as tmp:  # a crash never leaves half an adapter
+            trainer.model.save_pretrained(str(tmp))
+        write_json_atomic(out / "log_history.json", history, indent=1, default=str)
     trainer.accelerator.wait_for_everyone()
     first, last = reward_trend(history)
     result = TrainResult(stage=stage, output_dir=out, adapter_dir=adapter_dir, global_step=trainer.state.global_step,

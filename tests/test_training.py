@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -377,6 +378,7 @@ def test_lora_weights_stay_float32_on_the_4bit_model_through_a_step_and_a_resume
                                 verbose=False, callbacks=[begin])
     assert res.global_step == 2 and begin.dtypes == {torch.float32} and _lora_dtypes(res.model) == {torch.float32}
     assert _saved_dtypes(out / "adapter") == {torch.float32}
+    assert [step for step, _ in res.curves["reward"]] == [1, 2]  # the curves cover the steps before the resume too
 
 
 def test_one_progress_display_in_a_terminal_and_in_a_notebook(tiny_dir: Path, tmp_path: Path,
@@ -418,6 +420,49 @@ def test_resuming_a_finished_run_trains_nothing_and_keeps_the_adapter(tiny_dir: 
     restored = _lora_state(again.model)
     assert trained.keys() == restored.keys() and all(torch.equal(trained[k], restored[k]) for k in trained)
     assert _lora_dtypes(again.model) == {torch.float32}
+
+
+def test_resuming_a_finished_run_replaces_an_earlier_runs_adapter_and_log(tiny_dir: Path, tmp_path: Path,
+                                                                          varied_rewards: None) -> None:
+    # a fresh run replaces the folder's adapter and log only when it ends: killed after its last checkpoint, the
+    # folder still holds the earlier run's, and "resume" must not keep them (found by a review)
+    preset = PRESET.with_overrides(**FAST)
+    ds = training.build_stage1_dataset(mini_rows(), preset, seed=0)
+    model, proc = _load(tiny_dir)
+    training.train_stage1(preset, ds, tmp_path / "earlier", max_steps=1, model=model, processor=proc, verbose=False)
+    model, proc = _load(tiny_dir)
+    this = training.train_stage1(preset, ds, tmp_path, max_steps=2, model=model, processor=proc, verbose=False)
+    out, earlier = tmp_path / "stage1", tmp_path / "earlier" / "stage1"
+    adapter = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    shutil.rmtree(out / "adapter")
+    shutil.copytree(earlier / "adapter", out / "adapter")
+    shutil.copy(earlier / "log_history.json", out / "log_history.json")
+    model, proc = _load(tiny_dir)
+    again = training.train_stage1(preset, ds, tmp_path, max_steps=2, resume=True, model=model, processor=proc,
+                                  verbose=False)
+    assert "already reached max_steps=2" in again.note
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    assert [step for step, _ in again.curves["reward"]] == [step for step, _ in this.curves["reward"]] == [1, 2]
+    assert training.load_log_history(tmp_path, 1)[-1]["step"] == 2
+
+
+def test_resume_refuses_a_checkpoint_with_fewer_lora_layers(tiny_dir: Path, tmp_path: Path,
+                                                            varied_rewards: None) -> None:
+    # a checkpoint trained on a subset of the target modules would load with the rest left fresh: refused instead
+    from safetensors.torch import load_file, save_file
+
+    preset = PRESET.with_overrides(**FAST)
+    ds = training.build_stage1_dataset(mini_rows(), preset, seed=0)
+    model, proc = _load(tiny_dir)
+    training.train_stage1(preset, ds, tmp_path, max_steps=1, model=model, processor=proc, verbose=False)
+    weights = tmp_path / "stage1" / "checkpoint-1" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    dropped = min(tensors).split(".lora_")[0]  # one LoRA layer (its A and B) goes
+    save_file({k: v for k, v in tensors.items() if not k.startswith(dropped + ".")}, weights)
+    model, proc = _load(tiny_dir)
+    with pytest.raises(ValueError, match="does not fit this model's adapter"):
+        training.train_stage1(preset, ds, tmp_path, max_steps=1, resume=True, model=model, processor=proc,
+                              verbose=False)
 
 
 def test_a_fresh_run_removes_an_earlier_runs_checkpoints(tiny_dir: Path, tmp_path: Path, varied_rewards: None) -> None:
