@@ -152,7 +152,7 @@ def json_ready(obj: Any, default: Callable[[Any], Any] | None = None) -> Any:
     if callable(getattr(obj, "item", None)) and _one_element(obj):  # a numpy / torch scalar (or 1-element array)
         return json_ready(obj.item(), default)
     if default is not None:
-        return json_ready(default(obj))
+        return json_ready(default(obj), default)
     raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
 
 

@@ -655,7 +655,7 @@ PRESETS: dict[str, Preset] = {p.name: p.validate().check_prompt_budget() for p i
 def get_preset(name: str | Preset = "cpu-tiny", /, **overrides: Any) -> Preset:
     """The named preset, validated, with optional dotted overrides (``"stage1.grpo.max_steps": 5``)."""
     if isinstance(name, Preset):
-        return name.with_overrides(**overrides).check_prompt_budget() if overrides else name
+        return (name.with_overrides(**overrides) if overrides else name.validate()).check_prompt_budget()
     if name not in PRESETS:
         if name == "auto":
             raise ConfigError("unknown preset 'auto': get_preset takes a preset name; "

@@ -95,6 +95,9 @@ def test_write_json_atomic_round_trips(tmp_path):
     assert json.loads(path.read_text(encoding="utf-8")) == payload and "ü" in path.read_text(encoding="utf-8")
     write_json_atomic(path, {"when": object()}, default=lambda obj: "custom")  # how training writes odd log values
     assert json.loads(path.read_text(encoding="utf-8")) == {"when": "custom"}
+    nested = lambda obj: {"inner": object()} if isinstance(obj, Exception) else "leaf"  # default's result is read by default too
+    write_json_atomic(path, {"when": ValueError()}, default=nested)
+    assert json.loads(path.read_text(encoding="utf-8")) == {"when": {"inner": "leaf"}}
     import numpy as np
     import torch
 

@@ -144,11 +144,14 @@ def test_reads_the_test_layout_with_merged_facts(tmp_path):
 def test_one_bad_record_never_loses_the_others(tmp_path):
     bad = raw_record(guid="bad1")
     bad["img_negFacts"][0]["image_id"] = "not-an-id"
-    recs = {"g1": raw_record(guid="g1"), "bad1": bad, "g2": raw_record(guid="g2"), "bad2": {"Q": 3}}
+    superscript = raw_record(guid="bad3")
+    superscript["img_negFacts"][0]["image_id"] = "\u00b2"  # "²": str.isdigit() says yes, int() says no
+    recs = {"g1": raw_record(guid="g1"), "bad1": bad, "g2": raw_record(guid="g2"), "bad2": {"Q": 3},
+            "bad3": superscript}
     path = write_webqa(tmp_path, recs) / "WebQA_train_val.json"
     result = D.read_webqa(path)
     assert [r.guid for r in result] == ["g1", "g2"]
-    assert [e.guid for e in result.errors] == ["bad1", "bad2"]
+    assert [e.guid for e in result.errors] == ["bad1", "bad2", "bad3"]
     assert "image_id" in result.errors[0].message
     with pytest.raises(WebQAFormatError, match="bad1") as exc:
         D.read_webqa(path, strict=True)
@@ -316,6 +319,24 @@ def test_world_is_deterministic_and_covers_every_category(world, tmp_path):
     assert len(result.errors) == planted["bad_record"]
     clean = [r for r in result if r.img_pos or r.txt_pos]
     assert all(any(f.title.lower() in r.question.lower() for f, g in r.facts() if g) for r in clean)  # gold titles are named
+
+
+def test_no_distractor_is_named_like_a_gold_source(world):
+    """A distractor titled like the question's subject would be a mislabelled negative for stage 1's judge."""
+    import random
+
+    from mmrag_lite.data import world as W
+
+    for r in D.read_webqa(world / "WebQA_train_val.json"):
+        gold = {f.title for f, g in r.facts() if g}
+        assert not [f.title for f, g in r.facts() if not g and f.title in gold], r.guid
+    # the rare clash (about 1 in 10k questions, too rare for a 400-question world) is redrawn: avoid all but one
+    rng = random.Random(0)
+    every = {f"{a} {p} of {n}" for a in W.ADJECTIVES for p in W.PLACES for n in W.NAMES}
+    keep = f"{W.ADJECTIVES[0]} {W.PLACES[0]} of {W.NAMES[0]}"
+    assert W._random_title(rng, every - {keep}) == keep
+    related = f"{W.ADJECTIVES[1]} {W.PLACES[0]} of {W.NAMES[1]}"
+    assert W._related_title(rng, W.ADJECTIVES[0], W.PLACES[0], W.NAMES[0], every - {related}) == related
 
 
 def test_world_images_show_the_answer(world):
@@ -802,6 +823,16 @@ def test_ensure_mini_webqa_notices_changed_source_files(tmp_path, world):
     D.ensure_mini_webqa(preset, run)
     assert FunnelReport.load(mini).source == str((source / "WebQA_train_val.json").resolve())
     assert D.mini_webqa_is_current(preset, run) is True and not (run / "world").exists()
+    # that source gone (a drive not mounted) when a rebuild is due: an error, never the synthetic world instead
+    built_from = FunnelReport.load(mini).source
+    moved = source.rename(tmp_path / "webqa-moved")
+    with pytest.raises(FileNotFoundError, match="which is gone.*webqa_dir"):
+        D.ensure_mini_webqa(preset.with_overrides(**{"data.max_candidates": 6}), run)
+    with pytest.raises(FileNotFoundError, match="which is gone"):
+        D.ensure_mini_webqa(preset, run, force=True)
+    assert not (run / "world").exists() and FunnelReport.load(mini).source == built_from
+    assert len(D.ensure_mini_webqa(preset, run)["train"]) > 0  # nothing to rebuild: the saved build still loads
+    source = moved.rename(source)
     # a build that recorded no fingerprint (an older version) cannot be checked: its run folder stays usable
     funnel = json.loads((mini / "funnel.json").read_text())
     del funnel["settings"]["source_files"]

@@ -123,6 +123,9 @@ def test_grpo_loss_type_is_one_trl_supports():
         PRESETS["cpu-tiny"].stage2, grpo=dataclasses.replace(PRESETS["cpu-tiny"].stage2.grpo, loss_type="bogus")))
     with pytest.raises(ConfigError, match=r"stage2\.grpo\.loss_type='bogus' must be one of"):
         built_in_code.validate()  # no _coerce on this path: validate checks every Literal field itself
+    for accepts in (get_preset, config.resolve_preset):  # a preset object passed as-is is validated too
+        with pytest.raises(ConfigError, match="loss_type"):
+            accepts(built_in_code)
     for loss_type in config.GRPO_LOSS_TYPES:
         assert get_preset("cpu-tiny", **{"stage1.grpo.loss_type": loss_type}).stage1.grpo.loss_type == loss_type
     from trl import GRPOConfig

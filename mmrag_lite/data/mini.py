@@ -260,9 +260,6 @@ class FunnelReport:
         data["steps"] = [FunnelStep(**s) for s in data.get("steps", [])]
         return cls(**data)
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
-
     @classmethod
     def load(cls, path: str | Path) -> FunnelReport:
         path = Path(path)
@@ -842,8 +839,13 @@ def ensure_mini_webqa(preset: Any = "auto", work_dir: str | Path | None = None, 
             saved = _saved_source(mini) if webqa_dir is None else None
             if webqa_dir is not None:
                 source = Path(webqa_dir)
-            elif saved is not None and saved[0].parent.resolve() != world.resolve() and saved[0].is_file():
+            elif saved is not None and saved[0].parent.resolve() != world.resolve():
                 source = saved[0]  # notebook 01's real WebQA: rebuild from it, never swap in the synthetic world
+                if not source.is_file():
+                    raise FileNotFoundError(
+                        f"{mini} was built from {source}, which is gone, and must be rebuilt (other settings, or "
+                        "force): pass webqa_dir= the folder that holds WebQA now (a mounted drive?), or delete "
+                        f"{mini} to build from the synthetic world instead")
             else:
                 manifest = read_world_manifest(world)
                 if (force or manifest is None or not _world_matches(manifest, p)

@@ -156,7 +156,7 @@ def _image_fact(raw: Any, where: str) -> ImageFact:
     if not isinstance(raw, Mapping):
         raise WebQAFormatError(f"{where}: an image fact must be an object, got {type(raw).__name__}")
     image_id = raw.get("image_id")
-    if isinstance(image_id, str) and image_id.strip().isdigit():
+    if isinstance(image_id, str) and image_id.strip().isascii() and image_id.strip().isdigit():  # not "²"
         image_id = int(image_id)
     if not isinstance(image_id, int) or isinstance(image_id, bool) or image_id < 0:
         raise WebQAFormatError(f"{where}: image_id must be a non-negative integer, got {image_id!r}")

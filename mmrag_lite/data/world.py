@@ -25,6 +25,7 @@ import io
 import json
 import math
 import random
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -227,13 +228,22 @@ def _other(rng: random.Random, options, exclude) -> Any:
     return rng.choice(pool)
 
 
-def _related_title(rng: random.Random, adj: str, place: str, name: str) -> str:
-    """A hard distractor's title: same place noun, other adjective and name (shares a word, not the title)."""
-    return f"{_other(rng, ADJECTIVES, adj)} {place} of {_other(rng, NAMES, name)}"
+def _related_title(rng: random.Random, adj: str, place: str, name: str, avoid: Collection[str] = ()) -> str:
+    """A hard distractor's title: same place noun, other adjective and name (shares a word, not the title), never
+    one of ``avoid`` (a second gold title; redrawn only on a clash, like ``_random_title``)."""
+    while True:
+        title = f"{_other(rng, ADJECTIVES, adj)} {place} of {_other(rng, NAMES, name)}"
+        if title not in avoid:
+            return title
 
 
-def _random_title(rng: random.Random) -> str:
-    return f"{rng.choice(ADJECTIVES)} {rng.choice(PLACES)} of {rng.choice(NAMES)}"
+def _random_title(rng: random.Random, avoid: Collection[str] = ()) -> str:
+    """An easy distractor's title, never one of ``avoid`` (the gold titles: a distractor named like the question's
+    subject would be a mislabelled negative). Redrawn only on a clash, so other worlds stay byte-identical."""
+    while True:
+        title = f"{rng.choice(ADJECTIVES)} {rng.choice(PLACES)} of {rng.choice(NAMES)}"
+        if title not in avoid:
+            return title
 
 
 def _random_scene(rng: random.Random) -> tuple[str, str, int]:
@@ -265,7 +275,7 @@ def _question(rng: random.Random, qcate: str, titles: _Titles) -> dict[str, Any]
     gold_txt: list[tuple[str, str]] = []  # (title, fact)
     hard_txt: list[tuple[str, str]] = []
     variants: list[str] = []  # rewordings with the same content words (for planted near-duplicates)
-    rel = lambda: _related_title(rng, adj, place, name)
+    rel = lambda: _related_title(rng, adj, place, name, avoid={im.title for im in gold_imgs})  # after the golds
     keyword = ""
 
     if qcate == "color":
@@ -475,12 +485,13 @@ def _copy_record(qrng: random.Random, guid: str, split: str, duplicate: bool,
 def _distractors(qrng: random.Random, qd: dict[str, Any]) -> tuple[list[_Img], list[tuple[str, str]]]:
     """The question's hard distractors (same scene type, other answer) topped up with easy ones (random scenes)."""
     n_img = qrng.randint(*IMAGES_PER_QUESTION)
+    gold_titles = {im.title for im in qd["gold_imgs"]} | {title for title, _ in qd["gold_txt"]}
     imgs_neg = list(qd["hard_imgs"])
     while len(qd["gold_imgs"]) + len(imgs_neg) < n_img:
-        imgs_neg.append(_scene_img(qrng, _random_title(qrng), _random_scene(qrng)))
+        imgs_neg.append(_scene_img(qrng, _random_title(qrng, gold_titles), _random_scene(qrng)))
     txt_neg = list(qd["hard_txt"])
     for _ in range(qrng.randint(*EASY_SNIPPETS_PER_QUESTION)):
-        t = _random_title(qrng)
+        t = _random_title(qrng, gold_titles)
         txt_neg.append((t, _text_fact_sentence(qrng, t)))
     return imgs_neg, txt_neg
 
