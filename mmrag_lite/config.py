@@ -103,7 +103,8 @@ class GRPOSettings:
     num_generations: int  # group size G: rewards are compared within a group
     max_completion_length: int
     learning_rate: float
-    beta: float  # KL weight; 0 skips the reference log-prob pass (with LoRA the reference is the base, adapter off)
+    beta: float  # KL weight; 0 skips the reference pass. Else the reference is the base with a fresh LoRA off, or
+    # TRL's frozen "ref" copy of a continued adapter (stage 2 from stage 1; saved in the adapter folder as ref/)
     loss_type: LossType  # TRL loss: "dapo" (the presets), "grpo", "dr_grpo", "bnpo", ... (GRPO_LOSS_TYPES)
     temperature: float = 1.0
     logging_steps: int = 1

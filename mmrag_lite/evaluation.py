@@ -183,6 +183,7 @@ _NOT_NAMES = {"the", "a", "an", "yes", "no", "it", "its", "this", "that", "these
 # Words that lead into an option of a "X or Y?" question without being part of it.
 _LEAD_WORDS = {"the", "a", "an", "is", "are", "was", "were", "does", "do", "did", "which", "whether", "between",
                "either", "who", "what", "has", "have", "more", "less", "fewer"}
+_ARTICLES = {"the", "a", "an"}
 
 
 @dataclass(frozen=True)
@@ -253,14 +254,35 @@ def other_option_answer(question: str, answer: str, keywords: str = "") -> str |
                 return part
         return None
 
+    def counterpart(part: str, other_words: list[str], after: bool) -> str | None:
+        """The other side's stretch for a word the answer names beside " or " ("taller" of "Is X taller or shorter
+        than Y?"): the words across it up to where the answer's own next ("than") or, for the right side, previous
+        word reappears; None when it does not (the parsed option is used then)."""
+        found = re.search(rf"(?<!\w){re.escape(part)}(?!\w)", answer, flags=re.IGNORECASE)
+        if found is None:
+            return None
+        beside = re.findall(r"[\w'-]+", answer[found.end():] if after else answer[: found.start()])
+        if not beside:
+            return None
+        word = (beside[0] if after else beside[-1]).lower()
+        lower = [w.lower() for w in other_words]
+        before = re.findall(r"[\w'-]+", answer[: found.start()])
+        for n in range(1, min(len(other_words), len(part.split()) + 3)):
+            if (lower[n] if after else lower[-n - 1]) == word:
+                stretch = other_words[:n] if after else other_words[-n:]
+                if before and before[-1].lower() in _ARTICLES:  # "the" + "the hind legs": one article
+                    stretch = [w for i, w in enumerate(stretch) if i or w.lower() not in _ARTICLES]
+                return " ".join(stretch) or None
+        return None
+
     left, right = longest(left_words, True), longest(right_words, False)
     if left and right and left.lower() != right.lower():
         marker = "\x00"
         out = _replace_phrase(_replace_phrase(answer, left, marker), right, left).replace(marker, right)
     elif left:
-        out = _replace_phrase(answer, left, opts[1])
+        out = _replace_phrase(answer, left, counterpart(left, right_words, True) or opts[1])
     elif right:
-        out = _replace_phrase(answer, right, opts[0])
+        out = _replace_phrase(answer, right, counterpart(right, left_words, False) or opts[0])
     elif keywords and _has_phrase(opts[0], keywords):
         out = opts[1]
     elif keywords and _has_phrase(opts[1], keywords):

@@ -403,8 +403,9 @@ def filter_report(
 
 
 def format_filter_report(report: Sequence[Mapping[str, float]]) -> str:
-    """The filter report as a fixed-width table for a notebook or a log."""
-    cols = [c for c in ("k", "recall", "precision", "all_gold", "kept", "tokens_kept", "tokens_saved", "saved_fraction") if c in report[0]]
+    """The filter report as a fixed-width table for a notebook or a log (just the header when it has no rows)."""
+    cols = [c for c in ("k", "recall", "precision", "all_gold", "kept", "tokens_kept", "tokens_saved", "saved_fraction")
+            if not report or c in report[0]]
     lines = ["  ".join(f"{c:>14}" for c in cols)]
     for row in report:
         lines.append("  ".join(f"{row[c]:>14.0f}" if c == "k" else f"{row[c]:>14.3f}" for c in cols))

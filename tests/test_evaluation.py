@@ -164,6 +164,13 @@ def test_choose_wrong_answer_is_the_other_option():
     assert E.conflicting_answer(short, [], rng).text == "The Statue of Liberty is taller."
     bare = dict(row, question="Are there more windows on the Tower of London or on Big Ben?", answer="Big Ben", keywords="Big Ben")
     assert E.conflicting_answer(bare, [], rng).text == "Tower of London"
+    # the answer names a word beside " or ", not an option: that word is swapped, the shared "than ..." stays once
+    taller = dict(row, question="Is the Eiffel Tower taller or shorter than Big Ben?",
+                  answer="The Eiffel Tower is taller than Big Ben.")
+    assert E.conflicting_answer(taller, [], rng).text == "The Eiffel Tower is shorter than Big Ben."
+    hind = dict(row, question="Is the tail or the hind legs of the Suricata longer?",
+                answer="The tail of the Suricata is longer than its legs.")
+    assert E.conflicting_answer(hind, [], rng).text == "The hind legs of the Suricata is longer than its legs."
     assert E.choice_options("Which is older, the Colosseum or the Parthenon?") == ("Colosseum", "Parthenon")
     assert E.choice_options("What colour is the car?") is None
 

@@ -65,6 +65,8 @@ def test_filter_report_on_a_hand_made_fixture() -> None:
     assert rows[4]["precision"] == pytest.approx((2 / 4 + 1 / 3) / 2)  # a pool smaller than k: over what is kept
     assert "tokens_saved" not in rows[1]  # no processor: no token estimate
     assert "recall" in scoring.format_filter_report(list(rows.values()))
+    empty = scoring.format_filter_report(scoring.filter_report(scored, split, ks=[]))  # no k asked: just the header
+    assert empty.split() == ["k", "recall", "precision", "all_gold", "kept", "tokens_kept", "tokens_saved", "saved_fraction"]
 
 
 def test_scores_round_trip_and_pipeline_reads_them(tmp_path: Path) -> None:
