@@ -746,7 +746,7 @@ def retrained_stage2_ablation(preset: Preset, work_dir: str | Path, rows: Sequen
                               variants: Mapping[str, Mapping[str, Any]] | None = None,
                               baseline: Sequence[PipelineResult] | None = None,
                               scores: Mapping[str, Mapping[str, float]] | None = None,
-                              progress: bool = True) -> list[dict[str, Any]]:
+                              progress: bool = True, live_plot: bool = False) -> list[dict[str, Any]]:
     """Retrain stage 2 once per variant and evaluate each through the main run's stage-1 filter.
 
     Every variant gets what the main run (notebook 04) got — the same pools (``training.stage2_dataset_for_run``),
@@ -755,7 +755,7 @@ def retrained_stage2_ablation(preset: Preset, work_dir: str | Path, rows: Sequen
     The first row is the main run itself when ``baseline`` (its predictions on ``rows``) is given. The training
     reward is each variant's *own* weighted sum, so compare the held-out columns across rows, not that one.
     With ``preset.evaluation.retrain_ablations`` off (the GPU presets: hours per variant) the variants are listed
-    as not run, with the command that runs them.
+    as not run, with the command that runs them. ``live_plot`` draws each variant's reward curves as it trains.
     """
     from mmrag_lite import modeling, training
     from mmrag_lite.modeling import release_memory
@@ -781,7 +781,8 @@ def retrained_stage2_ablation(preset: Preset, work_dir: str | Path, rows: Sequen
         sub = run / "ablations" / slug(name)
         write_json_atomic(sub / "variant.json", {"variant": name, "overrides": dict(overrides), "init_adapter": str(init)})
         dataset, _ = training.stage2_dataset_for_run(p, run, train_split, processor=processor, verbose=False)
-        history = training.train_stage2(p, dataset, sub, init_adapter=init, verbose=False).log_history
+        curves = [training.RewardCurveCallback(live=True, title=f"stage 2 retrained: {name}")] if live_plot else []
+        history = training.train_stage2(p, dataset, sub, init_adapter=init, verbose=False, callbacks=curves).log_history
         release_memory()  # the trained model goes before the bank loads the saved adapter: one model at a time
         bank = ModelBank(p, sub, adapters={"stage1": run / "stage1" / "adapter"}, verbose=False)
         res = run_pipeline(rows, p, system=SystemSpec(name, "stage1", "stage2"), bank=bank, scores=scores, progress=progress)
