@@ -71,14 +71,10 @@ class Block:
     closed: bool
 
 
-@dataclass(frozen=True)
-class Stage1Parse:
-    """A stage-1 completion, read. ``label`` is ``"yes"``/``"no"`` or ``None`` when absent or ambiguous."""
+class _ParseResult:
+    """What both parse results share: ``ok`` when nothing was malformed, and the problem codes."""
 
-    text: str | None
-    think: str | None
-    label: str | None
-    problems: tuple[Problem, ...] = ()
+    problems: tuple[Problem, ...]
 
     @property
     def ok(self) -> bool:
@@ -90,7 +86,17 @@ class Stage1Parse:
 
 
 @dataclass(frozen=True)
-class Stage2Parse:
+class Stage1Parse(_ParseResult):
+    """A stage-1 completion, read. ``label`` is ``"yes"``/``"no"`` or ``None`` when absent or ambiguous."""
+
+    text: str | None
+    think: str | None
+    label: str | None
+    problems: tuple[Problem, ...] = ()
+
+
+@dataclass(frozen=True)
+class Stage2Parse(_ParseResult):
     """A stage-2 completion, read.
 
     ``source_ids`` keeps the model's order, drops repeats (first occurrence wins) and *keeps* ids outside the
@@ -104,14 +110,6 @@ class Stage2Parse:
     answer: str | None
     problems: tuple[Problem, ...] = ()
     unknown_ids: tuple[str, ...] = ()
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    @property
-    def codes(self) -> tuple[str, ...]:
-        return tuple(p.code for p in self.problems)
 
 
 # ------------------------------------------------------------------------------------------ completions
