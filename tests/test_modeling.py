@@ -6,8 +6,10 @@ temp folder, so the tests neither need nor disturb the warmed-up cache under dat
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -108,15 +110,25 @@ def test_ensure_tiny_vlm_is_cached() -> None:
     assert changed != first  # a change of build settings means another folder, i.e. a rebuild
 
 
-def test_the_warm_cache_key_holds_the_image_settings_and_a_damaged_folder_is_rebuilt(tmp_path: Path) -> None:
+def test_the_warm_cache_key_holds_the_image_settings_and_a_damaged_folder_is_rebuilt(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import json
     import shutil
 
+    from mmrag_lite import config
     from mmrag_lite.modeling import cache
 
     bigger = PRESET.with_overrides(**{"model.image_size": 112, "model.min_pixels": 112 * 112,
                                       "model.max_pixels": 112 * 112})  # 16 image tokens per picture instead of 4
     assert M.tiny_model_dir(preset=bigger) != M.tiny_model_dir(preset=PRESET)
+    default = M.tiny_model_dir()
+    monkeypatch.setitem(config.PRESETS, "cpu-tiny", bigger)  # cpu-tiny's own image settings edited: another model
+    assert M.tiny_model_dir() != default and M.tiny_model_dir() == M.tiny_model_dir(preset=bigger)
+    monkeypatch.undo()
+    asked: list = []  # tiny_info reads the miniature the preset loads, not cpu-tiny's default
+    monkeypatch.setattr(cache, "ensure_tiny_vlm", lambda preset=None: asked.append(preset) or M.ensure_tiny_vlm(warm=False))
+    assert M.tiny_info(preset=bigger)["parameters"] and asked == [bigger]
+    monkeypatch.undo()
     cold = M.ensure_tiny_vlm(warm=False)
     copy = shutil.copytree(cold, tmp_path / "copy")
     assert cache._is_complete(copy)
@@ -129,6 +141,14 @@ def test_the_warm_cache_key_holds_the_image_settings_and_a_damaged_folder_is_reb
     (copy / "mmrag_tiny.json").write_text(json.dumps({**info, "warm_up": {"steps": 120, "stopped_by": "time"}}))
     with pytest.warns(RuntimeWarning, match="only 120 steps.*time guard"):
         cache._warn_if_cut_short(copy)
+
+
+def test_the_model_card_states_the_pixel_budget_the_miniature_reads() -> None:
+    from mmrag_lite.modeling.tiny import model_card
+
+    assert "56x56 pixel budget (4 image tokens per image)" in model_card({"settings": asdict(M.TinyVLMSettings())})
+    warmed = {"settings": asdict(M.TinyVLMSettings()), "images": {"image_size": 112, "tokens_per_image": 16}}
+    assert "112x112 pixel budget (16 image tokens per image)" in model_card(warmed)  # a warm-up at another budget
 
 
 def test_warm_up_threads_are_capped_by_the_cores_and_name_the_cache(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -242,8 +262,14 @@ def test_a_prompt_cut_through_its_image_tokens_says_so(tiny_dir: Path) -> None:
         extra[0, -1] = image_id  # a placeholder token in plain text
         with pytest.raises(M.ImageTokenMismatchError, match="holds the image placeholder token"):
             model(**{**enc, "input_ids": extra})
+        with pytest.raises(M.ImageTokenMismatchError, match="cut through"):
+            model.generate(**cut, max_new_tokens=3)  # generate encodes the images before any forward: checked too
         out = model.generate(**enc, max_new_tokens=3, do_sample=False)  # decode steps (no pixel_values) pass
     assert out.shape[1] == enc["input_ids"].shape[1] + 3
+    twin = copy.deepcopy(model)  # TRL's reference model is a deep copy: the copy's check is bound to the copy
+    assert twin.generate.__self__ is twin
+    with pytest.raises(M.ImageTokenMismatchError, match="cut through"):
+        twin.generate(**cut, max_new_tokens=3)
 
 
 def test_the_frozen_vision_tower_records_no_graph_under_the_gpu_presets_input_grad_hooks(tiny_dir: Path) -> None:

@@ -19,8 +19,9 @@ Known traps get a clear message instead of a stack trace deep in a forward pass:
 * a GRPO micro-batch of text-only rows cut from a batch with images (TRL hands the model *empty* ``pixel_values``)
                                                         -> ``make_model_mixed_batch_safe`` (empty vision inputs -> none);
 * a prompt cut through its image tokens (or a placeholder token in plain text)
-                                                        -> the same hook raises ``ImageTokenMismatchError`` naming the
-                                                           cause and the fix, before Qwen-VL's opaque feature mismatch;
+                                                        -> the same hook (and a check before ``generate``) raises
+                                                           ``ImageTokenMismatchError`` naming the cause and the fix,
+                                                           before Qwen-VL's opaque feature or rope-index mismatch;
 * different image counts *and* sizes in one batch       -> ``prepare_image`` resizes every image to one square size.
 
 Where each part lives: ``loading`` (presets -> model + processor, quantisation, LoRA), ``common`` (errors, dtypes,

@@ -20,6 +20,10 @@ from .common import as_preset
 from .tiny import TinyVLMSettings, build_tiny_vlm, tokenizer_corpus
 from .warmup import WARMUP_DATA_SOURCE, WarmUpSettings, warm_up_threads, warm_up_tiny_vlm
 
+# The image settings every warm key made before image settings entered it: a key leaves them out, so those caches
+# stay valid. A fixed literal, not cpu-tiny's live settings: edit those and the key must change.
+_KEYLESS_IMAGE_SETTINGS = {"image_size": 56, "min_pixels": 3136, "max_pixels": 3136}
+
 
 def _short_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -40,8 +44,8 @@ def tiny_model_dir(warm: bool = True, settings: TinyVLMSettings = TinyVLMSetting
     key: dict[str, Any] = {"warm": asdict(warm_settings), "data": WARMUP_DATA_SOURCE, "data_settings": asdict(p.data),
                            "seed": p.seed, "k": p.stage1.k, "threads": warm_up_threads(warm_settings)}
     images = _image_settings(p)
-    if images != _image_settings(as_preset("cpu-tiny")):  # image tokens per picture shape the warm model; cpu-tiny's
-        key["images"] = images  # own settings keep the key they always had, so existing caches stay valid
+    if images != _KEYLESS_IMAGE_SETTINGS:  # image tokens per picture shape the warm model
+        key["images"] = images
     return base.parent / f"{base.name}-warm-{_short_hash(key)}"
 
 
@@ -102,9 +106,10 @@ def _warn_if_cut_short(folder: Path) -> None:
                       RuntimeWarning, stacklevel=3)
 
 
-def tiny_info(folder: str | Path | None = None) -> dict[str, Any]:
-    """The miniature's build/warm-up record (``mmrag_tiny.json``): parameters, settings, warm-up accuracy."""
-    folder = Path(folder) if folder else ensure_tiny_vlm()
+def tiny_info(folder: str | Path | None = None, preset: Preset | str | None = None) -> dict[str, Any]:
+    """The miniature's build/warm-up record (``mmrag_tiny.json``): parameters, settings, warm-up accuracy; of
+    ``folder``, else of the warm miniature ``preset`` loads (its seed, k, data and image settings pick it)."""
+    folder = Path(folder) if folder else ensure_tiny_vlm(preset)
     return json.loads((folder / "mmrag_tiny.json").read_text(encoding="utf-8"))
 
 

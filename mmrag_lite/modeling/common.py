@@ -6,8 +6,9 @@ The processor fixes live here because both the loader and the miniature's warm-u
 * a GRPO micro-batch of text-only rows cut from a batch with images (TRL hands the model *empty* ``pixel_values``)
                                                         -> ``make_model_mixed_batch_safe`` (empty vision inputs -> none);
 * a prompt cut through its image tokens (or a placeholder token in plain text)
-                                                        -> the same hook raises ``ImageTokenMismatchError`` naming the
-                                                           cause and the fix, before Qwen-VL's opaque feature mismatch;
+                                                        -> the same hook (and a check before ``generate``) raises
+                                                           ``ImageTokenMismatchError`` naming the cause and the fix,
+                                                           before Qwen-VL's opaque feature or rope-index mismatch;
 * different image counts *and* sizes in one batch       -> ``prepare_image`` resizes every image to one square size;
 * a frozen vision tower backpropagated anyway (gradient checkpointing hooks every sub-model's input layer)
                                                         -> ``freeze_vision_tower`` runs it under ``torch.no_grad``.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import types
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -208,6 +210,15 @@ def _drop_empty_vision_inputs(module: Any, args: tuple, kwargs: dict[str, Any]) 
     return args, {**kwargs, **dict.fromkeys(empty)}
 
 
+def _checked_generate(self: Any, *args: Any, **kwargs: Any) -> Any:
+    """``generate`` with the image-token check first: it encodes the images and builds rotary positions *before* any
+    forward, so a cut prompt fails there (``get_rope_index``: "shape mismatch ... cannot be broadcast") and the
+    forward hook never sees ``pixel_values``."""
+    if kwargs.get("pixel_values") is not None:
+        check_image_tokens(self.config, kwargs.get("input_ids", args[0] if args else None), kwargs.get("image_grid_thw"))
+    return type(self).generate(self, *args, **kwargs)
+
+
 def make_model_mixed_batch_safe(model: torch.nn.Module) -> torch.nn.Module:
     """Let ``model`` read a batch whose vision inputs are empty tensors as a batch without images, in place.
 
@@ -216,12 +227,16 @@ def make_model_mixed_batch_safe(model: torch.nn.Module) -> torch.nn.Module:
     none, and Qwen2-VL's vision tower fails on them (``torch.cat(): expected a non-empty list of Tensors``). It takes
     gradient accumulation to meet it (every GPU preset), which is why the first real-size run on a GPU found it. A
     forward pre-hook on each module that takes ``pixel_values`` turns the empty tensors into ``None``; idempotent.
+    The same hook, and a check in front of ``generate`` (bound per instance, so a deep copy checks itself), turn a
+    prompt cut through its image tokens into ``ImageTokenMismatchError``.
     """
     for module in model.modules():
         if getattr(module, "_mmrag_empty_vision_safe", False) or not hasattr(module, "get_image_features"):
             continue
         if "pixel_values" in inspect.signature(module.forward).parameters:
             module.register_forward_pre_hook(_drop_empty_vision_inputs, with_kwargs=True)
+            if callable(getattr(type(module), "generate", None)):
+                module.generate = types.MethodType(_checked_generate, module)
             module._mmrag_empty_vision_safe = True
     return model
 

@@ -345,7 +345,8 @@ def load_processor(preset: Preset | str, source: str | Path | None = None) -> An
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
-    """Total and trainable parameters (4-bit layers count their packed storage, as PEFT's printout does)."""
+    """Total and trainable parameters; a 4-bit layer counts its packed storage (two weights per element), so the
+    total is below the checkpoint's (PEFT's ``print_trainable_parameters`` doubles those layers instead)."""
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"total": total, "trainable": trainable}

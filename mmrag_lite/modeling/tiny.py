@@ -172,7 +172,6 @@ def build_tiny_tokenizer(settings: TinyVLMSettings = TinyVLMSettings()) -> PreTr
     tags = [DEFAULT_TAGS.open(n) for n in ("think", "answer", "sources")] + [
         DEFAULT_TAGS.close(n) for n in ("think", "answer", "sources")
     ]
-    n_extra = len(QWEN2VL_SPECIAL_TOKENS) + len(tags)
     trainer = trainers.BpeTrainer(
         vocab_size=settings.vocab_size - len(tags),
         min_frequency=2,
@@ -183,7 +182,6 @@ def build_tiny_tokenizer(settings: TinyVLMSettings = TinyVLMSettings()) -> PreTr
     tok.train_from_iterator(tokenizer_corpus(), trainer=trainer)
     # The tags are ordinary (non-special) added tokens: one id each, and they survive skip_special_tokens decoding.
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in tags])
-    del n_extra
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
@@ -306,15 +304,20 @@ def build_tiny_vlm(out_dir: str | Path, settings: TinyVLMSettings = TinyVLMSetti
 def model_card(info: Mapping[str, Any]) -> str:
     """The ``README.md`` saved beside the miniature: what it is (a plumbing check), how it was built and warmed up."""
     warm = info.get("warm_up")
+    settings = info.get("settings") or {}
     family, cls = {"qwen2_5_vl": ("Qwen2.5-VL", "Qwen2_5_VLForConditionalGeneration")}.get(
-        (info.get("settings") or {}).get("architecture", "qwen2_vl"), ("Qwen2-VL", "Qwen2VLForConditionalGeneration"))
+        settings.get("architecture", "qwen2_vl"), ("Qwen2-VL", "Qwen2VLForConditionalGeneration"))
+    side = settings.get("image_size", 56)  # the build's; a warm-up records the preset's budget it trained with
+    merged = side // settings.get("patch_size", 14) // settings.get("merge_size", 2)
+    images = info.get("images") or {"image_size": side, "tokens_per_image": merged * merged}
     lines = [
         f"# mmrag-lite tiny {family}",
         "",
         f"**This is {TINY_LABEL}** — not a vision-language model. It has the architecture of {family}",
         f"(`{cls}`) at a miniature size, a byte-level BPE tokenizer trained locally on the",
         "course's prompt templates, Qwen2-VL's special tokens and chat template, and a `Qwen2VLImageProcessor` with a",
-        "56x56 pixel budget (4 image tokens per image). It exists so that the whole course (4-bit loading, LoRA,",
+        (f"{images['image_size']}x{images['image_size']} pixel budget ({images['tokens_per_image']} image tokens per "
+         "image). It exists so that the whole course (4-bit loading, LoRA,"),
         "TRL GRPO with images, two-stage inference, metrics) runs offline on a 2-core CPU in minutes.",
         "",
         f"- parameters: {info.get('parameters')}",

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..atomic import atomic_dir
-from ..config import Preset
+from ..config import Preset, image_tokens
 from ..data import ensure_mini_webqa
 from ..prompts import (
     DEFAULT_TAGS,
@@ -395,7 +395,9 @@ def _warm_up(cold_dir: str | Path, out_dir: str | Path, *, preset: Preset | str,
             model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         info = json.loads((cold_dir / "mmrag_tiny.json").read_text(encoding="utf-8"))
-        info.update({"warmed_up": True, "warm_up": {k: v for k, v in report.items() if k != "history"}})
+        info.update({"warmed_up": True, "warm_up": {k: v for k, v in report.items() if k != "history"},
+                     "images": {"image_size": preset.model.image_size,  # the pixel budget it learned to read
+                                "tokens_per_image": image_tokens(preset.model) - 2}})  # less the vision wrappers
         (tmp / "mmrag_tiny.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
         (tmp / "warmup_history.json").write_text(json.dumps(history, indent=2), encoding="utf-8")
         (tmp / "README.md").write_text(model_card(info), encoding="utf-8")
