@@ -24,8 +24,8 @@ a configurable ``penalty ≤ 0`` for output that cannot be read at all, and the 
     f1:    r_rank(o) = 2 |S ∩ G ∩ C| / (|S| + |G ∩ C|)
            (WebQA's Retrieval-F1 when every gold id is shown, i.e. G ⊆ C; otherwise it only asks for the gold the
            model was shown, since it cannot name a document it never saw; 0 when G ∩ C = ∅)
-    ndcg:  r_rank(o) = Σ_{i ≤ k} [s_i ∈ G ∩ C] / log2(i + 1)  /  Σ_{i ≤ min(k, |G|)} 1 / log2(i + 1)
-           with k = |G| unless configured (listing every candidate must not pay: ids past k earn nothing)
+    ndcg:  r_rank(o) = Σ_{i ≤ k} [s_i ∈ G ∩ C] / log2(i + 1)  /  Σ_{i ≤ min(k, |G ∩ C|)} 1 / log2(i + 1)
+           with k = |G ∩ C| unless configured (listing every candidate must not pay: ids past k earn nothing)
            penalty when no sources block can be read
 
 **Answer** (stage 2), the text ``â`` inside ``<answer>`` against the row's reference:

@@ -393,6 +393,20 @@ def test_evaluate_webqa_submission_with_fluency():
     assert report.overall["qa"] == pytest.approx(math.exp(-1) * 1.0)
 
 
+def test_qa_is_the_mean_of_products_and_a_missing_answer_scores_fl_zero():
+    # g2 has no submitted answer: FL 0 and Acc 0, so QA = (FL1*Acc1 + 0) / 2, not mean(FL) * mean(Acc)
+    refs = {"g1": {"gold_ids": ["1"], "answer": ["the car"], "keywords": "car", "qcate": "Others"},
+            "g2": {"gold_ids": ["2"], "answer": ["the dog"], "keywords": "dog", "qcate": "Others"}}
+    report = evaluate_webqa_submission({"g1": {"sources": ["1"], "answer": "the red car"}}, refs, fluency_scorer=FakeScorer())
+    assert report.overall["fl"] == pytest.approx(math.exp(-1) / 2) and report.per_question["g2"]["fl"] == 0.0
+    assert report.overall["qa"] == pytest.approx(math.exp(-1) / 2)
+
+
+def test_shape_is_scored_by_f1_not_recall():
+    f1 = 2 * 0.5 * 1.0 / (0.5 + 1.0 + 1e-5)  # the official F1, with its 1e-5
+    assert webqa_accuracy("round and square", "round", "shape") == pytest.approx(f1)
+
+
 def test_evaluate_mmqa_submission():
     refs = {"q1": {"answers": [{"answer": "2 dogs"}], "type": "ImageQ"}, "q2": {"answers": ["red"], "type": "TextQ"},
             "q3": {"answers": ["x"], "type": "TextQ"}}

@@ -211,3 +211,15 @@ def test_parsers_never_raise(completion, reasoning):
         assert p2.source_ids and set(p2.source_ids) <= set(IDS) and p2.answer
     if p1.ok:
         assert p1.label is not None
+
+
+def test_a_closing_tag_of_another_block_does_not_close_the_open_one():
+    p = parse_stage1("<answer>yes</think>", reasoning=False)
+    assert not p.ok and "nested_tag" in p.codes and p.label is None
+
+
+def test_ids_are_deduplicated_by_their_canonical_form_and_trailing_punctuation_is_read():
+    p = parse_stage2("<sources>D2, d2</sources><answer>x</answer>", ["D1", "D2"], reasoning=False)
+    assert p.source_ids == ("D2",) and "duplicate_id" in p.codes
+    assert split_ids("D2, D5.") == ["D2", "D5"]
+    assert normalize_verdict("Yes!") == "yes"

@@ -641,3 +641,49 @@ def test_preset_helpers_take_a_name_and_refuse_an_unknown_stage():
             rewards.explain("<answer>yes</answer>", stage=bad, reasoning=False)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="stage must be 1 or 2"):
             rewards.reward_funcs_for_preset("cpu-tiny", bad)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------- from a mutation audit
+def test_ndcg_depth_is_the_number_of_gold_ids_the_model_was_shown():
+    # D7 was filtered out before stage 2: k = 1 (D2 only), so D1 in the first slot earns nothing
+    done = ranking_reward([stage2_target(["D1", "D2"], "x")], candidate_ids=[CANDS], gold_ids=[["D2", "D7"]], metric="ndcg")
+    assert done == [0.0]
+
+
+def _answer(text: str, reference: str, keyword: str, qcate: str, question: str | None = None, **kw) -> float:
+    extra = {"question": [question]} if question is not None else {}
+    return answer_reward([stage2_target(["D1"], text)], answer=[reference], keywords=[keyword], qcate=[qcate],
+                         **extra, **kw)[0]
+
+
+def test_hedge_guards_catch_inflections_and_softened_ors():
+    assert _answer("The dog sits or stands", "The dog is standing.", "standing", "choose",
+                   "Is the dog sitting or standing ?") == pytest.approx(0.5)  # lemmatised: sits/stands
+    q = ("From which stadium can you see more skyscrapers while sitting in the stands , Busan Sajik Baseball "
+         "Stadium or the Sydney football stadium ?")
+    ref = "You can see more skyscrapers while sitting in the stands of Busan Sajik Baseball Stadium than in Sydney football stadium."
+    assert _answer("Busan Sajik Baseball Stadium or maybe the Sydney football stadium", ref,
+                   "Busan Sajik Baseball Stadium", "choose", q) == pytest.approx(0.5)
+    hyde = "Which is located further south ; Hyde Park or Vanderbilt University ?"
+    assert _answer("Park or University", "Vanderbilt University", "", "text", hyde) == pytest.approx(0.25)
+    f1 = 2 * 0.5 * 1.0 / (0.5 + 1.0 + 1e-5)
+    assert _answer("round or square", "It is round.", "round", "shape") == pytest.approx(f1 / 2)
+
+
+def test_the_length_guard_also_reads_choose_answers():
+    padded = "It grows upwards, towards the light of the sun, every single day of the spring"  # 12 words for 1
+    assert _answer(padded, "Upwards.", "", "choose") == pytest.approx(0.5)
+
+
+def test_class_balance_follows_its_switch_and_an_explicit_weight():
+    funcs, _ = build_reward_funcs(1, {"relevance": 1.0}, reasoning=False, balance_classes=False, positive_fraction=0.2)
+    assert funcs[0](["<answer>no</answer>"], label=["no"]) == [1.0]  # sampling's fraction alone reweights nothing
+    funcs, _ = build_reward_funcs(1, {"relevance": 1.0}, reasoning=False, balance_classes=True, positive_weight=4.0)
+    assert funcs[0](["<answer>no</answer>"], label=["no"]) == [pytest.approx(0.25)]
+    funcs, _ = build_reward_funcs(1, {"format": 1.0}, reasoning=False)
+    assert funcs[0](["<answer>yes</answer>"], stage=[2], reasoning=[True], penalty=[5]) == [1.0]  # columns never override
+
+
+def test_the_question_is_the_last_question_line_and_an_unreadable_verdict_pays_the_penalty():
+    assert rewards.question_from_prompt("D1: Question: who built it?\nQuestion: Red or blue?") == "Red or blue?"
+    assert relevance_reward(["nonsense"], label=["maybe"], penalty=-1.0) == [-1.0]
