@@ -2,6 +2,7 @@
 
     python benchmarks/bench_gpu_preset.py --preset colab-t4 --steps 3 --out results.json   # on a CUDA machine
     python benchmarks/bench_gpu_preset.py --preset colab-t4 --stage 2 --steps 3            # stage 2: k candidates
+    python benchmarks/bench_gpu_preset.py --preset colab-t4 --stage 2 --fill-to-cap        # stage 2, prompts at the cap
     .venv/bin/python benchmarks/bench_gpu_preset.py --smoke                                 # CPU: the plumbing only
     bash benchmarks/gpu_session.sh     # on the lent GPU: several presets in one call (--world-questions 400)
 
@@ -13,6 +14,9 @@ memory and time. It goes through the course's own path: ``load_model_and_process
 ``training.build_stage2_dataset`` (gold + distractors up to the preset's k, every image at the preset's size, the
 preset's prompt cap) and ``training.train_stage2`` from a fresh LoRA of the same size as stage 1's. Random weights
 rarely emit an end token, so every completion runs to ``max_completion_length``: the slow end of a real step.
+``--fill-to-cap`` (stage 2) lengthens every prompt with filler words before its question until it is as long as the
+preset's ``stage2.max_prompt_tokens`` allows (the synthetic world's snippets are short, so its prompts never reach the
+cap by themselves): the worst prompt length a preset admits, at the images the pool brought.
 
 Reported: seconds per optimizer step (median of the steps after the first, which pays for warm-up), CUDA peak
 allocated / reserved memory of the training steps (as ``training.CudaMemoryCallback`` logs them), and the counted
@@ -50,6 +54,34 @@ def smoke_fields(architecture: str) -> tuple[dict, dict]:
     return text, vision
 
 
+FILLER_WORDS = "the document describes a scene with several objects and their colours shapes and counts".split()
+
+
+def fill_prompts_to_cap(rows, processor, cap: int):
+    """Stage-2 rows whose prompts each hold filler text before the question, as many words as keep the prompt within
+    ``cap`` tokens (bisection on the word count, measured with the course's own ``prompt_token_count``)."""
+    from datasets import Dataset
+
+    filled, lengths = [], []
+    for row in (rows[i] for i in range(len(rows))):
+        def with_filler(words: int) -> list[dict]:
+            messages = [{**m, "content": list(m["content"])} for m in row["prompt"]]
+            text = " ".join(FILLER_WORDS[i % len(FILLER_WORDS)] for i in range(words))
+            messages[-1]["content"].insert(len(messages[-1]["content"]) - 1, {"type": "text", "text": text + "\n"})
+            return messages
+
+        def length(words: int) -> int:
+            return modeling.prompt_token_count(processor, with_filler(words), row["images"])
+
+        low, high = 0, cap  # every word is at least one token, so ``cap`` words are always too many
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (mid, high) if length(mid) <= cap else (low, mid)
+        filled.append({**row, "prompt": with_filler(low)})
+        lengths.append(length(low))
+    return Dataset.from_list(filled, features=rows.features), lengths
+
+
 class StepClock(TrainerCallback):
     """Wall time of every optimizer step (CUDA synchronised, so queued kernels are counted in their own step)."""
 
@@ -74,7 +106,8 @@ def _logged_peak(log_history: list[dict], key: str) -> float | None:
     return max(values) if values else None
 
 
-def run(preset_name: str, steps: int, work: Path, smoke: bool, stage: int = 1, world_questions: int | None = None) -> dict:
+def run(preset_name: str, steps: int, work: Path, smoke: bool, stage: int = 1, world_questions: int | None = None,
+        fill_to_cap: bool = False) -> dict:
     gpu_preset = config.get_preset(preset_name)
     model_id = gpu_preset.model.model_id
     arch = architectures.PUBLISHED_CONFIGS[model_id]["architecture"]
@@ -111,6 +144,9 @@ def run(preset_name: str, steps: int, work: Path, smoke: bool, stage: int = 1, w
         rows = training.build_stage1_dataset(ds["train"], preset)
     else:
         rows, build_report = training.build_stage2_dataset(ds["train"], preset, processor=processor)
+        if fill_to_cap:
+            rows, lengths = fill_prompts_to_cap(rows, processor, preset.stage2.max_prompt_tokens)
+            build_report.prompt_tokens_max, build_report.prompt_tokens_mean = max(lengths), sum(lengths) / len(lengths)
     prepared = time.perf_counter() - t0
 
     clock = StepClock()
@@ -125,6 +161,8 @@ def run(preset_name: str, steps: int, work: Path, smoke: bool, stage: int = 1, w
         "completions_per_step": per_step, "max_completion_length": grpo.max_completion_length,
         "image_size": preset.model.image_size, "world_questions": preset.data.world_questions, "rows": len(rows),
         "prompt_tokens_max": build_report.prompt_tokens_max if build_report else None,
+        "prompt_tokens_mean": round(build_report.prompt_tokens_mean, 1) if build_report else None,
+        "filled_to_cap": fill_to_cap, "prompt_cap": preset.stage2.max_prompt_tokens if stage == 2 else None,
         "images_per_prompt_max": build_report.images_per_prompt_max if build_report else None,
         "seconds_per_step": statistics.median(after_first) if after_first else None,
         "step_seconds": [round(s, 2) for s in clock.seconds],
@@ -148,11 +186,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, help="also write the report here as JSON")
     ap.add_argument("--work", type=Path, help="scratch folder (default: a temporary one, removed afterwards)")
     ap.add_argument("--world-questions", type=int, help="synthetic world size (default: the preset's); smaller builds faster")
+    ap.add_argument("--fill-to-cap", action="store_true",
+                    help="stage 2: lengthen every prompt with filler to the preset's stage2.max_prompt_tokens")
     ap.add_argument("--smoke", action="store_true", help="CPU: a shrunken copy, one step; checks the script only")
     args = ap.parse_args(argv)
     steps = 1 if args.smoke else args.steps
+    if args.fill_to_cap and args.stage != 2:
+        ap.error("--fill-to-cap applies to --stage 2 (stage 1 shows one candidate)")
     with tempfile.TemporaryDirectory(prefix="mmrag-gpu-bench-") as tmp:
-        report = run(args.preset, steps, args.work or Path(tmp), args.smoke, args.stage, args.world_questions)
+        report = run(args.preset, steps, args.work or Path(tmp), args.smoke, args.stage, args.world_questions,
+                     args.fill_to_cap)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

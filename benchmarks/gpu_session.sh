@@ -14,7 +14,7 @@ bench() {  # name, seconds allowed, bench arguments...
   echo "=== $name (limit ${limit}s) $(date +%T)"
   timeout "$limit" python3 benchmarks/bench_gpu_preset.py "$@" --world-questions 400 --out "$OUT/$name.json" \
     > "$OUT/$name.log" 2>&1; echo "=== $name rc=$? $(date +%T)"
-  grep -E '"(seconds_per_step|peak_allocated_gib|peak_reserved_gib|prompt_tokens_max)"|Error' "$OUT/$name.log" | tail -6
+  grep -E '"(seconds_per_step|peak_allocated_gib|peak_reserved_gib|prompt_tokens_max|images_per_prompt_max)"|Error' "$OUT/$name.log" | tail -7
 }
 # name -> seconds allowed and the bench's arguments; run the names given (default: the first three, one call's worth)
 declare -A RUNS=(
@@ -23,6 +23,11 @@ declare -A RUNS=(
   [a100-stage2]="270 --preset a100 --stage 2 --steps 2"
   [l4-stage1]="120 --preset l4 --steps 3"
   [l4-stage2]="150 --preset l4 --stage 2 --steps 2"
+  [a100-stage1]="110 --preset a100 --steps 2"
+  # stage 2 with every prompt filled to the preset's stage2.max_prompt_tokens: the longest prompt a preset admits
+  [colab-t4-stage2-cap]="170 --preset colab-t4 --stage 2 --steps 2 --fill-to-cap"
+  [l4-stage2-cap]="160 --preset l4 --stage 2 --steps 2 --fill-to-cap"
+  [a100-stage2-cap]="270 --preset a100 --stage 2 --steps 2 --fill-to-cap"
 )
 names=("$@"); (( ${#names[@]} )) || names=(colab-t4-stage1 colab-t4-stage2 a100-stage2)
 for n in "${names[@]}"; do
