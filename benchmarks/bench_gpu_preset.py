@@ -54,31 +54,40 @@ def smoke_fields(architecture: str) -> tuple[dict, dict]:
     return text, vision
 
 
-FILLER_WORDS = "the document describes a scene with several objects and their colours shapes and counts".split()
+FILLER_WORDS = ("the", "document", "describes", "a", "scene", "with", "several", "objects", "and", "their", "colours",
+                "shapes", "and", "counts")
+
+
+def _with_filler(prompt: list[dict], words: int) -> list[dict]:
+    """A copy of a stage-2 prompt with ``words`` filler words in a text part just before its question."""
+    messages = [{**m, "content": list(m["content"])} for m in prompt]
+    text = " ".join(FILLER_WORDS[i % len(FILLER_WORDS)] for i in range(words))
+    messages[-1]["content"].insert(len(messages[-1]["content"]) - 1, {"type": "text", "text": text + "\n"})
+    return messages
+
+
+def _filled_to_cap(row: dict, processor, cap: int) -> tuple[list[dict], int]:
+    """The row's prompt with as many filler words as keep it within ``cap`` tokens (bisection on the word count,
+    measured with the course's own ``prompt_token_count``), and its length."""
+    def length(words: int) -> int:
+        return modeling.prompt_token_count(processor, _with_filler(row["prompt"], words), row["images"])
+
+    low, high = 0, cap  # every word is at least one token, so ``cap`` words are always too many
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if length(mid) <= cap else (low, mid)
+    return _with_filler(row["prompt"], low), length(low)
 
 
 def fill_prompts_to_cap(rows, processor, cap: int):
-    """Stage-2 rows whose prompts each hold filler text before the question, as many words as keep the prompt within
-    ``cap`` tokens (bisection on the word count, measured with the course's own ``prompt_token_count``)."""
+    """Stage-2 rows whose prompts each reach (just under) ``cap`` tokens, and their lengths."""
     from datasets import Dataset
 
     filled, lengths = [], []
     for row in (rows[i] for i in range(len(rows))):
-        def with_filler(words: int) -> list[dict]:
-            messages = [{**m, "content": list(m["content"])} for m in row["prompt"]]
-            text = " ".join(FILLER_WORDS[i % len(FILLER_WORDS)] for i in range(words))
-            messages[-1]["content"].insert(len(messages[-1]["content"]) - 1, {"type": "text", "text": text + "\n"})
-            return messages
-
-        def length(words: int) -> int:
-            return modeling.prompt_token_count(processor, with_filler(words), row["images"])
-
-        low, high = 0, cap  # every word is at least one token, so ``cap`` words are always too many
-        while high - low > 1:
-            mid = (low + high) // 2
-            low, high = (mid, high) if length(mid) <= cap else (low, mid)
-        filled.append({**row, "prompt": with_filler(low)})
-        lengths.append(length(low))
+        prompt, n = _filled_to_cap(row, processor, cap)
+        filled.append({**row, "prompt": prompt})
+        lengths.append(n)
     return Dataset.from_list(filled, features=rows.features), lengths
 
 

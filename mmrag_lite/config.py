@@ -605,8 +605,8 @@ _T4 = Preset(
     evaluation=EvalSettings(questions=300, retrain_ablations=False),  # opt in: 3 more stage-2 runs of ~3 h each
     # Measured on an H100 (benchmarks/RESULTS.md, modeling.architectures.MEASURED_STEPS; real-size random weights,
     # completions always full length): allocator peak 3.8 GiB in stage 1, 8.0 GiB in stage 2 at 801-token prompts
-    # (8.9 at 950, before the vision-tower fix). 12 leaves room for prompts up to stage2.max_prompt_tokens; not yet
-    # measured on a T4 itself.
+    # and 10.7 GiB with every prompt filled to the 2,048-token cap. 12 covers the cap with room for the allocator;
+    # not yet measured on a T4 itself (15 GiB).
     expected_memory_gb=12.0,
     # estimate: the H100 took 16 s (stage 1) / 29 s (stage 2) a step; a step is mostly token-by-token generation,
     # whose per-token overhead a slower card does not multiply by its 10x smaller bandwidth, so ~2x the H100's
@@ -620,8 +620,8 @@ _L4 = replace(
     model=replace(_T4.model, compute_dtype="bfloat16", image_size=448, max_pixels=448 * 448),
     stage1=replace(_T4.stage1, grpo=replace(_T4.stage1.grpo, per_device_train_batch_size=6, num_generations=6)),
     stage2=replace(_T4.stage2, grpo=replace(_T4.stage2.grpo, per_device_train_batch_size=6, num_generations=6)),
-    # H100, real-size random weights: allocator peak 5.1 GiB in stage 1, 14.1 GiB in stage 2 at 1,249-token prompts;
-    # 18 leaves room for prompts up to the 2,048-token cap (not measured there, nor on an L4 itself)
+    # H100, real-size random weights: allocator peak 5.1 GiB in stage 1, 14.1 GiB in stage 2 at 1,249-token prompts
+    # and 15.4 GiB at the 2,048-token cap; 18 covers the cap (not measured on an L4 itself, 22 GiB)
     expected_memory_gb=18.0,
     # estimate: the H100 took 18 s (stage 1) / 31 s (stage 2) a step; an L4 has about twice a T4's compute
     expected_seconds_per_step=60.0,
@@ -641,12 +641,13 @@ _A100 = replace(
         max_prompt_tokens=3072,  # k=8 images at 448 px are 8 x 258 = 2,064 tokens alone (an 8-image prompt measured 2,280)
     ),
     evaluation=replace(_T4.evaluation, questions=1000),
-    # H100, real-size random weights: allocator peak 10.3 GiB in stage 1, 18.5 GiB in stage 2 at 1,818-token
-    # prompts (6 images). 32 leaves room for 8-image prompts up to the 3,072-token cap, which were not measured
-    # (it was 44 before stage 2 was measured: a guess)
-    expected_memory_gb=32.0,
-    # estimate: the H100 took 28 s (stage 1) / 64 s (stage 2) a step; an A100 is slower (was 40 before stage 2 was
-    # measured)
+    # H100, real-size random weights: allocator peak 7.9 GiB in stage 1, 18.5 GiB in stage 2 at 1,818-token
+    # prompts (6 images) and 33.0 GiB with every prompt filled to the 3,072-token cap. 36 covers the cap with room
+    # for the allocator and still fits a 40 GB A100 (39.4 GiB), so preset="auto" picks it there (it was 44 before
+    # stage 2 was measured, a guess; then 32, before the cap was)
+    expected_memory_gb=36.0,
+    # estimate: the H100 took 23 s (stage 1) / 64-71 s (stage 2) a step; an A100 is slower (was 40 before stage 2
+    # was measured)
     expected_seconds_per_step=90.0,
 )
 

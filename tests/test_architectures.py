@@ -173,7 +173,8 @@ def test_memory_floor_plot_stacks_the_three_parts_and_marks_the_estimate() -> No
 
 
 # ------------------------------------------------------------------------------------------ measured on a GPU
-@pytest.mark.parametrize("step", A.MEASURED_STEPS, ids=lambda m: f"{m.preset}-stage{m.stage}")
+@pytest.mark.parametrize("step", A.MEASURED_STEPS,
+                         ids=lambda m: f"{m.preset}-stage{m.stage}" + ("-cap" if "cap" in m.note else ""))
 def test_measured_steps_are_their_benchmark_reports_and_the_estimates_cover_them(step: A.MeasuredStep) -> None:
     import json
 
@@ -186,6 +187,11 @@ def test_measured_steps_are_their_benchmark_reports_and_the_estimates_cover_them
     assert round(report["loaded_model_gib"], 3) == step.loaded_model_gb
     assert round(report["seconds_per_step"], 2) == step.seconds_per_step
     assert report.get("prompt_tokens_max") == step.prompt_tokens_max
+    # a run whose prompts were filled to the cap says so in its note, and reached the cap it names
+    assert report.get("filled_to_cap", False) == ("cap" in step.note)
+    if report.get("filled_to_cap"):
+        assert step.prompt_tokens_max == report["prompt_cap"] == get_preset(step.preset).stage2.max_prompt_tokens
+        assert f"{report['prompt_cap']:,}-token cap" in step.note
     floor = A.memory_floor(step.preset)
     # the count without a GPU agrees with the 4-bit model the GPU loaded (the LoRA is added later, by TRL)
     assert abs(floor.weights_gb - step.loaded_model_gb) < 0.03 * step.loaded_model_gb
@@ -215,9 +221,13 @@ def test_gpu_preset_benchmark_runs_its_cpu_smoke(name: str, stage: int, tmp_path
     spec = importlib.util.spec_from_file_location("bench_gpu_preset", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    world = ["--world-questions", "200"] if stage == 2 else []  # the device script's smaller, faster world
+    # stage 2 as the device script runs its cap runs: a smaller, faster world, every prompt filled to the cap
+    world = ["--world-questions", "200", "--fill-to-cap"] if stage == 2 else []
     report = bench.main(["--smoke", "--preset", name, "--stage", str(stage), "--out", str(tmp_path / "report.json"),
                          *world])
+    if stage == 2:  # every prompt within the cap, and within a few tokens of it (the smoke runs cpu-tiny's cap)
+        assert report["filled_to_cap"] is True and report["prompt_cap"] == get_preset("cpu-tiny").stage2.max_prompt_tokens
+        assert report["prompt_cap"] - 4 <= report["prompt_tokens_mean"] <= report["prompt_tokens_max"] <= report["prompt_cap"]
     assert report["world_questions"] == (200 if world else get_preset("cpu-tiny").data.world_questions)
     assert report["smoke"] is True and report["quantized_4bit"] is True and report["steps"] == 1
     assert report["stage"] == stage and (report["prompt_tokens_max"] is None) == (stage == 1)

@@ -234,18 +234,26 @@ class MeasuredStep:
 
 _H100 = "NVIDIA H100 80GB HBM3"
 _AFTER_FIX = "benchmarks/gpu/h100-2026-11-27-after-vision-fix"
-# The current code's figures. The earlier colab-t4 runs (benchmarks/gpu/h100-2026-11-27/) predate the vision-tower
-# fix (freeze_vision_tower's no_grad) and are kept there and in benchmarks/RESULTS.md for the comparison.
+_CAPS = "benchmarks/gpu/h100-2026-11-27-prompt-caps"
+_FILLED = "every prompt filled to the {:,}-token cap"  # bench_gpu_preset.py --fill-to-cap
+# The current code's figures. The earlier runs in benchmarks/gpu/h100-2026-11-27/ predate the vision-tower fix
+# (freeze_vision_tower's no_grad) and are kept there and in benchmarks/RESULTS.md for the comparison. Stage 2 is
+# measured twice: at the prompts the synthetic world draws, and with every prompt filled to the preset's cap.
 MEASURED_STEPS: tuple[MeasuredStep, ...] = (
     MeasuredStep("colab-t4", 1, _H100, "2026-11-27", 1.859, 3.139, 3.84, 15.96, None,
                  f"{_AFTER_FIX}/colab-t4-stage1.json"),
     MeasuredStep("colab-t4", 2, _H100, "2026-11-27", 1.859, 5.264, 7.998, 29.17, 801,
                  f"{_AFTER_FIX}/colab-t4-stage2.json"),
+    MeasuredStep("colab-t4", 2, _H100, "2026-11-27", 1.859, 9.524, 10.713, 32.09, 2048,
+                 f"{_CAPS}/colab-t4-stage2-cap.json", note=_FILLED.format(2048)),
     MeasuredStep("l4", 1, _H100, "2026-11-27", 1.859, 4.276, 5.1, 17.73, None, f"{_AFTER_FIX}/l4-stage1.json"),
     MeasuredStep("l4", 2, _H100, "2026-11-27", 1.859, 9.612, 14.068, 31.27, 1249, f"{_AFTER_FIX}/l4-stage2.json"),
-    MeasuredStep("a100", 1, _H100, "2026-11-27", 2.833, 8.532, 10.254, 28.01, None,
-                 "benchmarks/gpu/h100-2026-11-27/a100-stage1.json", note="before the vision-tower fix"),
+    MeasuredStep("l4", 2, _H100, "2026-11-27", 1.859, 13.715, 15.408, 31.15, 2048, f"{_CAPS}/l4-stage2-cap.json",
+                 note=_FILLED.format(2048)),
+    MeasuredStep("a100", 1, _H100, "2026-11-27", 2.833, 7.158, 7.879, 22.76, None, f"{_CAPS}/a100-stage1.json"),
     MeasuredStep("a100", 2, _H100, "2026-11-27", 2.833, 14.868, 18.525, 64.04, 1818, f"{_AFTER_FIX}/a100-stage2.json"),
+    MeasuredStep("a100", 2, _H100, "2026-11-27", 2.833, 31.642, 33.014, 70.53, 3072, f"{_CAPS}/a100-stage2-cap.json",
+                 note=_FILLED.format(3072)),
 )
 
 
