@@ -3,6 +3,7 @@
     python benchmarks/bench_gpu_preset.py --preset colab-t4 --steps 3 --out results.json   # on a CUDA machine
     python benchmarks/bench_gpu_preset.py --preset colab-t4 --stage 2 --steps 3            # stage 2: k candidates
     python benchmarks/bench_gpu_preset.py --preset colab-t4 --stage 2 --fill-to-cap        # stage 2, prompts at the cap
+    python benchmarks/bench_gpu_preset.py --preset a100 --stage 2 --images-first --fill-to-cap  # ... with k images
     .venv/bin/python benchmarks/bench_gpu_preset.py --smoke                                 # CPU: the plumbing only
     bash benchmarks/gpu_session.sh     # on the lent GPU: several presets in one call (--world-questions 400)
 
@@ -16,7 +17,9 @@ preset's prompt cap) and ``training.train_stage2`` from a fresh LoRA of the same
 rarely emit an end token, so every completion runs to ``max_completion_length``: the slow end of a real step.
 ``--fill-to-cap`` (stage 2) lengthens every prompt with filler words before its question until it is as long as the
 preset's ``stage2.max_prompt_tokens`` allows (the synthetic world's snippets are short, so its prompts never reach the
-cap by themselves): the worst prompt length a preset admits, at the images the pool brought.
+cap by themselves): the worst prompt length a preset admits, at the images the pool brought. ``--images-first``
+(stage 2) shows each question's image candidates before its snippets (gold first), so prompts carry as many images as
+the pool has, up to k.
 
 Reported: seconds per optimizer step (median of the steps after the first, which pays for warm-up), CUDA peak
 allocated / reserved memory of the training steps (as ``training.CudaMemoryCallback`` logs them), and the counted
@@ -115,8 +118,17 @@ def _logged_peak(log_history: list[dict], key: str) -> float | None:
     return max(values) if values else None
 
 
+def images_first(split, k: int) -> dict[str, list[str]]:
+    """Stage-2 pools (``kept_ids`` for ``build_stage2_dataset``) that show image candidates first, gold before
+    distractors, then snippets: up to k images a prompt, the most the preset's pool admits."""
+    def rank(c: dict) -> tuple[bool, bool]:
+        return c.get("image") is None, not c["is_gold"]
+
+    return {row["guid"]: [c["id"] for c in sorted(row["candidates"], key=rank)][:k] for row in split}
+
+
 def run(preset_name: str, steps: int, work: Path, smoke: bool, stage: int = 1, world_questions: int | None = None,
-        fill_to_cap: bool = False) -> dict:
+        fill_to_cap: bool = False, prefer_images: bool = False) -> dict:
     gpu_preset = config.get_preset(preset_name)
     model_id = gpu_preset.model.model_id
     arch = architectures.PUBLISHED_CONFIGS[model_id]["architecture"]
@@ -152,7 +164,8 @@ def run(preset_name: str, steps: int, work: Path, smoke: bool, stage: int = 1, w
     if stage == 1:
         rows = training.build_stage1_dataset(ds["train"], preset)
     else:
-        rows, build_report = training.build_stage2_dataset(ds["train"], preset, processor=processor)
+        kept = images_first(ds["train"], preset.stage1.k) if prefer_images else None
+        rows, build_report = training.build_stage2_dataset(ds["train"], preset, processor=processor, kept_ids=kept)
         if fill_to_cap:
             rows, lengths = fill_prompts_to_cap(rows, processor, preset.stage2.max_prompt_tokens)
             build_report.prompt_tokens_max, build_report.prompt_tokens_mean = max(lengths), sum(lengths) / len(lengths)
@@ -171,7 +184,8 @@ def run(preset_name: str, steps: int, work: Path, smoke: bool, stage: int = 1, w
         "image_size": preset.model.image_size, "world_questions": preset.data.world_questions, "rows": len(rows),
         "prompt_tokens_max": build_report.prompt_tokens_max if build_report else None,
         "prompt_tokens_mean": round(build_report.prompt_tokens_mean, 1) if build_report else None,
-        "filled_to_cap": fill_to_cap, "prompt_cap": preset.stage2.max_prompt_tokens if stage == 2 else None,
+        "filled_to_cap": fill_to_cap, "images_first": prefer_images,
+        "images_per_prompt_mean": round(statistics.mean(len(r) for r in rows["images"]), 2) if stage == 2 else None, "prompt_cap": preset.stage2.max_prompt_tokens if stage == 2 else None,
         "images_per_prompt_max": build_report.images_per_prompt_max if build_report else None,
         "seconds_per_step": statistics.median(after_first) if after_first else None,
         "step_seconds": [round(s, 2) for s in clock.seconds],
@@ -197,14 +211,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--world-questions", type=int, help="synthetic world size (default: the preset's); smaller builds faster")
     ap.add_argument("--fill-to-cap", action="store_true",
                     help="stage 2: lengthen every prompt with filler to the preset's stage2.max_prompt_tokens")
+    ap.add_argument("--images-first", action="store_true",
+                    help="stage 2: show image candidates before snippets, up to k images a prompt")
     ap.add_argument("--smoke", action="store_true", help="CPU: a shrunken copy, one step; checks the script only")
     args = ap.parse_args(argv)
     steps = 1 if args.smoke else args.steps
-    if args.fill_to_cap and args.stage != 2:
-        ap.error("--fill-to-cap applies to --stage 2 (stage 1 shows one candidate)")
+    if (args.fill_to_cap or args.images_first) and args.stage != 2:
+        ap.error("--fill-to-cap and --images-first apply to --stage 2 (stage 1 shows one candidate)")
     with tempfile.TemporaryDirectory(prefix="mmrag-gpu-bench-") as tmp:
         report = run(args.preset, steps, args.work or Path(tmp), args.smoke, args.stage, args.world_questions,
-                     args.fill_to_cap)
+                     args.fill_to_cap, args.images_first)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

@@ -28,6 +28,7 @@ declare -A RUNS=(
   [colab-t4-stage2-cap]="170 --preset colab-t4 --stage 2 --steps 2 --fill-to-cap"
   [l4-stage2-cap]="160 --preset l4 --stage 2 --steps 2 --fill-to-cap"
   [a100-stage2-cap]="270 --preset a100 --stage 2 --steps 2 --fill-to-cap"
+  [a100-stage2-cap-8img]="270 --preset a100 --stage 2 --steps 2 --fill-to-cap --images-first"
 )
 names=("$@"); (( ${#names[@]} )) || names=(colab-t4-stage1 colab-t4-stage2 a100-stage2)
 for n in "${names[@]}"; do
