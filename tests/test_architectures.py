@@ -189,6 +189,10 @@ def test_measured_steps_are_their_benchmark_reports_and_the_estimates_cover_them
     assert report.get("prompt_tokens_max") == step.prompt_tokens_max
     # a run whose prompts were filled to the cap says so in its note, and reached the cap it names
     assert report.get("filled_to_cap", False) == ("cap" in step.note)
+    assert report.get("images_first", False) == ("image candidates first" in step.note)
+    if report.get("images_first"):  # as many images as the preset's k, in the longest prompts
+        assert f"({report['images_per_prompt_max']} images)" in step.note
+        assert report["images_per_prompt_max"] == get_preset(step.preset).stage1.k
     if report.get("filled_to_cap"):
         assert step.prompt_tokens_max == report["prompt_cap"] == get_preset(step.preset).stage2.max_prompt_tokens
         assert f"{report['prompt_cap']:,}-token cap" in step.note

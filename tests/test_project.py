@@ -226,7 +226,7 @@ def test_unknown_keys_and_presets_say_what_would_work():
     (True, False, (7, 5), 15, "colab-t4"),  # T4: no bf16
     (True, True, (7, 5), 14.7, "colab-t4"),  # a real Colab T4: is_bf16_supported() says True (emulation)
     (True, True, (8, 9), 22, "l4"),
-    (True, True, (8, 0), 39.4, "a100"),  # A100 40 GB: above the a100 preset's estimate (33.0 GiB measured at the cap)
+    (True, True, (8, 0), 39.4, "a100"),  # A100 40 GB: above the a100 preset's estimate (35.3 GiB measured at the cap)
     (True, True, (8, 9), 24, "l4"),  # bf16 and 24 GiB: below the a100 preset's estimate
     (True, True, (8, 0), 80, "a100"),
     (True, True, (9, 0), 79.1, "a100"),  # H100 80 GB

@@ -254,6 +254,8 @@ MEASURED_STEPS: tuple[MeasuredStep, ...] = (
     MeasuredStep("a100", 2, _H100, "2026-11-27", 2.833, 14.868, 18.525, 64.04, 1818, f"{_AFTER_FIX}/a100-stage2.json"),
     MeasuredStep("a100", 2, _H100, "2026-11-27", 2.833, 31.642, 33.014, 70.53, 3072, f"{_CAPS}/a100-stage2-cap.json",
                  note=_FILLED.format(3072)),
+    MeasuredStep("a100", 2, _H100, "2026-11-27", 2.833, 31.345, 35.322, 81.87, 3072,
+                 f"{_CAPS}/a100-stage2-cap-8img.json", note=_FILLED.format(3072) + ", image candidates first (8 images)"),
 )
 
 
