@@ -781,8 +781,8 @@ def retrained_stage2_ablation(preset: Preset, work_dir: str | Path, rows: Sequen
         sub = run / "ablations" / slug(name)
         write_json_atomic(sub / "variant.json", {"variant": name, "overrides": dict(overrides), "init_adapter": str(init)})
         dataset, _ = training.stage2_dataset_for_run(p, run, train_split, processor=processor, verbose=False)
-        curves = [training.RewardCurveCallback(live=True, title=f"stage 2 retrained: {name}")] if live_plot else []
-        history = training.train_stage2(p, dataset, sub, init_adapter=init, verbose=False, callbacks=curves).log_history
+        history = training.train_stage2(p, dataset, sub, init_adapter=init, verbose=False, live_plot=live_plot,
+                                        plot_title=f"stage 2 retrained: {name}").log_history
         release_memory()  # the trained model goes before the bank loads the saved adapter: one model at a time
         bank = ModelBank(p, sub, adapters={"stage1": run / "stage1" / "adapter"}, verbose=False)
         res = run_pipeline(rows, p, system=SystemSpec(name, "stage1", "stage2"), bank=bank, scores=scores, progress=progress)

@@ -714,13 +714,15 @@ def build_trainer(
     callbacks: Sequence[Any] = (),
     max_steps: int | None = None,
     live_plot: bool = False,
+    plot_title: str | None = None,
     quiet_progress: bool = True,
 ) -> tuple[Any, RewardCurveCallback]:
     """A ``GRPOTrainer`` for one stage: model + processor from ``modeling``, LoRA from the preset, rewards by rule.
 
     With ``init_adapter`` the model continues from a saved (trainable) adapter instead of a fresh LoRA; a ``model``
     passed in comes with its processor and already carries whatever adapter it should continue from. The LoRA
-    weights are trained in float32 whatever the compute dtype (``keep_trainable_in_float32``).
+    weights are trained in float32 whatever the compute dtype (``keep_trainable_in_float32``). The trainer carries
+    one ``RewardCurveCallback`` (returned with it); ``plot_title`` names its figure.
     """
     from transformers.trainer_callback import ProgressCallback
     from trl import GRPOTrainer
@@ -742,7 +744,7 @@ def build_trainer(
         freeze_vision_tower(model)  # the same: no vision backward under gradient checkpointing (idempotent)
     funcs, _ = reward_funcs_for(preset, stage)
     args = grpo_config(preset, stage, output_dir, max_steps=max_steps)
-    curve = RewardCurveCallback(live=live_plot, title=f"stage {stage} GRPO rewards ({preset.name})")
+    curve = RewardCurveCallback(live=live_plot, title=plot_title or f"stage {stage} GRPO rewards ({preset.name})")
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=funcs,
@@ -776,7 +778,7 @@ def _clear_stale_checkpoints(out: Path, *, verbose: bool) -> None:
 
 def _train(stage: int, preset: Preset, dataset: Any, work_dir: str | Path, *, init_adapter: str | Path | None,
            resume: bool | str | Path, callbacks: Sequence[Any], max_steps: int | None, live_plot: bool,
-           model: Any, processor: Any, verbose: bool) -> TrainResult:
+           plot_title: str | None, model: Any, processor: Any, verbose: bool) -> TrainResult:
     if len(dataset) == 0:  # GRPOTrainer would stop at step 0 and save an untrained adapter as if it had trained
         raise ValueError(f"the stage-{stage} training set is empty: nothing to train on. For stage 2, read the build "
                          "report (too-long prompts dropped? stale stage-1 scores whose guids no longer match?)")
@@ -786,7 +788,7 @@ def _train(stage: int, preset: Preset, dataset: Any, work_dir: str | Path, *, in
         _clear_stale_checkpoints(out, verbose=verbose)
     trainer, curve = build_trainer(preset, stage, dataset, out, model=model, processor=processor,
                                    init_adapter=init_adapter, callbacks=callbacks, max_steps=max_steps,
-                                   live_plot=live_plot)
+                                   live_plot=live_plot, plot_title=plot_title)
     checkpoint: str | None = None
     note = ""
     if resume:
@@ -835,6 +837,7 @@ def train_stage1(
     callbacks: Sequence[Any] = (),
     max_steps: int | None = None,
     live_plot: bool = False,
+    plot_title: str | None = None,
     model: Any = None,
     processor: Any = None,
     verbose: bool = True,
@@ -847,7 +850,8 @@ def train_stage1(
     resuming a run whose checkpoint already reached it trains nothing and keeps the saved adapter, ``result.note``).
     """
     return _train(1, preset, dataset, work_dir, init_adapter=None, resume=resume, callbacks=callbacks,
-                  max_steps=max_steps, live_plot=live_plot, model=model, processor=processor, verbose=verbose)
+                  max_steps=max_steps, live_plot=live_plot, plot_title=plot_title, model=model, processor=processor,
+                  verbose=verbose)
 
 
 def is_main_process() -> bool:
@@ -878,6 +882,7 @@ def train_stage2(
     callbacks: Sequence[Any] = (),
     max_steps: int | None = None,
     live_plot: bool = False,
+    plot_title: str | None = None,
     model: Any = None,
     processor: Any = None,
     verbose: bool = True,
@@ -893,7 +898,8 @@ def train_stage2(
             print(f"stage 2 starts from {init_adapter}" if init_adapter else
                   "note: no stage-1 adapter found; stage 2 starts from a fresh LoRA on the base model")
     return _train(2, preset, dataset, work_dir, init_adapter=init_adapter, resume=resume, callbacks=callbacks,
-                  max_steps=max_steps, live_plot=live_plot, model=model, processor=processor, verbose=verbose)
+                  max_steps=max_steps, live_plot=live_plot, plot_title=plot_title, model=model, processor=processor,
+                  verbose=verbose)
 
 
 __all__ = [

@@ -365,8 +365,12 @@ def test_lora_weights_stay_float32_on_the_4bit_model_through_a_step_and_a_resume
     ds = training.build_stage1_dataset(mini_rows(), preset, seed=0)
     model, proc = _load(tiny_dir)
     assert getattr(model, "is_loaded_in_4bit", False)  # the QLoRA path, where TRL's cast applies
-    trainer, _ = training.build_trainer(preset, 1, ds, tmp_path / "built", model=model, processor=proc)
+    trainer, curve = training.build_trainer(preset, 1, ds, tmp_path / "built", model=model, processor=proc,
+                                            plot_title="a named run")
     assert _lora_dtypes(trainer.model) == {torch.float32} and trainer.optimizer is None  # optimizer made in train()
+    # one curve callback, titled as asked (a second one made transformers warn in notebook 05's retrained ablations)
+    assert [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, training.RewardCurveCallback)] == [curve]
+    assert curve.title == "a named run"
     model, proc = _load(tiny_dir)
     res = training.train_stage1(preset, ds, tmp_path, max_steps=1, model=model, processor=proc, verbose=False)
     assert res.global_step == 1 and _lora_dtypes(res.model) == {torch.float32}
