@@ -164,7 +164,8 @@ def plot_memory_floor(floors: list[Any], ax: Any = None, title: str | None = Non
 
     ``floors`` are ``modeling.architectures.MemoryFloor``s. The gap between a bar and its marker is what only a GPU
     can measure: activations, logits, the KV cache of generation and the allocator's slack. ``measured``
-    (``architectures.MeasuredStep``s) adds what a GPU did measure: each stage's peak held by the allocator.
+    (``architectures.MeasuredStep``s) adds what a GPU did measure: each stage's peak held by the allocator, stage 2
+    filled where every prompt was as long as the preset admits.
     """
     if not floors:
         raise ValueError("plot_memory_floor needs at least one MemoryFloor (one per GPU preset)")
@@ -180,12 +181,15 @@ def plot_memory_floor(floors: list[Any], ax: Any = None, title: str | None = Non
     ax.scatter([f.expected_memory_gb for f in floors], labels, marker="|", s=400, color="black",
                label="the preset's estimate of a whole step", zorder=3)
     row = {f.preset: label for f, label in zip(floors, labels)}
-    for stage, marker in ((1, "o"), (2, "D")):
-        points = [(m.peak_reserved_gb, row[m.preset]) for m in measured if m.stage == stage and m.preset in row]
-        if points:
-            devices = sorted({m.device.replace("NVIDIA ", "").split()[0] for m in measured if m.stage == stage})
-            ax.scatter(*zip(*points), marker=marker, s=50, facecolor="white", edgecolor="crimson", linewidth=1.5,
-                       zorder=4, label=f"measured peak, stage {stage} ({', '.join(devices)}, random weights)")
+    kinds = ((1, False, "o", "white", "stage 1"), (2, False, "D", "white", "stage 2"),
+             (2, True, "D", "crimson", "stage 2, every prompt at the cap"))
+    for stage, at_cap, marker, face, what in kinds:
+        steps = [m for m in measured if m.stage == stage and m.at_prompt_cap == at_cap and m.preset in row]
+        if steps:
+            devices = sorted({m.device.replace("NVIDIA ", "").split()[0] for m in steps})
+            ax.scatter([m.peak_reserved_gb for m in steps], [row[m.preset] for m in steps], marker=marker, s=50,
+                       facecolor=face, edgecolor="crimson", linewidth=1.5, zorder=4,
+                       label=f"measured peak, {what} ({', '.join(devices)}, random weights)")
     ax.set_xlabel("GiB")
     ax.invert_yaxis()
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, fontsize=8, frameon=False)

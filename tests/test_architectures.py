@@ -170,11 +170,15 @@ def test_memory_floor_plot_stacks_the_three_parts_and_marks_the_estimate() -> No
     fig = viz.plot_memory_floor(floors, measured=A.MEASURED_STEPS)
     marked = sorted(x for c in fig.axes[0].collections[1:] for x, _ in c.get_offsets())  # [0]: the estimates
     assert marked == sorted(m.peak_reserved_gb for m in A.MEASURED_STEPS)
+    filled = sorted(x for c in fig.axes[0].collections[1:] if tuple(c.get_facecolor()[0][:3]) != (1.0, 1.0, 1.0)
+                    for x, _ in c.get_offsets())  # stage 2 with every prompt at the cap: filled markers
+    assert filled and filled == sorted(m.peak_reserved_gb for m in A.MEASURED_STEPS if m.at_prompt_cap)
 
 
 # ------------------------------------------------------------------------------------------ measured on a GPU
 @pytest.mark.parametrize("step", A.MEASURED_STEPS,
-                         ids=lambda m: f"{m.preset}-stage{m.stage}" + ("-cap" if "cap" in m.note else ""))
+                         ids=lambda m: f"{m.preset}-stage{m.stage}" + ("-cap" if m.at_prompt_cap else "")
+                         + ("-8img" if "8 images" in m.note else ""))
 def test_measured_steps_are_their_benchmark_reports_and_the_estimates_cover_them(step: A.MeasuredStep) -> None:
     import json
 
@@ -188,7 +192,7 @@ def test_measured_steps_are_their_benchmark_reports_and_the_estimates_cover_them
     assert round(report["seconds_per_step"], 2) == step.seconds_per_step
     assert report.get("prompt_tokens_max") == step.prompt_tokens_max
     # a run whose prompts were filled to the cap says so in its note, and reached the cap it names
-    assert report.get("filled_to_cap", False) == ("cap" in step.note)
+    assert report.get("filled_to_cap", False) == step.at_prompt_cap
     assert report.get("images_first", False) == ("image candidates first" in step.note)
     if report.get("images_first"):  # as many images as the preset's k, in the longest prompts
         assert f"({report['images_per_prompt_max']} images)" in step.note

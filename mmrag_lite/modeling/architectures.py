@@ -223,7 +223,12 @@ class MeasuredStep:
     seconds_per_step: float  # median of the steps after the first
     prompt_tokens_max: int | None  # longest prompt of the run (stage 2; None where not recorded)
     report: str  # the JSON report, relative to the repository root
-    note: str = ""  # what sets this run apart from the current code, if anything
+    note: str = ""  # what sets this run apart from the current code or the world's prompts, if anything
+
+    @property
+    def at_prompt_cap(self) -> bool:
+        """Whether every prompt was filled to the preset's ``stage2.max_prompt_tokens`` (the bench's ``--fill-to-cap``)."""
+        return "-token cap" in self.note
 
     def as_row(self) -> dict[str, Any]:
         return {"preset": self.preset, "stage": self.stage, "GPU": self.device, "loaded 4-bit GiB": self.loaded_model_gb,
