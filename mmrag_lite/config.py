@@ -643,7 +643,7 @@ _A100 = replace(
     evaluation=replace(_T4.evaluation, questions=1000),
     # H100, real-size random weights: allocator peak 7.9 GiB in stage 1, 18.5 GiB in stage 2 at 1,818-token
     # prompts (6 images), 33.0 GiB with every prompt filled to the 3,072-token cap and 35.3 GiB at the cap with 8
-    # images. 38 covers that with ~7 % for the allocator's run-to-run spread and still fits a 40 GB A100 (39.4 GiB),
+    # images. 38 covers that with ~7 % for the allocator's spread between runs and still fits a 40 GB A100 (39.4 GiB),
     # so preset="auto" picks it there (it was 44 before stage 2 was measured, a guess; then 32, before the cap was)
     expected_memory_gb=38.0,
     # estimate: the H100 took 23 s (stage 1) / 64-82 s (stage 2) a step; an A100 is slower (was 40 before stage 2

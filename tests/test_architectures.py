@@ -191,7 +191,7 @@ def test_measured_steps_are_their_benchmark_reports_and_the_estimates_cover_them
     assert round(report["loaded_model_gib"], 3) == step.loaded_model_gb
     assert round(report["seconds_per_step"], 2) == step.seconds_per_step
     assert report.get("prompt_tokens_max") == step.prompt_tokens_max
-    # a run whose prompts were filled to the cap says so in its note, and reached the cap it names
+    # a run whose prompts were filled to the cap is marked so and says so in its note, and reached the cap it names
     assert report.get("filled_to_cap", False) == step.at_prompt_cap
     assert report.get("images_first", False) == ("image candidates first" in step.note)
     if report.get("images_first"):  # as many images as the preset's k, in the longest prompts

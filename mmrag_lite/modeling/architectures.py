@@ -223,12 +223,8 @@ class MeasuredStep:
     seconds_per_step: float  # median of the steps after the first
     prompt_tokens_max: int | None  # longest prompt of the run (stage 2; None where not recorded)
     report: str  # the JSON report, relative to the repository root
+    at_prompt_cap: bool = False  # every prompt filled to the preset's stage2.max_prompt_tokens (--fill-to-cap)
     note: str = ""  # what sets this run apart from the current code or the world's prompts, if anything
-
-    @property
-    def at_prompt_cap(self) -> bool:
-        """Whether every prompt was filled to the preset's ``stage2.max_prompt_tokens`` (the bench's ``--fill-to-cap``)."""
-        return "-token cap" in self.note
 
     def as_row(self) -> dict[str, Any]:
         return {"preset": self.preset, "stage": self.stage, "GPU": self.device, "loaded 4-bit GiB": self.loaded_model_gb,
@@ -250,17 +246,17 @@ MEASURED_STEPS: tuple[MeasuredStep, ...] = (
     MeasuredStep("colab-t4", 2, _H100, "2026-11-27", 1.859, 5.264, 7.998, 29.17, 801,
                  f"{_AFTER_FIX}/colab-t4-stage2.json"),
     MeasuredStep("colab-t4", 2, _H100, "2026-11-27", 1.859, 9.524, 10.713, 32.09, 2048,
-                 f"{_CAPS}/colab-t4-stage2-cap.json", note=_FILLED.format(2048)),
+                 f"{_CAPS}/colab-t4-stage2-cap.json", True, _FILLED.format(2048)),
     MeasuredStep("l4", 1, _H100, "2026-11-27", 1.859, 4.276, 5.1, 17.73, None, f"{_AFTER_FIX}/l4-stage1.json"),
     MeasuredStep("l4", 2, _H100, "2026-11-27", 1.859, 9.612, 14.068, 31.27, 1249, f"{_AFTER_FIX}/l4-stage2.json"),
-    MeasuredStep("l4", 2, _H100, "2026-11-27", 1.859, 13.715, 15.408, 31.15, 2048, f"{_CAPS}/l4-stage2-cap.json",
-                 note=_FILLED.format(2048)),
+    MeasuredStep("l4", 2, _H100, "2026-11-27", 1.859, 13.715, 15.408, 31.15, 2048, f"{_CAPS}/l4-stage2-cap.json", True,
+                 _FILLED.format(2048)),
     MeasuredStep("a100", 1, _H100, "2026-11-27", 2.833, 7.158, 7.879, 22.76, None, f"{_CAPS}/a100-stage1.json"),
     MeasuredStep("a100", 2, _H100, "2026-11-27", 2.833, 14.868, 18.525, 64.04, 1818, f"{_AFTER_FIX}/a100-stage2.json"),
-    MeasuredStep("a100", 2, _H100, "2026-11-27", 2.833, 31.642, 33.014, 70.53, 3072, f"{_CAPS}/a100-stage2-cap.json",
-                 note=_FILLED.format(3072)),
+    MeasuredStep("a100", 2, _H100, "2026-11-27", 2.833, 31.642, 33.014, 70.53, 3072, f"{_CAPS}/a100-stage2-cap.json", True,
+                 _FILLED.format(3072)),
     MeasuredStep("a100", 2, _H100, "2026-11-27", 2.833, 31.345, 35.322, 81.87, 3072,
-                 f"{_CAPS}/a100-stage2-cap-8img.json", note=_FILLED.format(3072) + ", image candidates first (8 images)"),
+                 f"{_CAPS}/a100-stage2-cap-8img.json", True, _FILLED.format(3072) + ", image candidates first (8 images)"),
 )
 
 
