@@ -516,18 +516,31 @@ class CudaMemoryCallback(_transformers_callback_base()):  # type: ignore[misc]
 
     ``memory/peak_gb`` is what tensors held at most (``max_memory_allocated``); ``memory/reserved_gb`` what PyTorch's
     caching allocator held from the card (``max_memory_reserved``: what nvidia-smi shows and what runs out first).
+    With the preset's ``expected_memory_gb`` the banner also says what a step may take, and warns when the card is
+    smaller: an explicitly chosen preset is not checked against the card the way ``preset="auto"`` is.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, expected_gb: float | None = None) -> None:
         self.peaks_gb: list[tuple[float, float]] = []
+        self.expected_gb = expected_gb
+
+    def banner(self, name: str, total_gb: float) -> str:
+        text = f"[memory] {name}: {total_gb:.1f} GiB"
+        if self.expected_gb is not None:
+            text += f"; this preset's steps are estimated to need up to ~{self.expected_gb:g} GiB (expected_memory_gb)"
+        text += "; peak memory is logged as memory/peak_gb (tensors) and memory/reserved_gb (allocator)"
+        if self.expected_gb is not None and total_gb < self.expected_gb:
+            text += ("\n[memory] warning: this card is smaller than the preset's estimate, so long prompts may run "
+                     "out of memory; lower stage2.max_prompt_tokens, stage1.k, model.image_size or "
+                     "stage{1,2}.grpo.per_device_train_batch_size through overrides, or pick a smaller preset")
+        return text
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         import torch
 
         if torch.cuda.is_available():
             p = torch.cuda.get_device_properties(0)
-            print(f"[memory] {p.name}: {p.total_memory / 2**30:.1f} GiB; peak memory is logged as memory/peak_gb "
-                  "(tensors) and memory/reserved_gb (allocator)")
+            print(self.banner(p.name, p.total_memory / 2**30))
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         import torch
@@ -752,7 +765,7 @@ def build_trainer(
         train_dataset=dataset,
         processing_class=processor,
         peft_config=peft_config,
-        callbacks=[curve, CudaMemoryCallback(), *callbacks],
+        callbacks=[curve, CudaMemoryCallback(preset.expected_memory_gb), *callbacks],
     )
     keep_trainable_in_float32(trainer.model)  # undo TRL's bf16 cast of a 4-bit model's LoRA (see its docstring)
     if quiet_progress and any(type(cb) is ProgressCallback for cb in trainer.callback_handler.callbacks):

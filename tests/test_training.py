@@ -371,6 +371,8 @@ def test_lora_weights_stay_float32_on_the_4bit_model_through_a_step_and_a_resume
     # one curve callback, titled as asked (a second one made transformers warn in notebook 05's retrained ablations)
     assert [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, training.RewardCurveCallback)] == [curve]
     assert curve.title == "a named run"
+    memory = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, training.CudaMemoryCallback)]
+    assert [cb.expected_gb for cb in memory] == [preset.expected_memory_gb]  # the banner knows the preset's estimate
     model, proc = _load(tiny_dir)
     res = training.train_stage1(preset, ds, tmp_path, max_steps=1, model=model, processor=proc, verbose=False)
     assert res.global_step == 1 and _lora_dtypes(res.model) == {torch.float32}
@@ -612,6 +614,17 @@ def test_cuda_memory_callback_logs_the_steps_peak_tensors_and_allocator(monkeypa
     state.log_history.append({"loss": 0.5})
     cb.on_log(None, state, None)  # no step since the last row: nothing new to report
     assert "memory/peak_gb" not in state.log_history[-1]
+
+
+def test_cuda_memory_banner_states_the_presets_estimate_and_warns_on_a_smaller_card() -> None:
+    from mmrag_lite.training import CudaMemoryCallback
+
+    a100 = CudaMemoryCallback(get_preset("a100").expected_memory_gb)
+    roomy = a100.banner("NVIDIA A100-SXM4-80GB", 79.2)
+    assert "79.2 GiB" in roomy and f"~{get_preset('a100').expected_memory_gb:g} GiB" in roomy and "warning" not in roomy
+    tight = a100.banner("Tesla T4", 14.6)
+    assert "warning" in tight and "stage2.max_prompt_tokens" in tight
+    assert "warning" not in CudaMemoryCallback().banner("Tesla T4", 14.6)  # no estimate given: nothing to compare
 
 
 # ------------------------------------------------------------------------- what the model trains on (mutation run)
