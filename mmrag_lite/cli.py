@@ -108,6 +108,8 @@ def run_data(args: argparse.Namespace, preset: Preset, wd: Path) -> DatasetDict:
 
     webqa_dir = getattr(args, "webqa_dir", None)
     rebuild = bool(getattr(args, "rebuild", False))
+    if webqa_dir is not None:  # a mistyped folder is named as such, before the cache check below blames the settings
+        data.find_webqa_json(webqa_dir)
     if data.mini_webqa_is_current(preset, wd, webqa_dir) is False and not rebuild:
         fix = ("--rebuild to replace it" if hasattr(args, "rebuild") else
                f"rebuild it first (build-data --rebuild with the same --preset and --work-dir {wd})")
@@ -221,7 +223,7 @@ def cmd_course(args: argparse.Namespace) -> int:
     from mmrag_lite import course
 
     try:
-        report = course.run_course(preset=args.preset, out_dir=args.out_dir, overrides=overrides_of(args))
+        report = course.run_course(preset=args.preset, out_dir=args.out_dir, overrides=overrides_of(args), verbose=True)
     except ConfigError as exc:
         raise CLIError(str(exc)) from None
     print(report.summary())

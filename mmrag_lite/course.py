@@ -160,16 +160,22 @@ def run_course(
     stop_on_error: bool = True,
     extra_parameters: dict | None = None,
     overrides: Mapping[str, Any] | None = None,
+    verbose: bool = False,
 ) -> CourseReport:
     """Execute the course notebooks in order with ``preset`` (and dotted ``overrides`` of it) injected; return the
     report. A notebook failure never raises: the report says which notebook failed and why. Bad overrides raise
-    ``ConfigError`` before any notebook starts."""
+    ``ConfigError``, and a preset this machine cannot run (a GPU preset without a GPU) ``modeling.ModelLoadError``,
+    before any notebook starts. ``verbose`` prints a line as each notebook starts: a course takes minutes."""
     import papermill as pm
+
+    from .modeling import check_device
 
     overrides = dict(overrides or {})
     # fail here, naming the field (or the GPU that fits no preset), not inside notebook 01's third cell; "auto" is
     # resolved once, so every notebook and the summary name the preset that ran
-    preset = resolve_preset(preset, **overrides).name
+    resolved = resolve_preset(preset, **overrides)
+    check_device(resolved)  # not after notebooks 01-02 have run, inside 03's model loading
+    preset = resolved.name
     paths = list(notebooks) if notebooks is not None else notebook_paths()
     if not paths:
         raise FileNotFoundError(f"no course notebooks (NN_topic.ipynb) in {notebooks_dir()}: run the course from a "
@@ -183,6 +189,8 @@ def run_course(
     for i, path in enumerate(paths):
         output = run_dir / path.name
         start = time.perf_counter()
+        if verbose:
+            print(f"[{i + 1}/{len(paths)}] {path.name} ...", flush=True)
         try:
             pm.execute_notebook(
                 str(path),

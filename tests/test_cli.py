@@ -125,6 +125,27 @@ def test_a_source_the_builder_refuses_is_a_one_line_error(tmp_path, capsys):
     assert "needs WebQA_train_val.json" in err and "Traceback" not in err
 
 
+def test_course_refuses_a_gpu_preset_without_a_gpu_before_any_notebook(tmp_path, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["course", "--preset", "colab-t4", "--out-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "needs a CUDA GPU" in err and "cpu-tiny" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # refused before notebook 01 ran (it used to fail in notebook 03)
+
+
+def test_a_mistyped_webqa_dir_is_named_even_where_a_mini_webqa_exists(tmp_path, monkeypatch, capsys):
+    from mmrag_lite import data
+
+    # a run folder whose Mini-WebQA does not match the source asked for: the settings check would speak first
+    monkeypatch.setattr(data, "mini_webqa_is_current", lambda *a, **k: False)
+    assert cli.main(["build-data", "--preset", "cpu-tiny", "--work-dir", str(tmp_path / "run"),
+                     "--webqa-dir", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "no WebQA_train_val.json" in err and str(tmp_path / "nope") in err and "other settings" not in err
+
+
 def test_course_finds_its_notebooks_wherever_mmrag_home_points(tmp_path, monkeypatch):
     from mmrag_lite import course
 

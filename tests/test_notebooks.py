@@ -49,7 +49,7 @@ def test_course_injects_overrides_and_starts_kernels_without_the_unencrypted_tcp
     assert "without encryption" not in capfd.readouterr().err
 
 
-def test_a_failed_course_names_the_error_and_cell_lists_what_did_not_run_and_shows_no_stale_numbers(tmp_path):
+def test_a_failed_course_names_the_error_and_cell_lists_what_did_not_run_and_shows_no_stale_numbers(tmp_path, capsys):
     import nbformat
 
     def notebook(name: str, code: str) -> Path:
@@ -65,8 +65,10 @@ def test_a_failed_course_names_the_error_and_cell_lists_what_did_not_run_and_sho
     stale = tmp_path / "run" / "work" / "eval"
     stale.mkdir(parents=True)
     (stale / "results.md").write_text("| system | Retr-F1 |\n| an earlier run | 0.999 |\n")  # a reused run folder
-    report = run_course("cpu-tiny", tmp_path / "run", notebooks=paths)
+    report = run_course("cpu-tiny", tmp_path / "run", notebooks=paths, verbose=True)
     summary = report.summary()
+    started = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert started == ["[1/3] 00_ok.ipynb ...", "[2/3] 01_fail.ipynb ..."]  # a line as each starts; 02 never did
     assert not report.ok and [nb.ok for nb in report.notebooks] == [True, False] and report.skipped == ["02_later.ipynb"]
     # both lines of the message, and the cell in the executed copy (papermill's injected parameters cell counts)
     assert re.search(r"ValueError: first line \| second line \(cell \[\d+\], index 2\)", summary)
