@@ -159,7 +159,7 @@ def cmd_train_stage1(args: argparse.Namespace) -> int:
     dataset = training.build_stage1_dataset(ds["train"], preset, seed=preset.seed)
     result = training.train_stage1(preset, dataset, wd, resume=args.resume)
     adapter = _stage1_adapter(wd)
-    print(f"stage 1 trained: adapter {adapter}")
+    print(f"stage 1 adapter: {adapter}")
     if args.no_score or adapter is None or not training.is_main_process():  # one process scores, not every GPU
         return 0
     for split in args.score_splits:  # the trained model scores, as in notebook 03 (no second copy in memory)
@@ -192,7 +192,7 @@ def cmd_train_stage2(args: argparse.Namespace) -> int:
     dataset, build_report = training.stage2_dataset_for_run(preset, wd, ds["train"])
     print(build_report)
     training.train_stage2(preset, dataset, wd, init_adapter=init, resume=args.resume)
-    print(f"stage 2 trained: adapter {wd / 'stage2' / 'adapter'}")
+    print(f"stage 2 adapter: {wd / 'stage2' / 'adapter'}")
     return 0
 
 
@@ -248,7 +248,8 @@ def _common(p: argparse.ArgumentParser, *, data_options: bool = True) -> None:
                        "world) even when it looks current; without it, one built with other settings is refused")
 
 
-RESUME_HELP = "resume from the last checkpoint in the run folder (an interrupted run with the same settings)"
+RESUME_HELP = ("resume from the last checkpoint in the run folder (an interrupted run with the same settings; a "
+               "changed setting is named in a warning)")
 
 
 def _positive_int(value: str) -> int:

@@ -361,6 +361,19 @@ class Preset:
         return Preset.from_dict(data)
 
 
+def setting_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The values that differ between two ``Preset.to_dict()`` trees, by dotted key: ``{key: (before, after)}``
+    (a key only one side has pairs with ``None``)."""
+    def leaves(node: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(leaves(value, f"{prefix}{key}.") if isinstance(value, Mapping) else {prefix + key: value})
+        return out
+
+    old, new = leaves(before), leaves(after)
+    return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+
+
 def _dotted_keys(node: Mapping[str, Any], prefix: str = "") -> list[str]:
     """Every dotted key of a ``to_dict()`` tree: sections and their values (weights' components included)."""
     keys = []
@@ -757,6 +770,7 @@ __all__ = [
     "project_root",
     "resolve_preset",
     "runs_dir",
+    "setting_changes",
     "shared_data_dir",
     "stage2_prompt_tokens_needed",
     "work_dir",

@@ -24,6 +24,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import prompts
 from .atomic import atomic_dir, write_json_atomic
-from .config import Preset, runs_dir
+from .config import Preset, runs_dir, setting_changes
 from .data import one_split
 
 if TYPE_CHECKING:
@@ -590,13 +591,16 @@ class TrainResult:
     model: Any = field(default=None, repr=False)  # the trained PeftModel, still in memory (for scoring right away)
     processor: Any = field(default=None, repr=False)
     note: str = ""  # e.g. why nothing was trained (a resumed run that had already reached max_steps)
+    resumed_from_step: int = 0  # the checkpoint's step when this run continued one (0: trained from the start)
 
     def summary(self) -> str:
         trend = (f"mean reward first {self.first_reward:.3f} -> last {self.last_reward:.3f}"
                  if self.first_reward is not None and self.last_reward is not None else "no reward logged")
-        done = (f"adapter kept in {self.adapter_dir}" if self.note else f"adapter saved to {self.adapter_dir}")
-        text = f"stage {self.stage}: {self.global_step} steps in {self.seconds:.1f}s; {trend}; {done}"
-        return f"{text} ({self.note})" if self.note else text
+        if self.note:
+            return f"stage {self.stage}: nothing trained; {trend}; adapter kept in {self.adapter_dir} ({self.note})"
+        steps = (f"steps {self.resumed_from_step + 1}-{self.global_step} (resumed at step {self.resumed_from_step})"
+                 if self.resumed_from_step else f"{self.global_step} steps")
+        return f"stage {self.stage}: {steps} in {self.seconds:.1f}s; {trend}; adapter saved to {self.adapter_dir}"
 
 
 def reward_trend(log_history: Sequence[Mapping[str, Any]], fraction: float = REWARD_WINDOW_FRACTION,
@@ -776,6 +780,44 @@ def build_trainer(
     return trainer, curve
 
 
+RUN_SETTINGS_FILE = "preset.json"  # in stage{N}/: the preset a run started with, for resume's comparison
+# preset fields a resumed run may change without changing what it trains (the step bound is what resume extends)
+_FREE_ON_RESUME = ("name", "description", "expected_memory_gb", "expected_seconds_per_step", "measured", "evaluation.")
+
+
+def changed_on_resume(saved: Mapping[str, Any], preset: Preset, stage: int) -> dict[str, tuple[Any, Any]]:
+    """Settings of ``stage`` that differ between the run's saved preset and the one resuming it.
+
+    Why: GRPO continues from the checkpoint's step and optimizer state whatever the new settings say, so a changed
+    learning rate or reward weight silently makes one run of two recipes. Other stages' settings do not count (stage
+    2's pool size, ``stage1.k``, does), nor the step bound, checkpoint interval and estimates.
+    """
+    other = "stage2." if stage == 1 else "stage1."
+    free = (*_FREE_ON_RESUME, f"stage{stage}.grpo.max_steps", f"stage{stage}.grpo.save_steps")
+
+    def counts(key: str) -> bool:
+        if stage == 2 and key == "stage1.k":
+            return True
+        return not key.startswith(other) and not any(key == f or (f.endswith(".") and key.startswith(f)) for f in free)
+
+    return {k: v for k, v in setting_changes(saved, preset.to_dict()).items() if counts(k)}
+
+
+def _check_resume_settings(out: Path, preset: Preset, stage: int, checkpoint: str) -> None:
+    """Warn, naming each change, when a run resumes with other settings than it started with."""
+    try:
+        saved = json.loads((out / RUN_SETTINGS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # a run from before the file existed, or a damaged one: nothing to compare
+        return
+    changes = changed_on_resume(saved, preset, stage)
+    if changes:
+        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+        warnings.warn(f"resuming {Path(checkpoint).name} with other settings than the run started with "
+                      f"({out / RUN_SETTINGS_FILE}): {listed}. Training continues from the checkpoint's step and "
+                      "optimizer state under the new values; to train with them from the start, run without resume "
+                      "(which replaces this run's checkpoints).", UserWarning, stacklevel=4)
+
+
 def _clear_stale_checkpoints(out: Path, *, verbose: bool) -> None:
     """A fresh run replaces the folder's earlier run: delete its ``checkpoint-*``. Left there, a later ``resume``
     would take the newest step number, which can be the old run's (rotation removes old checkpoints only after the
@@ -803,6 +845,7 @@ def _train(stage: int, preset: Preset, dataset: Any, work_dir: str | Path, *, in
                                    init_adapter=init_adapter, callbacks=callbacks, max_steps=max_steps,
                                    live_plot=live_plot, plot_title=plot_title)
     checkpoint: str | None = None
+    done_step: int | None = None
     note = ""
     if resume:
         found = Path(resume) if isinstance(resume, (str, Path)) else last_checkpoint(out)
@@ -811,8 +854,12 @@ def _train(stage: int, preset: Preset, dataset: Any, work_dir: str | Path, *, in
         if done_step is not None and done_step >= trainer.args.max_steps:
             note = (f"{Path(checkpoint).name} already reached max_steps={trainer.args.max_steps}: nothing trained, "
                     "the checkpoint's adapter is restored (raise max_steps to train further)")
-        if verbose:
-            print(note or (f"resuming from {checkpoint}" if checkpoint else f"no checkpoint in {out}: starting fresh"))
+        if checkpoint:
+            _check_resume_settings(out, preset, stage, checkpoint)
+        if verbose and not note:  # a finished run's note is in the summary printed below
+            print(f"resuming from {checkpoint}" if checkpoint else f"no checkpoint in {out}: starting fresh")
+    if checkpoint is None and is_main_process():  # a run from its start: what a later resume compares against
+        write_json_atomic(out / RUN_SETTINGS_FILE, preset.to_dict(), indent=1)
     adapter_dir = out / "adapter"
     t0 = time.perf_counter()
     if note:  # a finished run: train() would take one step past max_steps and overwrite the adapter
@@ -835,7 +882,8 @@ def _train(stage: int, preset: Preset, dataset: Any, work_dir: str | Path, *, in
     first, last = reward_trend(history)
     result = TrainResult(stage=stage, output_dir=out, adapter_dir=adapter_dir, global_step=trainer.state.global_step,
                          seconds=seconds, log_history=history, curves=curve.curves, first_reward=first,
-                         last_reward=last, model=trainer.model, processor=trainer.processing_class, note=note)
+                         last_reward=last, model=trainer.model, processor=trainer.processing_class, note=note,
+                         resumed_from_step=0 if note else (done_step or 0))
     if verbose:
         print(result.summary())
     return result
@@ -916,8 +964,9 @@ def train_stage2(
 
 
 __all__ = [
-    "CudaMemoryCallback", "RewardCurveCallback", "Stage2BuildReport", "TrainResult", "build_stage1_dataset",
-    "build_stage2_dataset", "build_trainer", "checkpoint_step", "component_trends", "curves_from_history",
+    "RUN_SETTINGS_FILE", "CudaMemoryCallback", "RewardCurveCallback", "Stage2BuildReport", "TrainResult",
+    "build_stage1_dataset", "build_stage2_dataset", "build_trainer", "changed_on_resume", "checkpoint_step",
+    "component_trends", "curves_from_history",
     "describe_trends", "grpo_config", "grpo_config_kwargs", "is_adapter_dir", "is_main_process", "keep_trainable_in_float32",
     "last_checkpoint", "load_log_history", "plot_reward_curves",
     "reward_funcs_for", "reward_trend", "stage2_dataset_for_run", "stage2_init_adapter", "train_stage1",

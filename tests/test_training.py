@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -383,6 +384,7 @@ def test_lora_weights_stay_float32_on_the_4bit_model_through_a_step_and_a_resume
     res = training.train_stage1(preset, ds, tmp_path, max_steps=2, resume=True, model=model, processor=proc,
                                 verbose=False, callbacks=[begin])
     assert res.global_step == 2 and begin.dtypes == {torch.float32} and _lora_dtypes(res.model) == {torch.float32}
+    assert res.resumed_from_step == 1 and "steps 2-2 (resumed at step 1)" in res.summary()  # one step ran, not two
     assert _saved_dtypes(out / "adapter") == {torch.float32}
     assert [step for step, _ in res.curves["reward"]] == [1, 2]  # the curves cover the steps before the resume too
 
@@ -414,10 +416,15 @@ def test_resuming_a_finished_run_trains_nothing_and_keeps_the_adapter(tiny_dir: 
     out = tmp_path / "stage1"
     adapter = (out / "adapter" / "adapter_model.safetensors").read_bytes()
     log = (out / "log_history.json").read_text()
+    assert json.loads((out / training.RUN_SETTINGS_FILE).read_text()) == preset.to_dict()  # what resume compares
     model, proc = _load(tiny_dir)
-    again = training.train_stage1(preset, ds, tmp_path, max_steps=1, resume=True, model=model, processor=proc,
-                                  verbose=False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        again = training.train_stage1(preset, ds, tmp_path, max_steps=1, resume=True, model=model, processor=proc,
+                                      verbose=False)
+    assert not [w for w in seen if "other settings" in str(w.message)]  # the same settings: no warning
     assert again.global_step == 1 and "already reached max_steps=1" in again.note and "nothing trained" in again.summary()
+    assert again.summary().count("already reached") == 1
     assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-1"}  # no step 2
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
     assert (out / "log_history.json").read_text() == log and again.log_history == first.log_history
@@ -426,6 +433,26 @@ def test_resuming_a_finished_run_trains_nothing_and_keeps_the_adapter(tiny_dir: 
     restored = _lora_state(again.model)
     assert trained.keys() == restored.keys() and all(torch.equal(trained[k], restored[k]) for k in trained)
     assert _lora_dtypes(again.model) == {torch.float32}
+    model, proc = _load(tiny_dir)
+    hotter = preset.with_overrides(**{"stage1.grpo.learning_rate": 1e-2})
+    with pytest.warns(UserWarning, match=r"other settings .*stage1\.grpo\.learning_rate: 0\.005 -> 0\.01"):
+        training.train_stage1(hotter, ds, tmp_path, max_steps=1, resume=True, model=model, processor=proc,
+                              verbose=False)
+    # the file keeps the settings the run started with: a resume never rewrites it
+    assert json.loads((out / training.RUN_SETTINGS_FILE).read_text()) == preset.to_dict()
+
+
+def test_what_counts_as_a_changed_setting_on_resume() -> None:
+    base = PRESET.to_dict()
+    same = PRESET.with_overrides(**{"stage1.grpo.max_steps": 99, "stage2.grpo.max_steps": 99, "stage1.grpo.save_steps": 7,
+                                    "evaluation.questions": 3, "expected_memory_gb": 9.0})
+    assert training.changed_on_resume(base, same, 1) == {} and training.changed_on_resume(base, same, 2) == {}
+    changed = PRESET.with_overrides(**{"stage1.grpo.learning_rate": 1e-2, "stage1.k": 3, "stage2.weights.answer": 2.0,
+                                       "lora.r": 4, "seed": 1})
+    assert set(training.changed_on_resume(base, changed, 1)) == {"stage1.grpo.learning_rate", "stage1.k", "lora.r", "seed"}
+    # stage 2 does not train stage 1's GRPO, but its pools are stage 1's top-k
+    assert set(training.changed_on_resume(base, changed, 2)) == {"stage1.k", "stage2.weights.answer", "lora.r", "seed"}
+    assert training.changed_on_resume(base, changed, 2)["stage2.weights.answer"] == (base["stage2"]["weights"]["answer"], 2.0)
 
 
 def test_resuming_a_finished_run_replaces_an_earlier_runs_adapter_and_log(tiny_dir: Path, tmp_path: Path,
