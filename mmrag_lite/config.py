@@ -396,9 +396,20 @@ def _unknown_key_message(dotted: str, value: Any, section: list[str], part: str,
         return (f"{head}; did you mean {key!r}? Dotted keys are not Python names: pass them as "
                 f"get_preset(name, **{{{key!r}: {value!r}}}) or with double underscores "
                 f"({key.replace('.', '__')}={value!r})")
-    close = difflib.get_close_matches(dotted.replace("__", "."), all_keys, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    close = _closest_keys(dotted.replace("__", "."), all_keys)
+    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
     return f"{head}; keys of {('section ' + repr(where)) if section else 'a preset'}: {', '.join(sorted(node))}{hint}"
+
+
+def _closest_keys(key: str, all_keys: list[str], limit: int = 3) -> list[str]:
+    """The dotted keys a user probably meant: those that end with ``key`` (``k`` -> ``stage1.k``; ``grpo.max_steps``
+    -> both stages'), else the closest spellings, all of them when several are equally close."""
+    ends = [k for k in all_keys if k.endswith("." + key)]
+    if ends:
+        return ends[:limit]
+    scored = sorted(((difflib.SequenceMatcher(None, key, k).ratio(), k) for k in all_keys), key=lambda s: -s[0])
+    best = scored[0][0] if scored else 0.0
+    return [k for ratio, k in scored if ratio == best and ratio >= 0.6][:limit]
 
 
 def _literal_problems(obj: Any, prefix: str) -> list[str]:

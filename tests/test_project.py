@@ -213,6 +213,11 @@ def test_unknown_keys_and_presets_say_what_would_work():
         get_preset("cpu-tiny", **{"stage2.weights.style": 1.0})
     with pytest.raises(ConfigError, match=r"keys of a preset: data, description.*did you mean 'stage1\.k'"):
         get_preset("cpu-tiny", **{"stgae1.k": 3})
+    with pytest.raises(ConfigError, match=r"did you mean 'stage1\.k'\?"):  # a bare key that only one section has
+        get_preset("cpu-tiny", k=3)
+    # one that both stages have: both offered, not whichever difflib met first
+    with pytest.raises(ConfigError, match=r"did you mean 'stage1\.grpo\.max_steps' or 'stage2\.grpo\.max_steps'\?"):
+        get_preset("cpu-tiny", **{"grpo.max_steps": 3})
     with pytest.raises(ConfigError, match=r"'stage1\.k' is a value, not a section"):
         get_preset("cpu-tiny", **{"stage1.k.x": 3})
     with pytest.raises(ConfigError, match=re.escape("resolve_preset('auto'")):
