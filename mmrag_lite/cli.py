@@ -238,8 +238,10 @@ def _preset_name(value: str) -> str:
 
 
 def _common(p: argparse.ArgumentParser, *, data_options: bool = True) -> None:
-    p.add_argument("--preset", type=_preset_name, default="auto", help="hardware preset: auto, " + ", ".join(sorted(PRESETS)))
-    p.add_argument("--work-dir", default=None, help="run folder (default runs/<preset>)")
+    p.add_argument("--preset", type=_preset_name, default="auto",
+                   help="hardware preset (default: auto, which picks by this machine's GPU): " + ", ".join(sorted(PRESETS)))
+    p.add_argument("--work-dir", default=None, help="run folder (default: runs/<preset> in the repository, or under "
+                   "$MMRAG_HOME when set; a relative path is taken from the current folder)")
     _add_set_option(p)
     if data_options:
         p.add_argument("--webqa-dir", default=None, help="folder with the real WebQA_train_val.json + imgs.tsv + "
