@@ -343,10 +343,12 @@ class Preset:
     def with_overrides(self, **overrides: Any) -> Preset:
         """Copy with dotted overrides, e.g. ``with_overrides(**{"stage1.grpo.max_steps": 5, "stage1.k": 3})``.
 
-        ``__`` also separates (``stage1__k=3``), for callers that want plain keyword arguments.
+        ``__`` also separates (``stage1__k=3``), for callers that want plain keyword arguments. A mapping given for a
+        section updates only the keys it names (``stage1={"k": 3}`` is ``stage1.k=3``); a mapping *value* such as
+        ``stage2.weights`` is replaced whole (a component left out is not computed).
         """
         data = self.to_dict()
-        for dotted, value in overrides.items():
+        for dotted, value in _expand_sections(self, overrides).items():
             node: Any = data
             parts = dotted.replace("__", ".").split(".")
             for i, part in enumerate(parts):
@@ -359,6 +361,21 @@ class Preset:
                     node = node[part]
             node[parts[-1]] = value
         return Preset.from_dict(data)
+
+
+def _expand_sections(preset: Preset, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Overrides with each mapping aimed at a settings section (a dataclass) spread into dotted keys, recursively."""
+    out: dict[str, Any] = {}
+    for key, value in overrides.items():
+        dotted = key.replace("__", ".")
+        target: Any = preset
+        for part in dotted.split("."):
+            target = getattr(target, part, None) if is_dataclass(target) else None
+        if isinstance(value, Mapping) and is_dataclass(target):
+            out.update(_expand_sections(preset, {f"{dotted}.{k}": v for k, v in value.items()}))
+        else:
+            out[key] = value
+    return out
 
 
 def setting_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:

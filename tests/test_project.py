@@ -199,6 +199,17 @@ def test_preset_name_must_be_a_plain_folder_name(name, tmp_path, monkeypatch):
     assert config.work_dir(get_preset("cpu-tiny", name="my-run_2.b")) == tmp_path / "runs" / "my-run_2.b"
 
 
+def test_a_mapping_for_a_section_updates_only_the_keys_it_names():
+    base = get_preset("cpu-tiny")
+    p = get_preset("cpu-tiny", stage1={"k": 3, "grpo": {"max_steps": 2}})
+    assert p.stage1.k == 3 and p.stage1.grpo.max_steps == 2
+    assert p.stage1.grpo.learning_rate == base.stage1.grpo.learning_rate and p.stage1.weights == base.stage1.weights
+    assert get_preset("cpu-tiny", stage1__grpo={"max_steps": 2}).stage1.grpo == dataclasses.replace(base.stage1.grpo, max_steps=2)
+    # a mapping value (reward weights) is replaced whole: the ablations drop components this way
+    assert dict(get_preset("cpu-tiny", **{"stage2.weights": {"format": 1.0}}).stage2.weights) == {"format": 1.0}
+    assert dict(get_preset("cpu-tiny", stage2={"weights": {"format": 1.0}}).stage2.weights) == {"format": 1.0}
+
+
 def test_unknown_keys_and_presets_say_what_would_work():
     with pytest.raises(ConfigError, match=r"unknown config key 'stage1.kk'.*keys of section 'stage1': balance_classes, "
                                           r"grpo, k, max_examples.*did you mean 'stage1.k'\?"):
@@ -218,6 +229,8 @@ def test_unknown_keys_and_presets_say_what_would_work():
     # one that both stages have: both offered, not whichever difflib met first
     with pytest.raises(ConfigError, match=r"did you mean 'stage1\.grpo\.max_steps' or 'stage2\.grpo\.max_steps'\?"):
         get_preset("cpu-tiny", **{"grpo.max_steps": 3})
+    with pytest.raises(ConfigError, match=r"unknown config key 'stage1\.kk'"):  # inside a section mapping too
+        get_preset("cpu-tiny", stage1={"kk": 3})
     with pytest.raises(ConfigError, match=r"'stage1\.k' is a value, not a section"):
         get_preset("cpu-tiny", **{"stage1.k.x": 3})
     with pytest.raises(ConfigError, match=re.escape("resolve_preset('auto'")):
