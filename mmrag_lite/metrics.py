@@ -190,8 +190,9 @@ def _lemmatize_many(texts: Sequence[str]) -> list[str]:
     todo = list(dict.fromkeys(t for t in texts if t not in _lemma_cache))
     if todo:
         nlp = get_nlp()
-        if len(_lemma_cache) + len(todo) > _LEMMA_CACHE_MAX:
+        if len(_lemma_cache) + len(todo) > _LEMMA_CACHE_MAX:  # full: start again, with every text of this call
             _lemma_cache.clear()
+            todo = list(dict.fromkeys(texts))
         for text, doc in zip(todo, nlp.pipe(todo, batch_size=256)):
             _lemma_cache[text] = " ".join(tok.lemma_ for tok in doc)
     return [_lemma_cache[t] for t in texts]
@@ -304,7 +305,8 @@ def qa_reference(answer: Any, keywords: Any) -> str:
 
 def _id_str(source: Any) -> str | None:
     """One id as a string, so every spelling of WebQA image id 30079629 matches: ``"30079629"``, ``30079629``,
-    ``numpy.int64(30079629)`` and ``30079629.0`` (an id column with gaps reads as floats); ``None``/NaN is no id."""
+    ``numpy.int64(30079629)``, ``30079629.0`` (an id column with gaps reads as floats) and ``"30079629.0"`` (such a
+    column written out and read back as text); ``None``/NaN is no id."""
     if source is None:
         return None
     if isinstance(source, numbers.Integral) and not isinstance(source, bool):
@@ -314,7 +316,11 @@ def _id_str(source: Any) -> str | None:
         if math.isnan(value):
             return None
         return str(int(value)) if value.is_integer() else str(value)
-    return str(source).strip()
+    text = str(source).strip()
+    return _FLOAT_SPELLED_INT.sub(r"\1", text)
+
+
+_FLOAT_SPELLED_INT = re.compile(r"^(\d+)\.0+$")
 
 
 def _id_list(sources: Any) -> list[str]:
@@ -618,6 +624,7 @@ def top_k_ids(scores: Mapping[str, float | None], k: int, order: Sequence[str]) 
     last. Two identical prompts scored in differently padded batches can differ in the 7th decimal (the float sums
     differ), so exact duplicate candidates may swap places between two scoring runs; distinct ones do not tie.
     """
+    order = list(dict.fromkeys(order))  # an id listed twice is still one candidate
     pos = {cid: i for i, cid in enumerate(order)}
 
     def key(cid: str) -> tuple[float, int]:

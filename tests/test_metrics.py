@@ -58,6 +58,17 @@ def test_retrieval_f1_reads_every_spelling_of_an_id():
     assert webqa_retrieval_f1([1.5], ["1.5"]) == 1.0 and webqa_retrieval_f1([1.5], ["1"]) == 0.0
     assert webqa_retrieval_f1({"a": 1}, ["a"]) == 0.0 and webqa_retrieval_f1(object(), ["a"]) == 0.0  # not ids
     assert recall_at_k([np.int64(5), 7.0], ["5", "7"], 2) == 1.0 and mrr(["x", 3.0], ["3"]) == 0.5
+    assert webqa_retrieval_f1(["30079629.0"], [30079629]) == 1.0  # the float spelling read back as text
+    assert webqa_retrieval_f1(["1.50"], ["1.5"]) == 0.0  # only a whole number loses its ".0"
+
+
+def test_lemma_cache_eviction_keeps_every_answer(monkeypatch):
+    """When the cache is full it is emptied; texts cached before and asked again in the same call still come back."""
+    monkeypatch.setattr(metrics, "_lemma_cache", {})
+    monkeypatch.setattr(metrics, "_LEMMA_CACHE_MAX", 3)
+    assert metrics.normalize_webqa_many(["red car", "blue car"]) == ["red car", "blue car"]
+    assert metrics.normalize_webqa_many(["red car", "green cars", "big dogs"]) == ["red car", "green car", "big dog"]
+    assert len(metrics._lemma_cache) <= 3
 
 
 # ------------------------------------------------------------------------------------------ normalisation
@@ -497,6 +508,7 @@ def test_edge_cases_of_the_ranking_and_set_metrics():
     assert metrics.ndcg_at_k(["a", "b"], {"a", "b", "c"}, 2) == pytest.approx(1.0)  # k < |gold|: ideal is k hits
     assert metrics.ndcg_at_k(["x", "a"], {"a", "b", "c"}, 2) < 1.0
     assert metrics.top_k_ids({"a": 1.0}, 0, ["a"]) == []
+    assert metrics.top_k_ids({"a": 1.0, "b": 2.0}, 3, ["a", "b", "a"]) == ["b", "a"]  # an id is kept once
     assert metrics.mmqa_em_f1("red", [["red"], ["blue"]]) == (1.0, 1.0)  # the best reference counts, first or last
     assert metrics.mmqa_em_f1("red", [["blue"], ["red"]]) == (1.0, 1.0)
     assert metrics.mmqa_em_f1(["x", "x"], ["x"])[0] == 0.0  # EM needs as many spans as the gold
