@@ -61,12 +61,23 @@ def _pid_alive(pid: int) -> bool:
 def _remove_orphans(target: Path) -> None:
     """Delete the temporary siblings of ``target`` that a killed writer left (their process is gone): a kernel
     interrupted mid-build must not leave a model-sized folder behind for good. A live writer's are never touched
-    (on this machine: the check is by process id, so writers on other hosts sharing the folder are out of scope)."""
+    (on this machine: the check is by process id, so writers on other hosts sharing the folder are out of scope).
+
+    A writer killed between its two renames leaves no ``target`` and the complete previous one as ``.old``: that
+    one is renamed back, not deleted, so a later failed write still leaves the last good copy.
+    """
+    dead: dict[str, list[Path]] = {"tmp": [], "old": []}
     for sibling in target.parent.glob(f".{target.name}.*-*-*"):
         tag, _, rest = sibling.name[len(target.name) + 2:].partition("-")
         pid = rest.split("-", 1)[0]
-        if tag in ("tmp", "old") and pid.isdigit() and sibling.is_dir() and not _pid_alive(int(pid)):
-            shutil.rmtree(sibling, ignore_errors=True)
+        if tag in dead and pid.isdigit() and sibling.is_dir() and not _pid_alive(int(pid)):
+            dead[tag].append(sibling)
+    if dead["old"] and not target.exists():
+        newest = max(dead["old"], key=lambda p: p.stat().st_mtime)
+        os.replace(newest, target)
+        dead["old"].remove(newest)
+    for sibling in dead["tmp"] + dead["old"]:
+        shutil.rmtree(sibling, ignore_errors=True)
 
 
 def _swap_in(tmp: Path, target: Path) -> None:

@@ -44,6 +44,26 @@ def test_atomic_dir_removes_what_a_killed_writer_left_but_not_a_live_ones(tmp_pa
     assert _names(tmp_path) == sorted([live.name, other.name, "model"])
 
 
+def test_atomic_dir_puts_back_the_copy_a_writer_killed_between_its_renames_left(tmp_path):
+    """Killed after moving the old folder aside but before renaming the new one in: the old one is the only
+    complete copy, so it comes back as the target (and survives a write that then fails)."""
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead_pid = int(gone.stdout)
+    target = tmp_path / "mini"
+    aside = tmp_path / f".mini.old-{dead_pid}-abcd1234"
+    aside.mkdir()
+    (aside / "a.txt").write_text("last good")
+    (tmp_path / f".mini.tmp-{dead_pid}-abcd1234").mkdir()  # the half-written new one: deleted
+    with pytest.raises(RuntimeError, match="boom"), atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("half")
+        raise RuntimeError("boom")
+    assert _names(tmp_path) == ["mini"]
+    assert (target / "a.txt").read_text() == "last good"
+
+
 def test_atomic_dir_failure_leaves_target_intact(tmp_path):
     target = tmp_path / "out"
     target.mkdir()
