@@ -702,6 +702,27 @@ def test_build_refuses_a_source_without_usable_questions(tmp_path):
     assert sum(map(len, D.build_mini_webqa(too_few, None, filters=NO_IMAGES, progress=False)[0].values())) == 2
 
 
+def test_build_refuses_an_out_dir_it_would_wipe(tmp_path):
+    """Saving replaces out_dir whole: the source folder itself, a folder above it, or a folder of other files would
+    be deleted, so each is refused before anything is read; an earlier Mini-WebQA is replaced as before."""
+    source = write_webqa(tmp_path / "webqa", {f"g{i}": raw_record(guid=f"g{i}") for i in range(10)})
+    (source / "my_notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="source folder"):
+        D.build_mini_webqa(source, source, filters=NO_IMAGES, progress=False)
+    with pytest.raises(FileExistsError, match="source folder"):
+        D.build_mini_webqa(source, tmp_path, filters=NO_IMAGES, progress=False)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "thesis.tex").write_text("x")
+    with pytest.raises(FileExistsError, match="not a Mini-WebQA.*thesis.tex"):
+        D.build_mini_webqa(source, other, filters=NO_IMAGES, progress=False)
+    assert _names(source) == sorted(["WebQA_train_val.json", "my_notes.txt"]) and _names(other) == ["thesis.tex"]
+    out = tmp_path / "mini"
+    D.build_mini_webqa(source, out, filters=NO_IMAGES, progress=False)
+    D.build_mini_webqa(source, out, filters=NO_IMAGES, progress=False)  # a Mini-WebQA is replaced
+    assert len(D.load_mini_webqa(out)["train"]) == 8
+
+
 def test_a_fixed_source_is_rebuilt_after_a_refused_build(tmp_path, world):
     """A broken source leaves no cache behind; once the file is fixed the next call builds it."""
     from mmrag_lite.config import get_preset

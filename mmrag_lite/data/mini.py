@@ -668,6 +668,8 @@ def build_mini_webqa(
             f"WebQA_train_val.json; put it in {json_path.parent} (github.com/WebQnA/WebQA) or build a synthetic "
             "world with make_world")
     folder = json_path.parent
+    if out_dir is not None:
+        _check_mini_target(Path(out_dir), folder)
     has_images = (folder / "imgs.tsv").is_file() and (folder / "imgs.lineidx").is_file()
     if filters.check_images and not has_images:
         raise FileNotFoundError(f"{folder} has no imgs.tsv + imgs.lineidx; pass filters with check_images=False "
@@ -733,6 +735,24 @@ def build_mini_webqa(
     finally:
         if store is not None:
             store.close()
+
+
+def _check_mini_target(out_dir: Path, source_folder: Path) -> None:
+    """Refuse an ``out_dir`` whose replacement would lose something the builder did not write: the WebQA files
+    themselves (``out_dir`` is, or holds, the source folder) or a folder of other files. A previous Mini-WebQA
+    (``dataset_dict.json`` + ``funnel.json``) may be replaced."""
+    out, source = out_dir.resolve(), source_folder.resolve()
+    if out == source or out in source.parents:
+        raise FileExistsError(f"out_dir {out_dir} is (or holds) the WebQA source folder {source_folder}: saving there "
+                              "would delete the source files; pass a separate folder, e.g. <run>/mini_webqa")
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir} is a file, not a folder: Mini-WebQA is saved as a folder there")
+    names = sorted(p.name for p in out_dir.iterdir())
+    if names and not {"dataset_dict.json", "funnel.json"} <= set(names):
+        raise FileExistsError(f"{out_dir} holds files that are not a Mini-WebQA (e.g. {names[0]!r}): the build would "
+                              "delete them; pass a new or empty folder, or move those files away first")
 
 
 def load_mini_webqa(path: str | Path):
