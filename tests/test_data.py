@@ -8,7 +8,7 @@ import json
 import os
 import re
 import zlib
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
@@ -94,6 +94,11 @@ def raw_record(guid="g1", q=None, a="The ball is red.", kw="red", qcate="color",
 def record(**kw) -> D.WebQARecord:
     raw = raw_record(**kw)
     return D.parse_record(raw["Guid"], raw)
+
+
+def questions(n: int) -> dict:
+    """``n`` raw records g1..gn with a gold image each (questions sharing a gold image are split together)."""
+    return {f"g{i}": raw_record(guid=f"g{i}", img_pos=((30000000 + i, "Ball", "A red ball."),)) for i in range(1, n + 1)}
 
 
 def write_webqa(folder: Path, records: dict) -> Path:
@@ -460,17 +465,18 @@ def test_filter_keeps_real_webqa_val_answers(shared_data):
     csv.field_size_limit(10**9)
     path = shared_data / "webqa-val" / "val_image_queries.tsv"
     rows = list(csv.DictReader(path.open(encoding="utf-8"), delimiter="\t"))
-    dropped: dict[str, list[int]] = {}
-    for r in rows:
-        rec = D.WebQARecord(guid=r["Guid"], question=r["Q"], answers=tuple(json.loads(r["A"])), qcate=r["Qcate"],
-                            topic="", split="val", keywords=r["Keywords_A"],
-                            img_pos=(D.ImageFact(30000000, "t", ""),))
-        n = dropped.setdefault(r["Qcate"], [0, 0])
-        n[0] += 1
-        n[1] += not D.answer_mentions_keyword(rec)
-    assert sum(n for n, _ in dropped.values()) == len(rows) > 2000
-    for qcate, (total, removed) in dropped.items():
-        assert removed <= 0.04 * total, (qcate, removed, total)
+    for with_keywords in (True, False):  # the public WebQA_train_val.json has no Keywords_A: the check then uses A
+        dropped: dict[str, list[int]] = {}
+        for r in rows:
+            rec = D.WebQARecord(guid=r["Guid"], question=r["Q"], answers=tuple(json.loads(r["A"])), qcate=r["Qcate"],
+                                topic="", split="val", keywords=r["Keywords_A"] if with_keywords else "",
+                                img_pos=(D.ImageFact(30000000, "t", ""),))
+            n = dropped.setdefault(r["Qcate"], [0, 0])
+            n[0] += 1
+            n[1] += not D.answer_mentions_keyword(rec)
+        assert sum(n for n, _ in dropped.values()) == len(rows) > 2000
+        for qcate, (total, removed) in dropped.items():
+            assert removed <= 0.04 * total, (with_keywords, qcate, removed, total)
 
 
 def test_filter_duplicate_questions():
@@ -478,6 +484,16 @@ def test_filter_duplicate_questions():
             record(guid="c", q="What color is the box?")]
     kept, removed = _run(recs)
     assert kept == ["a", "c"] and removed["duplicate_question"] == 1
+    assert list(removed).index("duplicate_question") > list(removed).index("overlong_gold")
+
+
+def test_a_bad_first_copy_of_a_question_leaves_its_good_twin():
+    """Duplicates are dropped after the quality checks: when the first copy is removed for a bad gold candidate,
+    the second (good) copy of the same question is kept, not lost with it."""
+    bad = record(guid="bad", q="What color is the ball?", img_pos=((30000000, "Ball", "word " * 200),))
+    good = record(guid="good", q="What color is the ball?")
+    kept, removed = _run([bad, good], max_candidate_words=150)
+    assert kept == ["good"] and removed["overlong_gold"] == 1 and removed["duplicate_question"] == 0
 
 
 def test_filter_overlong_candidates():
@@ -534,9 +550,11 @@ def test_filter_qcate_and_category_balance():
 def test_split_keeps_near_duplicates_together():
     recs = []
     for i in range(60):
-        recs.append(record(guid=f"a{i}", q=f"What color are the stars in the Garden {i}?"))
-        if i % 3 == 0:
-            recs.append(record(guid=f"b{i}", q=f"In the Garden {i}, what color are the stars?"))
+        recs.append(record(guid=f"a{i}", q=f"What color are the stars in the Garden {i}?",
+                           img_pos=((31000000 + i, "Garden", "Stars."),)))
+        if i % 3 == 0:  # a rewording with a gold image of its own: only the question key links the two
+            recs.append(record(guid=f"b{i}", q=f"In the Garden {i}, what color are the stars?",
+                               img_pos=((32000000 + i, "Garden", "Stars."),)))
     splits = D.split_records(recs, (0.8, 0.1, 0.1), seed=0)
     where = {r.guid: name for name, rs in splits.items() for r in rs}
     assert all(where[f"a{i}"] == where[f"b{i}"] for i in range(0, 60, 3))
@@ -551,6 +569,53 @@ def test_near_dup_key_drops_stopwords_that_end_in_s():
     assert mini.content_tokens("Does this bus have stripes?") == ["bus", "stripe"]
 
 
+def test_near_dup_key_meets_plurals_in_es_and_possessives():
+    key = D.near_dup_key
+    assert key("What's the color of the bus?") == key("What is the color of the bus?")
+    assert key("Is Lina's bus red?") == key("Is the bus of Lina red?")
+    assert key("Do the buses have stripes?") == key("Does this bus have stripes?")
+    assert key("How many horses are there?") == key("How many horse are there?")
+    assert key("Are there 2 dogs?") != key("Are there 3 dogs?")  # a number is part of the question
+
+
+def test_split_keeps_questions_about_one_gold_image_together(shared_data):
+    """Real WebQA asks several questions about one image (243 val gold images serve 477 questions): split by
+    question text alone, 37 of 251 test questions had a gold image that was a training target. Ground truth is the
+    real gold-source file, not the splitter's key. Every category also reaches every split."""
+    import csv
+
+    folder = shared_data / "webqa-val"
+    gold: dict[str, list[int]] = defaultdict(list)
+    for row in csv.DictReader((folder / "val_gold_sources.tsv").open(encoding="utf-8"), delimiter="\t"):
+        if row["source_id"].isdigit():
+            gold[row["Guid"]].append(int(row["source_id"]))
+    rows = list(csv.DictReader((folder / "val_image_queries.tsv").open(encoding="utf-8"), delimiter="\t"))
+    recs = [D.WebQARecord(guid=r["Guid"], question=r["Q"], answers=(r["A"],), qcate=r["Qcate"], topic="", split="val",
+                          img_pos=tuple(D.ImageFact(i, "", "") for i in gold[r["Guid"]])) for r in rows if gold[r["Guid"]]]
+    shared = Counter(i for r in recs for i in {f.image_id for f in r.img_pos})
+    assert sum(n > 1 for n in shared.values()) > 200  # the real data has the case this test is about
+    splits = D.split_records(recs, (0.8, 0.1, 0.1), seed=0)
+    images = {s: {f.image_id for r in rs for f in r.img_pos} for s, rs in splits.items()}
+    assert not (images["train"] & images["validation"] or images["train"] & images["test"]
+                or images["validation"] & images["test"])
+    for name, rs in splits.items():
+        assert abs(len(rs) / len(recs) - {"train": 0.8}.get(name, 0.1)) < 0.02, (name, len(rs))
+        assert {r.qcate for r in rs} == {r.qcate for r in recs}, name
+    unlinked = D.split_records(recs, (0.8, 0.1, 0.1), seed=0, link_gold_sources=False)
+    assert {f.image_id for r in unlinked["test"] for f in r.img_pos} & {f.image_id for r in unlinked["train"] for f in r.img_pos}
+
+
+def test_split_spreads_every_category_over_the_splits():
+    """Dealt within each category, a category of 8 questions still reaches validation and test (8 x 0.1 < 1: dealt
+    over all questions it often did not, and notebook 05's per-category table then lacked a row)."""
+    recs = [record(guid=f"{c}{i}", q=f"{c} question {i}?", qcate=c, img_pos=((31000000 + 100 * n + i, "t", "c"),))
+            for n, (c, size) in enumerate((("color", 80), ("shape", 8), ("number", 40))) for i in range(size)]
+    splits = D.split_records(recs, (0.8, 0.1, 0.1), seed=0)
+    for name, rs in splits.items():
+        assert Counter(r.qcate for r in rs).keys() == {"color", "shape", "number"}, name
+    assert Counter(r.qcate for r in splits["test"]) == {"color": 8, "number": 4, "shape": 1}
+
+
 def test_split_keeps_planted_copies_together(tmp_path):
     """Ground truth from the world's manifest, not the splitter's own key: the check could fail."""
     world = D.make_world(tmp_path / "noisy", n_questions=300, seed=1, progress=False,
@@ -561,7 +626,9 @@ def test_split_keeps_planted_copies_together(tmp_path):
     recs = D.filter_records(D.read_webqa(world / "WebQA_train_val.json").records,
                             MiniWebQAFilters(check_images=False, drop_duplicates=False))
     assert D.split_leaks(D.split_records(recs, seed=0), copies) == []
-    exact = D.split_leaks(D.split_records(recs, seed=0, key=D.question_key), copies)
+    # exact keys miss rewordings when nothing else links them (a planted copy keeps its pool: gold sources would)
+    exact = D.split_leaks(D.split_records(recs, seed=0, key=D.question_key, link_gold_sources=False), copies)
+    assert D.split_leaks(D.split_records(recs, seed=0, key=D.question_key), copies) == []
     assert exact and all(copies[c]["kind"] == "near_duplicate" for c, _ in exact)  # exact keys miss only rewordings
 
 
@@ -678,7 +745,7 @@ def _unusable_sources(root: Path) -> list[tuple[Path, type, str]]:
          D.MiniWebQABuildError, r"'answer_misses_keyword' removed the last 4"),
         (D.make_world(root / "world0", n_questions=0, progress=False), D.MiniWebQABuildError,
          "holds no WebQA records.*world_questions"),
-        (write_webqa(root / "too_few", {"g1": raw_record(guid="g1"), "g2": raw_record(guid="g2")}),
+        (write_webqa(root / "too_few", questions(2)),
          D.MiniWebQABuildError, "empty test split: only 2 question"),
     ]
 
@@ -686,7 +753,7 @@ def _unusable_sources(root: Path) -> list[tuple[Path, type, str]]:
 def test_build_refuses_a_source_without_usable_questions(tmp_path):
     """An empty Mini-WebQA used to be saved (and then cached as current) and to crash later in datasets with an
     IndexError; now the build says why, and writes nothing: a Mini-WebQA already there stays as it was."""
-    good = write_webqa(tmp_path / "good", {f"g{i}": raw_record(guid=f"g{i}") for i in range(10)})
+    good = write_webqa(tmp_path / "good", questions(10))
     out = tmp_path / "out" / "mini_webqa"
     D.build_mini_webqa(good, out, filters=NO_IMAGES, progress=False)
     stamp = (out / "dataset_dict.json").stat().st_mtime_ns
@@ -705,7 +772,7 @@ def test_build_refuses_a_source_without_usable_questions(tmp_path):
 def test_build_refuses_an_out_dir_it_would_wipe(tmp_path):
     """Saving replaces out_dir whole: the source folder itself, a folder above it, or a folder of other files would
     be deleted, so each is refused before anything is read; an earlier Mini-WebQA is replaced as before."""
-    source = write_webqa(tmp_path / "webqa", {f"g{i}": raw_record(guid=f"g{i}") for i in range(10)})
+    source = write_webqa(tmp_path / "webqa", questions(10))
     (source / "my_notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="source folder"):
         D.build_mini_webqa(source, source, filters=NO_IMAGES, progress=False)
@@ -913,6 +980,9 @@ def test_mmqa_reader_on_shared_dev(shared_data):
     assert all(c["title"] for row in rows for c in row["candidates"] if c["modality"] == "image")
     trimmed = D.mmqa_to_rows(data.questions, data.images, max_candidates=5)
     assert all(len(r["candidates"]) <= max(5, len(r["gold_ids"])) for r in trimmed)
+    every = [q for q in data.questions if D.is_image_text_question(q)]  # qtypes=None keeps these
+    assert every and all(set(q.answer_modalities) <= {"image", "text"} for q in every)
+    assert any("TableQ" in q.qtype and not any(p == "table" for _, p in q.supporting) for q in data.questions)
 
 
 def test_mmqa_bad_line_is_reported_by_qid(tmp_path):

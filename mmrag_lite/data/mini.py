@@ -4,8 +4,10 @@ The paper trains on "Mini-WebQA", WebQA with low-quality samples removed, withou
 listed in ``FILTER_REASONS``; each one is a named step with a one-line reason, switchable in ``MiniWebQAFilters``,
 and its effect is counted in a ``FunnelReport`` (saved as ``funnel.json`` next to the dataset):
 
-    read -> no gold source -> answer misses keyword/fact -> duplicate question -> overlong gold candidate
-         -> broken gold image -> category balance -> split (no near-duplicate leakage) -> trim candidate pools
+    read -> no gold source -> answer misses keyword/fact -> overlong gold candidate
+         -> broken gold image -> duplicate question -> category balance
+         -> split (no reworded question or shared gold source across splits; each category in proportion)
+         -> trim candidate pools
 
 The output is a ``datasets.DatasetDict`` (train / validation / test) in the schema of docs/CONTRACTS.md, written
 atomically (temporary folder next to the target, then rename). The same code runs on the real WebQA files and on
@@ -64,9 +66,9 @@ FILTER_REASONS: dict[str, str] = {
     "unreadable": "records that break the WebQA schema cannot be turned into prompts",
     "no_gold_source": "without a gold source there is nothing to rank and no retrieval reward",
     "answer_misses_keyword": "an answer that does not state its keyword / fact teaches the model to answer without evidence",
-    "duplicate_question": "the same question twice over-weights it and leaks between splits",
     "overlong_gold": "a gold candidate longer than the prompt budget cannot be shown whole (overlong distractors are just dropped)",
     "broken_gold_image": "an empty or undecodable gold image makes the question unanswerable from the pool",
+    "duplicate_question": "the same question twice over-weights it and leaks between splits",
     "qcate_filter": "keep only the question categories asked for",
     "category_balance": "cap the largest categories so no single Qcate dominates the reward signal",
 }
@@ -129,8 +131,17 @@ def question_key(text: str) -> str:
 
 
 def near_dup_key(text: str) -> str:
-    """Near-duplicate key: the sorted set of content words, so rewordings of one question share a key."""
-    return " ".join(sorted(set(content_tokens(text)) - _QUESTION_WORDS))
+    """Near-duplicate key: the sorted set of content words, so rewordings of one question share a key.
+
+    Stray letters go ("what's" leaves an "s") and a final "e" is cut after the plural "s" was, so "buses" and "bus"
+    (and "horses" and "horse") meet; numbers stay, since "2 dogs" and "3 dogs" are different questions.
+    """
+    words = (t for t in content_tokens(text) if len(t) > 1 or t.isdigit())
+    return " ".join(sorted({_key_stem(t) for t in words} - _QUESTION_WORDS))
+
+
+def _key_stem(token: str) -> str:
+    return token[:-1] if len(token) > 3 and token.endswith("e") else token
 
 
 def _fact_text(fact: ImageFact | TextFact) -> str:
@@ -312,17 +323,6 @@ def filter_records(
     step("no_gold_source", lambda r: bool(r.img_pos or r.txt_pos), filters.require_gold)
     step("answer_misses_keyword", lambda r: answer_mentions_keyword(r, filters.min_keyword_recall),
          filters.require_answer_keyword)
-    if filters.drop_duplicates:
-        seen: set[str] = set()
-
-        def first_seen(r: WebQARecord) -> bool:
-            key = question_key(r.question)
-            if key in seen:
-                return False
-            seen.add(key)
-            return True
-
-        step("duplicate_question", first_seen)
     if filters.max_candidate_words:
         step("overlong_gold", lambda r: not overlong_ids(r, filters.max_candidate_words)[0])
     if filters.check_images:
@@ -336,6 +336,17 @@ def filter_records(
 
         step("broken_gold_image", gold_images_ok)
         bar.close()
+    if filters.drop_duplicates:  # after the quality checks: a broken first copy must not take its good twin along
+        seen: set[str] = set()
+
+        def first_seen(r: WebQARecord) -> bool:
+            key = question_key(r.question)
+            if key in seen:
+                return False
+            seen.add(key)
+            return True
+
+        step("duplicate_question", first_seen)
     if filters.qcates is not None:
         allowed = set(filters.qcates)
         step("qcate_filter", lambda r: r.qcate in allowed)
@@ -395,27 +406,66 @@ def _fraction_cap(sizes: Sequence[int], fraction: float) -> int:
 
 
 def split_records(records: Sequence[WebQARecord], fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0,
-                  key: Callable[[str], str] = near_dup_key) -> dict[str, list[WebQARecord]]:
-    """Train / validation / test without leakage: questions sharing a near-duplicate key go to the same split.
+                  key: Callable[[str], str] = near_dup_key, link_gold_sources: bool = True,
+                  stratify: bool = True) -> dict[str, list[WebQARecord]]:
+    """Train / validation / test without leakage, each category spread over all three in proportion.
 
-    Groups are visited in a seeded order and each goes to the split furthest below its target size.
+    Questions are linked when they share a ``key`` of their question text (rewordings) or, with
+    ``link_gold_sources``, a gold source (an image id, or a snippet's text): real WebQA asks several questions about
+    one image, and a test question whose gold image was a training target measures memory, not retrieval. Each
+    connected group goes to one split. Groups are visited in a seeded order; each goes to the split furthest below
+    its target, counted within the group's category when ``stratify`` (so a small category still reaches the test
+    split), else over all questions.
     """
     if len(fractions) != 3 or any(f < 0 for f in fractions) or sum(fractions) <= 0:
         raise ValueError(f"split fractions must be three non-negative numbers, got {fractions}")
-    groups: dict[str, list[WebQARecord]] = defaultdict(list)
-    for r in records:
-        groups[key(r.question)].append(r)
+    groups = _linked_groups(records, key, link_gold_sources)
     order = sorted(groups)
     random.Random(f"split-{seed}").shuffle(order)
     total = sum(fractions)
-    targets = [f / total * len(records) for f in fractions]
+
+    def category(group: list[WebQARecord]) -> str:
+        counts = Counter(r.qcate for r in group)
+        return min(counts, key=lambda c: (-counts[c], c)) if stratify else ""
+
+    sizes = Counter(category(groups[g]) for g in order for _ in groups[g])
+    filled: dict[str, list[int]] = {c: [0, 0, 0] for c in sizes}
     out: dict[str, list[WebQARecord]] = {s: [] for s in SPLITS}
     for g in order:
-        deficits = [(targets[i] - len(out[s])) / (targets[i] or 1e-9) if targets[i] > 0 else -1e9
-                    for i, s in enumerate(SPLITS)]
+        cat = category(groups[g])
+        targets = [f / total * sizes[cat] for f in fractions]
+        deficits = [(targets[i] - filled[cat][i]) / targets[i] if targets[i] > 0 else -1e9 for i in range(3)]
         best = max(range(3), key=lambda i: (deficits[i], -i))
         out[SPLITS[best]].extend(groups[g])
+        filled[cat][best] += len(groups[g])
     return out
+
+
+def _linked_groups(records: Sequence[WebQARecord], key: Callable[[str], str],
+                   link_gold_sources: bool) -> dict[str, list[WebQARecord]]:
+    """Connected groups of records (union-find over shared question keys and gold sources), each named by the
+    smallest question key in it so the grouping, and so the split, does not depend on record order."""
+    parent = list(range(len(records)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: dict[tuple[str, str], int] = {}
+    for i, r in enumerate(records):
+        links = [("q", key(r.question))]
+        if link_gold_sources:
+            links += [("img", str(f.image_id)) for f in r.img_pos]
+            links += [("txt", question_key(f.fact)) for f in r.txt_pos if f.fact.strip()]
+        for link in links:
+            j = owner.setdefault(link, i)
+            parent[root(i)] = root(j)
+    members: dict[int, list[WebQARecord]] = defaultdict(list)
+    for i, r in enumerate(records):
+        members[root(i)].append(r)
+    return {min(key(r.question) + "\x00" + r.guid for r in rs): rs for rs in members.values()}
 
 
 def split_leaks(splits: Mapping[str, Sequence[WebQARecord]], copies: Mapping[str, Mapping[str, str]]) -> list[tuple[str, str]]:

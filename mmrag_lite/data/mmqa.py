@@ -167,8 +167,10 @@ def load_mmqa(folder: str | Path, split: str = "dev") -> MMQAData:
 
 
 def is_image_text_question(q: MMQAQuestion) -> bool:
-    """Answerable from the image/text pool alone: no table among the supporting documents."""
-    return bool(q.supporting) and all(part in ("image", "text") for _, part in q.supporting) and bool(q.gold_doc_ids)
+    """Answerable from the image/text pool alone: no table among the supporting documents, and no answer read from
+    a table (15 dev ``Compare(Compose(TableQ, ...))`` questions list no table as support yet answer from one)."""
+    return (bool(q.supporting) and all(part in ("image", "text") for _, part in q.supporting) and bool(q.gold_doc_ids)
+            and all(m in ("image", "text") for m in q.answer_modalities))
 
 
 def mmqa_to_rows(
