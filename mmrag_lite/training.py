@@ -702,21 +702,29 @@ def _restore_finished(trainer: Any, checkpoint: str) -> list[dict[str, Any]]:
     ``max_steps``, so resuming a run that already reached it trains a step too many and overwrites the adapter.
     The weights are copied into the existing (float32) parameters, so ``TrainResult.model`` is the trained model.
     """
-    from peft import set_peft_model_state_dict
-    from peft.utils import load_peft_weights
     from transformers import TrainerState
 
-    model = trainer.model
-    loaded = set_peft_model_state_dict(model, load_peft_weights(checkpoint, device="cpu"),
-                                       adapter_name=getattr(model, "active_adapter", "default"))
-    missing = [k for k in loaded.missing_keys if "lora_" in k]  # the base weights are never in an adapter file
-    if loaded.unexpected_keys or missing:  # another LoRA layout (rank, targets) than this preset's: never half-load
-        odd = loaded.unexpected_keys[:3] or missing[:3]
-        raise ValueError(f"{checkpoint} does not fit this model's adapter ({'unexpected' if loaded.unexpected_keys else 'missing'} "
-                         f"{odd}...): was it trained with another preset's LoRA rank or target modules?")
-    keep_trainable_in_float32(model)
+    _load_adapter_weights(trainer.model, checkpoint)
     trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
     return list(trainer.state.log_history)
+
+
+def _load_adapter_weights(model: Any, folder: str | Path) -> None:
+    """Copy a saved adapter's weights into ``model``'s active adapter, exactly (float32 kept), or refuse a mismatch.
+
+    Only the active adapter's keys count: with ``beta > 0`` TRL adds a frozen ``ref`` adapter the file never holds.
+    """
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    name = getattr(model, "active_adapter", "default")
+    loaded = set_peft_model_state_dict(model, load_peft_weights(str(folder), device="cpu"), adapter_name=name)
+    missing = [k for k in loaded.missing_keys if "lora_" in k and f".{name}." in k]  # base weights: never in the file
+    if loaded.unexpected_keys or missing:  # another LoRA layout (rank, targets) than this preset's: never half-load
+        odd = loaded.unexpected_keys[:3] or missing[:3]
+        raise ValueError(f"{folder} does not fit this model's adapter ({'unexpected' if loaded.unexpected_keys else 'missing'} "
+                         f"{odd}...): was it trained with another preset's LoRA rank or target modules?")
+    keep_trainable_in_float32(model)
 
 
 def build_trainer(
@@ -772,6 +780,8 @@ def build_trainer(
         callbacks=[curve, CudaMemoryCallback(preset.expected_memory_gb), *callbacks],
     )
     keep_trainable_in_float32(trainer.model)  # undo TRL's bf16 cast of a 4-bit model's LoRA (see its docstring)
+    if init_adapter is not None:  # that cast rounded the adapter stage 2 continues from: load its exact weights again
+        _load_adapter_weights(trainer.model, init_adapter)
     if quiet_progress and any(type(cb) is ProgressCallback for cb in trainer.callback_handler.callbacks):
         # a terminal: tqdm, without the log dicts. In a notebook transformers shows its own table instead, which is
         # saved in its final state with the notebook; a second (tqdm widget) bar would only duplicate it.
@@ -818,6 +828,19 @@ def _check_resume_settings(out: Path, preset: Preset, stage: int, checkpoint: st
                       "(which replaces this run's checkpoints).", UserWarning, stacklevel=4)
 
 
+def _refuse_less_than_one_batch(trainer: Any, dataset: Any, stage: int) -> None:
+    """TRL's sampler drops a partial generation batch, so fewer rows than one batch's prompts train nothing at all
+    (transformers only warns at step 0), and stage 2 would then save stage 1's adapter as its own."""
+    args = trainer.args
+    needed = args.generation_batch_size // args.num_generations
+    if len(dataset) < needed:
+        raise ValueError(
+            f"the stage-{stage} training set has {len(dataset)} row(s); one generation batch takes {needed} distinct "
+            f"prompts (generation batch {args.generation_batch_size} / {args.num_generations} generations) and TRL "
+            f"drops a partial batch, so nothing would train. Build more rows (more questions, stage{stage}.max_examples"
+            f"{', stage2.permutations' if stage == 2 else ''}) or lower stage{stage}.grpo.per_device_train_batch_size")
+
+
 def _clear_stale_checkpoints(out: Path, *, verbose: bool) -> None:
     """A fresh run replaces the folder's earlier run: delete its ``checkpoint-*``. Left there, a later ``resume``
     would take the newest step number, which can be the old run's (rotation removes old checkpoints only after the
@@ -844,6 +867,7 @@ def _train(stage: int, preset: Preset, dataset: Any, work_dir: str | Path, *, in
     trainer, curve = build_trainer(preset, stage, dataset, out, model=model, processor=processor,
                                    init_adapter=init_adapter, callbacks=callbacks, max_steps=max_steps,
                                    live_plot=live_plot, plot_title=plot_title)
+    _refuse_less_than_one_batch(trainer, dataset, stage)
     checkpoint: str | None = None
     done_step: int | None = None
     note = ""
@@ -870,6 +894,9 @@ def _train(stage: int, preset: Preset, dataset: Any, work_dir: str | Path, *, in
     else:
         trainer.train(resume_from_checkpoint=checkpoint)
         history = list(trainer.state.log_history)
+        if trainer.state.global_step <= (done_step or 0):  # transformers only warns; the adapter would be untrained
+            raise RuntimeError(f"stage {stage} trained no step (global_step {trainer.state.global_step}): the data "
+                               f"loader yielded no batch; the adapter in {adapter_dir} was not written")
     curve.curves = curves_from_history(history)  # every step of the run, also those before a resume
     seconds = time.perf_counter() - t0
     if trainer.is_world_process_zero():  # one writer under `accelerate launch`; the other processes wait below

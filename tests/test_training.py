@@ -595,6 +595,67 @@ def test_an_empty_training_set_is_refused_before_any_model_loads(tmp_path: Path)
     assert not (tmp_path / "stage2").exists()
 
 
+def test_a_training_set_smaller_than_one_generation_batch_is_refused(tiny_dir: Path, tmp_path: Path) -> None:
+    """TRL drops a partial generation batch: one row where two prompts make a batch trained 0 steps, and the
+    untrained adapter (for stage 2: stage 1's) was saved as the run's (found by an audit)."""
+    preset = PRESET.with_overrides(**FAST)  # 8 completions per batch / 4 generations = 2 prompts
+    ds = training.build_stage1_dataset(mini_rows(), preset, seed=0).select(range(1))
+    model, proc = _load(tiny_dir)
+    with pytest.raises(ValueError, match=r"1 row\(s\); one generation batch takes 2 distinct prompts"):
+        training.train_stage1(preset, ds, tmp_path, max_steps=1, model=model, processor=proc, verbose=False)
+    assert not (tmp_path / "stage1" / "adapter").exists()
+
+
+def _random_adapter(tiny_dir: Path, folder: Path) -> Path:
+    """A saved LoRA adapter with float32 weights that bfloat16 cannot hold exactly."""
+    from peft import get_peft_model
+
+    model = get_peft_model(_load(tiny_dir)[0], modeling.lora_config(PRESET))
+    gen = torch.Generator().manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = torch.randn(param.shape, generator=gen, dtype=torch.float32) * 0.0123
+    model.save_pretrained(str(folder))
+    return folder
+
+
+def test_stage2_starts_from_the_stage1_adapter_exactly(tiny_dir: Path, tmp_path: Path, processor,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """GRPOTrainer casts a 4-bit model's LoRA to bfloat16 when it is built; casting back to float32 kept the rounding,
+    so stage 2's step 0 was not the stage-1 model (max error 4.8e-4). The adapter is loaded again, exactly."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    adapter = _random_adapter(tiny_dir, tmp_path / "stage1" / "adapter")
+    real = modeling.load_model_and_processor
+    monkeypatch.setattr(modeling, "load_model_and_processor",
+                        lambda preset, **kw: real(preset, model_path=tiny_dir, **kw))
+    preset = PRESET.with_overrides(**FAST)
+    s2, _ = training.build_stage2_dataset(mini_rows(), preset, processor=processor, seed=0)
+    trainer, _ = training.build_trainer(preset, 2, s2, tmp_path / "stage2", init_adapter=adapter)
+    saved = load_file(adapter / "adapter_model.safetensors")
+    now = get_peft_model_state_dict(trainer.model)
+    assert saved.keys() == now.keys()
+    assert all(now[k].dtype == torch.float32 and torch.equal(now[k], saved[k]) for k in saved)
+
+
+def test_a_finished_run_restores_into_a_model_with_trls_ref_adapter(tiny_dir: Path, tmp_path: Path) -> None:
+    """With beta > 0 and an init adapter TRL adds a frozen "ref" adapter, which no checkpoint holds: its keys are
+    not "missing" from the active adapter's file."""
+    from types import SimpleNamespace
+
+    from peft import get_peft_model_state_dict
+    from transformers import TrainerState
+
+    checkpoint = _random_adapter(tiny_dir, tmp_path / "checkpoint-3")
+    TrainerState(global_step=3, log_history=[{"step": 3, "loss": 0.0}]).save_to_json(str(checkpoint / "trainer_state.json"))
+    model = modeling.load_model_and_processor(PRESET, model_path=tiny_dir, adapter_path=checkpoint, for_training=True)[0]
+    model.add_adapter("ref", modeling.lora_config(PRESET))
+    trainer = SimpleNamespace(model=model, state=None)
+    assert training._restore_finished(trainer, str(checkpoint)) == [{"step": 3, "loss": 0.0}]
+    assert trainer.state.global_step == 3 and get_peft_model_state_dict(model, adapter_name="ref")
+
+
 def test_a_whole_datasetdict_instead_of_one_split_is_a_clear_error() -> None:
     from datasets import Dataset, DatasetDict
 
