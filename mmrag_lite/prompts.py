@@ -18,7 +18,6 @@ Messages follow the transformers/TRL conversational format; images travel separa
 from __future__ import annotations
 
 import itertools
-import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -140,39 +139,27 @@ def stage2_images(candidates: Sequence[Candidate]) -> list[Any]:
 
 
 def permutations(n: int, count: int, seed: int) -> list[list[int]]:
-    """``count`` distinct orders of ``range(n)`` (the identity excluded when possible), deterministic by seed.
+    """``count`` distinct orders of ``range(n)``, each drawn uniformly; repeated only when fewer than ``count`` exist.
 
-    Showing the same pool in several orders keeps the model from learning "the gold one is first". The identity
-    (the order the list came in: stage-1 rank) is excluded whenever ``n > 1`` and at least ``count`` other orders
-    exist; otherwise (n = 2 with count >= 2, say) it is used after the others rather than repeating one, and only when
-    fewer distinct orders exist than asked are orders repeated.
+    Showing the same pool in several orders keeps the model from learning a slot. Every order is equally likely,
+    the given one included: the list comes in stage-1 rank (usually gold first), and leaving its own order out would
+    put the top candidate in slot D1 *less* often than chance (for two candidates and one order: never).
     """
     rng = random.Random(seed)
-    identity = tuple(range(n))
-    total = math.factorial(n) if n <= 12 else None  # None: more orders than anyone asks for
-    skip_identity = n > 1 and (total is None or total - 1 >= count)
-    orders: list[list[int]] = []
-    seen: set[tuple[int, ...]] = set()
-    attempts = 0
-    while len(orders) < count and attempts < 50 * max(count, 1):
-        attempts += 1
-        order = list(range(n))
-        rng.shuffle(order)
-        if tuple(order) in seen or (n > 1 and tuple(order) == identity):  # the identity comes last, if at all
-            continue
-        seen.add(tuple(order))
-        orders.append(order)
-    if len(orders) < count and total is not None and total <= 5040:  # unlucky draws or few orders: enumerate the rest
-        rest = [list(o) for o in itertools.permutations(range(n)) if o not in seen and o != identity]
-        rng.shuffle(rest)
-        if not skip_identity:
-            rest.append(list(identity))
-        for order in rest[: count - len(orders)]:
-            seen.add(tuple(order))
-            orders.append(order)
+    if n <= 7:  # at most 5,040 orders: sample without replacement
+        every = [list(o) for o in itertools.permutations(range(n))]
+        orders = rng.sample(every, min(count, len(every)))
+    else:  # more orders than anyone asks for: distinct shuffles
+        orders, seen = [], set()
+        while len(orders) < count:
+            order = list(range(n))
+            rng.shuffle(order)
+            if tuple(order) not in seen:
+                seen.add(tuple(order))
+                orders.append(order)
     distinct = len(orders)
     while len(orders) < count:  # fewer distinct orders exist than asked (tiny n): repeat
-        orders.append(list(orders[len(orders) % distinct]) if distinct else list(range(n)))
+        orders.append(list(orders[len(orders) % distinct]))
     return orders
 
 

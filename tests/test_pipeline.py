@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -420,17 +421,23 @@ def test_ensure_stage1_scores_scores_what_the_run_reads_and_reuses_it(tmp_path, 
 
 
 # ------------------------------------------------------------------------------------------ prompt orders
-def test_permutations_exclude_the_identity_when_possible():
-    """Stage-2 training orders (prompts.permutations): the docstring promises no identity when other orders suffice."""
+def test_permutations_put_every_candidate_in_every_slot_equally_often():
+    """Stage-2 training orders (prompts.permutations): distinct, deterministic, and uniform over slots. Leaving out
+    the given order (stage-1 rank, usually gold first), as before, put candidate 0 at D1 less often than chance:
+    for two candidates and one order, never."""
     from mmrag_lite.prompts import permutations
 
-    for n, count in ((2, 1), (3, 2), (4, 2), (4, 3), (5, 3)):
-        for seed in range(200):
+    for n, count in ((2, 1), (3, 2), (4, 2), (5, 3), (9, 2)):
+        first_slot = Counter()
+        for seed in range(600):
             orders = permutations(n, count, seed)
-            assert len(orders) == count and list(range(n)) not in orders
             assert len({tuple(o) for o in orders}) == count and all(sorted(o) == list(range(n)) for o in orders)
+            first_slot.update(o.index(0) for o in orders)
+        expected = 600 * count / n
+        assert all(abs(first_slot[slot] - expected) < 0.2 * expected for slot in range(n)), (n, count, first_slot)
     assert permutations(4, 3, 7) == permutations(4, 3, 7)  # deterministic by seed
-    assert sorted(map(tuple, permutations(2, 2, 0))) == [(0, 1), (1, 0)]  # too few other orders: identity last
+    assert sorted(map(tuple, permutations(2, 2, 0))) == [(0, 1), (1, 0)]
+    assert permutations(2, 3, 0)[2] == permutations(2, 3, 0)[0]  # only two orders exist: repeated
     assert permutations(1, 2, 0) == [[0], [0]]
 
 
