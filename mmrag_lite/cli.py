@@ -300,8 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="questions to evaluate (default preset.evaluation.questions)")
     p.add_argument("--stage1-adapter", default=None, help="stage-1 adapter (default <work-dir>/stage1/adapter)")
     p.add_argument("--no-mmqa", action="store_true", help="skip the MultimodalQA columns")
-    p.add_argument("--no-ablations", action="store_true", help="skip the ablation tables (k, reasoning, reward "
-                   "weights)")
+    p.add_argument("--no-ablations", action="store_true", help="skip the ablation tables: k and reasoning at inference, "
+                   "and stage 2 retrained without the ranking reward, without the answer reward and with reasoning "
+                   "flipped (retrained only with evaluation.retrain_ablations, on by default only on cpu-tiny)")
     p.add_argument("--no-robustness", action="store_true", help="skip the conflicting/misleading-distractor check")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--allow-untrained", action="store_true", help="evaluate even without a stage-1 adapter (every "
