@@ -25,7 +25,8 @@ a configurable ``penalty ≤ 0`` for output that cannot be read at all, and the 
            (WebQA's Retrieval-F1 when every gold id is shown, i.e. G ⊆ C; otherwise it only asks for the gold the
            model was shown, since it cannot name a document it never saw; 0 when G ∩ C = ∅)
     ndcg:  r_rank(o) = Σ_{i ≤ k} [s_i ∈ G ∩ C] / log2(i + 1)  /  Σ_{i ≤ min(k, |G ∩ C|)} 1 / log2(i + 1)
-           with k = |G ∩ C| unless configured (listing every candidate must not pay: ids past k earn nothing)
+           with k = |G ∩ C| unless configured, k ≥ 1 (listing every candidate must not pay: ids past k earn nothing;
+           k < 1 would pay 0 for everything, so it raises ``ValueError``)
            penalty when no sources block can be read
 
 **Answer** (stage 2), the text ``â`` inside ``<answer>`` against the row's reference:
@@ -43,19 +44,23 @@ reward is guarded), each a keyword option, on by default:
   questions; WebQA files some either-or questions under ``text`` and ``Others``, so the guard reads all three). With
   the question known (a ``question`` column, else the ``Question:`` line of TRL's ``prompts``), ``g_choose = 1/2``
   when the answer names both options of the question and the reference does not, otherwise 1. The options are the
-  two words around an ``or`` of the normalised question (or the ``and`` of a question that opens with "Between"),
-  and the two spans beside it (up to ``OPTION_SPAN_WORDS`` words, cut at , ; : ?), of which an answer names one when
-  it holds at least half of the span's own words — so dropping the word next to the ``or`` does not slip past. "The
-  reference does not" means: the whole reference answer names only one option; or it names both in a sentence ("X is
-  taller than Y", while Acc reads the keyword "X") and the answer sets them side by side as alternatives ("X or Y",
-  "X and Y", "X, Y"). So a sentence that says what the reference says is never halved (none of the 3,626 real val
-  recall references), and naming both options is worth what a coin flip between them is worth in expectation:
+  nearest words either side of an ``or`` of the normalised question (or the ``and`` of a question that opens with
+  "Between") that the other side lacks — "red" and "blue" in "the red car or the blue car", so a committed "the blue
+  car" names one — and the two spans beside it (up to ``OPTION_SPAN_WORDS`` words, cut at , ; : ?), of which an
+  answer names one when it holds at least half of the span's own words — so dropping the word next to the ``or``
+  does not slip past. "The reference does not" means: the whole reference answer names only one option; or it names
+  both in a sentence ("X is taller than Y", while Acc reads the keyword "X") and the answer leads with the other option
+  ("Y is taller than X", unless Acc's reference names that one alone: recall reads the same words either way; the order
+  is read from option words the question says once, with denied clauses cut) or sets them side by side as alternatives
+  ("X or Y", "X and Y", "X, Y"). So a sentence that says what the reference says is never halved (none of the 3,626 real
+  val recall references), and naming both options is worth what a coin flip between them is worth in expectation:
   committing to the option the evidence supports pays more (``benchmarks/bench_answer_guards.py``). An option that a
   text denies ("upwards, not sideways"; also "rather than", "instead of", "n't") is neither named nor scored there: on
   questions with options, Acc reads what the answer affirms against what the reference affirms (never more than the
   official Acc), so a contrast pays when right and not when wrong (recall alone paid "sideways, not upwards" in full).
   Why 1/2 and not 0: a bag-of-words test cannot tell a hedge from a correct sentence that compares with the other
-  option ("X is taller than Y" where the reference names only X), which keeps half its credit.
+  option ("X is taller than Y" where the reference names only X) or leads with it ("Y is shorter than X" where the
+  reference says "X is taller than Y"), which keeps half its credit.
 * ``hedge_guard`` — ``color``/``shape``/``YesNo`` are scored by F1 over a closed vocabulary and ``number`` by F1 over
   numbers, where "yes or no" earns 0.667 on every YesNo question (more than always answering "yes", 0.46 on real
   val) and "3 or 4" 0.667 against a coin flip's 0.5. With ``c`` the distinct vocabulary words (or numbers) of the
@@ -124,6 +129,16 @@ def _check_penalty(penalty: float) -> float:
     if not isinstance(penalty, (int, float)) or not math.isfinite(penalty) or penalty > 0:
         raise ValueError(f"penalty must be a finite number <= 0 (it is what unreadable output earns), got {penalty!r}")
     return float(penalty)
+
+
+def _check_ndcg_k(k: Any) -> int | None:
+    """``None`` (k = the number of gold ids shown) or a whole number ≥ 1: nDCG@0 (or below) has no slot to earn in, so
+    the ranking reward would be 0 for every completion and GRPO would learn nothing from it, unseen."""
+    if k is None:
+        return None
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"ndcg_k (the nDCG depth) must be None or a whole number >= 1, got {k!r}")
+    return int(k)
 
 
 def _ids(value: Any) -> list[str]:
@@ -208,6 +223,7 @@ def relevance_reward(
 # ------------------------------------------------------------------------------------------------ ranking
 def ranking_score(selected: Sequence[str], gold: Sequence[str], candidates: Sequence[str] | None, *, metric: str = "f1", k: int | None = None) -> float:
     """The ranking reward of one parsed id list (see the module docstring); a repeated id counts once."""
+    k = _check_ndcg_k(k)
     selected = list(dict.fromkeys(selected))
     gold_set = {g for g in gold}
     if candidates is not None:
@@ -234,8 +250,10 @@ def ranking_reward(
     tags: Tags = DEFAULT_TAGS,
     **columns: Any,
 ) -> list[float]:
-    """Stage 2: set-F1 or nDCG of the listed ids against ``gold_ids``; ``penalty`` when no sources block can be read."""
+    """Stage 2: set-F1 or nDCG of the listed ids against ``gold_ids``; ``penalty`` when no sources block can be read.
+    ``k`` (nDCG only) is the depth, ≥ 1; ``None`` is the number of gold ids shown."""
     penalty = _check_penalty(penalty)
+    k = _check_ndcg_k(k)
     if metric not in RANKING_METRICS:
         raise ValueError(f"unknown ranking metric {metric!r}; choose one of {RANKING_METRICS}")
     n = len(completions)
@@ -364,19 +382,60 @@ def _joins_options(tokens: Sequence[str], left: set[str], right: set[str], share
     )
 
 
+def _word_pairs(words: Sequence[str]) -> list[tuple[set[str], set[str], set[str]]]:
+    """The word pair of each joint of a normalised question: the nearest word on each side, not a filler, that the
+    other side's ``OPTION_SPAN_WORDS`` words lack. Two options that share a head noun ("red car or blue car", "Busan ...
+    Stadium or Sydney football stadium") pair "red" with "blue", not "car" with "blue", which a committed "the blue
+    car" would name both of; a side with no such word gives no pair."""
+    pairs = []
+    for j in _option_joints(words):
+        before, after = words[max(0, j - OPTION_SPAN_WORDS):j], words[j + 1:j + 1 + OPTION_SPAN_WORDS]
+        left = next((w for w in reversed(before) if w not in after and w not in _OPTION_FILLER), None)
+        right = next((w for w in after if w not in before and w not in _OPTION_FILLER), None)
+        if left is not None and right is not None:
+            pairs.append(({left}, {right}, set()))
+    return pairs
+
+
+def _first_at(tokens: Sequence[str], option: set[str]) -> int:
+    """Where a text first names an option (one of its words); past the end when it never does."""
+    return next((i for i, t in enumerate(tokens) if t in option), len(tokens))
+
+
+def _leads_with_other(said: Sequence[str], whole: Sequence[str], left: set[str], right: set[str],
+                      keyword_left: bool | None) -> bool:
+    """An answer that names both options in the other order from a reference sentence that names both: it leads (names
+    first) with the option the reference does not lead with, and not with the one Acc's reference names alone
+    (``keyword_left``: ``None`` when it names both or neither). ``left``/``right`` are the option words that occur once
+    in the question (a word two long options share, "Mayo Clinic ... or Mayo Clinic ...", says nothing about order);
+    both texts must name both, with denied clauses cut out (``_DENIAL``: "X, not Y" leads with X)."""
+    at = [(_first_at(text, left), _first_at(text, right), len(text)) for text in (said, whole)]
+    if not left or not right or any(max(i, j) >= n for i, j, n in at):
+        return False
+    (said_l, said_r, _), (whole_l, whole_r, _) = at
+    leads_left = said_l < said_r
+    return leads_left != (whole_l < whole_r) and leads_left != keyword_left
+
+
 def _hedges_between_options(answer_norm: str, question_norm: str, acc_reference_norm: str, whole_reference_norm: str,
-                            spans: Sequence[tuple[str, str]] = ()) -> bool:
+                            spans: Sequence[tuple[str, str]] = (), order_norms: tuple[str, str] | None = None) -> bool:
     """The choose guard's test on texts normalised alike (``spans`` from ``option_spans``; ``acc_reference_norm`` what
-    Acc reads, the keyword when there is one; ``whole_reference_norm`` the whole reference answer). An option pair is
-    the two words around an ``or`` (or the ``and`` of "between X and Y"), or the own words of two option spans (those
-    the other option lacks, fillers aside). The answer hedges when it names both options of a pair and either the whole
-    reference names only one of them, or the answer joins them as alternatives while Acc's reference names one and the
-    whole reference does not join them itself ("X is taller than Y" names both; "X or Y" and "X, Y" are hedges)."""
+    Acc reads, the keyword when there is one; ``whole_reference_norm`` the whole reference answer; ``order_norms`` the
+    answer and the whole reference with their denied clauses cut, where they have any). An option pair is the nearest
+    words either side of an ``or`` (or the ``and`` of "between X and Y") that the other side lacks (``_word_pairs``), or
+    the own words of two option spans (those the other option lacks, fillers aside). The answer hedges when it names
+    both options of a pair and either the whole reference names only one of them; or the whole reference names both and
+    the answer leads with the other one (``_leads_with_other``: "Y has more than X" against "X has more than Y" holds
+    the same words, and a bag of words cannot tell "Y has fewer than X" from a wrong answer, so it earns a coin flip);
+    or the answer joins them as alternatives while Acc's reference names one and the whole reference does not join them
+    itself ("X is taller than Y" names both; "X or Y" and "X, Y" are hedges)."""
     words = question_norm.split()
     said_tokens, whole_tokens = answer_norm.split(), whole_reference_norm.split()
     said, acc_ref = set(said_tokens), set(acc_reference_norm.split())
     whole_ref = acc_ref | set(whole_tokens)
-    options = [({words[j - 1]}, {words[j + 1]}, set()) for j in _option_joints(words) if 0 < j < len(words) - 1]
+    said_order, whole_order = (text.split() for text in (order_norms or (answer_norm, whole_reference_norm)))
+    once = {w for w, c in Counter(words).items() if c == 1}
+    options = _word_pairs(words)
     for left, right in spans:
         left_words, right_words = set(left.split()), set(right.split())
         options.append((left_words - right_words - _OPTION_FILLER, right_words - left_words - _OPTION_FILLER,
@@ -389,6 +448,9 @@ def _hedges_between_options(answer_norm: str, question_norm: str, acc_reference_
         if not (_names_option(said, left) and _names_option(said, right)):
             continue
         if names_one(whole_ref, left, right):
+            return True
+        keyword_left = bool(left & acc_ref) if names_one(acc_ref, left, right) else None
+        if _leads_with_other(said_order, whole_order, left & once, right & once, keyword_left):
             return True
         # the whole reference names both (or neither): only alternatives set side by side, as the reference does not
         if (names_one(acc_ref, left, right) and _joins_options(said_tokens, left, right, shared)
@@ -475,17 +537,23 @@ def _webqa_answer_scores(said: list[str], answers: list[Any], columns: Mapping[s
     spans = [option_spans(q) if q and choose_guard and c in RECALL_CATEGORIES else [] for q, c in zip(questions, qc)]
     # what the answer and the references deny, where the question has options: a denied option is not named
     denials = [[_denied_text(t) for t in (said[j], refs[j], whole[j])] if spans[j] else ["", "", ""] for j in range(len(rows))]
+    # the answer and the whole reference with denied clauses cut, where they have any: the order they name options in
+    uncut = [[_DENIAL.sub(" ", t) if spans[j] and _DENIAL.search(t) else None for t in (said[j], whole[j])]
+             for j in range(len(rows))]
     normed = metrics.normalize_webqa_many(
         said + refs + [q or "" for q in questions] + whole + [d for row in denials for d in row]
-        + [text for pairs in spans for pair in pairs for text in pair])
+        + [text for pairs in spans for pair in pairs for text in pair]
+        + [t for row in uncut for t in row if t is not None])
     k = len(rows)
     normed_denials = [normed[4 * k + 3 * j: 4 * k + 3 * j + 3] for j in range(k)]
-    normed_span_texts = iter(normed[7 * k:])
-    normed_spans = [[(next(normed_span_texts), next(normed_span_texts)) for _ in pairs] for pairs in spans]
+    normed_rest = iter(normed[7 * k:])
+    normed_spans = [[(next(normed_rest), next(normed_rest)) for _ in pairs] for pairs in spans]
+    normed_uncut = [[next(normed_rest) if t is not None else None for t in row] for row in uncut]
     out = []
     for j in range(k):
         cand, ref, question, whole_ref = normed[j], normed[k + j], normed[2 * k + j], normed[3 * k + j]
         score = metrics.webqa_scores_from_normalized(cand, ref, qc[j])["acc"]
+        said_order, whole_order = (t if t is not None else full for t, full in zip(normed_uncut[j], (cand, whole_ref)))
         if spans[j]:  # from here on, what each text affirms; never more than the official score
             option_words = _option_words(normed_spans[j])
             cand, ref, whole_ref = (_affirmed(text, denied, option_words)
@@ -495,8 +563,10 @@ def _webqa_answer_scores(said: list[str], answers: list[Any], columns: Mapping[s
             plain_spans = [(_plain(left), _plain(right)) for left, right in spans[j]]
             plain_said, plain_ref, plain_whole = (_affirmed(_plain(t), _plain(_denied_text(t)), _option_words(plain_spans))
                                                   for t in (said[j], refs[j], whole[j]))
-            if (_hedges_between_options(cand, question, ref, whole_ref, normed_spans[j])
-                    or _hedges_between_options(plain_said, _plain(questions[j]), plain_ref, plain_whole, plain_spans)):
+            plain_order = (_plain(_DENIAL.sub(" ", said[j])), _plain(_DENIAL.sub(" ", whole[j])))
+            if (_hedges_between_options(cand, question, ref, whole_ref, normed_spans[j], (said_order, whole_order))
+                    or _hedges_between_options(plain_said, _plain(questions[j]), plain_ref, plain_whole, plain_spans,
+                                               plain_order)):
                 score *= CHOOSE_BOTH_FACTOR
         if score and hedge_guard and qc[j] in HEDGE_GUARD_CATEGORIES:
             named = set(metrics.webqa_bags(cand, ref, qc[j])[0])  # not empty: the score is not 0
@@ -546,7 +616,7 @@ def build_reward_funcs(
     (format, relevance) / (format, ranking, answer). ``balance_classes`` re-weights stage-1 verdicts with
     ``ρ = positive_weight`` if given, else ``(1 − π)/π`` from ``positive_fraction`` (default 0.5, i.e. no change).
     ``choose_guard`` / ``hedge_guard`` / ``length_guard`` are the answer reward's guards against copying the question,
-    hedging and padding.
+    hedging and padding. ``ndcg_k`` is the nDCG depth (a whole number ≥ 1; ``None``: the number of gold ids shown).
     """
     if stage not in STAGE_COMPONENTS:
         raise ValueError(f"stage must be 1 or 2, got {stage!r}")
@@ -560,6 +630,7 @@ def build_reward_funcs(
         if not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:  # inf/NaN would make the total NaN
             raise ValueError(f"weight of {name!r} must be a finite number >= 0, got {w!r}")
     penalty = _check_penalty(penalty)
+    ndcg_k = _check_ndcg_k(ndcg_k)
     if ranking_metric not in RANKING_METRICS:
         raise ValueError(f"unknown ranking_metric {ranking_metric!r}; choose one of {RANKING_METRICS}")
     if answer_metric not in ANSWER_METRICS:

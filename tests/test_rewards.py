@@ -687,3 +687,75 @@ def test_class_balance_follows_its_switch_and_an_explicit_weight():
 def test_the_question_is_the_last_question_line_and_an_unreadable_verdict_pays_the_penalty():
     assert rewards.question_from_prompt("D1: Question: who built it?\nQuestion: Red or blue?") == "Red or blue?"
     assert relevance_reward(["nonsense"], label=["maybe"], penalty=-1.0) == [-1.0]
+
+
+# ------------------------------------------------------------------------------------------------ from a review
+STADIUMS = ("From which stadium can you see more skyscrapers while sitting in the stands , Busan Sajik Baseball "
+            "Stadium or the Sydney football stadium ?")  # a real val question
+STADIUMS_REF = ("You can see more skyscrapers while sitting in the stands of Busan Sajik Baseball Stadium than in Sydney "
+                "football stadium.")
+
+
+def test_choose_guard_halves_a_comparison_that_leads_with_the_other_option():
+    """A reference sentence that names both options ("X ... than Y") let an answer naming both the other way round
+    ("Y ... than X") keep full recall: the wrong answer paid 1. Leading with the other option now earns a coin flip,
+    unless Acc's reference (the keyword) names that option alone; the reference's own order stays whole."""
+    kw = "Busan Sajik Baseball Stadium"
+    said = ["You see more skyscrapers from the Sydney football stadium than from Busan Sajik Baseball Stadium",
+            "You see more skyscrapers from Busan Sajik Baseball Stadium than from the Sydney football stadium",
+            STADIUMS_REF]
+    comps = [stage2_target(["D1"], a) for a in said]
+    cols = {"answer": [STADIUMS_REF] * 3, "keywords": [kw] * 3, "qcate": ["choose"] * 3}
+    assert answer_reward(comps, question=[STADIUMS] * 3, choose_guard=False, **cols) == [1.0] * 3  # the hole
+    assert answer_reward(comps, question=[STADIUMS] * 3, **cols) == [0.5, 1.0, 1.0]
+    # a reference that leads with the wrong option ("Y shows fewer than X"): leading with the keyword's X still pays
+    ref = "Sydney football stadium shows fewer skyscrapers than Busan Sajik Baseball Stadium."
+    assert _answer(said[1], ref, kw, "choose", STADIUMS) == 1.0
+    assert _answer(said[0], ref, kw, "choose", STADIUMS) == 1.0  # the reference's own order
+    # without a keyword, the whole reference is what Acc reads: only its order pays in full
+    for answer, factor in zip(said[:2], (0.5, 1.0)):
+        unguarded = _answer(answer, STADIUMS_REF, "", "choose", STADIUMS, choose_guard=False)
+        assert unguarded > 0 and _answer(answer, STADIUMS_REF, "", "choose", STADIUMS) == pytest.approx(factor * unguarded)
+    # the order is read without denied clauses and from words the question says once (real val questions): these
+    # right answers lead with the right option, though "traditional" and "Mayo" open both options
+    q = ("Which native dress includes more floral aspects ; Traditional costumes from Łowicz , Poland or Traditional "
+         "clothes , Siwa ?")
+    ref = "The traditional costumes from Łowicz, Poland has more floral aspects."
+    assert _answer(f"{ref[:-1]}, not traditional clothes.", ref, "Traditional costumes from Łowicz, Poland", "choose",
+                   q) == 1.0
+    q = ("Does the Mayo Clinic Guggenheim Building in Rochester , Minnesota or the Mayo Clinic Plummer Building in "
+         "Rochester , Minnesota have a more reflective exterior ?")
+    ref = "The Mayo Clinic Guggenheim Building in Rochester, Minnesota has a more reflective exterior."
+    assert _answer(f"{ref[:-1]}, not the Mayo Clinic Plummer.", ref, "Mayo Clinic Guggenheim Building", "choose", q) == 1.0
+
+
+def test_choose_guard_pairs_the_words_that_tell_options_with_a_shared_head_noun_apart():
+    """The word pair was the literal words around "or": "stadium"/"sydney" and "car"/"blue", both of which a committed
+    "the Sydney football stadium" or "the blue car" holds, so the right answer was halved. The pair is now the nearest
+    words the other side lacks ("baseball"/"sydney", "red"/"blue"); naming both options still hedges."""
+    sydney = "You can see more skyscrapers from the one in Sydney."
+    assert _answer("The Sydney football stadium", sydney, "Sydney", "choose", STADIUMS) == 1.0
+    assert _answer("Busan Sajik Baseball Stadium or the Sydney football stadium", sydney, "Sydney", "choose",
+                   STADIUMS) == pytest.approx(0.5)
+    cars = "Is the red car or the blue car faster ?"
+    assert _answer("The blue car", "Blue", "", "choose", cars) == 1.0
+    assert _answer("The blue car", "Blue", "", "choose", cars, choose_guard=False) == 1.0
+    assert _answer("The red car or the blue car", "Blue", "", "choose", cars, length_guard=False) == pytest.approx(0.5)
+    assert _answer("red or blue", "Blue", "", "choose", cars) == pytest.approx(0.5)
+    assert rewards._word_pairs(["be", "red", "car", "or", "blue", "car", "fast"]) == [({"red"}, {"blue"}, set())]
+    assert rewards._word_pairs(["car", "or", "car"]) == []  # nothing tells the sides apart: no pair
+    organs = ["lmm", "pump", "organ", "or", "pump", "organ", "at", "gressenhall"]
+    assert rewards._word_pairs(organs) == [({"lmm"}, {"gressenhall"}, set())]  # a filler ("at") tells nothing either
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_ndcg_depth_below_one_is_refused(bad):
+    """nDCG@0 has no slot to earn in: the ranking reward was 0 for every completion, silently."""
+    with pytest.raises(ValueError, match="ndcg_k"):
+        build_reward_funcs(2, {"ranking": 1.0}, reasoning=False, ranking_metric="ndcg", ndcg_k=bad)
+    with pytest.raises(ValueError, match="ndcg_k"):
+        _rank(["D2"], ["D2"], metric="ndcg", k=bad)
+    with pytest.raises(ValueError, match="ndcg_k"):
+        rewards.ranking_score(["D2"], ["D2"], None, metric="ndcg", k=bad)
+    funcs, _ = build_reward_funcs(2, {"ranking": 1.0}, reasoning=False, ranking_metric="ndcg", ndcg_k=1)
+    assert funcs[0]([stage2_target(["D2"], "x")], candidate_ids=[CANDS], gold_ids=[["D2"]]) == [1.0]
