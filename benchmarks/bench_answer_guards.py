@@ -96,6 +96,33 @@ def choose_table(refs: dict[str, dict], categories: tuple[str, ...]) -> None:
         print(f"committing at random, choose_guard={guard}: {mean(coin)}")
 
 
+def comparative_table(refs: dict[str, dict]) -> None:
+    """A content-free comparison that names both options ("L has more than R", in either order) against committing
+    to one option span, on every val choose question with one option pair: the template must not beat a coin flip
+    whichever option is right (the reference usually names both options in such a sentence)."""
+    cases = [(r, *option_spans[0]) for r in refs.values() if r["qcate"] == "choose"
+             and len(option_spans := rewards.option_spans(r["question"])) == 1]
+    kinds = ("L has more than R", "R has more than L", "commit to L", "commit to R")
+    said, cols = [], {k: [] for k in columns([])}
+    for ref, left, right in cases:
+        for text in (f"{left} has more than {right}", f"{right} has more than {left}", left, right):
+            said.append(stage2_target(["D1"], text))
+            for k, v in columns([ref]).items():
+                cols[k] += v
+    print(f"\n{len(cases)} val choose questions with one option pair: a comparison naming both options vs committing")
+    print("| answer | reward, no choose_guard | reward, choose_guard |")
+    print("|---|---|---|")
+    by_guard = {g: rewards.answer_reward(said, choose_guard=g, **cols) for g in (False, True)}
+    for i, kind in enumerate(kinds):
+        print(f"| {kind} | " + " | ".join(mean(by_guard[g][i::4]) for g in (False, True)) + " |")
+    for g in (False, True):
+        out = by_guard[g]
+        worse = [min(out[4 * j], out[4 * j + 1]) for j in range(len(cases))]
+        coin = [(out[4 * j + 2] + out[4 * j + 3]) / 2 for j in range(len(cases))]
+        print(f"choose_guard={g}: the worse of the two template orders {mean(worse)} vs committing at random "
+              f"{mean(coin)}; the template pays >= 0.99 in both orders on {sum(w >= 0.99 for w in worse)} questions")
+
+
 def number_table(refs: dict[str, dict]) -> None:
     chosen = [r for r in refs.values() if r["qcate"] == "number" and re.fullmatch(r"\s*\d+\.?\s*", r["keywords"])]
     n_number = sum(r["qcate"] == "number" for r in refs.values())
@@ -147,6 +174,7 @@ def main() -> None:
     refs = metrics.read_webqa_val_references(args.webqa_val)
     choose_table(refs, ("choose",))
     choose_table(refs, ("text", "Others"))
+    comparative_table(refs)
     number_table(refs)
     length_table(refs)
     print(f"{time.perf_counter() - started:.1f} s")
