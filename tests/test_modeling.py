@@ -169,6 +169,9 @@ def test_4bit_fallback_is_explicit(tiny_dir: Path, monkeypatch: pytest.MonkeyPat
         model, _ = M.load_model_and_processor(PRESET, model_path=tiny_dir, for_training=False)
     assert model.mmrag_quantized is False
     assert not any(M.is_4bit_layer(m) for m in model.modules())
+    t4 = loading.fallback_message(get_preset("colab-t4"), "no CUDA build of bitsandbytes")
+    assert "float16 instead" in t4 and "overflow" in t4 and "pip install bitsandbytes" in t4
+    assert "overflow" not in loading.fallback_message(get_preset("l4"), "x")  # bf16 has float32's range
 
 
 # ------------------------------------------------------------------------------------------ trap messages

@@ -236,6 +236,18 @@ def _is_4bit_param(param: torch.Tensor) -> bool:
     return type(param).__name__ == "Params4bit"
 
 
+def fallback_message(preset: Preset, why: str) -> str:
+    """What loading without 4-bit means for ``preset``; in float16 it also loses the float32 residual stream that the
+    4-bit path keeps (``_upcast_for_fp16_inference``), so it says so rather than letting NaN logits surprise later."""
+    ms = preset.model
+    msg = (f"preset {preset.name!r} asks for 4-bit NF4 but it cannot run here: {why}. Loading in "
+           f"{ms.compute_dtype} instead (model.mmrag_quantized = False); memory use will be ~4x higher.")
+    if ms.compute_dtype == "float16":
+        msg += (" In plain float16 Qwen2(-VL) activations can overflow (NaN logits, '!!!!' output; transformers#33294):"
+                " install a CUDA build of bitsandbytes (pip install bitsandbytes) and restart rather than train this way.")
+    return msg
+
+
 # =============================================================================================== loading
 def load_model_and_processor(
     preset: Preset | str,
@@ -264,8 +276,7 @@ def load_model_and_processor(
     if quantize:
         ok, why = can_load_in_4bit(device)
         if not ok:
-            msg = (f"preset {preset.name!r} asks for 4-bit NF4 but it cannot run here: {why}. Loading in "
-                   f"{ms.compute_dtype} instead (model.mmrag_quantized = False); memory use will be ~4x higher.")
+            msg = fallback_message(preset, why)
             logger.warning(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
             quantize = False
