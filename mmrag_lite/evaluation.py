@@ -165,7 +165,7 @@ def _gold_answers(row: Row) -> list[str]:
     answers = row.get("answers")
     if answers:
         return [str(a.get("answer") if isinstance(a, Mapping) else a) for a in answers]
-    return [str(row["answer"])]
+    return [str(row["answer"])] if row.get("answer") else []  # none: left out, as the official script does
 
 
 # ------------------------------------------------------------------------------------------ robustness
@@ -230,7 +230,23 @@ def choice_options(question: str) -> tuple[str, str] | None:
     if any(w[:1].isupper() for w in rw):
         while rw and not rw[-1][:1].isupper():
             rw.pop()
+    # A plain option beside a name ("the Royal Theater of Ravi orange or black"): as many plain words as the
+    # other option has, from the side that touches " or ".
+    if lw and rw and not any(w[:1].isupper() for w in rw) and not lw[-1][:1].isupper():
+        lw = _plain_run(lw[::-1], len(rw))[::-1]
+    elif lw and rw and not any(w[:1].isupper() for w in lw) and not rw[0][:1].isupper():
+        rw = _plain_run(rw, len(lw))
     return (" ".join(lw), " ".join(rw)) if lw and rw else None
+
+
+def _plain_run(words: Sequence[str], limit: int) -> list[str]:
+    """The first ``limit`` words of ``words``, stopping at a capitalised one (a name)."""
+    out = []
+    for w in words[:limit]:
+        if w[:1].isupper():
+            break
+        out.append(w)
+    return out
 
 
 def other_option_answer(question: str, answer: str, keywords: str = "") -> str | None:
@@ -366,14 +382,21 @@ def conflicting_answer(row: Row, other_answers: Sequence[str], rng: random.Rando
     words = set(re.findall(r"[a-z]+", low))
     if qcate == "YesNo":
         return WrongAnswer("No" if low.startswith("yes") else "Yes", "flipped yes/no")
-    if qcate == "color":
-        return WrongAnswer(rng.choice([c for c in COLORS if c not in words]), "other colour")
-    if qcate == "shape":
-        return WrongAnswer(rng.choice([s for s in SHAPES if s not in words]), "other shape")
-    if qcate == "number":
-        nums = [float(x) for x in _NUM.findall(low)]
-        base = int(nums[0]) if nums else rng.randint(2, 9)
-        return WrongAnswer(str(base + rng.choice([1, 2, 3, 7])), "other number")
+    if qcate in ("color", "shape", "number"):  # each draw checked by the official accuracy: "square" is "squares"
+        from mmrag_lite import metrics
+
+        reference = metrics.qa_reference(answer, row.get("keywords"))
+        if qcate == "number":
+            nums = [float(x) for x in _NUM.findall(metrics.normalize_webqa_many([answer])[0])]  # "four" -> 4
+            base = int(nums[0]) if nums else rng.randint(2, 9)
+            options, how = [str(base + step) for step in (1, 2, 3, 7)], "other number"
+        else:
+            vocab, how = (COLORS, "other colour") if qcate == "color" else (SHAPES, "other shape")
+            options = [w for w in vocab if w not in words]
+        scores = metrics.webqa_accuracy_batch(options, [reference] * len(options), [qcate] * len(options))
+        wrong = [o for o, acc in zip(options, scores) if acc == 0.0]
+        if wrong:
+            return WrongAnswer(rng.choice(wrong), how)
     if qcate == "choose":
         other = other_option_answer(question, answer, str(row.get("keywords") or ""))
         if other:
@@ -779,7 +802,7 @@ def retrained_stage2_ablation(preset: Preset, work_dir: str | Path, rows: Sequen
     for name, overrides in variants.items():
         p = presets[name]
         sub = run / "ablations" / slug(name)
-        write_json_atomic(sub / "variant.json", {"variant": name, "overrides": dict(overrides), "init_adapter": str(init)})
+        write_json_atomic(sub / "variant.json", {"variant": name, "overrides": dict(overrides), "init_adapter": str(init) if init else None})
         dataset, _ = training.stage2_dataset_for_run(p, run, train_split, processor=processor, verbose=False)
         history = training.train_stage2(p, dataset, sub, init_adapter=init, verbose=False, live_plot=live_plot,
                                         plot_title=f"stage 2 retrained: {name}").log_history

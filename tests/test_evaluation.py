@@ -96,6 +96,9 @@ def test_mmqa_scores_are_x100():
             dict(_row("m2", "ImageQ", "1976", "", ["b"]), answers=["1976"])]
     s = E.score_mmqa([_res("m1", [], "Horses"), _res("m2", [], "1975")], rows)
     assert s["MMQA EM"] == pytest.approx(50.0) and s["MMQA F1"] == pytest.approx(50.0) and s["n_mmqa"] == 2
+    unanswered = dict(_row("m3", "ImageQ", "", "", ["c"]), answers=[])  # no gold answer: left out, as officially
+    s = E.score_mmqa([_res("m1", [], "Horses"), _res("m3", [], "")], [rows[0], unanswered])
+    assert s["MMQA EM"] == pytest.approx(100.0) and s["n_mmqa"] == 1
 
 
 def test_paper_reference_is_labelled_as_theirs():
@@ -152,6 +155,37 @@ def test_wrong_answer_has_the_right_type_and_is_wrong():
     assert num.isdigit() and num != "3"
     other = E.conflicting_answer(ROWS[2], ["Paris is the capital", "Berlin"], rng).text
     assert other == "Berlin is the capital"  # a text answer keeps its shape, with the name changed (not a fallback)
+
+
+def test_wrong_answer_is_never_scored_right_by_the_official_accuracy():
+    """The planted "wrong" answer was picked by string: "squares" did not rule out "square", "grey" not "gray", and a
+    number written as a word ("four") not 4, so the trap could state the gold answer (QA-Acc 1.0; found by an
+    audit). Every draw is now checked with webqa_accuracy itself."""
+    from mmrag_lite.metrics import qa_reference, webqa_accuracy
+
+    cases = [
+        {"qcate": "shape", "answer": "The tiles are squares.", "keywords": "square"},
+        {"qcate": "shape", "answer": "It is circles.", "keywords": ""},
+        {"qcate": "color", "answer": "The roof is grey.", "keywords": "grey"},
+        {"qcate": "number", "answer": "There are four dogs.", "keywords": "four"},
+        {"qcate": "number", "answer": "There are 3 dogs", "keywords": ""},
+    ]
+    for row in cases:
+        ref = qa_reference(row["answer"], row["keywords"])
+        for seed in range(60):
+            wrong = E.conflicting_answer(dict(row, question="q?"), [], random.Random(seed))
+            assert webqa_accuracy(wrong.text, ref, row["qcate"]) == 0.0, (row, seed, wrong)
+
+
+def test_choose_options_beside_a_name_keep_only_the_option_words():
+    """"Are the triangles in the Royal Theater of Ravi orange or black?": the left option is "orange", not the name
+    before it (the wrong answer read "... are Royal Theater of Ravi orange")."""
+    q = "Are the triangles in the Royal Theater of Ravi orange or black?"
+    assert E.choice_options(q) == ("orange", "black")
+    assert E.choice_options("Is the ball in Lina's garden dark red or light blue?") == ("dark red", "light blue")
+    row = {"qcate": "choose", "question": q, "answer": "The triangles in the Royal Theater of Ravi are black.",
+           "keywords": "black"}
+    assert E.conflicting_answer(row, [], random.Random(0)).text == "The triangles in the Royal Theater of Ravi are orange."
 
 
 def test_choose_wrong_answer_is_the_other_option():
