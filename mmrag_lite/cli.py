@@ -93,6 +93,10 @@ def resolve(args: argparse.Namespace, *, existing: bool = False, needs_device: b
         from mmrag_lite import modeling
 
         modeling.check_device(preset)
+    if getattr(args, "webqa_dir", None) is not None:  # a mistyped folder fails before the run folder is created
+        from mmrag_lite import data
+
+        data.find_webqa_json(args.webqa_dir)
     return preset, work_dir(preset, args.work_dir)
 
 
@@ -312,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _subcommand(sub, "course", "run every course notebook headless (papermill) and print a summary")
     p.add_argument("--preset", type=_preset_name, default="cpu-tiny",
                    help="hardware preset (default cpu-tiny: the course's offline miniature, minutes on a CPU)")
-    p.add_argument("--out-dir", default=None, help="where executed notebooks and the run folder go")
+    p.add_argument("--out-dir", default=None, help="where executed notebooks and the run folder go (default: "
+                   "runs/course-<date>-<time>)")
     _add_set_option(p, "; passed to every notebook (--set evaluation.retrain_ablations=false saves time on a slow machine)")
     p.set_defaults(func=cmd_course)
     return parser
@@ -325,7 +330,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from mmrag_lite.data import MiniWebQABuildError, WebQAFormatError
 
     errors: list[type[BaseException]] = [CLIError, ConfigError, FileNotFoundError, NotADirectoryError,
-                                         FileExistsError, MiniWebQABuildError, WebQAFormatError]
+                                         FileExistsError, PermissionError, ModuleNotFoundError,  # a missing extra
+                                         MiniWebQABuildError, WebQAFormatError]
     for module, name in (("mmrag_lite.modeling", "ModelLoadError"), ("mmrag_lite.pipeline", "AdapterBaseMismatch")):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))

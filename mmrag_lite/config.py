@@ -771,7 +771,11 @@ def load_preset_yaml(path: str | Path) -> Preset:
     import yaml
 
     with open(path, encoding="utf-8") as fh:
-        return Preset.from_dict(yaml.safe_load(fh)).check_prompt_budget()
+        try:
+            raw = yaml.safe_load(fh)
+        except yaml.YAMLError as exc:  # a typo in the file: say where, in one message
+            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
+    return Preset.from_dict(raw).check_prompt_budget()
 
 
 __all__ = [

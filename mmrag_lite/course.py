@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import project_root, resolve_preset, runs_dir
+from .config import auto_preset_name, project_root, resolve_preset, runs_dir
 
 
 def _kernel_manager_class() -> type:
@@ -166,7 +166,11 @@ def run_course(
     report. A notebook failure never raises: the report says which notebook failed and why. Bad overrides raise
     ``ConfigError``, and a preset this machine cannot run (a GPU preset without a GPU) ``modeling.ModelLoadError``,
     before any notebook starts. ``verbose`` prints a line as each notebook starts: a course takes minutes."""
-    import papermill as pm
+    try:
+        import papermill as pm
+    except ModuleNotFoundError as exc:  # the notebooks extra is not installed
+        raise ModuleNotFoundError(f"{exc}: the course runs its notebooks with papermill; install the notebooks extra "
+                                  "(pip install -e '.[notebooks]', or `make course`, which installs it)") from None
 
     from .modeling import check_device
 
@@ -175,17 +179,19 @@ def run_course(
     # resolved once, so every notebook and the summary name the preset that ran
     resolved = resolve_preset(preset, **overrides)
     check_device(resolved)  # not after notebooks 01-02 have run, inside 03's model loading
-    preset = resolved.name
+    # the notebooks get the base preset's name and the overrides (a "name" override among them renames it there)
+    base = auto_preset_name() if preset == "auto" else getattr(preset, "name", preset)
     paths = list(notebooks) if notebooks is not None else notebook_paths()
     if not paths:
         raise FileNotFoundError(f"no course notebooks (NN_topic.ipynb) in {notebooks_dir()}: run the course from a "
                                 "clone of the repository")
-    run_dir = Path(out_dir) if out_dir else runs_dir() / time.strftime("course-%Y%m%d-%H%M%S")
+    # absolute: the kernels run in the notebooks' folder, where a relative path would point somewhere else
+    run_dir = (Path(out_dir) if out_dir else runs_dir() / time.strftime("course-%Y%m%d-%H%M%S")).resolve()
     if run_dir.exists() and not run_dir.is_dir():
         raise NotADirectoryError(f"the course's output folder {run_dir} is a file: pass another --out-dir")
     work = run_dir / "work"
     work.mkdir(parents=True, exist_ok=True)
-    report = CourseReport(preset=preset, run_dir=run_dir, work_dir=work, overrides=overrides)
+    report = CourseReport(preset=resolved.name, run_dir=run_dir, work_dir=work, overrides=overrides)
     for i, path in enumerate(paths):
         output = run_dir / path.name
         start = time.perf_counter()
@@ -195,7 +201,7 @@ def run_course(
             pm.execute_notebook(
                 str(path),
                 str(output),
-                parameters={"preset": preset, "work_dir": str(work), "overrides": overrides, **(extra_parameters or {})},
+                parameters={"preset": base, "work_dir": str(work), "overrides": overrides, **(extra_parameters or {})},
                 cwd=str(path.parent),
                 kernel_name="python3",
                 execution_timeout=timeout_per_cell,

@@ -293,3 +293,28 @@ def test_cli_details_a_mutation_run_found_unguarded(tmp_path, monkeypatch, capsy
     for name in ("02_b.ipynb", "01_a.ipynb", "notes.ipynb"):
         (tmp_path / "nb" / name).write_text("{}")
     assert [p.name for p in course.notebook_paths(tmp_path / "nb")] == ["01_a.ipynb", "02_b.ipynb"]
+
+
+def test_file_permission_and_missing_extra_errors_are_one_line_and_a_bad_webqa_dir_leaves_no_folder(
+        tmp_path, monkeypatch, capsys):
+    """From a CLI audit: a read-only run folder and a missing notebooks extra printed tracebacks; a mistyped
+    --webqa-dir left an empty run folder that a later `evaluate` took for a run."""
+    from mmrag_lite import config, course
+
+    wd = tmp_path / "w1"
+    assert cli.main(["build-data", "--preset", "cpu-tiny", "--work-dir", str(wd), "--webqa-dir", str(tmp_path / "nope")]) == 2
+    assert "nope" in capsys.readouterr().err and not wd.exists()
+
+    def read_only(*_a, **_k):
+        raise PermissionError(13, "Permission denied", str(wd))
+
+    monkeypatch.setattr(config, "work_dir", read_only)
+    assert cli.main(["build-data", "--preset", "cpu-tiny", "--work-dir", str(wd)]) == 2
+    assert "Permission denied" in capsys.readouterr().err
+
+    def no_papermill(**_k):
+        raise ModuleNotFoundError("No module named 'papermill': install the notebooks extra")
+
+    monkeypatch.setattr(course, "run_course", no_papermill)
+    assert cli.main(["course", "--preset", "cpu-tiny"]) == 2
+    assert "install the notebooks extra" in capsys.readouterr().err

@@ -49,6 +49,29 @@ def test_course_injects_overrides_and_starts_kernels_without_the_unencrypted_tcp
     assert "without encryption" not in capfd.readouterr().err
 
 
+def test_a_relative_out_dir_and_a_renamed_preset_reach_the_notebooks(tmp_path, monkeypatch):
+    """Kernels run in the notebooks' folder: a relative out_dir sent them writing under it while the summary named
+    another (empty) folder; and a renamed preset (--set name=mine) reached the notebooks as a preset name that
+    resolve_preset does not know (found by a CLI audit)."""
+    import nbformat
+
+    nb_dir, caller = tmp_path / "nbs", tmp_path / "caller"
+    nb_dir.mkdir()
+    caller.mkdir()
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "language": "python", "display_name": "Python 3"}})
+    nb.cells = [nbformat.v4.new_code_cell("preset = None\nwork_dir = None\noverrides = {}", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("from pathlib import Path\nfrom mmrag_lite.config import resolve_preset\n"
+                                          "Path(work_dir, 'marker.txt').write_text(resolve_preset(preset, **overrides).name)")]
+    path = nb_dir / "00_probe.ipynb"
+    nbformat.write(nb, path)
+    monkeypatch.chdir(caller)
+    report = run_course("cpu-tiny", "relout", notebooks=[path], overrides={"name": "mine"})
+    assert report.notebooks[0].ok, report.notebooks[0].error
+    assert (caller / "relout" / "work" / "marker.txt").read_text() == "mine"
+    assert report.work_dir == caller / "relout" / "work" and not (nb_dir / "relout").exists()
+    assert report.preset == "mine"
+
+
 def test_a_failed_course_names_the_error_and_cell_lists_what_did_not_run_and_shows_no_stale_numbers(tmp_path, capsys):
     import nbformat
 

@@ -302,6 +302,9 @@ def test_prompt_budget_too_small_for_k_images_is_a_clear_error(tmp_path):
     path.write_text(yaml.safe_dump(PRESETS["a100"].with_overrides(**old_a100).to_dict()))
     with pytest.raises(ConfigError, match="max_prompt_tokens=2048"):
         config.load_preset_yaml(path)
+    path.write_text("name: x\nstage1: {k: 3\n")  # an unclosed brace: a ConfigError naming the file, not a parser trace
+    with pytest.raises(ConfigError, match=r"p.yaml is not valid YAML.*line"):
+        config.load_preset_yaml(path)
     # with_overrides checks structure only, so tests can still build a deliberately tight budget (shrink path)
     assert PRESETS["cpu-tiny"].with_overrides(**{"stage2.max_prompt_tokens": 20}).stage2.max_prompt_tokens == 20
 
