@@ -412,15 +412,17 @@ STATEMENT_HOWS = frozenset({"changed number", "changed name", "changed colour"})
 
 
 def conflicting_text(question: str, wrong: WrongAnswer | str) -> str:
-    """What a conflicting document says (pure). A wrong *sentence* (the gold answer with one fact changed) stands
-    alone, as a fact would; a short wrong answer ("No", "green") needs its question to mean anything, so it is
+    """What a conflicting document says (pure). A wrong *sentence* (the gold answer with one fact changed, or with
+    the other option in it) stands alone, as a fact would; a short wrong answer ("No", "green") needs its question to mean anything, so it is
     stated as the answer to it (which also shares the question's words: the table reports which it was)."""
     how = wrong.how if isinstance(wrong, WrongAnswer) else ""
     text = (wrong.text if isinstance(wrong, WrongAnswer) else wrong).strip()
     if not text:
         return f"{question.strip().rstrip('?')}? Not in this document."
     sentence = text.rstrip(".!? ")
-    return f"{sentence}." if how in STATEMENT_HOWS else f"{question.strip().rstrip('?')}? The answer is {sentence}."
+    # the other option written into the gold *sentence* ("The B is taller.") is a statement too; a bare option is not
+    statement = how in STATEMENT_HOWS or (how == "other option" and text.endswith(".") and len(sentence.split()) >= 3)
+    return f"{sentence}." if statement else f"{question.strip().rstrip('?')}? The answer is {sentence}."
 
 
 def inject_distractors(row: Row, kind: AttackKind, *, wrong_answer: WrongAnswer | str = "", seed: int = 0,

@@ -133,6 +133,9 @@ def test_conflicting_text_states_a_changed_fact_alone_and_a_short_answer_with_it
     assert E.conflicting_text(q, E.WrongAnswer("No.", "flipped yes/no")) == f"{q} The answer is No."  # one period
     assert E.conflicting_text(q, E.WrongAnswer("Paris is big", E.FALLBACK_WRONG)).endswith("The answer is Paris is big.")
     assert E.conflicting_text(q, "") == f"{q} Not in this document."
+    swapped = E.WrongAnswer("The Statue of Liberty is taller.", "other option")  # a sentence: no "The answer is"
+    assert E.conflicting_text("Which is taller?", swapped) == "The Statue of Liberty is taller."
+    assert E.conflicting_text("Which is taller?", E.WrongAnswer("Big Ben", "other option")).endswith("The answer is Big Ben.")
     row = dict(ROWS[2], question=q, answer="The Little Orchard of Tomas was founded in 1936.", qcate="text")
     adv = next(c for c in E.attack_rows([row], "conflicting", seed=0)[0]["candidates"] if c["id"].startswith("adv-"))
     assert "1936" not in adv["text"] and q.rstrip("?") not in adv["text"] and not adv["text"].endswith("..")
