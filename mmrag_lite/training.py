@@ -862,12 +862,12 @@ def _train(stage: int, preset: Preset, dataset: Any, work_dir: str | Path, *, in
                          "report (too-long prompts dropped? stale stage-1 scores whose guids no longer match?)")
     out = Path(work_dir) / f"stage{stage}"
     out.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        _clear_stale_checkpoints(out, verbose=verbose)
     trainer, curve = build_trainer(preset, stage, dataset, out, model=model, processor=processor,
                                    init_adapter=init_adapter, callbacks=callbacks, max_steps=max_steps,
                                    live_plot=live_plot, plot_title=plot_title)
-    _refuse_less_than_one_batch(trainer, dataset, stage)
+    _refuse_less_than_one_batch(trainer, dataset, stage)  # before anything of an earlier run is deleted
+    if not resume:
+        _clear_stale_checkpoints(out, verbose=verbose)
     checkpoint: str | None = None
     done_step: int | None = None
     note = ""

@@ -600,10 +600,12 @@ def test_a_training_set_smaller_than_one_generation_batch_is_refused(tiny_dir: P
     untrained adapter (for stage 2: stage 1's) was saved as the run's (found by an audit)."""
     preset = PRESET.with_overrides(**FAST)  # 8 completions per batch / 4 generations = 2 prompts
     ds = training.build_stage1_dataset(mini_rows(), preset, seed=0).select(range(1))
+    earlier = tmp_path / "stage1" / "checkpoint-5"  # an earlier run's: a refused run must not delete it
+    earlier.mkdir(parents=True)
     model, proc = _load(tiny_dir)
     with pytest.raises(ValueError, match=r"1 row\(s\); one generation batch takes 2 distinct prompts"):
         training.train_stage1(preset, ds, tmp_path, max_steps=1, model=model, processor=proc, verbose=False)
-    assert not (tmp_path / "stage1" / "adapter").exists()
+    assert not (tmp_path / "stage1" / "adapter").exists() and earlier.is_dir()
 
 
 def _random_adapter(tiny_dir: Path, folder: Path) -> Path:
