@@ -93,7 +93,9 @@ def resolve(args: argparse.Namespace, *, existing: bool = False, needs_device: b
         from mmrag_lite import modeling
 
         modeling.check_device(preset)
-    if getattr(args, "webqa_dir", None) is not None:  # a mistyped folder fails before the run folder is created
+    # a mistyped folder fails here: before the run folder is created, and before run_data's cache check could blame
+    # the settings of a Mini-WebQA already there
+    if getattr(args, "webqa_dir", None) is not None:
         from mmrag_lite import data
 
         data.find_webqa_json(args.webqa_dir)
@@ -111,9 +113,7 @@ def run_data(args: argparse.Namespace, preset: Preset, wd: Path) -> DatasetDict:
     from mmrag_lite import data, training
 
     webqa_dir = getattr(args, "webqa_dir", None)
-    rebuild = bool(getattr(args, "rebuild", False))
-    if webqa_dir is not None:  # a mistyped folder is named as such, before the cache check below blames the settings
-        data.find_webqa_json(webqa_dir)
+    rebuild = bool(getattr(args, "rebuild", False))  # (a mistyped --webqa-dir was already named by ``resolve``)
     if data.mini_webqa_is_current(preset, wd, webqa_dir) is False and not rebuild:
         fix = ("--rebuild to replace it" if hasattr(args, "rebuild") else
                f"rebuild it first (build-data --rebuild with the same --preset and --work-dir {wd})")
