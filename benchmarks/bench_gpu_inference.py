@@ -1,0 +1,224 @@
+"""What notebook 05 pays per question on a GPU preset's real-size architecture: stage-1 scoring and stage-2 answers.
+
+    python benchmarks/bench_gpu_inference.py --preset colab-t4 --out results.json   # on a CUDA machine
+    .venv/bin/python benchmarks/bench_gpu_inference.py --smoke                      # CPU: the plumbing only
+
+Training cost is ``bench_gpu_preset.py``'s; this is the evaluation side, which no GPU had timed. The model is the
+preset's architecture at full size with RANDOM weights (``architectures.build_random_real_size_model``, no download),
+loaded in 4-bit for inference by the course's loader, on the first ``--questions`` test questions of the preset's
+synthetic Mini-WebQA. Timed, CUDA synchronised:
+
+* stage-1 scoring, ``scoring.score_split`` (one forward pass per candidate, P(yes)), at ``--score-batches``;
+* the generate-and-parse judge (``scoring.judge_by_generation``) on the first ``--judge-questions`` questions'
+  candidates at the preset's stage-1 completion budget: issue 4's >= 5x ratio at real size;
+* stage-2 answering, ``pipeline.run_pipeline`` for the base top-k system (the shape of every filtered system in
+  notebook 05's table) and for zero-shot over every candidate (its longest prompts), at ``--generate-batches``
+  prompts per ``generate`` call (the preset's ``evaluation.generation_batch_size`` among them).
+
+Each timed call follows an untimed warm-up (a scoring batch, one judged candidate, one answering batch cut to 4 new
+tokens), so lazy initialisation and kernel selection are not counted.
+
+Random weights rarely emit an end token, so every completion runs to its ``max_new_tokens``: the slow end of real
+answers (the report counts the tokens generated). LoRA adapters are absent (ModelBank falls back to the base);
+unmerged LoRA adds a little per token, not measured here. Memory is the CUDA peak of each phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]
+
+import torch
+from bench_gpu_preset import smoke_fields
+
+from mmrag_lite import config, data, modeling, pipeline, scoring
+from mmrag_lite.modeling import architectures
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def measured(fn, *, warm_up=None) -> tuple[object, float, dict]:
+    """``fn()``'s result, wall seconds and CUDA peaks (GiB; None off CUDA), after ``warm_up()`` (untimed)."""
+    if warm_up is not None:
+        warm_up()
+    _sync()
+    if torch.cuda.is_available():  # the allocator's cache of earlier phases would count as this one's "reserved"
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    out = fn()
+    _sync()
+    seconds = time.perf_counter() - t0
+    peaks = {"peak_allocated_gib": None, "peak_reserved_gib": None}
+    if torch.cuda.is_available():
+        peaks = {"peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 1024**3, 2),
+                 "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 1024**3, 2)}
+    return out, seconds, peaks
+
+
+def phase(name: str, figures: dict) -> dict:
+    """Print one phase's figures as they come (a run cut short by its time limit still leaves them in its log)."""
+    print(f"PHASE {name} {json.dumps(figures)}", flush=True)
+    return figures
+
+
+class TokenCounter:
+    """Wraps ``model.generate`` to count the new tokens of every sequence it returns (padding included: random
+    weights stop on no end token, so each row runs to ``max_new_tokens``)."""
+
+    def __init__(self, model) -> None:
+        self.model, self.inner, self.tokens = model, model.generate, 0
+
+    def counted(self, fn, *args):
+        """``fn(*args)`` with the count started afresh (a warm-up before it is not counted)."""
+        self.tokens = 0
+        return fn(*args)
+
+    def __enter__(self) -> None:
+        def counting(*args, **kwargs):
+            out = self.inner(*args, **kwargs)
+            self.tokens += int(out.shape[0] * (out.shape[1] - kwargs["input_ids"].shape[1]))
+            return out
+
+        self.model.generate = counting
+
+    def __exit__(self, *exc) -> None:
+        self.model.generate = self.inner
+
+
+def run(preset_name: str, work: Path, smoke: bool, *, questions: int, judge_questions: int, world_questions: int | None,
+        score_batches: list[int], generate_batches: list[int]) -> dict:
+    gpu_preset = config.get_preset(preset_name)
+    model_id = gpu_preset.model.model_id
+    if smoke:  # cpu-tiny's sizes and device, the GPU preset's architecture shrunk
+        preset = config.get_preset("cpu-tiny")
+        (text, vision), device, dtype = smoke_fields(architectures.PUBLISHED_CONFIGS[model_id]["architecture"]), "cpu", torch.float32
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("no CUDA GPU visible: run with --smoke to check the script on a CPU")
+        preset, text, vision = gpu_preset, None, None
+        device, dtype = "cuda", modeling.torch_dtype(gpu_preset.model.compute_dtype)
+    if world_questions:  # a smaller world builds faster; the per-question cost depends on the preset's sizes
+        preset = preset.with_overrides(**{"data.world_questions": world_questions})
+
+    t0 = time.perf_counter()
+    folder = architectures.build_random_real_size_model(model_id, work / "model", dtype=dtype, device=device,
+                                                        text=text, vision=vision)
+    model, processor = modeling.load_model_and_processor(preset, model_path=folder, for_training=False)
+    model.eval()
+    loaded = time.perf_counter() - t0
+    weights_gib = round(torch.cuda.memory_allocated() / 1024**3, 2) if device == "cuda" else None
+    t0 = time.perf_counter()
+    rows = list(data.ensure_mini_webqa(preset, work / "run")["test"])[:questions]
+    if len(rows) < 2:
+        raise SystemExit(f"the test split has {len(rows)} question(s); raise --world-questions")
+    prepared = time.perf_counter() - t0
+    n_cands = sum(len(r["candidates"]) for r in rows)
+
+    scoring_runs = []
+    for batch in score_batches:
+        scored, seconds, peaks = measured(
+            lambda b=batch: scoring.score_split(model, processor, rows, preset, batch_size=b, progress=False),
+            warm_up=lambda b=batch: scoring.score_split(model, processor, rows[:1], preset, batch_size=b, progress=False))
+        scoring_runs.append(phase("scoring", {"batch_size": batch, "seconds": round(seconds, 2), "candidates": n_cands,
+                             "ms_per_candidate": round(1000 * seconds / n_cands, 1),
+                             "seconds_per_question": round(seconds / len(rows), 3), **peaks}))
+    scores = pipeline._as_lookup(scored)
+
+    budget = preset.stage1.grpo.max_completion_length
+    judged = rows[:judge_questions]
+    judge_batch = score_batches[0]
+    n_judged = sum(len(r["candidates"]) for r in judged)
+
+    def judge(rs) -> None:  # one question's candidates per call, as notebook 03 judges
+        for r in rs:
+            scoring.judge_by_generation(model, processor, r["question"], r["candidates"], preset, batch_size=judge_batch)
+
+    counter = TokenCounter(model)
+    with counter:
+        _, judge_seconds, judge_peaks = measured(lambda: counter.counted(judge, judged), warm_up=lambda: scoring.judge_by_generation(
+            model, processor, judged[0]["question"], judged[0]["candidates"][:1], preset, max_new_tokens=4))
+    forward = scoring_runs[0]
+    judge_ms = 1000 * judge_seconds / n_judged
+    judge_report = phase("judge_by_generation", {"candidates": n_judged, "batch_size": judge_batch, "max_new_tokens": budget,
+                    "reasoning": preset.stage1.reasoning, "seconds": round(judge_seconds, 2),
+                    "ms_per_candidate": round(judge_ms, 1), "new_tokens": counter.tokens,
+                    "forward_pass_is_faster_by": round(judge_ms / forward["ms_per_candidate"], 1), **judge_peaks})
+
+    bank = pipeline.ModelBank(preset, work / "run", loader=lambda *a, **kw: (model, processor), verbose=False)
+    systems = {s.name: s for s in pipeline.standard_systems(preset)}
+    answering = []
+    for name in ("zero-shot, base top-k", "zero-shot"):
+        system = systems[name]
+        for batch in generate_batches:
+            def answer(rs, new_tokens=None, b=batch, s=system):
+                return pipeline.run_pipeline(rs, preset, system=s, bank=bank, scores=scores, batch_size=b,
+                                             max_new_tokens=new_tokens, progress=False)
+
+            with counter:  # the warm-up: one batch's prefill and a few decoding steps
+                results, seconds, peaks = measured(lambda a=answer: counter.counted(a, rows),
+                                                   warm_up=lambda a=answer, b=batch: a(rows[:b], 4))
+            lengths = [pipeline.prompt_length(processor, pipeline.fit_prompt(
+                r, pipeline.select_candidates(r, system, scores[str(r["guid"])], system.resolved_k(preset)), processor,
+                reasoning=system.resolved_reasoning(preset), max_tokens=preset.stage2.max_prompt_tokens,
+                image_fn=pipeline.image_fn(preset))) for r in rows]
+            answering.append(phase("answering", {
+                "system": name, "batch_size": batch, "questions": len(rows),
+                "max_new_tokens": preset.stage2.grpo.max_completion_length, "new_tokens": counter.tokens,
+                "seconds": round(seconds, 2), "seconds_per_question": round(seconds / len(rows), 3),
+                "prompt_tokens_mean": round(statistics.mean(lengths), 1), "prompt_tokens_max": max(lengths),
+                "candidates_shown_max": max(len(r.kept_ids) for r in results), **peaks}))
+
+    return {
+        "preset": gpu_preset.name, "model": model_id, "smoke": smoke,
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+        "weights": "random (shapes as published; tiny tokenizer)", "compute_dtype": preset.model.compute_dtype,
+        "quantized_4bit": bool(getattr(model, "mmrag_quantized", False)), "image_size": preset.model.image_size,
+        "k": preset.stage1.k, "world_questions": preset.data.world_questions, "questions": len(rows),
+        "loaded_model_gib": weights_gib, "scoring": scoring_runs, "judge_by_generation": judge_report,
+        "answering": answering, "preset_generation_batch_size": preset.evaluation.generation_batch_size,
+        "seconds": {"build_and_load": round(loaded, 1), "data": round(prepared, 1)}, "torch": torch.__version__,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="colab-t4", choices=[n for n, p in config.PRESETS.items() if not p.model.is_miniature])
+    ap.add_argument("--questions", type=int, default=32, help="test questions answered per system and batch size")
+    ap.add_argument("--judge-questions", type=int, default=2, help="questions whose candidates the generating judge reads")
+    ap.add_argument("--world-questions", type=int, help="synthetic world size (default: the preset's); smaller builds faster")
+    ap.add_argument("--score-batches", type=int, nargs="+", default=[scoring.DEFAULT_BATCH_SIZE],
+                    help="stage-1 prompts per forward pass to time (the first also batches the generating judge)")
+    ap.add_argument("--generate-batches", type=int, nargs="+", help="stage-2 prompts per generate call to time "
+                    "(default: the preset's evaluation.generation_batch_size)")
+    ap.add_argument("--out", type=Path, help="also write the report here as JSON")
+    ap.add_argument("--smoke", action="store_true", help="CPU: a shrunken copy of the architecture; checks the script only")
+    args = ap.parse_args(argv)
+    if min(args.questions, args.judge_questions, *args.score_batches, *(args.generate_batches or [1])) < 1:
+        ap.error("--questions, --judge-questions and every batch size must be at least 1")
+    generate_batches = args.generate_batches or [config.get_preset("cpu-tiny" if args.smoke else args.preset).evaluation.generation_batch_size]
+    with tempfile.TemporaryDirectory(prefix="mmrag-gpu-infer-") as tmp:
+        report = run(args.preset, Path(tmp), args.smoke, questions=args.questions, judge_questions=args.judge_questions,
+                     world_questions=args.world_questions, score_batches=args.score_batches,
+                     generate_batches=generate_batches)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n", encoding="utf-8")
+    return report
+
+
+if __name__ == "__main__":
+    main()
