@@ -147,7 +147,10 @@ class EvalSettings:
     questions: int  # held-out Mini-WebQA questions evaluated in notebook 05
     retrain_ablations: bool  # retrain stage 2 once per ablation variant (no ranking / no answer reward, reasoning
     # flipped): about a minute for all three on cpu-tiny, hours each on a GPU, where it is opt-in
-    generation_batch_size: int = 8  # stage-2 prompts per generate call: memory-bound on a real VLM
+    generation_batch_size: int = 8  # stage-2 prompts per generate call, at most
+    # ... and at most this many prompt tokens per call (prompts x the longest one, as left padding makes them), so
+    # long prompts share a call with fewer others: a real VLM's memory grows with the call's tokens (0: no cap)
+    generation_max_batch_tokens: int = 0
     mmqa_questions: int = 0  # MMQA dev questions evaluated; 0: as many as WebQA questions
 
 
@@ -291,6 +294,7 @@ class Preset:
         at_least("stage2.max_prompt_tokens", self.stage2.max_prompt_tokens, 1)
         at_least("evaluation.questions", self.evaluation.questions, 1)
         at_least("evaluation.generation_batch_size", self.evaluation.generation_batch_size, 1)
+        at_least("evaluation.generation_max_batch_tokens", self.evaluation.generation_max_batch_tokens, 0, " (0: no cap)")
         at_least("evaluation.mmqa_questions", self.evaluation.mmqa_questions, 0, " (0: as many as WebQA questions)")
         at_least("data.world_questions", self.data.world_questions, 1)
         at_least("data.world_image_size", self.data.world_image_size, MIN_IMAGE_SIDE,
@@ -643,7 +647,13 @@ _T4 = Preset(
         answer_guards=True,
     ),
     data=DataSettings(world_questions=2000, world_image_size=224, max_candidates=16),
-    evaluation=EvalSettings(questions=300, retrain_ablations=False),  # opt in: 3 more stage-2 runs of ~3 h each
+    # opt in to the retrained ablations: 3 more stage-2 runs of ~3 h each. Answering, measured on an H100 (real-size
+    # random weights, 256-token answers): a generate call of 32 top-k prompts took 12.2 s, one of 8 took 10.5 s, so
+    # 32 a call answered 3.4x faster per question; memory grew by ~0.22 MiB per token of the call (8.8 GiB at
+    # 32 x 950 tokens, 15.6 at 32 x 2,046: too much for a T4). The token cap keeps a call near 7 GiB: 25 top-k
+    # prompts, 12 of the longest (benchmarks/RESULTS.md, "Answering on a GPU")
+    evaluation=EvalSettings(questions=300, retrain_ablations=False, generation_batch_size=32,
+                            generation_max_batch_tokens=24_576),
     # Measured on an H100 (benchmarks/RESULTS.md, modeling.architectures.MEASURED_STEPS; real-size random weights,
     # completions always full length): allocator peak 3.8 GiB in stage 1, 8.0 GiB in stage 2 at 801-token prompts
     # and 10.7 GiB with every prompt filled to the 2,048-token cap. 12 covers the cap with room for the allocator;
@@ -681,7 +691,9 @@ _A100 = replace(
         permutations=3,
         max_prompt_tokens=3072,  # k=8 images at 448 px are 8 x 258 = 2,064 tokens alone (an 8-image prompt measured 2,280)
     ),
-    evaluation=replace(_T4.evaluation, questions=1000),
+    # 300 questions, as on a T4 (was 1,000): an H100 answered a100's prompts in 6.1 s a question at 8 a call (random
+    # weights, full 384-token answers), so notebook 05's 14 answering runs over 1,000 questions would take well over
+    # half a day; {"evaluation.questions": 1000} still asks for them (benchmarks/RESULTS.md, "Answering on a GPU")
     # H100, real-size random weights: allocator peak 7.9 GiB in stage 1, 18.5 GiB in stage 2 at 1,818-token
     # prompts (6 images), 33.0 GiB with every prompt filled to the 3,072-token cap and 35.3 GiB at the cap with 8
     # images. 38 covers that with ~7 % for the allocator's spread between runs and still fits a 40 GB A100 (39.4 GiB),

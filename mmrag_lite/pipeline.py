@@ -146,6 +146,7 @@ class Stage2Request:
     short_ids: tuple[str, ...]
     source_ids: tuple[str, ...]
     notes: tuple[str, ...] = ()
+    prompt_tokens: int | None = None  # rendered length, image placeholders expanded (``fit_prompt`` measures it)
 
 
 # -------------------------------------------------------------------------------- pure building blocks
@@ -546,19 +547,20 @@ def fit_prompt(row: Row, candidates: Sequence[Mapping[str, Any]], processor: Any
     n_full = prompt_length(processor, full)
     if n_full <= max_tokens or len(cands) <= 1:
         notes = () if n_full <= max_tokens else (f"prompt {n_full} > {max_tokens} tokens with one candidate; sent whole (never truncated)",)
-        return replace(full, notes=notes)
+        return replace(full, notes=notes, prompt_tokens=n_full)
     lo, hi = 1, len(cands) - 1  # invariant: the answer is in [lo, hi] or 1 if even lo does not fit
     best: Stage2Request | None = None
     while lo <= hi:
         mid = (lo + hi) // 2
         req = build_request(row, cands[:mid], reasoning=reasoning, image_fn=image_fn)
-        if prompt_length(processor, req) <= max_tokens:
-            best, lo = req, mid + 1
+        if (n := prompt_length(processor, req)) <= max_tokens:
+            best, lo = replace(req, prompt_tokens=n), mid + 1
         else:
             hi = mid - 1
     still_over = best is None
     if best is None:
         best = build_request(row, cands[:1], reasoning=reasoning, image_fn=image_fn)
+        best = replace(best, prompt_tokens=prompt_length(processor, best))
     dropped = [c["id"] for c in cands[len(best.source_ids):]]
     note = f"prompt too long: dropped {len(dropped)} lowest-ranked candidate(s) {dropped} to fit {max_tokens} tokens"
     if still_over:
@@ -580,9 +582,28 @@ def prompt_length(processor: Any, request: Stage2Request) -> int:
     return prompt_token_count(processor, request.messages, request.images)
 
 
+def token_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int = 0) -> list[list[int]]:
+    """Consecutive index batches of at most ``batch_size`` prompts whose padded size (prompts x the longest) stays
+    within ``max_batch_tokens`` (0: no cap). A prompt longer than the cap gets a call of its own."""
+    if batch_size < 1 or max_batch_tokens < 0:
+        raise ValueError(f"batch_size={batch_size} must be >= 1 and max_batch_tokens={max_batch_tokens} >= 0 (0: no cap)")
+    batches: list[list[int]] = []
+    longest = 0
+    for i, n in enumerate(lengths):
+        grown = max(longest, n)
+        if batches and len(batches[-1]) < batch_size and (not max_batch_tokens or grown * (len(batches[-1]) + 1) <= max_batch_tokens):
+            batches[-1].append(i)
+            longest = grown
+        else:
+            batches.append([i])
+            longest = n
+    return batches
+
+
 def generate(model: Any, processor: Any, requests: Sequence[Stage2Request], *, max_new_tokens: int, batch_size: int = 8,
-             progress: bool = True, desc: str = "stage 2") -> list[str]:
-    """Greedy completions for stage-2 requests, batched with left padding (decoder-only generation)."""
+             max_batch_tokens: int = 0, progress: bool = True, desc: str = "stage 2") -> list[str]:
+    """Greedy completions for stage-2 requests, batched with left padding (decoder-only generation); with
+    ``max_batch_tokens``, a call's padded prompt tokens stay within it (``token_batches``)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -594,7 +615,10 @@ def generate(model: Any, processor: Any, requests: Sequence[Stage2Request], *, m
     outs: list[str] = []
     device = getattr(model, "device", torch.device("cpu"))
     try:
-        batches = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
+        lengths = [0] * len(requests)
+        if max_batch_tokens:
+            lengths = [r.prompt_tokens if r.prompt_tokens is not None else prompt_length(processor, r) for r in requests]
+        batches = [[requests[i] for i in idx] for idx in token_batches(lengths, batch_size, max_batch_tokens)]
         for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
             enc = _encode(processor, batch).to(device)
             with torch.no_grad():
@@ -656,9 +680,9 @@ def run_pipeline(rows: Sequence[Row] | Any, preset: Preset, *, system: SystemSpe
                    max_tokens=preset.stage2.max_prompt_tokens, image_fn=resize)
         for row, sc in zip(rows, all_scores)
     ]
-    completions = generate(model, processor, requests, max_new_tokens=max_new_tokens or preset.stage2.grpo.max_completion_length,
-                           batch_size=batch_size or default_batch_size(preset), progress=progress,
-                           desc=f"stage 2 [{system.name}]")
+    budget = generation_kwargs(preset)
+    budget.update({k: v for k, v in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)) if v})
+    completions = generate(model, processor, requests, **budget, progress=progress, desc=f"stage 2 [{system.name}]")
     results: list[PipelineResult] = []
     for row, sc, req, comp in zip(rows, all_scores, requests, completions):
         think, short, sources, answer, problems = parse_completion(comp, req, reasoning=reasoning)
@@ -673,6 +697,13 @@ def run_pipeline(rows: Sequence[Row] | Any, preset: Preset, *, system: SystemSpe
 def default_batch_size(preset: Preset) -> int:
     """Prompts per ``generate`` call (``preset.evaluation.generation_batch_size``)."""
     return preset.evaluation.generation_batch_size
+
+
+def generation_kwargs(preset: Preset) -> dict[str, int]:
+    """``generate``'s budget and batching as the preset sets them for evaluation: ``generate(model, processor,
+    requests, **generation_kwargs(preset))`` answers as ``run_pipeline`` does."""
+    return {"max_new_tokens": preset.stage2.grpo.max_completion_length, "batch_size": default_batch_size(preset),
+            "max_batch_tokens": preset.evaluation.generation_max_batch_tokens}
 
 
 def answer_question(row: Row, preset: Preset, *, system: SystemSpec | None = None, bank: ModelBank | None = None,
@@ -698,6 +729,7 @@ __all__ = [
     "ensure_stage1_scores",
     "fit_prompt",
     "generate",
+    "generation_kwargs",
     "image_fn",
     "judge_identity",
     "load_cached_scores",
@@ -715,6 +747,7 @@ __all__ = [
     "select_candidates",
     "standard_systems",
     "submission_from_results",
+    "token_batches",
     "top_k_ids",
     "write_submission",
 ]

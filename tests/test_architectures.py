@@ -208,6 +208,62 @@ def test_measured_steps_are_their_benchmark_reports_and_the_estimates_cover_them
     assert step.as_row()["peak held GiB"] == step.peak_reserved_gb
 
 
+INFERENCE_REPORT = Path(__file__).resolve().parent.parent / "benchmarks/gpu/h100-2026-11-27-inference/colab-t4-infer.json"
+T4_GIB = 14.7  # what a 16 GB T4 offers torch
+
+
+def test_the_t4_presets_answering_token_cap_fits_what_the_h100_measured() -> None:
+    """colab-t4 / l4 answer up to 32 prompts a generate call, but no more than ``generation_max_batch_tokens`` padded
+    prompt tokens: the H100 report's calls (8 and 32 prompts, top-k and every-candidate prompts) fit a line in those
+    tokens, and at the cap that line stays well inside a T4 (the allocator held up to 1.39x what tensors used)."""
+    import json
+
+    report = json.loads(INFERENCE_REPORT.read_text())
+    assert report["preset"] == "colab-t4" and report["smoke"] is False and report["quantized_4bit"] is True
+    calls = [(a["batch_size"] * a["prompt_tokens_max"], a["peak_allocated_gib"]) for a in report["answering"]]
+    assert len({t for t, _ in calls}) == 4
+    n = len(calls)
+    mean_t, mean_g = sum(t for t, _ in calls) / n, sum(g for _, g in calls) / n
+    slope = sum((t - mean_t) * (g - mean_g) for t, g in calls) / sum((t - mean_t) ** 2 for t, _ in calls)
+    base = mean_g - slope * mean_t
+    assert all(abs(base + slope * t - g) < 0.5 for t, g in calls)  # memory really is linear in the call's tokens
+    assert base + slope * max(t for t, _ in calls) > 0.9 * T4_GIB  # uncapped, 32 of the longest prompts would not fit
+    for name in ("colab-t4", "l4"):
+        ev = get_preset(name).evaluation
+        assert ev.generation_batch_size == 32 and ev.generation_max_batch_tokens > 0
+        assert 1.4 * (base + slope * ev.generation_max_batch_tokens) < 0.7 * T4_GIB
+
+
+@pytest.mark.slow
+def test_gpu_inference_benchmark_runs_its_cpu_smoke(tmp_path: Path) -> None:
+    """benchmarks/bench_gpu_inference.py (notebook 05's costs on a GPU) checked here on a shrunken copy: every phase
+    reports, each generated token is counted, and no memory figure is invented off CUDA."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_gpu_inference.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu_inference", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = bench.main(["--smoke", "--preset", "colab-t4", "--questions", "3", "--judge-questions", "1",
+                         "--generate-batches", "2", "3", "--world-questions", "200", "--out", str(tmp_path / "r.json")])
+    assert report["smoke"] is True and report["quantized_4bit"] is True and report["questions"] == 3
+    assert report["model"] == get_preset("colab-t4").model.model_id
+    (scored,) = report["scoring"]
+    assert scored["candidates"] >= 3 and scored["ms_per_candidate"] > 0 and scored["peak_allocated_gib"] is None
+    judge = report["judge_by_generation"]
+    assert judge["new_tokens"] == judge["candidates"] * judge["max_new_tokens"] and judge["forward_pass_is_faster_by"] > 0
+    tiny = get_preset("cpu-tiny")
+    assert [(a["system"], a["batch_size"]) for a in report["answering"]] == [
+        (s, b) for s in ("zero-shot, base top-k", "zero-shot") for b in (2, 3)]
+    for a in report["answering"]:  # random weights write to the budget: every question's full answer counted
+        assert a["new_tokens"] == 3 * tiny.stage2.grpo.max_completion_length and a["seconds_per_question"] > 0
+        assert a["prompt_tokens_max"] <= tiny.stage2.max_prompt_tokens and a["peak_allocated_gib"] is None
+    top_k, every = report["answering"][0], report["answering"][2]
+    assert top_k["candidates_shown_max"] == tiny.stage1.k < every["candidates_shown_max"]
+    assert top_k["prompt_tokens_mean"] < every["prompt_tokens_mean"]
+    assert (tmp_path / "r.json").is_file()
+
+
 def test_real_size_config_can_take_another_tokenizers_ids_without_changing_shape() -> None:
     processor = M.build_tiny_processor()
     ids = M.special_token_ids(processor.tokenizer)

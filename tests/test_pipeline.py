@@ -166,6 +166,57 @@ def test_stage2_generation_ignores_a_checkpoints_repetition_penalty(bank):
         model.generation_config.repetition_penalty = 1.0
 
 
+def test_token_batches_cap_a_calls_padded_tokens():
+    assert P.token_batches([5, 5, 5, 5, 5], 2) == [[0, 1], [2, 3], [4]]  # no cap: by count alone
+    # padded size = prompts x the longest: 10+10 fits 20, a 15 makes 2 x 15 = 30 > 20, so it starts a call
+    assert P.token_batches([10, 10, 15, 5, 5], 8, 20) == [[0, 1], [2], [3, 4]]
+    assert P.token_batches([30, 4, 4, 4, 4, 4, 4], 4, 20) == [[0], [1, 2, 3, 4], [5, 6]]  # over the cap: alone
+    assert P.token_batches([], 4, 20) == []
+    with pytest.raises(ValueError, match="no cap"):
+        P.token_batches([1], 0)
+
+
+def test_generate_splits_calls_at_the_token_cap_and_keeps_order(bank):
+    model, processor = bank.get("base")
+    requests = [P.fit_prompt(row, row["candidates"], processor, reasoning=False, max_tokens=10_000) for row in ROWS]
+    lengths = [r.prompt_tokens for r in requests]
+    assert lengths == [P.prompt_length(processor, r) for r in requests]  # fit_prompt measured what generate reads
+    seen: list[int] = []
+    inner = model.generate
+
+    def counting(*args, **kwargs):
+        seen.append(kwargs["input_ids"].shape[0])
+        return inner(*args, **kwargs)
+
+    model.generate = counting
+    try:
+        together = P.generate(model, processor, requests, max_new_tokens=6, batch_size=8, progress=False)
+        assert seen == [3]
+        seen.clear()
+        capped = P.generate(model, processor, requests, max_new_tokens=6, batch_size=8,
+                            max_batch_tokens=2 * max(lengths), progress=False)
+    finally:
+        model.generate = inner
+    assert seen == [2, 1]  # two prompts per call at most, in order
+    assert capped == together  # greedy answers do not depend on the company a prompt keeps
+
+
+def test_run_pipeline_reads_the_presets_token_cap(bank, monkeypatch):
+    calls: list[dict] = []
+    real = P.generate
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(P, "generate", spy)
+    capped = PRESET.with_overrides(**{"evaluation.generation_max_batch_tokens": 1234})
+    P.run_pipeline(ROWS[:1], capped, system=P.SystemSpec("z", "all", "base"), bank=bank, max_new_tokens=2, progress=False)
+    assert calls[-1]["max_batch_tokens"] == 1234 and calls[-1]["max_new_tokens"] == 2  # the call's own budget wins
+    assert calls[-1]["batch_size"] == P.generation_kwargs(capped)["batch_size"] == 64
+    assert P.generation_kwargs(get_preset("colab-t4")) == {"max_new_tokens": 256, "batch_size": 32, "max_batch_tokens": 24_576}
+
+
 def test_standard_systems_end_to_end_give_a_valid_submission(bank, tmp_path):
     from mmrag_lite import metrics
 

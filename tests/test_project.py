@@ -405,7 +405,11 @@ def test_miniature_and_generation_knobs_are_preset_data():
     tiny = get_preset("cpu-tiny")
     assert tiny.model.is_miniature and not any(get_preset(n).model.is_miniature for n in ("colab-t4", "l4", "a100"))
     assert pipeline.default_batch_size(tiny) == tiny.evaluation.generation_batch_size == 64
-    assert pipeline.default_batch_size(get_preset("l4")) == 8
+    assert pipeline.default_batch_size(get_preset("l4")) == 32  # and at most 24,576 prompt tokens a call:
+    assert get_preset("l4").evaluation.generation_max_batch_tokens == 24_576  # test_architectures checks it fits
+    assert tiny.evaluation.generation_max_batch_tokens == 0  # the miniature: no cap
+    with pytest.raises(ConfigError, match=r"evaluation.generation_max_batch_tokens=-1 must be >= 0 \(0: no cap\)"):
+        tiny.with_overrides(**{"evaluation.generation_max_batch_tokens": -1})
     assert evaluation.default_mmqa_questions(tiny, 40) == 20 and evaluation.default_mmqa_questions(tiny, 5) == 5
     assert evaluation.default_mmqa_questions(get_preset("a100"), 300) == 300  # 0: as many as WebQA questions
     assert evaluation.default_mmqa_questions(tiny.with_overrides(**{"evaluation.mmqa_questions": 0}), 40) == 40
