@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Wheels the lent GPU machine's image lacks (or holds at another version), for benchmarks/bench_gpu_preset.py.
+# Wheels the lent GPU machine's image lacks (or holds at another version), for the GPU benchmarks (bench_gpu_preset.py, bench_gpu_inference.py).
 # Run here, in the repo root; they land in .whl/ (git-ignored) and travel with the working tree when a device
 # call names .whl in `carry` (about 23 MB of the 64 MiB a call may carry; the repo itself is under 1 MB).
 # The image's Python is 3.12; versions are the ones this course pins and tests (FEASIBILITY / pyproject.toml).
