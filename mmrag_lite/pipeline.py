@@ -28,9 +28,10 @@ Cutting tokens would slice through an image's placeholder tokens and break the v
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -338,10 +339,60 @@ def _same_judge(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
             and base_key(base_a) == base_key(base_b))
 
 
+class SharedWeights:
+    """One weight set (``adapter`` None: the base) of a ``ModelBank``'s single base model, on which every adapter is
+    loaded by name. Each forward pass and ``generate`` call first switches that adapter on (or every adapter off), so
+    views of one model never see each other's LoRA; anything else is the model's own attribute."""
+
+    def __init__(self, bank: ModelBank, adapter: str | None) -> None:
+        self._bank = bank
+        self.adapter = adapter
+
+    @property
+    def model(self) -> Any:
+        return self._bank._shared_model()
+
+    @contextlib.contextmanager
+    def _switched(self) -> Iterator[None]:
+        from peft import PeftModel
+
+        model = self.model
+        if not isinstance(model, PeftModel):  # no adapter loaded yet: the plain base
+            yield
+        elif self.adapter is None:
+            try:
+                with model.disable_adapter():
+                    yield
+            finally:  # leaving disable_adapter() marks the active adapter trainable again: inference needs no grads
+                model.requires_grad_(False)
+        else:
+            model.set_adapter(self.adapter, inference_mode=True)  # inference_mode: its weights stay frozen
+            yield
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self._switched():
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        with self._switched():
+            return self.model.generate(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_bank":  # not set yet (copy, unpickling): never recurse through ``model``
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    def __repr__(self) -> str:
+        return f"SharedWeights({self.adapter or 'base'} of {type(self.model).__name__})"
+
+
 class ModelBank:
     """Loads (model, processor) per weight set lazily and keeps them, so the systems load each at most once.
 
     ``base`` is the base model; ``stage1``/``stage2`` attach the adapter saved by notebook 03/04 in ``work_dir``.
+    With the default loader the three share ONE base model (the adapters are loaded into it by name, and
+    ``SharedWeights`` switches between them per call): a GPU holds one 4-bit copy, not three. A custom ``loader``
+    is called once per weight set instead.
     A missing adapter falls back to the base weights with a printed note (recorded in ``notes``), so a student
     who skipped a notebook still gets a table, clearly labelled. An adapter trained on *other* base weights (its
     ``adapter_config.json`` names another base, e.g. a miniature rebuilt since) is an error, not a note: its LoRA
@@ -359,6 +410,7 @@ class ModelBank:
         self._base_model = None if base_model is None else str(base_model)
         self._base_cache: str | None = None
         self._cache: dict[str, tuple[Any, Any]] = {}
+        self._shared: list[Any] = []  # [model, processor] that the default loader's weight sets share
         self.notes: list[str] = []
         self.verbose = verbose
 
@@ -419,11 +471,33 @@ class ModelBank:
             key_cache = which
             self.check_adapter(which)  # before loading: a mismatch fails fast, with what to do
         if key_cache not in self._cache:
-            loader = self._loader or _default_loader
             extra = {} if self._base_model is None else {"model_path": self._base_model}
-            self._cache[key_cache] = loader(self.preset, adapter_path=None if key_cache == "base" else self.adapter_path(which),
-                                            **extra)
+            adapter = None if key_cache == "base" else self.adapter_path(which)
+            if self._loader is not None:
+                self._cache[key_cache] = self._loader(self.preset, adapter_path=adapter, **extra)
+            else:
+                self._cache[key_cache] = self._share(key_cache, adapter, extra)
         return self._cache[key_cache]
+
+    def _shared_model(self) -> Any:
+        return self._shared[0]
+
+    def _share(self, key: str, adapter: Path | None, extra: Mapping[str, Any]) -> tuple[SharedWeights, Any]:
+        """Load the shared base once, then each adapter into it under its weight set's name."""
+        if not self._shared:
+            self._shared = list(_default_loader(self.preset, adapter_path=None, **extra))
+        if adapter is not None:
+            from peft import PeftModel
+
+            model = self._shared[0]
+            if isinstance(model, PeftModel):
+                model.load_adapter(str(adapter), adapter_name=key, is_trainable=False)
+            else:
+                model = PeftModel.from_pretrained(model, str(adapter), adapter_name=key, is_trainable=False)
+                self._shared[0] = model
+            model.eval()
+            model.requires_grad_(False)
+        return SharedWeights(self, None if adapter is None else key), self._shared[1]
 
 
 def _default_loader(preset: Preset, *, adapter_path: Path | None, model_path: str | Path | None = None) -> tuple[Any, Any]:
@@ -718,6 +792,7 @@ __all__ = [
     "AdapterBaseMismatch",
     "ModelBank",
     "PipelineResult",
+    "SharedWeights",
     "Stage2Request",
     "SystemSpec",
     "adapter_base",

@@ -298,9 +298,61 @@ def test_adapters_are_loaded_when_present(tmp_path):
     peft_model.save_pretrained(str(tmp_path / "stage1" / "adapter"))
     b = P.ModelBank(PRESET, tmp_path, verbose=False)
     assert b.resolved("stage1") == "stage1" and b.resolved("stage2") == "base (stage2 adapter missing)"
-    assert isinstance(b.get("stage1")[0], PeftModel) and not isinstance(b.get("base")[0], PeftModel)
+    stage1, base = b.get("stage1")[0], b.get("base")[0]
+    assert stage1.adapter == "stage1" and base.adapter is None and isinstance(stage1.model, PeftModel)
+    assert stage1.model is base.model  # one shared base (test_bank_shares_one_base_and_switches_adapters_per_call)
     res = P.answer_question(ROWS[2], PRESET, system=P.SystemSpec("s1", "stage1", "stage1"), bank=b)
     assert len(res.kept_ids) == PRESET.stage1.k and not b.notes
+
+
+def _random_adapter(folder, seed: int):
+    """A LoRA adapter with random A *and* B (the default initialisation makes B zero: an adapter that changes nothing)."""
+    import torch
+    from peft import get_peft_model
+
+    from mmrag_lite import modeling
+
+    model, _ = modeling.load_model_and_processor(PRESET, for_training=False)
+    config = modeling.lora_config(PRESET)
+    config.init_lora_weights = False
+    torch.manual_seed(seed)
+    get_peft_model(model, config).save_pretrained(str(folder))
+
+
+def test_bank_shares_one_base_and_switches_adapters_per_call(tmp_path, monkeypatch):
+    """The three weight sets notebook 05 needs are one base model with two named adapters, and each view answers
+    exactly as its own separately loaded model does, however the calls interleave."""
+    import torch
+
+    from mmrag_lite import modeling
+
+    _random_adapter(tmp_path / "stage1" / "adapter", seed=1)
+    _random_adapter(tmp_path / "stage2" / "adapter", seed=2)
+    loads = []
+    real_loader = P._default_loader
+    monkeypatch.setattr(P, "_default_loader", lambda *a, **kw: loads.append(kw) or real_loader(*a, **kw))
+    bank = P.ModelBank(PRESET, tmp_path, verbose=False)
+    views = {w: bank.get(w)[0] for w in ("stage2", "base", "stage1")}
+    assert len(loads) == 1 and loads[0]["adapter_path"] is None  # one base load; the adapters go into it
+    processor = bank.get("base")[1]
+    requests = [P.build_request(row, row["candidates"][:3], reasoning=False, image_fn=P.image_fn(PRESET)) for row in ROWS[:2]]
+    enc = P._encode(processor, requests)
+
+    def logits(model):
+        with torch.no_grad():
+            return model(**enc).logits[:, -1].float()
+
+    own = {w: modeling.load_model_and_processor(PRESET, for_training=False,
+                                                adapter_path=None if w == "base" else tmp_path / w / "adapter")[0]
+           for w in views}
+    expected = {w: logits(m) for w, m in own.items()}
+    assert not torch.allclose(expected["stage1"], expected["stage2"]) and not torch.allclose(expected["base"], expected["stage1"])
+    for w in ("stage1", "base", "stage2", "stage1", "stage2", "base"):  # interleaved: each call switches first
+        torch.testing.assert_close(logits(views[w]), expected[w], rtol=1e-4, atol=1e-4)
+    shared = views["base"].model
+    assert not any(p.requires_grad for p in shared.parameters())  # switching adapters never re-enables gradients
+    answers = {w: P.generate(v, processor, requests, max_new_tokens=6, progress=False) for w, v in views.items()}
+    assert answers == {w: P.generate(m, processor, requests, max_new_tokens=6, progress=False) for w, m in own.items()}
 
 
 def test_reasoning_viewer_builds_headless(bank):
