@@ -650,11 +650,11 @@ _T4 = Preset(
     # opt in to the retrained ablations: 3 more stage-2 runs of ~3 h each. Answering, measured on an H100 (real-size
     # random weights, 256-token answers): a generate call of 32 top-k prompts took 12.2 s, one of 8 took 10.5 s, so
     # 32 a call answered 3.4x faster per question; memory grew by ~0.21 MiB per padded prompt token of the call
-    # (8.8 GiB at 32 x 950 tokens, 15.6 at 32 x 2,046: too much for a T4). Notebook 05's ModelBank holds three 4-bit
-    # models (base, stage 1, stage 2: 5.6 GiB), so the cap keeps a call's own tensors near 3.7 GiB: 17 top-k prompts
-    # a call, 8 of the longest (benchmarks/RESULTS.md, "Answering on a GPU")
+    # (8.8 GiB at 32 x 950 tokens, 15.6 at 32 x 2,046: too much for a T4). The cap keeps a call near 7.3 GiB with
+    # the model (notebook 05's ModelBank shares one 4-bit base between base, stage 1 and stage 2): 25 top-k prompts a
+    # call, 12 of the longest (benchmarks/RESULTS.md, "Answering on a GPU")
     evaluation=EvalSettings(questions=300, retrain_ablations=False, generation_batch_size=32,
-                            generation_max_batch_tokens=16_384),
+                            generation_max_batch_tokens=24_576),
     # Measured on an H100 (benchmarks/RESULTS.md, modeling.architectures.MEASURED_STEPS; real-size random weights,
     # completions always full length): allocator peak 3.8 GiB in stage 1, 8.0 GiB in stage 2 at 801-token prompts
     # and 10.7 GiB with every prompt filled to the 2,048-token cap. 12 covers the cap with room for the allocator;
@@ -694,9 +694,9 @@ _A100 = replace(
     ),
     # 300 questions, as on a T4 (was 1,000): an H100 answered a100's prompts in 6.1 s a question at 8 a call (random
     # weights, full 384-token answers), so notebook 05's 14 answering runs over 1,000 questions would take about a
-    # day; {"evaluation.questions": 1000} still asks for them. A 40 GB card has room for 4x the T4 presets' tokens a
-    # call: ~13 GiB at the 2B's 0.21 MiB a token (the 3B measured less, 0.1, at 8 prompts) beside three 4-bit 3B
-    # models (8.5 GiB). Calls of 8 took 48.5 s; how the 3B's call time grows with its prompts was not measured
+    # day; {"evaluation.questions": 1000} still asks for them. A 40 GB card has room for more tokens a call than a
+    # T4: ~13 GiB at the 2B's 0.21 MiB a token (the 3B measured less, 0.1, at 8 prompts) beside the 4-bit 3B (2.8 GiB)
+    # and its two adapters. Calls of 8 took 48.5 s; how the 3B's call time grows with its prompts was not measured
     evaluation=replace(_T4.evaluation, generation_max_batch_tokens=65_536),
     # H100, real-size random weights: allocator peak 7.9 GiB in stage 1, 18.5 GiB in stage 2 at 1,818-token
     # prompts (6 images), 33.0 GiB with every prompt filled to the 3,072-token cap and 35.3 GiB at the cap with 8
