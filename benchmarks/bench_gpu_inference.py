@@ -13,7 +13,8 @@ synthetic Mini-WebQA. Timed, CUDA synchronised:
   candidates at the preset's stage-1 completion budget: issue 4's >= 5x ratio at real size;
 * stage-2 answering, ``pipeline.run_pipeline`` for the base top-k system (the shape of every filtered system in
   notebook 05's table) and for zero-shot over every candidate (its longest prompts), at ``--generate-batches``
-  prompts per ``generate`` call (the preset's ``evaluation.generation_batch_size`` among them).
+  prompts per ``generate`` call, each call holding exactly that many (the preset's token cap,
+  ``evaluation.generation_max_batch_tokens``, is off while timing: it would split the calls).
 
 Each timed call follows an untimed warm-up (a scoring batch, one judged candidate, one answering batch cut to 4 new
 tokens), so lazy initialisation and kernel selection are not counted.
@@ -111,6 +112,8 @@ def run(preset_name: str, work: Path, smoke: bool, *, questions: int, judge_ques
         device, dtype = "cuda", modeling.torch_dtype(gpu_preset.model.compute_dtype)
     if world_questions:  # a smaller world builds faster; the per-question cost depends on the preset's sizes
         preset = preset.with_overrides(**{"data.world_questions": world_questions})
+    # each timed call holds exactly --generate-batches prompts: the preset's token cap would split it
+    preset = preset.with_overrides(**{"evaluation.generation_max_batch_tokens": 0})
 
     t0 = time.perf_counter()
     folder = architectures.build_random_real_size_model(model_id, work / "model", dtype=dtype, device=device,
@@ -187,7 +190,9 @@ def run(preset_name: str, work: Path, smoke: bool, *, questions: int, judge_ques
         "quantized_4bit": bool(getattr(model, "mmrag_quantized", False)), "image_size": preset.model.image_size,
         "k": preset.stage1.k, "world_questions": preset.data.world_questions, "questions": len(rows),
         "loaded_model_gib": weights_gib, "scoring": scoring_runs, "judge_by_generation": judge_report,
-        "answering": answering, "preset_generation_batch_size": preset.evaluation.generation_batch_size,
+        "answering": answering, "preset_generation_batch_size": gpu_preset.evaluation.generation_batch_size,
+        "preset_generation_max_batch_tokens": gpu_preset.evaluation.generation_max_batch_tokens,
+        "token_cap_while_timing": preset.evaluation.generation_max_batch_tokens,
         "seconds": {"build_and_load": round(loaded, 1), "data": round(prepared, 1)}, "torch": torch.__version__,
     }
 

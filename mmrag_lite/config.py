@@ -650,11 +650,12 @@ _T4 = Preset(
     # opt in to the retrained ablations: 3 more stage-2 runs of ~3 h each. Answering, measured on an H100 (real-size
     # random weights, 256-token answers): a generate call of 32 top-k prompts took 12.2 s, one of 8 took 10.5 s, so
     # 32 a call answered 3.4x faster per question; memory grew by ~0.21 MiB per padded prompt token of the call
-    # (8.8 GiB at 32 x 950 tokens, 15.6 at 32 x 2,046: too much for a T4). The cap keeps a call near 7.3 GiB with
-    # the model (notebook 05's ModelBank shares one 4-bit base between base, stage 1 and stage 2): 25 top-k prompts a
-    # call, 12 of the longest (benchmarks/RESULTS.md, "Answering on a GPU")
+    # (8.8 GiB at 32 x 950 tokens, 15.6 at 32 x 2,046: too much for a T4). The cap keeps a call near 6.4 GiB with
+    # the model (notebook 05's ModelBank shares one 4-bit base between base, stage 1 and stage 2), leaving room for
+    # an active LoRA's float32 pass (counted, not measured): 21 top-k prompts a call, 10 of the longest
+    # (benchmarks/RESULTS.md, "Answering on a GPU")
     evaluation=EvalSettings(questions=300, retrain_ablations=False, generation_batch_size=32,
-                            generation_max_batch_tokens=24_576),
+                            generation_max_batch_tokens=20_480),
     # Measured on an H100 (benchmarks/RESULTS.md, modeling.architectures.MEASURED_STEPS; real-size random weights,
     # completions always full length): allocator peak 3.8 GiB in stage 1, 8.0 GiB in stage 2 at 801-token prompts
     # and 10.7 GiB with every prompt filled to the 2,048-token cap. 12 covers the cap with room for the allocator;

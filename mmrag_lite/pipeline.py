@@ -342,15 +342,16 @@ def _same_judge(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 class SharedWeights:
     """One weight set (``adapter`` None: the base) of a ``ModelBank``'s single base model, on which every adapter is
     loaded by name. Each forward pass and ``generate`` call first switches that adapter on (or every adapter off), so
-    views of one model never see each other's LoRA; anything else is the model's own attribute."""
+    views of one model never see each other's LoRA. Reading any other attribute reads the model's; setting one sets
+    it on the view only, and ``.model`` is the shared model itself, with whichever adapter was switched on last."""
 
-    def __init__(self, bank: ModelBank, adapter: str | None) -> None:
-        self._bank = bank
+    def __init__(self, shared: list[Any], adapter: str | None) -> None:
+        self._shared = shared  # the bank's [model, processor]: the model object changes when the first adapter loads
         self.adapter = adapter
 
     @property
     def model(self) -> Any:
-        return self._bank._shared_model()
+        return self._shared[0]
 
     @contextlib.contextmanager
     def _switched(self) -> Iterator[None]:
@@ -373,12 +374,14 @@ class SharedWeights:
         with self._switched():
             return self.model(*args, **kwargs)
 
+    forward = __call__
+
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         with self._switched():
             return self.model.generate(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
-        if name == "_bank":  # not set yet (copy, unpickling): never recurse through ``model``
+        if name == "_shared":  # not set yet (copy, unpickling): never recurse through ``model``
             raise AttributeError(name)
         return getattr(self.model, name)
 
@@ -410,7 +413,7 @@ class ModelBank:
         self._base_model = None if base_model is None else str(base_model)
         self._base_cache: str | None = None
         self._cache: dict[str, tuple[Any, Any]] = {}
-        self._shared: list[Any] = []  # [model, processor] that the default loader's weight sets share
+        self._shared: list[Any] = []  # [model, processor] that the default loader's weight sets share (filled in place)
         self.notes: list[str] = []
         self.verbose = verbose
 
@@ -479,13 +482,10 @@ class ModelBank:
                 self._cache[key_cache] = self._share(key_cache, adapter, extra)
         return self._cache[key_cache]
 
-    def _shared_model(self) -> Any:
-        return self._shared[0]
-
     def _share(self, key: str, adapter: Path | None, extra: Mapping[str, Any]) -> tuple[SharedWeights, Any]:
         """Load the shared base once, then each adapter into it under its weight set's name."""
-        if not self._shared:
-            self._shared = list(_default_loader(self.preset, adapter_path=None, **extra))
+        if not self._shared:  # in place: the views hold this list (not the bank, so ``del bank`` frees the model)
+            self._shared.extend(_default_loader(self.preset, adapter_path=None, **extra))
         if adapter is not None:
             from peft import PeftModel
 
@@ -497,7 +497,7 @@ class ModelBank:
                 self._shared[0] = model
             model.eval()
             model.requires_grad_(False)
-        return SharedWeights(self, None if adapter is None else key), self._shared[1]
+        return SharedWeights(self._shared, None if adapter is None else key), self._shared[1]
 
 
 def _default_loader(preset: Preset, *, adapter_path: Path | None, model_path: str | Path | None = None) -> tuple[Any, Any]:

@@ -216,7 +216,9 @@ def test_the_t4_presets_answering_token_cap_fits_what_the_h100_measured() -> Non
     """colab-t4 / l4 answer up to 32 prompts a generate call, but no more than ``generation_max_batch_tokens`` padded
     prompt tokens: the H100 report's calls (8 and 32 prompts, top-k and every-candidate prompts) fit a line in those
     tokens, and at the cap that line stays inside a T4 beside what notebook 05's ModelBank holds: one 4-bit model and
-    two float32 LoRA adapters (the allocator held up to 1.39x the tensors a call added)."""
+    two float32 LoRA adapters (the allocator held up to 1.39x the tensors a call added). The line was measured without
+    an adapter; an active one casts each LoRA layer's input to float32 (and copies its output) during the prefill,
+    one layer at a time: counted here as the widest such input at the cap, not measured."""
     import json
 
     report = json.loads(INFERENCE_REPORT.read_text())
@@ -233,9 +235,11 @@ def test_the_t4_presets_answering_token_cap_fits_what_the_h100_measured() -> Non
     for name in ("colab-t4", "l4"):
         ev = get_preset(name).evaluation
         adapters = 2 * A.memory_floor(name).lora_parameters * 4 / 1024**3
+        widest = A.PUBLISHED_CONFIGS[get_preset(name).model.model_id]["text"]["intermediate_size"]
+        lora_pass = ev.generation_max_batch_tokens * widest * 4 / 1024**3
         assert ev.generation_batch_size == 32 and ev.generation_max_batch_tokens > 0
         call = base + slope * ev.generation_max_batch_tokens - model  # what one call adds to the loaded model
-        assert model + adapters + 1.4 * call < 0.7 * T4_GIB
+        assert model + adapters + lora_pass + 1.4 * call < 0.7 * T4_GIB
 
 
 @pytest.mark.slow
@@ -251,6 +255,7 @@ def test_gpu_inference_benchmark_runs_its_cpu_smoke(tmp_path: Path) -> None:
     report = bench.main(["--smoke", "--preset", "colab-t4", "--questions", "3", "--judge-questions", "1",
                          "--generate-batches", "2", "3", "--world-questions", "200", "--out", str(tmp_path / "r.json")])
     assert report["smoke"] is True and report["quantized_4bit"] is True and report["questions"] == 3
+    assert report["token_cap_while_timing"] == 0  # each timed call holds exactly the prompts it is labelled with
     assert report["model"] == get_preset("colab-t4").model.model_id
     (scored,) = report["scoring"]
     assert scored["candidates"] >= 3 and scored["ms_per_candidate"] > 0 and scored["peak_allocated_gib"] is None

@@ -405,8 +405,8 @@ def test_miniature_and_generation_knobs_are_preset_data():
     tiny = get_preset("cpu-tiny")
     assert tiny.model.is_miniature and not any(get_preset(n).model.is_miniature for n in ("colab-t4", "l4", "a100"))
     assert pipeline.default_batch_size(tiny) == tiny.evaluation.generation_batch_size == 64
-    assert pipeline.default_batch_size(get_preset("l4")) == 32  # and at most 24,576 prompt tokens a call:
-    assert get_preset("l4").evaluation.generation_max_batch_tokens == 24_576  # test_architectures checks it fits
+    assert pipeline.default_batch_size(get_preset("l4")) == 32  # and at most 20,480 prompt tokens a call:
+    assert get_preset("l4").evaluation.generation_max_batch_tokens == 20_480  # test_architectures checks it fits
     assert get_preset("a100").evaluation.generation_max_batch_tokens == 65_536  # a 40 GB card
     assert get_preset("a100").evaluation.questions == get_preset("colab-t4").evaluation.questions == 300
     assert tiny.evaluation.generation_max_batch_tokens == 0  # the miniature: no cap
