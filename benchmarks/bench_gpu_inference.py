@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 import torch
-from bench_gpu_preset import smoke_fields
+from bench_gpu_preset import bench_target, print_and_save
 
 from mmrag_lite import config, data, modeling, pipeline, scoring
 from mmrag_lite.modeling import architectures
@@ -100,16 +100,8 @@ class TokenCounter:
 
 def run(preset_name: str, work: Path, smoke: bool, *, questions: int, judge_questions: int, world_questions: int | None,
         score_batches: list[int], generate_batches: list[int]) -> dict:
-    gpu_preset = config.get_preset(preset_name)
+    gpu_preset, preset, text, vision, device, dtype = bench_target(preset_name, smoke)
     model_id = gpu_preset.model.model_id
-    if smoke:  # cpu-tiny's sizes and device, the GPU preset's architecture shrunk
-        preset = config.get_preset("cpu-tiny")
-        (text, vision), device, dtype = smoke_fields(architectures.PUBLISHED_CONFIGS[model_id]["architecture"]), "cpu", torch.float32
-    else:
-        if not torch.cuda.is_available():
-            raise SystemExit("no CUDA GPU visible: run with --smoke to check the script on a CPU")
-        preset, text, vision = gpu_preset, None, None
-        device, dtype = "cuda", modeling.torch_dtype(gpu_preset.model.compute_dtype)
     if world_questions:  # a smaller world builds faster; the per-question cost depends on the preset's sizes
         preset = preset.with_overrides(**{"data.world_questions": world_questions})
     # each timed call holds exactly --generate-batches prompts: the preset's token cap would split it
@@ -217,12 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
         report = run(args.preset, Path(tmp), args.smoke, questions=args.questions, judge_questions=args.judge_questions,
                      world_questions=args.world_questions, score_batches=args.score_batches,
                      generate_batches=generate_batches)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n", encoding="utf-8")
-    return report
+    return print_and_save(report, args.out)
 
 
 if __name__ == "__main__":

@@ -127,20 +127,32 @@ def images_first(split, k: int) -> dict[str, list[str]]:
     return {row["guid"]: [c["id"] for c in sorted(row["candidates"], key=rank)][:k] for row in split}
 
 
+def bench_target(preset_name: str, smoke: bool) -> tuple[config.Preset, config.Preset, dict | None, dict | None, str, torch.dtype]:
+    """(GPU preset, preset to run, text / vision overrides, device, dtype): on CUDA the GPU preset at full size; with
+    ``smoke``, cpu-tiny's sizes and device with the GPU preset's architecture shrunk."""
+    gpu_preset = config.get_preset(preset_name)
+    if smoke:
+        arch = architectures.PUBLISHED_CONFIGS[gpu_preset.model.model_id]["architecture"]
+        return gpu_preset, config.get_preset("cpu-tiny"), *smoke_fields(arch), "cpu", torch.float32
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA GPU visible: run with --smoke to check the script on a CPU")
+    return gpu_preset, gpu_preset, None, None, "cuda", modeling.torch_dtype(gpu_preset.model.compute_dtype)
+
+
+def print_and_save(report: dict, out: Path | None) -> dict:
+    """Print the report as JSON and, with ``out``, write it there too."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n", encoding="utf-8")
+    return report
+
+
 def run(preset_name: str, steps: int, work: Path, smoke: bool, stage: int = 1, world_questions: int | None = None,
         fill_to_cap: bool = False, prefer_images: bool = False) -> dict:
-    gpu_preset = config.get_preset(preset_name)
+    gpu_preset, preset, text, vision, device, dtype = bench_target(preset_name, smoke)
     model_id = gpu_preset.model.model_id
-    arch = architectures.PUBLISHED_CONFIGS[model_id]["architecture"]
-    if smoke:  # cpu-tiny's sizes and device, the GPU preset's architecture shrunk
-        preset = config.get_preset("cpu-tiny")
-        (text, vision), device, dtype = smoke_fields(arch), "cpu", torch.float32
-    else:
-        if not torch.cuda.is_available():
-            raise SystemExit("no CUDA GPU visible: run with --smoke to check the script on a CPU")
-        preset = gpu_preset
-        text = vision = None
-        device, dtype = "cuda", modeling.torch_dtype(gpu_preset.model.compute_dtype)
     settings = preset.stage1 if stage == 1 else preset.stage2
     grpo = settings.grpo
     per_step = grpo.per_device_train_batch_size * grpo.gradient_accumulation_steps
@@ -222,12 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="mmrag-gpu-bench-") as tmp:
         report = run(args.preset, steps, args.work or Path(tmp), args.smoke, args.stage, args.world_questions,
                      args.fill_to_cap, args.images_first)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n", encoding="utf-8")
-    return report
+    return print_and_save(report, args.out)
 
 
 if __name__ == "__main__":
