@@ -20,13 +20,21 @@ Each timed call follows an untimed warm-up (a scoring batch, one judged candidat
 tokens), so lazy initialisation and kernel selection are not counted.
 
 Random weights rarely emit an end token, so every completion runs to its ``max_new_tokens``: the slow end of real
-answers (the report counts the tokens generated). LoRA adapters are absent (ModelBank falls back to the base);
-unmerged LoRA adds a little per token, not measured here. Memory is the CUDA peak of each phase.
+answers (the report counts the tokens generated). Memory is the CUDA peak of each phase.
+
+Without ``--adapters`` no LoRA is attached (ModelBank falls back to the base). With ``--adapters`` the model is held as
+notebook 05 holds it: ``pipeline.ModelBank``'s default loader, one 4-bit base with a stage-1 and a stage-2 LoRA of
+the preset's shape (random, saved and reloaded through PEFT) switched per call. Then stage-1 scoring runs with the
+adapter off and on, and answering times the SAME base top-k prompts with the stage-2 adapter off and on (what an
+unmerged LoRA adds to a generate call), and every-candidate prompts with it on under the preset's token cap
+(``evaluation.generation_max_batch_tokens``, restored for that run): the longest calls notebook 05 makes, with
+everything it holds.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -98,8 +106,32 @@ class TokenCounter:
         self.model.generate = self.inner
 
 
+def save_random_adapters(model, preset: config.Preset, folder: Path, names: tuple[str, ...]) -> dict[str, Path]:
+    """A LoRA of the preset's shape per name, with random ``lora_B`` (PEFT starts it at zero; a zero B costs the
+    same but changes nothing), saved where ``ModelBank(adapters=...)`` reads them. ``model`` is modified: drop it."""
+    from peft import get_peft_model
+
+    from mmrag_lite.training import is_adapter_dir
+
+    peft_model = get_peft_model(model, modeling.lora_config(preset), adapter_name=names[0])
+    for name in names[1:]:
+        peft_model.add_adapter(name, modeling.lora_config(preset))
+    with torch.no_grad():
+        for pname, param in peft_model.named_parameters():
+            if "lora_B" in pname:
+                param.normal_(std=1e-3)
+    paths = {}
+    for name in names:
+        peft_model.save_pretrained(str(folder), selected_adapters=[name])  # a non-default name saves to folder/name
+        paths[name] = folder / name
+        if not is_adapter_dir(paths[name]):
+            raise RuntimeError(f"PEFT did not save the {name} adapter in {paths[name]}")
+    return paths
+
+
 def run(preset_name: str, work: Path, smoke: bool, *, questions: int, judge_questions: int, world_questions: int | None,
-        score_batches: list[int], generate_batches: list[int]) -> dict:
+        score_batches: list[int], generate_batches: list[int], adapters: bool = False,
+        systems: tuple[str, ...] = ("top-k", "all")) -> dict:
     gpu_preset, preset, text, vision, device, dtype = bench_target(preset_name, smoke)
     model_id = gpu_preset.model.model_id
     if world_questions:  # a smaller world builds faster; the per-question cost depends on the preset's sizes
@@ -112,6 +144,18 @@ def run(preset_name: str, work: Path, smoke: bool, *, questions: int, judge_ques
                                                         text=text, vision=vision)
     model, processor = modeling.load_model_and_processor(preset, model_path=folder, for_training=False)
     model.eval()
+    bank = pipeline.ModelBank(preset, work / "run", loader=lambda *a, **kw: (model, processor), verbose=False)
+    if adapters:  # notebook 05's way: one shared base, the adapters loaded into it by name
+        saved = save_random_adapters(model, preset, work / "adapters", ("stage1", "stage2"))
+        del model
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        bank = pipeline.ModelBank(preset, work / "run", adapters=saved, base_model=folder, verbose=False)
+        for which in ("stage1", "stage2"):
+            bank.get(which)
+            assert bank.resolved(which) == which, bank.notes
+        model, processor = bank.get("base")
     loaded = time.perf_counter() - t0
     weights_gib = round(torch.cuda.memory_allocated() / 1024**3, 2) if device == "cuda" else None
     t0 = time.perf_counter()
@@ -122,13 +166,19 @@ def run(preset_name: str, work: Path, smoke: bool, *, questions: int, judge_ques
     n_cands = sum(len(r["candidates"]) for r in rows)
 
     scoring_runs = []
-    for batch in score_batches:
-        scored, seconds, peaks = measured(
-            lambda b=batch: scoring.score_split(model, processor, rows, preset, batch_size=b, progress=False),
-            warm_up=lambda b=batch: scoring.score_split(model, processor, rows[:1], preset, batch_size=b, progress=False))
-        scoring_runs.append(phase("scoring", {"batch_size": batch, "seconds": round(seconds, 2), "candidates": n_cands,
-                             "ms_per_candidate": round(1000 * seconds / n_cands, 1),
-                             "seconds_per_question": round(seconds / len(rows), 3), **peaks}))
+    for judge_weights in ("base", "stage1") if adapters else ("base",):
+        judge_model = bank.get(judge_weights)[0]
+        for batch in score_batches:
+            out, seconds, peaks = measured(
+                lambda b=batch, m=judge_model: scoring.score_split(m, processor, rows, preset, batch_size=b, progress=False),
+                warm_up=lambda b=batch, m=judge_model: scoring.score_split(m, processor, rows[:1], preset, batch_size=b,
+                                                                             progress=False))
+            if judge_weights == "base":  # answering reads the base judge's top-k
+                scored = out
+            scoring_runs.append(phase("scoring", {"weights": judge_weights, "batch_size": batch,
+                                 "seconds": round(seconds, 2), "candidates": n_cands,
+                                 "ms_per_candidate": round(1000 * seconds / n_cands, 1),
+                                 "seconds_per_question": round(seconds / len(rows), 3), **peaks}))
     scores = pipeline._as_lookup(scored)
 
     budget = preset.stage1.grpo.max_completion_length
@@ -151,26 +201,39 @@ def run(preset_name: str, work: Path, smoke: bool, *, questions: int, judge_ques
                     "ms_per_candidate": round(judge_ms, 1), "new_tokens": counter.tokens,
                     "forward_pass_is_faster_by": round(judge_ms / forward["ms_per_candidate"], 1), **judge_peaks})
 
-    bank = pipeline.ModelBank(preset, work / "run", loader=lambda *a, **kw: (model, processor), verbose=False)
-    systems = {s.name: s for s in pipeline.standard_systems(preset)}
+    standard = {s.name: s for s in pipeline.standard_systems(preset)}
+    top_k, every = standard["zero-shot, base top-k"], standard["zero-shot"]
+    capped = preset.with_overrides(**{"evaluation.generation_max_batch_tokens": gpu_preset.evaluation.generation_max_batch_tokens})
+    plans = []  # (system, batch sizes, the preset it runs under)
+    if "top-k" in systems:
+        plans.append((top_k, generate_batches, preset))
+        if adapters:  # the same prompts (the base judge's top-k), the stage-2 LoRA on
+            plans.append((pipeline.SystemSpec("base top-k, stage-2 adapter on", "base", "stage2"), generate_batches, preset))
+    if "all" in systems:
+        if adapters:
+            plans.append((pipeline.SystemSpec("every candidate, stage-2 adapter on, token cap", "all", "stage2"),
+                          [capped.evaluation.generation_batch_size], capped))
+        else:
+            plans.append((every, generate_batches, preset))
     answering = []
-    for name in ("zero-shot, base top-k", "zero-shot"):
-        system = systems[name]
-        for batch in generate_batches:
-            def answer(rs, new_tokens=None, b=batch, s=system):
-                return pipeline.run_pipeline(rs, preset, system=s, bank=bank, scores=scores, batch_size=b,
+    for system, batches, run_preset in plans:
+        answer_counter = TokenCounter(bank.get(system.answerer)[0])
+        for batch in batches:
+            def answer(rs, new_tokens=None, b=batch, s=system, p=run_preset):
+                return pipeline.run_pipeline(rs, p, system=s, bank=bank, scores=scores, batch_size=b,
                                              max_new_tokens=new_tokens, progress=False)
 
-            with counter:  # the warm-up: one batch's prefill and a few decoding steps
-                results, seconds, peaks = measured(lambda a=answer: counter.counted(a, rows),
+            with answer_counter:  # the warm-up: one batch's prefill and a few decoding steps
+                results, seconds, peaks = measured(lambda a=answer, c=answer_counter: c.counted(a, rows),
                                                    warm_up=lambda a=answer, b=batch: a(rows[:b], 4))
             lengths = [pipeline.prompt_length(processor, pipeline.fit_prompt(
                 r, pipeline.select_candidates(r, system, scores[str(r["guid"])], system.resolved_k(preset)), processor,
                 reasoning=system.resolved_reasoning(preset), max_tokens=preset.stage2.max_prompt_tokens,
                 image_fn=pipeline.image_fn(preset))) for r in rows]
             answering.append(phase("answering", {
-                "system": name, "batch_size": batch, "questions": len(rows),
-                "max_new_tokens": preset.stage2.grpo.max_completion_length, "new_tokens": counter.tokens,
+                "system": system.name, "answered_by": system.answerer, "batch_size": batch,
+                "max_batch_tokens": run_preset.evaluation.generation_max_batch_tokens, "questions": len(rows),
+                "max_new_tokens": preset.stage2.grpo.max_completion_length, "new_tokens": answer_counter.tokens,
                 "seconds": round(seconds, 2), "seconds_per_question": round(seconds / len(rows), 3),
                 "prompt_tokens_mean": round(statistics.mean(lengths), 1), "prompt_tokens_max": max(lengths),
                 "candidates_shown_max": max(len(r.kept_ids) for r in results), **peaks}))
@@ -182,7 +245,8 @@ def run(preset_name: str, work: Path, smoke: bool, *, questions: int, judge_ques
         "quantized_4bit": bool(getattr(model, "mmrag_quantized", False)), "image_size": preset.model.image_size,
         "k": preset.stage1.k, "world_questions": preset.data.world_questions, "questions": len(rows),
         "loaded_model_gib": weights_gib, "scoring": scoring_runs, "judge_by_generation": judge_report,
-        "answering": answering, "preset_generation_batch_size": gpu_preset.evaluation.generation_batch_size,
+        "answering": answering, "adapters": ["stage1", "stage2"] if adapters else [],
+        "preset_generation_batch_size": gpu_preset.evaluation.generation_batch_size,
         "preset_generation_max_batch_tokens": gpu_preset.evaluation.generation_max_batch_tokens,
         "token_cap_while_timing": preset.evaluation.generation_max_batch_tokens,
         "seconds": {"build_and_load": round(loaded, 1), "data": round(prepared, 1)}, "torch": torch.__version__,
@@ -199,6 +263,10 @@ def main(argv: list[str] | None = None) -> dict:
                     help="stage-1 prompts per forward pass to time (the first also batches the generating judge)")
     ap.add_argument("--generate-batches", type=int, nargs="+", help="stage-2 prompts per generate call to time "
                     "(default: the preset's evaluation.generation_batch_size)")
+    ap.add_argument("--adapters", action="store_true", help="hold the model as notebook 05 does: one base, a stage-1 "
+                    "and a stage-2 LoRA (random) switched per call; times the adapters off and on")
+    ap.add_argument("--systems", nargs="+", choices=["top-k", "all"], default=["top-k", "all"],
+                    help="which answering prompts to time: the base judge's top-k, all candidates (the longest)")
     ap.add_argument("--out", type=Path, help="also write the report here as JSON")
     ap.add_argument("--smoke", action="store_true", help="CPU: a shrunken copy of the architecture; checks the script only")
     args = ap.parse_args(argv)
@@ -208,7 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="mmrag-gpu-infer-") as tmp:
         report = run(args.preset, Path(tmp), args.smoke, questions=args.questions, judge_questions=args.judge_questions,
                      world_questions=args.world_questions, score_batches=args.score_batches,
-                     generate_batches=generate_batches)
+                     generate_batches=generate_batches, adapters=args.adapters, systems=tuple(args.systems))
     return print_and_save(report, args.out)
 
 

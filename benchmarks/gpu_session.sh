@@ -35,6 +35,11 @@ declare -A RUNS=(
   [a100-infer]="270 infer --preset a100 --questions 16 --generate-batches 8 16"  # ran past 270 s on an H100
   [colab-t4-infer-16]="80 infer --preset colab-t4 --questions 16 --judge-questions 1 --generate-batches 16"
   [a100-infer-short]="190 infer --preset a100 --questions 8 --judge-questions 1 --generate-batches 8"
+  # notebook 05's ModelBank (one base, stage-1 and stage-2 LoRA): the adapters off and on; the every-candidate calls at the token cap
+  [colab-t4-infer-lora]="330 infer --preset colab-t4 --questions 32 --judge-questions 1 --generate-batches 8 32 --adapters"
+  [colab-t4-infer-lora-cap]="200 infer --preset colab-t4 --questions 16 --judge-questions 1 --adapters --systems all"
+  # the 3B's generate call at 32 top-k prompts (a100-infer-short measured 8)
+  [a100-infer-b32]="230 infer --preset a100 --questions 32 --judge-questions 1 --generate-batches 32 --systems top-k"
 )
 names=("$@"); (( ${#names[@]} )) || names=(colab-t4-stage1 colab-t4-stage2 a100-stage2)
 for n in "${names[@]}"; do

@@ -222,24 +222,78 @@ def test_the_t4_presets_answering_token_cap_fits_what_the_h100_measured() -> Non
     import json
 
     report = json.loads(INFERENCE_REPORT.read_text())
-    assert report["preset"] == "colab-t4" and report["smoke"] is False and report["quantized_4bit"] is True
     calls = [(a["batch_size"] * a["prompt_tokens_max"], a["peak_allocated_gib"]) for a in report["answering"]]
     assert len({t for t, _ in calls}) == 4
+    base, slope = _answering_memory_line(report)
+    assert all(abs(base + slope * t - g) < 0.5 for t, g in calls)  # memory really is linear in the call's tokens
+    assert base + slope * max(t for t, _ in calls) > 0.9 * T4_GIB  # uncapped, 32 of the longest prompts would not fit
+    for name in ("colab-t4", "l4"):
+        ev = get_preset(name).evaluation
+        assert ev.generation_batch_size == 32 and ev.generation_max_batch_tokens > 0
+        assert _counted_answering_peak_at_cap(name, report) < 0.7 * T4_GIB
+
+
+def _answering_memory_line(report: dict) -> tuple[float, float]:
+    """(GiB, GiB per padded prompt token): least squares of the report's answering calls' peak tensors."""
+    assert report["preset"] == "colab-t4" and report["smoke"] is False and report["quantized_4bit"] is True
+    calls = [(a["batch_size"] * a["prompt_tokens_max"], a["peak_allocated_gib"]) for a in report["answering"]]
     n = len(calls)
     mean_t, mean_g = sum(t for t, _ in calls) / n, sum(g for _, g in calls) / n
     slope = sum((t - mean_t) * (g - mean_g) for t, g in calls) / sum((t - mean_t) ** 2 for t, _ in calls)
-    base = mean_g - slope * mean_t
-    assert all(abs(base + slope * t - g) < 0.5 for t, g in calls)  # memory really is linear in the call's tokens
-    assert base + slope * max(t for t, _ in calls) > 0.9 * T4_GIB  # uncapped, 32 of the longest prompts would not fit
+    return mean_g - slope * mean_t, slope
+
+
+def _lora_pass_gib(name: str, tokens: int) -> float:
+    """The widest float32 copy an active LoRA makes of a call's prefill (PEFT's Linear4bit.forward, counted)."""
+    widest = A.PUBLISHED_CONFIGS[get_preset(name).model.model_id]["text"]["intermediate_size"]
+    return tokens * widest * 4 / 1024**3
+
+
+def _counted_answering_peak_at_cap(name: str, report: dict) -> float:
+    """Notebook 05's counted peak at the preset's token cap: the 4-bit model, two float32 adapters, the LoRA pass and
+    1.4x (the allocator's slack) what the measured line says one call adds to the loaded model."""
+    base, slope = _answering_memory_line(report)
+    cap = get_preset(name).evaluation.generation_max_batch_tokens
     model = report["loaded_model_gib"]
-    for name in ("colab-t4", "l4"):
-        ev = get_preset(name).evaluation
-        adapters = 2 * A.memory_floor(name).lora_parameters * 4 / 1024**3
-        widest = A.PUBLISHED_CONFIGS[get_preset(name).model.model_id]["text"]["intermediate_size"]
-        lora_pass = ev.generation_max_batch_tokens * widest * 4 / 1024**3
-        assert ev.generation_batch_size == 32 and ev.generation_max_batch_tokens > 0
-        call = base + slope * ev.generation_max_batch_tokens - model  # what one call adds to the loaded model
-        assert model + adapters + lora_pass + 1.4 * call < 0.7 * T4_GIB
+    adapters = 2 * A.memory_floor(name).lora_parameters * 4 / 1024**3
+    return model + adapters + _lora_pass_gib(name, cap) + 1.4 * (base + slope * cap - model)
+
+
+LORA_RUNS = Path(__file__).resolve().parent.parent / "benchmarks/gpu/h100-2026-11-27-lora"
+
+
+def _phases(log: Path) -> list[dict]:
+    """The ``PHASE`` lines a bench_gpu_inference.py log printed (a run cut by its time limit has no JSON, only these)."""
+    import json
+
+    return [json.loads(line.split(" ", 2)[2]) for line in log.read_text().splitlines() if line.startswith("PHASE ")]
+
+
+def test_an_active_lora_costs_no_more_memory_than_counted_and_the_capped_t4_calls_fit() -> None:
+    """The H100 measured what the count above could only bound: the same top-k prompts answered with the stage-2 LoRA
+    off and on (one base, two adapters, as notebook 05 holds them) differ by less than the counted float32 pass, and
+    every-candidate prompts answered with the adapter on at colab-t4's token cap held (reserved) less than the count
+    and under 70 % of a T4."""
+    import json
+
+    answers = [a for a in _phases(LORA_RUNS / "colab-t4-infer-lora.log") if "system" in a]
+    pairs = 0
+    for off in (a for a in answers if a["answered_by"] == "base"):
+        (on,) = [a for a in answers if a["answered_by"] == "stage2" and a["batch_size"] == off["batch_size"]]
+        assert on["prompt_tokens_max"] == off["prompt_tokens_max"] and on["new_tokens"] == off["new_tokens"]
+        lora_pass = _lora_pass_gib("colab-t4", off["batch_size"] * off["prompt_tokens_max"])
+        assert 0 < on["peak_allocated_gib"] - off["peak_allocated_gib"] < lora_pass
+        assert on["seconds"] > off["seconds"]  # an unmerged LoRA is never free
+        pairs += 1
+    assert pairs == 2
+    capped = json.loads((LORA_RUNS / "colab-t4-infer-lora-cap.json").read_text())
+    assert capped["preset"] == "colab-t4" and capped["smoke"] is False and capped["adapters"] == ["stage1", "stage2"]
+    (run,) = capped["answering"]
+    cap = get_preset("colab-t4").evaluation.generation_max_batch_tokens
+    assert run["answered_by"] == "stage2" and run["max_batch_tokens"] == cap
+    assert run["prompt_tokens_max"] * 10 <= cap  # calls of ten of the longest prompts: the cap was really reached
+    counted = _counted_answering_peak_at_cap("colab-t4", json.loads(INFERENCE_REPORT.read_text()))
+    assert run["peak_allocated_gib"] <= run["peak_reserved_gib"] < counted < 0.7 * T4_GIB
 
 
 @pytest.mark.slow
@@ -271,6 +325,31 @@ def test_gpu_inference_benchmark_runs_its_cpu_smoke(tmp_path: Path) -> None:
     assert top_k["candidates_shown_max"] == tiny.stage1.k < every["candidates_shown_max"]
     assert top_k["prompt_tokens_mean"] < every["prompt_tokens_mean"]
     assert (tmp_path / "r.json").is_file()
+
+
+@pytest.mark.slow
+def test_gpu_inference_benchmark_with_adapters_times_them_off_and_on(tmp_path: Path) -> None:
+    """--adapters holds the model as notebook 05 does (one base, stage-1 and stage-2 LoRA switched per call): scoring
+    runs with the adapter off and on, the same top-k prompts are answered with stage 2's off and on, and every
+    candidate is answered with it on under the preset's token cap (restored for that run only)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_gpu_inference.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu_inference", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = bench.main(["--smoke", "--preset", "colab-t4", "--questions", "2", "--judge-questions", "1",
+                         "--generate-batches", "2", "--world-questions", "200", "--adapters"])
+    assert report["adapters"] == ["stage1", "stage2"]
+    assert [s["weights"] for s in report["scoring"]] == ["base", "stage1"]
+    runs = [(a["system"], a["answered_by"], a["max_batch_tokens"]) for a in report["answering"]]
+    cap = get_preset("colab-t4").evaluation.generation_max_batch_tokens
+    assert runs == [("zero-shot, base top-k", "base", 0), ("base top-k, stage-2 adapter on", "stage2", 0),
+                    ("every candidate, stage-2 adapter on, token cap", "stage2", cap)]
+    off, on, every = report["answering"]
+    assert off["prompt_tokens_mean"] == on["prompt_tokens_mean"] < every["prompt_tokens_mean"]  # the same prompts
+    max_new = get_preset("cpu-tiny").stage2.grpo.max_completion_length
+    assert all(a["new_tokens"] == 2 * max_new for a in report["answering"])
 
 
 def test_real_size_config_can_take_another_tokenizers_ids_without_changing_shape() -> None:
