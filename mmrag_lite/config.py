@@ -652,8 +652,9 @@ _T4 = Preset(
     # 32 a call answered 3.4x faster per question; memory grew by ~0.21 MiB per padded prompt token of the call
     # (8.8 GiB at 32 x 950 tokens, 15.6 at 32 x 2,046: too much for a T4). The cap keeps a call near 6.4 GiB with
     # the model (notebook 05's ModelBank shares one 4-bit base between base, stage 1 and stage 2), leaving room for
-    # an active LoRA's float32 pass (counted, not measured): 21 top-k prompts a call, 10 of the longest
-    # (benchmarks/RESULTS.md, "Answering on a GPU")
+    # an active LoRA's float32 pass: 21 top-k prompts a call, 10 of the longest. Measured since with both adapters
+    # loaded and one on: 8.3 GiB held at the cap, under the 9.0 counted; the LoRA adds 13-41 % a question
+    # (benchmarks/RESULTS.md, "Answering on a GPU" and "Notebook 05's adapters")
     evaluation=EvalSettings(questions=300, retrain_ablations=False, generation_batch_size=32,
                             generation_max_batch_tokens=20_480),
     # Measured on an H100 (benchmarks/RESULTS.md, modeling.architectures.MEASURED_STEPS; real-size random weights,
@@ -697,7 +698,7 @@ _A100 = replace(
     # weights, full 384-token answers), so notebook 05's 14 answering runs over 1,000 questions would take about a
     # day; {"evaluation.questions": 1000} still asks for them. A 40 GB card has room for more tokens a call than a
     # T4: ~13 GiB at the 2B's 0.21 MiB a token (the 3B measured less, 0.1, at 8 prompts) beside the 4-bit 3B (2.8 GiB)
-    # and its two adapters. Calls of 8 took 48.5 s; how the 3B's call time grows with its prompts was not measured
+    # and its two adapters. A call of 8 took 48.5 s, one of 32 took 50.5 s (another H100): as flat as the 2B's
     evaluation=replace(_T4.evaluation, generation_max_batch_tokens=65_536),
     # H100, real-size random weights: allocator peak 7.9 GiB in stage 1, 18.5 GiB in stage 2 at 1,818-token
     # prompts (6 images), 33.0 GiB with every prompt filled to the 3,072-token cap and 35.3 GiB at the cap with 8

@@ -218,7 +218,7 @@ def test_the_t4_presets_answering_token_cap_fits_what_the_h100_measured() -> Non
     tokens, and at the cap that line stays inside a T4 beside what notebook 05's ModelBank holds: one 4-bit model and
     two float32 LoRA adapters (the allocator held up to 1.39x the tensors a call added). The line was measured without
     an adapter; an active one casts each LoRA layer's input to float32 (and copies its output) during the prefill,
-    one layer at a time: counted here as the widest such input at the cap, not measured."""
+    one layer at a time: counted here as the widest such input at the cap (the H100 measured about half: the next test)."""
     import json
 
     report = json.loads(INFERENCE_REPORT.read_text())
