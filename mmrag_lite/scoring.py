@@ -100,7 +100,11 @@ def verdict_readout(processor: Any, prefix: str | None = None) -> VerdictReadout
     has that merge the verdict token is ``>yes``, after a prompt that ends with ``<answer``. Reading the first
     token that differs covers both, and tokenising ``"yes"`` alone (a word-initial variant) is never assumed.
     ``Yes`` / ``YES`` (and ``No`` / ``NO``) count too where they start with a token of their own after the same
-    prefill: the parser, hence the relevance reward, reads them as the same verdict.
+    prefill: the parser, hence the relevance reward, reads them as the same verdict. Where a variant merges with
+    the tag instead (the real Qwen2 vocabulary writes ``<answer>No`` as ``<answer`` + ``>No``, but ``yes``, ``no``,
+    ``Yes``, ``YES`` and ``NO`` after ``>``), the token that spells its start on its own is read, provided the
+    prefill ends exactly where the verdict starts (after ``>``, the model writes ``No`` in one token as ``No``), so
+    one verdict is not read in more forms than the other.
     """
     tok = getattr(processor, "tokenizer", processor)
     prefix = answer_prefix() if prefix is None else prefix
@@ -123,12 +127,23 @@ def verdict_readout(processor: Any, prefix: str | None = None) -> VerdictReadout
     for verdict, variants in VERDICT_CASE_VARIANTS.items():
         for word in variants:
             v = ids(word)
-            if len(v) > n and v[:n] == yes[:n] and v[n] not in firsts[verdict]:
-                firsts[verdict].append(v[n])
+            first = v[n] if len(v) > n and v[:n] == yes[:n] else _spelled_alone(tok, yes[:n], prefix, word)
+            if first is not None and first not in firsts[verdict]:
+                firsts[verdict].append(first)
     all_yes, all_no = set(firsts[prompts.YES]), set(firsts[prompts.NO])  # a variant that starts like the other
     yes_ids = [yes[n]] + [t for t in firsts[prompts.YES][1:] if t not in all_no]  # verdict decides nothing: dropped
     no_ids = [no[n]] + [t for t in firsts[prompts.NO][1:] if t not in all_yes]
     return VerdictReadout(prefill, tuple(yes[:n]), tuple(yes_ids), tuple(no_ids))
+
+
+def _spelled_alone(tok: Any, prefill_ids: Sequence[int], prefix: str, word: str) -> int | None:
+    """The first token of ``word`` written alone, when it can follow the prefill: the prefill is the whole prefix
+    and the token decodes, after it, to a non-empty start of ``word``. None otherwise."""
+    alone = tok(word, add_special_tokens=False)["input_ids"]
+    if not alone or tok.decode(list(prefill_ids)) != prefix:
+        return None
+    start = tok.decode(list(prefill_ids) + alone[:1])[len(prefix):]
+    return alone[0] if start and word.startswith(start) else None
 
 
 def yes_no_token_ids(processor: Any, tags: prompts.Tags = prompts.DEFAULT_TAGS) -> tuple[int, int]:

