@@ -164,8 +164,9 @@ MINIATURE_MODEL_ID = "tiny"  # model_id of the offline miniature (modeling.build
 # the named reward components of each stage; a preset's weights may name only these (rewards builds them)
 STAGE_COMPONENTS: dict[int, tuple[str, ...]] = {1: ("format", "relevance"), 2: ("format", "ranking", "answer")}
 # Room a stage-2 prompt needs for text besides its images, for the budget check only (an estimate, not a limit):
-PROMPT_TEXT_FIXED_TOKENS = 128  # system prompt, chat template and question; ~100 with Qwen's tokenizer
-PROMPT_TEXT_TOKENS_PER_CANDIDATE = 48  # "D3: Image titled '...': <caption>"; an 8-image prompt measured 216 text tokens
+PROMPT_TEXT_FIXED_TOKENS = 128  # system prompt, chat template and question; 90 on a real WebQA question, real Qwen2 vocabulary
+PROMPT_TEXT_TOKENS_PER_CANDIDATE = 48  # "D3: Image titled '...': <caption>"; real WebQA: captions 47, snippets 42 on average
+# (benchmarks/real_prompt_lengths.py: the budget check's estimate covered all 600 drawn real top-k prompts)
 # The smallest image side the Qwen-VL processor makes: one 2x2 merge of 14 px patches (smart_resize's ``factor``).
 MIN_IMAGE_SIDE = QWEN_VL_PATCH_SIZE * QWEN_VL_MERGE_SIZE
 # A preset name becomes the run folder runs/<name>: a plain folder name, never a path (no "/", "..", leading ".").
