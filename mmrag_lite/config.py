@@ -120,6 +120,7 @@ class Stage1Settings:
     balance_classes: bool  # relevance reward re-weights rare positives instead of (or on top of) sampling
     max_examples: int  # cap on point-wise training examples
     k: int  # candidates kept for stage 2
+    min_think_words: int = 0  # with reasoning, the format reward also asks for this many words inside <think> (0: none)
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,7 @@ class Stage2Settings:
     max_examples: int
     max_prompt_tokens: int  # prompts longer than this are shrunk (fewer candidates) or dropped, never cut
     answer_guards: bool  # the answer reward's choose_guard + hedge_guard + length_guard (rewards module docstring)
+    min_think_words: int = 0  # as in Stage1Settings: an empty <think> is the cheapest way to earn the format reward
 
 
 @dataclass(frozen=True)
@@ -276,6 +278,7 @@ class Preset:
             at_least(f"{at}.beta", g.beta, 0, " (0 drops the reference model)")
             positive(f"{at}.temperature", g.temperature, " (sampling temperature; 1.0 samples the model as it is)")
             at_least(f"{stage_name}.max_examples", stage.max_examples, 1)
+            at_least(f"{stage_name}.min_think_words", stage.min_think_words, 0, " (0: an empty <think> is well formed)")
             known = STAGE_COMPONENTS[1 if stage_name == "stage1" else 2]
             if not stage.weights:
                 problems.append(f"{stage_name}.weights={{}} must name at least one of {', '.join(known)}")
@@ -571,7 +574,8 @@ _CPU_TINY = Preset(
             save_steps=10,
         ),
         reasoning=True,  # the <think> format; the miniature writes no real reasoning, but learning the format is
-        # the part of stage-1 RL it can show on a CPU (its warm-up shows <think> on few examples, see modeling)
+        # the part of stage-1 RL it can show on a CPU (its warm-up shows <think> on few examples, see modeling), so
+        # its empty <think> counts as well formed (min_think_words=0; the GPU presets ask for 1)
         weights={"format": 1.0, "relevance": 1.0},  # R1-style: format and task rewards summed with equal weight
         positive_fraction=0.5,  # balanced sampling: ~1-2 gold vs ~6 distractors per pool otherwise
         balance_classes=False,  # already balanced by sampling
@@ -632,6 +636,7 @@ _T4 = Preset(
         balance_classes=False,
         max_examples=4000,
         k=5,
+        min_think_words=1,  # an empty <think> would earn the format reward with no explanation (cpu-tiny allows it)
     ),
     stage2=Stage2Settings(
         grpo=GRPOSettings(
@@ -646,6 +651,7 @@ _T4 = Preset(
         max_examples=2000,
         max_prompt_tokens=2048,
         answer_guards=True,
+        min_think_words=1,  # the reasoning is the explanation: an empty one earns no format reward
     ),
     data=DataSettings(world_questions=2000, world_image_size=224, max_candidates=16),
     # opt in to the retrained ablations: 3 more stage-2 runs of ~3 h each. Answering, measured on an H100 (real-size

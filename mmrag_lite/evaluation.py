@@ -627,7 +627,8 @@ def gold_recall_of_kept(results: Sequence[PipelineResult], rows: Sequence[Row]) 
 
 def well_formed_rate(results: Sequence[PipelineResult]) -> float:
     """Share of completions the format reward would pay: no parser problem at all (unknown and repeated ids
-    included). Prompt-fitting notes that ``run_pipeline`` also records under ``problems`` do not count."""
+    included). Prompt-fitting notes that ``run_pipeline`` also records under ``problems`` do not count. The structure
+    only: an empty ``<think>`` that a preset's ``min_think_words`` keeps from the format reward still counts."""
     from mmrag_lite.parsing import PROBLEM_CODES
 
     ok = sum(not any(p.split(":")[0] in PROBLEM_CODES for p in r.problems) for r in results)

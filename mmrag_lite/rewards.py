@@ -153,10 +153,14 @@ def _ids(value: Any) -> list[str]:
 # ------------------------------------------------------------------------------------------------- format
 def format_reward(
     completions: Sequence[Any], *, stage: int, reasoning: bool, penalty: float = 0.0, tags: Tags = DEFAULT_TAGS,
-    **columns: Any,
+    min_think_words: int = 0, **columns: Any,
 ) -> list[float]:
-    """1 for exactly the required structure of ``stage``, else ``penalty``. Stage 2 checks ids when ``candidate_ids`` is passed."""
+    """1 for exactly the required structure of ``stage``, else ``penalty``. Stage 2 checks ids when ``candidate_ids`` is passed.
+
+    With ``reasoning``, ``min_think_words`` also asks for that many words inside ``<think>``: an empty one is the
+    cheapest well-formed completion and explains nothing. A floor against skipping the reasoning, not a judge of it."""
     penalty = _check_penalty(penalty)
+    _check_min_think_words(min_think_words)
     if stage == 1:
         parses: list[Any] = [parse_stage1(c, reasoning=reasoning, tags=tags) for c in completions]
     elif stage == 2:
@@ -164,7 +168,13 @@ def format_reward(
         parses = [parse_stage2(c, cand[i], reasoning=reasoning, tags=tags) for i, c in enumerate(completions)]
     else:
         raise ValueError(f"stage must be 1 or 2, got {stage!r}")
-    return [1.0 if p.ok else penalty for p in parses]
+    words = min_think_words if reasoning else 0
+    return [1.0 if p.ok and len((p.think or "").split()) >= words else penalty for p in parses]
+
+
+def _check_min_think_words(min_think_words: Any) -> None:
+    if isinstance(min_think_words, bool) or not isinstance(min_think_words, int) or min_think_words < 0:
+        raise ValueError(f"min_think_words must be a whole number >= 0, got {min_think_words!r}")
 
 
 def _ids_column_or_none(name: str, columns: Mapping[str, Any], n: int) -> list[list[str] | None]:
@@ -608,6 +618,7 @@ def build_reward_funcs(
     choose_guard: bool = True,
     hedge_guard: bool = True,
     length_guard: bool = True,
+    min_think_words: int = 0,
     tags: Tags = DEFAULT_TAGS,
 ) -> tuple[list[RewardFunc], list[float]]:
     """The reward functions of one stage and their weights, in the same order, for ``GRPOTrainer``/``GRPOConfig``.
@@ -617,6 +628,7 @@ def build_reward_funcs(
     ``ρ = positive_weight`` if given, else ``(1 − π)/π`` from ``positive_fraction`` (default 0.5, i.e. no change).
     ``choose_guard`` / ``hedge_guard`` / ``length_guard`` are the answer reward's guards against copying the question,
     hedging and padding. ``ndcg_k`` is the nDCG depth (a whole number ≥ 1; ``None``: the number of gold ids shown).
+    ``min_think_words``: the format reward's floor on the words inside ``<think>`` (``format_reward``).
     """
     if stage not in STAGE_COMPONENTS:
         raise ValueError(f"stage must be 1 or 2, got {stage!r}")
@@ -631,6 +643,7 @@ def build_reward_funcs(
             raise ValueError(f"weight of {name!r} must be a finite number >= 0, got {w!r}")
     penalty = _check_penalty(penalty)
     ndcg_k = _check_ndcg_k(ndcg_k)
+    _check_min_think_words(min_think_words)
     if ranking_metric not in RANKING_METRICS:
         raise ValueError(f"unknown ranking_metric {ranking_metric!r}; choose one of {RANKING_METRICS}")
     if answer_metric not in ANSWER_METRICS:
@@ -642,7 +655,7 @@ def build_reward_funcs(
 
     common = {"reasoning": reasoning, "penalty": penalty, "tags": tags}
     factories: dict[str, Callable[[], RewardFunc]] = {
-        "format": lambda: _named("format", format_reward, stage=stage, **common),
+        "format": lambda: _named("format", format_reward, stage=stage, min_think_words=min_think_words, **common),
         "relevance": lambda: _named("relevance", relevance_reward, positive_weight=rho, **common),
         "ranking": lambda: _named("ranking", ranking_reward, metric=ranking_metric, k=ndcg_k, **common),
         "answer": lambda: _named("answer", answer_reward, metric=answer_metric, choose_guard=choose_guard,
@@ -663,7 +676,7 @@ def preset_reward_options(preset: Preset | str, stage: int) -> dict[str, Any]:
     """The ``build_reward_funcs`` / ``score_completion`` options a ``config.Preset`` (or preset name) sets for one
     stage (weights aside), so training, the worked examples and the playground score a completion the same way."""
     preset, settings = _stage_settings(preset, stage)
-    options: dict[str, Any] = {"reasoning": settings.reasoning}
+    options: dict[str, Any] = {"reasoning": settings.reasoning, "min_think_words": settings.min_think_words}
     if stage == 1:
         options.update(balance_classes=settings.balance_classes, positive_fraction=settings.positive_fraction)
     else:

@@ -83,6 +83,7 @@ def test_unknown_keys_and_impossible_combinations_are_clear_errors():
 @pytest.mark.parametrize(("key", "value", "message"), [
     ("stage1.k", "abc", "stage1.k must be a whole number"),
     ("stage2.permutations", 1.5, "permutations must be a whole number"),
+    ("stage2.min_think_words", 0.5, "min_think_words must be a whole number"),
     ("stage2.weights.ranking", "nan", "weights.ranking must be a finite number"),
     ("stage1.grpo.beta", None, "beta must be a finite number"),
     ("stage1.reasoning", "maybe", "reasoning must be true or false"),
@@ -140,6 +141,7 @@ def test_grpo_loss_type_is_one_trl_supports():
     ("stage2.grpo.temperature", -1, "stage2.grpo.temperature=-1.0 must be > 0"),
     ("stage1.max_examples", 0, "stage1.max_examples=0 must be >= 1"),
     ("stage2.max_examples", -5, "stage2.max_examples=-5 must be >= 1"),
+    ("stage1.min_think_words", -1, "stage1.min_think_words=-1 must be >= 0"),
     ("stage1.grpo.save_steps", 0, "stage1.grpo.save_steps=0 must be >= 1"),
     ("stage2.grpo.logging_steps", 0, "stage2.grpo.logging_steps=0 must be >= 1"),
     ("lora.dropout", 1.0, "lora.dropout=1.0 must be in [0, 1)"),

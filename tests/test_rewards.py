@@ -43,6 +43,25 @@ def test_format_reward_all_or_nothing():
     assert format_reward([good2], stage=2, reasoning=False, penalty=-0.5, candidate_ids=[["D2"]]) == [-0.5]  # unknown id
 
 
+def test_format_reward_can_ask_for_words_inside_think():
+    """An empty ``<think>`` is the cheapest well-formed completion and explains nothing: ``min_think_words`` refuses
+    it where the preset asks (the GPU presets ask for 1; the miniature, which writes no reasoning, for none)."""
+    empty, blank, one = (stage1_target("yes", reasoning=True, think=t) for t in ("", "  \n ", "red"))
+    assert format_reward([empty, blank, one], stage=1, reasoning=True) == [1.0, 1.0, 1.0]
+    assert format_reward([empty, blank, one], stage=1, reasoning=True, min_think_words=1) == [0.0, 0.0, 1.0]
+    assert format_reward([one], stage=1, reasoning=True, min_think_words=2) == [0.0]
+    s2 = [stage2_target(["D1"], "red", reasoning=True, think=t) for t in ("", "D1 shows a red car")]
+    assert format_reward(s2, stage=2, reasoning=True, min_think_words=3, penalty=-1.0) == [-1.0, 1.0]
+    assert format_reward(["<answer>no</answer>"], stage=1, reasoning=False, min_think_words=5) == [1.0]  # no <think> asked
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="min_think_words"):
+            build_reward_funcs(1, {"format": 1.0}, reasoning=True, min_think_words=bad)
+    gpu, tiny = rewards.preset_reward_options("colab-t4", 2), rewards.preset_reward_options("cpu-tiny", 1)
+    assert gpu["min_think_words"] == 1 and tiny["min_think_words"] == 0
+    funcs, _ = rewards.reward_funcs_for_preset("colab-t4", 1)
+    assert next(f for f in funcs if f.__name__ == "format")([empty, one]) == [0.0, 1.0]
+
+
 def test_penalty_must_not_be_positive():
     with pytest.raises(ValueError, match="penalty"):
         format_reward(["x"], stage=1, reasoning=False, penalty=0.5)
