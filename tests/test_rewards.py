@@ -60,6 +60,12 @@ def test_format_reward_can_ask_for_words_inside_think():
     assert gpu["min_think_words"] == 1 and tiny["min_think_words"] == 0
     funcs, _ = rewards.reward_funcs_for_preset("colab-t4", 1)
     assert next(f for f in funcs if f.__name__ == "format")([empty, one]) == [0.0, 1.0]
+    from mmrag_lite.widgets import reward_playground
+
+    says_why = reward_playground(1, completion=empty, row={"label": "yes"}, **rewards.preset_reward_options("colab-t4", 1))
+    assert "asks for at least 1 (min_think_words)" in says_why.output.value
+    assert "min_think_words" not in reward_playground(1, completion=one, row={"label": "yes"},
+                                                      **rewards.preset_reward_options("colab-t4", 1)).output.value
 
 
 def test_penalty_must_not_be_positive():
