@@ -71,7 +71,7 @@ def ensure_gguf(cache: Path) -> None:
     site = cache / "site"
     sys.path.insert(0, str(site))
     if importlib.util.find_spec("gguf") is None:
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--target", str(site), "gguf"], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--target", str(site), "gguf==0.19.0"], check=True)
         importlib.invalidate_caches()
 
 
