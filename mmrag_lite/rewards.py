@@ -168,8 +168,14 @@ def format_reward(
         parses = [parse_stage2(c, cand[i], reasoning=reasoning, tags=tags) for i, c in enumerate(completions)]
     else:
         raise ValueError(f"stage must be 1 or 2, got {stage!r}")
-    words = min_think_words if reasoning else 0
-    return [1.0 if p.ok and len((p.think or "").split()) >= words else penalty for p in parses]
+    return [1.0 if p.ok and not too_few_think_words(p, reasoning=reasoning, min_think_words=min_think_words) else penalty
+            for p in parses]
+
+
+def too_few_think_words(parsed: Stage1Parse | Stage2Parse, *, reasoning: bool, min_think_words: int) -> bool:
+    """Whether a parse that asked for reasoning holds fewer than ``min_think_words`` words inside ``<think>`` (the
+    format reward's floor; the playground says so when it is why the format pays nothing)."""
+    return reasoning and len((parsed.think or "").split()) < min_think_words
 
 
 def _check_min_think_words(min_think_words: Any) -> None:
@@ -733,4 +739,5 @@ __all__ = [
     "relevance_reward",
     "reward_funcs_for_preset",
     "score_completion",
+    "too_few_think_words",
 ]

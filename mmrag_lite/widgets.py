@@ -209,10 +209,10 @@ def reward_playground(
             parsed = rewards.explain(text.value, stage=stage, reasoning=think.value, candidate_ids=r.get("candidate_ids"))
             unseen = [g for g in r.get("gold_ids", []) if g not in r.get("candidate_ids", [])]
             row_notes = [f"gold ids not among the candidates, so no completion can cite them: {', '.join(unseen)}"] if unseen else []
-            floor, words = reward_options.get("min_think_words", 0), len((parsed.think or "").split())
-            if think.value and parsed.ok and words < floor:
-                row_notes.append(f"the <think> holds {words} word(s); this format reward asks for at least {floor} "
-                                 "(min_think_words), so it pays nothing")
+            floor = reward_options.get("min_think_words", 0)
+            if parsed.ok and rewards.too_few_think_words(parsed, reasoning=think.value, min_think_words=floor):
+                row_notes.append(f"the <think> holds {len((parsed.think or '').split())} word(s); this format reward "
+                                 f"asks for at least {floor} (min_think_words), so it pays nothing")
             out.value = reward_table_html(scores, weights, parsed.problems, row_notes)
         except ValueError as exc:  # a broken row typed by hand: say so instead of raising in a callback
             out.value = f"<pre>{html.escape(str(exc))}</pre>"
