@@ -142,6 +142,11 @@ class DataSettings:
     world_questions: int  # questions in the synthetic WebQA-format world
     world_image_size: int  # side of the synthetic images in pixels
     max_candidates: int  # candidates per question kept in Mini-WebQA (gold always kept)
+    # Where Mini-WebQA's test split comes from. "pooled": WebQA's train and val questions are pooled and cut by
+    # MiniWebQAFilters.split_fractions (the default: all splits alike). "webqa_val": test = WebQA's own val questions
+    # (minus any linked to a train question), train / validation cut from its train questions: a model trained on it
+    # can be scored on the official val split. Our choice; the paper does not say how it split Mini-WebQA.
+    test_split: Literal["pooled", "webqa_val"] = "pooled"
 
 
 @dataclass(frozen=True)

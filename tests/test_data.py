@@ -632,6 +632,65 @@ def test_split_keeps_planted_copies_together(tmp_path):
     assert exact and all(copies[c]["kind"] == "near_duplicate" for c, _ in exact)  # exact keys miss only rewordings
 
 
+def test_webqa_val_held_out_as_test_unless_linked_to_train():
+    """test_split='webqa_val': WebQA's val questions are the test split; one that shares a gold image with a train
+    question, or rewords one, is dropped (it would be answered from memory), its train partner stays in the pool."""
+    from dataclasses import replace
+
+    def val(r):
+        return replace(r, split="val")
+
+    recs = [
+        record(guid="t1", img_pos=((30000001, "Ball", "x"),)),
+        val(record(guid="v1", img_pos=((30000001, "Ball", "y"),))),  # same gold image as t1
+        record(guid="t2", q="What color are the stars in the Garden?", img_pos=((30000002, "Garden", "x"),)),
+        val(record(guid="v2", q="In the Garden, what color are the stars?", img_pos=((30000003, "Garden", "y"),))),
+        val(record(guid="v3", img_pos=((30000004, "Kite", "x"),))),
+        val(record(guid="v4", q="Is the kite red?", img_pos=((30000004, "Kite", "y"),))),  # val-only group of two
+        record(guid="t3", img_pos=((30000005, "Box", "x"),)),
+    ]
+    pool, test, dropped = D.hold_out_webqa_val(recs)
+    assert sorted(r.guid for r in test) == ["v3", "v4"]
+    assert sorted(dropped) == ["v1", "v2"] and sorted(r.guid for r in pool) == ["t1", "t2", "t3"]
+    assert sorted(r.guid for r in D.hold_out_webqa_val(list(reversed(recs)))[1]) == ["v3", "v4"]  # any file order
+    _, linked_test, _ = D.hold_out_webqa_val(recs, link_gold_sources=False)
+    assert "v1" in {r.guid for r in linked_test}  # without gold-source links only the rewording is caught
+
+
+def test_build_with_webqa_val_test_split(tmp_path, world):
+    """The whole build: test holds only val questions, none sharing a gold image with train or validation, the funnel
+    counts the dropped ones, and a Mini-WebQA built the other way is not current for this setting."""
+    from mmrag_lite.config import ConfigError, get_preset
+
+    preset = get_preset("cpu-tiny").with_overrides(**{"data.test_split": "webqa_val"})
+    dd, report = D.build_mini_webqa(world, tmp_path / "mini", settings=preset, progress=False)
+    split_of = {r.guid: r.split for r in D.read_webqa(world / "WebQA_train_val.json").records}
+    assert {split_of[g] for g in dd["test"]["guid"]} == {"val"}
+    assert {split_of[g] for s in ("train", "validation") for g in dd[s]["guid"]} == {"train"}
+    step = next(s for s in report.steps if s.name == "linked_to_train")
+    assert step.kept == sum(report.splits.values()) and set(step.examples) <= {g for g, sp in split_of.items() if sp == "val"}
+    gold = {s: {c["id"] for row in dd[s] for c in row["candidates"] if c["is_gold"] and c["modality"] == "image"}
+            for s in D.SPLITS}
+    assert gold["test"] and not gold["test"] & (gold["train"] | gold["validation"])
+    assert FunnelReport.load(tmp_path / "mini").settings["test_split"] == "webqa_val"
+    run = tmp_path / "run"
+    D.ensure_mini_webqa(preset, run, webqa_dir=world)
+    assert D.mini_webqa_is_current(preset, run, world) is True
+    assert D.mini_webqa_is_current(get_preset("cpu-tiny"), run, world) is False
+    with pytest.raises(ConfigError, match="test_split"):
+        get_preset("cpu-tiny").with_overrides(**{"data.test_split": "val"})
+
+
+def test_webqa_val_test_split_without_val_questions_says_why(tmp_path):
+    from mmrag_lite.config import get_preset
+
+    source = write_webqa(tmp_path / "all_train", questions(30))  # every record is split "train"
+    settings = get_preset("cpu-tiny").with_overrides(**{"data.test_split": "webqa_val"})
+    with pytest.raises(D.MiniWebQABuildError, match="empty test split.*WebQA's own val questions"):
+        D.build_mini_webqa(source, tmp_path / "out", settings=settings, filters=NO_IMAGES, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_candidate_pool_keeps_gold_and_is_deterministic():
     negs = tuple((30000010 + i, f"Box {i}", "A box.") for i in range(12))
     r = record(img_pos=((30000000, "Ball", "x"), (30000001, "Ball 2", "y")), img_neg=negs)

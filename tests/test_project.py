@@ -312,10 +312,17 @@ def test_prompt_budget_too_small_for_k_images_is_a_clear_error(tmp_path):
 
 
 def test_committed_notebooks_have_no_outputs_and_a_parameters_cell():
+    """Also valid nbformat 4.5 with a unique id per cell: a cell added by hand without one only warns today, and
+    nbformat says that becomes an error."""
+    import nbformat
+
     notebooks = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     assert notebooks, "no course notebooks found"
     for path in notebooks:
         nb = json.loads(path.read_text())
+        ids = [c.get("id") for c in nb["cells"]]
+        assert None not in ids and len(set(ids)) == len(ids), f"{path.name}: every cell needs its own id"
+        nbformat.validate(nbformat.from_dict(nb))
         code = [c for c in nb["cells"] if c["cell_type"] == "code"]
         assert not any(c.get("outputs") or c.get("execution_count") for c in code), f"{path.name} has outputs"
         params = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]

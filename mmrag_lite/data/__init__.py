@@ -26,6 +26,7 @@ from .mini import (
     build_mini_webqa,
     ensure_mini_webqa,
     filter_records,
+    hold_out_webqa_val,
     load_mini_webqa,
     mini_webqa_features,
     mini_webqa_is_current,
@@ -39,6 +40,7 @@ from .mini import (
     save_dataset_atomic,
     source_fingerprint,
     split_leaks,
+    hold_out_webqa_val,
     split_records,
 )
 from .mmqa import (
@@ -105,6 +107,7 @@ __all__ = [
     "ensure_mini_webqa",
     "filter_records",
     "find_webqa_json",
+    "hold_out_webqa_val",
     "is_image_text_question",
     "iter_raw_records",
     "iter_webqa",

@@ -6,7 +6,9 @@ and its effect is counted in a ``FunnelReport`` (saved as ``funnel.json`` next t
 
     read -> no gold source -> answer misses keyword/fact -> overlong gold candidate
          -> broken gold image -> duplicate question -> category balance
-         -> split (no reworded question or shared gold source across splits; each category in proportion)
+         -> split (no reworded question or shared gold source across splits; each category in proportion;
+                   with ``DataSettings.test_split="webqa_val"`` the test split is WebQA's own val questions,
+                   minus those linked to a train question: step ``linked_to_train``)
          -> trim candidate pools
 
 The output is a ``datasets.DatasetDict`` (train / validation / test) in the schema of docs/CONTRACTS.md, written
@@ -71,6 +73,8 @@ FILTER_REASONS: dict[str, str] = {
     "duplicate_question": "the same question twice over-weights it and leaks between splits",
     "qcate_filter": "keep only the question categories asked for",
     "category_balance": "cap the largest categories so no single Qcate dominates the reward signal",
+    "linked_to_train": "a val question that rewords a train question or shares its gold source would be answered "
+                       "from memory (test_split='webqa_val' only)",
 }
 
 
@@ -441,6 +445,28 @@ def split_records(records: Sequence[WebQARecord], fractions: Sequence[float] = (
     return out
 
 
+def hold_out_webqa_val(records: Sequence[WebQARecord], key: Callable[[str], str] = near_dup_key,
+                       link_gold_sources: bool = True) -> tuple[list[WebQARecord], list[WebQARecord], list[str]]:
+    """``(train_pool, test, dropped_guids)``: WebQA's own val questions held out as the test split.
+
+    Linked groups as in ``split_records``; a group of val questions only is test, one without val questions is the
+    pool that train and validation are cut from, and a group mixing both keeps its train questions in the pool and
+    drops its val ones (a test question linked to a training one would measure memory). Any ``split`` other than
+    ``"val"`` counts as train.
+    """
+    pool: list[WebQARecord] = []
+    test: list[WebQARecord] = []
+    dropped: list[str] = []
+    for _, group in sorted(_linked_groups(records, key, link_gold_sources).items()):
+        val = [r for r in group if r.split == "val"]
+        if len(val) == len(group):
+            test.extend(val)
+        else:
+            pool.extend(r for r in group if r.split != "val")
+            dropped.extend(r.guid for r in val)
+    return pool, test, dropped
+
+
 def _linked_groups(records: Sequence[WebQARecord], key: Callable[[str], str],
                    link_gold_sources: bool) -> dict[str, list[WebQARecord]]:
     """Connected groups of records (union-find over shared question keys and gold sources), each named by the
@@ -660,15 +686,18 @@ def _nothing_left(report: FunnelReport, json_path: Path, unlabelled: bool) -> Mi
 
 
 def _refuse_empty_splits(sizes: Mapping[str, int], report: FunnelReport, json_path: Path,
-                         fractions: Sequence[float]) -> None:
+                         fractions: Sequence[float], test_split: str = "pooled") -> None:
     """A saved empty split cannot be loaded (``datasets`` fails with an IndexError), so refuse to save one."""
     empty = [name for name in SPLITS if not sizes.get(name)]
     if empty:
+        held_out = (" The test split is WebQA's own val questions (data.test_split='webqa_val'): a source whose "
+                    "surviving questions are all split 'train' has none; use test_split='pooled'."
+                    if test_split == "webqa_val" and "test" in empty else "")
         raise MiniWebQABuildError(
             f"Mini-WebQA from {json_path} would have an empty {' and '.join(empty)} split: only "
             f"{sum(sizes.values())} question(s) survive the filters (split fractions {tuple(fractions)}). Build from "
             "a larger source (for the synthetic world: more data.world_questions) or give every split a non-zero "
-            "fraction; nothing was written", report)
+            f"fraction; nothing was written.{held_out}", report)
 
 
 def _data_settings(settings: Any):
@@ -727,6 +756,7 @@ def build_mini_webqa(
     store = ImageStore(folder) if has_images else None
     report = FunnelReport(source=str(json_path.resolve()))  # absolute: compared later
     report.settings = {"filters": filters.to_dict(), "max_candidates": max_candidates, "seed": seed,
+                       "test_split": data.test_split,
                        "source_files": source_fingerprint(json_path),  # before reading: a change meanwhile shows
                        "synthetic_world": _is_world(folder)}
     try:
@@ -746,9 +776,17 @@ def build_mini_webqa(
         del records
         if not kept:
             raise _nothing_left(report, json_path, unlabelled)
-        parts = split_records(kept, filters.split_fractions, seed=seed)
+        if data.test_split == "webqa_val":
+            pool, test, linked = hold_out_webqa_val(kept)
+            report.add("linked_to_train", len(kept), linked)
+            kept = pool + test
+            parts = split_records(pool, (*filters.split_fractions[:2], 0.0), seed=seed)
+            parts["test"] = test
+        else:
+            parts = split_records(kept, filters.split_fractions, seed=seed)
         if out_dir is not None:  # cheap check first; the rows below may still skip a few
-            _refuse_empty_splits({k: len(v) for k, v in parts.items()}, report, json_path, filters.split_fractions)
+            _refuse_empty_splits({k: len(v) for k, v in parts.items()}, report, json_path, filters.split_fractions,
+                                 data.test_split)
         counts: Counter = Counter()
         splits = {}
         bar = tqdm(total=len(kept), desc="build rows", disable=not progress, mininterval=1.0, unit=" q")
@@ -776,7 +814,7 @@ def build_mini_webqa(
         if report.n_kept == 0:
             raise _nothing_left(report, json_path, unlabelled)
         if out_dir is not None:
-            _refuse_empty_splits(report.splits, report, json_path, filters.split_fractions)
+            _refuse_empty_splits(report.splits, report, json_path, filters.split_fractions, data.test_split)
         report.qcates = dict(sorted(Counter(q for split in dd.values() for q in split["qcate"]).items()))
         report.candidates = dict(counts)
         if out_dir is not None:
@@ -857,7 +895,7 @@ def mini_webqa_is_current(preset: Any, work_dir: str | Path, webqa_dir: str | Pa
     """Whether the Mini-WebQA saved in run folder ``work_dir`` is what ``preset`` (and ``webqa_dir``) would build;
     ``None`` when none is saved. The cache check of ``ensure_mini_webqa``; the CLI asks it before overwriting a run.
 
-    Current means: same ``max_candidates`` and seed, and source files unchanged since the build (size and
+    Current means: same ``max_candidates``, ``test_split`` and seed, and source files unchanged since the build (size and
     ``mtime_ns`` as recorded in ``funnel.json``; a build from before that was recorded is taken as it is). A Mini-WebQA that
     notebook 01 built from real WebQA counts as current when asked without ``webqa_dir``, unless its source files
     changed (if they are gone there is nothing to compare with, or to rebuild from, and it is kept).
@@ -873,7 +911,8 @@ def mini_webqa_is_current(preset: Any, work_dir: str | Path, webqa_dir: str | Pa
         return False
     source, settings = saved
     built_from = source.parent.resolve()
-    same_sizes = settings.get("max_candidates") == preset.data.max_candidates and settings.get("seed") == preset.seed
+    same_sizes = (settings.get("max_candidates") == preset.data.max_candidates and settings.get("seed") == preset.seed
+                  and settings.get("test_split", "pooled") == preset.data.test_split)
     # a build from before fingerprints were recorded cannot be checked: kept, as it was then
     unchanged = "source_files" not in settings or settings["source_files"] == source_fingerprint(source)
     if webqa_dir is not None:
