@@ -71,8 +71,9 @@ def _add_set_option(p: argparse.ArgumentParser, help_example: str = "") -> None:
                    help=f"dotted preset override, repeatable (e.g. --set stage1.grpo.max_steps=5){help_example}")
 
 
-def resolve(args: argparse.Namespace, *, existing: bool = False, needs_device: bool = False) -> tuple[Preset, Path]:
-    """The preset with overrides applied, and the run folder (created; with ``existing``, it must already exist).
+def resolve(args: argparse.Namespace, *, existing: str | None = None, needs_device: bool = False) -> tuple[Preset, Path]:
+    """The preset with overrides applied, and the run folder (created; with ``existing``, the commands that make it,
+    it must already exist).
 
     ``needs_device``: refuse a GPU preset without a GPU (or bf16 on a T4) first, so a refused command leaves no
     empty run folder behind and builds or overwrites no data.
@@ -87,8 +88,8 @@ def resolve(args: argparse.Namespace, *, existing: bool = False, needs_device: b
     if folder.exists() and not folder.is_dir():
         raise CLIError(f"--work-dir {folder} is a file, not a run folder: pass a folder")
     if existing and not folder.is_dir():
-        raise CLIError(f"no run folder at {folder}: run build-data / train-stage1 / train-stage2 first, or pass "
-                       "the --work-dir of an existing run")
+        raise CLIError(f"no run folder at {folder}: run {existing} first (same --preset / --work-dir), or pass the "
+                       "--work-dir of an existing run")
     if needs_device:
         from mmrag_lite import modeling
 
@@ -182,7 +183,7 @@ def cmd_train_stage2(args: argparse.Namespace) -> int:
     if init is not None and not training.is_adapter_dir(init):  # checked before any folder, data or scoring
         raise CLIError(f"--init-adapter {init} holds no adapter_config.json (a PEFT adapter folder, e.g. "
                        "<work-dir>/stage1/adapter)")
-    preset, wd = resolve(args, existing=True, needs_device=True)  # stage 2 continues a stage-1 run folder
+    preset, wd = resolve(args, existing="train-stage1", needs_device=True)  # stage 2 continues a stage-1 run
     if _stage1_adapter(wd) is None:  # before the run's data is built or checked: that can take minutes
         raise CLIError(f"no stage-1 adapter in {wd / 'stage1'}: stage-2 pools are the stage-1 top-k, so run "
                        "train-stage1 first (with the same --preset / --work-dir)")
@@ -205,7 +206,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from mmrag_lite.pipeline import ModelBank
     from mmrag_lite.training import is_adapter_dir
 
-    preset, wd = resolve(args, existing=True, needs_device=True)
+    preset, wd = resolve(args, existing="train-stage1 and train-stage2", needs_device=True)
     if args.stage1_adapter and not is_adapter_dir(args.stage1_adapter):
         raise CLIError(f"--stage1-adapter {args.stage1_adapter} holds no adapter_config.json (a PEFT adapter folder)")
     if not (args.stage1_adapter or is_adapter_dir(wd / "stage1" / "adapter")) and not args.allow_untrained:

@@ -221,7 +221,8 @@ def test_gpu_preset_without_a_gpu_stops_before_touching_data(tmp_path, monkeypat
 
 def test_evaluate_and_train_stage2_refuse_what_is_not_there(tmp_path, capsys):
     assert cli.main(["evaluate", "--preset", "cpu-tiny", "--work-dir", str(tmp_path / "typo")]) == 2
-    assert "no run folder" in capsys.readouterr().err and not (tmp_path / "typo").exists()
+    assert "no run folder" in (err := capsys.readouterr().err) and not (tmp_path / "typo").exists()
+    assert "run train-stage1 and train-stage2 first" in err
     assert cli.main(["evaluate", "--preset", "cpu-tiny", "--work-dir", str(tmp_path),
                      "--stage1-adapter", str(tmp_path / "nope")]) == 2
     assert "adapter_config.json" in capsys.readouterr().err
@@ -240,7 +241,8 @@ def test_evaluate_and_train_stage2_refuse_what_is_not_there(tmp_path, capsys):
                      str(tmp_path / "stage1" / "adapter")]) == 2
     assert "--init-adapter" in capsys.readouterr().err and not fresh.exists()  # refused before any folder is made
     assert cli.main(["train-stage2", "--preset", "cpu-tiny", "--work-dir", str(fresh)]) == 2
-    assert "no run folder" in capsys.readouterr().err and not fresh.exists()
+    assert "no run folder" in (err := capsys.readouterr().err) and not fresh.exists()
+    assert "run train-stage1 first" in err
 
 
 @pytest.mark.slow
