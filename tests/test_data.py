@@ -657,6 +657,28 @@ def test_webqa_val_held_out_as_test_unless_linked_to_train():
     assert "v1" in {r.guid for r in linked_test}  # without gold-source links only the rewording is caught
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_webqa_val_hold_out_never_links_test_to_the_pool(seed):
+    """Random small worlds of shared gold images and rewordings: every record lands in exactly one of pool / test /
+    dropped, the pool holds no val question, the test only val ones, and no test question shares a gold image or a
+    question key with a pool question (the leak the hold-out exists to prevent)."""
+    import random
+    from dataclasses import replace
+
+    rng = random.Random(seed)
+    topics = [f"Garden {i}" for i in range(8)]
+    recs = [replace(record(guid=f"q{i}", q=f"What color are the stars in the {rng.choice(topics)}?" if rng.random() < 0.3
+                           else f"What color is the ball {i}?",
+                           img_pos=((30000000 + rng.randrange(25), "t", "c"),)),
+                    split=rng.choice(["train", "train", "val"])) for i in range(40)]
+    pool, test, dropped = D.hold_out_webqa_val(recs)
+    guids = [r.guid for r in pool] + [r.guid for r in test] + dropped
+    assert sorted(guids) == sorted(r.guid for r in recs)
+    assert all(r.split == "train" for r in pool) and all(r.split == "val" for r in test)
+    assert {f.image_id for r in test for f in r.img_pos}.isdisjoint({f.image_id for r in pool for f in r.img_pos})
+    assert {D.near_dup_key(r.question) for r in test}.isdisjoint({D.near_dup_key(r.question) for r in pool})
+
+
 def test_build_with_webqa_val_test_split(tmp_path, world):
     """The whole build: test holds only val questions, none sharing a gold image with train or validation, the funnel
     counts the dropped ones, and a Mini-WebQA built the other way is not current for this setting."""
