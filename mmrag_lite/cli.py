@@ -115,12 +115,12 @@ def run_data(args: argparse.Namespace, preset: Preset, wd: Path) -> DatasetDict:
 
     webqa_dir = getattr(args, "webqa_dir", None)
     rebuild = bool(getattr(args, "rebuild", False))  # (a mistyped --webqa-dir was already named by ``resolve``)
-    if data.mini_webqa_is_current(preset, wd, webqa_dir) is False and not rebuild:
+    if (stale := data.mini_webqa_staleness(preset, wd, webqa_dir)) and not rebuild:
         fix = ("--rebuild to replace it" if hasattr(args, "rebuild") else
                f"rebuild it first (build-data --rebuild with the same --preset and --work-dir {wd})")
-        raise CLIError(f"{wd / 'mini_webqa'} was built with other settings than preset {preset.name!r}"
-                       + (f" from {webqa_dir}" if webqa_dir else "") + ", or its source files changed since: pass "
-                       f"the preset (and --set overrides) it was built with, another --work-dir, or {fix}")
+        raise CLIError(f"{wd / 'mini_webqa'} is not what preset {preset.name!r}"
+                       + (f" would build from {webqa_dir}" if webqa_dir else " would build") + f" ({'; '.join(stale)}): "
+                       f"pass the preset (and --set overrides) it was built with, another --work-dir, or {fix}")
     with _main_process_first():  # --rebuild: the main process rebuilds; the others then load what it wrote
         return data.ensure_mini_webqa(preset, wd, webqa_dir=webqa_dir, force=rebuild and training.is_main_process())
 

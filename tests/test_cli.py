@@ -197,7 +197,7 @@ def test_build_data_refuses_a_run_folder_built_with_other_settings(tmp_path, cap
     assert cli.main(["build-data", "--preset", "cpu-tiny", "--work-dir", run]) == 0
     other = ["build-data", "--preset", "cpu-tiny", "--work-dir", run, "--set", "data.max_candidates=6"]
     assert cli.main(other) == 2
-    assert "built with other settings" in capsys.readouterr().err
+    assert "built with max_candidates=8, the preset asks 6" in capsys.readouterr().err  # says what differs
     assert cli.main([*other, "--rebuild"]) == 0
 
 

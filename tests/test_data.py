@@ -679,7 +679,7 @@ def test_webqa_val_hold_out_never_links_test_to_the_pool(seed):
     assert {D.near_dup_key(r.question) for r in test}.isdisjoint({D.near_dup_key(r.question) for r in pool})
 
 
-def test_build_with_webqa_val_test_split(tmp_path, world):
+def test_build_with_webqa_val_test_split(tmp_path, world, capsys):
     """The whole build: test holds only val questions, none sharing a gold image with train or validation, the funnel
     counts the dropped ones, and a Mini-WebQA built the other way is not current for this setting."""
     from mmrag_lite.config import ConfigError, get_preset
@@ -699,6 +699,10 @@ def test_build_with_webqa_val_test_split(tmp_path, world):
     D.ensure_mini_webqa(preset, run, webqa_dir=world)
     assert D.mini_webqa_is_current(preset, run, world) is True
     assert D.mini_webqa_is_current(get_preset("cpu-tiny"), run, world) is False
+    assert D.mini_webqa_staleness(get_preset("cpu-tiny"), run, world) == [
+        "built with test_split='webqa_val', the preset asks 'pooled'"]
+    D.ensure_mini_webqa(get_preset("cpu-tiny"), run, webqa_dir=world)  # a notebook run without the override
+    assert "rebuilding" in capsys.readouterr().out  # says why before it rebuilds (an hour on real WebQA)
     with pytest.raises(ConfigError, match="test_split"):
         get_preset("cpu-tiny").with_overrides(**{"data.test_split": "val"})
 

@@ -894,12 +894,20 @@ def mini_webqa_source(work_dir: str | Path) -> str | None:
 def mini_webqa_is_current(preset: Any, work_dir: str | Path, webqa_dir: str | Path | None = None) -> bool | None:
     """Whether the Mini-WebQA saved in run folder ``work_dir`` is what ``preset`` (and ``webqa_dir``) would build;
     ``None`` when none is saved. The cache check of ``ensure_mini_webqa``; the CLI asks it before overwriting a run.
+    ``mini_webqa_staleness`` says why not.
 
     Current means: same ``max_candidates``, ``test_split`` and seed, and source files unchanged since the build (size and
     ``mtime_ns`` as recorded in ``funnel.json``; a build from before that was recorded is taken as it is). A Mini-WebQA that
     notebook 01 built from real WebQA counts as current when asked without ``webqa_dir``, unless its source files
     changed (if they are gone there is nothing to compare with, or to rebuild from, and it is kept).
     """
+    reasons = mini_webqa_staleness(preset, work_dir, webqa_dir)
+    return None if reasons is None else not reasons
+
+
+def mini_webqa_staleness(preset: Any, work_dir: str | Path, webqa_dir: str | Path | None = None) -> list[str] | None:
+    """Why the saved Mini-WebQA is not what ``preset`` would build, one phrase per difference (``[]``: it is;
+    ``None``: none is saved). Said before a rebuild, which takes an hour or more on real WebQA."""
     from .world import read_world_manifest
 
     wd = Path(work_dir)
@@ -908,20 +916,28 @@ def mini_webqa_is_current(preset: Any, work_dir: str | Path, webqa_dir: str | Pa
         return None
     saved = _saved_source(mini)
     if saved is None:
-        return False
+        return ["its funnel.json cannot be read"]
     source, settings = saved
     built_from = source.parent.resolve()
-    same_sizes = (settings.get("max_candidates") == preset.data.max_candidates and settings.get("seed") == preset.seed
-                  and settings.get("test_split", "pooled") == preset.data.test_split)
+    want = {"max_candidates": preset.data.max_candidates, "seed": preset.seed, "test_split": preset.data.test_split}
+    had = {"max_candidates": settings.get("max_candidates"), "seed": settings.get("seed"),
+           "test_split": settings.get("test_split", "pooled")}  # a build from before test_split existed pooled
+    reasons = [f"built with {k}={had[k]!r}, the preset asks {v!r}" for k, v in want.items() if had[k] != v]
     # a build from before fingerprints were recorded cannot be checked: kept, as it was then
-    unchanged = "source_files" not in settings or settings["source_files"] == source_fingerprint(source)
+    changed = "source_files" in settings and settings["source_files"] != source_fingerprint(source)
     if webqa_dir is not None:
         asked = Path(webqa_dir).resolve()
-        return same_sizes and unchanged and asked in (built_from, source.resolve())
-    if built_from != world.resolve():  # notebook 01 built it from real WebQA on purpose: keep it
-        return same_sizes and (unchanged or not source.is_file())
-    manifest = read_world_manifest(world)
-    return same_sizes and unchanged and manifest is not None and _world_matches(manifest, preset)
+        if asked not in (built_from, source.resolve()):
+            reasons.append(f"built from {built_from}, not from {asked}")
+    elif built_from != world.resolve():  # notebook 01 built it from real WebQA on purpose: keep it
+        changed = changed and source.is_file()  # gone (a drive not mounted): nothing to compare with
+    else:
+        manifest = read_world_manifest(world)
+        if manifest is None or not _world_matches(manifest, preset):
+            reasons.append("the run's synthetic world is missing or was made with other settings")
+    if changed:
+        reasons.append(f"its source files in {built_from} changed since the build")
+    return reasons
 
 
 def ensure_mini_webqa(preset: Any = "auto", work_dir: str | Path | None = None, progress: bool = False,
@@ -944,7 +960,8 @@ def ensure_mini_webqa(preset: Any = "auto", work_dir: str | Path | None = None, 
     if not force and mini_webqa_is_current(p, wd, webqa_dir):
         return load_mini_webqa(mini)
     with folder_lock(mini):  # two kernels on one run folder: the second waits, then finds the first one's build
-        if force or not mini_webqa_is_current(p, wd, webqa_dir):
+        stale = None if force else mini_webqa_staleness(p, wd, webqa_dir)
+        if force or stale is None or stale:
             saved = _saved_source(mini) if webqa_dir is None else None
             if webqa_dir is not None:
                 source = Path(webqa_dir)
@@ -962,5 +979,7 @@ def ensure_mini_webqa(preset: Any = "auto", work_dir: str | Path | None = None, 
                     make_world(world, n_questions=p.data.world_questions, seed=p.seed,
                                image_size=p.data.world_image_size, progress=progress)
                 source = world
+            if stale:  # say why before a rebuild that takes an hour or more on real WebQA
+                print(f"rebuilding {mini} from {source}: " + "; ".join(stale))
             build_mini_webqa(source, mini, settings=p.data, seed=p.seed, progress=progress)
     return load_mini_webqa(mini)
