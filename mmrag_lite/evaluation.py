@@ -942,6 +942,13 @@ def build_report(preset: Preset, rows: Sequence[Row], predictions: Mapping[str, 
     if data_source == "synthetic world":
         report.notes.append("Mini-WebQA was built from the synthetic world (coloured shapes; notebook 01 without "
                             "webqa_dir), not from WebQA: whatever the model, these numbers say nothing about WebQA")
+    if preset.data.test_split == "webqa_val":
+        report.notes.append("test split: WebQA's own val questions that passed the Mini-WebQA filters "
+                            "(data.test_split='webqa_val'): a filtered subset of WebQA's val split, not all of it")
+    elif data_source == "WebQA files":
+        report.notes.append("test split: Mini-WebQA's own, cut from WebQA's train and val questions pooled "
+                            "(data.test_split='pooled'): neither WebQA's val nor its test split, so not comparable "
+                            "with numbers reported on those")
     return report
 
 

@@ -398,6 +398,12 @@ def test_build_report_is_what_evaluate_writes(tmp_path, monkeypatch):
     assert (tmp_path / "cli" / "eval" / "results.md").read_text().startswith(
         "## Results (cpu-tiny, Mini-WebQA from the synthetic world)")
     assert sorted(p.name for p in (tmp_path / "cli" / "eval").iterdir()) == sorted(p.name for p in (tmp_path / "nb" / "eval").iterdir())
+    assert not any(n.startswith("test split") for n in a["notes"])  # the synthetic world's caveat says enough
+    real = E.build_report(preset, ROWS, preds, data_source="WebQA files").notes
+    assert any("neither WebQA's val nor its test split" in n for n in real)
+    on_val = E.build_report(preset.with_overrides(**{"data.test_split": "webqa_val"}), ROWS, preds,
+                            data_source="WebQA files").notes
+    assert any("WebQA's own val questions" in n for n in on_val) and not any("neither" in n for n in on_val)
     with_mmqa = E.build_report(preset, ROWS, preds, mmqa_note="MMQA: none here")
     assert "MMQA: none here" in with_mmqa.notes and any("x100" in n for n in with_mmqa.notes)
     table, cats = E.systems_table(preds, ROWS)
