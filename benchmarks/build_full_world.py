@@ -6,6 +6,9 @@ Target (issue #2): the build under 5 minutes and under 2 GB on 2 CPU cores.
 
     .venv/bin/python benchmarks/build_full_world.py                 # full size, in a temporary folder
     .venv/bin/python benchmarks/build_full_world.py --questions 2000 --keep /tmp/world2k
+    # real-size images: 800 px JPEGs (real WebQA's are ~800 px), kept images downscaled to 448 px as stored;
+    # --workers 1 builds the rows in one thread (the default is one per core)
+    .venv/bin/python benchmarks/build_full_world.py --questions 1000 --image-size 800 --image-format JPEG --preset colab-t4
 """
 
 from __future__ import annotations
@@ -33,11 +36,11 @@ def _phase(name: str, queue, args: dict) -> None:
     t0 = time.perf_counter()
     if name == "world":
         make_world(args["world"], n_questions=args["questions"], seed=args["seed"], image_size=args["image_size"],
-                   progress=args["progress"])
+                   image_format=args["image_format"], progress=args["progress"])
         extra = json.loads((Path(args["world"]) / "world_manifest.json").read_text())["n_images"]
     else:
         _, report = build_mini_webqa(args["world"], args["mini"], settings=args["preset"], seed=args["seed"],
-                                      progress=args["progress"])
+                                      progress=args["progress"], workers=args["workers"])
         extra = {"splits": report.splits, "kept": report.n_kept, "read": report.n_read}
     queue.put({"phase": name, "wall_s": time.perf_counter() - t0, "peak_mb": _peak_mb(), "extra": extra})
 
@@ -64,15 +67,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--questions", type=int, default=41_732, help="records in the world (WebQA train+val: 41,732)")
     parser.add_argument("--image-size", type=int, default=56)
+    parser.add_argument("--image-format", default="PNG", choices=["PNG", "JPEG"], help="how the world encodes images")
     parser.add_argument("--preset", default="cpu-tiny", help="preset whose DataSettings (max_candidates) the build uses")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=None, help="threads building rows (default: one per core, max 4)")
     parser.add_argument("--keep", default=None, help="write here and keep the files (default: a temporary folder)")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
     ns = parser.parse_args(argv)
     root = Path(ns.keep) if ns.keep else Path(tempfile.mkdtemp(prefix="mmrag-bench-"))
     root.mkdir(parents=True, exist_ok=True)
     args = {"world": str(root / "world"), "mini": str(root / "mini_webqa"), "questions": ns.questions,
-            "image_size": ns.image_size, "preset": ns.preset, "seed": ns.seed, "progress": ns.progress}
+            "image_size": ns.image_size, "image_format": ns.image_format, "preset": ns.preset, "seed": ns.seed,
+            "workers": ns.workers, "progress": ns.progress}
     try:
         world = _run("world", args)
         print(f"world: {ns.questions} questions, {world['extra']} images, {world['wall_s']:.1f} s, "

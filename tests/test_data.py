@@ -745,10 +745,84 @@ def test_candidate_pool_holds_each_id_once_and_gold_wins():
 
 def test_downscaled_images_keep_their_format():
     big_jpeg, big_png = _jpeg(size=96), _png(size=96)
-    small = D.mini._image_payload(big_jpeg, 48, 1)
-    assert small[:3] == b"\xff\xd8\xff" and Image.open(io.BytesIO(small)).size == (48, 48)
-    assert D.mini._image_payload(big_png, 48, 2)[:4] == b"\x89PNG"
-    assert D.mini._image_payload(_jpeg(size=32), 48, 3) == _jpeg(size=32)  # small enough: stored as it is
+    small, size = D.mini._image_payload(big_jpeg, 48, 1)
+    assert small[:3] == b"\xff\xd8\xff" and Image.open(io.BytesIO(small)).size == size == (48, 48)
+    assert D.mini._image_payload(big_png, 48, 2)[0][:4] == b"\x89PNG"
+    assert D.mini._image_payload(_jpeg(size=32), 48, 3) == (_jpeg(size=32), (32, 32))  # small enough: stored as it is
+    cut = _jpeg(size=32)[: len(_jpeg(size=32)) * 2 // 3]  # truncated: re-encoded whole, so any reader opens it
+    fixed, size = D.mini._image_payload(cut, 48, 4)
+    assert fixed != cut and size == (32, 32) and D.load_image_bytes(fixed).size == (32, 32)
+    Image.open(io.BytesIO(fixed)).load()  # strict decode, no truncation tolerance needed
+    with pytest.raises(D.ImageDecodeError, match="image 5"):
+        D.mini._image_payload(b"not an image", 48, 5)
+
+
+def test_a_strict_check_waits_while_another_thread_decodes_tolerantly(monkeypatch):
+    """PIL's truncation tolerance is one process-wide flag, raised while ``load_image_bytes`` opens a truncated file.
+    A strict check in another thread at that moment would pass its own truncated file as whole, and the builder would
+    store it unrepaired; under the gate it waits until the flag is down, then re-encodes the file."""
+    import contextlib
+    import threading
+
+    from mmrag_lite.data import images
+
+    big = _jpeg(size=64)
+    cut = big[: len(big) * 2 // 3]
+
+    def check_while_flag_is_up(gate) -> tuple[bool, bytes]:
+        inside, leave, out = threading.Event(), threading.Event(), []
+
+        def tolerant_decode():  # what load_image_bytes does for a truncated file, held open
+            with gate.tolerant():
+                inside.set()
+                leave.wait(10)
+
+        holder = threading.Thread(target=tolerant_decode)
+        holder.start()
+        inside.wait(10)
+        checker = threading.Thread(target=lambda: out.append(D.mini._image_payload(cut, 64, 1)[0]))
+        checker.start()
+        checker.join(0.3)
+        waited = checker.is_alive()
+        leave.set()
+        checker.join(10)
+        holder.join(10)
+        return waited, out[0]
+
+    waited, stored = check_while_flag_is_up(images.TRUNCATION_GATE)
+    assert waited and stored != cut
+    Image.open(io.BytesIO(stored)).load()  # whole: opens without any tolerance
+
+    class NoGate:  # the flag alone, as before the gate: the check runs at once and passes the cut file
+        strict = staticmethod(contextlib.nullcontext)
+
+        @staticmethod
+        @contextlib.contextmanager
+        def tolerant():
+            previous, images.ImageFile.LOAD_TRUNCATED_IMAGES = images.ImageFile.LOAD_TRUNCATED_IMAGES, True
+            try:
+                yield
+            finally:
+                images.ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+    monkeypatch.setattr(mini, "TRUNCATION_GATE", NoGate())
+    waited, stored = check_while_flag_is_up(NoGate())
+    assert not waited and stored == cut
+
+
+def test_rows_built_in_threads_are_the_serial_rows(world):
+    """``workers=3`` threads give the same dataset, candidate counts and skipped questions as one; with
+    ``check_images=False`` a broken gold image is skipped in a thread, the rest kept."""
+    serial, serial_report = D.build_mini_webqa(world, None, filters=NO_IMAGES, progress=False, workers=1)
+    parallel, parallel_report = D.build_mini_webqa(world, None, filters=NO_IMAGES, progress=False, workers=3)
+    for name in D.SPLITS:
+        assert serial[name].to_list() == parallel[name].to_list(), name
+    assert serial_report.to_dict() == parallel_report.to_dict()
+    assert parallel_report.candidates["skipped_broken_gold_image"] > 0  # the world plants broken gold images
+    assert mini._row_threads(None, False) == mini._row_threads(5, False) == 1  # no images: nothing to spread
+    assert 1 <= mini._row_threads(None, True) <= 4 and mini._row_threads(3, True) == 3
+    with pytest.raises(ValueError, match="workers"):
+        D.build_mini_webqa(world, None, filters=NO_IMAGES, progress=False, workers=0)
 
 
 # ----------------------------------------------------------------------------------------------- builder

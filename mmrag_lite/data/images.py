@@ -7,12 +7,14 @@
 
 The offsets live in one compact ``numpy.int64`` array (8 bytes per image); the tsv is never read whole.
 Some real images are truncated; ``load_image_bytes`` opens them with ``ImageFile.LOAD_TRUNCATED_IMAGES``.
+A store and ``load_image_bytes`` are safe to use from several threads (the Mini-WebQA builder does).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import threading
 from collections.abc import Iterator
@@ -22,7 +24,50 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 ID_MODULUS = 10_000_000  # WebQA image ids are 3xxxxxxx; the row in imgs.lineidx is id % 10_000_000
-_TRUNCATED_LOCK = threading.Lock()
+
+
+class _TruncationGate:
+    """PIL reads its truncation tolerance from one process-wide flag. Strict decodes share the gate; a tolerant one
+    holds it alone while the flag is raised, so a strict decode in another thread never runs with the flag up (it
+    would pass a truncated file as whole). A waiting tolerant decode goes before strict ones that come later."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._strict = 0  # strict decodes running
+        self._tolerant_waiting = 0
+        self._tolerant = False
+
+    @contextlib.contextmanager
+    def strict(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not (self._tolerant or self._tolerant_waiting))
+            self._strict += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._strict -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def tolerant(self) -> Iterator[None]:
+        with self._cond:
+            self._tolerant_waiting += 1
+            self._cond.wait_for(lambda: not (self._tolerant or self._strict))
+            self._tolerant_waiting -= 1
+            self._tolerant = True
+        previous = ImageFile.LOAD_TRUNCATED_IMAGES
+        ImageFile.LOAD_TRUNCATED_IMAGES = True
+        try:
+            yield
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = previous
+            with self._cond:
+                self._tolerant = False
+                self._cond.notify_all()
+
+
+TRUNCATION_GATE = _TruncationGate()  # every strict ``load()`` of store bytes runs under ``TRUNCATION_GATE.strict()``
 
 
 class ImageStoreError(Exception):
@@ -51,34 +96,21 @@ def load_image_bytes(data: bytes, image_id: int = -1) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as im:
             try:
-                im.load()
-            except OSError:  # truncated: retry with PIL's tolerance (process-wide flag, so restore it after)
-                with _TRUNCATED_LOCK:
-                    previous = ImageFile.LOAD_TRUNCATED_IMAGES
-                    ImageFile.LOAD_TRUNCATED_IMAGES = True
-                    try:
-                        with Image.open(io.BytesIO(data)) as im2:
-                            im2.load()
-                            return im2.convert("RGB")
-                    finally:
-                        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+                with TRUNCATION_GATE.strict():
+                    im.load()
+            except OSError:  # truncated: retry with PIL's tolerance (a process-wide flag: see _TruncationGate)
+                with TRUNCATION_GATE.tolerant(), Image.open(io.BytesIO(data)) as im2:
+                    im2.load()
+                    return im2.convert("RGB")
             return im.convert("RGB")
     except ImageStoreError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         # DecompressionBombError is a plain Exception: a corrupt header claiming giant dimensions must fail like any
         # other unreadable image (one bad image never aborts a build), not escape as a crash
-        raise ImageDecodeError(image_id, f"bytes are not a readable image ({type(exc).__name__}: {exc})") from None
-
-
-def is_truncated(data: bytes) -> bool:
-    """True when the bytes only decode with PIL's truncated-image tolerance (worth re-encoding before storing)."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-        return False
-    except Exception:  # noqa: BLE001 - any failure means "not cleanly decodable"
-        return True
+        # (PIL names the in-memory file by its address: a message that differed from run to run)
+        detail = "no image format PIL knows" if isinstance(exc, UnidentifiedImageError) else str(exc)
+        raise ImageDecodeError(image_id, f"bytes are not a readable image ({type(exc).__name__}: {detail})") from None
 
 
 def read_lineidx(path: str | Path) -> np.ndarray:
@@ -107,6 +139,7 @@ class ImageStore:
         self.tsv_path, self.lineidx_path = tsv, lineidx
         self.offsets = read_lineidx(lineidx)
         self._fh = None
+        self._lock = threading.Lock()  # one file position: a seek and its readline must not interleave across threads
 
     # -- lifecycle -------------------------------------------------------------------------------
     def _file(self):
@@ -125,10 +158,14 @@ class ImageStore:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __getstate__(self) -> dict:  # an open file handle cannot cross processes; reopen lazily
+    def __getstate__(self) -> dict:  # an open file handle (or a lock) cannot cross processes; reopen lazily
         state = dict(self.__dict__)
         state["_fh"] = None
+        del state["_lock"]
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -141,9 +178,10 @@ class ImageStore:
         row = int(image_id) % ID_MODULUS
         if row >= len(self.offsets):
             raise ImageNotFoundError(image_id, f"no line in {self.lineidx_path.name} (row {row} >= {len(self.offsets)})")
-        fh = self._file()
-        fh.seek(int(self.offsets[row]))
-        line = fh.readline()
+        with self._lock:
+            fh = self._file()
+            fh.seek(int(self.offsets[row]))
+            line = fh.readline()
         key, sep, payload = line.partition(b"\t")
         if not sep or key.strip() != str(int(image_id)).encode():
             raise ImageNotFoundError(

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import re
-from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections import Counter, defaultdict, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ from typing import Any
 from PIL import Image
 
 from ..atomic import atomic_dir, folder_lock
-from .images import ImageStore, ImageStoreError, is_truncated, load_image_bytes
+from .images import TRUNCATION_GATE, ImageStore, ImageStoreError, load_image_bytes
 from .webqa import (
     IMAGE_QCATES,
     ImageFact,
@@ -507,21 +509,30 @@ def split_leaks(splits: Mapping[str, Sequence[WebQARecord]], copies: Mapping[str
 
 
 # ------------------------------------------------------------------------------------ candidate pools
-def _image_payload(data: bytes, max_side: int, image_id: int) -> bytes:
-    """Store bytes as they are, unless truncated (re-encode so any reader opens it) or larger than ``max_side``."""
-    if not is_truncated(data):
+def _image_payload(data: bytes, max_side: int, image_id: int) -> tuple[bytes, tuple[int, int]]:
+    """``(bytes to store, their width x height)``: the bytes as they are, unless truncated (re-encoded so any reader
+    opens them) or larger than ``max_side`` (downscaled).
+
+    One decode per image: on real WebQA (~800 px photos) decoding and downscaling are most of the build's time
+    (``benchmarks/build_full_world.py --image-size 800``).
+    """
+    try:
         with Image.open(io.BytesIO(data)) as im:
             if max(im.size) <= max_side:
-                return data
+                with TRUNCATION_GATE.strict():
+                    im.load()  # strict: a truncated file raises here and is re-encoded below
+                return data, im.size
+    except Exception:  # noqa: BLE001 - truncated or unreadable: load_image_bytes keeps the one, names the other
+        pass
     im = load_image_bytes(data, image_id)
     if max(im.size) > max_side:
         im.thumbnail((max_side, max_side))
     buf = io.BytesIO()
     if data[:3] == b"\xff\xd8\xff":  # a JPEG stays a JPEG: as PNG a photo takes about four times the space
-        im.convert("RGB").save(buf, format="JPEG", quality=90)
+        im.save(buf, format="JPEG", quality=90)  # load_image_bytes gives RGB
     else:
         im.save(buf, format="PNG")
-    return buf.getvalue()
+    return buf.getvalue(), im.size
 
 
 def _candidate(fact: ImageFact | TextFact, is_gold: bool, image: dict | None) -> dict[str, Any]:
@@ -564,8 +575,8 @@ def record_to_row(record: WebQARecord, store: ImageStore | None, max_candidates:
         if isinstance(fact, ImageFact) and store is not None:
             try:
                 data = store.get_bytes(fact.image_id)
-                payload = _image_payload(data, filters.max_image_side, fact.image_id)
-                if filters.check_images and min(load_image_bytes(payload, fact.image_id).size) < filters.min_image_side:
+                payload, size = _image_payload(data, filters.max_image_side, fact.image_id)
+                if filters.check_images and min(size) < filters.min_image_side:
                     raise ImageStoreError(fact.image_id, "too small")
                 image = {"bytes": payload, "path": None}
             except ImageStoreError:
@@ -587,6 +598,42 @@ def record_to_row(record: WebQARecord, store: ImageStore | None, max_candidates:
         "candidates": chosen,
         "gold_ids": [c["id"] for c in chosen if c["is_gold"]],
     }
+
+
+def _row_or_skip(record: WebQARecord, store: ImageStore | None, max_candidates: int | None,
+                 filters: MiniWebQAFilters, seed: int) -> tuple[dict[str, Any] | None, Counter, str | None]:
+    """``(row, candidate counts, None)``, or ``(None, counts, why)`` for a broken gold image that the
+    broken_gold_image step did not check (``check_images=False``): that question is skipped, the rest kept."""
+    counts: Counter = Counter()
+    try:
+        return record_to_row(record, store, max_candidates, filters, seed, counts), counts, None
+    except ImageStoreError as exc:
+        counts["skipped_broken_gold_image"] += 1
+        return None, counts, str(exc)
+
+
+def _row_threads(workers: int | None, has_images: bool) -> int:
+    """Threads that build rows. Decoding, downscaling and re-encoding real WebQA's ~800 px images is most of a real
+    build's time, and Pillow releases the GIL for all three, so threads spread it over the cores (no processes: no
+    copies of the data, nothing a script must guard). Without images there is nothing to spread."""
+    if workers is not None:
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be a whole number >= 1 or None (one per core, at most 4), got {workers!r}")
+        return workers if has_images else 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, 4)) if has_images else 1
+
+
+def _in_order(executor: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Iterable[Any], ahead: int) -> Iterator[Any]:
+    """``fn`` over ``items`` on ``executor``, results in input order, at most ``ahead`` in flight (``Executor.map``
+    would submit everything at once and could hold a whole split's images in memory)."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(executor.submit(fn, item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def mini_webqa_features():
@@ -722,12 +769,14 @@ def build_mini_webqa(
     seed: int = 0,
     max_candidates: int | None = None,
     progress: bool = True,
+    workers: int | None = None,
 ):
     """Read WebQA (real or synthetic) from ``source_dir``, filter, balance, split, trim pools and save.
 
     ``settings`` (a ``DataSettings``, ``Preset`` or preset name; default cpu-tiny) gives ``max_candidates``
-    unless passed explicitly. Returns ``(DatasetDict, FunnelReport)``; with ``out_dir`` both are written there
-    (``funnel.json`` beside the dataset, with the source files' fingerprint), atomically.
+    unless passed explicitly. ``workers`` threads decode and downscale the images (``None``: one per core, at most
+    4; the output is the same for any number). Returns ``(DatasetDict, FunnelReport)``; with ``out_dir`` both are
+    written there (``funnel.json`` beside the dataset, with the source files' fingerprint), atomically.
 
     Raises ``MiniWebQABuildError`` when no question survives, when a split to be saved would be empty (it could not
     be loaded), or for ``WebQA_test.json`` (no answers, no gold facts); ``WebQAFormatError`` for a file that is not
@@ -789,23 +838,26 @@ def build_mini_webqa(
                                  data.test_split)
         counts: Counter = Counter()
         splits = {}
-        bar = tqdm(total=len(kept), desc="build rows", disable=not progress, mininterval=1.0, unit=" q")
+        n_threads = _row_threads(workers, store is not None)
+        bar = tqdm(total=len(kept), desc=f"build rows ({n_threads} threads)" if n_threads > 1 else "build rows",
+                   disable=not progress, mininterval=1.0, unit=" q")
         skipped: list[str] = []
+        with ThreadPoolExecutor(n_threads, thread_name_prefix="mini-webqa-rows") as executor:
+            def row_of(r: WebQARecord) -> tuple[dict[str, Any] | None, Counter, str | None]:
+                return _row_or_skip(r, store, max_candidates, filters, seed)
 
-        def rows(recs: list[WebQARecord]):
-            for r in recs:
-                bar.update(1)
-                try:
-                    row = record_to_row(r, store, max_candidates, filters, seed, counts)
-                except ImageStoreError as exc:  # a broken gold image the broken_gold_image step did not check
-                    counts["skipped_broken_gold_image"] += 1  # (check_images=False): skip it, do not lose the rest
-                    skipped.append(r.guid)
-                    report.read_errors.append(f"{r.guid}: skipped, {exc}")
-                    continue
-                yield row
+            def rows(recs: list[WebQARecord]):
+                for r, (row, row_counts, problem) in zip(recs, _in_order(executor, row_of, recs, 4 * n_threads)):
+                    bar.update(1)
+                    counts.update(row_counts)
+                    if row is None:
+                        skipped.append(r.guid)
+                        report.read_errors.append(f"{r.guid}: skipped, {problem}")
+                        continue
+                    yield row
 
-        for name in SPLITS:
-            splits[name] = rows_to_dataset(rows(parts[name]))
+            for name in SPLITS:
+                splits[name] = rows_to_dataset(rows(parts[name]))
         bar.close()
         dd = DatasetDict(splits)
         if skipped:  # the funnel ends at what the dataset holds
@@ -907,7 +959,7 @@ def mini_webqa_is_current(preset: Any, work_dir: str | Path, webqa_dir: str | Pa
 
 def mini_webqa_staleness(preset: Any, work_dir: str | Path, webqa_dir: str | Path | None = None) -> list[str] | None:
     """Why the saved Mini-WebQA is not what ``preset`` would build, one phrase per difference (``[]``: it is;
-    ``None``: none is saved). Said before a rebuild, which takes an hour or more on real WebQA."""
+    ``None``: none is saved). Said before a rebuild: on real WebQA one takes about 1½–2 hours on 2 cores (projected)."""
     from .world import read_world_manifest
 
     wd = Path(work_dir)
@@ -979,7 +1031,7 @@ def ensure_mini_webqa(preset: Any = "auto", work_dir: str | Path | None = None, 
                     make_world(world, n_questions=p.data.world_questions, seed=p.seed,
                                image_size=p.data.world_image_size, progress=progress)
                 source = world
-            if stale:  # say why before a rebuild that takes an hour or more on real WebQA
+            if stale:  # say why before a rebuild that takes hours on real WebQA
                 print(f"rebuilding {mini} from {source}: " + "; ".join(stale))
             build_mini_webqa(source, mini, settings=p.data, seed=p.seed, progress=progress)
     return load_mini_webqa(mini)
