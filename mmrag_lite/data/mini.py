@@ -1001,6 +1001,7 @@ def ensure_mini_webqa(preset: Any = "auto", work_dir: str | Path | None = None, 
     (``mini_webqa_is_current``), so the cache never goes stale silently. A Mini-WebQA that notebook 01 built from
     real WebQA is kept (later notebooks call this without ``webqa_dir``), and rebuilt from that same folder when it
     must be. ``force`` rebuilds unconditionally (the run's synthetic world too, when that is the source).
+    ``progress`` shows bars for a synthetic build; one from real WebQA files always shows them.
     """
     from ..config import resolve_preset
     from ..config import work_dir as run_dir
@@ -1033,5 +1034,6 @@ def ensure_mini_webqa(preset: Any = "auto", work_dir: str | Path | None = None, 
                 source = world
             if stale:  # say why before a rebuild that takes hours on real WebQA
                 print(f"rebuilding {mini} from {source}: " + "; ".join(stale))
-            build_mini_webqa(source, mini, settings=p.data, seed=p.seed, progress=progress)
+            real = Path(source).resolve() != world.resolve()  # hours on real WebQA: always with progress bars
+            build_mini_webqa(source, mini, settings=p.data, seed=p.seed, progress=progress or real)
     return load_mini_webqa(mini)
