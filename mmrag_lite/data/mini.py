@@ -959,7 +959,7 @@ def mini_webqa_is_current(preset: Any, work_dir: str | Path, webqa_dir: str | Pa
 
 def mini_webqa_staleness(preset: Any, work_dir: str | Path, webqa_dir: str | Path | None = None) -> list[str] | None:
     """Why the saved Mini-WebQA is not what ``preset`` would build, one phrase per difference (``[]``: it is;
-    ``None``: none is saved). Said before a rebuild: on real WebQA one takes about 1½–2 hours on 2 cores (projected)."""
+    ``None``: none is saved). Said before a rebuild: on real WebQA one takes about an hour on 2 cores (projected)."""
     from .world import read_world_manifest
 
     wd = Path(work_dir)
