@@ -742,6 +742,15 @@ def get_preset(name: str | Preset = "cpu-tiny", /, **overrides: Any) -> Preset:
     return preset.with_overrides(**overrides).check_prompt_budget() if overrides else preset
 
 
+def usable_cores() -> int:
+    """CPU cores this process may use: a container's CPU limit where the OS reports one (``os.cpu_count`` counts
+    the host's), else every core."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
 def cuda_native_bf16(device: int = 0) -> bool:
     """Whether CUDA ``device`` computes in bfloat16 natively: compute capability 8.0 (Ampere) or newer.
 

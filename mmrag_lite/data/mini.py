@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
 import re
 from collections import Counter, defaultdict, deque
@@ -620,8 +619,9 @@ def _row_threads(workers: int | None, has_images: bool) -> int:
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be a whole number >= 1 or None (one per core, at most 4), got {workers!r}")
         return workers if has_images else 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, 4)) if has_images else 1
+    from ..config import usable_cores
+
+    return min(usable_cores(), 4) if has_images else 1
 
 
 def _in_order(executor: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Iterable[Any], ahead: int) -> Iterator[Any]:

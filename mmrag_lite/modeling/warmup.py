@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 
 from ..atomic import atomic_dir
-from ..config import Preset, image_tokens
+from ..config import Preset, image_tokens, usable_cores
 from ..data import ensure_mini_webqa
 from ..prompts import (
     DEFAULT_TAGS,
@@ -74,11 +73,7 @@ class WarmUpSettings:
 
 def warm_up_threads(settings: WarmUpSettings = WarmUpSettings()) -> int:
     """Threads the warm-up runs on: ``settings.threads``, never more than the cores this process may use."""
-    try:
-        cores = len(os.sched_getaffinity(0))  # a container's CPU limit, where the OS reports one
-    except AttributeError:  # pragma: no cover - macOS, Windows
-        cores = os.cpu_count() or 1
-    return max(1, min(settings.threads, cores))
+    return max(1, min(settings.threads, usable_cores()))
 
 
 # =============================================================================================== warm-up data
