@@ -163,6 +163,21 @@ def test_warm_up_threads_are_capped_by_the_cores_and_name_the_cache(monkeypatch:
     assert folder_with_cores(1) != folder_with_cores(2)
 
 
+def test_the_warm_up_stops_only_after_patience_checks_in_a_row_at_the_target() -> None:
+    """One lucky check is noise (a chance-level model passed 0.65 once and stopped a real rebuild); a streak is not."""
+    from mmrag_lite.modeling.warmup import reached_target
+
+    assert not reached_target([], 0.65, 2)
+    assert not reached_target([0.5, 0.67], 0.65, 2)  # the 2026-11-27 rebuild's single lucky check
+    assert not reached_target([0.67, 0.5], 0.65, 2)  # a streak broken by the latest check
+    assert reached_target([0.5, 0.65, 0.7], 0.65, 2)  # the target itself counts as reached
+    assert reached_target([0.66], 0.65, 1)  # patience 1: the old rule
+    with pytest.raises(ValueError, match="patience must be at least 1"):
+        reached_target([0.9], 0.65, 0)
+    with pytest.raises(ValueError, match="WarmUpSettings.patience must be at least 1"):
+        M.WarmUpSettings(patience=0)
+
+
 def test_4bit_fallback_is_explicit(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(loading, "can_load_in_4bit", lambda device: (False, "pretend bitsandbytes is missing"))
     with pytest.warns(RuntimeWarning, match="cannot run here: pretend bitsandbytes is missing"):
