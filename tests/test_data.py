@@ -516,6 +516,11 @@ def test_filter_broken_gold_image(tmp_path):
         kept = D.filter_records(recs, MiniWebQAFilters(max_qcate_fraction=None), store, report)
         assert [r.guid for r in kept] == ["ok"]
         assert {s.name: s.removed for s in report.steps}["broken_gold_image"] == 3
+        threaded = FunnelReport("t")  # three threads check the gold images: the same verdicts, in input order
+        assert D.filter_records(recs * 3, MiniWebQAFilters(max_qcate_fraction=None, drop_duplicates=False), store,
+                                threaded, workers=3) == [recs[0]] * 3
+        gold_step = {s.name: s for s in threaded.steps}["broken_gold_image"]
+        assert (gold_step.removed, gold_step.examples) == (9, ["broken", "tiny", "missing", "broken", "tiny"])
         second = record(guid="second", img_pos=((30000000, "Ball", "x"), (30000001, "Ball", "y")), img_neg=())
         assert D.filter_records([second], MiniWebQAFilters(max_qcate_fraction=None), store) == []  # every gold checked
         # a broken distractor is skipped, not fatal
@@ -819,6 +824,10 @@ def test_rows_built_in_threads_are_the_serial_rows(world):
         assert serial[name].to_list() == parallel[name].to_list(), name
     assert serial_report.to_dict() == parallel_report.to_dict()
     assert parallel_report.candidates["skipped_broken_gold_image"] > 0  # the world plants broken gold images
+    _, checked_serial = D.build_mini_webqa(world, None, progress=False, workers=1)  # the gold check in threads too
+    _, checked_parallel = D.build_mini_webqa(world, None, progress=False, workers=3)
+    assert checked_serial.to_dict() == checked_parallel.to_dict()
+    assert {s.name: s.removed for s in checked_parallel.steps}["broken_gold_image"] > 0
     assert mini._row_threads(None, False) == mini._row_threads(5, False) == 1  # no images: nothing to spread
     assert 1 <= mini._row_threads(None, True) <= 4 and mini._row_threads(3, True) == 3
     with pytest.raises(ValueError, match="workers"):

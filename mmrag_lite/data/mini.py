@@ -304,10 +304,12 @@ def filter_records(
     report: FunnelReport | None = None,
     seed: int = 0,
     progress: bool = False,
+    workers: int = 1,
 ) -> list[WebQARecord]:
     """Run the question-level filters in order, recording each step in ``report``; returns the kept records.
 
-    Pure apart from reading images through ``store`` (needed only when ``filters.check_images``).
+    Pure apart from reading images through ``store`` (needed only when ``filters.check_images``), which ``workers``
+    threads decode: the gold-image check reads every surviving question's gold images, before balancing.
     """
     from tqdm.auto import tqdm
 
@@ -333,14 +335,17 @@ def filter_records(
     if filters.check_images:
         if store is None:
             raise ValueError("check_images=True needs an ImageStore (or pass filters with check_images=False)")
-        bar = tqdm(total=len(kept), desc="check gold images", disable=not progress, mininterval=1.0)
+        n_threads = _row_threads(workers, has_images=True)
 
         def gold_images_ok(r: WebQARecord) -> bool:
-            bar.update(1)
             return all(store.check(f.image_id, filters.min_image_side) is None for f in r.img_pos)
 
-        step("broken_gold_image", gold_images_ok)
-        bar.close()
+        with ThreadPoolExecutor(n_threads, thread_name_prefix="mini-webqa-gold") as executor:
+            verdicts = _in_order(executor, gold_images_ok, kept, 4 * n_threads)
+            desc = f"check gold images ({n_threads} threads)" if n_threads > 1 else "check gold images"
+            ok = {id(r): good for r, good in zip(kept, tqdm(verdicts, total=len(kept), desc=desc,
+                                                            disable=not progress, mininterval=1.0, unit=" q"))}
+        step("broken_gold_image", lambda r: ok[id(r)])
     if filters.drop_duplicates:  # after the quality checks: a broken first copy must not take its good twin along
         seen: set[str] = set()
 
@@ -612,9 +617,10 @@ def _row_or_skip(record: WebQARecord, store: ImageStore | None, max_candidates: 
 
 
 def _row_threads(workers: int | None, has_images: bool) -> int:
-    """Threads that build rows. Decoding, downscaling and re-encoding real WebQA's ~800 px images is most of a real
-    build's time, and Pillow releases the GIL for all three, so threads spread it over the cores (no processes: no
-    copies of the data, nothing a script must guard). Without images there is nothing to spread."""
+    """Threads that read images: the gold-image check, then the rows. Decoding (and for rows downscaling and
+    re-encoding) real WebQA's ~800 px images is most of a real build's time, and Pillow releases the GIL for all
+    three, so threads spread it over the cores (no processes: no copies of the data, nothing a script must guard).
+    Without images there is nothing to spread."""
     if workers is not None:
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be a whole number >= 1 or None (one per core, at most 4), got {workers!r}")
@@ -774,8 +780,8 @@ def build_mini_webqa(
     """Read WebQA (real or synthetic) from ``source_dir``, filter, balance, split, trim pools and save.
 
     ``settings`` (a ``DataSettings``, ``Preset`` or preset name; default cpu-tiny) gives ``max_candidates``
-    unless passed explicitly. ``workers`` threads decode and downscale the images (``None``: one per core, at most
-    4; the output is the same for any number). Returns ``(DatasetDict, FunnelReport)``; with ``out_dir`` both are
+    unless passed explicitly. ``workers`` threads check the gold images and decode and downscale the candidates'
+    (``None``: one per core, at most 4; the output is the same for any number). Returns ``(DatasetDict, FunnelReport)``; with ``out_dir`` both are
     written there (``funnel.json`` beside the dataset, with the source files' fingerprint), atomically.
 
     Raises ``MiniWebQABuildError`` when no question survives, when a split to be saved would be empty (it could not
@@ -821,7 +827,8 @@ def build_mini_webqa(
                                        len(errors), len(records), [e.guid for e in errors[:5]]))
         report.read_errors = [str(e) for e in errors[:20]]
         unlabelled = bool(records) and not any(r.is_labelled for r in records)
-        kept = filter_records(records, filters, store, report, seed=seed, progress=progress)
+        n_threads = _row_threads(workers, store is not None)
+        kept = filter_records(records, filters, store, report, seed=seed, progress=progress, workers=n_threads)
         del records
         if not kept:
             raise _nothing_left(report, json_path, unlabelled)
@@ -838,7 +845,6 @@ def build_mini_webqa(
                                  data.test_split)
         counts: Counter = Counter()
         splits = {}
-        n_threads = _row_threads(workers, store is not None)
         bar = tqdm(total=len(kept), desc=f"build rows ({n_threads} threads)" if n_threads > 1 else "build rows",
                    disable=not progress, mininterval=1.0, unit=" q")
         skipped: list[str] = []
