@@ -781,8 +781,9 @@ def build_mini_webqa(
 
     ``settings`` (a ``DataSettings``, ``Preset`` or preset name; default cpu-tiny) gives ``max_candidates``
     unless passed explicitly. ``workers`` threads check the gold images and decode and downscale the candidates'
-    (``None``: one per core, at most 4; the output is the same for any number). Returns ``(DatasetDict, FunnelReport)``; with ``out_dir`` both are
-    written there (``funnel.json`` beside the dataset, with the source files' fingerprint), atomically.
+    (``None``: one per core, at most 4; the output is the same for any number). Returns ``(DatasetDict,
+    FunnelReport)``; with ``out_dir`` both are written there (``funnel.json`` beside the dataset, with the source
+    files' fingerprint), atomically.
 
     Raises ``MiniWebQABuildError`` when no question survives, when a split to be saved would be empty (it could not
     be loaded), or for ``WebQA_test.json`` (no answers, no gold facts); ``WebQAFormatError`` for a file that is not

@@ -54,8 +54,9 @@ class WarmUpSettings:
     eval_every: int = 20
     eval_items: int = 128  # balanced items (as many as half of the validation questions give) for the early stop
     target_accuracy: float = 0.65  # stop once stage-1 accuracy reaches this: above majority (0.5), far from solved
-    # ... on this many checks in a row. One check is noisy: a chance-level model passes 0.65 on 64 items about 1 time
-    # in 100, and over 40 checks that happened (a 2026-11-27 rebuild stopped at step 320, held-out accuracy 0.50).
+    # ... on this many checks in a row. One check is noisy: on the 48 items cpu-tiny's validation split gives, a
+    # chance-level model passes 0.65 once in ~70 checks (binomial), and over 40 that happened (a 2026-11-27 rebuild
+    # stopped at step 320 with held-out accuracy 0.50).
     patience: int = 2
     max_seconds: float = 600.0  # guard for a very busy machine: the cached result records steps, seconds and
     # stopped_by="time", and ensure_tiny_vlm warns on every use of such a (less trained, not reproducible) model
