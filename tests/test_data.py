@@ -828,8 +828,8 @@ def test_rows_built_in_threads_are_the_serial_rows(world):
     _, checked_parallel = D.build_mini_webqa(world, None, progress=False, workers=3)
     assert checked_serial.to_dict() == checked_parallel.to_dict()
     assert {s.name: s.removed for s in checked_parallel.steps}["broken_gold_image"] > 0
-    assert mini._row_threads(None, False) == mini._row_threads(5, False) == 1  # no images: nothing to spread
-    assert 1 <= mini._row_threads(None, True) <= 4 and mini._row_threads(3, True) == 3
+    assert mini._image_threads(None, False) == mini._image_threads(5, False) == 1  # no images: nothing to spread
+    assert 1 <= mini._image_threads(None, True) <= 4 and mini._image_threads(3, True) == 3
     with pytest.raises(ValueError, match="workers"):
         D.build_mini_webqa(world, None, filters=NO_IMAGES, progress=False, workers=0)
 

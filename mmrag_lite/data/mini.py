@@ -335,7 +335,7 @@ def filter_records(
     if filters.check_images:
         if store is None:
             raise ValueError("check_images=True needs an ImageStore (or pass filters with check_images=False)")
-        n_threads = _row_threads(workers, has_images=True)
+        n_threads = _image_threads(workers, has_images=True)
 
         def gold_images_ok(r: WebQARecord) -> bool:
             return all(store.check(f.image_id, filters.min_image_side) is None for f in r.img_pos)
@@ -616,7 +616,7 @@ def _row_or_skip(record: WebQARecord, store: ImageStore | None, max_candidates: 
         return None, counts, str(exc)
 
 
-def _row_threads(workers: int | None, has_images: bool) -> int:
+def _image_threads(workers: int | None, has_images: bool) -> int:
     """Threads that read images: the gold-image check, then the rows. Decoding (and for rows downscaling and
     re-encoding) real WebQA's ~800 px images is most of a real build's time, and Pillow releases the GIL for all
     three, so threads spread it over the cores (no processes: no copies of the data, nothing a script must guard).
@@ -828,7 +828,7 @@ def build_mini_webqa(
                                        len(errors), len(records), [e.guid for e in errors[:5]]))
         report.read_errors = [str(e) for e in errors[:20]]
         unlabelled = bool(records) and not any(r.is_labelled for r in records)
-        n_threads = _row_threads(workers, store is not None)
+        n_threads = _image_threads(workers, store is not None)
         kept = filter_records(records, filters, store, report, seed=seed, progress=progress, workers=n_threads)
         del records
         if not kept:
