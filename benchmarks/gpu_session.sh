@@ -40,6 +40,8 @@ declare -A RUNS=(
   [colab-t4-infer-lora-cap]="200 infer --preset colab-t4 --questions 16 --judge-questions 1 --adapters --systems all"
   # the 3B's generate call at 32 top-k prompts (a100-infer-short measured 8)
   [a100-infer-b32]="230 infer --preset a100 --questions 32 --judge-questions 1 --generate-batches 32 --systems top-k"
+  # notebook 05's ModelBank on the 3B: its adapter cost, and every candidate at a100's 65,536-token cap (21 prompts a call)
+  [a100-infer-lora-cap]="400 infer --preset a100 --questions 21 --judge-questions 1 --generate-batches 21 --adapters"
 )
 names=("$@"); (( ${#names[@]} )) || names=(colab-t4-stage1 colab-t4-stage2 a100-stage2)
 for n in "${names[@]}"; do
