@@ -228,7 +228,7 @@ def run(preset_name: str, work: Path, smoke: bool, *, questions: int, judge_ques
                                                    warm_up=lambda a=answer, b=batch: a(rows[:b], 4))
             lengths = [pipeline.prompt_length(processor, pipeline.fit_prompt(
                 r, pipeline.select_candidates(r, system, scores[str(r["guid"])], system.resolved_k(preset)), processor,
-                reasoning=system.resolved_reasoning(preset), max_tokens=preset.stage2.max_prompt_tokens,
+                reasoning=system.resolved_reasoning(preset), max_tokens=run_preset.answer_prompt_tokens,
                 image_fn=pipeline.image_fn(preset))) for r in rows]
             answering.append(phase("answering", {
                 "system": system.name, "answered_by": system.answerer, "batch_size": batch,

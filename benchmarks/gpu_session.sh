@@ -42,6 +42,8 @@ declare -A RUNS=(
   [a100-infer-b32]="230 infer --preset a100 --questions 32 --judge-questions 1 --generate-batches 32 --systems top-k"
   # notebook 05's ModelBank on the 3B: its adapter cost, and every candidate at a100's 65,536-token cap (21 prompts a call)
   [a100-infer-lora-cap]="400 infer --preset a100 --questions 21 --judge-questions 1 --generate-batches 21 --adapters"
+  # l4's every-candidate prompts under its answering prompt cap (evaluation.max_prompt_tokens, 5,120): past stage 2's 2,048
+  [l4-infer-lora-answer-cap]="240 infer --preset l4 --questions 16 --judge-questions 1 --adapters --systems all"
 )
 names=("$@"); (( ${#names[@]} )) || names=(colab-t4-stage1 colab-t4-stage2 a100-stage2)
 for n in "${names[@]}"; do

@@ -101,6 +101,8 @@ def measure(preset: config.Preset, record, render, processor, draws: int, seed: 
         topk.append(length(chosen))
     everything = pipeline.fit_prompt(row, row["candidates"], processor, reasoning=preset.stage2.reasoning,
                                      max_tokens=limit, image_fn=resize)
+    answering = pipeline.fit_prompt(row, row["candidates"], processor, reasoning=preset.stage2.reasoning,
+                                    max_tokens=preset.answer_prompt_tokens, image_fn=resize)
     whole = length(row["candidates"])
     return {
         "preset": preset.name, "candidates": len(row["candidates"]),
@@ -113,6 +115,8 @@ def measure(preset: config.Preset, record, render, processor, draws: int, seed: 
         "stage2_topk_over_cap": sum(t > limit for t in topk),
         "budget_check_needs": config.stage2_prompt_tokens_needed(preset),
         "every_candidate_prompt_tokens": whole, "every_candidate_kept_by_fit_prompt": len(everything.source_ids),
+        "answer_prompt_tokens": preset.answer_prompt_tokens,
+        "every_candidate_kept_when_answering": len(answering.source_ids),  # what notebook 05's zero-shot row shows
     }
 
 

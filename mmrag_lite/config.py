@@ -159,6 +159,10 @@ class EvalSettings:
     # long prompts share a call with fewer others: a real VLM's memory grows with the call's tokens (0: no cap)
     generation_max_batch_tokens: int = 0
     mmqa_questions: int = 0  # MMQA dev questions evaluated; 0: as many as WebQA questions
+    # Longest stage-2 prompt when answering (0: stage2.max_prompt_tokens). Training's cap bounds training memory (a
+    # backward pass through every prompt token); answering's memory is bounded per call by the token cap above, so a
+    # zero-shot model can be shown a real WebQA pool whole (16 candidates, 10 images: 3,405 tokens at 448 px)
+    max_prompt_tokens: int = 0
 
 
 # ------------------------------------------------------------------------------------- prompt budget
@@ -229,9 +233,10 @@ def image_tokens(model: ModelSettings) -> int:
     return (h // factor) * (w // factor) + IMAGE_WRAPPER_TOKENS
 
 
-def stage2_prompt_tokens_needed(preset: Preset) -> int:
-    """Estimated tokens of a stage-2 prompt showing ``stage1.k`` image candidates (images dominate: text is cheaper)."""
-    k = preset.stage1.k
+def stage2_prompt_tokens_needed(preset: Preset, candidates: int | None = None) -> int:
+    """Estimated tokens of a stage-2 prompt showing ``candidates`` (default ``stage1.k``) image candidates (images
+    dominate: text is cheaper)."""
+    k = preset.stage1.k if candidates is None else candidates
     return PROMPT_TEXT_FIXED_TOKENS + k * (image_tokens(preset.model) + PROMPT_TEXT_TOKENS_PER_CANDIDATE)
 
 
@@ -305,6 +310,15 @@ class Preset:
         at_least("evaluation.generation_batch_size", self.evaluation.generation_batch_size, 1)
         at_least("evaluation.generation_max_batch_tokens", self.evaluation.generation_max_batch_tokens, 0, " (0: no cap)")
         at_least("evaluation.mmqa_questions", self.evaluation.mmqa_questions, 0, " (0: as many as WebQA questions)")
+        ev = self.evaluation
+        if ev.max_prompt_tokens and ev.max_prompt_tokens < self.stage2.max_prompt_tokens:
+            problems.append(f"evaluation.max_prompt_tokens={ev.max_prompt_tokens} must be 0 (stage 2's) or at least "
+                            f"stage2.max_prompt_tokens={self.stage2.max_prompt_tokens}: a trained stage 2 would lose "
+                            "candidates of the top-k it was trained on")
+        if ev.generation_max_batch_tokens and self.answer_prompt_tokens > ev.generation_max_batch_tokens:
+            problems.append(f"the longest answering prompt ({self.answer_prompt_tokens} tokens) is over "
+                            f"evaluation.generation_max_batch_tokens={ev.generation_max_batch_tokens}: one prompt "
+                            "would break the per-call memory cap")
         at_least("data.world_questions", self.data.world_questions, 1)
         at_least("data.world_image_size", self.data.world_image_size, MIN_IMAGE_SIDE,
                  f" px (one merged {MIN_IMAGE_SIDE} px patch; a smaller synthetic scene shows nothing)")
@@ -323,6 +337,11 @@ class Preset:
         if problems:
             raise ConfigError(f"preset {self.name!r} is invalid:\n  - " + "\n  - ".join(problems))
         return self
+
+    @property
+    def answer_prompt_tokens(self) -> int:
+        """The longest stage-2 prompt answering may build (``pipeline.run_pipeline``): evaluation's cap, else stage 2's."""
+        return self.evaluation.max_prompt_tokens or self.stage2.max_prompt_tokens
 
     def check_prompt_budget(self) -> Preset:
         """Reject a preset whose ``stage1.k`` image candidates cannot fit ``stage2.max_prompt_tokens`` with room for text.
@@ -666,9 +685,11 @@ _T4 = Preset(
     # the model (notebook 05's ModelBank shares one 4-bit base between base, stage 1 and stage 2), leaving room for
     # an active LoRA's float32 pass: 21 top-k prompts a call, 10 of the longest. Measured since with both adapters
     # loaded and one on: 8.3 GiB held at the cap, under the 9.0 counted; the LoRA adds 13-41 % a question
-    # (benchmarks/RESULTS.md, "Answering on a GPU" and "Notebook 05's adapters")
+    # (benchmarks/RESULTS.md, "Answering on a GPU" and "Notebook 05's adapters"). Answering prompts may reach 3,328
+    # tokens (16 image candidates: 3,232 by the budget estimate), so zero-shot shows a whole pool; the call cap
+    # still bounds memory (l4's every-candidate prompts, up to 3,567 tokens, held 7.1 GiB at it)
     evaluation=EvalSettings(questions=300, retrain_ablations=False, generation_batch_size=32,
-                            generation_max_batch_tokens=20_480),
+                            generation_max_batch_tokens=20_480, max_prompt_tokens=3_328),
     # Measured on an H100 (benchmarks/RESULTS.md, modeling.architectures.MEASURED_STEPS; real-size random weights,
     # completions always full length): allocator peak 3.8 GiB in stage 1, 8.0 GiB in stage 2 at 801-token prompts
     # and 10.7 GiB with every prompt filled to the 2,048-token cap. 12 covers the cap with room for the allocator;
@@ -686,6 +707,8 @@ _L4 = replace(
     model=replace(_T4.model, compute_dtype="bfloat16", image_size=448, max_pixels=448 * 448),
     stage1=replace(_T4.stage1, grpo=replace(_T4.stage1.grpo, per_device_train_batch_size=6, num_generations=6)),
     stage2=replace(_T4.stage2, grpo=replace(_T4.stage2.grpo, per_device_train_batch_size=6, num_generations=6)),
+    # every candidate (16 images at 448 px: 5,024 tokens by the budget estimate) fits an answering prompt
+    evaluation=replace(_T4.evaluation, max_prompt_tokens=5_120),
     # H100, real-size random weights: allocator peak 5.1 GiB in stage 1, 14.1 GiB in stage 2 at 1,249-token prompts
     # and 15.4 GiB at the 2,048-token cap; 18 covers the cap (not measured on an L4 itself, 22 GiB)
     expected_memory_gb=18.0,
@@ -713,7 +736,7 @@ _A100 = replace(
     # and its two adapters. A call of 8 took 48.5 s, one of 32 took 50.5 s (another H100): as flat as the 2B's.
     # Measured at this cap (one call of 21 every-candidate prompts, 97 % of it, both adapters loaded): 16.6 GiB of
     # tensors, 25.4 GiB held, 65 % of a 40 GB A100 (tests/test_architectures.py reads the report)
-    evaluation=replace(_T4.evaluation, generation_max_batch_tokens=65_536),
+    evaluation=replace(_T4.evaluation, generation_max_batch_tokens=65_536, max_prompt_tokens=5_120),
     # H100, real-size random weights: allocator peak 7.9 GiB in stage 1, 18.5 GiB in stage 2 at 1,818-token
     # prompts (6 images), 33.0 GiB with every prompt filled to the 3,072-token cap and 35.3 GiB at the cap with 8
     # images. 38 covers that with ~7 % for the allocator's spread between runs and still fits a 40 GB A100 (39.4 GiB),

@@ -21,8 +21,9 @@ Adapters are tied to the base weights they were trained on: ``ModelBank`` refuse
 ``adapter_config.json`` names another base (LoRA deltas on other weights are noise), and saved stage-1 scores are
 reused only for the judge identity (adapter content + base) that wrote them (``judge_identity``).
 
-Prompts are never truncated: a stage-2 prompt longer than ``preset.stage2.max_prompt_tokens`` loses its
-lowest-ranked candidates (whole documents, images included) until it fits, and the result says so.
+Prompts are never truncated: a stage-2 prompt longer than ``preset.answer_prompt_tokens`` (``evaluation.max_prompt_tokens``,
+else ``stage2.max_prompt_tokens``) loses its lowest-ranked candidates (whole documents, images included) until it
+fits, and the result says so.
 Cutting tokens would slice through an image's placeholder tokens and break the vision features.
 """
 
@@ -751,7 +752,7 @@ def run_pipeline(rows: Sequence[Row] | Any, preset: Preset, *, system: SystemSpe
     model, processor = bank.get(system.answerer)
     requests = [
         fit_prompt(row, select_candidates(row, system, sc, k), processor, reasoning=reasoning,
-                   max_tokens=preset.stage2.max_prompt_tokens, image_fn=resize)
+                   max_tokens=preset.answer_prompt_tokens, image_fn=resize)
         for row, sc in zip(rows, all_scores)
     ]
     budget = generation_kwargs(preset)

@@ -324,6 +324,28 @@ def test_a100s_answering_token_cap_fits_a_40gb_a100_with_both_adapters() -> None
     assert every["peak_allocated_gib"] <= every["peak_reserved_gib"] < 0.7 * A100_40GB_GIB
 
 
+L4_RUN = Path(__file__).resolve().parent.parent / "benchmarks/gpu/h100-2026-11-28-l4-answer-cap/l4-infer-lora-answer-cap.json"
+
+
+def test_answering_prompts_past_stage2s_cap_stay_within_the_call_caps_memory() -> None:
+    """evaluation.max_prompt_tokens lets answering prompts outgrow stage 2's training cap (every candidate shown);
+    memory follows a call's padded tokens, not one prompt's length: the H100 answered l4's every-candidate prompts
+    (past 2,048 tokens, up to 16 candidates) with both adapters at the shared 20,480-token call cap inside 70 % of a
+    T4, the smallest card that cap serves (colab-t4: the same 2B, the same cap)."""
+    import json
+
+    report = json.loads(L4_RUN.read_text())
+    assert report["preset"] == "l4" and report["smoke"] is False and report["adapters"] == ["stage1", "stage2"]
+    (every,) = report["answering"]
+    l4 = get_preset("l4")
+    assert every["max_batch_tokens"] == l4.evaluation.generation_max_batch_tokens == \
+        get_preset("colab-t4").evaluation.generation_max_batch_tokens
+    assert l4.stage2.max_prompt_tokens < every["prompt_tokens_max"] <= l4.answer_prompt_tokens
+    assert every["candidates_shown_max"] == l4.data.max_candidates
+    assert every["new_tokens"] == every["questions"] * every["max_new_tokens"]
+    assert every["peak_allocated_gib"] <= every["peak_reserved_gib"] < 0.7 * T4_GIB
+
+
 @pytest.mark.slow
 def test_gpu_inference_benchmark_runs_its_cpu_smoke(tmp_path: Path, load_benchmark) -> None:
     """benchmarks/bench_gpu_inference.py (notebook 05's costs on a GPU) checked here on a shrunken copy: every phase

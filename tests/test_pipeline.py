@@ -217,6 +217,21 @@ def test_run_pipeline_reads_the_presets_token_cap(bank, monkeypatch):
     assert P.generation_kwargs(get_preset("colab-t4")) == {"max_new_tokens": 256, "batch_size": 32, "max_batch_tokens": 20_480}
 
 
+def test_answering_shows_every_candidate_within_evaluations_prompt_cap_not_stage2s(bank):
+    """A pool over stage 2's training cap loses candidates, unless evaluation.max_prompt_tokens makes room."""
+    _, processor = bank.get("base")
+    row = ROWS[0]
+    n_full = P.prompt_length(processor, P.build_request(row, row["candidates"], reasoning=PRESET.stage2.reasoning,
+                                                        image_fn=P.image_fn(PRESET)))
+    tight = PRESET.with_overrides(**{"stage2.max_prompt_tokens": n_full - 1})
+    roomy = tight.with_overrides(**{"evaluation.max_prompt_tokens": n_full})
+    every = P.SystemSpec("z", "all", "base")
+    (cut,) = P.run_pipeline([row], tight, system=every, bank=bank, max_new_tokens=2, progress=False)
+    (whole,) = P.run_pipeline([row], roomy, system=every, bank=bank, max_new_tokens=2, progress=False)
+    assert len(cut.kept_ids) < len(row["candidates"]) == len(whole.kept_ids)
+    assert tight.answer_prompt_tokens == n_full - 1 and roomy.answer_prompt_tokens == n_full
+
+
 def test_standard_systems_end_to_end_give_a_valid_submission(bank, tmp_path):
     from mmrag_lite import metrics
 

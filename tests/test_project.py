@@ -293,6 +293,25 @@ def test_every_preset_fits_k_images_in_its_stage2_prompt(name):
         preset.stage2.max_prompt_tokens
 
 
+@pytest.mark.parametrize("name", [n for n, p in PRESETS.items() if not p.model.is_miniature])
+def test_gpu_presets_answer_with_room_for_every_candidate_within_the_call_cap(name):
+    """Zero-shot shows a whole pool: data.max_candidates image candidates fit the answering prompt cap (the budget
+    estimate, real Qwen2 tokens), which stays within a generate call's token cap and above stage 2's training cap."""
+    preset = PRESETS[name]
+    every = config.stage2_prompt_tokens_needed(preset, preset.data.max_candidates)
+    assert preset.stage2.max_prompt_tokens < every <= preset.answer_prompt_tokens
+    assert preset.answer_prompt_tokens <= preset.evaluation.generation_max_batch_tokens
+
+
+def test_answering_prompt_cap_is_validated():
+    assert PRESETS["cpu-tiny"].answer_prompt_tokens == PRESETS["cpu-tiny"].stage2.max_prompt_tokens  # 0: stage 2's
+    with pytest.raises(ConfigError, match=r"evaluation.max_prompt_tokens=1000 must be 0 \(stage 2's\) or at least"):
+        get_preset("colab-t4", **{"evaluation.max_prompt_tokens": 1000})
+    with pytest.raises(ConfigError, match=r"longest answering prompt \(30000 tokens\) is over .*=20480"):
+        get_preset("colab-t4", **{"evaluation.max_prompt_tokens": 30_000})
+    assert get_preset("colab-t4", **{"evaluation.max_prompt_tokens": 0}).answer_prompt_tokens == 2048
+
+
 def test_prompt_budget_too_small_for_k_images_is_a_clear_error(tmp_path):
     assert config.image_tokens(PRESETS["a100"].model) == 258  # 448 px: 16x16 merged patches + 2 wrappers
     old_a100 = {"stage2.max_prompt_tokens": 2048}  # 8 images alone are 2,064 tokens

@@ -324,3 +324,4 @@ def test_the_gpu_presets_prompt_budget_covers_a_real_webqa_question(load_benchma
         assert abs(r["every_candidate_prompt_tokens"] - parts) <= r["candidates"]  # a separator per candidate at most
         kept = r["every_candidate_kept_by_fit_prompt"]
         assert (kept == r["candidates"]) == (r["every_candidate_prompt_tokens"] <= r["max_prompt_tokens"])
+        assert r["every_candidate_kept_when_answering"] == r["candidates"]  # notebook 05's zero-shot sees them all
