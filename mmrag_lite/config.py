@@ -159,9 +159,10 @@ class EvalSettings:
     # long prompts share a call with fewer others: a real VLM's memory grows with the call's tokens (0: no cap)
     generation_max_batch_tokens: int = 0
     mmqa_questions: int = 0  # MMQA dev questions evaluated; 0: as many as WebQA questions
-    # Longest stage-2 prompt when answering (0: stage2.max_prompt_tokens). Training's cap bounds training memory (a
-    # backward pass through every prompt token); answering's memory is bounded per call by the token cap above, so a
-    # zero-shot model can be shown a real WebQA pool whole (16 candidates, 10 images: 3,405 tokens at 448 px)
+    # Longest stage-2 prompt when answering, never below stage2.max_prompt_tokens (0: stage 2's). Training's cap bounds
+    # training memory (a backward pass through every prompt token); answering's memory is bounded per call by the
+    # token cap above, so a zero-shot model can be shown a real WebQA pool whole (16 candidates, 10 images: 3,405
+    # tokens at 448 px)
     max_prompt_tokens: int = 0
 
 
@@ -310,15 +311,12 @@ class Preset:
         at_least("evaluation.generation_batch_size", self.evaluation.generation_batch_size, 1)
         at_least("evaluation.generation_max_batch_tokens", self.evaluation.generation_max_batch_tokens, 0, " (0: no cap)")
         at_least("evaluation.mmqa_questions", self.evaluation.mmqa_questions, 0, " (0: as many as WebQA questions)")
-        ev = self.evaluation
-        if ev.max_prompt_tokens and ev.max_prompt_tokens < self.stage2.max_prompt_tokens:
-            problems.append(f"evaluation.max_prompt_tokens={ev.max_prompt_tokens} must be 0 (stage 2's) or at least "
-                            f"stage2.max_prompt_tokens={self.stage2.max_prompt_tokens}: a trained stage 2 would lose "
-                            "candidates of the top-k it was trained on")
-        if ev.generation_max_batch_tokens and self.answer_prompt_tokens > ev.generation_max_batch_tokens:
-            problems.append(f"the longest answering prompt ({self.answer_prompt_tokens} tokens) is over "
-                            f"evaluation.generation_max_batch_tokens={ev.generation_max_batch_tokens}: one prompt "
-                            "would break the per-call memory cap")
+        at_least("evaluation.max_prompt_tokens", self.evaluation.max_prompt_tokens, 0, " (0: stage 2's)")
+        call_cap = self.evaluation.generation_max_batch_tokens
+        if call_cap and self.answer_prompt_tokens > call_cap:
+            problems.append(f"the longest answering prompt ({self.answer_prompt_tokens} tokens: evaluation.max_prompt_tokens "
+                            f"or stage2.max_prompt_tokens) is over evaluation.generation_max_batch_tokens={call_cap}, "
+                            "the per-call memory cap: raise that cap or lower the prompt caps")
         at_least("data.world_questions", self.data.world_questions, 1)
         at_least("data.world_image_size", self.data.world_image_size, MIN_IMAGE_SIDE,
                  f" px (one merged {MIN_IMAGE_SIDE} px patch; a smaller synthetic scene shows nothing)")
@@ -340,8 +338,9 @@ class Preset:
 
     @property
     def answer_prompt_tokens(self) -> int:
-        """The longest stage-2 prompt answering may build (``pipeline.run_pipeline``): evaluation's cap, else stage 2's."""
-        return self.evaluation.max_prompt_tokens or self.stage2.max_prompt_tokens
+        """The longest stage-2 prompt answering may build (``pipeline.run_pipeline``): evaluation's cap, never below
+        stage 2's, so a trained stage 2 always sees the whole top-k it was trained on."""
+        return max(self.evaluation.max_prompt_tokens, self.stage2.max_prompt_tokens)
 
     def check_prompt_budget(self) -> Preset:
         """Reject a preset whose ``stage1.k`` image candidates cannot fit ``stage2.max_prompt_tokens`` with room for text.

@@ -303,13 +303,15 @@ def test_gpu_presets_answer_with_room_for_every_candidate_within_the_call_cap(na
     assert preset.answer_prompt_tokens <= preset.evaluation.generation_max_batch_tokens
 
 
-def test_answering_prompt_cap_is_validated():
+def test_answering_prompt_cap_never_drops_below_stage2s_and_never_breaks_the_call_cap():
     assert PRESETS["cpu-tiny"].answer_prompt_tokens == PRESETS["cpu-tiny"].stage2.max_prompt_tokens  # 0: stage 2's
-    with pytest.raises(ConfigError, match=r"evaluation.max_prompt_tokens=1000 must be 0 \(stage 2's\) or at least"):
-        get_preset("colab-t4", **{"evaluation.max_prompt_tokens": 1000})
-    with pytest.raises(ConfigError, match=r"longest answering prompt \(30000 tokens\) is over .*=20480"):
-        get_preset("colab-t4", **{"evaluation.max_prompt_tokens": 30_000})
     assert get_preset("colab-t4", **{"evaluation.max_prompt_tokens": 0}).answer_prompt_tokens == 2048
+    assert get_preset("colab-t4", **{"evaluation.max_prompt_tokens": 1000}).answer_prompt_tokens == 2048
+    assert get_preset("colab-t4", **{"stage2.max_prompt_tokens": 4096}).answer_prompt_tokens == 4096  # training's wins
+    with pytest.raises(ConfigError, match=r"longest answering prompt \(30000 tokens.*over .*=20480"):
+        get_preset("colab-t4", **{"evaluation.max_prompt_tokens": 30_000})
+    with pytest.raises(ConfigError, match=r"evaluation.max_prompt_tokens=-1 must be >= 0"):
+        get_preset("colab-t4", **{"evaluation.max_prompt_tokens": -1})
 
 
 def test_prompt_budget_too_small_for_k_images_is_a_clear_error(tmp_path):
