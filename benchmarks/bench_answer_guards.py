@@ -13,7 +13,8 @@ Second, the same for the either-or questions WebQA files under ``text`` and ``Ot
 questions whose keyword is one number n; the hedge "n or n+1" against committing to n or to n+1 at random, without
 and with ``hedge_guard``; and the reference sentence itself, which no guard may lower. The length guard stays on in
 these three, as in the presets. Fourth, ``length_guard`` on the val ``text`` questions: sentences around the
-reference, and a paste. Takes under a minute (spaCy).
+reference, and a paste. Fifth, the list guard (``hedge_guard`` on recall categories): the right answer listed with
+four other questions' answers, against committing to one of the five at random. Takes about two minutes (spaCy).
 """
 
 from __future__ import annotations
@@ -164,6 +165,29 @@ def length_table(refs: dict[str, dict]) -> None:
         print(f"| {kind} | {mean(off)} | {mean(on)} | {sum(a < b - 1e-9 for a, b in zip(on, off))} |")
 
 
+def list_table(refs: dict[str, dict]) -> None:
+    """A list of guesses with the right one among them, against committing to one of the same guesses at random."""
+    short_text = [r for r in refs.values() if r["qcate"] == "text" and len(r["answer"][0].split()) <= 2]
+    keyed = [r for r in refs.values() if r["qcate"] in ("Others", "choose") and r["keywords"]]
+    for name, chosen, key in (("text questions with a one- or two-word reference", short_text, "answer"),
+                              ("Others/choose questions with a keyword", keyed, "keywords")):
+        said = [r["answer"][0] if key == "answer" else r["keywords"] for r in chosen]
+        guesses = [[said[i], *(said[(i * 7 + j) % len(said)] for j in (1, 2, 3, 4))] for i in range(len(said))]
+        rows = {"the right one alone": said, "the right one first, then 4 others": [", ".join(g) for g in guesses],
+                "4 others, the right one last": [", ".join([*g[1:], g[0]]) for g in guesses]}
+        print(f"\nthe list guard (hedge_guard) on the {len(chosen)} val {name}")
+        print("| answer | reward, no hedge_guard | reward, hedge_guard |")
+        print("|---|---|---|")
+        for kind, answers in rows.items():
+            completions = [stage2_target(["D1"], a) for a in answers]
+            off = rewards.answer_reward(completions, hedge_guard=False, **columns(chosen))
+            print(f"| {kind} | {mean(off)} | {mean(rewards.answer_reward(completions, **columns(chosen)))} |")
+        flat = [g for row in guesses for g in row]
+        at_random = rewards.answer_reward([stage2_target(["D1"], g) for g in flat],
+                                          **columns([r for r in chosen for _ in range(5)]))
+        print(f"committing to one of the same 5 at random: {mean(at_random)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--webqa-val", type=Path, default=(shared_data_dir() or Path("../shared/data")) / "webqa-val")
@@ -177,6 +201,7 @@ def main() -> None:
     comparative_table(refs)
     number_table(refs)
     length_table(refs)
+    list_table(refs)
     print(f"{time.perf_counter() - started:.1f} s")
 
 

@@ -323,7 +323,7 @@ def _id_str(source: Any) -> str | None:
 _FLOAT_SPELLED_INT = re.compile(r"^(\d+)\.0+$")
 
 
-def _id_list(sources: Any) -> list[str]:
+def source_ids(sources: Any) -> list[str]:
     """Source ids as strings, in order; a single id is one id, not a sequence of characters; anything that is not
     an id or a collection of ids (a mapping, an arbitrary object) is no ids rather than an error."""
     if sources is None:
@@ -336,7 +336,7 @@ def _id_list(sources: Any) -> list[str]:
 
 
 def _id_set(sources: Any) -> set[str]:
-    return set(_id_list(sources))
+    return set(source_ids(sources))
 
 
 def webqa_retrieval_f1(predicted_sources: Iterable[Any], gold_sources: Iterable[Any]) -> float:
@@ -640,7 +640,7 @@ def _ranked(ranked: Iterable[Any], k: int | None) -> list[str | None]:
 
     Cutting before de-duplicating keeps ranks honest: in ``[d2, d2, d9]`` the gold ``d9`` is third, not in the top 2.
     """
-    ids = _id_list(ranked)
+    ids = source_ids(ranked)
     if k is not None:
         ids = ids[: max(k, 0)]
     seen: set[str] = set()
@@ -902,6 +902,7 @@ __all__ = [
     "qa_reference",
     "read_webqa_val_references",
     "recall_at_k",
+    "source_ids",
     "top_k_ids",
     "webqa_accuracy",
     "webqa_accuracy_batch",

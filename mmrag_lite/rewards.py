@@ -67,8 +67,16 @@ reward is guarded), each a keyword option, on by default:
   answer and ``h`` those the reference holds, ``g_hedge = |h| / |c|``: hedging over ``m`` options with one right
   then earns ``2/(m(m+1))`` (1/3 for two), never more in expectation than committing to one at random (``1/m``).
   "The reference" is the keyword and the whole reference answer (a sentence's incidental "gold medalist" is no
-  guess) and, for ``number``, the question too (a year the question states is context): so a reference sentence is
+  guess) and, for ``number``, the question too (a year the question states is context; two numbers it offers as
+  options, "3 or 4" or "between 3 and 4", are not): so a reference sentence is
   never lowered (none of the 1,340 real val ones of these categories).
+  On ``choose``/``Others``/``text`` (recall) the same guard reads *lists*: an answer that splits at , ; / or "or" /
+  "and" into guesses (the first piece, and each later one that does not open with a stop word: "X, not Y" and
+  "X, which ..." are sentences) with content words (neither stop words nor the question's), two or more of them at
+  most ``LIST_ITEM_WORDS`` words long, is a list of guesses; ``g_hedge = |held| / |items|``, the items that hold a word of
+  the keyword or of the whole reference over all of them. Listing ``m`` guesses with one right then earns ``1/m``, what committing to
+  one of them at random earns in expectation (recall paid "Ether, India, Gold, Rome, Oslo" in full), and a list the
+  reference itself makes ("red, white and blue") keeps its score. Unless the choose guard already halved the answer.
 * ``length_guard`` — recall alone cannot see padding: pasting the question and every candidate's caption into the
   answer of a ``text`` question contains the reference's words and scores ~1, more than a correct sentence. The
   official QA multiplies Acc by fluency (BARTScore against the reference), which punishes that; the reward has no FL
@@ -88,6 +96,7 @@ raises ``ValueError`` at once, naming it. Each function accepts and ignores TRL'
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import numbers
@@ -142,12 +151,8 @@ def _check_ndcg_k(k: Any) -> int | None:
 
 
 def _ids(value: Any) -> list[str]:
-    if value is None or isinstance(value, (str, bytes)):
-        return [value] if isinstance(value, str) else []
-    try:
-        return [str(v) for v in value if v is not None]
-    except TypeError:
-        return []
+    """Ids as the metrics spell them (``metrics.source_ids``): 30079629, 30079629.0 and "30079629" are one id."""
+    return metrics.source_ids(value)
 
 
 # ------------------------------------------------------------------------------------------------- format
@@ -240,10 +245,10 @@ def relevance_reward(
 def ranking_score(selected: Sequence[str], gold: Sequence[str], candidates: Sequence[str] | None, *, metric: str = "f1", k: int | None = None) -> float:
     """The ranking reward of one parsed id list (see the module docstring); a repeated id counts once."""
     k = _check_ndcg_k(k)
-    selected = list(dict.fromkeys(selected))
-    gold_set = {g for g in gold}
+    selected = list(dict.fromkeys(_ids(selected)))
+    gold_set = set(_ids(gold))
     if candidates is not None:
-        gold_set &= set(candidates)
+        gold_set &= set(_ids(candidates))
     if not gold_set:
         return 0.0
     if metric == "f1":
@@ -297,6 +302,11 @@ _OPTION_FILLER = frozenset({"a", "an", "the", "of", "in", "on", "at", "to", "for
                             "are", "was", "were", "be", "it", "its", "this", "that", "than", "more", "less", "which",
                             "what", "who", "does", "do", "did", "has", "have", "between"})
 _JOINERS = frozenset({"or", "and", "vs", "versus", "both"})  # what may stand between two options set side by side
+# A bare list of guesses ("Ether, India, Gold" / "Monet or Manet"): the answer splits at these into short items.
+_LIST_SPLIT = re.compile(r"[,;/]|\b(?:or|and|nor)\b", re.IGNORECASE)  # not "&": "H&M", "AT&T"
+# Numbers a (normalised) question offers as options: context no more, or "3 or 4" would pay as if it were no guess.
+_NUMBER_OPTIONS = re.compile(r"\bbetween \d[\d.]* and \d[\d.]*\b|\b\d[\d.]* or \d[\d.]*\b")
+LIST_ITEM_WORDS = 4  # every item of a bare list is at most this many (normalised) words; longer ones make a sentence
 LENGTH_GUARD_RATIO = 2.0  # answers up to twice the reference answer's length, plus the slack, keep their whole score
 LENGTH_GUARD_SLACK = 4  # words a sentence adds around a short answer ("It is ...", "Based on the images, ...")
 
@@ -475,6 +485,61 @@ def _hedges_between_options(answer_norm: str, question_norm: str, acc_reference_
     return False
 
 
+def _list_items(answer: str) -> list[str]:
+    """The pieces of an answer split at list separators (raw text: normalising drops the commas); [] when one piece.
+    A first piece that a comma or semicolon ends is marked with a trailing "," (an opener, "Based on the images,",
+    or the first guess)."""
+    first = _LIST_SPLIT.search(answer)
+    pieces = [p.strip() for p in _LIST_SPLIT.split(answer)]
+    if first is not None and first.group() in ",;" and pieces[0]:
+        pieces[0] += ","
+    pieces = [p for p in pieces if p]
+    return pieces if len(pieces) >= 2 else []
+
+
+@functools.cache
+def _list_stop_words() -> frozenset[str]:
+    """spaCy's English stop words, less "yes" and "no": a list of those two is a hedge, not filler."""
+    from spacy.lang.en.stop_words import STOP_WORDS
+
+    return frozenset(STOP_WORDS) - {"yes", "no"}
+
+
+def _plain_words(text: str) -> set[str]:
+    return set(re.findall(r"\w+", text.lower()))
+
+
+def _list_share_held(items_norm: Sequence[str], items_raw: Sequence[str], reference_norm: str, reference_raw: str,
+                     question_norm: str) -> float:
+    """The list guard's factor: 1 unless the answer lists guesses, two or more of them short; then the share of the
+    guesses that hold a word of the reference (keyword and whole answer), compared normalised or as written: an item
+    lemmatised alone can differ from the same word in the reference ("Leaves" alone -> "leave", in "leaves and
+    petals" -> "leaf"). A guess is the first piece, or a later one that does not open with a stop word: "not
+    sideways", "towards the light", "which is tall" and "it grows upwards" continue a sentence, and a piece of stop
+    words and question words only ("it is" of "Yes, it is") says nothing. The first piece is an opener, no guess,
+    when a comma ends it, it holds a stop word and no word of the reference ("Based on the images, ...")."""
+    stop = _list_stop_words()
+    ignored = stop | set(question_norm.split())
+    reference, reference_plain = set(reference_norm.split()), _plain_words(reference_raw)
+
+    def holds(norm: set[str], raw: set[str]) -> bool:
+        return bool(norm & reference or raw & reference_plain)
+
+    items = []
+    for i, (norm, raw) in enumerate(zip(items_norm, items_raw)):
+        words = norm.split()
+        content, plain = set(words) - ignored, _plain_words(raw) - ignored
+        if i > 0 and (words or [""])[0] in stop:
+            continue  # the sentence goes on
+        if i == 0 and raw.endswith(",") and set(words) & stop and not holds(content, plain):
+            continue  # an opener
+        if content:
+            items.append((content, plain, len(words) <= LIST_ITEM_WORDS))
+    if sum(short for _, _, short in items) < 2:
+        return 1.0  # one claim, or a sentence whose commas set off long clauses: not a list of guesses
+    return sum(holds(norm, raw) for norm, raw, _ in items) / len(items)
+
+
 def _gold_spans(gold: Any) -> list[Any]:
     """An MMQA reference as a list of spans: a string or a number (``1985.0``) is one span; a list stays a list."""
     if isinstance(gold, (str, numbers.Number)):
@@ -536,7 +601,8 @@ def _webqa_answer_scores(said: list[str], answers: list[Any], columns: Mapping[s
     refs = [metrics.qa_reference(a, keywords[i]) for a, i in zip(answers, rows)]
     qc = [metrics.canonical_qcate(qcates[i]) or "text" for i in rows]  # a category WebQA lacks: the text rule
     # the question: the options of a recall question, and the numbers a number question states (context, not a guess)
-    wants_question = [(choose_guard and c in RECALL_CATEGORIES) or (hedge_guard and c == "number") for c in qc]
+    wants_question = [((choose_guard or hedge_guard) and c in RECALL_CATEGORIES) or (hedge_guard and c == "number")
+                      for c in qc]
     questions: list[str | None] = [None] * len(rows)
     if any(wants_question):
         if columns.get("question") is not None:
@@ -560,6 +626,10 @@ def _webqa_answer_scores(said: list[str], answers: list[Any], columns: Mapping[s
         said + refs + [q or "" for q in questions] + whole + [d for row in denials for d in row]
         + [text for pairs in spans for pair in pairs for text in pair]
         + [t for row in uncut for t in row if t is not None])
+    # the items of an answer that lists guesses (recall categories): normalised in one more batch
+    items = [_list_items(t) if hedge_guard and c in RECALL_CATEGORIES else [] for t, c in zip(said, qc)]
+    flat_items = iter(metrics.normalize_webqa_many([t for row in items for t in row]))
+    normed_items = [[next(flat_items) for _ in row] for row in items]
     k = len(rows)
     normed_denials = [normed[4 * k + 3 * j: 4 * k + 3 * j + 3] for j in range(k)]
     normed_rest = iter(normed[7 * k:])
@@ -569,6 +639,7 @@ def _webqa_answer_scores(said: list[str], answers: list[Any], columns: Mapping[s
     for j in range(k):
         cand, ref, question, whole_ref = normed[j], normed[k + j], normed[2 * k + j], normed[3 * k + j]
         score = metrics.webqa_scores_from_normalized(cand, ref, qc[j])["acc"]
+        halved = False
         said_order, whole_order = (t if t is not None else full for t, full in zip(normed_uncut[j], (cand, whole_ref)))
         if spans[j]:  # from here on, what each text affirms; never more than the official score
             option_words = _option_words(normed_spans[j])
@@ -584,9 +655,13 @@ def _webqa_answer_scores(said: list[str], answers: list[Any], columns: Mapping[s
                     or _hedges_between_options(plain_said, _plain(questions[j]), plain_ref, plain_whole, plain_spans,
                                                plain_order)):
                 score *= CHOOSE_BOTH_FACTOR
+                halved = True
+        if score and hedge_guard and normed_items[j] and not halved:
+            score *= _list_share_held(normed_items[j], items[j], f"{ref} {whole_ref}", f"{refs[j]} {whole[j]}", question)
         if score and hedge_guard and qc[j] in HEDGE_GUARD_CATEGORIES:
             named = set(metrics.webqa_bags(cand, ref, qc[j])[0])  # not empty: the score is not 0
-            context = f"{ref} {whole_ref} {question if qc[j] == 'number' else ''}"
+            stated = _NUMBER_OPTIONS.sub(" ", question) if qc[j] == "number" else ""  # "3 or 4" are the choices
+            context = f"{ref} {whole_ref} {stated}"
             held = set(metrics.webqa_bags(context, context, qc[j])[0])
             score *= len(named & held) / len(named)
         if score and length_guard and qc[j] in RECALL_CATEGORIES and whole[j]:
