@@ -48,8 +48,13 @@ def project_root() -> Path:
     env = os.environ.get("MMRAG_HOME")
     if env:
         return Path(env).resolve()
+    return _checkout() or Path.cwd().resolve()
+
+
+def _checkout() -> Path | None:
+    """The source checkout this package runs from, or None for an install into site-packages."""
     checkout = Path(__file__).resolve().parent.parent
-    return checkout if (checkout / "pyproject.toml").is_file() else Path.cwd().resolve()
+    return checkout if (checkout / "pyproject.toml").is_file() else None
 
 
 def data_dir() -> Path:
@@ -63,9 +68,13 @@ def runs_dir() -> Path:
 
 
 def shared_data_dir() -> Path | None:
-    """The real benchmark samples in ``../shared/data`` (``MMRAG_SHARED_DATA`` overrides), or None when absent."""
+    """The real benchmark samples in ``../shared/data`` (``MMRAG_SHARED_DATA`` overrides), or None when absent.
+
+    Next to the checkout even when ``MMRAG_HOME`` moves ``data/`` and ``runs/`` elsewhere (a Drive folder must not
+    switch off the real-data checks); next to ``project_root()`` for an installed package.
+    """
     env = os.environ.get("MMRAG_SHARED_DATA")
-    path = Path(env) if env else project_root().parent / "shared" / "data"
+    path = Path(env) if env else (_checkout() or project_root()).parent / "shared" / "data"
     return path if path.is_dir() else None
 
 

@@ -429,6 +429,21 @@ def test_project_root_outside_a_checkout_is_the_working_directory(tmp_path, monk
     assert config.project_root() == (tmp_path / "home").resolve()
 
 
+def test_moving_data_and_runs_with_mmrag_home_keeps_the_shared_data_next_to_the_checkout(tmp_path, monkeypatch):
+    """MMRAG_HOME on Drive used to switch off every real-data check of a checkout (it moved ../shared/data too)."""
+    monkeypatch.delenv("MMRAG_SHARED_DATA", raising=False)
+    checkout = tmp_path / "repo"
+    (checkout / "mmrag_lite").mkdir(parents=True)
+    (checkout / "pyproject.toml").write_text("")
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    monkeypatch.setattr(config, "__file__", str(checkout / "mmrag_lite" / "config.py"))
+    monkeypatch.setenv("MMRAG_HOME", str(tmp_path / "drive" / "mmrag"))
+    assert config.runs_dir() == (tmp_path / "drive" / "mmrag" / "runs").resolve()
+    assert config.shared_data_dir() == (tmp_path / "shared" / "data").resolve()
+    monkeypatch.setenv("MMRAG_SHARED_DATA", str(tmp_path / "nowhere"))
+    assert config.shared_data_dir() is None  # the override wins, and an absent folder is None
+
+
 def test_miniature_and_generation_knobs_are_preset_data():
     from mmrag_lite import evaluation, pipeline
 

@@ -17,6 +17,7 @@ import binascii
 import contextlib
 import io
 import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -138,6 +139,12 @@ class ImageStore:
                 raise FileNotFoundError(f"image store file missing: {p}")
         self.tsv_path, self.lineidx_path = tsv, lineidx
         self.offsets = read_lineidx(lineidx)
+        self.tsv_size = tsv.stat().st_size
+        past_end = int((self.offsets >= self.tsv_size).sum())
+        if past_end:  # a 51 GB extraction onto a full drive: say so once, not as thousands of "missing" images
+            warnings.warn(f"{tsv} ends at byte {self.tsv_size:,}, before the offsets of {past_end:,} of "
+                          f"{len(self.offsets):,} images in {lineidx.name}: an incomplete copy or extraction? "
+                          "Those images read as missing.", stacklevel=2)
         self._fh = None
         self._lock = threading.Lock()  # one file position: a seek and its readline must not interleave across threads
 
@@ -178,6 +185,9 @@ class ImageStore:
         row = int(image_id) % ID_MODULUS
         if row >= len(self.offsets):
             raise ImageNotFoundError(image_id, f"no line in {self.lineidx_path.name} (row {row} >= {len(self.offsets)})")
+        if self.offsets[row] >= self.tsv_size:
+            raise ImageNotFoundError(image_id, f"{self.tsv_path.name} ends at byte {self.tsv_size:,}, before this image's "
+                                               f"offset {int(self.offsets[row]):,} (an incomplete copy or extraction?)")
         with self._lock:
             fh = self._file()
             fh.seek(int(self.offsets[row]))

@@ -999,6 +999,17 @@ def mini_webqa_staleness(preset: Any, work_dir: str | Path, webqa_dir: str | Pat
     return reasons
 
 
+def synthetic_build_note(work_dir: str | Path) -> str:
+    """What a GPU preset's user reads before a synthetic Mini-WebQA is built in a run folder that had none.
+
+    The usual cause is not a choice but a lost folder: notebook 01 built real WebQA somewhere else (``/content`` of
+    a runtime since wiped, or before ``MMRAG_HOME`` pointed at Drive), and hours of training would go to shapes.
+    """
+    return (f"NOTE: no Mini-WebQA in {work_dir}: building one from the SYNTHETIC world (drawn shapes, not WebQA). "
+            "If notebook 01 built real WebQA, it is in another run folder: set MMRAG_HOME (or work_dir) as it was "
+            "there, in every notebook, and restart this one.")
+
+
 def ensure_mini_webqa(preset: Any = "auto", work_dir: str | Path | None = None, progress: bool = False,
                       webqa_dir: str | Path | None = None, force: bool = False):
     """The run's Mini-WebQA: build ``world/`` and ``mini_webqa/`` under the run folder if missing, then load it.
@@ -1033,6 +1044,8 @@ def ensure_mini_webqa(preset: Any = "auto", work_dir: str | Path | None = None, 
                         "force): pass webqa_dir= the folder that holds WebQA now (a mounted drive?), or delete "
                         f"{mini} to build from the synthetic world instead")
             else:
+                if not force and stale is None and not p.model.is_miniature:  # a GPU run about to train hours on coloured shapes
+                    print(synthetic_build_note(wd))
                 manifest = read_world_manifest(world)
                 if (force or manifest is None or not _world_matches(manifest, p)
                         or not (world / "imgs.lineidx").is_file()):
