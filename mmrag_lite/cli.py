@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -125,6 +126,12 @@ def run_data(args: argparse.Namespace, preset: Preset, wd: Path) -> DatasetDict:
         return data.ensure_mini_webqa(preset, wd, webqa_dir=webqa_dir, force=rebuild and training.is_main_process())
 
 
+# How long the other GPUs may wait at a barrier while the main process builds data or re-scores the stage-1 pools:
+# `a100`'s train pools, ~11 minutes on an H100 at its measured scoring speed (benchmarks/RESULTS.md), slower cards several times that,
+# and NCCL's default (10 minutes) would kill the job. Only the first PartialState sets it: these helpers come first.
+DISTRIBUTED_WAIT = timedelta(hours=3)
+
+
 def _main_process_first():
     """``accelerate``'s main-process-first context when launched data-parallel, else nothing to wait for."""
     import contextlib
@@ -134,7 +141,7 @@ def _main_process_first():
         return contextlib.nullcontext()
     from accelerate import PartialState
 
-    return PartialState().main_process_first()
+    return PartialState(timeout=DISTRIBUTED_WAIT).main_process_first()
 
 
 # ------------------------------------------------------------------------------------------ commands

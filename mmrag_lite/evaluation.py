@@ -28,6 +28,7 @@ import contextlib
 import math
 import random
 import re
+import shlex
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -587,6 +588,39 @@ def systems_table(preds: Mapping[str, Sequence[PipelineResult]], rows: Sequence[
     return table, cats
 
 
+def accuracy_reference_note(rows: Sequence[Row]) -> str:
+    """What QA-Acc compared against, counted: the public ``WebQA_train_val.json`` has no ``Keywords_A``, so a build
+    from real files scores every answer against the full sentence ``A`` (WebQA's "approximate" val variant), which
+    pays a correct short answer less in the recall-scored categories (Others, choose, YesNo, text)."""
+    with_keywords = sum(bool(str(r.get("keywords") or "").strip()) for r in rows)
+    if with_keywords == len(rows):
+        return f"QA-Acc reference: the keyword answer (Keywords_A) for all {len(rows)} WebQA questions"
+    return (f"QA-Acc reference: the keyword answer (Keywords_A) for {with_keywords} of {len(rows)} WebQA questions, the "
+            "full answer sentence A for the rest (WebQA's approximate val scoring: a correct short answer scores lower "
+            "against a sentence in the recall-scored categories, so these QA-Acc values are not the official test's)")
+
+
+def filter_verdict(table: Sequence[Mapping[str, Any]], systems: Sequence[SystemSpec]) -> str:
+    """Did stage-1 training make the filter keep more gold on held-out questions than the base judge did? One line.
+
+    Stage 1's reward is sampled on training prompts; only this held-out comparison (the "gold recall of kept" of the
+    two filters that rank by P(yes)) says whether the judge improved, and with n questions one question moves the mean
+    by up to 1/n. Empty when the systems lack either filter.
+    """
+    first = {}
+    for s in systems:
+        first.setdefault(s.filter, s.name)
+    by_name = {r["system"]: r for r in table}
+    if first.get("base") not in by_name or first.get("stage1") not in by_name:
+        return ""
+    base, trained = by_name[first["base"]], by_name[first["stage1"]]
+    before, after, n = float(base["gold recall of kept"]), float(trained["gold recall of kept"]), int(trained["n"])
+    delta = after - before
+    moved = "kept more gold than" if delta > 0 else "kept less gold than" if delta < 0 else "kept as much gold as"
+    return (f"held-out filter: the stage-1 judge {moved} the base judge ({before:.3f} -> {after:.3f}, {delta:+.3f}; about "
+            f"{abs(delta) * n:.1f} of {n} questions' worth, and one question moves it by up to {1 / max(n, 1):.3f})")
+
+
 def scores_of(results: Sequence[PipelineResult]) -> dict[str, dict[str, float]]:
     """The stage-1 scores a filtering run computed, reusable by later runs on the same pools (no re-scoring)."""
     return {r.guid: dict(r.scores) for r in results if r.scores}
@@ -751,9 +785,12 @@ def stage2_ablation_variants(preset: Preset) -> dict[str, dict[str, Any]]:
     return variants
 
 
-def retrain_ablations_command(preset_name: str) -> str:
-    """The command that runs the retrained ablations on a GPU preset, where they are off by default (hours each)."""
-    return (f"python -m mmrag_lite evaluate --preset {preset_name} --work-dir runs/{preset_name} "
+def retrain_ablations_command(preset_name: str, work_dir: str | Path) -> str:
+    """The command that runs the retrained ablations on a GPU preset, where they are off by default (hours each).
+
+    It names the run folder in full: ``MMRAG_HOME`` on Drive or a notebook's ``work_dir`` is not ``runs/<preset>``
+    of wherever the command is typed."""
+    return (f"python -m mmrag_lite evaluate --preset {preset_name} --work-dir {shlex.quote(str(work_dir))} "
             "--set evaluation.retrain_ablations=true --no-mmqa --no-robustness")
 
 
@@ -801,7 +838,7 @@ def retrained_stage2_ablation(preset: Preset, work_dir: str | Path, rows: Sequen
     if baseline is not None:
         out.append(_variant_row("as the preset (main run)", {}, baseline, rows, training.load_log_history(run, 2)))
     if not preset.evaluation.retrain_ablations:
-        cmd = retrain_ablations_command(preset.name)
+        cmd = retrain_ablations_command(preset.name, run)
         return out + [{"stage 2 variant": name, "changes": _changes(ov), "status": "not run: hours per variant on a GPU",
                        "command": cmd} for name, ov in variants.items()]
     if train_split is None:
@@ -862,7 +899,8 @@ def load_mmqa_rows(preset: Preset, n: int | None = None) -> tuple[list[dict[str,
 
     root = shared_data_dir()
     if root is None or not (root / "mmqa-dev").is_dir():
-        return [], "MMQA dev not found (../shared/data/mmqa-dev absent): MMQA columns not run"
+        return [], ("MMQA dev not found (no mmqa-dev/ folder with MMQA_dev.jsonl.gz and MMQA_images.jsonl.gz in "
+                    "../shared/data, or in MMRAG_SHARED_DATA where set): MMQA columns not run")
     n = n if n is not None else preset.evaluation.questions
     mm = data.load_mmqa(root / "mmqa-dev", "dev")
     rows = data.mmqa_to_rows(mm.questions, mm.images, mm.texts, qtypes=("ImageQ",), max_candidates=preset.data.max_candidates,
@@ -929,6 +967,8 @@ def build_report(preset: Preset, rows: Sequence[Row], predictions: Mapping[str, 
     habit = positional_shortcut_note(report.slots)
     if habit:
         report.notes.append(habit)
+    if rows:
+        report.notes.append(accuracy_reference_note(rows))
     if fluency_scorer is None:
         report.notes.append("QA-FL needs BART-large-CNN (BARTScore), which cannot be loaded offline: QA-FL and QA "
                             "(= mean FL·Acc) are reported as unavailable, never estimated")
@@ -1046,6 +1086,7 @@ __all__ = [
     "EvalReport",
     "Stopwatch",
     "WrongAnswer",
+    "accuracy_reference_note",
     "attack_rows",
     "auto_fluency_scorer",
     "build_report",
@@ -1055,6 +1096,7 @@ __all__ = [
     "default_mmqa_questions",
     "evaluate",
     "fallback_share",
+    "filter_verdict",
     "gold_recall_of_kept",
     "inject_distractors",
     "k_ablation",

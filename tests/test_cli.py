@@ -320,3 +320,32 @@ def test_file_permission_and_missing_extra_errors_are_one_line_and_a_bad_webqa_d
     monkeypatch.setattr(course, "run_course", no_papermill)
     assert cli.main(["course", "--preset", "cpu-tiny"]) == 2
     assert "install the notebooks extra" in capsys.readouterr().err
+
+
+def test_data_parallel_ranks_wait_for_the_main_process_longer_than_nccls_ten_minutes(monkeypatch):
+    """Under `accelerate launch` the main process may re-score stage 1's pools (~11 min for a100 on an H100) while the
+    other ranks wait at a barrier; the first PartialState fixes the process group's timeout, so ours must set it."""
+    import contextlib
+    from datetime import timedelta
+
+    import accelerate
+
+    from mmrag_lite import cli
+
+    made = []
+
+    class FakeState:
+        def __init__(self, **kwargs):
+            made.append(kwargs)
+
+        def main_process_first(self):
+            return contextlib.nullcontext("waited")
+
+    monkeypatch.setattr(accelerate, "PartialState", FakeState)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with cli._main_process_first() as got:
+        assert got is None and not made  # one process: no distributed state at all
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with cli._main_process_first() as got:
+        assert got == "waited"
+    assert made == [{"timeout": cli.DISTRIBUTED_WAIT}] and cli.DISTRIBUTED_WAIT >= timedelta(hours=1)

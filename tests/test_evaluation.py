@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import random
+import shlex
 
 import pytest
 
@@ -92,6 +93,31 @@ def test_systems_table_reports_how_much_gold_reached_stage_2():
     assert table[1]["gold recall of kept"] == pytest.approx(0.5)  # q3 has no result: it showed nothing
     assert E.gold_recall_of_kept(PERFECT, ROWS) == 0.0  # PERFECT cites the gold but recorded no prompt
     assert "gold recall of kept" in E.MAIN_COLUMNS
+
+
+def test_filter_verdict_compares_the_two_judges_on_held_out_gold():
+    """Notebook 05 says in one computed line whether stage 1 made the filter better: a sampled training reward cannot."""
+    from mmrag_lite.pipeline import SystemSpec
+
+    base = [_res("q1", [], "", kept=["g1"]), _res("q2", [], "", kept=["g2"]), _res("q3", [], "", kept=["d1"])]
+    trained = [_res("q1", [], "", kept=["g1"]), _res("q2", [], "", kept=["d1"]), _res("q3", [], "", kept=["d1"])]
+    systems = [SystemSpec("all", "all", "base"), SystemSpec("base top-k", "base", "base"),
+               SystemSpec("stage 1 only", "stage1", "base"), SystemSpec("stage 1 + stage 2", "stage1", "stage2")]
+    table, _ = E.systems_table({"base top-k": base, "stage 1 only": trained, "stage 1 + stage 2": base}, ROWS)
+    line = E.filter_verdict(table, systems)  # the first stage-1 system is the one compared
+    assert "kept less gold than" in line and "0.500 -> 0.333" in line and "-0.167" in line
+    assert "about 0.5 of 3 questions" in line and "up to 0.333" in line
+    table, _ = E.systems_table({"base top-k": trained, "stage 1 only": base}, ROWS)
+    assert "kept more gold than" in E.filter_verdict(table, systems)
+    assert E.filter_verdict(table, systems[2:]) == ""  # no base-judge filter to compare with
+
+
+def test_accuracy_reference_note_counts_questions_scored_against_the_whole_sentence():
+    """Real WebQA_train_val.json has no Keywords_A: the report must say QA-Acc read the full answer, not a keyword."""
+    assert E.accuracy_reference_note(ROWS[:2]) == "QA-Acc reference: the keyword answer (Keywords_A) for all 2 WebQA questions"
+    public_release = [dict(r, keywords="") for r in ROWS]
+    note = E.accuracy_reference_note(public_release)
+    assert "for 0 of 3 WebQA questions" in note and "full answer sentence A" in note and "not the official" in note
 
 
 def test_systems_table_well_formed_counts_completions_citing_ids_not_shown():
@@ -296,9 +322,10 @@ def test_stage2_ablation_variants_change_one_thing_each():
 def test_retrain_ablations_command_turns_them_on_through_the_cli(tmp_path):
     from mmrag_lite.cli import build_parser, resolve
 
-    argv = E.retrain_ablations_command("colab-t4").split()[3:]  # drop "python -m mmrag_lite"
+    run = tmp_path / "my drive" / "runs" / "colab-t4"  # MMRAG_HOME on Drive: not runs/<preset> of the shell's folder
+    argv = shlex.split(E.retrain_ablations_command("colab-t4", run))[3:]  # drop "python -m mmrag_lite"
     args = build_parser().parse_args(argv)
-    args.work_dir = str(tmp_path)
+    assert args.work_dir == str(run)
     preset, _ = resolve(args)
     assert args.command == "evaluate" and preset.name == "colab-t4" and preset.evaluation.retrain_ablations
 
@@ -313,6 +340,7 @@ def test_gpu_presets_list_the_retrained_variants_without_training(tmp_path):
     assert rows[0]["Retr-F1"] == pytest.approx((1 + 0 + 2 / 3) / 3) and rows[0]["train reward first → last"] == E.NOT_RUN
     assert [r["stage 2 variant"] for r in rows[1:]] == list(E.stage2_ablation_variants(preset))
     assert all(r["status"].startswith("not run") and "retrain_ablations=true" in r["command"] for r in rows[1:])
+    assert all(f"--work-dir {tmp_path}" in r["command"] for r in rows[1:])
     assert not (tmp_path / "ablations").exists()  # nothing was trained
 
 
@@ -395,6 +423,7 @@ def test_build_report_is_what_evaluate_writes(tmp_path, monkeypatch):
     assert a == b and cli.table == nb.table
     assert set(a["slots"]) == {"perfect", "planted"} and a["table"][0]["n"] == "3 WebQA" and any("cpu-tiny" in n for n in a["notes"])
     assert a["data_source"] == "synthetic world" and any("say nothing about WebQA" in n for n in a["notes"])
+    assert any(n.startswith("QA-Acc reference: the keyword answer (Keywords_A) for 2 of 3") for n in a["notes"])
     assert (tmp_path / "cli" / "eval" / "results.md").read_text().startswith(
         "## Results (cpu-tiny, Mini-WebQA from the synthetic world)")
     assert sorted(p.name for p in (tmp_path / "cli" / "eval").iterdir()) == sorted(p.name for p in (tmp_path / "nb" / "eval").iterdir())

@@ -370,6 +370,24 @@ def test_bank_shares_one_base_and_switches_adapters_per_call(tmp_path, monkeypat
     assert answers == {w: P.generate(m, processor, requests, max_new_tokens=6, progress=False) for w, m in own.items()}
 
 
+def test_unload_frees_the_banks_model_and_the_next_get_loads_again(tmp_path, monkeypatch):
+    """Notebook 04 trains stage 2 between two uses of its bank: the bank's copy must leave memory for the trainer's."""
+    import weakref
+
+    loads = []
+    real_loader = P._default_loader
+    monkeypatch.setattr(P, "_default_loader", lambda *a, **kw: loads.append(kw) or real_loader(*a, **kw))
+    bank = P.ModelBank(PRESET, tmp_path, verbose=False)
+    view, _ = bank.get("base")
+    gone = weakref.ref(view.model)
+    del view
+    assert gone() is not None  # the bank still holds it
+    bank.unload()
+    assert gone() is None
+    _random_adapter(tmp_path / "stage2" / "adapter", seed=2)  # trained meanwhile
+    assert bank.resolved("stage2") == "stage2" and bank.get("stage2")[0].model is not None and len(loads) == 2
+
+
 def test_reasoning_viewer_builds_headless(bank):
     from mmrag_lite.widgets import reasoning_viewer, result_html
 
