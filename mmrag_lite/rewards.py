@@ -70,13 +70,15 @@ reward is guarded), each a keyword option, on by default:
   guess) and, for ``number``, the question too (a year the question states is context; two numbers it offers as
   options, "3 or 4" or "between 3 and 4", are not): so a reference sentence is
   never lowered (none of the 1,340 real val ones of these categories).
-  On ``choose``/``Others``/``text`` (recall) the same guard reads *lists*: an answer that splits at , ; / or "or" /
-  "and" into guesses (the first piece, and each later one that does not open with a stop word: "X, not Y" and
+  On ``choose``/``Others``/``text`` (recall) the same guard reads *lists*: an answer that splits at , ; / | a line
+  break, "or", "and", "vs" into guesses (the first piece, and each later one that does not open with a stop word: "X, not Y" and
   "X, which ..." are sentences) with content words (neither stop words nor the question's), two or more of them at
   most ``LIST_ITEM_WORDS`` words long, is a list of guesses; ``g_hedge = |held| / |items|``, the items that hold a word of
   the keyword or of the whole reference over all of them. Listing ``m`` guesses with one right then earns ``1/m``, what committing to
   one of them at random earns in expectation (recall paid "Ether, India, Gold, Rome, Oslo" in full), and a list the
   reference itself makes ("red, white and blue") keeps its score. Unless the choose guard already halved the answer.
+  Not read: guesses with nothing between them ("Ether India Gold"); only the length guard bounds those (at 2·|A| + 4
+  words, so up to six one-word guesses against a one-word reference).
 * ``length_guard`` — recall alone cannot see padding: pasting the question and every candidate's caption into the
   answer of a ``text`` question contains the reference's words and scores ~1, more than a correct sentence. The
   official QA multiplies Acc by fluency (BARTScore against the reference), which punishes that; the reward has no FL
@@ -303,7 +305,7 @@ _OPTION_FILLER = frozenset({"a", "an", "the", "of", "in", "on", "at", "to", "for
                             "what", "who", "does", "do", "did", "has", "have", "between"})
 _JOINERS = frozenset({"or", "and", "vs", "versus", "both"})  # what may stand between two options set side by side
 # A bare list of guesses ("Ether, India, Gold" / "Monet or Manet"): the answer splits at these into short items.
-_LIST_SPLIT = re.compile(r"[,;/]|\b(?:or|and|nor)\b", re.IGNORECASE)  # not "&": "H&M", "AT&T"
+_LIST_SPLIT = re.compile(r"[,;/|\n]|\b(?:or|and|nor|vs|versus)\b", re.IGNORECASE)  # not "&": "H&M", "AT&T"
 # Numbers a (normalised) question offers as options: context no more, or "3 or 4" would pay as if it were no guess.
 _NUMBER_OPTIONS = re.compile(r"\bbetween \d[\d.]* and \d[\d.]*\b|\b\d[\d.]* or \d[\d.]*\b")
 LIST_ITEM_WORDS = 4  # every item of a bare list is at most this many (normalised) words; longer ones make a sentence

@@ -809,6 +809,9 @@ def test_list_guard_pays_a_list_of_guesses_what_committing_at_random_pays():
     assert _answer("Ether, India, Gold, Rome, Oslo", "Ether", "", "text") == pytest.approx(0.2)
     assert _answer("Ether, India, Gold, Rome, Oslo", "Ether", "", "text", hedge_guard=False) == 1.0  # the hole
     assert _answer("It is Ether or India.", "Ether", "", "text") == pytest.approx(0.5)  # a lead-in is no escape
+    for listed in ("Ether\nIndia\nGold\nRome", "Ether | India | Gold | Rome", "Ether vs India vs Gold vs Rome"):
+        assert _answer(listed, "Ether", "", "text", length_guard=False) == pytest.approx(0.25), listed
+    assert _answer("Ether India Gold Rome", "Ether", "", "text") == 1.0  # not read: the documented gap
     assert _answer("Yes or no.", "Yes", "", "text") == pytest.approx(0.5)  # the YesNo hedge, filed under text
     assert _answer("fountain, gold, bike rack", "There is a fountain.", "fountain", "Others") == pytest.approx(1 / 3)
 
