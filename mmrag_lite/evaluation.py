@@ -591,7 +591,7 @@ def systems_table(preds: Mapping[str, Sequence[PipelineResult]], rows: Sequence[
 def accuracy_reference_note(rows: Sequence[Row]) -> str:
     """What QA-Acc compared against, counted: the public ``WebQA_train_val.json`` has no ``Keywords_A``, so a build
     from real files scores every answer against the full sentence ``A`` (WebQA's "approximate" val variant), which
-    pays a correct short answer less in the recall-scored categories (Others, choose, YesNo, text)."""
+    pays a correct short answer less in the recall-scored categories (Others, choose, text; YesNo reads only yes/no by F1)."""
     with_keywords = sum(bool(str(r.get("keywords") or "").strip()) for r in rows)
     if with_keywords == len(rows):
         return f"QA-Acc reference: the keyword answer (Keywords_A) for all {len(rows)} WebQA questions"

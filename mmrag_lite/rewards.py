@@ -68,17 +68,22 @@ reward is guarded), each a keyword option, on by default:
   then earns ``2/(m(m+1))`` (1/3 for two), never more in expectation than committing to one at random (``1/m``).
   "The reference" is the keyword and the whole reference answer (a sentence's incidental "gold medalist" is no
   guess) and, for ``number``, the question too (a year the question states is context; two numbers it offers as
-  options, "3 or 4" or "between 3 and 4", are not): so a reference sentence is
+  options, "3 or 4", are not): so a reference sentence is
   never lowered (none of the 1,340 real val ones of these categories).
-  On ``choose``/``Others``/``text`` (recall) the same guard reads *lists*: an answer that splits at , ; / | a line
-  break, "or", "and", "vs" into guesses (the first piece, and each later one that does not open with a stop word: "X, not Y" and
-  "X, which ..." are sentences) with content words (neither stop words nor the question's), two or more of them at
-  most ``LIST_ITEM_WORDS`` words long, is a list of guesses; ``g_hedge = |held| / |items|``, the items that hold a word of
+  On ``choose``/``Others``/``text`` (recall) the same guard reads *lists*: an answer that splits into guesses with
+  content words (neither stop words nor the question's), two or more joined as alternatives ("or", "/", "vs") or
+  three or more enumerated ("," ";" "and", a line break, a bullet), at least two of them at most ``LIST_ITEM_WORDS``
+  words long, is a list of guesses (a guess: the first piece, and each later one that does not open with a stop word
+  or opens with "perhaps", "also" and the like: "X, not Y" and "X, which ..." are sentences, "Paris, France" one
+  claim); ``g_hedge = |held| / |items|``, the items that hold a word of
   the keyword or of the whole reference over all of them. Listing ``m`` guesses with one right then earns ``1/m``, what committing to
   one of them at random earns in expectation (recall paid "Ether, India, Gold, Rome, Oslo" in full), and a list the
   reference itself makes ("red, white and blue") keeps its score. Unless the choose guard already halved the answer.
-  Not read: guesses with nothing between them ("Ether India Gold"); only the length guard bounds those (at 2·|A| + 4
-  words, so up to six one-word guesses against a one-word reference).
+  Not read: guesses with nothing between them ("Ether India Gold"), which only the length guard bounds (at 2·|A| + 4
+  words, so up to six one-word guesses against a one-word reference); two enumerated guesses ("Ether, India") and
+  guesses padded past ``LIST_ITEM_WORDS`` words each, which the length guard thins; and a third option of a question
+  that offers three ("A, B or C"), whose words the list guard leaves to the choose guard, which reads the pair
+  beside the "or".
 * ``length_guard`` — recall alone cannot see padding: pasting the question and every candidate's caption into the
   answer of a ``text`` question contains the reference's words and scores ~1, more than a correct sentence. The
   official QA multiplies Acc by fluency (BARTScore against the reference), which punishes that; the reward has no FL
@@ -305,9 +310,18 @@ _OPTION_FILLER = frozenset({"a", "an", "the", "of", "in", "on", "at", "to", "for
                             "what", "who", "does", "do", "did", "has", "have", "between"})
 _JOINERS = frozenset({"or", "and", "vs", "versus", "both"})  # what may stand between two options set side by side
 # A bare list of guesses ("Ether, India, Gold" / "Monet or Manet"): the answer splits at these into short items.
-_LIST_SPLIT = re.compile(r"[,;/|\n]|\b(?:or|and|nor|vs|versus)\b", re.IGNORECASE)  # not "&": "H&M", "AT&T"
+# Alternatives ("or", "/", "vs") hedge openly: two items make a list. An enumeration ("," ";" "and", a line break, a
+# bullet, " - ", " & ", a period after a word) takes three: "Paris, France", "tall and thin" and "Mercury, a planet
+# near the Sun" are one claim with a qualifier. Not a comma inside a number ("1,500"), not "&" inside a name ("H&M").
+_ALTERNATIVES = r"\bor\b|\bnor\b|/|\||\bvs\b\.?|\bversus\b"
+_LIST_ALTERNATIVE = re.compile(_ALTERNATIVES, re.IGNORECASE)
+_LIST_SPLIT = re.compile(_ALTERNATIVES + r"|(?<!\d),|,(?!\d)|;|\n|\band\b|\s[-\u2013\u2014+&*\u2022]\s|(?<=\w\w\w)\.\s+"
+                         r"|^\s*[-*\u2022]\s+", re.IGNORECASE)
+# Words that open one more guess ("Ether, or perhaps India"), not the rest of a sentence.
+_GUESS_OPENERS = frozenset({"perhaps", "maybe", "possibly", "probably", "likely", "also", "either", "else",
+                            "otherwise", "alternatively"})
 # Numbers a (normalised) question offers as options: context no more, or "3 or 4" would pay as if it were no guess.
-_NUMBER_OPTIONS = re.compile(r"\bbetween \d[\d.]* and \d[\d.]*\b|\b\d[\d.]* or \d[\d.]*\b")
+_NUMBER_OPTIONS = re.compile(r"\b\d[\d.]* or \d[\d.]*\b")  # not "between 1990 and 2000": a range is context
 LIST_ITEM_WORDS = 4  # every item of a bare list is at most this many (normalised) words; longer ones make a sentence
 LENGTH_GUARD_RATIO = 2.0  # answers up to twice the reference answer's length, plus the slack, keep their whole score
 LENGTH_GUARD_SLACK = 4  # words a sentence adds around a short answer ("It is ...", "Based on the images, ...")
@@ -487,16 +501,16 @@ def _hedges_between_options(answer_norm: str, question_norm: str, acc_reference_
     return False
 
 
-def _list_items(answer: str) -> list[str]:
-    """The pieces of an answer split at list separators (raw text: normalising drops the commas); [] when one piece.
-    A first piece that a comma or semicolon ends is marked with a trailing "," (an opener, "Based on the images,",
-    or the first guess)."""
+def _list_items(answer: str) -> tuple[list[str], bool]:
+    """The pieces of an answer split at list separators (raw text: normalising drops the commas), and whether an
+    alternative ("or", "/", "vs") separates any; ``([], False)`` for one piece. A first piece that a comma or semicolon
+    ends is marked with a trailing "," (an opener, "Based on the images,", or the first guess)."""
     first = _LIST_SPLIT.search(answer)
     pieces = [p.strip() for p in _LIST_SPLIT.split(answer)]
     if first is not None and first.group() in ",;" and pieces[0]:
         pieces[0] += ","
     pieces = [p for p in pieces if p]
-    return pieces if len(pieces) >= 2 else []
+    return (pieces, bool(_LIST_ALTERNATIVE.search(answer))) if len(pieces) >= 2 else ([], False)
 
 
 @functools.cache
@@ -512,16 +526,17 @@ def _plain_words(text: str) -> set[str]:
 
 
 def _list_share_held(items_norm: Sequence[str], items_raw: Sequence[str], reference_norm: str, reference_raw: str,
-                     question_norm: str) -> float:
-    """The list guard's factor: 1 unless the answer lists guesses, two or more of them short; then the share of the
-    guesses that hold a word of the reference (keyword and whole answer), compared normalised or as written: an item
-    lemmatised alone can differ from the same word in the reference ("Leaves" alone -> "leave", in "leaves and
-    petals" -> "leaf"). A guess is the first piece, or a later one that does not open with a stop word: "not
-    sideways", "towards the light", "which is tall" and "it grows upwards" continue a sentence, and a piece of stop
-    words and question words only ("it is" of "Yes, it is") says nothing. The first piece is an opener, no guess,
-    when a comma ends it, it holds a stop word and no word of the reference ("Based on the images, ...")."""
+                     question_norm: str, alternatives: bool) -> float:
+    """The list guard's factor: 1 unless the answer lists guesses (two or more joined as alternatives, three or more
+    enumerated), two of them short; then the share of the guesses that hold a word of the reference (keyword and
+    whole answer), compared normalised or as written: an item lemmatised alone can differ from the same word in the
+    reference ("Leaves" alone -> "leave", in "leaves and petals" -> "leaf"). A guess is the first piece, or a later
+    one that does not open with a stop word (articles dropped) or opens with a guess opener ("perhaps", "also"):
+    "not sideways", "towards the light", "which is tall" and "it grows upwards" continue a sentence, and a piece of
+    stop words and question words only ("it is" of "Yes, it is") says nothing. The first piece is an opener, no
+    guess, when a comma ends it, it holds a stop word and no word of the reference ("Based on the images, ...")."""
     stop = _list_stop_words()
-    ignored = stop | set(question_norm.split())
+    ignored = stop | _GUESS_OPENERS | set(question_norm.split())
     reference, reference_plain = set(reference_norm.split()), _plain_words(reference_raw)
 
     def holds(norm: set[str], raw: set[str]) -> bool:
@@ -531,14 +546,15 @@ def _list_share_held(items_norm: Sequence[str], items_raw: Sequence[str], refere
     for i, (norm, raw) in enumerate(zip(items_norm, items_raw)):
         words = norm.split()
         content, plain = set(words) - ignored, _plain_words(raw) - ignored
-        if i > 0 and (words or [""])[0] in stop:
+        opener = (words or [""])[0]
+        if i > 0 and opener in stop and opener not in _GUESS_OPENERS:
             continue  # the sentence goes on
         if i == 0 and raw.endswith(",") and set(words) & stop and not holds(content, plain):
             continue  # an opener
         if content:
             items.append((content, plain, len(words) <= LIST_ITEM_WORDS))
-    if sum(short for _, _, short in items) < 2:
-        return 1.0  # one claim, or a sentence whose commas set off long clauses: not a list of guesses
+    if len(items) < (2 if alternatives else 3) or sum(short for _, _, short in items) < 2:
+        return 1.0  # one claim (with a qualifier), or a sentence whose commas set off long clauses
     return sum(holds(norm, raw) for norm, raw, _ in items) / len(items)
 
 
@@ -629,7 +645,8 @@ def _webqa_answer_scores(said: list[str], answers: list[Any], columns: Mapping[s
         + [text for pairs in spans for pair in pairs for text in pair]
         + [t for row in uncut for t in row if t is not None])
     # the items of an answer that lists guesses (recall categories): normalised in one more batch
-    items = [_list_items(t) if hedge_guard and c in RECALL_CATEGORIES else [] for t, c in zip(said, qc)]
+    listed = [_list_items(t) if hedge_guard and c in RECALL_CATEGORIES else ([], False) for t, c in zip(said, qc)]
+    items = [pieces for pieces, _ in listed]
     flat_items = iter(metrics.normalize_webqa_many([t for row in items for t in row]))
     normed_items = [[next(flat_items) for _ in row] for row in items]
     k = len(rows)
@@ -659,7 +676,8 @@ def _webqa_answer_scores(said: list[str], answers: list[Any], columns: Mapping[s
                 score *= CHOOSE_BOTH_FACTOR
                 halved = True
         if score and hedge_guard and normed_items[j] and not halved:
-            score *= _list_share_held(normed_items[j], items[j], f"{ref} {whole_ref}", f"{refs[j]} {whole[j]}", question)
+            score *= _list_share_held(normed_items[j], items[j], f"{ref} {whole_ref}", f"{refs[j]} {whole[j]}", question,
+                                      listed[j][1])
         if score and hedge_guard and qc[j] in HEDGE_GUARD_CATEGORIES:
             named = set(metrics.webqa_bags(cand, ref, qc[j])[0])  # not empty: the score is not 0
             stated = _NUMBER_OPTIONS.sub(" ", question) if qc[j] == "number" else ""  # "3 or 4" are the choices

@@ -282,13 +282,15 @@ def test_a_cut_imgs_tsv_is_named_as_incomplete_once_not_as_missing_images(tmp_pa
     folder = write_store(tmp_path, {30000000 + i: _jpeg(16) for i in range(4)})
     offsets = [int(x) for x in (folder / "imgs.lineidx").read_text().split()]
     tsv = folder / "imgs.tsv"
-    tsv.write_bytes(tsv.read_bytes()[: offsets[2]])  # the last two lines lost
-    with pytest.warns(UserWarning, match="before the offsets of 2 of 4 images.*incomplete"):
+    tsv.write_bytes(tsv.read_bytes()[: offsets[2] + 10])  # the last line lost, the one before it cut mid-way
+    with pytest.warns(UserWarning, match="before the offsets of 1 of 4 images.*incomplete"):
         store = ImageStore(tsv)
     with store:
         assert store.get(30000001).size == (16, 16)
-        with pytest.raises(ImageNotFoundError, match="30000002: imgs.tsv ends at byte .*incomplete"):
+        with pytest.raises(ImageNotFoundError, match="30000002: its line is cut off where imgs.tsv ends.*incomplete"):
             store.get(30000002)
+        with pytest.raises(ImageNotFoundError, match="30000003: imgs.tsv ends at byte .*incomplete"):
+            store.get(30000003)
         assert 30000003 not in store and "ends at byte" in store.check(30000003)
 
 

@@ -237,7 +237,7 @@ def test_choose_guard_copying_the_question_earns_a_coin_flip():
     assert answer_reward(comps, question=[STACHYS] * 5, choose_guard=False, length_guard=False, **cols) == [1.0] * 5  # the hole
     # no question known: the choose guard has nothing to check against; the list guard still reads the bare lists
     assert answer_reward(comps, length_guard=False, hedge_guard=False, **cols) == [1.0] * 5
-    assert answer_reward(comps, length_guard=False, **cols) == [1.0, 1.0, 1.0, 0.5, 0.5]
+    assert answer_reward(comps, length_guard=False, **cols) == [1.0, 1.0, 1.0, 0.5, 1.0]  # two joined by "and": one claim?
     # the length guard leaves these alone: 7 words at most, within 2 x 3 ("it grow upwards") + LENGTH_GUARD_SLACK
     assert answer_reward(comps, question=[STACHYS] * 5, **cols) == [0.5, 1.0, 1.0, 0.5, 0.5]
     # a reference that names both options itself ("Minnesota or Mayo ...") never triggers the guard
@@ -372,13 +372,15 @@ def test_length_guard_stops_paying_a_pasted_prompt_on_recall_categories():
             "Based on the images, the Golden Castle was founded by Hiro Ravison in Malmo."]
     comps = [stage2_target(["D1"], a) for a in said]
     cols = {"answer": [ref] * 5, "keywords": [""] * 5, "qcate": ["text"] * 5}
-    unguarded = answer_reward(comps, length_guard=False, **cols)
+    unguarded = answer_reward(comps, length_guard=False, hedge_guard=False, **cols)
     guarded = answer_reward(comps, **cols)
     assert unguarded[0] == pytest.approx(1.0) and guarded[0] < 0.5 < guarded[1]  # the paste now loses to the sentence
     n_paste = len(metrics.normalize_webqa_text(paste).split())
     n_ref = len(metrics.normalize_webqa_text(ref).split())
     allowance = rewards.LENGTH_GUARD_RATIO * n_ref + rewards.LENGTH_GUARD_SLACK
-    assert guarded[0] == pytest.approx(min(1.0, allowance / n_paste))
+    length_only = answer_reward(comps, hedge_guard=False, **cols)
+    assert length_only[0] == pytest.approx(min(1.0, allowance / n_paste))
+    assert guarded[0] <= length_only[0]  # the paste's sentences also read as a list of guesses: thinned further
     assert guarded[1:] == unguarded[1:]  # within the allowance ("Based on the images, " + the reference): untouched
     # a one-word reference still leaves room for a sentence around it
     short = [stage2_target(["D1"], a) for a in ("Ether", "It is Ether.", "Based on the images, it is ether.")]
@@ -809,9 +811,14 @@ def test_list_guard_pays_a_list_of_guesses_what_committing_at_random_pays():
     assert _answer("Ether, India, Gold, Rome, Oslo", "Ether", "", "text") == pytest.approx(0.2)
     assert _answer("Ether, India, Gold, Rome, Oslo", "Ether", "", "text", hedge_guard=False) == 1.0  # the hole
     assert _answer("It is Ether or India.", "Ether", "", "text") == pytest.approx(0.5)  # a lead-in is no escape
-    for listed in ("Ether\nIndia\nGold\nRome", "Ether | India | Gold | Rome", "Ether vs India vs Gold vs Rome"):
+    for listed in ("Ether\nIndia\nGold\nRome", "Ether | India | Gold | Rome", "Ether vs India vs Gold vs Rome",
+                   "Ether - India - Gold - Rome", "Ether. India. Gold. Rome.", "- Ether\n- India\n- Gold\n- Rome",
+                   "Ether, also India, also Gold, also Rome"):
         assert _answer(listed, "Ether", "", "text", length_guard=False) == pytest.approx(0.25), listed
-    assert _answer("Ether India Gold Rome", "Ether", "", "text") == 1.0  # not read: the documented gap
+    for hedge in ("Ether or perhaps India", "India or perhaps Ether"):  # "perhaps" opens one more guess
+        assert _answer(hedge, "Ether", "", "text") == pytest.approx(0.5), hedge
+    # not read, the documented gaps: nothing between the guesses; two enumerated ones (one claim with a qualifier?)
+    assert _answer("Ether India Gold Rome", "Ether", "", "text") == _answer("Ether, India", "Ether", "", "text") == 1.0
     assert _answer("Yes or no.", "Yes", "", "text") == pytest.approx(0.5)  # the YesNo hedge, filed under text
     assert _answer("fountain, gold, bike rack", "There is a fountain.", "fountain", "Others") == pytest.approx(1 / 3)
 
@@ -823,10 +830,17 @@ def test_list_guard_spares_lists_the_reference_makes_and_sentences_with_commas()
     assert _answer("Leaves and petals", "Leaves and petals are pointy.", "Leaves and petals", "Others") == 1.0
     flag = ("red, white and blue", "The flag is red, white and blue.", "", "text")
     assert _answer(*flag) == _answer(*flag, hedge_guard=False) == pytest.approx(4 / 6)  # recall of the sentence's words
-    for sentence in ("It grows upwards, not sideways.", "It grows upwards, towards the light of the sun",
-                     "Yes, it is.", "Yes, the tower which is tall, stands there"):
-        assert _answer(sentence, "It grows upwards.", "", "text") == _answer(sentence, "It grows upwards.", "", "text",
-                                                                             hedge_guard=False), sentence
+    for sentence, reference in (("It grows upwards, not sideways.", "It grows upwards."),
+                                ("It grows upwards, towards the light of the sun", "It grows upwards."),
+                                ("Yes, it is.", "Yes"), ("Yes, the tower which is tall stands there", "Yes"),
+                                ("Paris, France", "Paris"), ("Mercury, a planet near the Sun", "Mercury"),
+                                ("The tower is tall and thin", "The tower is tall."), ("1,500", "It cost 1500."),
+                                ("The Louvre, Paris", "It hangs in the Louvre.")):
+        unguarded = _answer(sentence, reference, "", "text", hedge_guard=False)
+        assert unguarded > 0 and _answer(sentence, reference, "", "text") == unguarded, sentence
+    # the documented cost: three comma-set fragments of a sentence's own, two not in the reference, read as a list
+    fragments = ("Yes, the tower, which is tall, stands there", "Yes", "", "text")
+    assert _answer(*fragments) == pytest.approx(_answer(*fragments, hedge_guard=False) / 3)
 
 
 def test_list_guard_on_real_val_text_questions(shared_data):
@@ -850,9 +864,12 @@ def test_list_guard_on_real_val_text_questions(shared_data):
 def test_number_hedge_between_options_the_question_offers_earns_no_more_than_a_coin_flip():
     """The question's numbers are context ("in 1901"), except two it offers as the choice: "3 or 4" then paid 0.667."""
     f1 = lambda p, r: 2 * p * r / (p + r + 1e-5)  # the official F1, +1e-5 included
-    for question in ("Were there 3 or 4 players on the team ?", "Were there between 3 and 4 players on the team ?"):
-        hedge = _answer("3 or 4", "There were 3 players.", "3", "number", question)
-        assert hedge == pytest.approx(f1(1 / 2, 1) / 2)  # F1 2/3, halved: below committing at random (1/2)
-        assert _answer("3", "There were 3 players.", "3", "number", question) == pytest.approx(f1(1, 1))
+    question = "Were there 3 or 4 players on the team ?"
+    hedge = _answer("3 or 4", "There were 3 players.", "3", "number", question)
+    assert hedge == pytest.approx(f1(1 / 2, 1) / 2)  # F1 2/3, halved: below committing at random (1/2)
+    assert _answer("3", "There were 3 players.", "3", "number", question) == pytest.approx(f1(1, 1))
+    ranged = ("3 titles between 1990 and 2000", "He won 3 titles.", "3", "number",
+              "How many titles did he win between 1990 and 2000 ?")  # a range the question states is context
+    assert _answer(*ranged) == _answer(*ranged, hedge_guard=False) == pytest.approx(f1(1 / 3, 1))
     assert _answer("3 in 1901", "There were 3 players in 1901.", "3", "number",
                    "How many players were there in 1901 ?") == pytest.approx(f1(1 / 2, 1))  # 1901 is context: F1 only

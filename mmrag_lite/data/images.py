@@ -192,6 +192,9 @@ class ImageStore:
             fh = self._file()
             fh.seek(int(self.offsets[row]))
             line = fh.readline()
+        if not line.endswith(b"\n") and row < len(self.offsets) - 1:  # only the last line may lack its newline
+            raise ImageNotFoundError(image_id, f"its line is cut off where {self.tsv_path.name} ends, at byte "
+                                               f"{self.tsv_size:,} (an incomplete copy or extraction?)")
         key, sep, payload = line.partition(b"\t")
         if not sep or key.strip() != str(int(image_id)).encode():
             raise ImageNotFoundError(
