@@ -68,7 +68,7 @@ reward is guarded), each a keyword option, on by default:
   then earns ``2/(m(m+1))`` (1/3 for two), never more in expectation than committing to one at random (``1/m``).
   "The reference" is the keyword and the whole reference answer (a sentence's incidental "gold medalist" is no
   guess) and, for ``number``, the question too (a year the question states is context; two numbers it offers as
-  options, "3 or 4", are not): so a reference sentence is
+  options, "3 or 4", are not, unless they are years): so a reference sentence is
   never lowered (none of the 1,340 real val ones of these categories).
   On ``choose``/``Others``/``text`` (recall) the same guard reads *lists*: an answer that splits into guesses with
   content words (neither stop words nor the question's), two or more joined as alternatives ("or", "/", "vs") or
@@ -321,7 +321,8 @@ _LIST_SPLIT = re.compile(_ALTERNATIVES + r"|(?<!\d),|,(?!\d)|;|\n|\band\b|\s[-\u
 _GUESS_OPENERS = frozenset({"perhaps", "maybe", "possibly", "probably", "likely", "also", "either", "else",
                             "otherwise", "alternatively"})
 # Numbers a (normalised) question offers as options: context no more, or "3 or 4" would pay as if it were no guess.
-_NUMBER_OPTIONS = re.compile(r"\b\d[\d.]* or \d[\d.]*\b")  # not "between 1990 and 2000": a range is context
+# not "between 1990 and 2000" (a range) nor "in 2010 or 2011" (years): context, not the choice
+_NUMBER_OPTIONS = re.compile(r"\b(?!1\d\d\d\b|20\d\d\b)\d[\d.]* or (?!1\d\d\d\b|20\d\d\b)\d[\d.]*\b")
 LIST_ITEM_WORDS = 4  # every item of a bare list is at most this many (normalised) words; longer ones make a sentence
 LENGTH_GUARD_RATIO = 2.0  # answers up to twice the reference answer's length, plus the slack, keep their whole score
 LENGTH_GUARD_SLACK = 4  # words a sentence adds around a short answer ("It is ...", "Based on the images, ...")

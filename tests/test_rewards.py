@@ -871,5 +871,8 @@ def test_number_hedge_between_options_the_question_offers_earns_no_more_than_a_c
     ranged = ("3 titles between 1990 and 2000", "He won 3 titles.", "3", "number",
               "How many titles did he win between 1990 and 2000 ?")  # a range the question states is context
     assert _answer(*ranged) == _answer(*ranged, hedge_guard=False) == pytest.approx(f1(1 / 3, 1))
+    years = ("5000 people in 2010 or 2011", "About 5000 people came.", "5000", "number",
+             "How many people came in 2010 or 2011 ?")  # two years offered: context too
+    assert _answer(*years) == _answer(*years, hedge_guard=False)
     assert _answer("3 in 1901", "There were 3 players in 1901.", "3", "number",
                    "How many players were there in 1901 ?") == pytest.approx(f1(1 / 2, 1))  # 1901 is context: F1 only
