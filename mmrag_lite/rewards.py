@@ -522,10 +522,6 @@ def _list_stop_words() -> frozenset[str]:
     return frozenset(STOP_WORDS) - {"yes", "no"}
 
 
-def _plain_words(text: str) -> set[str]:
-    return set(re.findall(r"\w+", text.lower()))
-
-
 def _list_share_held(items_norm: Sequence[str], items_raw: Sequence[str], reference_norm: str, reference_raw: str,
                      question_norm: str, alternatives: bool) -> float:
     """The list guard's factor: 1 unless the answer lists guesses (two or more joined as alternatives, three or more
@@ -538,7 +534,7 @@ def _list_share_held(items_norm: Sequence[str], items_raw: Sequence[str], refere
     guess, when a comma ends it, it holds a stop word and no word of the reference ("Based on the images, ...")."""
     stop = _list_stop_words()
     ignored = stop | _GUESS_OPENERS | set(question_norm.split())
-    reference, reference_plain = set(reference_norm.split()), _plain_words(reference_raw)
+    reference, reference_plain = set(reference_norm.split()), set(_plain(reference_raw).split())
 
     def holds(norm: set[str], raw: set[str]) -> bool:
         return bool(norm & reference or raw & reference_plain)
@@ -546,7 +542,7 @@ def _list_share_held(items_norm: Sequence[str], items_raw: Sequence[str], refere
     items = []
     for i, (norm, raw) in enumerate(zip(items_norm, items_raw)):
         words = norm.split()
-        content, plain = set(words) - ignored, _plain_words(raw) - ignored
+        content, plain = set(words) - ignored, set(_plain(raw).split()) - ignored
         opener = (words or [""])[0]
         if i > 0 and opener in stop and opener not in _GUESS_OPENERS:
             continue  # the sentence goes on
