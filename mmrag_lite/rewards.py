@@ -309,8 +309,8 @@ _OPTION_FILLER = frozenset({"a", "an", "the", "of", "in", "on", "at", "to", "for
                             "are", "was", "were", "be", "it", "its", "this", "that", "than", "more", "less", "which",
                             "what", "who", "does", "do", "did", "has", "have", "between"})
 _JOINERS = frozenset({"or", "and", "vs", "versus", "both"})  # what may stand between two options set side by side
-# A bare list of guesses ("Ether, India, Gold" / "Monet or Manet"): the answer splits at these into short items.
-# Alternatives ("or", "/", "vs") hedge openly: two items make a list. An enumeration ("," ";" "and", a line break, a
+# The list guard's separators ("Ether, India, Gold" / "Monet or Manet"). Alternatives ("or", "/", "vs") hedge openly:
+# two items make a list. An enumeration ("," ";" "and", a line break, a
 # bullet, " - ", " & ", a period after a word) takes three: "Paris, France", "tall and thin" and "Mercury, a planet
 # near the Sun" are one claim with a qualifier. Not a comma inside a number ("1,500"), not "&" inside a name ("H&M").
 _ALTERNATIVES = r"\bor\b|\bnor\b|/|\||\bvs\b\.?|\bversus\b"
@@ -321,9 +321,9 @@ _LIST_SPLIT = re.compile(_ALTERNATIVES + r"|(?<!\d),|,(?!\d)|;|\n|\band\b|\s[-\u
 _GUESS_OPENERS = frozenset({"perhaps", "maybe", "possibly", "probably", "likely", "also", "either", "else",
                             "otherwise", "alternatively"})
 # Numbers a (normalised) question offers as options: context no more, or "3 or 4" would pay as if it were no guess.
-# not "between 1990 and 2000" (a range) nor "in 2010 or 2011" (years): context, not the choice
+# Not "between 1990 and 2000" (a range) nor "in 2010 or 2011" (years): those stay context.
 _NUMBER_OPTIONS = re.compile(r"\b(?!1\d\d\d\b|20\d\d\b)\d[\d.]* or (?!1\d\d\d\b|20\d\d\b)\d[\d.]*\b")
-LIST_ITEM_WORDS = 4  # every item of a bare list is at most this many (normalised) words; longer ones make a sentence
+LIST_ITEM_WORDS = 4  # a list has at least two guesses this short (normalised words); longer pieces are clauses
 LENGTH_GUARD_RATIO = 2.0  # answers up to twice the reference answer's length, plus the slack, keep their whole score
 LENGTH_GUARD_SLACK = 4  # words a sentence adds around a short answer ("It is ...", "Based on the images, ...")
 
