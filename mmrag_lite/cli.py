@@ -184,7 +184,6 @@ def cmd_train_stage1(args: argparse.Namespace) -> int:
 
 def cmd_train_stage2(args: argparse.Namespace) -> int:
     from mmrag_lite import pipeline, training
-    from mmrag_lite.modeling import release_memory
 
     init = Path(args.init_adapter) if args.init_adapter else None  # None: train_stage2 follows stage2.init_from
     if init is not None and not training.is_adapter_dir(init):  # checked before any folder, data or scoring
@@ -199,8 +198,7 @@ def cmd_train_stage2(args: argparse.Namespace) -> int:
     with _main_process_first():  # the main process re-scores when needed; the others then read what it wrote
         if training.is_main_process():  # missing, another judge's, or too few questions: scored again
             pipeline.ensure_stage1_scores(bank, ds["train"], "train")
-    del bank  # with it the 4-bit judge leaves the GPU before stage 2
-    release_memory()  # the judge is not needed while stage 2 trains
+    bank.unload()  # the 4-bit judge leaves the GPU: it is not needed while stage 2 trains
     dataset, build_report = training.stage2_dataset_for_run(preset, wd, ds["train"])
     print(build_report)
     training.train_stage2(preset, dataset, wd, init_adapter=init, resume=args.resume)

@@ -859,8 +859,7 @@ def retrained_stage2_ablation(preset: Preset, work_dir: str | Path, rows: Sequen
         bank = ModelBank(p, sub, adapters={"stage1": run / "stage1" / "adapter"}, verbose=False)
         res = run_pipeline(rows, p, system=SystemSpec(name, "stage1", "stage2"), bank=bank, scores=scores, progress=progress)
         out.append(_variant_row(name, overrides, res, rows, history))
-        del bank
-        release_memory()
+        bank.unload()
     return out
 
 
