@@ -282,14 +282,20 @@ def parse_stage1(completion: Any, *, reasoning: bool = True, tags: Tags = DEFAUL
 
 
 # ----------------------------------------------------------------------------------------------- stage 2
-_ID_SPLIT = re.compile(r"[,;\s]+|(?<=[\])}>])(?=[\[({<])")  # also between brackets: "[D1][D2]" is two ids
-_ID_STRIP = "[](){}<>'\"`.:*#"
+# the prompt asks for commas; a pretrained model also writes lists ("- D2", "1. D2", "D2 and D5", "D2/D5"), which
+# name the same ids and are read as such: only an id that was not shown counts against a completion
+_ID_SPLIT = re.compile(r"[,;\s/|&、]+|(?<=[\])}>])(?=[\[({<])")  # also between brackets: "[D1][D2]" is two ids
+_ID_STRIP = "[](){}<>'\"`.:*#-•–—"
+_LIST_MARKER = re.compile(r"\(?\d+[.)]|and", re.IGNORECASE)  # "1." / "2)" / "(3)" numbering, and "and"
 
 
 def split_ids(raw: str) -> list[str]:
-    """``"D2, D5"`` / ``"[D2] [D5]"`` / ``"[D2][D5]"`` / ``"D2;D5"`` → ``["D2", "D5"]`` (order kept, repeats kept)."""
+    """``"D2, D5"`` / ``"[D2][D5]"`` / ``"D2;D5"`` / ``"- D2\\n- D5"`` / ``"1. D2 2. D5"`` / ``"D2 and D5"`` /
+    ``"D2/D5"`` → ``["D2", "D5"]`` (order kept, repeats kept)."""
     out = []
     for token in _ID_SPLIT.split(raw):
+        if _LIST_MARKER.fullmatch(token):
+            continue
         token = token.strip(_ID_STRIP)
         if token:
             out.append(token)

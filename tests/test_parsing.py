@@ -129,6 +129,17 @@ def test_stage2_ids_are_lenient_on_separators_and_case():
     assert parsed.ok and parsed.source_ids == ("D2", "D1")
 
 
+@pytest.mark.parametrize("listed", ["- D2\n- D4", "• D2 • D4", "1. D2\n2. D4", "(1) D2 (2) D4", "1) D2, 2) D4",
+                                    "D2 and D4", "D2 AND D4", "D2 & D4", "D2/D4", "D2 | D4", "D2、D4"])
+def test_stage2_ids_written_as_a_list_name_the_same_ids(listed):
+    """A pretrained model lists ids as bullets, numbered lines or "D2 and D4": the same two ids, not a list number
+    or a dash taken for an unknown id (which would cost the format reward and a ranking slot)."""
+    assert split_ids(listed) == ["D2", "D4"]
+    parsed = parse_stage2(f"<sources>{listed}</sources><answer>x</answer>", IDS, reasoning=False)
+    assert parsed.ok and parsed.source_ids == ("D2", "D4")
+    assert split_ids("d5bb-1, 30174997") == ["d5bb-1", "30174997"]  # a dash inside an id stays
+
+
 def test_stage2_unknown_and_duplicate_ids():
     parsed = parse_stage2("<sources>D2, D9, D2, D1</sources><answer>x</answer>", IDS, reasoning=False)
     assert set(parsed.codes) == {"unknown_id", "duplicate_id"}
