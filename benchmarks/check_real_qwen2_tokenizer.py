@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     prefix = scoring.answer_prefix()
     spellings = {}
-    for word in (prompts.YES, *scoring.VERDICT_CASE_VARIANTS[prompts.YES], prompts.NO, *scoring.VERDICT_CASE_VARIANTS[prompts.NO]):
+    for word in (prompts.YES, *scoring.VERDICT_VARIANTS[prompts.YES], prompts.NO, *scoring.VERDICT_VARIANTS[prompts.NO]):
         spellings[word] = tok.tokenize(prefix + word)
         print(f"  {prefix + word!r:>14} -> {spellings[word]}")
     readout = scoring.verdict_readout(tok)

@@ -70,7 +70,9 @@ def answer_prefix(tags: prompts.Tags = prompts.DEFAULT_TAGS) -> str:
     return tags.open("answer")
 
 
-VERDICT_CASE_VARIANTS = {prompts.YES: ("Yes", "YES"), prompts.NO: ("No", "NO")}  # the parser reads these as yes/no
+# other spellings the parser (hence the relevance reward) reads as the same verdict, so GRPO pays them as much: other
+# cases, and a space after the tag ("<answer> Yes", Qwen2's "Ġyes" token), which an instruct model may drift to
+VERDICT_VARIANTS = {prompts.YES: ("Yes", "YES", " yes", " Yes", " YES"), prompts.NO: ("No", "NO", " no", " No", " NO")}
 
 
 @dataclass(frozen=True)
@@ -99,8 +101,10 @@ def verdict_readout(processor: Any, prefix: str | None = None) -> VerdictReadout
     word: Qwen2's pre-tokenizer makes ``>yes`` one piece (``[^\\r\\n\\p{L}\\p{N}]?\\p{L}+``), and where its BPE
     has that merge the verdict token is ``>yes``, after a prompt that ends with ``<answer``. Reading the first
     token that differs covers both, and tokenising ``"yes"`` alone (a word-initial variant) is never assumed.
-    ``Yes`` / ``YES`` (and ``No`` / ``NO``) count too where they start with a token of their own after the same
-    prefill: the parser, hence the relevance reward, reads them as the same verdict. Where a variant merges with
+    ``Yes`` / ``YES`` / `` yes`` ... (and ``No`` / ``NO`` / `` no`` ..., ``VERDICT_VARIANTS``) count too where they
+    start with a token of their own after the same prefill: the parser, hence the relevance reward, reads them as the
+    same verdict. A variant whose first token could start the other verdict too (a bare space) decides nothing and
+    is dropped. Where a variant merges with
     the tag instead (the real Qwen2 vocabulary writes ``<answer>No`` as ``<answer`` + ``>No``, but ``yes``, ``no``,
     ``Yes``, ``YES`` and ``NO`` after ``>``), the token that spells its start on its own is read, provided the
     prefill ends exactly where the verdict starts (after ``>``, the model writes ``No`` in one token as ``No``), so
@@ -124,7 +128,7 @@ def verdict_readout(processor: Any, prefix: str | None = None) -> VerdictReadout
         raise ValueError(f"the tokenizer does not split {prefix!r} + 'yes'/'no' at a text boundary (shared tokens "
                          f"decode to {prefill!r}); forward-pass scoring needs a prefill that ends where the verdict starts")
     firsts: dict[str, list[int]] = {prompts.YES: [yes[n]], prompts.NO: [no[n]]}
-    for verdict, variants in VERDICT_CASE_VARIANTS.items():
+    for verdict, variants in VERDICT_VARIANTS.items():
         for word in variants:
             v = ids(word)
             first = v[n] if len(v) > n and v[:n] == yes[:n] else _spelled_alone(tok, yes[:n], prefix, word)

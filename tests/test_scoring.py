@@ -126,6 +126,20 @@ def test_a_variant_that_merges_with_the_tag_is_read_by_its_own_spelling() -> Non
     assert tok.decode([*r.prefill_ids, r.no_ids[1]]) == "<answer>No"  # the same text the parser reads as "no"
 
 
+def test_a_space_after_the_tag_is_read_as_the_same_verdict() -> None:
+    """``<answer> Yes`` earns the relevance reward (the parser strips the space), so a judge trained by GRPO may put
+    its mass there: the scorer reads those tokens too. A bare space, which could start either verdict, decides
+    nothing and is not read."""
+    assert parse_stage1("<answer> Yes</answer>", reasoning=False).label == "yes"
+    tok = _qwen2_style_tokenizer(["<answer> Yes", "<answer> no"] * 50 + ["yes", "no", "answer", "<", ">"] * 50)
+    assert tok.tokenize("<answer> Yes") == ["<answer", ">", "ĠYes"]
+    r = scoring.verdict_readout(tok)
+    assert r.prefill == "<answer>"
+    yes, no = [tok.decode([i]) for i in r.yes_ids], [tok.decode([i]) for i in r.no_ids]
+    assert yes[0] == "yes" and " Yes" in yes and no[0] == "no" and " no" in no
+    assert not {" ", "Ġ"} & set(yes + no) and not set(r.yes_ids) & set(r.no_ids)
+
+
 def test_filter_report_leaves_out_questions_without_gold_or_candidates() -> None:
     split = [{"guid": "q1", "gold_ids": ["a"], "candidates": [{"id": "a"}, {"id": "b"}]},
              {"guid": "empty", "gold_ids": ["x"], "candidates": []},
@@ -294,16 +308,18 @@ def _real_vocabulary(check) -> Path:
 
 
 @pytest.mark.slow
-def test_the_real_qwen2_vocabulary_reads_three_spellings_of_each_verdict(load_benchmark) -> None:
+def test_the_real_qwen2_vocabulary_reads_six_spellings_of_each_verdict(load_benchmark) -> None:
     """On the GPU presets' real vocabulary (llama.cpp's copy, checked against Hugging Face's ids by the script): the
-    prompt ends with ``<answer>``, ``<answer>No`` merges into ``>No`` and is still read, and real stage-1 prompts,
-    text and image, end with the prefill."""
+    prompt ends with ``<answer>``, ``<answer>No`` merges into ``>No`` and is still read, ``<answer> Yes`` (which the
+    reward pays) is read through its own ``ĠYes`` token, and real stage-1 prompts, text and image, end with the
+    prefill."""
     check = load_benchmark("check_real_qwen2_tokenizer")
     report = check.main(["--cache", str(_real_vocabulary(check))])
     assert report["reference_matched"] == report["reference_cases"] == 47
     assert report["spellings"]["No"] == ["<", "answer", ">No"] and report["spellings"]["yes"] == ["<", "answer", ">", "yes"]
     assert report["prefill"] == "<answer>"
-    assert report["yes"] == ["yes", "Yes", "YES"] and report["no"] == ["no", "No", "NO"]
+    assert report["yes"] == ["yes", "Yes", "YES", " yes", " Yes", " YES"]
+    assert report["no"] == ["no", "No", "NO", " no", " No", " NO"]
     assert len(report["prompts_end_with_prefill"]) == 4 and all(report["prompts_end_with_prefill"].values())
 
 
