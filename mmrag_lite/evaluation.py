@@ -84,6 +84,11 @@ def fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _cell(text: str) -> str:
+    """One markdown cell: a ``|`` would open a column and a line break end the row (model answers hold both)."""
+    return text.replace("|", "\\|").replace("\r\n", "\n").replace("\n", " ⏎ ")
+
+
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
     """GitHub markdown for a list of dict rows (pure)."""
     if not rows:
@@ -91,7 +96,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | N
     cols = list(columns) if columns else list(dict.fromkeys(k for r in rows for k in r))
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
-        lines.append("| " + " | ".join(fmt(r.get(c)).replace("|", "\\|") for c in cols) + " |")
+        lines.append("| " + " | ".join(_cell(fmt(r.get(c))) for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
 

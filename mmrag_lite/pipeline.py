@@ -35,7 +35,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from mmrag_lite import prompts
 from mmrag_lite.atomic import write_json_atomic
@@ -65,6 +65,14 @@ class SystemSpec:
     k: int | None = None
     reasoning: bool | None = None
     description: str = ""
+
+    def __post_init__(self) -> None:  # a typo would otherwise answer over the pool's first k, unscored
+        for field, value, allowed in (("filter", self.filter, get_args(FilterKind)),
+                                      ("answerer", self.answerer, get_args(ModelKind))):
+            if value not in allowed:
+                raise ValueError(f"system {self.name!r}: {field} {value!r} is not one of {', '.join(allowed)}")
+        if self.k is not None and self.k < 1:
+            raise ValueError(f"system {self.name!r}: k must be at least 1 (got {self.k})")
 
     def resolved_k(self, preset: Preset) -> int:
         return int(self.k if self.k is not None else preset.stage1.k)
@@ -121,7 +129,7 @@ class PipelineResult:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for key in ("kept_ids", "sources", "problems", "short_sources"):
-            d[key] = list(d[key])
+            d[key] = [str(v) for v in d[key]]  # ids as strings both ways (numpy ints are no JSON)
         d["scores"] = {k: (None if v is None or math.isnan(float(v)) else float(v)) for k, v in self.scores.items()}
         return d
 
@@ -130,10 +138,10 @@ class PipelineResult:
         return cls(
             guid=str(d["guid"]), question=str(d.get("question", "")), system=str(d.get("system", "")),
             scores={str(k): (float("nan") if v is None else float(v)) for k, v in dict(d.get("scores", {})).items()},
-            kept_ids=tuple(d.get("kept_ids", ())), reasoning=str(d.get("reasoning", "")),
+            kept_ids=tuple(str(i) for i in d.get("kept_ids", ())), reasoning=str(d.get("reasoning", "")),
             completion=str(d.get("completion", "")), sources=tuple(str(s) for s in d.get("sources", ())),
-            answer=str(d.get("answer", "")), problems=tuple(d.get("problems", ())),
-            short_sources=tuple(d.get("short_sources", ())),
+            answer=str(d.get("answer", "")), problems=tuple(str(p) for p in d.get("problems", ())),
+            short_sources=tuple(str(s) for s in d.get("short_sources", ())),
         )
 
 
@@ -190,8 +198,9 @@ def select_candidates(row: Row, spec: SystemSpec, scores: Mapping[str, float] | 
     if spec.filter == "oracle":
         by_id = {str(c["id"]): c for c in cands}
         return [by_id[i] for i in oracle_ids(row, scores, k)]
-    if scores is None:
-        raise ValueError(f"system {spec.name!r} filters by {spec.filter} scores but none were given")
+    if scores is None or (cands and not any(c["id"] in scores for c in cands)):  # {} would keep the first k
+        raise ValueError(f"system {spec.name!r} filters by {spec.filter} scores but none were given for question "
+                         f"{row.get('guid')!r}")
     by_id = {c["id"]: c for c in cands}
     return [by_id[i] for i in top_k_ids(scores, k, [c["id"] for c in cands])]
 

@@ -55,7 +55,7 @@ def plot_funnel(report: Any, ax: Any = None, title: str | None = None) -> Figure
     splits = data.get("splits") or {}
     default = "Mini-WebQA funnel" + (" — " + ", ".join(f"{k} {v}" for k, v in splits.items()) if splits else "")
     ax.set_title(title or default)
-    ax.legend(loc="lower right", frameon=False)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)  # beside the bars: inside, it hid a count
     fig.tight_layout()
     return fig
 
@@ -63,6 +63,12 @@ def plot_funnel(report: Any, ax: Any = None, title: str | None = None) -> Figure
 # ------------------------------------------------------------------------------------------ evaluation
 def _as_float(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _unit_or_percent_ylim(ax: Any, values: list[float | None]) -> None:
+    """0-1.05 for the 0-1 metrics; room for the tallest bar where a column is on a 0-100 scale (MMQA EM/F1)."""
+    tallest = max((v for v in values if v is not None), default=0.0)
+    ax.set_ylim(0, max(1.05, tallest * 1.05))
 
 
 def plot_results(table: list[dict[str, Any]], metrics: tuple[str, ...] = ("Retr-F1", "QA-Acc"), ax: Any = None,
@@ -76,7 +82,7 @@ def plot_results(table: list[dict[str, Any]], metrics: tuple[str, ...] = ("Retr-
         ax.bar(xs, [v for v in vals if v is not None], width=width, label=m)
     ax.set_xticks([i + width * (len(metrics) - 1) / 2 for i in range(len(table))])
     ax.set_xticklabels([str(r.get(label, i)) for i, r in enumerate(table)], rotation=10)
-    ax.set_ylim(0, 1.05)
+    _unit_or_percent_ylim(ax, [_as_float(r.get(m)) for r in table for m in metrics])
     ax.set_title(title)
     ax.legend(frameon=False)
     fig.tight_layout()
@@ -94,7 +100,7 @@ def plot_ablation(rows: list[dict[str, Any]], x: str, ys: tuple[str, ...], ax: A
     for y in ys:
         ax.plot(xs, [_as_float(r.get(y)) for r in rows], marker="o", label=y)
     ax.set_xlabel(x)
-    ax.set_ylim(0, 1.05)
+    _unit_or_percent_ylim(ax, [_as_float(r.get(y)) for r in rows for y in ys])
     ax.set_title(title or f"ablation over {x}")
     ax.legend(frameon=False)
     fig.tight_layout()
@@ -109,17 +115,20 @@ def plot_robustness(rows: list[dict[str, Any]], metrics: tuple[str, ...] = ("Ret
 
 # ------------------------------------------------------------------------------ GRPO reward curves, stage-1 k trade-off
 def reward_curves_from_history(log_history: list[dict[str, Any]] | str | Path) -> dict[str, list[tuple[int, float]]]:
-    """``{"reward": [(step, mean)], "<component>": [...]}`` from a trainer's log history or its log_history.json
-    (``training.curves_from_history``)."""
+    """``{"reward": [(step, mean)], "<component>": [...]}`` from a trainer's log history, its log_history.json or
+    the stage folder holding it (``training.curves_from_history``)."""
     from .training import curves_from_history  # lazy: plotting a funnel should not import torch and TRL
 
     if isinstance(log_history, (str, Path)):
-        log_history = json.loads(Path(log_history).read_text(encoding="utf-8"))
+        path = Path(log_history)
+        path = path / "log_history.json" if path.is_dir() else path
+        log_history = json.loads(path.read_text(encoding="utf-8"))
     return curves_from_history(log_history)
 
 
 def plot_reward_curves(log_history: Any, title: str = "GRPO rewards", smooth: int = 1) -> Figure:
-    """Reward curves from a log history, its JSON file, or ready ``{name: [(step, value)]}`` curves (one panel each)."""
+    """Reward curves from a log history, its JSON file (or the stage folder: ``run/stage1``), or ready
+    ``{name: [(step, value)]}`` curves (one panel each)."""
     from .training import plot_reward_curves as plot_curves
 
     curves = log_history if isinstance(log_history, dict) else reward_curves_from_history(log_history)

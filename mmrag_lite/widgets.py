@@ -280,7 +280,7 @@ def result_html(result: Any, row: Mapping[str, Any] | None = None, *, thumb: int
         "<div style='font-family:sans-serif;font-size:12px'>"
         f"<b>[{esc(str(_field(result, 'system', '')))}]</b> <b>Q</b>: {esc(str(_field(result, 'question', '')))}<br>"
         "<table border=1 cellpadding=3 style='border-collapse:collapse;margin:6px 0'>"
-        "<tr><th></th><th>shown as</th><th>id</th><th>modality</th><th>caption / snippet</th><th>stage-1 P(yes)</th>"
+        "<tr><th></th><th>shown as</th><th>id</th><th>modality</th><th>caption / snippet</th><th>filter's P(yes)</th>"
         "<th>kept</th><th>cited</th><th>gold</th></tr>" + "".join(lines) + "</table>"
         f"<b>reasoning</b> (the explanation): {think_html}"
         "<table border=1 cellpadding=3 style='border-collapse:collapse;margin-top:6px'>"

@@ -1228,7 +1228,12 @@ def test_plot_funnel_and_dataset_browser(built):
     out, dd, report = built
     for source in (report, report.to_dict(), out):
         fig = plot_funnel(source)
-        assert len(fig.axes[0].patches) == 2 * (len(report.steps) + 1)
+        ax = fig.axes[0]
+        assert len(ax.patches) == 2 * (len(report.steps) + 1)
+    renderer = fig.canvas.get_renderer()
+    legend = ax.get_legend().get_window_extent(renderer)
+    assert not [t.get_text() for t in ax.texts if t.get_window_extent(renderer).overlaps(legend)]  # counts readable
+    assert fig.bbox.contains(legend.x1 - 1, legend.y1 - 1)  # and the legend is on the figure
     browser = dataset_browser(dd)
     assert len(browser.grid.children) == len(dd["train"][0]["candidates"])
     browser.split_picker.value = "test"

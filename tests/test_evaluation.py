@@ -81,6 +81,8 @@ def test_systems_table_shape_and_markdown():
     assert "| planted | 0.556 | 0.667 | unavailable offline |" in md
     assert set(cats) == {"perfect", "planted"}
     assert table[0]["well-formed"] == 1.0
+    answers = E.markdown_table([{"q": "x", "answer": "a | b\nis red\r\nthen"}])
+    assert answers.splitlines()[2] == "| x | a \\| b ⏎ is red ⏎ then |"  # a model's line break does not end the row
 
 
 def test_systems_table_reports_how_much_gold_reached_stage_2():
@@ -363,6 +365,9 @@ def test_plot_results_labels_groups_by_the_given_column():
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b"]
     assert sorted(round(p.get_height(), 2) for p in ax.patches) == [0.25, 0.5, 1.0]  # the dash cell is skipped
+    assert ax.get_ylim() == (0, 1.05)
+    mmqa = viz.plot_results([{"system": "a", "Retr-F1": 0.4, "MMQA F1": 42.5}], ("Retr-F1", "MMQA F1"))
+    assert mmqa.axes[0].get_ylim()[1] >= 42.5  # MMQA EM/F1 are on a 0-100 scale: the bar is not cut off
 
 
 def test_plots_refuse_empty_input_before_opening_a_figure():
@@ -382,6 +387,21 @@ def test_plots_refuse_empty_input_before_opening_a_figure():
     fig = training.plot_reward_curves({"reward": [], "format": [(1, 0.5), (2, 0.75)]})  # nothing logged yet: no panel
     assert [ax.get_title() for ax in fig.axes] == ["format"]
     plt.close(fig)
+
+
+
+def test_reward_curves_read_a_stage_folder_as_its_log_history(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from mmrag_lite import viz
+
+    stage = tmp_path / "stage1"
+    stage.mkdir()
+    history = [{"step": 1, "reward": 0.5, "rewards/format/mean": 0.25}, {"step": 2, "reward": 0.75}]
+    (stage / "log_history.json").write_text(json.dumps(history), encoding="utf-8")
+    assert viz.reward_curves_from_history(stage) == viz.reward_curves_from_history(stage / "log_history.json")
+    assert viz.reward_curves_from_history(stage)["reward"] == [(1, 0.5), (2, 0.75)]
 
 
 def _no_constant(name):

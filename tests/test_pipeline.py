@@ -61,6 +61,21 @@ def test_select_candidates_per_filter():
     twice = {**row, "candidates": row["candidates"] + [dict(row["candidates"][2], title="another document")]}
     with pytest.raises(ValueError, match=r"unique, repeated: \['3002'\]"):  # one would be shown twice, one lost
         P.select_candidates(twice, P.SystemSpec("s", "stage1", "base"), scores, 2)
+    with pytest.raises(ValueError, match=f"none were given for question {row['guid']!r}"):
+        P.select_candidates(row, P.SystemSpec("s", "stage1", "base"), {}, 2)  # not the pool's first two, unscored
+    with pytest.raises(ValueError, match="none were given"):
+        P.select_candidates(row, P.SystemSpec("s", "base", "base"), {"another question's id": 0.9}, 2)
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    (("stage-1", "stage2"), "filter 'stage-1' is not one of all, base, stage1, oracle"),
+    (("stage1", "stage_2"), "answerer 'stage_2' is not one of base, stage1, stage2"),
+    (("stage1", "stage2", 0), "k must be at least 1"),
+])
+def test_a_mistyped_system_is_refused_where_it_is_written(fields, message):
+    """A typo used to skip scoring and answer over the pool's first k: numbers that mean nothing, no warning."""
+    with pytest.raises(ValueError, match=message):
+        P.SystemSpec("mine", *fields)
 
 
 def test_oracle_filter_keeps_every_gold_padded_to_k_in_score_order():
@@ -113,6 +128,10 @@ def test_result_round_trip_and_submission(tmp_path):
     odd = P.PipelineResult(**{**r.__dict__, "sources": ("0123", "²", "١٢٣"), "scores": {"a": np.float32("nan")}})
     assert P.submission_from_results([odd])["g"]["sources"] == ["0123", "²", "١٢٣"]  # only plain numbers become ints
     assert odd.to_dict()["scores"] == {"a": None}  # a numpy NaN too
+    numpy_ids = P.PipelineResult(**{**r.__dict__, "kept_ids": (np.int64(30174997), "g_1"), "sources": (np.int64(30174997),)})
+    d = json.loads(json.dumps(numpy_ids.to_dict()))  # plain JSON, as the docstring says
+    assert d["kept_ids"] == ["30174997", "g_1"] and d["sources"] == ["30174997"]
+    assert P.PipelineResult.from_dict({**d, "kept_ids": [30174997, "g_1"]}).kept_ids == ("30174997", "g_1")
     path = P.write_submission([r], tmp_path / "eval" / "sub.json")
     assert json.loads(path.read_text()) == json.loads(json.dumps(sub))
     assert [p.name for p in path.parent.iterdir()] == ["sub.json"]  # atomic: no temp file left
@@ -393,7 +412,7 @@ def test_reasoning_viewer_builds_headless(bank):
 
     results = P.run_pipeline(ROWS, PRESET, system=P.SystemSpec("s", "stage1", "base"), bank=bank, progress=False)
     html_text = result_html(results[0].to_dict(), ROWS[0])
-    assert "stage-1 P(yes)" in html_text and "★ gold" in html_text and "data:image/png;base64," in html_text
+    assert "filter's P(yes)" in html_text and "★ gold" in html_text and "data:image/png;base64," in html_text
     assert html_text.count("<tr") >= len(ROWS[0]["candidates"]) + 3
     viewer = reasoning_viewer({"s": results, "copy": results[::-1]}, ROWS)
     viewer.system_picker.value = "copy"  # same question, other system: matched by guid

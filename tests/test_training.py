@@ -666,6 +666,9 @@ def test_a_whole_datasetdict_instead_of_one_split_is_a_clear_error() -> None:
         training.build_stage1_dataset(dd, PRESET)
     with pytest.raises(TypeError, match="build_stage2_dataset takes one split"):
         training.build_stage2_dataset(dd, PRESET, processor=object())
+    row = {"guid": "g1", "question": "q?", "candidates": [], "gold_ids": []}  # one row, not a list of rows
+    with pytest.raises(TypeError, match=r"build_stage1_dataset takes one split \(a list of rows\); this is one row \('g1'\): pass \[row\]"):
+        training.build_stage1_dataset(row, PRESET)
 
 
 def test_last_checkpoint_is_the_highest_step_not_the_latest_name(tmp_path: Path) -> None:
