@@ -349,3 +349,31 @@ def test_data_parallel_ranks_wait_for_the_main_process_longer_than_nccls_ten_min
     with cli._main_process_first() as got:
         assert got == "waited"
     assert made == [{"timeout": cli.DISTRIBUTED_WAIT}] and cli.DISTRIBUTED_WAIT >= timedelta(hours=1)
+
+
+def test_evaluate_flags_reach_the_evaluation(tmp_path, monkeypatch):
+    """--split, --questions and --stage1-adapter change what is evaluated; each must arrive, not be dropped."""
+    import json
+
+    from mmrag_lite import evaluation
+
+    seen = {}
+
+    class Report:
+        def markdown(self):
+            return ""
+
+    def fake_evaluate(preset, wd, **kw):
+        seen.update(kw)
+        return Report()
+
+    adapter = tmp_path / "elsewhere"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "x"}))
+    (tmp_path / "run").mkdir()
+    monkeypatch.setattr(cli, "run_data", lambda *a, **k: None)
+    monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
+    assert cli.main(["evaluate", "--preset", "cpu-tiny", "--work-dir", str(tmp_path / "run"), "--split", "validation",
+                     "--questions", "2", "--stage1-adapter", str(adapter)]) == 0
+    assert seen["split"] == "validation" and seen["n_questions"] == 2
+    assert seen["bank"].adapter_path("stage1") == adapter

@@ -1285,3 +1285,30 @@ def test_a_gpu_preset_says_loudly_when_it_builds_a_synthetic_mini_webqa(tmp_path
     assert "SYNTHETIC" not in capsys.readouterr().out
     D.ensure_mini_webqa(get_preset("cpu-tiny"), tmp_path / "tiny")
     assert "SYNTHETIC" not in capsys.readouterr().out
+
+
+def test_a_thin_strip_is_too_small_whichever_side_is_short(tmp_path):
+    """The size check reads the shorter side: a 4 x 64 strip is as unreadable as a 4 x 4 thumbnail."""
+    strip = io.BytesIO()
+    Image.new("RGB", (4, 64)).save(strip, format="PNG")
+    with ImageStore(write_store(tmp_path, {30000000: strip.getvalue()})) as store:
+        assert "too small" in store.check(30000000, min_side=8)
+
+
+def test_a_world_made_at_another_image_size_is_not_reused():
+    """``--set data.world_image_size=112`` must draw a new world, not reuse the one drawn at the old size."""
+    from mmrag_lite.config import get_preset
+
+    preset = get_preset("cpu-tiny")
+    manifest = {"seed": preset.seed, "n_questions": preset.data.world_questions, "image_size": preset.data.world_image_size}
+    assert mini._world_matches(manifest, preset)
+    assert not mini._world_matches(manifest, preset.with_overrides(**{"data.world_image_size": 112}))
+
+
+def test_a_distractor_at_the_word_limit_is_kept():
+    """The word limit is inclusive for distractors, as for gold: only a longer one is dropped."""
+    limit = NO_IMAGES.max_candidate_words
+    r = record(img_pos=((30000000, "Ball", "x"),), img_neg=((30000001, "Box", " ".join(["w"] * limit)),
+                                                           (30000002, "Bag", " ".join(["w"] * (limit + 1)))))
+    ids = [c["id"] for c in mini.record_to_row(r, None, 8, NO_IMAGES)["candidates"]]
+    assert "30000001" in ids and "30000002" not in ids

@@ -640,3 +640,10 @@ def test_slot_table_k_ablation_and_attacks_measure_what_they_name():
                                                                if c["id"].startswith("adv-")))
                  for a in E.attack_rows(many, "lexical")}
     assert len(positions) > 1  # the trap lands anywhere, not always in slot D1
+
+
+def test_the_wrong_answer_is_echoed_only_as_a_whole_word():
+    """'bored' does not state 'red': a substring match would inflate the trap rate."""
+    attacked = [dict(E.inject_distractors(ROWS[0], "conflicting", wrong_answer="red"), adversarial_answer="red")]
+    assert E.trap_rates([_res("q1", [], "It is bored.")], attacked)["wrong answer echoed"] == 0.0
+    assert E.trap_rates([_res("q1", [], "It is red.")], attacked)["wrong answer echoed"] == 1.0

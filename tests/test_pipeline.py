@@ -649,3 +649,33 @@ def test_orders_follow_the_seed_images_sit_under_their_id_and_results_round_trip
                            completion="c", sources=("a",), answer="x", short_sources=("D1",))
     again = P.load_results(P.save_results([res], tmp_path / "r.json"))[0]
     assert again == res and again.short_sources == ("D1",)
+
+
+def test_fit_prompt_keeps_the_longest_prefix_that_fits(bank):
+    processor = bank.get("base")[1]
+    row = ROWS[0]
+    cands = row["candidates"]
+    n_full = P.prompt_length(processor, P.build_request(row, cands, reasoning=False))
+    for budget in (n_full - 1, n_full - 20):
+        fitted = P.fit_prompt(row, cands, processor, reasoning=False, max_tokens=budget)
+        n = len(fitted.source_ids)
+        assert 1 <= n < len(cands) and fitted.prompt_tokens <= budget
+        assert P.prompt_length(processor, P.build_request(row, cands[: n + 1], reasoning=False)) > budget
+
+
+def test_cached_scores_for_another_pool_are_recomputed_never_used(monkeypatch, tmp_path):
+    rows = ROWS[:1]
+    pool = {c["id"] for c in rows[0]["candidates"]}
+    calls = []
+
+    def fake_score_rows(model, proc, rs, preset, progress=False):
+        calls.append([r["guid"] for r in rs])
+        return {r["guid"]: {c["id"]: 0.5 for c in r["candidates"]} for r in rs}
+
+    monkeypatch.setattr(P, "score_rows", fake_score_rows)
+    monkeypatch.setattr(P, "fit_prompt", lambda row, cands, *a, **k: P.build_request(row, cands, reasoning=False))
+    monkeypatch.setattr(P, "generate", lambda model, proc, reqs, **k: [""] * len(reqs))
+    bank = P.ModelBank(PRESET, tmp_path, loader=lambda preset, adapter_path=None, **kw: (object(), object()), verbose=False)
+    (res,) = P.run_pipeline(rows, PRESET, system=P.SystemSpec("s", "stage1", "base"), bank=bank,
+                            scores={"q0": {"stale-id": 0.9}}, progress=False)
+    assert calls == [["q0"]] and set(res.scores) == pool

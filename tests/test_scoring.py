@@ -151,6 +151,26 @@ def test_filter_report_leaves_out_questions_without_gold_or_candidates() -> None
         scoring.filter_report({"empty": []}, split[1:2])
 
 
+def test_questions_to_score_rounds_up_before_the_headroom() -> None:
+    """5 stage-2 examples at 2 orders each need 3 questions (not 2): then the headroom doubles that."""
+    p = PRESET.with_overrides(**{"stage2.max_examples": 5, "stage2.permutations": 2})
+    assert scoring.questions_to_score(p, "train") == scoring.TRAIN_SCORING_HEADROOM * 3
+
+
+def test_score_split_scores_exactly_max_questions(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+
+    def fake_pairs(model, proc, pairs, preset, **_):
+        seen.extend(pairs)
+        return [0.5] * len(pairs)
+
+    monkeypatch.setattr(scoring, "_score_pairs", fake_pairs)
+    rows = [{"guid": f"q{i}", "question": f"question {i}?", "candidates": _cands(), "gold_ids": ["a"]} for i in range(4)]
+    out = scoring.score_split(None, None, rows, PRESET, max_questions=2, progress=False)
+    assert list(out) == ["q0", "q1"] and len(seen) == 2 * len(_cands())
+    assert out["q1"] == [(c["id"], 0.5) for c in _cands()]
+
+
 # ------------------------------------------------------------------------------------------------ with a model
 @pytest.fixture(scope="module")
 def cold(tmp_path_factory: pytest.TempPathFactory):
@@ -203,6 +223,10 @@ def test_score_split_filter_report_and_judge(cold) -> None:
     assert rows[-1]["tokens_saved"] == 0 and rows[0]["tokens_saved"] > 0
     assert rows[-1]["saved_fraction"] == 0
     assert rows[0]["saved_fraction"] == pytest.approx(rows[0]["tokens_saved"] / rows[0]["tokens_full"])
+    costs = dict(zip([c["id"] for c in _cands()], scoring.candidate_token_costs(proc, _cands(), PRESET)))
+    for row in rows:  # each k's token columns are what its own top-k costs
+        assert row["tokens_kept"] == sum(costs[c] for c in scoring.top_k(scored["q1"], row["k"]))
+        assert row["tokens_full"] == sum(costs.values())
     per_image = scoring.image_token_count(proc, PRESET)
     assert per_image == (PRESET.model.image_size // 14) ** 2 // 4 + 2  # 56 px: 4x4 patches, 2x2 merge, + start/end
     judged = scoring.judge_by_generation(model, proc, split[0]["question"], _cands(), PRESET, max_new_tokens=4)

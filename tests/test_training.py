@@ -93,6 +93,24 @@ def test_grpo_config_kwargs_follow_the_preset(tmp_path: Path) -> None:
         training.grpo_config_kwargs(PRESET, 3)
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_every_grpo_knob_of_the_preset_reaches_the_config(stage: int) -> None:
+    """A knob set through the preset or ``--set`` (beta, temperature, ...) must reach GRPOConfig, not be dropped:
+    the values differ from TRL's defaults and from each other, so a hard-coded one cannot pass."""
+    import dataclasses
+
+    from mmrag_lite.config import GRPOSettings
+
+    at = f"stage{stage}.grpo"
+    p = PRESET.with_overrides(**{f"{at}.beta": 0.123, f"{at}.temperature": 0.7, f"{at}.loss_type": "grpo",
+                                 f"{at}.max_completion_length": 17, f"{at}.gradient_accumulation_steps": 3,
+                                 f"{at}.logging_steps": 2, f"{at}.save_steps": 7})
+    g = (p.stage1 if stage == 1 else p.stage2).grpo
+    kw = training.grpo_config_kwargs(p, stage)
+    for f in dataclasses.fields(GRPOSettings):
+        assert kw[f.name] == getattr(g, f.name), f.name
+
+
 # ------------------------------------------------------------------------------------------------ stage 1 data
 def test_stage1_dataset_is_balanced_and_follows_the_contract() -> None:
     rows = mini_rows()
@@ -779,3 +797,16 @@ def test_stage2_pools_from_saved_scores_hold_k_candidates(processor, tmp_path: P
     ds, _ = training.stage2_dataset_for_run(PRESET, tmp_path, rows, processor=processor)
     k = PRESET.stage1.k
     assert all(sorted(ex["source_ids"]) == sorted(c for c, _ in scored[ex["guid"]][:k]) for ex in ds)
+
+
+def test_stage2_shrinking_drops_the_lowest_ranked_distractor(processor) -> None:
+    """Over the prompt cap, stage 2 drops distractors from the bottom of stage 1's ranking, never the gold."""
+    row = mini_rows(4)[0]
+    gold = [c["id"] for c in row["candidates"] if c["is_gold"]]
+    other = [c["id"] for c in row["candidates"] if not c["is_gold"]]
+    kept = {"g0": other[:3] + gold}
+    full, _ = training.build_stage2_dataset([row], PRESET, processor=processor, kept_ids=kept, seed=0)
+    exact = modeling.prompt_token_count(processor, full[0]["prompt"], full[0]["images"])
+    tight = PRESET.with_overrides(**{"stage2.max_prompt_tokens": exact - 1})
+    ds, _ = training.build_stage2_dataset([row], tight, processor=processor, kept_ids=kept, seed=0)
+    assert len(ds) and all(set(ex["source_ids"]) == set(other[:2] + gold) for ex in ds)
