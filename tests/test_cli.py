@@ -377,3 +377,46 @@ def test_evaluate_flags_reach_the_evaluation(tmp_path, monkeypatch):
                      "--questions", "2", "--stage1-adapter", str(adapter)]) == 0
     assert seen["split"] == "validation" and seen["n_questions"] == 2
     assert seen["bank"].adapter_path("stage1") == adapter
+
+
+def test_training_flags_reach_training_and_scoring(tmp_path, monkeypatch):
+    """--resume reaches both trainers; --score-splits picks what stage 1 scores and --no-score scores nothing."""
+    from types import SimpleNamespace
+
+    from mmrag_lite import pipeline, scoring, training
+    from mmrag_lite.config import get_preset
+
+    calls = {"resume": [], "scored": [], "saved": []}
+    adapter = tmp_path / "stage1" / "adapter"
+    monkeypatch.setattr(cli, "run_data", lambda *a, **k: {s: [] for s in ("train", "validation", "test")})
+    monkeypatch.setattr(cli, "_stage1_adapter", lambda wd: adapter)
+    monkeypatch.setattr(training, "build_stage1_dataset", lambda *a, **k: "rows")
+    monkeypatch.setattr(training, "train_stage1", lambda preset, ds, wd, resume=False: (
+        calls["resume"].append(("stage1", resume)) or SimpleNamespace(model=None, processor=None)))
+    monkeypatch.setattr(scoring, "score_split", lambda model, proc, rows, preset, max_questions=None: (
+        calls["scored"].append(max_questions) or {}))
+    monkeypatch.setattr(pipeline, "save_stage1_scores", lambda scored, preset, wd, split, adapter: (
+        calls["saved"].append(split) or wd / split))
+    run = ["--preset", "cpu-tiny", "--work-dir", str(tmp_path)]
+    assert cli.main(["train-stage1", *run, "--resume", "--score-splits", "validation"]) == 0
+    assert calls["resume"] == [("stage1", True)] and calls["saved"] == ["validation"]
+    preset = get_preset("cpu-tiny")
+    assert calls["scored"] == [scoring.questions_to_score(preset, "validation")]
+    assert cli.main(["train-stage1", *run, "--no-score"]) == 0
+    assert calls["resume"][-1] == ("stage1", False) and calls["saved"] == ["validation"]  # nothing scored this time
+
+    class Bank:
+        def __init__(self, *a, **k):
+            pass
+
+        def unload(self):
+            pass
+
+    monkeypatch.setattr(cli, "resolve", lambda args, **k: (preset, tmp_path))
+    monkeypatch.setattr(pipeline, "ModelBank", Bank)
+    monkeypatch.setattr(pipeline, "ensure_stage1_scores", lambda *a, **k: None)
+    monkeypatch.setattr(training, "stage2_dataset_for_run", lambda *a, **k: ("rows", "stage-2 dataset: 0 rows"))
+    monkeypatch.setattr(training, "train_stage2", lambda preset, ds, wd, init_adapter=None, resume=False: (
+        calls["resume"].append(("stage2", resume, init_adapter))))
+    assert cli.main(["train-stage2", *run, "--resume"]) == 0
+    assert calls["resume"][-1] == ("stage2", True, None)
