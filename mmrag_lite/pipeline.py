@@ -803,7 +803,8 @@ def generation_kwargs(preset: Preset) -> dict[str, int]:
 
 def answer_question(row: Row, preset: Preset, *, system: SystemSpec | None = None, bank: ModelBank | None = None,
                     work_dir: str | Path | None = None) -> PipelineResult:
-    """The whole two-stage pipeline for one question."""
+    """The whole two-stage pipeline for one question. For several, pass one ``bank`` (else each call loads the
+    models again) or call ``run_pipeline`` on the list: it batches the forward passes of all of them."""
     return run_pipeline([row], preset, system=system, bank=bank, work_dir=work_dir, progress=False)[0]
 
 
