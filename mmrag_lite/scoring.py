@@ -104,11 +104,10 @@ def verdict_readout(processor: Any, prefix: str | None = None) -> VerdictReadout
     ``Yes`` / ``YES`` / `` yes`` ... (and ``No`` / ``NO`` / `` no`` ..., ``VERDICT_VARIANTS``) count too where they
     start with a token of their own after the same prefill: the parser, hence the relevance reward, reads them as the
     same verdict. A variant whose first token could start the other verdict too (a bare space) decides nothing and
-    is dropped. Where a variant merges with
-    the tag instead (the real Qwen2 vocabulary writes ``<answer>No`` as ``<answer`` + ``>No``, but ``yes``, ``no``,
-    ``Yes``, ``YES`` and ``NO`` after ``>``), the token that spells its start on its own is read, provided the
-    prefill ends exactly where the verdict starts (after ``>``, the model writes ``No`` in one token as ``No``), so
-    one verdict is not read in more forms than the other.
+    is dropped. Where a variant merges with the tag instead (the real Qwen2 vocabulary writes ``<answer>No`` as
+    ``<answer`` + ``>No``, but ``yes``, ``no``, ``Yes``, ``YES`` and ``NO`` after ``>``), the token that spells its
+    start on its own is read, provided the prefill ends exactly where the verdict starts (after ``>``, the model
+    writes ``No`` in one token as ``No``), so one verdict is not read in more forms than the other.
     """
     tok = getattr(processor, "tokenizer", processor)
     prefix = answer_prefix() if prefix is None else prefix

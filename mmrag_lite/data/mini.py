@@ -59,12 +59,13 @@ class MiniWebQABuildError(ValueError):
 
 
 def one_split(rows: Any, where: str) -> Any:
-    """``rows`` unchanged, unless it is a whole ``DatasetDict``: then a clear error instead of a ``TypeError`` later
-    (iterating a DatasetDict yields split names, and ``"train"["candidates"]`` is not a helpful message)."""
-    if isinstance(rows, Mapping) and "candidates" in rows:
-        raise TypeError(f"{where} takes one split (a list of rows); this is one row ({rows.get('guid')!r}): pass "
-                        "[row]")
+    """``rows`` unchanged, unless it is a whole ``DatasetDict`` or a single row: then a clear error instead of a
+    ``TypeError`` later (iterating a DatasetDict yields split names, and ``"train"["candidates"]`` is not a helpful
+    message)."""
     if isinstance(rows, Mapping):
+        if "candidates" in rows:
+            raise TypeError(f"{where} takes one split (a list of rows); this is one row ({rows.get('guid')!r}): pass "
+                            "[row]")
         raise TypeError(f"{where} takes one split, e.g. ds['train'], not the mapping of splits {sorted(map(str, rows))}")
     return rows
 
