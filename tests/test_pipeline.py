@@ -675,7 +675,7 @@ def test_cached_scores_for_another_pool_are_recomputed_never_used(monkeypatch, t
     monkeypatch.setattr(P, "score_rows", fake_score_rows)
     monkeypatch.setattr(P, "fit_prompt", lambda row, cands, *a, **k: P.build_request(row, cands, reasoning=False))
     monkeypatch.setattr(P, "generate", lambda model, proc, reqs, **k: [""] * len(reqs))
-    bank = P.ModelBank(PRESET, tmp_path, loader=lambda preset, adapter_path=None, **kw: (object(), object()), verbose=False)
+    bank = P.ModelBank(PRESET, tmp_path, loader=_recording_loader([]), verbose=False)
     (res,) = P.run_pipeline(rows, PRESET, system=P.SystemSpec("s", "stage1", "base"), bank=bank,
                             scores={"q0": {"stale-id": 0.9}}, progress=False)
     assert calls == [["q0"]] and set(res.scores) == pool
