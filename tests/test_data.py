@@ -1259,8 +1259,11 @@ def test_mmqa_rows_keep_every_gold_document_when_trimmed():
             ids = {c["id"] for c in row["candidates"]}
             assert set(q.gold_doc_ids) <= ids and sorted(row["gold_ids"]) == sorted(q.gold_doc_ids)
             assert len(row["candidates"]) == max(cap, len(q.gold_doc_ids))
-    full = D.mmqa_to_rows(qs[:1], images)[0]
-    assert len(full["candidates"]) == 13 and next(c for c in full["candidates"] if c["id"] == "t1")["text"] == ""
+    full = D.mmqa_to_rows(qs[:1], images)[0]  # no passage texts: the passage is left out, not a blank candidate
+    assert len(full["candidates"]) == 12 and all(c["modality"] == "image" and c["text"] for c in full["candidates"])
+    texts = {"t1": D.MMQADoc(id="t1", title="Passage", text="A passage.")}
+    with_text = D.mmqa_to_rows(qs[:1], images, texts)[0]
+    assert len(with_text["candidates"]) == 13 and next(c for c in with_text["candidates"] if c["id"] == "t1")["text"]
 
 
 def test_filter_limits_are_inclusive():
@@ -1312,3 +1315,254 @@ def test_a_distractor_at_the_word_limit_is_kept():
                                                            (30000002, "Bag", " ".join(["w"] * (limit + 1)))))
     ids = [c["id"] for c in mini.record_to_row(r, None, 8, NO_IMAGES)["candidates"]]
     assert "30000001" in ids and "30000002" not in ids
+
+
+# ------------------------------------------------------------------------- review findings (data layer)
+def test_offline_mmqa_pools_hold_no_blank_passages():
+    """Without MMQA_texts a passage is a bare id: as a blank candidate it padded ~45% of each pool, so retrieval came
+    down to image titles anyway. Pools are now filled with image distractors; with texts they are as before."""
+    images = {f"i{n}": D.MMQADoc(id=f"i{n}", title=f"Image title {n}") for n in range(12)}
+    passages = tuple(f"t{n}" for n in range(10))
+    image_q = D.MMQAQuestion(qid="q1", question="What is in it?", answers=("x",), answer_modalities=("image",),
+                             qtype="ImageQ", modalities=("image",), image_doc_ids=tuple(images), text_doc_ids=passages,
+                             table_id="", supporting=(("i4", "image"),))
+    text_q = D.MMQAQuestion(qid="q2", question="Who wrote it?", answers=("y",), answer_modalities=("text",),
+                            qtype="TextQ", modalities=("text",), image_doc_ids=tuple(images), text_doc_ids=passages,
+                            table_id="", supporting=(("t3", "text"),))
+    rows = D.mmqa_to_rows([image_q, text_q], images, qtypes=None, max_candidates=8)
+    assert [r["guid"] for r in rows] == ["q1"]  # a gold passage of unknown text: nothing could retrieve it
+    cands = rows[0]["candidates"]
+    assert len(cands) == 8 and all(c["modality"] == "image" and c["title"] and c["text"] for c in cands)
+    assert rows[0]["gold_ids"] == ["i4"]
+    texts = {t: D.MMQADoc(id=t, title=f"Passage {t}", text=f"Text of {t}.") for t in passages}
+    with_texts = D.mmqa_to_rows([image_q, text_q], images, texts, qtypes=None, max_candidates=8)
+    assert [r["guid"] for r in with_texts] == ["q1", "q2"] and with_texts[1]["gold_ids"] == ["t3"]
+    assert all(c["text"] for r in with_texts for c in r["candidates"])
+    assert sum(len(r["candidates"]) for r in with_texts) == 16
+    assert {c["modality"] for r in with_texts for c in r["candidates"]} == {"image", "text"}  # as before: mixed
+
+
+def _val(r: D.WebQARecord) -> D.WebQARecord:
+    from dataclasses import replace
+
+    return replace(r, split="val")
+
+
+def test_webqa_val_test_split_is_webqa_val_less_only_bad_and_linked_questions(tmp_path):
+    """Category balance used to run on train + val before the hold-out, so it dropped val questions at random and
+    the test split was no longer WebQA's val set. Now only the train questions are balanced; the test split loses
+    only what the record-level checks and the link check remove, and the funnel still adds up."""
+    from mmrag_lite.config import get_preset
+
+    def text_q(guid: str, i: int) -> dict:
+        return raw_record(guid=guid, q=f"What color is the ball {guid}?", qcate="text", kw=None, img_pos=(), img_neg=(),
+                          txt_pos=((f"Ball {i} is red.", f"Ball {i}"),), a="The ball is red.")
+
+    def number_q(guid: str, i: int) -> dict:
+        return raw_record(guid=guid, q=f"How many balls {guid}?", qcate="number", kw="3", a="3 balls",
+                          img_pos=((30000000 + i, "Ball", "Three balls."),))
+
+    records: dict = {}
+    n = 0
+    for split, sizes in (("train", {"text": 20, "color": 8, "number": 8}), ("val", {"text": 10, "color": 4, "number": 4})):
+        for qcate, count in sizes.items():
+            for _ in range(count):
+                n += 1
+                guid = f"{split[0]}{n}"
+                raw = (text_q(guid, n) if qcate == "text" else number_q(guid, n) if qcate == "number"
+                       else raw_record(guid=guid, img_pos=((30000000 + n, "Ball", "A red ball."),)))
+                records[guid] = {**raw, "split": split}
+    records["vbad"] = {**raw_record(guid="vbad", a="Hard to say.", img_pos=((30000900, "Ball", "x"),)), "split": "val"}
+    source = write_webqa(tmp_path / "webqa", records)
+    settings = get_preset("cpu-tiny").with_overrides(**{"data.test_split": "webqa_val"})
+    dd, report = D.build_mini_webqa(source, None, settings=settings, filters=NO_IMAGES, progress=False)
+    val_guids = {g for g, r in records.items() if r["split"] == "val"}
+    assert set(dd["test"]["guid"]) == val_guids - {"vbad"}  # every good val question, none lost to balancing
+    steps = {s.name: s for s in report.steps}
+    assert steps["category_balance"].removed > 0 and not set(steps["category_balance"].examples) & val_guids
+    train = Counter(q for s in ("train", "validation") for q in dd[s]["qcate"])
+    assert max(train.values()) <= 0.4 * sum(train.values())  # the train questions are balanced
+    assert [s.name for s in report.steps][-2:] == ["linked_to_train", "category_balance"]
+    for before, after in zip(report.steps, report.steps[1:]):  # the funnel adds up, step by step
+        assert after.before == before.kept and after.kept == after.before - after.removed
+    assert report.n_kept == sum(report.splits.values()) == sum(len(v) for v in dd.values())
+
+
+def test_the_default_pooled_build_is_unchanged_by_the_webqa_val_fix(world):
+    """test_split="pooled" balances before the split as it always did: same rows as balancing by hand."""
+    dd, report = D.build_mini_webqa(world, None, settings="cpu-tiny", progress=False, workers=1)
+    records = D.read_webqa(world / "WebQA_train_val.json").records
+    with ImageStore(world) as store:
+        kept = D.filter_records(records, MiniWebQAFilters(), store)
+    expected = D.split_records(kept, MiniWebQAFilters().split_fractions)
+    assert {s: list(dd[s]["guid"]) for s in D.SPLITS} == {s: [r.guid for r in rs] for s, rs in expected.items()}
+    assert report.steps[-1].name == "category_balance" and "linked_to_train" not in {s.name for s in report.steps}
+
+
+def test_a_fraction_cap_that_would_collapse_the_categories_is_refused():
+    """828 YesNo, 2455 text and 1 shape at max_qcate_fraction=0.4 used to come out as 2, 2 and 1: the small
+    category cannot make up the rest, so the cap falls to its size. A cap that removes more than half the questions
+    is a setting to change; it is refused with the sizes and the setting named."""
+    def recs(qcate: str, count: int) -> list[D.WebQARecord]:
+        return [D.WebQARecord(f"{qcate}{i}", f"{qcate} question {i}?", ("a",), qcate, "", "train") for i in range(count)]
+
+    skewed = recs("YesNo", 83) + recs("text", 245) + recs("shape", 1)
+    report = FunnelReport("t")
+    with pytest.raises(D.MiniWebQABuildError, match=r"would remove 324 of 329.*max_qcate_fraction=0.4.*'shape': 1.*"
+                                                    r"'text': 245.*max_qcate_fraction=None") as err:
+        D.balance_categories(skewed, MiniWebQAFilters(), report)
+    assert err.value.report is report
+    assert len(D.balance_categories(skewed, MiniWebQAFilters(max_qcate_fraction=None))) == 329
+    assert len(D.balance_categories(skewed, MiniWebQAFilters(max_qcate_fraction=0.8))) == 329  # 245 <= 0.8 * 329
+    even = recs("YesNo", 50) + recs("text", 90) + recs("shape", 40)  # an ordinary cap still applies
+    assert Counter(r.qcate for r in D.balance_categories(even, MiniWebQAFilters())) == {"YesNo": 50, "text": 60,
+                                                                                        "shape": 40}
+
+
+def _png_with(mode: str, size: int = 8) -> bytes:
+    """A fully transparent image whose colour under the alpha is black (what most encoders store)."""
+    buf = io.BytesIO()
+    if mode == "P":
+        im = Image.new("P", (size, size), 0)
+        im.putpalette([0, 0, 0] * 256)
+        im.save(buf, format="PNG", transparency=0)
+    else:
+        Image.new(mode, (size, size), (0, 0, 0, 0) if mode == "RGBA" else (0, 0)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparent_pixels_become_white_not_black(tmp_path, mode):
+    """``convert("RGB")`` kept the black under transparent pixels: a logo on a transparent background became a black
+    square. They are laid on white now, in the store, the tolerant decode and the stored (downscaled) bytes."""
+    data = _png_with(mode, size=16)
+    assert D.load_image_bytes(data).getpixel((3, 3)) == (255, 255, 255)
+    with ImageStore(write_store(tmp_path, {30000000: data})) as store:
+        assert store.get(30000000).getpixel((0, 0)) == (255, 255, 255)
+    payload, size = mini._image_payload(data, 8, 30000000)  # downscaled: re-encoded from the RGB image
+    assert size == (8, 8) and Image.open(io.BytesIO(payload)).convert("RGB").getpixel((1, 1)) == (255, 255, 255)
+    half = Image.new("RGBA", (2, 2), (255, 0, 0, 128))
+    assert D.to_rgb(half).getpixel((0, 0)) == (255, 127, 127)  # half-transparent red on white: pink
+    opaque = Image.new("RGB", (2, 2), (10, 20, 30))
+    assert D.to_rgb(opaque).getpixel((0, 0)) == (10, 20, 30) and D.to_rgb(opaque) is not opaque
+
+
+def test_negative_answers_without_no_are_verdicts():
+    """"not" / "n't" state a "no": "It is not." answers a yes/no text question, "The portraits were not always
+    there." a YesNo one. A negation about something else ("That is not mentioned anywhere.") is still no answer."""
+    romanesco = (("Romanesco is an Italo-Romance dialect, not a Uralic language.", "Romanesco dialect"),)
+    q = "Is the Romanesco dialect part of Uralic languages?"
+    for answer in ("It is not.", "It isn't.", "They aren't."):
+        assert D.answer_mentions_keyword(record(q=q, a=answer, qcate="text", kw=None, img_pos=(), txt_pos=romanesco)), answer
+    portraits = "Were the portraits outside Bundesarchiv building always there?"
+    assert D.answer_mentions_keyword(record(q=portraits, a="The portraits were not always there.", qcate="YesNo", kw=None))
+    for non_answer in ("That is not mentioned anywhere.", "I do not know the painter."):
+        assert not D.answer_mentions_keyword(record(q=portraits, a=non_answer, qcate="YesNo", kw=None)), non_answer
+        assert not D.answer_mentions_keyword(record(q=q, a=non_answer, qcate="text", kw=None, img_pos=(), txt_pos=romanesco))
+
+
+def test_a_corrupt_lineidx_names_the_file_and_the_line(tmp_path):
+    folder = write_store(tmp_path, {30000000 + i: _png() for i in range(3)})
+    lineidx = folder / "imgs.lineidx"
+    offsets = lineidx.read_text().split()
+    for bad in ("12abc", "-5", "9" * 30):
+        lineidx.write_text(f"{offsets[0]}\n{offsets[1]}\n{bad}\n")
+        with pytest.raises(D.ImageStoreFormatError, match=rf"imgs.lineidx line 3: '{bad[:20]}.*not a byte offset"):
+            D.read_lineidx(lineidx)
+        with pytest.raises(ValueError, match="imgs.lineidx line 3"):  # still a ValueError, as before
+            ImageStore(folder)
+
+
+def test_a_store_whose_lineidx_does_not_index_its_tsv_is_refused_when_opened(tmp_path):
+    """CRLF line endings (a Windows copy) or another copy's lineidx misplace every image: each look-up used to fail
+    on its own and the build then blamed the source. Opening the store now probes a few offsets and says so once."""
+    images = {30000000 + i: _png((i, 0, 0), size=8 + i) for i in range(20)}
+    crlf = write_store(tmp_path / "crlf", images)
+    (crlf / "imgs.tsv").write_bytes((crlf / "imgs.tsv").read_bytes().replace(b"\n", b"\r\n"))
+    with pytest.raises(D.ImageStoreFormatError, match=r"imgs.tsv and .*imgs.lineidx do not match.*CRLF"):
+        ImageStore(crlf)
+    other = write_store(tmp_path / "other", images)
+    write_store(tmp_path / "copy", {i: _png((0, i % 250, 0), size=6) for i in images})  # shorter lines
+    (other / "imgs.lineidx").write_bytes((tmp_path / "copy" / "imgs.lineidx").read_bytes())
+    with pytest.raises(D.ImageStoreFormatError, match="do not match.*same copy") as err:
+        ImageStore(other)
+    assert "CRLF" not in str(err.value)
+    write_webqa(other, questions(10))
+    with pytest.raises(D.MiniWebQABuildError, match=r"cannot build Mini-WebQA from .*other.*do not match"):
+        D.build_mini_webqa(other, None, progress=False)
+    with ImageStore(write_store(tmp_path / "good", images)) as store:  # a matching pair opens as before
+        assert store.get(30000019).size == (27, 27)
+
+
+def test_a_cut_question_file_is_named_plainly_in_the_funnel(tmp_path):
+    """A truncated WebQA_train_val.json built silently, its funnel saying only "unreadable removed 1". The records
+    before the cut are still kept, and the funnel (and funnel.json) now says where the file ends."""
+    text = json.dumps(questions(40))
+    source = tmp_path / "webqa"
+    source.mkdir()
+    (source / "WebQA_train_val.json").write_text(text[: int(len(text) * 0.9)])
+    with pytest.warns(UserWarning, match="keeping the records before it"):
+        dd, report = D.build_mini_webqa(source, tmp_path / "out", filters=NO_IMAGES, progress=False)
+    n = report.steps[0].kept
+    assert 30 <= n < 40 and sum(len(v) for v in dd.values()) == report.n_kept
+    assert len(report.warnings) == 1
+    assert re.match(rf"WebQA_train_val.json: the file ends mid-record after {n} records \(the last whole one: g{n}\)",
+                    report.warnings[0])
+    assert f"WARNING: {report.warnings[0]}" in str(report).splitlines()[1]
+    assert FunnelReport.load(tmp_path / "out").warnings == report.warnings
+    broken = text.replace('"g20": {', '"g20": {::', 1)  # a syntax error, not a cut: named as such
+    (source / "WebQA_train_val.json").write_text(broken)
+    with pytest.warns(UserWarning, match="breaks off"):
+        _, report = D.build_mini_webqa(source, None, filters=NO_IMAGES, progress=False)
+    assert "breaks off (invalid JSON) after 19 records" in report.warnings[0]
+    _, whole = D.build_mini_webqa(write_webqa(tmp_path / "whole", questions(10)), None, filters=NO_IMAGES, progress=False)
+    assert whole.warnings == [] and "WARNING" not in str(whole)
+
+
+def test_a_mostly_missing_truncated_image_is_refused():
+    """PIL's tolerance decoded a file cut to a few percent as a picture that is mostly fill; the gold-image check
+    passed it. Less than a tenth of the rows decoded is now unreadable, and so is less than a quarter that is nearly
+    all blank (a real render cut to 2% of its bytes decoded only its white top margin); a file cut near its end still
+    reads."""
+    import random
+
+    rng = random.Random(0)
+    buf = io.BytesIO()
+    Image.frombytes("RGB", (64, 64), bytes(rng.getrandbits(8) for _ in range(64 * 64 * 3))).save(buf, "PNG")
+    png = buf.getvalue()
+    with pytest.raises(ImageDecodeError, match=r"image 7: truncated: only about \d+% of its rows decoded"):
+        D.load_image_bytes(png[: len(png) // 30], 7)
+    assert D.load_image_bytes(png[: len(png) * 9 // 10], 7).size == (64, 64)
+    assert D.decoded_share(D.load_image_bytes(png)) == 1.0
+    margin = Image.new("RGB", (64, 64), (255, 255, 255))  # a blank top margin, then the picture
+    margin.paste(Image.frombytes("RGB", (64, 52), bytes(rng.getrandbits(8) for _ in range(64 * 52 * 3))), (0, 12))
+    buf = io.BytesIO()
+    margin.save(buf, "PNG")
+    png = buf.getvalue()
+    with pytest.raises(ImageDecodeError, match=r"about 2\d% of its rows decoded, nearly all of them blank"):
+        D.load_image_bytes(png[: png.index(b"IDAT") + 400], 7)  # the margin and a row of the picture
+
+
+def test_a_refused_first_build_leaves_no_lock_file(tmp_path, monkeypatch):
+    """The lock beside the run's mini_webqa is removed when the first build in that folder fails (it was ours and
+    guards nothing); one that guards an existing Mini-WebQA stays."""
+    source = write_webqa(tmp_path / "webqa", questions(12))
+    write_store(source, {30000000 + i: _png() for i in range(13)})  # row = id % 10,000,000
+
+    def refused(*_a, **_k):
+        raise D.MiniWebQABuildError("refused")
+
+    monkeypatch.setattr(mini, "build_mini_webqa", refused)
+    with pytest.raises(D.MiniWebQABuildError, match="refused"):
+        D.ensure_mini_webqa("cpu-tiny", tmp_path / "run", webqa_dir=source)
+    assert _names(tmp_path / "run") == []
+    monkeypatch.undo()
+    D.ensure_mini_webqa("cpu-tiny", tmp_path / "run", webqa_dir=source)
+    monkeypatch.setattr(mini, "build_mini_webqa", refused)
+    with pytest.raises(D.MiniWebQABuildError, match="refused"):
+        D.ensure_mini_webqa("cpu-tiny", tmp_path / "run", webqa_dir=source, force=True)
+    assert (tmp_path / "run" / "mini_webqa" / "dataset_dict.json").is_file()
+    without_images = write_webqa(tmp_path / "text_only", questions(12))
+    with pytest.raises(FileNotFoundError, match="has no imgs.tsv.*check_images=False"):
+        D.ensure_mini_webqa("cpu-tiny", tmp_path / "run2", webqa_dir=without_images)
+    assert not (tmp_path / "run2").exists()

@@ -11,8 +11,11 @@ from .images import (
     ImageNotFoundError,
     ImageStore,
     ImageStoreError,
+    ImageStoreFormatError,
+    decoded_share,
     load_image_bytes,
     read_lineidx,
+    to_rgb,
 )
 from .mini import (
     FILTER_REASONS,
@@ -24,6 +27,7 @@ from .mini import (
     answer_mentions_keyword,
     balance_categories,
     build_mini_webqa,
+    check_webqa_source,
     ensure_mini_webqa,
     filter_records,
     hold_out_webqa_val,
@@ -41,7 +45,6 @@ from .mini import (
     save_dataset_atomic,
     source_fingerprint,
     split_leaks,
-    hold_out_webqa_val,
     split_records,
 )
 from .mmqa import (
@@ -89,6 +92,7 @@ __all__ = [
     "ImageNotFoundError",
     "ImageStore",
     "ImageStoreError",
+    "ImageStoreFormatError",
     "MMQAData",
     "MMQADoc",
     "MMQAFormatError",
@@ -104,6 +108,8 @@ __all__ = [
     "answer_mentions_keyword",
     "balance_categories",
     "build_mini_webqa",
+    "check_webqa_source",
+    "decoded_share",
     "draw_scene",
     "ensure_mini_webqa",
     "filter_records",
@@ -139,4 +145,5 @@ __all__ = [
     "split_leaks",
     "split_records",
     "strip_quotes",
+    "to_rgb",
 ]

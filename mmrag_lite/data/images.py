@@ -5,8 +5,11 @@
 
     offset = lineidx[image_id % 10_000_000];  seek(offset);  readline();  check the id;  base64-decode;  PIL-open
 
-The offsets live in one compact ``numpy.int64`` array (8 bytes per image); the tsv is never read whole.
-Some real images are truncated; ``load_image_bytes`` opens them with ``ImageFile.LOAD_TRUNCATED_IMAGES``.
+The offsets live in one compact ``numpy.int64`` array (8 bytes per image); the tsv is never read whole. Opening a
+store probes a few offsets, so a tsv that its lineidx does not index (CRLF line endings, another copy's lineidx) is
+one clear ``ImageStoreFormatError``, not thousands of missing images.
+Some real images are truncated; ``load_image_bytes`` opens them with ``ImageFile.LOAD_TRUNCATED_IMAGES`` (and refuses
+one that is mostly missing). Images come out RGB, transparency laid on white (``to_rgb``).
 A store and ``load_image_bytes`` are safe to use from several threads (the Mini-WebQA builder does).
 """
 
@@ -90,8 +93,65 @@ class ImageDecodeError(ImageStoreError):
     """The line exists but its bytes are not a readable image (bad base64, empty, or not an image)."""
 
 
+def to_rgb(im: Image.Image) -> Image.Image:
+    """``im`` as a new RGB image, transparent pixels laid on white.
+
+    A plain ``convert("RGB")`` drops the alpha channel and keeps the colour under it, which for transparent pixels is
+    usually black: a logo or a cut-out on a transparent background would become a black square.
+    """
+    if im.mode in ("P", "L", "RGB", "I", "I;16") and "transparency" in im.info:
+        im = im.convert("RGBA")  # a palette (or single-colour) transparency becomes a real alpha channel
+    elif im.mode in ("PA", "La", "RGBa"):
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA"):
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        background.alpha_composite(im.convert("RGBA"))
+        return background.convert("RGB")
+    return im.convert("RGB")
+
+
+# A truncated image is refused when less than MIN_DECODED_SHARE of its rows decoded, or less than
+# MIN_DETAILED_SHARE and under MIN_DETAIL_ROWS of its rows show anything (a blank top margin is most of what decoded).
+# The synthetic world's truncated images (60% of their bytes) decode 30-60% of their rows at the presets' sizes and
+# are kept.
+MIN_DECODED_SHARE = 0.1
+MIN_DETAILED_SHARE = 0.25
+MIN_DETAIL_ROWS = 0.05
+
+
+def decoded_share(im: Image.Image) -> float:
+    """Share of ``im``'s rows above the uniform band at its bottom: what a truncated file decoded to, roughly.
+
+    PIL fills the rows a truncated file lacks with one value (0 for PNG, grey for JPEG), so the rows below the cut are
+    identical; an image whose own bottom is one flat colour reads a little short, which is why only truncated files
+    are measured.
+    """
+    a = np.asarray(im)
+    if a.ndim < 2 or a.shape[0] == 0:
+        return 1.0
+    same = (a == a[-1, 0]).reshape(a.shape[0], -1).all(axis=1)[::-1]
+    flat = len(same) if same.all() else int(np.argmin(same))
+    return 1.0 - flat / a.shape[0]
+
+
+def _truncation_problem(im: Image.Image) -> str | None:
+    """Why a tolerantly decoded (truncated) image is too incomplete to keep, or None."""
+    share = decoded_share(im)
+    if share < MIN_DECODED_SHARE:
+        return f"truncated: only about {share:.0%} of its rows decoded, the rest of the file is missing"
+    if share < MIN_DETAILED_SHARE:
+        a = np.asarray(im)
+        top = a[: max(1, round(share * a.shape[0]))]
+        detail = int((~(top == top[:, :1]).reshape(top.shape[0], -1).all(axis=1)).sum())  # rows not one flat colour
+        if detail < MIN_DETAIL_ROWS * a.shape[0]:
+            return (f"truncated: only about {share:.0%} of its rows decoded, nearly all of them blank ({detail} with "
+                    "any detail), the rest of the file is missing")
+    return None
+
+
 def load_image_bytes(data: bytes, image_id: int = -1) -> Image.Image:
-    """Decode encoded image bytes to an RGB ``PIL.Image``, tolerating truncated files; clear error otherwise."""
+    """Decode encoded image bytes to an RGB ``PIL.Image`` (transparency on white), tolerating truncated files unless
+    little of them decoded (``MIN_DECODED_SHARE``, ``MIN_DETAILED_SHARE``); a clear error otherwise."""
     if not data:
         raise ImageDecodeError(image_id, "empty image bytes")
     try:
@@ -102,8 +162,11 @@ def load_image_bytes(data: bytes, image_id: int = -1) -> Image.Image:
             except OSError:  # truncated: retry with PIL's tolerance (a process-wide flag: see _TruncationGate)
                 with TRUNCATION_GATE.tolerant(), Image.open(io.BytesIO(data)) as im2:
                     im2.load()
-                    return im2.convert("RGB")
-            return im.convert("RGB")
+                    problem = _truncation_problem(im2)  # the rest is PIL's fill: a blank, not a picture
+                    if problem:
+                        raise ImageDecodeError(image_id, problem)
+                    return to_rgb(im2)
+            return to_rgb(im)
     except ImageStoreError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
@@ -114,12 +177,33 @@ def load_image_bytes(data: bytes, image_id: int = -1) -> Image.Image:
         raise ImageDecodeError(image_id, f"bytes are not a readable image ({type(exc).__name__}: {detail})") from None
 
 
+class ImageStoreFormatError(ValueError):
+    """``imgs.lineidx`` is not a list of byte offsets, or it does not index this ``imgs.tsv``; names the file."""
+
+
 def read_lineidx(path: str | Path) -> np.ndarray:
-    """The byte offsets of ``imgs.lineidx`` as one int64 array (8 bytes per image, read in one pass)."""
-    raw = Path(path).read_bytes()
+    """The byte offsets of ``imgs.lineidx`` as one int64 array (8 bytes per image, read in one pass).
+
+    A line that is not a whole number >= 0 is an ``ImageStoreFormatError`` naming the file and the line.
+    """
+    path = Path(path)
+    raw = path.read_bytes()
     if not raw.strip():
         return np.zeros(0, dtype=np.int64)
-    return np.array(raw.split(), dtype=np.int64)
+    try:
+        offsets = np.array(raw.split(), dtype=np.int64)
+    except (ValueError, OverflowError):
+        offsets = None
+    if offsets is not None and not (offsets < 0).any():
+        return offsets
+    for n, line in enumerate(raw.splitlines(), start=1):  # only on failure: find the line to name
+        text = line.strip()
+        if text and not (text.isdigit() and len(text) < 19):
+            shown = text[:40].decode("utf-8", "replace")
+            raise ImageStoreFormatError(f"{path} line {n}: {shown!r} is not a byte offset ({path.name} holds one "
+                                        "whole number per line): a corrupt or wrong file? Take imgs.lineidx and "
+                                        "imgs.tsv from the same WebQA download")
+    raise ImageStoreFormatError(f"{path}: not a list of byte offsets, one whole number per line")
 
 
 class ImageStore:
@@ -140,6 +224,7 @@ class ImageStore:
         self.tsv_path, self.lineidx_path = tsv, lineidx
         self.offsets = read_lineidx(lineidx)
         self.tsv_size = tsv.stat().st_size
+        self._check_alignment()  # first: a lineidx of another copy also points past the end, and that is not the news
         past_end = int((self.offsets >= self.tsv_size).sum())
         if past_end:  # a 51 GB extraction onto a full drive: say so once, not as thousands of "missing" images
             warnings.warn(f"{tsv} ends at byte {self.tsv_size:,}, before the offsets of {past_end:,} of "
@@ -147,6 +232,36 @@ class ImageStore:
                           "Those images read as missing.", stacklevel=2)
         self._fh = None
         self._lock = threading.Lock()  # one file position: a seek and its readline must not interleave across threads
+
+    PROBES = 8  # lines checked when a store is opened: a handful of seeks
+
+    def _check_alignment(self) -> None:
+        """Refuse a tsv that the lineidx does not index, before thousands of look-ups each fail as "holds id ...".
+
+        Probes a few offsets spread over the file: each must start a line (the byte before it is a newline) that
+        begins with an image id and a tab. Line endings converted to CRLF (a Windows copy, git's autocrlf) shift
+        every later line, and a lineidx from another copy points into the middle of lines.
+        """
+        inside = self.offsets[(self.offsets > 0) & (self.offsets < self.tsv_size)]
+        if not len(inside):
+            return
+        picks = sorted({int(inside[i]) for i in np.linspace(0, len(inside) - 1, min(self.PROBES, len(inside))).astype(int)})
+        with open(self.tsv_path, "rb") as fh:
+            first = fh.readline(1 << 24)
+            for offset in picks:
+                fh.seek(offset - 1)
+                head = fh.read(24)
+                key, tab, _ = head[1:].partition(b"\t")
+                if head[:1] == b"\n" and tab and key.isdigit():
+                    continue
+                crlf = (" Its lines end in CRLF (\\r\\n): were its line endings converted (a Windows copy, git "
+                        "autocrlf)? Re-extract imgs.tsv unchanged." if first.endswith(b"\r\n") else "")
+                row = int(np.flatnonzero(self.offsets == offset)[0])
+                raise ImageStoreFormatError(
+                    f"{self.tsv_path} and {self.lineidx_path} do not match: row {row} of {self.lineidx_path.name} gives "
+                    f"offset {offset:,}, which is not the start of an image line in {self.tsv_path.name} (it holds "
+                    f"{head[1:17]!r} there). Both files must come from the same copy; a lineidx made for another copy, "
+                    f"or a tsv changed after its lineidx was made, misplaces every image.{crlf}")
 
     # -- lifecycle -------------------------------------------------------------------------------
     def _file(self):

@@ -6,10 +6,13 @@ and its effect is counted in a ``FunnelReport`` (saved as ``funnel.json`` next t
 
     read -> no gold source -> answer misses keyword/fact -> overlong gold candidate
          -> broken gold image -> duplicate question -> category balance
-         -> split (no reworded question or shared gold source across splits; each category in proportion;
-                   with ``DataSettings.test_split="webqa_val"`` the test split is WebQA's own val questions,
-                   minus those linked to a train question: step ``linked_to_train``)
+         -> split (no reworded question or shared gold source across splits; each category in proportion)
          -> trim candidate pools
+
+With ``DataSettings.test_split="webqa_val"`` the test split is WebQA's own val questions: they are held out right
+after the record-level checks (step ``linked_to_train`` drops those linked to a train question) and category
+balance then runs on the train questions only, so the test split is WebQA's val set less only bad and linked
+questions. A file that breaks off part-way is kept up to the break and named in ``FunnelReport.warnings``.
 
 The output is a ``datasets.DatasetDict`` (train / validation / test) in the schema of docs/CONTRACTS.md, written
 atomically (temporary folder next to the target, then rename). The same code runs on the real WebQA files and on
@@ -19,6 +22,7 @@ anything is written; ``funnel.json`` records a fingerprint of the source files, 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import random
@@ -33,7 +37,7 @@ from typing import Any
 from PIL import Image
 
 from ..atomic import atomic_dir, folder_lock
-from .images import TRUNCATION_GATE, ImageStore, ImageStoreError, load_image_bytes
+from .images import TRUNCATION_GATE, ImageStore, ImageStoreError, ImageStoreFormatError, load_image_bytes
 from .webqa import (
     IMAGE_QCATES,
     ImageFact,
@@ -167,6 +171,28 @@ _WORD_FORMS = {
 }
 
 
+_PRONOUNS = frozenset(["i", "you", "he", "she", "we", "they", "him", "her", "us", "them", "his", "hers", "our", "their"])
+_NEGATION = re.compile(r"\bnot\b|n['\u2019]t\b", re.IGNORECASE)
+
+
+def _says_no(question: str, answer: str) -> bool:
+    """A negative verdict without the word "no": "It is not.", "The portraits were not always there.".
+
+    The negation must be about the question: the answer is a bare verdict (no content word once the negation is
+    gone) or names something the question asks about. "That is not mentioned anywhere." is not a verdict.
+    """
+    if not _NEGATION.search(answer):
+        return False
+    rest = _words_besides_negation(answer)
+    return not rest or bool(rest & set(content_tokens(question)))
+
+
+def _words_besides_negation(answer: str) -> set[str]:
+    """Content words of ``answer`` without its negation and pronouns ("They aren't." has none)."""
+    return {t for t in content_tokens(_NEGATION.sub(" ", answer))
+            if (len(t) > 2 or t.isdigit()) and t not in _PRONOUNS}  # len: the "ca" of "can't"
+
+
 def _answer_words(text: str, qcate: str) -> set[str]:
     """``tokens`` in canonical form; for counting questions a bare "no" (as in "no benches") means 0."""
     words = {_WORD_FORMS.get(t, t) for t in tokens(text)}
@@ -190,11 +216,13 @@ def _restates_question(question: str, answer: str, adds_a_word: bool) -> bool:
 def answer_mentions_keyword(record: WebQARecord, min_recall: float = 0.5) -> bool:
     """Does the answer state its evidence? (our rule; the reason is in ``FILTER_REASONS``)
 
-    - ``YesNo``: the answer says yes / no, or is a sentence restating the question (its keyword is the verdict);
+    - ``YesNo``: the answer says yes / no ("not" / "n't" count as no), or is a sentence restating the question (its
+      keyword is the verdict);
     - with ``Keywords_A``: at least ``min_recall`` of the keyword's content words appear in the answer (word forms
       such as "rectangular" / "rectangle", "twice" / "2" count as one);
     - text questions without keywords: the answer adds words beyond the question that occur in a gold snippet, or
-      names words of the question that a gold snippet holds (choosing between options), or is a bare yes / no;
+      names words of the question that a gold snippet holds (choosing between options), or is a bare yes / no
+      (a negation such as "It is not." counts as no);
     - image questions without keywords (the public release has none): the answer holds a word of the category's
       closed vocabulary (a colour, a shape, a number) or restates the question with a word of its own;
       ``Others``/``choose`` only need a non-empty answer.
@@ -204,13 +232,16 @@ def answer_mentions_keyword(record: WebQARecord, min_recall: float = 0.5) -> boo
         return False
     ans = _answer_words(answer, record.qcate)
     if record.qcate == "YesNo":
-        return bool(ans & {"yes", "no"}) or _restates_question(record.question, answer, adds_a_word=False)
+        return (bool(ans & {"yes", "no"}) or _says_no(record.question, answer)
+                or _restates_question(record.question, answer, adds_a_word=False))
     if record.keywords:
         kw = ({_WORD_FORMS.get(t, t) for t in content_tokens(record.keywords)}
               or _answer_words(record.keywords, record.qcate))
         return bool(kw) and len(kw & ans) / len(kw) >= min_recall
     if record.qcate == "text" or (record.qcate not in IMAGE_QCATES and record.txt_pos):
         said = set(content_tokens(answer))
+        if _says_no(record.question, answer):  # "They do not.": a no, and the words around it
+            said = _words_besides_negation(answer) | {"no"}
         novel = said - set(tokens(record.question))
         gold = set()
         for f in record.txt_pos + record.img_pos:
@@ -257,6 +288,7 @@ class FunnelReport:
     candidates: dict[str, int] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     read_errors: list[str] = field(default_factory=list)  # the first few, as "record <Guid>: why"
+    warnings: list[str] = field(default_factory=list)  # what the counts alone hide, e.g. a file that breaks off
 
     @property
     def n_read(self) -> int:
@@ -288,7 +320,9 @@ class FunnelReport:
         return cls.from_dict(json.loads(path.read_text()))
 
     def __str__(self) -> str:
-        lines = [f"Mini-WebQA funnel ({self.source})", f"{'step':<24}{'removed':>9}{'kept':>9}  why"]
+        lines = [f"Mini-WebQA funnel ({self.source})"]
+        lines += [f"WARNING: {w}" for w in self.warnings]
+        lines.append(f"{'step':<24}{'removed':>9}{'kept':>9}  why")
         for s in self.steps:
             lines.append(f"{s.name:<24}{s.removed:>9}{s.kept:>9}  {s.reason}")
         if self.splits:
@@ -309,11 +343,14 @@ def filter_records(
     seed: int = 0,
     progress: bool = False,
     workers: int = 1,
+    balance: bool = True,
 ) -> list[WebQARecord]:
     """Run the question-level filters in order, recording each step in ``report``; returns the kept records.
 
     Pure apart from reading images through ``store`` (needed only when ``filters.check_images``), which ``workers``
     threads decode: the gold-image check reads every surviving question's gold images, before balancing.
+    ``balance=False`` stops before ``balance_categories`` (the builder balances WebQA's train questions alone when
+    their val questions are the test split).
     """
     from tqdm.auto import tqdm
 
@@ -364,26 +401,44 @@ def filter_records(
     if filters.qcates is not None:
         allowed = set(filters.qcates)
         step("qcate_filter", lambda r: r.qcate in allowed)
-    kept = balance_categories(kept, filters, report, seed)
+    if balance:
+        kept = balance_categories(kept, filters, report, seed)
     return kept
 
 
 def balance_categories(records: Sequence[WebQARecord], filters: MiniWebQAFilters, report: FunnelReport | None = None,
-                       seed: int = 0) -> list[WebQARecord]:
+                       seed: int = 0, held_out: int = 0) -> list[WebQARecord]:
     """Cap each Qcate so that none holds more than ``max_qcate_fraction`` of the *balanced* set (and none more than
     ``max_per_qcate``); which questions stay is seeded.
 
-    The fraction cap needs at least two categories (a one-category set cannot be balanced, only shrunk); a fraction
-    below 1 / (number of categories) cannot be met, and then every category is cut to the smallest one's size.
+    The fraction cap needs at least two categories (a one-category set cannot be balanced, only shrunk). It cuts the
+    large categories to one common size, and the small ones must make up the rest of the set: when they are too small
+    the cap falls to about their size, whatever the fraction (828 YesNo, 2,455 text and 1 shape at 0.4 keep 2, 2 and
+    1: two categories at 40% each need a third at 20%). A fraction below 1 / (number of categories) cannot be met at
+    all; every category is then cut to the smallest one's size. A fraction cap that would remove more than
+    ``MAX_BALANCE_LOSS`` of the questions is refused with a ``MiniWebQABuildError`` naming the category sizes, rather
+    than applied: that is a setting to change, not cleaning.
+
+    ``held_out``: questions that reached this step but are not balanced (WebQA's val questions held out as the test
+    split); the funnel counts them as passing through.
     """
     sizes = Counter(r.qcate for r in records)
     fraction_cap = None
     if filters.max_qcate_fraction is not None and len(sizes) >= 2:
         fraction_cap = _fraction_cap(sorted(sizes.values()), filters.max_qcate_fraction)
+        lost = sum(max(0, n - fraction_cap) for n in sizes.values())
+        if lost > MAX_BALANCE_LOSS * len(records):
+            raise MiniWebQABuildError(
+                f"category balance would remove {lost} of {len(records)} questions: with max_qcate_fraction="
+                f"{filters.max_qcate_fraction} and the category sizes {dict(sorted(sizes.items()))}, no category can "
+                f"stay at or under {filters.max_qcate_fraction:.0%} unless the large ones are cut to {fraction_cap} "
+                "questions each (the small categories are too small to make up the rest). Pass "
+                "MiniWebQAFilters(max_qcate_fraction=None) for no cap, a larger fraction, or qcates=(...) without the "
+                "smallest categories; nothing was written", report)
     caps = [c for c in (filters.max_per_qcate, fraction_cap) if c is not None]
     if not caps:
         if report is not None:
-            report.add("category_balance", len(records), [])
+            report.add("category_balance", len(records) + held_out, [])
         return list(records)
     cap = max(1, min(caps))
     by_cat: dict[str, list[int]] = defaultdict(list)
@@ -398,12 +453,16 @@ def balance_categories(records: Sequence[WebQARecord], filters: MiniWebQAFilters
             drop |= set(idx) - chosen
     kept = [r for i, r in enumerate(records) if i not in drop]
     if report is not None:
-        report.add("category_balance", len(records), [records[i].guid for i in sorted(drop)])
+        report.add("category_balance", len(records) + held_out, [records[i].guid for i in sorted(drop)])
     return kept
 
 
+MAX_BALANCE_LOSS = 0.5  # share of the questions the fraction cap may remove before the build refuses it
+
+
 def _fraction_cap(sizes: Sequence[int], fraction: float) -> int:
-    """The largest per-category cap ``c`` with ``c <= fraction * sum(min(n, c) for n in sizes)``.
+    """The largest per-category cap ``c`` with ``c <= fraction * sum(min(n, c) for n in sizes)``, or the smallest
+    size when even that does not fit (the fraction is below 1 / len(sizes)).
 
     ``c / sum(min(n, c))`` never decreases as ``c`` grows (the sum is concave in ``c``), so a binary search finds it.
     """
@@ -530,7 +589,7 @@ def _image_payload(data: bytes, max_side: int, image_id: int) -> tuple[bytes, tu
                 with TRUNCATION_GATE.strict():
                     im.load()  # strict: a truncated file raises here and is re-encoded below
                 return data, im.size
-    except Exception:  # noqa: BLE001 - truncated or unreadable: load_image_bytes keeps the one, names the other
+    except Exception:  # noqa: BLE001, S110 - truncated or unreadable: load_image_bytes keeps the one, names the other
         pass
     im = load_image_bytes(data, image_id)
     if max(im.size) > max_side:
@@ -742,6 +801,41 @@ def _nothing_left(report: FunnelReport, json_path: Path, unlabelled: bool) -> Mi
     return MiniWebQABuildError(message, report)
 
 
+def check_webqa_source(source_dir: str | Path) -> Path:
+    """The question file of a WebQA folder that ``ensure_mini_webqa`` (notebooks, CLI) can build from, or a
+    ``FileNotFoundError`` saying what is missing: the question file, or the image store beside it. Reads nothing
+    (the CLI asks before it makes a run folder)."""
+    json_path = find_webqa_json(source_dir)
+    folder = json_path.parent
+    if json_path.name != "WebQA_test.json" and not all((folder / name).is_file() for name in SOURCE_FILES):
+        raise FileNotFoundError(_no_images_message(folder))  # (the test file is refused by the builder, with why)
+    return json_path
+
+
+def _no_images_message(folder: Path) -> str:
+    """Why a build that checks images cannot start, and what to do: add the images (CLI, notebooks), or build
+    text-only from Python (the CLI has no switch for it, so the message must not send its user to one)."""
+    return (f"{folder} has no imgs.tsv + imgs.lineidx (WebQA's images): put both beside the question file to build "
+            "Mini-WebQA with images (the build-data command and the notebooks always check images). A text-only "
+            "Mini-WebQA (image candidates get image=None) is built from Python only: build_mini_webqa(source, out_dir, "
+            "filters=MiniWebQAFilters(check_images=False))")
+
+
+@contextlib.contextmanager
+def _build_lock(mini: Path) -> Iterator[None]:
+    """``folder_lock(mini)``; when the build inside fails before any Mini-WebQA exists and this call made the lock
+    file, the file goes too, so a refused first build leaves nothing behind."""
+    lock = mini.parent / f".{mini.name}.lock"
+    ours = not lock.exists()
+    with folder_lock(mini):
+        try:
+            yield
+        except BaseException:
+            if ours and not mini.exists():
+                lock.unlink(missing_ok=True)  # while still held
+            raise
+
+
 def _refuse_empty_splits(sizes: Mapping[str, int], report: FunnelReport, json_path: Path,
                          fractions: Sequence[float], test_split: str = "pooled") -> None:
     """A saved empty split cannot be loaded (``datasets`` fails with an IndexError), so refuse to save one."""
@@ -811,9 +905,11 @@ def build_mini_webqa(
         _check_mini_target(Path(out_dir), folder)
     has_images = (folder / "imgs.tsv").is_file() and (folder / "imgs.lineidx").is_file()
     if filters.check_images and not has_images:
-        raise FileNotFoundError(f"{folder} has no imgs.tsv + imgs.lineidx; pass filters with check_images=False "
-                                "to build a text-only Mini-WebQA (image candidates get image=None)")
-    store = ImageStore(folder) if has_images else None
+        raise FileNotFoundError(_no_images_message(folder))
+    try:
+        store = ImageStore(folder) if has_images else None
+    except ImageStoreFormatError as exc:  # the whole store, not one image: nothing to build images from
+        raise MiniWebQABuildError(f"cannot build Mini-WebQA from {folder}: {exc}") from None
     report = FunnelReport(source=str(json_path.resolve()))  # absolute: compared later
     report.settings = {"filters": filters.to_dict(), "max_candidates": max_candidates, "seed": seed,
                        "test_split": data.test_split,
@@ -831,17 +927,21 @@ def build_mini_webqa(
         report.steps.append(FunnelStep("unreadable", FILTER_REASONS["unreadable"], len(records) + len(errors),
                                        len(errors), len(records), [e.guid for e in errors[:5]]))
         report.read_errors = [str(e) for e in errors[:20]]
+        report.warnings = [f"{json_path.name}: {e.message}" for e in errors if e.file_break]
         unlabelled = bool(records) and not any(r.is_labelled for r in records)
         n_threads = _image_threads(workers, store is not None)
-        kept = filter_records(records, filters, store, report, seed=seed, progress=progress, workers=n_threads)
+        held_out = data.test_split == "webqa_val"  # balance the train questions only, after the hold-out
+        kept = filter_records(records, filters, store, report, seed=seed, progress=progress, workers=n_threads,
+                              balance=not held_out)
         del records
         if not kept:
             raise _nothing_left(report, json_path, unlabelled)
-        if data.test_split == "webqa_val":
+        if held_out:
             pool, test, linked = hold_out_webqa_val(kept)
             report.add("linked_to_train", len(kept), linked)
-            kept = pool + test
-            parts = split_records(pool, (*filters.split_fractions[:2], 0.0), seed=seed)
+            balanced = balance_categories(pool, filters, report, seed, held_out=len(test))
+            kept = balanced + test
+            parts = split_records(balanced, (*filters.split_fractions[:2], 0.0), seed=seed)
             parts["test"] = test
         else:
             parts = split_records(kept, filters.split_fractions, seed=seed)
@@ -1030,11 +1130,13 @@ def ensure_mini_webqa(preset: Any = "auto", work_dir: str | Path | None = None, 
     from .world import make_world, read_world_manifest
 
     p = resolve_preset(preset)
+    if webqa_dir is not None:  # refused before the run folder and its lock are made: a refused build leaves nothing
+        check_webqa_source(webqa_dir)
     wd = run_dir(p, work_dir)
     mini, world = wd / "mini_webqa", wd / "world"
     if not force and mini_webqa_is_current(p, wd, webqa_dir):
         return load_mini_webqa(mini)
-    with folder_lock(mini):  # two kernels on one run folder: the second waits, then finds the first one's build
+    with _build_lock(mini):  # two kernels on one run folder: the second waits, then finds the first one's build
         stale = None if force else mini_webqa_staleness(p, wd, webqa_dir)
         if force or stale is None or stale:
             saved = _saved_source(mini) if webqa_dir is None else None

@@ -6,7 +6,9 @@ Each question line carries its own candidate pool in ``metadata.image_doc_ids`` 
 ``title, url, id, path`` (no pixels here), ``MMQA_texts.jsonl.gz`` maps passage ids to ``title, url, id, text``.
 
 ``mmqa_to_rows`` shapes the image+text questions like Mini-WebQA rows so the evaluation code can run on them.
-Offline there are no MMQA pixels: image candidates get ``image=None`` and their title as ``text``.
+Offline there are no MMQA pixels: image candidates get ``image=None`` and their title as ``text``. Without
+``MMQA_texts`` a passage is only an id, so passage candidates are left out: offline retrieval then compares the
+question with image titles only.
 """
 
 from __future__ import annotations
@@ -185,9 +187,11 @@ def mmqa_to_rows(
 
     ``qtypes=("ImageQ",)`` gives the 230-question dev subset multi-modal RAG papers report on; ``None`` keeps every
     question whose supporting documents are images or passages. Offline caveat: MMQA pixels are not available, so
-    image candidates carry ``image=None`` and ``text`` = their title; passages carry their text when
-    ``MMQA_texts`` is given, else their id's title is unknown and ``text`` is empty. Pools are trimmed to
-    ``max_candidates`` (gold always kept) and shuffled deterministically.
+    image candidates carry ``image=None`` and ``text`` = their title. Passages carry their title and text from
+    ``MMQA_texts``; a passage it does not hold (all of them when it is absent, as offline) is left out of the pool,
+    since a blank candidate only pads it (about 45% of an ImageQ pool), and a question with such a passage among its
+    gold documents is skipped (nothing could retrieve it). Pools are trimmed to ``max_candidates`` (gold always kept,
+    distractors of the documents known) and shuffled deterministically.
     """
     texts = texts or {}
     rows = []
@@ -197,6 +201,8 @@ def mmqa_to_rows(
         if not is_image_text_question(q):
             continue
         gold = set(q.gold_doc_ids)
+        if any(doc_id in gold and doc_id not in texts for doc_id in q.text_doc_ids):
+            continue  # a gold passage whose text is unknown: no pool could show it
         cands = []
         for doc_id in q.image_doc_ids:
             doc = images.get(doc_id)
@@ -205,8 +211,10 @@ def mmqa_to_rows(
                           "is_gold": doc_id in gold})
         for doc_id in q.text_doc_ids:
             doc = texts.get(doc_id)
-            cands.append({"id": doc_id, "modality": "text", "title": doc.title if doc else "",
-                          "text": doc.text if doc else "", "image": None, "is_gold": doc_id in gold})
+            if doc is None:  # without MMQA_texts a passage is a bare id: a blank candidate would only pad the pool
+                continue
+            cands.append({"id": doc_id, "modality": "text", "title": doc.title, "text": doc.text, "image": None,
+                          "is_gold": doc_id in gold})
         rng = random.Random(f"{seed}:{q.qid}")
         if max_candidates is not None:
             golds = [c for c in cands if c["is_gold"]]

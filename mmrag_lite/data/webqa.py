@@ -109,10 +109,15 @@ class WebQARecord:
 
 @dataclass(frozen=True)
 class RecordError:
-    """Why one record could not be read; the rest of the file is unaffected."""
+    """Why one record could not be read; the rest of the file is unaffected.
+
+    ``file_break``: not one bad record but the place where the file stops being readable (a cut download, a syntax
+    error): every record after it is lost, so a builder must say so plainly, not count it as one record.
+    """
 
     guid: str
     message: str
+    file_break: bool = False
 
     def __str__(self) -> str:
         return f"record {self.guid}: {self.message}"
@@ -333,7 +338,8 @@ def iter_webqa(path: str | Path, errors: list[RecordError] | None = None, strict
     """Yield typed records one at a time; bad records go to ``errors`` (or raise when ``strict``).
 
     A file that breaks off (cut download, syntax error) keeps the records before the break: the break is one more
-    entry in ``errors``, named by the last record read, and a warning says the rest of the file was not read. A
+    entry in ``errors`` (``file_break=True``, "the file ends mid-record after N records"), named by the last record
+    read, and a warning says the rest of the file was not read. A
     file that breaks before its first record (not a Guid-keyed object, cut inside the first record) has nothing to
     keep: that is a ``WebQAFormatError`` naming the file, strict or not.
     """
@@ -347,10 +353,13 @@ def iter_webqa(path: str | Path, errors: list[RecordError] | None = None, strict
         except WebQAFormatError as exc:
             if strict or last is None:
                 raise
-            warnings.warn(f"{exc}; keeping the records before it ({n_read}), the rest of the file is not read",
-                          stacklevel=_caller_stacklevel())
+            where = "the file ends mid-record" if _ends_mid_object(path) else "the file breaks off (invalid JSON)"
+            message = (f"{where} after {n_read} records (the last whole one: {last}); the rest of the file is not "
+                       f"read: a cut download? Download it again ({exc})")
+            warnings.warn(f"{exc}; keeping the records before it ({n_read}), the rest of the file is not read: "
+                          f"{where}", stacklevel=_caller_stacklevel())
             if errors is not None:
-                errors.append(RecordError(f"<file after {last}>", str(exc)))
+                errors.append(RecordError(f"<file after {last}>", message, file_break=True))
             return
         last, n_read = guid, n_read + 1
         try:
@@ -360,6 +369,14 @@ def iter_webqa(path: str | Path, errors: list[RecordError] | None = None, strict
                 raise
             if errors is not None:
                 errors.append(RecordError(guid, str(exc).split(": ", 1)[-1]))
+
+
+def _ends_mid_object(path: str | Path) -> bool:
+    """Whether the file stops before its closing ``}`` (reads its last few bytes only)."""
+    with open(path, "rb") as fh:
+        fh.seek(0, 2)
+        fh.seek(max(0, fh.tell() - 64))
+        return not fh.read().rstrip().endswith(b"}")
 
 
 def read_webqa(path: str | Path, strict: bool = False) -> WebQAReadResult:
