@@ -72,12 +72,14 @@ def _add_set_option(p: argparse.ArgumentParser, help_example: str = "") -> None:
                    help=f"dotted preset override, repeatable (e.g. --set stage1.grpo.max_steps=5){help_example}")
 
 
-def resolve(args: argparse.Namespace, *, existing: str | None = None, needs_device: bool = False) -> tuple[Preset, Path]:
+def resolve(args: argparse.Namespace, *, existing: str | None = None, needs_device: bool = False,
+            for_training: bool = True) -> tuple[Preset, Path]:
     """The preset with overrides applied, and the run folder (created; with ``existing``, the commands that make it,
     it must already exist).
 
     ``needs_device``: refuse a GPU preset without a GPU (or bf16 on a T4) first, so a refused command leaves no
-    empty run folder behind and builds or overwrites no data.
+    empty run folder behind and builds or overwrites no data; ``for_training=False`` (evaluate) skips the checks only
+    TRL's trainer needs (``modeling.check_device``).
     """
     from mmrag_lite.config import resolve_preset, runs_dir, work_dir
 
@@ -94,13 +96,13 @@ def resolve(args: argparse.Namespace, *, existing: str | None = None, needs_devi
     if needs_device:
         from mmrag_lite import modeling
 
-        modeling.check_device(preset)
-    # a mistyped folder fails here: before the run folder is created, and before run_data's cache check could blame
-    # the settings of a Mini-WebQA already there
+        modeling.check_device(preset, for_training=for_training)
+    # a mistyped folder (or one without imgs.tsv + imgs.lineidx) fails here: before the run folder is created, and
+    # before run_data's cache check could blame the settings of a Mini-WebQA already there
     if getattr(args, "webqa_dir", None) is not None:
         from mmrag_lite import data
 
-        data.find_webqa_json(args.webqa_dir)
+        data.check_webqa_source(args.webqa_dir)  # the question file, and the images beside it
     return preset, work_dir(preset, args.work_dir)
 
 
@@ -153,7 +155,19 @@ def cmd_build_data(args: argparse.Namespace) -> int:
     sizes = {name: len(split) for name, split in ds.items()}
     print(f"Mini-WebQA ({preset.name}) in {wd / 'mini_webqa'}: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
     print("\n".join(funnel_lines(wd)))
+    for warning in _funnel_warnings(wd):  # e.g. a question file that ends mid-record: the counts alone hide it
+        print(f"WARNING: {warning}")
     return 0
+
+
+def _funnel_warnings(wd: Path) -> list[str]:
+    """``FunnelReport.warnings`` of the run's Mini-WebQA (none for a funnel.json from before they were recorded)."""
+    from mmrag_lite.data import FunnelReport
+
+    try:
+        return list(FunnelReport.load(wd / "mini_webqa").warnings)
+    except (OSError, ValueError, TypeError):
+        return []
 
 
 def _stage1_adapter(wd: Path) -> Path | None:
@@ -211,7 +225,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from mmrag_lite.pipeline import ModelBank
     from mmrag_lite.training import is_adapter_dir
 
-    preset, wd = resolve(args, existing="train-stage1 and train-stage2", needs_device=True)
+    preset, wd = resolve(args, existing="train-stage1 and train-stage2", needs_device=True, for_training=False)
     if args.stage1_adapter and not is_adapter_dir(args.stage1_adapter):
         raise CLIError(f"--stage1-adapter {args.stage1_adapter} holds no adapter_config.json (a PEFT adapter folder)")
     if not (args.stage1_adapter or is_adapter_dir(wd / "stage1" / "adapter")) and not args.allow_untrained:
@@ -220,7 +234,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                        "--stage1-adapter, or --allow-untrained to evaluate the untrained base model on purpose")
     run_data(args, preset, wd)  # refuses a run folder built with other settings instead of rebuilding it
     adapters = {"stage1": args.stage1_adapter} if args.stage1_adapter else None
-    bank = ModelBank(preset, wd, adapters=adapters)
+    # --allow-untrained: a hub model's missing adapters fall back to the base model too (labelled in the table)
+    bank = ModelBank(preset, wd, adapters=adapters, allow_missing_adapters=True if args.allow_untrained else None)
     report = evaluation.evaluate(preset, wd, split=args.split, n_questions=args.questions, mmqa=not args.no_mmqa,
                                  ablations=not args.no_ablations, robustness=not args.no_robustness, bank=bank,
                                  progress=not args.quiet)

@@ -7,8 +7,8 @@ What is measured (definitions live in ``metrics``; this module only orchestrates
 * **QA-FL** — BARTScore fluency; it needs BART-large-CNN, so offline it is reported as *unavailable*, and so is
   **QA** = mean(FL_i · Acc_i), which depends on it. We never substitute a made-up number.
 * **MMQA EM / F1** — DROP-style answer metrics on the MultimodalQA dev questions whose pool has images and text.
-  Offline there are no MMQA pixels (and no passage texts), so those candidates are *text-only* (titles/captions):
-  a weaker setting than the paper's; the table says so.
+  Offline there are no MMQA pixels and no passage texts, so the pools hold the image candidates only, as their
+  titles: retrieval compares the question with image titles, a weaker setting than the paper's; the table says so.
 
 Systems (``pipeline.standard_systems``): zero-shot (all candidates, or the base judge's top-k), stage 1
 only, stage 1 + stage 2, and the oracle filter (every gold candidate guaranteed in the stage-1 top-k).
@@ -898,7 +898,7 @@ def default_mmqa_questions(preset: Preset, n_webqa: int) -> int:
 
 
 def load_mmqa_rows(preset: Preset, n: int | None = None) -> tuple[list[dict[str, Any]], str]:
-    """MMQA dev image+text questions as Mini-WebQA-shaped rows (text-only candidates offline), or ``([], reason)``."""
+    """MMQA dev image+text questions as Mini-WebQA-shaped rows (offline: image titles only), or ``([], reason)``."""
     from mmrag_lite.config import shared_data_dir
 
     root = shared_data_dir()
@@ -909,9 +909,11 @@ def load_mmqa_rows(preset: Preset, n: int | None = None) -> tuple[list[dict[str,
     mm = data.load_mmqa(root / "mmqa-dev", "dev")
     rows = data.mmqa_to_rows(mm.questions, mm.images, mm.texts, qtypes=("ImageQ",), max_candidates=preset.data.max_candidates,
                              seed=preset.seed)[:n]
-    return [dict(r) for r in rows], (f"MMQA: the first {len(rows)} dev ImageQ questions (image+text pools, {preset.data.max_candidates} "
-                                      "candidates each); offline the candidates are text-only (image titles; MMQA pixels and "
-                                      "passage texts are not available here), a weaker setting than the paper's")
+    pools = ("image+text pools; images as their titles, MMQA pixels are not available here" if mm.texts else
+             "pools of image candidates only, as their titles: MMQA pixels and passage texts are not available here, "
+             "so retrieval compares the question with image titles only")
+    return [dict(r) for r in rows], (f"MMQA: the first {len(rows)} dev ImageQ questions ({pools}; "
+                                      f"{preset.data.max_candidates} candidates at most), a weaker setting than the paper's")
 
 
 class Stopwatch:
@@ -1007,7 +1009,9 @@ def evaluate(preset: Preset, work_dir: str | Path, *, split: str = "test", n_que
     with clock("load"):
         rows = load_eval_split(preset, work_dir, split, n_questions)
         bank = bank or ModelBank(preset, work_dir)
-        systems = [label_missing_adapters(s, bank) for s in systems or standard_systems(preset)]
+        systems = list(systems or standard_systems(preset))
+        bank.require_adapters(k for s in systems for k in adapters_needed(s))  # a hub model's refusal comes first
+        systems = [label_missing_adapters(s, bank) for s in systems]
         if fluency_scorer == "auto":
             fluency_scorer = auto_fluency_scorer(preset)
     with clock("systems"):
@@ -1051,11 +1055,17 @@ def evaluate(preset: Preset, work_dir: str | Path, *, split: str = "test", n_que
     return report
 
 
+def adapters_needed(system: SystemSpec) -> list[str]:
+    """The trained adapters ``system`` reads: its filter's judge and its answerer, ``stage1``/``stage2`` only."""
+    return list(dict.fromkeys(k for k in (FILTER_JUDGE.get(system.filter), system.answerer)
+                              if k in ("stage1", "stage2")))
+
+
 def label_missing_adapters(system: SystemSpec, bank: ModelBank) -> SystemSpec:
     """``system`` renamed when an adapter it needs was never trained, so its row does not pass for a trained system:
-    "stage 1 + stage 2 (no stage2 adapter: base model)". The bank falls back to the base model either way."""
-    needed = dict.fromkeys(k for k in (FILTER_JUDGE.get(system.filter), system.answerer) if k in ("stage1", "stage2"))
-    missing = [k for k in needed if bank.adapter_path(k) is None]
+    "stage 1 + stage 2 (no stage2 adapter: base model)". Only where the bank falls back to the base model (the
+    miniature, or ``allow_missing_adapters=True``); a hub model's bank refuses instead (``evaluate`` checks first)."""
+    missing = [k for k in adapters_needed(system) if bank.adapter_path(k) is None]
     if not missing:
         return system
     return replace(system, name=f"{system.name} (no {' or '.join(missing)} adapter: base model)")

@@ -275,6 +275,11 @@ class AdapterBaseMismatch(ValueError):
     """An adapter was trained on other base weights than the ones this bank loads (its deltas would be noise)."""
 
 
+class MissingAdapter(FileNotFoundError):
+    """A hub-model bank was asked for an adapter that is not there (``ModelBank(allow_missing_adapters=True)``
+    falls back to the base model instead)."""
+
+
 def base_key(name: str | Path) -> str:
     """How two base-model references are compared: a local folder by its resolved path, a hub id as written."""
     text = str(name)
@@ -406,8 +411,11 @@ class ModelBank:
     With the default loader the three share ONE base model (the adapters are loaded into it by name, and
     ``SharedWeights`` switches between them per call): a GPU holds one 4-bit copy, not three. A custom ``loader``
     is called once per weight set instead.
-    A missing adapter falls back to the base weights with a printed note (recorded in ``notes``), so a student
-    who skipped a notebook still gets a table, clearly labelled. An adapter trained on *other* base weights (its
+    A missing adapter is an error (``MissingAdapter``) for a preset that loads a hub model: on Colab each notebook
+    gets a fresh runtime, and a run folder left on another machine (not on Drive, ``MMRAG_HOME``) would otherwise
+    make notebooks 04/05 spend hours on the base model. ``allow_missing_adapters=True`` (the default for the offline
+    miniature, where it costs seconds) falls back to the base weights with a printed note (recorded in ``notes``),
+    so a student who skipped a notebook still gets a table, clearly labelled. An adapter trained on *other* base weights (its
     ``adapter_config.json`` names another base, e.g. a miniature rebuilt since) is an error, not a note: its LoRA
     deltas would be applied to weights they were never trained against. ``base_model`` (a local folder or hub id)
     overrides the preset's base, e.g. to evaluate adapters against the base they were trained on.
@@ -415,9 +423,12 @@ class ModelBank:
 
     def __init__(self, preset: Preset, work_dir: str | Path, *, loader: Callable[..., tuple[Any, Any]] | None = None,
                  adapters: Mapping[str, str | Path | None] | None = None, verbose: bool = True,
-                 base_model: str | Path | None = None) -> None:
+                 base_model: str | Path | None = None, allow_missing_adapters: bool | None = None) -> None:
         self.preset = preset
         self.work_dir = Path(work_dir)
+        # None: the miniature falls back (the course relies on it), a hub model refuses
+        self.allow_missing_adapters = (preset.model.is_miniature if allow_missing_adapters is None
+                                       else bool(allow_missing_adapters))
         self._loader = loader
         self._adapters = dict(adapters or {})
         self._base_model = None if base_model is None else str(base_model)
@@ -480,12 +491,32 @@ class ModelBank:
         self._shared = []  # replaced, not cleared: views from earlier ``get`` calls hold the old list
         release_memory()
 
+    def require_adapters(self, kinds: Iterable[ModelKind]) -> None:
+        """Refuse now, before hours of work, when an adapter a later ``get`` needs is missing and may not fall back."""
+        for which in kinds:
+            if which != "base" and self.adapter_path(which) is None and not self.allow_missing_adapters:
+                raise self._missing(which)
+
+    def _missing(self, which: ModelKind) -> MissingAdapter:
+        where = self._adapters.get(which) or self.work_dir / which / "adapter"
+        return MissingAdapter(
+            f"no {which} adapter in {where} (no adapter_config.json there). Preset {self.preset.name!r} loads "
+            f"{self.preset.model.model_id}, and the base model in its place would spend this notebook evaluating or "
+            f"training the wrong model. Train it first (notebook {'03' if which == 'stage1' else '04'}), or point at "
+            "the run folder that holds it: on Colab each notebook runs on a fresh machine, so the run folder must be "
+            "on Google Drive (the notebooks' first cell puts it there unless keep_on_drive = False; elsewhere set "
+            "os.environ['MMRAG_HOME'] to the folder that holds runs/ before importing mmrag_lite), or pass "
+            f"work_dir= / ModelBank(..., adapters={{{which!r}: <adapter folder>}}). To use the base model on "
+            "purpose: ModelBank(..., allow_missing_adapters=True) (--allow-untrained on the CLI).")
+
     def get(self, which: ModelKind) -> tuple[Any, Any]:
         key = self.resolved(which)
         if key.startswith("base"):
             key_cache = "base"
             if which != "base":
                 where = self._adapters.get(which) or self.work_dir / which / "adapter"
+                if not self.allow_missing_adapters:
+                    raise self._missing(which)
                 note = f"no {which} adapter in {where}: using the base model instead"
                 if note not in self.notes:
                     self.notes.append(note)
@@ -812,6 +843,7 @@ __all__ = [
     "FILTER_JUDGE",
     "ORACLE_SYSTEM",
     "AdapterBaseMismatch",
+    "MissingAdapter",
     "ModelBank",
     "PipelineResult",
     "SharedWeights",

@@ -96,6 +96,11 @@ def grpo_config_kwargs(preset: Preset, stage: int, output_dir: str | Path | None
         "loss_type": g.loss_type,
         "temperature": g.temperature,
         "reward_weights": list(weights),
+        # TRL samples completions in train mode, so LoRA dropout (0.05 on the GPU presets) would perturb the policy
+        # that samples, and the old/new log-probs of one completion would differ by dropout noise (trl#3000). TRL sets
+        # every nn.Dropout to p=0, peft's lora_dropout included; a no-op for cpu-tiny (LoRA dropout 0: nn.Identity,
+        # and the miniature has no nn.Dropout). So on the GPU presets lora.dropout no longer acts in GRPO.
+        "disable_dropout": True,
         # --- hardware: CPU runs in float32; GPUs in the preset's compute dtype (fp16 on a T4, bf16 elsewhere)
         "use_cpu": cpu,
         "bf16": (not cpu) and dtype == "bfloat16",
@@ -136,7 +141,7 @@ def _features(stage: int):
     return Features({
         **common, "candidate_ids": List(Value("string")), "gold_ids": List(Value("string")),
         "source_ids": List(Value("string")), "answer": Value("string"), "keywords": Value("string"),
-        "qcate": Value("string"),
+        "qcate": Value("string"), "question": Value("string"),
     })
 
 
@@ -307,6 +312,8 @@ def _stage2_row(row: Mapping[str, Any], ordered: Sequence[Mapping[str, Any]], me
         "answer": row["answer"],
         "keywords": row.get("keywords", "") or "",
         "qcate": row["qcate"],
+        # the answer reward's guards read the question's options from it (else they parse it out of TRL's prompts)
+        "question": row["question"],
         "guid": row["guid"],
     }
 
@@ -745,14 +752,16 @@ def build_trainer(
     """A ``GRPOTrainer`` for one stage: model + processor from ``modeling``, LoRA from the preset, rewards by rule.
 
     With ``init_adapter`` the model continues from a saved (trainable) adapter instead of a fresh LoRA; a ``model``
-    passed in comes with its processor and already carries whatever adapter it should continue from. The LoRA
-    weights are trained in float32 whatever the compute dtype (``keep_trainable_in_float32``). The trainer carries
-    one ``RewardCurveCallback`` (returned with it); ``plot_title`` names its figure.
+    passed in comes with its processor and already carries whatever adapter it should continue from; both get the
+    loader's fixes (TRL hands a text-only prompt's images as ``None``: ``prepare_processor``, left padding too). The
+    LoRA weights are trained in float32 whatever the compute dtype (``keep_trainable_in_float32``). The trainer
+    carries one ``RewardCurveCallback`` (returned with it); ``plot_title`` names its figure.
     """
     from transformers.trainer_callback import ProgressCallback
     from trl import GRPOTrainer
 
     from .modeling import freeze_vision_tower, load_model_and_processor, lora_config, make_model_mixed_batch_safe
+    from .modeling.common import prepare_processor
 
     if (model is None) != (processor is None):
         raise ValueError("pass model and processor together (or neither, to load both from the preset)")
@@ -765,6 +774,7 @@ def build_trainer(
     else:
         peft_config = None if hasattr(model, "peft_config") else lora_config(preset)
     make_model_mixed_batch_safe(model)  # a model passed in may come from elsewhere (idempotent)
+    prepare_processor(processor)  # the same for its processor: mixed text/image batches, left padding (idempotent)
     if preset.lora.freeze_vision:
         freeze_vision_tower(model)  # the same: no vision backward under gradient checkpointing (idempotent)
     funcs, _ = reward_funcs_for(preset, stage)
@@ -828,6 +838,47 @@ def _check_resume_settings(out: Path, preset: Preset, stage: int, checkpoint: st
                       "(which replaces this run's checkpoints).", UserWarning, stacklevel=4)
 
 
+def _lr_at(args: Any, step: int, total: int) -> float | None:
+    """The learning rate ``args``' scheduler (transformers' ``get_scheduler``, as ``Trainer`` builds it) gives at
+    ``step`` of a ``total``-step run; None for a scheduler without a per-step factor."""
+    import torch
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.get_warmup_steps(total),
+                              num_training_steps=total, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+    factors = getattr(scheduler, "lr_lambdas", None)
+    return float(args.learning_rate * factors[0](step)) if factors else None
+
+
+def _check_resume_schedule(args: Any, checkpoint: str) -> str | None:
+    """Warn (and return the message) when a run resumes with another ``max_steps`` than its checkpoint was planned for.
+
+    Why: the learning rate decays linearly to 0 over ``max_steps`` (transformers' default schedule; the presets set
+    none), and a checkpoint saves the scheduler's step, not its length: resumed with a new ``max_steps``, the schedule
+    is recomputed over the new total from the saved step. Extending a finished 300-step run to 600 steps restarts at
+    half the peak rate and decays again; the result is neither the old run nor a 600-step one.
+    """
+    try:
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+        planned, step = int(state["max_steps"]), int(state["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):  # no state to compare with: nothing to say
+        return None
+    total = int(args.max_steps)
+    if planned == total or step >= total:
+        return None
+    kind = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    before, after = _lr_at(args, step, planned), _lr_at(args, step, total)
+    rates = (f" (the learning rate at step {step} goes from {before:.3g} to {after:.3g})"
+             if before is not None and after is not None else "")
+    msg = (f"resuming {Path(checkpoint).name} of a run planned for max_steps={planned} with max_steps={total}: a "
+           f"checkpoint holds no learning-rate schedule, so the {kind} schedule is recomputed over {total} steps "
+           f"from step {step}{rates}. The {step} step(s) already trained followed the old plan; for one schedule over "
+           f"all {total} steps, train from the start (no resume).")
+    warnings.warn(msg, UserWarning, stacklevel=4)
+    return msg
+
+
 def _refuse_less_than_one_batch(trainer: Any, dataset: Any, stage: int) -> None:
     """TRL's sampler drops a partial generation batch, so fewer rows than one batch's prompts train nothing at all
     (transformers only warns at step 0), and stage 2 would then save stage 1's adapter as its own."""
@@ -880,6 +931,8 @@ def _train(stage: int, preset: Preset, dataset: Any, work_dir: str | Path, *, in
                     "the checkpoint's adapter is restored (raise max_steps to train further)")
         if checkpoint:
             _check_resume_settings(out, preset, stage, checkpoint)
+            if not note:  # training continues: say how a changed step bound changes the learning-rate schedule
+                _check_resume_schedule(trainer.args, checkpoint)
         if verbose and not note:  # a finished run's note is in the summary printed below
             print(f"resuming from {checkpoint}" if checkpoint else f"no checkpoint in {out}: starting fresh")
     if checkpoint is None and is_main_process():  # a run from its start: what a later resume compares against
@@ -934,8 +987,10 @@ def train_stage1(
 
     ``resume=True`` continues from the newest ``stage1/checkpoint-*`` (or a given checkpoint path; a fresh run first
     removes the checkpoints an earlier run left in the folder, so they are always this run's); ``max_steps``
-    overrides the preset's bound (the total step count, so resuming to a larger value trains the difference;
-    resuming a run whose checkpoint already reached it trains nothing and keeps the saved adapter, ``result.note``).
+    overrides the preset's bound (the total step count, so resuming to a larger value trains the difference, under
+    a learning-rate schedule recomputed over the new total: the linear decay restarts from the rate the new total
+    gives at the saved step, and a ``UserWarning`` says so; resuming a run whose checkpoint already reached it trains
+    nothing and keeps the saved adapter, ``result.note``).
     """
     return _train(1, preset, dataset, work_dir, init_adapter=None, resume=resume, callbacks=callbacks,
                   max_steps=max_steps, live_plot=live_plot, plot_title=plot_title, model=model, processor=processor,

@@ -10,6 +10,7 @@ import io
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .data.images import to_rgb
 from .data.webqa import QCATES as QCATE_OPTIONS
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ def _png_bytes(image: Any, size: int = 96) -> bytes | None:
             if not image.get("bytes"):
                 return None
             image = Image.open(io.BytesIO(image["bytes"]))
-        im = image.convert("RGB")
+        im = to_rgb(image)  # transparent pixels on white, as the model sees them
     except (OSError, UnidentifiedImageError):
         return None
     scale = max(1, size // max(im.size))  # small synthetic images: enlarge crisply

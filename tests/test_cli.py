@@ -420,3 +420,62 @@ def test_training_flags_reach_training_and_scoring(tmp_path, monkeypatch):
         calls["resume"].append(("stage2", resume, init_adapter))))
     assert cli.main(["train-stage2", *run, "--resume"]) == 0
     assert calls["resume"][-1] == ("stage2", True, None)
+
+
+def test_build_data_from_a_folder_without_images_says_what_to_do_and_leaves_nothing(tmp_path, capsys):
+    """The CLI cannot build a text-only Mini-WebQA, yet the error told its user to pass check_images=False; and the
+    refused run left a run folder with a .mini_webqa.lock behind. Now the message says what the CLI needs and how
+    Python builds text-only, and the refusal comes before any folder or lock is made."""
+    from mmrag_lite import data
+
+    source = data.make_world(tmp_path / "webqa", n_questions=20, seed=3, progress=False)
+    (source / "imgs.tsv").unlink()
+    run = tmp_path / "run"
+    assert cli.main(["build-data", "--preset", "cpu-tiny", "--work-dir", str(run), "--webqa-dir", str(source)]) == 2
+    err = capsys.readouterr().err
+    assert "has no imgs.tsv + imgs.lineidx" in err and "build-data command" in err and "Traceback" not in err
+    assert "build_mini_webqa(source, out_dir, filters=MiniWebQAFilters(check_images=False))" in err
+    assert not run.exists()
+
+
+def test_build_data_prints_that_the_question_file_ends_mid_record(tmp_path, capsys):
+    from mmrag_lite import data
+
+    source = data.make_world(tmp_path / "webqa", n_questions=60, seed=3, progress=False)
+    question_file = source / "WebQA_train_val.json"
+    text = question_file.read_text()
+    question_file.write_text(text[: int(len(text) * 0.9)])
+    with pytest.warns(UserWarning, match="keeping the records before it"):
+        assert cli.main(["build-data", "--preset", "cpu-tiny", "--work-dir", str(tmp_path / "run"),
+                         "--webqa-dir", str(source)]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING: WebQA_train_val.json: the file ends mid-record after" in out
+
+
+def test_evaluate_checks_the_device_for_inference_and_lets_allow_untrained_reach_the_bank(tmp_path, monkeypatch):
+    """evaluate trains nothing, so the trainer-only device checks (one GPU per process) must not refuse it; and
+    --allow-untrained is what lets a hub model's bank fall back to the base model (labelled) instead of refusing."""
+    from mmrag_lite import evaluation, modeling, pipeline
+
+    seen: dict = {}
+    monkeypatch.setattr(modeling, "check_device", lambda preset, **kw: seen.setdefault("device", kw))
+    monkeypatch.setattr(cli, "run_data", lambda *a, **k: None)
+
+    class Bank:
+        def __init__(self, preset, wd, **kw):
+            seen["bank"] = kw
+
+    class Report:
+        def markdown(self):
+            return "table"
+
+    monkeypatch.setattr(pipeline, "ModelBank", Bank)
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: Report())
+    (tmp_path / "stage1").mkdir()
+    args = ["evaluate", "--preset", "cpu-tiny", "--work-dir", str(tmp_path), "--no-mmqa"]
+    assert cli.main(args + ["--allow-untrained"]) == 0
+    assert seen["device"] == {"for_training": False} and seen["bank"]["allow_missing_adapters"] is True
+    (tmp_path / "stage1" / "adapter").mkdir()
+    (tmp_path / "stage1" / "adapter" / "adapter_config.json").write_text("{}")
+    assert cli.main(args) == 0
+    assert seen["bank"]["allow_missing_adapters"] is None  # the bank's own default: the miniature falls back

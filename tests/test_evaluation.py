@@ -607,6 +607,22 @@ def test_rows_of_untrained_systems_say_they_ran_the_base_model(tmp_path):
     assert [E.label_missing_adapters(s, bank) for s in standard_systems(preset)] == standard_systems(preset)
 
 
+def test_evaluate_refuses_a_hub_model_without_its_adapters_before_any_system_runs(tmp_path, monkeypatch):
+    """On a GPU preset the zero-shot row alone takes a long while: a missing adapter must stop the run first."""
+    from mmrag_lite.config import get_preset
+    from mmrag_lite.pipeline import MissingAdapter, ModelBank
+
+    ran = []
+    monkeypatch.setattr(E, "load_eval_split", lambda *a, **k: ROWS)
+    monkeypatch.setattr(E, "run_systems", lambda *a, **k: ran.append(a) or {})
+    t4 = get_preset("colab-t4")
+    with pytest.raises(MissingAdapter, match="no stage1 adapter"):
+        E.evaluate(t4, tmp_path, bank=ModelBank(t4, tmp_path, verbose=False), mmqa=False, write=False)
+    assert ran == []
+    assert E.adapters_needed(E.standard_systems(t4)[0]) == []  # zero-shot reads no adapter
+    assert E.adapters_needed(E.standard_systems(t4)[3]) == ["stage1", "stage2"]
+
+
 def test_ablation_variants_never_leave_stage_two_without_a_paid_reward():
     from mmrag_lite.config import get_preset
 

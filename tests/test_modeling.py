@@ -229,6 +229,52 @@ def test_bf16_check_uses_compute_capability_not_emulation(monkeypatch: pytest.Mo
             M.check_device(get_preset("l4"))
 
 
+def test_training_with_several_gpus_in_one_process_is_refused_before_the_download(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kaggle's 2x T4: TRL refuses the nn.DataParallel that Trainer would use, but only after the 4-bit load."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(M.ModelLoadError, match=r"2 GPUs.*CUDA_VISIBLE_DEVICES=0.*accelerate launch.*multi-gpu\.md"):
+        M.check_device(get_preset("colab-t4"))
+
+    def no_download(*a, **k):
+        raise AssertionError("from_pretrained reached")
+
+    monkeypatch.setattr("transformers.AutoModelForImageTextToText.from_pretrained", no_download)
+    with pytest.raises(M.ModelLoadError, match="CUDA_VISIBLE_DEVICES=0"):
+        M.load_model_and_processor(get_preset("colab-t4"), for_training=True)
+    M.check_device(get_preset("colab-t4"), for_training=False)  # scoring and evaluation run on GPU 0
+    M.check_device(PRESET)  # the miniature trains on the CPU
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under accelerate launch: one process per GPU
+    M.check_device(get_preset("colab-t4"))
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    M.check_device(get_preset("colab-t4"))
+
+
+def test_qwen25_vl_in_float16_is_warned_about(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Qwen2.5-VL overflows fp16 (vllm#13817); colab-t4's Qwen2-VL in fp16 and a100's Qwen2.5-VL in bf16 are fine."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(loading, "cuda_native_bf16", lambda *a: True)
+    t4_qwen25 = get_preset("colab-t4").with_overrides(**{"model.model_id": "Qwen/Qwen2.5-VL-3B-Instruct"})
+    a100_on_t4 = get_preset("a100").with_overrides(**{"model.compute_dtype": "float16"})
+    for preset in (t4_qwen25, a100_on_t4):
+        with pytest.warns(RuntimeWarning, match=r"Qwen2\.5-VL.*float16.*13817.*bfloat16"):
+            M.check_device(preset)
+    local = tmp_path / "my-vlm"  # a local folder is read by its config.json, whatever its name
+    local.mkdir()
+    (local / "config.json").write_text('{"model_type": "qwen2_5_vl"}')
+    with pytest.warns(RuntimeWarning, match="Qwen2.5-VL"):
+        M.check_device(get_preset("colab-t4"), model_path=local)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        M.check_device(get_preset("colab-t4"))  # the T4 default, Qwen2-VL-2B: unaffected
+        M.check_device(get_preset("a100"))  # Qwen2.5-VL in bf16
+        M.check_device(PRESET)
+
+
 def test_4bit_on_cuda_needs_a_working_nf4_round_trip(monkeypatch: pytest.MonkeyPatch) -> None:
     """A bitsandbytes whose CUDA library failed to load still imports; the probe must catch it before loading."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -383,6 +429,8 @@ def test_prepare_image_fixed_square_rgb() -> None:
     img = M.prepare_image(Image.new("L", (91, 40), 128), PRESET)
     assert img.size == (56, 56) and img.mode == "RGB"
     assert M.prepare_image(None, PRESET) is None
+    cut_out = Image.new("RGBA", (28, 28), (0, 0, 0, 0))  # a logo's transparent background, black under the alpha
+    assert M.prepare_image(cut_out, 28).getpixel((0, 0)) == (255, 255, 255)  # the model sees white, not black
     assert [i.size for i in M.prepare_images([_img((1, 2, 3), (10, 30)), None], 28)] == [(28, 28)]
 
 

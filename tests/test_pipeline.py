@@ -516,6 +516,32 @@ def test_adapter_trained_on_another_base_is_refused_with_what_to_do(tmp_path):
         P.ModelBank(t4, tmp_path / "hub", loader=_recording_loader(calls), verbose=False).get("stage2")
 
 
+def test_a_missing_adapter_of_a_hub_model_is_an_error_unless_allowed(tmp_path, capsys):
+    """On Colab each notebook gets a fresh runtime: a run folder not on Drive leaves notebooks 04/05 without the
+    adapters, and falling back to the base model would spend hours on the wrong model. The miniature still falls back."""
+    calls = []
+    t4 = get_preset("colab-t4")
+    bank = P.ModelBank(t4, tmp_path, loader=_recording_loader(calls), verbose=False)
+    bank.get("base")  # the base model itself is never missing
+    for which in ("stage1", "stage2"):
+        with pytest.raises(P.MissingAdapter) as err:
+            bank.get(which)
+        msg = str(err.value)
+        assert str(tmp_path / which / "adapter") in msg and "MMRAG_HOME" in msg and "allow_missing_adapters=True" in msg
+    assert [c["adapter_path"] for c in calls] == [None]  # nothing but the base was loaded
+    allowed = P.ModelBank(t4, tmp_path, loader=_recording_loader(calls), verbose=False, allow_missing_adapters=True)
+    allowed.get("stage2")
+    assert allowed.notes == [f"no stage2 adapter in {tmp_path / 'stage2' / 'adapter'}: using the base model instead"]
+    _fake_adapter(tmp_path / "stage1" / "adapter", t4.model.model_id)
+    P.ModelBank(t4, tmp_path, loader=_recording_loader(calls), verbose=False).get("stage1")  # present: loads
+    assert calls[-1]["adapter_path"] == tmp_path / "stage1" / "adapter"
+    tiny = P.ModelBank(PRESET, tmp_path / "tiny", loader=_recording_loader(calls))  # the course relies on this
+    tiny.get("stage2")
+    assert tiny.resolved("stage2") == "base (stage2 adapter missing)" and "using the base model" in capsys.readouterr().out
+    with pytest.raises(P.MissingAdapter):
+        P.ModelBank(PRESET, tmp_path / "tiny", loader=_recording_loader(calls), allow_missing_adapters=False).get("stage2")
+
+
 def test_saved_scores_are_keyed_on_the_judge_adapter_and_base(tmp_path):
     adapter = _fake_adapter(tmp_path / "stage1" / "adapter", P.preset_base_model(PRESET))
     bank = P.ModelBank(PRESET, tmp_path, verbose=False)

@@ -111,6 +111,40 @@ def test_every_grpo_knob_of_the_preset_reaches_the_config(stage: int) -> None:
         assert kw[f.name] == getattr(g, f.name), f.name
 
 
+@pytest.mark.parametrize("name", ["cpu-tiny", "colab-t4", "l4", "a100"])
+def test_grpo_samples_and_scores_without_dropout(name: str, tmp_path: Path) -> None:
+    """TRL samples completions in train mode: LoRA dropout (0.05 on the GPU presets) would perturb the sampling
+    policy and the log-probs of its own samples (trl#3000). TRL's switch zeroes every nn.Dropout, LoRA's included."""
+    kw = training.grpo_config_kwargs(get_preset(name), 1)
+    assert kw["disable_dropout"] is True
+    if name == "cpu-tiny":  # GPU configs cannot be built on a CPU box (fp16/bf16 device checks)
+        from trl import GRPOConfig
+
+        assert GRPOConfig(**{**kw, "output_dir": str(tmp_path)}).disable_dropout
+
+
+def test_disabling_dropout_is_a_no_op_for_cpu_tiny_and_zeroes_lora_dropout(tiny_dir: Path, tmp_path: Path) -> None:
+    """cpu-tiny's recorded results must not move: its LoRA dropout is 0 (nn.Identity) and the miniature has no
+    nn.Dropout at all. With a GPU preset's LoRA dropout, the trainer's LoRA dropout layers end up at p=0."""
+    from peft import get_peft_model
+    from trl.trainer.utils import disable_dropout_in_model
+
+    assert PRESET.lora.dropout == 0.0
+    model, proc = _load(tiny_dir)
+    model = get_peft_model(model, modeling.lora_config(PRESET))
+    assert not [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]  # nothing for TRL to change
+    assert model.base_model.model.config.text_config.attention_dropout == 0.0  # functional, untouched by TRL anyway
+    disable_dropout_in_model(model)
+    assert not [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+
+    dropped = PRESET.with_overrides(**FAST, **{"lora.dropout": 0.05})
+    ds = training.build_stage1_dataset(mini_rows(), dropped, seed=0)
+    model, proc = _load(tiny_dir)
+    trainer, _ = training.build_trainer(dropped, 1, ds, tmp_path, model=model, processor=proc)
+    lora = [m for n, m in trainer.model.named_modules() if "lora_dropout" in n and isinstance(m, torch.nn.Dropout)]
+    assert lora and all(m.p == 0 for m in lora)
+
+
 # ------------------------------------------------------------------------------------------------ stage 1 data
 def test_stage1_dataset_is_balanced_and_follows_the_contract() -> None:
     rows = mini_rows()
@@ -156,6 +190,30 @@ def test_stage2_dataset_permutes_and_maps_gold_short_ids(processor) -> None:
     _, cap_report = training.build_stage2_dataset(rows, capped, processor=processor, seed=0)
     assert cap_report.questions_used == 2 and cap_report.split_questions == len(rows)
     assert f"read the first 2 of the split's {len(rows)} questions: max_examples={2 * perms}" in str(cap_report)
+
+
+def test_stage2_rows_carry_the_question_and_the_answer_reward_is_unchanged(processor) -> None:
+    """The answer reward's guards read the question's options; a ``question`` column saves parsing it from TRL's
+    prompts and must give the same rewards (cpu-tiny's recorded figures depend on them)."""
+    rows = mini_rows(4)
+    rows[0] = {**rows[0], "question": "Is place 0 red or blue?", "qcate": "choose", "answer": "Place 0 is red.",
+               "keywords": "red"}
+    ds, _ = training.build_stage2_dataset(rows, PRESET, processor=processor, seed=0)
+    by_guid = {r["guid"]: r["question"] for r in rows}
+    assert ds["question"] == [by_guid[g] for g in ds["guid"]]
+    funcs, _ = training.reward_funcs_for(PRESET, 2)
+    answer = next(f for f in funcs if f.__name__ == "answer")
+    think = "<think>so</think>" if PRESET.stage2.reasoning else ""
+    said = ["red", "red or blue", "Is place 0 red or blue?", "blue", "green"]
+    for ex in (ex for ex in ds if ex["guid"] in ("g0", "g1")):
+        completions = [[{"role": "assistant", "content": f"{think}<sources>D1</sources><answer>{a}</answer>"}]
+                       for a in said]
+        columns = {k: [v] * len(said) for k, v in ex.items() if k not in ("prompt", "images")}
+        with_column = answer(completions, prompts=[ex["prompt"]] * len(said), **columns)
+        columns.pop("question")
+        assert answer(completions, prompts=[ex["prompt"]] * len(said), **columns) == with_column
+        if ex["guid"] == "g0":  # the choose guard is at work: naming both options is worth less than the answer
+            assert with_column[1] < with_column[0] and with_column[0] > 0
 
 
 def test_stage2_dataset_uses_kept_ids_and_counts_missing(processor) -> None:
@@ -473,6 +531,33 @@ def test_what_counts_as_a_changed_setting_on_resume() -> None:
     assert training.changed_on_resume(base, changed, 2)["stage2.weights.answer"] == (base["stage2"]["weights"]["answer"], 2.0)
 
 
+def test_resuming_with_another_max_steps_says_the_lr_schedule_is_recomputed(tiny_dir: Path, tmp_path: Path,
+                                                                           varied_rewards: None) -> None:
+    """The linear decay runs over max_steps and a checkpoint saves no schedule: extending a run restarts the decay
+    from the new total's rate at the saved step. Not silent; resuming an interrupted run as planned says nothing."""
+    preset = PRESET.with_overrides(**FAST)
+    ds = training.build_stage1_dataset(mini_rows(), preset, seed=0)
+    model, proc = _load(tiny_dir)
+    training.train_stage1(preset, ds, tmp_path, max_steps=2, model=model, processor=proc, verbose=False,
+                          callbacks=[_StopAfter(1)])  # interrupted after step 1 of 2
+    assert training.last_checkpoint(tmp_path / "stage1") == tmp_path / "stage1" / "checkpoint-1"
+    model, proc = _load(tiny_dir)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        training.train_stage1(preset, ds, tmp_path, max_steps=2, resume=True, model=model, processor=proc,
+                              verbose=False)
+    assert not [w for w in seen if "schedule" in str(w.message)]  # the same plan: the same schedule
+    model, proc = _load(tiny_dir)
+    lr = preset.stage1.grpo.learning_rate
+    # linear decay: the old plan is at 0 after step 2 of 2, the new one at half the peak (step 2 of 4)
+    with pytest.warns(UserWarning, match=rf"planned for max_steps=2 with max_steps=4.*linear schedule is recomputed "
+                                         rf"over 4 steps from step 2 \(the learning rate at step 2 goes from 0 to "
+                                         rf"{lr / 2:.3g}\)"):
+        res = training.train_stage1(preset, ds, tmp_path, max_steps=4, resume=True, model=model, processor=proc,
+                                    verbose=False, callbacks=[_StopAfter(3)])
+    assert res.global_step == 3
+
+
 def test_resuming_a_finished_run_replaces_an_earlier_runs_adapter_and_log(tiny_dir: Path, tmp_path: Path,
                                                                           varied_rewards: None) -> None:
     # a fresh run replaces the folder's adapter and log only when it ends: killed after its last checkpoint, the
@@ -565,6 +650,28 @@ def test_build_trainer_makes_a_model_from_elsewhere_read_empty_vision_inputs(tin
     ds = training.build_stage1_dataset(mini_rows(), PRESET.with_overrides(**FAST), seed=0)
     trainer, _ = training.build_trainer(PRESET.with_overrides(**FAST), 1, ds, tmp_path, model=raw, processor=processor)
     assert any(getattr(m, "_mmrag_empty_vision_safe", False) for m in trainer.model.modules())
+
+
+def test_build_trainer_makes_a_processor_from_elsewhere_read_mixed_batches_and_pad_left(tiny_dir: Path,
+                                                                                        tmp_path: Path) -> None:
+    """TRL hands a text-only prompt's images as None, which a plain processor rejects (TypeError), and batched
+    generation needs left padding: a processor passed in gets the loader's fixes too."""
+    from transformers import AutoProcessor
+
+    raw = AutoProcessor.from_pretrained(tiny_dir)  # not through the course's loader
+    raw.tokenizer.padding_side = "right"
+    image = Image.new("RGB", (56, 56), COLOURS["red"])
+    texts = ["<|vision_start|><|image_pad|><|vision_end|>an image", "text only"]
+    with pytest.raises(TypeError):
+        raw(text=texts, images=[[image], None], padding=True, return_tensors="pt")
+    model, _ = _load(tiny_dir)
+    preset = PRESET.with_overrides(**FAST)
+    ds = training.build_stage1_dataset(mini_rows(), preset, seed=0)
+    trainer, _ = training.build_trainer(preset, 1, ds, tmp_path, model=model, processor=raw)
+    proc = trainer.processing_class
+    assert proc.tokenizer.padding_side == "left" and proc.tokenizer.pad_token is not None
+    enc = proc(text=texts, images=[[image], None], padding=True, return_tensors="pt")
+    assert enc["input_ids"].shape[0] == 2 and enc["attention_mask"][1, 0] == 0  # the short row is padded on the left
 
 
 def test_stage2_init_adapter_follows_the_preset(tmp_path: Path) -> None:

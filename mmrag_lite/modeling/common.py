@@ -2,7 +2,8 @@
 
 The processor fixes live here because both the loader and the miniature's warm-up feed the same processor:
 
-* TRL GRPO batches mixing text-only and image prompts  -> ``make_mixed_batch_safe`` (``None`` image lists -> ``[]``);
+* TRL GRPO batches mixing text-only and image prompts  -> ``make_mixed_batch_safe`` (``None`` image lists -> ``[]``),
+                                                           with left padding: ``prepare_processor``;
 * a GRPO micro-batch of text-only rows cut from a batch with images (TRL hands the model *empty* ``pixel_values``)
                                                         -> ``make_model_mixed_batch_safe`` (empty vision inputs -> none);
 * a prompt cut through its image tokens (or a placeholder token in plain text)
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 
 from ..config import Preset, get_preset
+from ..data.images import to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +106,8 @@ def prepare_image(img: Any, preset: Preset | str | int) -> Any:
         return None
     if not isinstance(img, Image.Image):
         img = Image.fromarray(img) if hasattr(img, "__array__") else img
-    if img.mode != "RGB":
-        img = img.convert("RGB")
+    if img.mode != "RGB" or "transparency" in img.info:
+        img = to_rgb(img)  # transparent pixels on white: a plain convert("RGB") turns most of them black
     if img.size != (size, size):
         img = img.resize((size, size), Image.BICUBIC)
     return img
@@ -160,6 +162,28 @@ def make_mixed_batch_safe(processor: Any) -> Any:
         safe = type(cls.__name__, (_MixedBatchSafe, cls), {"__module__": cls.__module__, "__doc__": cls.__doc__})
         _SAFE_CLASSES[cls] = safe
     processor.__class__ = safe
+    return processor
+
+
+def prepare_processor(processor: Any) -> Any:
+    """The processor fixes every path needs, in place (idempotent); returns ``processor``.
+
+    Why one helper: ``load_processor`` and ``training.build_trainer`` (for a processor passed in, e.g. a plain
+    ``AutoProcessor.from_pretrained``) must agree. It makes mixed text-only/image batches safe (TRL passes ``None``
+    for a text-only prompt's images) and pads on the left with a pad token: batched generation continues each row
+    from its last prompt token, which right padding would put behind pad tokens.
+    """
+    make_mixed_batch_safe(processor)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if getattr(tokenizer, "padding_side", "left") != "left":
+        logger.info("processor tokenizer padding_side %r -> 'left' (batched generation)", tokenizer.padding_side)
+        tokenizer.padding_side = "left"
+    if getattr(tokenizer, "pad_token", None) is None:
+        eos = getattr(tokenizer, "eos_token", None)
+        if eos is None:
+            raise ModelLoadError(f"the processor's tokenizer ({type(tokenizer).__name__}) has neither a pad nor an eos "
+                                 "token: batched prompts cannot be padded. Set tokenizer.pad_token first")
+        tokenizer.pad_token = eos
     return processor
 
 

@@ -3,6 +3,9 @@
 Known traps get a clear message instead of a stack trace deep in a forward pass:
 
 * bf16 asked for on a GPU without bf16 (T4)            -> ``ModelLoadError`` saying use float16 / ``colab-t4``;
+* training with several GPUs visible to one process     -> ``ModelLoadError`` (TRL refuses ``nn.DataParallel``), before
+  (Kaggle's 2x T4)                                         the download: set ``CUDA_VISIBLE_DEVICES=0`` or ``accelerate launch``;
+* Qwen2.5-VL in float16 (a T4)                          -> ``RuntimeWarning``: known garbage/NaN output (vllm#13817);
 * 4-bit asked for where bitsandbytes cannot run it      -> logged warning, full-precision load, ``model.mmrag_quantized = False``;
 * a float32 ``lm_head`` (``prepare_model_for_kbit_training`` upcasts it) fed fp16/bf16 hidden states
                                                         -> inputs to ``lm_head`` are cast to its dtype (logged).
@@ -11,8 +14,10 @@ Known traps get a clear message instead of a stack trace deep in a forward pass:
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
+import re
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -26,9 +31,9 @@ from .common import (
     ModelLoadError,
     as_preset,
     freeze_vision_tower,
-    make_mixed_batch_safe,
     make_model_mixed_batch_safe,
     miniature_progress_off,
+    prepare_processor,
     set_pixel_budget,
     torch_dtype,
 )
@@ -41,8 +46,12 @@ logger = logging.getLogger(__name__)
 
 
 # =============================================================================================== device
-def check_device(preset: Preset | str) -> None:
-    """Fail early, with advice, when the preset cannot run on this machine (before any download)."""
+def check_device(preset: Preset | str, *, for_training: bool = True, model_path: str | Path | None = None) -> None:
+    """Fail early, with advice, when the preset cannot run on this machine (before any download).
+
+    ``for_training=False`` (scoring, evaluation) skips the one check only TRL's trainer needs (a single visible GPU
+    outside ``accelerate launch``); ``model_path`` is the folder the weights will come from, when not the preset's.
+    """
     preset = as_preset(preset)
     ms = preset.model
     if not ms.is_miniature and not torch.cuda.is_available():
@@ -62,6 +71,49 @@ def check_device(preset: Preset | str) -> None:
             f"{major}.{minor}) has no bfloat16 support (e.g. a T4, 7.5; bf16 needs 8.0+). Use float16 instead: "
             "preset='colab-t4', or override model.compute_dtype='float16'."
         )
+    if for_training and not ms.is_miniature and torch.cuda.is_available() and torch.cuda.device_count() > 1 \
+            and "WORLD_SIZE" not in os.environ:
+        # one process with several GPUs: Trainer wraps the model in nn.DataParallel, which TRL's GRPOTrainer refuses,
+        # but only after the download and the 4-bit load; the loader puts the whole model on GPU 0 anyway
+        raise ModelLoadError(
+            f"{torch.cuda.device_count()} GPUs are visible to this single process (e.g. Kaggle's 2x T4), and TRL's "
+            "GRPOTrainer refuses the nn.DataParallel that transformers' Trainer would then use. Either train on one "
+            "GPU: set CUDA_VISIBLE_DEVICES=0 before torch is imported (first cell of the notebook: "
+            "import os; os.environ['CUDA_VISIBLE_DEVICES'] = '0'; or restart the runtime and do it first), or train "
+            "on all of them, one process each, with the CLI under `accelerate launch` (docs/multi-gpu.md)."
+        )
+    if ms.compute_dtype == "float16" and _model_type(preset, model_path) == "qwen2_5_vl":
+        msg = (f"preset {preset.name!r} runs {ms.model_id} (Qwen2.5-VL) with float16 compute: Qwen2.5-VL is known to "
+               "produce garbage or NaN outputs in float16, its activations overflow fp16's range (vllm-project/vllm"
+               "#13817; the 4-bit path keeps only embeddings, norms and lm_head in float32). Use a GPU with bfloat16 "
+               "(compute capability 8.0+: preset='l4' or 'a100'), or Qwen2-VL on a T4 (preset='colab-t4').")
+        logger.warning(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+
+
+_QWEN25_VL_ID = re.compile(r"qwen2\.5-vl|qwen2_5_vl", re.IGNORECASE)
+
+
+def _model_type(preset: Preset | str, model_path: str | Path | None = None) -> str | None:
+    """The transformers ``model_type`` the preset will load, known without a download: a local folder's
+    ``config.json``, else read from the hub id (Qwen2-VL / Qwen2.5-VL names); None when it cannot tell."""
+    preset = as_preset(preset)
+    ms = preset.model
+    if ms.is_miniature and model_path is None:
+        return "qwen2_vl"  # the miniature is a Qwen2-VL
+    source = Path(model_path) if model_path is not None else Path(ms.model_id)
+    config = source / "config.json"
+    if config.is_file():
+        try:
+            return json.loads(config.read_text(encoding="utf-8")).get("model_type")
+        except (OSError, ValueError):
+            return None
+    name = str(model_path if model_path is not None else ms.model_id)
+    if _QWEN25_VL_ID.search(name):
+        return "qwen2_5_vl"
+    if re.search(r"qwen2-vl|qwen2_vl", name, re.IGNORECASE):
+        return "qwen2_vl"
+    return None
 
 
 def can_load_in_4bit(device: str) -> tuple[bool, str]:
@@ -163,7 +215,9 @@ def _align_lm_head(model: torch.nn.Module, compute_dtype: torch.dtype) -> str | 
     return their input's dtype, so hidden states reach ``lm_head`` in float32. A float32 ``lm_head`` fed half-precision
     activations by any other path would stop at the last matmul with ``expected mat1 and mat2 to have the same
     dtype``; casting the head's *input* avoids that without touching the quantised layers. It does not make logits
-    float32 under the Trainer's half-precision autocast; that is TRL's ``GRPOConfig(cast_lm_head_to_fp32=...)``.
+    float32 under the Trainer's half-precision autocast. TRL's ``GRPOConfig(cast_lm_head_to_fp32=True)`` is no switch
+    for that here: TRL supports it only with untied embeddings (``tie_word_embeddings=False``), and both GPU presets'
+    models (Qwen2-VL-2B, Qwen2.5-VL-3B) tie ``lm_head`` to the input embedding.
     TRL 1.16's GRPO loss never calls ``lm_head``: its chunked log-prob reads ``lm_head.weight`` and casts both sides
     to the autocast dtype itself, so there the hook is idle.
     """
@@ -216,7 +270,8 @@ def _upcast_for_fp16_inference(model: torch.nn.Module) -> str | None:
     residual stream runs in float32 while the 4-bit matmuls compute in fp16. Loaded for inference without it, the
     whole model would run in fp16, where Qwen2(-VL) activations are known to overflow (NaN logits, "!!!!" output;
     transformers#33294), and the same adapter would score differently in training and evaluation. bf16 has
-    float32's range and needs none of this.
+    float32's range and needs none of this; so a bf16 inference model keeps those weights in bf16 while training has
+    them in float32, and stage-1 scores can differ slightly between the trained model and a re-load (docs/modeling.md).
     """
     moved = 0
     for param in model.parameters():
@@ -267,7 +322,7 @@ def load_model_and_processor(
     preset = as_preset(preset)
     ms = preset.model
     tiny = ms.is_miniature
-    check_device(preset)
+    check_device(preset, for_training=for_training, model_path=model_path)
     source = str(model_path) if model_path else (str(ensure_tiny_vlm(preset)) if tiny else ms.model_id)
     device = "cuda" if (torch.cuda.is_available() and not tiny) else "cpu"
     dtype = torch_dtype(ms.compute_dtype)
@@ -347,12 +402,7 @@ def load_processor(preset: Preset | str, source: str | Path | None = None) -> An
         source = ensure_tiny_vlm(preset) if ms.is_miniature else ms.model_id
     processor = AutoProcessor.from_pretrained(str(source))
     set_pixel_budget(processor, ms.min_pixels, ms.max_pixels)
-    make_mixed_batch_safe(processor)
-    tokenizer = getattr(processor, "tokenizer", processor)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return processor
+    return prepare_processor(processor)
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
