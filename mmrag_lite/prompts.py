@@ -50,9 +50,11 @@ class Tags:
 DEFAULT_TAGS = Tags()
 
 # templates: {reasoning} takes the hint (or ""), the tag fields come from ``Tags.fields``
-STAGE1_SYSTEM = "You judge whether a document helps answer a question. {reasoning}{verdict}"
-STAGE1_VERDICT = "give your verdict as {answer_open}yes{answer_close} or {answer_open}no{answer_close}."
-STAGE1_REASONING_HINT = "First think briefly inside {think_open}{think_close}. Then "  # the verdict follows it
+STAGE1_SYSTEM = (
+    "You judge whether a document helps answer a question. "
+    "{reasoning}Then give your verdict as {answer_open}yes{answer_close} or {answer_open}no{answer_close}."
+)
+STAGE1_REASONING_HINT = "First think briefly inside {think_open}{think_close}. "
 
 STAGE2_SYSTEM = (
     "You answer a question using the documents D1..D{k}. {reasoning}"
@@ -86,13 +88,8 @@ def _system(template: str, hint: str, reasoning: bool, tags: Tags, **extra: Any)
 
 
 def stage1_system(*, reasoning: bool = True, tags: Tags = DEFAULT_TAGS) -> str:
-    """The stage-1 system prompt: what to judge and the format to write.
-
-    Without the reasoning hint the verdict sentence stands alone ("Give your verdict ..."), not "Then give ...".
-    """
-    verdict = STAGE1_VERDICT.format(**tags.fields())
-    return _system(STAGE1_SYSTEM, STAGE1_REASONING_HINT, reasoning, tags,
-                   verdict=verdict if reasoning else verdict[0].upper() + verdict[1:])
+    """The stage-1 system prompt: what to judge and the format to write."""
+    return _system(STAGE1_SYSTEM, STAGE1_REASONING_HINT, reasoning, tags)
 
 
 def stage2_system(k: int, *, reasoning: bool = True, tags: Tags = DEFAULT_TAGS) -> str:

@@ -110,16 +110,6 @@ def test_renamed_tags_reach_the_prompts_too():
     assert "<sources></sources>" in default and "<think>" not in default  # no hint without reasoning
 
 
-def test_stage1_system_prompt_reads_as_one_instruction_with_or_without_reasoning():
-    """The no-reasoning prompt (the one scoring reads) asks for the verdict outright, not "Then give ..."."""
-    from mmrag_lite.prompts import stage1_system
-
-    bare, hinted = stage1_system(reasoning=False), stage1_system(reasoning=True)
-    assert "Then" not in bare and "<think>" not in bare
-    assert bare.endswith("Give your verdict as <answer>yes</answer> or <answer>no</answer>.")
-    assert "<think></think>. Then give your verdict as <answer>yes</answer>" in hinted
-
-
 # ----------------------------------------------------------------------------------------------- stage 2
 @pytest.mark.parametrize("reasoning", [True, False])
 def test_stage2_round_trips_the_prompt_contract(reasoning):
