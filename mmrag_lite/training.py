@@ -636,13 +636,26 @@ def component_trends(log_history: Sequence[Mapping[str, Any]],
     return out
 
 
+# What TRL logs beside the rewards that says why a curve may not move: a group whose completions all earn one reward
+# has no advantage, so it teaches nothing; a completion cut at max_completion_length misses its closing tags.
+GRPO_DIAGNOSTICS = {
+    "frac_reward_zero_std": ("no signal", "share of groups whose completions all earned one reward: no gradient"),
+    "completions/clipped_ratio": ("cut off", "share of completions cut at max_completion_length"),
+}
+
+
 def describe_trends(log_history: Sequence[Mapping[str, Any]], fraction: float = REWARD_WINDOW_FRACTION) -> str:
-    """``component_trends`` as lines a notebook prints under its reward curves."""
+    """``component_trends`` as lines a notebook prints under its reward curves, then ``GRPO_DIAGNOSTICS``'s."""
     trends = component_trends(log_history, fraction)
     if not trends:
         return "no reward logged"
     lines = [f"{name:>10}: first {first:.3f} -> last {last:.3f}" for name, (first, last) in trends.items()]
-    return "\n".join([*lines, f"(means over the first / last {fraction:.0%} of logged steps)"])
+    lines.append(f"(means over the first / last {fraction:.0%} of logged steps)")
+    for key, (label, meaning) in GRPO_DIAGNOSTICS.items():
+        first, last = reward_trend(log_history, fraction, key)
+        if first is not None and last is not None:
+            lines.append(f"{label:>10}: first {first:.3f} -> last {last:.3f}  ({meaning})")
+    return "\n".join(lines)
 
 
 def load_log_history(work_dir: str | Path, stage: int) -> list[dict[str, Any]]:

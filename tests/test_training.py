@@ -293,6 +293,12 @@ def test_reward_curve_callback_reads_components_and_trend() -> None:
     text = training.describe_trends(per_component)
     assert "    format: first 0.056 -> last 0.944" in text and "first / last 20%" in text
     assert training.describe_trends([]) == "no reward logged"
+    assert "no signal" not in text  # a history without TRL's diagnostics prints none
+    diagnosed = [{**e, "frac_reward_zero_std": 1.0 - i / 9, "completions/clipped_ratio": 0.25} for i, e in
+                 enumerate(per_component)]
+    lines = training.describe_trends(diagnosed).splitlines()
+    assert lines[-2].startswith(" no signal: first 0.944 -> last 0.056  (share of groups")
+    assert lines[-1].startswith("   cut off: first 0.250 -> last 0.250  (share of completions cut")
 
 
 # ------------------------------------------------------------------------------------------------ GRPO runs
