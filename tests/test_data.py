@@ -1505,6 +1505,7 @@ def test_a_cut_question_file_is_named_plainly_in_the_funnel(tmp_path):
         dd, report = D.build_mini_webqa(source, tmp_path / "out", filters=NO_IMAGES, progress=False)
     n = report.steps[0].kept
     assert 30 <= n < 40 and sum(len(v) for v in dd.values()) == report.n_kept
+    assert report.steps[0].before == n and report.steps[0].removed == 0  # the break is no record in the counts
     assert len(report.warnings) == 1
     assert re.match(rf"WebQA_train_val.json: the file ends mid-record after {n} records \(the last whole one: g{n}\)",
                     report.warnings[0])
@@ -1543,25 +1544,8 @@ def test_a_mostly_missing_truncated_image_is_refused():
         D.load_image_bytes(png[: png.index(b"IDAT") + 400], 7)  # the margin and a row of the picture
 
 
-def test_a_refused_first_build_leaves_no_lock_file(tmp_path, monkeypatch):
-    """The lock beside the run's mini_webqa is removed when the first build in that folder fails (it was ours and
-    guards nothing); one that guards an existing Mini-WebQA stays."""
-    source = write_webqa(tmp_path / "webqa", questions(12))
-    write_store(source, {30000000 + i: _png() for i in range(13)})  # row = id % 10,000,000
-
-    def refused(*_a, **_k):
-        raise D.MiniWebQABuildError("refused")
-
-    monkeypatch.setattr(mini, "build_mini_webqa", refused)
-    with pytest.raises(D.MiniWebQABuildError, match="refused"):
-        D.ensure_mini_webqa("cpu-tiny", tmp_path / "run", webqa_dir=source)
-    assert _names(tmp_path / "run") == []
-    monkeypatch.undo()
-    D.ensure_mini_webqa("cpu-tiny", tmp_path / "run", webqa_dir=source)
-    monkeypatch.setattr(mini, "build_mini_webqa", refused)
-    with pytest.raises(D.MiniWebQABuildError, match="refused"):
-        D.ensure_mini_webqa("cpu-tiny", tmp_path / "run", webqa_dir=source, force=True)
-    assert (tmp_path / "run" / "mini_webqa" / "dataset_dict.json").is_file()
+def test_a_source_without_images_is_refused_before_the_run_folder_exists(tmp_path):
+    """ensure_mini_webqa checks the source before it makes the run folder or takes its lock: nothing is left behind."""
     without_images = write_webqa(tmp_path / "text_only", questions(12))
     with pytest.raises(FileNotFoundError, match="has no imgs.tsv.*check_images=False"):
         D.ensure_mini_webqa("cpu-tiny", tmp_path / "run2", webqa_dir=without_images)

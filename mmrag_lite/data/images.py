@@ -101,7 +101,9 @@ def to_rgb(im: Image.Image) -> Image.Image:
     """
     if im.mode in ("P", "L", "RGB", "I", "I;16") and "transparency" in im.info:
         im = im.convert("RGBA")  # a palette (or single-colour) transparency becomes a real alpha channel
-    elif im.mode in ("PA", "La", "RGBa"):
+    elif im.mode == "La":  # premultiplied: PIL converts it to LA only
+        im = im.convert("LA")
+    elif im.mode in ("PA", "RGBa"):
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA"):
         background = Image.new("RGBA", im.size, (255, 255, 255, 255))

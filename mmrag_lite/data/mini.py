@@ -22,7 +22,6 @@ anything is written; ``funnel.json`` records a fingerprint of the source files, 
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import random
@@ -78,7 +77,8 @@ FILTER_REASONS: dict[str, str] = {
     "no_gold_source": "without a gold source there is nothing to rank and no retrieval reward",
     "answer_misses_keyword": "an answer that does not state its keyword / fact teaches the model to answer without evidence",
     "overlong_gold": "a gold candidate longer than the prompt budget cannot be shown whole (overlong distractors are just dropped)",
-    "broken_gold_image": "an empty or undecodable gold image makes the question unanswerable from the pool",
+    "broken_gold_image": "an empty, undecodable or mostly missing (cut-off) gold image makes the question "
+                         "unanswerable from the pool",
     "duplicate_question": "the same question twice over-weights it and leaks between splits",
     "qcate_filter": "keep only the question categories asked for",
     "category_balance": "cap the largest categories so no single Qcate dominates the reward signal",
@@ -434,7 +434,8 @@ def balance_categories(records: Sequence[WebQARecord], filters: MiniWebQAFilters
                 f"stay at or under {filters.max_qcate_fraction:.0%} unless the large ones are cut to {fraction_cap} "
                 "questions each (the small categories are too small to make up the rest). Pass "
                 "MiniWebQAFilters(max_qcate_fraction=None) for no cap, a larger fraction, or qcates=(...) without the "
-                "smallest categories; nothing was written", report)
+                "smallest categories, to build_mini_webqa(source, out_dir, filters=...) from Python (build-data and the "
+                "notebooks use the default filters); nothing was written", report)
     caps = [c for c in (filters.max_per_qcate, fraction_cap) if c is not None]
     if not caps:
         if report is not None:
@@ -821,21 +822,6 @@ def _no_images_message(folder: Path) -> str:
             "filters=MiniWebQAFilters(check_images=False))")
 
 
-@contextlib.contextmanager
-def _build_lock(mini: Path) -> Iterator[None]:
-    """``folder_lock(mini)``; when the build inside fails before any Mini-WebQA exists and this call made the lock
-    file, the file goes too, so a refused first build leaves nothing behind."""
-    lock = mini.parent / f".{mini.name}.lock"
-    ours = not lock.exists()
-    with folder_lock(mini):
-        try:
-            yield
-        except BaseException:
-            if ours and not mini.exists():
-                lock.unlink(missing_ok=True)  # while still held
-            raise
-
-
 def _refuse_empty_splits(sizes: Mapping[str, int], report: FunnelReport, json_path: Path,
                          fractions: Sequence[float], test_split: str = "pooled") -> None:
     """A saved empty split cannot be loaded (``datasets`` fails with an IndexError), so refuse to save one."""
@@ -924,8 +910,9 @@ def build_mini_webqa(
             raise WebQAFormatError(f"cannot build Mini-WebQA from {json_path}: {exc}. Check that it is "
                                    "WebQA_train_val.json as released (download it again if it was cut) or a world "
                                    "written by make_world") from None
-        report.steps.append(FunnelStep("unreadable", FILTER_REASONS["unreadable"], len(records) + len(errors),
-                                       len(errors), len(records), [e.guid for e in errors[:5]]))
+        bad = [e for e in errors if not e.file_break]  # a file break is no record: it is a WARNING, not a count
+        report.steps.append(FunnelStep("unreadable", FILTER_REASONS["unreadable"], len(records) + len(bad),
+                                       len(bad), len(records), [e.guid for e in bad[:5]]))
         report.read_errors = [str(e) for e in errors[:20]]
         report.warnings = [f"{json_path.name}: {e.message}" for e in errors if e.file_break]
         unlabelled = bool(records) and not any(r.is_labelled for r in records)
@@ -1136,7 +1123,7 @@ def ensure_mini_webqa(preset: Any = "auto", work_dir: str | Path | None = None, 
     mini, world = wd / "mini_webqa", wd / "world"
     if not force and mini_webqa_is_current(p, wd, webqa_dir):
         return load_mini_webqa(mini)
-    with _build_lock(mini):  # two kernels on one run folder: the second waits, then finds the first one's build
+    with folder_lock(mini):  # two kernels on one run folder: the second waits, then finds the first one's build
         stale = None if force else mini_webqa_staleness(p, wd, webqa_dir)
         if force or stale is None or stale:
             saved = _saved_source(mini) if webqa_dir is None else None
