@@ -226,6 +226,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from mmrag_lite.training import is_adapter_dir
 
     preset, wd = resolve(args, existing="train-stage1 and train-stage2", needs_device=True, for_training=False)
+    if preset.evaluation.retrain_ablations and not args.no_ablations:  # it trains stage 2 again: the trainer's checks
+        from mmrag_lite import modeling
+
+        modeling.check_device(preset)
     if args.stage1_adapter and not is_adapter_dir(args.stage1_adapter):
         raise CLIError(f"--stage1-adapter {args.stage1_adapter} holds no adapter_config.json (a PEFT adapter folder)")
     if not (args.stage1_adapter or is_adapter_dir(wd / "stage1" / "adapter")) and not args.allow_untrained:
@@ -330,8 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "flipped (retrained only with evaluation.retrain_ablations, on by default only on cpu-tiny)")
     p.add_argument("--no-robustness", action="store_true", help="skip the conflicting/misleading-distractor check")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--allow-untrained", action="store_true", help="evaluate even without a stage-1 adapter (every "
-                   "system then uses the base model; a baseline, not the method)")
+    p.add_argument("--allow-untrained", action="store_true", help="evaluate even without the stage-1 or stage-2 "
+                   "adapter (systems that need a missing one use the base model, labelled so; a baseline, not the "
+                   "method)")
     p.set_defaults(func=cmd_evaluate)
 
     p = _subcommand(sub, "course", "run every course notebook headless (papermill) and print a summary")

@@ -730,6 +730,9 @@ _A100 = replace(
     description="A100 40/80 GB or H100 (bf16): Qwen2.5-VL-3B in NF4 4-bit, bf16 compute, 8 generations, larger images.",
     model=replace(_T4.model, model_id="Qwen/Qwen2.5-VL-3B-Instruct", compute_dtype="bfloat16", image_size=448, max_pixels=448 * 448),
     lora=replace(_T4.lora, r=64, alpha=128),
+    # 8 x 2 = 16 completions a step in groups of 8: 2 prompts per optimizer step (colab-t4 and l4 see 4; the
+    # miniature stayed flat at 1 and learned at 4). gradient_accumulation_steps=4 would give 4, but TRL generates a
+    # step's whole generation batch in one call, which the H100 figures below did not measure: not changed unmeasured
     stage1=replace(_T4.stage1, grpo=replace(_T4.stage1.grpo, per_device_train_batch_size=8, num_generations=8, gradient_accumulation_steps=2), k=8),
     stage2=replace(
         _T4.stage2,

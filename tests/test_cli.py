@@ -479,3 +479,10 @@ def test_evaluate_checks_the_device_for_inference_and_lets_allow_untrained_reach
     (tmp_path / "stage1" / "adapter" / "adapter_config.json").write_text("{}")
     assert cli.main(args) == 0
     assert seen["bank"]["allow_missing_adapters"] is None  # the bank's own default: the miniature falls back
+    calls = []
+    monkeypatch.setattr(modeling, "check_device", lambda preset, **kw: calls.append(kw))
+    assert cli.main(args + ["--set", "evaluation.retrain_ablations=true"]) == 0  # it trains: the trainer's checks too
+    assert calls == [{"for_training": False}, {}]
+    calls.clear()
+    assert cli.main(args + ["--set", "evaluation.retrain_ablations=true", "--no-ablations"]) == 0
+    assert calls == [{"for_training": False}]
