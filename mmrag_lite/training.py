@@ -773,8 +773,13 @@ def build_trainer(
     from transformers.trainer_callback import ProgressCallback
     from trl import GRPOTrainer
 
-    from .modeling import freeze_vision_tower, load_model_and_processor, lora_config, make_model_mixed_batch_safe
-    from .modeling.common import prepare_processor
+    from .modeling import (
+        freeze_vision_tower,
+        load_model_and_processor,
+        lora_config,
+        make_model_mixed_batch_safe,
+        prepare_processor,
+    )
 
     if (model is None) != (processor is None):
         raise ValueError("pass model and processor together (or neither, to load both from the preset)")
