@@ -7,6 +7,7 @@ What is measured (definitions live in ``metrics``; this module only orchestrates
 * **QA-FL** — BARTScore fluency; it needs BART-large-CNN, so offline it is reported as *unavailable*, and so is
   **QA** = mean(FL_i · Acc_i), which depends on it. We never substitute a made-up number.
 * **MMQA EM / F1** — DROP-style answer metrics on the MultimodalQA dev questions whose pool has images and text.
+  Image candidates carry pixels where the release's ``final_dataset_images/`` folder sits beside the questions.
   Offline there are no MMQA pixels and no passage texts, so the pools hold the image candidates only, as their
   titles: retrieval compares the question with image titles, a weaker setting than the paper's; the table says so.
 
@@ -898,7 +899,11 @@ def default_mmqa_questions(preset: Preset, n_webqa: int) -> int:
 
 
 def load_mmqa_rows(preset: Preset, n: int | None = None) -> tuple[list[dict[str, Any]], str]:
-    """MMQA dev image+text questions as Mini-WebQA-shaped rows (offline: image titles only), or ``([], reason)``."""
+    """MMQA dev image+text questions as Mini-WebQA-shaped rows, or ``([], reason)``.
+
+    Images carry their pixels when ``mmqa-dev/final_dataset_images/`` (the release's image zip, unpacked) is there,
+    and are their titles otherwise (offline); the note says which.
+    """
     from mmrag_lite.config import shared_data_dir
 
     root = shared_data_dir()
@@ -906,14 +911,23 @@ def load_mmqa_rows(preset: Preset, n: int | None = None) -> tuple[list[dict[str,
         return [], ("MMQA dev not found (no mmqa-dev/ folder with MMQA_dev.jsonl.gz and MMQA_images.jsonl.gz in "
                     "../shared/data, or in MMRAG_SHARED_DATA where set): MMQA columns not run")
     n = n if n is not None else preset.evaluation.questions
-    mm = data.load_mmqa(root / "mmqa-dev", "dev")
+    folder = root / "mmqa-dev"
+    mm = data.load_mmqa(folder, "dev")
     rows = data.mmqa_to_rows(mm.questions, mm.images, mm.texts, qtypes=("ImageQ",), max_candidates=preset.data.max_candidates,
                              seed=preset.seed)[:n]
-    pools = ("image+text pools; images as their titles, MMQA pixels are not available here" if mm.texts else
-             "pools of image candidates only, as their titles: MMQA pixels and passage texts are not available here, "
-             "so retrieval compares the question with image titles only")
+    images_dir = folder / data.MMQA_IMAGE_FOLDER
+    if images_dir.is_dir():
+        rows, found = data.attach_mmqa_images(rows, mm.images, images_dir, max_side=data.MiniWebQAFilters().max_image_side)
+        images = found.describe()
+    else:
+        images = (f"images as their titles: no MMQA pixels here (unzip final_dataset_images.zip into {images_dir} "
+                  "for them)")
+    pools = (f"image+text pools; {images}" if mm.texts else
+             f"pools of image candidates only, {images}; no passage texts here (MMQA_texts.jsonl.gz)"
+             + ("" if images_dir.is_dir() else ", so retrieval compares the question with image titles only"))
+    weaker = "" if mm.texts and images_dir.is_dir() else ", a weaker setting than the paper's"
     return [dict(r) for r in rows], (f"MMQA: the first {len(rows)} dev ImageQ questions ({pools}; "
-                                      f"{preset.data.max_candidates} candidates at most), a weaker setting than the paper's")
+                                      f"{preset.data.max_candidates} candidates at most){weaker}")
 
 
 class Stopwatch:

@@ -1266,6 +1266,50 @@ def test_mmqa_rows_keep_every_gold_document_when_trimmed():
     assert len(with_text["candidates"]) == 13 and next(c for c in with_text["candidates"] if c["id"] == "t1")["text"]
 
 
+def _mmqa_image_question(qid: str, image_ids: tuple[str, ...], gold: str) -> D.MMQAQuestion:
+    return D.MMQAQuestion(qid=qid, question="What is on the flag?", answers=("a star",), answer_modalities=("image",),
+                          qtype="ImageQ", modalities=("image",), image_doc_ids=image_ids, text_doc_ids=(), table_id="",
+                          supporting=((gold, "image"),))
+
+
+def test_attach_mmqa_images_reads_the_release_folder_and_counts_what_it_lacks(tmp_path):
+    folder = tmp_path / D.MMQA_IMAGE_FOLDER
+    folder.mkdir()
+    Image.new("RGB", (600, 300), (10, 120, 200)).save(folder / "big.jpg", quality=90)
+    Image.new("RGBA", (20, 20), (0, 0, 0, 0)).save(folder / "clear.png")  # transparent: white, not black
+    (folder / "broken.jpg").write_bytes(b"not an image at all")
+    images = {"a": D.MMQADoc(id="a", title="Flag", path="big.jpg"), "b": D.MMQADoc(id="b", title="Logo", path="clear.png"),
+              "c": D.MMQADoc(id="c", title="Gone", path="gone.jpg"), "d": D.MMQADoc(id="d", title="Bad", path="broken.jpg")}
+    rows = D.mmqa_to_rows([_mmqa_image_question("q1", tuple(images), "a")], images)
+    attached, report = D.attach_mmqa_images(rows, images, folder, max_side=64)
+    by_id = {c["id"]: c for c in attached[0]["candidates"]}
+    assert by_id["a"]["image"].size == (64, 32) and by_id["a"]["image"].mode == "RGB"
+    assert by_id["b"]["image"].getpixel((0, 0)) == (255, 255, 255)
+    assert by_id["c"]["image"] is None and by_id["d"]["image"] is None  # shown as their titles, the question kept
+    assert all(c["text"] == c["title"] for c in by_id.values())
+    assert (report.attached, report.missing, report.unreadable) == (2, 1, 1)
+    said = report.describe()
+    assert "2 of 4" in said and "image c: no file gone.jpg" in said and "image d:" in said
+    assert all(c["image"] is None for c in rows[0]["candidates"])  # the input rows are left as they were
+    assert attached[0]["gold_ids"] == ["a"] and attached[0]["answers"] == ["a star"]
+    with pytest.raises(FileNotFoundError, match="final_dataset_images.zip"):
+        D.attach_mmqa_images(rows, images, tmp_path / "nowhere")
+
+
+def test_attach_mmqa_images_on_shared_dev_paths(shared_data, tmp_path):
+    """The real metadata's ``path`` names the file in the release's image folder."""
+    data = D.load_mmqa(shared_data / "mmqa-dev", "dev")
+    rows = D.mmqa_to_rows(data.questions, data.images, data.texts, max_candidates=4)[:2]
+    folder = tmp_path / D.MMQA_IMAGE_FOLDER
+    folder.mkdir()
+    first = rows[0]["candidates"][0]["id"]
+    Image.new("RGB", (30, 30), (200, 0, 0)).save(folder / data.images[first].path)
+    attached, report = D.attach_mmqa_images(rows, data.images, folder)
+    assert attached[0]["candidates"][0]["image"].size == (30, 30)
+    images_of_first = sum(c["id"] == first for r in rows for c in r["candidates"])  # questions share images
+    assert report.attached == images_of_first and report.missing == sum(len(r["candidates"]) for r in rows) - images_of_first
+
+
 def test_filter_limits_are_inclusive():
     """Exactly the allowed keyword recall, and a fact exactly at the word limit, both pass (mutation run)."""
     half = record(guid="h", qcate="Others", kw="red square", a="It is red.")

@@ -141,6 +141,43 @@ def test_mmqa_scores_are_x100():
     assert s["MMQA EM"] == pytest.approx(100.0) and s["n_mmqa"] == 1
 
 
+def test_load_mmqa_rows_shows_pixels_where_the_release_image_folder_is(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from mmrag_lite import data
+    from mmrag_lite.config import get_preset
+
+    dev = tmp_path / "mmqa-dev"
+    dev.mkdir()
+    ids = ["5588a1833b8fa95fe1b0ed520e447d64", "117d500aaa630023c4038b8268b309c0"]
+    question = {"qid": "bc2b", "question": "What animals race in the Kentucky Derby?",
+                "answers": [{"answer": "horses", "type": "string", "modality": "image"}],
+                "metadata": {"type": "ImageQ", "modalities": ["image"], "image_doc_ids": ids, "text_doc_ids": [],
+                             "table_id": ""},
+                "supporting_context": [{"doc_id": ids[0], "doc_part": "image"}]}
+    (dev / "MMQA_dev.jsonl").write_text(json.dumps(question) + "\n")
+    (dev / "MMQA_images.jsonl").write_text("".join(json.dumps({"id": i, "title": f"title {i[:4]}", "path": f"{i}.jpg"}) + "\n"
+                                                   for i in ids))
+    monkeypatch.setenv("MMRAG_SHARED_DATA", str(tmp_path))
+    preset = get_preset("cpu-tiny")
+    rows, note = E.load_mmqa_rows(preset)
+    assert [r["guid"] for r in rows] == ["bc2b"] and all(c["image"] is None for c in rows[0]["candidates"])
+    assert "no MMQA pixels here" in note and "final_dataset_images.zip" in note and "weaker setting" in note
+
+    (dev / data.MMQA_IMAGE_FOLDER).mkdir()
+    Image.new("RGB", (900, 600), (0, 90, 0)).save(dev / data.MMQA_IMAGE_FOLDER / f"{ids[0]}.jpg")
+    rows, note = E.load_mmqa_rows(preset)
+    by_id = {c["id"]: c for c in rows[0]["candidates"]}
+    assert max(by_id[ids[0]]["image"].size) == data.MiniWebQAFilters().max_image_side  # stored like WebQA's images
+    assert by_id[ids[1]]["image"] is None
+    assert "pixels for 1 of 2 image candidates" in note and f"image {ids[1]}: no file" in note
+    assert "weaker setting" in note  # no passage texts (MMQA_texts) yet
+
+    (dev / "MMQA_texts.jsonl").write_text(json.dumps({"id": "p1", "title": "Derby", "text": "Horses race."}) + "\n")
+    rows, note = E.load_mmqa_rows(preset)
+    assert "image+text pools" in note and "weaker setting" not in note
+
+
 def test_paper_reference_is_labelled_as_theirs():
     rows, md = E.paper_reference_table()
     assert any(r["metric"] == "QA-Acc" and r["value"] == 0.763 for r in rows)

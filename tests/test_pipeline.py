@@ -285,6 +285,30 @@ def test_standard_systems_end_to_end_give_a_valid_submission(bank, tmp_path):
     assert any("stage2" in n for n in bank.notes)  # the missing adapter was said out loud, not hidden
 
 
+def test_mmqa_pools_with_some_pixels_run_through_both_stages(bank, tmp_path):
+    """MMQA rows from ``attach_mmqa_images``: hex ids, image candidates with pixels and without (a file missing)."""
+    from mmrag_lite import data, evaluation
+
+    images = {f"{n:032x}": data.MMQADoc(id=f"{n:032x}", title=f"flag {n}", path=f"{n:032x}.jpg") for n in range(5)}
+    folder = tmp_path / data.MMQA_IMAGE_FOLDER
+    folder.mkdir()
+    for i, doc_id in enumerate(list(images)[:3]):
+        Image.new("RGB", (80 + 20 * i, 50), list(COLOURS.values())[i]).save(folder / images[doc_id].path)
+    qs = [data.MMQAQuestion(qid=f"m{j}", question="Which flag is red?", answers=("red",), answer_modalities=("image",),
+                            qtype="ImageQ", modalities=("image",), image_doc_ids=tuple(images), text_doc_ids=(),
+                            table_id="", supporting=((list(images)[j], "image"),)) for j in range(2)]
+    rows, report = data.attach_mmqa_images(data.mmqa_to_rows(qs, images), images, folder)
+    assert report.attached == 6 and report.missing == 4
+    request = P.build_request(rows[0], rows[0]["candidates"], reasoning=False)
+    assert len(request.images) == 3  # the pixels reach the prompt; the two without a file are their titles
+    for spec in P.standard_systems(PRESET)[:3]:  # zero-shot on the whole pool, the base top-k, stage 1
+        results = P.run_pipeline(rows, PRESET, system=spec, bank=bank, progress=False)
+        assert [r.guid for r in results] == ["m0", "m1"]
+        assert all(set(r.sources) <= set(r.kept_ids) <= set(images) for r in results)
+        scored = evaluation.score_mmqa(results, rows)
+        assert scored["n_mmqa"] == 2 and 0.0 <= scored["MMQA F1"] <= 100.0
+
+
 def test_given_scores_decide_the_top_k(bank):
     row = ROWS[1]
     ids = [c["id"] for c in row["candidates"]]

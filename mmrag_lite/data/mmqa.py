@@ -5,10 +5,11 @@ Each question line carries its own candidate pool in ``metadata.image_doc_ids`` 
 ``answers`` (MMQA answers are sets: EM/F1 compare sets of spans). ``MMQA_images.jsonl.gz`` maps image ids to
 ``title, url, id, path`` (no pixels here), ``MMQA_texts.jsonl.gz`` maps passage ids to ``title, url, id, text``.
 
-``mmqa_to_rows`` shapes the image+text questions like Mini-WebQA rows so the evaluation code can run on them.
-Offline there are no MMQA pixels: image candidates get ``image=None`` and their title as ``text``. Without
-``MMQA_texts`` a passage is only an id, so passage candidates are left out: offline retrieval then compares the
-question with image titles only.
+``mmqa_to_rows`` shapes the image+text questions like Mini-WebQA rows so the evaluation code can run on them; an
+image candidate carries its title as ``text`` and no pixels. ``attach_mmqa_images`` adds the pixels where the
+release's image folder (``final_dataset_images/``, unzipped from ``final_dataset_images.zip``) is at hand; offline
+it is not, so image candidates stay titles. Without ``MMQA_texts`` a passage is only an id, so passage candidates
+are left out: offline retrieval then compares the question with image titles only.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .images import ImageDecodeError, load_image_bytes
 from .webqa import RecordError
+
+MMQA_IMAGE_FOLDER = "final_dataset_images"  # what the release's final_dataset_images.zip unpacks to
 
 
 class MMQAFormatError(ValueError):
@@ -186,8 +190,8 @@ def mmqa_to_rows(
     """Image+text MMQA questions as Mini-WebQA-shaped rows (plus an ``answers`` list for set-valued EM/F1).
 
     ``qtypes=("ImageQ",)`` gives the 230-question dev subset multi-modal RAG papers report on; ``None`` keeps every
-    question whose supporting documents are images or passages. Offline caveat: MMQA pixels are not available, so
-    image candidates carry ``image=None`` and ``text`` = their title. Passages carry their title and text from
+    question whose supporting documents are images or passages. Image candidates carry ``image=None`` and ``text`` =
+    their title (``attach_mmqa_images`` adds the pixels, where the release's image folder is at hand). Passages carry their title and text from
     ``MMQA_texts``; a passage it does not hold (all of them when it is absent, as offline) is left out of the pool,
     since a blank candidate only pads it (about 45% of an ImageQ pool), and a question with such a passage among its
     gold documents is skipped (nothing could retrieve it). Pools are trimmed to ``max_candidates`` (gold always kept,
@@ -228,3 +232,69 @@ def mmqa_to_rows(
             "candidates": cands, "gold_ids": [c["id"] for c in cands if c["is_gold"]],
         })
     return rows
+
+
+@dataclass
+class MMQAImageReport:
+    """What ``attach_mmqa_images`` found: pixels attached, files absent, files unreadable (a few ids of each)."""
+
+    attached: int = 0
+    missing: int = 0
+    unreadable: int = 0
+    examples: list[str] | None = None  # "<id>: why", the first few problems
+
+    def describe(self) -> str:
+        total = self.attached + self.missing + self.unreadable
+        text = f"pixels for {self.attached} of {total} image candidates"
+        if self.missing or self.unreadable:
+            text += (f" ({self.missing} without a file, {self.unreadable} unreadable: shown as their titles"
+                     + (f"; e.g. {'; '.join(self.examples or [])}" if self.examples else "") + ")")
+        return text
+
+
+def attach_mmqa_images(
+    rows: Iterable[Mapping[str, Any]],
+    images: Mapping[str, MMQADoc],
+    images_dir: str | Path,
+    max_side: int = 448,
+    max_examples: int = 3,
+) -> tuple[list[dict[str, Any]], MMQAImageReport]:
+    """Copies of ``rows`` whose image candidates carry their pixels from ``images_dir/<path>``, downscaled to
+    ``max_side`` (as Mini-WebQA stores WebQA images), plus what was found.
+
+    A candidate whose file is absent or unreadable keeps ``image=None`` and stays its title: one bad file never loses
+    the question, and the report counts it.
+    """
+    folder = Path(images_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no MMQA image folder {folder} (unzip final_dataset_images.zip there)")
+    report = MMQAImageReport(examples=[])
+    out = []
+    for row in rows:
+        cands = []
+        for cand in row["candidates"]:
+            cand = dict(cand)
+            if cand.get("modality") == "image" and cand.get("image") is None:
+                doc = images.get(cand["id"])
+                file = folder / (doc.path if doc and doc.path else f"{cand['id']}.jpg")
+                problem = None
+                try:
+                    im = load_image_bytes(file.read_bytes(), cand["id"])
+                    if max(im.size) > max_side:
+                        im.thumbnail((max_side, max_side))
+                    cand["image"] = im
+                    report.attached += 1
+                except (FileNotFoundError, IsADirectoryError):
+                    report.missing += 1
+                    problem = f"image {cand['id']}: no file {file.name}"
+                except ImageDecodeError as exc:  # its message names the id
+                    report.unreadable += 1
+                    problem = str(exc)
+                except OSError as exc:  # unreadable file (permissions, I/O)
+                    report.unreadable += 1
+                    problem = f"image {cand['id']}: {type(exc).__name__}: {exc.strerror or exc}"
+                if problem and len(report.examples) < max_examples:
+                    report.examples.append(problem)
+            cands.append(cand)
+        out.append({**row, "candidates": cands})
+    return out, report
