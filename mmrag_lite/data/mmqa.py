@@ -19,7 +19,7 @@ import json
 import random
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -241,14 +241,14 @@ class MMQAImageReport:
     attached: int = 0
     missing: int = 0
     unreadable: int = 0
-    examples: list[str] | None = None  # "<id>: why", the first few problems
+    examples: list[str] = field(default_factory=list)  # "image <id>: why", the first few problems
 
     def describe(self) -> str:
         total = self.attached + self.missing + self.unreadable
         text = f"pixels for {self.attached} of {total} image candidates"
         if self.missing or self.unreadable:
             text += (f" ({self.missing} without a file, {self.unreadable} unreadable: shown as their titles"
-                     + (f"; e.g. {'; '.join(self.examples or [])}" if self.examples else "") + ")")
+                     + (f"; e.g. {'; '.join(self.examples)}" if self.examples else "") + ")")
         return text
 
 
@@ -268,7 +268,7 @@ def attach_mmqa_images(
     folder = Path(images_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"no MMQA image folder {folder} (unzip final_dataset_images.zip there)")
-    report = MMQAImageReport(examples=[])
+    report = MMQAImageReport()
     out = []
     for row in rows:
         cands = []
