@@ -916,18 +916,21 @@ def load_mmqa_rows(preset: Preset, n: int | None = None) -> tuple[list[dict[str,
     rows = data.mmqa_to_rows(mm.questions, mm.images, mm.texts, qtypes=("ImageQ",), max_candidates=preset.data.max_candidates,
                              seed=preset.seed)[:n]
     images_dir = folder / data.MMQA_IMAGE_FOLDER
-    if images_dir.is_dir():
-        rows, found = data.attach_mmqa_images(rows, mm.images, images_dir, max_side=data.MiniWebQAFilters().max_image_side)
+    has_pixels = images_dir.is_dir()
+    if has_pixels:
+        rows, found = data.attach_mmqa_images(rows, mm.images, images_dir, max_side=data.MiniWebQAFilters().max_image_side,
+                                              progress=True)
         images = found.describe()
     else:
-        images = (f"images as their titles: no MMQA pixels here (unzip final_dataset_images.zip into {images_dir} "
-                  "for them)")
-    pools = (f"image+text pools; {images}" if mm.texts else
-             f"pools of image candidates only, {images}; no passage texts here (MMQA_texts.jsonl.gz)"
-             + ("" if images_dir.is_dir() else ", so retrieval compares the question with image titles only"))
-    weaker = "" if mm.texts and images_dir.is_dir() else ", a weaker setting than the paper's"
-    return [dict(r) for r in rows], (f"MMQA: the first {len(rows)} dev ImageQ questions ({pools}; "
-                                      f"{preset.data.max_candidates} candidates at most){weaker}")
+        images = (f"image candidates shown as their titles (no MMQA pixels here: unzip final_dataset_images.zip into "
+                  f"{images_dir} for them)")
+    pools = "image+text pools" if mm.texts else "pools of image candidates only (no passage texts here: MMQA_texts.jsonl.gz)"
+    note = f"MMQA: the first {len(rows)} dev ImageQ questions, {preset.data.max_candidates} candidates at most; {pools}; {images}"
+    if not mm.texts and not has_pixels:
+        note += "; so retrieval compares the question with image titles only"
+    if not (mm.texts and has_pixels):
+        note += ": a weaker setting than the paper's"
+    return [dict(r) for r in rows], note
 
 
 class Stopwatch:

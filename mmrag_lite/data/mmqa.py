@@ -258,6 +258,7 @@ def attach_mmqa_images(
     images_dir: str | Path,
     max_side: int = 448,
     max_examples: int = 3,
+    progress: bool = False,
 ) -> tuple[list[dict[str, Any]], MMQAImageReport]:
     """Copies of ``rows`` whose image candidates carry their pixels from ``images_dir/<path>``, downscaled to
     ``max_side`` (as Mini-WebQA stores WebQA images), plus what was found.
@@ -268,9 +269,11 @@ def attach_mmqa_images(
     folder = Path(images_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"no MMQA image folder {folder} (unzip final_dataset_images.zip there)")
+    from tqdm.auto import tqdm
+
     report = MMQAImageReport()
     out = []
-    for row in rows:
+    for row in tqdm(rows, desc="MMQA images", disable=not progress, mininterval=1.0):
         cands = []
         for cand in row["candidates"]:
             cand = dict(cand)
