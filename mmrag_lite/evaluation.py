@@ -898,7 +898,7 @@ def default_mmqa_questions(preset: Preset, n_webqa: int) -> int:
     return min(n_webqa, cap) if cap else n_webqa
 
 
-def load_mmqa_rows(preset: Preset, n: int | None = None) -> tuple[list[dict[str, Any]], str]:
+def load_mmqa_rows(preset: Preset, n: int | None = None, progress: bool = True) -> tuple[list[dict[str, Any]], str]:
     """MMQA dev image+text questions as Mini-WebQA-shaped rows, or ``([], reason)``.
 
     Images carry their pixels when ``mmqa-dev/final_dataset_images/`` (the release's image zip, unpacked) is there,
@@ -916,19 +916,20 @@ def load_mmqa_rows(preset: Preset, n: int | None = None) -> tuple[list[dict[str,
     rows = data.mmqa_to_rows(mm.questions, mm.images, mm.texts, qtypes=("ImageQ",), max_candidates=preset.data.max_candidates,
                              seed=preset.seed)[:n]
     images_dir = folder / data.MMQA_IMAGE_FOLDER
-    has_pixels = images_dir.is_dir()
-    if has_pixels:
+    has_pixels = all_pixels = False
+    if images_dir.is_dir():
         rows, found = data.attach_mmqa_images(rows, mm.images, images_dir, max_side=data.MiniWebQAFilters().max_image_side,
-                                              progress=True)
+                                              progress=progress)
+        has_pixels, all_pixels = found.attached > 0, not (found.missing or found.unreadable)
         images = found.describe()
     else:
-        images = (f"image candidates shown as their titles (no MMQA pixels here: unzip final_dataset_images.zip into "
-                  f"{images_dir} for them)")
+        images = (f"image candidates shown as their titles (no MMQA pixels here: unzip final_dataset_images.zip in "
+                  f"{folder}, which makes {images_dir.name}/, for them)")
     pools = "image+text pools" if mm.texts else "pools of image candidates only (no passage texts here: MMQA_texts.jsonl.gz)"
     note = f"MMQA: the first {len(rows)} dev ImageQ questions, {preset.data.max_candidates} candidates at most; {pools}; {images}"
     if not mm.texts and not has_pixels:
         note += "; so retrieval compares the question with image titles only"
-    if not (mm.texts and has_pixels):
+    if not (mm.texts and all_pixels):
         note += ": a weaker setting than the paper's"
     return [dict(r) for r in rows], note
 
@@ -1038,7 +1039,7 @@ def evaluate(preset: Preset, work_dir: str | Path, *, split: str = "test", n_que
     mmqa_note = None
     if mmqa:
         with clock("mmqa"):
-            mmqa_rows, mmqa_note = load_mmqa_rows(preset, default_mmqa_questions(preset, len(rows)))
+            mmqa_rows, mmqa_note = load_mmqa_rows(preset, default_mmqa_questions(preset, len(rows)), progress=progress)
             if mmqa_rows:
                 mmqa_preds = run_systems(mmqa_rows, preset, bank, systems, progress=progress)
     ablation_rows: dict[str, list[dict[str, Any]]] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,7 +63,10 @@ def plot_funnel(report: Any, ax: Any = None, title: str | None = None) -> Figure
 
 # ------------------------------------------------------------------------------------------ evaluation
 def _as_float(v: Any) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+    """A number to draw, or None (missing, a label, NaN: a NaN would also poison the y-limit's max)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v):
+        return None
+    return float(v)
 
 
 def _unit_or_percent_ylim(ax: Any, values: list[float | None]) -> None:
@@ -162,7 +166,11 @@ def plot_k_tradeoff(report: list[dict[str, Any]], *, chosen_k: int | None = None
         ax2.set_ylim(0, 1.05)
     if chosen_k is not None:
         ax.axvline(chosen_k, color="red", lw=1, ls=":", label=f"preset k = {chosen_k}")
-    ax.legend(fontsize=7, loc="center right")
+    handles, labels = ax.get_legend_handles_labels()
+    if "saved_fraction" in report[0]:  # the bars live on the twin axis: ax.legend() alone would leave them out
+        more_handles, more_labels = ax2.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax.legend(handles, labels, fontsize=7, loc="center right")
     ax.set_title(title)
     fig.tight_layout()
     return fig

@@ -36,8 +36,8 @@ def _png_bytes(image: Any, size: int = 96) -> bytes | None:
                 return None
             image = Image.open(io.BytesIO(image["bytes"]))
         im = to_rgb(image)  # transparent pixels on white, as the model sees them
-    except (OSError, UnidentifiedImageError):
-        return None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None  # DecompressionBombError is a plain Exception: a header claiming giant dimensions
     scale = max(1, size // max(im.size))  # small synthetic images: enlarge crisply
     if scale > 1:
         im = im.resize((im.size[0] * scale, im.size[1] * scale), Image.NEAREST)

@@ -1242,9 +1242,10 @@ def test_plot_funnel_and_dataset_browser(built):
 
     row = dd["test"][0]
     image = next(i for i, c in enumerate(row["candidates"]) if c["modality"] == "image")
-    row["candidates"][image]["image"] = None  # an image candidate whose pixels are missing
-    cell = dataset_browser([row]).grid.children[image]
-    assert [w.value for w in cell.children if getattr(w, "value", None) == NO_PIXELS_HTML] == [NO_PIXELS_HTML]
+    for broken in (None, {"bytes": _png_claiming(30_000, 30_000), "path": None}):  # no pixels; a decompression bomb
+        row["candidates"][image]["image"] = broken
+        cell = dataset_browser([row]).grid.children[image]
+        assert [w.value for w in cell.children if getattr(w, "value", None) == NO_PIXELS_HTML] == [NO_PIXELS_HTML]
 
 
 def test_mmqa_rows_keep_every_gold_document_when_trimmed():
@@ -1289,7 +1290,7 @@ def test_attach_mmqa_images_reads_the_release_folder_and_counts_what_it_lacks(tm
     assert all(c["text"] == c["title"] for c in by_id.values())
     assert (report.attached, report.missing, report.unreadable) == (2, 1, 1)
     said = report.describe()
-    assert "2 of 4" in said and "image c: no file gone.jpg" in said and "image d:" in said
+    assert "2 of 4" in said and f"image c: no file {folder / 'gone.jpg'}" in said and "image d:" in said
     assert all(c["image"] is None for c in rows[0]["candidates"])  # the input rows are left as they were
     assert attached[0]["gold_ids"] == ["a"] and attached[0]["answers"] == ["a star"]
     with pytest.raises(FileNotFoundError, match="final_dataset_images.zip"):
@@ -1308,6 +1309,9 @@ def test_attach_mmqa_images_on_shared_dev_paths(shared_data, tmp_path):
     assert attached[0]["candidates"][0]["image"].size == (30, 30)
     images_of_first = sum(c["id"] == first for r in rows for c in r["candidates"])  # questions share images
     assert report.attached == images_of_first and report.missing == sum(len(r["candidates"]) for r in rows) - images_of_first
+    shared = [c["image"] for r in attached for c in r["candidates"] if c["id"] == first]
+    assert all(im is shared[0] for im in shared)  # one decode per file, however many pools show it
+    assert len(report.examples) == len(set(report.examples))
 
 
 def test_filter_limits_are_inclusive():

@@ -164,8 +164,15 @@ def test_load_mmqa_rows_shows_pixels_where_the_release_image_folder_is(tmp_path,
     assert [r["guid"] for r in rows] == ["bc2b"] and all(c["image"] is None for c in rows[0]["candidates"])
     assert "no MMQA pixels here" in note and "final_dataset_images.zip" in note and "weaker setting" in note
 
-    (dev / data.MMQA_IMAGE_FOLDER).mkdir()
-    Image.new("RGB", (900, 600), (0, 90, 0)).save(dev / data.MMQA_IMAGE_FOLDER / f"{ids[0]}.jpg")
+    (dev / data.MMQA_IMAGE_FOLDER / data.MMQA_IMAGE_FOLDER).mkdir(parents=True)  # unzipped one level too deep
+    nested = dev / data.MMQA_IMAGE_FOLDER / data.MMQA_IMAGE_FOLDER / f"{ids[0]}.jpg"
+    Image.new("RGB", (900, 600), (0, 90, 0)).save(nested)
+    (dev / "MMQA_texts.jsonl").write_text(json.dumps({"id": "p1", "title": "Derby", "text": "Horses race."}) + "\n")
+    rows, note = E.load_mmqa_rows(preset, progress=False)
+    assert all(c["image"] is None for c in rows[0]["candidates"])
+    assert "pixels for 0 of 2" in note and "weaker setting" in note  # a folder without the files is no pixels
+    (dev / "MMQA_texts.jsonl").unlink()
+    nested.rename(dev / data.MMQA_IMAGE_FOLDER / f"{ids[0]}.jpg")
     rows, note = E.load_mmqa_rows(preset)
     by_id = {c["id"]: c for c in rows[0]["candidates"]}
     assert max(by_id[ids[0]]["image"].size) == data.MiniWebQAFilters().max_image_side  # stored like WebQA's images
@@ -175,7 +182,10 @@ def test_load_mmqa_rows_shows_pixels_where_the_release_image_folder_is(tmp_path,
 
     (dev / "MMQA_texts.jsonl").write_text(json.dumps({"id": "p1", "title": "Derby", "text": "Horses race."}) + "\n")
     rows, note = E.load_mmqa_rows(preset)
-    assert "image+text pools" in note and "weaker setting" not in note
+    assert "image+text pools" in note and "weaker setting" in note  # one image still shown as its title
+    Image.new("RGB", (40, 40), (90, 0, 0)).save(dev / data.MMQA_IMAGE_FOLDER / f"{ids[1]}.jpg")
+    rows, note = E.load_mmqa_rows(preset)
+    assert "image+text pools" in note and "pixels for 2 of 2" in note and "weaker setting" not in note
 
 
 def test_paper_reference_is_labelled_as_theirs():
@@ -405,6 +415,8 @@ def test_plot_results_labels_groups_by_the_given_column():
     assert ax.get_ylim() == (0, 1.05)
     mmqa = viz.plot_results([{"system": "a", "Retr-F1": 0.4, "MMQA F1": 42.5}], ("Retr-F1", "MMQA F1"))
     assert mmqa.axes[0].get_ylim()[1] >= 42.5  # MMQA EM/F1 are on a 0-100 scale: the bar is not cut off
+    after_nan = viz.plot_results([{"system": "a", "MMQA EM": math.nan, "MMQA F1": 42.5}], ("MMQA EM", "MMQA F1"))
+    assert after_nan.axes[0].get_ylim()[1] >= 42.5  # a NaN first value neither hides the scale nor draws a bar
 
 
 def test_plots_refuse_empty_input_before_opening_a_figure():
@@ -421,6 +433,11 @@ def test_plots_refuse_empty_input_before_opening_a_figure():
     with pytest.raises(ValueError, match="rows \\[1\\] do not"):
         viz.plot_ablation([{"k": 1, "Retr-F1": 0.5}, {"Retr-F1": 0.4}], "k", ("Retr-F1",))
     assert plt.get_fignums() == []  # no half-drawn figure left open by a refused call
+    report = [{"k": k, "recall": k / 3, "all_gold": k / 4, "saved_fraction": 1 - k / 3} for k in (1, 2, 3)]
+    tradeoff = viz.plot_k_tradeoff(report, chosen_k=2)
+    legend = [t.get_text() for t in tradeoff.axes[0].get_legend().get_texts()]
+    assert legend == ["recall@k (trained)", "all gold kept", "preset k = 2", "prompt tokens saved"]  # the bars too
+    plt.close(tradeoff)
     fig = training.plot_reward_curves({"reward": [], "format": [(1, 0.5), (2, 0.75)]})  # nothing logged yet: no panel
     assert [ax.get_title() for ax in fig.axes] == ["format"]
     plt.close(fig)

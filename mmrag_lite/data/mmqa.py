@@ -264,7 +264,8 @@ def attach_mmqa_images(
     ``max_side`` (as Mini-WebQA stores WebQA images), plus what was found.
 
     A candidate whose file is absent or unreadable keeps ``image=None`` and stays its title: one bad file never loses
-    the question, and the report counts it.
+    the question, and the report counts it. Questions share images (the 230 dev ImageQ pools at 8 candidates: 1,786
+    image candidates, 1,126 files), so each file is decoded once and its candidates share the one image.
     """
     folder = Path(images_dir)
     if not folder.is_dir():
@@ -272,6 +273,7 @@ def attach_mmqa_images(
     from tqdm.auto import tqdm
 
     report = MMQAImageReport()
+    loaded: dict[Path, tuple[Any, str, str | None]] = {}  # file -> (image or None, outcome, problem)
     out = []
     for row in tqdm(rows, desc="MMQA images", disable=not progress, mininterval=1.0):
         cands = []
@@ -280,24 +282,28 @@ def attach_mmqa_images(
             if cand.get("modality") == "image" and cand.get("image") is None:
                 doc = images.get(cand["id"])
                 file = folder / (doc.path if doc and doc.path else f"{cand['id']}.jpg")
-                problem = None
-                try:
-                    im = load_image_bytes(file.read_bytes(), cand["id"])
-                    if max(im.size) > max_side:
-                        im.thumbnail((max_side, max_side))
-                    cand["image"] = im
-                    report.attached += 1
-                except (FileNotFoundError, IsADirectoryError):
-                    report.missing += 1
-                    problem = f"image {cand['id']}: no file {file.name}"
-                except ImageDecodeError as exc:  # its message names the id
-                    report.unreadable += 1
-                    problem = str(exc)
-                except OSError as exc:  # unreadable file (permissions, I/O)
-                    report.unreadable += 1
-                    problem = f"image {cand['id']}: {type(exc).__name__}: {exc.strerror or exc}"
-                if problem and len(report.examples) < max_examples:
+                if file not in loaded:
+                    loaded[file] = _load_mmqa_image(file, cand["id"], max_side)
+                image, outcome, problem = loaded[file]
+                setattr(report, outcome, getattr(report, outcome) + 1)
+                cand["image"] = image
+                if problem and len(report.examples) < max_examples and problem not in report.examples:
                     report.examples.append(problem)
             cands.append(cand)
         out.append({**row, "candidates": cands})
     return out, report
+
+
+def _load_mmqa_image(file: Path, doc_id: str, max_side: int) -> tuple[Any, str, str | None]:
+    """``(image or None, which MMQAImageReport count it adds to, what went wrong)`` for one release image file."""
+    try:
+        im = load_image_bytes(file.read_bytes(), doc_id)
+    except (FileNotFoundError, IsADirectoryError):
+        return None, "missing", f"image {doc_id}: no file {file}"
+    except ImageDecodeError as exc:  # its message names the id
+        return None, "unreadable", str(exc)
+    except OSError as exc:  # unreadable file (permissions, I/O)
+        return None, "unreadable", f"image {doc_id}: {type(exc).__name__}: {exc.strerror or exc}"
+    if max(im.size) > max_side:
+        im.thumbnail((max_side, max_side))
+    return im, "attached", None
