@@ -17,10 +17,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+# The sibling names this process made: a sibling carrying this process's id but not made by it was left by a killed
+# process that had the same id (in a container, every run is often pid 1), so it is an orphan like any other.
+_MADE_HERE: set[str] = set()
+
 
 def _sibling(target: Path, tag: str) -> Path:
     """A fresh hidden name next to ``target``: ``.<name>.<tag>-<pid>-<random>``."""
-    return target.parent / f".{target.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    path = target.parent / f".{target.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    _MADE_HERE.add(path.name)
+    return path
 
 
 @contextmanager
@@ -58,6 +64,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _writer_alive(pid: int, name: str) -> bool:
+    """Whether the process that made sibling ``name`` still runs: ours only if we made it, another by its id."""
+    return name in _MADE_HERE if pid == os.getpid() else _pid_alive(pid)
+
+
 def _remove_orphans(target: Path) -> None:
     """Delete the temporary siblings of ``target`` that a killed writer left (their process is gone): a kernel
     interrupted mid-build must not leave a model-sized folder behind for good. A live writer's are never touched
@@ -70,7 +81,7 @@ def _remove_orphans(target: Path) -> None:
     for sibling in target.parent.glob(f".{target.name}.*-*-*"):
         tag, _, rest = sibling.name[len(target.name) + 2:].partition("-")
         pid = rest.split("-", 1)[0]
-        if tag in dead and pid.isdigit() and sibling.is_dir() and not _pid_alive(int(pid)):
+        if tag in dead and pid.isdigit() and sibling.is_dir() and not _writer_alive(int(pid), sibling.name):
             dead[tag].append(sibling)
     if dead["old"] and not target.exists():
         newest = max(dead["old"], key=lambda p: p.stat().st_mtime)

@@ -17,6 +17,7 @@ training subcommands run data-parallel (see docs/multi-gpu.md).
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -45,6 +46,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise CLIError(f"--set: bad key {key!r} in {text!r} (dotted path like stage1.k)")
+    if re.fullmatch(r"[+-]?0\d+", raw.strip()):  # YAML 1.1 reads 010 as octal 8 (and 08 as the float 8.0)
+        return key, int(raw.strip(), 10)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:  # one line, not YAML's multi-line report with a caret under the column

@@ -46,8 +46,8 @@ def project_root() -> Path:
     directory (``/content`` on Colab), so ``data/`` and ``runs/`` never land inside site-packages.
     """
     env = os.environ.get("MMRAG_HOME")
-    if env:
-        return Path(env).resolve()
+    if env:  # "~/mmrag" from a .env file or os.environ is not expanded by any shell
+        return Path(env).expanduser().resolve()
     return _checkout() or Path.cwd().resolve()
 
 
@@ -429,6 +429,24 @@ def setting_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict
 
     old, new = leaves(before), leaves(after)
     return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+
+
+def preset_overrides(base: Preset, preset: Preset) -> dict[str, Any]:
+    """Dotted overrides that turn ``base`` into ``preset`` (``base.with_overrides(**them) == preset``), as plain
+    data: how a ``Preset`` object reaches a notebook, whose parameters are a preset name and overrides."""
+    def changes(a: Any, b: Any, prefix: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(a):
+            old, new = getattr(a, f.name), getattr(b, f.name)
+            if old == new:
+                continue
+            if is_dataclass(old) and is_dataclass(new):
+                out.update(changes(old, new, f"{prefix}{f.name}."))
+            else:  # a value, a mapping value (stage weights) included: replaced whole
+                out[prefix + f.name] = _to_plain(new)
+        return out
+
+    return changes(base, preset, "")
 
 
 def _dotted_keys(node: Mapping[str, Any], prefix: str = "") -> list[str]:
@@ -874,6 +892,7 @@ __all__ = [
     "get_preset",
     "image_tokens",
     "load_preset_yaml",
+    "preset_overrides",
     "project_root",
     "resolve_preset",
     "runs_dir",

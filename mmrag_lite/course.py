@@ -9,13 +9,15 @@ the summary is read back from those artefacts (funnel, reward logs, results tabl
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import auto_preset_name, project_root, resolve_preset, runs_dir
+from .config import PRESETS, Preset, auto_preset_name, preset_overrides, project_root, resolve_preset, runs_dir
 
 
 def _kernel_manager_class() -> type:
@@ -54,9 +56,12 @@ def notebooks_dir() -> Path:
     return here if here.is_dir() else project_root() / "notebooks"
 
 
+COURSE_NOTEBOOK = re.compile(r"\d\d_[a-z0-9_]+\.ipynb")  # not Jupyter's "01_x-Copy1.ipynb" duplicates
+
+
 def notebook_paths(folder: Path | None = None) -> list[Path]:
     """The numbered course notebooks (``NN_topic.ipynb``), in course order."""
-    return sorted(p for p in (folder or notebooks_dir()).glob("[0-9][0-9]_*.ipynb"))
+    return sorted(p for p in (folder or notebooks_dir()).glob("[0-9][0-9]_*.ipynb") if COURSE_NOTEBOOK.fullmatch(p.name))
 
 
 @dataclass
@@ -152,7 +157,7 @@ def headline_numbers(work_dir: Path) -> list[str]:
 
 
 def run_course(
-    preset: str = "cpu-tiny",
+    preset: str | Preset = "cpu-tiny",
     out_dir: str | Path | None = None,
     notebooks: Sequence[Path] | None = None,
     *,
@@ -179,8 +184,15 @@ def run_course(
     # resolved once, so every notebook and the summary name the preset that ran
     resolved = resolve_preset(preset, **overrides)
     check_device(resolved)  # not after notebooks 01-02 have run, inside 03's model loading
-    # the notebooks get the base preset's name and the overrides (a "name" override among them renames it there)
-    base = auto_preset_name() if preset == "auto" else getattr(preset, "name", preset)
+    # the notebooks get the base preset's name and the overrides (a "name" override among them renames it there);
+    # a Preset object travels as the overrides that make it from a named preset, or its changes would be lost
+    if isinstance(preset, Preset):
+        base = preset.name if preset.name in PRESETS else "cpu-tiny"
+        overrides = preset_overrides(PRESETS[base], resolved)
+    else:
+        base = auto_preset_name() if preset == "auto" else preset
+    if os.environ.get("MMRAG_HOME"):  # the kernels run in notebooks/: a relative MMRAG_HOME would point elsewhere
+        os.environ["MMRAG_HOME"] = str(project_root())
     paths = list(notebooks) if notebooks is not None else notebook_paths()
     if not paths:
         raise FileNotFoundError(f"no course notebooks (NN_topic.ipynb) in {notebooks_dir()}: run the course from a "

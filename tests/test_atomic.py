@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mmrag_lite.atomic import atomic_dir, write_json_atomic, write_text_atomic
+from mmrag_lite.atomic import _sibling, atomic_dir, write_json_atomic, write_text_atomic
 
 
 def _names(folder: Path) -> list[str]:
@@ -34,14 +34,22 @@ def test_atomic_dir_removes_what_a_killed_writer_left_but_not_a_live_ones(tmp_pa
     dead_pid = int(gone.stdout)  # that process has exited
     target = tmp_path / "model"
     orphans = [tmp_path / f".model.tmp-{dead_pid}-abcd1234", tmp_path / f".model.old-{dead_pid}-abcd1234"]
-    live = tmp_path / f".model.tmp-{os.getpid()}-feedbeef"  # a writer still at work (this very process)
+    live = _sibling(target, "tmp")  # a writer still at work (in this very process: it named its folder)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    elsewhere = tmp_path / f".model.tmp-{sleeper.pid}-feedbeef"  # a writer at work in another process
+    # a killed run that had this process's id (in a container every run is often pid 1): not this process's folder
+    namesake = tmp_path / f".model.tmp-{os.getpid()}-0dd0dd00"
     other = tmp_path / f".modelx.tmp-{dead_pid}-abcd1234"  # another target's: not ours to judge
-    for folder in [*orphans, live, other]:
-        folder.mkdir()
-        (folder / "weights.bin").write_bytes(b"x" * 10)
-    with atomic_dir(target) as tmp:
-        (tmp / "a.txt").write_text("one")
-    assert _names(tmp_path) == sorted([live.name, other.name, "model"])
+    try:
+        for folder in [*orphans, live, elsewhere, namesake, other]:
+            folder.mkdir()
+            (folder / "weights.bin").write_bytes(b"x" * 10)
+        with atomic_dir(target) as tmp:
+            (tmp / "a.txt").write_text("one")
+        assert _names(tmp_path) == sorted([live.name, elsewhere.name, other.name, "model"])
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 def test_atomic_dir_puts_back_the_copy_a_writer_killed_between_its_renames_left(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -46,9 +47,14 @@ def test_missing_subcommand_is_an_error(capsys):
     ("stage2.reasoning=true", ("stage2.reasoning", True)),
     ("model.model_id=Qwen/Qwen2-VL-2B-Instruct", ("model.model_id", "Qwen/Qwen2-VL-2B-Instruct")),
     ("stage1.weights={format: 1, relevance: 3}", ("stage1.weights", {"format": 1, "relevance": 3})),
+    ("seed=0042", ("seed", 42)),  # zero-padded (seq -w): decimal, not YAML 1.1's octal 34
+    ("stage1.k=08", ("stage1.k", 8)),  # not the float 8.0 that YAML makes of an invalid octal
+    ("seed=-010", ("seed", -10)),
+    ("seed=0", ("seed", 0)),
 ])
 def test_parse_override(text, expected):
     assert cli.parse_override(text) == expected
+    assert type(cli.parse_override(text)[1]) is type(expected[1])  # 8, not 8.0 (which compares equal)
 
 
 @pytest.mark.parametrize("bad", ["stage1.k", "=3", "stage1..k=3"])
@@ -153,6 +159,43 @@ def test_course_finds_its_notebooks_wherever_mmrag_home_points(tmp_path, monkeyp
     assert [p.name[:3] for p in course.notebook_paths()] == ["01_", "02_", "03_", "04_", "05_"]
     with pytest.raises(FileNotFoundError, match="no course notebooks"):
         course.run_course(out_dir=tmp_path / "run", notebooks=[])
+
+
+def test_run_course_hands_the_notebooks_a_preset_objects_changes_and_an_absolute_home(tmp_path, monkeypatch):
+    import papermill
+
+    from mmrag_lite import course
+    from mmrag_lite.config import get_preset, resolve_preset
+
+    seen = []
+    monkeypatch.setattr(papermill, "execute_notebook", lambda src, out, parameters, **kw: seen.append(parameters))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MMRAG_HOME", "home")  # relative: the kernels run in notebooks/, not here
+    nb = course.notebook_paths()[:1]
+    mine = get_preset("cpu-tiny", **{"stage1.k": 3, "stage1.grpo.max_steps": 2, "stage2.weights": {"format": 1.0, "answer": 2.0}})
+    for preset in (mine, get_preset("cpu-tiny", name="my-run", seed=7)):
+        course.run_course(preset, out_dir=tmp_path / "run", notebooks=nb, verbose=False)
+        got = seen[-1]
+        assert resolve_preset(got["preset"], **got["overrides"]) == preset  # nothing the object held is lost
+    assert seen[0]["preset"] == "cpu-tiny" and seen[1]["overrides"]["name"] == "my-run"
+    assert os.environ["MMRAG_HOME"] == str(tmp_path / "home")
+    monkeypatch.setenv("MMRAG_HOME", "~/mmrag data")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    from mmrag_lite.config import project_root
+
+    assert project_root() == tmp_path / "mmrag data"  # no literal "~" folder
+
+
+def test_preset_overrides_round_trip_between_any_two_presets():
+    from mmrag_lite.config import PRESETS, get_preset, preset_overrides
+
+    for a in PRESETS.values():
+        for b in PRESETS.values():
+            assert a.with_overrides(**preset_overrides(a, b)) == b
+    assert preset_overrides(PRESETS["cpu-tiny"], PRESETS["cpu-tiny"]) == {}
+    changed = get_preset("colab-t4", **{"stage1.grpo.learning_rate": 2e-5, "stage2.weights": {"format": 1.0, "ranking": 1.0}})
+    assert preset_overrides(PRESETS["colab-t4"], changed) == {"stage1.grpo.learning_rate": 2e-5,
+                                                             "stage2.weights": {"format": 1.0, "ranking": 1.0}}
 
 
 def test_course_calls_run_course(monkeypatch, capsys):
@@ -292,7 +335,7 @@ def test_cli_details_a_mutation_run_found_unguarded(tmp_path, monkeypatch, capsy
     (wd / "stage1" / "adapter").mkdir(parents=True)  # an empty adapter folder is no adapter
     assert cli.main(["evaluate", "--preset", "cpu-tiny", "--work-dir", str(wd)]) == 2
     (tmp_path / "nb").mkdir()
-    for name in ("02_b.ipynb", "01_a.ipynb", "notes.ipynb"):
+    for name in ("02_b.ipynb", "01_a.ipynb", "notes.ipynb", "01_a-Copy1.ipynb"):  # Jupyter's File > Duplicate
         (tmp_path / "nb" / name).write_text("{}")
     assert [p.name for p in course.notebook_paths(tmp_path / "nb")] == ["01_a.ipynb", "02_b.ipynb"]
 
