@@ -1064,7 +1064,8 @@ def evaluate(preset: Preset, work_dir: str | Path, *, split: str = "test", n_que
     robust: list[dict[str, Any]] = []
     if robustness:
         with clock("robustness"):
-            robust = robustness_check(rows, preset, bank, system=full, clean=predictions.get(full.name), progress=progress)
+            robust = robustness_check(rows, preset, bank, system=full, clean=predictions.get(full.name), seed=preset.seed,
+                                      progress=progress)
     report = build_report(preset, rows, predictions, fluency_scorer=fluency_scorer, mmqa_rows=mmqa_rows,
                           mmqa_preds=mmqa_preds, mmqa_note=mmqa_note, ablations=ablation_rows, robustness=robust,
                           notes=bank.notes, timings=clock.done(), data_source=data.mini_webqa_source(work_dir))

@@ -324,15 +324,21 @@ def adapter_fingerprint(adapter: str | Path) -> str:
 
 
 def judge_identity(preset: Preset, adapter: str | Path | None, *, base_model: str | Path | None = None) -> dict[str, Any]:
-    """What a stage-1 score depends on: the judge's adapter (content, not file times) and the base under it.
+    """What a stage-1 score depends on: the judge's adapter (content, not file times), the base under it, and how
+    the model sees a candidate (``rendering``: image size and pixel budget, 4-bit or not, compute dtype).
 
     Writers of ``stage1/scores_<split>.json`` store it as ``meta["judge"]``; ``reusable_scores`` reuses a file only
-    while it still matches, so a retrained adapter or a rebuilt base recomputes the scores instead of reusing them.
+    while it still matches, so a retrained adapter, a rebuilt base or another image size recomputes the scores
+    instead of reusing them (a hub base is only its id: ``colab-t4`` and ``l4`` share it at different image sizes).
     """
     base = base_key(base_model if base_model is not None else preset_base_model(preset))
+    m = preset.model
+    rendering = {"image_size": m.image_size, "min_pixels": m.min_pixels, "max_pixels": m.max_pixels,
+                 "load_in_4bit": m.load_in_4bit, "compute_dtype": m.compute_dtype}
     if adapter is None:
-        return {"adapter": None, "adapter_sha256": None, "base": base}
-    return {"adapter": str(Path(adapter).resolve()), "adapter_sha256": adapter_fingerprint(adapter), "base": base}
+        return {"adapter": None, "adapter_sha256": None, "base": base, "rendering": rendering}
+    return {"adapter": str(Path(adapter).resolve()), "adapter_sha256": adapter_fingerprint(adapter), "base": base,
+            "rendering": rendering}
 
 
 def save_stage1_scores(scored: Any, preset: Preset, work_dir: str | Path, split: str, adapter: str | Path | None, *,
@@ -348,10 +354,12 @@ def save_stage1_scores(scored: Any, preset: Preset, work_dir: str | Path, split:
 
 
 def _same_judge(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    """Two judge identities agree on the adapter's content and the base (paths may differ: a run folder moves)."""
+    """Two judge identities agree on the adapter's content, the base and the rendering (paths may differ: a run
+    folder moves); a file written before the rendering was recorded lacks it, and is scored again."""
     base_a, base_b = a.get("base"), b.get("base")
     return (a.get("adapter_sha256") == b.get("adapter_sha256") and base_a is not None and base_b is not None
-            and base_key(base_a) == base_key(base_b))
+            and base_key(base_a) == base_key(base_b) and a.get("rendering") is not None
+            and a.get("rendering") == b.get("rendering"))
 
 
 class SharedWeights:
@@ -634,6 +642,22 @@ def reusable_scores(bank: ModelBank, split: str) -> dict[str, dict[str, float]]:
     return {}
 
 
+def _pool_ids(split_ds: Any, n: int) -> dict[str, set[str]]:
+    """``{guid: candidate ids}`` of the first ``n`` questions of a split, read without decoding a single image."""
+    if not hasattr(split_ds, "with_format"):  # plain rows
+        return {str(r["guid"]): {str(c["id"]) for c in r["candidates"]} for r in list(split_ds)[:n]}
+    import pyarrow.compute as pc
+
+    table = split_ds.with_format("arrow")[: min(n, len(split_ds))]  # Arrow, so the images stay bytes
+    pools = table["candidates"].combine_chunks()
+    ids = pc.struct_field(pools.flatten(), "id").to_pylist()
+    out, start = {}, 0
+    for guid, size in zip(table["guid"].to_pylist(), pc.list_value_length(pools).to_pylist()):
+        out[str(guid)] = {str(i) for i in ids[start:start + size]}
+        start += size
+    return out
+
+
 def ensure_stage1_scores(bank: ModelBank, split_ds: Any, split: str) -> Path:
     """The run's ``stage1/scores_<split>.json``, brought up to date: kept while ``reusable_scores`` accepts it and it
     covers the questions the run reads (``scoring.questions_to_score``), else scored again with the bank's stage-1
@@ -646,11 +670,11 @@ def ensure_stage1_scores(bank: ModelBank, split_ds: Any, split: str) -> Path:
                          f"no adapter, or the bank filters with another ({bank.adapter_path('stage1')}); train stage 1 "
                          "in this run folder first")
     n = scoring.questions_to_score(bank.preset, split)
-    guids = split_ds["guid"] if hasattr(split_ds, "column_names") else [r["guid"] for r in split_ds]  # no image decode
-    needed = [str(g) for g in list(guids)[:n]]
+    pools = _pool_ids(split_ds, n)
     path = scoring.scores_path(bank.work_dir, split)
     current = reusable_scores(bank, split)
-    if current and all(g in current for g in needed):
+    # the same questions and the same pools: a rebuilt Mini-WebQA (say, another data.max_candidates) keeps the guids
+    if current and all(g in current and set(current[g]) == ids for g, ids in pools.items()):
         return path
     judge, processor = bank.get("stage1")
     scored = scoring.score_split(judge, processor, split_ds, bank.preset, max_questions=n, progress=bank.verbose)

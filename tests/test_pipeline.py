@@ -445,14 +445,22 @@ def test_reasoning_viewer_builds_headless(bank):
     assert ROWS[0]["question"] in viewer.output.value and ROWS[-1]["question"] not in viewer.output.value
 
 
-def test_evaluate_writes_the_eval_folder(bank, tmp_path):
+def test_evaluate_writes_the_eval_folder(bank, tmp_path, monkeypatch):
     from mmrag_lite import evaluation as E
 
     # One-step, small-batch retrainings: the retrained ablation's plumbing, not its numbers.
     fast = PRESET.with_overrides(**{"stage2.grpo.max_steps": 1, "stage2.grpo.per_device_train_batch_size": 4,
-                                    "stage2.grpo.max_completion_length": 8, "stage2.max_examples": 8})
+                                    "stage2.grpo.max_completion_length": 8, "stage2.max_examples": 8, "seed": 3})
     assert fast.evaluation.retrain_ablations
     small = P.ModelBank(fast, tmp_path, loader=lambda preset, adapter_path: bank.get("base"), verbose=False)
+    attack_seeds = []
+    real_check = E.robustness_check
+
+    def spy(*args, **kwargs):
+        attack_seeds.append(kwargs.get("seed", 0))
+        return real_check(*args, **kwargs)
+
+    monkeypatch.setattr(E, "robustness_check", spy)
     report = E.evaluate(fast, tmp_path, n_questions=4, mmqa=False, robustness=True, ks=[1, 2], bank=small,
                         fluency_scorer=None, progress=False)
     # no adapter was trained here: the rows that would use one say they ran the base model
@@ -472,6 +480,7 @@ def test_evaluate_writes_the_eval_folder(bank, tmp_path):
         assert len(json.loads((folder / "stage2" / "log_history.json").read_text())) >= 1
     assert all(0 <= r["Retr-F1"] <= 1 and 0 <= r["well-formed"] <= 1 for r in retrained)
     assert [r["distractor"] for r in report.robustness] == ["none (clean)", "conflicting", "lexical"]
+    assert attack_seeds == [3]  # the preset's seed, as notebook 05 passes it: the CLI writes the same attack
     assert list(report.slots) == names
     oracle_slots = report.slots[names[-1]]
     eval_rows = E.load_eval_split(fast, tmp_path, "test", 4)
@@ -582,6 +591,14 @@ def test_saved_scores_are_keyed_on_the_judge_adapter_and_base(tmp_path):
     assert P.reusable_scores(bank, "test") == {"g": {"a": 0.2, "b": 0.9}}
     save({**bank.judge_identity("stage1"), "base": "/elsewhere/another-base"})  # scored on another base
     assert P.reusable_scores(bank, "test") == {} and any("recomputing" in n for n in bank.notes)
+    hub = P.judge_identity(get_preset("colab-t4"), adapter)  # a hub base is its id: the rendering tells them apart
+    assert hub["base"] == P.judge_identity(get_preset("l4"), adapter)["base"]
+    bigger = P.judge_identity(get_preset("colab-t4", **{"model.image_size": 448}), adapter)
+    assert not P._same_judge(hub, bigger) and P._same_judge(hub, P.judge_identity(get_preset("colab-t4"), adapter))
+    save({**bank.judge_identity("stage1"), "rendering": {**bank.judge_identity("stage1")["rendering"], "image_size": 99}})
+    assert P.reusable_scores(bank, "test") == {}  # scored at another image size
+    save({k: v for k, v in bank.judge_identity("stage1").items() if k != "rendering"})  # written before it was recorded
+    assert P.reusable_scores(bank, "test") == {}
     save(bank.judge_identity("stage1"))
     (adapter / "adapter_model.safetensors").write_bytes(b"retrained")  # same file times do not matter: content does
     assert P.reusable_scores(bank, "test") == {}
@@ -590,6 +607,13 @@ def test_saved_scores_are_keyed_on_the_judge_adapter_and_base(tmp_path):
     scores.write_text(json.dumps({"g": {"a": 0.2, "b": 0.9}}))
     with pytest.raises(P.AdapterBaseMismatch):
         P.reusable_scores(bank, "test")
+
+
+def _as_dataset(rows):
+    """Rows as a ``datasets`` split with Mini-WebQA's features (images stored as bytes)."""
+    from mmrag_lite import data
+
+    return data.rows_to_dataset(rows)
 
 
 def test_ensure_stage1_scores_scores_what_the_run_reads_and_reuses_it(tmp_path, monkeypatch):
@@ -617,12 +641,17 @@ def test_ensure_stage1_scores_scores_what_the_run_reads_and_reuses_it(tmp_path, 
                        verbose=False)
     P.ensure_stage1_scores(more, rows, "train")
     assert calls == [4, 8] and len(scoring.load_scores(path)) == 6  # all six: fewer than asked for
+    rebuilt = synthetic_rows(6, pool=4)  # Mini-WebQA rebuilt with smaller pools: the same guids, other candidates
+    P.ensure_stage1_scores(more, rebuilt, "train")
+    assert calls == [4, 8, 8] and all(len(v) == 4 for v in scoring.load_scores(path).values())
+    dataset = P.ensure_stage1_scores(more, _as_dataset(rebuilt), "train")  # a datasets split: pools read from Arrow
+    assert dataset == path and calls == [4, 8, 8]
     other = _fake_adapter(tmp_path / "elsewhere" / "adapter", P.preset_base_model(preset))
     for stranger in (P.ModelBank(preset, tmp_path, adapters={"stage1": other}, verbose=False),
                      P.ModelBank(preset, tmp_path / "untrained", verbose=False)):
         with pytest.raises(ValueError, match="train stage 1 in this run folder"):
             P.ensure_stage1_scores(stranger, rows, "train")  # never the run's file with another judge's scores
-    assert calls == [4, 8]
+    assert calls == [4, 8, 8]
 
 
 # ------------------------------------------------------------------------------------------ prompt orders
