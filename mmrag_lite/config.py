@@ -311,7 +311,8 @@ class Preset:
                 problems.append(f"{stage_name}.weights has unknown components {unknown}; known: {', '.join(known)}")
         if not 0 < self.stage1.positive_fraction < 1:
             problems.append(f"stage1.positive_fraction={self.stage1.positive_fraction!r} must be in (0, 1)")
-        at_least("data.max_candidates", self.data.max_candidates, 1)
+        at_least("data.max_candidates", self.data.max_candidates, 2,
+                 " (a pool of its gold alone has no distractor: nothing for stage 1 to tell apart)")
         if self.stage1.k < 1 or self.stage1.k > self.data.max_candidates:
             problems.append(f"stage1.k={self.stage1.k!r} must be in [1, data.max_candidates={self.data.max_candidates}]")
         at_least("stage2.permutations", self.stage2.permutations, 1)

@@ -80,6 +80,8 @@ def grpo_config_kwargs(preset: Preset, stage: int, output_dir: str | Path | None
     """
     s = _stage_settings(preset, stage)
     g = s.grpo
+    if max_steps is not None and max_steps < 1:  # transformers trains a step at 0, and by epochs below it
+        raise ValueError(f"max_steps={max_steps!r} must be >= 1 (or None for the preset's {g.max_steps})")
     cpu = _on_cpu(preset)
     _, weights = reward_funcs_for(preset, stage)
     dtype = preset.model.compute_dtype
@@ -171,6 +173,10 @@ def build_stage1_dataset(split_ds: Iterable[Mapping[str, Any]], preset: Preset, 
     for row in one_split(split_ds, "build_stage1_dataset"):
         for cand in row["candidates"]:
             (pos if cand["is_gold"] else neg).append((row, cand))
+    if not pos or not neg:  # Dataset.from_list([]) would fail with a schema error that names neither
+        raise ValueError(f"stage 1 needs gold and distractor candidates to judge; this split has {len(pos)} gold and "
+                         f"{len(neg)} distractor candidates (an empty split, or data.max_candidates="
+                         f"{preset.data.max_candidates} keeping only the gold)")
     rng.shuffle(pos)
     rng.shuffle(neg)
     f = s.positive_fraction
@@ -667,14 +673,24 @@ def load_log_history(work_dir: str | Path, stage: int) -> list[dict[str, Any]]:
 
 
 def last_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest ``checkpoint-<step>`` folder of a run, or None."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest complete ``checkpoint-<step>`` folder of a run, or None.
 
+    transformers writes ``trainer_state.json`` last: a run killed while saving (or a full disk) leaves a newer
+    folder without it, which resuming cannot read. That one is skipped, with a warning, for the one before it.
+    """
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return None
-    found = get_last_checkpoint(str(output_dir))
-    return Path(found) if found else None
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
+    skipped = []
+    for folder in sorted(found, key=lambda p: int(p.name.split("-", 1)[1]), reverse=True):
+        if checkpoint_step(folder) is not None:
+            if skipped:
+                warnings.warn(f"{', '.join(skipped)} in {output_dir} is incomplete (no readable trainer_state.json: cut "
+                              f"off while saving?): resuming from {folder.name}", stacklevel=2)
+            return folder
+        skipped.append(folder.name)
+    return None
 
 
 def keep_trainable_in_float32(model: Any) -> int:
@@ -929,6 +945,9 @@ def _train(stage: int, preset: Preset, dataset: Any, work_dir: str | Path, *, in
     if len(dataset) == 0:  # GRPOTrainer would stop at step 0 and save an untrained adapter as if it had trained
         raise ValueError(f"the stage-{stage} training set is empty: nothing to train on. For stage 2, read the build "
                          "report (too-long prompts dropped? stale stage-1 scores whose guids no longer match?)")
+    if isinstance(resume, (str, Path)) and checkpoint_step(resume) is None:  # before a model is loaded for nothing
+        raise ValueError(f"{resume} has no readable trainer_state.json (cut off while saving?): resume from an earlier "
+                         "checkpoint, or with resume=True, which picks the newest complete one")
     out = Path(work_dir) / f"stage{stage}"
     out.mkdir(parents=True, exist_ok=True)
     trainer, curve = build_trainer(preset, stage, dataset, out, model=model, processor=processor,

@@ -474,5 +474,7 @@ def test_k_beyond_the_pool_and_non_square_images_are_handled():
 
     with pytest.raises(ConfigError, match=r"data\.max_candidates"):
         get_preset("cpu-tiny", **{"stage1.k": 99})
+    with pytest.raises(ConfigError, match=r"data\.max_candidates=1 must be >= 2 \(a pool of its gold alone"):
+        get_preset("cpu-tiny", **{"data.max_candidates": 1, "stage1.k": 1})
     side = get_preset("cpu-tiny").model.image_size
     assert prepare_image(Image.new("RGB", (side, 10)), get_preset("cpu-tiny")).size == (side, side)

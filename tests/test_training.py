@@ -164,6 +164,10 @@ def test_stage1_dataset_is_balanced_and_follows_the_contract() -> None:
     assert Counter(skewed["label"])["no"] == 3 * Counter(skewed["label"])["yes"]
     again = training.build_stage1_dataset(rows, PRESET, seed=0)
     assert again["candidate_id"] == ds["candidate_id"]  # deterministic by seed
+    only_gold = [{**r, "candidates": [c for c in r["candidates"] if c["is_gold"]]} for r in rows]
+    for split, counts in ((only_gold, f"{n_pos} gold and 0 distractor"), ([], "0 gold and 0 distractor")):
+        with pytest.raises(ValueError, match=counts):  # not datasets' schema error that names neither
+            training.build_stage1_dataset(split, PRESET, seed=0)
 
 
 # ------------------------------------------------------------------------------------------------ stage 2 data
@@ -808,8 +812,19 @@ def test_last_checkpoint_is_the_highest_step_not_the_latest_name(tmp_path: Path)
     assert training.last_checkpoint(tmp_path) is None
     for step in (2, 10, 9):
         (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     (tmp_path / "checkpoint-final").mkdir()  # not a step: ignored
     assert training.last_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+    (tmp_path / "checkpoint-11").mkdir()  # cut off while saving: transformers writes trainer_state.json last
+    (tmp_path / "checkpoint-11" / "adapter_model.safetensors").write_bytes(b"half")
+    with pytest.warns(UserWarning, match="checkpoint-11 .* incomplete .* resuming from checkpoint-10"):
+        assert training.last_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+    kw = {"init_adapter": None, "callbacks": (), "max_steps": None, "live_plot": False, "plot_title": None,
+          "model": None, "processor": None, "verbose": False}
+    with pytest.raises(ValueError, match="checkpoint-11 has no readable trainer_state.json"):
+        training._train(1, PRESET, [{"x": 1}], tmp_path / "run", resume=tmp_path / "checkpoint-11", **kw)
+    with pytest.raises(ValueError, match="max_steps=0 must be >= 1"):
+        training.grpo_config_kwargs(PRESET, 1, max_steps=0)  # transformers would train one step anyway
 
 
 def test_cuda_memory_callback_logs_the_steps_peak_tensors_and_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
