@@ -19,7 +19,7 @@ only the one or two gold documents would not: it never saw such short lists, and
 
 Adapters are tied to the base weights they were trained on: ``ModelBank`` refuses an adapter whose
 ``adapter_config.json`` names another base (LoRA deltas on other weights are noise), and saved stage-1 scores are
-reused only for the judge identity (adapter content + base) that wrote them (``judge_identity``).
+reused only for the judge identity (adapter content + base + rendering) that wrote them (``judge_identity``).
 
 Prompts are never truncated: a stage-2 prompt longer than ``preset.answer_prompt_tokens`` (``evaluation.max_prompt_tokens``,
 else ``stage2.max_prompt_tokens``) loses its lowest-ranked candidates (whole documents, images included) until it
