@@ -11,6 +11,7 @@ import zlib
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -768,12 +769,12 @@ def test_candidate_pool_holds_each_id_once_and_gold_wins():
 
 def test_downscaled_images_keep_their_format():
     big_jpeg, big_png = _jpeg(size=96), _png(size=96)
-    small, size = D.mini._image_payload(big_jpeg, 48, 1)
-    assert small[:3] == b"\xff\xd8\xff" and Image.open(io.BytesIO(small)).size == size == (48, 48)
+    small, size, found = D.mini._image_payload(big_jpeg, 48, 1)
+    assert small[:3] == b"\xff\xd8\xff" and Image.open(io.BytesIO(small)).size == size == (48, 48) and found == (96, 96)
     assert D.mini._image_payload(big_png, 48, 2)[0][:4] == b"\x89PNG"
-    assert D.mini._image_payload(_jpeg(size=32), 48, 3) == (_jpeg(size=32), (32, 32))  # small enough: stored as it is
+    assert D.mini._image_payload(_jpeg(size=32), 48, 3) == (_jpeg(size=32), (32, 32), (32, 32))  # stored as it is
     cut = _jpeg(size=32)[: len(_jpeg(size=32)) * 2 // 3]  # truncated: re-encoded whole, so any reader opens it
-    fixed, size = D.mini._image_payload(cut, 48, 4)
+    fixed, size, _ = D.mini._image_payload(cut, 48, 4)
     assert fixed != cut and size == (32, 32) and D.load_image_bytes(fixed).size == (32, 32)
     Image.open(io.BytesIO(fixed)).load()  # strict decode, no truncation tolerance needed
     with pytest.raises(D.ImageDecodeError, match="image 5"):
@@ -1346,6 +1347,52 @@ def test_a_thin_strip_is_too_small_whichever_side_is_short(tmp_path):
         assert "too small" in store.check(30000000, min_side=8)
 
 
+def test_a_wide_banner_is_judged_by_its_own_size_not_its_thumbnail(tmp_path):
+    """2000 x 20 passes the store's size check; its 448 x 4 thumbnail must not fail the same check afterwards."""
+    banner = io.BytesIO()
+    Image.new("RGB", (2000, 20), (0, 0, 200)).save(banner, format="PNG")
+    with ImageStore(write_store(tmp_path, {30000000: banner.getvalue(), 30000001: _png()})) as store:
+        assert store.check(30000000, min_side=8) is None
+        row = D.record_to_row(record(guid="b"), store, 8, MiniWebQAFilters())
+        gold = next(c for c in row["candidates"] if c["is_gold"])
+        width, height = Image.open(io.BytesIO(gold["image"]["bytes"])).size
+        assert width == 448 and height < 8  # stored downscaled below min_image_side, and still kept
+
+
+def test_sixteen_bit_greyscale_keeps_its_shades():
+    """PIL opens a 16-bit PNG as I;16; a plain convert("RGB") clips everything above 255 to white."""
+    ramp = np.tile(np.linspace(0, 65535, 64), (8, 1)).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, format="PNG")
+    pixels = np.asarray(D.load_image_bytes(buf.getvalue()))[..., 0]
+    assert pixels[0, 0] == 0 and pixels[0, -1] == 255 and len(np.unique(pixels)) == 64
+    assert abs(int(pixels[0, 32]) - 130) <= 2  # the middle of the ramp is mid-grey, not white
+
+
+def test_a_guid_with_a_colon_keeps_its_read_error_whole(tmp_path):
+    path = tmp_path / "WebQA_train_val.json"
+    bad = raw_record(guid="a: b")
+    bad["Q"] = 5
+    path.write_text(json.dumps({"a: b": bad, "ok": raw_record(guid="ok")}))
+    errors: list = []
+    assert [r.guid for r in D.iter_webqa(path, errors)] == ["ok"]
+    assert errors[0].guid == "a: b" and errors[0].message == "record: 'Q' must be a string, got int"
+
+
+def test_an_empty_webqa_val_test_split_says_its_questions_were_linked_to_train(tmp_path):
+    from mmrag_lite.config import get_preset
+
+    recs = {}
+    for i in range(30):  # 6 val questions, each sharing its gold image with a train question
+        rec = raw_record(guid=f"g{i}", img_pos=((30000000 + (i - 24 if i >= 24 else i), "Ball", "A ball."),), img_neg=())
+        rec["split"] = "val" if i >= 24 else "train"
+        recs[f"g{i}"] = rec
+    preset = get_preset("cpu-tiny", **{"data.test_split": "webqa_val"})
+    with pytest.raises(D.MiniWebQABuildError, match=r"has none; 6 val question\(s\) were removed as linked to a train question"):
+        D.build_mini_webqa(write_webqa(tmp_path / "src", recs), tmp_path / "out", settings=preset,
+                           filters=MiniWebQAFilters(check_images=False), progress=False)
+
+
 def test_a_world_made_at_another_image_size_is_not_reused():
     """``--set data.world_image_size=112`` must draw a new world, not reuse the one drawn at the old size."""
     from mmrag_lite.config import get_preset
@@ -1487,7 +1534,7 @@ def test_transparent_pixels_become_white_not_black(tmp_path, mode):
     assert D.load_image_bytes(data).getpixel((3, 3)) == (255, 255, 255)
     with ImageStore(write_store(tmp_path, {30000000: data})) as store:
         assert store.get(30000000).getpixel((0, 0)) == (255, 255, 255)
-    payload, size = mini._image_payload(data, 8, 30000000)  # downscaled: re-encoded from the RGB image
+    payload, size, _ = mini._image_payload(data, 8, 30000000)  # downscaled: re-encoded from the RGB image
     assert size == (8, 8) and Image.open(io.BytesIO(payload)).convert("RGB").getpixel((1, 1)) == (255, 255, 255)
     half = Image.new("RGBA", (2, 2), (255, 0, 0, 128))
     assert D.to_rgb(half).getpixel((0, 0)) == (255, 127, 127)  # half-transparent red on white: pink

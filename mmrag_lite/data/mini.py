@@ -577,9 +577,11 @@ def split_leaks(splits: Mapping[str, Sequence[WebQARecord]], copies: Mapping[str
 
 
 # ------------------------------------------------------------------------------------ candidate pools
-def _image_payload(data: bytes, max_side: int, image_id: int) -> tuple[bytes, tuple[int, int]]:
-    """``(bytes to store, their width x height)``: the bytes as they are, unless truncated (re-encoded so any reader
-    opens them) or larger than ``max_side`` (downscaled).
+def _image_payload(data: bytes, max_side: int, image_id: int) -> tuple[bytes, tuple[int, int], tuple[int, int]]:
+    """``(bytes to store, their width x height, the image's width x height as found)``: the bytes as they are, unless
+    truncated (re-encoded so any reader opens them) or larger than ``max_side`` (downscaled). The size as found is
+    what ``min_image_side`` judges, as ``ImageStore.check`` does: a 2000x20 banner is not "too small" because its
+    448x4 thumbnail is.
 
     One decode per image: on real WebQA (~800 px photos) decoding and downscaling are most of the build's time
     (``benchmarks/build_full_world.py --image-size 800``).
@@ -589,10 +591,11 @@ def _image_payload(data: bytes, max_side: int, image_id: int) -> tuple[bytes, tu
             if max(im.size) <= max_side:
                 with TRUNCATION_GATE.strict():
                     im.load()  # strict: a truncated file raises here and is re-encoded below
-                return data, im.size
+                return data, im.size, im.size
     except Exception:  # noqa: BLE001, S110 - truncated or unreadable: load_image_bytes keeps the one, names the other
         pass
     im = load_image_bytes(data, image_id)
+    found = im.size
     if max(im.size) > max_side:
         im.thumbnail((max_side, max_side))
     buf = io.BytesIO()
@@ -600,7 +603,7 @@ def _image_payload(data: bytes, max_side: int, image_id: int) -> tuple[bytes, tu
         im.save(buf, format="JPEG", quality=90)  # load_image_bytes gives RGB
     else:
         im.save(buf, format="PNG")
-    return buf.getvalue(), im.size
+    return buf.getvalue(), im.size, found
 
 
 def _candidate(fact: ImageFact | TextFact, is_gold: bool, image: dict | None) -> dict[str, Any]:
@@ -643,8 +646,8 @@ def record_to_row(record: WebQARecord, store: ImageStore | None, max_candidates:
         if isinstance(fact, ImageFact) and store is not None:
             try:
                 data = store.get_bytes(fact.image_id)
-                payload, size = _image_payload(data, filters.max_image_side, fact.image_id)
-                if filters.check_images and min(size) < filters.min_image_side:
+                payload, _, found = _image_payload(data, filters.max_image_side, fact.image_id)
+                if filters.check_images and min(found) < filters.min_image_side:
                     raise ImageStoreError(fact.image_id, "too small")
                 image = {"bytes": payload, "path": None}
             except ImageStoreError:
@@ -827,9 +830,12 @@ def _refuse_empty_splits(sizes: Mapping[str, int], report: FunnelReport, json_pa
     """A saved empty split cannot be loaded (``datasets`` fails with an IndexError), so refuse to save one."""
     empty = [name for name in SPLITS if not sizes.get(name)]
     if empty:
+        linked = next((s.removed for s in report.steps if s.name == "linked_to_train"), 0)
         held_out = (" The test split is WebQA's own val questions (data.test_split='webqa_val'): a source whose "
-                    "surviving questions are all split 'train' has none; use test_split='pooled'."
-                    if test_split == "webqa_val" and "test" in empty else "")
+                    "surviving questions are all split 'train' has none"
+                    + (f"; {linked} val question(s) were removed as linked to a train question "
+                       "(step linked_to_train: a shared gold source or a reworded question)" if linked else "")
+                    + "; use test_split='pooled'." if test_split == "webqa_val" and "test" in empty else "")
         raise MiniWebQABuildError(
             f"Mini-WebQA from {json_path} would have an empty {' and '.join(empty)} split: only "
             f"{sum(sizes.values())} question(s) survive the filters (split fractions {tuple(fractions)}). Build from "

@@ -368,7 +368,7 @@ def iter_webqa(path: str | Path, errors: list[RecordError] | None = None, strict
             if strict:
                 raise
             if errors is not None:
-                errors.append(RecordError(guid, str(exc).split(": ", 1)[-1]))
+                errors.append(RecordError(guid, str(exc).removeprefix(f"WebQA record {guid}: ")))
 
 
 def _ends_mid_object(path: str | Path) -> bool:
