@@ -55,7 +55,8 @@ reward is guarded), each a keyword option, on by default:
   ("X or Y", "X and Y", "X, Y"). So a sentence that says what the reference says is never halved (none of the 3,626 real
   val recall references), and naming both options is worth what a coin flip between them is worth in expectation:
   committing to the option the evidence supports pays more (``benchmarks/bench_answer_guards.py``). An option that a
-  text denies ("upwards, not sideways"; also "rather than", "instead of", "n't") is neither named nor scored there: on
+  text denies ("upwards, not sideways"; also "rather than", "instead of", "n't"; in "not as tall as it is wide" only
+  "tall"; option words matched as lemmatised in context and alone) is neither named nor scored there: on
   questions with options, Acc reads what the answer affirms against what the reference affirms (never more than the
   official Acc), so a contrast pays when right and not when wrong (recall alone paid "sideways, not upwards" in full).
   Why 1/2 and not 0: a bag-of-words test cannot tell a hedge from a correct sentence that compares with the other
@@ -358,8 +359,10 @@ def _plain(text: str) -> str:
 
 _OPTION_TOKEN = re.compile(r"\w+|[,;:?]")
 _OPTION_BREAKS = frozenset(",;:?")
-# A denial and the rest of its clause: "upwards, not sideways", "rather than sideways", "it isn't sideways".
-_DENIAL = re.compile(r"(?:\b(?:not|never|rather than|instead of)\b|n't\b)([^,.;:!?]*)", re.IGNORECASE)
+# A denial and the rest of its clause: "upwards, not sideways", "rather than sideways", "it isn't sideways". In "not as
+# tall as it is wide" only "as tall" is denied: what follows the second "as" is what the sentence affirms (wider).
+_DENIAL = re.compile(r"(?:\b(?:not|never|rather than|instead of)\b|n't\b)(\s+(?:as|so)\s+\w+(?=\s+as\b)|[^,.;:!?]*)",
+                     re.IGNORECASE)
 
 
 def _denied_text(text: str) -> str:
@@ -651,6 +654,12 @@ def _webqa_answer_scores(said: list[str], answers: list[Any], columns: Mapping[s
     normed_rest = iter(normed[7 * k:])
     normed_spans = [[(next(normed_rest), next(normed_rest)) for _ in pairs] for pairs in spans]
     normed_uncut = [[next(normed_rest) if t is not None else None for t in row] for row in uncut]
+    # each option word lemmatised on its own too: the lemmatiser reads context, so "red tower taller" keeps "taller"
+    # while the denial "not taller" alone reads "tall"; without both forms "Shorter, not taller" still named taller
+    span_words = [sorted(_option_words(pairs)) for pairs in normed_spans]
+    flat_words = iter(metrics.normalize_webqa_many([w for row in span_words for w in row]))
+    option_word_sets = [_option_words(pairs) | {w for _ in row for w in next(flat_words).split()}
+                        for pairs, row in zip(normed_spans, span_words)]
     out = []
     for j in range(k):
         cand, ref, question, whole_ref = normed[j], normed[k + j], normed[2 * k + j], normed[3 * k + j]
@@ -658,7 +667,7 @@ def _webqa_answer_scores(said: list[str], answers: list[Any], columns: Mapping[s
         halved = False
         said_order, whole_order = (t if t is not None else full for t, full in zip(normed_uncut[j], (cand, whole_ref)))
         if spans[j]:  # from here on, what each text affirms; never more than the official score
-            option_words = _option_words(normed_spans[j])
+            option_words = option_word_sets[j]
             cand, ref, whole_ref = (_affirmed(text, denied, option_words)
                                     for text, denied in zip((cand, ref, whole_ref), normed_denials[j]))
             score = min(score, metrics.webqa_scores_from_normalized(cand, ref, qc[j])["acc"])

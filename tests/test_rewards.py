@@ -268,6 +268,27 @@ def test_choose_guard_reads_an_option_the_answer_denies_as_not_named():
     assert answer_reward(short, question=[STACHYS], **ref) == answer_reward(short, choose_guard=False, **ref) == [1 / 3]
 
 
+def test_a_denied_comparative_option_is_not_named():
+    """spaCy lemmatises in context: the option span "red tower taller" keeps "taller", the denial "not taller" reads
+    "tall". Option words are matched in both forms, so a wrong "X, not Y" on a comparative pays nothing (it paid 1.0
+    on real val questions: "Wider, not taller." for a "taller or wider?" question)."""
+    q = "Is the red tower taller or shorter than the blue tower?"
+    said = ["Shorter, not taller", "Taller, not shorter", "Taller", "taller or shorter"]
+    cols = {"answer": ["The red tower is taller."] * 4, "keywords": ["taller"] * 4, "qcate": ["choose"] * 4}
+    comps = [stage2_target(["D1"], a) for a in said]
+    assert answer_reward(comps, question=[q] * 4, **cols) == [0.0, 1.0, 1.0, 0.5]
+    eiffel = "Is the Eiffel Tower taller or shorter than the Statue of Liberty?"
+    wrong = [stage2_target(["D1"], "It is shorter, not taller"), stage2_target(["D1"], "It is taller, not shorter")]
+    assert answer_reward(wrong, answer=["The Eiffel Tower is taller."] * 2, keywords=["taller"] * 2,
+                         qcate=["choose"] * 2, question=[eiffel] * 2) == [0.0, 1.0]
+    # "not as tall as it is wide" denies "tall" only and affirms "wide" (a real val reference is worded so)
+    wide = "Is the Madison Park building taller or wider in length ?"
+    said = ["It is not as tall as it is wide.", "It is not as wide as it is tall.", "Wider, not taller.",
+            "It isn't as tall as it is wide"]
+    assert answer_reward([stage2_target(["D1"], a) for a in said], answer=["It is not as tall as it is wide."] * 4,
+                         keywords=["Wider"] * 4, qcate=["choose"] * 4, question=[wide] * 4) == [1.0, 0.0, 0.0, 1.0]
+
+
 def test_choose_guard_reads_the_question_from_trl_prompts():
     from mmrag_lite.prompts import stage2_messages
 
