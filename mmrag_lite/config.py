@@ -74,7 +74,7 @@ def shared_data_dir() -> Path | None:
     switch off the real-data checks); next to ``project_root()`` for an installed package.
     """
     env = os.environ.get("MMRAG_SHARED_DATA")
-    path = Path(env) if env else (_checkout() or project_root()).parent / "shared" / "data"
+    path = Path(env).expanduser().resolve() if env else (_checkout() or project_root()).parent / "shared" / "data"
     return path if path.is_dir() else None
 
 

@@ -193,6 +193,8 @@ def run_course(
         base = auto_preset_name() if preset == "auto" else preset
     if os.environ.get("MMRAG_HOME"):  # the kernels run in notebooks/: a relative MMRAG_HOME would point elsewhere
         os.environ["MMRAG_HOME"] = str(project_root())
+    if os.environ.get("MMRAG_SHARED_DATA"):  # likewise
+        os.environ["MMRAG_SHARED_DATA"] = str(Path(os.environ["MMRAG_SHARED_DATA"]).expanduser().resolve())
     paths = list(notebooks) if notebooks is not None else notebook_paths()
     if not paths:
         raise FileNotFoundError(f"no course notebooks (NN_topic.ipynb) in {notebooks_dir()}: run the course from a "

@@ -621,7 +621,8 @@ def reusable_scores(bank: ModelBank, split: str) -> dict[str, dict[str, float]]:
 
     They are the run's own ``stage1/adapter``'s, so they count only when the bank filters with that adapter (not with
     one passed in ``adapters``), and only while the judge the file records (``meta["judge"]``, see
-    ``judge_identity``) still matches the adapter's content and the base; a file that records no judge is recomputed,
+    ``judge_identity``) still matches the adapter's content, the base and the rendering; a file that records no judge
+    (or, written before the rendering was recorded, no rendering) is recomputed,
     never trusted. An adapter trained on another base raises ``AdapterBaseMismatch`` here, before any score is read.
     """
     from mmrag_lite import scoring
@@ -645,10 +646,10 @@ def reusable_scores(bank: ModelBank, split: str) -> dict[str, dict[str, float]]:
 def _pool_ids(split_ds: Any, n: int) -> dict[str, set[str]]:
     """``{guid: candidate ids}`` of the first ``n`` questions of a split, read without decoding a single image."""
     if not hasattr(split_ds, "with_format"):  # plain rows
-        return {str(r["guid"]): {str(c["id"]) for c in r["candidates"]} for r in list(split_ds)[:n]}
+        return {str(r["guid"]): {str(c["id"]) for c in r["candidates"]} for r in list(split_ds)[:n]}  # n None: all
     import pyarrow.compute as pc
 
-    table = split_ds.with_format("arrow")[: min(n, len(split_ds))]  # Arrow, so the images stay bytes
+    table = split_ds.with_format("arrow")[: len(split_ds) if n is None else min(n, len(split_ds))]  # images stay bytes
     pools = table["candidates"].combine_chunks()
     ids = pc.struct_field(pools.flatten(), "id").to_pylist()
     out, start = {}, 0

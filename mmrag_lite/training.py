@@ -690,6 +690,9 @@ def last_checkpoint(output_dir: str | Path) -> Path | None:
                               f"off while saving?): resuming from {folder.name}", stacklevel=2)
             return folder
         skipped.append(folder.name)
+    if skipped:
+        warnings.warn(f"{', '.join(skipped)} in {output_dir}: no complete checkpoint (no readable trainer_state.json: "
+                      "cut off while saving?), so nothing to resume from", stacklevel=2)
     return None
 
 

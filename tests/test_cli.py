@@ -171,6 +171,7 @@ def test_run_course_hands_the_notebooks_a_preset_objects_changes_and_an_absolute
     monkeypatch.setattr(papermill, "execute_notebook", lambda src, out, parameters, **kw: seen.append(parameters))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MMRAG_HOME", "home")  # relative: the kernels run in notebooks/, not here
+    monkeypatch.setenv("MMRAG_SHARED_DATA", "shared")
     nb = course.notebook_paths()[:1]
     mine = get_preset("cpu-tiny", **{"stage1.k": 3, "stage1.grpo.max_steps": 2, "stage2.weights": {"format": 1.0, "answer": 2.0}})
     for preset in (mine, get_preset("cpu-tiny", name="my-run", seed=7)):
@@ -179,11 +180,17 @@ def test_run_course_hands_the_notebooks_a_preset_objects_changes_and_an_absolute
         assert resolve_preset(got["preset"], **got["overrides"]) == preset  # nothing the object held is lost
     assert seen[0]["preset"] == "cpu-tiny" and seen[1]["overrides"]["name"] == "my-run"
     assert os.environ["MMRAG_HOME"] == str(tmp_path / "home")
+    assert os.environ["MMRAG_SHARED_DATA"] == str(tmp_path / "shared")
     monkeypatch.setenv("MMRAG_HOME", "~/mmrag data")
     monkeypatch.setenv("HOME", str(tmp_path))
     from mmrag_lite.config import project_root
 
     assert project_root() == tmp_path / "mmrag data"  # no literal "~" folder
+    from mmrag_lite.config import shared_data_dir
+
+    (tmp_path / "shared data").mkdir()
+    monkeypatch.setenv("MMRAG_SHARED_DATA", "~/shared data")
+    assert shared_data_dir() == tmp_path / "shared data"
 
 
 def test_preset_overrides_round_trip_between_any_two_presets():

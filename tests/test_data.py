@@ -1367,6 +1367,11 @@ def test_sixteen_bit_greyscale_keeps_its_shades():
     pixels = np.asarray(D.load_image_bytes(buf.getvalue()))[..., 0]
     assert pixels[0, 0] == 0 and pixels[0, -1] == 255 and len(np.unique(pixels)) == 64
     assert abs(int(pixels[0, 32]) - 130) <= 2  # the middle of the ramp is mid-grey, not white
+    dark = np.full((4, 4), 100 * 256, dtype=np.uint16)
+    dark[0, 0] = 0
+    im = Image.fromarray(dark)
+    im.info["transparency"] = 0  # one 16-bit value is transparent, not every value that shifts to 0
+    assert D.to_rgb(im).getpixel((0, 0)) == (255, 255, 255) and D.to_rgb(im).getpixel((1, 1)) == (100, 100, 100)
 
 
 def test_a_guid_with_a_colon_keeps_its_read_error_whole(tmp_path):

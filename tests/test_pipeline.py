@@ -646,6 +646,8 @@ def test_ensure_stage1_scores_scores_what_the_run_reads_and_reuses_it(tmp_path, 
     assert calls == [4, 8, 8] and all(len(v) == 4 for v in scoring.load_scores(path).values())
     dataset = P.ensure_stage1_scores(more, _as_dataset(rebuilt), "train")  # a datasets split: pools read from Arrow
     assert dataset == path and calls == [4, 8, 8]
+    assert P._pool_ids(_as_dataset(rebuilt), None) == P._pool_ids(rebuilt, None)  # None: every question
+    assert len(P._pool_ids(rebuilt, None)) == 6
     other = _fake_adapter(tmp_path / "elsewhere" / "adapter", P.preset_base_model(preset))
     for stranger in (P.ModelBank(preset, tmp_path, adapters={"stage1": other}, verbose=False),
                      P.ModelBank(preset, tmp_path / "untrained", verbose=False)):

@@ -810,6 +810,10 @@ def test_a_whole_datasetdict_instead_of_one_split_is_a_clear_error() -> None:
 def test_last_checkpoint_is_the_highest_step_not_the_latest_name(tmp_path: Path) -> None:
     assert training.last_checkpoint(tmp_path / "absent") is None
     assert training.last_checkpoint(tmp_path) is None
+    (tmp_path / "checkpoint-1").mkdir()  # the only one, cut off while saving: said, not a silent fresh start
+    with pytest.warns(UserWarning, match="checkpoint-1 .* no complete checkpoint"):
+        assert training.last_checkpoint(tmp_path) is None
+    (tmp_path / "checkpoint-1").rmdir()
     for step in (2, 10, 9):
         (tmp_path / f"checkpoint-{step}").mkdir()
         (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))

@@ -94,13 +94,18 @@ class ImageDecodeError(ImageStoreError):
 
 
 def _eight_bit_grey(im: Image.Image) -> Image.Image:
-    """A 16/32-bit greyscale image as 8-bit ``L``: 16-bit values (or any above 255) keep their top 8 bits."""
+    """A 16/32-bit greyscale image as 8-bit ``L`` (``LA`` with its transparent value), keeping the top 8 of 16 bits.
+
+    ``I;16`` says its depth; plain ``I`` (a 16-bit PGM, a 32-bit TIFF) does not, so there values above 255 are read
+    as 16-bit and an image wholly within 0-255 is kept as it is: a guess, for modes real WebQA does not use.
+    """
     a = np.asarray(im).astype(np.int64)
     shift = 8 if im.mode.startswith("I;16") or (a.size and a.max() > 255) else 0
-    out = Image.fromarray((np.clip(a, 0, 65535) >> shift).astype(np.uint8), "L")
-    if isinstance(im.info.get("transparency"), int):
-        out.info["transparency"] = min(255, im.info["transparency"] >> shift)
-    return out
+    grey = Image.fromarray((np.clip(a, 0, 65535) >> shift).astype(np.uint8), "L")
+    transparent = im.info.get("transparency")
+    if isinstance(transparent, int):  # the one 16-bit value that is transparent: the alpha from before the shift
+        return Image.merge("LA", (grey, Image.fromarray(np.where(a == transparent, 0, 255).astype(np.uint8), "L")))
+    return grey
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
