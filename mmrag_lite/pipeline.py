@@ -643,8 +643,8 @@ def reusable_scores(bank: ModelBank, split: str) -> dict[str, dict[str, float]]:
     return {}
 
 
-def _pool_ids(split_ds: Any, n: int) -> dict[str, set[str]]:
-    """``{guid: candidate ids}`` of the first ``n`` questions of a split, read without decoding a single image."""
+def _pool_ids(split_ds: Any, n: int | None) -> dict[str, set[str]]:
+    """``{guid: candidate ids}`` of the first ``n`` questions of a split (all for None), no image decoded."""
     if not hasattr(split_ds, "with_format"):  # plain rows
         return {str(r["guid"]): {str(c["id"]) for c in r["candidates"]} for r in list(split_ds)[:n]}  # n None: all
     import pyarrow.compute as pc

@@ -191,11 +191,11 @@ def mmqa_to_rows(
 
     ``qtypes=("ImageQ",)`` gives the 230-question dev subset multi-modal RAG papers report on; ``None`` keeps every
     question whose supporting documents are images or passages. Image candidates carry ``image=None`` and ``text`` =
-    their title (``attach_mmqa_images`` adds the pixels, where the release's image folder is at hand). Passages carry their title and text from
-    ``MMQA_texts``; a passage it does not hold (all of them when it is absent, as offline) is left out of the pool,
-    since a blank candidate only pads it (about 45% of an ImageQ pool), and a question with such a passage among its
-    gold documents is skipped (nothing could retrieve it). Pools are trimmed to ``max_candidates`` (gold always kept,
-    distractors of the documents known) and shuffled deterministically.
+    their title (``attach_mmqa_images`` adds the pixels, where the release's image folder is at hand). Passages carry
+    their title and text from ``MMQA_texts``; a passage it does not hold (all of them when it is absent, as offline)
+    is left out of the pool, since a blank candidate only pads it (about 45% of an ImageQ pool), and a question with
+    such a passage among its gold documents is skipped (nothing could retrieve it). Pools are trimmed to
+    ``max_candidates`` (gold always kept, distractors of the documents known) and shuffled deterministically.
     """
     texts = texts or {}
     rows = []
