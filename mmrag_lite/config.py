@@ -39,16 +39,20 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------- paths
+def env_path(name: str) -> Path | None:
+    """The path an environment variable names, ``~`` expanded and absolute (a ``.env`` file or ``os.environ`` expands
+    no ``~``; a relative one would mean another folder in a kernel started elsewhere), or None when unset."""
+    value = os.environ.get(name)
+    return Path(value).expanduser().resolve() if value else None
+
+
 def project_root() -> Path:
     """The repo root of a source checkout (``MMRAG_HOME`` overrides), so notebooks run from any working directory.
 
     A package installed into site-packages (the Colab pip line) has no checkout around it: then the current
     directory (``/content`` on Colab), so ``data/`` and ``runs/`` never land inside site-packages.
     """
-    env = os.environ.get("MMRAG_HOME")
-    if env:  # "~/mmrag" from a .env file or os.environ is not expanded by any shell
-        return Path(env).expanduser().resolve()
-    return _checkout() or Path.cwd().resolve()
+    return env_path("MMRAG_HOME") or _checkout() or Path.cwd().resolve()
 
 
 def _checkout() -> Path | None:
@@ -73,8 +77,7 @@ def shared_data_dir() -> Path | None:
     Next to the checkout even when ``MMRAG_HOME`` moves ``data/`` and ``runs/`` elsewhere (a Drive folder must not
     switch off the real-data checks); next to ``project_root()`` for an installed package.
     """
-    env = os.environ.get("MMRAG_SHARED_DATA")
-    path = Path(env).expanduser().resolve() if env else (_checkout() or project_root()).parent / "shared" / "data"
+    path = env_path("MMRAG_SHARED_DATA") or (_checkout() or project_root()).parent / "shared" / "data"
     return path if path.is_dir() else None
 
 
@@ -890,6 +893,7 @@ __all__ = [
     "check_preset_name",
     "cuda_native_bf16",
     "data_dir",
+    "env_path",
     "get_preset",
     "image_tokens",
     "load_preset_yaml",

@@ -17,7 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import PRESETS, Preset, auto_preset_name, preset_overrides, project_root, resolve_preset, runs_dir
+from .config import (
+    PRESETS,
+    Preset,
+    auto_preset_name,
+    env_path,
+    preset_overrides,
+    project_root,
+    resolve_preset,
+    runs_dir,
+)
 
 
 def _kernel_manager_class() -> type:
@@ -191,10 +200,9 @@ def run_course(
         overrides = preset_overrides(PRESETS[base], resolved)
     else:
         base = auto_preset_name() if preset == "auto" else preset
-    if os.environ.get("MMRAG_HOME"):  # the kernels run in notebooks/: a relative MMRAG_HOME would point elsewhere
-        os.environ["MMRAG_HOME"] = str(project_root())
-    if os.environ.get("MMRAG_SHARED_DATA"):  # likewise
-        os.environ["MMRAG_SHARED_DATA"] = str(Path(os.environ["MMRAG_SHARED_DATA"]).expanduser().resolve())
+    for name in ("MMRAG_HOME", "MMRAG_SHARED_DATA"):  # the kernels run in notebooks/: relative paths would move
+        if (path := env_path(name)) is not None:
+            os.environ[name] = str(path)
     paths = list(notebooks) if notebooks is not None else notebook_paths()
     if not paths:
         raise FileNotFoundError(f"no course notebooks (NN_topic.ipynb) in {notebooks_dir()}: run the course from a "

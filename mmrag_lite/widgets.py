@@ -10,7 +10,7 @@ import io
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .data.images import to_rgb
+from .data.images import ImageStoreError, load_image_bytes, to_rgb
 from .data.webqa import QCATES as QCATE_OPTIONS
 
 if TYPE_CHECKING:
@@ -28,16 +28,17 @@ def _png_bytes(image: Any, size: int = 96) -> bytes | None:
     """
     if image is None:
         return None
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    try:
+    try:  # stored bytes decode as everywhere else (load_image_bytes: its errors, its truncation rule), RGB on white
         if isinstance(image, Mapping):
-            if not image.get("bytes"):
-                return None
-            image = Image.open(io.BytesIO(image["bytes"]))
-        im = to_rgb(image)  # transparent pixels on white, as the model sees them
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return None  # DecompressionBombError is a plain Exception: a header claiming giant dimensions
+            im = load_image_bytes(image["bytes"]) if image.get("bytes") else None
+        else:
+            im = to_rgb(image)  # transparent pixels on white, as the model sees them
+    except (ImageStoreError, OSError):
+        return None
+    if im is None:
+        return None
     scale = max(1, size // max(im.size))  # small synthetic images: enlarge crisply
     if scale > 1:
         im = im.resize((im.size[0] * scale, im.size[1] * scale), Image.NEAREST)
