@@ -688,7 +688,11 @@ _T4 = Preset(
         weights={"format": 1.0, "relevance": 1.0},
         positive_fraction=0.5,
         balance_classes=False,
+        # more point-wise examples than 300 steps read (4 prompts a step: 1,200), so none is seen twice
         max_examples=4000,
+        # our choice, not tuned: WebQA has 1-2 gold, so 5 leaves 3 slots for the judge's misses, and 5 of the T4's
+        # 144-token images stay far under stage 2's 2,048-token cap (the budget check allows up to 9 here, 6 on l4's
+        # 448 px images). Notebook 03's recall@k table on validation is where to choose it for a real model.
         k=5,
         min_think_words=1,  # an empty <think> would earn the format reward with no explanation (cpu-tiny allows it)
     ),
@@ -700,9 +704,9 @@ _T4 = Preset(
         reasoning=True,
         weights={"format": 1.0, "ranking": 1.0, "answer": 1.0},
         ranking_metric="f1",
-        permutations=2,
+        permutations=2,  # RAMQA's trick against position bias; 2 orders of 1,000 questions, our choice
         init_from="stage1",
-        max_examples=2000,
+        max_examples=2000,  # 300 steps read 1,200 prompts (4 a step): no example repeats
         max_prompt_tokens=2048,
         answer_guards=True,
         min_think_words=1,  # the reasoning is the explanation: an empty one earns no format reward
@@ -755,11 +759,11 @@ _A100 = replace(
     # 8 x 2 = 16 completions a step in groups of 8: 2 prompts per optimizer step (colab-t4 and l4 see 4; the
     # miniature stayed flat at 1 and learned at 4). gradient_accumulation_steps=4 would give 4, but TRL generates a
     # step's whole generation batch in one call, which the H100 figures below did not measure: not changed unmeasured
-    stage1=replace(_T4.stage1, grpo=replace(_T4.stage1.grpo, per_device_train_batch_size=8, num_generations=8, gradient_accumulation_steps=2), k=8),
+    stage1=replace(_T4.stage1, grpo=replace(_T4.stage1.grpo, per_device_train_batch_size=8, num_generations=8, gradient_accumulation_steps=2), k=8),  # k: more room for the judge's misses where 8 images fit the 3,072 cap below (our choice, not tuned)
     stage2=replace(
         _T4.stage2,
         grpo=replace(_T4.stage2.grpo, per_device_train_batch_size=8, num_generations=8, gradient_accumulation_steps=2, max_completion_length=384),
-        permutations=3,
+        permutations=3,  # one more order than colab-t4: 8 slots have more positions to learn a habit on (our choice)
         max_prompt_tokens=3072,  # k=8 images at 448 px are 8 x 258 = 2,064 tokens alone (an 8-image prompt measured 2,280)
     ),
     # 300 questions, as on a T4 (was 1,000): an H100 answered a100's prompts in 6.1 s a question at 8 a call (random
