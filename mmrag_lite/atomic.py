@@ -1,7 +1,9 @@
-"""Atomic writes: readers (and a crash) never see half a folder or half a file.
+"""Atomic writes: readers (and a killed or interrupted process) never see half a folder or half a file.
 
 A folder is written into a temporary sibling and swapped in when complete; a file is written under a temporary
 name in the same folder and renamed. Standard library only, so every module (``data`` included) can use it.
+Nothing is fsynced: that guards against a killed kernel or a disconnected Colab runtime, not against a power loss
+or an OS crash, after which the rename may reach the disk before the data (rerun the step that wrote it).
 """
 
 from __future__ import annotations

@@ -468,10 +468,16 @@ def test_filter_accepts_how_real_webqa_answers_are_written():
                img_pos=(), txt_pos=pick),
         record(guid="txt_unsupported", qcate="text", kw=None, q="Which lies further south, Lake Ida or Lake Omar?",
                a="Nobody knows.", img_pos=(), txt_pos=pick),
+        # an "-es" plural of the fact's singular ("churches" was "churche", which no "church" matched)
+        record(guid="txt_plural", qcate="text", kw=None, q="What kind of building are St Mary and St Anne?",
+               a="They are both churches.", img_pos=(),
+               txt_pos=(("St Mary is a church in Lincoln.", "St Mary"), ("St Anne is a church in Derby.", "St Anne"))),
+        record(guid="kw_plural", qcate="Others", kw="A cross.", q="What is mounted on the two towers?",
+               a="Both towers have crosses mounted on them."),
     ]
     kept, removed = _run(recs, drop_duplicates=False)
     assert kept == ["yn_sentence", "yn_negated", "shape_form", "shape_sentence", "count_twice", "count_none",
-                    "txt_option", "txt_yes"]
+                    "txt_option", "txt_yes", "txt_plural", "kw_plural"]
     assert removed["answer_misses_keyword"] == 3
 
 
@@ -1618,6 +1624,29 @@ def test_a_cut_question_file_is_named_plainly_in_the_funnel(tmp_path):
     assert "breaks off (invalid JSON) after 19 records" in report.warnings[0]
     _, whole = D.build_mini_webqa(write_webqa(tmp_path / "whole", questions(10)), None, filters=NO_IMAGES, progress=False)
     assert whole.warnings == [] and "WARNING" not in str(whole)
+
+
+def test_bytes_that_are_not_utf8_break_the_file_like_broken_json(tmp_path):
+    """Real WebQA holds raw non-ASCII text ("Grądy-Woniecko"): a download cut inside a multi-byte character, or one
+    corrupt byte, raised a bare UnicodeDecodeError that named neither file nor record and lost every record."""
+    records = {f"g{i}": raw_record(guid=f"g{i}", img_pos=((30000000 + i, "Grądy", "A red ball."),)) for i in range(1, 41)}
+    raw = json.dumps(records, ensure_ascii=False).encode("utf-8")
+    cut_at = raw.index("Grądy".encode(), len(raw) // 2) + 3  # inside the two bytes of "ą"
+    corrupt = raw[:cut_at] + b"\xff" + raw[cut_at + 1:]
+    for name, content, what in [("cut", raw[:cut_at], "ends mid-record"), ("corrupt", corrupt, "breaks off")]:
+        source = tmp_path / name
+        source.mkdir()
+        (source / "WebQA_train_val.json").write_bytes(content)
+        errors: list = []
+        with pytest.warns(UserWarning, match="not UTF-8"):
+            kept = list(D.iter_webqa(source / "WebQA_train_val.json", errors))
+        assert 15 <= len(kept) < 40 and kept[0].guid == "g1"
+        assert errors[-1].file_break and what in errors[-1].message and f"last whole one: {kept[-1].guid}" in errors[-1].message
+        with pytest.raises(D.WebQAFormatError, match=r"WebQA_train_val.json: bytes that are not UTF-8 .*in record"):
+            list(D.iter_webqa(source / "WebQA_train_val.json", strict=True))
+    whole = tmp_path / "whole.json"
+    whole.write_bytes(raw)  # reads of a few bytes split "ą" between two of them: still decoded whole
+    assert [v for _, v in D.iter_raw_records(whole, chunk_chars=7)] == list(records.values())
 
 
 def test_a_mostly_missing_truncated_image_is_refused():

@@ -23,6 +23,7 @@ anything is written; ``funnel.json`` records a fingerprint of the source files, 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import random
 import re
@@ -71,6 +72,24 @@ def one_split(rows: Any, where: str) -> Any:
                             "[row]")
         raise TypeError(f"{where} takes one split, e.g. ds['train'], not the mapping of splits {sorted(map(str, rows))}")
     return rows
+
+def pool_field(split_ds: Any, name: str, n: int | None = None) -> list[tuple[str, list[Any]]]:
+    """``(guid, [candidate[name], ...])`` for the first ``n`` questions of a split (all for None), no image decoded:
+    iterating a saved split decodes every candidate's image, tens of GB on real WebQA's train split."""
+    if not hasattr(split_ds, "with_format"):  # plain rows
+        rows = list(split_ds) if n is None else list(itertools.islice(split_ds, n))
+        return [(str(r["guid"]), [c[name] for c in r["candidates"]]) for r in rows]
+    import pyarrow.compute as pc
+
+    table = split_ds.with_format("arrow")[: len(split_ds) if n is None else min(n, len(split_ds))]  # images stay bytes
+    pools = table["candidates"].combine_chunks()
+    values = pc.struct_field(pools.flatten(), name).to_pylist()
+    out, start = [], 0
+    for guid, size in zip(table["guid"].to_pylist(), pc.list_value_length(pools).to_pylist()):
+        out.append((str(guid), values[start:start + size]))
+        start += size
+    return out
+
 
 FILTER_REASONS: dict[str, str] = {
     "unreadable": "records that break the WebQA schema cannot be turned into prompts",
@@ -122,13 +141,21 @@ _SHAPE_WORDS = frozenset(
 _PUNCT = re.compile(r"[^\w\s.]|(?<!\d)\.|\.(?!\d)")
 
 
+# Plurals that add "es" to a singular ending in these ("churches", "dishes", "boxes", "crosses"); "-zes" is left to
+# the plain "s" cut, as most such singulars end in "e" ("sizes", "prizes").
+_ES_PLURAL_STEMS = ("ch", "sh", "x", "ss")
+
+
 def tokens(text: str) -> list[str]:
-    """Lower-case word tokens; punctuation dropped (decimal points kept), number words as digits, plural 's' cut."""
+    """Lower-case word tokens; punctuation dropped (decimal points kept), number words as digits, plural 's' cut
+    ("es" after ch, sh, x, ss: "churches" is "church", so an answer in the plural still states its singular fact)."""
     out = []
     for tok in _PUNCT.sub(" ", text.lower()).split():
         tok = _NUMBER_WORDS.get(tok, tok)
         # stopwords keep their "s" ("does" must stay a stopword, not become a content word "doe")
-        if len(tok) > 3 and tok.endswith("s") and not tok.endswith("ss") and not tok.isdigit() and tok not in _STOPWORDS:
+        if len(tok) > 4 and tok.endswith("es") and tok[:-2].endswith(_ES_PLURAL_STEMS):
+            tok = tok[:-2]
+        elif len(tok) > 3 and tok.endswith("s") and not tok.endswith("ss") and not tok.isdigit() and tok not in _STOPWORDS:
             tok = tok[:-1]
         out.append(tok)
     return out

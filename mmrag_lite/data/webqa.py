@@ -14,6 +14,7 @@ is not a WebQA file at all (a JSON list, broken before its first record) is a ``
 
 from __future__ import annotations
 
+import codecs
 import json
 import sys
 import warnings
@@ -242,21 +243,37 @@ def iter_raw_records(path: str | Path, chunk_chars: int = 1 << 20,
     """
     decoder = json.JSONDecoder()
     path = Path(path)
-    with open(path, encoding="utf-8") as fh:
-        buf = fh.read(chunk_chars)
+    # bytes, decoded incrementally: a text-mode read that meets a bad byte (a cut multi-byte character, a corrupt
+    # byte) raises for its whole chunk, losing the records before the bad byte with it
+    utf8 = codecs.getincrementaldecoder("utf-8")()
+    with open(path, "rb") as fh:
+        where = "at the start of the file"
         pos = 0
         consumed = 0  # characters of the file before buf[0], for error positions
-        eof = len(buf) < chunk_chars
-        where = "at the start of the file"
+        eof = False
+        bad: str | None = None  # a decoding error, raised once the text before it is used up
+
+        def read() -> str:
+            nonlocal eof, bad
+            if bad is not None:  # a format error like broken JSON: the reader keeps the records before it
+                raise WebQAFormatError(f"{path.name}: bytes that are not UTF-8 after character {consumed + len(buf)} "
+                                       f"({where}): {bad}")
+            chunk = fh.read(chunk_chars)
+            eof = len(chunk) < chunk_chars
+            try:
+                return utf8.decode(chunk, final=eof)
+            except UnicodeDecodeError as exc:
+                eof, bad = False, exc.reason
+                return exc.object[:exc.start].decode("utf-8")
+
+        buf = ""
+        buf = read()
 
         def fill() -> bool:
-            nonlocal buf, pos, eof, consumed
+            nonlocal buf, pos, consumed
             if eof:
                 return False
-            more = fh.read(chunk_chars)
-            if not more:
-                eof = True
-                return False
+            more = read()
             consumed += pos
             buf = buf[pos:] + more
             pos = 0
@@ -353,7 +370,8 @@ def iter_webqa(path: str | Path, errors: list[RecordError] | None = None, strict
         except WebQAFormatError as exc:
             if strict or last is None:
                 raise
-            where = "the file ends mid-record" if _ends_mid_object(path) else "the file breaks off (invalid JSON)"
+            broken = "bytes that are not UTF-8" if "not UTF-8" in str(exc) else "invalid JSON"
+            where = "the file ends mid-record" if _ends_mid_object(path) else f"the file breaks off ({broken})"
             message = (f"{where} after {n_read} records (the last whole one: {last}); the rest of the file is not "
                        f"read: a cut download? Download it again ({exc})")
             warnings.warn(f"{exc}; keeping the records before it ({n_read}), the rest of the file is not read: "
