@@ -239,17 +239,27 @@ def canonical_qcate(qcate: str | None) -> str | None:
     return _QCATE_BY_LOWER.get(qcate.strip().lower()) if isinstance(qcate, str) else None
 
 
+def _known_qcate(qcate: str | None) -> str:
+    """``canonical_qcate``, or a ``ValueError`` for a category WebQA does not have (never the text rule unasked)."""
+    canonical = canonical_qcate(qcate)
+    if canonical is None:
+        raise ValueError(f"unknown WebQA question category {qcate!r}; WebQA has {', '.join(_DOMAINS)}")
+    return canonical
+
+
 def webqa_bags(cand_norm: str, ref_norm: str, qcate: str | None) -> tuple[list[str], list[str]]:
     """The bags of words QA-Acc compares (candidate, reference), after the category's restriction.
 
     Public so the answer reward can see what the metric counts (e.g. how many colours an answer names).
     """
-    domain = _DOMAINS.get(qcate or "text")
+    domain = _DOMAINS[_known_qcate(qcate)]
     return _restrict(cand_norm.split(), domain), _restrict(ref_norm.split(), domain)
 
 
 def webqa_scores_from_normalized(cand_norm: str, ref_norm: str, qcate: str | None) -> dict[str, float]:
-    """F1 / recall / precision / accuracy of two *normalised* strings under the rules of ``qcate``."""
+    """F1 / recall / precision / accuracy of two *normalised* strings under the rules of ``qcate`` (any case; a
+    category WebQA does not have raises, as in ``webqa_accuracy``)."""
+    qcate = _known_qcate(qcate)
     bow_c, bow_a = webqa_bags(cand_norm, ref_norm, qcate)
     same = sum((Counter(bow_a) & Counter(bow_c)).values())
     if same == 0:
@@ -278,11 +288,7 @@ def webqa_accuracy_batch(
         qcates = ["text"] * len(candidates)
     if not len(candidates) == len(references) == len(qcates):
         raise ValueError(f"lengths differ: {len(candidates)} candidates, {len(references)} references, {len(qcates)} qcates")
-    canonical = [canonical_qcate(q) for q in qcates]
-    if None in canonical:
-        bad = qcates[canonical.index(None)]
-        raise ValueError(f"unknown WebQA question category {bad!r}; WebQA has {', '.join(_DOMAINS)}")
-    qcates = canonical
+    qcates = [_known_qcate(q) for q in qcates]
     normed = normalize_webqa_many(list(candidates) + list(references))
     n = len(candidates)
     out = []
@@ -385,12 +391,21 @@ class BARTScorer:
         model = AutoModelForSeq2SeqLM.from_pretrained(checkpoint, **kwargs)
         return cls(model, tokenizer, device=device)
 
+    def unload(self) -> None:
+        """Move the model to the CPU, freeing the accelerator for training; the next ``score`` moves it back."""
+        import torch
+
+        self.model.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def score(self, srcs: Sequence[str], tgts: Sequence[str]) -> list[float]:
         """One score per (src, tgt) pair; higher is better, 0 is the maximum."""
         import torch
 
         if len(srcs) != len(tgts):
             raise ValueError(f"{len(srcs)} sources but {len(tgts)} targets")
+        self.model.to(self.device)  # back from ``unload`` (a no-op where it already is)
         pad_id = self.model.config.pad_token_id
         out: list[float] = []
         for i in range(0, len(srcs), self.batch_size):

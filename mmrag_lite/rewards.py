@@ -56,9 +56,12 @@ reward is guarded), each a keyword option, on by default:
   val recall references), and naming both options is worth what a coin flip between them is worth in expectation:
   committing to the option the evidence supports pays more (``benchmarks/bench_answer_guards.py``). An option that a
   text denies ("upwards, not sideways"; also "rather than", "instead of", "n't"; in "not as tall as it is wide" only
-  "tall"; option words matched as lemmatised in context and alone) is neither named nor scored there: on
+  "tall"; a contrast word ends the denial: "not sideways but upwards" affirms upwards; option words matched as
+  lemmatised in context and alone) is neither named nor scored there: on
   questions with options, Acc reads what the answer affirms against what the reference affirms (never more than the
   official Acc), so a contrast pays when right and not when wrong (recall alone paid "sideways, not upwards" in full).
+  A lead-in that restates both options ("Of upwards and sideways, it grows upwards.") is cut before any of this: the
+  commitment after it is scored, so a right one pays in full and a wrong one nothing.
   Why 1/2 and not 0: a bag-of-words test cannot tell a hedge from a correct sentence that compares with the other
   option ("X is taller than Y" where the reference names only X) or leads with it ("Y is shorter than X" where the
   reference says "X is taller than Y"), which keeps half its credit.
@@ -360,14 +363,38 @@ def _plain(text: str) -> str:
 _OPTION_TOKEN = re.compile(r"\w+|[,;:?]")
 _OPTION_BREAKS = frozenset(",;:?")
 # A denial and the rest of its clause: "upwards, not sideways", "rather than sideways", "it isn't sideways". In "not as
-# tall as it is wide" only "as tall" is denied: what follows the second "as" is what the sentence affirms (wider).
-_DENIAL = re.compile(r"(?:\b(?:not|never|rather than|instead of)\b|n't\b)(\s+(?:as|so)\s+\w+(?=\s+as\b)|[^,.;:!?]*)",
-                     re.IGNORECASE)
+# tall as it is wide" only "as tall" is denied: what follows the second "as" is what the sentence affirms (wider). A
+# contrast word ends the clause: in "not sideways but upwards" and "I'm not sure, but ..." what follows is affirmed.
+_DENIAL = re.compile(r"(?:\b(?:not|never|rather than|instead of)\b|n't\b)(\s+(?:as|so)\s+\w+(?=\s+as\b)"
+                     r"|[^,.;:!?]*?(?=\s+(?:but|yet|though|although|instead|rather)\b|[,.;:!?]|$))", re.IGNORECASE)
+# A lead-in that restates the options before committing: "Of upwards and sideways, it grows upwards." Only when it
+# names both options of a pair is it cut (``_without_restated_options``): the commitment after it is what is scored.
+_LEAD_IN = re.compile(r"^\s*(?:of|between|among|from|out of|comparing|considering)\b([^,.;:!?]*)[,:]\s*(?=\S)",
+                      re.IGNORECASE)
 
 
 def _denied_text(text: str) -> str:
     """The clauses a text denies (what follows a "not", "rather than", ... up to the next punctuation)."""
     return " ".join(m.group(1) for m in _DENIAL.finditer(text))
+
+
+def _without_restated_options(answer: str, spans: Sequence[tuple[str, str]]) -> str:
+    """``answer`` without a lead-in that only restates both options of a pair ("Between the Eiffel Tower and the Tokyo
+    Tower, the Eiffel Tower is taller" is scored as "the Eiffel Tower is taller"). Kept, the lead-in names both options,
+    so the choose guard paid a right and a wrong commitment the same half."""
+    lead_in = _LEAD_IN.match(answer)
+    if lead_in is None:
+        return answer
+    said = set(_plain(lead_in.group(1)).split())
+    for left, right in spans:
+        left_words, right_words = _plain(left).split(), _plain(right).split()
+        # an option is named by half of its own words, or by its own word nearest the "or" ("grow upwards or sideways")
+        own_left = [w for w in left_words if w not in right_words and w not in _OPTION_FILLER]
+        own_right = [w for w in right_words if w not in left_words and w not in _OPTION_FILLER]
+        nearest = (own_left[-1] if own_left else None, own_right[0] if own_right else None)
+        if all(_names_option(said, set(own)) or word in said for own, word in zip((own_left, own_right), nearest)):
+            return answer[lead_in.end():]
+    return answer
 
 
 def _affirmed(text_norm: str, denied_norm: str, option_words: set[str]) -> str:
@@ -559,9 +586,17 @@ def _list_share_held(items_norm: Sequence[str], items_raw: Sequence[str], refere
 
 
 def _gold_spans(gold: Any) -> list[Any]:
-    """An MMQA reference as a list of spans: a string or a number (``1985.0``) is one span; a list stays a list."""
+    """An MMQA reference as ``metrics.mmqa_em_f1`` reads it: a string or a number (``1985.0``) is one span, a list of
+    spans stays one, a list of such lists is several references, and MMQA's raw answer dicts (``{"answer": ...,
+    "type": ...}``) give their answer (they were read as their repr, and a list of lists as the text "['Paris']")."""
     if isinstance(gold, (str, numbers.Number)):
         return [str(gold)]
+    if isinstance(gold, Mapping):
+        return _gold_spans(gold.get("answer"))
+    if isinstance(gold, (list, tuple)) and gold and all(isinstance(g, (list, tuple)) for g in gold):
+        return [_gold_spans(g) for g in gold]
+    if isinstance(gold, (list, tuple)):
+        return [span for g in gold for span in _gold_spans(g)]
     return _ids(gold)
 
 
@@ -635,6 +670,7 @@ def _webqa_answer_scores(said: list[str], answers: list[Any], columns: Mapping[s
                for c in qc]
     whole = [metrics.qa_reference(a, "") if g else "" for a, g in zip(answers, guarded)]
     spans = [option_spans(q) if q and choose_guard and c in RECALL_CATEGORIES else [] for q, c in zip(questions, qc)]
+    said = [_without_restated_options(t, sp) if sp else t for t, sp in zip(said, spans)]  # what follows a restatement
     # what the answer and the references deny, where the question has options: a denied option is not named
     denials = [[_denied_text(t) for t in (said[j], refs[j], whole[j])] if spans[j] else ["", "", ""] for j in range(len(rows))]
     # the answer and the whole reference with denied clauses cut, where they have any: the order they name options in

@@ -240,6 +240,21 @@ def test_bart_scorer_is_mean_token_log_likelihood():
     assert webqa_fluency("The red car.", ["the red car"], scorer) == pytest.approx(1.0)
 
 
+def test_bart_scorer_unloads_to_the_cpu_and_returns_to_its_device_to_score():
+    """Notebook 05 frees the GPU for retraining with ``unload``; the next ``score`` must move BART back first."""
+    model, tokenizer = _tiny_bart()
+    scorer = BARTScorer(model, tokenizer, device="cpu", batch_size=4)
+    before = scorer.score(["the red car"], ["a car is red"])
+    moves = []
+    real_to = model.to
+    model.to = lambda *a, **k: moves.append(a[0] if a else k.get("device")) or real_to(*a, **k)
+    scorer.device = "cpu:0"  # stands in for "cuda" on a machine without one: where score must put the model back
+    scorer.unload()
+    assert moves == ["cpu"]
+    assert scorer.score(["the red car"], ["a car is red"]) == pytest.approx(before)
+    assert moves == ["cpu", "cpu:0"]
+
+
 class _MissingWordsScorer:
     """s(src -> tgt) = minus the target words the source lacks: a reference scores 0 against itself."""
 
@@ -493,6 +508,12 @@ def test_category_names_are_read_case_insensitively_and_unknown_ones_refused():
         metrics.webqa_accuracy("red", "red", "colour")
     with pytest.raises(TypeError, match="lists"):
         metrics.webqa_accuracy_batch("red", "red")  # type: ignore[arg-type]
+    # the lower-level public helpers read categories alike (they scored "Color" and "colour" by the text rule)
+    assert metrics.webqa_scores_from_normalized("it be red", "car be red blue", "Color") == \
+        metrics.webqa_scores_from_normalized("it be red", "car be red blue", "color")
+    assert metrics.webqa_bags("there be 3 dog", "3", "Number") == (["3"], ["3"])
+    with pytest.raises(ValueError, match="unknown WebQA question category 'colour'"):
+        metrics.webqa_scores_from_normalized("red", "red", "colour")
 
 
 def test_a_single_source_id_is_one_id_not_its_characters():

@@ -209,6 +209,11 @@ def test_answer_reward_mmqa():
     partial = [stage2_target(["D1"], "red car")]
     assert answer_reward(partial, answer=[["red"]], metric="mmqa_em") == [0.0]  # EM and F1 differ where it is partial
     assert answer_reward(partial, answer=[["red"]], metric="mmqa_f1") == [pytest.approx(2 / 3, abs=0.01)]
+    # several references (max over them, as mmqa_em_f1) and MMQA's raw answer dicts: they were read as their repr
+    london = [stage2_target(["D1"], "London")]
+    assert answer_reward(london, answer=[[["Paris"], ["London"]]], metric="mmqa_em") == [1.0]
+    assert answer_reward(london, answer=[[{"answer": "London", "type": "string"}]], metric="mmqa_em") == [1.0]
+    assert answer_reward(london, answer=[{"answer": "Paris"}], metric="mmqa_f1") == [0.0]
 
 
 def test_all_or_nothing_format_and_a_label_in_capitals():
@@ -287,6 +292,31 @@ def test_a_denied_comparative_option_is_not_named():
             "It isn't as tall as it is wide"]
     assert answer_reward([stage2_target(["D1"], a) for a in said], answer=["It is not as tall as it is wide."] * 4,
                          keywords=["Wider"] * 4, qcate=["choose"] * 4, question=[wide] * 4) == [1.0, 0.0, 0.0, 1.0]
+
+
+def test_a_contrast_word_ends_the_denied_clause():
+    """A denial ran to the next punctuation, so "not sideways but upwards" (and "I'm not sure but ...") denied the
+    right option too and paid 0 where the metric pays 1; a contrast word now ends the denial."""
+    said = ["It does not grow sideways but upwards.", "I'm not completely sure but it grows upwards.",
+            "It does not grow upwards but sideways.", "It is not sideways, yet upwards."]
+    cols = {"answer": ["It grows upwards."] * 4, "keywords": ["Upwards."] * 4, "qcate": ["choose"] * 4}
+    assert answer_reward([stage2_target(["D1"], a) for a in said], question=[STACHYS] * 4, **cols) == [1.0, 1.0, 0.0, 1.0]
+
+
+def test_a_lead_in_that_restates_the_options_is_not_a_hedge():
+    """"Of upwards and sideways, it grows upwards." names both options, so the choose guard paid it a coin flip, and
+    the wrong "..., it grows sideways." the very same half. The lead-in is cut when it names both options; what
+    follows is scored."""
+    said = ["Of upwards and sideways, it grows upwards.", "Of upwards and sideways, it grows sideways.",
+            "Between upwards and sideways: upwards or sideways.", "Of course, it grows upwards."]
+    cols = {"answer": ["It grows upwards."] * 4, "keywords": ["Upwards."] * 4, "qcate": ["choose"] * 4}
+    assert answer_reward([stage2_target(["D1"], a) for a in said], question=[STACHYS] * 4, **cols) == [1.0, 0.0, 0.5, 1.0]
+    q = "Which is taller, the Eiffel Tower or the Tokyo Tower?"
+    said = ["Between the Eiffel Tower and the Tokyo Tower, the Eiffel Tower is taller.",
+            "Between the Eiffel Tower and the Tokyo Tower, the Tokyo Tower is taller."]
+    got = answer_reward([stage2_target(["D1"], a) for a in said], answer=["The Eiffel Tower is taller."] * 2,
+                        keywords=["Eiffel Tower"] * 2, qcate=["choose"] * 2, question=[q] * 2)
+    assert got[0] == 1.0 and got[1] < got[0]  # the wrong one keeps only what recall gives "tower"
 
 
 def test_choose_guard_reads_the_question_from_trl_prompts():
