@@ -824,7 +824,8 @@ def retrained_stage2_ablation(preset: Preset, work_dir: str | Path, rows: Sequen
                               variants: Mapping[str, Mapping[str, Any]] | None = None,
                               baseline: Sequence[PipelineResult] | None = None,
                               scores: Mapping[str, Mapping[str, float]] | None = None,
-                              progress: bool = True, live_plot: bool = False) -> list[dict[str, Any]]:
+                              progress: bool = True, live_plot: bool = False,
+                              resident: Sequence[Any] = ()) -> list[dict[str, Any]]:
     """Retrain stage 2 once per variant and evaluate each through the main run's stage-1 filter.
 
     Every variant gets what the main run (notebook 04) got — the same pools (``training.stage2_dataset_for_run``),
@@ -834,6 +835,9 @@ def retrained_stage2_ablation(preset: Preset, work_dir: str | Path, rows: Sequen
     reward is each variant's *own* weighted sum, so compare the held-out columns across rows, not that one.
     With ``preset.evaluation.retrain_ablations`` off (the GPU presets: hours per variant) the variants are listed
     as not run, with the command that runs them. ``live_plot`` draws each variant's reward curves as it trains.
+    ``resident``: models the caller holds on the accelerator (notebook 05's ``ModelBank``, its BART scorer), each
+    ``unload``-ed before the first variant trains and reloaded when next used: beside a trainer they cost the memory
+    a GPU preset's stage 2 needs (a100's 35 GiB peak plus the bank's 3 and BART's 1.6 is over a 40 GB card).
     """
     from mmrag_lite import modeling, training
     from mmrag_lite.modeling import release_memory
@@ -852,6 +856,9 @@ def retrained_stage2_ablation(preset: Preset, work_dir: str | Path, rows: Sequen
                          "(data.ensure_mini_webqa(preset, work_dir)['train']); got None")
     # Every variant's preset is built (and validated) first: a bad override fails now, not after hours of training.
     presets = {name: preset.with_overrides(**overrides) for name, overrides in variants.items()}
+    for model in resident:
+        model.unload()
+    release_memory()
     init = training.stage2_init_adapter(preset, run)
     processor = modeling.load_processor(preset)
     for name, overrides in variants.items():
@@ -1060,7 +1067,7 @@ def evaluate(preset: Preset, work_dir: str | Path, *, split: str = "test", n_que
                 progress=progress)
             ablation_rows[RETRAINED_ABLATION_TITLE] = retrained_stage2_ablation(
                 preset, work_dir, rows, data.ensure_mini_webqa(preset, work_dir)["train"], baseline=main, scores=cached,
-                progress=progress)
+                progress=progress, resident=[m for m in (bank, fluency_scorer) if hasattr(m, "unload")])
     robust: list[dict[str, Any]] = []
     if robustness:
         with clock("robustness"):

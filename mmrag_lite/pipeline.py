@@ -40,7 +40,7 @@ from typing import Any, Literal, get_args
 from mmrag_lite import prompts
 from mmrag_lite.atomic import write_json_atomic
 from mmrag_lite.config import Preset
-from mmrag_lite.data import one_split
+from mmrag_lite.data import one_split, pool_field
 from mmrag_lite.metrics import top_k_ids
 
 Row = Mapping[str, Any]  # one Mini-WebQA row (docs/CONTRACTS.md)
@@ -645,18 +645,7 @@ def reusable_scores(bank: ModelBank, split: str) -> dict[str, dict[str, float]]:
 
 def _pool_ids(split_ds: Any, n: int | None) -> dict[str, set[str]]:
     """``{guid: candidate ids}`` of the first ``n`` questions of a split (all for None), no image decoded."""
-    if not hasattr(split_ds, "with_format"):  # plain rows
-        return {str(r["guid"]): {str(c["id"]) for c in r["candidates"]} for r in list(split_ds)[:n]}  # n None: all
-    import pyarrow.compute as pc
-
-    table = split_ds.with_format("arrow")[: len(split_ds) if n is None else min(n, len(split_ds))]  # images stay bytes
-    pools = table["candidates"].combine_chunks()
-    ids = pc.struct_field(pools.flatten(), "id").to_pylist()
-    out, start = {}, 0
-    for guid, size in zip(table["guid"].to_pylist(), pc.list_value_length(pools).to_pylist()):
-        out[str(guid)] = {str(i) for i in ids[start:start + size]}
-        start += size
-    return out
+    return {guid: {str(i) for i in ids} for guid, ids in pool_field(split_ds, "id", n)}
 
 
 def ensure_stage1_scores(bank: ModelBank, split_ds: Any, split: str) -> Path:

@@ -25,7 +25,7 @@ import random
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from . import prompts
 from .atomic import atomic_dir, write_json_atomic
 from .config import Preset, runs_dir, setting_changes
-from .data import one_split
+from .data import one_split, pool_field
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -168,11 +168,15 @@ def build_stage1_dataset(split_ds: Iterable[Mapping[str, Any]], preset: Preset, 
 
     s = preset.stage1
     rng = random.Random(preset.seed if seed is None else seed)
-    pos: list[tuple[Mapping[str, Any], Mapping[str, Any]]] = []
-    neg: list[tuple[Mapping[str, Any], Mapping[str, Any]]] = []
-    for row in one_split(split_ds, "build_stage1_dataset"):
-        for cand in row["candidates"]:
-            (pos if cand["is_gold"] else neg).append((row, cand))
+    split_ds = one_split(split_ds, "build_stage1_dataset")
+    if not hasattr(split_ds, "with_format"):
+        split_ds = list(split_ds)  # plain rows (already in memory): indexed like a saved split
+    # (question, candidate) positions from the gold flags alone: only the chosen rows' images are decoded, later
+    pos: list[tuple[int, int]] = []
+    neg: list[tuple[int, int]] = []
+    for qi, (_, gold) in enumerate(pool_field(split_ds, "is_gold")):
+        for ci, is_gold in enumerate(gold):
+            (pos if is_gold else neg).append((qi, ci))
     if not pos or not neg:  # Dataset.from_list([]) would fail with a schema error that names neither
         raise ValueError(f"stage 1 needs gold and distractor candidates to judge; this split has {len(pos)} gold and "
                          f"{len(neg)} distractor candidates (an empty split, or data.max_candidates="
@@ -184,19 +188,24 @@ def build_stage1_dataset(split_ds: Iterable[Mapping[str, Any]], preset: Preset, 
     n_neg = min(len(neg), s.max_examples - n_pos, round(n_pos * (1 - f) / f) if n_pos else s.max_examples)
     if n_neg < round(n_pos * (1 - f) / f):  # too few negatives: shrink the positives to keep the fraction
         n_pos = min(n_pos, round(n_neg * f / (1 - f)))
-    chosen = [(r, c, prompts.YES) for r, c in pos[:n_pos]] + [(r, c, prompts.NO) for r, c in neg[:n_neg]]
+    chosen = [(q, c, prompts.YES) for q, c in pos[:n_pos]] + [(q, c, prompts.NO) for q, c in neg[:n_neg]]
     rng.shuffle(chosen)
-    rows = []
-    for row, cand, label in chosen:
-        cand = _with_prepared_image(cand, preset)
-        rows.append({
-            "prompt": prompts.stage1_messages(row["question"], cand, reasoning=s.reasoning),
-            "images": prompts.stage1_images(cand),
-            "label": label,
-            "guid": row["guid"],
-            "candidate_id": cand["id"],
-            "modality": cand["modality"],
-        })
+    by_question: dict[int, list[tuple[int, int, str]]] = {}
+    for at, (qi, ci, label) in enumerate(chosen):
+        by_question.setdefault(qi, []).append((at, ci, label))
+    rows: list[dict[str, Any]] = [{} for _ in chosen]
+    for qi in sorted(by_question):  # each chosen question read (and its images decoded) once, in split order
+        row = split_ds[qi]
+        for at, ci, label in by_question[qi]:
+            cand = _with_prepared_image(row["candidates"][ci], preset)
+            rows[at] = {
+                "prompt": prompts.stage1_messages(row["question"], cand, reasoning=s.reasoning),
+                "images": prompts.stage1_images(cand),
+                "label": label,
+                "guid": row["guid"],
+                "candidate_id": cand["id"],
+                "modality": cand["modality"],
+            }
     return Dataset.from_list(rows, features=_features(1))
 
 
@@ -295,6 +304,18 @@ def _fit(question: str, shown: list[Mapping[str, Any]], processor: Any, preset: 
         dropped += 1
 
 
+def _questions(split_ds: Iterable[Mapping[str, Any]],
+               wanted: Callable[[str], bool] | None) -> Iterator[tuple[int, Mapping[str, Any] | None]]:
+    """``(index, row)`` of each question in order, ``None`` for a row ``wanted`` rejects by its guid: a saved split's
+    rejected rows are never read, so their images are not decoded (most of real WebQA's train split has no scores)."""
+    if wanted is None or not hasattr(split_ds, "select_columns"):
+        for qi, row in enumerate(split_ds):
+            yield qi, row if wanted is None or wanted(row["guid"]) else None
+        return
+    for qi, guid in enumerate(split_ds.select_columns(["guid"])["guid"]):
+        yield qi, split_ds[qi] if wanted(guid) else None
+
+
 def _pool_shown(row: Mapping[str, Any], kept_ids: Mapping[str, Sequence[str]] | None, k: int) -> list[Any]:
     """The candidates stage 2 sees for ``row``, best first: the stage-1 filter's kept ones, or without a filter gold +
     first distractors up to k. Empty when the filter has no scores for the question, or only ids the pool lacks
@@ -363,11 +384,11 @@ def build_stage2_dataset(
                                split_questions=len(split_ds) if hasattr(split_ds, "__len__") else None)
     rows: list[dict[str, Any]] = []
     lengths: list[int] = []
-    for qi, row in enumerate(split_ds):
+    for qi, row in _questions(split_ds, None if kept_ids is None else lambda guid: bool(kept_ids.get(guid))):
         if len(rows) >= s.max_examples:
             break
         report.questions_seen += 1
-        shown = _pool_shown(row, kept_ids, k)
+        shown = _pool_shown(row, kept_ids, k) if row is not None else []
         if not shown:
             report.questions_without_kept_ids += 1
             continue
@@ -757,13 +778,37 @@ def _load_adapter_weights(model: Any, folder: str | Path) -> None:
     from peft.utils import load_peft_weights
 
     name = getattr(model, "active_adapter", "default")
-    loaded = set_peft_model_state_dict(model, load_peft_weights(str(folder), device="cpu"), adapter_name=name)
+    try:
+        loaded = set_peft_model_state_dict(model, load_peft_weights(str(folder), device="cpu"), adapter_name=name)
+    except RuntimeError as exc:  # another LoRA rank: torch refuses the shapes even with strict=False
+        if "size mismatch" not in str(exc):
+            raise
+        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line and "copying" in line), str(exc))
+        raise ValueError(f"{folder} does not fit this model's adapter ({detail[:300]}): was it trained with another "
+                         "preset's LoRA rank or target modules?") from None
     missing = [k for k in loaded.missing_keys if "lora_" in k and f".{name}." in k]  # base weights: never in the file
     if loaded.unexpected_keys or missing:  # another LoRA layout (rank, targets) than this preset's: never half-load
         odd = loaded.unexpected_keys[:3] or missing[:3]
         raise ValueError(f"{folder} does not fit this model's adapter ({'unexpected' if loaded.unexpected_keys else 'missing'} "
                          f"{odd}...): was it trained with another preset's LoRA rank or target modules?")
     keep_trainable_in_float32(model)
+
+
+def _trainable_copy(model: Any) -> dict[str, Any]:
+    """The trainable parameters (an adapter a run continues from), copied to the CPU in float32."""
+    import torch
+
+    return {name: p.detach().to("cpu", torch.float32, copy=True) for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _restore_trainable(model: Any, copies: Mapping[str, Any]) -> None:
+    """Put ``_trainable_copy``'s weights back, exactly and in float32, into the same parameters."""
+    params = dict(model.named_parameters())
+    lost = sorted(set(copies) - set(params))
+    if lost:  # GRPOTrainer renamed or replaced the model's parameters: not what TRL does today
+        raise RuntimeError(f"GRPOTrainer changed the model's trainable parameters ({lost[:3]}...): cannot restore them")
+    for name, saved in copies.items():
+        params[name].data = saved.to(params[name].device)
 
 
 def build_trainer(
@@ -817,6 +862,7 @@ def build_trainer(
     funcs, _ = reward_funcs_for(preset, stage)
     args = grpo_config(preset, stage, output_dir, max_steps=max_steps)
     curve = RewardCurveCallback(live=live_plot, title=plot_title or f"stage {stage} GRPO rewards ({preset.name})")
+    carried = _trainable_copy(model) if peft_config is None else {}  # the adapter the model continues from
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=funcs,
@@ -827,8 +873,7 @@ def build_trainer(
         callbacks=[curve, CudaMemoryCallback(preset.expected_memory_gb), *callbacks],
     )
     keep_trainable_in_float32(trainer.model)  # undo TRL's bf16 cast of a 4-bit model's LoRA (see its docstring)
-    if init_adapter is not None:  # that cast rounded the adapter stage 2 continues from: load its exact weights again
-        _load_adapter_weights(trainer.model, init_adapter)
+    _restore_trainable(trainer.model, carried)  # that cast rounded the adapter continued from: its exact weights back
     if quiet_progress and any(type(cb) is ProgressCallback for cb in trainer.callback_handler.callbacks):
         # a terminal: tqdm, without the log dicts. In a notebook transformers shows its own table instead, which is
         # saved in its final state with the notebook; a second (tqdm widget) bar would only duplicate it.

@@ -401,6 +401,36 @@ def test_retraining_without_a_train_split_is_a_clear_error(tmp_path):
     assert not (tmp_path / "ablations").exists()
 
 
+def test_retraining_first_frees_the_models_the_caller_holds(tmp_path, monkeypatch):
+    """Notebook 05 kept its bank's base model and the BART scorer on the GPU while stage 2 trained three more times:
+    on a100 that is 35 GiB of training plus ~5 GiB more, over a 40 GB card. They are unloaded before the first run."""
+    from mmrag_lite import modeling, training
+    from mmrag_lite.config import get_preset
+
+    events = []
+
+    class Resident:
+        def __init__(self, name):
+            self.name = name
+
+        def unload(self):
+            events.append(f"unload {self.name}")
+
+    class Stop(Exception):
+        pass
+
+    def train_stage2(*args, **kwargs):
+        events.append("train")
+        raise Stop
+
+    monkeypatch.setattr(modeling, "load_processor", lambda preset: object())
+    monkeypatch.setattr(training, "stage2_dataset_for_run", lambda *a, **k: ([], None))
+    monkeypatch.setattr(training, "train_stage2", train_stage2)
+    with pytest.raises(Stop):
+        E.retrained_stage2_ablation(get_preset("cpu-tiny"), tmp_path, ROWS, [], resident=[Resident("bank"), Resident("bart")])
+    assert events == ["unload bank", "unload bart", "train"]
+
+
 def test_plot_results_labels_groups_by_the_given_column():
     import matplotlib
 

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from transformers import TrainerCallback
 
-from mmrag_lite import modeling, prompts, training
+from mmrag_lite import data, modeling, prompts, training
 from mmrag_lite.config import get_preset
 
 PRESET = get_preset("cpu-tiny")
@@ -777,6 +777,35 @@ def test_stage2_starts_from_the_stage1_adapter_exactly(tiny_dir: Path, tmp_path:
     assert all(now[k].dtype == torch.float32 and torch.equal(now[k], saved[k]) for k in saved)
 
 
+def test_a_model_passed_in_keeps_its_adapter_exactly(tiny_dir: Path, tmp_path: Path, processor) -> None:
+    """The init_adapter error tells users to load the adapter onto the model they pass; TRL's bf16 cast then rounded
+    that adapter (only init_adapter was reloaded from disk). Both routes now start from the exact float32 weights."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    adapter = _random_adapter(tiny_dir, tmp_path / "stage1" / "adapter")
+    model, proc = modeling.load_model_and_processor(PRESET, model_path=tiny_dir, adapter_path=adapter, for_training=True)
+    preset = PRESET.with_overrides(**FAST)
+    s2, _ = training.build_stage2_dataset(mini_rows(), preset, processor=processor, seed=0)
+    trainer, _ = training.build_trainer(preset, 2, s2, tmp_path / "stage2", model=model, processor=proc)
+    saved = load_file(adapter / "adapter_model.safetensors")
+    now = get_peft_model_state_dict(trainer.model)
+    assert saved.keys() == now.keys()
+    assert all(now[k].dtype == torch.float32 and torch.equal(now[k], saved[k]) for k in saved)
+
+
+def test_an_adapter_of_another_rank_is_named_as_such(tiny_dir: Path, tmp_path: Path) -> None:
+    """torch refuses another rank's shapes even with strict=False; that surfaced as its RuntimeError, not as the
+    promised question about the preset's LoRA rank."""
+    other = _random_adapter(tiny_dir, tmp_path / "rank8")
+    wider = PRESET.with_overrides(**{"lora.r": PRESET.lora.r * 2, "lora.alpha": PRESET.lora.alpha * 2})
+    from peft import get_peft_model
+
+    model = get_peft_model(_load(tiny_dir)[0], modeling.lora_config(wider))
+    with pytest.raises(ValueError, match=r"rank8 does not fit this model's adapter \(.*size mismatch.*another preset's LoRA rank"):
+        training._load_adapter_weights(model, other)
+
+
 def test_a_finished_run_restores_into_a_model_with_trls_ref_adapter(tiny_dir: Path, tmp_path: Path) -> None:
     """With beta > 0 and an init adapter TRL adds a frozen "ref" adapter, which no checkpoint holds: its keys are
     not "missing" from the active adapter's file."""
@@ -792,6 +821,33 @@ def test_a_finished_run_restores_into_a_model_with_trls_ref_adapter(tiny_dir: Pa
     trainer = SimpleNamespace(model=model, state=None)
     assert training._restore_finished(trainer, str(checkpoint)) == [{"step": 3, "loss": 0.0}]
     assert trainer.state.global_step == 3 and get_peft_model_state_dict(model, adapter_name="ref")
+
+
+def test_saved_splits_decode_only_the_images_the_examples_use(processor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Iterating a saved split decodes every candidate's image: stage 1 held the whole train split's pixels to pick
+    max_examples of them (tens of GB on real WebQA), and stage 2 decoded every row without scores. The rows built
+    are the same as from plain rows."""
+    from datasets import Dataset
+    from datasets.features import Image as ImageFeature
+
+    rows = mini_rows(n=12)
+    saved = Dataset.from_list(rows, features=data.mini_webqa_features())
+    decoded = []
+    real = ImageFeature.decode_example
+    monkeypatch.setattr(ImageFeature, "decode_example", lambda self, value, **kw: decoded.append(1) or real(self, value, **kw))
+    images = sum(c["image"] is not None for r in rows for c in r["candidates"])
+    small = PRESET.with_overrides(**{"stage1.max_examples": 4})
+    s1 = training.build_stage1_dataset(saved, small, seed=0)
+    assert len(decoded) <= 4 * max(len(r["candidates"]) for r in rows) < images  # at most the chosen rows' images
+    assert [(r["guid"], r["candidate_id"], r["label"]) for r in s1] == [
+        (r["guid"], r["candidate_id"], r["label"]) for r in training.build_stage1_dataset(rows, small, seed=0)]
+    decoded.clear()
+    kept = {"g3": [c["id"] for c in rows[3]["candidates"][:2]]}  # one scored question of twelve
+    s2, report = training.build_stage2_dataset(saved, PRESET, kept_ids=kept, processor=processor, seed=0)
+    assert 0 < len(decoded) <= len(rows[3]["candidates"])
+    plain, plain_report = training.build_stage2_dataset(rows, PRESET, kept_ids=kept, processor=processor, seed=0)
+    assert [r["source_ids"] for r in s2] == [r["source_ids"] for r in plain] and report == plain_report
+    assert report.questions_without_kept_ids == 11 and report.questions_used == 1
 
 
 def test_a_whole_datasetdict_instead_of_one_split_is_a_clear_error() -> None:
