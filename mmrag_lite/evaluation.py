@@ -19,7 +19,7 @@ opt-in on a GPU). Robustness injects adversarial
 distractors (``inject_distractors``) and reports the drop and how often the trap was taken.
 
 Everything lands in ``<work_dir>/eval/``: ``results.md`` (the main table first), ``results.json`` (strict JSON:
-a missing number is ``null``), one submission and one full-predictions file per system. ``evaluate`` and notebook 05
+NaN is ``null``; a figure not computed is the string saying why, ``UNAVAILABLE`` or ``NOT_RUN``), one submission and one full-predictions file per system. ``evaluate`` and notebook 05
 assemble the report through the same ``build_report``, so both write the same files.
 """
 
@@ -379,20 +379,31 @@ def conflicting_answer(row: Row, other_answers: Sequence[str], rng: random.Rando
 
     YesNo → flipped; color / shape / number → another one; choose → the other option named in the question
     (``other_option_answer``); text / Others (and a choose question whose options cannot be read) → the gold answer
-    with a year, number, name or colour changed (``perturb_answer``). Only when none of these applies: another
-    question's answer, marked ``FALLBACK_WRONG`` so the report can count it.
+    with a year, number, name or colour changed (``perturb_answer``). Each must score lower than the gold answer
+    under the official accuracy (a swap that keeps every word is no wrong answer to it). Only when none of these
+    applies: another question's answer, marked ``FALLBACK_WRONG`` so the report can count it.
     """
+    from mmrag_lite import metrics
+
     answer = str(row.get("answer") or "")
     low = answer.lower()
     qcate = str(row.get("qcate") or "")
     question = str(row.get("question") or "")
     words = set(re.findall(r"[a-z]+", low))
+    reference = metrics.qa_reference(answer, row.get("keywords"))
+
+    def scores_below_gold(wrong: WrongAnswer | None) -> bool:
+        """The official accuracy must tell the wrong answer from the gold one: swapping both options of "red and
+        white" or of "A is taller than B" keeps every word, and echoing it would score like the gold answer."""
+        if wrong is None:
+            return False
+        got, gold = metrics.webqa_accuracy_batch([wrong.text, answer], [reference] * 2,
+                                                 [metrics.canonical_qcate(qcate) or "text"] * 2)
+        return got < gold or gold == 0.0  # a gold answer its own reference scores 0 leaves the metric nothing to tell
+
     if qcate == "YesNo":
         return WrongAnswer("No" if low.startswith("yes") else "Yes", "flipped yes/no")
     if qcate in ("color", "shape", "number"):  # each draw checked by the official accuracy: "square" is "squares"
-        from mmrag_lite import metrics
-
-        reference = metrics.qa_reference(answer, row.get("keywords"))
         if qcate == "number":
             nums = [float(x) for x in _NUM.findall(metrics.normalize_webqa_many([answer])[0])]  # "four" -> 4
             base = int(nums[0]) if nums else rng.randint(2, 9)
@@ -406,10 +417,10 @@ def conflicting_answer(row: Row, other_answers: Sequence[str], rng: random.Rando
             return WrongAnswer(rng.choice(wrong), how)
     if qcate == "choose":
         other = other_option_answer(question, answer, str(row.get("keywords") or ""))
-        if other:
+        if other and scores_below_gold(WrongAnswer(other, "other option")):
             return WrongAnswer(other, "other option")
     changed = perturb_answer(answer, question, other_answers, rng) if answer else None
-    if changed is not None:
+    if scores_below_gold(changed):
         return changed
     pool = [a for a in other_answers if a and a.strip().lower() != low]
     return WrongAnswer(rng.choice(pool) if pool else "none of the above", FALLBACK_WRONG)
@@ -486,6 +497,24 @@ def fallback_share(attacked: Sequence[Row]) -> float:
     return sum(r.get("adversarial_answer_how") == FALLBACK_WRONG for r in attacked) / max(len(attacked), 1)
 
 
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9]+(?:\.[0-9]+)?", text.lower())) - _ARTICLES
+
+
+def echoes_wrong_answer(said: str, wrong: str, answer: str, keywords: Any = "") -> bool:
+    """Whether an answer repeats the conflicting document's wrong fact (pure): it holds every word the wrong answer
+    adds to the gold one ("1812" for "1809", "sideways" for "upwards", "No") and none of the gold reference's words
+    the wrong answer lacks. So "founded in 1812" echoes "... was founded in 1812." without its period and wording,
+    and "Yes, there is no cloud" does not echo "No". A wrong answer that adds no word is matched whole."""
+    from mmrag_lite import metrics
+
+    new = _words(wrong) - _words(answer)
+    if not new:
+        return bool(re.search(rf"(?<!\w){re.escape(wrong.strip().lower())}(?!\w)", said.lower()))  # \b fails after "."
+    gone = _words(metrics.qa_reference(answer, keywords)) - _words(wrong)
+    return new <= _words(said) and not gone & _words(said)
+
+
 def trap_rates(results: Sequence[PipelineResult], attacked: Sequence[Row]) -> dict[str, float]:
     """How often the injected document was kept by stage 1, cited in ``<sources>``, and its wrong answer echoed.
 
@@ -501,10 +530,10 @@ def trap_rates(results: Sequence[PipelineResult], attacked: Sequence[Row]) -> di
         n += 1
         kept += any(i.startswith("adv-") for i in res.kept_ids)
         cited += any(str(i).startswith("adv-") for i in res.sources)
-        wrong = str(row.get("adversarial_answer") or "").strip().lower()
+        wrong = str(row.get("adversarial_answer") or "").strip()
         if wrong:
             n_echo += 1
-            echoed += bool(re.search(rf"(?<!\w){re.escape(wrong)}(?!\w)", res.answer.lower()))  # \b fails after "."
+            echoed += echoes_wrong_answer(res.answer, wrong, str(row.get("answer") or ""), row.get("keywords"))
     n = max(n, 1)
     return {"trap kept (top-k)": kept / n, "trap cited": cited / n,
             "wrong answer echoed": (echoed / n_echo) if n_echo else float("nan")}
@@ -587,7 +616,7 @@ def systems_table(preds: Mapping[str, Sequence[PipelineResult]], rows: Sequence[
         row = {"system": name, **w, "well-formed": well_formed_rate(res), "gold recall of kept": gold_recall_of_kept(res, rows)}
         if mmqa_preds and name in mmqa_preds and mmqa_rows:
             m = score_mmqa(mmqa_preds[name], mmqa_rows)
-            row["MMQA EM"], row["MMQA F1"] = m["MMQA EM"], m["MMQA F1"]
+            row["MMQA EM"], row["MMQA F1"], row["n_mmqa"] = m["MMQA EM"], m["MMQA F1"], m["n_mmqa"]
         else:
             row["MMQA EM"] = row["MMQA F1"] = NOT_RUN
         table.append(row)
@@ -791,13 +820,26 @@ def stage2_ablation_variants(preset: Preset) -> dict[str, dict[str, Any]]:
     return variants
 
 
-def retrain_ablations_command(preset_name: str, work_dir: str | Path) -> str:
+def retrain_ablations_command(preset: Preset | str, work_dir: str | Path) -> str:
     """The command that runs the retrained ablations on a GPU preset, where they are off by default (hours each).
 
-    It names the run folder in full: ``MMRAG_HOME`` on Drive or a notebook's ``work_dir`` is not ``runs/<preset>``
-    of wherever the command is typed."""
-    return (f"python -m mmrag_lite evaluate --preset {preset_name} --work-dir {shlex.quote(str(work_dir))} "
-            "--set evaluation.retrain_ablations=true --no-mmqa --no-robustness")
+    It names the run folder in full (``MMRAG_HOME`` on Drive or a notebook's ``work_dir`` is not ``runs/<preset>``
+    of wherever the command is typed), and a ``Preset`` as the named preset closest to it plus one ``--set`` per
+    change: the run's overrides (``stage1.k=6``, a new name) would otherwise be lost, or the name refused."""
+    import yaml
+
+    from mmrag_lite.config import PRESETS, preset_overrides
+
+    if isinstance(preset, str):
+        base, changes = preset, {}
+    else:
+        base = min(PRESETS, key=lambda name: (len(preset_overrides(PRESETS[name], preset)), name != preset.name))
+        changes = preset_overrides(PRESETS[base], preset)
+    changes["evaluation.retrain_ablations"] = True
+    sets = " ".join("--set " + shlex.quote(f"{key}={yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix('...').strip()}")
+                    for key, value in changes.items())
+    return (f"python -m mmrag_lite evaluate --preset {base} --work-dir {shlex.quote(str(work_dir))} {sets} "
+            "--no-mmqa --no-robustness")
 
 
 def _changes(overrides: Mapping[str, Any]) -> str:
@@ -848,7 +890,7 @@ def retrained_stage2_ablation(preset: Preset, work_dir: str | Path, rows: Sequen
     if baseline is not None:
         out.append(_variant_row("as the preset (main run)", {}, baseline, rows, training.load_log_history(run, 2)))
     if not preset.evaluation.retrain_ablations:
-        cmd = retrain_ablations_command(preset.name, run)
+        cmd = retrain_ablations_command(preset, run)
         return out + [{"stage 2 variant": name, "changes": _changes(ov), "status": "not run: hours per variant on a GPU",
                        "command": cmd} for name, ov in variants.items()]
     if train_split is None:
@@ -992,8 +1034,9 @@ def build_report(preset: Preset, rows: Sequence[Row], predictions: Mapping[str, 
                         robustness=[dict(r) for r in robustness], timings=dict(timings or {}))
     report.table = [dict(r) for r in table]
     for row in report.table:
+        n_mmqa = row.pop("n_mmqa", None)  # the MMQA questions scored (one without a gold answer is not)
         if isinstance(row.get("n"), int):
-            row["n"] = f"{row['n']} WebQA" + (f" + {len(mmqa_rows)} MMQA" if mmqa_rows and row["system"] in mmqa_preds else "")
+            row["n"] = f"{row['n']} WebQA" + (f" + {n_mmqa} MMQA" if n_mmqa is not None else "")
     report.slots = {name: slot_table(res, rows) for name, res in report.predictions.items()}
     habit = positional_shortcut_note(report.slots)
     if habit:

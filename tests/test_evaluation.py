@@ -282,8 +282,15 @@ def test_choose_wrong_answer_is_the_other_option():
     rng = random.Random(0)
     row = {"qcate": "choose", "question": "Which has more circles, the Royal Forest of Vera or the Western Lake of Lea?",
            "answer": "The Western Lake of Lea has more circles than the Royal Forest of Vera.", "keywords": "Western Lake of Lea"}
-    wrong = E.conflicting_answer(row, ["unrelated answer"], rng)
-    assert wrong == E.WrongAnswer("The Royal Forest of Vera has more circles than the Western Lake of Lea.", "other option")
+    # Swapping both options keeps every word: recall against the keyword scores it 1.0, as the gold answer, so
+    # echoing it would cost no QA-Acc (and "red and white" -> "white and red" says the same). Such a swap is not used:
+    assert E.other_option_answer(row["question"], row["answer"], row["keywords"]) == \
+        "The Royal Forest of Vera has more circles than the Western Lake of Lea."
+    assert E.conflicting_answer(row, ["unrelated answer"], rng) == E.WrongAnswer("unrelated answer", E.FALLBACK_WRONG)
+    flowers = {"qcate": "choose", "question": "Are the flowers red and white or blue?", "answer": "The flowers are red and white.",
+               "keywords": ""}
+    wrong = E.conflicting_answer(flowers, ["unrelated answer"], rng)
+    assert wrong.how == "other option" and "red" not in wrong.text and "blue" in wrong.text
     short = dict(row, question="Is the Eiffel Tower or the Statue of Liberty taller?", answer="The Eiffel Tower is taller.")
     assert E.conflicting_answer(short, [], rng).text == "The Statue of Liberty is taller."
     bare = dict(row, question="Are there more windows on the Tower of London or on Big Ben?", answer="Big Ben", keywords="Big Ben")
@@ -293,7 +300,7 @@ def test_choose_wrong_answer_is_the_other_option():
                   answer="The Eiffel Tower is taller than Big Ben.")
     assert E.conflicting_answer(taller, [], rng).text == "The Eiffel Tower is shorter than Big Ben."
     hind = dict(row, question="Is the tail or the hind legs of the Suricata longer?",
-                answer="The tail of the Suricata is longer than its legs.")
+                answer="The tail of the Suricata is longer than its legs.", keywords="")  # not the Lea's keyword
     assert E.conflicting_answer(hind, [], rng).text == "The hind legs of the Suricata is longer than its legs."
     assert E.choice_options("Which is older, the Colosseum or the Parthenon?") == ("Colosseum", "Parthenon")
     assert E.choice_options("What colour is the car?") is None
@@ -377,6 +384,15 @@ def test_retrain_ablations_command_turns_them_on_through_the_cli(tmp_path):
     assert args.work_dir == str(run)
     preset, _ = resolve(args)
     assert args.command == "evaluate" and preset.name == "colab-t4" and preset.evaluation.retrain_ablations
+    # a run with its own overrides and name: the command carries them (it used to name only "--preset t4-k6",
+    # which the CLI refuses, and with "stage1.k=6" alone it retrained under the preset's k=5)
+    from mmrag_lite.config import get_preset
+
+    mine = get_preset("colab-t4", name="t4-k6", **{"stage1.k": 6, "stage2.weights": {"format": 1.0, "answer": 2.0},
+                                                   "stage1.grpo.learning_rate": 2e-5, "description": "run #2: 1:30"})
+    args = build_parser().parse_args(shlex.split(E.retrain_ablations_command(mine, run))[3:])
+    preset, _ = resolve(args)
+    assert preset == mine.with_overrides(**{"evaluation.retrain_ablations": True})
 
 
 def test_gpu_presets_list_the_retrained_variants_without_training(tmp_path):
@@ -747,3 +763,29 @@ def test_the_wrong_answer_is_echoed_only_as_a_whole_word():
     attacked = [dict(E.inject_distractors(ROWS[0], "conflicting", wrong_answer="red"), adversarial_answer="red")]
     assert E.trap_rates([_res("q1", [], "It is bored.")], attacked)["wrong answer echoed"] == 0.0
     assert E.trap_rates([_res("q1", [], "It is red.")], attacked)["wrong answer echoed"] == 1.0
+
+
+def test_an_echo_is_the_wrong_fact_repeated_not_the_wrong_sentence_verbatim():
+    """Only the whole wrong text counted: a sentence trap without its final period, or its changed fact alone, was
+    no echo, and "Yes, there is no cloud" echoed the trap "No". An echo now holds every word the wrong answer adds to
+    the gold one and none of the gold reference's words that the wrong answer lacks."""
+    gold, wrong = "The Painted Station of Emil was founded in 1809.", "The Painted Station of Emil was founded in 1812."
+    assert E.echoes_wrong_answer("The Painted Station of Emil was founded in 1812", wrong, gold)
+    assert E.echoes_wrong_answer("It was founded in 1812.", wrong, gold)
+    assert not E.echoes_wrong_answer("It was founded in 1809.", wrong, gold)
+    assert not E.echoes_wrong_answer("Either 1809 or 1812.", wrong, gold)  # names the gold fact too
+    assert not E.echoes_wrong_answer("Yes, there is no cloud at all.", "No", "Yes, there is a cloud.", "Yes")
+    assert E.echoes_wrong_answer("No, there is none.", "No", "Yes, there is a cloud.", "Yes")
+    assert E.echoes_wrong_answer("The car is green.", "green", "The car is red.", "red")
+    assert not E.echoes_wrong_answer("It is bored.", "red", "It is blue.")  # whole words only
+
+
+def test_the_mmqa_count_in_n_is_the_questions_scored():
+    """"+ 2 MMQA" was the rows given; a question without a gold answer is not scored, so n says 1."""
+    rows = [{"guid": "m1", "answers": ["Paris"]}, {"guid": "m2", "answers": []}]
+    preds = {"sys": [_res("m1", [], "Paris"), _res("m2", [], "x")]}
+    from mmrag_lite.config import get_preset
+
+    report = E.build_report(get_preset("cpu-tiny"), ROWS[:1], {"sys": [_res("q1", [], "red")]}, mmqa_rows=rows,
+                            mmqa_preds=preds)
+    assert report.table[0]["n"] == "1 WebQA + 1 MMQA"
