@@ -48,6 +48,12 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise CLIError(f"--set: bad key {key!r} in {text!r} (dotted path like stage1.k)")
     if re.fullmatch(r"[+-]?0\d+", raw.strip()):  # YAML 1.1 reads 010 as octal 8 (and 08 as the float 8.0)
         return key, int(raw.strip(), 10)
+    quoted = raw.strip()[:1] in ("'", '"')
+    if not quoted and re.search(r"(^|\s)#", raw):  # YAML would drop the rest as a comment
+        raise CLIError(f"--set {key}: {raw.strip()!r} holds ' #', which YAML reads as a comment: quote the value, "
+                       f"e.g. --set '{key}=\"{raw.strip()}\"'")
+    if not quoted and re.fullmatch(r"[+-]?\d+(:[0-5]?\d)+(\.\d*)?", raw.strip()):  # YAML 1.1: 1:30 is 90
+        raise CLIError(f"--set {key}: {raw.strip()!r} reads as a base-60 number in YAML; quote it for text")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:  # one line, not YAML's multi-line report with a caret under the column
@@ -57,7 +63,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         # YAML reads {format:1.0} as the key "format:1.0" with no value: a colon needs a space after it
         raise CLIError(f"--set {key}: write a space after each colon in {raw.strip()!r}, "
                        f"e.g. --set '{key}={{format: 1.0, relevance: 3.0}}'")
-    if isinstance(value, str):  # YAML 1.1 reads "2e-3" as a string; a learning rate is a number
+    if isinstance(value, str) and not quoted:  # YAML 1.1 reads "2e-3" as a string; a learning rate is a number
         try:
             value = float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "infinity") else value
         except ValueError:
@@ -255,7 +261,8 @@ def cmd_course(args: argparse.Namespace) -> int:
     from mmrag_lite import course
 
     try:
-        report = course.run_course(preset=args.preset, out_dir=args.out_dir, overrides=overrides_of(args), verbose=True)
+        report = course.run_course(preset=args.preset, out_dir=args.out_dir, overrides=overrides_of(args), verbose=True,
+                                   timeout_per_cell=args.timeout_per_cell)
     except ConfigError as exc:
         raise CLIError(str(exc)) from None
     print(report.summary())
@@ -348,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default=None, help="where executed notebooks and the run folder go (default: "
                    "runs/course-<date>-<time>)")
     _add_set_option(p, "; passed to every notebook (--set evaluation.retrain_ablations=false saves time on a slow machine)")
+    p.add_argument("--timeout-per-cell", type=int, default=None, metavar="SECONDS",
+                   help="stop a cell after this long, 0 for never (default: 900 s on cpu-tiny; never on a GPU preset, "
+                        "whose training cells run for hours)")
     p.set_defaults(func=cmd_course)
     return parser
 

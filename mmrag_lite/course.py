@@ -165,12 +165,15 @@ def headline_numbers(work_dir: Path) -> list[str]:
     return lines
 
 
+MINIATURE_CELL_TIMEOUT_S = 900  # cpu-tiny's slowest cell takes ~2 minutes: 15 is a hung kernel, not a slow one
+
+
 def run_course(
     preset: str | Preset = "cpu-tiny",
     out_dir: str | Path | None = None,
     notebooks: Sequence[Path] | None = None,
     *,
-    timeout_per_cell: int = 900,
+    timeout_per_cell: int | None = None,
     stop_on_error: bool = True,
     extra_parameters: dict | None = None,
     overrides: Mapping[str, Any] | None = None,
@@ -179,7 +182,9 @@ def run_course(
     """Execute the course notebooks in order with ``preset`` (and dotted ``overrides`` of it) injected; return the
     report. A notebook failure never raises: the report says which notebook failed and why. Bad overrides raise
     ``ConfigError``, and a preset this machine cannot run (a GPU preset without a GPU) ``modeling.ModelLoadError``,
-    before any notebook starts. ``verbose`` prints a line as each notebook starts: a course takes minutes."""
+    before any notebook starts. ``verbose`` prints a line as each notebook starts: a course takes minutes.
+    ``timeout_per_cell`` stops a cell after that many seconds (0: never); by default 900 s on the miniature (a stuck
+    cell, not a slow one) and never on a hub model, whose training cell runs for hours (300 steps of ~60 s)."""
     try:
         import papermill as pm
     except ModuleNotFoundError as exc:  # the notebooks extra is not installed
@@ -193,6 +198,8 @@ def run_course(
     # resolved once, so every notebook and the summary name the preset that ran
     resolved = resolve_preset(preset, **overrides)
     check_device(resolved)  # not after notebooks 01-02 have run, inside 03's model loading
+    if timeout_per_cell is None:
+        timeout_per_cell = MINIATURE_CELL_TIMEOUT_S if resolved.model.is_miniature else 0
     # the notebooks get the base preset's name and the overrides (a "name" override among them renames it there);
     # a Preset object travels as the overrides that make it from a named preset, or its changes would be lost
     if isinstance(preset, Preset):
@@ -226,7 +233,7 @@ def run_course(
                 parameters={"preset": base, "work_dir": str(work), "overrides": overrides, **(extra_parameters or {})},
                 cwd=str(path.parent),
                 kernel_name="python3",
-                execution_timeout=timeout_per_cell,
+                execution_timeout=timeout_per_cell or None,  # None: no limit
                 progress_bar=False,
                 kernel_manager_class=_kernel_manager_class(),
             )

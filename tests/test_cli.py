@@ -193,6 +193,25 @@ def test_run_course_hands_the_notebooks_a_preset_objects_changes_and_an_absolute
     assert shared_data_dir() == tmp_path / "shared data"
 
 
+def test_a_course_cell_may_run_for_hours_on_a_gpu_preset_but_not_on_the_miniature(tmp_path, monkeypatch):
+    """Every cell had 900 s, so notebook 03's training cell (300 steps of ~60 s on a T4) always failed the course on a
+    GPU preset. The miniature keeps the limit (a hung kernel); a hub model has none unless asked."""
+    import papermill
+
+    from mmrag_lite import course, modeling
+
+    seen = []
+    monkeypatch.setattr(papermill, "execute_notebook", lambda src, out, parameters, **kw: seen.append(kw["execution_timeout"]))
+    monkeypatch.setattr(modeling, "check_device", lambda preset: None)  # no GPU here: the check is another test's
+    nb = course.notebook_paths()[:1]
+    for preset, asked in [("cpu-tiny", None), ("colab-t4", None), ("colab-t4", 7200), ("cpu-tiny", 0)]:
+        course.run_course(preset, out_dir=tmp_path / "run", notebooks=nb, timeout_per_cell=asked)
+    assert seen == [course.MINIATURE_CELL_TIMEOUT_S, None, 7200, None]
+    calls = {}
+    monkeypatch.setattr(course, "run_course", lambda **kw: calls.update(kw) or type("R", (), {"ok": True, "summary": lambda self: ""})())
+    assert cli.main(["course", "--timeout-per-cell", "0"]) == 0 and calls["timeout_per_cell"] == 0
+
+
 def test_preset_overrides_round_trip_between_any_two_presets():
     from mmrag_lite.config import PRESETS, get_preset, preset_overrides
 
@@ -326,6 +345,14 @@ def test_cli_details_a_mutation_run_found_unguarded(tmp_path, monkeypatch, capsy
     assert cli.build_parser().parse_args(["build-data"]).preset == "auto"  # the default passes its own type check
     assert cli.parse_override("description=a=b") == ("description", "a=b")  # only the first "=" splits
     assert cli.parse_override("description=inf")[1] == "inf"  # not turned into a float
+    # quoted text stays text; YAML's comment and base-60 readings are refused rather than applied silently
+    assert cli.parse_override("name='2024'") == ("name", "2024")
+    assert cli.parse_override('description="1e3"') == ("description", "1e3")
+    with pytest.raises(cli.CLIError, match="comment: quote the value"):
+        cli.parse_override("description=exp #2")
+    with pytest.raises(cli.CLIError, match="base-60"):
+        cli.parse_override("stage1.grpo.max_steps=1:30")
+    assert cli.parse_override("description='exp #2, 1:30'") == ("description", "exp #2, 1:30")
     failed = course.CourseReport("cpu-tiny", tmp_path, tmp_path, notebooks=[
         course.NotebookRun("01_x.ipynb", 1.0, ok=False, output=tmp_path / "01_x.ipynb", error="boom")])
     monkeypatch.setattr(course, "run_course", lambda **_: failed)
