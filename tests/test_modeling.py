@@ -86,6 +86,27 @@ def test_tiny_model_loads_offline_in_nf4(loaded, tiny_dir: Path) -> None:
     assert int((enc["input_ids"] == model.config.image_token_id).sum()) == 4
 
 
+def test_a_judge_scores_the_same_whether_loaded_for_training_or_inference(tiny_dir: Path) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes' inference fast path (weights re-packed, activations in bfloat16) was on
+    for inference loads only, so notebook 03's "before" judge and its "after" (the trained model) read P(yes) through
+    different kernels. (Where the CPU lacks AVX512-BF16 there is one kernel anyway and this holds trivially.)"""
+    import bitsandbytes as bnb
+
+    from mmrag_lite.scoring import score_candidates
+
+    cands = [{"id": str(i), "modality": "image", "image": _img((40 * i, 90, 200 - 30 * i)), "title": f"t{i}",
+              "text": f"A {c} thing."} for i, c in enumerate(["red", "blue", "green", "grey"])]
+    scores = []
+    for for_training in (False, True):
+        model, processor = M.load_model_and_processor(PRESET, model_path=tiny_dir, for_training=for_training)
+        model.eval()
+        with torch.no_grad():
+            scores.append(score_candidates(model, processor, "What colour is it?", cands, PRESET))
+        layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        assert layers and not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in layers)
+    assert scores[0] == scores[1]
+
+
 def test_generate_with_mixed_batch(tiny_dir: Path) -> None:
     model, processor = M.load_model_and_processor(PRESET, model_path=tiny_dir, for_training=False)
     msgs = [
