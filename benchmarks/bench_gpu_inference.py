@@ -196,7 +196,12 @@ def run(preset_name: str, work: Path, smoke: bool, *, questions: int, judge_ques
             model, processor, judged[0]["question"], judged[0]["candidates"][:1], preset, max_new_tokens=4))
     forward = scoring_runs[0]
     judge_ms = 1000 * judge_seconds / n_judged
-    judge_report = phase("judge_by_generation", {"candidates": n_judged, "batch_size": judge_batch, "max_new_tokens": budget,
+    # one question a call: a call holds its pool (16 candidates at most), not judge_batch prompts, while the forward
+    # pass packs judge_batch prompts of several questions; a generate call costs about the same however full it is,
+    # so the ratio below is the course's two uses as they run, not the same fill on both sides
+    calls = [len(r["candidates"][i:i + judge_batch]) for r in judged for i in range(0, len(r["candidates"]), judge_batch)]
+    judge_report = phase("judge_by_generation", {"candidates": n_judged, "batch_size": judge_batch,
+                    "prompts_per_call_mean": round(n_judged / len(calls), 1), "calls": len(calls), "max_new_tokens": budget,
                     "reasoning": preset.stage1.reasoning, "seconds": round(judge_seconds, 2),
                     "ms_per_candidate": round(judge_ms, 1), "new_tokens": counter.tokens,
                     "forward_pass_is_faster_by": round(judge_ms / forward["ms_per_candidate"], 1), **judge_peaks})

@@ -160,6 +160,16 @@ def run(preset_name: str, steps: int, work: Path, smoke: bool, stage: int = 1, w
                                       f"stage{stage}.max_examples": max(2 * steps * per_step // grpo.num_generations, 16)})
     if world_questions:  # a smaller world builds faster; a step's cost depends on the preset's sizes, not on it
         preset = preset.with_overrides(**{"data.world_questions": world_questions})
+    answer_reward = "on"
+    if stage == 2 and preset.stage2.weights.get("answer"):
+        try:  # the answer reward lemmatises with spaCy; its wheels (~70 MB) are more than a device call may carry
+            from mmrag_lite import metrics
+
+            metrics.get_nlp()
+        except (ImportError, RuntimeError) as exc:
+            answer_reward = f"off: spaCy cannot load here ({str(exc).splitlines()[0][:120]}); its CPU cost is not in these figures"
+            print(f"NOTE: the answer reward is {answer_reward}", flush=True)
+            preset = preset.with_overrides(**{"stage2.weights": {k: v for k, v in preset.stage2.weights.items() if k != "answer"}})
 
     t0 = time.perf_counter()
     folder = architectures.build_random_real_size_model(model_id, work / "model", dtype=dtype, device=device,
@@ -197,7 +207,7 @@ def run(preset_name: str, steps: int, work: Path, smoke: bool, stage: int = 1, w
         "prompt_tokens_max": build_report.prompt_tokens_max if build_report else None,
         "prompt_tokens_mean": round(build_report.prompt_tokens_mean, 1) if build_report else None,
         "filled_to_cap": fill_to_cap, "prompt_cap": preset.stage2.max_prompt_tokens if stage == 2 else None,
-        "images_first": prefer_images,
+        "images_first": prefer_images, "answer_reward": answer_reward if stage == 2 else None,
         "images_per_prompt_mean": round(statistics.mean(len(r) for r in rows["images"]), 2) if stage == 2 else None,
         "images_per_prompt_max": build_report.images_per_prompt_max if build_report else None,
         "seconds_per_step": statistics.median(after_first) if after_first else None,

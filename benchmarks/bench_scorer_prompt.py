@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from mmrag_lite import config, data, modeling, prompts, scoring
+from mmrag_lite import config, data, modeling, pipeline, prompts, scoring
 
 T = prompts.DEFAULT_TAGS
 VARIANTS = {  # name -> (reasoning prompt?, text appended after the assistant header)
@@ -49,11 +49,17 @@ def main() -> None:
     adapter = Path(args.run) / "stage1" / "adapter"
     if not adapter.is_dir():
         sys.exit(f"no stage-1 adapter in {adapter}: run notebook 03 (or `python -m mmrag_lite train-stage1`) first")
+    # the weights the adapter was trained on, not whatever miniature this checkout builds today (a rebuilt warm-up
+    # is another model: the adapter would be scored on weights it never saw)
+    base_model = pipeline.adapter_base(adapter)
+    if base_model is None:
+        sys.exit(f"{adapter}/adapter_config.json records no base model")
     print(f"| split | weights | scorer prompt | recall@2 | recall@{k} | questions |\n|---|---|---|---|---|---|")
     for split in ("validation", "test"):
         rows = list(ds[split])[: preset.evaluation.questions]
         for who, path in (("base", None), ("stage 1", adapter)):
-            model, processor = modeling.load_model_and_processor(preset, for_training=False, adapter_path=path)
+            model, processor = modeling.load_model_and_processor(preset, model_path=base_model, for_training=False,
+                                                                 adapter_path=path)
             for name, (reasoning, prefill) in VARIANTS.items():
                 report = {r["k"]: r for r in scoring.filter_report(score_rows(model, processor, rows, preset, reasoning, prefill), rows)}
                 print(f"| {split} | {who} | {name} | {report[2]['recall']:.3f} | {report[k]['recall']:.3f} | {len(rows)} |", flush=True)

@@ -1,6 +1,6 @@
 """Overhead of ``training.train_stage1`` over a bare TRL ``GRPOTrainer`` (same config, dataset, model, steps).
 
-    .venv/bin/python benchmarks/bench_trainer_overhead.py [--steps 6] [--repeats 2] [--threads 1]
+    .venv/bin/python benchmarks/bench_trainer_overhead.py [--steps 6] [--repeats 3] [--threads 1]
 
 Both sides: a fresh cold miniature, the same ``GRPOConfig(**grpo_config_kwargs(...))``, the same reward functions
 and LoRA config; timed from trainer construction to the end of ``train()`` (+ for ours: the adapter save and
@@ -50,7 +50,7 @@ def rows(n: int = 16) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -83,8 +83,11 @@ def main() -> None:
     runs = {"bare GRPOTrainer": bare, "bare, LoRA float32": lambda out: bare(out, lora_float32=True),
             "train_stage1": ours}
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, fn in runs.items():
+    with tempfile.TemporaryDirectory() as tmp:  # untimed: the process's one-off first forward/backward and trainer setup
+        bare(Path(tmp))
+    order = list(runs.items())
+    for repeat in range(args.repeats):  # the order rotates, so no side always runs first (or after the same one)
+        for name, fn in order[repeat % len(order):] + order[: repeat % len(order)]:
             with tempfile.TemporaryDirectory() as tmp:
                 times[name].append(fn(Path(tmp)))
     median = {name: statistics.median(t) for name, t in times.items()}

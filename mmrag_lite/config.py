@@ -771,8 +771,9 @@ _A100 = replace(
     # day; {"evaluation.questions": 1000} still asks for them. A 40 GB card has room for more tokens a call than a
     # T4: ~13 GiB at the 2B's 0.21 MiB a token (the 3B measured less, 0.1, at 8 prompts) beside the 4-bit 3B (2.8 GiB)
     # and its two adapters. A call of 8 took 48.5 s, one of 32 took 50.5 s (another H100): as flat as the 2B's.
-    # Measured at this cap (one call of 21 every-candidate prompts, 97 % of it, both adapters loaded): 16.6 GiB of
-    # tensors, 25.4 GiB held, 65 % of a 40 GB A100 (tests/test_architectures.py reads the report)
+    # Measured at this cap (one call of 21 every-candidate prompts, 97 % of it, both adapters loaded; the prompts were
+    # then cut at 3,072 tokens, today's 5,120 puts ~18 in a call): 16.6 GiB of tensors, 25.4 GiB held, 65 % of a
+    # 40 GB A100 (tests/test_architectures.py reads the report)
     evaluation=replace(_T4.evaluation, generation_max_batch_tokens=65_536, max_prompt_tokens=5_120),
     # H100, real-size random weights: allocator peak 7.9 GiB in stage 1, 18.5 GiB in stage 2 at 1,818-token
     # prompts (6 images), 33.0 GiB with every prompt filled to the 3,072-token cap and 35.3 GiB at the cap with 8
