@@ -481,6 +481,73 @@ def test_filter_accepts_how_real_webqa_answers_are_written():
     assert removed["answer_misses_keyword"] == 3
 
 
+def test_filter_reads_answers_without_keywords_as_the_public_release_has_them():
+    """The public WebQA_train_val.json has no Keywords_A, so these branches are the live path on real data: a count
+    that only restates the question states nothing; a text answer that only repeats the question's words must name
+    words a gold snippet holds."""
+    recs = [
+        record(guid="n_restates", qcate="number", kw=None, q="How many benches are on the terrace?",
+               a="The benches are on the terrace."),
+        record(guid="n_adds", qcate="number", kw=None, q="How many benches are on the terrace?",
+               a="There are several benches on the terrace."),
+        record(guid="t_unsupported", qcate="text", kw=None, q="Which is older, the tower or the bridge?",
+               a="The tower or the bridge.", img_pos=(), txt_pos=(("The mill was built in 1800.", "Mill"),)),
+        record(guid="t_supported", qcate="text", kw=None, q="Which is older, the tower or the bridge?",
+               a="The tower.", img_pos=(), txt_pos=(("The tower was built before the bridge.", "Tower"),)),
+    ]
+    kept, removed = _run(recs, drop_duplicates=False)
+    assert kept == ["n_adds", "t_supported"] and removed["answer_misses_keyword"] == 2
+
+
+def test_pools_mix_distractors_of_both_modalities_by_seed():
+    """A record lists its image distractors before its text ones: without the seeded shuffle a trimmed pool kept
+    images only, and a text question's gold snippet stood out among them (a modality shortcut)."""
+    imgs = tuple((30000100 + i, f"Place {i}", f"A view of place {i}.") for i in range(10))
+    txts = tuple((f"Place {i} lies on a river.", f"Place {i}") for i in range(10))
+    rec = record(guid="mix", qcate="text", kw=None, img_pos=(), img_neg=imgs, txt_pos=(("Lina lives by the sea.", "Lina"),),
+                 txt_neg=txts, q="Where does Lina live?", a="By the sea.")
+    rows = {seed: D.record_to_row(rec, None, max_candidates=8, seed=seed) for seed in (0, 1)}
+    for row in rows.values():
+        distractors = [c for c in row["candidates"] if not c["is_gold"]]
+        assert len(row["candidates"]) == 8 and {c["modality"] for c in distractors} == {"image", "text"}
+    assert D.record_to_row(rec, None, max_candidates=8, seed=0) == rows[0]  # deterministic
+    assert [c["id"] for c in rows[0]["candidates"]] != [c["id"] for c in rows[1]["candidates"]]
+    assert rows[0]["keywords"] == "" and D.record_to_row(record(kw="red"), None)["keywords"] == "red"  # Keywords_A kept
+
+
+def test_the_built_rows_keep_the_worlds_keywords(world, built):
+    """QA-Acc and the answer reward read Keywords_A: a build that dropped it would score every answer against the
+    whole sentence, silently."""
+    raw = json.loads((world / "WebQA_train_val.json").read_text())
+    _, dd, _ = built
+    rows = [r for split in dd.values() for r in split]
+    assert rows and all(r["keywords"] == json.loads(raw[r["guid"]]["Keywords_A"]) for r in rows if "Keywords_A" in raw[r["guid"]])
+    assert sum(bool(r["keywords"]) for r in rows) > len(rows) // 2
+
+
+def test_mmqa_rows_exclude_table_answers_and_mix_their_distractors():
+    """A question whose answer is read from a table is not answerable from the image/text pool even when its listed
+    support is images and passages (15 dev Compare(Compose(TableQ, ...)) questions); a supporting id outside the pool
+    is not gold; trimmed pools are a seeded mix of the image and passage distractors."""
+    def q(qid, answer_modalities=("image",), supporting=(("i0", "image"),)):
+        return D.MMQAQuestion(qid=qid, question="Which one?", answers=("x",), answer_modalities=answer_modalities,
+                              qtype="Compare(Compose(TableQ,ImageQ),TextQ)", modalities=("image", "text"),
+                              image_doc_ids=tuple(f"i{i}" for i in range(10)), text_doc_ids=tuple(f"t{i}" for i in range(10)),
+                              table_id="tab", supporting=supporting)
+    images = {f"i{i}": D.MMQADoc(f"i{i}", f"Image {i}") for i in range(10)}
+    texts = {f"t{i}": D.MMQADoc(f"t{i}", f"Passage {i}", text=f"Passage {i} says something.") for i in range(10)}
+    table = q("table", answer_modalities=("table",))
+    assert not D.is_image_text_question(table)
+    assert D.mmqa_to_rows([table], images, texts, qtypes=None) == []
+    outside = q("outside", supporting=(("i0", "image"), ("elsewhere", "image")))
+    assert outside.gold_doc_ids == ("i0",)
+    rows = {seed: D.mmqa_to_rows([outside], images, texts, qtypes=None, max_candidates=6, seed=seed)[0] for seed in (0, 1)}
+    for row in rows.values():
+        assert row["gold_ids"] == ["i0"] and len(row["candidates"]) == 6
+        assert {c["modality"] for c in row["candidates"] if not c["is_gold"]} == {"image", "text"}
+    assert [c["id"] for c in rows[0]["candidates"]] != [c["id"] for c in rows[1]["candidates"]]
+
+
 def test_filter_keeps_real_webqa_val_answers(shared_data):
     """On the real val questions the answer filter must remove little: their answers are written by annotators
     from the gold sources (a filter that drops a third of YesNo, as an earlier literal "yes"/"no" check did, is

@@ -789,3 +789,23 @@ def test_the_mmqa_count_in_n_is_the_questions_scored():
     report = E.build_report(get_preset("cpu-tiny"), ROWS[:1], {"sys": [_res("q1", [], "red")]}, mmqa_rows=rows,
                             mmqa_preds=preds)
     assert report.table[0]["n"] == "1 WebQA + 1 MMQA"
+
+
+def test_qa_acc_reads_the_keyword_where_the_row_has_one():
+    """The planted rows' keyword and sentence restrict to the same colour, so dropping Keywords_A on the way to the
+    metric went unseen; on an Others row "fountain" is right against the keyword, a sixth against the sentence."""
+    row = _row("o1", "Others", "A big fountain stands near the old church.", "fountain", ["g1"])
+    assert E.webqa_references([row])["o1"]["keywords"] == "fountain"
+    assert E.score_webqa([_res("o1", ["g1"], "fountain")], [row])["QA-Acc"] == pytest.approx(1.0)
+
+
+def test_stage_1_only_answers_with_the_weights_stage_2_starts_from():
+    """On the GPU presets stage 2 starts from the stage-1 adapter, so "stage 1 only" must answer with it: with the base
+    model it would be zero-shot under another name, and stage 2's gain would be counted from the wrong start."""
+    from mmrag_lite.config import get_preset
+    from mmrag_lite.pipeline import standard_systems
+
+    for name, start in (("colab-t4", "stage1"), ("a100", "stage1"), ("cpu-tiny", get_preset("cpu-tiny").stage2.init_from)):
+        answerers = [s.answerer for s in standard_systems(get_preset(name))]
+        assert answerers == ["base", "base", start, "stage2", "stage2"], name
+    assert get_preset("colab-t4").stage2.init_from == "stage1"

@@ -533,3 +533,10 @@ def test_edge_cases_of_the_ranking_and_set_metrics():
     assert metrics.mmqa_em_f1("red", [["red"], ["blue"]]) == (1.0, 1.0)  # the best reference counts, first or last
     assert metrics.mmqa_em_f1("red", [["blue"], ["red"]]) == (1.0, 1.0)
     assert metrics.mmqa_em_f1(["x", "x"], ["x"])[0] == 0.0  # EM needs as many spans as the gold
+
+
+def test_the_official_one_character_rule():
+    """eval_1022.py lower-cases a one-character answer and keeps it even when it is punctuation ("?"), where the
+    general rule would drop it: "I" is "i", and "?" stays "?"."""
+    assert metrics.normalize_webqa_text("I") == "i"
+    assert metrics.normalize_webqa_text("?") == "?"

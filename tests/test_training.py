@@ -188,6 +188,9 @@ def test_stage2_dataset_permutes_and_maps_gold_short_ids(processor) -> None:
         assert n_parts == len(ex["images"]) and all(im.size == (PRESET.model.image_size,) * 2 for im in ex["images"])
         assert modeling.prompt_token_count(processor, ex["prompt"], ex["images"]) <= PRESET.stage2.max_prompt_tokens
         orders.setdefault(ex["guid"], set()).add(tuple(ex["source_ids"]))
+        # what the answer reward scores against during GRPO: the source row's, untouched
+        assert (ex["answer"], ex["keywords"], ex["qcate"], ex["question"]) == (
+            src["answer"], src["keywords"], src["qcate"], src["question"])
     assert all(len(o) == perms for o in orders.values())  # the copies really are in different orders
     assert "max_examples" not in str(report)  # every question was read
     capped = PRESET.with_overrides(**{"stage2.max_examples": 2 * perms})
@@ -879,6 +882,8 @@ def test_last_checkpoint_is_the_highest_step_not_the_latest_name(tmp_path: Path)
     (tmp_path / "checkpoint-11" / "adapter_model.safetensors").write_bytes(b"half")
     with pytest.warns(UserWarning, match="checkpoint-11 .* incomplete .* resuming from checkpoint-10"):
         assert training.last_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+    # checkpoints pile up on Drive otherwise: the last two are kept (one to resume from, one in case it was cut off)
+    assert training.grpo_config_kwargs(PRESET, 1, tmp_path / "run")["save_total_limit"] == training.CHECKPOINTS_KEPT == 2
     kw = {"init_adapter": None, "callbacks": (), "max_steps": None, "live_plot": False, "plot_title": None,
           "model": None, "processor": None, "verbose": False}
     with pytest.raises(ValueError, match="checkpoint-11 has no readable trainer_state.json"):
