@@ -19,8 +19,9 @@ opt-in on a GPU). Robustness injects adversarial
 distractors (``inject_distractors``) and reports the drop and how often the trap was taken.
 
 Everything lands in ``<work_dir>/eval/``: ``results.md`` (the main table first), ``results.json`` (strict JSON:
-NaN is ``null``; a figure not computed is the string saying why, ``UNAVAILABLE`` or ``NOT_RUN``), one submission and one full-predictions file per system. ``evaluate`` and notebook 05
-assemble the report through the same ``build_report``, so both write the same files.
+NaN is ``null``; a figure not computed is the string saying why, ``UNAVAILABLE`` or ``NOT_RUN``), one submission
+and one full-predictions file per system. ``evaluate`` and notebook 05 assemble the report through the same
+``build_report``, so both write the same files.
 """
 
 from __future__ import annotations
@@ -836,8 +837,11 @@ def retrain_ablations_command(preset: Preset | str, work_dir: str | Path) -> str
         base = min(PRESETS, key=lambda name: (len(preset_overrides(PRESETS[name], preset)), name != preset.name))
         changes = preset_overrides(PRESETS[base], preset)
     changes["evaluation.retrain_ablations"] = True
-    sets = " ".join("--set " + shlex.quote(f"{key}={yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix('...').strip()}")
-                    for key, value in changes.items())
+
+    def as_yaml(value: Any) -> str:  # what --set parses back: quoted where YAML would read text as something else
+        return yaml.safe_dump(value, default_flow_style=True, width=10**6).removesuffix("...\n").strip()
+
+    sets = " ".join("--set " + shlex.quote(f"{key}={as_yaml(value)}") for key, value in changes.items())
     return (f"python -m mmrag_lite evaluate --preset {base} --work-dir {shlex.quote(str(work_dir))} {sets} "
             "--no-mmqa --no-robustness")
 

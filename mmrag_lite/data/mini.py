@@ -73,6 +73,7 @@ def one_split(rows: Any, where: str) -> Any:
         raise TypeError(f"{where} takes one split, e.g. ds['train'], not the mapping of splits {sorted(map(str, rows))}")
     return rows
 
+
 def pool_field(split_ds: Any, name: str, n: int | None = None) -> list[tuple[str, list[Any]]]:
     """``(guid, [candidate[name], ...])`` for the first ``n`` questions of a split (all for None), no image decoded:
     iterating a saved split decodes every candidate's image, tens of GB on real WebQA's train split."""

@@ -266,7 +266,7 @@ def iter_raw_records(path: str | Path, chunk_chars: int = 1 << 20,
                 eof, bad = False, exc.reason
                 return exc.object[:exc.start].decode("utf-8")
 
-        buf = ""
+        buf = ""  # read() names the position of a bad byte by it
         buf = read()
 
         def fill() -> bool:
