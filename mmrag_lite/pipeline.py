@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -323,6 +323,14 @@ def adapter_fingerprint(adapter: str | Path) -> str:
     return h.hexdigest()
 
 
+def _adapter_stamp(adapter: Path | None) -> tuple[tuple[str, int, int], ...] | None:
+    """Name, size and modification time of an adapter's own files: a cheap test that it changed (hashing a 3B's rank-64
+    LoRA, ~0.5 GB, at every ``ModelBank.get`` would not be)."""
+    if adapter is None:
+        return None
+    return tuple((f.name, (st := f.stat()).st_size, st.st_mtime_ns) for f in sorted(adapter.glob("adapter_*")) if f.is_file())
+
+
 def judge_identity(preset: Preset, adapter: str | Path | None, *, base_model: str | Path | None = None) -> dict[str, Any]:
     """What a stage-1 score depends on: the judge's adapter (content, not file times), the base under it, and how
     the model sees a candidate (``rendering``: image size and pixel budget, 4-bit or not, compute dtype).
@@ -442,6 +450,7 @@ class ModelBank:
         self._base_model = None if base_model is None else str(base_model)
         self._base_cache: str | None = None
         self._cache: dict[str, tuple[Any, Any]] = {}
+        self._stamps: dict[str, tuple[tuple[str, int, int], ...] | None] = {}  # each loaded adapter's files, as loaded
         self._shared: list[Any] = []  # [model, processor] that the default loader's weight sets share (filled in place)
         self.notes: list[str] = []
         self.verbose = verbose
@@ -533,7 +542,17 @@ class ModelBank:
         else:
             key_cache = which
             self.check_adapter(which)  # before loading: a mismatch fails fast, with what to do
+        stamp = _adapter_stamp(self.adapter_path(which)) if key_cache != "base" else None
+        if key_cache in self._cache and self._stamps.get(key_cache) != stamp:
+            # retrained (or replaced) since it was loaded: the cached weights are not the ones on disk, whose identity
+            # judge_identity reports; every set goes, as they share one base the old adapter is loaded into
+            note = f"the {which} adapter changed on disk since it was loaded: loading it again"
+            self.notes.append(note)
+            if self.verbose:
+                print("note:", note)
+            self.unload()
         if key_cache not in self._cache:
+            self._stamps[key_cache] = stamp
             extra = {} if self._base_model is None else {"model_path": self._base_model}
             adapter = None if key_cache == "base" else self.adapter_path(which)
             if self._loader is not None:
@@ -676,11 +695,12 @@ def ensure_stage1_scores(bank: ModelBank, split_ds: Any, split: str) -> Path:
 
 # ------------------------------------------------------------------------------------------ generation
 def fit_prompt(row: Row, candidates: Sequence[Mapping[str, Any]], processor: Any, *, reasoning: bool, max_tokens: int,
-               image_fn: Callable[[Any], Any] | None = None) -> Stage2Request:
-    """The stage-2 request with the longest prefix of the (best-first) candidates that fits in ``max_tokens``.
+               image_fn: Callable[[Any], Any] | None = None, keep: Collection[str] = ()) -> Stage2Request:
+    """The stage-2 request with as many of the (best-first) candidates as fit in ``max_tokens``, in their order.
 
     Whole candidates are dropped from the end (the lowest-ranked) — never tokens — so image placeholders stay
-    intact. The prefix length is found by bisection: a handful of processor calls, whatever the pool size.
+    intact; the ids in ``keep`` go last (the oracle's gold, which it promises to show, as training's shrinking drops
+    distractors first). How many to drop is found by bisection: a handful of processor calls, whatever the pool size.
     """
     cands = list(candidates)
     full = build_request(row, cands, reasoning=reasoning, image_fn=image_fn)
@@ -688,21 +708,29 @@ def fit_prompt(row: Row, candidates: Sequence[Mapping[str, Any]], processor: Any
     if n_full <= max_tokens or len(cands) <= 1:
         notes = () if n_full <= max_tokens else (f"prompt {n_full} > {max_tokens} tokens with one candidate; sent whole (never truncated)",)
         return replace(full, notes=notes, prompt_tokens=n_full)
+    last_first = list(reversed(range(len(cands))))
+    drop_order = [i for i in last_first if str(cands[i]["id"]) not in keep] + [i for i in last_first if str(cands[i]["id"]) in keep]
+
+    def shown(n: int) -> list[Mapping[str, Any]]:  # the n candidates left after dropping in drop_order, in order
+        gone = set(drop_order[:len(cands) - n])
+        return [c for i, c in enumerate(cands) if i not in gone]
+
     lo, hi = 1, len(cands) - 1  # invariant: the answer is in [lo, hi] or 1 if even lo does not fit
     best: Stage2Request | None = None
     while lo <= hi:
         mid = (lo + hi) // 2
-        req = build_request(row, cands[:mid], reasoning=reasoning, image_fn=image_fn)
+        req = build_request(row, shown(mid), reasoning=reasoning, image_fn=image_fn)
         if (n := prompt_length(processor, req)) <= max_tokens:
             best, lo = replace(req, prompt_tokens=n), mid + 1
         else:
             hi = mid - 1
     still_over = best is None
     if best is None:
-        best = build_request(row, cands[:1], reasoning=reasoning, image_fn=image_fn)
+        best = build_request(row, shown(1), reasoning=reasoning, image_fn=image_fn)
         best = replace(best, prompt_tokens=prompt_length(processor, best))
-    dropped = [c["id"] for c in cands[len(best.source_ids):]]
-    note = f"prompt too long: dropped {len(dropped)} lowest-ranked candidate(s) {dropped} to fit {max_tokens} tokens"
+    dropped = [c["id"] for c in cands if c["id"] not in best.source_ids]
+    which = "lowest-ranked candidate(s)" if not keep else "candidate(s), lowest-ranked distractors first,"
+    note = f"prompt too long: dropped {len(dropped)} {which} {dropped} to fit {max_tokens} tokens"
     if still_over:
         note += "; still over with one candidate, sent whole (never truncated)"
     return replace(best, notes=(note,))
@@ -817,7 +845,8 @@ def run_pipeline(rows: Sequence[Row] | Any, preset: Preset, *, system: SystemSpe
     model, processor = bank.get(system.answerer)
     requests = [
         fit_prompt(row, select_candidates(row, system, sc, k), processor, reasoning=reasoning,
-                   max_tokens=preset.answer_prompt_tokens, image_fn=resize)
+                   max_tokens=preset.answer_prompt_tokens, image_fn=resize,
+                   keep={str(g) for g in row["gold_ids"]} if system.filter == "oracle" else ())
         for row, sc in zip(rows, all_scores)
     ]
     budget = generation_kwargs(preset)

@@ -101,9 +101,9 @@ def verdict_readout(processor: Any, prefix: str | None = None) -> VerdictReadout
     word: Qwen2's pre-tokenizer makes ``>yes`` one piece (``[^\\r\\n\\p{L}\\p{N}]?\\p{L}+``), and where its BPE
     has that merge the verdict token is ``>yes``, after a prompt that ends with ``<answer``. Reading the first
     token that differs covers both, and tokenising ``"yes"`` alone (a word-initial variant) is never assumed.
-    ``Yes`` / ``YES`` / `` yes`` ... (and ``No`` / ``NO`` / `` no`` ..., ``VERDICT_VARIANTS``) count too where they
-    start with a token of their own after the same prefill: the parser, hence the relevance reward, reads them as the
-    same verdict. A variant whose first token could start the other verdict too (a bare space) decides nothing and
+    ``Yes`` / ``YES`` / `` yes`` ... (and ``No`` / ``NO`` / `` no`` ..., ``VERDICT_VARIANTS``) count too where one
+    token of their own spells them after the same prefill: the parser, hence the relevance reward, reads them as the
+    same verdict (a variant split into pieces, "Y" "E" "S", is not read: "Y" starts other words too). A variant whose first token could start the other verdict too (a bare space) decides nothing and
     is dropped. Where a variant merges with the tag instead (the real Qwen2 vocabulary writes ``<answer>No`` as
     ``<answer`` + ``>No``, but ``yes``, ``no``, ``Yes``, ``YES`` and ``NO`` after ``>``), the token that spells its
     start on its own is read, provided the prefill ends exactly where the verdict starts (after ``>``, the model
@@ -131,7 +131,10 @@ def verdict_readout(processor: Any, prefix: str | None = None) -> VerdictReadout
         for word in variants:
             v = ids(word)
             first = v[n] if len(v) > n and v[:n] == yes[:n] else _spelled_alone(tok, yes[:n], prefix, word)
-            if first is not None and first not in firsts[verdict]:
+            # only a token that spells the whole variant: a small vocabulary splits "YES" into "Y" "E" "S", and "Y"
+            # starts "Yellow" as well (the parser reads no verdict there)
+            whole = first is not None and tok.decode(list(yes[:n]) + [first])[len(prefill):] == (prefix + word)[len(prefill):]
+            if whole and first not in firsts[verdict]:
                 firsts[verdict].append(first)
     all_yes, all_no = set(firsts[prompts.YES]), set(firsts[prompts.NO])  # a variant that starts like the other
     yes_ids = [yes[n]] + [t for t in firsts[prompts.YES][1:] if t not in all_no]  # verdict decides nothing: dropped

@@ -526,6 +526,24 @@ def _recording_loader(calls):
     return loader
 
 
+def test_a_bank_reloads_an_adapter_retrained_since_it_was_loaded(tmp_path):
+    """The bank cached by name: after a retrain without ``unload`` it served the old LoRA while ``judge_identity``
+    hashed the new files, so scores of the old judge were saved under the new one's name (and reused)."""
+    import os
+
+    calls = []
+    adapter = _fake_adapter(tmp_path / "stage1" / "adapter", P.preset_base_model(PRESET))
+    bank = P.ModelBank(PRESET, tmp_path, loader=_recording_loader(calls), verbose=False)
+    first = bank.get("stage1")
+    assert bank.get("stage1") is first and len(calls) == 1  # unchanged: the cached copy
+    _fake_adapter(adapter, P.preset_base_model(PRESET), weights=b"retrained weights")
+    later = os.stat(adapter / "adapter_model.safetensors").st_mtime_ns + 1_000_000
+    os.utime(adapter / "adapter_model.safetensors", ns=(later, later))  # a new mtime even on a coarse clock
+    assert bank.get("stage1") is not first and len(calls) == 2
+    assert any("changed on disk" in n for n in bank.notes)
+    assert bank.get("stage1") is bank.get("stage1") and len(calls) == 2
+
+
 def test_adapter_trained_on_another_base_is_refused_with_what_to_do(tmp_path):
     calls = []
     other = tmp_path / "models" / "tiny-qwen2vl-old-warm-077730d5d4"  # a miniature rebuilt since
@@ -742,6 +760,23 @@ def test_fit_prompt_keeps_the_longest_prefix_that_fits(bank):
         n = len(fitted.source_ids)
         assert 1 <= n < len(cands) and fitted.prompt_tokens <= budget
         assert P.prompt_length(processor, P.build_request(row, cands[: n + 1], reasoning=False)) > budget
+
+
+def test_the_oracles_gold_is_the_last_thing_a_long_prompt_drops(bank):
+    """The oracle shows its kept ids in stage-1 score order, so a gold the judge missed sits last, and shrinking from
+    the end dropped it before any distractor: the ceiling without its gold. Gold (``keep``) now goes last, and the
+    rest keep their order."""
+    processor = bank.get("base")[1]
+    row = ROWS[0]
+    cands = list(row["candidates"])
+    last = cands[-1]["id"]
+    n_full = P.prompt_length(processor, P.build_request(row, cands, reasoning=False))
+    plain = P.fit_prompt(row, cands, processor, reasoning=False, max_tokens=n_full - 1)
+    assert last not in plain.source_ids  # without keep: the lowest-ranked goes first
+    kept = P.fit_prompt(row, cands, processor, reasoning=False, max_tokens=n_full - 1, keep={str(last)})
+    assert last in kept.source_ids and len(kept.source_ids) == len(plain.source_ids)
+    assert list(kept.source_ids) == [c["id"] for c in cands if c["id"] in kept.source_ids]  # order unchanged
+    assert "distractors first" in kept.notes[0] and kept.prompt_tokens <= n_full - 1
 
 
 def test_cached_scores_for_another_pool_are_recomputed_never_used(monkeypatch, tmp_path):

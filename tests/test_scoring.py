@@ -140,6 +140,17 @@ def test_a_space_after_the_tag_is_read_as_the_same_verdict() -> None:
     assert not {" ", "Ġ"} & set(yes + no) and not set(r.yes_ids) & set(r.no_ids)
 
 
+def test_a_variant_split_into_pieces_is_not_read() -> None:
+    """A small vocabulary writes ``YES`` as ``Y`` ``E`` ``S``: ``Y`` also starts "Yellow", "You", ..., which the parser
+    reads as no verdict, so its probability is not a yes. Only a token that spells a whole variant is read."""
+    tok = _qwen2_style_tokenizer(["yes no Yes No answer < > Yellow Nothing Y N"] * 50)
+    assert tok.tokenize("YES") == ["Y", "E", "S"] and tok.tokenize("NO") == ["N", "O"]
+    r = scoring.verdict_readout(tok)
+    yes, no = [tok.decode([i]) for i in r.yes_ids], [tok.decode([i]) for i in r.no_ids]
+    assert yes[0] == "yes" and no[0] == "no" and len(yes) > 1 and len(no) > 1  # whole variants are still read
+    assert not {"Y", "N", " Y", " N"} & set(yes + no)
+
+
 def test_filter_report_leaves_out_questions_without_gold_or_candidates() -> None:
     split = [{"guid": "q1", "gold_ids": ["a"], "candidates": [{"id": "a"}, {"id": "b"}]},
              {"guid": "empty", "gold_ids": ["x"], "candidates": []},
