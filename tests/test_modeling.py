@@ -131,6 +131,40 @@ def test_ensure_tiny_vlm_is_cached() -> None:
     assert changed != first  # a change of build settings means another folder, i.e. a rebuild
 
 
+def test_the_warm_cache_key_moves_with_the_prompts_and_the_data_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tokenizer corpus holds its own copy of the user turns and the key held settings only, so a reworded prompt
+    or a change to the world generator or the Mini-WebQA builder reused a miniature warmed on the old ones."""
+    from mmrag_lite import data, prompts
+    from mmrag_lite.modeling import cache
+
+    default = M.tiny_model_dir()
+    real_stage1 = prompts.stage1_messages
+
+    def reworded(question, candidate, **kw):
+        messages = real_stage1(question, candidate, **kw)
+        messages[-1]["content"][-1]["text"] = messages[-1]["content"][-1]["text"].replace("Question:", "Q:")
+        return messages
+
+    monkeypatch.setattr(prompts, "stage1_messages", reworded)
+    assert M.tiny_model_dir() != default
+    monkeypatch.undo()
+    assert M.tiny_model_dir() == default  # today's prompts and data code: the name the cache already has
+    real_make_world = data.make_world
+
+    def other_world(*args, **kw):  # a generator change that moves the questions
+        kw["seed"] = kw.get("seed", 0) + 1
+        return real_make_world(*args, **kw)
+
+    cache._data_code_hash.cache_clear()
+    monkeypatch.setattr(data, "make_world", other_world)
+    try:
+        assert M.tiny_model_dir() != default
+    finally:
+        monkeypatch.undo()
+        cache._data_code_hash.cache_clear()
+    assert M.tiny_model_dir() == default
+
+
 def test_the_warm_cache_key_holds_the_image_settings_and_a_damaged_folder_is_rebuilt(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import json

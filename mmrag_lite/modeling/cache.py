@@ -7,6 +7,7 @@ half a model behind.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import warnings
@@ -23,6 +24,43 @@ from .warmup import WARMUP_DATA_SOURCE, WarmUpSettings, warm_up_threads, warm_up
 # The image settings every warm key made before image settings entered it: a key leaves them out, so those caches
 # stay valid. A fixed literal, not cpu-tiny's live settings: edit those and the key must change.
 _KEYLESS_IMAGE_SETTINGS = {"image_size": 56, "min_pixels": 3136, "max_pixels": 3136}
+
+
+def _prompts_hash() -> str:
+    """The stage-1 and stage-2 prompts the warm-up trains on, rendered for fixed candidates: the tokenizer corpus holds
+    its own copy of the user turns, so a reworded prompt would otherwise reuse a miniature warmed on the old one."""
+    from ..prompts import stage1_messages, stage1_target, stage2_messages, stage2_target
+
+    image = {"id": "1", "modality": "image", "title": "Old Mill of Ada", "text": "Two red circles.", "image": object()}
+    snippet = {"id": "2", "modality": "text", "title": "Old Mill of Ada", "text": "It was founded in 1809.", "image": None}
+    rendered = [[stage1_messages("What color?", c, reasoning=r) for c in (image, snippet)]
+                + [stage2_messages("What color?", [image, snippet], reasoning=r)] for r in (False, True)]
+    rendered += [stage1_target("yes"), stage1_target("no", reasoning=True, think="x"), stage2_target(["D1"], "red")]
+    return _short_hash([repr(rendered)])
+
+
+@functools.cache
+def _data_code_hash() -> str:
+    """What the world generator and the Mini-WebQA builder make of a small fixed world (30 questions): a change to
+    either that moves the data the warm-up trains on moves this, which the cache key's settings would not."""
+    import tempfile
+
+    from ..data import build_mini_webqa, make_world
+
+    with tempfile.TemporaryDirectory() as tmp:
+        world = make_world(Path(tmp) / "world", n_questions=30, seed=0, image_size=56, progress=False)
+        dd, _ = build_mini_webqa(world, None, settings="cpu-tiny", seed=0, progress=False)
+    rows = [(split, r["guid"], r["question"], r["answer"], r["keywords"], r["qcate"],
+             [(c["id"], c["is_gold"], c["modality"], c["title"], c["text"]) for c in r["candidates"]])
+            for split in sorted(dd) for r in dd[split]]
+    return _short_hash(rows)
+
+
+# Both as this code made them on 2026-11-28; a key leaves out a value equal to these, so caches made before they
+# entered the key stay valid, and any change to the prompts or to the data code names a new miniature. Never update
+# them: the old value would then name a miniature warmed on other prompts or data.
+_KEYLESS_PROMPTS = "9160065977"
+_KEYLESS_DATA_CODE = "b476f35310"
 
 
 def _short_hash(obj: Any) -> str:
@@ -46,6 +84,10 @@ def tiny_model_dir(warm: bool = True, settings: TinyVLMSettings = TinyVLMSetting
     images = _image_settings(p)
     if images != _KEYLESS_IMAGE_SETTINGS:  # image tokens per picture shape the warm model
         key["images"] = images
+    if (prompts := _prompts_hash()) != _KEYLESS_PROMPTS:
+        key["prompts"] = prompts
+    if (data_code := _data_code_hash()) != _KEYLESS_DATA_CODE:
+        key["data_code"] = data_code
     return base.parent / f"{base.name}-warm-{_short_hash(key)}"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import shutil
 import time
 from collections import Counter
@@ -284,9 +285,9 @@ def evaluate_tiny(model: Any, processor: Any, s1: Sequence[_Example], s2: Sequen
     def target(e: _Example) -> str:  # keyword when the question has one (as in WebQA's QA-Acc), else the answer
         return (e.keyword or e.label).lower()
 
-    def hit(pred: str | None, e: _Example) -> bool:
+    def hit(pred: str | None, e: _Example) -> bool:  # the keyword as whole words: "no" is not in "Northern"
         pred = (pred or "").lower()
-        return target(e) in pred if e.keyword else pred == target(e)
+        return bool(re.search(rf"(?<!\w){re.escape(target(e))}(?!\w)", pred)) if e.keyword else pred == target(e)
 
     acc2 = sum(hit(_extract("answer", g), e) for g, e in zip(gen2, s2)) / max(len(s2), 1)
     best = Counter(target(e) for e in s2).most_common(1)[0][0] if s2 else ""
