@@ -14,7 +14,10 @@ So relevance is learnable from text (title match) and the answer from pixels (or
 Low-quality samples are planted on purpose (rates in ``WorldNoise``) so the Mini-WebQA filters have work: answers
 that miss the fact, broken / empty / truncated images, duplicate and near-duplicate questions, questions without a
 gold source, overlong candidates and a few malformed records. ``world_manifest.json`` lists what was planted and,
-for each planted copy, the question it copies (ground truth for checking that a split keeps them together).
+for each planted copy, the question it copies (ground truth for checking that a split keeps them together). Its
+counts are per planting: a copy of a question with a planted fault carries that fault too but is counted once, as a
+copy (a 2,000-question world plants 88 missed answers and holds 91 such records), so a funnel step may remove a
+few more than the manifest planted.
 Everything is deterministic for a given seed.
 """
 
