@@ -36,6 +36,11 @@ class CLIError(Exception):
 
 
 # ------------------------------------------------------------------------------------------ options
+_QUOTED = re.compile(r"'[^']*'|\"(?:[^\"\\]|\\.)*\"")
+# YAML 1.1's base-60 integers and floats (1:30, 1:30.5), alone or as an item of a list or mapping
+_SEXAGESIMAL = re.compile(r"(?<![\w.:])[+-]?(?:[1-9][0-9_]*(?::[0-5]?[0-9])+|[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*)(?![\w:])")
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``"stage1.grpo.max_steps=5"`` → ``("stage1.grpo.max_steps", 5)``; the value is a YAML scalar or list."""
     import yaml
@@ -49,11 +54,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     if re.fullmatch(r"[+-]?0\d+", raw.strip()):  # YAML 1.1 reads 010 as octal 8 (and 08 as the float 8.0)
         return key, int(raw.strip(), 10)
     quoted = raw.strip()[:1] in ("'", '"')
-    if not quoted and re.search(r"(^|\s)#", raw):  # YAML would drop the rest as a comment
-        raise CLIError(f"--set {key}: {raw.strip()!r} holds ' #', which YAML reads as a comment: quote the value, "
-                       f"e.g. --set '{key}=\"{raw.strip()}\"'")
-    if not quoted and re.fullmatch(r"[+-]?\d+(:[0-5]?\d)+(\.\d*)?", raw.strip()):  # YAML 1.1: 1:30 is 90
-        raise CLIError(f"--set {key}: {raw.strip()!r} reads as a base-60 number in YAML; quote it for text")
+    bare = _QUOTED.sub(" ", raw)  # what YAML reads outside quotes
+    if re.search(r"(^|\s)#", bare):  # YAML would drop the rest as a comment
+        raise CLIError(f"--set {key}: {raw.strip()!r} holds ' #' outside quotes, which YAML reads as a comment: put "
+                       "the text that holds it in quotes, e.g. --set 'description=\"run #2\"' or ['run #2', b]")
+    if _SEXAGESIMAL.search(bare):  # YAML 1.1 reads 1:30 as the number 90
+        raise CLIError(f"--set {key}: {raw.strip()!r} holds a number YAML reads in base 60 (1:30 is 90): quote it")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:  # one line, not YAML's multi-line report with a caret under the column

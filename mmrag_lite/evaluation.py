@@ -27,6 +27,7 @@ and one full-predictions file per system. ``evaluate`` and notebook 05 assemble 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 import re
@@ -498,6 +499,9 @@ def fallback_share(attacked: Sequence[Row]) -> float:
     return sum(r.get("adversarial_answer_how") == FALLBACK_WRONG for r in attacked) / max(len(attacked), 1)
 
 
+_TYPED_WORDS = frozenset({"yes", "no", *COLORS, *SHAPES, *NUMBER_WORDS})  # what a short wrong answer replaces
+
+
 def _words(text: str) -> set[str]:
     return set(re.findall(r"[a-z0-9]+(?:\.[0-9]+)?", text.lower())) - _ARTICLES
 
@@ -513,6 +517,8 @@ def echoes_wrong_answer(said: str, wrong: str, answer: str, keywords: Any = "") 
     if not new:
         return bool(re.search(rf"(?<!\w){re.escape(wrong.strip().lower())}(?!\w)", said.lower()))  # \b fails after "."
     gone = _words(metrics.qa_reference(answer, keywords)) - _words(wrong)
+    if not _words(wrong) & _words(answer):  # a short answer ("No", "blue", "5") against a sentence without keyword:
+        gone = {w for w in gone if w in _TYPED_WORDS or w[:1].isdigit()}  # only its yes/no, colour, shape or number
     return new <= _words(said) and not gone & _words(said)
 
 
@@ -827,8 +833,6 @@ def retrain_ablations_command(preset: Preset | str, work_dir: str | Path) -> str
     It names the run folder in full (``MMRAG_HOME`` on Drive or a notebook's ``work_dir`` is not ``runs/<preset>``
     of wherever the command is typed), and a ``Preset`` as the named preset closest to it plus one ``--set`` per
     change: the run's overrides (``stage1.k=6``, a new name) would otherwise be lost, or the name refused."""
-    import yaml
-
     from mmrag_lite.config import PRESETS, preset_overrides
 
     if isinstance(preset, str):
@@ -838,8 +842,8 @@ def retrain_ablations_command(preset: Preset | str, work_dir: str | Path) -> str
         changes = preset_overrides(PRESETS[base], preset)
     changes["evaluation.retrain_ablations"] = True
 
-    def as_yaml(value: Any) -> str:  # what --set parses back: quoted where YAML would read text as something else
-        return yaml.safe_dump(value, default_flow_style=True, width=10**6).removesuffix("...\n").strip()
+    def as_yaml(value: Any) -> str:  # JSON is YAML that --set parses back: text quoted, so it stays text
+        return json.dumps(value)
 
     sets = " ".join("--set " + shlex.quote(f"{key}={as_yaml(value)}") for key, value in changes.items())
     return (f"python -m mmrag_lite evaluate --preset {base} --work-dir {shlex.quote(str(work_dir))} {sets} "

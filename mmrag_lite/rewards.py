@@ -364,9 +364,13 @@ _OPTION_TOKEN = re.compile(r"\w+|[,;:?]")
 _OPTION_BREAKS = frozenset(",;:?")
 # A denial and the rest of its clause: "upwards, not sideways", "rather than sideways", "it isn't sideways". In "not as
 # tall as it is wide" only "as tall" is denied: what follows the second "as" is what the sentence affirms (wider). A
-# contrast word ends the clause: in "not sideways but upwards" and "I'm not sure, but ..." what follows is affirmed.
-_DENIAL = re.compile(r"(?:\b(?:not|never|rather than|instead of)\b|n't\b)(\s+(?:as|so)\s+\w+(?=\s+as\b)"
-                     r"|[^,.;:!?]*?(?=\s+(?:but|yet|though|although|instead|rather)\b|[,.;:!?]|$))", re.IGNORECASE)
+# contrast word ends the clause: in "not sideways but upwards" and "I'm not sure, but ..." what follows is affirmed
+# ("not yet red" still denies red: the clause holds a word before its contrast word). "Not only X but also Y" denies
+# nothing: it names both.
+_DENIAL = re.compile(r"(?:\b(?:not(?!\s+(?:only|just|merely)\b)|never|rather than|instead of)\b|n't\b)"
+                     r"(\s+(?:as|so)\s+\w+(?=\s+as\b)"
+                     r"|[^,.;:!?]+?(?=\s+(?:but|yet|though|although|instead|rather)\b|[,.;:!?]|$)|[^,.;:!?]*)",
+                     re.IGNORECASE)
 # A lead-in that restates the options before committing: "Of upwards and sideways, it grows upwards." Only when it
 # names both options of a pair is it cut (``_without_restated_options``): the commitment after it is what is scored.
 _LEAD_IN = re.compile(r"^\s*(?:of|between|among|from|out of|comparing|considering)\b([^,.;:!?]*)[,:]\s*(?=\S)",
@@ -392,8 +396,15 @@ def _without_restated_options(answer: str, spans: Sequence[tuple[str, str]]) -> 
         own_left = [w for w in left_words if w not in right_words and w not in _OPTION_FILLER]
         own_right = [w for w in right_words if w not in left_words and w not in _OPTION_FILLER]
         nearest = (own_left[-1] if own_left else None, own_right[0] if own_right else None)
-        if all(_names_option(said, set(own)) or word in said for own, word in zip((own_left, own_right), nearest)):
-            return answer[lead_in.end():]
+
+        def names(words: set[str], own: list[str], word: str | None) -> bool:
+            return _names_option(words, set(own)) or word in words
+
+        rest = answer[lead_in.end():]
+        if all(names(said, own, word) for own, word in zip((own_left, own_right), nearest)):
+            # "Of X and Y, the former.": a rest that names no option leaves nothing to score, so the whole answer is
+            rest_words = set(_plain(rest).split())
+            return rest if any(names(rest_words, own, word) for own, word in zip((own_left, own_right), nearest)) else answer
     return answer
 
 
@@ -670,7 +681,11 @@ def _webqa_answer_scores(said: list[str], answers: list[Any], columns: Mapping[s
                for c in qc]
     whole = [metrics.qa_reference(a, "") if g else "" for a, g in zip(answers, guarded)]
     spans = [option_spans(q) if q and choose_guard and c in RECALL_CATEGORIES else [] for q, c in zip(questions, qc)]
+    written = said
     said = [_without_restated_options(t, sp) if sp else t for t, sp in zip(said, spans)]  # what follows a restatement
+    # the answer as written, where a lead-in was cut: the cut text is lemmatised alone, which can read it otherwise
+    cut = [j for j in range(len(rows)) if said[j] != written[j]]
+    written_norm = dict(zip(cut, metrics.normalize_webqa_many([written[j] for j in cut]))) if cut else {}
     # what the answer and the references deny, where the question has options: a denied option is not named
     denials = [[_denied_text(t) for t in (said[j], refs[j], whole[j])] if spans[j] else ["", "", ""] for j in range(len(rows))]
     # the answer and the whole reference with denied clauses cut, where they have any: the order they name options in
@@ -700,6 +715,8 @@ def _webqa_answer_scores(said: list[str], answers: list[Any], columns: Mapping[s
     for j in range(k):
         cand, ref, question, whole_ref = normed[j], normed[k + j], normed[2 * k + j], normed[3 * k + j]
         score = metrics.webqa_scores_from_normalized(cand, ref, qc[j])["acc"]
+        if j in written_norm:  # never more than the official score of what the model wrote
+            score = min(score, metrics.webqa_scores_from_normalized(written_norm[j], ref, qc[j])["acc"])
         halved = False
         said_order, whole_order = (t if t is not None else full for t, full in zip(normed_uncut[j], (cand, whole_ref)))
         if spans[j]:  # from here on, what each text affirms; never more than the official score

@@ -348,11 +348,17 @@ def test_cli_details_a_mutation_run_found_unguarded(tmp_path, monkeypatch, capsy
     # quoted text stays text; YAML's comment and base-60 readings are refused rather than applied silently
     assert cli.parse_override("name='2024'") == ("name", "2024")
     assert cli.parse_override('description="1e3"') == ("description", "1e3")
-    with pytest.raises(cli.CLIError, match="comment: quote the value"):
+    with pytest.raises(cli.CLIError, match="comment: put the text that holds it in quotes"):
         cli.parse_override("description=exp #2")
-    with pytest.raises(cli.CLIError, match="base-60"):
+    with pytest.raises(cli.CLIError, match="base 60"):
         cli.parse_override("stage1.grpo.max_steps=1:30")
     assert cli.parse_override("description='exp #2, 1:30'") == ("description", "exp #2, 1:30")
+    assert cli.parse_override('d=["run #2", "b"]') == ("d", ["run #2", "b"])  # inside quotes, in a list: text
+    assert cli.parse_override("d=0:30") == ("d", "0:30")  # YAML 1.1 reads no base 60 from a leading 0
+    with pytest.raises(cli.CLIError, match="comment"):
+        cli.parse_override('description="a" # c')  # a quoted start does not hide a comment after it
+    with pytest.raises(cli.CLIError, match="base 60"):
+        cli.parse_override("d=[1:30]")
     failed = course.CourseReport("cpu-tiny", tmp_path, tmp_path, notebooks=[
         course.NotebookRun("01_x.ipynb", 1.0, ok=False, output=tmp_path / "01_x.ipynb", error="boom")])
     monkeypatch.setattr(course, "run_course", lambda **_: failed)

@@ -388,8 +388,9 @@ def test_retrain_ablations_command_turns_them_on_through_the_cli(tmp_path):
     # which the CLI refuses, and with "stage1.k=6" alone it retrained under the preset's k=5)
     from mmrag_lite.config import get_preset
 
-    mine = get_preset("colab-t4", name="t4-k6", **{"stage1.k": 6, "stage2.weights": {"format": 1.0, "answer": 2.0},
-                                                   "stage1.grpo.learning_rate": 2e-5, "description": "run #2: 1:30"})
+    mine = get_preset("colab-t4", name="1e-3", **{"stage1.k": 6, "stage2.weights": {"format": 1.0, "answer": 2.0},
+                                                  "stage1.grpo.learning_rate": 2e-5, "description": "0:30 run #2: 1:30",
+                                                  "lora.target_modules": ["q_proj", "v_proj"]})
     args = build_parser().parse_args(shlex.split(E.retrain_ablations_command(mine, run))[3:])
     preset, _ = resolve(args)
     assert preset == mine.with_overrides(**{"evaluation.retrain_ablations": True})
@@ -778,6 +779,11 @@ def test_an_echo_is_the_wrong_fact_repeated_not_the_wrong_sentence_verbatim():
     assert E.echoes_wrong_answer("No, there is none.", "No", "Yes, there is a cloud.", "Yes")
     assert E.echoes_wrong_answer("The car is green.", "green", "The car is red.", "red")
     assert not E.echoes_wrong_answer("It is bored.", "red", "It is blue.")  # whole words only
+    # public WebQA has no Keywords_A: a short wrong answer against the gold sentence is judged by its typed word alone
+    assert E.echoes_wrong_answer("The car is blue.", "blue", "The car is red.", "")
+    assert E.echoes_wrong_answer("No, there is no cloud in the sky.", "No", "Yes, there is a cloud in the sky.", "")
+    assert E.echoes_wrong_answer("There are 5 dogs in the picture.", "5", "There are 4 dogs in the picture.", "")
+    assert not E.echoes_wrong_answer("The car is red and blue.", "blue", "The car is red.", "")
 
 
 def test_the_mmqa_count_in_n_is_the_questions_scored():

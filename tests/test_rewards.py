@@ -317,6 +317,24 @@ def test_a_lead_in_that_restates_the_options_is_not_a_hedge():
     got = answer_reward([stage2_target(["D1"], a) for a in said], answer=["The Eiffel Tower is taller."] * 2,
                         keywords=["Eiffel Tower"] * 2, qcate=["choose"] * 2, question=[q] * 2)
     assert got[0] == 1.0 and got[1] < got[0]  # the wrong one keeps only what recall gives "tower"
+    # a rest that names no option leaves the whole answer (a coin flip, as before); never more than the official score
+    former = [stage2_target(["D1"], "Of upwards and sideways, the former.")]
+    assert answer_reward(former, question=[STACHYS], answer=["It grows upwards."], keywords=["Upwards."], qcate=["choose"]) == [0.5]
+    lr = [stage2_target(["D1"], a) for a in ("Between left and right, left.", "Left.")]
+    got = answer_reward(lr, question=["Does the building face left or right?"] * 2, answer=["The building faces left."] * 2,
+                        keywords=["Left."] * 2, qcate=["choose"] * 2)
+    assert got[0] <= metrics.webqa_accuracy("Between left and right, left.", "Left.", "choose") and got[1] == 1.0
+
+
+def test_not_yet_still_denies_and_not_only_names_both():
+    """The contrast-word cut let "not yet red" deny nothing (a right "green, not yet red" was halved) and made "not only
+    X but also Y" deny X (a two-option answer paid in full)."""
+    q = "Is the leaf red or green?"
+    said = ["It has not yet turned red; it is green.", "The leaf is green, not yet red.", "The leaf is red, not yet green."]
+    assert answer_reward([stage2_target(["D1"], a) for a in said], question=[q] * 3, answer=["The leaf is green."] * 3,
+                         keywords=["green"] * 3, qcate=["choose"] * 3) == [1.0, 1.0, 0.0]
+    both = [stage2_target(["D1"], "It grows not only sideways but also upwards.")]
+    assert answer_reward(both, question=[STACHYS], answer=["It grows upwards."], keywords=["Upwards."], qcate=["choose"]) == [0.5]
 
 
 def test_choose_guard_reads_the_question_from_trl_prompts():
