@@ -160,6 +160,13 @@ class Stage2Request:
 
 
 # -------------------------------------------------------------------------------- pure building blocks
+def _pool_gold(row: Row) -> set[str]:
+    """The row's gold ids that its pool holds (``gold_ids``, else the candidates marked ``is_gold``): a gold source
+    missing from the pool cannot be shown, and must not shorten the oracle's list either."""
+    gold = {str(g) for g in (row.get("gold_ids") or [c["id"] for c in row["candidates"] if c.get("is_gold")])}
+    return gold & {str(c["id"]) for c in row["candidates"]}
+
+
 def oracle_ids(row: Row, scores: Mapping[str, float] | None, k: int) -> list[str]:
     """A perfect stage-1 filter's top-k (pure): every gold candidate, padded with the best-scored distractors to k.
 
@@ -169,8 +176,7 @@ def oracle_ids(row: Row, scores: Mapping[str, float] | None, k: int) -> list[str
     ``scores`` may be None only when no padding is needed (at least k gold candidates): then pool order.
     """
     ids = [str(c["id"]) for c in row["candidates"]]
-    gold = {str(g) for g in (row.get("gold_ids") or [c["id"] for c in row["candidates"] if c.get("is_gold")])}
-    gold &= set(ids)  # a gold source missing from the pool cannot be shown; it must not shorten the list either
+    gold = _pool_gold(row)
     n_pad = max(0, k - len(gold))
     if scores is None:
         if n_pad and any(i not in gold for i in ids):
@@ -846,7 +852,7 @@ def run_pipeline(rows: Sequence[Row] | Any, preset: Preset, *, system: SystemSpe
     requests = [
         fit_prompt(row, select_candidates(row, system, sc, k), processor, reasoning=reasoning,
                    max_tokens=preset.answer_prompt_tokens, image_fn=resize,
-                   keep={str(g) for g in row["gold_ids"]} if system.filter == "oracle" else ())
+                   keep=_pool_gold(row) if system.filter == "oracle" else ())
         for row, sc in zip(rows, all_scores)
     ]
     budget = generation_kwargs(preset)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from . import prompts
 from .atomic import atomic_dir, write_json_atomic
 from .config import Preset, runs_dir, setting_changes
-from .data import one_split, pool_field
+from .data import is_saved_split, one_split, pool_field
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -169,8 +169,8 @@ def build_stage1_dataset(split_ds: Iterable[Mapping[str, Any]], preset: Preset, 
     s = preset.stage1
     rng = random.Random(preset.seed if seed is None else seed)
     split_ds = one_split(split_ds, "build_stage1_dataset")
-    if not hasattr(split_ds, "with_format"):
-        split_ds = list(split_ds)  # plain rows (already in memory): indexed like a saved split
+    if not is_saved_split(split_ds):
+        split_ds = list(split_ds)  # plain rows (or streamed ones): indexed like a saved split
     # (question, candidate) positions from the gold flags alone: only the chosen rows' images are decoded, later
     pos: list[tuple[int, int]] = []
     neg: list[tuple[int, int]] = []
@@ -308,7 +308,7 @@ def _questions(split_ds: Iterable[Mapping[str, Any]],
                wanted: Callable[[str], bool] | None) -> Iterator[tuple[int, Mapping[str, Any] | None]]:
     """``(index, row)`` of each question in order, ``None`` for a row ``wanted`` rejects by its guid: a saved split's
     rejected rows are never read, so their images are not decoded (most of real WebQA's train split has no scores)."""
-    if wanted is None or not hasattr(split_ds, "select_columns"):
+    if wanted is None or not is_saved_split(split_ds):
         for qi, row in enumerate(split_ds):
             yield qi, row if wanted is None or wanted(row["guid"]) else None
         return

@@ -474,10 +474,13 @@ def test_filter_accepts_how_real_webqa_answers_are_written():
                txt_pos=(("St Mary is a church in Lincoln.", "St Mary"), ("St Anne is a church in Derby.", "St Anne"))),
         record(guid="kw_plural", qcate="Others", kw="A cross.", q="What is mounted on the two towers?",
                a="Both towers have crosses mounted on them."),
+        # a singular in "-che": "niches" must still meet "niche" (the "-es" cut alone made it "nich" against "niche")
+        record(guid="kw_niche", qcate="Others", kw="A niche.", q="What is carved into the wall?",
+               a="Niches are carved into the wall."),
     ]
     kept, removed = _run(recs, drop_duplicates=False)
     assert kept == ["yn_sentence", "yn_negated", "shape_form", "shape_sentence", "count_twice", "count_none",
-                    "txt_option", "txt_yes", "txt_plural", "kw_plural"]
+                    "txt_option", "txt_yes", "txt_plural", "kw_plural", "kw_niche"]
     assert removed["answer_misses_keyword"] == 3
 
 
@@ -1711,6 +1714,16 @@ def test_bytes_that_are_not_utf8_break_the_file_like_broken_json(tmp_path):
         assert errors[-1].file_break and what in errors[-1].message and f"last whole one: {kept[-1].guid}" in errors[-1].message
         with pytest.raises(D.WebQAFormatError, match=r"WebQA_train_val.json: bytes that are not UTF-8 .*in record"):
             list(D.iter_webqa(source / "WebQA_train_val.json", strict=True))
+    # a bad byte right after a whole record (in place of its comma) loses no record before it, whatever the reads
+    after_g9 = raw.index(b', "g10"')
+    broken = tmp_path / "after_g9.json"
+    broken.write_bytes(raw[:after_g9] + b"\xff" + raw[after_g9 + 1:])
+    for chunk in (7, 1 << 20):
+        got = []
+        with pytest.raises(D.WebQAFormatError, match="not UTF-8 .*after record 'g9'"):
+            for guid, _ in D.iter_raw_records(broken, chunk_chars=chunk):
+                got.append(guid)
+        assert got == [f"g{i}" for i in range(1, 10)], chunk
     whole = tmp_path / "whole.json"
     whole.write_bytes(raw)  # reads of a few bytes split "ą" between two of them: still decoded whole
     assert [v for _, v in D.iter_raw_records(whole, chunk_chars=7)] == list(records.values())

@@ -777,6 +777,9 @@ def test_the_oracles_gold_is_the_last_thing_a_long_prompt_drops(bank):
     assert last in kept.source_ids and len(kept.source_ids) == len(plain.source_ids)
     assert list(kept.source_ids) == [c["id"] for c in cands if c["id"] in kept.source_ids]  # order unchanged
     assert "distractors first" in kept.notes[0] and kept.prompt_tokens <= n_full - 1
+    # the oracle's gold comes from gold_ids, else from the candidates marked gold: run_pipeline keeps either
+    no_ids = dict(row, gold_ids=[])
+    assert P._pool_gold(no_ids) == {str(c["id"]) for c in row["candidates"] if c["is_gold"]} == P._pool_gold(row)
 
 
 def test_cached_scores_for_another_pool_are_recomputed_never_used(monkeypatch, tmp_path):

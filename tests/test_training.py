@@ -853,6 +853,37 @@ def test_saved_splits_decode_only_the_images_the_examples_use(processor, monkeyp
     assert report.questions_without_kept_ids == 11 and report.questions_used == 1
 
 
+def test_streamed_and_transformed_splits_build_the_same_rows_as_plain_ones(processor) -> None:
+    """The index-based reading took any object with ``with_format`` for a saved split: a streaming IterableDataset
+    (no length, no index) failed, and a split with a transform was labelled from the stored pools while its rows
+    came through the transform (a reversed pool: 7 of 10 labels wrong)."""
+    from datasets import Dataset
+
+    rows = mini_rows(n=12)
+    saved = Dataset.from_list(rows, features=data.mini_webqa_features())
+
+    def reversed_pools(batch):
+        batch["candidates"] = [list(reversed(c)) for c in batch["candidates"]]
+        return batch
+
+    transformed = saved.with_transform(reversed_pools)
+    plain_reversed = [dict(r, candidates=list(reversed(r["candidates"]))) for r in rows]
+    small = PRESET.with_overrides(**{"stage1.max_examples": 10})
+
+    def labels(ds):
+        return [(r["guid"], r["candidate_id"], r["label"]) for r in ds]
+
+    assert labels(training.build_stage1_dataset(saved.to_iterable_dataset(), small, seed=0)) == labels(
+        training.build_stage1_dataset(rows, small, seed=0))
+    assert labels(training.build_stage1_dataset(transformed, small, seed=0)) == labels(
+        training.build_stage1_dataset(plain_reversed, small, seed=0))
+    gold_of = {(r["guid"], c["id"]): c["is_gold"] for r in rows for c in r["candidates"]}
+    assert all((lab == prompts.YES) == gold_of[(g, c)] for g, c, lab in labels(training.build_stage1_dataset(transformed, small, seed=0)))
+    kept = {"g3": [c["id"] for c in rows[3]["candidates"][:2]]}
+    streamed, report = training.build_stage2_dataset(saved.to_iterable_dataset(), PRESET, kept_ids=kept, processor=processor, seed=0)
+    assert report.questions_used == 1 and report.questions_without_kept_ids == 11 and len(streamed) == PRESET.stage2.permutations
+
+
 def test_a_whole_datasetdict_instead_of_one_split_is_a_clear_error() -> None:
     from datasets import Dataset, DatasetDict
 

@@ -74,10 +74,19 @@ def one_split(rows: Any, where: str) -> Any:
     return rows
 
 
+def is_saved_split(split_ds: Any) -> bool:
+    """A map-style ``datasets.Dataset`` read as stored: its columns can be read without decoding images and its rows
+    by index. Not a streaming ``IterableDataset`` (no length, no index), nor one with a transform set
+    (``with_transform``), whose rows may differ from what the arrow columns say."""
+    from datasets import Dataset
+
+    return isinstance(split_ds, Dataset) and split_ds.format.get("type") != "custom"
+
+
 def pool_field(split_ds: Any, name: str, n: int | None = None) -> list[tuple[str, list[Any]]]:
     """``(guid, [candidate[name], ...])`` for the first ``n`` questions of a split (all for None), no image decoded:
     iterating a saved split decodes every candidate's image, tens of GB on real WebQA's train split."""
-    if not hasattr(split_ds, "with_format"):  # plain rows
+    if not is_saved_split(split_ds):  # plain rows (or rows only iteration gives)
         rows = list(split_ds) if n is None else list(itertools.islice(split_ds, n))
         return [(str(r["guid"]), [c[name] for c in r["candidates"]]) for r in rows]
     import pyarrow.compute as pc
@@ -149,13 +158,16 @@ _ES_PLURAL_STEMS = ("ch", "sh", "x", "ss")
 
 def tokens(text: str) -> list[str]:
     """Lower-case word tokens; punctuation dropped (decimal points kept), number words as digits, plural 's' cut
-    ("es" after ch, sh, x, ss: "churches" is "church", so an answer in the plural still states its singular fact)."""
+    ("es" after ch, sh, x, ss: "churches" is "church", so an answer in the plural still states its singular fact; a
+    singular ending in "e" there loses it, so "niche" and "niches" meet too)."""
     out = []
     for tok in _PUNCT.sub(" ", text.lower()).split():
         tok = _NUMBER_WORDS.get(tok, tok)
         # stopwords keep their "s" ("does" must stay a stopword, not become a content word "doe")
         if len(tok) > 4 and tok.endswith("es") and tok[:-2].endswith(_ES_PLURAL_STEMS):
             tok = tok[:-2]
+        elif len(tok) > 3 and tok.endswith("e") and tok[:-1].endswith(_ES_PLURAL_STEMS):
+            tok = tok[:-1]  # "niche" meets "niches" (-> "nich"), as "church" meets "churches"
         elif len(tok) > 3 and tok.endswith("s") and not tok.endswith("ss") and not tok.isdigit() and tok not in _STOPWORDS:
             tok = tok[:-1]
         out.append(tok)

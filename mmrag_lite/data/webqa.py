@@ -297,8 +297,9 @@ def iter_raw_records(path: str | Path, chunk_chars: int = 1 << 20,
                         continue
                     raise WebQAFormatError(f"{path.name}: invalid JSON at character {consumed + exc.pos} "
                                            f"({where}): {exc.msg}") from None
-                # a number at the very end of the buffer may be cut; strings/objects end with a delimiter
-                if end == len(buf) and not eof and fill():
+                # a number at the very end of the buffer may be cut; strings/objects end with a delimiter (reading
+                # ahead after them could only meet a bad byte early and lose the whole record before it)
+                if isinstance(value, (int, float)) and end == len(buf) and not eof and fill():
                     continue
                 pos = end
                 return value
