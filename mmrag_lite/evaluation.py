@@ -841,11 +841,8 @@ def retrain_ablations_command(preset: Preset | str, work_dir: str | Path) -> str
         base = min(PRESETS, key=lambda name: (len(preset_overrides(PRESETS[name], preset)), name != preset.name))
         changes = preset_overrides(PRESETS[base], preset)
     changes["evaluation.retrain_ablations"] = True
-
-    def as_yaml(value: Any) -> str:  # JSON is YAML that --set parses back: text quoted, so it stays text
-        return json.dumps(value)
-
-    sets = " ".join("--set " + shlex.quote(f"{key}={as_yaml(value)}") for key, value in changes.items())
+    # JSON is YAML that --set parses back, with text quoted so that it stays text
+    sets = " ".join("--set " + shlex.quote(f"{key}={json.dumps(value)}") for key, value in changes.items())
     return (f"python -m mmrag_lite evaluate --preset {base} --work-dir {shlex.quote(str(work_dir))} {sets} "
             "--no-mmqa --no-robustness")
 
