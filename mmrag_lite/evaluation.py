@@ -734,28 +734,55 @@ def slot_table(results: Sequence[PipelineResult], rows: Sequence[Row]) -> list[d
 SHORTCUT_SHARE = 0.8  # a slot cited in at least this share of questions, whatever it holds, is a positional habit
 
 
-def positional_shortcut_note(slots: Mapping[str, Sequence[Mapping[str, Any]]], share: float = SHORTCUT_SHARE) -> str:
-    """One paragraph when a system cites one slot in at least ``share`` of questions (pure; "" otherwise).
+GOLD_MOVE = 0.2  # the gold's slot shares must move this much (summed over slots) between two lists to test the citations
+STUCK_RATIO = 0.25  # citations that move less than this share of the gold's move did not follow it
 
-    Such a model's Retr-F1 is mostly the share of questions whose gold happens to sit in that slot, so comparing
-    two systems' Retr-F1 then compares where each one's filter puts the gold, not what the model read.
+
+def positional_shortcut_note(slots: Mapping[str, Sequence[Mapping[str, Any]]], share: float = SHORTCUT_SHARE,
+                             same_weights: Sequence[tuple[str, str]] = ()) -> str:
+    """One paragraph when a model cites by position (pure; "" otherwise), by two checks.
+
+    One system cites one slot in at least ``share`` of questions; or, for each pair in ``same_weights`` (two systems
+    answering the same questions with the same weights from different lists, such as the full system and the oracle
+    filter), the gold moves between slots and the citations stay put (they move less than ``STUCK_RATIO`` of the
+    gold's move, itself at least ``GOLD_MOVE``, both summed over slots). Such a model's Retr-F1 is mostly the share
+    of questions whose gold happens to sit in the slots it cites, so comparing two systems' Retr-F1 then compares
+    where each one's filter puts the gold, not what the model read.
     """
     habits = {}
     for name, table in slots.items():
         top = max(table, key=lambda r: r["cited"], default=None)
         if top is not None and top["cited"] >= share:
             habits[name] = (top["slot"], top["cited"], top["gold here"])
-    if not habits:
+    stuck = [(a, b, *moves) for a, b in same_weights if a in slots and b in slots
+             for moves in [_slot_moves(slots[a], slots[b])] if moves[0] >= GOLD_MOVE and moves[1] < STUCK_RATIO * moves[0]]
+    if not habits and not stuck:
         return ""
-    parts = [f"{name!r} cites {slot} in {cited:.0%} of questions (gold sits there in {gold:.0%})"
-             for name, (slot, cited, gold) in habits.items()]
-    text = "Positional habit: " + "; ".join(parts) + ". "
-    if len(habits) > 1 and len({slot for slot, _, _ in habits.values()}) == 1:
-        text += ("These systems cite the same slot whatever it holds, so the Retr-F1 gap between them measures how "
-                 "often each one's filter puts a gold document in that slot, not what the model read.")
-    else:
-        text += "Its Retr-F1 tracks how often the gold sits in that slot, not what the model read."
+    text = ""
+    if habits:
+        parts = [f"{name!r} cites {slot} in {cited:.0%} of questions (gold sits there in {gold:.0%})"
+                 for name, (slot, cited, gold) in habits.items()]
+        text = "Positional habit: " + "; ".join(parts) + ". "
+        if len(habits) > 1 and len({slot for slot, _, _ in habits.values()}) == 1:
+            text += ("These systems cite the same slot whatever it holds, so the Retr-F1 gap between them measures how "
+                     "often each one's filter puts a gold document in that slot, not what the model read.")
+        else:
+            text += "Its Retr-F1 tracks how often the gold sits in that slot, not what the model read."
+    if stuck:
+        parts = [f"from {a!r} to {b!r} the gold's slot shares moved by {gold:.2f} in all and the citations' by {cited:.2f}"
+                 for a, b, gold, cited in stuck]
+        text += (" " if text else "") + ("Citations that stay put while the gold moves (the same weights answering "
+                                          "both lists): " + "; ".join(parts) + ". A model that reads would cite where the "
+                                          "gold went; this one cites by position, so the Retr-F1 gap between these "
+                                          "systems measures where each list puts the gold, not what the model read.")
     return text
+
+
+def _slot_moves(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]]) -> tuple[float, float]:
+    """How far the gold and the citations moved between two slot tables (shares summed over slots)."""
+    ta, tb = ({r["slot"]: r for r in t} for t in (a, b))
+    return tuple(sum(abs(ta.get(s, {}).get(col, 0.0) - tb.get(s, {}).get(col, 0.0)) for s in ta.keys() | tb.keys())
+                 for col in ("gold here", "cited"))  # type: ignore[return-value]
 
 
 def reasoning_ablation(rows: Sequence[Row], preset: Preset, bank: ModelBank, *, split: str | None = None,
@@ -1017,7 +1044,8 @@ def build_report(preset: Preset, rows: Sequence[Row], predictions: Mapping[str, 
                  mmqa_rows: Sequence[Row] = (), mmqa_preds: Mapping[str, Sequence[PipelineResult]] | None = None,
                  mmqa_note: str | None = None, ablations: Mapping[str, list[dict[str, Any]]] | None = None,
                  robustness: Sequence[Mapping[str, Any]] = (), notes: Sequence[str] = (),
-                 timings: Mapping[str, float] | None = None, data_source: str | None = None) -> EvalReport:
+                 timings: Mapping[str, float] | None = None, data_source: str | None = None,
+                 same_weights: Sequence[tuple[str, str]] = ()) -> EvalReport:
     """The one place an ``EvalReport`` is assembled, from results already computed (pure apart from scoring).
 
     ``evaluate`` (the CLI) and notebook 05 both call it, so ``eval/`` holds the same sections either way: the main
@@ -1043,7 +1071,7 @@ def build_report(preset: Preset, rows: Sequence[Row], predictions: Mapping[str, 
         if isinstance(row.get("n"), int):
             row["n"] = f"{row['n']} WebQA" + (f" + {n_mmqa} MMQA" if n_mmqa is not None else "")
     report.slots = {name: slot_table(res, rows) for name, res in report.predictions.items()}
-    habit = positional_shortcut_note(report.slots)
+    habit = positional_shortcut_note(report.slots, same_weights=same_weights)
     if habit:
         report.notes.append(habit)
     if rows:
@@ -1123,7 +1151,8 @@ def evaluate(preset: Preset, work_dir: str | Path, *, split: str = "test", n_que
                                       progress=progress)
     report = build_report(preset, rows, predictions, fluency_scorer=fluency_scorer, mmqa_rows=mmqa_rows,
                           mmqa_preds=mmqa_preds, mmqa_note=mmqa_note, ablations=ablation_rows, robustness=robust,
-                          notes=bank.notes, timings=clock.done(), data_source=data.mini_webqa_source(work_dir))
+                          notes=bank.notes, timings=clock.done(), data_source=data.mini_webqa_source(work_dir),
+                          same_weights=same_weight_pairs(systems))
     if write:
         write_report(report, work_dir)
     return report
@@ -1143,6 +1172,13 @@ def label_missing_adapters(system: SystemSpec, bank: ModelBank) -> SystemSpec:
     if not missing:
         return system
     return replace(system, name=f"{system.name} (no {' or '.join(missing)} adapter: base model)")
+
+
+def same_weight_pairs(systems: Sequence[SystemSpec]) -> list[tuple[str, str]]:
+    """Pairs of systems whose lists differ but whose answering weights and prompt do not (the full system and the
+    oracle filter, say): where the gold moves between their lists, a model that reads moves its citations too."""
+    return [(a.name, b.name) for i, a in enumerate(systems) for b in systems[i + 1:]
+            if (a.answerer, a.reasoning) == (b.answerer, b.reasoning) and (a.filter, a.k) != (b.filter, b.k)]
 
 
 def _full_system(systems: Sequence[SystemSpec]) -> SystemSpec:
@@ -1201,6 +1237,7 @@ __all__ = [
     "retrained_stage2_ablation",
     "robustness_check",
     "run_systems",
+    "same_weight_pairs",
     "score_mmqa",
     "score_webqa",
     "scores_of",

@@ -690,6 +690,32 @@ def test_slot_table_separates_reading_from_a_positional_shortcut():
     assert "same slot" not in E.positional_shortcut_note({"full": shortcut}, share=1.0)
 
 
+def test_citations_that_stay_put_while_the_gold_moves_are_a_positional_habit():
+    """No slot reaches the 80 % share, yet the same weights cite the same slots from a list whose gold moved."""
+    def table(gold, cited):
+        return [{"slot": f"D{i + 1}", "gold here": g, "cited": c} for i, (g, c) in enumerate(zip(gold, cited))]
+
+    full = table([0.3, 0.3, 0.3, 0.2], [0.0, 0.5, 0.5, 0.2])
+    stuck = table([0.3, 0.1, 0.3, 0.4], [0.0, 0.5, 0.5, 0.2])  # the gold moved by 0.4, the citations not at all
+    reader = table([0.3, 0.1, 0.3, 0.4], [0.3, 0.1, 0.3, 0.4])  # the citations moved with it
+    assert E.positional_shortcut_note({"full": full, "oracle": stuck}) == ""  # the pair is only tested when named
+    note = E.positional_shortcut_note({"full": full, "oracle": stuck}, same_weights=[("full", "oracle")])
+    assert "from 'full' to 'oracle' the gold's slot shares moved by 0.40 in all and the citations' by 0.00" in note
+    assert E.positional_shortcut_note({"full": full, "oracle": reader}, same_weights=[("full", "oracle")]) == ""
+    small = table([0.3, 0.3, 0.3, 0.1], [0.0, 0.5, 0.5, 0.2])  # the gold barely moved: no evidence either way
+    assert E.positional_shortcut_note({"full": full, "oracle": small}, same_weights=[("full", "oracle")]) == ""
+    assert E.positional_shortcut_note({"full": full}, same_weights=[("full", "gone")]) == ""
+
+
+def test_same_weight_pairs_pairs_lists_answered_by_the_same_weights():
+    from mmrag_lite.pipeline import SystemSpec
+
+    systems = [SystemSpec("zs", "all", "base"), SystemSpec("full", "stage1", "stage2"),
+               SystemSpec("oracle", "oracle", "stage2"), SystemSpec("no think", "stage1", "stage2", reasoning=False),
+               SystemSpec("k=2", "stage1", "stage2", k=2)]
+    assert E.same_weight_pairs(systems) == [("full", "oracle"), ("full", "k=2"), ("oracle", "k=2")]
+
+
 def test_rows_of_untrained_systems_say_they_ran_the_base_model(tmp_path):
     """``evaluate`` before training must not print base-model numbers under a trained system's name."""
     from mmrag_lite.config import get_preset
