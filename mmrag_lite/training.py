@@ -1082,6 +1082,36 @@ def train_stage1(
                   verbose=verbose)
 
 
+SHORT_STAGE1_FRACTION = 6  # a stand-in stage 1 runs 1/6 of the preset's steps (at least 2): weaker, and minutes on CPU
+
+
+def ensure_stage1_adapter(preset: Preset, train_split: Iterable[Mapping[str, Any]], work_dir: str | Path, *,
+                          short_if_missing: bool | None = None, verbose: bool = True) -> Path:
+    """The run's stage-1 adapter, trained short (``SHORT_STAGE1_FRACTION`` of the steps) when it is missing.
+
+    ``short_if_missing=None`` trains the stand-in on the miniature only: on a GPU preset even a short stage 1 costs
+    most of an hour, and a missing adapter there usually means the run folder was left behind (Colab without Drive),
+    so it refuses with the fix instead. ``True`` trains it anyway, ``False`` always refuses.
+    """
+    path = Path(work_dir) / "stage1" / "adapter"
+    if is_adapter_dir(path):
+        return path
+    short = max(2, preset.stage1.grpo.max_steps // SHORT_STAGE1_FRACTION)
+    if not (preset.model.is_miniature if short_if_missing is None else short_if_missing):
+        raise FileNotFoundError(
+            f"no stage-1 adapter in {path} (no adapter_config.json). Stage 2's pools are the stage-1 top-k: run notebook "
+            "03 first with the same preset and run folder. On Colab each notebook runs on a fresh machine, so the run "
+            "folder must be on Google Drive (keep_on_drive = True in the first cell). To train a short stand-in stage 1 "
+            f"here instead ({short} of {preset.stage1.grpo.max_steps} steps, about "
+            f"{short * preset.expected_seconds_per_step / 60:.0f} min at the preset's per-step figure, a weaker judge), set "
+            "short_stage1_if_missing = True in the parameters cell.")
+    if verbose:
+        print(f"note: no stage-1 adapter in {path} (notebook 03 skipped?): training a short stage 1 ({short} steps)")
+    train_stage1(preset, build_stage1_dataset(train_split, preset, seed=preset.seed), work_dir, max_steps=short,
+                 verbose=verbose)
+    return path
+
+
 def is_main_process() -> bool:
     """True on one process per job: the only one under ``accelerate launch`` that scores and writes files."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -1134,7 +1164,7 @@ __all__ = [
     "RUN_SETTINGS_FILE", "CudaMemoryCallback", "RewardCurveCallback", "Stage2BuildReport", "TrainResult",
     "build_stage1_dataset", "build_stage2_dataset", "build_trainer", "changed_on_resume", "checkpoint_step",
     "component_trends", "curves_from_history",
-    "describe_trends", "grpo_config", "grpo_config_kwargs", "is_adapter_dir", "is_main_process", "keep_trainable_in_float32",
+    "describe_trends", "ensure_stage1_adapter", "grpo_config", "grpo_config_kwargs", "is_adapter_dir", "is_main_process", "keep_trainable_in_float32",
     "last_checkpoint", "load_log_history", "plot_reward_curves",
     "reward_funcs_for", "reward_trend", "stage2_dataset_for_run", "stage2_init_adapter", "train_stage1",
     "train_stage2",

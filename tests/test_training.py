@@ -1035,3 +1035,30 @@ def test_stage2_shrinking_drops_the_lowest_ranked_distractor(processor) -> None:
     tight = PRESET.with_overrides(**{"stage2.max_prompt_tokens": exact - 1})
     ds, _ = training.build_stage2_dataset([row], tight, processor=processor, kept_ids=kept, seed=0)
     assert len(ds) and all(set(ex["source_ids"]) == set(other[:2] + gold) for ex in ds)
+
+
+def test_a_gpu_preset_without_a_stage1_adapter_is_refused_not_trained_short(tmp_path, monkeypatch):
+    """Notebook 04's stand-in stage 1 costs most of an hour on a GPU preset: it refuses there with the fix."""
+    def no_training(*_args, **_kw):
+        raise AssertionError("trained a stand-in stage 1")
+
+    monkeypatch.setattr(training, "train_stage1", no_training)
+    t4 = get_preset("colab-t4")
+    with pytest.raises(FileNotFoundError, match="run notebook 03 first") as err:
+        training.ensure_stage1_adapter(t4, [], tmp_path)
+    assert "short_stage1_if_missing = True" in str(err.value) and "Google Drive" in str(err.value)
+    with pytest.raises(FileNotFoundError):
+        training.ensure_stage1_adapter(get_preset("cpu-tiny"), [], tmp_path, short_if_missing=False)
+    adapter = tmp_path / "stage1" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    assert training.ensure_stage1_adapter(t4, [], tmp_path) == adapter  # present: nothing to train
+
+
+def test_the_miniature_trains_a_short_stand_in_stage1_when_its_adapter_is_missing(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(training, "build_stage1_dataset", lambda rows, preset, seed=None: ("rows", seed))
+    monkeypatch.setattr(training, "train_stage1", lambda preset, ds, wd, **kw: calls.append((ds, kw["max_steps"])))
+    tiny = get_preset("cpu-tiny")
+    training.ensure_stage1_adapter(tiny, [], tmp_path, verbose=False)
+    assert calls == [(("rows", tiny.seed), max(2, tiny.stage1.grpo.max_steps // training.SHORT_STAGE1_FRACTION))]
