@@ -6,12 +6,15 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-# CPU installs pin torch + torchvision: an unpinned torch pulls gigabytes, and torch 2.13.0's CPU wheel cannot
-# load PyPI's torchvision, which the Qwen-VL processors need. On Colab, keep Colab's torch (see README).
-TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.mmrag-installed
 # the torch spec the install used: `make test TORCH_SPEC=...` with another one reinstalls (the file changes only then)
 SPEC   := $(VENV)/.torch-spec
+# CPU installs pin torch + torchvision: an unpinned torch pulls gigabytes, and torch 2.13.0's CPU wheel cannot
+# load PyPI's torchvision, which the Qwen-VL processors need. On Colab, keep Colab's torch (see README).
+# A TORCH_SPEC given once is remembered (in $(SPEC)): a later plain `make` keeps that build instead of reinstalling
+# this default over it. Give TORCH_SPEC again to change it, or rm -rf .venv for the default.
+DEFAULT_TORCH_SPEC := torch==2.14.1 torchvision==0.29.1
+TORCH_SPEC ?= $(or $(shell cat $(SPEC) 2>/dev/null),$(DEFAULT_TORCH_SPEC))
 PRESET ?= cpu-tiny
 # e.g. make course COURSE_ARGS="--set evaluation.retrain_ablations=false" (dotted preset overrides for every notebook)
 COURSE_ARGS ?=
@@ -25,12 +28,22 @@ help:
 	@echo "make test    - install into .venv and run the tests (notebooks included)"
 	@echo "make test-fast - the tests without executing the notebooks"
 
+# A venv whose Python is gone or can no longer import what was installed into it (its base Python was removed or
+# upgraded) is made again: left as it is, every re-run would fail the same way.
+ifneq ($(wildcard $(VENV)/pyvenv.cfg),)
+ifneq ($(shell $(PY) -c 'import pip' >/dev/null 2>&1 && echo ok),ok)
+$(info $(VENV) no longer works (its Python was removed or upgraded): making it again)
+$(shell rm -rf $(VENV))
+endif
+endif
+
 # Python 3.11+ first (pip would only refuse the project after the venv exists), and no half-made venv left behind
-# (Debian/Ubuntu without python3-venv fail midway): a failed first try is repaired by re-running, e.g. with PYTHON=...
+# (Debian/Ubuntu without python3.X-venv fail midway): a failed first try is repaired by re-running, e.g. with PYTHON=...
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 	  { echo "mmrag-lite needs Python 3.11+; $(PYTHON) is $$($(PYTHON) -V 2>&1). Try: make $(MAKECMDGOALS) PYTHON=python3.11"; exit 1; }
-	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); echo "could not make $(VENV) (on Debian/Ubuntu: apt install python3-venv)"; exit 1; }
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); v=$$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])'); \
+	  echo "could not make $(VENV) (on Debian/Ubuntu: apt install python$$v-venv)"; exit 1; }
 
 # --no-compile: pip would byte-compile every file of every wheel (thousands in torch and transformers, about a minute
 # here); Python compiles what is actually imported, once, on first import. That needs bytecode writes, which some

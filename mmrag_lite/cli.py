@@ -17,6 +17,7 @@ training subcommands run data-parallel (see docs/multi-gpu.md).
 from __future__ import annotations
 
 import argparse
+import difflib
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -105,13 +106,13 @@ def resolve(args: argparse.Namespace, *, existing: str | None = None, needs_devi
     folder = Path(args.work_dir) if args.work_dir else runs_dir() / preset.name
     if folder.exists() and not folder.is_dir():
         raise CLIError(f"--work-dir {folder} is a file, not a run folder: pass a folder")
-    if existing and not folder.is_dir():
-        raise CLIError(f"no run folder at {folder}: run {existing} first (same --preset / --work-dir), or pass the "
-                       "--work-dir of an existing run")
-    if needs_device:
+    if needs_device:  # first: a GPU preset on a CPU machine is refused for that, not sent to run an earlier step
         from mmrag_lite import modeling
 
         modeling.check_device(preset, for_training=for_training)
+    if existing and not folder.is_dir():
+        raise CLIError(f"no run folder at {folder}: run {existing} first (same --preset / --work-dir), or pass the "
+                       "--work-dir of an existing run")
     # a mistyped folder (or one without imgs.tsv + imgs.lineidx) fails here: before the run folder is created, and
     # before run_data's cache check could blame the settings of a Mini-WebQA already there
     if getattr(args, "webqa_dir", None) is not None:
@@ -278,7 +279,9 @@ def cmd_course(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------ parser
 def _preset_name(value: str) -> str:
     if value != "auto" and value not in PRESETS:
-        raise argparse.ArgumentTypeError(f"unknown preset {value!r}; choose one of: auto, {', '.join(sorted(PRESETS))}")
+        close = difflib.get_close_matches(value.replace("_", "-").lower(), ["auto", *PRESETS], n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise argparse.ArgumentTypeError(f"unknown preset {value!r}; {hint}choose one of: auto, {', '.join(sorted(PRESETS))}")
     return value
 
 

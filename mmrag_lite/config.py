@@ -474,7 +474,7 @@ def _unknown_key_message(dotted: str, value: Any, section: list[str], part: str,
         key = flat[dotted]
         return (f"{head}; did you mean {key!r}? Dotted keys are not Python names: pass them as "
                 f"get_preset(name, **{{{key!r}: {value!r}}}) or with double underscores "
-                f"({key.replace('.', '__')}={value!r})")
+                f"({key.replace('.', '__')}={value!r}); on the command line, --set {key}={value}")
     close = _closest_keys(dotted.replace("__", "."), all_keys)
     hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
     return f"{head}; keys of {('section ' + repr(where)) if section else 'a preset'}: {', '.join(sorted(node))}{hint}"

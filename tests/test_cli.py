@@ -32,7 +32,26 @@ def test_unknown_preset_is_a_clear_error(capsys):
         cli.main(["build-data", "--preset", "tpu-huge"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "unknown preset 'tpu-huge'" in err and "cpu-tiny" in err
+    assert "unknown preset 'tpu-huge'" in err and "cpu-tiny" in err and "did you mean" not in err
+    with pytest.raises(SystemExit):
+        cli.main(["build-data", "--preset", "cpu_tiny"])
+    assert "unknown preset 'cpu_tiny'; did you mean 'cpu-tiny'?" in capsys.readouterr().err
+
+
+def test_a_gpu_preset_on_a_cpu_machine_is_refused_for_that_before_asking_for_earlier_steps(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """evaluate used to answer "run train-stage1 first", which then refused the preset: a loop for a CPU user."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["evaluate", "--preset", "colab-t4", "--work-dir", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert "needs a CUDA GPU" in err and "--preset cpu-tiny" in err and "run train-stage1" not in err
+
+
+def test_an_underscored_set_key_names_the_dotted_one_in_command_line_form(tmp_path, capsys):
+    assert cli.main(["build-data", "--preset", "cpu-tiny", "--work-dir", str(tmp_path), "--set", "stage1_k=3"]) == 2
+    assert "--set stage1.k=3" in capsys.readouterr().err
 
 
 def test_missing_subcommand_is_an_error(capsys):

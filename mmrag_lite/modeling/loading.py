@@ -60,7 +60,7 @@ def check_device(preset: Preset | str, *, for_training: bool = True, model_path:
             f"preset {preset.name!r} loads {ms.model_id} and needs a CUDA GPU, but none is visible. "
             + ("model.model_id was overridden: the offline miniature is model.model_id='tiny'; a hub model needs a GPU."
                if changed else
-               "On a CPU machine use preset='cpu-tiny' (or resolve_preset('auto'), which picks it).")
+               "On a CPU machine use preset='cpu-tiny' (--preset cpu-tiny on the command line; preset='auto' picks it).")
         )
     # native bf16 (capability >= 8.0), not torch.cuda.is_bf16_supported(), which says True on a T4 (see config)
     if ms.compute_dtype == "bfloat16" and torch.cuda.is_available() and not cuda_native_bf16(0):
