@@ -203,10 +203,20 @@ def normalize_webqa_many(texts: Sequence[Any]) -> list[str]:
 
     Each string is first cut to ``MAX_LEMMATIZE_CHARS`` characters (see there), so a huge answer neither raises nor stalls.
     """
-    pre = [_webqa_pre_lemma(t[:MAX_LEMMATIZE_CHARS]) if isinstance(t, str) else ("", False) for t in texts]
+    pre = [_webqa_pre_lemma(_encodable(t[:MAX_LEMMATIZE_CHARS])) if isinstance(t, str) else ("", False) for t in texts]
     need = [p for p, lemma in pre if lemma]
     lemmas = iter(_lemmatize_many(need)) if need else iter(())
     return [next(lemmas) if lemma else p for p, lemma in pre]
+
+
+def _encodable(text: str) -> str:
+    """``text`` with lone surrogates (a JSON ``"\\ud83d"`` decodes to one) replaced: spaCy hashes text as UTF-8, and
+    one such answer raised for its whole batch."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+    return text
 
 
 def normalize_webqa_text(text: str) -> str:

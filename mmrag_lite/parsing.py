@@ -22,6 +22,7 @@ Every function here is pure, linear in the length of the text, and never raises,
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -291,9 +292,10 @@ _LIST_MARKER = re.compile(r"\(?\d+[.)]|and", re.IGNORECASE)  # "1." / "2)" / "(3
 
 def split_ids(raw: str) -> list[str]:
     """``"D2, D5"`` / ``"[D2][D5]"`` / ``"D2;D5"`` / ``"- D2\\n- D5"`` / ``"1. D2 2. D5"`` / ``"D2 and D5"`` /
-    ``"D2/D5"`` → ``["D2", "D5"]`` (order kept, repeats kept)."""
+    ``"D2/D5"`` → ``["D2", "D5"]`` (order kept, repeats kept). Full-width forms (``"D2，D5"``, ``"Ｄ２"``, as a
+    Qwen model writes them after Chinese text) are read as their ASCII ones (NFKC)."""
     out = []
-    for token in _ID_SPLIT.split(raw):
+    for token in _ID_SPLIT.split(unicodedata.normalize("NFKC", raw)):
         if _LIST_MARKER.fullmatch(token):
             continue
         token = token.strip(_ID_STRIP)

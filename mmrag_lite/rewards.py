@@ -25,7 +25,9 @@ a configurable ``penalty ≤ 0`` for output that cannot be read at all, and the 
            (WebQA's Retrieval-F1 when every gold id is shown, i.e. G ⊆ C; otherwise it only asks for the gold the
            model was shown, since it cannot name a document it never saw; 0 when G ∩ C = ∅)
     ndcg:  r_rank(o) = Σ_{i ≤ k} [s_i ∈ G ∩ C] / log2(i + 1)  /  Σ_{i ≤ min(k, |G ∩ C|)} 1 / log2(i + 1)
-           with k = |G ∩ C| unless configured, k ≥ 1 (listing every candidate must not pay: ids past k earn nothing;
+                  · min(1, k / |S|)
+           with k = |G ∩ C| unless configured, k ≥ 1 (listing every candidate must not pay: ids past k earn nothing,
+           and a list longer than k is diluted, so the gold first and every other candidate after it pays k/|S|, not 1;
            k < 1 would pay 0 for everything, so it raises ``ValueError``)
            penalty when no sources block can be read
 
@@ -266,7 +268,9 @@ def ranking_score(selected: Sequence[str], gold: Sequence[str], candidates: Sequ
         hits = len(set(selected) & gold_set)
         return 2 * hits / (len(selected) + len(gold_set)) if hits else 0.0
     if metric == "ndcg":
-        return metrics.ndcg_at_k(selected, gold_set, k if k is not None else len(gold_set))
+        depth = k if k is not None else len(gold_set)
+        # ids past the depth earn nothing and dilute: the gold first, then every other candidate, is no ranking
+        return metrics.ndcg_at_k(selected, gold_set, depth) * min(1.0, depth / max(len(selected), 1))
     raise ValueError(f"unknown ranking metric {metric!r}; choose one of {RANKING_METRICS}")
 
 

@@ -137,6 +137,10 @@ def test_listing_every_candidate_does_not_pay():
     everything = ["D1", "D2", "D3", "D4", "D5"]
     assert _rank(everything, ["D5"]) == pytest.approx(2 / 6)
     assert _rank(everything, ["D5"], metric="ndcg") == 0.0
+    # the gold first and every other candidate after it: diluted to k/|S|, below naming the gold alone
+    assert _rank(["D2", "D5", "D1", "D3", "D4"], ["D2", "D5"], metric="ndcg") == pytest.approx(2 / 5)
+    assert _rank(["D2"], ["D2", "D5"], metric="ndcg") > 2 / 5
+    assert _rank(["D2", "D5"], ["D2", "D5"], metric="ndcg") == 1.0
 
 
 def test_ranking_score_candidates_bound_the_gold_set():
@@ -945,3 +949,19 @@ def test_number_hedge_between_options_the_question_offers_earns_no_more_than_a_c
     assert _answer(*years) == _answer(*years, hedge_guard=False)
     assert _answer("3 in 1901", "There were 3 players in 1901.", "3", "number",
                    "How many players were there in 1901 ?") == pytest.approx(f1(1 / 2, 1))  # 1901 is context: F1 only
+
+
+# ---------------------------------------------------------------------------------------------- from a rewards review
+def test_a_lone_surrogate_in_an_answer_neither_raises_nor_spoils_its_batch():
+    """spaCy hashes text as UTF-8: one answer holding a lone surrogate (JSON "\\ud83d") raised for the whole batch."""
+    done = answer_reward([stage2_target(["D1"], "red"), stage2_target(["D1"], "big red \ud83d")], answer=["red"] * 2,
+                         keywords=["red"] * 2, qcate=["color"] * 2)
+    assert done == [pytest.approx(1.0, abs=1e-4)] * 2
+    assert metrics.normalize_webqa_text("big red \ud83d dogs").split()[:3] == ["big", "red", "dog"]
+
+
+def test_full_width_id_separators_and_digits_read_as_their_ascii_forms():
+    """Qwen writes full-width punctuation after Chinese text: "D2，D5" was one unknown id (format and ranking 0)."""
+    for block in ("D2，D5", "D2；D5", "Ｄ２／D5", "D2｜D5"):
+        text = f"<sources>{block}</sources><answer>x</answer>"
+        assert ranking_reward([text], candidate_ids=[CANDS], gold_ids=[["D2", "D5"]]) == [1.0], block
