@@ -14,7 +14,11 @@ questions whose keyword is one number n; the hedge "n or n+1" against committing
 and with ``hedge_guard``; and the reference sentence itself, which no guard may lower. The length guard stays on in
 these three, as in the presets. Fourth, ``length_guard`` on the val ``text`` questions: sentences around the
 reference, and a paste. Fifth, the list guard (``hedge_guard`` on recall categories): the right answer listed with
-four other questions' answers, against committing to one of the five at random. Takes about two minutes (spaCy).
+four other questions' answers, against committing to one of the five at random. Sixth, ``keyword_guard``: the
+image questions with their keywords blanked, as a build from the public ``WebQA_train_val.json`` (which has none)
+trains on: restating the question against answering with the keyword, with and without the guard; and how often the
+keyword the guard derives for a ``choose`` question names the same option as the real keyword. Takes about two
+minutes (spaCy).
 """
 
 from __future__ import annotations
@@ -188,6 +192,41 @@ def list_table(refs: dict[str, dict]) -> None:
         print(f"committing to one of the same 5 at random: {mean(at_random)}")
 
 
+def keywordless_table(refs: dict[str, dict]) -> None:
+    print("\nkeyword_guard: image questions with their keywords blanked (the public train file has none)")
+    print("category | n | echo the question (off -> on) | answer with the keyword (off -> on) | echo beats keyword (off -> on)")
+    for qcate in ("Others", "choose", "YesNo", "color", "shape", "number"):
+        chosen = [r for r in refs.values() if r["qcate"] == qcate and r["keywords"]]
+        cols = dict(columns(chosen), keywords=[""] * len(chosen))
+        scores = {}
+        for guard in (False, True):
+            for name, texts in (("echo", [r["question"] for r in chosen]), ("keyword", [r["keywords"] for r in chosen])):
+                scores[name, guard] = rewards.answer_reward([stage2_target(["D1"], t) for t in texts],
+                                                            keyword_guard=guard, **cols)
+        beats = {g: sum(e > k for e, k in zip(scores["echo", g], scores["keyword", g])) / len(chosen) for g in (False, True)}
+        print(f"{qcate} | {len(chosen)} | {mean(scores['echo', False])} -> {mean(scores['echo', True])} | "
+              f"{mean(scores['keyword', False])} -> {mean(scores['keyword', True])} | {beats[False]:.2f} -> {beats[True]:.2f}")
+    # the option a derived keyword names, against the option the real keyword names (where it names exactly one)
+    chosen = [r for r in refs.values() if r["qcate"] == "choose" and r["keywords"]]
+    normed = metrics.normalize_webqa_many([r["question"] for r in chosen] + [r["answer"][0] for r in chosen]
+                                          + [r["keywords"] for r in chosen])
+    n = len(chosen)
+    agree = disagree = 0
+    for q, a, kw in zip(normed[:n], normed[n:2 * n], normed[2 * n:]):
+        pairs = [(x, y) for x, y, _ in rewards._word_pairs(q.split())]
+        if not pairs:
+            continue
+        derived, keyword = set(rewards.derived_keyword(a, q, "choose").split()), set(kw.split())
+        left, right = pairs[0]
+        if bool(left & keyword) == bool(right & keyword) or not (left | right) & derived:
+            continue  # the keyword names both or neither; or the derivation fell back to the whole answer
+        agree += bool((left if left & keyword else right) & derived)
+        disagree += bool((right if left & keyword else left) & derived)
+    print(f"choose: the derived keyword names the real keyword's option in {agree} of {agree + disagree} questions "
+          "(where both name one option of the first pair; pairs read in context only, as the reward reads them "
+          "with alone-lemmatised forms too)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--webqa-val", type=Path, default=(shared_data_dir() or Path("../shared/data")) / "webqa-val")
@@ -202,6 +241,7 @@ def main() -> None:
     number_table(refs)
     length_table(refs)
     list_table(refs)
+    keywordless_table(refs)
     print(f"{time.perf_counter() - started:.1f} s")
 
 

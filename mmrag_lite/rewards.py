@@ -38,7 +38,7 @@ a configurable ``penalty ≤ 0`` for output that cannot be read at all, and the 
     mmqa_em:  r_ans(o) = EM_DROP(â, answer)
               penalty when no single answer block can be read
 
-Three guards close holes that the official metric leaves open (the *metric* in ``metrics`` stays official; only the
+Four guards close holes that the official metric leaves open (the *metric* in ``metrics`` stays official; only the
 reward is guarded), each a keyword option, on by default:
 
 * ``choose_guard`` — ``choose``/``Others``/``text`` are scored by recall, so pasting the question into the answer
@@ -99,6 +99,18 @@ reward is guarded), each a keyword option, on by default:
   one-word answer whole ("It is Ether.", "Based on the images, ..."); an answer as long as the reference, or shorter,
   is untouched. Restating the question costs (a statement of the question plus the answer keeps 0.62 on average over
   the real val ``text`` questions); not counting the question's words would spare it but pay a pasted prompt ~0.7.
+
+* ``keyword_guard`` — the public ``WebQA_train_val.json`` has no ``Keywords_A``, so a build from the real files
+  scores every answer against the whole sentence ``A``, where recall pays whatever repeats it: restating the question
+  earned 0.76 on the real val ``Others`` questions with their keywords blanked, the keyword itself 0.17. With no
+  keyword the reward reads one derived from ``A`` (``derived_keyword``): on ``choose``/``Others``/``text``, the
+  option ``A`` affirms where the question offers options, else ``A``'s words that are neither the question's nor
+  stop words; on a ``YesNo`` sentence that says neither yes nor no, the verdict its negation gives. Then restating
+  the question earns 0.04 and the keyword 0.82 (``benchmarks/bench_answer_guards.py``). The evaluation's QA-Acc
+  stays official (against ``A``, WebQA's approximate val scoring). With options, a commitment to the option Acc's
+  reference does not name earns nothing (recall paid "Mycena pura" half against "Mycena guldeniana", for the shared
+  word), unless the whole reference makes it too; and with no keyword, options joined as alternatives ("X and Y")
+  count as a hedge even where ``A`` names both.
 
 **Total** (what GRPO sees, computed by TRL from ``GRPOConfig(reward_weights=...)``): ``r = Σ_c λ_c r_c``.
 
@@ -506,7 +518,8 @@ def _leads_with_other(said: Sequence[str], whole: Sequence[str], left: set[str],
 
 
 def _hedges_between_options(answer_norm: str, question_norm: str, acc_reference_norm: str, whole_reference_norm: str,
-                            spans: Sequence[tuple[str, str]] = (), order_norms: tuple[str, str] | None = None) -> bool:
+                            spans: Sequence[tuple[str, str]] = (), order_norms: tuple[str, str] | None = None, *,
+                            no_keyword: bool = False) -> bool:
     """The choose guard's test on texts normalised alike (``spans`` from ``option_spans``; ``acc_reference_norm`` what
     Acc reads, the keyword when there is one; ``whole_reference_norm`` the whole reference answer; ``order_norms`` the
     answer and the whole reference with their denied clauses cut, where they have any). An option pair is the nearest
@@ -515,8 +528,9 @@ def _hedges_between_options(answer_norm: str, question_norm: str, acc_reference_
     both options of a pair and either the whole reference names only one of them; or the whole reference names both and
     the answer leads with the other one (``_leads_with_other``: "Y has more than X" against "X has more than Y" holds
     the same words, and a bag of words cannot tell "Y has fewer than X" from a wrong answer, so it earns a coin flip);
-    or the answer joins them as alternatives while Acc's reference names one and the whole reference does not join them
-    itself ("X is taller than Y" names both; "X or Y" and "X, Y" are hedges)."""
+    or the answer joins them as alternatives while Acc's reference names one (or, with no keyword, whatever it names:
+    then Acc reads a sentence naming both, which pays "X and Y" twice what it pays "X") and the whole reference does not
+    join them itself ("X is taller than Y" names both; "X or Y" and "X, Y" are hedges)."""
     words = question_norm.split()
     said_tokens, whole_tokens = answer_norm.split(), whole_reference_norm.split()
     said, acc_ref = set(said_tokens), set(acc_reference_norm.split())
@@ -541,10 +555,81 @@ def _hedges_between_options(answer_norm: str, question_norm: str, acc_reference_
         if _leads_with_other(said_order, whole_order, left & once, right & once, keyword_left):
             return True
         # the whole reference names both (or neither): only alternatives set side by side, as the reference does not
-        if (names_one(acc_ref, left, right) and _joins_options(said_tokens, left, right, shared)
+        if ((names_one(acc_ref, left, right) or no_keyword) and _joins_options(said_tokens, left, right, shared)
                 and not _joins_options(whole_tokens, left, right, shared)):
             return True
     return False
+
+
+_NEGATIVE = re.compile(r"\b(?:no|not|never|none|nor)\b|n['\u2019]t\b", re.IGNORECASE)
+
+
+def derived_keyword(reference_norm: str, question_norm: str, qcate: str, *, answer_text: str = "",
+                    affirmed: str | None = None, pairs: Sequence[tuple[set[str], set[str]]] | None = None) -> str:
+    """The keyword the reward reads when a row has none (``keyword_guard``), from the normalised whole answer.
+
+    Recall against a whole sentence pays whatever repeats it, and a restated question repeats most of it (0.76 on
+    the real val ``Others`` questions with their keywords blanked, against 0.17 for the keyword itself). So:
+
+    * ``choose``/``Others``/``text`` with options (an ``or``): the option the answer affirms (``affirmed``: the answer
+      with denied clauses cut) of the first pair it names ("The fence is taller than a bicycle" → "tall"); of two it
+      names, the one it leads with ("The Tokyo Tower is taller than the Eiffel Tower" → "tokyo"). On the real val
+      ``choose`` questions, whose keywords are known, it named the keyword's option in 387 of the 400 where both name
+      one (``benchmarks/bench_answer_guards.py``, its sixth table). ``pairs``:
+      each option pair's words in every form the lemmatiser gives them (in the question's context and alone: "taller"
+      there, "tall" in an answer), ``_word_pairs`` of the question when not given;
+    * otherwise the answer's words that are neither the question's nor stop words ("Both ... have grass and trees
+      growing near them" → "grass tree"), the whole answer when none are left;
+    * ``YesNo`` whose answer says neither yes nor no ("The cathedral has trees outside of it."): "no" when
+      ``answer_text`` holds a negation, else "yes" (every answer scored 0 there);
+    * anything else: the whole answer (a closed vocabulary already ignores the question's other words).
+    """
+    if qcate == "YesNo":
+        if metrics.webqa_bags(reference_norm, reference_norm, qcate)[1]:
+            return reference_norm
+        return "no" if _NEGATIVE.search(answer_text) else "yes"
+    if qcate not in RECALL_CATEGORIES:
+        return reference_norm
+    asked = question_norm.split()
+    affirmed_tokens = (reference_norm if affirmed is None else affirmed).split()
+    affirmed_words = set(affirmed_tokens)
+    for left, right in pairs if pairs is not None else [(a, b) for a, b, _ in _word_pairs(asked)]:
+        if left & affirmed_words and right & affirmed_words:  # "X is taller than Y": the one it leads with
+            named = left if _first_at(affirmed_tokens, left) < _first_at(affirmed_tokens, right) else right
+        elif left & affirmed_words or right & affirmed_words:
+            named = left if left & affirmed_words else right
+        else:
+            continue
+        return " ".join(sorted(named & affirmed_words))
+    if _option_joints(asked):
+        return reference_norm  # names no option of any pair: nothing to choose between
+    stop, asked_words = _list_stop_words(), set(asked)
+    novel = [w for w in reference_norm.split() if w not in asked_words and w not in stop]
+    return " ".join(novel) or reference_norm
+
+
+def _commits_to_other(answer: str, reference: str, whole_reference: str,
+                      pairs: Sequence[tuple[set[str], set[str]]]) -> bool:
+    """The answer names one option of a pair, Acc's reference only the other, and the whole reference not the
+    answer's (all as affirmed, denials cut): a wrong commitment, which recall still paid for the words two options
+    share ("Mycena pura" against "Mycena guldeniana" earned 0.5). An answer that names the other option to compare
+    ("Y is shorter than X") names both; one the whole reference makes (a keyword that contradicts its own sentence)
+    is spared."""
+    said, ref, whole = (set(t.split()) for t in (answer, reference, whole_reference))
+    for left, right in pairs:
+        mine = left if left & said else right
+        if (bool(left & said) != bool(right & said) and bool(left & ref) != bool(right & ref)
+                and not mine & ref and not mine & whole):
+            return True
+    return False
+
+
+# An opening clause that cites where the answer comes from ("Based on D1 and D3, ...", "From the snippets and titles,
+# ..."): explaining which documents were used is what stage 2 asks for, so its "and" and commas are no list of guesses.
+_SOURCE_OPENER = re.compile(
+    r"^\s*(?:based on|according to|from|in|looking at|judging (?:by|from)|given|as (?:shown|seen|stated) in)\b[^,;:]*?"
+    r"\b(?:D\d+(?:\s*(?:,\s*(?:and\s+)?|and\s+|&\s*)D\d+)*|images?|pictures?|photos?|captions?|snippets?"
+    r"|documents?|sources?|texts?|titles?|evidence|candidates?|context|passages?)\b[^,;:]*[,:]\s*", re.IGNORECASE)
 
 
 def _list_items(answer: str) -> tuple[list[str], bool]:
@@ -625,6 +710,7 @@ def answer_reward(
     choose_guard: bool = True,
     hedge_guard: bool = True,
     length_guard: bool = True,
+    keyword_guard: bool = True,
     tags: Tags = DEFAULT_TAGS,
     **columns: Any,
 ) -> list[float]:
@@ -649,7 +735,7 @@ def answer_reward(
     if metric == "webqa":
         scores = _webqa_answer_scores(
             [parsed[i] for i in readable], [answers[i] for i in readable], columns, readable, n,
-            choose_guard=choose_guard, hedge_guard=hedge_guard, length_guard=length_guard)
+            choose_guard=choose_guard, hedge_guard=hedge_guard, length_guard=length_guard, keyword_guard=keyword_guard)
     else:
         position = 0 if metric == "mmqa_em" else 1
         scores = []
@@ -662,15 +748,17 @@ def answer_reward(
 
 
 def _webqa_answer_scores(said: list[str], answers: list[Any], columns: Mapping[str, Any], rows: list[int], n: int, *,
-                         choose_guard: bool, hedge_guard: bool, length_guard: bool) -> list[float]:
+                         choose_guard: bool, hedge_guard: bool, length_guard: bool, keyword_guard: bool) -> list[float]:
     """Official QA-Acc of each readable answer (one spaCy batch for answers, references and questions), then the guards."""
     keywords = _optional_column("keywords", columns, n, "")
     qcates = _optional_column("qcate", columns, n, "text")
     refs = [metrics.qa_reference(a, keywords[i]) for a, i in zip(answers, rows)]
     qc = [metrics.canonical_qcate(qcates[i]) or "text" for i in rows]  # a category WebQA lacks: the text rule
+    # no keyword (the public WebQA train file has none): the reward reads a keyword derived from the whole answer
+    derive = [keyword_guard and not (isinstance(keywords[i], str) and keywords[i].strip()) for i in rows]
     # the question: the options of a recall question, and the numbers a number question states (context, not a guess)
-    wants_question = [((choose_guard or hedge_guard) and c in RECALL_CATEGORIES) or (hedge_guard and c == "number")
-                      for c in qc]
+    wants_question = [((choose_guard or hedge_guard or d) and c in RECALL_CATEGORIES) or (hedge_guard and c == "number")
+                      for c, d in zip(qc, derive)]
     questions: list[str | None] = [None] * len(rows)
     if any(wants_question):
         if columns.get("question") is not None:
@@ -684,7 +772,8 @@ def _webqa_answer_scores(said: list[str], answers: list[Any], columns: Mapping[s
     guarded = [((choose_guard or length_guard) and c in RECALL_CATEGORIES) or (hedge_guard and c in HEDGE_GUARD_CATEGORIES)
                for c in qc]
     whole = [metrics.qa_reference(a, "") if g else "" for a, g in zip(answers, guarded)]
-    spans = [option_spans(q) if q and choose_guard and c in RECALL_CATEGORIES else [] for q, c in zip(questions, qc)]
+    spans = [option_spans(q) if q and (choose_guard or d) and c in RECALL_CATEGORIES else []
+             for q, c, d in zip(questions, qc, derive)]
     written = said
     said = [_without_restated_options(t, sp) if sp else t for t, sp in zip(said, spans)]  # what follows a restatement
     # the answer as written, where a lead-in was cut: the cut text is lemmatised alone, which can read it otherwise
@@ -700,7 +789,8 @@ def _webqa_answer_scores(said: list[str], answers: list[Any], columns: Mapping[s
         + [text for pairs in spans for pair in pairs for text in pair]
         + [t for row in uncut for t in row if t is not None])
     # the items of an answer that lists guesses (recall categories): normalised in one more batch
-    listed = [_list_items(t) if hedge_guard and c in RECALL_CATEGORIES else ([], False) for t, c in zip(said, qc)]
+    listed = [_list_items(_SOURCE_OPENER.sub("", t, count=1)) if hedge_guard and c in RECALL_CATEGORIES else ([], False)
+              for t, c in zip(said, qc)]
     items = [pieces for pieces, _ in listed]
     flat_items = iter(metrics.normalize_webqa_many([t for row in items for t in row]))
     normed_items = [[next(flat_items) for _ in row] for row in items]
@@ -715,9 +805,22 @@ def _webqa_answer_scores(said: list[str], answers: list[Any], columns: Mapping[s
     flat_words = iter(metrics.normalize_webqa_many([w for row in span_words for w in row]))
     option_word_sets = [_option_words(pairs) | {w for _ in row for w in next(flat_words).split()}
                         for pairs, row in zip(normed_spans, span_words)]
+    # the option pairs (a derived keyword chooses between them; a commitment to the other one earns nothing), each
+    # word also lemmatised alone (a question's "taller" is an answer's "tall")
+    word_pairs = [[(a, b) for a, b, _ in _word_pairs(normed[2 * k + j].split())] if spans[j] else [] for j in range(k)]
+    pair_words = sorted({w for row in word_pairs for a, b in row for w in a | b})
+    alone = dict(zip(pair_words, metrics.normalize_webqa_many(pair_words)))
+
+    def forms(side: set[str]) -> set[str]:
+        return side | {w for v in side for w in alone[v].split()}
+
+    pair_forms = [[(forms(a), forms(b)) for a, b in row] for row in word_pairs]
     out = []
     for j in range(k):
         cand, ref, question, whole_ref = normed[j], normed[k + j], normed[2 * k + j], normed[3 * k + j]
+        if derive[j]:
+            ref = derived_keyword(normed[k + j], question, qc[j], answer_text=refs[j], pairs=pair_forms[j],
+                                  affirmed=_affirmed(normed[k + j], normed_denials[j][1], option_word_sets[j]))
         score = metrics.webqa_scores_from_normalized(cand, ref, qc[j])["acc"]
         if j in written_norm:  # never more than the official score of what the model wrote
             score = min(score, metrics.webqa_scores_from_normalized(written_norm[j], ref, qc[j])["acc"])
@@ -733,11 +836,21 @@ def _webqa_answer_scores(said: list[str], answers: list[Any], columns: Mapping[s
             plain_said, plain_ref, plain_whole = (_affirmed(_plain(t), _plain(_denied_text(t)), _option_words(plain_spans))
                                                   for t in (said[j], refs[j], whole[j]))
             plain_order = (_plain(_DENIAL.sub(" ", said[j])), _plain(_DENIAL.sub(" ", whole[j])))
-            if (_hedges_between_options(cand, question, ref, whole_ref, normed_spans[j], (said_order, whole_order))
+            if (_hedges_between_options(cand, question, ref, whole_ref, normed_spans[j], (said_order, whole_order),
+                                        no_keyword=derive[j])
                     or _hedges_between_options(plain_said, _plain(questions[j]), plain_ref, plain_whole, plain_spans,
-                                               plain_order)):
+                                               plain_order, no_keyword=derive[j])):
                 score *= CHOOSE_BOTH_FACTOR
                 halved = True
+        if score and choose_guard and not halved and _commits_to_other(cand, ref, whole_ref, pair_forms[j]):
+            # read again as written (not lemmatised): the lemmatiser's context can hide an option ("chanterelless")
+            plain_options = _option_words([(_plain(left), _plain(right)) for left, right in spans[j]])
+            plain_said, plain_whole = (_affirmed(_plain(t), _plain(_denied_text(t)), plain_options)
+                                       for t in (said[j], whole[j]))
+            plain_ref = ref if derive[j] else _affirmed(_plain(refs[j]), _plain(_denied_text(refs[j])), plain_options)
+            plain_pairs = [(a, b) for a, b, _ in _word_pairs(_plain(questions[j] or "").split())]
+            if _commits_to_other(plain_said, plain_ref, plain_whole, plain_pairs):
+                score = 0.0  # "Mycena pura" for "Mycena guldeniana": recall paid the shared word
         if score and hedge_guard and normed_items[j] and not halved:
             score *= _list_share_held(normed_items[j], items[j], f"{ref} {whole_ref}", f"{refs[j]} {whole[j]}", question,
                                       listed[j][1])
@@ -782,6 +895,7 @@ def build_reward_funcs(
     choose_guard: bool = True,
     hedge_guard: bool = True,
     length_guard: bool = True,
+    keyword_guard: bool = True,
     min_think_words: int = 0,
     tags: Tags = DEFAULT_TAGS,
 ) -> tuple[list[RewardFunc], list[float]]:
@@ -823,7 +937,8 @@ def build_reward_funcs(
         "relevance": lambda: _named("relevance", relevance_reward, positive_weight=rho, **common),
         "ranking": lambda: _named("ranking", ranking_reward, metric=ranking_metric, k=ndcg_k, **common),
         "answer": lambda: _named("answer", answer_reward, metric=answer_metric, choose_guard=choose_guard,
-                                 hedge_guard=hedge_guard, length_guard=length_guard, **common),
+                                 hedge_guard=hedge_guard, length_guard=length_guard, keyword_guard=keyword_guard,
+                                 **common),
     }
     names = [c for c in known if c in weights]
     return [factories[c]() for c in names], [float(weights[c]) for c in names]
@@ -845,7 +960,8 @@ def preset_reward_options(preset: Preset | str, stage: int) -> dict[str, Any]:
         options.update(balance_classes=settings.balance_classes, positive_fraction=settings.positive_fraction)
     else:
         options.update(ranking_metric=settings.ranking_metric, choose_guard=settings.answer_guards,
-                       hedge_guard=settings.answer_guards, length_guard=settings.answer_guards)
+                       hedge_guard=settings.answer_guards, length_guard=settings.answer_guards,
+                       keyword_guard=settings.answer_guards)
     return options
 
 

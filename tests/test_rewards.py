@@ -181,7 +181,11 @@ def test_answer_reward_webqa_uses_keywords_then_answer():
     out = answer_reward(comps, answer=["The car is red.", "The car is red.", "A fountain is in front."],
                         keywords=["red", "red", ""], qcate=["color", "color", "Others"], **trl_extras(3))
     assert out[0] == pytest.approx(1.0, abs=1e-4) and out[1] == 0.0
-    assert out[2] == pytest.approx(1 / 4)  # recall against the full answer (no keywords): fountain of 4 lemmas
+    # no keyword: the reward derives one, the answer's words that are neither the question's nor stop words
+    # ("fountain"; "front" is a spaCy stop word); without keyword_guard, recall against the full answer: 1 of 4 lemmas
+    assert out[2] == pytest.approx(1.0)
+    assert answer_reward(comps[2:], answer=["A fountain is in front."], keywords=[""], qcate=["Others"],
+                         keyword_guard=False) == [pytest.approx(1 / 4)]
     # Where keyword and full answer disagree, the keyword decides: 1.0 against "fountain", 0.2 against the sentence.
     said = [stage2_target(["D1"], "a fountain")]
     long_answer = ["A big fountain near the old church"]
@@ -273,8 +277,11 @@ def test_choose_guard_reads_an_option_the_answer_denies_as_not_named():
     assert metrics.webqa_accuracy("sideways, not upwards", "Upwards.", "choose") == 1.0  # the official metric unchanged
     # a reference that denies an option: the reward never pays more than the metric ("upwards" holds 1 of its 3 words)
     short = [stage2_target(["D1"], "upwards")]
-    ref = {"answer": ["upwards, not sideways"], "qcate": ["choose"]}
+    ref = {"answer": ["upwards, not sideways"], "qcate": ["choose"], "keyword_guard": False}
     assert answer_reward(short, question=[STACHYS], **ref) == answer_reward(short, choose_guard=False, **ref) == [1 / 3]
+    # with no keyword the reward derives one, the option the reference affirms: "upwards" in full, "sideways" nothing
+    derived = {"answer": ["upwards, not sideways"], "qcate": ["choose"], "question": [STACHYS]}
+    assert answer_reward(short + [stage2_target(["D1"], "sideways")], **{k: v * 2 for k, v in derived.items()}) == [1.0, 0.0]
 
 
 def test_a_denied_comparative_option_is_not_named():
@@ -378,13 +385,16 @@ def test_choose_guard_catches_a_hedge_that_drops_the_word_next_to_or():
     said = ["The Royal Forest or Lake of Lea is larger", "Forest of Vera or Lea is larger", "Lake of Lea is larger",
             "The Royal Forest of Vera is larger"]
     comps = [stage2_target(["D1"], a) for a in said]
-    cols = {"answer": ["Lake of Lea is larger."] * 4, "keywords": [""] * 4, "qcate": ["choose"] * 4}
+    cols = {"answer": ["Lake of Lea is larger."] * 4, "keywords": [""] * 4, "qcate": ["choose"] * 4,
+            "keyword_guard": False}  # the choose guard alone (a derived keyword reads "lake": see the test after next)
     unguarded = answer_reward(comps, choose_guard=False, hedge_guard=False, **cols)
     guarded = answer_reward(comps, question=[q] * 4, **cols)
     assert guarded[:2] == pytest.approx([u / 2 for u in unguarded[:2]]) and guarded[:2] != [0.0, 0.0]
     # the list guard leaves options the question states to the choose guard (they are context, not guesses)
     assert answer_reward(comps, question=[q] * 4, choose_guard=False, **cols) == unguarded
-    assert guarded[2:] == unguarded[2:] and guarded[2] == 1.0  # committing to either option: no guard
+    assert guarded[2] == unguarded[2] == 1.0  # committing to the right option: no guard
+    # committing to the other one earns nothing (recall paid the words the two sentences share, "is larger", 0.6)
+    assert unguarded[3] == pytest.approx(0.6) and guarded[3] == 0.0
 
 
 def test_choose_guard_spares_sentences_that_say_what_the_reference_says():
@@ -781,7 +791,7 @@ def test_hedge_guards_catch_inflections_and_softened_ors():
     assert _answer("Busan Sajik Baseball Stadium or maybe the Sydney football stadium", ref,
                    "Busan Sajik Baseball Stadium", "choose", q) == pytest.approx(0.5)
     hyde = "Which is located further south ; Hyde Park or Vanderbilt University ?"
-    assert _answer("Park or University", "Vanderbilt University", "", "text", hyde) == pytest.approx(0.25)
+    assert _answer("Park or University", "Vanderbilt University", "", "text", hyde, keyword_guard=False) == pytest.approx(0.25)
     f1 = 2 * 0.5 * 1.0 / (0.5 + 1.0 + 1e-5)
     assert _answer("round or square", "It is round.", "round", "shape") == pytest.approx(f1 / 2)
 
@@ -902,7 +912,10 @@ def test_list_guard_spares_lists_the_reference_makes_and_sentences_with_commas()
     assert _answer("H&M", "An H&M store is there.", "H&M", "Others") == 1.0  # "&" joins a name, not a list
     assert _answer("Leaves and petals", "Leaves and petals are pointy.", "Leaves and petals", "Others") == 1.0
     flag = ("red, white and blue", "The flag is red, white and blue.", "", "text")
-    assert _answer(*flag) == _answer(*flag, hedge_guard=False) == pytest.approx(4 / 6)  # recall of the sentence's words
+    assert (_answer(*flag, keyword_guard=False) == _answer(*flag, hedge_guard=False, keyword_guard=False)
+            == pytest.approx(4 / 6))  # recall of the sentence's words
+    # a derived keyword (the reference's words less stop words: "flag red white blue") spares the list all the same
+    assert _answer(*flag) == _answer(*flag, hedge_guard=False) == pytest.approx(3 / 4)
     for sentence, reference in (("It grows upwards, not sideways.", "It grows upwards."),
                                 ("It grows upwards, towards the light of the sun", "It grows upwards."),
                                 ("Yes, it is.", "Yes"), ("Yes, the tower which is tall stands there", "Yes"),
@@ -965,3 +978,61 @@ def test_full_width_id_separators_and_digits_read_as_their_ascii_forms():
     for block in ("D2，D5", "D2；D5", "Ｄ２／D5", "D2｜D5"):
         text = f"<sources>{block}</sources><answer>x</answer>"
         assert ranking_reward([text], candidate_ids=[CANDS], gold_ids=[["D2", "D5"]]) == [1.0], block
+
+
+def test_with_no_keyword_restating_the_question_no_longer_outscores_the_answer():
+    """The public train file has no Keywords_A: recall against the whole sentence paid a restated question 0.615 and
+    the right answer 0.231 here. The derived keyword is the answer's words the question lacks, less stop words."""
+    q = "What grows near both Galaxy Soho and Wangjing SOHO ?"
+    a = "Both the Galaxy Soho and Wangjing SOHO has grass and trees growing near them."
+    said = ["Grass and trees.", q, a]
+    assert [_answer(t, a, "", "Others", q, keyword_guard=False) for t in said] == pytest.approx([3 / 13, 8 / 13, 1.0])
+    assert [_answer(t, a, "", "Others", q) for t in said] == [1.0, 0.0, 1.0]
+    assert rewards.derived_keyword("grass tree", "what grow near", "Others") == "grass tree"
+    assert rewards.derived_keyword("it be", "what be it", "text") == "it be"  # nothing left: the whole answer
+
+
+def test_with_no_keyword_a_choose_answer_reads_the_option_the_reference_affirms():
+    fence = "Is the fence in front of The Glass House in Fulham taller or shorter than a bicycle ?"
+    ref = "The fence in font of the building is taller than a typical bicycle."
+    assert [_answer(t, ref, "", "choose", fence) for t in ("Taller.", "Shorter.", "Taller or shorter")] == [1.0, 0.0, 0.5]
+    towers = "Which is taller, the Eiffel Tower or the Tokyo Tower?"
+    ref = "The Tokyo Tower is taller than the Eiffel Tower."  # names both: the one it leads with
+    said = ["The Tokyo Tower", "The Eiffel Tower", "The Tokyo Tower and the Eiffel Tower", ref]
+    assert [_answer(t, ref, "", "choose", towers, keyword_guard=False) for t in said] == pytest.approx(
+        [2 / 7, 2 / 7, 4 / 7, 1.0])  # the hedge paid twice the answer
+    assert [_answer(t, ref, "", "choose", towers) for t in said] == [1.0, 0.0, 0.5, 1.0]
+
+
+def test_with_no_keyword_a_yes_no_sentence_gives_its_verdict():
+    q = "Does the Durham Cathedral in England have any trees outside of it ?"
+    ref = "The Durham Cathedral in England has trees outside of it."  # neither yes nor no: every answer scored 0
+    assert [_answer(t, ref, "", "YesNo", q, keyword_guard=False) for t in ("Yes", "No")] == [0.0, 0.0]
+    assert [_answer(t, ref, "", "YesNo", q) for t in ("Yes", "No", "Yes, it has trees.")] == pytest.approx(
+        [1.0, 0.0, 1.0], abs=1e-4)
+    assert _answer("yes or no", ref, "", "YesNo", q) == pytest.approx(2 / 3 / 2, abs=1e-4)  # the hedge guard reads it
+    denied = "The heads of the women are not covered."
+    assert [_answer(t, denied, "", "YesNo", "Are the heads covered ?") for t in ("Yes", "No")] == pytest.approx(
+        [0.0, 1.0], abs=1e-4)
+
+
+def test_a_commitment_to_the_other_option_earns_nothing():
+    """Recall paid the word two options share: "Mycena pura" earned 0.5 against the keyword "Mycena guldeniana"."""
+    q = "Which mushrooms stems seem more transparent ; Mycena guldeniana or Mycena pura ?"
+    ref = "The Mycena guldeniana's stems are more transparent."
+    assert _answer("Mycena pura", ref, "Mycena guldeniana", "choose", q, choose_guard=False) == 0.5
+    assert _answer("Mycena pura", ref, "Mycena guldeniana", "choose", q) == 0.0
+    assert _answer("Mycena guldeniana", ref, "Mycena guldeniana", "choose", q) == 1.0
+    # a keyword that contradicts its own sentence: the sentence's commitment is spared (a real val annotation)
+    side = "Would you put gas in a Bentley Continental GT on the driver side or passenger side ?"
+    said = "You would put gas on the driver side of  a Bentley Continental GT."
+    assert _answer(said, said, "Passenger side.", "choose", side) == pytest.approx(0.5)
+
+
+def test_an_opening_clause_that_cites_the_documents_is_no_list_of_guesses():
+    """Explaining which documents were used is what stage 2 asks for: "Based on D1 and D3, ..." was cut to 1/3."""
+    q = "What animal is on the flag of Albania?"
+    a = "A double-headed eagle is on the flag of Albania."
+    for opener in ("Based on D1 and D3, ", "From the snippets and titles, ", "According to D2, D4 and D5, "):
+        assert _answer(opener + a[0].lower() + a[1:], a, "", "text", q) == 1.0, opener
+    assert _answer("Based on D1, a lion, a bear, a wolf, or an eagle.", a, "", "text", q) < 0.5  # still a list
