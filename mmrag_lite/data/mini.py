@@ -5,14 +5,16 @@ listed in ``FILTER_REASONS``; each one is a named step with a one-line reason, s
 and its effect is counted in a ``FunnelReport`` (saved as ``funnel.json`` next to the dataset):
 
     read -> no gold source -> answer misses keyword/fact -> overlong gold candidate
-         -> broken gold image -> duplicate question -> category balance
+         -> broken gold image -> duplicate question -> reworded duplicate -> category balance
          -> split (no reworded question or shared gold source across splits; each category in proportion)
          -> trim candidate pools
 
 With ``DataSettings.test_split="webqa_val"`` the test split is WebQA's own val questions: they are held out right
 after the record-level checks (step ``linked_to_train`` drops those linked to a train question) and category
 balance then runs on the train questions only, so the test split is WebQA's val set less only bad and linked
-questions. A file that breaks off part-way is kept up to the break and named in ``FunnelReport.warnings``.
+questions, in a seeded order (any first N of it is a fair sample). A file that breaks off part-way is kept up to the
+break and named in ``FunnelReport.warnings``. An image store whose look-ups mostly find no such id (an index for
+another tsv) is refused, not read as a text-only Mini-WebQA.
 
 The output is a ``datasets.DatasetDict`` (train / validation / test) in the schema of docs/CONTRACTS.md, written
 atomically (temporary folder next to the target, then rename). The same code runs on the real WebQA files and on
@@ -37,7 +39,17 @@ from typing import Any
 from PIL import Image
 
 from ..atomic import atomic_dir, folder_lock
-from .images import TRUNCATION_GATE, ImageStore, ImageStoreError, ImageStoreFormatError, load_image_bytes
+from .images import (
+    ID_MODULUS,
+    MIN_DECODED_SHARE,
+    TRUNCATION_GATE,
+    ImageNotFoundError,
+    ImageStore,
+    ImageStoreError,
+    ImageStoreFormatError,
+    decode_image,
+    decoded_rows,
+)
 from .webqa import (
     IMAGE_QCATES,
     ImageFact,
@@ -106,9 +118,11 @@ FILTER_REASONS: dict[str, str] = {
     "no_gold_source": "without a gold source there is nothing to rank and no retrieval reward",
     "answer_misses_keyword": "an answer that does not state its keyword / fact teaches the model to answer without evidence",
     "overlong_gold": "a gold candidate longer than the prompt budget cannot be shown whole (overlong distractors are just dropped)",
-    "broken_gold_image": "an empty, undecodable or mostly missing (cut-off) gold image makes the question "
-                         "unanswerable from the pool",
+    "broken_gold_image": "an empty, undecodable or cut-off gold image (less than min_gold_decoded_share of its rows "
+                         "decoded) makes the question unanswerable from the pool",
     "duplicate_question": "the same question twice over-weights it and leaks between splits",
+    "reworded_duplicate": "a rewording of an earlier question (same content words) about the same gold sources is "
+                          "the same sample twice",
     "qcate_filter": "keep only the question categories asked for",
     "category_balance": "cap the largest categories so no single Qcate dominates the reward signal",
     "linked_to_train": "a val question that rewords a train question or shares its gold source would be answered "
@@ -123,10 +137,11 @@ class MiniWebQAFilters:
     require_gold: bool = True
     require_answer_keyword: bool = True
     min_keyword_recall: float = 0.5  # share of keyword content words the answer must contain
-    drop_duplicates: bool = True
+    drop_duplicates: bool = True  # exact duplicates, and rewordings of a question about the same gold sources
     max_candidate_words: int | None = 150  # ~200 tokens: a 16-candidate stage-2 prompt stays under ~4k tokens
     check_images: bool = True  # decode every gold image (and each kept distractor) through the image store
     min_image_side: int = 8  # smaller than this is a placeholder, not a picture
+    min_gold_decoded_share: float = 0.9  # a cut gold image must show nearly all of its rows: the lost ones hold evidence
     qcates: tuple[str, ...] | None = None  # None keeps every category
     max_per_qcate: int | None = None  # absolute cap per category (None: no absolute cap)
     max_qcate_fraction: float | None = 0.4  # no category above this share of Mini-WebQA (real WebQA is ~50% text)
@@ -418,32 +433,91 @@ def filter_records(
             raise ValueError("check_images=True needs an ImageStore (or pass filters with check_images=False)")
         n_threads = _image_threads(workers, has_images=True)
 
-        def gold_images_ok(r: WebQARecord) -> bool:
-            return all(store.check(f.image_id, filters.min_image_side) is None for f in r.img_pos)
+        def gold_images(r: WebQARecord) -> tuple[bool, list[ImageNotFoundError]]:
+            """(all gold images usable, the error of each one whose id the store does not hold)"""
+            good, missing = True, []
+            for f in r.img_pos:
+                try:
+                    im = store.get(f.image_id, filters.min_gold_decoded_share)
+                except ImageNotFoundError as exc:
+                    good = False
+                    missing.append(exc)
+                except ImageStoreError:
+                    good = False
+                else:
+                    good = good and min(im.size) >= filters.min_image_side
+            return good, missing
 
         with ThreadPoolExecutor(n_threads, thread_name_prefix="mini-webqa-gold") as executor:
-            verdicts = _in_order(executor, gold_images_ok, kept, 4 * n_threads)
+            verdicts = _in_order(executor, gold_images, kept, 4 * n_threads)
             desc = f"check gold images ({n_threads} threads)" if n_threads > 1 else "check gold images"
-            ok = {id(r): good for r, good in zip(kept, tqdm(verdicts, total=len(kept), desc=desc,
-                                                            disable=not progress, mininterval=1.0, unit=" q"))}
+            checked = list(zip(kept, tqdm(verdicts, total=len(kept), desc=desc, disable=not progress,
+                                          mininterval=1.0, unit=" q")))
+        ok = {id(r): good for r, (good, _) in checked}
+        missing = [exc for _, (_, errors) in checked for exc in errors]
         step("broken_gold_image", lambda r: ok[id(r)])
+        _refuse_missing_gold(missing, sum(len(r.img_pos) for r, _ in checked), store, report)
     if filters.drop_duplicates:  # after the quality checks: a broken first copy must not take its good twin along
-        seen: set[str] = set()
-
-        def first_seen(r: WebQARecord) -> bool:
-            key = question_key(r.question)
-            if key in seen:
-                return False
-            seen.add(key)
-            return True
-
-        step("duplicate_question", first_seen)
+        step("duplicate_question", _first_of_each(lambda r: question_key(r.question)))
+        step("reworded_duplicate", _first_of_each(lambda r: (near_dup_key(r.question), gold_sources(r))
+                                                  if r.img_pos or r.txt_pos else None))
     if filters.qcates is not None:
         allowed = set(filters.qcates)
         step("qcate_filter", lambda r: r.qcate in allowed)
     if balance:
         kept = balance_categories(kept, filters, report, seed)
     return kept
+
+
+def gold_sources(record: WebQARecord) -> frozenset[tuple[str, str]]:
+    """What a question's gold candidates are, whatever their ids: image ids, and the text of gold snippets (their ids
+    carry the question's Guid, so a copy of a question under a new Guid has new snippet ids for the same facts)."""
+    return frozenset([("img", str(f.image_id)) for f in record.img_pos]
+                     + [("txt", question_key(f.fact)) for f in record.txt_pos])
+
+
+def _first_of_each(key: Callable[[WebQARecord], Any]) -> Callable[[WebQARecord], bool]:
+    """A ``keep`` test that passes the first record of each ``key`` and drops later ones (a ``None`` key always
+    passes)."""
+    seen: set[Any] = set()
+
+    def first_seen(r: WebQARecord) -> bool:
+        k = key(r)
+        if k is None:
+            return True
+        if k in seen:
+            return False
+        seen.add(k)
+        return True
+
+    return first_seen
+
+
+MAX_GOLD_NOT_IN_STORE = 0.5  # share of gold images whose id the store lacks, above which the store is the wrong one
+
+
+def _refuse_missing_gold(missing: Sequence[ImageNotFoundError], checked: int, store: ImageStore,
+                         report: FunnelReport | None) -> None:
+    """Refuse a build in which most of the ``checked`` gold images are not in the store at all (as opposed to
+    undecodable): the store is not this question file's (an index for another tsv, images of another copy) or is
+    incomplete, and the build would otherwise come out text-only with only a large ``broken_gold_image`` count."""
+    if not checked or len(missing) <= MAX_GOLD_NOT_IN_STORE * checked:
+        return
+    past_index = sum(e.image_id % ID_MODULUS >= len(store) for e in missing)
+    past_end = int((store.offsets >= store.tsv_size).sum())
+    if 2 * past_index > len(missing):
+        cause = (f"{store.lineidx_path.name} is cut short: it has {len(store):,} lines, and {past_index:,} of these "
+                 "images need a later one")
+    elif 2 * past_end > len(store):
+        cause = (f"{store.tsv_path.name} is cut short: it ends before the offsets of {past_end:,} of its "
+                 f"{len(store):,} images (an incomplete copy or extraction?)")
+    else:
+        cause = (f"{store.lineidx_path.name} was made for another {store.tsv_path.name}, or the images are another "
+                 "copy's, not this question file's")
+    raise MiniWebQABuildError(
+        f"{len(missing):,} of the {checked:,} gold images are not in the image store {store.tsv_path.parent} (e.g. "
+        f"{missing[0]}): most likely {cause}. Take WebQA_train_val.json, imgs.tsv and imgs.lineidx from the same "
+        "WebQA download; nothing was written", report)
 
 
 def balance_categories(records: Sequence[WebQARecord], filters: MiniWebQAFilters, report: FunnelReport | None = None,
@@ -617,11 +691,13 @@ def split_leaks(splits: Mapping[str, Sequence[WebQARecord]], copies: Mapping[str
 
 
 # ------------------------------------------------------------------------------------ candidate pools
-def _image_payload(data: bytes, max_side: int, image_id: int) -> tuple[bytes, tuple[int, int], tuple[int, int]]:
+def _image_payload(data: bytes, max_side: int, image_id: int, min_decoded_share: float = MIN_DECODED_SHARE
+                   ) -> tuple[bytes, tuple[int, int], tuple[int, int]]:
     """``(bytes to store, their width x height, the image's width x height as found)``: the bytes as they are, unless
-    truncated (re-encoded so any reader opens them) or larger than ``max_side`` (downscaled). The size as found is
-    what ``min_image_side`` judges, as ``ImageStore.check`` does: a 2000x20 banner is not "too small" because its
-    448x4 thumbnail is.
+    truncated (re-encoded so any reader opens them, cut to the rows that decoded: PIL's fill below the cut is a flat
+    band, not picture; refused below ``min_decoded_share`` of its rows) or larger than ``max_side`` (downscaled). The
+    size as found is what ``min_image_side`` judges, as ``ImageStore.check`` does: a 2000x20 banner is not "too small"
+    because its 448x4 thumbnail is.
 
     One decode per image: on real WebQA (~800 px photos) decoding and downscaling are most of the build's time
     (``benchmarks/build_full_world.py --image-size 800``).
@@ -632,15 +708,16 @@ def _image_payload(data: bytes, max_side: int, image_id: int) -> tuple[bytes, tu
                 with TRUNCATION_GATE.strict():
                     im.load()  # strict: a truncated file raises here and is re-encoded below
                 return data, im.size, im.size
-    except Exception:  # noqa: BLE001, S110 - truncated or unreadable: load_image_bytes keeps the one, names the other
+    except Exception:  # noqa: BLE001, S110 - truncated or unreadable: decode_image keeps the one, names the other
         pass
-    im = load_image_bytes(data, image_id)
+    im, share = decode_image(data, image_id, min_decoded_share)
     found = im.size
+    im = decoded_rows(im, share)
     if max(im.size) > max_side:
         im.thumbnail((max_side, max_side))
     buf = io.BytesIO()
     if data[:3] == b"\xff\xd8\xff":  # a JPEG stays a JPEG: as PNG a photo takes about four times the space
-        im.save(buf, format="JPEG", quality=90)  # load_image_bytes gives RGB
+        im.save(buf, format="JPEG", quality=90)  # decode_image gives RGB
     else:
         im.save(buf, format="PNG")
     return buf.getvalue(), im.size, found
@@ -686,7 +763,8 @@ def record_to_row(record: WebQARecord, store: ImageStore | None, max_candidates:
         if isinstance(fact, ImageFact) and store is not None:
             try:
                 data = store.get_bytes(fact.image_id)
-                payload, _, found = _image_payload(data, filters.max_image_side, fact.image_id)
+                payload, _, found = _image_payload(data, filters.max_image_side, fact.image_id,
+                                                   filters.min_gold_decoded_share if is_gold else MIN_DECODED_SHARE)
                 if filters.check_images and min(found) < filters.min_image_side:
                     raise ImageStoreError(fact.image_id, "too small")
                 image = {"bytes": payload, "path": None}
@@ -712,7 +790,7 @@ def record_to_row(record: WebQARecord, store: ImageStore | None, max_candidates:
 
 
 def _row_or_skip(record: WebQARecord, store: ImageStore | None, max_candidates: int | None,
-                 filters: MiniWebQAFilters, seed: int) -> tuple[dict[str, Any] | None, Counter, str | None]:
+                 filters: MiniWebQAFilters, seed: int) -> tuple[dict[str, Any] | None, Counter, ImageStoreError | None]:
     """``(row, candidate counts, None)``, or ``(None, counts, why)`` for a broken gold image that the
     broken_gold_image step did not check (``check_images=False``): that question is skipped, the rest kept."""
     counts: Counter = Counter()
@@ -720,7 +798,7 @@ def _row_or_skip(record: WebQARecord, store: ImageStore | None, max_candidates: 
         return record_to_row(record, store, max_candidates, filters, seed, counts), counts, None
     except ImageStoreError as exc:
         counts["skipped_broken_gold_image"] += 1
-        return None, counts, str(exc)
+        return None, counts, exc
 
 
 def _image_threads(workers: int | None, has_images: bool) -> int:
@@ -972,6 +1050,7 @@ def build_mini_webqa(
         if held_out:
             pool, test, linked = hold_out_webqa_val(kept)
             report.add("linked_to_train", len(kept), linked)
+            random.Random(f"test-{seed}").shuffle(test)  # held out in key order: any first N must be a fair sample
             balanced = balance_categories(pool, filters, report, seed, held_out=len(test))
             kept = balanced + test
             parts = split_records(balanced, (*filters.split_fractions[:2], 0.0), seed=seed)
@@ -986,8 +1065,9 @@ def build_mini_webqa(
         bar = tqdm(total=len(kept), desc=f"build rows ({n_threads} threads)" if n_threads > 1 else "build rows",
                    disable=not progress, mininterval=1.0, unit=" q")
         skipped: list[str] = []
+        not_in_store: list[ImageNotFoundError] = []  # skipped because a gold image's id is not in the store at all
         with ThreadPoolExecutor(n_threads, thread_name_prefix="mini-webqa-rows") as executor:
-            def row_of(r: WebQARecord) -> tuple[dict[str, Any] | None, Counter, str | None]:
+            def row_of(r: WebQARecord) -> tuple[dict[str, Any] | None, Counter, ImageStoreError | None]:
                 return _row_or_skip(r, store, max_candidates, filters, seed)
 
             def rows(recs: list[WebQARecord]):
@@ -997,6 +1077,8 @@ def build_mini_webqa(
                     if row is None:
                         skipped.append(r.guid)
                         report.read_errors.append(f"{r.guid}: skipped, {problem}")
+                        if isinstance(problem, ImageNotFoundError):
+                            not_in_store.append(problem)
                         continue
                     yield row
 
@@ -1006,6 +1088,8 @@ def build_mini_webqa(
         dd = DatasetDict(splits)
         if skipped:  # the funnel ends at what the dataset holds
             report.add("broken_gold_image", len(kept), skipped)
+        if store is not None and not filters.check_images:  # checked, the broken_gold_image step refused it already
+            _refuse_missing_gold(not_in_store, sum(1 for r in kept if r.img_pos), store, report)
         report.splits = {k: len(v) for k, v in dd.items()}
         if report.n_kept == 0:
             raise _nothing_left(report, json_path, unlabelled)
@@ -1021,10 +1105,14 @@ def build_mini_webqa(
             store.close()
 
 
+_MINI_FILES = ("dataset_dict.json", "funnel.json")  # what the builder writes into a Mini-WebQA folder, besides splits
+_SYSTEM_FILES = frozenset([".DS_Store", "Thumbs.db", "desktop.ini"])  # a file browser's, replaced without asking
+
+
 def _check_mini_target(out_dir: Path, source_folder: Path) -> None:
     """Refuse an ``out_dir`` whose replacement would lose something the builder did not write: the WebQA files
-    themselves (``out_dir`` is, or holds, the source folder) or a folder of other files. A previous Mini-WebQA
-    (``dataset_dict.json`` + ``funnel.json``) may be replaced."""
+    themselves (``out_dir`` is, or holds, the source folder), a folder of other files, or a previous Mini-WebQA
+    (``dataset_dict.json`` + ``funnel.json``) with other files put beside it. A Mini-WebQA alone may be replaced."""
     out, source = out_dir.resolve(), source_folder.resolve()
     if out == source or out in source.parents:
         raise FileExistsError(f"out_dir {out_dir} is (or holds) the WebQA source folder {source_folder}: saving there "
@@ -1034,9 +1122,24 @@ def _check_mini_target(out_dir: Path, source_folder: Path) -> None:
     if not out_dir.is_dir():
         raise NotADirectoryError(f"{out_dir} is a file, not a folder: Mini-WebQA is saved as a folder there")
     names = sorted(p.name for p in out_dir.iterdir())
-    if names and not {"dataset_dict.json", "funnel.json"} <= set(names):
+    if names and not set(_MINI_FILES) <= set(names):
         raise FileExistsError(f"{out_dir} holds files that are not a Mini-WebQA (e.g. {names[0]!r}): the build would "
                               "delete them; pass a new or empty folder, or move those files away first")
+    foreign = [n for n in names if n not in {*_MINI_FILES, *SPLITS, *_saved_splits(out_dir)} | _SYSTEM_FILES]
+    if foreign:
+        shown = ", ".join(repr(n) for n in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise FileExistsError(f"{out_dir} holds a Mini-WebQA and also files it did not write ({shown}): rebuilding "
+                              "replaces the whole folder and would delete them; move them away first, or pass another "
+                              "out_dir")
+
+
+def _saved_splits(mini: Path) -> list[str]:
+    """The split folders a saved Mini-WebQA's ``dataset_dict.json`` names (none when it cannot be read)."""
+    try:
+        splits = json.loads((mini / "dataset_dict.json").read_text()).get("splits", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [str(s) for s in splits] if isinstance(splits, list) else []
 
 
 def load_mini_webqa(path: str | Path):

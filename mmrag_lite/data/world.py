@@ -51,15 +51,18 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 BACKGROUND = (245, 245, 245)
 COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
+# Title words: never a colour, shape, yes/no or number word of the metric's vocabularies (metrics.COLOR_SET ...), or
+# a reference answer that names its title would score below 1 against its own keyword ("The squares in the Golden
+# ... are red": two colours). Same sizes as before the colour/shape words were swapped out, so the seeded draws match.
 ADJECTIVES = (
-    "Quiet", "Sunny", "Old", "Hidden", "Northern", "Silver", "Golden", "Misty", "Windy", "Royal", "Little", "Great",
-    "Eastern", "Western", "Southern", "Ancient", "Bright", "Stony", "Crystal", "Green", "Lonely", "Painted", "Twin",
+    "Quiet", "Sunny", "Old", "Hidden", "Northern", "Distant", "Humble", "Misty", "Windy", "Royal", "Little", "Great",
+    "Eastern", "Western", "Southern", "Ancient", "Bright", "Stony", "Crystal", "Sleepy", "Lonely", "Painted", "Twin",
     "Upper",
 )
 PLACES = (
     "Garden", "Harbor", "Museum", "Market", "Tower", "Valley", "Bridge", "Plaza", "Meadow", "Castle", "Library",
     "Lighthouse", "Orchard", "Chapel", "Station", "Theater", "Abbey", "Fountain", "Quarry", "Mill", "Pier", "Forest",
-    "Lake", "Canyon", "Island", "Village", "Square", "Palace", "Temple", "Observatory", "Vineyard", "Academy",
+    "Lake", "Canyon", "Island", "Village", "Gallery", "Palace", "Temple", "Observatory", "Vineyard", "Academy",
 )
 NAMES = (
     "Lina", "Omar", "Kai", "Mira", "Tomas", "Ada", "Yusuf", "Elena", "Ravi", "Sofia", "Jonas", "Amara", "Leo", "Ines",
