@@ -393,9 +393,23 @@ _LEAD_IN = re.compile(r"^\s*(?:of|between|among|from|out of|comparing|considerin
                       re.IGNORECASE)
 
 
+# A clause that denies what precedes its verb: "The Tokyo Tower; the Eiffel Tower is not.", "Upwards. Sideways is
+# wrong.", "The Eiffel Tower isn't as tall." (up to four words before the verb, which must end its clause: in "X is
+# made of wood, as opposed to Y which is not" only "opposed to Y which"). Not "X is not as tall as Y": that one goes
+# on past its "as tall" and is read by _DENIAL.
+_POST_DENIAL = re.compile(r"\b((?:[^\W_]+[\s'\u2019-]+){0,3}[^\W_]+)\s+(?:is|are|was|were|does|do|did)"
+                          r"(?:\s+not\b|n['\u2019]t\b|\s+(?:wrong|incorrect|false)\b)(?:\s+(?:as|so)\s+\w+)?\s*(?=[,.;:!?]|$)",
+                          re.IGNORECASE)
+
+
 def _denied_text(text: str) -> str:
     """The clauses a text denies (what follows a "not", "rather than", ... up to the next punctuation)."""
-    return " ".join(m.group(1) for m in _DENIAL.finditer(text))
+    return " ".join(m.group(1) for pattern in (_DENIAL, _POST_DENIAL) for m in pattern.finditer(text))
+
+
+def _without_denials(text: str) -> str:
+    """``text`` with its denied clauses cut (both kinds): what it affirms, in order."""
+    return _DENIAL.sub(" ", _POST_DENIAL.sub(" ", text))
 
 
 def _without_restated_options(answer: str, spans: Sequence[tuple[str, str]]) -> str:
@@ -782,7 +796,7 @@ def _webqa_answer_scores(said: list[str], answers: list[Any], columns: Mapping[s
     # what the answer and the references deny, where the question has options: a denied option is not named
     denials = [[_denied_text(t) for t in (said[j], refs[j], whole[j])] if spans[j] else ["", "", ""] for j in range(len(rows))]
     # the answer and the whole reference with denied clauses cut, where they have any: the order they name options in
-    uncut = [[_DENIAL.sub(" ", t) if spans[j] and _DENIAL.search(t) else None for t in (said[j], whole[j])]
+    uncut = [[_without_denials(t) if spans[j] and _denied_text(t).strip() else None for t in (said[j], whole[j])]
              for j in range(len(rows))]
     normed = metrics.normalize_webqa_many(
         said + refs + [q or "" for q in questions] + whole + [d for row in denials for d in row]
@@ -835,7 +849,7 @@ def _webqa_answer_scores(said: list[str], answers: list[Any], columns: Mapping[s
             plain_spans = [(_plain(left), _plain(right)) for left, right in spans[j]]
             plain_said, plain_ref, plain_whole = (_affirmed(_plain(t), _plain(_denied_text(t)), _option_words(plain_spans))
                                                   for t in (said[j], refs[j], whole[j]))
-            plain_order = (_plain(_DENIAL.sub(" ", said[j])), _plain(_DENIAL.sub(" ", whole[j])))
+            plain_order = (_plain(_without_denials(said[j])), _plain(_without_denials(whole[j])))
             if (_hedges_between_options(cand, question, ref, whole_ref, normed_spans[j], (said_order, whole_order),
                                         no_keyword=derive[j])
                     or _hedges_between_options(plain_said, _plain(questions[j]), plain_ref, plain_whole, plain_spans,

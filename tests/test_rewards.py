@@ -1036,3 +1036,17 @@ def test_an_opening_clause_that_cites_the_documents_is_no_list_of_guesses():
     for opener in ("Based on D1 and D3, ", "From the snippets and titles, ", "According to D2, D4 and D5, "):
         assert _answer(opener + a[0].lower() + a[1:], a, "", "text", q) == 1.0, opener
     assert _answer("Based on D1, a lion, a bear, a wolf, or an eagle.", a, "", "text", q) < 0.5  # still a list
+
+
+def test_an_option_denied_after_it_is_named_is_not_named():
+    """"X; Y is not." denies Y after naming it: _DENIAL read only what follows a "not", so the answer was halved."""
+    towers = "Which is taller, the Eiffel Tower or the Tokyo Tower?"
+    ref = "The Tokyo Tower is taller than the Eiffel Tower."
+    for said in ("The Tokyo Tower; the Eiffel Tower is not.", "The Tokyo Tower. The Eiffel Tower isn't as tall."):
+        assert _answer(said, ref, "Tokyo Tower", "choose", towers) == 1.0, said
+    assert _answer("Upwards. Sideways is wrong.", "It grows upwards.", "Upwards.", "choose", STACHYS) == 1.0
+    assert _answer("Sideways. Upwards is wrong.", "It grows upwards.", "Upwards.", "choose", STACHYS) == 0.0
+    # four words before the verb at most: "as opposed to the Saxhornbasse which is not" denies that one only
+    q = "Which instrument is constructed from a previously living thing more completely ; bansuri or Saxhornbasse ?"
+    a = "The bansuri is constructed from a previously living thing more completely as opposed to the Saxhornbasse which is not."
+    assert _answer(a, a, "bansuri", "choose", q) == 1.0
