@@ -242,7 +242,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from mmrag_lite.training import is_adapter_dir
 
     preset, wd = resolve(args, existing="train-stage1 and train-stage2", needs_device=True, for_training=False)
-    if preset.evaluation.retrain_ablations and not args.no_ablations:  # it trains stage 2 again: the trainer's checks
+    if args.retrained_ablations_only and args.no_ablations:
+        raise CLIError("--retrained-ablations-only runs an ablation table; --no-ablations skips them: choose one")
+    if args.retrained_ablations_only or (preset.evaluation.retrain_ablations and not args.no_ablations):  # it trains
         from mmrag_lite import modeling
 
         modeling.check_device(preset)
@@ -253,6 +255,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                        "model. Run train-stage1 and train-stage2 first (same --preset / --work-dir), pass "
                        "--stage1-adapter, or --allow-untrained to evaluate the untrained base model on purpose")
     run_data(args, preset, wd)  # refuses a run folder built with other settings instead of rebuilding it
+    if args.retrained_ablations_only:  # merged into the saved report: nothing else runs again or is overwritten
+        report = evaluation.add_retrained_ablations(preset, wd, split=args.split, progress=not args.quiet)
+        print(evaluation.markdown_table(report.ablations[evaluation.RETRAINED_ABLATION_TITLE]))
+        print(f"merged into {wd / 'eval' / 'results.json'} and results.md (every other section kept)")
+        return 0
     adapters = {"stage1": args.stage1_adapter} if args.stage1_adapter else None
     # --allow-untrained: a hub model's missing adapters fall back to the base model too (labelled in the table)
     bank = ModelBank(preset, wd, adapters=adapters, allow_missing_adapters=True if args.allow_untrained else None)
@@ -352,6 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "and stage 2 retrained without the ranking reward, without the answer reward and with reasoning "
                    "flipped (retrained only with evaluation.retrain_ablations, on by default only on cpu-tiny)")
     p.add_argument("--no-robustness", action="store_true", help="skip the conflicting/misleading-distractor check")
+    p.add_argument("--retrained-ablations-only", action="store_true",
+                   help="only retrain stage 2 per ablation variant and merge that table into the saved "
+                        "<work-dir>/eval/results.json and results.md (the full system's saved predictions are the "
+                        "baseline; every other section, submission and predictions file is kept)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--allow-untrained", action="store_true", help="evaluate even without the stage-1 or stage-2 "
                    "adapter (systems that need a missing one use the base model, labelled so; a baseline, not the "

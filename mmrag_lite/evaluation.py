@@ -15,13 +15,15 @@ Systems (``pipeline.standard_systems``): zero-shot (all candidates, or the base 
 only, stage 1 + stage 2, and the oracle filter (every gold candidate guaranteed in the stage-1 top-k).
 Ablations: k and reasoning on/off at inference time (cheap, same weights), and stage 2 *retrained* per variant
 (no ranking reward, no answer reward, reasoning flipped: ``retrained_stage2_ablation``; about a minute on cpu-tiny,
-opt-in on a GPU). Robustness injects adversarial
-distractors (``inject_distractors``) and reports the drop and how often the trap was taken.
+opt-in on a GPU, where ``add_retrained_ablations`` runs them alone and merges their table into the saved report).
+Robustness injects adversarial distractors (``inject_distractors``) and reports the drop, how often the trap was
+taken, and how often its wrong answer was echoed beside how often the clean answers say it anyway, per wording of
+the trap.
 
 Everything lands in ``<work_dir>/eval/``: ``results.md`` (the main table first), ``results.json`` (strict JSON:
 NaN is ``null``; a figure not computed is the string saying why, ``UNAVAILABLE`` or ``NOT_RUN``), one submission
-and one full-predictions file per system. ``evaluate`` and notebook 05 assemble the report through the same
-``build_report``, so both write the same files.
+and one full-predictions file per system of the report (those of other systems, from an earlier run, are removed).
+``evaluate`` and notebook 05 assemble the report through the same ``build_report``, so both write the same files.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from typing import Any, Literal
 
 from mmrag_lite import data
 from mmrag_lite.atomic import write_json_atomic, write_text_atomic
-from mmrag_lite.config import Preset
+from mmrag_lite.config import ConfigError, Preset
 from mmrag_lite.pipeline import (
     FILTER_JUDGE,
     ModelBank,
@@ -96,7 +98,9 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | N
     """GitHub markdown for a list of dict rows (pure)."""
     if not rows:
         return "(no rows)\n"
-    cols = list(columns) if columns else list(dict.fromkeys(k for r in rows for k in r))
+    # a nested table (robustness's "by form") is no cell: it is shown as a table of its own (robustness_markdown)
+    cols = list(columns) if columns else list(dict.fromkeys(k for r in rows for k, v in r.items()
+                                                            if not isinstance(v, (list, dict))))
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
         lines.append("| " + " | ".join(_cell(fmt(r.get(c))) for c in cols) + " |")
@@ -429,20 +433,36 @@ def conflicting_answer(row: Row, other_answers: Sequence[str], rng: random.Rando
 
 
 STATEMENT_HOWS = frozenset({"changed number", "changed name", "changed colour"})  # perturb_answer: whole sentences
+# The two forms a conflicting document takes (``trap_form``); robustness_check reports its traps per form.
+FORM_STATEMENT = "statement"
+FORM_RESTATED = "restates the question"
+
+
+def trap_form(wrong: WrongAnswer | str) -> str:
+    """How ``conflicting_text`` words this wrong answer (pure): ``FORM_STATEMENT``, a sentence that stands alone (the
+    gold answer with one fact changed, or with the other option in it), or ``FORM_RESTATED``, "<question>? The answer
+    is <wrong>." (a short answer, a bare option, another question's answer), which shares the question's words."""
+    how = wrong.how if isinstance(wrong, WrongAnswer) else ""
+    text = (wrong.text if isinstance(wrong, WrongAnswer) else wrong).strip()
+    sentence = text.rstrip(".!? ")
+    # the other option written into the gold *sentence* ("The B is taller.") is a statement too; a bare option is not
+    statement = bool(text) and (how in STATEMENT_HOWS
+                                or (how == "other option" and text.endswith(".") and len(sentence.split()) >= 3))
+    return FORM_STATEMENT if statement else FORM_RESTATED
 
 
 def conflicting_text(question: str, wrong: WrongAnswer | str) -> str:
     """What a conflicting document says (pure). A wrong *sentence* (the gold answer with one fact changed, or with
-    the other option in it) stands alone, as a fact would; a short wrong answer ("No", "green") needs its question to mean anything, so it is
-    stated as the answer to it (which also shares the question's words: the table reports which it was)."""
-    how = wrong.how if isinstance(wrong, WrongAnswer) else ""
+    the other option in it) stands alone, as a fact would; a short wrong answer ("No", "green") needs its question to
+    mean anything, so it is stated as the answer to it, which also shares the question's words (``trap_form`` says
+    which; ``robustness_check`` reports kept / cited / echoed per form)."""
     text = (wrong.text if isinstance(wrong, WrongAnswer) else wrong).strip()
     if not text:
         return f"{question.strip().rstrip('?')}? Not in this document."
     sentence = text.rstrip(".!? ")
-    # the other option written into the gold *sentence* ("The B is taller.") is a statement too; a bare option is not
-    statement = how in STATEMENT_HOWS or (how == "other option" and text.endswith(".") and len(sentence.split()) >= 3)
-    return f"{sentence}." if statement else f"{question.strip().rstrip('?')}? The answer is {sentence}."
+    if trap_form(wrong) == FORM_STATEMENT:
+        return f"{sentence}."
+    return f"{question.strip().rstrip('?')}? The answer is {sentence}."
 
 
 def inject_distractors(row: Row, kind: AttackKind, *, wrong_answer: WrongAnswer | str = "", seed: int = 0,
@@ -482,7 +502,8 @@ def inject_distractors(row: Row, kind: AttackKind, *, wrong_answer: WrongAnswer 
 
 def attack_rows(rows: Sequence[Row], kind: AttackKind, *, seed: int = 0) -> list[dict[str, Any]]:
     """Inject one ``kind`` distractor into every row; the wrong answer is chosen per question type
-    (``conflicting_answer``; how it was made is kept as ``adversarial_answer_how``)."""
+    (``conflicting_answer``; how it was made is kept as ``adversarial_answer_how``, how it is worded as
+    ``adversarial_form``: ``trap_form``)."""
     rng = random.Random(seed)
     answers = [str(r.get("answer") or "") for r in rows]
     out = []
@@ -490,6 +511,7 @@ def attack_rows(rows: Sequence[Row], kind: AttackKind, *, seed: int = 0) -> list
         wrong = conflicting_answer(r, answers, rng) if kind == "conflicting" else WrongAnswer("", "")
         attacked = inject_distractors(r, kind, wrong_answer=wrong, seed=seed)
         attacked["adversarial_answer_how"] = wrong.how
+        attacked["adversarial_form"] = trap_form(wrong) if kind == "conflicting" else ""
         out.append(attacked)
     return out
 
@@ -510,23 +532,32 @@ def echoes_wrong_answer(said: str, wrong: str, answer: str, keywords: Any = "") 
     """Whether an answer repeats the conflicting document's wrong fact (pure): it holds every word the wrong answer
     adds to the gold one ("1812" for "1809", "sideways" for "upwards", "No") and none of the gold reference's words
     the wrong answer lacks. So "founded in 1812" echoes "... was founded in 1812." without its period and wording,
-    and "Yes, there is no cloud" does not echo "No". A wrong answer that adds no word is matched whole."""
+    and "Yes, there is no cloud" does not echo "No". A wrong answer that adds no word is matched whole.
+
+    Words are compared after WebQA's normalisation (``metrics.normalize_webqa_many``: number words to digits,
+    lemmas), the one QA-Acc reads: "There are eleven circles." echoes the trap "11", as QA-Acc scores it 11."""
     from mmrag_lite import metrics
 
-    new = _words(wrong) - _words(answer)
+    reference = metrics.qa_reference(answer, keywords)
+    said_n, wrong_n, answer_n, reference_n = metrics.normalize_webqa_many([said, wrong, answer, reference])
+    said_w, wrong_w, answer_w = _words(said_n), _words(wrong_n), _words(answer_n)
+    new = wrong_w - answer_w
     if not new:
-        return bool(re.search(rf"(?<!\w){re.escape(wrong.strip().lower())}(?!\w)", said.lower()))  # \b fails after "."
-    gone = _words(metrics.qa_reference(answer, keywords)) - _words(wrong)
-    if not _words(wrong) & _words(answer):  # a short answer ("No", "blue", "5") against a sentence without keyword:
+        return any(bool(w.strip()) and re.search(rf"(?<!\w){re.escape(w.strip().lower())}(?!\w)", t.lower()) is not None
+                   for w, t in ((wrong, said), (wrong_n, said_n)))  # \b fails after "."
+    gone = _words(reference_n) - wrong_w
+    if not wrong_w & answer_w:  # a short answer ("No", "blue", "5") against a sentence without keyword:
         gone = {w for w in gone if w in _TYPED_WORDS or w[:1].isdigit()}  # only its yes/no, colour, shape or number
-    return new <= _words(said) and not gone & _words(said)
+    return new <= said_w and not gone & said_w
 
 
 def trap_rates(results: Sequence[PipelineResult], attacked: Sequence[Row]) -> dict[str, float]:
     """How often the injected document was kept by stage 1, cited in ``<sources>``, and its wrong answer echoed.
 
     Shares are over the attacked questions with a prediction (as in ``slot_table``); a result for a question that
-    was not attacked counts nowhere."""
+    was not attacked counts nowhere. Given clean predictions (made without the trap), "wrong answer echoed" is how
+    often the answer says the trap's wrong fact *anyway* (a model that answers "Yes" to everything echoes every
+    "Yes" trap): ``robustness_check`` reports that baseline beside the attacked share."""
     by = {str(r["guid"]): r for r in attacked}
     kept = cited = echoed = 0
     n = n_echo = 0
@@ -546,6 +577,43 @@ def trap_rates(results: Sequence[PipelineResult], attacked: Sequence[Row]) -> di
             "wrong answer echoed": (echoed / n_echo) if n_echo else float("nan")}
 
 
+ECHO_CLEAN = "echoed on clean run"  # the clean answers scored against the same wrong answers: the echo's baseline
+ECHO_DELTA = "Δ echoed"  # attacked − clean: the echoes the trap caused
+
+
+def _echo_columns(results: Sequence[PipelineResult], clean: Sequence[PipelineResult],
+                  attacked: Sequence[Row]) -> dict[str, float]:
+    """``trap_rates`` of the attacked run, plus the clean run's echo of the same wrong answers and the difference."""
+    rates = trap_rates(results, attacked)
+    base = trap_rates(clean, attacked)["wrong answer echoed"]
+    echoed = rates["wrong answer echoed"]
+    return {**rates, ECHO_CLEAN: base, ECHO_DELTA: echoed - base}
+
+
+def trap_forms_table(results: Sequence[PipelineResult], clean: Sequence[PipelineResult],
+                     attacked: Sequence[Row]) -> list[dict[str, Any]]:
+    """The conflicting traps per wording (``trap_form``: a statement standing alone, or the question restated with
+    the wrong answer, which shares the question's words): how many, kept, cited, echoed (attacked, clean, Δ)."""
+    found = {str(r.get("adversarial_form") or "") for r in attacked} - {""}
+    out = []
+    for form in [f for f in (FORM_STATEMENT, FORM_RESTATED) if f in found] + sorted(found - {FORM_STATEMENT, FORM_RESTATED}):
+        rows = [r for r in attacked if r.get("adversarial_form") == form]
+        guids = {str(r["guid"]) for r in rows}
+        out.append({"trap form": form, "n": len(rows),
+                    **_echo_columns([r for r in results if r.guid in guids], [r for r in clean if r.guid in guids], rows)})
+    return out
+
+
+def robustness_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The robustness table, then the conflicting traps per wording (each row's ``"by form"``) as a table of its own."""
+    parts = [markdown_table(rows)]
+    for row in rows:
+        if row.get("by form"):
+            parts.append(f"\n{row['distractor']} traps by wording (a statement standing alone, or the question restated "
+                         f"with the wrong answer, which shares its words):\n\n" + markdown_table(row["by form"]))
+    return "".join(parts)
+
+
 # ------------------------------------------------------------------------------------------ report
 @dataclass
 class EvalReport:
@@ -562,6 +630,17 @@ class EvalReport:
     timings: dict[str, float] = field(default_factory=dict)
     predictions: dict[str, list[PipelineResult]] = field(default_factory=dict)
 
+    @classmethod
+    def from_dict(cls, saved: Mapping[str, Any]) -> EvalReport:
+        """A report read back from ``results.json`` (``to_dict``), without its predictions (they are files of their own)."""
+        return cls(preset=str(saved.get("preset") or ""), data_source=saved.get("data_source"),
+                   table=[dict(r) for r in saved.get("table") or []],
+                   per_category={k: list(v) for k, v in (saved.get("per_category") or {}).items()},
+                   ablations={k: list(v) for k, v in (saved.get("ablations") or {}).items()},
+                   robustness=[dict(r) for r in saved.get("robustness") or []],
+                   slots={k: list(v) for k, v in (saved.get("slots") or {}).items()},
+                   notes=list(saved.get("notes") or []), timings=dict(saved.get("timings_s") or {}))
+
     def to_dict(self) -> dict[str, Any]:
         ref_rows, _ = paper_reference_table()
         return {"preset": self.preset, "data_source": self.data_source, "table": self.table,
@@ -577,7 +656,7 @@ class EvalReport:
         for name, rows in self.ablations.items():
             parts.append(f"\n### Ablation: {name}\n\n" + markdown_table(rows))
         if self.robustness:
-            parts.append("\n### Robustness: adversarial distractors\n\n" + markdown_table(self.robustness))
+            parts.append("\n### Robustness: adversarial distractors\n\n" + robustness_markdown(self.robustness))
         for name, rows in self.per_category.items():
             if rows:
                 parts.append(f"\n### Per question category: {name}\n\n" + markdown_table(rows))
@@ -744,10 +823,12 @@ def positional_shortcut_note(slots: Mapping[str, Sequence[Mapping[str, Any]]], s
 
     One system cites one slot in at least ``share`` of questions; or, for each pair in ``same_weights`` (two systems
     answering the same questions with the same weights from different lists, such as the full system and the oracle
-    filter), the gold moves between slots and the citations stay put (they move less than ``STUCK_RATIO`` of the
-    gold's move, itself at least ``GOLD_MOVE``, both summed over slots). Such a model's Retr-F1 is mostly the share
-    of questions whose gold happens to sit in the slots it cites, so comparing two systems' Retr-F1 then compares
-    where each one's filter puts the gold, not what the model read.
+    filter), the gold moves between slots and the citations stay put. Both moves are compared as *distributions over
+    the slots* (each column divided by its total, ``_slot_moves``): a reader that cites the gold's slot in only a fifth
+    of the questions moves its raw shares a fifth as far as the gold, yet cites where the gold went. Citations are
+    stuck when their distribution moves less than ``STUCK_RATIO`` of the gold's, which must itself move at least
+    ``GOLD_MOVE``. Such a model's Retr-F1 is mostly the share of questions whose gold happens to sit in the slots it
+    cites, so comparing two systems' Retr-F1 then compares where each one's filter puts the gold, not what it read.
     """
     habits = {}
     for name, table in slots.items():
@@ -755,7 +836,8 @@ def positional_shortcut_note(slots: Mapping[str, Sequence[Mapping[str, Any]]], s
         if top is not None and top["cited"] >= share:
             habits[name] = (top["slot"], top["cited"], top["gold here"])
     stuck = [(a, b, *moves) for a, b in same_weights if a in slots and b in slots
-             for moves in [_slot_moves(slots[a], slots[b])] if moves[0] >= GOLD_MOVE and moves[1] < STUCK_RATIO * moves[0]]
+             for moves in [_slot_moves(slots[a], slots[b])]
+             if moves[2] >= GOLD_MOVE and moves[3] < STUCK_RATIO * moves[2]]
     if not habits and not stuck:
         return ""
     text = ""
@@ -769,8 +851,9 @@ def positional_shortcut_note(slots: Mapping[str, Sequence[Mapping[str, Any]]], s
         else:
             text += "Its Retr-F1 tracks how often the gold sits in that slot, not what the model read."
     if stuck:
-        parts = [f"from {a!r} to {b!r} the gold's slot shares moved by {gold:.2f} in all and the citations' by {cited:.2f}"
-                 for a, b, gold, cited in stuck]
+        parts = [f"from {a!r} to {b!r} the gold's slot shares moved by {gold:.2f} in all and the citations' by {cited:.2f} "
+                 f"(as shares of all the gold and of all the citations: {gold_d:.2f} and {cited_d:.2f})"
+                 for a, b, gold, cited, gold_d, cited_d in stuck]
         text += (" " if text else "") + ("Citations that stay put while the gold moves (the same weights answering "
                                           "both lists): " + "; ".join(parts) + ". A model that reads would cite where the "
                                           "gold went; this one cites by position, so the Retr-F1 gap between these "
@@ -778,11 +861,22 @@ def positional_shortcut_note(slots: Mapping[str, Sequence[Mapping[str, Any]]], s
     return text
 
 
-def _slot_moves(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]]) -> tuple[float, float]:
-    """How far the gold and the citations moved between two slot tables (shares summed over slots)."""
+def _slot_moves(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]]) -> tuple[float, float, float, float]:
+    """How far the gold and the citations moved between two slot tables, summed over slots: as raw shares of
+    questions, then as distributions over the slots (each column divided by its total, so that a system citing in
+    fewer questions is compared by *where* it cites, not by how often). A column with no total (nothing cited)
+    has no distribution: its move is NaN, which no threshold passes."""
     ta, tb = ({r["slot"]: r for r in t} for t in (a, b))
-    return tuple(sum(abs(ta.get(s, {}).get(col, 0.0) - tb.get(s, {}).get(col, 0.0)) for s in ta.keys() | tb.keys())
-                 for col in ("gold here", "cited"))  # type: ignore[return-value]
+    keys = ta.keys() | tb.keys()
+
+    def move(col: str, normalised: bool) -> float:
+        sa, sb = (sum(float(t.get(s, {}).get(col, 0.0)) for s in keys) for t in (ta, tb))
+        if normalised and not (sa > 0 and sb > 0):
+            return float("nan")
+        da, db = (sa, sb) if normalised else (1.0, 1.0)
+        return sum(abs(ta.get(s, {}).get(col, 0.0) / da - tb.get(s, {}).get(col, 0.0) / db) for s in keys)
+
+    return move("gold here", False), move("cited", False), move("gold here", True), move("cited", True)
 
 
 def reasoning_ablation(rows: Sequence[Row], preset: Preset, bank: ModelBank, *, split: str | None = None,
@@ -813,8 +907,12 @@ def robustness_check(rows: Sequence[Row], preset: Preset, bank: ModelBank, *, sy
                      seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
     """Clean vs attacked metrics for one system; the drop is attacked − clean (negative = hurt).
 
-    The conflicting row also says how often its wrong answer had to fall back to another question's
-    (``wrong answer: fallback``): those traps are not "a wrong answer of the right type".
+    "wrong answer echoed" has a baseline: the clean answers scored against the same wrong answers
+    (``ECHO_CLEAN``), since an answer can say the wrong fact without ever seeing the trap ("Yes" to everything);
+    ``ECHO_DELTA`` (attacked − clean) is what the trap caused. The conflicting row also says how often its wrong
+    answer had to fall back to another question's (``wrong answer: fallback``): those traps are not "a wrong answer
+    of the right type"; and, under ``"by form"`` (``trap_forms_table``, shown by ``robustness_markdown``), kept /
+    cited / echoed per wording of the trap: a statement, or the question restated with the wrong answer.
     """
     system = system or _full_system(standard_systems(preset))
     clean = list(clean) if clean is not None else run_pipeline(rows, preset, system=system, bank=bank, progress=progress)
@@ -826,9 +924,10 @@ def robustness_check(rows: Sequence[Row], preset: Preset, bank: ModelBank, *, sy
         w = score_webqa(res, attacked)
         row = {"distractor": kind, "Retr-F1": w["Retr-F1"], "QA-Acc": w["QA-Acc"],
                "Δ Retr-F1": _delta(w["Retr-F1"], base["Retr-F1"]), "Δ QA-Acc": _delta(w["QA-Acc"], base["QA-Acc"]),
-               **trap_rates(res, attacked)}
+               **_echo_columns(res, clean, attacked)}
         if kind == "conflicting":  # how often no right-typed wrong answer existed (another question's was used)
             row["wrong answer: fallback"] = fallback_share(attacked)
+            row["by form"] = trap_forms_table(res, clean, attacked)
         out.append(row)
     return out
 
@@ -857,9 +956,11 @@ def stage2_ablation_variants(preset: Preset) -> dict[str, dict[str, Any]]:
 def retrain_ablations_command(preset: Preset | str, work_dir: str | Path) -> str:
     """The command that runs the retrained ablations on a GPU preset, where they are off by default (hours each).
 
-    It names the run folder in full (``MMRAG_HOME`` on Drive or a notebook's ``work_dir`` is not ``runs/<preset>``
-    of wherever the command is typed), and a ``Preset`` as the named preset closest to it plus one ``--set`` per
-    change: the run's overrides (``stage1.k=6``, a new name) would otherwise be lost, or the name refused."""
+    It runs those alone (``evaluate --retrained-ablations-only``: ``add_retrained_ablations``), merging their table
+    into the run's ``eval/results.*`` and keeping every other section. It names the run folder in full
+    (``MMRAG_HOME`` on Drive or a notebook's ``work_dir`` is not ``runs/<preset>`` of wherever the command is typed),
+    and a ``Preset`` as the named preset closest to it plus one ``--set`` per change: the run's overrides
+    (``stage1.k=6``, a new name) would otherwise be lost, or the name refused."""
     from mmrag_lite.config import PRESETS, preset_overrides
 
     if isinstance(preset, str):
@@ -871,7 +972,7 @@ def retrain_ablations_command(preset: Preset | str, work_dir: str | Path) -> str
     # JSON is YAML that --set parses back, with text quoted so that it stays text
     sets = " ".join("--set " + shlex.quote(f"{key}={json.dumps(value)}") for key, value in changes.items())
     return (f"python -m mmrag_lite evaluate --preset {base} --work-dir {shlex.quote(str(work_dir))} {sets} "
-            "--no-mmqa --no-robustness")
+            "--retrained-ablations-only")
 
 
 def _changes(overrides: Mapping[str, Any]) -> str:
@@ -948,6 +1049,49 @@ def retrained_stage2_ablation(preset: Preset, work_dir: str | Path, rows: Sequen
         out.append(_variant_row(name, overrides, res, rows, history))
         bank.unload()
     return out
+
+
+def add_retrained_ablations(preset: Preset, work_dir: str | Path, *, split: str = "test", progress: bool = True,
+                            live_plot: bool = False) -> EvalReport:
+    """The retrained stage-2 ablations alone, merged into the report already in ``<work_dir>/eval/`` (what
+    ``retrain_ablations_command`` runs, and a notebook can call after notebook 05 saved its report).
+
+    The full system's saved predictions (``eval/predictions_<stage 1 + stage 2>.json``) are the baseline row and
+    give the stage-1 scores, so no system, MMQA, robustness check or inference-time ablation runs again. The
+    retrained table replaces the one in ``results.json`` / ``results.md`` (the "not run" rows, or an earlier
+    retraining), every other section is kept, and the submissions and predictions are left as they are.
+    It retrains whether or not ``preset.evaluation.retrain_ablations`` is on (off, the GPU presets only list them).
+    """
+    from mmrag_lite.pipeline import load_results
+
+    run = Path(work_dir)
+    out = run / "eval"
+    full = _full_system(standard_systems(preset))
+    predictions = out / PER_SYSTEM_FILES[1].format(slug(full.name))
+    if not (out / "results.json").is_file() or not predictions.is_file():
+        missing = predictions if (out / "results.json").is_file() else out / "results.json"
+        raise FileNotFoundError(f"{missing} not found: the retrained ablations are added to a saved evaluation. Run "
+                                f"notebook 05 or `python -m mmrag_lite evaluate` on {run} first")
+    baseline = load_results(predictions)
+    rows = load_eval_split(preset, run, split, len(baseline))
+    if sorted(str(r["guid"]) for r in rows) != sorted(r.guid for r in baseline):
+        raise ConfigError(f"{predictions} holds other questions than the first {len(baseline)} of Mini-WebQA's {split} "
+                          "split: pass the split the evaluation used (--split), or evaluate again")
+    report = EvalReport.from_dict(json.loads((out / "results.json").read_text(encoding="utf-8")))
+    clock = Stopwatch()
+    with clock("retrained ablations"):
+        report.ablations[RETRAINED_ABLATION_TITLE] = retrained_stage2_ablation(
+            preset.with_overrides(**{"evaluation.retrain_ablations": True}), run, rows,
+            data.ensure_mini_webqa(preset, run)["train"], baseline=baseline, scores=scores_of(baseline),
+            progress=progress, live_plot=live_plot)
+    report.timings["retrained ablations"] = clock.timings["retrained ablations"]
+    note = (f"'{RETRAINED_ABLATION_TITLE}' was added afterwards (add_retrained_ablations), its first row from "
+            f"{predictions.name}: the other sections are the evaluation's that wrote this report")
+    if note not in report.notes:
+        report.notes.append(note)
+    write_json_atomic(out / "results.json", report.to_dict())
+    write_text_atomic(out / "results.md", report.markdown())
+    return report
 
 
 def auto_fluency_scorer(preset: Preset) -> Any:
@@ -1079,6 +1223,8 @@ def build_report(preset: Preset, rows: Sequence[Row], predictions: Mapping[str, 
     if fluency_scorer is None:
         report.notes.append("QA-FL needs BART-large-CNN (BARTScore), which cannot be loaded offline: QA-FL and QA "
                             "(= mean FL·Acc) are reported as unavailable, never estimated")
+    else:
+        report.notes.append(fluency_note(fluency_scorer))
     if mmqa_note is not None:
         report.notes.append(mmqa_note)
         report.notes.append("MMQA EM / F1 are x100, as MultimodalQA and the paper print them; the WebQA columns are 0-1")
@@ -1097,6 +1243,21 @@ def build_report(preset: Preset, rows: Sequence[Row], predictions: Mapping[str, 
                             "(data.test_split='pooled'): neither WebQA's val nor its test split, so not comparable "
                             "with numbers reported on those")
     return report
+
+
+def fluency_scorer_name(scorer: Any) -> str:
+    """The checkpoint a BARTScore scorer loaded (``metrics.BARTScorer``'s model's ``name_or_path``), else its type."""
+    model = getattr(scorer, "model", None)
+    name = getattr(scorer, "checkpoint", None) or getattr(model, "name_or_path", None) or getattr(
+        getattr(model, "config", None), "_name_or_path", None)
+    return str(name) if name else type(scorer).__name__
+
+
+def fluency_note(scorer: Any) -> str:
+    """What the QA-FL column was computed with, and what it can be compared with."""
+    return (f"QA-FL is BARTScore with {fluency_scorer_name(scorer)}, not the ParaBank-fine-tuned BART weights "
+            "(bart.pth) the WebQA leaderboard's FL used: QA-FL and QA (= mean FL·Acc) are trend-comparable, not "
+            "value-comparable, with the paper's and the leaderboard's FL and QA")
 
 
 def evaluate(preset: Preset, work_dir: str | Path, *, split: str = "test", n_questions: int | None = None,
@@ -1186,22 +1347,38 @@ def _full_system(systems: Sequence[SystemSpec]) -> SystemSpec:
     return next((s for s in systems if s.filter == "stage1" and s.answerer == "stage2"), systems[-1])
 
 
+PER_SYSTEM_FILES = ("submission_{}.json", "predictions_{}.json")  # one of each per system of the report, in eval/
+
+
 def write_report(report: EvalReport, work_dir: str | Path) -> Path:
-    """``eval/results.md`` + ``results.json`` + per-system submission and predictions (atomic writes)."""
+    """``eval/results.md`` + ``results.json`` + per-system submission and predictions (atomic writes).
+
+    A per-system file of a system this report does not hold (an earlier run's, say "stage 1 + stage 2 (no stage2
+    adapter: base model)" before training) is removed, so every submission in ``eval/`` is one of this report's."""
     out = Path(work_dir) / "eval"
     for name, res in report.predictions.items():
-        write_submission(res, out / f"submission_{slug(name)}.json")
-        save_results(res, out / f"predictions_{slug(name)}.json")
+        write_submission(res, out / PER_SYSTEM_FILES[0].format(slug(name)))
+        save_results(res, out / PER_SYSTEM_FILES[1].format(slug(name)))
+    current = {pattern.format(slug(name)) for name in report.predictions for pattern in PER_SYSTEM_FILES}
+    for pattern in PER_SYSTEM_FILES:
+        for stale in out.glob(pattern.format("*")):
+            if stale.name not in current and stale.is_file():
+                stale.unlink()
     write_json_atomic(out / "results.json", report.to_dict())
     write_text_atomic(out / "results.md", report.markdown())
     return out
 
 
 __all__ = [
+    "ECHO_CLEAN",
+    "ECHO_DELTA",
     "FALLBACK_WRONG",
+    "FORM_RESTATED",
+    "FORM_STATEMENT",
     "K_ABLATION_TITLE",
     "MAIN_COLUMNS",
     "PAPER_REFERENCE",
+    "PER_SYSTEM_FILES",
     "REASONING_ABLATION_TITLE",
     "RETRAINED_ABLATION_TITLE",
     "SHORTCUT_SHARE",
@@ -1211,6 +1388,7 @@ __all__ = [
     "Stopwatch",
     "WrongAnswer",
     "accuracy_reference_note",
+    "add_retrained_ablations",
     "attack_rows",
     "auto_fluency_scorer",
     "build_report",
@@ -1221,6 +1399,8 @@ __all__ = [
     "evaluate",
     "fallback_share",
     "filter_verdict",
+    "fluency_note",
+    "fluency_scorer_name",
     "gold_recall_of_kept",
     "inject_distractors",
     "k_ablation",
@@ -1236,6 +1416,7 @@ __all__ = [
     "retrain_ablations_command",
     "retrained_stage2_ablation",
     "robustness_check",
+    "robustness_markdown",
     "run_systems",
     "same_weight_pairs",
     "score_mmqa",
@@ -1244,6 +1425,8 @@ __all__ = [
     "slot_table",
     "stage2_ablation_variants",
     "systems_table",
+    "trap_form",
+    "trap_forms_table",
     "trap_rates",
     "webqa_references",
     "well_formed_rate",

@@ -841,3 +841,222 @@ def test_stage_1_only_answers_with_the_weights_stage_2_starts_from():
         answerers = [s.answerer for s in standard_systems(get_preset(name))]
         assert answerers == ["base", "base", start, "stage2", "stage2"], name
     assert get_preset("colab-t4").stage2.init_from == "stage1"
+
+
+# ------------------------------------------------------------------------------------------ review fixes
+def _saved_evaluation(tmp_path, preset):
+    """An ``eval/`` folder as ``evaluate`` leaves it on a GPU preset: MMQA, robustness, the inference-time ablations and
+    the retrained one listed as not run, with one submission and one predictions file per system."""
+    from mmrag_lite.pipeline import standard_systems
+
+    full = E._full_system(standard_systems(preset)).name
+    preds = {"zero-shot": PERFECT, full: PLANTED}
+    mmqa_rows = [{"guid": "m1", "answers": ["Paris"]}]
+    report = E.build_report(
+        preset, ROWS, preds, mmqa_rows=mmqa_rows, mmqa_preds={n: [_res("m1", [], "Paris")] for n in preds},
+        mmqa_note="MMQA: planted", robustness=[{"distractor": "none (clean)", "Retr-F1": 0.5},
+                                               {"distractor": "lexical", "Retr-F1": 0.25, "trap kept (top-k)": 0.5}],
+        ablations={E.K_ABLATION_TITLE: [{"k": 2, "Retr-F1": 0.5}],
+                   E.RETRAINED_ABLATION_TITLE: E.retrained_stage2_ablation(preset, tmp_path, ROWS, None, baseline=PLANTED)})
+    E.write_report(report, tmp_path)
+    return full
+
+
+def test_the_retrained_ablations_command_adds_its_table_and_keeps_the_rest_of_the_report(tmp_path, monkeypatch):
+    """The printed command was ``evaluate --no-mmqa --no-robustness``: it re-ran every system and rewrote eval/ without
+    the MMQA columns and the robustness table. It now retrains only, reads the full system's saved predictions as the
+    baseline, and merges its table into results.json / results.md, leaving submissions and predictions alone."""
+    from mmrag_lite.cli import build_parser
+    from mmrag_lite.config import get_preset
+
+    preset = get_preset("colab-t4")
+    full = _saved_evaluation(tmp_path, preset)
+    out = tmp_path / "eval"
+    before = json.loads((out / "results.json").read_text())
+    files = {p.name: p.read_bytes() for p in out.iterdir() if p.name.startswith(("submission_", "predictions_"))}
+    not_run = before["ablations"][E.RETRAINED_ABLATION_TITLE]
+    argv = shlex.split(not_run[1]["command"])[3:]
+    args = build_parser().parse_args(argv)
+    assert args.retrained_ablations_only and not args.no_mmqa and not args.no_robustness
+
+    seen = {}
+
+    def retrained(p, work_dir, rows, train, *, baseline, scores, progress, live_plot):
+        seen.update(preset=p, rows=[r["guid"] for r in rows], baseline=baseline, scores=scores, train=train)
+        return [{"stage 2 variant": "as the preset (main run)", "Retr-F1": 0.55}, {"stage 2 variant": "no ranking reward",
+                                                                                   "Retr-F1": 0.125}]
+
+    monkeypatch.setattr(E, "retrained_stage2_ablation", retrained)
+    monkeypatch.setattr(E, "load_eval_split", lambda p, wd, split, n: [dict(r) for r in ROWS[:n]])
+    monkeypatch.setattr(E.data, "ensure_mini_webqa", lambda p, wd: {"train": ["train rows"]})
+    monkeypatch.setattr(E, "run_systems", lambda *a, **k: pytest.fail("no system runs again"))
+    monkeypatch.setattr(E, "robustness_check", lambda *a, **k: pytest.fail("no robustness check runs again"))
+    E.add_retrained_ablations(preset, tmp_path, progress=False)
+    assert seen["preset"].evaluation.retrain_ablations and seen["baseline"] == PLANTED and seen["train"] == ["train rows"]
+    assert seen["rows"] == ["q1", "q2", "q3"] and seen["scores"] == E.scores_of(PLANTED)
+    after = json.loads((out / "results.json").read_text())
+    assert after["ablations"][E.RETRAINED_ABLATION_TITLE][1] == {"stage 2 variant": "no ranking reward", "Retr-F1": 0.125}
+    for key in ("table", "robustness", "slots", "per_category", "preset", "data_source"):
+        assert after[key] == before[key], key  # MMQA columns, robustness and the rest: kept
+    assert list(after["ablations"]) == list(before["ablations"])
+    assert after["ablations"][E.K_ABLATION_TITLE] == before["ablations"][E.K_ABLATION_TITLE]
+    assert all(n in after["notes"] for n in before["notes"]) and "retrained ablations" in after["timings_s"]
+    md = (out / "results.md").read_text()
+    assert "### Robustness: adversarial distractors" in md and "| lexical |" in md and "| no ranking reward |" in md
+    assert "not run: hours" not in md and "MMQA: planted" in md
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name.startswith(("submission_", "predictions_"))} == files
+    E.add_retrained_ablations(preset, tmp_path, progress=False)  # again: one note, not two
+    assert len(json.loads((out / "results.json").read_text())["notes"]) == len(after["notes"])
+
+    (out / f"predictions_{E.slug(full)}.json").unlink()
+    with pytest.raises(FileNotFoundError, match="predictions_stage_1_stage_2.json not found"):
+        E.add_retrained_ablations(preset, tmp_path, progress=False)
+
+
+def test_the_cli_runs_the_retrained_ablations_alone(tmp_path, monkeypatch):
+    from mmrag_lite import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "run_data", lambda *a, **k: None)
+    monkeypatch.setattr(E, "add_retrained_ablations", lambda preset, wd, **k: calls.append((preset.name, wd, k))
+                        or E.EvalReport(preset=preset.name, ablations={E.RETRAINED_ABLATION_TITLE: [{"x": 1}]}))
+    monkeypatch.setattr(E, "evaluate", lambda *a, **k: pytest.fail("the whole evaluation runs again"))
+    args = ["evaluate", "--preset", "cpu-tiny", "--work-dir", str(tmp_path), "--allow-untrained", "--quiet"]
+    assert cli.main([*args, "--retrained-ablations-only"]) == 0
+    assert calls == [("cpu-tiny", tmp_path, {"split": "test", "progress": False})]
+    assert cli.main([*args, "--retrained-ablations-only", "--no-ablations"]) == 2  # a contradiction, refused
+
+
+def test_the_echo_of_a_wrong_answer_is_read_against_the_clean_answers(monkeypatch):
+    """A model that answers "Yes, they are." whatever it is shown echoes every flipped "Yes" trap, attacked or not:
+    the echoed share alone called that the trap's doing. The clean answers are scored against the same wrong answers
+    and the table reports both and the difference."""
+    from mmrag_lite.config import get_preset
+
+    rows = [dict(_row(f"y{i}", "YesNo", f"No, the stars in the Abbey {i} are yellow, not blue.", "no", [f"g{i}"]),
+                 question=f"Are the stars in the Abbey {i} blue?") for i in range(4)]
+    monkeypatch.setattr(E, "run_pipeline", lambda rs, preset, *, system, bank, progress: [
+        _res(r["guid"], [], "Yes, they are.", kept=[c["id"] for c in r["candidates"]]) for r in rs])
+    table = E.robustness_check(rows, get_preset("cpu-tiny"), bank=None, progress=False)
+    conflicting = next(r for r in table if r["distractor"] == "conflicting")
+    assert conflicting["wrong answer echoed"] == 1.0 and conflicting[E.ECHO_CLEAN] == 1.0
+    assert conflicting[E.ECHO_DELTA] == 0.0  # the trap caused none of it
+    lexical = next(r for r in table if r["distractor"] == "lexical")
+    assert math.isnan(lexical[E.ECHO_CLEAN]) and math.isnan(lexical[E.ECHO_DELTA])  # no wrong answer to echo
+
+
+def test_a_number_word_echoes_a_numeric_trap_as_qa_acc_reads_it():
+    from mmrag_lite.metrics import webqa_accuracy
+
+    assert webqa_accuracy("There are eleven circles.", "11", "number") == pytest.approx(1.0, abs=1e-4)  # 11
+    assert E.echoes_wrong_answer("There are eleven circles.", "11", "There are 10 circles.", "10")
+    assert E.echoes_wrong_answer("There are eleven circles.", "11", "There are ten circles.", "")
+    assert not E.echoes_wrong_answer("There are ten circles.", "11", "There are 10 circles.", "10")
+    assert not E.echoes_wrong_answer("Ten or eleven circles.", "11", "There are 10 circles.", "10")  # the gold too
+
+
+def test_a_reader_that_cites_in_few_questions_is_not_called_positional():
+    """Citations were compared with the gold as raw shares of questions: a reader citing exactly the gold's slot, but
+    in a fifth of the questions, moved its citations a fifth as far (0.12 against 0.60) and was called positional."""
+    def table(gold, cited):
+        return [{"slot": f"D{i + 1}", "gold here": g, "cited": c} for i, (g, c) in enumerate(zip(gold, cited))]
+
+    g1, g2 = [0.4, 0.3, 0.2, 0.1], [0.1, 0.3, 0.2, 0.4]
+    shy = {"full": table(g1, [0.2 * g for g in g1]), "oracle": table(g2, [0.2 * g for g in g2])}
+    assert E._slot_moves(shy["full"], shy["oracle"])[:2] == pytest.approx((0.6, 0.12))
+    assert E.positional_shortcut_note(shy, same_weights=[("full", "oracle")]) == ""
+    # a fifth of the questions cite D2 whatever it holds: still positional
+    habit = {"full": table(g1, [0, 0.2, 0, 0]), "oracle": table(g2, [0, 0.2, 0, 0])}
+    assert "Citations that stay put" in E.positional_shortcut_note(habit, same_weights=[("full", "oracle")])
+    nothing = {"full": table(g1, [0, 0, 0, 0]), "oracle": table(g2, [0, 0, 0, 0])}  # no citation: no evidence
+    assert E.positional_shortcut_note(nothing, same_weights=[("full", "oracle")]) == ""
+    # runs/course-20261128-120447 (37 questions): the same weights cited identically while the gold moved by 0.24
+    n = 37
+    full = table([12 / n, 13 / n, 4 / n, 6 / n], [0, 19 / n, 18 / n, 7 / n])
+    oracle = table([12 / n, 13 / n, 5 / n, 14 / n], [0, 19 / n, 18 / n, 7 / n])
+    note = E.positional_shortcut_note({"stage 1 + stage 2": full, "oracle": oracle},
+                                      same_weights=[("stage 1 + stage 2", "oracle")])
+    assert "the gold's slot shares moved by 0.24 in all and the citations' by 0.00" in note
+
+
+def test_a_computed_qa_fl_says_which_bart_it_used_and_what_it_compares_with():
+    from types import SimpleNamespace
+
+    from mmrag_lite.config import get_preset
+
+    scorer = SimpleNamespace(model=SimpleNamespace(name_or_path="facebook/bart-large-cnn"))
+    table, cats = E.systems_table({"planted": PLANTED}, ROWS)
+    notes = E.build_report(get_preset("cpu-tiny"), ROWS, {"planted": PLANTED}, fluency_scorer=scorer, table=table,
+                           per_category=cats).notes
+    fl = [n for n in notes if n.startswith("QA-FL")]
+    assert len(fl) == 1 and "facebook/bart-large-cnn" in fl[0] and "ParaBank" in fl[0]
+    assert "trend-comparable, not value-comparable" in fl[0]
+    assert not any("unavailable" in n for n in fl)
+
+
+def test_write_report_removes_the_files_of_systems_it_does_not_hold(tmp_path):
+    """A submission of an earlier run's system (the base model under a trained system's name, say) stayed in eval/."""
+    first = E.EvalReport(preset="cpu-tiny", predictions={"old system": PLANTED, "kept": PERFECT})
+    out = E.write_report(first, tmp_path)
+    (out / "submission_notes.txt").write_text("mine")  # not a per-system file: left alone
+    assert (out / "submission_old_system.json").is_file()
+    E.write_report(E.EvalReport(preset="cpu-tiny", predictions={"kept": PERFECT}), tmp_path)
+    assert sorted(p.name for p in out.iterdir()) == ["predictions_kept.json", "results.json", "results.md",
+                                                     "submission_kept.json", "submission_notes.txt"]
+
+
+def test_conflicting_traps_are_reported_per_wording(monkeypatch):
+    """A trap restating the question shares its words, a statement does not; the single conflicting row mixed both
+    (on the course run: kept 55 % vs 94 %). The row now carries the split, and the report shows it as a table."""
+    from mmrag_lite.config import get_preset
+
+    year = dict(_row("t1", "text", "The Painted Station of Emil was founded in 1809.", "", ["g7"]),
+                question="In which year was the Painted Station of Emil founded?")
+    rows = [ROWS[0], ROWS[1], year]  # colour and yes/no: restated; the year: a statement
+    attacked = E.attack_rows(rows, "conflicting", seed=0)
+    assert [r["adversarial_form"] for r in attacked] == [E.FORM_RESTATED, E.FORM_RESTATED, E.FORM_STATEMENT]
+    for r in attacked:  # the form is how conflicting_text wrote the trap
+        adv = next(c for c in r["candidates"] if c["id"].startswith("adv-"))
+        assert adv["text"].startswith(r["question"].rstrip("?")) == (r["adversarial_form"] == E.FORM_RESTATED)
+
+    def keeps_statements(rs, preset, *, system, bank, progress):  # keeps, cites and repeats statement traps only
+        out = []
+        for r in rs:
+            adv = [c["id"] for c in r["candidates"] if c["id"].startswith("adv-")]
+            if adv and r.get("adversarial_form") == E.FORM_STATEMENT:
+                out.append(_res(r["guid"], adv, r["adversarial_answer"], kept=adv))
+            else:
+                out.append(_res(r["guid"], r["gold_ids"], r["answer"], kept=r["gold_ids"]))
+        return out
+
+    monkeypatch.setattr(E, "run_pipeline", keeps_statements)
+    table = E.robustness_check(rows, get_preset("cpu-tiny"), bank=None, kinds=("conflicting",), progress=False)
+    forms = {f["trap form"]: f for f in table[1]["by form"]}
+    assert forms[E.FORM_STATEMENT]["n"] == 1 and forms[E.FORM_RESTATED]["n"] == 2
+    assert forms[E.FORM_STATEMENT]["trap kept (top-k)"] == 1.0 and forms[E.FORM_RESTATED]["trap kept (top-k)"] == 0.0
+    assert forms[E.FORM_STATEMENT]["trap cited"] == 1.0 and forms[E.FORM_STATEMENT]["wrong answer echoed"] == 1.0
+    assert forms[E.FORM_RESTATED]["wrong answer echoed"] == 0.0
+    assert table[1]["trap kept (top-k)"] == pytest.approx(1 / 3)  # the mixed share, as before
+    md = E.robustness_markdown(table)
+    assert "by form" not in E.markdown_table(table) and "conflicting traps by wording" in md
+    assert f"| {E.FORM_STATEMENT} | 1 | 1.000 | 1.000 | 1.000 |" in md
+    report = E.EvalReport(preset="cpu-tiny", robustness=table)
+    assert "conflicting traps by wording" in report.markdown()
+
+
+def test_notebook_05_reads_the_robustness_and_recall_columns_as_they_are():
+    """Its text said gold recall of kept "bounds what Retr-F1 can find" (gold [a, b], kept [a, c, d, e], cited [a]:
+    recall 0.5, Retr-F1 0.667): it bounds the recall part, a question keeping m of g gold reaching at most 2m/(m+g)."""
+    from pathlib import Path
+
+    from mmrag_lite import metrics
+
+    assert E.gold_recall_of_kept([_res("x", ["a"], "", kept=["a", "c", "d", "e"])],
+                                 [{"guid": "x", "gold_ids": ["a", "b"]}]) == 0.5
+    assert metrics.webqa_retrieval_f1(["a"], ["a", "b"]) == pytest.approx(2 * 1 / (1 + 2))
+    nb = json.loads((Path(__file__).resolve().parents[1] / "notebooks" / "05_evaluate.ipynb").read_text())
+    text = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+    assert "It bounds what Retr-F1 can find" not in text and "2m/(m+g)" in text
+    assert E.ECHO_DELTA in text and E.ECHO_CLEAN in text and E.FORM_STATEMENT in text and E.FORM_RESTATED in text
+    code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    assert "evaluation.robustness_markdown(robust)" in code
