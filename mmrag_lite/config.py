@@ -103,8 +103,11 @@ class LoraSettings:
     r: int
     alpha: int
     dropout: float
-    target_modules: tuple[str, ...]  # language-model projections only
-    freeze_vision: bool = True  # the vision tower stays frozen: cheaper, and judging needs the LM most
+    target_modules: tuple[str, ...]  # language-model projections only: a subset of LM_PROJECTIONS
+    # True: the vision tower stays frozen (no LoRA, run under no_grad): cheaper, and judging needs the LM most.
+    # False: LoRA also on every vision block's attention and MLP (modeling.VISION_BLOCK_LINEARS: Qwen2-VL's qkv, proj,
+    # fc1, fc2; Qwen2.5-VL's qkv, proj, gate/up/down_proj), and the tower backpropagates: more memory and time
+    freeze_vision: bool = True
 
 
 @dataclass(frozen=True)
@@ -145,14 +148,14 @@ class Stage2Settings:
     init_from: Literal["stage1", "base"]  # continue from the stage-1 adapter or start from the base model
     max_examples: int
     max_prompt_tokens: int  # prompts longer than this are shrunk (fewer candidates) or dropped, never cut
-    answer_guards: bool  # the answer reward's choose_guard + hedge_guard + length_guard (rewards module docstring)
+    answer_guards: bool  # the answer reward's choose_guard + hedge_guard + length_guard + keyword_guard (rewards docstring)
     min_think_words: int = 0  # as in Stage1Settings: an empty <think> is the cheapest way to earn the format reward
 
 
 @dataclass(frozen=True)
 class DataSettings:
     world_questions: int  # questions in the synthetic WebQA-format world
-    world_image_size: int  # side of the synthetic images in pixels
+    world_image_size: int  # side of the synthetic images in pixels (below a GPU preset's model.image_size: upscaled)
     max_candidates: int  # candidates per question kept in Mini-WebQA (gold always kept)
     # Where Mini-WebQA's test split comes from. "pooled": WebQA's train and val questions are pooled and cut by
     # MiniWebQAFilters.split_fractions (the default: all splits alike). "webqa_val": test = WebQA's own val questions
@@ -193,6 +196,10 @@ PROMPT_TEXT_TOKENS_PER_CANDIDATE = 48  # "D3: Image titled '...': <caption>"; re
 # (benchmarks/real_prompt_lengths.py: the budget check's estimate covered all 600 drawn real top-k prompts)
 # The smallest image side the Qwen-VL processor makes: one 2x2 merge of 14 px patches (smart_resize's ``factor``).
 MIN_IMAGE_SIDE = QWEN_VL_PATCH_SIZE * QWEN_VL_MERGE_SIZE
+# The language model's projections in every decoder layer of Qwen2-VL, Qwen2.5-VL and the miniature
+# (model.language_model.layers.N.self_attn.{q,k,v,o}_proj, ...mlp.{gate,up,down}_proj): what lora.target_modules
+# may name. Any other name would match no module of the language model and be dropped without a word.
+LM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # A preset name becomes the run folder runs/<name>: a plain folder name, never a path (no "/", "..", leading ".").
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -211,6 +218,17 @@ def _model_problems(model: ModelSettings) -> list[str]:
     if model.min_pixels > model.max_pixels:
         problems.append(f"model.min_pixels={model.min_pixels!r} must be <= model.max_pixels={model.max_pixels!r}")
     return problems
+
+
+def lora_targets_problem(target_modules: Any) -> str | None:
+    """What is wrong with ``lora.target_modules`` names outside ``LM_PROJECTIONS`` (None: nothing): PEFT would drop
+    each one without a word (it only complains when *no* name matches), so ``lm_head``, ``embed_tokens`` or a vision
+    layer's ``qkv`` would look adapted and not be."""
+    if unknown := [m for m in target_modules if m not in LM_PROJECTIONS]:
+        return (f"lora.target_modules names {unknown}, which match no language-model projection and would get no "
+                f"adapter; valid names: {', '.join(LM_PROJECTIONS)} (lora.freeze_vision=False adds the vision "
+                "tower's attention and MLP)")
+    return None
 
 
 def check_preset_name(name: Any) -> str:
@@ -341,6 +359,8 @@ class Preset:
         if not self.lora.target_modules or not all(self.lora.target_modules):
             problems.append(f"lora.target_modules={list(self.lora.target_modules)!r} must name at least one module, "
                             "e.g. [q_proj, v_proj]")
+        elif problem := lora_targets_problem(self.lora.target_modules):
+            problems.append(problem)
         at_least("expected_memory_gb", self.expected_memory_gb, 0)
         at_least("expected_seconds_per_step", self.expected_seconds_per_step, 0)
         if not 0 <= self.seed < 2**32:
@@ -598,7 +618,7 @@ def _resolved_hints(cls: type) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------- presets
-_QWEN_LM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_QWEN_LM_PROJECTIONS = LM_PROJECTIONS  # LoRA on every projection of the language model
 _GPU_MODEL_ID = "Qwen/Qwen2-VL-2B-Instruct"  # 2B class: fits a T4 in 4-bit with room for G completions
 
 _CPU_TINY = Preset(
@@ -684,6 +704,9 @@ _T4 = Preset(
             max_steps=300, per_device_train_batch_size=4, gradient_accumulation_steps=4, num_generations=4,
             max_completion_length=128, learning_rate=1e-5, beta=0.0, loss_type="dapo", save_steps=50,
         ),
+        # the judge is trained to think first, but stage-1 scoring reads P(yes) under the no-reasoning prompt with
+        # <answer> prefilled; that this prompt scores best was measured on the miniature only (which its warm-up
+        # trained on), never on a hub model: benchmarks/bench_scorer_prompt.py on a GPU run checks it (docs/modeling.md)
         reasoning=True,
         weights={"format": 1.0, "relevance": 1.0},
         positive_fraction=0.5,
@@ -711,6 +734,11 @@ _T4 = Preset(
         answer_guards=True,
         min_think_words=1,  # the reasoning is the explanation: an empty one earns no format reward
     ),
+    # The synthetic world draws 224 px scenes, but model.image_size (336 here, 448 on l4 / a100) is sized for real
+    # WebQA photos: on the synthetic default every image is upscaled 1.5x (2x) per side and costs 146 (258) tokens
+    # instead of the 66 a 224 px image needs, 2.2x (3.9x), with no detail added. The memory and step figures below
+    # (and MEASURED_STEPS, measured on this world) are those of real photos at image_size; a synthetic-only run may
+    # override model.image_size=224, model.max_pixels=50176 (docs/modeling.md) and then runs below them.
     data=DataSettings(world_questions=2000, world_image_size=224, max_candidates=16),
     # opt in to the retrained ablations: 3 more stage-2 runs of ~3 h each. Answering, measured on an H100 (real-size
     # random weights, 256-token answers): a generate call of 32 top-k prompts took 12.2 s, one of 8 took 10.5 s, so

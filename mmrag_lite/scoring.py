@@ -13,7 +13,9 @@ start with tokens of their own, ``z_yes`` (``z_no``) is the log-sum-exp over the
 the same verdict. Where a tokenizer merges the tag's ``>`` with the word (Qwen2's ``>yes``), the prompt ends with
 ``<answer`` and the verdict tokens are ``>yes``/``>no`` (``verdict_readout``). The two-way softmax is our choice: it
 ignores the mass the model puts on other tokens, so the score stays a clean relevance probability even for a
-model whose format is still shaky. Scores are comparable across candidates, so ranking and top-k are cheap.
+model whose format is still shaky. Scores are comparable across candidates, so ranking and top-k are cheap. The
+GPU presets train the judge with the reasoning prompt; that reading it under the no-reasoning one is best was measured
+on the miniature only (docs/modeling.md, "Not measured on a hub model"; ``benchmarks/bench_scorer_prompt.py``).
 
 ``judge_by_generation`` keeps the generate-and-parse judge for comparison (``benchmarks/bench_scoring.py``).
 ``filter_report`` answers the paper's open question "which k?": recall/precision of the gold sources at each k
@@ -23,6 +25,7 @@ against the stage-2 prompt tokens each k saves.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -35,7 +38,7 @@ import torch
 from . import prompts
 from .atomic import write_json_atomic
 from .config import IMAGE_WRAPPER_TOKENS, Preset
-from .data import one_split
+from .data import is_saved_split, one_split
 from .metrics import top_k_ids
 from .modeling import GREEDY_DECODING, encode_prompts, prepare_images
 
@@ -262,17 +265,81 @@ def score_split(
 ) -> Scored:
     """Score every candidate of every question: ``{guid: [(candidate_id, P(yes)), ...]}`` in pool order.
 
-    Pairs from different questions share batches, so small pools still fill the forward passes.
+    Pairs from different questions share batches, so small pools still fill the forward passes. The split is read as
+    a stream: a question is read (its images decoded) only when the batch it fills is next, and a batch's pairs are
+    dropped once scored, so memory holds one batch of pairs plus one question's pool, not the split (a decoded
+    448 px question of real Mini-WebQA takes ~7 MiB: 2,000 of them were ~14 GB). The batches are the ones scoring
+    all pairs at once would make (every ``batch_size`` pairs in split order), so the scores are too.
     """
     split_ds = one_split(split_ds, "score_split")
-    rows = list(split_ds) if max_questions is None else [r for _, r in zip(range(max_questions), split_ds)]
-    pairs = [(r["question"], c) for r in rows for c in r["candidates"]]
-    flat = _score_pairs(model, processor, pairs, preset, batch_size=batch_size, progress=progress)
+    sizes = _pool_sizes(split_ds, max_questions)
+    rows = iter(split_ds) if max_questions is None else itertools.islice(split_ds, max_questions)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=None if sizes is None else math.ceil(sum(sizes) / batch_size), desc="scoring", unit="batch")
+    pools: list[tuple[str, list[str]]] = []  # (guid, candidate ids): all that is kept of a question once read
+    flat: list[float] = []
+    pending: list[tuple[str, Mapping[str, Any]]] = []  # pairs read but not yet scored: fewer than one batch + a pool
+
+    def score_next(n: int) -> None:
+        batch = pending[:n]
+        del pending[:n]
+        flat.extend(_score_pairs(model, processor, batch, preset, batch_size=batch_size, progress=False))
+        if bar is not None:
+            bar.update(1)
+
+    try:
+        for row in rows:
+            pools.append((row["guid"], [c["id"] for c in row["candidates"]]))
+            pending.extend((row["question"], c) for c in row["candidates"])
+            while len(pending) >= batch_size:
+                score_next(batch_size)
+        if pending:
+            score_next(len(pending))
+    finally:
+        if bar is not None:
+            bar.close()
     out: Scored = {}
     it = iter(flat)
-    for r in rows:
-        out[r["guid"]] = [(c["id"], float(next(it))) for c in r["candidates"]]
+    for guid, ids in pools:
+        out[guid] = [(cid, float(next(it))) for cid in ids]
     return out
+
+
+def _pool_sizes(split_ds: Any, n: int | None) -> list[int] | None:
+    """Candidates per question of the split's first ``n`` questions (all for None), with no image decoded, for the
+    progress bar's total. A saved split is read as arrow, a few hundred rows at a time (their image bytes stay
+    compressed); rows in a list are counted as they are. None where only iterating could tell (a streaming
+    ``IterableDataset``, a split with a transform, a generator): the bar then counts batches without a total."""
+    if is_saved_split(split_ds):
+        import pyarrow.compute as pc
+
+        table = split_ds.with_format("arrow")
+        stop = len(split_ds) if n is None else min(n, len(split_ds))
+        sizes: list[int] = []
+        for start in range(0, stop, _POOL_SIZE_CHUNK):
+            pools = table[start:min(start + _POOL_SIZE_CHUNK, stop)]["candidates"]
+            sizes += pc.list_value_length(pools).to_pylist()
+        return sizes
+    if isinstance(split_ds, (list, tuple)):
+        return [len(r["candidates"]) for r in (split_ds if n is None else split_ds[:n])]
+    return None
+
+
+def _rows_of(split_ds: Iterable[Mapping[str, Any]], wanted: Any) -> Iterator[Mapping[str, Any]]:
+    """The rows whose guid ``wanted`` accepts, in split order; a saved split's other rows are never read (nor their
+    images decoded): its guid column is read alone and the wanted rows by index."""
+    if not is_saved_split(split_ds):
+        yield from (r for r in split_ds if wanted(r["guid"]))
+        return
+    for i, guid in enumerate(split_ds.select_columns(["guid"])["guid"]):
+        if wanted(guid):
+            yield split_ds[i]
+
+
+_POOL_SIZE_CHUNK = 512  # rows of a saved split read at once to count pools: bounded memory, few reads
 
 
 @dataclass(frozen=True)
@@ -388,22 +455,26 @@ def filter_report(
     """
     from .metrics import precision_at_k, recall_at_k
 
-    rows_by_guid = {r["guid"]: r for r in one_split(split_ds, "filter_report")
-                    if r["guid"] in scored and scored[r["guid"]] and list(r["gold_ids"])}
-    if not rows_by_guid:
-        raise ValueError("no question of split_ds has scores, candidates and gold ids; score it first (score_split)")
-    pool_max = max(len(scored[g]) for g in rows_by_guid)
-    ks = list(range(1, pool_max + 1)) if ks is None else list(ks)
+    # a question's gold ids and token costs are all the report needs of it: rows are read one at a time (a saved
+    # split decodes every image of a row it yields) and not kept, and a saved split's unscored rows are not read
+    gold_by_guid: dict[str, list[str]] = {}
     costs: dict[str, dict[str, int]] = {}
-    if processor is not None and preset is not None:
-        for guid, row in rows_by_guid.items():
-            costs[guid] = dict(zip((c["id"] for c in row["candidates"]), candidate_token_costs(processor, row["candidates"], preset)))
+    for r in _rows_of(one_split(split_ds, "filter_report"), lambda guid: bool(scored.get(guid))):
+        if not list(r["gold_ids"]):
+            continue
+        gold_by_guid[r["guid"]] = list(r["gold_ids"])
+        if processor is not None and preset is not None:
+            costs[r["guid"]] = dict(zip((c["id"] for c in r["candidates"]),
+                                        candidate_token_costs(processor, r["candidates"], preset)))
+    if not gold_by_guid:
+        raise ValueError("no question of split_ds has scores, candidates and gold ids; score it first (score_split)")
+    pool_max = max(len(scored[g]) for g in gold_by_guid)
+    ks = list(range(1, pool_max + 1)) if ks is None else list(ks)
     report = []
     for k in ks:
         rec, prec, allg, kept, full_t, kept_t = [], [], [], [], [], []
-        for guid, row in rows_by_guid.items():
+        for guid, gold in gold_by_guid.items():
             ranked = top_k(scored[guid], len(scored[guid]))
-            gold = list(row["gold_ids"])
             kk = min(k, len(ranked))  # a pool smaller than k keeps everything: precision over what is kept
             rec.append(recall_at_k(ranked, gold, kk))
             prec.append(precision_at_k(ranked, gold, kk))
@@ -412,7 +483,7 @@ def filter_report(
             if guid in costs:
                 full_t.append(sum(costs[guid].values()))
                 kept_t.append(sum(costs[guid][cid] for cid in ranked[:k]))
-        n = len(rows_by_guid)
+        n = len(gold_by_guid)
         entry: dict[str, float] = {
             "k": k, "recall": sum(rec) / n, "precision": sum(prec) / n, "all_gold": sum(allg) / n, "kept": sum(kept) / n,
         }

@@ -57,6 +57,43 @@ def test_real_size_lora_adapts_every_language_layer_and_nothing_in_the_vision_to
     assert all(".language_model.layers." in t for t in targets) and not any("visual" in t for t in targets)
 
 
+def _vision_block_linears(model: torch.nn.Module) -> set[str]:
+    """Every Linear layer inside the vision tower's blocks (attention and MLP; not the merger, not the patch embedding)."""
+    return {n for n, m in model.named_modules() if ".visual.blocks." in n and isinstance(m, torch.nn.Linear)}
+
+
+@pytest.mark.parametrize("name", ONE_PRESET_PER_MODEL)
+def test_real_size_lora_without_freeze_vision_adapts_every_vision_blocks_attention_and_mlp(name: str) -> None:
+    """lora.freeze_vision=False switched to bare module names, which on Qwen2-VL matched no vision layer (its blocks
+    say qkv/proj/fc1/fc2) and on Qwen2.5-VL only the MLP (gate/up/down_proj), while unfreezing the tower. Now it adds
+    every vision block's attention and MLP, in both families, and the language model keeps exactly its targets."""
+    preset = get_preset(name, **{"lora.freeze_vision": False})
+    config = A.real_size_config(preset.model.model_id)
+    model = A.skeleton(config)
+    targets = A.lora_targets(model, preset)
+    vision = {t for t in targets if ".visual." in t}
+    per_block = 4 if config.model_type == "qwen2_vl" else 5  # qkv, proj + fc1, fc2 | gate, up, down_proj
+    assert vision == _vision_block_linears(model) and len(vision) == config.vision_config.depth * per_block
+    assert {t.rsplit(".", 2)[-2] for t in vision} == {"attn", "mlp"}
+    language = {t for t in targets if t not in vision}
+    assert language == set(A.lora_targets(model, get_preset(name)))  # the frozen preset's targets, unchanged
+
+
+@pytest.mark.parametrize("model_id", sorted(A.PUBLISHED_CONFIGS))
+def test_every_valid_lora_target_name_adapts_each_language_layer(model_id: str) -> None:
+    """The names Preset.validate accepts (config.LM_PROJECTIONS) each match one projection per decoder layer of both
+    real-size families, so no accepted name is silently dropped."""
+    from mmrag_lite.config import LM_PROJECTIONS
+
+    config = A.real_size_config(model_id)
+    model = A.skeleton(config)
+    for projection in LM_PROJECTIONS:
+        preset = get_preset("l4", **{"lora.target_modules": [projection]})
+        targets = A.lora_targets(model, preset)
+        assert len(targets) == config.text_config.num_hidden_layers
+        assert all(t.endswith(f".{projection}") and ".language_model.layers." in t for t in targets)
+
+
 @pytest.mark.parametrize("name", GPU_PRESETS)
 def test_gpu_preset_estimates_sit_above_their_weight_and_optimizer_floor(name: str) -> None:
     floor = A.memory_floor(name)
@@ -106,6 +143,36 @@ def test_lora_count_matches_what_peft_builds(fixture: str, request: pytest.Fixtu
     peft_model = get_peft_model(model, M.lora_config(PRESET))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     assert trainable == A.memory_floor(PRESET, config=AutoConfig.from_pretrained(folder)).lora_parameters
+
+
+@pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_qwen25_tied"])
+def test_unfrozen_vision_lora_is_what_peft_builds_and_it_learns(fixture: str, request: pytest.FixtureRequest) -> None:
+    """On both tiny families (the GPU presets' module names) with lora.freeze_vision=False: PEFT puts LoRA on every
+    vision block's attention and MLP and on the language model's targets (as counted by the memory floor), the tower
+    is not run under no_grad, and an image prompt's loss reaches the vision LoRA weights."""
+    from peft import get_peft_model
+    from transformers import AutoConfig
+
+    folder = request.getfixturevalue(fixture)
+    preset = PRESET.with_overrides(**{"lora.freeze_vision": False})
+    model, processor = M.load_model_and_processor(preset, model_path=folder, for_training=True)
+    assert not any("vision tower runs under no_grad" in n for n in model.mmrag_notes)
+    vision_layers = _vision_block_linears(model)
+    peft_model = get_peft_model(model, M.lora_config(preset))
+    adapted = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    assert {n for n in adapted if ".visual." in n} == vision_layers != set()
+    frozen = AutoConfig.from_pretrained(folder)
+    assert {n for n in adapted if ".visual." not in n} == set(A.lora_targets(A.skeleton(frozen), PRESET))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert trainable == A.memory_floor(preset, config=frozen).lora_parameters
+    msgs = stage1_messages("q?", {"modality": "image", "image": 1, "title": "a", "text": "b"}, reasoning=False)
+    text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    from PIL import Image
+
+    enc = processor(text=[text], images=[[Image.new("RGB", (56, 56), (0, 0, 255))]], return_tensors="pt")
+    peft_model(**enc, labels=enc["input_ids"]).loss.backward()
+    vision_b = {n: p.grad for n, p in peft_model.named_parameters() if ".visual." in n and "lora_B" in n}
+    assert vision_b and all(g is not None and bool(g.abs().sum() > 0) for g in vision_b.values())
 
 
 # ------------------------------------------------------------------------------------------ the a100 family, tied

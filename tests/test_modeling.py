@@ -480,6 +480,27 @@ def test_lora_targets_language_model_only(tiny_dir: Path) -> None:
     assert not re.fullmatch(regex, "model.visual.blocks.0.attn.qkv")
 
 
+def test_lora_target_names_that_match_no_projection_are_refused() -> None:
+    """lora.target_modules=[q_proj, lm_head, qkv] trained q_proj alone: the language-model regex dropped the other
+    two without a word (PEFT only complains when nothing matches). Now they are a ConfigError naming them and the
+    valid names, from the preset and from lora_config for a preset built without validation."""
+    from dataclasses import replace
+
+    from mmrag_lite.config import ConfigError
+
+    valid = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    with pytest.raises(ConfigError, match=r"lora\.target_modules names \['lm_head', 'qkv'\].*valid names: "
+                                          + ", ".join(valid)):
+        get_preset("cpu-tiny", **{"lora.target_modules": ["q_proj", "lm_head", "qkv"]})
+    for name in ("l4", "a100"):
+        with pytest.raises(ConfigError, match=r"\['embed_tokens'\]"):
+            get_preset(name, **{"lora.target_modules": ["embed_tokens"], "lora.freeze_vision": False})
+    unchecked = replace(PRESET, lora=replace(PRESET.lora, target_modules=("q_proj", "fc1")))  # no validate()
+    with pytest.raises(ConfigError, match=r"\['fc1'\]"):
+        M.lora_config_kwargs(unchecked)
+    assert get_preset("cpu-tiny", **{"lora.target_modules": list(valid)}).lora.target_modules == valid
+
+
 def test_prepare_image_fixed_square_rgb() -> None:
     img = M.prepare_image(Image.new("L", (91, 40), 128), PRESET)
     assert img.size == (56, 56) and img.mode == "RGB"

@@ -8,7 +8,9 @@ miniature (built on first use) and asks for a ranking signal on held-out questio
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -182,6 +184,156 @@ def test_score_split_scores_exactly_max_questions(monkeypatch: pytest.MonkeyPatc
     assert out["q1"] == [(c["id"], 0.5) for c in _cands()]
 
 
+def _saved_rows(n: int = 10) -> list[dict]:
+    """Mini-WebQA rows (docs/CONTRACTS.md columns), 4 candidates each, 2 of them images, every image its own colour."""
+    rows = []
+    for q in range(n):
+        cands = [dict(c, id=f"{q}{c['id']}", image=None if c["image"] is None else Image.new("RGB", (20 + q, 20), (q, 9 * j, 0)))
+                 for j, c in enumerate(_cands())]
+        rows.append({"guid": f"q{q}", "question": f"What colour is tower {q}?", "answer": "red", "keywords": "red",
+                     "qcate": "color", "topic": "t", "candidates": cands, "gold_ids": [cands[0]["id"]]})
+    return rows
+
+
+class _DecodedImages:
+    """Counts the images a saved split decodes, and how many of them are still alive (not garbage) at a given time."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from datasets.features import Image as ImageFeature
+
+        self.refs: list = []
+        real = ImageFeature.decode_example
+
+        def decode(feature, value, **kw):
+            import weakref
+
+            image = real(feature, value, **kw)
+            self.refs.append(weakref.ref(image))
+            return image
+
+        monkeypatch.setattr(ImageFeature, "decode_example", decode)
+
+    @property
+    def decoded(self) -> int:
+        return len(self.refs)
+
+    def alive(self) -> int:
+        import gc
+
+        gc.collect()
+        return sum(r() is not None for r in self.refs)
+
+
+def _fake_score(question: str, cand: dict) -> float:
+    """A deterministic stand-in for P(yes) of one pair."""
+    return (sum(map(ord, question + cand["id"])) % 97) / 97
+
+
+def test_score_split_reads_a_saved_split_one_batch_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """score_split decoded every image of up to 2,000 questions before the first forward pass and held them to the
+    end (~7 MiB a question at 448 px on real Mini-WebQA: ~14 GB, more than Colab's RAM). Now a question is read when
+    its batch is next and dropped once scored: at most the images of the questions one batch spans are decoded
+    before the first batch, or alive while any batch is scored. The scores, their order and the batches are those
+    of scoring every pair in one pass."""
+    from datasets import Dataset
+
+    from mmrag_lite import data
+
+    rows = _saved_rows(10)
+    saved = Dataset.from_list(rows, features=data.mini_webqa_features())
+    images = _DecodedImages(monkeypatch)
+    batches: list[list[tuple[str, str]]] = []
+    seen: list[tuple[int, int]] = []  # (decoded so far, alive) as each batch is scored
+
+    def fake_pairs(model, proc, pairs, preset, *, batch_size, **_):
+        assert len(pairs) <= batch_size
+        seen.append((images.decoded, images.alive()))
+        batches.append([(q, c["id"]) for q, c in pairs])
+        return [_fake_score(q, c) for q, c in pairs]
+
+    monkeypatch.setattr(scoring, "_score_pairs", fake_pairs)
+    out = scoring.score_split(None, None, saved, PRESET, batch_size=6, progress=False)
+    per_question = sum(c["image"] is not None for c in rows[0]["candidates"])  # 2; a batch of 6 spans 2 questions
+    total = per_question * len(rows)
+    assert images.decoded == total  # every image read once, and only once
+    assert seen[0][0] <= 2 * per_question < total  # before the first batch: only the questions it needs
+    assert max(alive for _, alive in seen) <= 2 * per_question  # never more than one batch's questions alive
+    pairs = [(r["question"], c) for r in rows for c in r["candidates"]]
+    assert batches == [[(q, c["id"]) for q, c in pairs[i:i + 6]] for i in range(0, len(pairs), 6)]  # one pass's batches
+    assert out == {r["guid"]: [(c["id"], _fake_score(r["question"], c)) for c in r["candidates"]] for r in rows}
+    assert list(out) == [r["guid"] for r in rows]
+    images.refs.clear()
+    assert scoring.score_split(None, None, saved, PRESET, batch_size=6, max_questions=3, progress=False) == {
+        r["guid"]: out[r["guid"]] for r in rows[:3]}
+    assert images.decoded == 3 * per_question  # the questions past max_questions are never decoded
+
+
+def test_score_split_streams_a_plain_iterable_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows that only iteration gives (a generator, a streaming dataset) are drawn as the batches need them."""
+    drawn: list[int] = []
+
+    def rows():
+        for i, row in enumerate(_saved_rows(6)):
+            drawn.append(i)
+            yield row
+
+    at_batch: list[int] = []
+
+    def fake_pairs(model, proc, pairs, preset, **_):
+        at_batch.append(len(drawn))
+        return [_fake_score(q, c) for q, c in pairs]
+
+    monkeypatch.setattr(scoring, "_score_pairs", fake_pairs)
+    out = scoring.score_split(None, None, rows(), PRESET, batch_size=4, max_questions=5, progress=False)
+    assert at_batch == [1, 2, 3, 4, 5] and drawn == [0, 1, 2, 3, 4]  # one question per batch of 4, the 6th never drawn
+    assert out == {r["guid"]: [(c["id"], _fake_score(r["question"], c)) for c in r["candidates"]]
+                   for r in _saved_rows(6)[:5]}
+
+
+class _Bar:
+    """Records what a progress bar was told: its total, label and how far it got (iterated or updated)."""
+
+    made: ClassVar[list[_Bar]] = []
+
+    def __init__(self, iterable=None, *, total=None, desc=None, unit=None, **_) -> None:
+        self.iterable, self.desc, self.unit, self.done = iterable, desc, unit, 0
+        self.total = len(iterable) if iterable is not None and total is None else total
+        _Bar.made.append(self)
+
+    def __iter__(self):
+        for item in self.iterable:
+            self.done += 1
+            yield item
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+
+    def close(self) -> None:
+        pass
+
+
+def test_filter_report_reads_only_scored_rows_and_holds_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """filter_report kept every scored row (and so its decoded images) until the report was done, and decoded the
+    unscored rows of a saved split too; now it keeps gold ids and token costs only, and reads scored rows alone."""
+    from datasets import Dataset
+
+    from mmrag_lite import data
+
+    rows = _saved_rows(10)
+    saved = Dataset.from_list(rows, features=data.mini_webqa_features())
+    scored = {r["guid"]: [(c["id"], _fake_score(r["question"], c)) for c in r["candidates"]] for r in rows[2:6]}
+    fake_costs = lambda proc, cands, preset: [3 + 5 * (c["image"] is not None) for c in cands]
+    monkeypatch.setattr(scoring, "candidate_token_costs", fake_costs)
+    plain = scoring.filter_report(scored, rows, processor=object(), preset=PRESET)
+    images = _DecodedImages(monkeypatch)
+    alive: list[int] = []
+    monkeypatch.setattr(scoring, "candidate_token_costs", lambda *a: alive.append(images.alive()) or fake_costs(*a))
+    assert scoring.filter_report(scored, saved, processor=object(), preset=PRESET) == plain
+    per_question = sum(c["image"] is not None for c in rows[0]["candidates"])
+    assert images.decoded == 4 * per_question  # the 4 scored questions' images, not the split's 20
+    assert len(alive) == 4 and max(alive) <= per_question  # one question's images at a time
+
+
 # ------------------------------------------------------------------------------------------------ with a model
 @pytest.fixture(scope="module")
 def cold(tmp_path_factory: pytest.TempPathFactory):
@@ -246,6 +398,34 @@ def test_score_split_filter_report_and_judge(cold) -> None:
     one_by_one = scoring.judge_by_generation(model, proc, split[0]["question"], _cands(), PRESET, max_new_tokens=4,
                                              batch_size=1)
     assert [j.completion for j in one_by_one] == [j.completion for j in judged]  # batching (left padding) changes nothing
+
+
+def test_streamed_score_split_equals_scoring_every_pair_in_one_pass(cold, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The streamed scores are exactly those of the former path (every pair of the split in one ``_score_pairs``
+    call), for a saved split and for plain rows, with batches that span questions; the progress bar counts the same
+    batches with the same total and label as before."""
+    from datasets import Dataset
+
+    from mmrag_lite import data
+
+    model, proc = cold
+    rows = _saved_rows(5)
+    saved = Dataset.from_list(rows, features=data.mini_webqa_features())
+
+    def one_pass(split: list[dict]) -> scoring.Scored:  # the former score_split: every pair in one call
+        pairs = [(r["question"], c) for r in split for c in r["candidates"]]
+        flat = iter(scoring._score_pairs(model, proc, pairs, PRESET, batch_size=3))
+        return {r["guid"]: [(c["id"], float(next(flat))) for c in r["candidates"]] for r in split}
+
+    import tqdm.auto
+
+    _Bar.made.clear()
+    monkeypatch.setattr(tqdm.auto, "tqdm", _Bar)
+    assert scoring.score_split(model, proc, saved, PRESET, batch_size=3) == one_pass(list(saved))
+    assert scoring.score_split(model, proc, rows, PRESET, batch_size=3, max_questions=4) == one_pass(rows[:4])
+    pool = len(rows[0]["candidates"])
+    batches = [math.ceil(5 * pool / 3), math.ceil(4 * pool / 3)]
+    assert [(b.total, b.done, b.desc, b.unit) for b in _Bar.made] == [(n, n, "scoring", "batch") for n in batches]
 
 
 def test_greedy_judging_ignores_a_checkpoints_repetition_penalty(cold) -> None:

@@ -50,6 +50,7 @@ from .common import (
     torch_dtype,
 )
 from .loading import (
+    VISION_BLOCK_LINEARS,
     bnb_config,
     bnb_config_kwargs,
     can_load_in_4bit,
@@ -61,6 +62,8 @@ from .loading import (
     load_processor,
     lora_config,
     lora_config_kwargs,
+    lora_target_modules_regex,
+    vision_target_modules_regex,
 )
 from .tiny import (
     QWEN2VL_CHAT_TEMPLATE,
@@ -80,6 +83,7 @@ __all__ = [
     "QWEN2VL_CHAT_TEMPLATE",
     "QWEN2VL_SPECIAL_TOKENS",
     "TINY_LABEL",
+    "VISION_BLOCK_LINEARS",
     "ImageTokenMismatchError",
     "ModelLoadError",
     "TinyVLMSettings",
@@ -106,6 +110,7 @@ __all__ = [
     "load_processor",
     "lora_config",
     "lora_config_kwargs",
+    "lora_target_modules_regex",
     "make_mixed_batch_safe",
     "make_model_mixed_batch_safe",
     "miniature_config_fields",
@@ -119,6 +124,7 @@ __all__ = [
     "tiny_info",
     "tiny_model_dir",
     "torch_dtype",
+    "vision_target_modules_regex",
     "warm_up_threads",
     "warm_up_tiny_vlm",
 ]

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..config import Preset, cuda_native_bf16
+from ..config import ConfigError, Preset, cuda_native_bf16, lora_targets_problem
 from .cache import ensure_tiny_vlm
 from .common import (
     ModelLoadError,
@@ -183,18 +183,47 @@ def lm_target_modules_regex(names: Iterable[str]) -> str:
     return rf".*language_model\.layers\.\d+\.(?:self_attn|mlp)\.(?:{alternatives})"
 
 
+# The Linear layers of each vision block, ``model.visual.blocks.<i>.<part>.<name>``: attention is ``attn.qkv`` and
+# ``attn.proj`` in both families; the MLP is ``mlp.fc1``/``mlp.fc2`` in Qwen2-VL (and the miniature) and
+# ``mlp.gate_proj``/``up_proj``/``down_proj`` in Qwen2.5-VL (checked on both real-size skeletons and both tiny
+# families, tests/test_architectures.py). The merger (``visual.merger``) and the patch embedding are left out.
+VISION_BLOCK_LINEARS: dict[str, tuple[str, ...]] = {
+    "attn": ("qkv", "proj"),
+    "mlp": ("fc1", "fc2", "gate_proj", "up_proj", "down_proj"),
+}
+
+
+def vision_target_modules_regex() -> str:
+    """A PEFT ``target_modules`` regex matching every vision block's attention and MLP layers (``VISION_BLOCK_LINEARS``)."""
+    parts = "|".join(rf"{part}\.(?:{'|'.join(names)})" for part, names in VISION_BLOCK_LINEARS.items())
+    return rf".*visual\.blocks\.\d+\.(?:{parts})"
+
+
+def lora_target_modules_regex(preset: Preset | str) -> str:
+    """The preset's LoRA targets as one regex: its ``lora.target_modules`` in the language model, and with
+    ``lora.freeze_vision=False`` also every vision block's attention and MLP.
+
+    Bare module names would not do either: on Qwen2-VL they hit no vision layer (its blocks say ``qkv``/``proj``/
+    ``fc1``/``fc2``), on Qwen2.5-VL only the MLP, and a name that matches nothing would be dropped without a word
+    (PEFT only complains when *nothing* matches); ``Preset.validate`` refuses names outside ``config.LM_PROJECTIONS``.
+    """
+    lo = as_preset(preset).lora
+    if problem := lora_targets_problem(lo.target_modules):  # a Preset built without validate() gets here too
+        raise ConfigError(problem)
+    language = lm_target_modules_regex(lo.target_modules)
+    return language if lo.freeze_vision else f"(?:{language})|(?:{vision_target_modules_regex()})"
+
+
 def lora_config_kwargs(preset: Preset | str) -> dict[str, Any]:
-    """The ``peft.LoraConfig`` arguments for a preset (LoRA on the language model's projections only)."""
+    """The ``peft.LoraConfig`` arguments for a preset (LoRA on the language model's projections; with
+    ``lora.freeze_vision=False`` on the vision blocks' attention and MLP too: ``lora_target_modules_regex``)."""
     preset = as_preset(preset)
     lo = preset.lora
-    targets: str | list[str] = (
-        lm_target_modules_regex(lo.target_modules) if lo.freeze_vision else list(lo.target_modules)
-    )
     return {
         "r": lo.r,
         "lora_alpha": lo.alpha,
         "lora_dropout": lo.dropout,
-        "target_modules": targets,
+        "target_modules": lora_target_modules_regex(preset),
         "bias": "none",
         "task_type": "CAUSAL_LM",
     }
