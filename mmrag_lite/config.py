@@ -636,13 +636,14 @@ _CPU_TINY = Preset(
     lora=LoraSettings(r=16, alpha=32, dropout=0.0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")),
     stage1=Stage1Settings(
         grpo=GRPOSettings(
-            max_steps=50,  # ~100-140 s on 2 cores; the course's warm model: reward 1.22 -> 1.38 (format 0.68 -> 0.83)
+            max_steps=50,  # ~60-140 s on 2 cores; the course's warm model: reward 1.01 -> 1.57 (format 0.33 -> 0.94)
             per_device_train_batch_size=32,  # 4 prompts x 8 generations: one prompt per step stayed flat in tests
             gradient_accumulation_steps=1,
             num_generations=8,
             max_completion_length=16,  # "<think>..</think><answer>yes</answer>": a handful of tokens
-            learning_rate=5e-3,  # LoRA on a 1 M-parameter model needs a large step; measured on five warm models:
-            # 5e-3 rose on all five, 1e-2 collapsed on one, 3e-3 barely moved the preset's (benchmarks/RESULTS.md)
+            learning_rate=2e-3,  # LoRA on a 1 M-parameter model needs a large step, but not too large: 5e-3 rose
+            # on six warm models and collapsed to reward 0 on a seventh (the world of 2026-11-28), 1e-2 collapsed on
+            # one; 2e-3 rose in all eight runs on four warm models (benchmarks/RESULTS.md, bench_stage1_robustness.py)
             beta=0.0,  # no reference model: halves the forward passes on CPU
             loss_type="dapo",
             save_steps=10,
