@@ -622,6 +622,13 @@ def derived_keyword(reference_norm: str, question_norm: str, qcate: str, *, answ
     return " ".join(novel) or reference_norm
 
 
+def _as_written(texts: Sequence[str], plain_spans: Sequence[tuple[str, str]]) -> list[str]:
+    """``texts`` as written (``_plain``, not lemmatised) less the option words they deny: the choose guards' second
+    reading, for where the lemmatiser's context reads an option otherwise."""
+    options = _option_words(plain_spans)
+    return [_affirmed(_plain(t), _plain(_denied_text(t)), options) for t in texts]
+
+
 def _commits_to_other(answer: str, reference: str, whole_reference: str,
                       pairs: Sequence[tuple[set[str], set[str]]]) -> bool:
     """The answer names one option of a pair, Acc's reference only the other, and the whole reference not the
@@ -847,8 +854,7 @@ def _webqa_answer_scores(said: list[str], answers: list[Any], columns: Mapping[s
             score = min(score, metrics.webqa_scores_from_normalized(cand, ref, qc[j])["acc"])
         if score and choose_guard and qc[j] in RECALL_CATEGORIES and questions[j]:
             plain_spans = [(_plain(left), _plain(right)) for left, right in spans[j]]
-            plain_said, plain_ref, plain_whole = (_affirmed(_plain(t), _plain(_denied_text(t)), _option_words(plain_spans))
-                                                  for t in (said[j], refs[j], whole[j]))
+            plain_said, plain_ref, plain_whole = _as_written((said[j], refs[j], whole[j]), plain_spans)
             plain_order = (_plain(_without_denials(said[j])), _plain(_without_denials(whole[j])))
             if (_hedges_between_options(cand, question, ref, whole_ref, normed_spans[j], (said_order, whole_order),
                                         no_keyword=derive[j])
@@ -858,10 +864,9 @@ def _webqa_answer_scores(said: list[str], answers: list[Any], columns: Mapping[s
                 halved = True
         if score and choose_guard and not halved and _commits_to_other(cand, ref, whole_ref, pair_forms[j]):
             # read again as written (not lemmatised): the lemmatiser's context can hide an option ("chanterelless")
-            plain_options = _option_words([(_plain(left), _plain(right)) for left, right in spans[j]])
-            plain_said, plain_whole = (_affirmed(_plain(t), _plain(_denied_text(t)), plain_options)
-                                       for t in (said[j], whole[j]))
-            plain_ref = ref if derive[j] else _affirmed(_plain(refs[j]), _plain(_denied_text(refs[j])), plain_options)
+            plain_said, plain_ref, plain_whole = _as_written((said[j], refs[j], whole[j]),
+                                                             [(_plain(left), _plain(right)) for left, right in spans[j]])
+            plain_ref = ref if derive[j] else plain_ref
             plain_pairs = [(a, b) for a, b, _ in _word_pairs(_plain(questions[j] or "").split())]
             if _commits_to_other(plain_said, plain_ref, plain_whole, plain_pairs):
                 score = 0.0  # "Mycena pura" for "Mycena guldeniana": recall paid the shared word

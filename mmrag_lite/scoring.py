@@ -38,7 +38,7 @@ import torch
 from . import prompts
 from .atomic import write_json_atomic
 from .config import IMAGE_WRAPPER_TOKENS, Preset
-from .data import is_saved_split, one_split
+from .data import is_saved_split, one_split, rows_by_guid
 from .metrics import top_k_ids
 from .modeling import GREEDY_DECODING, encode_prompts, prepare_images
 
@@ -328,17 +328,6 @@ def _pool_sizes(split_ds: Any, n: int | None) -> list[int] | None:
     return None
 
 
-def _rows_of(split_ds: Iterable[Mapping[str, Any]], wanted: Any) -> Iterator[Mapping[str, Any]]:
-    """The rows whose guid ``wanted`` accepts, in split order; a saved split's other rows are never read (nor their
-    images decoded): its guid column is read alone and the wanted rows by index."""
-    if not is_saved_split(split_ds):
-        yield from (r for r in split_ds if wanted(r["guid"]))
-        return
-    for i, guid in enumerate(split_ds.select_columns(["guid"])["guid"]):
-        if wanted(guid):
-            yield split_ds[i]
-
-
 _POOL_SIZE_CHUNK = 512  # rows of a saved split read at once to count pools: bounded memory, few reads
 
 
@@ -459,7 +448,9 @@ def filter_report(
     # split decodes every image of a row it yields) and not kept, and a saved split's unscored rows are not read
     gold_by_guid: dict[str, list[str]] = {}
     costs: dict[str, dict[str, int]] = {}
-    for r in _rows_of(one_split(split_ds, "filter_report"), lambda guid: bool(scored.get(guid))):
+    for _, r in rows_by_guid(one_split(split_ds, "filter_report"), lambda guid: bool(scored.get(guid))):
+        if r is None:
+            continue
         if not list(r["gold_ids"]):
             continue
         gold_by_guid[r["guid"]] = list(r["gold_ids"])

@@ -25,7 +25,7 @@ import random
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from . import prompts
 from .atomic import atomic_dir, write_json_atomic
 from .config import Preset, runs_dir, setting_changes
-from .data import is_saved_split, one_split, pool_field
+from .data import is_saved_split, one_split, pool_field, rows_by_guid
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -304,18 +304,6 @@ def _fit(question: str, shown: list[Mapping[str, Any]], processor: Any, preset: 
         dropped += 1
 
 
-def _questions(split_ds: Iterable[Mapping[str, Any]],
-               wanted: Callable[[str], bool] | None) -> Iterator[tuple[int, Mapping[str, Any] | None]]:
-    """``(index, row)`` of each question in order, ``None`` for a row ``wanted`` rejects by its guid: a saved split's
-    rejected rows are never read, so their images are not decoded (most of real WebQA's train split has no scores)."""
-    if wanted is None or not is_saved_split(split_ds):
-        for qi, row in enumerate(split_ds):
-            yield qi, row if wanted is None or wanted(row["guid"]) else None
-        return
-    for qi, guid in enumerate(split_ds.select_columns(["guid"])["guid"]):
-        yield qi, split_ds[qi] if wanted(guid) else None
-
-
 def _pool_shown(row: Mapping[str, Any], kept_ids: Mapping[str, Sequence[str]] | None, k: int) -> list[Any]:
     """The candidates stage 2 sees for ``row``, best first: the stage-1 filter's kept ones, or without a filter gold +
     first distractors up to k. Empty when the filter has no scores for the question, or only ids the pool lacks
@@ -384,7 +372,7 @@ def build_stage2_dataset(
                                split_questions=len(split_ds) if hasattr(split_ds, "__len__") else None)
     rows: list[dict[str, Any]] = []
     lengths: list[int] = []
-    for qi, row in _questions(split_ds, None if kept_ids is None else lambda guid: bool(kept_ids.get(guid))):
+    for qi, row in rows_by_guid(split_ds, None if kept_ids is None else lambda guid: bool(kept_ids.get(guid))):
         if len(rows) >= s.max_examples:
             break
         report.questions_seen += 1

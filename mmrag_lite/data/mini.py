@@ -171,6 +171,19 @@ _PUNCT = re.compile(r"[^\w\s.]|(?<!\d)\.|\.(?!\d)")
 _ES_PLURAL_STEMS = ("ch", "sh", "x", "ss")
 
 
+
+def rows_by_guid(split_ds: Iterable[Mapping[str, Any]],
+                 wanted: Callable[[str], bool] | None) -> Iterator[tuple[int, Mapping[str, Any] | None]]:
+    """``(index, row)`` of each question in order, ``None`` for a row ``wanted`` rejects by its guid: a saved split's
+    rejected rows are never read, so their images are not decoded (most of real WebQA's train split has no scores)."""
+    if wanted is None or not is_saved_split(split_ds):
+        for qi, row in enumerate(split_ds):
+            yield qi, row if wanted is None or wanted(row["guid"]) else None
+        return
+    for qi, guid in enumerate(split_ds.select_columns(["guid"])["guid"]):
+        yield qi, split_ds[qi] if wanted(guid) else None
+
+
 def tokens(text: str) -> list[str]:
     """Lower-case word tokens; punctuation dropped (decimal points kept), number words as digits, plural 's' cut
     ("es" after ch, sh, x, ss: "churches" is "church", so an answer in the plural still states its singular fact; a
