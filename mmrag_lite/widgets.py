@@ -33,11 +33,15 @@ def _png_bytes(image: Any, size: int = 96) -> bytes | None:
     try:  # stored bytes decode as everywhere else (load_image_bytes: its errors, its truncation rule), RGB on white
         if isinstance(image, Mapping):
             im = load_image_bytes(image["bytes"]) if image.get("bytes") else None
-        else:
+        elif isinstance(image, (bytes, bytearray)):
+            im = load_image_bytes(bytes(image)) if image else None
+        elif isinstance(image, Image.Image):
             im = to_rgb(image)  # transparent pixels on white, as the model sees them
-    except (ImageStoreError, OSError):
+        else:  # a path string or anything else: no pixels here to draw
+            im = None
+    except (ImageStoreError, OSError, ValueError):
         return None
-    if im is None:
+    if im is None or min(im.size) < 1:  # a 0-pixel-wide image has nothing to draw (and would divide by zero below)
         return None
     scale = max(1, size // max(im.size))  # small synthetic images: enlarge crisply
     if scale > 1:
@@ -82,10 +86,15 @@ def candidate_html(candidate: Mapping[str, Any], max_chars: int = 160) -> str:
 def dataset_browser(dataset: Any, split: str | None = None, thumb: int = 96, columns: int = 4) -> VBox:
     """Browse Mini-WebQA: pick a split and a question; see the answer and every candidate (gold marked ★).
 
-    ``dataset`` is a ``DatasetDict`` (a split picker is shown), a ``Dataset``, or a list of row dicts.
+    ``dataset`` is a ``DatasetDict`` (a split picker is shown), a ``Dataset``, a list of row dicts or one row dict.
+    A ``split`` the ``DatasetDict`` lacks is a ``ValueError`` naming the ones it has.
     """
     import ipywidgets as W
 
+    if dataset is None:
+        raise ValueError("dataset_browser needs a DatasetDict with at least one split, a Dataset or a list of rows, got None")
+    if isinstance(dataset, Mapping) and "guid" in dataset and "question" in dataset:
+        dataset = [dataset]  # one row (e.g. ds["train"][0]), not a dict of splits named "guid", "question", ...
     splits = {}
     if hasattr(dataset, "keys") and not isinstance(dataset, (list, tuple)) and not hasattr(dataset, "features"):
         splits = {k: dataset[k] for k in list(dataset)}
@@ -94,6 +103,8 @@ def dataset_browser(dataset: Any, split: str | None = None, thumb: int = 96, col
     names = list(splits)
     if not names:
         raise ValueError("dataset_browser needs a DatasetDict with at least one split, a Dataset or a list of rows")
+    if split is not None and split not in splits:  # never another split's rows under the name asked for
+        raise ValueError(f"dataset_browser: no split {split!r} in this dataset; its splits are {names}")
     split_pick = W.Dropdown(options=names, value=split if split in splits else names[0], description="split")
     index = W.IntSlider(min=0, max=max(0, len(splits[split_pick.value]) - 1), value=0, description="question",
                         continuous_update=False)
@@ -108,7 +119,10 @@ def dataset_browser(dataset: Any, split: str | None = None, thumb: int = 96, col
         row = rows[int(index.value)]
         header.value = example_html(row)
         cells = []
-        for cand in row["candidates"]:
+        candidates = row.get("candidates") or ()
+        if not candidates:
+            header.value += "<i>this row has no candidates</i>"
+        for cand in candidates:
             parts = []
             png = _png_bytes(cand.get("image"), thumb) if cand.get("modality") == "image" else None
             if png is not None:
@@ -155,6 +169,25 @@ def reward_table_html(scores: Mapping[str, float], weights: Mapping[str, float],
     )
 
 
+def _id_list(ids: Any) -> list[str]:
+    """An id column as a list of strings: ``["D1", "D2"]`` from a list, or from ``"D1, D2"`` typed as one string."""
+    if ids is None:
+        return []
+    if isinstance(ids, str):
+        return [s.strip() for s in ids.split(",") if s.strip()]
+    return [str(i) for i in ids]
+
+
+def _text(value: Any) -> str:
+    """A row's text column as a text field's value: a missing one (``None``) is empty, never the word ``None``."""
+    return "" if value is None else str(value)
+
+
+def _ids_text(ids: Any) -> str:
+    """An id column as the playground's text field: ``"D1, D2"``."""
+    return ", ".join(_id_list(ids))
+
+
 def reward_playground(
     stage: int = 2,
     *,
@@ -178,18 +211,20 @@ def reward_playground(
         row = dict(row or {"label": "yes"})
         weights = dict(weights or {"format": 0.2, "relevance": 1.0})
         completion = completion if completion is not None else stage1_target(str(row.get("label", "yes")), reasoning=reasoning, think="...")
-        fields = {"label": W.Text(value=str(row.get("label", "")), description="label")}
+        fields = {"label": W.Text(value=_text(row.get("label")), description="label")}
+    elif stage != 2:
+        raise ValueError(f"reward_playground: stage must be 1 or 2, got {stage!r}")
     else:
         row = dict(row or {"candidate_ids": ["D1", "D2", "D3", "D4"], "gold_ids": ["D2"], "answer": "The car is red.",
                            "keywords": "red", "qcate": "color"})
         weights = dict(weights or {"format": 0.2, "ranking": 0.5, "answer": 1.0})
-        completion = completion if completion is not None else stage2_target(list(row.get("gold_ids", [])), "red",
+        completion = completion if completion is not None else stage2_target(_id_list(row.get("gold_ids")), "red",
                                                                               reasoning=reasoning, think="...")
         fields = {
-            "candidate_ids": W.Text(value=", ".join(row.get("candidate_ids", [])), description="candidates"),
-            "gold_ids": W.Text(value=", ".join(row.get("gold_ids", [])), description="gold ids"),
-            "answer": W.Text(value=str(row.get("answer", "")), description="answer"),
-            "keywords": W.Text(value=str(row.get("keywords", "")), description="keywords"),
+            "candidate_ids": W.Text(value=_ids_text(row.get("candidate_ids")), description="candidates"),
+            "gold_ids": W.Text(value=_ids_text(row.get("gold_ids")), description="gold ids"),
+            "answer": W.Text(value=_text(row.get("answer")), description="answer"),
+            "keywords": W.Text(value=_text(row.get("keywords")), description="keywords"),  # None: no keyword, not "None"
             "qcate": W.Dropdown(options=list(dict.fromkeys([*QCATE_OPTIONS, str(row.get("qcate") or "text")])),
                                 value=str(row.get("qcate") or "text"), description="qcate"),
         }
@@ -201,7 +236,7 @@ def reward_playground(
         values: dict[str, Any] = dict(row)  # columns without a text field (e.g. the question the guard reads) stay
         for name, widget in fields.items():
             v = widget.value
-            values[name] = [s.strip() for s in v.split(",") if s.strip()] if name in ("candidate_ids", "gold_ids") else v
+            values[name] = _id_list(v) if name in ("candidate_ids", "gold_ids") else v
         return values
 
     def render(*_: Any) -> None:
@@ -246,10 +281,10 @@ def result_html(result: Any, row: Mapping[str, Any] | None = None, *, thumb: int
 
     esc = html.escape
     scores = dict(_field(result, "scores", {}) or {})
-    kept = [str(i) for i in _field(result, "kept_ids", ())]
-    sources = [str(i) for i in _field(result, "sources", ())]
+    kept = [str(i) for i in _field(result, "kept_ids", ()) or ()]  # a JSON null is "none kept", not a TypeError
+    sources = [str(i) for i in _field(result, "sources", ()) or ()]
     short = {cid: f"D{i + 1}" for i, cid in enumerate(kept)}
-    cands = list(row["candidates"]) if row else []
+    cands = list(row.get("candidates") or ()) if row else []
     known = {str(c["id"]) for c in cands}
     missing = "(not in this row's pool)" if row else ""  # e.g. an injected trap viewed against the clean row
     cands += [{"id": cid, "text": missing} for cid in kept if cid not in known]
@@ -295,15 +330,54 @@ def result_html(result: Any, row: Mapping[str, Any] | None = None, *, thumb: int
     )
 
 
+def _is_result(obj: Any) -> bool:
+    return hasattr(obj, "guid") or (isinstance(obj, Mapping) and "guid" in obj)
+
+
+def _predictions_by_system(predictions: Any) -> dict[str, list[Any]]:
+    """``{system: [result, ...]}`` from that mapping or from one list; a clear error for anything else."""
+    if predictions is None or isinstance(predictions, (str, bytes)) or _is_result(predictions):
+        raise TypeError("reasoning_viewer needs {system: [PipelineResult, ...]} or a list of results, got "
+                        f"{type(predictions).__name__}" + (" (one result: pass [result])" if predictions is not None
+                                                           and _is_result(predictions) else ""))
+    preds = ({str(k): v for k, v in predictions.items()} if isinstance(predictions, Mapping)
+             else {"predictions": predictions})
+    out = {}
+    for name, results in preds.items():
+        if results is None or isinstance(results, (str, bytes, Mapping)) or _is_result(results):
+            raise TypeError(f"reasoning_viewer: system {name!r} should hold a list of results, got {type(results).__name__}")
+        results = list(results)
+        bad = next((r for r in results if not _is_result(r)), None)
+        if bad is not None:
+            raise TypeError(f"reasoning_viewer: system {name!r} holds a {type(bad).__name__}, not a result with a guid")
+        out[name] = results
+    return out
+
+
+def _rows_by_guid(rows: Any) -> dict[str, Mapping[str, Any]]:
+    """The rows of one split by guid; a clear error for a whole DatasetDict or rows without a guid."""
+    if rows is None:
+        return {}
+    if isinstance(rows, Mapping) or (hasattr(rows, "keys") and not hasattr(rows, "features")):
+        raise TypeError("reasoning_viewer needs the rows of one split (e.g. ds['test'] or a list of row dicts), got "
+                        f"{type(rows).__name__} with keys {list(rows.keys())[:5]}")
+    by_guid = {}
+    for i, r in enumerate(rows):
+        if not isinstance(r, Mapping) or "guid" not in r:
+            raise TypeError(f"reasoning_viewer: row {i} has no 'guid' (got {type(r).__name__})")
+        by_guid[str(r["guid"])] = r
+    return by_guid
+
+
 def reasoning_viewer(predictions: Any, rows: Any, *, thumb: int = 64) -> VBox:
     """Pick a system and a question; see candidates, stage-1 scores, kept ids, the reasoning, sources and answer
     next to the gold ones. ``predictions``: ``{system: [PipelineResult, ...]}`` or one list. Builds headless.
     """
     import ipywidgets as W
 
-    preds = dict(predictions) if isinstance(predictions, Mapping) else {"predictions": list(predictions)}
+    preds = _predictions_by_system(predictions)
     preds = preds or {"predictions": []}  # no system yet: the viewer says "no predictions" rather than failing
-    by_guid = {str(r["guid"]): r for r in rows}
+    by_guid = _rows_by_guid(rows)
     names = list(preds)
     system = W.Dropdown(options=names, value=names[0], description="system")
     # every question any system answered, in first-seen order: systems may cover different questions
@@ -325,7 +399,11 @@ def reasoning_viewer(predictions: Any, rows: Any, *, thumb: int = 64) -> VBox:
             out.value = (f"<i>{html.escape(str(system.value))} has no prediction for this question: "
                          f"{html.escape(questions[question.value])}</i>")
             return
-        out.value = result_html(match, by_guid.get(question.value), thumb=thumb)
+        row = by_guid.get(question.value)
+        note = "" if row is not None or rows is None else (  # a result for another split's rows: say why gold is "?"
+            f"<p><i>guid {html.escape(question.value)} is not among the {len(by_guid)} rows given to the viewer: "
+            "no captions, images or gold to show beside it (were these predictions made on another split?)</i></p>")
+        out.value = note + result_html(match, row, thumb=thumb)
 
     system.observe(render, names="value")
     question.observe(render, names="value")
