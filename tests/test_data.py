@@ -2007,3 +2007,228 @@ def test_the_webqa_val_test_split_comes_in_a_seeded_order(big_world):
         assert gap < 0.15, (n, prefix, whole)
     again, _ = D.build_mini_webqa(big_world, None, settings=preset, filters=NO_IMAGES, progress=False)
     assert again["test"]["guid"] == test["guid"]  # seeded: the same order every build
+
+
+# ------------------------------------------------------------------ mutation run on mini.py (filters, funnel, splits)
+def _sized_png(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (0, 90, 200)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_each_quality_filter_obeys_its_own_switch_and_threshold():
+    """require_answer_keyword=False keeps an answer without its keyword (and the step leaves the funnel);
+    min_keyword_recall is the share the filter applies, not a fixed 0.5."""
+    recs = [record(guid="ok"), record(guid="miss", a="Hard to say."),
+            record(guid="half", qcate="Others", kw="red square", a="It is red.")]
+    kept, removed = _run(recs)
+    assert kept == ["ok", "half"] and removed["answer_misses_keyword"] == 1
+    kept, removed = _run(recs, require_answer_keyword=False)
+    assert kept == ["ok", "miss", "half"] and "answer_misses_keyword" not in removed
+    kept, removed = _run(recs, min_keyword_recall=0.6)
+    assert kept == ["ok"] and removed["answer_misses_keyword"] == 2
+
+
+def test_the_funnel_lists_every_enabled_step_in_order_even_when_it_removes_nothing():
+    """A step that removes nothing is still a row of the funnel (a reader must see that it ran); the counts chain."""
+    report = FunnelReport("t")
+    kept = D.filter_records([record(guid="a"), record(guid="b", q="What color is the box?")],
+                            MiniWebQAFilters(check_images=False, max_qcate_fraction=None), report=report)
+    assert [r.guid for r in kept] == ["a", "b"]
+    assert [(s.name, s.before, s.removed, s.kept) for s in report.steps] == [
+        (name, 2, 0, 2) for name in ("no_gold_source", "answer_misses_keyword", "overlong_gold", "duplicate_question",
+                                     "reworded_duplicate", "category_balance")]
+
+
+def test_a_gold_image_is_judged_by_its_shorter_side_and_min_image_side_is_inclusive(tmp_path):
+    """An 8 x 8 gold image passes min_image_side=8 (the limit is inclusive), a 7-px strip fails whichever side is
+    short, and a larger min_image_side is the one applied."""
+    folder = write_store(tmp_path, {30000000: _sized_png(8, 8), 30000001: _sized_png(7, 64),
+                                    30000002: _sized_png(64, 7)})
+    recs = [record(guid=f"g{i}", img_pos=((30000000 + i, "Ball", "x"),), img_neg=()) for i in range(3)]
+    with ImageStore(folder) as store:
+        report = FunnelReport("t")
+        kept = D.filter_records(recs, MiniWebQAFilters(max_qcate_fraction=None), store, report)
+        assert [r.guid for r in kept] == ["g0"]
+        assert {s.name: s.examples for s in report.steps}["broken_gold_image"] == ["g1", "g2"]
+        assert D.filter_records(recs, MiniWebQAFilters(max_qcate_fraction=None, min_image_side=9), store) == []
+
+
+def test_a_thin_distractor_image_is_dropped_from_the_pool_and_counted(tmp_path):
+    """A 4 x 64 distractor is too small on its short side: skipped and counted, the rest of the pool kept."""
+    folder = write_store(tmp_path, {30000000: _png(), 30000001: _sized_png(4, 64), 30000002: _png(size=12)})
+    rec = record(guid="x", img_neg=((30000001, "Strip", "x"), (30000002, "Box", "y")))
+    counts: Counter = Counter()
+    with ImageStore(folder) as store:
+        row = D.record_to_row(rec, store, 8, MiniWebQAFilters(), counts=counts)
+    assert sorted(c["id"] for c in row["candidates"]) == ["30000000", "30000002", "x_10"]
+    assert counts["broken_distractor_image"] == 1 and row["gold_ids"] == ["30000000"]
+
+
+def test_a_gold_candidate_is_never_dropped_from_its_pool_for_length():
+    """The pool builder drops overlong distractors only: an overlong gold candidate stays (the overlong_gold step is
+    what removes such questions, and a row without its gold would have nothing to retrieve)."""
+    long_text = " ".join(["word"] * 20)
+    rec = record(guid="g", img_pos=((30000000, "Ball", long_text),),
+                 img_neg=((30000001, "Box", long_text), (30000002, "Cup", "A cup.")))
+    counts: Counter = Counter()
+    row = D.record_to_row(rec, None, 8, MiniWebQAFilters(check_images=False, max_candidate_words=10), counts=counts)
+    assert row["gold_ids"] == ["30000000"] and "30000001" not in [c["id"] for c in row["candidates"]]
+    assert counts["overlong_distractor"] == 1
+
+
+def test_gold_less_rewordings_are_not_reworded_duplicates():
+    """With require_gold=False a question without gold sources has none to share: its rewording stays (only an
+    exact duplicate goes); with gold sources the same pair is one sample twice."""
+    q1, q2 = "What color are the squares in the Museum?", "In the Museum, what color are the squares?"
+    gold_less = [record(guid="a", q=q1, img_pos=()), record(guid="b", q=q2, img_pos=()),
+                 record(guid="c", q=q1 + " ", img_pos=())]
+    kept, removed = _run(gold_less, require_gold=False)
+    assert kept == ["a", "b"] and removed["duplicate_question"] == 1 and removed["reworded_duplicate"] == 0
+    kept, removed = _run([record(guid="a", q=q1), record(guid="b", q=q2)])
+    assert kept == ["a"] and removed["reworded_duplicate"] == 1
+
+
+def test_category_balance_is_a_seeded_sample_not_the_first_questions():
+    """Which questions stay is drawn with the seed: the same seed keeps the same ones, other seeds others, and not
+    simply the first ``cap`` of the file."""
+    recs = [record(guid=f"c{i}", q=f"What color is ball{i}?") for i in range(10)] + [
+        record(guid=f"n{i}", q=f"How many balls{i}?", qcate="number", kw="3", a="3 balls") for i in range(3)]
+    filters = MiniWebQAFilters(check_images=False, max_qcate_fraction=None, max_per_qcate=3)
+
+    def kept(seed: int) -> tuple[str, ...]:
+        return tuple(r.guid for r in D.balance_categories(recs, filters, seed=seed))
+
+    draws = {seed: kept(seed) for seed in range(6)}
+    assert all(sum(g.startswith("c") for g in k) == 3 and sum(g.startswith("n") for g in k) == 3
+               for k in draws.values())
+    assert kept(2) == draws[2] and len(set(draws.values())) > 1
+    assert any(k[:3] != ("c0", "c1", "c2") for k in draws.values())
+
+
+def test_a_fraction_cap_removing_just_over_half_is_refused_and_exactly_half_is_applied():
+    """MAX_BALANCE_LOSS is a share of the questions: 6 of 12 removed (8 text, 2 YesNo, 2 shape at 0.4) is applied,
+    6 of 11 (8, 2, 1) is refused."""
+    def recs(sizes: dict[str, int]) -> list[D.WebQARecord]:
+        return [D.WebQARecord(f"{q}{i}", f"{q} question {i}?", ("a",), q, "", "train")
+                for q, n in sizes.items() for i in range(n)]
+
+    half = D.balance_categories(recs({"text": 8, "YesNo": 2, "shape": 2}), MiniWebQAFilters())
+    assert Counter(r.qcate for r in half) == {"text": 2, "YesNo": 2, "shape": 2}
+    with pytest.raises(D.MiniWebQABuildError, match="would remove 6 of 11"):
+        D.balance_categories(recs({"text": 8, "YesNo": 2, "shape": 1}), MiniWebQAFilters())
+
+
+def test_splits_are_seeded_and_do_not_depend_on_record_order():
+    """Another seed deals the groups differently; the same records in another order (pairs linked by a gold image
+    among them) give the same splits."""
+    recs = [record(guid=f"q{i}", q=f"What color is ball{i}?", img_pos=((31000000 + i // 2, "t", "c"),))
+            for i in range(40)]
+
+    def assignment(rs, seed):
+        return {r.guid: name for name, part in D.split_records(rs, (0.8, 0.1, 0.1), seed=seed).items() for r in part}
+
+    by_seed = [assignment(recs, seed) for seed in range(4)]
+    assert len({tuple(sorted(a.items())) for a in by_seed}) == 4
+    assert all(assignment(list(reversed(recs)), seed) == by_seed[seed] for seed in range(4))
+
+
+def test_a_category_of_three_questions_reaches_every_split():
+    """Dealt by each split's share of its target still missing, three questions of a category go one to each split
+    (by the absolute shortfall all three went to train, whose target 2.4 dwarfs 0.3)."""
+    recs = [record(guid=f"c{i}", q=f"What color is ball{i}?", img_pos=((31000000 + i, "t", "c"),)) for i in range(40)]
+    recs += [record(guid=f"s{i}", q=f"What shape is kite{i}?", qcate="shape", kw="round", a="It is round.",
+                    img_pos=((32000000 + i, "t", "c"),)) for i in range(3)]
+    for seed in range(4):
+        parts = D.split_records(recs, (0.8, 0.1, 0.1), seed=seed)
+        assert {k: sum(r.qcate == "shape" for r in v) for k, v in parts.items()} == {
+            "train": 1, "validation": 1, "test": 1}, seed
+
+
+def test_split_proportions_count_questions_not_groups():
+    """Linked groups of ten and single questions: each split holds its fraction of the questions (within a group)."""
+    recs = [record(guid=f"g{g}x{j}", q=f"What color is ball{g}x{j}?", img_pos=((31000000 + g, "t", "c"),))
+            for g in range(8) for j in range(10)]
+    recs += [record(guid=f"s{i}", q=f"What color is kite{i}?", img_pos=((32000000 + i, "t", "c"),)) for i in range(20)]
+    for seed in range(4):
+        sizes = {k: len(v) for k, v in D.split_records(recs, (0.8, 0.1, 0.1), seed=seed).items()}
+        assert sum(sizes.values()) == 100
+        assert abs(sizes["validation"] - 10) <= 5 and abs(sizes["test"] - 10) <= 5, (seed, sizes)
+
+
+def test_a_mixed_group_counts_in_its_majority_category():
+    """A group of 20 colour questions and 1 shape question (one gold image) is dealt as colour: the 10 other shape
+    questions keep the shape share of each split, and validation / test each hold about a tenth of the colour ones."""
+    recs = [record(guid=f"c{i}", q=f"What color is ball{i}?", img_pos=((33000000 + i, "t", "c"),)) for i in range(100)]
+    recs += [record(guid=f"m{i}", q=f"What color is mixed{i}?", img_pos=((34000000, "t", "c"),)) for i in range(20)]
+    recs += [record(guid="ms", q="What shape is the mixed one?", qcate="shape", img_pos=((34000000, "t", "c"),))]
+    recs += [record(guid=f"sh{i}", q=f"What shape is kite{i}?", qcate="shape", kw="round", a="It is round.",
+                    img_pos=((35000000 + i, "t", "c"),)) for i in range(10)]
+    for seed in range(6):
+        parts = D.split_records(recs, (0.8, 0.1, 0.1), seed=seed)
+        shapes = {k: sum(r.qcate == "shape" for r in v) for k, v in parts.items()}
+        assert shapes["validation"] <= 2 and shapes["test"] <= 2, (seed, shapes)
+
+
+def test_the_build_seed_reaches_balancing_splitting_and_pools(tmp_path):
+    """One seed, one Mini-WebQA; another seed balances, splits and shuffles pools differently."""
+    def raw(guid: str, qcate: str) -> dict:
+        extra = {"number": {"kw": "3", "a": "3 balls"}, "shape": {"kw": "round", "a": "It is round."}}.get(qcate, {})
+        n = int(guid[1:])
+        return raw_record(guid=guid, q=f"What {qcate} is ball{guid}?", qcate=qcate,
+                          img_pos=((30000000 + n, "Ball", "A ball."),),
+                          img_neg=tuple((31000000 + 10 * n + k, f"Box {k}", "A box.") for k in range(4)), **extra)
+
+    source = write_webqa(tmp_path / "webqa", {g: raw(g, q) for q, size, start in
+                                             (("color", 24, 0), ("number", 8, 100), ("shape", 8, 200))
+                                             for g in (f"q{start + i}" for i in range(size))})
+
+    def build(seed: int, **filters):
+        dd, _ = D.build_mini_webqa(source, None, filters=MiniWebQAFilters(check_images=False, **filters), seed=seed,
+                                   progress=False)
+        return {s: {r["guid"]: [c["id"] for c in r["candidates"]] for r in dd[s]} for s in D.SPLITS}
+
+    unbalanced = {seed: build(seed, max_qcate_fraction=None) for seed in (0, 1)}
+    assert build(0, max_qcate_fraction=None) == unbalanced[0]
+    assert {s: set(p) for s, p in unbalanced[0].items()} != {s: set(p) for s, p in unbalanced[1].items()}
+    pools = [{g: ids for p in unbalanced[seed].values() for g, ids in p.items()} for seed in (0, 1)]
+    assert pools[0].keys() == pools[1].keys() and pools[0] != pools[1]
+    assert all(sorted(pools[0][g]) == sorted(pools[1][g]) for g in pools[0])  # same candidates, another order
+    balanced = [{g for p in build(seed).values() for g in p} for seed in (0, 1)]
+    assert len(balanced[0]) == len(balanced[1]) < 40 and balanced[0] != balanced[1]
+
+
+def test_each_pool_is_shuffled_by_its_own_question():
+    """Pools of one shape under one seed are not all dealt the same permutation: the gold candidate's slot varies."""
+    rows = [D.record_to_row(record(guid=f"p{i}", img_neg=tuple((31000000 + 10 * i + k, "Box", "x") for k in range(4)),
+                                   txt_neg=()), None, 8, NO_IMAGES, seed=0) for i in range(12)]
+    slots = [next(n for n, c in enumerate(r["candidates"]) if c["is_gold"]) for r in rows]
+    assert len(set(slots)) > 1
+
+
+def test_a_store_missing_exactly_half_the_gold_images_is_not_refused(tmp_path):
+    """The wrong-store refusal is for more than MAX_GOLD_NOT_IN_STORE of the gold images: at exactly half the
+    questions with a missing gold image are removed and the build goes on."""
+    folder = write_store(tmp_path, {30000000: _png(), 30000001: _png()})
+    recs = [record(guid="ok", img_neg=()), record(guid="gone", img_pos=((30000009, "Ball", "x"),), img_neg=())]
+    with ImageStore(folder) as store:
+        assert [r.guid for r in D.filter_records(recs, MiniWebQAFilters(max_qcate_fraction=None), store)] == ["ok"]
+        more = recs + [record(guid="gone2", img_pos=((30000008, "Ball", "x"),), img_neg=())]
+        with pytest.raises(D.MiniWebQABuildError, match="2 of the 3 gold images are not in the image store"):
+            D.filter_records(more, MiniWebQAFilters(max_qcate_fraction=None), store)
+
+
+def test_answer_filter_edges_restating_half_a_question_titles_and_empty_answers():
+    """A yes/no sentence restating exactly half the question's content words is a verdict; a text answer may name
+    what only a gold snippet's title says; an empty answer states nothing, whatever the category."""
+    recs = [
+        record(guid="yn_half", qcate="YesNo", kw=None, q="Does the Mill of Ada have a red roof?",
+               a="The mill has a red door."),
+        record(guid="yn_quarter", qcate="YesNo", kw=None, q="Does the Mill of Ada have a red roof?",
+               a="The mill has a blue door."),
+        record(guid="txt_title", qcate="text", kw=None, q="Who wrote the Song of Ada?", a="Lina Berg.", img_pos=(),
+               txt_pos=(("The Song of Ada is a poem from 1850.", "Lina Berg"),)),
+        record(guid="others_empty", qcate="Others", kw=None, a="  "),
+    ]
+    kept, removed = _run(recs, drop_duplicates=False)
+    assert kept == ["yn_half", "txt_title"] and removed["answer_misses_keyword"] == 2
