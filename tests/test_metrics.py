@@ -540,3 +540,93 @@ def test_the_official_one_character_rule():
     general rule would drop it: "I" is "i", and "?" stays "?"."""
     assert metrics.normalize_webqa_text("I") == "i"
     assert metrics.normalize_webqa_text("?") == "?"
+
+
+# ------------------------------------------------------------------- cases found surviving a mutation run (2026-11-28)
+def test_closed_vocabularies_are_exactly_the_official_lists():
+    """A typo in one entry ('aqua' -> 'aquaa') keeps the count; the whole lists are pinned (eval_1022.py's, typos
+    'octogon', 'bluere', 'crosse' and the odd 'yes' among the colours included)."""
+    assert COLOR_SET == {
+        'orangebrown', 'spot', 'yellow', 'blue', 'rainbow', 'ivory', 'brown', 'gray', 'teal', 'bluewhite',
+        'orangepurple', 'black', 'white', 'gold', 'redorange', 'pink', 'blonde', 'tan', 'turquoise', 'grey', 'beige',
+        'golden', 'orange', 'bronze', 'maroon', 'purple', 'bluere', 'red', 'rust', 'violet', 'transparent', 'yes',
+        'silver', 'chrome', 'green', 'aqua',
+    }
+    assert SHAPE_SET == {
+        'globular', 'octogon', 'ring', 'hoop', 'octagon', 'concave', 'flat', 'wavy', 'shamrock', 'cross', 'cylinder',
+        'cylindrical', 'pentagon', 'point', 'pyramidal', 'crescent', 'rectangular', 'hook', 'tube', 'cone', 'bell',
+        'spiral', 'ball', 'convex', 'square', 'arch', 'h', 'cuboid', 'step', 'rectangle', 'dot', 'oval', 'circle',
+        'star', 'crosse', 'crest', 'octagonal', 'cube', 'triangle', 'semicircle', 'domeshape', 'obelisk', 'corkscrew',
+        'curve', 'circular', 'xs', 'slope', 'pyramid', 'round', 'bow', 'straight', 'triangular', 'heart', 'fork',
+        'teardrop', 'fold', 'curl', 'spherical', 'diamond', 'keyhole', 'conical', 'dome', 'sphere', 'bellshaped',
+        'rounded', 'hexagon', 'flower', 'globe', 'torus',
+    }
+    assert metrics.YESNO_SET == {"yes", "no"}
+    assert webqa_accuracy("aqua", "aqua", "color") == pytest.approx(official_f1(1, 1), abs=1e-9)
+    assert webqa_accuracy("not", "not", "YesNo") == 0.0  # only yes and no count, whatever else matches
+
+
+def test_a_single_word_is_lemmatised():
+    """Only a one-*character* text skips the lemmatiser; a single word keeps its article but is lemmatised."""
+    assert normalize_webqa_text("Circles.") == "circle"
+    assert webqa_accuracy("Circles", "circle", "shape") == pytest.approx(official_f1(1, 1), abs=1e-9)
+
+
+def test_repeated_words_count_as_often_as_they_occur_outside_the_closed_vocabularies():
+    """Only colour/shape/YesNo bags are sets; text and number bags are multisets and the overlap is a multiset one."""
+    assert webqa_accuracy("dog dog", "dog dog cat", "Others") == pytest.approx(2 / 3)  # overlap 2 of 3 words
+    assert webqa_accuracy("dog", "dog dog cat", "Others") == pytest.approx(1 / 3)
+    assert webqa_accuracy("3 or 3", "3 and 3", "number") == pytest.approx(official_f1(1, 1), abs=1e-9)  # 2 of 2 each
+    assert metrics.webqa_bags("3 or 3", "3", "number") == (["3", "3"], ["3"])
+
+
+def test_number_bags_hold_integers_in_their_canonical_spelling():
+    """detectNum keeps str(int(w)): "05", split off "05°C" by spaCy after the number words were read, is "5"."""
+    assert metrics.webqa_bags("it be 05 ° c", "5", "number") == (["5"], ["5"])
+    assert webqa_accuracy("It was 05°C", "5", "number") == pytest.approx(official_f1(1, 1), abs=1e-9)
+
+
+def test_a_lone_surrogate_does_not_take_down_normalisation():
+    """A JSON "\\ud83d" decodes to a lone surrogate, which spaCy cannot hash; it is replaced, then dropped as punctuation."""
+    assert normalize_webqa_text("big red \ud83d dogs") == "big red dog"
+    assert metrics.webqa_accuracy_batch(["big red \ud83d dogs", "red"], ["red", "red"], ["color", "color"]) == \
+        pytest.approx([official_f1(1, 1)] * 2, abs=1e-9)
+
+
+def test_qa_reference_is_keywords_else_the_first_full_answer():
+    assert metrics.qa_reference(["The car is red.", "It is red."], "") == "The car is red."  # A[0], not the last
+    assert metrics.qa_reference(["The car is red.", "It is red."], "  ") == "The car is red."  # blank = none
+    assert metrics.qa_reference(["The car is red."], "red") == "red"
+    assert metrics.qa_reference("Paris", None) == "Paris" and metrics.qa_reference([], "") == ""
+    refs = {"g": {"gold_ids": ["1"], "answer": ["Paris is in France", "Lyon"], "keywords": "", "qcate": "text"}}
+    report = evaluate_webqa_submission({"g": {"sources": ["1"], "answer": "Paris"}}, refs)
+    assert report.overall["acc"] == pytest.approx(0.25)  # recall of 'paris' among 'paris be in france', not 0 (Lyon)
+
+
+def test_more_spellings_of_an_id():
+    """Any number of trailing zeros, surrounding whitespace, and integers past 2**53 (no detour through float)."""
+    assert webqa_retrieval_f1(["30079629.00"], [30079629]) == 1.0
+    assert webqa_retrieval_f1([" d5bb-1\t"], ["d5bb-1"]) == 1.0
+    big = 2**53 + 1  # float(big) == 2**53: read as a float, it would be another id
+    assert webqa_retrieval_f1([big], [str(big)]) == 1.0 and webqa_retrieval_f1([big], [str(2**53)]) == 0.0
+    assert webqa_retrieval_f1([], []) == 0.0  # no gold and no prediction: 0, not a division by zero
+
+
+def test_mmqa_empty_bags_and_repeated_spans_as_drop():
+    """DROP: two empty bags (spans that normalise to nothing) have F1 1; EM compares span *sets* and counts."""
+    assert mmqa_em_f1("a", ["the"]) == (1.0, 1.0)
+    assert mmqa_em_f1(["x", "the"], ["x", "an"]) == (1.0, 1.0)
+    # {x, y} both sides and 3 spans each: EM 1; Hungarian x-x 1, y-y 1, x-y 0 -> 2/3 -> 0.67
+    assert mmqa_em_f1(["x", "x", "y"], ["x", "y", "y"]) == (1.0, 0.67)
+
+
+def test_ranking_metrics_at_k_zero_or_negative_rank_nothing():
+    assert recall_at_k(["a"], ["a"], 0) == 0.0 and recall_at_k(["a"], ["a"], -1) == 0.0
+    assert ndcg_at_k(["a"], ["a"], 0) == 0.0 and precision_at_k(["a"], ["a"], 0) == 0.0
+
+
+def test_top_k_ids_ranks_missing_scores_last_and_breaks_ties_by_pool_order():
+    scores = {"a": float("nan"), "b": 0.1, "c": None, "d": -5.0}
+    assert metrics.top_k_ids(scores, 4, ["a", "b", "c", "d"]) == ["b", "d", "a", "c"]
+    assert metrics.top_k_ids({"a": 1.0, "b": 1.0, "c": 2.0}, 2, ["a", "b", "c"]) == ["c", "a"]
+    assert metrics.top_k_ids({"a": 1.0, "b": 1.0}, 1, ["b", "a"]) == ["b"]

@@ -237,3 +237,42 @@ def test_ids_are_deduplicated_by_their_canonical_form_and_trailing_punctuation_i
     assert p.source_ids == ("D2",) and "duplicate_id" in p.codes
     assert split_ids("D2, D5.") == ["D2", "D5"]
     assert normalize_verdict("Yes!") == "yes"
+
+
+# ------------------------------------------------------------------- cases found surviving a mutation run (2026-11-28)
+def test_a_stray_closing_tag_is_one_problem_and_not_text_outside_the_tags():
+    """The stray tag is consumed: it is not also "text outside the tags", and the same message is reported once."""
+    assert parse_stage1("</think><answer>yes</answer>", reasoning=False).codes == ("stray_close_tag",)
+    p = parse_stage1("</think></think><answer>yes</answer>", reasoning=False)
+    assert p.codes == ("stray_close_tag",) and p.label == "yes"
+
+
+def test_a_missing_block_is_not_also_a_wrong_order():
+    assert parse_stage1("<answer>yes</answer>", reasoning=True).codes == ("missing_tag",)
+    assert parse_stage2("<think>t</think><answer>x</answer>", IDS, reasoning=True).codes == ("missing_tag",)
+
+
+def test_full_width_ids_and_separators_are_read_as_ascii():
+    assert split_ids("Ｄ２，Ｄ４") == ["D2", "D4"]
+    parsed = parse_stage2("<sources>Ｄ２，Ｄ４</sources><answer>x</answer>", IDS, reasoning=False)
+    assert parsed.ok and parsed.source_ids == ("D2", "D4")
+
+
+def test_only_a_whole_token_is_a_list_marker():
+    """"and" or "1." drop only as whole tokens: an id that starts with them is still an id."""
+    assert split_ids("android_1, 2.jpg, D2") == ["android_1", "2.jpg", "D2"]
+    parsed = parse_stage2("<sources>Andes, D2</sources><answer>x</answer>", ["Andes", "D2"], reasoning=False)
+    assert parsed.ok and parsed.source_ids == ("Andes", "D2")
+
+
+def test_candidate_ids_are_matched_without_their_surrounding_whitespace():
+    parsed = parse_stage2("<sources>D1</sources><answer>x</answer>", [" D1 ", "D2"], reasoning=False)
+    assert parsed.ok and parsed.unknown_ids == () and parsed.source_ids == (" D1 ",)  # the candidate's own spelling
+
+
+def test_completion_text_joins_assistant_turns_and_skips_non_text_parts():
+    msgs = [{"role": "assistant", "content": "<think>t</think>"}, {"role": "assistant", "content": "<answer>yes</answer>"}]
+    assert completion_text(msgs) == "<think>t</think><answer>yes</answer>"
+    assert parse_stage1(msgs, reasoning=True).ok
+    parts = [{"role": "assistant", "content": [{"type": "image"}, {"type": "text", "text": "<answer>no</answer>"}]}]
+    assert completion_text(parts) == "<answer>no</answer>" and parse_stage1(parts, reasoning=False).label == "no"
