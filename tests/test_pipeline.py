@@ -798,3 +798,55 @@ def test_cached_scores_for_another_pool_are_recomputed_never_used(monkeypatch, t
     (res,) = P.run_pipeline(rows, PRESET, system=P.SystemSpec("s", "stage1", "base"), bank=bank,
                             scores={"q0": {"stale-id": 0.9}}, progress=False)
     assert calls == [["q0"]] and set(res.scores) == pool
+
+
+# ------------------------------------------------------------------------------- pure pieces (mutation run 2)
+def test_a_systems_own_k_and_reasoning_win_over_the_presets():
+    default = P.SystemSpec("d", "stage1", "stage2")
+    assert default.resolved_k(PRESET) == PRESET.stage1.k
+    assert default.resolved_reasoning(PRESET) is bool(PRESET.stage2.reasoning)
+    own = P.SystemSpec("o", "stage1", "stage2", k=PRESET.stage1.k + 2, reasoning=not PRESET.stage2.reasoning)
+    assert own.resolved_k(PRESET) == PRESET.stage1.k + 2
+    assert own.resolved_reasoning(PRESET) is (not PRESET.stage2.reasoning)
+
+
+def test_the_oracle_pads_with_distractors_even_when_the_judge_ranks_the_gold_first():
+    """Gold ranked on top must not use up the padding: k=4 is 2 gold + the 2 best distractors, in score order."""
+    row = ROWS[0]  # gold 3000 and q0_1
+    scores = {"3000": 0.9, "q0_1": 0.8, "3002": 0.1, "q0_3": 0.2, "3004": 0.3, "q0_5": 0.4}
+    assert P.oracle_ids(row, scores, 4) == ["3000", "q0_1", "q0_5", "3004"]
+    assert P.oracle_ids(row, scores, 2) == ["3000", "q0_1"]
+
+
+def test_a_result_round_trips_every_field():
+    r = P.PipelineResult(guid="g", question="q?", system="s", scores={"a": 0.25, "b": 0.5}, kept_ids=("a", "b"),
+                         reasoning="because", completion="<answer>x</answer>", sources=("b",), answer="x",
+                         problems=("prompt too long", "unknown_id: D9"), short_sources=("D2",))
+    assert P.PipelineResult.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+
+
+def test_token_batches_track_the_longest_prompt_of_a_call_and_refuse_a_negative_cap():
+    # 10 then 5: 2 x 10 = 20 fits; a third prompt pads to 3 x 10 = 30 > 20 (the longest is still 10, not the last 5)
+    assert P.token_batches([10, 5, 5], 8, 20) == [[0, 1], [2]]
+    with pytest.raises(ValueError, match="max_batch_tokens=-1"):
+        P.token_batches([1, 1], 2, -1)
+
+
+def test_fit_prompt_drop_order_and_notes_by_hand(monkeypatch):
+    """A made-up length of 10 tokens per candidate: which candidates survive each budget, and what the result says."""
+    monkeypatch.setattr(P, "prompt_length", lambda processor, req: 10 * len(req.source_ids))
+    row = ROWS[0]
+    cands = row["candidates"]  # 3000 q0_1 3002 q0_3 3004 q0_5
+    exact = P.fit_prompt(row, cands, None, reasoning=False, max_tokens=60)  # exactly at the budget: all of them
+    assert exact.source_ids == tuple(c["id"] for c in cands) and exact.notes == () and exact.prompt_tokens == 60
+    four = P.fit_prompt(row, cands, None, reasoning=False, max_tokens=40)  # 4 x 10 = 40 fits exactly
+    assert four.source_ids == ("3000", "q0_1", "3002", "q0_3") and four.prompt_tokens == 40
+    assert four.notes == ("prompt too long: dropped 2 lowest-ranked candidate(s) ['3004', 'q0_5'] to fit 40 tokens",)
+    kept = P.fit_prompt(row, cands, None, reasoning=False, max_tokens=40, keep={"q0_5"})  # kept ids go last
+    assert kept.source_ids == ("3000", "q0_1", "3002", "q0_5") and kept.prompt_tokens == 40
+    assert "dropped 2 candidate(s), lowest-ranked distractors first, ['q0_3', '3004']" in kept.notes[0]
+    over = P.fit_prompt(row, cands, None, reasoning=False, max_tokens=5)  # even one is over: the best one, whole
+    assert over.source_ids == ("3000",) and over.prompt_tokens == 10
+    assert over.notes[0].endswith("still over with one candidate, sent whole (never truncated)")
+    alone = P.fit_prompt(row, cands[:1], None, reasoning=False, max_tokens=5)
+    assert alone.source_ids == ("3000",) and alone.prompt_tokens == 10 and "sent whole" in alone.notes[0]

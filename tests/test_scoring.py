@@ -556,3 +556,39 @@ def test_the_gpu_presets_prompt_budget_covers_a_real_webqa_question(load_benchma
         kept = r["every_candidate_kept_by_fit_prompt"]
         assert (kept == r["candidates"]) == (r["every_candidate_prompt_tokens"] <= r["max_prompt_tokens"])
         assert r["every_candidate_kept_when_answering"] == r["candidates"]  # notebook 05's zero-shot sees them all
+
+
+# ------------------------------------------------------------------------------------------- by hand (mutation run 2)
+def test_top_k_ties_keep_pool_order_not_id_order() -> None:
+    assert scoring.top_k([("z", 0.5), ("a", 0.5), ("m", 0.7)], 3) == ["m", "z", "a"]
+    assert scoring.top_k({"q": [("z", 0.5), ("a", 0.5)]}, 1) == {"q": ["z"]}
+
+
+def test_filter_report_token_columns_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
+    costs = {"a": 1, "b": 2, "c": 4, "d": 8, "x": 16, "y": 32, "z": 64}
+    monkeypatch.setattr(scoring, "candidate_token_costs", lambda proc, cands, preset: [costs[c["id"]] for c in cands])
+    split = [
+        {"guid": "q1", "candidates": [{"id": i} for i in "abcd"], "gold_ids": ["a", "c"]},
+        {"guid": "q2", "candidates": [{"id": i} for i in "xyz"], "gold_ids": ["z"]},
+    ]
+    scored = {"q1": [("a", 0.9), ("b", 0.8), ("c", 0.1), ("d", 0.2)], "q2": [("x", 0.1), ("y", 0.2), ("z", 0.3)]}
+    rows = {r["k"]: r for r in scoring.filter_report(scored, split, processor=object(), preset=PRESET)}
+    full = (15 + 112) / 2  # every candidate of each pool
+    # k=1 keeps a (1) and z (64); k=2 adds b (2) and y (32); k=4 keeps q1 whole and q2's 3 (a pool smaller than k)
+    for k, kept in ((1, (1 + 64) / 2), (2, (3 + 96) / 2), (4, full)):
+        assert rows[k]["tokens_full"] == full and rows[k]["tokens_kept"] == kept
+        assert rows[k]["tokens_saved"] == full - kept and rows[k]["saved_fraction"] == pytest.approx((full - kept) / full)
+    table = scoring.format_filter_report([rows[2]]).splitlines()
+    assert table[0].split() == ["k", "recall", "precision", "all_gold", "kept", "tokens_kept", "tokens_saved",
+                                "saved_fraction"]
+    assert table[1].split() == ["2", "0.750", "0.500", "0.500", "2.000", "49.500", "14.000", f"{14 / 63.5:.3f}"]
+
+
+def test_saved_scores_keep_their_meta_and_a_torn_record_is_an_error(tmp_path: Path) -> None:
+    path = scoring.save_scores({"q1": [("a", 0.25), ("b", 0.75)]}, tmp_path / "s.json", meta={"judge": "j1"})
+    assert scoring.load_scores_and_meta(path) == ({"q1": [("a", 0.25), ("b", 0.75)]}, {"judge": "j1"})
+    payload = json.loads(path.read_text(encoding="utf-8"))
+    payload["questions"]["q1"]["scores"] = [0.25]  # one score for two candidates: not silently a shorter pool
+    path.write_text(json.dumps(payload), encoding="utf-8")
+    with pytest.raises(ValueError):
+        scoring.load_scores(path)

@@ -1064,3 +1064,79 @@ def test_the_miniature_trains_a_short_stand_in_stage1_when_its_adapter_is_missin
     tiny = get_preset("cpu-tiny")
     training.ensure_stage1_adapter(tiny, [], tmp_path, verbose=False)
     assert calls == [(("rows", tiny.seed), max(2, tiny.stage1.grpo.max_steps // training.SHORT_STAGE1_FRACTION))]
+
+
+# ---------------------------------------------------------------- by hand, with a made-up token count (mutation run 2)
+@pytest.fixture
+def ten_per_candidate(monkeypatch: pytest.MonkeyPatch):
+    """Prompt length = 10 tokens per candidate shown + 5 per image: stage-2 building without a model."""
+    def count(processor, messages, images) -> int:
+        ids = [p for m in messages for p in m["content"] if p["type"] == "text" and re.fullmatch(r"D\d+: ", p["text"])]
+        return 10 * len(ids) + 5 * len(images)
+
+    monkeypatch.setattr(modeling, "prompt_token_count", count)
+
+
+def test_stage2_report_arithmetic_by_hand(ten_per_candidate) -> None:
+    rows = mini_rows(4)  # g0: image question, 1 gold; g1: text question, 2 gold
+    r0, r1 = rows[0], rows[1]
+    images = {r["guid"]: {c["id"] for c in r["candidates"] if c["image"] is not None} for r in rows}
+    kept = {"g0": [c["id"] for c in r0["candidates"][:5]], "g1": [c["id"] for c in r1["candidates"][:3]]}
+    cost = {g: 10 * len(ids) + 5 * len(images[g] & set(ids)) for g, ids in kept.items()}
+    at_limit = PRESET.with_overrides(**{"stage2.max_prompt_tokens": max(cost.values())})
+    ds, report = training.build_stage2_dataset(rows, at_limit, kept_ids=kept, processor=object(), seed=0)
+    perms = PRESET.stage2.permutations
+    assert len(ds) == report.rows == 2 * perms  # a prompt exactly at the limit is a row, in every order
+    assert (report.questions_shrunk, report.rows_dropped_too_long, report.questions_without_kept_ids) == (0, 0, 2)
+    assert report.prompt_tokens_max == max(cost.values())
+    assert report.prompt_tokens_mean == (cost["g0"] + cost["g1"]) / 2
+    per_question = {g: len(images[g] & set(ids)) for g, ids in kept.items()}
+    assert per_question == {"g0": 3, "g1": 2} and report.images_per_prompt_max == 3  # the most, not the last row's
+
+
+def test_stage2_shrinking_counts_by_hand(ten_per_candidate) -> None:
+    rows = mini_rows(4)
+    r1 = rows[1]  # two gold snippets/images first, then distractors
+    gold = [c["id"] for c in r1["candidates"] if c["is_gold"]]
+    other = [c["id"] for c in r1["candidates"] if not c["is_gold"]]
+    assert len(gold) == 2
+    img = {c["id"] for c in r1["candidates"] if c["image"] is not None}
+
+    def cost(ids):
+        return 10 * len(ids) + 5 * len(img & set(ids))
+
+    # two distractors must go (the lowest-ranked two), the gold stays
+    kept = {"g1": gold + other[:3]}
+    tight = PRESET.with_overrides(**{"stage2.max_prompt_tokens": cost(gold + other[:1])})
+    ds, report = training.build_stage2_dataset(rows, tight, kept_ids=kept, processor=object(), seed=0)
+    assert (report.questions_shrunk, report.candidates_dropped, report.gold_dropped) == (1, 2, 0)
+    assert all(set(ex["source_ids"]) == set(gold + other[:1]) for ex in ds)
+    # only gold shown and room for one: the lower-ranked gold goes, the best one stays
+    only_gold = {"g1": gold}
+    one = PRESET.with_overrides(**{"stage2.max_prompt_tokens": cost(gold[:1])})
+    ds, report = training.build_stage2_dataset(rows, one, kept_ids=only_gold, processor=object(), seed=0)
+    assert (report.questions_shrunk, report.candidates_dropped, report.gold_dropped) == (1, 1, 1)
+    assert all(ex["source_ids"] == [gold[0]] and ex["gold_ids"] == ["D1"] for ex in ds)
+
+
+def test_stage1_sampling_follows_the_seed_and_draws_from_the_whole_split() -> None:
+    rows = mini_rows()
+    small = PRESET.with_overrides(**{"stage1.max_examples": 4})
+
+    def picked(seed):
+        return sorted((r["guid"], r["candidate_id"]) for r in training.build_stage1_dataset(rows, small, seed=seed))
+
+    assert picked(None) == picked(PRESET.seed)  # no seed: the preset's
+    assert len({tuple(picked(s)) for s in range(5)}) > 1  # the seed given decides the sample
+    # 2 positives and 2 negatives out of the shuffled ones, not always the split's first gold and first distractors
+    first_gold = {("g0", rows[0]["candidates"][0]["id"]), ("g1", rows[1]["candidates"][0]["id"])}
+    first_other = [(r["guid"], c["id"]) for r in rows for c in r["candidates"] if not c["is_gold"]][:2]
+    assert any({p for p in picked(s) if p in first_gold} != first_gold for s in range(5))
+    assert any(not set(first_other) <= set(picked(s)) for s in range(5))
+
+
+def test_stage1_scarce_negatives_shrink_the_positives_to_the_asked_fraction() -> None:
+    """18 gold and 6 distractors at a quarter positive: 6 negatives carry 6 x 0.25 / 0.75 = 2 positives, not 6."""
+    scarce = mini_rows(pool=2)
+    quarter = PRESET.with_overrides(**{"stage1.positive_fraction": 0.25})
+    assert Counter(training.build_stage1_dataset(scarce, quarter, seed=0)["label"]) == {"yes": 2, "no": 6}
