@@ -270,6 +270,8 @@ def relevance_reward(
 def ranking_score(selected: Sequence[str], gold: Sequence[str], candidates: Sequence[str] | None, *, metric: str = "f1", k: int | None = None) -> float:
     """The ranking reward of one parsed id list (see the module docstring); a repeated id counts once."""
     k = _check_ndcg_k(k)
+    if metric not in RANKING_METRICS:  # before any early return: a row with no visible gold must not hide a typo
+        raise ValueError(f"unknown ranking metric {metric!r}; choose one of {RANKING_METRICS}")
     selected = list(dict.fromkeys(_ids(selected)))
     gold_set = set(_ids(gold))
     if candidates is not None:
@@ -279,11 +281,10 @@ def ranking_score(selected: Sequence[str], gold: Sequence[str], candidates: Sequ
     if metric == "f1":
         hits = len(set(selected) & gold_set)
         return 2 * hits / (len(selected) + len(gold_set)) if hits else 0.0
-    if metric == "ndcg":
-        depth = k if k is not None else len(gold_set)
-        # ids past the depth earn nothing and dilute: the gold first, then every other candidate, is no ranking
-        return metrics.ndcg_at_k(selected, gold_set, depth) * min(1.0, depth / max(len(selected), 1))
-    raise ValueError(f"unknown ranking metric {metric!r}; choose one of {RANKING_METRICS}")
+    # ndcg
+    depth = k if k is not None else len(gold_set)
+    # ids past the depth earn nothing and dilute: the gold first, then every other candidate, is no ranking
+    return metrics.ndcg_at_k(selected, gold_set, depth) * min(1.0, depth / max(len(selected), 1))
 
 
 def ranking_reward(
@@ -710,6 +711,8 @@ def _gold_spans(gold: Any) -> list[Any]:
     """An MMQA reference as ``metrics.mmqa_em_f1`` reads it: a string or a number (``1985.0``) is one span, a list of
     spans stays one, a list of such lists is several references, and MMQA's raw answer dicts (``{"answer": ...,
     "type": ...}``) give their answer (they were read as their repr, and a list of lists as the text "['Paris']")."""
+    if isinstance(gold, numbers.Real) and not isinstance(gold, bool) and math.isnan(gold):
+        return []  # a gap in a number column (pandas reads a missing answer as NaN): no reference, not the text "nan"
     if isinstance(gold, (str, numbers.Number)):
         return [str(gold)]
     if isinstance(gold, Mapping):
@@ -740,7 +743,8 @@ def answer_reward(
     ``webqa`` uses the optional columns ``keywords`` (preferred when non-empty) and ``qcate`` (default ``text``), and
     the question (column ``question``, else TRL's ``prompts``; without either, ``choose_guard`` is off for that row
     and a number the question states counts as a guess). ``choose_guard``, ``hedge_guard`` and ``length_guard`` close
-    the reward hacks the official metric leaves open (module docstring): on by default, because a reward that pays
+    the reward hacks the official metric leaves open (module docstring), and ``keyword_guard`` reads a keyword derived
+    from the answer where a row has none (the public train file): all four on by default, because a reward that pays
     copying the question, hedging or padding teaches exactly that.
     """
     penalty = _check_penalty(penalty)
@@ -924,7 +928,7 @@ def build_reward_funcs(
     (format, relevance) / (format, ranking, answer). ``balance_classes`` re-weights stage-1 verdicts with
     ``ρ = positive_weight`` if given, else ``(1 − π)/π`` from ``positive_fraction`` (default 0.5, i.e. no change).
     ``choose_guard`` / ``hedge_guard`` / ``length_guard`` are the answer reward's guards against copying the question,
-    hedging and padding. ``ndcg_k`` is the nDCG depth (a whole number ≥ 1; ``None``: the number of gold ids shown).
+    hedging and padding; ``keyword_guard`` derives a keyword where a row has none, as in the public train file. ``ndcg_k`` is the nDCG depth (a whole number ≥ 1; ``None``: the number of gold ids shown).
     ``min_think_words``: the format reward's floor on the words inside ``<think>`` (``format_reward``).
     """
     if stage not in STAGE_COMPONENTS:

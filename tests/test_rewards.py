@@ -1050,3 +1050,98 @@ def test_an_option_denied_after_it_is_named_is_not_named():
     q = "Which instrument is constructed from a previously living thing more completely ; bansuri or Saxhornbasse ?"
     a = "The bansuri is constructed from a previously living thing more completely as opposed to the Saxhornbasse which is not."
     assert _answer(a, a, "bansuri", "choose", q) == 1.0
+
+
+# ---------------------------------------------------------------------------------------- from a second mutation audit
+def test_class_weights_and_the_balanced_weight_refuse_what_has_no_weight():
+    """An infinite positive weight made w_yes = inf/inf = NaN; a share of positives of 0 or 1 has no balancing weight
+    (1/0), and must say so as a ValueError, not a ZeroDivisionError from deep inside."""
+    with pytest.raises(ValueError, match="positive_weight"):
+        class_weights(math.inf)
+    for share in (0, 0.0, 1, 1.0):
+        with pytest.raises(ValueError, match="positive_fraction"):
+            balanced_positive_weight(share)
+
+
+def test_relevance_reads_a_padded_label_and_a_broken_label_earns_zero_not_the_penalty():
+    said = ["<answer>yes</answer>", "<answer>no</answer>"]
+    assert relevance_reward(said, label=[" Yes\n", "no "], penalty=-1.0) == [1.0, 1.0]
+    # a readable verdict on a row whose label is not yes/no: the row is broken, the model is not (0, never the penalty)
+    assert relevance_reward(said[:1] * 3, label=["maybe", None, 3], penalty=-1.0) == [0.0, 0.0, 0.0]
+
+
+def test_balance_classes_without_a_fraction_or_weight_assumes_half_positives():
+    """balance_classes with neither positive_fraction nor positive_weight: pi = 0.5, rho = 1, nothing re-weighted."""
+    funcs, _ = build_reward_funcs(1, {"relevance": 1.0}, reasoning=False, balance_classes=True)
+    assert funcs[0](["<answer>no</answer>", "<answer>yes</answer>"], label=["no", "yes"]) == [1.0, 1.0]
+    funcs, _ = build_reward_funcs(1, {"relevance": 1.0}, reasoning=False, balance_classes=True, positive_fraction=0.25)
+    assert funcs[0](["<answer>no</answer>", "<answer>yes</answer>"], label=["no", "yes"]) == [pytest.approx(1 / 3), 1.0]
+
+
+def test_ranking_reward_matches_ids_to_the_candidates_case_insensitively():
+    """The parse maps "d2" to the candidate "D2" (as the format reward does); without the candidates it was an
+    unknown id: "d2, D9" against gold D2 earned 0 instead of 2 * 1 / (2 + 1)."""
+    out = ranking_reward(["<sources>d2, D9</sources><answer>x</answer>"], candidate_ids=[CANDS], gold_ids=[["D2"]])
+    assert out == [pytest.approx(2 / 3)]
+
+
+def test_ranking_score_refuses_an_unknown_metric_also_where_no_gold_is_shown():
+    """An unknown metric raised only on rows with visible gold; a row whose gold was filtered out returned 0.0 first."""
+    for gold in (["D7"], []):
+        with pytest.raises(ValueError, match="unknown ranking metric"):
+            rewards.ranking_score(["D2"], gold, CANDS, metric="map")
+    assert rewards.ranking_score(["D2"], ["D7"], CANDS, metric="ndcg") == 0.0
+
+
+def test_mmqa_answer_without_a_reference_earns_zero_not_full_marks():
+    said = [stage2_target(["D1"], "Paris")] * 3
+    for metric in ("mmqa_em", "mmqa_f1"):
+        assert answer_reward(said, answer=[None, [], {"type": "string"}], metric=metric, penalty=-1.0) == [0.0] * 3
+    # a gap in a number column reads as NaN: no reference either (its text "nan" paid an answer "nan" in full)
+    nan = [stage2_target(["D1"], "nan"), stage2_target(["D1"], "NaN")]
+    for metric in ("mmqa_em", "mmqa_f1"):
+        assert answer_reward(nan, answer=[math.nan, [math.nan]], metric=metric) == [0.0, 0.0]
+    assert answer_reward([stage2_target(["D1"], "2.5")], answer=[2.5], metric="mmqa_em") == [1.0]  # a real number stays
+
+
+def test_the_list_guard_does_not_stack_on_an_answer_the_choose_guard_halved():
+    """Documented: the list guard applies "unless the choose guard already halved the answer". Naming both options
+    plus two made-up guesses: recall 1 ("upwards"), halved by the choose guard = 0.5; the list guard, on its own, reads
+    the two non-question guesses ("downwards", "diagonally"), neither in the reference, and would pay 0."""
+    said = "Upwards or sideways or downwards or diagonally"
+    cols = {"answer": "It grows upwards.", "keyword": "Upwards.", "qcate": "choose", "question": STACHYS}
+    assert _answer(said, cols["answer"], cols["keyword"], cols["qcate"], cols["question"]) == 0.5
+    assert _answer(said, cols["answer"], cols["keyword"], cols["qcate"], cols["question"], choose_guard=False) == 0.0
+
+
+def test_with_no_keyword_options_joined_as_alternatives_hedge_whatever_the_reference_names():
+    """With no keyword (keyword_guard), "X and Y" is a hedge even where Acc's reference (here the whole answer, which
+    names neither option) does not name one: recall 2/4 ("it", "be" of "it be autumn colour"), halved = 1/4."""
+    leaf = ("It is red and green", "It is autumn coloured.", "", "choose", "Is the leaf red or green?")
+    assert _answer(*leaf) == pytest.approx(0.25)
+    assert _answer(*leaf, choose_guard=False) == pytest.approx(0.5)
+
+
+def test_an_opening_clause_is_no_guess_of_the_list():
+    """"As far as I can tell," ends with a comma, holds stop words and no word of the reference: an opener, so the list
+    is the two guesses "Ether" and "India", one right: 1/2 (counted as a third guess it would be 1/3)."""
+    said = "As far as I can tell, Ether or India"
+    assert _answer(said, "Ether", "", "text", length_guard=False) == pytest.approx(0.5)
+    assert _answer(said, "Ether", "", "text", length_guard=False, hedge_guard=False) == 1.0
+
+
+def test_keyword_and_length_guards_follow_their_switches_through_the_builder_and_the_presets():
+    fountain = [stage2_target(["D1"], "a fountain")]
+    cols = {"answer": ["A fountain is in front."], "keywords": [""], "qcate": ["Others"]}
+    for guard, expected in ((True, 1.0), (False, 1 / 4)):  # derived keyword "fountain"; else recall 1 of 4 lemmas
+        funcs, _ = build_reward_funcs(2, {"answer": 1.0}, reasoning=False, keyword_guard=guard)
+        assert funcs[0](fountain, **cols) == [pytest.approx(expected)]
+    padded = [stage2_target(["D1"], "It grows upwards, towards the light of the sun, every single day of the spring")]
+    for guards, expected in ((True, 0.5), (False, 1.0)):  # 12 words against 2 x 1 + 4: the length guard keeps 6/12
+        preset = get_preset("cpu-tiny", **{"stage2.answer_guards": guards})
+        options = rewards.preset_reward_options(preset, 2)
+        assert [options[g] for g in ("choose_guard", "hedge_guard", "length_guard", "keyword_guard")] == [guards] * 4
+        funcs, _ = rewards.reward_funcs_for_preset(preset, 2)
+        answer = next(f for f in funcs if f.__name__ == "answer")
+        assert answer(padded, answer=["Upwards."], keywords=[""], qcate=["choose"]) == [pytest.approx(expected)]
+        assert answer(fountain, **cols) == [pytest.approx(1.0 if guards else 1 / 4)]
