@@ -1060,3 +1060,295 @@ def test_notebook_05_reads_the_robustness_and_recall_columns_as_they_are():
     assert E.ECHO_DELTA in text and E.ECHO_CLEAN in text and E.FORM_STATEMENT in text and E.FORM_RESTATED in text
     code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
     assert "evaluation.robustness_markdown(robust)" in code
+
+
+# ------------------------------------------------------------------------------------------ mutation audit (pure parts)
+def test_cells_show_a_missing_value_as_a_dash_and_an_empty_table_as_such():
+    assert E.fmt(None) == E.NOT_RUN and E.fmt(float("nan")) == E.NOT_RUN and E.fmt(0.5) == "0.500" and E.fmt(True) == "True"
+    assert E.markdown_table([]) == "(no rows)\n"
+    assert E.markdown_table([{"a": None, "b": 0.25}], ["a", "b", "c"]).splitlines()[2] == "| — | 0.250 | — |"
+
+
+class _HalfFluency:
+    """A planted BARTScore: s(r → c) = 0 when c is the reference itself, log 0.5 otherwise, so FL_i = 1 for the exact
+    reference and 0.5 for anything else (``metrics.webqa_fluency_batch``: min(1, exp(s(r → c) − s(r → r))))."""
+
+    def score(self, srcs, tgts):
+        return [0.0 if s == t else math.log(0.5) for s, t in zip(srcs, tgts)]
+
+
+def test_a_fluency_scorer_fills_qa_fl_and_qa_as_the_mean_of_per_question_products():
+    # PLANTED: q1 "red" (FL 0.5, Acc 1), q2 "no" (FL 0.5, Acc 0), q3 the exact reference (FL 1, Acc 1)
+    table, cats = E.systems_table({"planted": PLANTED}, ROWS, fluency_scorer=_HalfFluency())
+    row = table[0]
+    assert row["QA-FL"] == pytest.approx(2 / 3)
+    assert row["QA"] == pytest.approx((0.5 * 1 + 0.5 * 0 + 1 * 1) / 3, abs=1e-4)  # 0.5, not mean FL × mean Acc (4/9)
+    by = {c["qcate"]: c for c in cats["planted"]}
+    assert (by["color"]["QA-FL"], by["YesNo"]["QA-FL"], by["text"]["QA-FL"]) == pytest.approx((0.5, 0.5, 1.0))
+    assert by["YesNo"]["QA"] == 0.0 and by["color"]["QA"] == pytest.approx(0.5, abs=1e-4)
+    assert by["text"]["QA"] == pytest.approx(1.0, abs=1e-4)
+    assert [by[c]["n"] for c in ("color", "YesNo", "image", "text", "All")] == [1, 1, 2, 1, 3]
+    assert E.score_webqa(PLANTED, ROWS, fluency_scorer=_HalfFluency())["QA"] == pytest.approx(0.5, abs=1e-4)
+
+
+def test_a_metric_that_is_nan_is_no_number_in_the_table():
+    from types import SimpleNamespace
+
+    nan = float("nan")
+    report = SimpleNamespace(overall={"n": 2, "retrieval_f1": 0.5, "acc": nan, "fl": nan, "qa": nan},
+                             rows=[{"group": "All", "n": 2, "retrieval_f1": 0.5, "acc": nan, "fl": nan, "qa": nan}])
+    out = E.flatten_webqa_report(report)
+    assert out["Retr-F1"] == 0.5 and out["QA-Acc"] is None and out["QA-FL"] == E.UNAVAILABLE and out["QA"] == E.UNAVAILABLE
+    assert out["per_category"] == [{"qcate": "All", "n": 2, "Retr-F1": 0.5, "QA-Acc": None, "QA-FL": E.UNAVAILABLE,
+                                     "QA": E.UNAVAILABLE}]
+
+
+def test_mmqa_columns_are_each_systems_own_em_and_f1():
+    # raw MMQA answers are dicts; "in 1976" is no exact match, F1 2·0.5·1/1.5 → 0.67 (DROP rounds to 2 places)
+    rows = [{"guid": "m1", "answers": [{"answer": "horses", "type": "string"}], "qtype": "ImageQ"},
+            {"guid": "m2", "answers": ["1976"]}]
+    assert E.mmqa_references(rows) == {"m1": {"answers": ["horses"], "type": "ImageQ"},
+                                       "m2": {"answers": ["1976"], "type": "unknown"}}
+    mmqa = {"with mmqa": [_res("m1", [], "horses"), _res("m2", [], "in 1976")]}
+    table, _ = E.systems_table({"with mmqa": PLANTED, "without": PERFECT}, ROWS, mmqa_preds=mmqa, mmqa_rows=rows)
+    assert table[0]["MMQA EM"] == pytest.approx(50.0) and table[0]["MMQA F1"] == pytest.approx(83.5)
+    assert table[0]["n_mmqa"] == 2
+    assert table[1]["MMQA EM"] == table[1]["MMQA F1"] == E.NOT_RUN and "n_mmqa" not in table[1]
+
+
+def test_a_row_without_a_category_is_scored_as_text():
+    row = {k: v for k, v in _row("t1", "", "Paris is the capital", "", ["g1"]).items() if k != "qcate"}
+    assert E.webqa_references([row])["t1"]["qcate"] == "text"
+    cats = {c["qcate"] for c in E.score_webqa([_res("t1", ["g1"], "Paris")], [row])["per_category"]}
+    assert cats == {"text", "All"}
+
+
+def _slots(gold, cited):
+    return [{"slot": f"D{i + 1}", "gold here": g, "cited": c} for i, (g, c) in enumerate(zip(gold, cited))]
+
+
+def test_positional_checks_at_their_thresholds():
+    # one slot cited in exactly SHORTCUT_SHARE (0.8) of questions is a habit
+    assert "cites D1 in 80% of questions" in E.positional_shortcut_note({"s": _slots([0.2, 0.8], [0.8, 0.2])})
+    # two habits on different slots: no "same slot" sentence, the single-system one
+    two = E.positional_shortcut_note({"a": _slots([0.5, 0.5], [0.9, 0.0]), "b": _slots([0.5, 0.5], [0.0, 0.9])})
+    assert "same slot" not in two and "Its Retr-F1 tracks" in two and "'a' cites D1" in two and "'b' cites D2" in two
+    pair = [("a", "b")]
+    # the gold's distribution moves by exactly GOLD_MOVE (0.2), the citations not at all: stuck
+    at_gold_move = {"a": _slots([0.3, 0.7], [0.5, 0.0]), "b": _slots([0.4, 0.6], [0.5, 0.0])}
+    assert E._slot_moves(at_gold_move["a"], at_gold_move["b"])[2] == E.GOLD_MOVE
+    assert "Citations that stay put" in E.positional_shortcut_note(at_gold_move, same_weights=pair)
+    # the citations move by exactly STUCK_RATIO of the gold's move (0.125 of 0.5): not stuck; a little less: stuck
+    gold_a, gold_b = [0.25, 0.25, 0.25, 0.25], [0.5, 0.0, 0.25, 0.25]
+    at_ratio = {"a": _slots(gold_a, [0.5, 0.5, 0, 0]), "b": _slots(gold_b, [0.5625, 0.4375, 0, 0])}
+    assert E._slot_moves(at_ratio["a"], at_ratio["b"])[2:] == (0.5, 0.125)
+    assert E.positional_shortcut_note(at_ratio, same_weights=pair) == ""
+    below = {"a": _slots(gold_a, [0.5, 0.5, 0, 0]), "b": _slots(gold_b, [0.5, 0.5, 0, 0])}
+    assert "Citations that stay put" in E.positional_shortcut_note(below, same_weights=pair)
+    # one system cites nothing: its citations have no distribution, so no evidence either way (and no division by 0)
+    silent = {"a": _slots(gold_a, [0, 0, 0, 0]), "b": _slots(gold_b, [0.5, 0, 0, 0])}
+    assert math.isnan(E._slot_moves(silent["a"], silent["b"])[3])
+    assert E.positional_shortcut_note(silent, same_weights=pair) == ""
+
+
+def test_robustness_attacks_with_its_seed_and_reports_both_drops(monkeypatch):
+    """Clean = PLANTED (Retr-F1 5/9, QA-Acc 2/3); attacked, the pipeline cites the gold and repeats the trap's wrong
+    answer: Retr-F1 1, every wrong answer echoed; of the clean answers only q2's "no" says the trap's "No"."""
+    from mmrag_lite.config import get_preset
+
+    seen = {}
+
+    def repeats_the_trap(rows, preset, *, system, bank, progress):
+        kind = "conflicting" if any(c["id"].startswith("adv-conflicting") for c in rows[0]["candidates"]) else "lexical"
+        seen[kind] = rows
+        return [_res(r["guid"], r["gold_ids"], r["adversarial_answer"] or "unknown", kept=r["gold_ids"]) for r in rows]
+
+    monkeypatch.setattr(E, "run_pipeline", repeats_the_trap)
+    assert E.attack_rows(ROWS, "conflicting", seed=5) != E.attack_rows(ROWS, "conflicting", seed=0)
+    table = E.robustness_check(ROWS, get_preset("cpu-tiny"), bank=None, clean=PLANTED, seed=5, progress=False)
+    clean, conflicting, lexical = table
+    for kind in ("conflicting", "lexical"):
+        assert seen[kind] == E.attack_rows(ROWS, kind, seed=5)  # the seed it was given
+    assert clean["Δ Retr-F1"] == 0.0 and clean["Δ QA-Acc"] == 0.0 and clean["QA-Acc"] == pytest.approx(2 / 3, abs=1e-4)
+    assert conflicting["Δ Retr-F1"] == pytest.approx(1 - 5 / 9)
+    # q3's fallback trap is q2's answer, "Yes, it is.": its "is" is one of the 3 lemmas of "Paris is the capital"
+    assert conflicting["QA-Acc"] == pytest.approx((0 + 0 + 1 / 3) / 3, abs=1e-4)
+    assert conflicting["Δ QA-Acc"] == pytest.approx(1 / 9 - 2 / 3, abs=1e-4)
+    assert conflicting["wrong answer echoed"] == 1.0 and conflicting[E.ECHO_CLEAN] == pytest.approx(1 / 3)
+    assert conflicting[E.ECHO_DELTA] == pytest.approx(2 / 3)
+    assert "wrong answer: fallback" not in lexical and "by form" not in lexical  # conflicting traps only
+
+
+def test_attack_rows_draws_each_wrong_answer_and_position_from_its_seed():
+    rng = random.Random(5)
+    answers = [r["answer"] for r in ROWS]
+    attacked = E.attack_rows(ROWS, "conflicting", seed=5)
+    assert [r["adversarial_answer"] for r in attacked] == [E.conflicting_answer(r, answers, rng).text for r in ROWS]
+    for row, a in zip(ROWS, attacked):
+        wrong = E.WrongAnswer(a["adversarial_answer"], a["adversarial_answer_how"])
+        assert a["candidates"] == E.inject_distractors(row, "conflicting", wrong_answer=wrong, seed=5)["candidates"]
+    lexical = E.attack_rows(ROWS, "lexical", seed=5)
+    assert [(r["adversarial_answer"], r["adversarial_answer_how"], r["adversarial_form"]) for r in lexical] == [("", "", "")] * 3
+    assert E.trap_forms_table([], [], lexical) == []  # no conflicting trap: no wording to report
+    # the name swap draws on the other questions' answers, all of them
+    founder = dict(_row("f1", "text", "The Golden Castle of Marco was founded by Hiro Ravison and is located in Malmo.", "",
+                        ["g1"]), question="Who founded the Golden Castle of Marco, and in which city is it?")
+    pier = _row("f2", "text", "The Royal Pier of Elena was founded by Bruno Borisson and is located in Quebec.", "", ["g2"])
+    assert E.attack_rows([founder, ROWS[0], pier], "conflicting")[0]["adversarial_answer"] == \
+        "The Golden Castle of Marco was founded by Bruno Borisson and is located in Quebec."
+
+
+def test_injected_traps_copy_the_gold_they_imitate_and_are_named_by_question():
+    question = "What is on the roof of the Hall?"
+    row = {"guid": "r1", "question": question, "answer": "A flag.", "gold_ids": ["g1", "g2"], "candidates": [
+        {"id": "d1", "modality": "text", "title": "noise", "text": "noise", "image": None, "is_gold": False},
+        {"id": "g1", "modality": "image", "title": "The Hall", "text": "", "image": "pixels of g1", "is_gold": True},
+        {"id": "g2", "modality": "image", "title": "The Hall roof", "text": "", "image": "pixels of g2", "is_gold": True}]}
+    out = E.inject_distractors(row, "conflicting", wrong_answer="A bell.", seed=0, n=2)
+    adv = sorted((c for c in out["candidates"] if c["id"].startswith("adv-")), key=lambda c: c["id"])
+    text = f"{question.rstrip('?')}? The answer is A bell."
+    assert adv == [{"id": "adv-conflicting-r1-0", "modality": "image", "title": "The Hall", "text": text,
+                    "image": "pixels of g1", "is_gold": False},
+                   {"id": "adv-conflicting-r1-1", "modality": "image", "title": "The Hall roof", "text": text,
+                    "image": "pixels of g2", "is_gold": False}]
+    assert len(out["candidates"]) == 5 and out["gold_ids"] == ["g1", "g2"]
+    lexical_row = dict(row, candidates=[row["candidates"][1], dict(row["candidates"][0], modality="image", image="pixels of d1")])
+    trap = next(c for c in E.inject_distractors(lexical_row, "lexical", seed=0)["candidates"] if c["id"].startswith("adv-"))
+    q = question.rstrip("?")
+    assert trap == {"id": "adv-lexical-r1-0", "modality": "image", "title": q, "text": f"{q} {q.lower()}",
+                    "image": "pixels of d1", "is_gold": False}  # shaped like a distractor, never like the gold
+
+
+def test_a_trap_can_land_in_the_last_slot():
+    many = [_row(f"m{i}", "color", "red", "red", ["g"], distractors=("d1", "d2", "d3", "d4")) for i in range(12)]
+    last = [[c["id"] for c in a["candidates"]][-1].startswith("adv-") for a in E.attack_rows(many, "lexical")]
+    assert any(last)
+
+
+def test_trap_rates_find_a_trap_anywhere_and_echoes_over_the_rows_with_a_wrong_answer():
+    attacked = E.attack_rows(ROWS[:2], "conflicting", seed=0)
+    adv = {r["guid"]: next(c["id"] for c in r["candidates"] if c["id"].startswith("adv-")) for r in attacked}
+    results = [_res("q1", ["g1", adv["q1"]], attacked[0]["adversarial_answer"], kept=["g1", adv["q1"]]),
+               _res("q2", ["g2"], "yes", kept=["g2", "g3"])]
+    rates = E.trap_rates(results, attacked)
+    assert rates == {"trap kept (top-k)": 0.5, "trap cited": 0.5, "wrong answer echoed": 0.5}
+    no_wrong = [attacked[0], dict(attacked[1], adversarial_answer="")]  # q2 states no wrong answer: no echo to count
+    assert E.trap_rates(results, no_wrong)["wrong answer echoed"] == 1.0
+
+
+def test_trap_forms_are_listed_statement_first():
+    year = dict(_row("t1", "text", "The Painted Station of Emil was founded in 1809.", "", ["g7"]),
+                question="In which year was the Painted Station of Emil founded?")
+    attacked = E.attack_rows([ROWS[0], year], "conflicting", seed=0)
+    forms = E.trap_forms_table([], [], attacked)
+    assert [(f["trap form"], f["n"]) for f in forms] == [(E.FORM_STATEMENT, 1), (E.FORM_RESTATED, 1)]
+    assert E.trap_form(E.WrongAnswer("Tower of London", "other option")) == E.FORM_RESTATED  # a bare option, no sentence
+
+
+def test_build_report_notes_a_positional_habit_once_each_and_shows_the_main_columns_in_order():
+    from dataclasses import replace
+
+    from mmrag_lite.config import get_preset
+
+    d1 = [replace(r, short_sources=("D1",)) for r in PLANTED]  # every question cites D1
+    report = E.build_report(get_preset("cpu-tiny"), ROWS, {"d1": d1}, notes=["mine", "mine"])
+    assert any(n.startswith("Positional habit: 'd1' cites D1 in 100%") for n in report.notes)
+    assert report.notes.count("mine") == 1
+    assert "| " + " | ".join(E.MAIN_COLUMNS) + " |" in report.markdown()
+
+
+def test_mmqa_questions_default_to_the_webqa_count_capped_by_the_preset():
+    from mmrag_lite.config import get_preset
+
+    capped = get_preset("cpu-tiny", **{"evaluation.mmqa_questions": 5})
+    assert E.default_mmqa_questions(capped, 3) == 3 and E.default_mmqa_questions(capped, 10) == 5
+    assert E.default_mmqa_questions(get_preset("cpu-tiny", **{"evaluation.mmqa_questions": 0}), 10) == 10
+
+
+def test_same_weights_on_the_same_list_are_no_pair():
+    from mmrag_lite.pipeline import SystemSpec
+
+    twins = [SystemSpec("full", "stage1", "stage2"), SystemSpec("full again", "stage1", "stage2")]
+    assert E.same_weight_pairs(twins) == []
+
+
+def test_k_ablation_shows_the_mean_number_of_candidates_kept():
+    from mmrag_lite.config import get_preset
+
+    kept = [_res("q1", [], "", kept=["g1"]), _res("q2", [], "", kept=["g2", "d1"]), _res("q3", [], "", kept=["g4", "d1", "d2"])]
+    assert E.k_ablation(ROWS, get_preset("cpu-tiny"), None, [3], reuse={3: kept})[0]["shown (mean)"] == 2.0
+
+
+def test_filter_verdict_says_when_the_trained_judge_kept_as_much_gold():
+    from mmrag_lite.pipeline import SystemSpec
+
+    same = [_res("q1", [], "", kept=["g1"]), _res("q2", [], "", kept=["d1"]), _res("q3", [], "", kept=["d1"])]
+    table, _ = E.systems_table({"base top-k": same, "stage 1 only": same}, ROWS)
+    line = E.filter_verdict(table, [SystemSpec("base top-k", "base", "base"), SystemSpec("stage 1 only", "stage1", "base")])
+    assert "kept as much gold as" in line and "+0.000" in line
+
+
+def test_a_wrong_option_written_as_a_sentence_is_a_statement_from_three_words():
+    assert E.trap_form(E.WrongAnswer("Big Ben leads.", "other option")) == E.FORM_STATEMENT
+    assert E.trap_form(E.WrongAnswer("Big Ben.", "other option")) == E.FORM_RESTATED
+
+
+def test_an_echo_holds_every_word_the_wrong_answer_adds():
+    assert not E.echoes_wrong_answer("The car is blue.", "The car is dark blue.", "The car is red.", "red")
+    assert E.echoes_wrong_answer("It is dark blue.", "The car is dark blue.", "The car is red.", "red")
+
+
+def test_slot_table_counts_a_cited_slot_of_two_digits():
+    res = [PipelineResult(guid="q1", question="", system="s", scores={}, kept_ids=("g1",), reasoning="", completion="",
+                          sources=(), answer="", short_sources=("D12",))]
+    table = E.slot_table(res, ROWS)
+    assert len(table) == 12 and table[-1] == {"slot": "D12", "gold here": 0.0, "cited": 1.0}
+
+
+def test_blank_keywords_count_as_none_in_the_reference_note():
+    assert "for 0 of 1 WebQA questions" in E.accuracy_reference_note([dict(ROWS[0], keywords="  ")])
+
+
+def test_a_report_read_back_keeps_its_timings_and_drops_empty_sections():
+    report = E.EvalReport(preset="cpu-tiny", timings={"systems": 1.5, "total": 2.0}, per_category={"none": []},
+                          robustness=[{"distractor": "conflicting", "Retr-F1": 0.5, "by form": []}])
+    assert E.EvalReport.from_dict(json.loads(json.dumps(report.to_dict()))).timings == {"systems": 1.5, "total": 2.0}
+    md = report.markdown()
+    assert "Per question category" not in md and "traps by wording" not in md
+
+
+def test_retrained_variant_rows_say_what_changed_and_how_the_reward_moved():
+    assert E._changes({"stage2.reasoning": True, "stage2.weights.ranking": 0.0}) == "reasoning=true, weights.ranking=0"
+    assert E._changes({}) == "none"
+    history = [{"reward": 0.25}, {"reward": 0.5}, {"reward": 0.5}, {"reward": 0.75}]
+    row = E._variant_row("v", {}, PLANTED, ROWS, history)  # windows of one step (a fifth of 4): the first and the last
+    assert row["train reward first → last"] == "0.250 → 0.750"
+
+
+def test_the_table_keeps_no_mmqa_count_beside_n():
+    rows = [{"guid": "m1", "answers": ["Paris"]}]
+    from mmrag_lite.config import get_preset
+
+    report = E.build_report(get_preset("cpu-tiny"), ROWS[:1], {"sys": [_res("q1", [], "red")]}, mmqa_rows=rows,
+                            mmqa_preds={"sys": [_res("m1", [], "Paris")]})
+    assert "n_mmqa" not in report.table[0] and report.table[0]["n"] == "1 WebQA + 1 MMQA"
+
+
+def test_perturbed_facts_leave_what_the_question_names_and_keep_the_case():
+    others = {"qcate": "Others", "question": "How many windows do the two towers have?",
+              "answer": "The two towers have five windows.", "keywords": ""}
+    wrong = E.conflicting_answer(others, [], random.Random(0)).text
+    assert wrong.startswith("The two towers have ") and "five" not in wrong
+    capital = dict(others, question="What does the tower show?", answer="Five blue squares.")
+    assert E.conflicting_answer(capital, [], random.Random(0)).text[0].isupper()
+    digits = dict(others, question="Which of the 2 towers is older?", answer="The north one of the 2 towers, built in 1804.")
+    assert E.conflicting_answer(digits, [], random.Random(0)).text.startswith("The north one of the 2 towers, built in ")
+    years = {int(E.perturb_answer("Built in 1804.", "When?", [], random.Random(s)).text[9:13]) for s in range(20)}
+    assert min(years) < 1804 < max(years)  # a year moves either way
+
+
+def test_a_yes_no_flip_reads_the_leading_yes_or_no_and_never_falls_back_to_the_gold_answer():
+    assert E.conflicting_answer({"qcate": "YesNo", "answer": "No, the eyes are closed."}, [], random.Random(0)).text == "Yes"
+    plain = _row("q4", "text", "it is made of wood", "", ["g6"])
+    assert E.conflicting_answer(plain, ["It is made of wood"], random.Random(0)) == \
+        E.WrongAnswer("none of the above", E.FALLBACK_WRONG)  # attack_rows passes every answer, its own included
