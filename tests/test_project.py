@@ -478,3 +478,167 @@ def test_k_beyond_the_pool_and_non_square_images_are_handled():
         get_preset("cpu-tiny", **{"data.max_candidates": 1, "stage1.k": 1})
     side = get_preset("cpu-tiny").model.image_size
     assert prepare_image(Image.new("RGB", (side, 10)), get_preset("cpu-tiny")).size == (side, side)
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("stage1.grpo.num_generations", 1, "stage1.grpo.num_generations=1 must be >= 2"),
+    ("stage2.grpo.max_steps", 0, "stage2.grpo.max_steps=0 must be >= 1"),
+    ("stage1.grpo.learning_rate", 0, "stage1.grpo.learning_rate=0.0 must be > 0"),
+    ("stage2.grpo.beta", -0.1, "stage2.grpo.beta=-0.1 must be >= 0"),
+    ("stage1.weights", {}, "stage1.weights={} must name at least one of format, relevance"),
+    ("stage2.weights", {"format": -0.5, "answer": 1.0}, "stage2.weights {'format': -0.5} must be >= 0"),
+    ("stage1.weights", {"format": 1.0, "answer": 1.0}, "stage1.weights has unknown components ['answer']"),
+    ("stage2.weights", {"format": 1.0, "relevance": 1.0}, "stage2.weights has unknown components ['relevance']"),
+    ("stage1.positive_fraction", 0, "stage1.positive_fraction=0.0 must be in (0, 1)"),
+    ("stage1.positive_fraction", 1, "stage1.positive_fraction=1.0 must be in (0, 1)"),
+    ("stage1.k", 9, "stage1.k=9 must be in [1, data.max_candidates=8]"),
+    ("stage1.k", 0, "stage1.k=0 must be in [1, data.max_candidates=8]"),
+    ("stage2.permutations", 0, "stage2.permutations=0 must be >= 1"),
+    ("stage2.max_prompt_tokens", 0, "stage2.max_prompt_tokens=0 must be >= 1"),
+    ("evaluation.questions", 0, "evaluation.questions=0 must be >= 1"),
+    ("evaluation.mmqa_questions", -1, "evaluation.mmqa_questions=-1 must be >= 0"),
+    ("expected_memory_gb", -1, "expected_memory_gb=-1.0 must be >= 0"),
+    ("seed", 2**32, "seed=4294967296 must be in [0, 2**32 - 1]"),
+    ("seed", -1, "seed=-1 must be in [0, 2**32 - 1]"),
+    ("model.min_pixels", 783, "model.min_pixels=783 must be >= 784"),
+    ("lora.target_modules", ["q_proj", ""], "lora.target_modules=['q_proj', ''] must name at least one module"),
+])
+def test_each_range_rule_names_its_own_key_a_mutation_run_found_unpinned(key, value, message):
+    """Found unpinned by a mutation run of config.py: dropping any one of these rules (or shifting its bound) let the
+    value through, or let another rule's message stand in for it; each stage's weights take only its own components."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        get_preset("cpu-tiny", **{key: value})
+
+
+def test_range_bounds_themselves_are_accepted_and_validate_checks_the_images_without_the_budget():
+    """The edges of the rules above are valid values (k may be the whole pool; an answering prompt may fill the
+    call's token cap exactly), and ``with_overrides``, which skips the prompt budget, still checks the pixel rules."""
+    tiny = PRESETS["cpu-tiny"]
+    assert tiny.with_overrides(**{"stage1.k": tiny.data.max_candidates}).stage1.k == tiny.data.max_candidates
+    cap = PRESETS["colab-t4"].evaluation.generation_max_batch_tokens
+    assert get_preset("colab-t4", **{"evaluation.max_prompt_tokens": cap}).answer_prompt_tokens == cap
+    with pytest.raises(ConfigError, match=r"model\.min_pixels=3137 must be <= model\.max_pixels=3136"):
+        tiny.with_overrides(**{"model.min_pixels": 3137})
+
+
+@pytest.mark.parametrize(("image_size", "min_pixels", "max_pixels"), [
+    (100, 784, 10**6),  # 100 px rounds to 112, not down to 84
+    (56, 100 * 100, 10**6),  # below min_pixels: scaled up to 100 px, rounded up to 112
+    (448, 784, 300 * 300),  # above max_pixels: scaled down to 300 px, rounded down to 280
+])
+def test_image_tokens_follow_the_processor_off_the_presets_own_sizes(image_size, min_pixels, max_pixels):
+    """The presets' own sizes are exact multiples of 28 px inside their pixel budgets, so they never exercise the
+    rounding: a mutation run could round the other way in each branch of image_tokens unnoticed."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    model = dataclasses.replace(PRESETS["cpu-tiny"].model, image_size=image_size, min_pixels=min_pixels,
+                                max_pixels=max_pixels)
+    h, w = smart_resize(image_size, image_size, factor=28, min_pixels=min_pixels, max_pixels=max_pixels)
+    assert config.image_tokens(model) == (h // 28) * (w // 28) + 2 == (18 if image_size < 448 else 102)
+
+
+def test_prompt_budget_estimate_by_hand_and_a_budget_of_exactly_that_fits():
+    """a100: 8 images of 258 tokens, each with its candidate text, plus the fixed text; a cap equal to the estimate is
+    enough (the check refuses only a prompt that needs more), one token less is not."""
+    a100 = PRESETS["a100"]
+    needed = config.PROMPT_TEXT_FIXED_TOKENS + 8 * (258 + config.PROMPT_TEXT_TOKENS_PER_CANDIDATE)
+    assert config.stage2_prompt_tokens_needed(a100) == needed == 128 + 8 * 306
+    assert get_preset("a100", **{"stage2.max_prompt_tokens": needed}).stage2.max_prompt_tokens == needed
+    with pytest.raises(ConfigError, match=rf"about {needed} tokens needed"):
+        get_preset("a100", **{"stage2.max_prompt_tokens": needed - 1})
+    tight = a100.with_overrides(**{"stage2.max_prompt_tokens": needed - 1})  # with_overrides skips the budget ...
+    for accepts in (get_preset, config.resolve_preset):  # ... but a preset object handed over is checked
+        with pytest.raises(ConfigError, match=rf"about {needed} tokens needed"):
+            accepts(tight)
+
+
+@pytest.mark.parametrize(("cuda", "capability", "gib", "expected"), [
+    (True, (8, 0), 38.0, "a100"),  # exactly a100's estimate: it fits
+    (True, (8, 9), 18.0, "l4"),  # exactly l4's
+    (True, (7, 5), 12.0, "colab-t4"),  # exactly colab-t4's
+    (True, (7, 0), 32.0, "colab-t4"),  # V100 32 GB: room for l4 and a100 but no native bf16, so fp16's colab-t4
+    (False, (9, 0), 80.0, "cpu-tiny"),  # a capability reported without CUDA available is not bf16
+])
+def test_auto_preset_at_the_memory_boundaries_and_without_bf16(monkeypatch, cuda, capability, gib, expected):
+    """Found unpinned by a mutation run: a card exactly as large as a preset's estimate gets it (<=, not <), and a
+    large card without native bf16 never gets a bf16 preset."""
+    import types
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *_: types.SimpleNamespace(total_memory=gib * 2**30))
+    assert config.auto_preset_name() == expected
+    assert config.cuda_native_bf16() is (cuda and capability[0] >= 8)
+
+
+def test_text_and_numbers_are_coerced_only_where_unambiguous():
+    """Found unpinned by a mutation run of _coerce: booleans read any case and the on/off spellings, but a number is
+    no boolean; a whole number is no float text and no bool; a float is no bool and no infinity; text is only text."""
+    tiny = "cpu-tiny"
+    assert get_preset(tiny, **{"stage1.reasoning": " True ", "stage2.reasoning": "ON"}).stage1.reasoning is True
+    assert get_preset(tiny, **{"stage2.reasoning": "on"}).stage2.reasoning is True
+    assert get_preset(tiny, **{"stage1.reasoning": "off", "stage2.answer_guards": "OFF"}).stage1.reasoning is False
+    assert get_preset(tiny, **{"stage1.k": " 3 "}).stage1.k == 3
+    for key, value, message in [
+        ("stage1.reasoning", 2, "stage1.reasoning must be true or false, got 2"),
+        ("stage1.k", True, "stage1.k must be a whole number, got True"),
+        ("stage1.k", "2.5", "stage1.k must be a whole number, got '2.5'"),
+        ("stage1.k", 3.0, "stage1.k must be a whole number, got 3.0"),
+        ("stage1.grpo.learning_rate", True, "learning_rate must be a finite number, got True"),
+        ("stage1.grpo.learning_rate", float("inf"), "learning_rate must be a finite number, got inf"),
+        ("stage1.grpo.learning_rate", "-inf", "learning_rate must be a finite number, got '-inf'"),
+        ("model.model_id", 7, "model.model_id must be text, got 7"),
+        ("lora.target_modules", ["q_proj", 1], "target_modules must be a list of names"),
+        ("stage2.weights", ["format"], "stage2.weights must be a mapping of component -> weight"),
+        ("stage2.weights", {"format": "lots"}, "stage2.weights.format must be a finite number, got 'lots'"),
+        ("stage1.positive_fraction", "half", "stage1.positive_fraction must be a finite number, got 'half'"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            get_preset(tiny, **{key: value})
+    assert get_preset(tiny, **{"stage1.grpo.learning_rate": "2e-3"}).stage1.grpo.learning_rate == 0.002
+    weights = get_preset(tiny, **{"stage2.weights": {"format": "2", "answer": 1}}).stage2.weights
+    assert dict(weights) == {"format": 2.0, "answer": 1.0} and all(type(w) is float for w in weights.values())
+
+
+def test_plain_data_of_the_wrong_shape_is_a_config_error_naming_where(tmp_path):
+    """Found unpinned by a mutation run: a missing key or a value where a section belongs in a preset's plain data
+    (a hand-written YAML file) is a ConfigError naming its place, not a TypeError from the dataclass."""
+    data = PRESETS["cpu-tiny"].to_dict()
+    del data["stage1"]["k"]
+    with pytest.raises(ConfigError, match=re.escape("missing key 'k' in preset.stage1")):
+        Preset.from_dict(data)
+    data = PRESETS["cpu-tiny"].to_dict()
+    data["lora"] = 16
+    with pytest.raises(ConfigError, match=re.escape("preset.lora must be a mapping, got int")):
+        Preset.from_dict(data)
+    path = tmp_path / "p.yaml"
+    path.write_text("- cpu-tiny\n")
+    with pytest.raises(ConfigError, match=re.escape("preset must be a mapping, got list")):
+        config.load_preset_yaml(path)
+    for name in (None, 5):  # a folder name is text: str(None) would pass the pattern
+        with pytest.raises(ConfigError, match="must be a plain folder name"):
+            config.check_preset_name(name)
+
+
+def test_to_dict_is_plain_json_data_and_each_tier_computes_in_what_its_hardware_runs_fast():
+    """to_dict is what preset.json saves and resume compares with (training.changed_on_resume): a tuple left in it
+    would never equal its JSON reload, so every resume would report lora.target_modules as changed. And the compute
+    dtype per tier: a CPU has no fast fp16 matmul (cpu-tiny: float32), a T4 no bf16 (float16), L4 / A100 have bf16."""
+    for preset in PRESETS.values():
+        plain = preset.to_dict()
+        assert json.loads(json.dumps(plain)) == plain
+        assert type(plain["lora"]["target_modules"]) is list
+    dtypes = {name: p.model.compute_dtype for name, p in PRESETS.items()}
+    assert dtypes == {"cpu-tiny": "float32", "colab-t4": "float16", "l4": "bfloat16", "a100": "bfloat16"}
+
+
+def test_setting_changes_pairs_every_differing_leaf_by_dotted_key():
+    """Found unpinned by a mutation run: a key only the newer tree has (a field added since a run saved its preset)
+    is a change paired with None, and equal leaves are not listed."""
+    before = {"lr": 1.0, "stage1": {"k": 4, "weights": {"format": 1.0}}, "gone": 1}
+    after = {"lr": 2.0, "stage1": {"k": 4, "weights": {"format": 1.0, "answer": 1.0}}}
+    assert config.setting_changes(before, after) == {"gone": (1, None), "lr": (1.0, 2.0),
+                                                     "stage1.weights.answer": (None, 1.0)}
+    assert config.setting_changes(after, after) == {}
