@@ -580,6 +580,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return value
         if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
             return value.strip().lower() in _TRUE
+        if type(value) is int and value in (0, 1):  # YAML reads `--set stage1.reasoning=1` as the number, not "1"
+            return value == 1
         raise bad("true or false")
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):

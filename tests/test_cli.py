@@ -109,6 +109,20 @@ def test_overrides_reach_the_preset(tmp_path):
     assert preset.stage1.k == 3 and preset.stage2.grpo.max_steps == 2 and wd == tmp_path
 
 
+def test_a_bool_setting_reads_1_and_0_as_the_text_1_and_0_are_read(tmp_path):
+    """YAML reads `--set stage1.reasoning=1` as the number 1, which was refused while the text "1" was accepted."""
+    for raw, expected in (("1", True), ("0", False), ("'1'", True), ("true", True)):
+        args = cli.build_parser().parse_args(["evaluate", "--preset", "cpu-tiny", "--work-dir", str(tmp_path),
+                                              "--set", f"stage1.reasoning={raw}", "--set", f"stage2.reasoning={raw}"])
+        preset, _ = cli.resolve(args)
+        assert preset.stage1.reasoning is expected and preset.stage2.reasoning is expected
+    for raw in ("2", "-1", "1.0"):  # no other number is a yes or a no
+        args = cli.build_parser().parse_args(["evaluate", "--preset", "cpu-tiny", "--work-dir", str(tmp_path),
+                                              "--set", f"stage1.reasoning={raw}"])
+        with pytest.raises(cli.CLIError, match="stage1.reasoning must be true or false"):
+            cli.resolve(args)
+
+
 def test_build_data_runs_on_cpu_tiny(tmp_path, capsys):
     assert cli.main(["build-data", "--preset", "cpu-tiny", "--work-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
