@@ -161,3 +161,75 @@ def test_an_interrupt_leaves_no_temporary_folder_and_a_swapped_folder_is_readabl
     with atomic_dir(target) as tmp:
         (tmp / "weights").write_bytes(b"x")
     assert stat.S_IMODE(os.stat(target).st_mode) == 0o755  # shared caches: others may read them
+
+
+def test_json_ready_writes_infinities_as_null_and_sets_as_lists(tmp_path):
+    """The docstring's promise, from a mutation run: inf (an fp16 overflow) is a bare Infinity that strict JSON
+    rejects, and a set is no JSON type; both must still be written."""
+    import json
+
+    from mmrag_lite.atomic import json_ready
+
+    assert json_ready({"a": float("inf"), "b": float("-inf"), "c": float("nan"), "d": 1.5}) == \
+        {"a": None, "b": None, "c": None, "d": 1.5}
+    assert json_ready({"ids": {3}}) == {"ids": [3]}
+    write_json_atomic(tmp_path / "x.json", {"loss": float("inf"), "ids": {"D1"}})
+    assert json.loads((tmp_path / "x.json").read_text()) == {"loss": None, "ids": ["D1"]}
+
+
+def test_folder_lock_makes_a_second_builder_wait(tmp_path):
+    """Two callers building one folder: the second enters only after the first has left (mutation run)."""
+    import threading
+    import time
+
+    from mmrag_lite.atomic import folder_lock
+
+    order: list[str] = []
+
+    def second() -> None:
+        with folder_lock(tmp_path / "cache"):
+            order.append("second in")
+
+    with folder_lock(tmp_path / "cache"):
+        thread = threading.Thread(target=second)
+        thread.start()
+        time.sleep(0.3)  # ample time for an unlocked second caller to get in
+        order.append("first out")
+    thread.join(timeout=10)
+    assert order == ["first out", "second in"]
+
+
+def test_a_sibling_without_a_process_id_is_not_taken_for_a_writers(tmp_path):
+    """``.<name>.tmp-<pid>-...`` with no number where the id goes is nobody's temp folder: left alone, no crash."""
+    stray = tmp_path / ".model.tmp-notes-1"
+    stray.mkdir()
+    with atomic_dir(tmp_path / "model") as tmp:
+        (tmp / "a.txt").write_text("one")
+    assert _names(tmp_path) == sorted([stray.name, "model"])
+
+
+def test_the_newest_of_several_copies_left_aside_is_the_one_put_back(tmp_path):
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead_pid = int(gone.stdout)
+    for n, (name, text) in enumerate([("aaaa1111", "older"), ("bbbb2222", "newest"), ("cccc3333", "middle")]):
+        aside = tmp_path / f".mini.old-{dead_pid}-{name}"
+        aside.mkdir()
+        (aside / "a.txt").write_text(text)
+        os.utime(aside, (1_000_000 + 10 * n, 1_000_000 + {"older": 0, "newest": 100, "middle": 50}[text]))
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "mini"):
+        raise RuntimeError("boom")
+    assert _names(tmp_path) == ["mini"] and (tmp_path / "mini" / "a.txt").read_text() == "newest"
+
+
+def test_a_writer_that_makes_no_folder_fails_and_keeps_the_old_one(tmp_path):
+    """With ``create=False`` a writer that returns without creating its folder wrote nothing: an error, not a
+    silent success that keeps stale contents under a fresh-looking name."""
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "a.txt").write_text("old")
+    with pytest.raises(FileNotFoundError), atomic_dir(target, create=False):
+        pass
+    assert _names(tmp_path) == ["out"] and (target / "a.txt").read_text() == "old"

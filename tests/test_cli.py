@@ -602,3 +602,144 @@ def test_evaluate_checks_the_device_for_inference_and_lets_allow_untrained_reach
     calls.clear()
     assert cli.main(args + ["--set", "evaluation.retrain_ablations=true", "--no-ablations"]) == 0
     assert calls == [{"for_training": False}]
+
+
+def test_set_traps_at_their_edges(monkeypatch):
+    """From a mutation run: each of YAML 1.1's silent readings, at a spot the other tests left open."""
+    with pytest.raises(cli.CLIError, match="comment"):
+        cli.parse_override("description=#2")  # a leading '#': YAML reads nothing at all
+    for raw in ("1:5", "1:30.5", "0:30.5", "[2, 1:5]"):  # one-digit seconds (65), base-60 floats (90.5; 30.5)
+        with pytest.raises(cli.CLIError, match="base 60"):
+            cli.parse_override(f"d={raw}")
+    assert cli.parse_override("description=") == ("description", "")  # empty text, not YAML's null
+
+
+def test_a_mistyped_preset_gets_a_did_you_mean(capsys):
+    for typo in ("cpu-tny", "CPU_TINY"):
+        with pytest.raises(SystemExit):
+            cli.main(["build-data", "--preset", typo])
+        assert f"unknown preset {typo!r}; did you mean 'cpu-tiny'?" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_retrained_ablations_only_with_no_ablations(tmp_path, capsys):
+    args = ["evaluate", "--preset", "cpu-tiny", "--work-dir", str(tmp_path), "--retrained-ablations-only", "--no-ablations"]
+    assert cli.main(args) == 2
+    assert "choose one" in capsys.readouterr().err
+
+
+def test_two_processes_already_wait_for_the_main_one(monkeypatch):
+    import contextlib
+
+    import accelerate
+
+    class FakeState:
+        def __init__(self, **kwargs):
+            pass
+
+        def main_process_first(self):
+            return contextlib.nullcontext("waited")
+
+    monkeypatch.setattr(accelerate, "PartialState", FakeState)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with cli._main_process_first() as got:
+        assert got == "waited"
+
+
+def test_the_course_summary_marks_the_failure_and_what_never_ran(tmp_path):
+    from mmrag_lite import course
+
+    runs = [course.NotebookRun("01_a.ipynb", 1.0, True, tmp_path / "01_a.ipynb"),
+            course.NotebookRun("02_b.ipynb", 2.0, False, tmp_path / "02_b.ipynb", error="ValueError: boom"),
+            course.NotebookRun("03_c.ipynb", 3.0, True, tmp_path / "03_c.ipynb")]
+    report = course.CourseReport("cpu-tiny", tmp_path, tmp_path, notebooks=runs, skipped=["04_d.ipynb"])
+    lines = report.summary().splitlines()
+    assert "FAILED" in lines[0] and "OK" not in lines[0]
+    assert lines[1].split()[:2] == ["ok", "01_a.ipynb"] and lines[2].split()[:2] == ["ERR", "02_b.ipynb"]
+    assert "ValueError: boom" in lines[2]
+    assert "04_d.ipynb" in lines[4] and "not run" in lines[4]
+    assert lines[-1].endswith(f"the traceback is in {tmp_path / '02_b.ipynb'}")  # the failed one, not the last
+    ok = course.CourseReport("cpu-tiny", tmp_path, tmp_path, notebooks=runs[:1])
+    assert ": OK in" in ok.summary().splitlines()[0]
+
+
+def test_a_failed_notebook_stops_the_course_unless_asked_not_to(tmp_path, monkeypatch):
+    import papermill
+
+    from mmrag_lite import course
+
+    ran = []
+
+    def execute(src, out, **_kw):
+        ran.append(os.path.basename(src))
+        if src.endswith("02_b.ipynb"):
+            raise RuntimeError("cell failed\nsecond line")
+
+    monkeypatch.setattr(papermill, "execute_notebook", execute)
+    nbs = [tmp_path / n for n in ("01_a.ipynb", "02_b.ipynb", "03_c.ipynb")]
+    report = course.run_course("cpu-tiny", out_dir=tmp_path / "run", notebooks=nbs)
+    assert ran == ["01_a.ipynb", "02_b.ipynb"] and report.skipped == ["03_c.ipynb"] and not report.ok
+    assert report.notebooks[1].error == "RuntimeError: cell failed | second line"
+    ran.clear()
+    report = course.run_course("cpu-tiny", out_dir=tmp_path / "run", notebooks=nbs, stop_on_error=False)
+    assert ran == ["01_a.ipynb", "02_b.ipynb", "03_c.ipynb"] and report.skipped == []
+
+
+def test_a_step_that_removes_exactly_half_is_not_flagged(tmp_path):
+    import json
+
+    from mmrag_lite.course import funnel_lines
+
+    (tmp_path / "mini_webqa").mkdir()
+    for removed, flagged in ((50, False), (51, True)):  # "more than half"
+        steps = [{"name": "step", "before": 100, "removed": removed, "kept": 100 - removed}]
+        (tmp_path / "mini_webqa" / "funnel.json").write_text(json.dumps({"steps": steps}))
+        assert any("WARNING" in line for line in funnel_lines(tmp_path)) is flagged
+
+
+def test_an_unexpected_error_keeps_its_traceback(monkeypatch):
+    """Only user errors become a one-line exit 2: a bug must still show where it happened."""
+    from mmrag_lite import course
+
+    def bug(**_kw):
+        raise RuntimeError("a bug, not a user error")
+
+    monkeypatch.setattr(course, "run_course", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["course", "--preset", "cpu-tiny"])
+
+
+def test_describe_failure_names_the_cell_and_stays_within_its_limit():
+    from papermill.exceptions import PapermillExecutionError
+
+    from mmrag_lite import course
+
+    cell = PapermillExecutionError(cell_index=7, exec_count=4, source="x", ename="ValueError", evalue="bad k",
+                                   traceback=[])
+    assert course.describe_failure(cell) == "ValueError: bad k (cell [4], index 7)"
+    long = course.describe_failure(RuntimeError("x" * 1000), limit=50)
+    assert len(long) == 50 and long.endswith("...")
+
+
+def test_run_course_hands_a_named_preset_object_over_by_name_and_an_absolute_work_dir(tmp_path, monkeypatch):
+    import papermill
+
+    from mmrag_lite import course, modeling
+    from mmrag_lite.config import get_preset
+
+    seen = []
+    monkeypatch.setattr(papermill, "execute_notebook", lambda src, out, parameters, **kw: seen.append(parameters))
+    monkeypatch.setattr(modeling, "check_device", lambda preset: None)  # no GPU here
+    monkeypatch.chdir(tmp_path)
+    course.run_course(get_preset("colab-t4"), out_dir="rel", notebooks=course.notebook_paths()[:1])
+    assert seen[0]["preset"] == "colab-t4" and seen[0]["overrides"] == {}  # not cpu-tiny plus every difference
+    assert seen[0]["work_dir"] == str(tmp_path / "rel" / "work")  # the kernel runs in notebooks/: absolute
+
+
+def test_the_course_kernel_is_not_interrupted_while_it_shuts_down():
+    import asyncio
+
+    from mmrag_lite import course
+
+    km = course._kernel_manager_class()()
+    km.shutting_down = True
+    asyncio.run(km._async_interrupt_kernel())  # no kernel to signal, and none asked for: returns quietly

@@ -276,3 +276,44 @@ def test_completion_text_joins_assistant_turns_and_skips_non_text_parts():
     assert parse_stage1(msgs, reasoning=True).ok
     parts = [{"role": "assistant", "content": [{"type": "image"}, {"type": "text", "text": "<answer>no</answer>"}]}]
     assert completion_text(parts) == "<answer>no</answer>" and parse_stage1(parts, reasoning=False).label == "no"
+
+
+# ----------------------------------------------------------------------------------------------- prompts
+def test_the_targets_are_the_completions_the_prompt_module_documents():
+    """Pinned byte for byte (a mutation run): the miniature's warm-up and the worked examples show these strings."""
+    assert stage2_target(["D2", "D5"], "red", reasoning=True, think="why") == \
+        "<think>why</think><sources>D2, D5</sources><answer>red</answer>"
+    assert stage2_target(["D1"], "red") == "<sources>D1</sources><answer>red</answer>"
+    assert stage1_target("yes", reasoning=True, think="t") == "<think>t</think><answer>yes</answer>"
+    assert stage1_target("no") == "<answer>no</answer>"
+
+
+def test_candidates_are_described_as_documented_and_an_image_part_comes_first():
+    from mmrag_lite.prompts import describe_candidate, stage1_images, stage1_messages
+
+    img = {"id": "i", "modality": "image", "title": " Eiffel Tower ", "text": "a tower at night", "image": "PIXELS"}
+    assert describe_candidate(img) == "Image titled 'Eiffel Tower': a tower at night"
+    assert describe_candidate(dict(img, title="  ")) == "Image: a tower at night"
+    assert describe_candidate({"modality": "text", "title": " ", "text": " a fact "}) == "a fact"
+    assert describe_candidate({"modality": "text", "title": "T", "text": "a fact"}) == "T: a fact"
+    parts = stage1_messages("q?", img)[1]["content"]
+    assert [p["type"] for p in parts] == ["image", "text"] and stage1_images(img) == ["PIXELS"]
+    assert "Image titled 'Eiffel Tower'" in parts[1]["text"]
+
+
+def test_the_stage2_system_prompt_names_exactly_the_ids_shown():
+    from mmrag_lite.prompts import short_ids, stage2_messages, stage2_system
+
+    assert "documents D1..D3." in stage2_system(3)
+    cands = [{"modality": "text", "title": "", "text": f"fact {i}"} for i in range(3)]
+    system, user = stage2_messages("q?", cands)
+    assert "D1..D3" in system["content"][0]["text"] and short_ids(3) == ["D1", "D2", "D3"]
+    assert [p["text"] for p in user["content"] if p["text"].startswith("D")] == ["D1: ", "D2: ", "D3: "]
+
+
+def test_too_few_orders_repeat_in_turn():
+    """Two candidates have two orders: four asked for are each twice, so neither slot is favoured."""
+    from mmrag_lite.prompts import permutations
+
+    orders = permutations(2, 4, seed=0)
+    assert sorted(map(tuple, orders[:2])) == [(0, 1), (1, 0)] and orders[2:] == orders[:2]
