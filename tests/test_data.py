@@ -2233,3 +2233,212 @@ def test_answer_filter_edges_restating_half_a_question_titles_and_empty_answers(
     ]
     kept, removed = _run(recs, drop_duplicates=False)
     assert kept == ["yn_half", "txt_title"] and removed["answer_misses_keyword"] == 2
+
+
+# ------------------------------------------------------------------ reader edges (found by a mutation run)
+def test_strip_quotes_takes_one_wrapping_pair_and_the_spaces_inside_it():
+    assert D.strip_quotes('  " What is it? "  ') == "What is it?"
+    assert D.strip_quotes('"') == '"'  # a lone quote wraps nothing
+    assert D.strip_quotes('"Ada" is a mill') == '"Ada" is a mill'  # quoted at one end only: not wrapped
+    assert D.strip_quotes('a "mill"') == 'a "mill"'
+    assert D.strip_quotes('""') == ""
+
+
+def test_each_record_level_schema_rule_is_an_error_naming_its_guid(tmp_path):
+    """Every rule of ``parse_record`` refuses its own record, and only it: the good record beside it is kept."""
+    def broken(change):
+        raw = raw_record(guid="bad")
+        change(raw)
+        return raw
+
+    cases = {
+        "Guid field 'other' differs": lambda r: r.update(Guid="other"),
+        "unknown Qcate 'colour'": lambda r: r.update(Qcate="colour"),
+        "image_id must be a non-negative integer, got -1": lambda r: r["img_negFacts"][0].update(image_id=-1),
+        "image_id must be a non-negative integer, got True": lambda r: r["img_posFacts"][0].update(image_id=True),
+        "missing key 'snippet_id'": lambda r: r["txt_negFacts"][0].pop("snippet_id"),
+        "missing key 'fact'": lambda r: r["txt_negFacts"][0].pop("fact"),
+        "'fact' must be a string, got NoneType": lambda r: r["txt_negFacts"][0].update(fact=None),
+        "'Q' must be a string, got NoneType": lambda r: r.update(Q=None),
+    }
+    for message, change in cases.items():
+        path = tmp_path / "WebQA_train_val.json"
+        path.write_text(json.dumps({"bad": broken(change), "ok": raw_record(guid="ok")}))
+        result = D.read_webqa(path)
+        assert [r.guid for r in result] == ["ok"], message
+        assert [e.guid for e in result.errors] == ["bad"] and message in result.errors[0].message, message
+
+
+def test_a_bare_string_answer_and_null_fact_lists_read_as_released(tmp_path):
+    raw = raw_record(guid="g1", a="ignored")
+    raw["A"] = '"Yes, it is."'  # one answer, not a list
+    raw["txt_posFacts"] = None
+    r = D.parse_record("g1", raw)
+    assert r.answers == ("Yes, it is.",) and r.txt_pos == ()
+    # the "Guid" field itself is optional; when present it must match its key
+    del raw["Guid"]
+    assert D.parse_record("g1", raw).guid == "g1"
+
+
+def test_gold_ids_list_gold_snippets_after_gold_images():
+    r = record(guid="g1", img_pos=((30000005, "Ball", "A ball."),), txt_pos=(("Fact one.", "T1"), ("Fact two.", "T2")))
+    assert r.gold_ids == ["30000005", "g1_0", "g1_1"]
+    assert [f.id for f, gold in r.facts() if gold] == r.gold_ids
+
+
+def test_find_webqa_json_prefers_the_train_val_file(tmp_path):
+    write_webqa(tmp_path, questions(1))
+    (tmp_path / "WebQA_test.json").write_text("{}")
+    assert D.find_webqa_json(tmp_path) == tmp_path / "WebQA_train_val.json"
+    (tmp_path / "WebQA_train_val.json").unlink()
+    assert D.find_webqa_json(tmp_path) == tmp_path / "WebQA_test.json"
+    with pytest.raises(FileNotFoundError, match="WebQA_train_val.json"):
+        D.find_webqa_json(tmp_path / "empty_dir_that_is_not_there")
+
+
+def test_a_top_level_number_cut_by_the_buffer_is_read_whole(tmp_path):
+    """A number at the very end of the buffer may go on in the next chunk (a record that is a bare number is still
+    a bad record, but the stream must read it whole, not as ``12`` followed by junk)."""
+    path = tmp_path / "WebQA_train_val.json"
+    whole = {"n": 1234567890, "g1": raw_record(guid="g1")}
+    path.write_text(json.dumps(whole))
+    for chunk in range(2, 24):
+        assert dict(D.iter_raw_records(path, chunk_chars=chunk)) == whole, chunk
+
+
+def test_a_syntax_error_stops_the_reader_within_max_record_chars(tmp_path, monkeypatch):
+    """A record that never parses is a syntax error after ``max_record_chars`` more characters: the reader never
+    reads the rest of a broken (real: 1 GB) file into memory."""
+    from mmrag_lite.data import webqa as webqa_module
+
+    text = json.dumps({f"g{i}": raw_record(guid=f"g{i}") for i in range(300)})
+    at = text.index('"g2"') + len('"g2": {"Guid"')
+    path = tmp_path / "WebQA_train_val.json"
+    path.write_text(text[:at] + "::" + text[at:])
+    read = []
+
+    class Counting(io.BufferedReader):
+        def read(self, n=-1):
+            data = super().read(n)
+            read.append(len(data))
+            return data
+
+    monkeypatch.setattr(webqa_module, "open", lambda p, mode: Counting(io.FileIO(p, mode)), raising=False)
+    with pytest.raises(WebQAFormatError, match="record 'g2'"):
+        list(D.iter_raw_records(path, chunk_chars=512, max_record_chars=4096))
+    assert read and sum(read) < 8192 < len(text)  # read through the counting file, and only a little of it
+
+
+def test_a_tsv_cut_exactly_at_a_line_start_and_a_last_line_without_newline(tmp_path):
+    """Cut at a line boundary, the offset equal to the file size is past the end too (not "holds id b''"); a last
+    line without its newline is whole."""
+    folder = write_store(tmp_path, {30000000 + i: _png(size=8 + i) for i in range(4)})
+    offsets = [int(x) for x in (folder / "imgs.lineidx").read_text().split()]
+    tsv = folder / "imgs.tsv"
+    full = tsv.read_bytes()
+    tsv.write_bytes(full[: offsets[2]])
+    with pytest.warns(UserWarning, match="before the offsets of 2 of 4 images"):
+        store = ImageStore(tsv)
+    with store:
+        assert store.get(30000001).size == (9, 9)
+        with pytest.raises(ImageNotFoundError, match="30000002: imgs.tsv ends at byte"):
+            store.get(30000002)
+    tsv.write_bytes(full.rstrip(b"\n"))
+    with ImageStore(tsv) as store:
+        assert store.get(30000003).size == (11, 11) and 30000003 in store
+
+
+def test_a_lineidx_pointing_one_byte_into_each_line_is_refused_when_opened(tmp_path):
+    """Offsets one byte late read ``0000001\\t...``, a number whose row matches: only the newline before each offset
+    tells that they are not line starts (else every look-up fails as "holds id ...")."""
+    folder = write_store(tmp_path, {30000000 + i: _png() for i in range(8)})
+    lineidx = folder / "imgs.lineidx"
+    lineidx.write_text("".join(f"{int(o) + 1}\n" for o in lineidx.read_text().split()))
+    with pytest.raises(D.ImageStoreFormatError, match="not the start of an image line"):
+        ImageStore(folder)
+
+
+def test_a_store_with_exactly_half_its_probed_rows_on_other_ids_opens(tmp_path):
+    """A minority (here: exactly half) of probed rows holding another row's id is let through; a majority is not."""
+    half = {**{30000000 + i: _png() for i in range(4)}, **{40000010 + i: _png() for i in range(4)}}
+    with ImageStore(write_store(tmp_path / "half", half)) as store:
+        assert len(store) == 8 and store.get(30000003).size == (16, 16)
+    most = {**{30000000 + i: _png() for i in range(3)}, **{40000010 + i: _png() for i in range(5)}}
+    with pytest.raises(D.ImageStoreFormatError, match="5 of 8 probed rows"):
+        ImageStore(write_store(tmp_path / "most", most))
+
+
+def test_store_errors_read_plainly_and_base64_is_checked_strictly(tmp_path):
+    png = base64.b64encode(_png()).decode()
+    folder = write_store(tmp_path, {30000000: _png(), 30000001: png[:20] + "*" + png[20:]})
+    with ImageStore(folder) as store:
+        assert store.check(30000099) == "image 30000099: no line in imgs.lineidx (row 99 >= 2)"  # not repr'd
+        assert str(ImageNotFoundError(5, "gone")) == "image 5: gone"
+        with pytest.raises(ImageDecodeError, match="30000001: invalid base64"):  # a stray byte is corruption
+            store.get_bytes(30000001)
+
+
+def test_an_open_image_store_pickles_and_reads_after_unpickling(tmp_path):
+    import pickle
+
+    folder = write_store(tmp_path, {30000000 + i: _png(size=8 + i) for i in range(3)})
+    with ImageStore(folder) as store:
+        assert store.get(30000001).size == (9, 9)  # the file is open now
+        copy = pickle.loads(pickle.dumps(store))
+        with copy:
+            assert copy.get(30000002).size == (10, 10) and len(copy) == 3
+        assert store.get(30000000).size == (8, 8)  # the original keeps its own handle
+
+
+def test_an_image_store_reads_a_lineidx_of_another_name(tmp_path):
+    folder = write_store(tmp_path, {30000000 + i: _png(size=8 + i) for i in range(3)})
+    moved = folder / "imgs.copy.lineidx"
+    (folder / "imgs.lineidx").rename(moved)
+    with ImageStore(folder / "imgs.tsv", moved) as store:
+        assert store.lineidx_path == moved and store.get(30000002).size == (10, 10)
+    with pytest.raises(FileNotFoundError, match="imgs.lineidx"):
+        ImageStore(folder)
+
+
+def test_a_whole_image_decodes_all_its_rows():
+    from mmrag_lite.data.images import decode_image, decoded_rows
+
+    im, share = decode_image(_png(size=20), 7)
+    assert share == 1.0 and decoded_rows(im, share) is im and im.size == (20, 20)
+
+
+def test_a_cut_mmqa_gzip_names_the_line_after_the_last_one_kept(tmp_path):
+    import gzip
+
+    good = {"question": "Q?", "answers": [{"answer": "x"}], "metadata": {"type": "TextQ"}, "supporting_context": []}
+    lines = "".join(json.dumps({**good, "qid": f"q{i}", "pad": os.urandom(300).hex()}) + "\n" for i in range(200))
+    whole = gzip.compress(lines.encode())
+    path = tmp_path / "MMQA_dev.jsonl.gz"
+    path.write_bytes(whole[: len(whole) // 2])
+    errors: list = []
+    kept = D.read_mmqa(path, errors=errors)
+    assert [e.guid for e in errors] == [f"line {len(kept) + 1}"]
+    assert f"MMQA_dev.jsonl.gz line {len(kept) + 1}: the file ends early" in errors[0].message
+
+
+def test_mmqa_rows_keep_the_first_answer_passage_text_and_each_gold_once(tmp_path):
+    images = {f"i{n}": D.MMQADoc(id=f"i{n}", title=f"image {n}") for n in range(3)}
+    texts = {"t1": D.MMQADoc(id="t1", title="Passage", text="A passage about flags.")}
+    q = D.MMQAQuestion(qid="q1", question="Which?", answers=("first", "second"), answer_modalities=("image", "text"),
+                       qtype="ImageQ", modalities=("image", "text"), image_doc_ids=tuple(images), text_doc_ids=("t1",),
+                       table_id="", supporting=(("i2", "image"), ("t1", "text"), ("i2", "image"), ("x9", "image")))
+    assert q.gold_doc_ids == ("i2", "t1")  # once each, in order, only those in the pool
+    (row,) = D.mmqa_to_rows([q], images, texts)
+    assert row["answer"] == "first" and row["answers"] == ["first", "second"]
+    assert sorted(row["gold_ids"]) == ["i2", "t1"]
+    assert next(c for c in row["candidates"] if c["id"] == "t1")["text"] == "A passage about flags."
+
+
+def test_attach_mmqa_images_downscales_by_the_longer_side(tmp_path):
+    folder = tmp_path / D.MMQA_IMAGE_FOLDER
+    folder.mkdir()
+    Image.new("RGB", (300, 40), (10, 120, 200)).save(folder / "banner.png")
+    images = {"a": D.MMQADoc(id="a", title="Banner", path="banner.png")}
+    rows = D.mmqa_to_rows([_mmqa_image_question("q1", ("a",), "a")], images)
+    attached, _ = D.attach_mmqa_images(rows, images, folder, max_side=64)
+    assert attached[0]["candidates"][0]["image"].width == 64
