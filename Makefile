@@ -16,17 +16,21 @@ SPEC   := $(VENV)/.torch-spec
 DEFAULT_TORCH_SPEC := torch==2.14.1 torchvision==0.29.1
 TORCH_SPEC ?= $(or $(shell cat $(SPEC) 2>/dev/null),$(DEFAULT_TORCH_SPEC))
 PRESET ?= cpu-tiny
+# Every other library at the version the tests last passed with (.ci/lock.py writes it; `make lock` after an upgrade).
+# `make test LOCK=` lets pip choose the newest releases the floors in pyproject.toml allow.
+LOCK ?= .ci/constraints.txt
 # e.g. make course COURSE_ARGS="--set evaluation.retrain_ablations=false" (dotted preset overrides for every notebook)
 COURSE_ARGS ?=
 # Let Python cache the bytecode of what it imports into .venv/ (see the install below).
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: course test test-fast lint clean-runs help FORCE
+.PHONY: course test test-fast lint lock clean-runs help FORCE
 
 help:
 	@echo "make course  - install into .venv and run the whole course (notebooks 01-05) on PRESET=$(PRESET)"
 	@echo "make test    - install into .venv and run the tests (notebooks included)"
 	@echo "make test-fast - the tests without executing the notebooks"
+	@echo "make lock    - record the installed versions in .ci/constraints.txt (after make test LOCK= and a green run)"
 
 # A venv whose Python is gone or can no longer import what was installed into it (its base Python was removed or
 # upgraded) is made again: left as it is, every re-run would fail the same way.
@@ -51,11 +55,11 @@ $(PY):
 $(SPEC): FORCE | $(PY)
 	@echo '$(TORCH_SPEC)' | cmp -s - $@ || echo '$(TORCH_SPEC)' > $@
 
-$(STAMP): pyproject.toml Makefile $(SPEC) | $(PY)
+$(STAMP): pyproject.toml Makefile $(SPEC) $(LOCK) | $(PY)
 	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 	  { echo "$(VENV) was made with Python $$($(PY) -V 2>&1); mmrag-lite needs 3.11+: rm -rf $(VENV) and re-run"; exit 1; }
 	$(PY) -m pip install --quiet --no-compile --upgrade pip
-	$(PY) -m pip install --quiet --no-compile $(TORCH_SPEC) -e ".[notebooks,dev]"
+	$(PY) -m pip install --quiet --no-compile $(TORCH_SPEC) $(if $(LOCK),-c $(LOCK)) -e ".[notebooks,dev]"
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	@touch $(STAMP)
 
@@ -70,6 +74,10 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check
+
+# After changing a dependency (or to move to newer releases: make test LOCK= first), record what passed.
+lock: $(STAMP)
+	$(PY) .ci/lock.py
 
 clean-runs:
 	rm -rf runs

@@ -642,3 +642,63 @@ def test_setting_changes_pairs_every_differing_leaf_by_dotted_key():
     assert config.setting_changes(before, after) == {"gone": (1, None), "lr": (1.0, 2.0),
                                                      "stage1.weights.answer": (None, 1.0)}
     assert config.setting_changes(after, after) == {}
+
+
+def _lock_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ci_lock", ROOT / ".ci" / "lock.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_lock_holds_every_dependency_at_a_version_pyproject_allows():
+    """A fresh .venv installs with -c .ci/constraints.txt: a dependency missing from it would float to untested
+    releases, and a pin pyproject does not allow would make every install fail."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    locked = _lock_module().read_lock()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for raw in project["dependencies"] + project["optional-dependencies"]["notebooks"] + \
+            project["optional-dependencies"]["dev"]:
+        req = Requirement(raw.split("#")[0])
+        name = canonicalize_name(req.name)
+        if name in TORCH_PINS:
+            assert name not in locked  # TORCH_SPEC chooses the build; a GPU machine names its own
+            continue
+        assert name in locked, f"{name} is not in .ci/constraints.txt: run make lock"
+        assert req.specifier.contains(locked[name], prereleases=True), f"{name}=={locked[name]} breaks {raw}"
+    assert not [n for n in locked if n.startswith("nvidia-") or n in {"triton", "setuptools", "pip"}]
+
+
+def test_the_makefile_installs_with_the_lock_unless_told_not_to():
+    makefile = (ROOT / "Makefile").read_text()
+    assert "LOCK ?= .ci/constraints.txt" in makefile
+    assert re.search(r"pip install .*\$\(if \$\(LOCK\),-c \$\(LOCK\)\) -e \"\.\[notebooks,dev\]\"", makefile)
+    assert re.search(r"^\$\(STAMP\):.*\$\(LOCK\)", makefile, re.MULTILINE)  # a new lock reinstalls
+
+
+def test_the_lock_leaves_out_a_release_an_older_supported_python_cannot_install(monkeypatch):
+    """soupsieve 4.1 needs Python 3.11.5: pinned, it would break every install on Debian 12's 3.11.2."""
+    lock = _lock_module()
+    monkeypatch.setattr(lock.metadata, "metadata", lambda name: ({"Requires-Python": {
+        "soupsieve": ">=3.11.5", "numpy": ">=3.11", "old": ">=3.8,<3.12"}.get(name)}))
+    assert lock.needs_newer_python("soupsieve") == ">=3.11.5"
+    assert lock.needs_newer_python("old") == ">=3.8,<3.12"
+    assert lock.needs_newer_python("numpy") is None
+    assert lock.needs_newer_python("no-requirement") is None
+
+
+def test_this_venv_is_the_locked_set():
+    """The suite ran on exactly the versions a fresh install gets (CI installs .venv/ with the lock)."""
+    import sys
+
+    if Path(sys.prefix).resolve() != (ROOT / ".venv").resolve():
+        pytest.skip(f"the lock describes the Makefile's .venv/; this interpreter is {sys.prefix}")
+    if not (ROOT / ".venv" / ".mmrag-installed").exists():
+        pytest.skip(".venv/ was not made by make")
+    lock = _lock_module()
+    current = {n: v for n, v in lock.installed_closure().items() if not lock.needs_newer_python(n)}
+    assert current == lock.read_lock()
