@@ -57,7 +57,7 @@ PROBLEM_CODES: dict[str, str] = {
     "text_outside_tags": "non-whitespace text before, between or after the blocks",
     "wrong_order": "the blocks are not in the required order",
     "invalid_verdict": "the stage-1 answer is not yes or no",
-    "empty_answer": "the stage-2 answer is empty",
+    "empty_answer": "the stage-2 answer is empty (no letter or digit)",
     "empty_sources": "the stage-2 sources block lists no id",
     "unknown_id": "an id that is not one of the candidates shown",
     "duplicate_id": "the same id listed twice",
@@ -355,6 +355,8 @@ def parse_stage2(
         answer = answer_block.content.strip()
         if not answer:
             sink.add("empty_answer", "the answer block is empty")
+        elif not any(ch.isalnum() for ch in answer):  # "..." or "?" states nothing; it must not earn the format reward
+            sink.add("empty_answer", "the answer has no letter or digit")
     return Stage2Parse(
         text, think_block.content.strip() if think_block else None, source_ids, answer, tuple(sink.items), tuple(unknown)
     )

@@ -157,6 +157,8 @@ def test_stage2_without_candidates_accepts_any_id():
     [
         ("<sources></sources><answer>x</answer>", "empty_sources", (), "x"),
         ("<sources>D1</sources><answer>  </answer>", "empty_answer", ("D1",), ""),
+        ("<sources>D1</sources><answer> ... </answer>", "empty_answer", ("D1",), "..."),
+        ("<sources>D1</sources><answer>?!</answer>", "empty_answer", ("D1",), "?!"),
         ("<answer>x</answer>", "missing_tag", None, "x"),
         ("<answer>x</answer><sources>D1</sources>", "wrong_order", ("D1",), "x"),
         ("<sources>D1</sources><answer>x</answer><answer>y</answer>", "repeated_tag", ("D1",), None),
@@ -317,3 +319,11 @@ def test_too_few_orders_repeat_in_turn():
 
     orders = permutations(2, 4, seed=0)
     assert sorted(map(tuple, orders[:2])) == [(0, 1), (1, 0)] and orders[2:] == orders[:2]
+
+
+@pytest.mark.parametrize("answer", ["7", "é", "红色", "½", "x."])
+def test_a_one_character_answer_with_a_letter_or_digit_is_an_answer(answer):
+    """Only an answer without any letter or digit counts as empty: short and non-Latin answers stay answers."""
+    parsed = parse_stage2(f"<sources>D1</sources><answer>{answer}</answer>", IDS, reasoning=False)
+    assert parsed.ok, parsed.problems
+    assert parsed.answer == answer

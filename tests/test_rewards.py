@@ -1145,3 +1145,11 @@ def test_keyword_and_length_guards_follow_their_switches_through_the_builder_and
         answer = next(f for f in funcs if f.__name__ == "answer")
         assert answer(padded, answer=["Upwards."], keywords=[""], qcate=["choose"]) == [pytest.approx(expected)]
         assert answer(fountain, **cols) == [pytest.approx(1.0 if guards else 1 / 4)]
+
+
+def test_a_punctuation_only_answer_earns_no_format_reward():
+    """"<answer>...</answer>" is the cheapest well-formed-looking answer; it states nothing, so it is no answer."""
+    done = "<think>the red car is in the first image</think><sources>D1</sources><answer>{}</answer>"
+    scores = rewards.format_reward([done.format("..."), done.format("red")], stage=2, reasoning=True,
+                                   candidate_ids=[["D1", "D2"]] * 2)
+    assert scores == [0.0, 1.0]
