@@ -31,7 +31,8 @@ def test_environment_yml_agrees_with_pyproject():
         wanted.update(_split(r) for r in project["optional-dependencies"].get(extra, []))
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_list = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
-    declared = dict(_split(r) for r in pip_list if not r.startswith("-e"))
+    declared = dict(_split(r) for r in pip_list if not r.startswith("-"))
+    assert "-c .ci/constraints.txt" in pip_list  # conda's pip installs the tested versions too
     assert {k: v for k, v in declared.items() if k not in TORCH_PINS} == {
         k: v for k, v in wanted.items() if k not in TORCH_PINS}
     assert {k: declared[k] for k in TORCH_PINS} == TORCH_PINS
