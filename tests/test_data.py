@@ -2429,3 +2429,359 @@ def test_attach_mmqa_images_downscales_by_the_longer_side(tmp_path):
     rows = D.mmqa_to_rows([_mmqa_image_question("q1", ("a",), "a")], images)
     attached, _ = D.attach_mmqa_images(rows, images, folder, max_side=64)
     assert attached[0]["candidates"][0]["image"].width == 64
+
+
+# ------------------------------------------------------------ mutation audit of world.py and data/__init__.py
+def _scenes_by_pixels(size: int = 56, variants: int = 4) -> dict[bytes, tuple[str, str, int]]:
+    """Every scene the world can draw, keyed by its pixels: an image read back names its (shape, colour, count)."""
+    from mmrag_lite.data import world as W
+
+    return {W.draw_scene(s, c, n, size, v).tobytes(): (s, c, n) for s in W.SHAPES for c in W.COLORS
+            for n in range(1, 6) for v in range(variants)}
+
+
+def _scene_reader(store: ImageStore):
+    scenes = _scenes_by_pixels()
+
+    def scene(fact) -> tuple[str, str, int] | None:
+        """The scene an image shows; None for a planted broken or truncated one."""
+        try:
+            return scenes.get(store.get(fact.image_id).tobytes())
+        except D.ImageStoreError:
+            return None
+
+    return scene
+
+
+def _plural(shape: str, n: int = 2) -> str:
+    return shape if n == 1 else shape + "s"
+
+
+def test_world_gold_images_show_the_keyword_answer_in_every_image_category(world):
+    """The answer is learnable from pixels: each image question's gold picture is the scene its keyword names (the
+    colour, the shape, the count or the sum of two counts, yes only for the colour shown, the title with more
+    shapes, the whole "three red circles"), and a caption that describes its picture describes that one."""
+    from mmrag_lite.data import world as W
+
+    checked, drawn = Counter(), set()
+    with ImageStore(world) as store:
+        scene = _scene_reader(store)
+        for r in D.read_webqa(world / "WebQA_train_val.json"):
+            gold = [scene(f) for f in r.img_pos]
+            if not gold or None in gold:  # no gold planted, or a planted broken gold image
+                continue
+            (shape, colour, count), kw, q = gold[0], r.keywords, r.question
+            if r.qcate == "color":
+                assert kw == colour and f"color are the {_plural(shape)}" in q, (q, gold)
+            elif r.qcate == "shape":
+                assert kw == shape and f"the {colour} objects" in q, (q, gold)
+            elif r.qcate == "number":
+                assert kw == str(sum(n for _, _, n in gold)) and {s for s, _, _ in gold} == {shape}, (q, kw, gold)
+            elif r.qcate == "YesNo":
+                assert kw == ("yes" if q.rstrip("?").split()[-1] == colour else "no"), (q, kw, gold)
+            elif r.qcate == "choose" and len(gold) == 2:
+                (_, _, n1), (_, _, n2) = gold
+                assert n1 != n2 and kw == r.img_pos[0 if n1 > n2 else 1].title, (q, kw, gold)
+            elif r.qcate == "choose":
+                assert kw == colour and (f" {colour} or " in q or f" or {colour}?" in q), (q, gold)
+            else:
+                assert r.qcate == "Others" and kw == f"{W.COUNT_WORDS[count]} {colour} {_plural(shape, count)}", (q, kw)
+            checked[r.qcate] += 1
+            drawn.add(count)  # the (first) gold scene's count
+            for fact, (s, c, n) in zip(r.img_pos, gold):
+                if fact.caption != f"A picture of the {fact.title}.":
+                    assert fact.caption == f"{fact.title}. {W.COUNT_WORDS[n].capitalize()} {c} {_plural(s, n)} on a plain background."
+                    checked["caption"] += 1
+    assert set(checked) == set(D.IMAGE_QCATES) | {"caption"} and min(checked.values()) >= 20, checked
+    assert drawn == {1, 2, 3, 4, 5}  # every count is shown
+
+
+def test_world_hard_distractors_show_the_same_scene_with_another_answer(world):
+    """A hard distractor is what makes stage 1 learn the title and stage 2 look: its title shares the gold's place
+    noun (other adjective, other name), and its picture is the gold's scene with only the asked-for part changed."""
+    changed = {"color": 1, "shape": 0, "number": 2, "YesNo": 1, "choose": 1}  # the (shape, colour, count) index
+    checked = Counter()
+
+    def related(title: str, gold: str) -> bool:
+        (adj, place), (gold_adj, gold_place) = title.split(" of ")[0].split(), gold.split(" of ")[0].split()
+        return place == gold_place and adj != gold_adj and title.split(" of ")[1] != gold.split(" of ")[1]
+
+    with ImageStore(world) as store:
+        scene = _scene_reader(store)
+        for r in D.read_webqa(world / "WebQA_train_val.json"):
+            if r.qcate == "text" and r.txt_pos:
+                assert all(related(f.title, r.txt_pos[0].title) for f in r.txt_neg[:3]), r.guid
+                checked["text"] += 1
+            if r.qcate not in changed or not r.img_pos:
+                continue
+            gold, hards = scene(r.img_pos[0]), [scene(f) for f in r.img_neg[:3]]
+            if None in (gold, *hards):  # a planted broken or truncated image
+                continue
+            i = changed[r.qcate]
+            for fact, hard in zip(r.img_neg[:3], hards):
+                assert related(fact.title, r.img_pos[0].title), (fact.title, r.img_pos[0].title)
+                assert hard[i] != gold[i] and hard[:i] + hard[i + 1:] == gold[:i] + gold[i + 1:], (r.qcate, gold, hard)
+            checked[r.qcate] += 1
+    assert set(checked) == set(changed) | {"text"} and min(checked.values()) >= 20, checked
+
+
+def test_world_text_answers_are_stated_by_their_gold_snippets(world):
+    """A text question is answerable from its gold snippets: every name and number of the reference answer is in them."""
+    import re
+
+    from mmrag_lite.data import world as W
+
+    checked = 0
+    for r in D.read_webqa(world / "WebQA_train_val.json"):
+        if r.qcate != "text" or not r.txt_pos or r.answer in W._MISSED_ANSWERS:
+            continue
+        facts = " ".join(f.fact for f in r.txt_pos)
+        named = re.findall(r"\b(?:[A-Z]\w*|\d+)\b", r.answer)
+        assert named and [w for w in named if not re.search(rf"\b{w}\b", facts)] == [], (r.answer, facts)
+        checked += 1
+    assert checked >= 50
+
+
+def _defects_in_files(world: Path) -> tuple[dict[str, int], Counter]:
+    """Each planted defect as counted in the files themselves (once per planting: copies are left out), and which
+    kinds of candidate (caption, fact) the overlong ones are."""
+    from mmrag_lite.data import world as W
+
+    copies = D.read_world_manifest(world)["copies"]
+    lines = (world / "imgs.tsv").read_bytes().splitlines()
+
+    def state(payload: bytes) -> str:
+        data = base64.b64decode(payload)
+        if not data.startswith(b"\x89PNG"):
+            return "broken"  # garbage or empty
+        try:
+            Image.open(io.BytesIO(data)).load()
+        except OSError:
+            return "truncated"
+        return "ok"
+
+    images = {int(image_id): state(payload) for image_id, payload in (line.split(b"\t") for line in lines)}
+    fresh = [r for guid, r in json.loads((world / "WebQA_train_val.json").read_text()).items() if guid not in copies]
+    limit = MiniWebQAFilters().max_candidate_words
+    long_kinds = Counter()
+
+    def overlong(r: dict) -> bool:
+        facts = [f for key in ("img_posFacts", "img_negFacts", "txt_posFacts", "txt_negFacts") if isinstance(r[key], list)
+                 for f in r[key]]
+        long = [f for f in facts if len(f.get("caption", f.get("fact", "")).split()) > limit]
+        long_kinds.update("caption" if "caption" in f else "fact" for f in long)
+        return bool(long)
+
+    found = {
+        "no_gold": sum(not r["img_posFacts"] and not r["txt_posFacts"] for r in fresh),
+        "answer_misses": sum(D.strip_quotes(r["A"][0]) in W._MISSED_ANSWERS for r in fresh),
+        "broken_gold_image": sum(images[r["img_posFacts"][0]["image_id"]] == "broken" for r in fresh if r["img_posFacts"]),
+        "broken_distractor_image": sum(images[f["image_id"]] == "broken" for r in fresh for f in r["img_negFacts"]
+                                       if f["image_id"] in images),
+        "truncated_image": Counter(images.values())["truncated"],
+        "duplicate": Counter(c["kind"] for c in copies.values())["duplicate"],
+        "near_duplicate": Counter(c["kind"] for c in copies.values())["near_duplicate"],
+        "overlong": sum(overlong(r) for r in fresh),
+        "bad_record": len(D.read_webqa(world / "WebQA_train_val.json").errors),
+    }
+    assert Counter(images.values())["broken"] == found["broken_gold_image"] + found["broken_distractor_image"]
+    return found, long_kinds
+
+
+def test_world_plants_each_defect_in_the_counts_its_manifest_gives(world, tmp_path):
+    """The manifest is the ground truth the funnel is checked against: each planted defect is in the files exactly
+    as often as it says, also where one question carries several (a noisier world), and n_images is the store's
+    size."""
+    manifest = D.read_world_manifest(world)
+    assert manifest["n_images"] == len((world / "imgs.tsv").read_bytes().splitlines()) == len(
+        D.read_lineidx(world / "imgs.lineidx"))
+    found, long_kinds = _defects_in_files(world)
+    assert found == manifest["planted"] and min(found.values()) > 0
+    assert long_kinds.keys() == {"caption", "fact"}  # the overlong filter meets both kinds of candidate
+    noisy = D.make_world(tmp_path / "noisy", n_questions=60, seed=1, progress=False, noise=D.WorldNoise(
+        no_gold=0.3, answer_misses=0.3, broken_gold_image=0.5, broken_distractor_image=0.2, truncated_image=0.3,
+        duplicate=0.1, near_duplicate=0.1, overlong=0.3, bad_record=0.0))  # a broken record may hide a long fact
+    assert _defects_in_files(noisy)[0] == D.read_world_manifest(noisy)["planted"]
+
+
+def test_each_noise_rate_plants_its_own_defect_and_all_zero_is_clean(tmp_path):
+    """``WorldNoise`` is how a course run asks for a harder or a clean world: each rate plants its own kind only."""
+    from dataclasses import fields
+
+    zero = {f.name: 0.0 for f in fields(D.WorldNoise)}
+    for name in zero:
+        world = D.make_world(tmp_path / name, n_questions=40, seed=3, noise=D.WorldNoise(**dict(zero, **{name: 0.3})),
+                             progress=False)
+        planted = D.read_world_manifest(world)["planted"]
+        assert planted[name] > 0 and [k for k, v in planted.items() if v and k != name] == [], (name, planted)
+        assert len(D.read_webqa(world / "WebQA_train_val.json").errors) == planted["bad_record"]  # each one reported
+    clean = D.make_world(tmp_path / "clean", n_questions=40, seed=3, noise=D.WorldNoise(**zero), progress=False)
+    manifest = D.read_world_manifest(clean)
+    assert set(manifest["planted"].values()) == {0} and manifest["copies"] == {}
+    result = D.read_webqa(clean / "WebQA_train_val.json")
+    assert not result.errors and all(r.gold_ids for r in result)
+    assert all(D.answer_mentions_keyword(r) for r in result if r.keywords)
+    with ImageStore(clean) as store:
+        assert [i for i in range(manifest["n_images"]) if store.check(30_000_000 + i, min_decoded_share=1.0)] == []
+
+
+def test_draw_scene_draws_count_shapes_in_one_colour_and_refuses_other_scenes():
+    """"How many" is answerable from the pixels: ``count`` shapes, each shape its own outline, one colour on the
+    background. An unknown shape, colour or count is an error, not a square or a crash."""
+    import numpy as np
+
+    from mmrag_lite.data import world as W
+
+    def blobs(im: Image.Image) -> int:
+        mask = (np.asarray(im) != np.array(W.BACKGROUND)).any(-1)
+        seen, n = np.zeros_like(mask), 0
+        for start in zip(*np.nonzero(mask)):
+            if seen[start]:
+                continue
+            n, stack = n + 1, [start]
+            seen[start] = True
+            while stack:
+                y, x = stack.pop()
+                for q in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                    if 0 <= q[0] < mask.shape[0] and 0 <= q[1] < mask.shape[1] and mask[q] and not seen[q]:
+                        seen[q] = True
+                        stack.append(q)
+        return n
+
+    for shape in W.SHAPES:
+        for count in range(1, 6):
+            pictures = [W.draw_scene(shape, "blue", count, variant=v) for v in range(4)]
+            # jitter can make two shapes touch (13 of the 700 scenes, 9 of them two circles): never all variants
+            assert max(map(blobs, pictures)) == count, (shape, count)
+            assert all({c for _, c in im.getcolors()} == {W.BACKGROUND, W.COLORS["blue"]} for im in pictures)
+    pictures = {W.draw_scene(shape, "red", 1).tobytes() for shape in W.SHAPES}
+    assert len(pictures) == len(W.SHAPES)  # five outlines, not a square drawn for two of them
+    assert W.draw_scene("star", "red", 3, variant=1).tobytes() == W.draw_scene("star", "red", 3, variant=1).tobytes()
+    assert W.draw_scene("star", "red", 3, variant=1).tobytes() != W.draw_scene("star", "red", 3, variant=2).tobytes()
+    for bad in (("hexagon", "red", 1), ("circle", "teal", 1), ("circle", "red", 0), ("circle", "red", 6)):
+        with pytest.raises(ValueError, match="unknown scene"):
+            W.draw_scene(*bad)
+
+
+def test_world_images_are_drawn_at_the_size_and_in_the_format_asked_for(tmp_path):
+    """A preset's ``world_image_size`` reaches the pixels, and ``image_format`` the stored bytes."""
+    from dataclasses import fields
+
+    clean = D.WorldNoise(**{f.name: 0.0 for f in fields(D.WorldNoise)})  # no broken bytes among the images
+    world = D.make_world(tmp_path / "w", n_questions=6, image_size=32, image_format="jpg", noise=clean, progress=False)
+    with ImageStore(world) as store:
+        for i in range(D.read_world_manifest(world)["n_images"]):
+            raw = store.get_bytes(30_000_000 + i)
+            assert raw[:3] == b"\xff\xd8\xff" and Image.open(io.BytesIO(raw)).size == (32, 32), i
+
+
+def test_world_spreads_each_scene_over_its_jitter_variants(tmp_path):
+    """``variants`` jittered drawings per scene: a world of 1 variant reuses one picture per scene, of 4 more."""
+    def pictures(variants: int) -> int:
+        world = D.make_world(tmp_path / str(variants), n_questions=40, variants=variants, progress=False)
+        return len({line.split(b"\t")[1] for line in (world / "imgs.tsv").read_bytes().splitlines()})
+
+    assert pictures(4) > pictures(1)
+
+
+def test_world_titles_stay_unique_past_one_round():
+    """Titles run out after 24 x 32 x 64 = 49,152 (a WebQA-size world takes more): the next round carries "II"."""
+    import random
+
+    from mmrag_lite.data import world as W
+
+    titles = W._Titles(random.Random(0))
+    taken = [W._Titles.compose(*titles.take()) for _ in range(titles.n + 3)]
+    assert len(set(taken)) == len(taken)
+    assert all(t.endswith(" II") for t in taken[titles.n:])
+    assert [W._Titles.compose("Quiet", "Garden", "Lina", rnd) for rnd in range(4)] == [
+        "Quiet Garden of Lina", "Quiet Garden of Lina II", "Quiet Garden of Lina III", "Quiet Garden of Lina 4"]
+
+
+def test_another_seed_is_another_world(tmp_path):
+    """Two seeds never share a Guid (their records could not be pooled) and ask about other subjects."""
+    def gold_titles_and_guids(seed: int) -> tuple[list[str], set[str]]:
+        result = D.read_webqa(D.make_world(tmp_path / str(seed), n_questions=30, seed=seed, progress=False) /
+                              "WebQA_train_val.json")
+        return [f.title for r in result for f, gold in r.facts() if gold], {r.guid for r in result}
+
+    (titles0, guids0), (titles1, guids1) = gold_titles_and_guids(0), gold_titles_and_guids(1)
+    assert not guids0 & guids1
+    assert len(set(titles0) & set(titles1)) < len(set(titles0)) // 2
+
+
+def test_every_world_record_is_laid_out_like_a_webqa_record(world):
+    """Not only the first: each record (planted copies too) is keyed by its own 32-hex-digit Guid, its snippet ids
+    are ``<that Guid>_<n>``, unique within it, its topic is its subject's kind, its pool as large as documented and
+    about 12% of the questions are val. A copy points at one of the last 64 clean questions before it and shares
+    its pool."""
+    import re
+
+    from mmrag_lite.data import world as W
+
+    raw = json.loads((world / "WebQA_train_val.json").read_text())
+    copies = D.read_world_manifest(world)["copies"]
+    low, high = W.IMAGES_PER_QUESTION
+    for guid, r in raw.items():
+        if not isinstance(r.get("txt_negFacts"), list):  # a planted malformed record
+            continue
+        assert re.fullmatch("[0-9a-f]{32}", guid) and r["Guid"] == guid
+        ids = [s["snippet_id"] for key in ("txt_posFacts", "txt_negFacts") for s in r[key]]
+        assert len(set(ids)) == len(ids) and all(re.fullmatch(f"{guid}_\\d+", i) for i in ids), (guid, ids)
+        assert r["topic"] in {p.lower() for p in W.PLACES}
+        if "Q" in r:
+            assert r["topic"] in D.strip_quotes(r["Q"]).lower(), (r["topic"], r["Q"])
+        if r["img_posFacts"] or r["txt_posFacts"]:
+            assert low <= len(r["img_posFacts"]) + len(r["img_negFacts"]) <= high, guid
+    assert 0.06 < sum(r["split"] == "val" for r in raw.values()) / len(raw) < 0.2
+    clean = [g for g, r in raw.items() if g not in copies and "Q" in r and isinstance(r["txt_negFacts"], list)
+             and all(isinstance(f["image_id"], int) for f in r["img_negFacts"])]
+    position = {guid: i for i, guid in enumerate(raw)}
+    for guid, copy in copies.items():
+        original = raw[copy["of"]]
+        before = [g for g in clean if position[g] < position[guid]]
+        assert copy["of"] in before[-W.DUPLICATE_SOURCE_WINDOW:], guid
+        q, q0 = json.loads(raw[guid]["Q"]), json.loads(original["Q"])  # the text inside the quotes, spaces kept
+        assert q != q0 and [f["image_id"] for f in raw[guid]["img_negFacts"]] == [f["image_id"] for f in original["img_negFacts"]]
+        if copy["kind"] == "duplicate":  # the text up to case and spacing
+            assert D.question_key(q) == D.question_key(q0), (q, q0)
+        else:  # reworded: other words in another order, the same content words
+            assert D.question_key(q) != D.question_key(q0) and D.near_dup_key(q) == D.near_dup_key(q0), (q, q0)
+    assert {c["kind"] for c in copies.values()} == {"duplicate", "near_duplicate"}
+
+
+def test_make_world_refuses_more_images_than_id_modulo_can_index(tmp_path, monkeypatch):
+    """Image ids are looked up by ``id % 10_000_000``: the image that would wrap around is refused, the last that
+    fits is not (a smaller modulus stands in for ten million)."""
+    from mmrag_lite.data import world as W
+
+    n_images = D.read_world_manifest(D.make_world(tmp_path / "w", n_questions=3, progress=False))["n_images"]
+    monkeypatch.setattr(W, "ID_MODULUS", n_images)
+    D.make_world(tmp_path / "w", n_questions=3, progress=False)
+    monkeypatch.setattr(W, "ID_MODULUS", n_images - 1)
+    with pytest.raises(ValueError, match="cannot be indexed"):
+        D.make_world(tmp_path / "w", n_questions=3, progress=False)
+
+
+def test_easy_distractors_avoid_the_gold_titles_of_both_modalities():
+    """An easy distractor snippet titled like a gold image's subject or a gold snippet's would be a mislabelled
+    negative: both kinds of gold title are avoided (all titles but one adjective's are gold here)."""
+    import random
+
+    from mmrag_lite.data import world as W
+
+    titles = [f"{a} {p} of {n}" for a in W.ADJECTIVES[1:] for p in W.PLACES for n in W.NAMES]
+    half = len(titles) // 2
+    qd = {"gold_imgs": [W._Img(("circle", "red", 1), t, "") for t in titles[:half]],
+          "gold_txt": [(t, "a fact") for t in titles[half:]], "hard_imgs": [], "hard_txt": []}
+    _, txt_neg = W._distractors(random.Random(0), qd)
+    assert txt_neg and all(t.startswith(W.ADJECTIVES[0] + " ") for t, _ in txt_neg)
+
+
+def test_data_all_lists_exactly_what_the_package_re_exports():
+    """``from mmrag_lite.data import *`` binds every listed name (one listed but not imported breaks it) and leaves
+    none of the re-exported ones out."""
+    import types
+
+    exported = {n for n in dir(D) if not n.startswith("_") and not isinstance(getattr(D, n), types.ModuleType)}
+    assert sorted(exported) == sorted(D.__all__) and len(set(D.__all__)) == len(D.__all__)

@@ -3,6 +3,7 @@ widget then shows. Synthetic Mini-WebQA rows and hand-built pipeline results: no
 
 from __future__ import annotations
 
+import io
 import re
 
 import pytest
@@ -368,3 +369,89 @@ def test_viewer_escapes_html_everywhere():
     viewer.system_picker.value = "other"
     assert "<script" not in viewer.output.value and "other has no prediction for this question" in viewer.output.value
     assert "<script" not in result_html(evil.to_dict(), row)
+
+
+# ------------------------------------------------------------------------------------------ mutation audit
+def png_size(cell) -> tuple[int, int]:
+    return Image.open(io.BytesIO(cell.children[0].value)).size
+
+
+def test_browser_thumbnails_fit_the_thumb_size_and_show_transparency_on_white():
+    """Small synthetic images are enlarged crisply up to ``thumb``, large ones shrunk to it (never past it, whichever
+    side is longer), transparent pixels are white as the model sees them, and a PIL image whose file was cut short
+    is labelled like any other image without pixels."""
+    row = make_rows(1)[0]
+    images = [i for i, c in enumerate(row["candidates"]) if c["modality"] == "image"]
+    sized = {images[0]: Image.new("RGB", (40, 30), (1, 2, 3)), images[1]: Image.new("RGB", (300, 400), (1, 2, 3))}
+    cands = [dict(c, image=sized[i]) if i in sized else c for i, c in enumerate(row["candidates"])]
+    for thumb, small, large in ((96, (80, 60), (72, 96)), (64, (40, 30), (48, 64))):
+        browser = dataset_browser([dict(row, candidates=cands)], thumb=thumb)
+        assert (png_size(browser.grid.children[images[0]]), png_size(browser.grid.children[images[1]])) == (small, large)
+    clear = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    cell = dataset_browser([dict(row, candidates=[dict(cands[images[0]], image=clear)])]).grid.children[0]
+    assert Image.open(io.BytesIO(cell.children[0].value)).convert("RGB").getcolors() == [(96 * 96, (255, 255, 255))]
+    buf = io.BytesIO()
+    Image.effect_noise((64, 64), 50).convert("RGB").save(buf, format="PNG")
+    cut = Image.open(io.BytesIO(buf.getvalue()[: len(buf.getvalue()) // 2]))  # opened lazily: fails only when drawn
+    cell = dataset_browser([dict(row, candidates=[dict(cands[images[0]], image=cut)])]).grid.children[0]
+    assert [w.value for w in cell.children[:1]] == [NO_PIXELS_HTML]  # a label, not an OSError in the notebook
+
+
+def test_browser_header_lists_every_gold_id_and_keywords_only_when_there_are_some():
+    """A question with two gold sources names both; a text question (no keyword) shows no "keywords: None"."""
+    row = make_rows(1)[0]
+    golds = [row["candidates"][1]["id"], row["candidates"][3]["id"]]
+    header = dataset_browser([dict(row, gold_ids=golds, keywords=None, qcate="text")]).header.value
+    assert f"gold: {', '.join(golds)}" in header and "keywords" not in header and "None" not in header
+    assert "<b>keywords</b>: blue" in dataset_browser([dict(row, keywords="blue")]).header.value
+
+
+def test_browser_cells_show_each_candidates_title_and_text_cut_only_past_the_limit():
+    """Each cell is its own candidate's title and caption / snippet, whole up to ``max_chars``."""
+    from mmrag_lite.widgets import candidate_html
+
+    row = make_rows(1)[0]
+    cells = cell_texts(dataset_browser([row]))
+    assert all(f"<i>{c['title']}</i><br>{c['text']}</div>" in cell for c, cell in zip(row["candidates"], cells))
+    cand = row["candidates"][1]
+    assert candidate_html(dict(cand, text="x" * 160)).endswith("<br>" + "x" * 160 + "</div>")  # at the limit: whole
+    assert candidate_html(dict(cand, text="x" * 161)).endswith("<br>" + "x" * 159 + "…</div>")  # past it: 160 chars
+
+
+def test_playground_table_lists_each_weighted_component_once():
+    """Each component's row holds its reward, its weight and their product; the total has its own row only."""
+    completion = stage2_target(["D2"], "red", reasoning=False)
+    weights = {"format": 0.2, "ranking": 0.5, "answer": 2.0}
+    out = reward_playground(2, row=ROW2, weights=weights, reasoning=False, completion=completion).output.value
+    scores = score_completion(completion, ROW2, stage=2, weights=weights, reasoning=False)
+    rows = re.findall(r"<tr><td>(\w+)</td><td>([+-][\d.]+)</td><td>([\d.]+)</td><td>([+-][\d.]+)</td></tr>", out)
+    assert rows == [(n, f"{scores[n]:+.3f}", f"{weights[n]:g}", f"{weights[n] * scores[n]:+.3f}") for n in weights]
+    assert scores["answer"] != 0 and weights["answer"] != 1  # the weighted column really differs from the reward
+
+
+def test_playground_says_when_the_think_block_is_too_short_to_pay_the_format_reward():
+    """Otherwise a well-formed completion whose format reward is 0 would look like a bug in the reward."""
+    completion = stage1_target("yes", reasoning=True, think="too short")
+    pg = reward_playground(1, row={"label": "yes"}, reasoning=True, completion=completion, min_think_words=3)
+    assert "the &lt;think&gt; holds 2 word(s); this format reward asks for at least 3 (min_think_words)" in pg.output.value
+    pg.textarea.value = stage1_target("yes", reasoning=True, think="long enough this time")
+    assert "min_think_words" not in pg.output.value
+    assert reward_playground(1, completion="").textarea.value == ""  # an empty completion is scored as typed
+
+
+def test_viewer_lists_kept_candidates_in_d_order_then_the_rest_by_score():
+    """The table reads as the pipeline ran: kept candidates as D1, D2, ..., then the others from the filter's best
+    score down (unscored last); gold rows shaded; captions shown whole up to 120 characters; no score is a dash."""
+    row = make_rows(1, pool=6, prefix="o")[0]
+    row["candidates"][0]["text"] = "t" * 120
+    ids = [c["id"] for c in row["candidates"]]
+    scores = {ids[0]: 0.2, ids[1]: 0.9, ids[2]: 0.5, ids[4]: 0.6, ids[5]: 0.4}  # ids[3] unscored
+    res = result(row, "full", scores=scores, kept_ids=(ids[2], ids[1]))
+    page = reasoning_viewer([res], [row]).output.value
+    order = re.findall(r"<code>([^<]+)</code>", page)
+    assert order == [ids[2], ids[1], ids[4], ids[5], ids[0], ids[3]]
+    for cid in ids:
+        assert table_row(page, cid).startswith(" style='background:#e8f5e9'") == (cid in row["gold_ids"])
+    assert "t" * 120 + "</td>" in table_row(page, ids[0]) and f"snippet {ids[1]}</td>" in table_row(page, ids[1])
+    nan = reasoning_viewer([result(row, "full", scores=dict(scores, **{ids[0]: float("nan")}))], [row]).output.value
+    assert "<td>—</td>" in table_row(nan, ids[0]) and "<td>nan</td>" not in nan  # NaN in the result object itself
