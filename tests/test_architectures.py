@@ -102,6 +102,19 @@ def test_gpu_preset_estimates_sit_above_their_weight_and_optimizer_floor(name: s
     assert floor.full_precision_parameters >= 151936 * 1536  # the float32 embedding (tied lm_head) is in it
 
 
+@pytest.mark.parametrize("name", ONE_PRESET_PER_MODEL)
+def test_the_memory_floor_row_adds_up_and_prices_a_lora_parameter_at_16_bytes(name: str) -> None:
+    """Notebook 03's table: the 4-bit and the float32 parameters make up the model, weights plus LoRA and AdamW make
+    the floor, and a LoRA parameter costs 16 bytes (float32 weight, gradient and AdamW's two moments)."""
+    floor = A.memory_floor(name)
+    assert floor.quantized_parameters + floor.full_precision_parameters == floor.parameters
+    assert floor.lora_and_optimizer_gb == 16 * floor.lora_parameters / 1024**3
+    row = floor.as_row()
+    assert row["floor GiB"] == round(floor.weights_gb + floor.lora_and_optimizer_gb, 2) > row["weights GiB"]
+    assert row["float32 (M)"] == round((floor.parameters - floor.quantized_parameters) / 1e6, 1)
+    assert 0.6e9 < floor.vision_parameters < 0.7e9  # both families' ViT: about 0.67 B of the 2.2 / 3.8 B
+
+
 def test_a_preset_without_4bit_is_priced_in_its_compute_dtype() -> None:
     four_bit = A.memory_floor("l4")
     full = A.memory_floor(get_preset("l4", **{"model.load_in_4bit": False}))

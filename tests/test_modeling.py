@@ -68,12 +68,40 @@ def test_chat_template_matches_qwen2vl_layout(loaded) -> None:
     assert no_system.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
 
 
+def test_the_miniature_decodes_greedily_and_ends_its_turn_at_im_end(loaded) -> None:
+    """Its chat template closes every turn with <|im_end|>: generation must stop there (or at <|endoftext|>) and,
+    unless asked otherwise, decode greedily, or every answer runs on to max_new_tokens in a different way each call."""
+    model, processor = loaded
+    im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert model.config.text_config.eos_token_id == im_end and im_end in model.generation_config.eos_token_id
+    assert model.generation_config.do_sample is False
+
+
+def test_the_same_settings_build_the_same_miniature(tiny_dir: Path, tmp_path: Path) -> None:
+    """The settings' hash names the cache folder, so a folder name must stand for one model: another machine, or a
+    rebuild after a damaged folder, gets the same weights from the same settings."""
+    from safetensors.torch import load_file
+
+    again = load_file(M.build_tiny_vlm(tmp_path / "again") / "model.safetensors")
+    first = load_file(tiny_dir / "model.safetensors")
+    assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
+
+
+def test_a_rotary_split_that_misses_the_head_size_is_refused_before_the_build() -> None:
+    """mrope_section must sum to head_dim / 2 (16 at the miniature's size), or the rotary embedding fails deep in the
+    first forward pass."""
+    with pytest.raises(M.ModelLoadError, match=r"mrope_section \(4, 4, 4\) must sum to head_dim/2 = 16"):
+        M.miniature_config_fields(M.TinyVLMSettings(mrope_section=(4, 4, 4)), vocab_size=100,
+                                  token_ids={"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 0})
+
+
 # ------------------------------------------------------------------------------------------ loading
 def test_tiny_model_loads_offline_in_nf4(loaded, tiny_dir: Path) -> None:
     import bitsandbytes as bnb
 
     model, processor = loaded
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    assert (model.mmrag_preset, model.mmrag_source) == ("cpu-tiny", str(tiny_dir))  # where its weights came from
     assert model.mmrag_quantized is True
     four_bit = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert four_bit, "expected bitsandbytes Linear4bit layers on the CPU"
@@ -117,6 +145,19 @@ def test_generate_with_mixed_batch(tiny_dir: Path) -> None:
     enc = processor(text=texts, images=[[_img((255, 0, 0))], None], padding=True, return_tensors="pt")
     out = model.generate(**enc, max_new_tokens=3, do_sample=False)
     assert out.shape[0] == 2 and out.shape[1] == enc["input_ids"].shape[1] + 3
+    assert not any(p.requires_grad for p in model.parameters())  # inference only: no autograd bookkeeping
+
+
+def test_a_miniature_preset_loads_the_miniature_warmed_for_it(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its seed, k, data and image settings name the warm miniature a preset loads: cpu-tiny at a larger pixel budget
+    must get the one warmed at that budget (its model and its processor), not cpu-tiny's default."""
+    asked: list = []
+    monkeypatch.setattr(loading, "ensure_tiny_vlm", lambda preset=None: asked.append(preset) or tiny_dir)
+    bigger = PRESET.with_overrides(**{"model.image_size": 112, "model.min_pixels": 112 * 112,
+                                      "model.max_pixels": 112 * 112})
+    M.load_processor(bigger)
+    model, _ = M.load_model_and_processor(bigger, for_training=False)
+    assert asked == [bigger, bigger] and model.mmrag_source == str(tiny_dir)
 
 
 def test_ensure_tiny_vlm_is_cached() -> None:
@@ -126,6 +167,7 @@ def test_ensure_tiny_vlm_is_cached() -> None:
     t0 = time.time()
     again = M.ensure_tiny_vlm(warm=False)
     assert again == first and time.time() - t0 < 2.0
+    assert first == M.tiny_model_dir(warm=False) and not M.tiny_info(first)["warmed_up"]  # the untrained build
     assert first.parent.name == "models" and first.name.startswith("tiny-qwen2vl-")
     changed = M.tiny_model_dir(warm=False, settings=M.TinyVLMSettings(num_hidden_layers=2))
     assert changed != first  # a change of build settings means another folder, i.e. a rebuild
@@ -140,12 +182,18 @@ def test_the_warm_cache_key_moves_with_the_prompts_and_the_data_code(monkeypatch
     default = M.tiny_model_dir()
     real_stage1 = prompts.stage1_messages
 
-    def reworded(question, candidate, **kw):
+    def reworded(question, candidate, to="Q:", **kw):
         messages = real_stage1(question, candidate, **kw)
-        messages[-1]["content"][-1]["text"] = messages[-1]["content"][-1]["text"].replace("Question:", "Q:")
+        messages[-1]["content"][-1]["text"] = messages[-1]["content"][-1]["text"].replace("Question:", to)
         return messages
 
     monkeypatch.setattr(prompts, "stage1_messages", reworded)
+    assert M.tiny_model_dir() != default
+    first = M.tiny_model_dir()
+    monkeypatch.setattr(prompts, "stage1_messages", lambda *a, **kw: reworded(*a, to="Query:", **kw))
+    assert M.tiny_model_dir() not in (default, first)  # each wording its own miniature, none reusing another's
+    monkeypatch.setattr(prompts, "stage1_messages", lambda *a, **kw: reworded(*a, **kw) if kw.get("reasoning")
+                        else real_stage1(*a, **kw))  # only the reasoning prompt, which the warm-up shows half the time
     assert M.tiny_model_dir() != default
     monkeypatch.undo()
     assert M.tiny_model_dir() == default  # today's prompts and data code: the name the cache already has
@@ -157,6 +205,19 @@ def test_the_warm_cache_key_moves_with_the_prompts_and_the_data_code(monkeypatch
 
     cache._data_code_hash.cache_clear()
     monkeypatch.setattr(data, "make_world", other_world)
+    try:
+        assert M.tiny_model_dir() != default
+    finally:
+        monkeypatch.undo()
+        cache._data_code_hash.cache_clear()
+    real_build = data.build_mini_webqa
+
+    def other_answers(*args, **kw):  # a builder change that moves the answers only (the stage-2 targets)
+        dd, report = real_build(*args, **kw)
+        return dd.map(lambda row: {"answer": row["answer"].upper()}), report
+
+    cache._data_code_hash.cache_clear()
+    monkeypatch.setattr(data, "build_mini_webqa", other_answers)
     try:
         assert M.tiny_model_dir() != default
     finally:
@@ -176,6 +237,8 @@ def test_the_warm_cache_key_holds_the_image_settings_and_a_damaged_folder_is_reb
     bigger = PRESET.with_overrides(**{"model.image_size": 112, "model.min_pixels": 112 * 112,
                                       "model.max_pixels": 112 * 112})  # 16 image tokens per picture instead of 4
     assert M.tiny_model_dir(preset=bigger) != M.tiny_model_dir(preset=PRESET)
+    middle = PRESET.with_overrides(**{"model.image_size": 84, "model.min_pixels": 84 * 84, "model.max_pixels": 84 * 84})
+    assert M.tiny_model_dir(preset=middle) != M.tiny_model_dir(preset=bigger)  # each budget its own miniature
     default = M.tiny_model_dir()
     monkeypatch.setitem(config.PRESETS, "cpu-tiny", bigger)  # cpu-tiny's own image settings edited: another model
     assert M.tiny_model_dir() != default and M.tiny_model_dir() == M.tiny_model_dir(preset=bigger)
@@ -196,6 +259,53 @@ def test_the_warm_cache_key_holds_the_image_settings_and_a_damaged_folder_is_reb
     (copy / "mmrag_tiny.json").write_text(json.dumps({**info, "warm_up": {"steps": 120, "stopped_by": "time"}}))
     with pytest.warns(RuntimeWarning, match="only 120 steps.*time guard"):
         cache._warn_if_cut_short(copy)
+
+
+def test_a_preset_warms_its_own_miniature_under_its_own_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """cpu-tiny at another pixel budget is warmed on that budget's image tokens and cached under its own name:
+    warmed with cpu-tiny's settings, or cached under cpu-tiny's name, it would hand one preset the other's model."""
+    import shutil
+
+    from mmrag_lite.modeling import cache
+
+    cold = M.ensure_tiny_vlm(warm=False)
+    monkeypatch.setattr(cache, "data_dir", lambda: tmp_path)  # never beside the shared cache under data/models
+    shutil.copytree(cold, tmp_path / "models" / cold.name)
+    calls: list = []
+
+    def fake_warm_up(cold_dir, target, *, preset, **_):
+        calls.append((target, preset))
+        shutil.copytree(cold_dir, target)
+
+    monkeypatch.setattr(cache, "warm_up_tiny_vlm", fake_warm_up)
+    bigger = PRESET.with_overrides(**{"model.image_size": 112, "model.min_pixels": 112 * 112,
+                                      "model.max_pixels": 112 * 112})
+    target = M.tiny_model_dir(preset=bigger)
+    assert M.ensure_tiny_vlm(bigger) == target != M.tiny_model_dir(preset=PRESET)
+    assert calls == [(target, bigger)]
+
+
+def test_a_miniature_built_while_waiting_for_the_lock_is_not_built_again(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parallel callers (two notebooks, test workers) queue on one lock: the one that waited finds the folder the
+    other built and loads it, rather than building (and for the warm one, warming for minutes) a second time."""
+    import shutil
+    from contextlib import contextmanager
+
+    from mmrag_lite.modeling import cache
+
+    cold = M.ensure_tiny_vlm(warm=False)
+    monkeypatch.setattr(cache, "data_dir", lambda: tmp_path)  # never beside the shared cache under data/models
+
+    @contextmanager
+    def lock_held_by_another_caller(folder):
+        shutil.copytree(cold, folder)  # ... who finishes the build while this one waits
+        yield
+
+    builds: list = []
+    monkeypatch.setattr(cache, "folder_lock", lock_held_by_another_caller)
+    monkeypatch.setattr(cache, "build_tiny_vlm", lambda *a, **k: builds.append(a))
+    assert M.ensure_tiny_vlm(warm=False) == M.tiny_model_dir(warm=False) and builds == []
 
 
 def test_the_model_card_states_the_pixel_budget_the_miniature_reads() -> None:
@@ -244,6 +354,16 @@ def test_4bit_fallback_is_explicit(tiny_dir: Path, monkeypatch: pytest.MonkeyPat
     assert "overflow" not in loading.fallback_message(get_preset("l4"), "x")  # bf16 has float32's range
 
 
+def test_each_preset_computes_in_its_own_dtype_and_an_unknown_dtype_is_refused() -> None:
+    """The 4-bit layers compute in the preset's dtype: float16 on colab-t4 (a T4 has no bf16), bfloat16 on l4 and
+    a100, float32 for the miniature. A dtype name outside the three is refused naming them, not read as another."""
+    expected = {"cpu-tiny": torch.float32, "colab-t4": torch.float16, "l4": torch.bfloat16, "a100": torch.bfloat16}
+    for name, dtype in expected.items():
+        assert M.bnb_config(name).bnb_4bit_compute_dtype == dtype, name
+    with pytest.raises(M.ModelLoadError, match=r"unknown compute dtype 'fp16'.*'bfloat16', 'float16', 'float32'"):
+        M.torch_dtype("fp16")
+
+
 # ------------------------------------------------------------------------------------------ trap messages
 def test_bf16_on_a_gpu_without_bf16_says_use_float16(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -263,6 +383,7 @@ def test_a_gpu_preset_on_a_cpu_says_what_to_use(monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(M.ModelLoadError, match=r"model.model_id was overridden.*'tiny'"):
         M.check_device(typo)  # not "use preset='cpu-tiny'" to someone who already does
     M.check_device(get_preset("cpu-tiny"))
+    M.check_device(get_preset("cpu-tiny", **{"model.compute_dtype": "bfloat16"}))  # no GPU to ask about bf16
 
 
 @pytest.mark.parametrize(("gpu", "capability", "bf16_ok"), [
@@ -357,6 +478,58 @@ def test_nf4_probe_reports_a_library_that_fails_at_first_use(monkeypatch: pytest
     monkeypatch.setattr(bnbf, "quantize_4bit", stand_in)
     ok, why = loading._nf4_probe.__wrapped__("cpu")  # uncached: the real probe, run on the CPU
     assert not ok and "RuntimeError: CUDA Setup failed" in why
+    monkeypatch.undo()
+    monkeypatch.setattr(bnbf, "dequantize_4bit", lambda q, state: torch.zeros(64, 64) + 3)  # runs, but computes garbage
+    ok, why = loading._nf4_probe.__wrapped__("cpu")
+    assert not ok and "round trip on the CPU is wrong" in why
+
+
+def test_4bit_without_bitsandbytes_is_refused_before_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No bitsandbytes at all (a CPU-only pip install): the loader must know before from_pretrained, to fall back."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes -> ImportError
+    ok, why = M.can_load_in_4bit("cpu")
+    assert not ok and why.startswith("bitsandbytes cannot be imported (ModuleNotFoundError")
+
+
+def test_a_gpu_preset_asks_for_nf4_on_its_own_gpu_and_checkpointed_training(tiny_dir: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the GPU path asks of transformers and PEFT, checked without a GPU: NF4 in the preset's compute dtype with
+    its attention, the whole model on this process's GPU (LOCAL_RANK under ``accelerate launch``), and gradient
+    checkpointing without the reentrant variant (the GPU presets' memory figures were measured with it)."""
+    import peft
+    from transformers import AutoModelForImageTextToText
+
+    class Stop(Exception):
+        pass
+
+    asked: dict = {}
+    real = AutoModelForImageTextToText.from_pretrained
+
+    def from_pretrained(source, **kwargs):
+        asked.update(source=source, **kwargs)
+        return real(tiny_dir, dtype=torch.float32, device_map="cpu")  # the miniature stands in for the 2B
+
+    def prepare(model, **kwargs):
+        asked["kbit"] = kwargs
+        raise Stop
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(loading, "can_load_in_4bit", lambda device: (device == "cuda", "not on the CPU"))
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(peft, "prepare_model_for_kbit_training", prepare)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("RANK", raising=False)
+    t4 = get_preset("colab-t4")
+    with pytest.raises(Stop):
+        M.load_model_and_processor(t4, for_training=True)
+    assert asked["source"] == t4.model.model_id and asked["device_map"] == {"": 1}
+    assert asked["dtype"] == torch.float16 and asked["attn_implementation"] == t4.model.attn_implementation == "sdpa"
+    nf4 = asked["quantization_config"]
+    assert nf4.load_in_4bit and nf4.bnb_4bit_quant_type == "nf4" and nf4.bnb_4bit_compute_dtype == torch.float16
+    assert asked["kbit"] == {"use_gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
 
 
 def test_gpu_preset_without_cuda_points_to_cpu_tiny(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -462,6 +635,34 @@ def test_miniature_progress_off_is_scoped_and_restores_the_setting() -> None:
         (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
 
 
+def test_the_package_lists_every_name_it_exports() -> None:
+    """``from mmrag_lite.modeling import *`` and API tools read ``__all__``: a helper imported into the package for
+    its users but left out of the list is invisible there, and a listed name that is not there breaks the import."""
+    import types
+
+    public = {n for n, v in vars(M).items() if not n.startswith("_") and not isinstance(v, types.ModuleType)}
+    assert set(M.__all__) == public - {"annotations"}
+
+
+def test_release_memory_collects_a_dropped_model_that_a_reference_cycle_keeps_alive() -> None:
+    """``del model`` drops a name; a model in a reference cycle (hooks and closures make them) stays in memory until
+    the collector runs, beside the next model loaded."""
+    import gc
+    import weakref
+
+    model = torch.nn.Linear(4, 4)
+    model.__dict__["cycle"] = model
+    alive = weakref.ref(model)
+    gc.disable()  # the collector runs only when release_memory asks
+    try:
+        del model
+        assert alive() is not None
+        M.release_memory()
+        assert alive() is None
+    finally:
+        gc.enable()
+
+
 def test_lora_targets_language_model_only(tiny_dir: Path) -> None:
     import re
 
@@ -471,6 +672,9 @@ def test_lora_targets_language_model_only(tiny_dir: Path) -> None:
     peft_model = get_peft_model(model, M.lora_config(PRESET))
     lora_names = [n for n, _ in peft_model.named_parameters() if "lora_" in n]
     assert lora_names and all("language_model" in n for n in lora_names)
+    counts = M.count_parameters(peft_model)  # notebook 03's "trainable of total"
+    assert counts["trainable"] == sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
+    assert 0 < counts["trainable"] < counts["total"]
     assert not any("visual" in n for n in lora_names)
     # GPU presets also adapt the MLP; Qwen2.5-VL's vision blocks have gate/up/down_proj too and must not match
     regex = M.lora_config_kwargs(get_preset("a100"))["target_modules"]
@@ -478,6 +682,17 @@ def test_lora_targets_language_model_only(tiny_dir: Path) -> None:
     assert re.fullmatch(regex, "base_model.model.model.language_model.layers.0.self_attn.q_proj")
     assert not re.fullmatch(regex, "model.visual.blocks.0.mlp.gate_proj")
     assert not re.fullmatch(regex, "model.visual.blocks.0.attn.qkv")
+
+
+def test_lora_config_carries_each_presets_rank_scale_and_dropout() -> None:
+    """alpha / r scales every LoRA update (a100: r=64, alpha=128) and the GPU presets train with dropout 0.05: each
+    preset's lora settings, not PEFT's defaults (alpha 8, dropout 0), reach the LoraConfig."""
+    from mmrag_lite.config import PRESETS
+
+    for name in PRESETS:
+        lo = get_preset(name).lora
+        cfg = M.lora_config(name)
+        assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.bias) == (lo.r, lo.alpha, lo.dropout, "none"), name
 
 
 def test_lora_target_names_that_match_no_projection_are_refused() -> None:
@@ -508,6 +723,10 @@ def test_prepare_image_fixed_square_rgb() -> None:
     cut_out = Image.new("RGBA", (28, 28), (0, 0, 0, 0))  # a logo's transparent background, black under the alpha
     assert M.prepare_image(cut_out, 28).getpixel((0, 0)) == (255, 255, 255)  # the model sees white, not black
     assert [i.size for i in M.prepare_images([_img((1, 2, 3), (10, 30)), None], 28)] == [(28, 28)]
+    keyed = Image.new("RGB", (28, 28), (0, 0, 0))
+    keyed.info["transparency"] = (0, 0, 0)  # an RGB PNG's transparent colour key: those pixels are see-through
+    assert M.prepare_image(keyed, 28).getpixel((0, 0)) == (255, 255, 255)
+    assert M.prepare_images(None, PRESET) == []  # a text-only candidate has no image list at all
 
 
 def test_mixed_batch_fix_and_save_roundtrip(loaded, tiny_dir: Path, tmp_path: Path) -> None:
@@ -525,6 +744,66 @@ def test_mixed_batch_fix_and_save_roundtrip(loaded, tiny_dir: Path, tmp_path: Pa
     assert type(reloaded).__name__ == type(processor).__name__ == "Qwen2VLProcessor"
 
 
+def test_text_only_batches_need_no_images_in_the_processor_or_the_model(loaded) -> None:
+    """A GRPO batch of text snippets only: TRL passes ``images=[None, None]`` (the processor refuses ``[[], []]``).
+    A text-only micro-batch cut from a batch with images: TRL passes *empty* pixel_values, on which the vision tower
+    fails (``torch.cat(): expected a non-empty list of Tensors``); both read as a batch without images."""
+    model, processor = loaded
+    enc = processor(text=["Old Tower: built in 1900", "Red: a red disk"], images=[None, None], padding=True,
+                    return_tensors="pt")
+    assert "pixel_values" not in enc
+    with_image = processor(text=["<|vision_start|><|image_pad|><|vision_end|>a picture"], images=[[_img((0, 0, 255))]],
+                           return_tensors="pt")
+    with torch.no_grad():
+        plain = model(**enc).logits
+        sliced = model(**enc, pixel_values=with_image["pixel_values"][:0],
+                       image_grid_thw=with_image["image_grid_thw"][:0]).logits  # TRL's slice of a text-only micro-batch
+    assert torch.equal(plain, sliced)
+
+
+def test_the_processor_pads_on_the_left_with_a_pad_token(tiny_dir: Path) -> None:
+    """Batched generation continues each row from its last prompt token, which right padding would put behind pad
+    tokens (a hub processor may pad right). A tokenizer without a pad token borrows eos; one with neither is refused."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    tok = processor.tokenizer
+    tok.padding_side, tok.pad_token = "right", None
+    assert M.prepare_processor(processor) is processor
+    assert tok.padding_side == "left" and tok.pad_token == tok.eos_token
+    enc = processor(text=["red", "the red circle in the tower"], padding=True, return_tensors="pt")
+    assert int(enc["input_ids"][0, 0]) == tok.pad_token_id and int(enc["input_ids"][0, -1]) != tok.pad_token_id
+    tok.pad_token = tok.eos_token = None
+    with pytest.raises(M.ModelLoadError, match="neither a pad nor an eos token"):
+        M.prepare_processor(processor)
+
+
+def test_the_processor_reads_the_presets_pixel_budget(tiny_dir: Path) -> None:
+    """model.min_pixels / max_pixels (what the image-token error advises lowering) reach the processor, whatever the
+    checkpoint saved: a small image is enlarged to the minimum, a large one shrunk to the maximum."""
+    budget = PRESET.with_overrides(**{"model.image_size": 112, "model.min_pixels": 56 * 56,
+                                      "model.max_pixels": 112 * 112})
+    processor = M.load_processor(budget, tiny_dir)
+
+    def grid(side: int) -> list:
+        return processor(text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[[_img((0, 0, 255), (side, side))]],
+                         return_tensors="pt")["image_grid_thw"].tolist()
+
+    assert grid(28) == [[1, 4, 4]] and grid(224) == [[1, 8, 8]]  # 4 and 16 image tokens after the 2x2 merge
+
+
+def test_prompt_token_count_counts_what_generation_feeds_the_model(loaded) -> None:
+    """stage2.max_prompt_tokens caps what the model reads when it answers: the prompt with its image placeholders
+    expanded and the assistant header that generation (and scoring) starts from; without the header a prompt at the
+    cap would run past it."""
+    _, processor = loaded
+    image = _img((255, 0, 0))
+    msgs = stage1_messages("What color?", {"modality": "image", "image": 1, "title": "t", "text": "c"}, reasoning=False)
+    fed = M.encode_prompts(processor, [processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)],
+                           [[image]])["input_ids"]
+    assert M.prompt_token_count(processor, msgs, [image]) == fed.shape[-1]
+
+
 def test_adapter_roundtrip(tiny_dir: Path, tmp_path: Path) -> None:
     from peft import PeftModel, get_peft_model
 
@@ -536,6 +815,10 @@ def test_adapter_roundtrip(tiny_dir: Path, tmp_path: Path) -> None:
     assert isinstance(loaded_model, PeftModel)
     assert loaded_model.mmrag_quantized is True
     assert not any(p.requires_grad for p in loaded_model.parameters())
+    resumed, _ = M.load_model_and_processor(PRESET, model_path=tiny_dir, adapter_path=tmp_path / "adapter",
+                                            for_training=True)  # stage 2 continuing from the stage-1 adapter
+    lora = [p for n, p in resumed.named_parameters() if "lora_" in n]
+    assert lora and all(p.requires_grad for p in lora)
 
 
 # ------------------------------------------------------------------------------------------ one GRPO step
@@ -606,6 +889,9 @@ def test_the_cache_keys_warns_and_rebuilds_as_promised(tmp_path: Path, monkeypat
     from mmrag_lite.modeling import cache
 
     assert M.tiny_model_dir(preset=PRESET.with_overrides(seed=1)) != M.tiny_model_dir(preset=PRESET)
+    shaped = [PRESET, PRESET.with_overrides(**{"stage1.k": 3}), PRESET.with_overrides(**{"data.world_questions": 300})]
+    assert len({M.tiny_model_dir(preset=p) for p in shaped}) == 3  # k and the data settings shape the warm-up too
+    assert M.tiny_model_dir(warm_settings=M.WarmUpSettings(max_steps=400)) != M.tiny_model_dir()
     before = M.tiny_model_dir(warm=False)
     monkeypatch.setattr(cache, "tokenizer_corpus", lambda: ["another corpus"])
     assert M.tiny_model_dir(warm=False) != before  # a changed tokenizer corpus is another model
