@@ -1481,11 +1481,35 @@ def test_an_empty_webqa_val_test_split_says_its_questions_were_linked_to_train(t
 def test_a_world_made_at_another_image_size_is_not_reused():
     """``--set data.world_image_size=112`` must draw a new world, not reuse the one drawn at the old size."""
     from mmrag_lite.config import get_preset
+    from mmrag_lite.data import world as W
 
     preset = get_preset("cpu-tiny")
     manifest = {"seed": preset.seed, "n_questions": preset.data.world_questions, "image_size": preset.data.world_image_size}
+    manifest["drawing"] = W.DRAWING_VERSION
     assert mini._world_matches(manifest, preset)
     assert not mini._world_matches(manifest, preset.with_overrides(**{"data.world_image_size": 112}))
+
+
+def test_a_world_drawn_by_older_drawing_code_is_redrawn(tmp_path):
+    """A run's world from before the touching-shapes fix (its manifest has no ``drawing``) holds ambiguous "how many"
+    pictures: the course redraws it, and the Mini-WebQA built on it, instead of reusing them silently."""
+    from mmrag_lite.config import get_preset
+    from mmrag_lite.data import world as W
+
+    preset = get_preset("cpu-tiny", **{"data.world_questions": 60})
+    D.ensure_mini_webqa(preset, tmp_path)
+    path = tmp_path / "world" / "world_manifest.json"
+    manifest = json.loads(path.read_text())
+    assert manifest["drawing"] == W.DRAWING_VERSION and D.mini_webqa_is_current(preset, tmp_path) is True
+    del manifest["drawing"]
+    path.write_text(json.dumps(manifest))
+    assert D.mini_webqa_staleness(preset, tmp_path) == [
+        "the run's synthetic world is missing or was made with other settings"]
+    tsv = (tmp_path / "world" / "imgs.tsv").stat().st_mtime_ns
+    D.ensure_mini_webqa(preset, tmp_path)
+    assert json.loads(path.read_text())["drawing"] == W.DRAWING_VERSION
+    assert (tmp_path / "world" / "imgs.tsv").stat().st_mtime_ns != tsv
+    assert D.mini_webqa_is_current(preset, tmp_path) is True
 
 
 def test_a_distractor_at_the_word_limit_is_kept():
@@ -2625,35 +2649,41 @@ def test_each_noise_rate_plants_its_own_defect_and_all_zero_is_clean(tmp_path):
         assert [i for i in range(manifest["n_images"]) if store.check(30_000_000 + i, min_decoded_share=1.0)] == []
 
 
-def test_draw_scene_draws_count_shapes_in_one_colour_and_refuses_other_scenes():
-    """"How many" is answerable from the pixels: ``count`` shapes, each shape its own outline, one colour on the
-    background. An unknown shape, colour or count is an error, not a square or a crash."""
+def _blobs(im: Image.Image, background: tuple[int, int, int]) -> int:
+    """Shapes as a student counts them: 8-connected regions off the background (shapes touching at a corner are one)."""
     import numpy as np
 
-    from mmrag_lite.data import world as W
-
-    def blobs(im: Image.Image) -> int:
-        mask = (np.asarray(im) != np.array(W.BACKGROUND)).any(-1)
-        seen, n = np.zeros_like(mask), 0
-        for start in zip(*np.nonzero(mask)):
-            if seen[start]:
-                continue
-            n, stack = n + 1, [start]
-            seen[start] = True
-            while stack:
-                y, x = stack.pop()
-                for q in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+    mask = (np.asarray(im) != np.array(background)).any(-1)
+    seen, n = np.zeros_like(mask), 0
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]:
+            continue
+        n, stack = n + 1, [start]
+        seen[start] = True
+        while stack:
+            y, x = stack.pop()
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    q = (y + dy, x + dx)
                     if 0 <= q[0] < mask.shape[0] and 0 <= q[1] < mask.shape[1] and mask[q] and not seen[q]:
                         seen[q] = True
                         stack.append(q)
-        return n
+    return n
+
+
+def test_draw_scene_draws_count_shapes_in_one_colour_and_refuses_other_scenes():
+    """"How many" is answerable from the pixels: ``count`` shapes, each shape its own outline, one colour on the
+    background, in every scene the world can draw (the jitter once let two shapes touch in 16 of the 700 at 56 px,
+    9 of them two circles). An unknown shape, colour or count is an error, not a square or a crash."""
+    from mmrag_lite.data import world as W
 
     for shape in W.SHAPES:
-        for count in range(1, 6):
-            pictures = [W.draw_scene(shape, "blue", count, variant=v) for v in range(4)]
-            # jitter can make two shapes touch (13 of the 700 scenes, 9 of them two circles): never all variants
-            assert max(map(blobs, pictures)) == count, (shape, count)
-            assert all({c for _, c in im.getcolors()} == {W.BACKGROUND, W.COLORS["blue"]} for im in pictures)
+        for color in W.COLORS:
+            for count in range(1, 6):
+                for variant in range(4):
+                    im = W.draw_scene(shape, color, count, variant=variant)
+                    assert _blobs(im, W.BACKGROUND) == count, (shape, color, count, variant)
+                    assert {c for _, c in im.getcolors()} == {W.BACKGROUND, W.COLORS[color]}
     pictures = {W.draw_scene(shape, "red", 1).tobytes() for shape in W.SHAPES}
     assert len(pictures) == len(W.SHAPES)  # five outlines, not a square drawn for two of them
     assert W.draw_scene("star", "red", 3, variant=1).tobytes() == W.draw_scene("star", "red", 3, variant=1).tobytes()
@@ -2661,6 +2691,28 @@ def test_draw_scene_draws_count_shapes_in_one_colour_and_refuses_other_scenes():
     for bad in (("hexagon", "red", 1), ("circle", "teal", 1), ("circle", "red", 0), ("circle", "red", 6)):
         with pytest.raises(ValueError, match="unknown scene"):
             W.draw_scene(*bad)
+
+
+def test_the_touch_check_moves_only_scenes_whose_shapes_touched(monkeypatch):
+    """The check redraws a touching jitter and keeps every other one: a scene that never touched is the picture it
+    was before the check (worlds, figures and the miniature move for the few ambiguous scenes only), and at a size
+    where every layout is clear (300 px) nothing moves at all."""
+    from mmrag_lite.data import world as W
+
+    scenes = [(s, c, n, v) for s in W.SHAPES for c in W.COLORS for n in range(1, 6) for v in range(4)]
+    for size, moved_at_most in ((56, 30), (300, 0)):
+        checked = {key: W.draw_scene(*key[:3], size=size, variant=key[3]) for key in scenes}
+        with monkeypatch.context() as m:
+            m.setattr(W, "_apart", lambda *a: True)  # the first jitter, unchecked
+            unchecked = {key: W.draw_scene(*key[:3], size=size, variant=key[3]) for key in scenes}
+        moved = [key for key in scenes if checked[key].tobytes() != unchecked[key].tobytes()]
+        assert all(_blobs(unchecked[key], W.BACKGROUND) < key[2] for key in moved), size  # only touching ones
+        assert len(moved) <= moved_at_most, (size, len(moved))
+        if size == 56:
+            assert moved  # the check does run at the course's size: there were touching scenes to move
+    assert W._apart("circle", [(10.0, 10.0), (20.0, 10.0)], 4.0, 32)  # a 2 px gap
+    assert not W._apart("circle", [(10.0, 10.0), (18.0, 10.0)], 4.0, 32)  # edge to edge
+    assert not W._apart("square", [(10.0, 10.0), (18.0, 18.0)], 4.0, 32)  # corner to corner, diagonally
 
 
 def test_world_images_are_drawn_at_the_size_and_in_the_format_asked_for(tmp_path):

@@ -1166,8 +1166,12 @@ def load_mini_webqa(path: str | Path):
 
 
 def _world_matches(manifest: dict, preset: Any) -> bool:
+    """The run's world is what ``preset`` would draw now: same settings, and pixels from this drawing code (a
+    manifest from before ``drawing`` was recorded is version 1, whose jitter let a few shapes touch)."""
+    from .world import DRAWING_VERSION
+
     want = {"seed": preset.seed, "n_questions": preset.data.world_questions, "image_size": preset.data.world_image_size}
-    return all(manifest.get(k) == v for k, v in want.items())
+    return all(manifest.get(k) == v for k, v in want.items()) and manifest.get("drawing", 1) == DRAWING_VERSION
 
 
 def _saved_source(mini: Path) -> tuple[Path, dict[str, Any]] | None:

@@ -42,10 +42,12 @@ def _prompts_hash() -> str:
 @functools.cache
 def _data_code_hash() -> str:
     """What the world generator and the Mini-WebQA builder make of a small fixed world (30 questions): a change to
-    either that moves the data the warm-up trains on moves this, which the cache key's settings would not."""
+    either that moves the data the warm-up trains on moves this, which the cache key's settings would not. The
+    pixels enter as the drawing version (a fix may move only scenes this small world never draws)."""
     import tempfile
 
     from ..data import build_mini_webqa, make_world
+    from ..data.world import DRAWING_VERSION
 
     with tempfile.TemporaryDirectory() as tmp:
         world = make_world(Path(tmp) / "world", n_questions=30, seed=0, image_size=56, progress=False)
@@ -53,7 +55,7 @@ def _data_code_hash() -> str:
     rows = [(split, r["guid"], r["question"], r["answer"], r["keywords"], r["qcate"],
              [(c["id"], c["is_gold"], c["modality"], c["title"], c["text"]) for c in r["candidates"]])
             for split in sorted(dd) for r in dd[split]]
-    return _short_hash(rows)
+    return _short_hash({"rows": rows, "drawing": DRAWING_VERSION})
 
 
 # Both as this code made them on 2026-11-28; a key leaves out a value equal to these, so caches made before they
