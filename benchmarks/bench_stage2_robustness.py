@@ -73,8 +73,10 @@ def main() -> None:
                 first, last = res.first_reward, res.last_reward
                 parts = "  ".join(f"{k} {a:.2f}->{b:.2f}"
                                   for k, (a, b) in training.component_trends(res.log_history).items() if k != "total")
-                print(f"{name:<16} seed {seed}: reward {first:.3f} -> {last:.3f} ({last - first:+.3f})  {parts}  "
-                      f"({res.global_step} steps, {time.perf_counter() - t0:.0f} s)", flush=True)
+                cut = training.reward_trend(res.log_history, key="completions/clipped_ratio")
+                cut_text = f"  cut off {cut[0]:.2f}->{cut[1]:.2f}" if cut[0] is not None else ""
+                print(f"{name:<16} seed {seed}: reward {first:.3f} -> {last:.3f} ({last - first:+.3f})  {parts}"
+                      f"{cut_text}  ({res.global_step} steps, {time.perf_counter() - t0:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":
