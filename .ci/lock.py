@@ -7,11 +7,17 @@ the Makefile's TORCH_SPEC chooses the torch build (a GPU machine names its own),
 
     .venv/bin/python .ci/lock.py           # rewrite the file from the installed .venv (make lock)
     .venv/bin/python .ci/lock.py --check   # exit 1, naming each difference, if the .venv is not the locked set
+
+Some dependencies hold on one Python only (papermill needs aiohttp on 3.12, jupyter-server needs overrides below
+3.12), so one .venv cannot see them all. A pin this .venv does not install is kept from the lock it replaces, marked
+with the Python that wrote it (``# on Python 3.12``): `make lock` on each supported Python in turn gives one file
+that pins all of them (a constraint only limits, it never installs, so a pin another Python needs costs nothing here).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -35,6 +41,7 @@ HEADER = """\
 # The versions `make` installs (pip install -c): the set the test suite last passed with, on Python {python}.
 # Written by `make lock` (.ci/lock.py) from the installed .venv; do not edit by hand. torch and torchvision are
 # chosen by the Makefile's TORCH_SPEC instead. To install without it: make test LOCK=
+# A line "# on Python X" pins what only Python X installs, kept from `make lock` there.
 {left_out}"""
 
 
@@ -79,36 +86,66 @@ def installed_closure() -> dict[str, str]:
     return dict(sorted(pinned.items()))
 
 
-def read_lock(path: Path = LOCK) -> dict[str, str]:
+def read_lock(path: Path | None = None) -> dict[str, str]:
     """The lock file's pins: name -> version."""
-    pins = {}
-    for line in path.read_text().splitlines():
-        line = line.split("#")[0].strip()
-        if line:
-            name, _, version = line.partition("==")
-            pins[canonicalize_name(name)] = version
-    return pins
+    return {name: version for name, (version, _) in read_lock_entries(path).items()}
+
+
+def read_lock_entries(path: Path | None = None) -> dict[str, tuple[str, str | None]]:
+    """name -> (version, the Python that pinned it where a line says ``# on Python X``, else None)."""
+    entries = {}
+    for line in (path or LOCK).read_text().splitlines():
+        pin, _, comment = line.partition("#")
+        if pin.strip():
+            name, _, version = pin.strip().partition("==")
+            match = re.fullmatch(r"\s*on Python (\d+\.\d+)\s*", comment)
+            entries[canonicalize_name(name)] = (version, match.group(1) if match else None)
+    return entries
+
+
+def lock_python(path: Path | None = None) -> str | None:
+    """The Python whose .venv wrote the lock at ``path`` (its header says so)."""
+    path = path or LOCK
+    match = re.search(r"on Python (\d+\.\d+)\.\n", path.read_text()) if path.is_file() else None
+    return match.group(1) if match else None
+
+
+def differences(installed: dict[str, str], entries: dict[str, tuple[str, str | None]], python: str,
+                writer: str | None) -> list[str]:
+    """Why ``installed`` (this Python's closure) is not the locked set: a pin that differs or is missing, or a pin
+    nothing here installs that this Python claims (a dependency since dropped). A pin is claimed by the Python its
+    line names, else by ``writer``, the Python whose ``make lock`` wrote the file (jupyter-server needs overrides
+    below 3.12: a 3.11 lock pins it unmarked, and 3.12 does not install it)."""
+    out = [f"{n}: locked {entries[n][0] if n in entries else '-'}, installed {v}"
+           for n, v in installed.items() if entries.get(n, (None,))[0] != v]
+    out += [f"{n}: locked {version}, installed -" for n, (version, other) in entries.items()
+            if n not in installed and (other or writer) in (None, python)]
+    return sorted(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare the .venv with the lock instead of writing it")
     args = parser.parse_args(argv)
-    current = installed_closure()
-    if args.check:
-        current = {n: v for n, v in current.items() if not needs_newer_python(n)}
-        locked = read_lock()
-        differences = [f"{n}: locked {locked.get(n, '-')}, installed {current.get(n, '-')}"
-                       for n in sorted(set(locked) | set(current)) if locked.get(n) != current.get(n)]
-        print("\n".join(differences) or f"the installed set is the locked one ({len(locked)} distributions)")
-        return 1 if differences else 0
     python = ".".join(map(str, sys.version_info[:2]))
+    current = installed_closure()
     narrow = {n: r for n in current if (r := needs_newer_python(n))}
+    pins = {n: v for n, v in current.items() if n not in narrow}
+    entries = read_lock_entries(LOCK) if LOCK.is_file() else {}
+    if args.check:
+        found = differences(pins, entries, python, lock_python(LOCK))
+        print("\n".join(found) or f"the installed set is the locked one ({len(entries)} distributions)")
+        return 1 if found else 0
+    previous = lock_python(LOCK)
+    others = {n: (v, other or previous) for n, (v, other) in entries.items()
+              if n not in current and (other or previous) not in (None, python)}
     left_out = "".join(f"# left out: {n}=={current[n]} (Python {r}; pip picks a release each Python can install)\n"
                        for n, r in narrow.items())
-    pins = {n: v for n, v in current.items() if n not in narrow}
-    LOCK.write_text(HEADER.format(python=python, left_out=left_out) + "".join(f"{n}=={v}\n" for n, v in pins.items()))
-    print(f"wrote {LOCK.relative_to(ROOT)}: {len(pins)} distributions ({len(narrow)} left out)")
+    lines = {n: f"{n}=={v}\n" for n, v in pins.items()} | {n: f"{n}=={v}  # on Python {other}\n"
+                                                          for n, (v, other) in others.items()}
+    LOCK.write_text(HEADER.format(python=python, left_out=left_out) + "".join(lines[n] for n in sorted(lines)))
+    print(f"wrote {LOCK.relative_to(ROOT)}: {len(pins)} distributions from this .venv, {len(others)} kept for other "
+          f"Pythons ({len(narrow)} left out)")
     return 0
 
 

@@ -702,4 +702,39 @@ def test_this_venv_is_the_locked_set():
         pytest.skip(".venv/ was not made by make")
     lock = _lock_module()
     current = {n: v for n, v in lock.installed_closure().items() if not lock.needs_newer_python(n)}
-    assert current == lock.read_lock()
+    python = ".".join(map(str, sys.version_info[:2]))
+    assert lock.differences(current, lock.read_lock_entries(), python, lock.lock_python()) == []
+
+
+def test_make_lock_keeps_the_pins_only_another_python_installs(tmp_path, monkeypatch):
+    """papermill needs aiohttp on Python 3.12 only: a lock written on 3.11 left aiohttp unpinned there, and the
+    3.12 .venv failed the check above. Each Python's `make lock` keeps the other Pythons' pins, marked with theirs."""
+    lock = _lock_module()
+    path = tmp_path / "constraints.txt"
+    monkeypatch.setattr(lock, "LOCK", path)
+    monkeypatch.setattr(lock, "ROOT", tmp_path)
+    monkeypatch.setattr(lock, "needs_newer_python", lambda name: None)
+    monkeypatch.setattr(lock.sys, "version_info", (3, 12, 1))
+    path.write_text(lock.HEADER.format(python="3.11", left_out="") + "numpy==2.0.0\noverrides==7.7.0\n")
+    monkeypatch.setattr(lock, "installed_closure", lambda: {"aiohttp": "3.14.5", "numpy": "2.0.0"})
+    assert lock.main([]) == 0  # make lock on 3.12
+    assert lock.read_lock_entries(path) == {"aiohttp": ("3.14.5", None), "numpy": ("2.0.0", None),
+                                            "overrides": ("7.7.0", "3.11")}
+    assert lock.main(["--check"]) == 0
+    monkeypatch.setattr(lock.sys, "version_info", (3, 11, 7))
+    monkeypatch.setattr(lock, "installed_closure", lambda: {"numpy": "2.0.0", "overrides": "7.7.0"})
+    assert lock.main(["--check"]) == 0  # 3.11 installs overrides at its pin and leaves 3.12's aiohttp alone
+    assert lock.main([]) == 0  # make lock on 3.11
+    entries = lock.read_lock_entries(path)
+    assert entries == {"aiohttp": ("3.14.5", "3.12"), "numpy": ("2.0.0", None), "overrides": ("7.7.0", None)}
+    assert lock.lock_python(path) == "3.11" and lock.read_lock(path)["aiohttp"] == "3.14.5"
+    assert lock.main(["--check"]) == 0
+    # 3.12 reads the unmarked overrides as the writer's (3.11's); a pin its writer no longer installs is stale
+    assert lock.differences({"numpy": "2.0.0", "aiohttp": "3.14.5"}, entries, "3.12", "3.11") == []
+    assert lock.differences({"numpy": "2.0.0"}, entries, "3.11", "3.11") == ["overrides: locked 7.7.0, installed -"]
+    assert lock.differences({"numpy": "2.1.0"}, entries, "3.11", "3.11") == [
+        "numpy: locked 2.0.0, installed 2.1.0", "overrides: locked 7.7.0, installed -"]
+    assert lock.differences({"numpy": "2.0.0"}, entries, "3.12", "3.11") == ["aiohttp: locked 3.14.5, installed -"]
+    monkeypatch.setattr(lock, "installed_closure", lambda: {"numpy": "2.0.0"})
+    assert lock.main([]) == 0  # the next make lock on the Python that claimed it drops it
+    assert lock.read_lock_entries(path) == {"aiohttp": ("3.14.5", "3.12"), "numpy": ("2.0.0", None)}
