@@ -118,15 +118,26 @@ class CourseReport:
         return "\n".join(lines)
 
 
-def _reward_trend(work_dir: Path, stage: int) -> str | None:
-    from .training import REWARD_WINDOW_FRACTION, load_log_history, reward_trend
+def reward_lines(work_dir: Path, stage: int) -> list[str]:
+    """A stage's sampled reward, first vs last steps, and which component moved it: a teacher reading "1.00 -> 1.52"
+    should see at once that it was the format. A fall says where the notebook explains how to read one."""
+    from .training import REWARD_WINDOW_FRACTION, component_trends, load_log_history, reward_trend
 
     history = load_log_history(work_dir, stage)
     first, last = reward_trend(history)
-    if first is None:
-        return None
+    if first is None or last is None:
+        return []
     share = f"{REWARD_WINDOW_FRACTION:.0%}"
-    return f"mean reward {first:.3f} (first {share} of steps) -> {last:.3f} (last {share}) over {len(history)} log rows"
+    head = (f"stage{stage} GRPO: mean reward {first:.3f} (first {share} of steps) -> {last:.3f} (last {share}) "
+            f"over {len(history)} log rows")
+    lines = [head]
+    parts = [f"{name} {a:.3f} -> {b:.3f}" for name, (a, b) in component_trends(history).items() if name != "total"]
+    if parts:
+        lines.append("    by component: " + ", ".join(parts))
+    if last < first:
+        lines.append(f"    it fell: one short sampled run can; notebook 0{stage + 2}, section 5, says how to read the "
+                     "curves (and which component fell) before suspecting a bug")
+    return lines
 
 
 LOSSY_STEP_SHARE = 0.5  # a filter step that removes more than this share of what reaches it gets a warning line
@@ -155,9 +166,7 @@ def headline_numbers(work_dir: Path) -> list[str]:
     """What a teacher wants to see at a glance, read from the run folder (see docs/CONTRACTS.md)."""
     lines = funnel_lines(work_dir)
     for stage in (1, 2):
-        trend = _reward_trend(work_dir, stage)
-        if trend:
-            lines.append(f"stage{stage} GRPO: {trend}")
+        lines += reward_lines(work_dir, stage)
     results = work_dir / "eval" / "results.md"
     if results.is_file():
         lines.append(f"evaluation ({results}; its notes say what the numbers can mean, e.g. a miniature's):")

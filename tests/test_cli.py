@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -660,6 +661,28 @@ def test_the_course_summary_marks_the_failure_and_what_never_ran(tmp_path):
     assert lines[-1].endswith(f"the traceback is in {tmp_path / '02_b.ipynb'}")  # the failed one, not the last
     ok = course.CourseReport("cpu-tiny", tmp_path, tmp_path, notebooks=runs[:1])
     assert ": OK in" in ok.summary().splitlines()[0]
+
+
+def test_the_course_summary_says_which_reward_component_moved_and_flags_a_fall(tmp_path):
+    """"stage2 GRPO: 0.940 -> 0.781" alone sends a teacher hunting for a bug: the summary names the component that
+    fell (format) and where the notebook says how to read a fall; a rise gets no such line."""
+    from mmrag_lite import course
+
+    def log(stage, rows):
+        (tmp_path / f"stage{stage}").mkdir()
+        (tmp_path / f"stage{stage}" / "log_history.json").write_text(json.dumps(rows))
+
+    log(1, [{"reward": 1.0, "rewards/format/mean": 0.3, "rewards/relevance/mean": 0.7},
+            {"reward": 1.5, "rewards/format/mean": 0.9, "rewards/relevance/mean": 0.6}, {"train_runtime": 9.0}])
+    log(2, [{"reward": 0.9 + d, "rewards/format/mean": 0.7 + d} for d in (0.0, 0.1, -0.2, -0.3, -0.4)])
+    lines = course.headline_numbers(tmp_path)
+    assert lines[0] == "stage1 GRPO: mean reward 1.000 (first 20% of steps) -> 1.500 (last 20%) over 3 log rows"
+    assert lines[1] == "    by component: format 0.300 -> 0.900, relevance 0.700 -> 0.600"
+    assert lines[2].startswith("stage2 GRPO: mean reward 0.900 (first 20% of steps) -> 0.500 (last 20%)")
+    assert lines[3] == "    by component: format 0.700 -> 0.300"
+    assert lines[4].startswith("    it fell: one short sampled run can; notebook 04, section 5,")
+    assert len(lines) == 5  # no fall line under stage 1, no evaluation without eval/results.md
+    assert course.reward_lines(tmp_path, 3) == []  # a stage never trained
 
 
 def test_a_failed_notebook_stops_the_course_unless_asked_not_to(tmp_path, monkeypatch):
