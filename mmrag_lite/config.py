@@ -136,6 +136,9 @@ class Stage1Settings:
     max_examples: int  # cap on point-wise training examples
     k: int  # candidates kept for stage 2
     min_think_words: int = 0  # with reasoning, the format reward also asks for this many words inside <think> (0: none)
+    # Our choice: the task reward (relevance) is paid whatever the format, R1-style independent components. True pays
+    # it only where the format reward pays (a malformed completion then earns nothing from it): benchmarks/RESULTS.md
+    task_needs_format: bool = False
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,9 @@ class Stage2Settings:
     max_prompt_tokens: int  # prompts longer than this are shrunk (fewer candidates) or dropped, never cut
     answer_guards: bool  # the answer reward's choose_guard + hedge_guard + length_guard + keyword_guard (rewards docstring)
     min_think_words: int = 0  # as in Stage1Settings: an empty <think> is the cheapest way to earn the format reward
+    # As in Stage1Settings, for ranking and answer: a completion whose answer never closes still earns the ranking
+    # reward from its <sources>, so GRPO can trade the format point for it (measured; benchmarks/RESULTS.md)
+    task_needs_format: bool = False
 
 
 @dataclass(frozen=True)

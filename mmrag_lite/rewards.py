@@ -920,6 +920,7 @@ def build_reward_funcs(
     length_guard: bool = True,
     keyword_guard: bool = True,
     min_think_words: int = 0,
+    task_needs_format: bool = False,
     tags: Tags = DEFAULT_TAGS,
 ) -> tuple[list[RewardFunc], list[float]]:
     """The reward functions of one stage and their weights, in the same order, for ``GRPOTrainer``/``GRPOConfig``.
@@ -930,6 +931,8 @@ def build_reward_funcs(
     ``choose_guard`` / ``hedge_guard`` / ``length_guard`` are the answer reward's guards against copying the question,
     hedging and padding; ``keyword_guard`` derives a keyword where a row has none, as in the public train file. ``ndcg_k`` is the nDCG depth (a whole number ≥ 1; ``None``: the number of gold ids shown).
     ``min_think_words``: the format reward's floor on the words inside ``<think>`` (``format_reward``).
+    ``task_needs_format``: relevance / ranking / answer pay only where the format reward (these options) pays, and
+    ``penalty`` elsewhere; off, each component is scored on its own (R1-style; our default).
     """
     if stage not in STAGE_COMPONENTS:
         raise ValueError(f"stage must be 1 or 2, got {stage!r}")
@@ -964,7 +967,23 @@ def build_reward_funcs(
                                  **common),
     }
     names = [c for c in known if c in weights]
-    return [factories[c]() for c in names], [float(weights[c]) for c in names]
+    funcs = [factories[c]() for c in names]
+    if task_needs_format:  # the format check runs whether or not format is weighted
+        well_formed = factories["format"]()
+        funcs = [f if f.__name__ == "format" else _needs_format(f, well_formed, penalty) for f in funcs]
+    return funcs, [float(weights[c]) for c in names]
+
+
+def _needs_format(task: RewardFunc, well_formed: RewardFunc, penalty: float) -> RewardFunc:
+    """``task``, paid only where ``well_formed`` (the format reward) pays: ``penalty`` for a malformed completion."""
+
+    def reward(completions: Sequence[Any], **columns: Any) -> list[float]:
+        scores, formats = task(completions, **columns), well_formed(completions, **columns)
+        return [score if ok > 0 else penalty for score, ok in zip(scores, formats)]
+
+    reward.__name__ = reward.__qualname__ = task.__name__
+    reward.__doc__ = f"{task.__doc__}, paid only on well-formed completions"
+    return reward
 
 
 def _stage_settings(preset: Preset | str, stage: int) -> tuple[Preset, Any]:
@@ -978,7 +997,8 @@ def preset_reward_options(preset: Preset | str, stage: int) -> dict[str, Any]:
     """The ``build_reward_funcs`` / ``score_completion`` options a ``config.Preset`` (or preset name) sets for one
     stage (weights aside), so training, the worked examples and the playground score a completion the same way."""
     preset, settings = _stage_settings(preset, stage)
-    options: dict[str, Any] = {"reasoning": settings.reasoning, "min_think_words": settings.min_think_words}
+    options: dict[str, Any] = {"reasoning": settings.reasoning, "min_think_words": settings.min_think_words,
+                               "task_needs_format": settings.task_needs_format}
     if stage == 1:
         options.update(balance_classes=settings.balance_classes, positive_fraction=settings.positive_fraction)
     else:

@@ -642,6 +642,38 @@ def test_score_completion_total():
     assert s["total"] == pytest.approx(1.7, abs=1e-4)
 
 
+def test_task_rewards_can_be_paid_only_on_well_formed_completions():
+    """A completion whose answer never closes still reads its <sources>: with independent components (the default)
+    it keeps its ranking and answer points, which lets GRPO trade the format point for them; ``task_needs_format``
+    pays them only where the format reward pays, ``penalty`` elsewhere, whether or not format itself is weighted."""
+    row = {"candidate_ids": CANDS, "gold_ids": ["D2"], "answer": "The car is red.", "keywords": "red", "qcate": "color"}
+    cut = "<sources>D2</sources><answer>red"  # cut off before </answer>
+    weights = {"format": 1.0, "ranking": 1.0, "answer": 1.0}
+    free = score_completion(cut, row, stage=2, weights=weights, reasoning=False)
+    gated = score_completion(cut, row, stage=2, weights=weights, reasoning=False, task_needs_format=True)
+    assert free["format"] == 0.0 and free["ranking"] == 1.0
+    assert gated == {"format": 0.0, "ranking": 0.0, "answer": 0.0, "total": 0.0}
+    good = stage2_target(["D2"], "red")
+    assert score_completion(good, row, stage=2, weights=weights, reasoning=False, task_needs_format=True) == \
+        score_completion(good, row, stage=2, weights=weights, reasoning=False)
+    funcs, lambdas = build_reward_funcs(2, {"ranking": 1.0}, reasoning=False, task_needs_format=True, penalty=-0.5)
+    assert [f.__name__ for f in funcs] == ["ranking"] and lambdas == [1.0]  # format unweighted, still the gate
+    assert funcs[0]([cut, good], candidate_ids=[CANDS] * 2, gold_ids=[["D2"]] * 2) == [-0.5, 1.0]
+    no_think, stage1 = "<answer>yes</answer>", {"label": "yes"}  # readable verdict, <think> missing
+    assert score_completion(no_think, stage1, stage=1, weights={"format": 1, "relevance": 1},
+                            reasoning=True) == {"format": 0.0, "relevance": 1.0, "total": 1.0}
+    assert score_completion(no_think, stage1, stage=1, weights={"format": 1, "relevance": 1}, reasoning=True,
+                            task_needs_format=True)["relevance"] == 0.0
+    from mmrag_lite.config import get_preset
+
+    assert rewards.preset_reward_options("cpu-tiny", 2)["task_needs_format"] is False  # our default: independent
+    on = get_preset("cpu-tiny", **{"stage2.task_needs_format": True})
+    assert rewards.preset_reward_options(on, 2)["task_needs_format"] is True
+    assert rewards.preset_reward_options(on, 1)["task_needs_format"] is False
+    (ranking,) = [f for f in rewards.reward_funcs_for_preset(on, 2)[0] if f.__name__ == "ranking"]
+    assert ranking([cut], candidate_ids=[CANDS], gold_ids=[["D2"]]) == [0.0]
+
+
 # --------------------------------------------------------------------------------------------- pathologies
 def test_pathologies_score_low_and_fast():
     funcs, _ = build_reward_funcs(2, {"format": 1, "ranking": 1, "answer": 1}, reasoning=True)
