@@ -197,40 +197,27 @@ def test_the_warm_cache_key_moves_with_the_prompts_and_the_data_code(monkeypatch
     assert M.tiny_model_dir() != default
     monkeypatch.undo()
     assert M.tiny_model_dir() == default  # today's prompts and data code: the name the cache already has
-    real_make_world = data.make_world
+    real_make_world, real_build = data.make_world, data.build_mini_webqa
 
     def other_world(*args, **kw):  # a generator change that moves the questions
         kw["seed"] = kw.get("seed", 0) + 1
         return real_make_world(*args, **kw)
 
-    cache._data_code_hash.cache_clear()
-    monkeypatch.setattr(data, "make_world", other_world)
-    try:
-        assert M.tiny_model_dir() != default
-    finally:
-        monkeypatch.undo()
-        cache._data_code_hash.cache_clear()
-    real_build = data.build_mini_webqa
-
     def other_answers(*args, **kw):  # a builder change that moves the answers only (the stage-2 targets)
         dd, report = real_build(*args, **kw)
         return dd.map(lambda row: {"answer": row["answer"].upper()}), report
 
-    cache._data_code_hash.cache_clear()
-    monkeypatch.setattr(data, "build_mini_webqa", other_answers)
-    try:
-        assert M.tiny_model_dir() != default
-    finally:
-        monkeypatch.undo()
+    changes = [(data, "make_world", other_world), (data, "build_mini_webqa", other_answers),
+               # a drawing fix moves pixels only (the key's rows are text), perhaps none of the 30-question world's
+               (data.world, "DRAWING_VERSION", data.world.DRAWING_VERSION + 1)]
+    for target, name, value in changes:
         cache._data_code_hash.cache_clear()
-    # a drawing fix moves pixels only (the key's rows are text), perhaps none of the 30-question world's
-    cache._data_code_hash.cache_clear()
-    monkeypatch.setattr(data.world, "DRAWING_VERSION", data.world.DRAWING_VERSION + 1)
-    try:
-        assert M.tiny_model_dir() != default
-    finally:
-        monkeypatch.undo()
-        cache._data_code_hash.cache_clear()
+        monkeypatch.setattr(target, name, value)
+        try:
+            assert M.tiny_model_dir() != default, name
+        finally:
+            monkeypatch.undo()
+            cache._data_code_hash.cache_clear()
     assert M.tiny_model_dir() == default
 
 
