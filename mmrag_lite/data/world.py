@@ -7,8 +7,9 @@ snippet ids ``<Guid>_<n>``), ``imgs.tsv`` (``id\\tbase64``) and ``imgs.lineidx``
 
 Images are flat scenes: 1-5 copies of one big shape (circle, square, triangle, star, diamond) in one saturated
 colour on a plain light background, drawn once per (shape, colour, count, jitter variant) and reused, so 400k
-images cost seconds. The jitter never lets two shapes touch, so a "how many" picture shows its count as blobs. Every question names its gold image's (or snippet's) title, e.g. "the Quiet Garden of Lina";
-distractors carry other titles, and hard distractors show the same kind of scene with a different answer.
+images cost seconds. The jitter never lets two shapes touch, so a "how many" picture shows its count as blobs.
+Every question names its gold image's (or snippet's) title, e.g. "the Quiet Garden of Lina"; distractors carry
+other titles, and hard distractors show the same kind of scene with a different answer.
 So relevance is learnable from text (title match) and the answer from pixels (or the caption).
 
 Low-quality samples are planted on purpose (rates in ``WorldNoise``) so the Mini-WebQA filters have work: answers
