@@ -131,14 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     current = installed_closure()
     narrow = {n: r for n in current if (r := needs_newer_python(n))}
     pins = {n: v for n, v in current.items() if n not in narrow}
-    entries = read_lock_entries(LOCK) if LOCK.is_file() else {}
+    entries, writer = (read_lock_entries(LOCK), lock_python(LOCK)) if LOCK.is_file() else ({}, None)
     if args.check:
-        found = differences(pins, entries, python, lock_python(LOCK))
+        found = differences(pins, entries, python, writer)
         print("\n".join(found) or f"the installed set is the locked one ({len(entries)} distributions)")
         return 1 if found else 0
-    previous = lock_python(LOCK)
-    others = {n: (v, other or previous) for n, (v, other) in entries.items()
-              if n not in current and (other or previous) not in (None, python)}
+    others = {n: (v, other or writer) for n, (v, other) in entries.items()
+              if n not in current and (other or writer) not in (None, python)}
     left_out = "".join(f"# left out: {n}=={current[n]} (Python {r}; pip picks a release each Python can install)\n"
                        for n, r in narrow.items())
     lines = {n: f"{n}=={v}\n" for n, v in pins.items()} | {n: f"{n}=={v}  # on Python {other}\n"
